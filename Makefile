@@ -1,0 +1,34 @@
+# `make run` and `make test` work on a fresh machine with only Python and pip: each first creates
+# .venv, installs the pinned dependencies and pulls the default model, doing only what is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL ?= smollm2-135m
+
+.PHONY: run test test-fast setup model lint clean-venv
+
+run: setup model
+	$(VENV)/bin/nimblelm chat --model $(MODEL)
+
+test: setup model
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+model: setup
+	$(VENV)/bin/nimblelm models pull $(MODEL)
+
+lint: setup
+	$(VENV)/bin/ruff check nimblelm tests
+
+clean-venv:
+	rm -rf $(VENV)

