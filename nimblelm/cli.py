@@ -100,10 +100,10 @@ def cmd_models(args) -> int:
     if args.models_cmd == "pull":
         print(registry.pull(args.name))
         return 0
-    rows = [("alias", "arch", "size", "local", "notes")]
-    for entry in registry.list_models():
-        rows.append((entry.alias, entry.architecture, f"{entry.size / 1e6:.0f} MB", "yes" if entry.is_local else "no",
-                     entry.notes))
+    rows = [("alias", "arch", "size", "local", "status", "description")]
+    for e in registry.list_models():
+        local = "yes" if e.is_local else "no"
+        rows.append((e.alias, e.architecture, f"{e.size / 1e6:.0f} MB", local, e.status, e.description))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

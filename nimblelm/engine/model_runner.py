@@ -121,18 +121,23 @@ class ModelRunner:
         tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
         for i, (seq, _) in enumerate(decodes):
             tables[i, : len(seq.block_ids)] = seq.block_ids
-        context = [s.num_computed_tokens + 1 for s, _ in decodes]
         device = self.device
+        window = self.config.sliding_window
+        context = [s.num_computed_tokens + 1 for s, _ in decodes]
+        context_t = torch.tensor(context, dtype=torch.long, device=device)
+        query_lens = [n for _, n in prefills]
+        context_lens = [s.num_computed_tokens + n for s, n in prefills]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decodes=len(decodes),
             decode_block_tables=torch.from_numpy(tables).to(device),
-            decode_context_lens=torch.tensor(context, dtype=torch.long, device=device),
-            decode_max_context=max(context, default=0),
-            prefill_query_lens=[n for _, n in prefills],
-            prefill_context_lens=[s.num_computed_tokens + n for s, n in prefills],
+            decode_mask=AttentionMetadata.decode_mask_for(context_t, max(context), window) if decodes else None,
+            prefill_query_lens=query_lens,
+            prefill_context_lens=context_lens,
             prefill_block_tables=prefill_blocks,
-            sliding_window=self.config.sliding_window,
+            prefill_masks=[
+                AttentionMetadata.prefill_mask_for(q, c, window, device) for q, c in zip(query_lens, context_lens)
+            ],
         )
         return (
             torch.tensor(tokens, dtype=torch.long, device=device),

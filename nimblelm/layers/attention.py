@@ -18,12 +18,32 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     num_decodes: int  # the first num_decodes tokens are decode queries, one per sequence
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
-    decode_context_lens: torch.Tensor  # [num_decodes] tokens in context, the new one included
-    decode_max_context: int
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool: which cached positions to attend
     prefill_query_lens: list[int]  # per prefill chunk, in token order after the decodes
     prefill_context_lens: list[int]  # tokens in context after this chunk, the chunk included
     prefill_block_tables: list[torch.Tensor]  # per prefill chunk: its block ids
-    sliding_window: int | None = None
+    prefill_masks: list[torch.Tensor | None]  # per chunk: [query, context] bool, None for plain causal
+
+    @staticmethod
+    def decode_mask_for(context_lens: torch.Tensor, max_context: int, sliding_window: int | None) -> torch.Tensor:
+        pos = torch.arange(max_context, device=context_lens.device)[None, :]
+        lens = context_lens[:, None]
+        mask = pos < lens
+        if sliding_window is not None:
+            mask &= pos >= lens - sliding_window
+        return mask[:, None, None, :]
+
+    @staticmethod
+    def prefill_mask_for(query_len: int, context_len: int, sliding_window: int | None, device) -> torch.Tensor | None:
+        """None when SDPA's own causal mask is exact: a whole prompt with no window cutting into it."""
+        if context_len == query_len and (sliding_window is None or sliding_window >= context_len):
+            return None
+        q_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]
+        k_pos = torch.arange(context_len, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        return mask
 
 
 class PagedAttention(torch.nn.Module):
@@ -52,43 +72,29 @@ class PagedAttention(torch.nn.Module):
         if d:
             out[:d] = self._decode(q[:d], k_cache, v_cache, meta)
         start = d
-        for q_len, ctx, blocks in zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables):
+        chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks)
+        for q_len, ctx, blocks, mask in chunks:
             end = start + q_len
             if ctx == q_len:  # a whole prompt in one chunk: its K/V are at hand, no gather needed
                 k_ctx, v_ctx = k[start:end], v[start:end]
             else:
                 k_ctx = k_cache[blocks].flatten(0, 1)[:ctx]
                 v_ctx = v_cache[blocks].flatten(0, 1)[:ctx]
-            out[start:end] = self._prefill(q[start:end], k_ctx, v_ctx, meta.sliding_window)
+            qt, kt, vt = (x.transpose(0, 1)[None] for x in (q[start:end], k_ctx, v_ctx))
+            o = F.scaled_dot_product_attention(
+                qt, kt, vt, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+            )
+            out[start:end] = o[0].transpose(0, 1)
             start = end
         return out
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         d = q.shape[0]
         group = self.num_heads // self.num_kv_heads
-        blocks = meta.decode_block_tables
+        max_context = meta.decode_mask.shape[-1]
         # Queries of one KV head are stacked as rows, so GQA needs no K/V repetition.
         qg = q.view(d, self.num_kv_heads, group, self.head_dim)
-        k = k_cache[blocks].flatten(1, 2)[:, : meta.decode_max_context].transpose(1, 2)
-        v = v_cache[blocks].flatten(1, 2)[:, : meta.decode_max_context].transpose(1, 2)
-        pos = torch.arange(meta.decode_max_context, device=q.device)
-        lens = meta.decode_context_lens[:, None]
-        mask = pos[None, :] < lens
-        if meta.sliding_window is not None:
-            mask &= pos[None, :] >= lens - meta.sliding_window
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=self.scale)
+        k = k_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_context].transpose(1, 2)
+        v = v_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_context].transpose(1, 2)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         return out.reshape(d, self.num_heads, self.head_dim)
-
-    def _prefill(self, q, k, v, sliding_window: int | None) -> torch.Tensor:
-        q_len, ctx = q.shape[0], k.shape[0]
-        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        if ctx == q_len and (sliding_window is None or sliding_window >= ctx):
-            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-            k_pos = torch.arange(ctx, device=q.device)[None, :]
-            mask = k_pos <= q_pos
-            if sliding_window is not None:
-                mask &= k_pos > q_pos - sliding_window
-            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return out[0].transpose(0, 1)

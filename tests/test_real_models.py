@@ -1,0 +1,65 @@
+"""The packaged models against Hugging Face transformers on the same GGUF weights (fp32).
+
+Tolerance: at the last prompt position, the 20 most likely tokens are the same set and their
+log-probabilities (log-softmax of the logits) agree within 2e-3 absolute; both run fp32, the gap
+comes only from summation order. Greedy continuations must be identical: up to end-of-turn for the
+short answer, 48 tokens for the open questions.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from nimblelm import LLM, SamplingParams
+from nimblelm.models.registry import resolve
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = [
+    "What is the capital of France? Answer in one word.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain in two sentences why the sky is blue.",
+    "List five tips for writing clear documentation.",
+]
+NEW_TOKENS = 48
+TOP = 20
+
+
+def hf_model(alias):
+    path = resolve(alias)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+
+
+def check_against_transformers(alias):
+    llm = LLM(alias, max_model_len=1024, dtype="float32")
+    prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=TOP)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    ref_model = hf_model(alias)
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outputs):
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            ref = ref_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.shape[1] :].tolist()
+            assert out.outputs[0].token_ids == ref
+
+            # The first generated position: our 20 most likely tokens and their log-probabilities.
+            ref_logprobs = ref_model(ids).logits[0, -1].log_softmax(-1)
+            ours = out.outputs[0].logprobs[0]
+            assert len(ours) == TOP
+            for token_id, lp in ours.items():
+                assert abs(lp.logprob - ref_logprobs[token_id].item()) < 2e-3
+            assert set(ours) == set(ref_logprobs.topk(TOP).indices.tolist())
+    # The short answer ends at end-of-turn; the open questions run the full 48 tokens.
+    assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outputs[1:])
+    return outputs
+
+
+def test_smollm2_matches_transformers():
+    outputs = check_against_transformers("smollm2-135m")
+    assert outputs[0].outputs[0].text.startswith("The capital of France is Paris.")
+
+
+@pytest.mark.slow
+def test_qwen_coder_05b_matches_transformers():
+    outputs = check_against_transformers("qwen2.5-coder-0.5b")
+    assert outputs[0].outputs[0].text.startswith("Paris")
