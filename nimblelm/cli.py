@@ -28,10 +28,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
 
 
-_ENGINE_FIELDS = (
-    "dtype device max_model_len max_num_seqs max_num_batched_tokens enable_chunked_prefill block_size "
-    "kv_cache_memory_bytes seed num_threads"
-).split()
+_ENGINE_FIELDS = [
+    "dtype",
+    "device",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_chunked_prefill",
+    "block_size",
+    "kv_cache_memory_bytes",
+    "seed",
+    "num_threads",
+]
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:

@@ -1,5 +1,4 @@
 import pytest
-
 from tiny_models import make_tiny_hf_model
 
 

@@ -8,7 +8,7 @@ import pytest
 
 def nimblelm(*args, stdin=None):
     return subprocess.run(
-        [sys.executable, "-m", "nimblelm", *args], capture_output=True, text=True, input=stdin, timeout=300
+        [sys.executable, "-m", "nimblelm", *args], capture_output=True, text=True, input=stdin, timeout=300, check=False
     )
 
 

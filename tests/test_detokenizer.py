@@ -1,5 +1,6 @@
-from nimblelm.engine.detokenizer import IncrementalDetokenizer
 from tiny_models import make_tokenizer
+
+from nimblelm.engine.detokenizer import IncrementalDetokenizer
 
 TEXT = "Hello wörld, naïve café 😀 done. 東京 is big."
 

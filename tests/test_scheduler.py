@@ -34,7 +34,7 @@ def test_scheduler_is_torch_free():
 
 
 def test_admission_in_order_within_budget():
-    sched, bm = make(budget=16)
+    sched, _ = make(budget=16)
     a, b, c = seq(6, "a"), seq(6, "b"), seq(6, "c")
     for s in (a, b, c):
         sched.add(s)
@@ -113,7 +113,7 @@ def test_preemption_by_recompute_of_the_newest():
 
 
 def test_a_lone_sequence_preempts_itself_rather_than_deadlock():
-    sched, bm = make(num_blocks=2, block_size=2, budget=64)
+    sched, _ = make(num_blocks=2, block_size=2, budget=64)
     a, b = seq(2, "a"), seq(2, "b")
     sched.add(a)
     sched.add(b)

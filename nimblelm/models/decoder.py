@@ -6,6 +6,8 @@ KV cache and the AttentionMetadata come from the model runner.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,7 +75,7 @@ class DecoderLayer(nn.Module):
 
 class DecoderLM(nn.Module):
     # Checkpoint tensors that load into a slice of a fused parameter: (fused name, slice index).
-    packed = {
+    packed: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),
@@ -124,7 +126,7 @@ class DecoderLM(nn.Module):
             loaded.add(target)
         missing = set(params) - loaded
         if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
+            raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {min(missing)!r}")
 
     def _shard_sizes(self, name: str) -> list[int]:
         cfg = self.config

@@ -1,0 +1,1 @@
+"""Model definitions, the registry of packaged models, and weight loading (HF folders and GGUF files)."""

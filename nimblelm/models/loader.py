@@ -1,0 +1,311 @@
+"""Loading a model for the engine: config, fp32 weights under Hugging Face names, and the tokenizer.
+
+Sources are a Hugging Face folder (config.json, tokenizer files, *.safetensors), a .gguf file, or an
+alias of a packaged model (see registry.py). Dequantizing a GGUF costs seconds, so the first load of
+one stores the result under `<cache>/dequant/` and later loads read that instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from nimblelm.config import ModelConfig
+from nimblelm.errors import ModelFormatError, UnsupportedModelError
+from nimblelm.models import gguf_file, registry
+from nimblelm.models.gguf_file import first_line
+
+# Bump when what the dequant cache holds changes meaning, so old entries are ignored rather than misread.
+_CACHE_FORMAT = 1
+
+_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# Configs saved without an "architectures" list still name their model_type.
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ROPE_TYPES = ("linear", "llama3")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: PreTrainedTokenizerFast
+    source: Path
+    name: str
+
+
+def load_model(model: str, progress: bool = True) -> LoadedModel:
+    """Load an alias, a Hugging Face folder or a .gguf file; every failure is a typed NimbleLMError."""
+    entry = registry.get_entry(model)
+    if entry is not None and not entry.supported:
+        # Fail before a download the engine could not use anyway.
+        raise UnsupportedModelError(
+            f"{model}: architecture {entry.architecture!r} is {registry.NOT_SUPPORTED_YET}; "
+            f"`pull` can still fetch the file"
+        )
+    path = registry.resolve(model, progress=progress)
+    if path.is_dir():
+        config, weights, tokenizer = load_hf_folder(path)
+        name = model if entry else path.name
+    else:
+        config, weights, tokenizer = load_gguf(path, progress, identity=entry.sha256 if entry else None)
+        name = model if entry else path.stem
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name)
+
+
+# ---------------------------------------------------------------- weights shared by both formats
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the decoder needs, with its shape, under Hugging Face names."""
+    d, f, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, d)
+    for i in range(config.num_layers):
+        layer = f"model.layers.{i}."
+        shapes |= {
+            layer + "self_attn.q_proj.weight": (q, d),
+            layer + "self_attn.k_proj.weight": (kv, d),
+            layer + "self_attn.v_proj.weight": (kv, d),
+            layer + "self_attn.o_proj.weight": (d, q),
+            layer + "mlp.gate_proj.weight": (f, d),
+            layer + "mlp.up_proj.weight": (f, d),
+            layer + "mlp.down_proj.weight": (d, f),
+            layer + "input_layernorm.weight": (d,),
+            layer + "post_attention_layernorm.weight": (d,),
+        }
+        if config.attention_bias:
+            shapes |= {
+                layer + "self_attn.q_proj.bias": (q,),
+                layer + "self_attn.k_proj.bias": (kv,),
+                layer + "self_attn.v_proj.bias": (kv,),
+            }
+    return shapes
+
+
+def select_weights(config: ModelConfig, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Check that every needed weight is present with the right shape, and that nothing else is there but
+    what transformers also ignores (a tied lm_head copy, rope buffers): another extra weight means a
+    feature (o_proj bias, qk-norm, ...) the decoder would silently skip."""
+    shapes = expected_shapes(config)
+    extra = [name for name in weights if name not in shapes and not _ignorable(name, config)]
+    if extra:
+        raise UnsupportedModelError(f"{source}: unexpected weight {extra[0]} (a feature nimblelm does not implement)")
+    missing = [name for name in shapes if name not in weights]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelFormatError(f"{source}: missing weight {missing[0]}{more}")
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != shape:
+            raise ModelFormatError(f"{source}: weight {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+    return {name: weights[name].float().contiguous() for name in shapes}
+
+
+def _ignorable(name: str, config: ModelConfig) -> bool:
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings)
+
+
+# ---------------------------------------------------------------- Hugging Face folders
+
+
+def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast]:
+    config = read_hf_config(folder)
+    tokenizer = _hf_tokenizer(folder)
+    if not config.eos_token_ids and tokenizer.eos_token_id is not None:
+        config = dataclasses.replace(config, eos_token_ids=(tokenizer.eos_token_id,))
+    weights = select_weights(config, _read_safetensors(folder), folder)
+    return config, weights, tokenizer
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    if not (folder / "config.json").is_file():
+        raise ModelFormatError(f"{folder}: not a model folder (no config.json)")
+    raw = _read_json(folder / "config.json")
+    generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    hf_arch = (raw.get("architectures") or [_MODEL_TYPES.get(raw.get("model_type"), raw.get("model_type"))])[0]
+    arch = _HF_ARCHITECTURES.get(hf_arch)
+    if arch is None:
+        supported = ", ".join(_HF_ARCHITECTURES)
+        raise UnsupportedModelError(f"{folder}: architecture {hf_arch!r} is not supported (supported: {supported})")
+    _reject_unsupported_features(raw, hf_arch, folder)
+    rope_theta, rope_scaling = _rope(raw, folder)
+    bos = raw.get("bos_token_id")
+    hidden, num_heads = raw["hidden_size"], raw["num_attention_heads"]
+    try:
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=raw.get("head_dim") or hidden // num_heads,
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; its config does not say so.
+            attention_bias=arch == "qwen2",
+            sliding_window=raw.get("sliding_window") if hf_arch == "MistralForCausalLM" else None,
+            bos_token_id=generation.get("bos_token_id") if bos is None else bos,
+            eos_token_ids=tuple(dict.fromkeys(_ids(raw.get("eos_token_id")) + _ids(generation.get("eos_token_id")))),
+        )
+    except KeyError as exc:
+        raise ModelFormatError(f"{folder}: config.json lacks {exc.args[0]!r}") from None
+
+
+def _reject_unsupported_features(raw: dict, hf_arch: str, folder: Path) -> None:
+    if raw.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{folder}: activation {raw['hidden_act']!r} is not supported (only silu)")
+    if raw.get("mlp_bias") or (hf_arch != "Qwen2ForCausalLM" and raw.get("attention_bias")):
+        raise UnsupportedModelError(f"{folder}: llama-style biases (attention_bias/mlp_bias) are not supported")
+    if hf_arch == "Qwen2ForCausalLM" and raw.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{folder}: qwen2 sliding-window attention is not supported")
+
+
+def _rope(raw: dict, folder: Path) -> tuple[float, dict | None]:
+    """rope base and scaling, from either transformers 4 keys (rope_theta, rope_scaling) or 5 (rope_parameters)."""
+    parameters = raw.get("rope_parameters") or {}
+    theta = raw.get("rope_theta", parameters.get("rope_theta", 10000.0))
+    scaling = raw.get("rope_scaling") or parameters
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in _ROPE_TYPES:
+        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} is not supported (supported: linear, llama3)")
+    scaling = {key: value for key, value in scaling.items() if key not in ("type", "rope_theta")}
+    return theta, scaling | {"rope_type": kind}
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"{path}: unreadable JSON ({first_line(exc)})") from None
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / name for name in _read_json(index).get("weight_map", {}).values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"{folder}: no *.safetensors weights")
+    weights = {}
+    for file in files:
+        try:
+            weights |= load_file(file)
+        except (OSError, SafetensorError) as exc:
+            raise ModelFormatError(f"{file}: unreadable safetensors file ({first_line(exc)})") from None
+    return weights
+
+
+def _hf_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # transformers reports missing or broken tokenizer files with many exception types
+        raise ModelFormatError(f"{folder}: cannot load the tokenizer ({first_line(exc)})") from exc
+
+
+# ---------------------------------------------------------------- GGUF files and their cache
+
+
+def load_gguf(
+    path: Path, progress: bool, identity: str | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast]:
+    """Load a GGUF through the dequant cache. `identity` (a sha256) names the file's content when known."""
+    cached = dequant_cache_path(path, identity)
+    if cached.is_dir():
+        try:
+            return _read_cache(cached)
+        # A damaged entry is rebuilt from the GGUF, never fatal; tokenizers reports a bad file as a bare Exception.
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"rebuilding damaged cache {cached} ({first_line(exc)})", stacklevel=2)
+            shutil.rmtree(cached, ignore_errors=True)
+    model_file = gguf_file.open_gguf(path)
+    config = gguf_file.read_config(model_file)
+    weights = select_weights(config, gguf_file.read_weights(model_file, config, progress), path)
+    tokenizer = _gguf_tokenizer(path, model_file.metadata.get("tokenizer.chat_template"))
+    _write_cache(cached, config, weights, tokenizer)
+    return config, weights, tokenizer
+
+
+def dequant_cache_path(path: Path, identity: str | None = None) -> Path:
+    """Where the dequantized copy of a GGUF lives; a changed file (size, mtime) gets a new entry."""
+    if identity is None:
+        stat = path.stat()
+        identity = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}\0{identity}".encode()).hexdigest()[:16]
+    return registry.cache_dir() / "dequant" / f"{path.stem}-{digest}"
+
+
+def _gguf_tokenizer(path: Path, chat_template: str | None) -> PreTrainedTokenizerFast:
+    # The generic class converts the GGUF vocabulary exactly as AutoTokenizer does, but skips AutoTokenizer's
+    # second full parse of the file to build a transformers config (10x faster for a 150k vocabulary).
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers' GGUF tokenizer conversion raises many exception types
+        raise ModelFormatError(f"{path}: cannot build a tokenizer from the GGUF metadata ({first_line(exc)})") from exc
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _read_cache(cached: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast]:
+    raw = json.loads((cached / "config.json").read_text())
+    config = ModelConfig(**(raw | {"eos_token_ids": tuple(raw["eos_token_ids"])}))
+    weights = load_file(cached / "model.safetensors")
+    return config, weights, _cached_tokenizer(cached)
+
+
+def _cached_tokenizer(cached: Path) -> PreTrainedTokenizerFast:
+    # The generic class, as on the first load: it takes tokenizer.json as written, where AutoTokenizer would
+    # pick e.g. Qwen2Tokenizer, which rebuilds the pre-tokenizer from its own defaults instead of the GGUF's.
+    return PreTrainedTokenizerFast.from_pretrained(cached / "tokenizer")
+
+
+def _write_cache(target: Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer) -> None:
+    """Write into a temporary folder and rename it, so a killed process never leaves a half entry.
+
+    Failing to cache only costs speed at the next start, so it warns instead of raising.
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as exc:
+        warnings.warn(f"not caching the dequantized model ({first_line(exc)})", stacklevel=3)
+        return
+    try:
+        save_file(weights, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        # A subfolder, so transformers never mistakes our config.json for one of its own.
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        os.rename(tmp, target)
+    except OSError as exc:
+        # Another process may have finished the same entry first.
+        if not target.is_dir():
+            warnings.warn(f"not caching the dequantized model ({first_line(exc)})", stacklevel=3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,195 @@
+"""Tiny random-weight models for fast unit tests: a Hugging Face folder, and the same model as a GGUF
+file written the way llama.cpp's converter would write it (so the loader's GGUF path can be checked
+against the folder's weights exactly)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = range(3)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.
+A small language model reads a prompt, predicts the next token, and repeats until it is done.
+Inference engines batch many requests together so that the weights are read once per step.
+The scheduler decides which sequences run, and the model runner decides how they run on the device.
+Paged attention stores keys and values in fixed blocks, so memory is not wasted on padding.
+Speculative decoding lets a small draft model propose tokens that a larger model then verifies.
+Quantization stores weights in fewer bits, trading a little quality for a lot of speed and memory.
+Hello world! How are you today? I am fine, thank you. What is the capital of France? It is Paris.
+def add(a, b):
+    return a + b
+for i in range(10):
+    print(i * i)
+Numbers like 12, 345 and 6789 appear in text; so do dates such as 2024-05-17 and times like 10:30.
+Every morning the baker opens the shop, and the smell of fresh bread fills the quiet street.
+Rivers flow to the sea, mountains rise toward the sky, and forests cover the rolling hills.
+"""
+
+# Shapes kept tiny so a whole model is written and loaded in well under a second.
+TINY_CONFIG = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 384,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": ENDOFTEXT_ID,
+    "eos_token_id": IM_END_ID,
+    "pad_token_id": ENDOFTEXT_ID,
+}
+_ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True, "rope_theta": 100000.0}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": False, "rope_theta": 1000000.0}),
+}
+
+
+def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on TRAINING_TEXT, with exactly `vocab_size` tokens and ChatML specials."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TRAINING_TEXT.splitlines(), trainer)
+    if backend.get_vocab_size() != vocab_size:
+        raise ValueError(f"training text too small for a vocabulary of {vocab_size} tokens")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def make_tiny_hf_model(path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Write a tiny random model as a Hugging Face folder; `overrides` go into the transformers config."""
+    config_class, model_class, arch_defaults = _ARCHS[arch]
+    config = config_class(**(TINY_CONFIG | arch_defaults | overrides))
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        # Random norm weights (instead of ones) so a swapped norm mapping shows up in weight comparisons.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    model.generation_config.eos_token_id = [IM_END_ID, ENDOFTEXT_ID]
+    path = Path(path)
+    model.save_pretrained(path)
+    make_tokenizer(config.vocab_size).save_pretrained(path)
+    return path
+
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter gives q/k of arch llama (pairs of rows interleaved per head)."""
+    half = weight.shape[0] // num_heads // 2
+    return weight.reshape(num_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    module, _, suffix = hf_name.rpartition(".")
+    if module.startswith("model.layers."):
+        layer, _, rest = module.removeprefix("model.layers.").partition(".")
+        return f"blk.{layer}.{_GGUF_NAMES[rest]}.{suffix}"
+    return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[module] + "." + suffix
+
+
+def gguf_tensors(folder, quant: str = "F32") -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]:
+    """The folder's weights as llama.cpp would store them: GGUF names, q/k permuted for llama, matrices
+    in `quant` (vectors stay F32). Values are (array to write, its type)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    qtype = gguf.GGMLQuantizationType[quant]
+    tensors = {}
+    for name, weight in load_file(Path(folder) / "model.safetensors").items():
+        if name == "lm_head.weight" and config["tie_word_embeddings"]:
+            continue
+        array = weight.float().numpy()
+        if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            array = llama_cpp_permute(array, heads)
+        if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            tensors[gguf_tensor_name(name)] = (gguf.quants.quantize(array, qtype), qtype)
+        else:
+            tensors[gguf_tensor_name(name)] = (np.ascontiguousarray(array), gguf.GGMLQuantizationType.F32)
+    return tensors
+
+
+def make_tiny_gguf(path, folder, quant: str = "F32", with_tokenizer: bool = True) -> Path:
+    """Convert a folder from make_tiny_hf_model to a GGUF file, as llama.cpp's converter would."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    arch = config["model_type"]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    if with_tokenizer:
+        _add_tokenizer(writer, Path(folder))
+    for name, (array, qtype) in gguf_tensors(folder, quant).items():
+        writer.add_tensor(name, array, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path) -> None:
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(ENDOFTEXT_ID)
+    writer.add_eos_token_id(IM_END_ID)
+    writer.add_pad_token_id(ENDOFTEXT_ID)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
