@@ -181,3 +181,24 @@ def test_chat_applies_the_template(tiny_llm):
     assert out.prompt_token_ids == tiny_llm.tokenizer.encode(out.prompt, add_special_tokens=False)
     with pytest.raises(InvalidRequestError, match="conversation"):
         tiny_llm.chat([{"content": "no role"}], GREEDY, use_tqdm=False)
+
+
+def test_cpu_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
+    from nimblelm.kernels import cpu_ops
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    prompts = PROMPTS[:4]
+    fast = LLM(str(tiny_qwen), max_model_len=256).generate(prompts, params, use_tqdm=False)
+    assert cpu_ops() is not None, "the C++ kernels did not build"
+    monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
+    cpu_ops.cache_clear()
+    try:
+        reference = LLM(str(tiny_qwen), max_model_len=256).generate(prompts, params, use_tqdm=False)
+    finally:
+        monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
+        cpu_ops.cache_clear()
+    for a, b in zip(fast, reference):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for ea, eb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert ea.keys() == eb.keys()
+            assert all(abs(ea[t].logprob - eb[t].logprob) < 1e-4 for t in ea)

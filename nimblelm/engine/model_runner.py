@@ -37,10 +37,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         with torch.device("meta"):
             model = DecoderLM(config, max_positions=max_model_len)
-        model = model.to_empty(device=device)
-        model.load_weights(weights)
-        model.rotary.reset_buffers()
-        self.model = model.to(dtype).eval()
+        self.model = model.materialize(device, dtype, weights)
         self.weights_nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         kv_shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(config.num_layers)]

@@ -48,12 +48,12 @@ class RotaryEmbedding(torch.nn.Module):
         self.sin.copy_(angles.sin())
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, [tokens, 1, head_dim]: looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos and sin for each token, [tokens, head_dim]: looked up once per step, used by every layer."""
+        return self.cos[positions], self.sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate a [tokens, heads, head_dim] tensor by its tokens' positions."""
+    """Rotate a [tokens, heads, head_dim] tensor by its tokens' positions (cos, sin: [tokens, 1, head_dim])."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

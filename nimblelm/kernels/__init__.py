@@ -1,0 +1,39 @@
+"""C++ kernels compiled on first use with torch's extension builder (gcc, -march=native).
+
+If the build is impossible (no compiler), nimblelm says so once and runs on torch's own ops.
+NIMBLELM_DISABLE_KERNELS=1 chooses torch's ops on purpose: the reference path the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+
+@functools.cache
+def cpu_ops():
+    """The compiled module, or None when it cannot be built here or is disabled."""
+    from torch.utils.cpp_extension import load
+
+    if os.environ.get("NIMBLELM_DISABLE_KERNELS") == "1":
+        return None
+    # pip installs ninja into the venv's bin folder, which is not on PATH unless the venv is activated.
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    source = Path(__file__).with_name("cpu_ops.cpp")
+    try:
+        return load(name="nimblelm_cpu_ops", sources=[str(source)], extra_cflags=["-O3", "-march=native"])
+    except Exception as e:  # noqa: BLE001 - any build failure means: fall back to torch ops
+        warnings.warn(f"nimblelm: C++ kernels unavailable, using torch ops ({e.__class__.__name__}: {e})", stacklevel=2)
+        return None
+
+
+def ops_for(x):
+    """The compiled ops when they apply to tensor x (float32 on the CPU), else None: use torch's."""
+    if x.dtype.is_floating_point and x.dtype.itemsize == 4 and x.device.type == "cpu":
+        return cpu_ops()
+    return None

@@ -1,0 +1,190 @@
+// CPU kernels for the decode step, where eager torch is bound by per-op overhead and by GEMM
+// kernels tuned for large matrices.
+//
+// skinny_linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m. With one to a few activation rows the product is bound by reading w once from memory; the
+// general GEMM kernels torch dispatches to reach well under the memory bandwidth there. This kernel
+// streams each weight row exactly once, four rows at a time with independent FMA chains, and splits
+// the rows over torch's own thread pool (so no second OpenMP runtime competes for the cores).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// Four weight rows against one activation row.
+static inline void dot4(const float* x, const float* w, int64_t K, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), xv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + K + k), xv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * K + k), xv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * K + k), xv, a3);
+  }
+  out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+  for (; k < K; ++k) {
+    for (int r = 0; r < 4; ++r) out[r] += w[r * K + k] * x[k];
+  }
+}
+
+static inline float dot1(const float* x, const float* w, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+  }
+  float s = hsum(_mm256_add_ps(a0, a1));
+  for (; k < K; ++k) s += w[k] * x[k];
+  return s;
+}
+#else
+static inline float dot1(const float* x, const float* w, int64_t K) {
+  float s = 0.f;
+  for (int64_t k = 0; k < K; ++k) s += w[k] * x[k];
+  return s;
+}
+
+static inline void dot4(const float* x, const float* w, int64_t K, float* out) {
+  for (int r = 0; r < 4; ++r) out[r] = dot1(x, w + r * K, K);
+}
+#endif
+
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear: shapes do not match");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "skinny_linear: float32 only");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "skinny_linear: contiguous inputs only");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "skinny_linear: bad bias");
+    bp = bias->data_ptr<float>();
+  }
+  // Blocks of 64 rows: large enough to amortize scheduling, small enough to balance two threads.
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    float out[4];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 4;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xp + m * K;
+        float* yr = yp + m * N;
+        if (n + 4 <= N) {
+          dot4(xr, wp + n * K, K, out);
+          for (int r = 0; r < 4; ++r) yr[n + r] = out[r] + (bp ? bp[n + r] : 0.f);
+        } else {
+          for (int64_t r = n; r < N; ++r) yr[r] = dot1(xr, wp + r * K, K) + (bp ? bp[r] : 0.f);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+static void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2, name, ": contiguous 2-d float32 only");
+}
+
+static void normalize_row(const float* in, float* out, const float* w, int64_t d, float eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < d; ++i) ss += double(in[i]) * in[i];
+  const float scale = 1.0f / std::sqrt(float(ss / d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = in[i] * scale * w[i];
+}
+
+// out = rms_norm(x) * w, one pass per row instead of six elementwise ops.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  check_rows(x, "rms_norm");
+  auto out = torch::empty_like(x);
+  const int64_t d = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, x.size(0), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) normalize_row(xp + r * d, op + r * d, wp, d, float(eps));
+  });
+  return out;
+}
+
+// In place: residual += x, then x = rms_norm(residual) * w. The residual stream and the next
+// layer's normalized input come out of one pass.
+void add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps) {
+  check_rows(x, "add_rms_norm_");
+  check_rows(residual, "add_rms_norm_");
+  const int64_t d = x.size(1);
+  float* xp = x.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, x.size(0), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* xr = xp + r * d;
+      float* rr = rp + r * d;
+      for (int64_t i = 0; i < d; ++i) rr[i] += xr[i];
+      normalize_row(rr, xr, wp, d, float(eps));
+    }
+  });
+}
+
+// silu(gate) * up for gate_up = [gate | up] along the last dimension.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_rows(gate_up, "silu_mul");
+  const int64_t T = gate_up.size(0), f = gate_up.size(1) / 2;
+  auto out = torch::empty({T, f}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = gp + r * 2 * f;
+      const float* u = g + f;
+      float* o = op + r * f;
+      for (int64_t i = 0; i < f; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// In place rotary embedding (rotate-half layout) of the first `heads` head_dim-wide slices of each
+// row of qkv (the query heads, then the key heads); cos and sin are [tokens, head_dim].
+void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t head_dim) {
+  check_rows(qkv, "rope_");
+  check_rows(cos, "rope_");
+  check_rows(sin, "rope_");
+  const int64_t stride = qkv.size(1), half = head_dim / 2;
+  float* qp = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, qkv.size(0), 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* c = cp + t * head_dim;
+      const float* s = sp + t * head_dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x = qp + t * stride + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = x[i], b = x[i + half];
+          x[i] = a * c[i] - b * s[i];
+          x[i + half] = b * c[i + half] + a * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("skinny_linear", &skinny_linear, "x @ w.T (+ bias) for a few rows of x, bound by reading w once");
+  m.def("rms_norm", &rms_norm, "RMS norm of each row, times w");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual) * w, in place");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
+  m.def("rope_", &rope_, "rotary embedding of the q and k heads of qkv, in place");
+}
