@@ -128,6 +128,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decodes=len(decodes),
             decode_block_tables=torch.from_numpy(tables).to(device),
+            decode_context_lens=context_t,
             decode_mask=AttentionMetadata.decode_mask_for(context_t, max(context), window) if decodes else None,
             prefill_query_lens=query_lens,
             prefill_context_lens=context_lens,
@@ -135,6 +136,7 @@ class ModelRunner:
             prefill_masks=[
                 AttentionMetadata.prefill_mask_for(q, c, window, device) for q, c in zip(query_lens, context_lens)
             ],
+            sliding_window=window,
         )
         return (
             torch.tensor(tokens, dtype=torch.long, device=device),

@@ -7,7 +7,9 @@
 // the rows over torch's own thread pool (so no second OpenMP runtime competes for the cores).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -181,7 +183,60 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t head
   });
 }
 
+// Decode attention straight from the paged cache: one query token per sequence, each KV head's
+// group of query heads scored against the sequence's cached keys block by block, so K and V are
+// read once and never gathered into a padded copy. Positions before context_len - window are
+// skipped when window > 0 (sliding-window attention).
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "paged_decode_attention: q");
+  TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: layout");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "paged_decode_attention: int64 tables");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH;
+  const int64_t max_blocks = block_tables.size(1);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* bt = block_tables.contiguous().data_ptr<int64_t>();
+  const int64_t* lens = context_lens.contiguous().data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KVH, kvh = i % KVH, len = lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0, n = len - start;
+      scores.assign(G * n, 0.f);
+      const float* qg = qp + (b * H + kvh * G) * D;
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = start + t;
+        const float* k = kp + ((bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh) * D;
+        for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot1(qg + g * D, k, D) * float(scale);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * n;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+        for (int64_t t = 0; t < n; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
+        for (int64_t t = 0; t < n; ++t) s[t] /= sum;
+      }
+      float* o = op + (b * H + kvh * G) * D;
+      std::fill(o, o + G * D, 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = start + t;
+        const float* v = vp + ((bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * n + t];
+          float* og = o + g * D;
+          for (int64_t d = 0; d < D; ++d) og[d] += p * v[d];
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
   m.def("skinny_linear", &skinny_linear, "x @ w.T (+ bias) for a few rows of x, bound by reading w once");
   m.def("rms_norm", &rms_norm, "RMS norm of each row, times w");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual) * w, in place");

@@ -12,17 +12,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nimblelm.kernels import ops_for
+
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     num_decodes: int  # the first num_decodes tokens are decode queries, one per sequence
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
+    decode_context_lens: torch.Tensor  # [num_decodes] tokens in context, the new one included
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool: which cached positions to attend
     prefill_query_lens: list[int]  # per prefill chunk, in token order after the decodes
     prefill_context_lens: list[int]  # tokens in context after this chunk, the chunk included
     prefill_block_tables: list[torch.Tensor]  # per prefill chunk: its block ids
     prefill_masks: list[torch.Tensor | None]  # per chunk: [query, context] bool, None for plain causal
+    sliding_window: int | None = None
 
     @staticmethod
     def decode_mask_for(context_lens: torch.Tensor, max_context: int, sliding_window: int | None) -> torch.Tensor:
@@ -78,8 +82,8 @@ class PagedAttention(torch.nn.Module):
             if ctx == q_len:  # a whole prompt in one chunk: its K/V are at hand, no gather needed
                 k_ctx, v_ctx = k[start:end], v[start:end]
             else:
-                k_ctx = k_cache[blocks].flatten(0, 1)[:ctx]
-                v_ctx = v_cache[blocks].flatten(0, 1)[:ctx]
+                k_ctx = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
+                v_ctx = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
             qt, kt, vt = (x.transpose(0, 1)[None] for x in (q[start:end], k_ctx, v_ctx))
             o = F.scaled_dot_product_attention(
                 qt, kt, vt, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
@@ -89,6 +93,14 @@ class PagedAttention(torch.nn.Module):
         return out
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        ops = ops_for(q)
+        if ops is not None:
+            out = torch.empty_like(q)
+            ops.paged_decode_attention(
+                out, q.contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                self.scale, meta.sliding_window or 0,
+            )
+            return out
         d = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         max_context = meta.decode_mask.shape[-1]
