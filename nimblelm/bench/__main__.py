@@ -1,0 +1,5 @@
+import sys
+
+from nimblelm.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""`nimblelm bench latency`: llama-bench style prompt processing (pp) and token generation (tg) tests."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from nimblelm.bench.backends import BenchContext, LatencyTest, mean_std
+from nimblelm.bench.runner import for_each_backend, log
+from nimblelm.errors import InvalidRequestError
+
+
+def make_tests(n_prompt: Sequence[int], n_gen: Sequence[int], batch: Sequence[int]) -> list[LatencyTest]:
+    """Every pp length and every tg length at every batch size (pp tests first, as llama-bench)."""
+    for label, values in (("-p", n_prompt), ("-n", n_gen), ("-b", batch)):
+        for v in values:
+            if int(v) <= 0:
+                raise InvalidRequestError(f"{label} values must be > 0, got {v}")
+    tests = [LatencyTest("pp", int(p), int(b)) for p in n_prompt for b in batch]
+    tests += [LatencyTest("tg", int(n), int(b)) for n in n_gen for b in batch]
+    for t in tests:
+        if t.kind == "tg" and t.n_tokens < 2:
+            raise InvalidRequestError("-n values must be >= 2 (tg times the tokens after the first)")
+    return tests
+
+
+def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[LatencyTest], *, repeat: int = 5,
+                warmup: int = 1, backend_opts: dict | None = None, progress: bool = True,
+                logger: Callable[[str], None] = log) -> dict:
+    """Measure every test on every backend. Returns {"results": [...], "backends": {...}}."""
+    if repeat < 1:
+        raise InvalidRequestError(f"--repeat must be >= 1, got {repeat}")
+    if warmup < 0:
+        raise InvalidRequestError(f"--warmup must be >= 0, got {warmup}")
+    results: list[dict] = []
+
+    def body(backend) -> None:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(tests) * (repeat + warmup), desc=f"{backend.name} latency", unit="run",
+                       leave=False)
+        try:
+            nbytes = backend.weights_nbytes()
+            for test in tests:
+                if bar is not None:
+                    bar.set_postfix_str(f"{test.name} b{test.batch}")
+                samples = backend.latency(test, repeat, warmup, progress=(bar.update if bar else None))
+                m, s = mean_std(samples)
+                row = {"backend": backend.name, "test": test.name, "kind": test.kind,
+                       "n_tokens": test.n_tokens, "batch": test.batch, "threads": ctx.threads,
+                       "samples_ts": [round(x, 4) for x in samples], "mean_ts": m, "std_ts": s}
+                if test.kind == "tg" and test.batch == 1 and nbytes:
+                    gb = [nbytes * x / 1e9 for x in samples]
+                    row["weights_nbytes"] = nbytes
+                    row["mean_gbps"], row["std_gbps"] = mean_std(gb)
+                results.append(row)
+                line = f"{backend.name}: {test.name} batch {test.batch}: {m:.2f} ± {s:.2f} tok/s"
+                if bar is not None and logger is log:
+                    bar.write(line, file=sys.stderr)  # keeps the progress bar intact
+                else:
+                    logger(line)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    statuses = for_each_backend(ctx, backends, body, backend_opts, logger)
+    return {"results": results, "backends": statuses}

@@ -1,0 +1,273 @@
+"""The llama.cpp peer: llama-bench / llama-batched-bench for latency, llama-server for throughput.
+
+It runs a GGUF of the very weights nimblelm runs, at the same precision class: for a float32 run an F32
+GGUF written from the packaged file (see gguf_convert). Binaries come from `nimblelm bench setup
+llama.cpp` (or NIMBLELM_LLAMA_CPP_BIN). Anything missing makes the backend skip with one line.
+
+Throughput uses llama-server with one slot per concurrent request (`-np N`, continuous batching),
+token-id prompts sent over HTTP on 127.0.0.1 from a thread pool: it replays the same variable-length
+requests as the other backends. llama-batched-bench only runs uniform prompt/output lengths, so it
+could not replay a ShareGPT sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from nimblelm.bench.backends import Backend, BackendUnavailable, BenchContext, LatencyTest, ThroughputRun
+from nimblelm.bench.datasets import BenchRequest
+from nimblelm.bench.llamacpp_build import TARGETS, bin_dir, cache_dir, find_binary
+
+GGUF_TYPES = ("auto", "f32", "f16", "source")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    return line[:limit]
+
+
+def parse_llama_bench_json(text: str) -> list[dict]:
+    """Rows of `llama-bench -o json` output (a JSON array; anything before it is ignored)."""
+    start = text.find("[")
+    if start < 0:
+        raise ValueError("no JSON array in llama-bench output")
+    return json.loads(text[start:text.rindex("]") + 1])
+
+
+def parse_batched_bench_jsonl(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"speed_tg"' in line:
+            rows.append(json.loads(line))
+    return rows
+
+
+def built_version() -> str | None:
+    """The sdist the installed tools were built from (the VERSION file build_llama_cpp writes), if known."""
+    tool = find_binary("llama-bench")
+    if tool is None:
+        return None
+    try:
+        return (tool.parent / "VERSION").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaCppBackend(Backend):
+    name = "llama.cpp"
+    method = ("llama-bench (batch 1: pp = pN test, tg = tgN test), llama-batched-bench (batch > 1: "
+              "S_PP of -npp p -ntg 1, S_TG of -npp 1 -ntg n), llama-server -np N for throughput")
+
+    def __init__(self, ctx: BenchContext, gguf_type: str | None = None):
+        super().__init__(ctx)
+        self.gguf_type = (gguf_type or "auto").lower()
+        self.gguf: Path | None = None
+        self._nbytes: int | None = None
+        self._server: subprocess.Popen | None = None
+        self._server_log = None
+        self._server_url = ""
+        self._server_slots = 0
+        self.build_commit: str | None = None
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def check(self) -> None:
+        missing = [t for t in TARGETS if t != "llama-perplexity" and find_binary(t) is None]
+        if missing:
+            where = os.environ.get("NIMBLELM_LLAMA_CPP_BIN") or str(bin_dir())
+            raise BackendUnavailable(
+                f"{missing[0]} not found in {where} (build it with `nimblelm bench setup llama.cpp`)")
+        if self.gguf_type not in GGUF_TYPES:
+            raise BackendUnavailable(f"unknown GGUF type {self.gguf_type!r} ({', '.join(GGUF_TYPES)})")
+
+    def _target_type(self) -> str:
+        if self.gguf_type != "auto":
+            return self.gguf_type
+        return "f32" if self.ctx.dtype == "float32" else "f16"
+
+    def load(self) -> None:
+        from nimblelm.bench.gguf_convert import ensure_converted
+
+        source = getattr(self.ctx.load(), "source", None)
+        if source is None or not str(source).endswith(".gguf") or not Path(source).is_file():
+            raise BackendUnavailable(f"model {self.ctx.model!r} has no GGUF source file to give llama.cpp")
+        kind = self._target_type()
+        if kind == "source":
+            self.gguf = Path(source)
+        else:
+            self.gguf = ensure_converted(source, kind, cache_dir() / "peers" / "gguf")
+        import gguf
+
+        reader = gguf.GGUFReader(self.gguf)
+        self._nbytes = int(sum(int(t.n_bytes) for t in reader.tensors))
+        del reader
+
+    def info(self) -> dict:
+        return {"weights": f"{self._target_type().upper()} GGUF written from the same file"
+                if self._target_type() != "source" else "the packaged GGUF as is",
+                "gguf": str(self.gguf) if self.gguf else None, "weights_nbytes": self._nbytes,
+                "version": built_version(), "build_commit": self.build_commit,
+                "bin_dir": str(find_binary("llama-bench").parent)}
+
+    def weights_nbytes(self) -> int | None:
+        return self._nbytes
+
+    # ---------------------------------------------------------------------------------- latency
+
+    def _run(self, cmd: list[str], timeout: float = 3600) -> str:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}): "
+                               f"{_one_line(proc.stderr or proc.stdout)}")
+        return proc.stdout + "\n" + proc.stderr
+
+    def latency(self, test: LatencyTest, repeat: int, warmup: int, progress=None) -> list[float]:
+        t = str(self.ctx.threads)
+        if test.batch == 1:
+            cmd = [str(find_binary("llama-bench")), "-m", str(self.gguf), "-t", t, "-r", str(repeat),
+                   "-o", "json", "-ngl", "0"]
+            cmd += ["-p", str(test.n_tokens), "-n", "0"] if test.kind == "pp" else ["-p", "0", "-n", str(test.n_tokens)]
+            if warmup == 0:
+                cmd.append("--no-warmup")
+            rows = parse_llama_bench_json(self._run(cmd))
+            if not rows:
+                raise RuntimeError("llama-bench printed no result")
+            row = rows[0]
+            self.build_commit = row.get("build_commit", self.build_commit)
+            samples = [float(x) for x in row.get("samples_ts") or [row["avg_ts"]]]
+            if progress is not None:
+                for _ in range(warmup + repeat):
+                    progress()
+            return samples
+        out = []
+        for i in range(warmup + repeat):
+            if test.kind == "pp":
+                npp, ntg = test.n_tokens, 1
+            else:
+                npp, ntg = 1, test.n_tokens
+            ctx_len = test.batch * (npp + ntg) + 16
+            cmd = [str(find_binary("llama-batched-bench")), "-m", str(self.gguf), "-t", t, "-tb", t,
+                   "-c", str(ctx_len), "-npp", str(npp), "-ntg", str(ntg), "-npl", str(test.batch),
+                   "--output-format", "jsonl", "-ngl", "0"]
+            rows = parse_batched_bench_jsonl(self._run(cmd))
+            if not rows:
+                raise RuntimeError("llama-batched-bench printed no result")
+            if i >= warmup:
+                out.append(float(rows[0]["speed_pp" if test.kind == "pp" else "speed_tg"]))
+            if progress is not None:
+                progress()
+        return out
+
+    # ------------------------------------------------------------------------------- throughput
+
+    def _start_server(self, slots: int) -> None:
+        if self._server is not None and self._server_slots >= slots:
+            return
+        self._stop_server()
+        port = _free_port()
+        t = str(self.ctx.threads)
+        cmd = [str(find_binary("llama-server")), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
+               "-t", t, "-tb", t, "-np", str(slots), "-c", str(slots * self.ctx.max_model_len), "-cb",
+               "--cache-ram", "0", "--no-webui", "-ngl", "0"]
+        self._server_log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in _stop_server)
+        self._server = subprocess.Popen(cmd, stdout=self._server_log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        self._server_slots = slots
+        self._server_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self._server.poll() is not None:
+                self._server_log.seek(0)
+                log = self._server_log.read()
+                self._server = None
+                raise RuntimeError(f"llama-server exited ({_one_line(log)})")
+            try:
+                with urllib.request.urlopen(self._server_url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        self._stop_server()
+        raise RuntimeError("llama-server did not become healthy within 600 s")
+
+    def _stop_server(self) -> None:
+        srv, self._server = self._server, None
+        if srv is not None and srv.poll() is None:
+            srv.terminate()
+            try:
+                srv.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+                srv.wait()
+        if self._server_log is not None:
+            self._server_log.close()
+            self._server_log = None
+
+    def _complete(self, req: BenchRequest) -> dict:
+        body = json.dumps({"prompt": list(req.prompt_token_ids), "n_predict": req.output_len,
+                           "ignore_eos": True, "temperature": 0.0, "cache_prompt": False,
+                           "stream": False}).encode()
+        r = urllib.request.Request(self._server_url + "/completion", data=body,
+                                   headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(r, timeout=3600) as resp:
+            return json.loads(resp.read())
+
+    def _send_all(self, requests: Sequence[BenchRequest]) -> list[dict]:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(requests), self._server_slots))) as pool:
+            return list(pool.map(self._complete, requests))
+
+    def warmup_throughput(self, concurrency: int) -> None:
+        self._start_server(concurrency)
+        reqs = [BenchRequest(tuple(self.ctx.prompt(16, 10_000 + i)), 4) for i in range(2)]
+        self._send_all(reqs)
+
+    def throughput(self, requests: Sequence[BenchRequest]) -> ThroughputRun:
+        """All requests sent at once (the server runs max_num_seqs of them concurrently, one slot each).
+
+        Counted: each request's own prompt tokens and the tokens the server reports it generated.
+        """
+        self._start_server(min(len(requests), self.ctx.max_num_seqs))
+        t0 = time.perf_counter()
+        results = self._send_all(requests)
+        elapsed = time.perf_counter() - t0
+        out_tokens = sum(int(r.get("tokens_predicted", 0)) for r in results)
+        short = sum(1 for q, r in zip(requests, results) if int(r.get("tokens_predicted", 0)) != q.output_len)
+        extra = {"slots": self._server_slots,
+                 "server_prompt_tokens": sum(int(r.get("tokens_evaluated", 0)) for r in results)}
+        if short:
+            extra["requests_with_wrong_length"] = short
+        return ThroughputRun(elapsed, sum(q.prompt_len for q in requests), out_tokens, len(requests), extra)
+
+    def close(self) -> None:
+        self._stop_server()
+        super().close()
+
+
+def setup_llama_cpp(force: bool = False) -> Path:
+    """CLI helper: build the peer, report where it is."""
+    from nimblelm.bench.llamacpp_build import build_llama_cpp
+
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None:
+            raise BackendUnavailable(f"{tool} not found: install it (e.g. apt-get install cmake ninja-build)")
+    return build_llama_cpp(force=force)

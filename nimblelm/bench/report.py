@@ -1,0 +1,146 @@
+"""Markdown and JSON reports of benchmark results, with the machine that produced them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def fmt_mean_std(mean: float, std: float | None = None, digits: int = 2) -> str:
+    """'31.42 ± 0.35' (llama-bench style); 'n/a' for a missing value."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "unknown"
+
+
+def _mib(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def machine_lines(meta: dict) -> list[str]:
+    m = meta["machine"]
+    cfg = meta["config"]
+    lines = [
+        f"- command: `{meta.get('command', '')}`",
+        f"- model: `{cfg.get('model')}`, dtype {cfg.get('dtype')}",
+        (f"- machine: {m.get('cpu_model')}, {m.get('physical_cores')} physical cores "
+         f"({m.get('logical_cpus')} logical), {m.get('threads')} thread{'' if m.get('threads') == 1 else 's'} used, "
+         f"{_gib(m.get('memory_total_bytes'))} RAM; {m.get('os')}"),
+        (f"- software: python {m.get('python')}, torch {m.get('torch')}, "
+         f"transformers {m.get('transformers') or '-'}; nimblelm commit {m.get('nimblelm_commit')}"),
+        (f"- date: {m.get('date')}; load average (1/5/15 min) at start: {m.get('load_average_at_start')}"
+         + (f", at end: {m['load_average_at_end']}" if m.get("load_average_at_end") else "")),
+    ]
+    return lines
+
+
+def backend_lines(statuses: dict) -> list[str]:
+    lines = []
+    for name, st in statuses.items():
+        if st.get("status") == "ok":
+            info = st.get("info") or {}
+            bits = [info.get("weights") or ""]
+            if info.get("weights_nbytes"):
+                bits.append(f"{_mib(info['weights_nbytes'])} of weights")
+            if info.get("version"):
+                bits.append(f"version {info['version']}")
+            if info.get("build_commit") and info["build_commit"] != "unknown":
+                bits.append(f"build {info['build_commit']}")
+            act = st.get("other_activity") or {}
+            if act.get("other_share") is not None:
+                bits.append(f"other processes during its run: {act['other_cpu_s']:.1f} CPU-s "
+                            f"({100 * act['other_share']:.1f}% of the machine), steal {act.get('steal_s', 0):.1f} s")
+            lines.append(f"- {name}: " + "; ".join(b for b in bits if b))
+        else:
+            lines.append(f"- {name}: {st.get('status')}: {st.get('reason')}")
+    return lines
+
+
+def latency_markdown(report: dict) -> str:
+    out = ["## nimblelm bench latency", ""]
+    out += machine_lines(report) + backend_lines(report["backends"]) + [""]
+    out.append("| backend | test | batch | threads | t/s | GB/s |")
+    out.append("| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in report["results"]:
+        gbps = fmt_mean_std(r["mean_gbps"], r["std_gbps"]) if "mean_gbps" in r else ""
+        one = len(r.get("samples_ts", [])) == 1
+        if one and "mean_gbps" in r:
+            gbps = fmt_mean_std(r["mean_gbps"])
+        out.append(f"| {r['backend']} | {r['test']} | {r['batch']} | {r['threads']} | "
+                   f"{fmt_mean_std(r['mean_ts'], None if one else r['std_ts'])} | {gbps} |")
+    reps = report["config"].get("repeat")
+    note = (f"t/s: mean ± std over {reps} repetitions (after {report['config'].get('warmup')} warm-up). "
+            "pp: batch × prompt tokens / time to the first token. tg: batch × decoded tokens / decode time "
+            "(nimblelm and transformers: the n−1 tokens after the first, timed from the first token to the last; "
+            "llama.cpp: as llama-bench and llama-batched-bench count them). "
+            "GB/s (tg, batch 1): bytes of weights read per token × t/s.")
+    out += ["", note]
+    return "\n".join(out) + "\n"
+
+
+def throughput_markdown(report: dict) -> str:
+    out = ["## nimblelm bench throughput", ""]
+    out += machine_lines(report) + backend_lines(report["backends"])
+    w = report.get("workload") or {}
+    cfg = report["config"]
+    if w:
+        out.append(f"- workload: {cfg.get('dataset')} (seed {cfg.get('seed')}), {w['num_requests']} requests, "
+                   f"{w['prompt_tokens']} prompt + {w['output_tokens']} output tokens "
+                   f"(prompt {w['prompt_len_min']}–{w['prompt_len_max']}, mean {w['prompt_len_mean']}; "
+                   f"output {w['output_len_min']}–{w['output_len_max']}, mean {w['output_len_mean']})")
+    out += ["", "| backend | requests | concurrency | threads | total tok/s | output tok/s | req/s | time s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        t = sum(r["elapsed_s"]) / len(r["elapsed_s"])
+        if len(r["elapsed_s"]) == 1:  # one pass: no spread to show
+            r = {**r, "std_total_tok_s": None, "std_output_tok_s": None, "std_req_s": None}
+        out.append(f"| {r['backend']} | {r['num_requests']} | {r['concurrency']} | {r['threads']} | "
+                   f"{fmt_mean_std(r['mean_total_tok_s'], r['std_total_tok_s'], 1)} | "
+                   f"{fmt_mean_std(r['mean_output_tok_s'], r['std_output_tok_s'], 1)} | "
+                   f"{fmt_mean_std(r['mean_req_s'], r['std_req_s'], 3)} | {t:.2f} |")
+    note = ("All requests submitted at once; each generates exactly its output length (EOS ignored). "
+            "total tok/s = (prompt + output tokens) / wall time, counting only each request's own tokens "
+            "(not padding, nor the extra tokens a static batch makes its shorter requests compute); "
+            f"mean ± std over {cfg.get('repeat')} pass(es) after {cfg.get('warmup')} warm-up.")
+    out += ["", note]
+    return "\n".join(out) + "\n"
+
+
+def to_markdown(report: dict) -> str:
+    return latency_markdown(report) if report.get("kind") == "latency" else throughput_markdown(report)
+
+
+def _jsonable(x):
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(_jsonable(report), indent=2)
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write results.json (raw figures, config, machine) and report.md into out_dir."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    j, m = d / "results.json", d / "report.md"
+    j.write_text(to_json(report) + "\n")
+    m.write_text(to_markdown(report))
+    return j, m
