@@ -192,6 +192,7 @@ def test_machine_info_fields():
     assert info["torch"] == torch.__version__
     assert machine.physical_cores(CPUINFO_SMT) == 4
     assert machine.cpu_model(CPUINFO_SMT) == "Test CPU 9000"
+    assert machine.cpu_features("processor : 0\nflags : fpu avx2 fma avx512f sse\n") == ["avx2", "fma", "avx512f"]
     assert machine.memory_total_bytes("MemTotal:       1024 kB\n") == 1024 * 1024
     assert machine.default_threads() >= 1
 

@@ -44,6 +44,19 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "asimd",
+             "sve")
+
+
+def cpu_features(cpuinfo: str | None = None) -> list[str]:
+    """The SIMD features that matter for inference kernels, as /proc/cpuinfo lists them."""
+    blocks = _cpuinfo_blocks(_read("/proc/cpuinfo") if cpuinfo is None else cpuinfo)
+    flags: set[str] = set()
+    for b in blocks[:1]:
+        flags.update((b.get("flags") or b.get("Features") or "").split())
+    return [f for f in _FEATURES if f in flags]
+
+
 def logical_cpus() -> int:
     """CPUs this process may run on (respects taskset / cgroup affinity)."""
     try:
@@ -127,6 +140,7 @@ def machine_info(threads: int | None = None) -> dict:
     load = load_average()
     return {
         "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
         "physical_cores": physical_cores(),
         "logical_cpus": logical_cpus(),
         "threads": threads if threads is not None else torch.get_num_threads(),

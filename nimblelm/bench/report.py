@@ -33,7 +33,9 @@ def machine_lines(meta: dict) -> list[str]:
     lines = [
         f"- command: `{meta.get('command', '')}`",
         f"- model: `{cfg.get('model')}`, dtype {cfg.get('dtype')}",
-        (f"- machine: {m.get('cpu_model')}, {m.get('physical_cores')} physical cores "
+        (f"- machine: {m.get('cpu_model')}"
+         + (f" ({' '.join(m['cpu_features'])})" if m.get("cpu_features") else "")
+         + f", {m.get('physical_cores')} physical cores "
          f"({m.get('logical_cpus')} logical), {m.get('threads')} thread{'' if m.get('threads') == 1 else 's'} used, "
          f"{_gib(m.get('memory_total_bytes'))} RAM; {m.get('os')}"),
         (f"- software: python {m.get('python')}, torch {m.get('torch')}, "
