@@ -32,3 +32,21 @@ lint: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Optional benchmark peers and runs: never part of `make test` (llama.cpp compiles for 10-25 min on 2 cores).
+.PHONY: peers bench bench-latency bench-throughput
+BENCH_OUT ?= bench-out
+BENCH_BACKENDS ?= nimblelm,transformers,llama.cpp
+
+peers: setup
+	nice -n 19 $(VENV)/bin/nimblelm bench setup llama.cpp
+
+bench: bench-latency bench-throughput
+
+bench-latency: setup model
+	$(VENV)/bin/nimblelm bench latency --model $(MODEL) -p 512 -n 128 -b 1,8 -r 5 \
+		--backends $(BENCH_BACKENDS) --output $(BENCH_OUT)/latency
+
+bench-throughput: setup model
+	$(VENV)/bin/nimblelm bench throughput --model $(MODEL) --dataset sharegpt --num-prompts 32 \
+		--max-output-len 128 -r 3 --backends $(BENCH_BACKENDS) --output $(BENCH_OUT)/throughput
