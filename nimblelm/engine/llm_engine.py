@@ -26,8 +26,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if self.device.type == "cpu":
-            self.num_threads = set_threads(config.num_threads)
+        self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
         loaded = load_model(config.model, progress=progress)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
