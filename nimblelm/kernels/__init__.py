@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 
 @functools.cache
 def cpu_ops():
@@ -26,14 +28,18 @@ def cpu_ops():
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     source = Path(__file__).with_name("cpu_ops.cpp")
     try:
-        return load(name="nimblelm_cpu_ops", sources=[str(source)], extra_cflags=["-O3", "-march=native"])
+        # -fopenmp: at::parallel_for is an inline OpenMP region, serial unless compiled with it; the
+        # library it links is torch's own libgomp (same soname, already loaded), so one thread pool.
+        return load(name="nimblelm_cpu_ops", sources=[str(source)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to torch ops
         warnings.warn(f"nimblelm: C++ kernels unavailable, using torch ops ({e.__class__.__name__}: {e})", stacklevel=2)
         return None
 
 
-def ops_for(x):
+def ops_for(x: torch.Tensor):
     """The compiled ops when they apply to tensor x (float32 on the CPU), else None: use torch's."""
-    if x.dtype.is_floating_point and x.dtype.itemsize == 4 and x.device.type == "cpu":
+    # Called several times per layer and step: the cheapest checks torch offers.
+    if x.dtype is torch.float32 and x.is_cpu:
         return cpu_ops()
     return None

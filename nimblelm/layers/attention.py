@@ -67,14 +67,18 @@ class PagedAttention(torch.nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        flat_shape = (-1, self.num_kv_heads, self.head_dim)
-        k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
+        ops = ops_for(q)
+        if ops is not None:
+            ops.write_kv_cache_(k_cache, v_cache, k, v, meta.slot_mapping)
+        else:
+            flat_shape = (-1, self.num_kv_heads, self.head_dim)
+            k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
 
         out = torch.empty_like(q)
         d = meta.num_decodes
         if d:
-            out[:d] = self._decode(q[:d], k_cache, v_cache, meta)
+            self._decode(q[:d], k_cache, v_cache, meta, ops, out[:d])
         start = d
         chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks)
         for q_len, ctx, blocks, mask in chunks:
@@ -92,15 +96,14 @@ class PagedAttention(torch.nn.Module):
             start = end
         return out
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        ops = ops_for(q)
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, ops, out: torch.Tensor) -> None:
+        """Attention of the decode queries, written into out (the first rows of the step's output)."""
         if ops is not None:
-            out = torch.empty_like(q)
             ops.paged_decode_attention(
                 out, q.contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                 self.scale, meta.sliding_window or 0,
             )
-            return out
+            return
         d = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         max_context = meta.decode_mask.shape[-1]
@@ -108,5 +111,5 @@ class PagedAttention(torch.nn.Module):
         qg = q.view(d, self.num_kv_heads, group, self.head_dim)
         k = k_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_context].transpose(1, 2)
         v = v_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_context].transpose(1, 2)
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
-        return out.reshape(d, self.num_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
+        out.copy_(o.reshape(d, self.num_heads, self.head_dim))

@@ -15,8 +15,11 @@ from torch import nn
 from nimblelm.config import ModelConfig
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, PagedAttention
-from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear
+from nimblelm.layers.linear import Linear
 from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
+
+# The silu*mul kernel's exp is scalar: it saves dispatch on a few rows; torch's vectorized silu wins above.
+SILU_KERNEL_MAX_ROWS = 4
 
 
 class RMSNorm(nn.Module):
@@ -80,8 +83,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         ops = ops_for(gate_up)
-        # The kernel's exp is scalar: it saves dispatch on decode-sized batches, torch's vectorized silu wins above.
-        if ops is not None and gate_up.shape[0] <= SKINNY_MAX_ROWS:
+        if ops is not None and gate_up.shape[0] <= SILU_KERNEL_MAX_ROWS:
             return self.down_proj(ops.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)

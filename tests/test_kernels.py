@@ -1,0 +1,48 @@
+"""The C++ CPU kernels against torch's own ops on the same inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nimblelm.kernels import cpu_ops
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    return ops
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_matches_f_linear(ops, rows, n, k, bias):
+    # Output sizes that are not a multiple of the kernel's row block and K not a multiple of 8 hit the tails.
+    torch.manual_seed(n * k + rows)
+    x, w = torch.randn(rows, k), torch.randn(n, k)
+    b = torch.randn(n) if bias else None
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.allclose(ops.skinny_linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_write_kv_cache_matches_index_copy(ops):
+    torch.manual_seed(0)
+    blocks, block_size, kv_heads, dim = 6, 4, 2, 8
+    qkv = torch.randn(5, (3 + 2 * kv_heads) * dim)  # k and v are strided views into fused rows
+    k = qkv[:, 3 * dim : (3 + kv_heads) * dim].view(5, kv_heads, dim)
+    v = qkv[:, (3 + kv_heads) * dim :].view(5, kv_heads, dim)
+    slots = torch.tensor([17, 0, 5, 23, 9])
+    k_cache, v_cache = torch.zeros(blocks, block_size, kv_heads, dim), torch.zeros(blocks, block_size, kv_heads, dim)
+    ops.write_kv_cache_(k_cache, v_cache, k, v, slots)
+    k_ref, v_ref = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    k_ref.view(-1, kv_heads, dim).index_copy_(0, slots, k)
+    v_ref.view(-1, kv_heads, dim).index_copy_(0, slots, v)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.write_kv_cache_(k_cache, v_cache, k, v, torch.tensor([0, 1, 2, 3, blocks * block_size]))
