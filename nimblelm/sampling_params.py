@@ -79,6 +79,8 @@ class SamplingParams:
             raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if self.repetition_penalty <= 0:
             raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}")  # torch generators take 64 bits
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):

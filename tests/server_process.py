@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 class ServerProcess:
     def __init__(self, model, *args: str, env: dict[str, str] | None = None, timeout: float = 300):
-        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nimblelm", "serve", "--model", str(model), "--port", "0",
              "--log-level", "warning", *args],

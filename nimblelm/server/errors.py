@@ -100,8 +100,11 @@ def install(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(HTTPException)
     async def http(request: Request, exc: HTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return respond(APIError(exc.status_code, str(exc.detail), code=codes.get(exc.status_code), headers=exc.headers))
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        message, code = str(exc.detail), codes.get(exc.status_code)
+        if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's, e.g. bad UTF-8
+            message, code = "the request body could not be parsed: send UTF-8 JSON", "invalid_json"
+        return respond(APIError(exc.status_code, message, code=code, headers=exc.headers))
 
     @app.exception_handler(APIError)
     @app.exception_handler(NimbleLMError)

@@ -9,15 +9,25 @@ what the published OpenAPI schema shows.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.sampling_params import SamplingParams, StructuredOutputParams
 
 MAX_N = 64  # completions per request; each is a sequence with its own KV blocks
 MAX_LOGPROBS = 20
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema counts 2.0 as an integer, so the published schema does too; strings stay errors.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+TokenId = Annotated[Int, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
 
 
 class _Request(BaseModel):
@@ -44,11 +54,11 @@ class _SamplingRequest(_Request):
     """Fields that completions and chat share."""
 
     model: str | None = None  # None: the served model
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: Int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: Text | list[Text] | None = None
+    seed: Int | None = Field(None, ge=0, lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -57,11 +67,11 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     # nimblelm's sampling fields beyond OpenAI's, named as vLLM names them.
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
@@ -103,12 +113,17 @@ class _SamplingRequest(_Request):
 
 class CompletionRequest(_SamplingRequest):
     # A string, a list of strings, a list of token ids, or a list of token-id lists.
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    )
+    max_tokens: Int | None = Field(16, ge=1)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    best_of: Int | None = Field(None, ge=1, le=MAX_N)
 
     def prompts(self) -> list[str | list[int]]:
         if self.echo:
@@ -118,31 +133,24 @@ class CompletionRequest(_SamplingRequest):
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of other than n is not supported")
         prompt = self.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
             return [prompt]
-        if not prompt:
-            raise InvalidRequestError("prompt must not be an empty list")
         return list(prompt)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+class TextPart(_Request):
+    type: Literal["text"]  # images and audio are not supported
+    text: str
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[TextPart]
     name: str | None = None
 
-    def to_template(self, index: int) -> dict[str, str]:
+    def to_template(self) -> dict[str, str]:
         content = self.content
-        if content is None:
-            raise InvalidRequestError(f"messages[{index}].content is required")
         if not isinstance(content, str):
-            if any(part.type != "text" or part.text is None for part in content):
-                raise InvalidRequestError(f"messages[{index}]: only text content parts are supported")
             content = "\n".join(part.text for part in content)
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
@@ -150,10 +158,10 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM's extra: False continues the last assistant message
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -162,7 +170,7 @@ class ChatCompletionRequest(_SamplingRequest):
     def conversation(self) -> list[dict[str, str]]:
         if self.tools or self.functions or self.tool_choice not in (None, "none"):
             raise InvalidRequestError("tools and function calling are not supported")
-        return [m.to_template(i) for i, m in enumerate(self.messages)]
+        return [m.to_template() for m in self.messages]
 
     def num_logprobs(self) -> int | None:
         if self.top_logprobs and not self.logprobs:
