@@ -5,6 +5,7 @@ must be idle with every KV block free, and the server's memory flat."""
 import asyncio
 import json
 import random
+import time
 
 import httpx2 as httpx
 import jsonschema
@@ -76,6 +77,18 @@ def test_cancel_and_disconnect_burst_frees_every_block(tiny_server):
     assert finished(after, "abort") - finished(before, "abort") == 8  # aborted, not run to the end
     assert finished(after, "length") + finished(after, "stop") - finished(before, "length") - finished(
         before, "stop") == 8
+
+
+def test_a_client_that_does_not_read_holds_up_nobody(tiny_server):
+    body = {"prompt": "Slow", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", tiny_server.base_url + "/completions", json=body, timeout=60) as slow:
+        start = time.monotonic()
+        r = tiny_server.post("/v1/completions", json={"prompt": "Fast", "max_tokens": 8})
+        assert r.status_code == 200 and time.monotonic() - start < 5
+        tiny_server.wait_idle(timeout=10)  # the slow request is generated to its end while nobody reads it
+        lines = [line for line in slow.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
 
 
 def test_soak_mixed_traffic_loses_nothing_and_leaks_nothing(tiny_server):

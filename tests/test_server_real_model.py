@@ -67,3 +67,14 @@ def test_json_schema_validates(client):
     for choice in got.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_streamed_multibyte_characters_are_never_split(client):
+    messages = [{"role": "user", "content": "Write the French words café, crème brûlée and naïve, then a ☕ emoji."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=48)
+    text = whole.choices[0].message.content
+    assert any(ord(ch) > 127 for ch in text)  # the answer has multi-byte characters to split
+    deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=48, stream=True)]
+    assert "".join(deltas) == text and "\ufffd" not in text
+

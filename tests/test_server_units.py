@@ -1,5 +1,10 @@
 """Server pieces that need no process: flags from the environment, stream hold-back, request models."""
 
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from nimblelm.cli import build_parser
@@ -62,3 +67,20 @@ def test_request_models_to_sampling_params():
     with pytest.raises(InvalidRequestError, match="stream_options"):
         CompletionRequest.model_validate({"prompt": "x", "stream_options": {"include_usage": True}}).sampling_params(
             16, None)
+
+
+def serve(*args):
+    return subprocess.run([sys.executable, "-m", "nimblelm", "serve", *args], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_serve_errors_are_one_line_and_exit_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = serve("--port", str(taken.getsockname()[1]))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "cannot listen on" in result.stderr
+    result = serve("--port", "0", "--model", "no-such-model")
+    assert result.returncode == 1 and "neither a known alias" in result.stderr.lower()
+    assert len(result.stderr.strip().splitlines()) == 1

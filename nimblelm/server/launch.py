@@ -83,20 +83,20 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(args, engine_fields: list[str]) -> int:
-    import uvicorn
-
-    from nimblelm.llm import LLM
-    from nimblelm.server.app import ServerSettings, build_app
-
     for flag, value in (("--max-waiting-requests", args.max_waiting_requests), ("--max-request-bytes",
                         args.max_request_bytes)):
         if value < 0:
             raise InvalidRequestError(f"{flag} must be >= 0, got {value}")
     if args.shutdown_timeout < 0:
         raise InvalidRequestError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    sock = _bind(args.host, args.port)
+    sock = _bind(args.host, args.port)  # before the heavy imports: a taken port fails at once
     host, port = sock.getsockname()[:2]
     try:
+        import uvicorn
+
+        from nimblelm.llm import LLM
+        from nimblelm.server.app import ServerSettings, build_app
+
         llm = LLM(args.model, **{k: getattr(args, k) for k in engine_fields})
         settings = ServerSettings(
             model_name=args.served_model_name or args.model,
