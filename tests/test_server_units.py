@@ -9,8 +9,9 @@ import pytest
 
 from nimblelm.cli import build_parser
 from nimblelm.errors import InvalidRequestError
+from nimblelm.outputs import CompletionOutput
 from nimblelm.server.protocol import ChatCompletionRequest, CompletionRequest
-from nimblelm.server.serving import _stop_prefix_len
+from nimblelm.server.serving import _ChoiceState, _stop_prefix_len
 
 
 def parse(argv, monkeypatch, **env):
@@ -50,6 +51,15 @@ def test_stop_prefix_hold_back():
     assert _stop_prefix_len("hello", ("xyz", "lo!")) == 2
     assert _stop_prefix_len("hello", ("abc",)) == 0
     assert _stop_prefix_len("", ("abc",)) == 0
+
+
+def test_a_stream_never_sends_text_that_a_stop_string_later_cuts():
+    # The engine's text grows "ab" -> "abc" -> then "cd" completes and the text is cut back to "ab".
+    state, stops = _ChoiceState(), ("cd",)
+    steps = [("ab", None), ("abc", None), ("ab", "stop")]
+    sent = [state.advance(CompletionOutput(0, text, [1] * (i + 1), reason), stops)[0] for i, (text, reason) in
+            enumerate(steps)]
+    assert sent == ["ab", "", ""] and state.finished
 
 
 def test_request_models_to_sampling_params():
