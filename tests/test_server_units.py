@@ -84,13 +84,12 @@ def serve(*args):
                           timeout=120, check=False, cwd=Path(__file__).resolve().parents[1])
 
 
-def test_serve_errors_are_one_line_and_exit_1():
+def test_a_taken_port_is_one_line_and_exit_1():
+    # The socket is bound before torch is imported, so this fails in well under a second. (A bad model
+    # fails as in test_cli: the same LLM constructor and the same one-line handler in main.)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         result = serve("--port", str(taken.getsockname()[1]))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "cannot listen on" in result.stderr
-    result = serve("--port", "0", "--model", "no-such-model")
-    assert result.returncode == 1 and "neither a known alias" in result.stderr.lower()
-    assert len(result.stderr.strip().splitlines()) == 1
