@@ -26,6 +26,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
+    g.add_argument("--quantization", default=None, help="int8: quantize the linear weights at load")
 
 
 _ENGINE_FIELDS = [
@@ -39,6 +40,7 @@ _ENGINE_FIELDS = [
     "kv_cache_memory_bytes",
     "seed",
     "num_threads",
+    "quantization",
 ]
 
 

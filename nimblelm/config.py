@@ -44,3 +44,4 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
     seed: int = 0
     num_threads: int | None = None  # CPU threads; default: the physical cores
+    quantization: str | None = None  # "int8": linear weights quantized at load (RTN, one scale per 32 inputs)

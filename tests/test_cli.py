@@ -35,6 +35,7 @@ def test_chat_streams_answers_until_eof(tiny_qwen):
         (["generate", "--temperature", "-1", "hi"], "temperature"),
         (["generate", "--top-p", "0", "hi"], "top_p"),
         (["generate", "-n", "0", "hi"], "n must be"),
+        (["generate", "--quantization", "int3", "hi"], "unknown quantization"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(args, message):

@@ -63,3 +63,17 @@ def test_smollm2_matches_transformers():
 def test_qwen_coder_05b_matches_transformers():
     outputs = check_against_transformers("qwen2.5-coder-0.5b")
     assert outputs[0].outputs[0].text.startswith("Paris")
+
+
+def test_smollm2_int8_stays_close_to_fp32():
+    """int8 weights (RTN, groups of 32) on the real model: half the bytes or less, the same short answer,
+    and the same first token on every question (greedy)."""
+    params = SamplingParams(temperature=0, max_tokens=12)
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    fp32 = LLM("smollm2-135m", max_model_len=1024)
+    int8 = LLM("smollm2-135m", max_model_len=1024, quantization="int8")
+    assert int8.weights_nbytes < 0.5 * fp32.weights_nbytes
+    ref = fp32.chat(conversations, params, use_tqdm=False)
+    out = int8.chat(conversations, params, use_tqdm=False)
+    assert out[0].outputs[0].text == ref[0].outputs[0].text
+    assert [o.outputs[0].token_ids[0] for o in out] == [o.outputs[0].token_ids[0] for o in ref]

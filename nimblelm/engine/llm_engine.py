@@ -18,6 +18,7 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nimblelm.platform import resolve_device, resolve_dtype, set_threads
+from nimblelm.quantization import linear_method
 from nimblelm.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -43,6 +44,7 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
+        method = linear_method(config.quantization)  # a bad name fails before the model loads
         loaded = load_model(config.model, progress=progress)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -57,6 +59,7 @@ class LLMEngine:
             block_size=config.block_size,
             num_blocks=num_blocks,
             seed=config.seed,
+            linear_method=method,
         )
         del loaded
         self.block_manager = BlockManager(num_blocks, config.block_size)

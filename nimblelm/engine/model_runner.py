@@ -13,6 +13,7 @@ from nimblelm.config import ModelConfig
 from nimblelm.engine.scheduler import SchedulerOutput
 from nimblelm.engine.sequence import Sequence
 from nimblelm.layers.attention import AttentionMetadata
+from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from nimblelm.models.decoder import DecoderLM
 
@@ -29,6 +30,7 @@ class ModelRunner:
         block_size: int,
         num_blocks: int,
         seed: int,
+        linear_method: LinearMethod | None = None,
     ):
         self.config = config
         self.dtype = dtype
@@ -37,8 +39,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         with torch.device("meta"):
             model = DecoderLM(config, max_positions=max_model_len)
-        self.model = model.materialize(device, dtype, weights)
-        self.weights_nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.model = model.materialize(device, dtype, weights, linear_method)
+        self.weights_nbytes = _weights_nbytes(self.model)
         kv_shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.sampler = Sampler()
@@ -145,3 +147,12 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_seqs,
         )
+
+
+def _weights_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a forward pass reads: parameters and quantized buffers, tied tensors once."""
+    tensors = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith("rotary."):  # the cos/sin tables are a cache, not weights
+            tensors[t.data_ptr()] = t.nbytes
+    return sum(tensors.values())

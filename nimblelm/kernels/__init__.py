@@ -7,6 +7,7 @@ NIMBLELM_DISABLE_KERNELS=1 chooses torch's ops on purpose: the reference path th
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -30,7 +31,10 @@ def cpu_ops():
     try:
         # -fopenmp: at::parallel_for is an inline OpenMP region, serial unless compiled with it; the
         # library it links is torch's own libgomp (same soname, already loaded), so one thread pool.
-        return load(name="nimblelm_cpu_ops", sources=[str(source)],
+        # Named by the source's hash: checkouts with different kernels (other branches, versions) never
+        # load or overwrite each other's build in torch's shared extensions folder.
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+        return load(name=f"nimblelm_cpu_ops_{digest}", sources=[str(source)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to torch ops
         warnings.warn(f"nimblelm: C++ kernels unavailable, using torch ops ({e.__class__.__name__}: {e})", stacklevel=2)

@@ -1,4 +1,8 @@
-"""The linear layer every projection of the model uses; the one place that picks a matmul kernel."""
+"""The linear layer every projection of the model uses, and how it multiplies: its LinearMethod.
+
+The model only ever calls Linear; a LinearMethod decides how the weight is stored (fp32, int8 with
+group scales, ...) and which kernel multiplies by it, so the model code never branches on a scheme.
+"""
 
 from __future__ import annotations
 
@@ -14,21 +18,44 @@ from nimblelm.kernels import cpu_ops
 SKINNY_MAX_ROWS = 32
 
 
+class LinearMethod:
+    """One storage format and kernel choice for Linear layers; a single instance serves every layer."""
+
+    name = "none"
+
+    def process(self, layer: Linear) -> None:
+        """Convert the loaded layer.weight (on its device, in its dtype) into this method's storage."""
+        raise NotImplementedError
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Unquantized(LinearMethod):
+    def process(self, layer: Linear) -> None:
+        w = layer.weight
+        ops = cpu_ops() if w.device.type == "cpu" and w.dtype == torch.float32 else None
+        layer.skinny = ops.skinny_linear if ops is not None else None
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if layer.skinny is not None and x.shape[0] <= SKINNY_MAX_ROWS:
+            return layer.skinny(x.contiguous(), layer.weight, layer.bias)
+        return F.linear(x, layer.weight, layer.bias)
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self._skinny = None
+        self.method: LinearMethod = Unquantized()
+        self.skinny = None
 
-    def prepare(self) -> None:
-        """Choose the kernel once the weights are on their device and in their dtype."""
-        w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.float32:
-            ops = cpu_ops()
-            self._skinny = ops.skinny_linear if ops is not None else None
+    def prepare(self, method: LinearMethod | None = None) -> None:
+        """Adopt `method` (default: unquantized) once the weights are loaded, on their device and dtype."""
+        self.method = method or Unquantized()
+        self.method.process(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._skinny is not None and x.shape[0] <= SKINNY_MAX_ROWS:
-            return self._skinny(x.contiguous(), self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x)

@@ -15,7 +15,7 @@ from torch import nn
 from nimblelm.config import ModelConfig
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, PagedAttention
-from nimblelm.layers.linear import Linear
+from nimblelm.layers.linear import Linear, LinearMethod
 from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
 
 # The silu*mul kernel's exp is scalar: it saves dispatch on a few rows; torch's vectorized silu wins above.
@@ -132,8 +132,12 @@ class DecoderLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def materialize(self, device: torch.device, dtype: torch.dtype, weights: dict[str, torch.Tensor]) -> DecoderLM:
-        """Turn a model built on the meta device into a real one holding `weights`."""
+    def materialize(
+        self, device: torch.device, dtype: torch.dtype, weights: dict[str, torch.Tensor],
+        linear_method: LinearMethod | None = None,
+    ) -> DecoderLM:
+        """Turn a model built on the meta device into a real one holding `weights`, its linear layers
+        stored and multiplied as `linear_method` says (default: unquantized)."""
         self.to_empty(device=device)
         self._tie_weights()  # to_empty gave the tied pair two separate tensors
         self.rotary.reset_buffers()
@@ -141,7 +145,7 @@ class DecoderLM(nn.Module):
         self.to(dtype)
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepare()
+                module.prepare(linear_method)
         return self.eval()
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:

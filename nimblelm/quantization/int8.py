@@ -1,0 +1,55 @@
+"""int8 weights with one scale per group of input channels (round-to-nearest, symmetric)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nimblelm.errors import InvalidRequestError
+from nimblelm.kernels import ops_for
+from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN: q = round(w / s) in [-127, 127] with s = max|w| / 127 per group; returns (q [N, K], s [N, K / g])."""
+    n, k = weight.shape
+    if k % group_size:
+        raise InvalidRequestError(f"group size {group_size} does not divide the input dimension {k}")
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    scales = groups.abs().amax(-1) / 127
+    q = torch.round(groups / scales.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(n, k), scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    return (q.reshape(n, scales.shape[1], -1).float() * scales[..., None]).reshape(n, k)
+
+
+class Int8WeightOnly(LinearMethod):
+    """About a quarter of the fp32 bytes per decode step.
+
+    Up to SKINNY_MAX_ROWS activation rows, the C++ kernel multiplies int8 weights by activations it
+    quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (prefill) and
+    other devices dequantize the layer and use the float GEMM, keeping activations unquantized.
+    """
+
+    name = "int8"
+
+    def __init__(self, group_size: int = 32):
+        self.group_size = group_size
+
+    def process(self, layer: Linear) -> None:
+        q, scales = quantize_int8(layer.weight.detach(), self.group_size)
+        dtype = layer.weight.dtype
+        layer.weight = None  # a tied lm_head only drops its reference: the embedding keeps the tensor
+        layer.register_buffer("qweight", q)
+        layer.register_buffer("scales", scales.to(torch.float32))
+        layer.compute_dtype = dtype
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        ops = ops_for(x)
+        if ops is not None and x.shape[0] <= SKINNY_MAX_ROWS and self.group_size % 32 == 0:
+            return ops.int8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias, self.group_size)
+        w = dequantize_int8(layer.qweight, layer.scales).to(layer.compute_dtype)
+        return F.linear(x, w, layer.bias)
