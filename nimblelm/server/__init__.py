@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`nimblelm serve`): FastAPI routes over one engine loop thread."""

@@ -1,0 +1,409 @@
+"""OpenAI completions and chat on top of the AsyncEngine: prompts and limits in, responses and SSE chunks out.
+
+Everything here runs on the event loop and only translates: it validates and tokenizes the request,
+queues it, and turns the engine's cumulative outputs into OpenAI bodies or stream deltas. The
+tokenizer is the server's own copy, so the engine thread's detokenizer never shares one with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+from jinja2 import TemplateError
+
+from nimblelm.engine.structured import StructuredOutputBackend
+from nimblelm.errors import InvalidRequestError
+from nimblelm.outputs import CompletionOutput, Logprob, RequestOutput
+from nimblelm.sampling_params import SamplingParams
+from nimblelm.server.async_engine import AsyncEngine, RequestStream
+from nimblelm.server.errors import APIError, as_api_error
+from nimblelm.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+logger = logging.getLogger("nimblelm.server")
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        llm_engine = engine.engine
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = llm_engine.config.max_model_len
+        self.vocab_size = llm_engine.model_config.vocab_size
+        self.tokenizer = copy.deepcopy(llm_engine.tokenizer)
+        self.token_bytes = _token_bytes_function(self.tokenizer)
+        self.structured: StructuredOutputBackend | None = None
+        self.structured_error: str | None = None
+        try:  # built now (~0.6 s), not on the first structured request while others are being served
+            self.structured = llm_engine.structured_output
+        except Exception as e:  # noqa: BLE001 - any failure only disables structured output
+            self.structured_error = f"structured output is not available for this model: {type(e).__name__}: {e}"
+            logger.warning(self.structured_error)
+
+    # -- shared checks ----------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def check_prompt(self, token_ids: list[int], max_tokens: int | None, param: str) -> None:
+        if not token_ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param=param)
+        limit, n = self.max_model_len, len(token_ids)
+        if n >= limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, and the prompt has {n}: "
+                           "shorten it", param=param, code="context_length_exceeded")
+        if max_tokens is not None and n + max_tokens > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but {n + max_tokens} were "
+                           f"requested ({n} in the prompt, {max_tokens} for the completion): lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+
+    def check_structured(self, params: SamplingParams) -> None:
+        if params.structured_output is None:
+            return
+        if self.structured is None:
+            raise APIError(400, self.structured_error or "structured output is not available", param="response_format")
+        try:
+            self.structured.compile(params.structured_output)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="response_format", code="invalid_json_schema") from None
+
+    def _add(self, request_id: str, prompts: list[dict], params: SamplingParams) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                streams.append(self.engine.add_request(f"{request_id}-{i}", prompt, params))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
+
+    # -- completions ------------------------------------------------------------------------------
+
+    def completion_streams(self, req: CompletionRequest) -> tuple[str, list[RequestStream], SamplingParams]:
+        self.check_model(req.model)
+        params = req.sampling_params(req.max_tokens, req.logprobs)
+        prompts = []
+        for i, prompt in enumerate(req.prompts()):
+            if isinstance(prompt, str):
+                token_ids = self.tokenizer.encode(prompt) if prompt else []
+                prompts.append({"prompt": prompt, "prompt_token_ids": token_ids})
+            else:
+                token_ids = list(prompt)
+                prompts.append({"prompt_token_ids": token_ids})
+            self.check_prompt(token_ids, params.max_tokens, "prompt")
+        self.check_structured(params)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        return request_id, self._add(request_id, prompts, params), params
+
+    async def completion(self, req: CompletionRequest, request_id: str, streams: list[RequestStream]) -> Completion:
+        finals = await _finals(streams)
+        choices = []
+        for p, output in enumerate(finals):
+            for c in output.outputs:
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = _completion_logprobs(c.token_ids, c.logprobs, req.logprobs, 0)
+                choices.append(CompletionChoice(index=p * req.n + c.index, text=c.text, logprobs=logprobs,
+                                                finish_reason=_finish(c)))
+        return Completion(id=request_id, created=int(time.time()), model=self.model_name, choices=choices,
+                          usage=_usage(finals))
+
+    async def completion_stream(
+        self, req: CompletionRequest, request_id: str, streams: list[RequestStream], params: SamplingParams
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        states: dict[int, _ChoiceState] = {}
+        finals: dict[int, RequestOutput] = {}
+
+        def chunk(choice: CompletionChoice) -> str:
+            body = Completion(id=request_id, created=created, model=self.model_name, choices=[choice])
+            return _sse(body.model_dump_json(exclude=None if req.include_usage else {"usage"}))
+
+        try:
+            async for p, output in _merge(streams):
+                finals[p] = output
+                for c in output.outputs:
+                    index = p * req.n + c.index
+                    state = states.setdefault(index, _ChoiceState())
+                    if state.finished:
+                        continue
+                    text, token_ids, entries = state.advance(c, params.stop_strings)
+                    logprobs = None
+                    if req.logprobs is not None and token_ids:
+                        logprobs = _completion_logprobs(token_ids, entries, req.logprobs, state.text_offset)
+                        state.text_offset += sum(len(t) for t in logprobs.tokens)
+                    if text or logprobs is not None or state.finished:
+                        finish = _finish(c) if state.finished else None
+                        yield chunk(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish))
+            if req.include_usage:
+                usage = _usage([finals[p] for p in sorted(finals)])
+                body = Completion(id=request_id, created=created, model=self.model_name, choices=[], usage=usage)
+                yield _sse(body.model_dump_json())
+        except Exception as e:  # noqa: BLE001 - headers are sent: the error can only go in the stream
+            yield _sse(json.dumps(as_api_error(e).body()))
+        finally:
+            for stream in streams:
+                stream.close()
+        yield SSE_DONE
+
+    # -- chat -------------------------------------------------------------------------------------
+
+    def chat_streams(self, req: ChatCompletionRequest) -> tuple[str, list[RequestStream], SamplingParams]:
+        self.check_model(req.model)
+        params = req.sampling_params(req.requested_max_tokens, req.num_logprobs())
+        conversation = req.conversation()
+        if not self.tokenizer.chat_template:
+            raise APIError(400, "this model has no chat template: use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=req.add_generation_prompt
+            )
+        except (TemplateError, ValueError) as e:  # the template's own checks, e.g. roles that must alternate
+            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+        # The template already wrote the special tokens; encoding must not add a second BOS (as LLM.chat).
+        token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+        self.check_prompt(token_ids, params.max_tokens, "messages")
+        self.check_structured(params)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = self._add(request_id, [{"prompt": text, "prompt_token_ids": token_ids}], params)
+        return request_id, streams, params
+
+    async def chat(self, req: ChatCompletionRequest, request_id: str, streams: list[RequestStream]) -> ChatCompletion:
+        (output,) = await _finals(streams)
+        choices = []
+        for c in output.outputs:
+            logprobs = None
+            if req.logprobs:
+                logprobs = ChoiceLogprobs(content=self._chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0))
+            choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
+                                      finish_reason=_finish(c)))
+        return ChatCompletion(id=request_id, created=int(time.time()), model=self.model_name, choices=choices,
+                              usage=_usage([output]))
+
+    async def chat_stream(
+        self, req: ChatCompletionRequest, request_id: str, streams: list[RequestStream], params: SamplingParams
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        exclude = None if req.include_usage else {"usage"}
+
+        def chunk(index: int, delta: ChatDelta, logprobs=None, finish=None) -> str:
+            choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+            body = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[choice])
+            return _sse(body.model_dump_json(exclude=exclude))
+
+        states = [_ChoiceState() for _ in range(req.n)]
+        output = None
+        try:
+            for index in range(req.n):  # the role first, before any token, as OpenAI does
+                yield chunk(index, ChatDelta(role="assistant", content=""))
+            async for _, output in _merge(streams):
+                for c in output.outputs:
+                    state = states[c.index]
+                    if state.finished:
+                        continue
+                    text, token_ids, entries = state.advance(c, params.stop_strings)
+                    logprobs = None
+                    if req.logprobs and token_ids:
+                        logprobs = ChoiceLogprobs(content=self._chat_logprobs(token_ids, entries, req.top_logprobs or 0))
+                    if text or logprobs is not None:
+                        yield chunk(c.index, ChatDelta(content=text), logprobs)
+                    if state.finished:
+                        yield chunk(c.index, ChatDelta(), finish=_finish(c))
+            if req.include_usage and output is not None:
+                body = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[],
+                                           usage=_usage([output]))
+                yield _sse(body.model_dump_json())
+        except Exception as e:  # noqa: BLE001 - headers are sent: the error can only go in the stream
+            yield _sse(json.dumps(as_api_error(e).body()))
+        finally:
+            for stream in streams:
+                stream.close()
+        yield SSE_DONE
+
+    def _chat_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]], k: int) -> list[TokenLogprob]:
+        out = []
+        for token, entry in zip(token_ids, entries):
+            chosen = entry[token]
+            top = [
+                TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=self.token_bytes(t))
+                for t, lp in _top(entry, token, k)
+            ]
+            out.append(TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob,
+                                    bytes=self.token_bytes(token), top_logprobs=top))
+        return out
+
+
+@dataclass
+class _ChoiceState:
+    """What one choice's stream has sent so far."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+    text_offset: int = 0
+    finished: bool = False
+
+    def advance(self, c: CompletionOutput, stops: tuple[str, ...]) -> tuple[str, list[int], list]:
+        """The new text, token ids and logprob entries of `c` since the last call.
+
+        While running, text that could be the start of a stop string is held back: if the stop
+        string completes, the engine cuts it from the text, and it must never have been sent.
+        """
+        self.finished = c.finish_reason is not None
+        end = len(c.text) if self.finished else len(c.text) - _stop_prefix_len(c.text, stops)
+        text = c.text[self.text_sent : end] if end > self.text_sent else ""
+        self.text_sent = max(self.text_sent, end)
+        token_ids = c.token_ids[self.tokens_sent :]
+        entries = c.logprobs[self.tokens_sent : len(c.token_ids)] if c.logprobs is not None else []
+        self.tokens_sent = len(c.token_ids)
+        return text, token_ids, entries
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that is the beginning of a stop string."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+def _top(entry: dict[int, Logprob], token: int, k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely tokens of one step (the entry also holds the sampled token, whatever its rank)."""
+    ranked = sorted(entry.items(), key=lambda item: item[1].rank)
+    return [(t, lp) for t, lp in ranked if t != token or lp.rank <= k][:k]
+
+
+def _completion_logprobs(token_ids: list[int], entries: list, k: int, offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for token, entry in zip(token_ids, entries):
+        chosen = entry[token]
+        text = chosen.decoded_token or ""
+        out.tokens.append(text)
+        out.token_logprobs.append(chosen.logprob)
+        top = {lp.decoded_token or "": lp.logprob for _, lp in _top(entry, token, k)}
+        top.setdefault(text, chosen.logprob)  # legacy completions list the sampled token among the top
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def _finish(c: CompletionOutput) -> str | None:
+    if c.finish_reason is None:
+        return None
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+def _usage(outputs: list[RequestOutput]) -> Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+async def _finals(streams: list[RequestStream]) -> list[RequestOutput]:
+    async def last(stream: RequestStream) -> RequestOutput:
+        output = None
+        async for output in stream:
+            pass
+        return output
+
+    try:
+        return list(await asyncio.gather(*(last(s) for s in streams)))
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from several streams as they come."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
+            queue.put_nowait((index, e))
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+_BYTE_LEVEL_CHARS = None
+
+
+def _token_bytes_function(tokenizer):
+    """token id -> the token's raw bytes, for logprobs' `bytes` (a token can be part of a character)."""
+    global _BYTE_LEVEL_CHARS
+    if _BYTE_LEVEL_CHARS is None:
+        # GPT-2 byte-level BPE writes byte b as chr(b) when printable, else as chr(256 + k).
+        printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+        extra = iter(range(256, 512))
+        _BYTE_LEVEL_CHARS = {chr(b) if b in printable else chr(next(extra)): b for b in range(256)}
+    chars = _BYTE_LEVEL_CHARS
+
+    @lru_cache(maxsize=65536)
+    def token_bytes(token_id: int) -> list[int]:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return []
+        if all(ch in chars for ch in piece):
+            return [chars[ch] for ch in piece]
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            return [int(piece[3:5], 16)]
+        return list(piece.replace("\u2581", " ").encode("utf-8"))
+
+    return token_bytes
