@@ -288,3 +288,37 @@ def test_finite_rates_survive_json():
     from nimblelm.bench.report import to_json
 
     assert json.loads(to_json({"rate": math.inf, "x": [1.0, math.nan]})) == {"rate": None, "x": [1.0, None]}
+
+
+# ------------------------------------------------------------------------------ the real packaged model
+
+
+@pytest.mark.integration
+def test_serve_survey_roofline_and_ppl_on_the_packaged_model(tmp_path, capsys):
+    """Each new command once on the default model with tiny sizes (a peer that is absent is skipped)."""
+    from nimblelm.bench.cli import main
+    from nimblelm.cli import main as nimblelm_main
+
+    threads = str(torch.get_num_threads())
+    assert main(["serve", "--backends", "nimblelm,llama.cpp", "--dataset", "random", "--num-prompts", "2",
+                 "--input-len", "8", "--output-len", "4", "--request-rate", "inf", "-t", threads, "--no-progress",
+                 "--output", str(tmp_path / "serve")]) == 0
+    data = json.loads((tmp_path / "serve" / "results.json").read_text())
+    assert data["backends"]["nimblelm"]["status"] == "ok"
+    for row in data["results"]:
+        assert row["metrics"]["completed"] == 2 and row["metrics"]["output_tokens"] == 8
+
+    assert main(["survey", "engines", "--backends", "nimblelm,transformers", "--prompt-len", "16", "--gen-len", "4",
+                 "-r", "1", "--num-prompts", "2", "--max-output-len", "4", "--rate-fractions", "0.5", "-t", threads,
+                 "--no-progress", "--output", str(tmp_path / "survey")]) == 0
+    data = json.loads((tmp_path / "survey" / "results.json").read_text())
+    rows = {r["backend"]: r for r in data["results"]}
+    assert rows["nimblelm"]["serving"]["method"].startswith("its OpenAI server")
+    assert rows["transformers"]["serving"]["method"].startswith("offline")
+    assert all(r["inference_tok_s"] > 0 and r["serving_req_s"] > 0 for r in rows.values())
+
+    assert main(["roofline", "--dtypes", "float32", "--sizes-mib", "64", "--budget", "0.2", "-t", threads]) == 0
+    assert "decode tok/s limit" in capsys.readouterr().out
+
+    assert nimblelm_main(["eval", "ppl", "--window", "32", "--max-tokens", "64", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("perplexity ")
