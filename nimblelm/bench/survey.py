@@ -169,6 +169,11 @@ def _f(v, digits: int = 2) -> str:
     return "–" if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))) else f"{v:.{digits}f}"
 
 
+def _ms(d: dict, key: str) -> str:
+    v = (d or {}).get(key)
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{1e3 * v:.0f}"
+
+
 def survey_markdown(report: dict) -> str:
     from nimblelm.bench.report import machine_lines
 
@@ -206,6 +211,20 @@ def survey_markdown(report: dict) -> str:
         else:
             out.append(f"| {r['model']} | {r['backend']} | {a} | – | – | – | {b.get('status')}: "
                        f"{(b.get('reason') or '')[:120]} |")
+    points = [(r, p) for r in report["results"] for p in (r.get("serving") or {}).get("points") or []]
+    if points:
+        out += ["", "### (b) every serving run: Poisson arrivals at fractions of the maximum (rate inf)", "",
+                ("| model | backend | offered req/s | achieved req/s | output tok/s | TTFT ms p50 / p99 | "
+                "TPOT ms p50 / p99 | E2E s p50 / p99 | failed |"),
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r, p in points:
+            m = p["metrics"]
+            rate = p["rate"]
+            rate_s = "inf" if rate is None or (isinstance(rate, float) and math.isinf(rate)) else f"{rate:.3f}"
+            out.append(f"| {r['model']} | {r['backend']} | {rate_s} | {_f(m['request_throughput'], 3)} | "
+                       f"{_f(m['output_throughput'], 1)} | {_ms(m['ttft_s'], 'p50')} / {_ms(m['ttft_s'], 'p99')} | "
+                       f"{_ms(m['tpot_s'], 'p50')} / {_ms(m['tpot_s'], 'p99')} | {_f(m['e2e_s'].get('p50'))} / "
+                       f"{_f(m['e2e_s'].get('p99'))} | {m['failed']} |")
     out += ["", "### What each backend does here (the survey's columns)", "",
             "| backend | attention | linear | graph | memory | batching | scheduling |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
