@@ -110,7 +110,7 @@ def quick_measure(threads: int | None = None) -> dict:
 def run_roofline(cfg, threads: int, dtypes: Sequence[str] = ("float32", "bfloat16", "float16"),
                  sizes_mib: Sequence[int] = (16, 64, 256, 1024), budget_s: float = 1.0) -> dict:
     """The full measurement for `bench roofline`."""
-    bandwidth = [dict(measure_bandwidth(s << 20, repeats=7, threads=threads), working_set_mib=s)
+    bandwidth = [dict(measure_bandwidth(s << 20, repeats=15, threads=threads), working_set_mib=s)
                  for s in sizes_mib]
     dram = [b for b in bandwidth if b["working_set_mib"] >= 256] or bandwidth[-1:]
     dram_gbs = max(b["best_gbs"] for b in dram)
@@ -148,6 +148,14 @@ def roofline_markdown(report: dict) -> str:
                 "| compute dtype | prefill tok/s limit |", "| --- | ---: |"]
         for p in mdl["prefill_limits"]:
             out.append(f"| {p['dtype']} | {p['max_tok_s']:.0f} |")
-    out += ["", ("Bandwidth: best of 7 timed `tensor.sum()` passes; working sets over the last-level cache "
-                "measure DRAM. Matmul: best of repeated `torch.matmul` calls within about a second.")]
+    act = r.get("other_activity") or {}
+    if act.get("other_share") is not None:
+        out += ["", (f"Quietness: other processes used {act['other_cpu_s']:.1f} CPU-s "
+                     f"({100 * act['other_share']:.0f}% of the machine) and the hypervisor stole "
+                     f"{act.get('steal_s', 0):.1f} s during the measurement; on a busy machine every figure here "
+                     "is a lower bound.")]
+    reps = r["bandwidth"][0]["repeats"] if r["bandwidth"] else "?"
+    out += ["", (f"Bandwidth: best of {reps} timed `tensor.sum()` passes per working set; working sets over the "
+                 "last-level cache measure DRAM. Matmul: best of repeated `torch.matmul` calls within the time "
+                 "budget.")]
     return "\n".join(out) + "\n"
