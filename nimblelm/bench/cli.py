@@ -35,7 +35,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"comma list of nimblelm, transformers, llama.cpp, vllm (default {DEFAULT_BACKENDS}); "
                         "a peer that is not installed is skipped with a one-line reason")
     p.add_argument("--threads", "-t", type=int, default=None,
-                   help="threads for every backend (default: physical cores)")
+                   help="threads for every backend (default: the physical cores other processes leave free, "
+                        "sampled for a second at the start)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int, default=None,
@@ -168,7 +169,17 @@ def _prepare(args):
     if args.dtype not in DTYPES:
         raise InvalidRequestError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     backends = parse_backends(args.backends)
-    threads = args.threads if args.threads is not None else default_threads()
+    threads_note = None
+    if args.threads is not None:
+        threads = args.threads
+    else:
+        from nimblelm.bench.machine import auto_threads
+
+        threads, busy = auto_threads()
+        threads_note = {"auto": True, "busy_cpus_at_start": round(busy, 2), "physical_cores": default_threads()}
+        if threads < default_threads():
+            print(f"note: other processes keep {busy:.1f} CPUs busy: using {threads} thread(s) per backend "
+                  "(pass --threads to override)", file=sys.stderr)
     if threads < 1:
         raise InvalidRequestError(f"--threads must be >= 1, got {threads}")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -181,6 +192,8 @@ def _prepare(args):
     opts = {"llamacpp_gguf_type": args.llamacpp_gguf, "hf_batch_size": getattr(args, "hf_batch_size", None),
             "nimblelm_source": getattr(args, "nimblelm_source", None)}
     machine = machine_info(threads)
+    if threads_note:
+        machine["threads_choice"] = threads_note
     if not getattr(args, "no_measure", False):
         from nimblelm.bench.roofline import quick_measure
 
@@ -405,10 +418,10 @@ def run_survey_command(args) -> dict:
 def run_roofline_command(args) -> dict:
     import torch
 
-    from nimblelm.bench.machine import default_threads, machine_info
+    from nimblelm.bench.machine import auto_threads, machine_info
     from nimblelm.bench.roofline import run_roofline
 
-    threads = args.threads if args.threads is not None else default_threads()
+    threads = args.threads if args.threads is not None else auto_threads()[0]
     if threads < 1:
         raise InvalidRequestError(f"--threads must be >= 1, got {threads}")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]

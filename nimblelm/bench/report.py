@@ -44,6 +44,9 @@ def machine_lines(meta: dict) -> list[str]:
             f"{_mib(m.get('bandwidth_working_set_bytes'))} working set), fp32 matmul peak "
             f"{(m.get('matmul_peak_gflops') or {}).get('float32', float('nan')):.0f} GFLOP/s "
             f"(`nimblelm bench roofline` for the full measurement)")] if m.get("memory_bandwidth_gbs") else []),
+        *([(f"- threads: chosen at the start: other processes kept {m['threads_choice']['busy_cpus_at_start']:.1f} "
+            f"CPUs busy, so {m.get('threads')} of {m['threads_choice']['physical_cores']} cores were used")]
+          if m.get("threads_choice") else []),
         (f"- date: {m.get('date')}; load average (1/5/15 min) at start: {m.get('load_average_at_start')}"
          + (f", at end: {m['load_average_at_end']}" if m.get("load_average_at_end") else "")),
     ]

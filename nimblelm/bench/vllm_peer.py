@@ -61,7 +61,14 @@ def vllm_dtype(dtype: str) -> str:
 def vllm_env(threads: int) -> dict:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
-    env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{max(0, threads - 1)}", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+    from nimblelm.bench.machine import logical_cpus
+
+    # Its worker on as many cores as the other backends use: bound to 0..threads-1 when that is every core;
+    # unbound (the OS places it) when fewer, since core 0 may be the one another process is using.
+    bind = f"0-{threads - 1}" if threads >= logical_cpus() else "nobind"
+    if bind == "nobind":
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.update(VLLM_CPU_OMP_THREADS_BIND=bind, VLLM_CPU_NUM_OF_RESERVED_CPU="0",
                VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "4"), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     return env
