@@ -129,13 +129,24 @@ def test_vllm_worker_never_imports_nimblelm():
 # ------------------------------------------------------------------------------------ survey and plots
 
 
+def _metrics(req_s, tpot):
+    from nimblelm.bench.metrics import RequestRecord, serving_metrics
+
+    recs = [RequestRecord(10, 3, start=0.0, chunk_times=[0.5, 0.5 + tpot, 0.5 + 2 * tpot], end=0.5 + 2 * tpot,
+                          output_tokens=3, success=True)]
+    m = serving_metrics(recs, duration_s=1 / req_s)
+    return m
+
+
 def _survey_report():
     from nimblelm.bench import machine
 
     rows = [
         {"model": "m", "backend": "nimblelm", "inference_tok_s": 20.0, "inference_std": 1.0,
          "serving_req_s": 0.9, "serving": {"status": "ok", "method": "its OpenAI server", "max_req_s": 0.9,
-                                           "output_tok_s": 100.0, "sustained_req_s": 0.5}},
+                                           "output_tok_s": 100.0, "sustained_req_s": 0.5, "points": [
+                                               {"rate": math.inf, "metrics": _metrics(0.9, 0.3)},
+                                               {"rate": 0.45, "metrics": _metrics(0.44, 0.15)}]}},
         {"model": "m", "backend": "transformers", "inference_tok_s": 10.0, "inference_std": 0.5,
          "serving_req_s": 0.3, "serving": {"status": "ok", "method": "offline", "max_req_s": 0.3,
                                            "output_tok_s": 30.0}},
@@ -165,6 +176,8 @@ def test_survey_report_labels_the_papers_numbers_and_records_targets(tmp_path):
     assert "nimblelm / llama.cpp = 0.50× (target ≥ 1.0×): missed by 0.50×" in md
     assert "nimblelm / llama.cpp max req/s = 0.75× (target ≥ 2.0×): missed by 1.25×" in md
     assert "| nimblelm | paged decode-attention" in md
+    assert "| m | nimblelm | inf | 0.900 | 2.7 | 500 / 500 | 300 / 300 |" in md
+    assert "| m | nimblelm | 0.450 | 0.440 |" in md
     _j, m = report.write_report(rep, tmp_path)
     assert (tmp_path / "survey_engines.png").stat().st_size > 1000
     assert "![survey_engines](survey_engines.png)" in m.read_text()
@@ -322,3 +335,13 @@ def test_serve_survey_roofline_and_ppl_on_the_packaged_model(tmp_path, capsys):
 
     assert nimblelm_main(["eval", "ppl", "--window", "32", "--max-tokens", "64", "--no-progress"]) == 0
     assert capsys.readouterr().out.startswith("perplexity ")
+
+
+def test_disturbance_is_judged_against_the_cores_left_free(monkeypatch):
+    from nimblelm.bench import machine
+
+    monkeypatch.setattr(machine, "logical_cpus", lambda: 2)
+    assert not machine.disturbed({"other_share": 0.48}, threads=1)  # the other core was free for them
+    assert machine.disturbed({"other_share": 0.60}, threads=1)
+    assert machine.disturbed({"other_share": 0.06}, threads=2)
+    assert not machine.disturbed({}, threads=2)

@@ -418,10 +418,15 @@ def run_survey_command(args) -> dict:
 def run_roofline_command(args) -> dict:
     import torch
 
-    from nimblelm.bench.machine import auto_threads, machine_info
+    from nimblelm.bench.machine import auto_threads, default_threads, machine_info
     from nimblelm.bench.roofline import run_roofline
 
-    threads = args.threads if args.threads is not None else auto_threads()[0]
+    note = None
+    if args.threads is not None:
+        threads = args.threads
+    else:
+        threads, busy = auto_threads()
+        note = {"auto": True, "busy_cpus_at_start": round(busy, 2), "physical_cores": default_threads()}
     if threads < 1:
         raise InvalidRequestError(f"--threads must be >= 1, got {threads}")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -444,9 +449,12 @@ def run_roofline_command(args) -> dict:
     mon = CpuMonitor()
     roof = run_roofline(cfg, threads, dtypes, sizes, budget_s=args.budget)
     roof["other_activity"] = mon.stop()
+    machine = machine_info(threads)
+    if note:
+        machine["threads_choice"] = note
     return {"kind": "roofline", "command": _command_line(), "results": [],
             "config": {"model": args.model, "dtype": ",".join(dtypes), "threads": threads, "sizes_mib": sizes},
-            "machine": machine_info(threads), "roofline": roof, "backends": {}}
+            "machine": machine, "roofline": roof, "backends": {}}
 
 
 def run(args) -> int:

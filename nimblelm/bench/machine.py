@@ -156,6 +156,15 @@ def machine_info(threads: int | None = None) -> dict:
     }
 
 
+def disturbed(activity: dict, threads: int, margin: float = 0.05) -> bool:
+    """Whether other processes took more of the machine than the cores this run left free (+ margin)."""
+    share = activity.get("other_share")
+    if share is None:
+        return False
+    free = max(0.0, 1.0 - threads / max(1, logical_cpus()))
+    return share > free + margin
+
+
 def default_threads() -> int:
     """Threads for every backend: the physical cores this process may use."""
     return max(1, physical_cores())

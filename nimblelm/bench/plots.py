@@ -109,7 +109,8 @@ def _serve(plt, report: dict, out: Path) -> list[Path]:
     rows = report["results"]
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for b in backends:
+    for k, b in enumerate(backends):
+        color = f"C{k}"
         pts = [r for r in rows if r["backend"] == b]
         finite = [r for r in pts if _finite(r["rate"])]
         inf_pts = [r for r in pts if not _finite(r["rate"])]
@@ -119,10 +120,10 @@ def _serve(plt, report: dict, out: Path) -> list[Path]:
         xs = [x for x, _ in ordered]
         ms = [r["metrics"] for _, r in ordered]
         for ax, key, label in ((axes[0], "ttft_s", "TTFT"), (axes[1], "tpot_s", "TPOT")):
-            ax.plot(xs, [1e3 * m[key]["p50"] for m in ms], "o-", label=f"{b} p50")
-            ax.plot(xs, [1e3 * m[key]["p99"] for m in ms], "x--", label=f"{b} p99")
+            ax.plot(xs, [1e3 * m[key]["p50"] for m in ms], "o-", color=color, label=f"{b} p50")
+            ax.plot(xs, [1e3 * m[key]["p99"] for m in ms], "x--", color=color, label=f"{b} p99")
             ax.set_ylabel(f"{label} (ms)")
-        axes[2].plot(xs, [m["request_throughput"] for m in ms], "o-", label=b)
+        axes[2].plot(xs, [m["request_throughput"] for m in ms], "o-", color=color, label=b)
     slo = (report["config"].get("slo") or {})
     if slo.get("tpot_s"):
         axes[1].axhline(1e3 * slo["tpot_s"], color="gray", ls=":", label="TPOT bound")

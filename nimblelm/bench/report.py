@@ -67,7 +67,8 @@ def backend_lines(statuses: dict) -> list[str]:
                 bits.append(f"build {info['build_commit']}")
             act = st.get("other_activity") or {}
             if act.get("other_share") is not None:
-                bits.append(f"other processes during its run: {act['other_cpu_s']:.1f} CPU-s "
+                span = " (load included)" if act.get("includes_load") else ""
+                bits.append(f"other processes during its run{span}: {act['other_cpu_s']:.1f} CPU-s "
                             f"({100 * act['other_share']:.1f}% of the machine), steal {act.get('steal_s', 0):.1f} s")
             lines.append(f"- {name}: " + "; ".join(b for b in bits if b))
         else:

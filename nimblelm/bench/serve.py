@@ -360,7 +360,7 @@ def run_serve(ctx: BenchContext, backends: Sequence[str], requests: Sequence[Ben
               prompt_texts: Sequence[str] | None = None, warmup: int = 1, progress: bool = True,
               logger: Callable[[str], None] | None = None) -> dict:
     """Start each backend's server (or use base_url for 'openai'), run every rate, stop it."""
-    from nimblelm.bench.machine import CpuMonitor
+    from nimblelm.bench.machine import CpuMonitor, disturbed
     from nimblelm.bench.runner import log
 
     logger = logger or log
@@ -396,7 +396,7 @@ def run_serve(ctx: BenchContext, backends: Sequence[str], requests: Sequence[Ben
             for p in points:
                 results.append({"backend": name, **p})
             statuses[name] = {"status": "ok", "info": info, "other_activity": activity}
-            if activity.get("other_share", 0) > 0.05:
+            if disturbed(activity, ctx.threads):
                 logger(f"warning: other processes used {100 * activity['other_share']:.0f}% of the machine "
                        f"while {name} ran: its figures may be disturbed")
         except BackendUnavailable as e:

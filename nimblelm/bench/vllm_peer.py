@@ -98,6 +98,7 @@ def ensure_hf_folder(ctx: BenchContext) -> Path:
 
 class VllmBackend(Backend):
     name = "vllm"
+    child_spans_load = True  # the worker process lives from load() to close()
     method = ("vllm.LLM.generate in a worker process (its own venv), TokensPrompt, greedy, ignore_eos; "
               "pp = batch*p / time of generate(max_tokens=1); tg = batch*(n-1) / (time(n tokens) - time(1 token))")
 
