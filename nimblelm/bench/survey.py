@@ -192,6 +192,11 @@ def survey_markdown(report: dict) -> str:
                            "of the machine")
             elif s.get("status") != "ok":
                 out.append(f"- {model}, {name} (a): {s.get('status')}: {s.get('reason')}")
+    for r in report["results"]:
+        act = (r.get("serving") or {}).get("other_activity") or {}
+        if act.get("other_share") is not None:
+            out.append(f"- {r['model']}, {r['backend']} (b): other processes took {100 * act['other_share']:.1f}% "
+                       "of the machine")
     out += ["", f"### Ours: this machine, {cfg.get('dtype')}, {cfg.get('threads')} threads", "",
             (f"| model | backend | (a) inference tok/s (batch 1, {cfg.get('prompt_len')} in, {cfg.get('gen_len')} out) "
             f"| (b) max serving req/s | output tok/s at max | rate sustained with p99 TPOT ≤ "
@@ -203,8 +208,6 @@ def survey_markdown(report: dict) -> str:
              else "skipped")
         if b.get("status") == "ok":
             how = b.get("method", "")
-            if b.get("server_skipped"):
-                how += f" ({b['server_skipped'][:80]})"
             sustained = _f(b.get("sustained_req_s"), 3) if "sustained_req_s" in b else "n/a (no server)"
             out.append(f"| {r['model']} | {r['backend']} | {a} | {_f(b['max_req_s'], 3)} | "
                        f"{_f(b.get('output_tok_s'), 1)} | {sustained} | {how} |")
