@@ -443,7 +443,8 @@ def serve_markdown(report: dict) -> str:
     for r in report["results"]:
         m = r["metrics"]
         t, p, i, e = m["ttft_s"], m["tpot_s"], m["itl_s"], m["e2e_s"]
-        row = (f"| {r['backend']} | {r['rate']:g} | {m['completed']}/{m['num_requests']} | "
+        rate = "inf" if r["rate"] is None else f"{r['rate']:g}"  # JSON writes inf as null
+        row = (f"| {r['backend']} | {rate} | {m['completed']}/{m['num_requests']} | "
                f"{m['request_throughput']:.3f} | {m['output_throughput']:.1f} | {m['total_token_throughput']:.1f} | "
                f"{ms(t, 'mean')} / {ms(t, 'p50')} / {ms(t, 'p99')} | {ms(p, 'mean')} / {ms(p, 'p50')} / "
                f"{ms(p, 'p99')} | {ms(i, 'p50')} / {ms(i, 'p99')} | "

@@ -200,7 +200,7 @@ def survey_markdown(report: dict) -> str:
     out += ["", f"### Ours: this machine, {cfg.get('dtype')}, {cfg.get('threads')} threads", "",
             (f"| model | backend | (a) inference tok/s (batch 1, {cfg.get('prompt_len')} in, {cfg.get('gen_len')} out) "
             f"| (b) max serving req/s | output tok/s at max | rate sustained with p99 TPOT ≤ "
-            f"{_f(slo.get('tpot_s'), 2)} s | how (b) was measured |"),
+            f"{_f(slo.get('tpot_s'), 2)} s (offered; inf: its achieved rate) | how (b) was measured |"),
             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in report["results"]:
         b = r.get("serving") or {}
