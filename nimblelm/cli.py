@@ -1,4 +1,4 @@
-"""`nimblelm generate | chat | serve | models | bench`: a thin layer over the Python API.
+"""`nimblelm generate | chat | serve | models | bench | eval`: a thin layer over the Python API.
 
 Every user error ends as one line on stderr and exit status 1; argparse's own usage errors exit 2.
 """
@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     from nimblelm.bench.cli import add_bench_subparser
 
     add_bench_subparser(sub)
+
+    from nimblelm.eval.cli import add_eval_subparser
+
+    add_eval_subparser(sub)
     return parser
 
 

@@ -238,7 +238,7 @@ def test_report_markdown_and_files(tmp_path, kind):
         assert "| nimblelm | tg8 | 1 | 2 | 11.00 ± 1.41 | 0.50 ± 0.01 |" in md
     else:
         assert "| nimblelm | 2 | 2 | 2 | 8.0 | 3.0 | 1.000 | 2.00 |" in md  # one pass: no ± shown
-    j, m = report.write_report(rep, tmp_path / "out")
+    j, m = report.write_report(rep, tmp_path / "out", plots=False)
     data = json.loads(j.read_text())
     assert data["machine"]["threads"] == 2 and data["results"][0]["backend"] == "nimblelm"
     assert m.read_text() == md

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from nimblelm.bench.datasets import BenchRequest, random_prompt
 from nimblelm.errors import InvalidRequestError
 
-BACKEND_NAMES = ("nimblelm", "transformers", "llama.cpp")
+BACKEND_NAMES = ("nimblelm", "transformers", "llama.cpp", "vllm")
 _ALIASES = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -46,14 +46,19 @@ def parse_backends(text: str | Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class LatencyTest:
-    """A llama-bench style test: 'pp' (prompt of n_tokens) or 'tg' (n_tokens generated), batch sequences."""
+    """A llama-bench style test on `batch` sequences: 'pp' (a prompt of n_tokens), 'tg' (n_tokens generated),
+    or 'pg' (a prompt of n_prompt tokens, then n_tokens generated: end-to-end generated tokens/s, the
+    survey's batch-1 inference figure)."""
 
     kind: str
     n_tokens: int
     batch: int = 1
+    n_prompt: int = 0
 
     @property
     def name(self) -> str:
+        if self.kind == "pg":
+            return f"pg{self.n_prompt}+{self.n_tokens}"
         return f"{self.kind}{self.n_tokens}"
 
 
@@ -205,6 +210,11 @@ class NimbleLMBackend(Backend):
             prompts = [self.ctx.prompt(test.n_tokens, seed * 1000 + j) for j in range(b)]
             outs = self.llm.generate(prompts, self._params(1), use_tqdm=False)
             t = max(o.metrics.first_token_time for o in outs) - min(o.metrics.arrival_time for o in outs)
+            return b * test.n_tokens / t
+        if test.kind == "pg":
+            prompts = [self.ctx.prompt(test.n_prompt, seed * 1000 + j) for j in range(b)]
+            outs = self.llm.generate(prompts, self._params(test.n_tokens), use_tqdm=False)
+            t = max(o.metrics.finished_time for o in outs) - min(o.metrics.arrival_time for o in outs)
             return b * test.n_tokens / t
         prompts = [self.ctx.prompt(1, seed * 1000 + j) for j in range(b)]
         n = test.n_tokens
@@ -411,6 +421,10 @@ class TransformersBackend(Backend):
             prompts = [self.ctx.prompt(test.n_tokens, seed * 1000 + j) for j in range(b)]
             t0, times, _ = self._generate(prompts, 1)
             return b * test.n_tokens / (times[0] - t0)
+        if test.kind == "pg":
+            prompts = [self.ctx.prompt(test.n_prompt, seed * 1000 + j) for j in range(b)]
+            t0, times, _ = self._generate(prompts, test.n_tokens)
+            return b * test.n_tokens / (times[-1] - t0)
         n = test.n_tokens
         prompts = [self.ctx.prompt(1, seed * 1000 + j) for j in range(b)]
         t0, times, _ = self._generate(prompts, n)
@@ -453,4 +467,8 @@ def make_backend(name: str, ctx: BenchContext, **opts) -> Backend:
         from nimblelm.bench.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(ctx, gguf_type=opts.get("llamacpp_gguf_type"))
+    if name == "vllm":
+        from nimblelm.bench.vllm_peer import VllmBackend
+
+        return VllmBackend(ctx)
     raise InvalidRequestError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_NAMES)}")

@@ -1,4 +1,4 @@
-"""`nimblelm bench latency | throughput | setup`: argparse wiring (add_bench_subparser) and run(args)."""
+"""`nimblelm bench latency | throughput | serve | survey | roofline | setup`: argparse wiring and run(args)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"alias, .gguf file or Hugging Face folder (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     p.add_argument("--backends", default=DEFAULT_BACKENDS,
-                   help=f"comma list of nimblelm, transformers, llama.cpp (default {DEFAULT_BACKENDS}); "
+                   help=f"comma list of nimblelm, transformers, llama.cpp, vllm (default {DEFAULT_BACKENDS}); "
                         "a peer that is not installed is skipped with a one-line reason")
     p.add_argument("--threads", "-t", type=int, default=None,
-                   help="threads for every backend (default: physical cores)")
+                   help="threads for every backend (default: the physical cores other processes leave free, "
+                        "sampled for a second at the start)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int, default=None,
@@ -49,6 +50,25 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="folder for results.json (raw figures, config, machine) and report.md")
     p.add_argument("--format", choices=("md", "json"), default="md", help="what to print (default md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true", help="with --output: no PNG plots")
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip the ~1 s bandwidth and matmul-peak measurement recorded with every run")
+
+
+def _workload_args(p: argparse.ArgumentParser, default_dataset: str = "sharegpt") -> None:
+    p.add_argument("--dataset", choices=("sharegpt", "random", "prefix", "humaneval"), default=default_dataset,
+                   help="sharegpt (the packaged V3 file, usual filter), random token ids, prefix (a shared "
+                        "random prefix + random suffix), humaneval prompts")
+    p.add_argument("--dataset-path", default=None,
+                   help="ShareGPT JSON / HumanEval jsonl(.gz) file (default: fetched once into the nimblelm cache)")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--max-output-len", type=int, default=128,
+                   help="sharegpt, humaneval: cap on each request's output length (default 128)")
+    p.add_argument("--input-len", type=int, default=128, help="random, prefix: prompt (suffix) length (default 128)")
+    p.add_argument("--output-len", type=int, default=128, help="random, prefix: output length (default 128)")
+    p.add_argument("--prefix-len", type=int, default=256, help="prefix: shared prefix length (default 256)")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random, prefix: lengths uniform in [len*(1-r), len*(1+r)] (default 0)")
 
 
 def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
@@ -57,7 +77,7 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                                   description="Benchmark nimblelm against transformers and llama.cpp "
                                               "on the same weights, in the same run.")
     bench.set_defaults(func=run)
-    sub = bench.add_subparsers(dest="bench_command", metavar="{latency,throughput,setup}")
+    sub = bench.add_subparsers(dest="bench_command", metavar="{latency,throughput,serve,survey,roofline,setup}")
     sub.required = True
 
     lat = sub.add_parser("latency", help="llama-bench style pp/tg tests",
@@ -65,25 +85,66 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     lat.add_argument("-p", "--n-prompt", default="512", help="prompt lengths, comma list (default 512)")
     lat.add_argument("-n", "--n-gen", default="128", help="generated lengths, comma list (default 128)")
     lat.add_argument("-b", "--batch-size", default="1", help="sequences per test, comma list (default 1)")
+    lat.add_argument("-pg", "--prompt-gen", default=None, action="append",
+                     help="P,N: a P-token prompt then N generated tokens, end-to-end generated tok/s (repeatable)")
     lat.add_argument("-r", "--repeat", type=int, default=5, help="timed repetitions per test (default 5)")
     _common(lat)
 
     thr = sub.add_parser("throughput", help="offline throughput of N requests",
                          description="Total and output tok/s of N requests submitted at once.")
-    thr.add_argument("--dataset", choices=("sharegpt", "random"), default="sharegpt")
-    thr.add_argument("--dataset-path", default=None,
-                     help="ShareGPT JSON file (default: fetched once into the nimblelm cache)")
-    thr.add_argument("--num-prompts", type=int, default=32)
-    thr.add_argument("--max-output-len", type=int, default=128,
-                     help="ShareGPT: cap on each request's output length (default 128)")
-    thr.add_argument("--input-len", type=int, default=128, help="random: prompt length (default 128)")
-    thr.add_argument("--output-len", type=int, default=128, help="random: output length (default 128)")
-    thr.add_argument("--random-range-ratio", type=float, default=0.0,
-                     help="random: lengths uniform in [len*(1-r), len*(1+r)] (default 0)")
+    _workload_args(thr)
     thr.add_argument("-r", "--repeat", type=int, default=1, help="timed passes (default 1)")
     thr.add_argument("--hf-batch-size", type=int, default=None,
                      help="transformers: requests per static generate batch (default: the concurrency)")
     _common(thr)
+
+    srv = sub.add_parser("serve", help="serving benchmark against OpenAI-compatible servers",
+                         description="Requests sent at Poisson/gamma arrival times to each backend's OpenAI server "
+                                     "(started and stopped by the harness on 127.0.0.1), or to --base-url; "
+                                     "TTFT, TPOT, ITL, E2E percentiles, throughput and goodput.")
+    _workload_args(srv)
+    srv.add_argument("--request-rate", default="inf",
+                     help="requests per second, comma list; inf sends all at once (default inf)")
+    srv.add_argument("--burstiness", type=float, default=1.0,
+                     help="gamma shape of the inter-arrival gaps: 1 = Poisson, < 1 burstier (default 1)")
+    srv.add_argument("--max-concurrency", type=int, default=None,
+                     help="at most this many requests in flight (default: unbounded)")
+    srv.add_argument("--slo", default=None, help="goodput bounds, e.g. ttft:2,tpot:0.2,e2e:60 (seconds, or 200ms)")
+    srv.add_argument("--base-url", default=None,
+                     help="an already running OpenAI-compatible server (backend 'openai'), e.g. http://127.0.0.1:8000")
+    srv.add_argument("--served-model-name", default=None, help="with --base-url: the model name to send")
+    srv.add_argument("--prompt-format", choices=("ids", "text"), default="ids",
+                     help="send prompts as token ids (default) or as decoded text")
+    srv.add_argument("--nimblelm-source", default=None,
+                     help="run `nimblelm serve` from this checkout (PYTHONPATH), e.g. one where issue #3 landed")
+    srv.add_argument("-r", "--repeat", type=int, default=1, help="passes over every rate (default 1)")
+    _common(srv)
+    srv.set_defaults(backends="nimblelm,llama.cpp,vllm")
+
+    sur = sub.add_parser("survey", help="the survey's comparative experiments on this machine",
+                         description="Rerun one of the survey's experiments: `engines` is its Table 6.")
+    sur.add_argument("experiment", choices=("engines",))
+    sur.add_argument("--models", default=None, help="comma list of models (default: --model)")
+    sur.add_argument("--prompt-len", type=int, default=1024, help="(a) prompt tokens (default 1024)")
+    sur.add_argument("--gen-len", type=int, default=128, help="(a) generated tokens (default 128)")
+    sur.add_argument("-r", "--repeat", type=int, default=3, help="(a) timed repetitions (default 3)")
+    sur.add_argument("--tpot-slo", type=float, default=0.2,
+                     help="(b) p99 TPOT bound in seconds for the sustained rate (default 0.2)")
+    sur.add_argument("--rate-fractions", default="0.5,0.8",
+                     help="(b) offered rates as fractions of the maximum req/s (default 0.5,0.8)")
+    sur.add_argument("--nimblelm-source", default=None,
+                     help="run `nimblelm serve` from this checkout (PYTHONPATH), e.g. one where issue #3 landed")
+    _workload_args(sur)
+    _common(sur)
+    sur.set_defaults(backends="nimblelm,transformers,llama.cpp,vllm", max_num_seqs=32)
+
+    roof = sub.add_parser("roofline", help="memory bandwidth, matmul peak, and the decode/prefill limits they imply",
+                          description="Measure this machine's read bandwidth and matmul GFLOP/s per dtype, and "
+                                      "show the decode tokens/s limit for --model.")
+    roof.add_argument("--dtypes", default="float32,bfloat16,float16", help="matmul dtypes (comma list)")
+    roof.add_argument("--sizes-mib", default="16,64,256,1024", help="bandwidth working sets in MiB (comma list)")
+    roof.add_argument("--budget", type=float, default=1.0, help="seconds per matmul measurement (default 1)")
+    _common(roof)
 
     setup = sub.add_parser("setup", help="build an optional peer (llama.cpp)",
                            description="Fetch and build a peer into the nimblelm cache.")
@@ -108,7 +169,17 @@ def _prepare(args):
     if args.dtype not in DTYPES:
         raise InvalidRequestError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     backends = parse_backends(args.backends)
-    threads = args.threads if args.threads is not None else default_threads()
+    threads_note = None
+    if args.threads is not None:
+        threads = args.threads
+    else:
+        from nimblelm.bench.machine import auto_threads
+
+        threads, busy = auto_threads()
+        threads_note = {"auto": True, "busy_cpus_at_start": round(busy, 2), "physical_cores": default_threads()}
+        if threads < default_threads():
+            print(f"note: other processes keep {busy:.1f} CPUs busy: using {threads} thread(s) per backend "
+                  "(pass --threads to override)", file=sys.stderr)
     if threads < 1:
         raise InvalidRequestError(f"--threads must be >= 1, got {threads}")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -118,8 +189,16 @@ def _prepare(args):
     torch.set_num_threads(threads)
     ctx = BenchContext(model=args.model, dtype=args.dtype, threads=threads, max_model_len=args.max_model_len or 0,
                        max_num_seqs=args.max_num_seqs, seed=args.seed)
-    opts = {"llamacpp_gguf_type": args.llamacpp_gguf, "hf_batch_size": getattr(args, "hf_batch_size", None)}
-    return ctx, backends, opts, machine_info(threads)
+    opts = {"llamacpp_gguf_type": args.llamacpp_gguf, "hf_batch_size": getattr(args, "hf_batch_size", None),
+            "nimblelm_source": getattr(args, "nimblelm_source", None)}
+    machine = machine_info(threads)
+    if threads_note:
+        machine["threads_choice"] = threads_note
+    if not getattr(args, "no_measure", False):
+        from nimblelm.bench.roofline import quick_measure
+
+        machine.update(quick_measure(threads))
+    return ctx, backends, opts, machine
 
 
 def _check_context(ctx) -> None:
@@ -133,7 +212,7 @@ def _emit(report: dict, args) -> None:
     from nimblelm.bench.report import to_json, to_markdown, write_report
 
     if args.output:
-        j, m = write_report(report, args.output)
+        j, m = write_report(report, args.output, plots=not getattr(args, "no_plots", False))
         print(f"wrote {j} and {m}", file=sys.stderr)
     print(to_json(report) if args.format == "json" else to_markdown(report))
 
@@ -144,29 +223,57 @@ def run_latency_command(args) -> dict:
     p = parse_int_list(args.n_prompt, "-p")
     n = parse_int_list(args.n_gen, "-n")
     b = parse_int_list(args.batch_size, "-b")
-    tests = make_tests(p, n, b)
+    pg = []
+    for item in args.prompt_gen or []:
+        vals = parse_int_list(item, "-pg")
+        if len(vals) != 2:
+            raise InvalidRequestError(f"-pg: expected P,N (prompt and generated tokens), got {item!r}")
+        pg.append((vals[0], vals[1]))
+    tests = make_tests(p, n, b, pg)
     if args.repeat < 1:
         raise InvalidRequestError(f"--repeat must be >= 1, got {args.repeat}")
     if args.warmup < 0:
         raise InvalidRequestError(f"--warmup must be >= 0, got {args.warmup}")
     ctx, backends, opts, machine = _prepare(args)
-    ctx.max_model_len = max(ctx.max_model_len, max(p) + 1, max(n) + 1)
+    ctx.max_model_len = max(ctx.max_model_len, max(p) + 1, max(n) + 1, *(a + c + 1 for a, c in pg))
     _check_context(ctx)
     ctx.max_num_seqs = max(ctx.max_num_seqs, max(b))
     out = run_latency(ctx, backends, tests, repeat=args.repeat, warmup=args.warmup, backend_opts=opts,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, bandwidth_gbs=machine.get("memory_bandwidth_gbs"))
     config = {"model": args.model, "dtype": args.dtype, "backends": backends, "n_prompt": p, "n_gen": n,
-              "batch": b, "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads,
+              "batch": b, "prompt_gen": pg, "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads,
               "seed": args.seed, "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs,
               "llamacpp_gguf": args.llamacpp_gguf}
     return {"kind": "latency", "command": _command_line(), "config": config, "machine": machine, **out}
 
 
+def _check_workload_args(args) -> None:
+    if args.num_prompts <= 0:
+        raise InvalidRequestError(f"--num-prompts must be > 0, got {args.num_prompts}")
+    if args.dataset in ("sharegpt", "humaneval") and args.max_output_len <= 0:
+        raise InvalidRequestError(f"--max-output-len must be > 0, got {args.max_output_len}")
+    if args.dataset in ("random", "prefix"):
+        if args.input_len <= 0 or args.output_len <= 0:
+            raise InvalidRequestError("--input-len and --output-len must be > 0")
+        if not 0.0 <= args.random_range_ratio < 1.0:
+            raise InvalidRequestError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
+    if args.dataset == "prefix" and args.prefix_len < 0:
+        raise InvalidRequestError(f"--prefix-len must be >= 0, got {args.prefix_len}")
+
+
 def build_workload(args, ctx) -> list:
     from nimblelm.bench import datasets
 
-    if args.num_prompts <= 0:
-        raise InvalidRequestError(f"--num-prompts must be > 0, got {args.num_prompts}")
+    _check_workload_args(args)
+    if args.dataset == "humaneval":
+        problems = datasets.load_humaneval(datasets.humaneval_path(args.dataset_path))
+        limit = min(2048, args.max_model_len or 2048, ctx.config.max_position_embeddings)
+        return datasets.humaneval_requests(problems, ctx.tokenizer, args.num_prompts, seed=args.seed,
+                                           max_output_len=args.max_output_len, max_total_len=limit)
+    if args.dataset == "prefix":
+        return datasets.prefix_requests(args.num_prompts, args.prefix_len, args.input_len, args.output_len,
+                                        vocab_size=ctx.config.vocab_size, range_ratio=args.random_range_ratio,
+                                        seed=args.seed, exclude_ids=ctx.special_ids())
     if args.dataset == "sharegpt":
         if args.max_output_len <= 0:
             raise InvalidRequestError(f"--max-output-len must be > 0, got {args.max_output_len}")
@@ -192,27 +299,162 @@ def run_throughput_command(args) -> dict:
         raise InvalidRequestError(f"--warmup must be >= 0, got {args.warmup}")
     if args.hf_batch_size is not None and args.hf_batch_size < 1:
         raise InvalidRequestError(f"--hf-batch-size must be >= 1, got {args.hf_batch_size}")
-    if args.dataset == "random":
-        if args.input_len <= 0 or args.output_len <= 0:
-            raise InvalidRequestError("--input-len and --output-len must be > 0")
-        if not 0.0 <= args.random_range_ratio < 1.0:
-            raise InvalidRequestError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
+    _check_workload_args(args)
     ctx, backends, opts, machine = _prepare(args)
     requests = build_workload(args, ctx)
-    ctx.max_model_len = max(ctx.max_model_len, max(r.prompt_len + r.output_len for r in requests) + 1)
+    ctx.max_model_len = max(ctx.max_model_len, max(r.prompt_len + r.output_len for r in requests) + 1, 32)  # 32: the warm-up requests
     _check_context(ctx)
     out = run_throughput(ctx, backends, requests, repeat=args.repeat, warmup=args.warmup, backend_opts=opts,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress,
+                         peak_gflops=(machine.get("matmul_peak_gflops") or {}).get(args.dtype))
     config = {"model": args.model, "dtype": args.dtype, "backends": backends, "dataset": args.dataset,
               "num_prompts": args.num_prompts, "seed": args.seed, "repeat": args.repeat, "warmup": args.warmup,
               "threads": ctx.threads, "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs,
               "llamacpp_gguf": args.llamacpp_gguf}
-    if args.dataset == "sharegpt":
-        config["max_output_len"] = args.max_output_len
-    else:
-        config.update(input_len=args.input_len, output_len=args.output_len,
-                      random_range_ratio=args.random_range_ratio)
+    config.update(_workload_config(args))
     return {"kind": "throughput", "command": _command_line(), "config": config, "machine": machine, **out}
+
+
+def _workload_config(args) -> dict:
+    if args.dataset in ("sharegpt", "humaneval"):
+        return {"max_output_len": args.max_output_len}
+    out = {"input_len": args.input_len, "output_len": args.output_len, "random_range_ratio": args.random_range_ratio}
+    if args.dataset == "prefix":
+        out["prefix_len"] = args.prefix_len
+    return out
+
+
+def run_serve_command(args) -> dict:
+    import math
+
+    from nimblelm.bench.arrivals import parse_rates
+    from nimblelm.bench.metrics import parse_slo
+    from nimblelm.bench.serve import run_serve
+    from nimblelm.bench.throughput import workload_summary
+
+    try:
+        rates = parse_rates(args.request_rate)
+        slo = parse_slo(args.slo)
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+    if not args.burstiness > 0:
+        raise InvalidRequestError(f"--burstiness must be > 0, got {args.burstiness}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise InvalidRequestError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.repeat < 1:
+        raise InvalidRequestError(f"--repeat must be >= 1, got {args.repeat}")
+    _check_workload_args(args)
+    if args.base_url:
+        args.backends = "openai"
+    names = [b.strip().lower() for b in args.backends.split(",") if b.strip()]
+    from nimblelm.bench.serve import SERVE_BACKENDS
+
+    for b in names:
+        if b not in SERVE_BACKENDS:
+            raise InvalidRequestError(f"unknown backend {b!r}: choose from {', '.join(SERVE_BACKENDS)}")
+    if args.dtype not in ("float32", "float16", "bfloat16"):
+        raise InvalidRequestError(f"--dtype must be one of float32, float16, bfloat16, got {args.dtype!r}")
+    args_backends, args.backends = args.backends, ",".join(b for b in names if b != "openai") or "nimblelm"
+    ctx, _, opts, machine = _prepare(args)
+    args.backends = args_backends
+    requests = build_workload(args, ctx)
+    ctx.max_model_len = max(ctx.max_model_len, max(r.prompt_len + r.output_len for r in requests) + 1, 32)  # 32: the warm-up requests
+    _check_context(ctx)
+    texts = None
+    if args.prompt_format == "text":
+        texts = [ctx.tokenizer.decode(list(r.prompt_token_ids)) for r in requests]
+    all_rates = [r for _ in range(args.repeat) for r in rates]
+    out = run_serve(ctx, names, requests, all_rates, burstiness=args.burstiness,
+                    max_concurrency=args.max_concurrency, slo=slo, base_url=args.base_url,
+                    model_name=args.served_model_name, backend_opts=opts, prompt_texts=texts,
+                    warmup=args.warmup, progress=not args.no_progress)
+    config = {"model": args.model, "dtype": args.dtype, "backends": names, "dataset": args.dataset,
+              "num_prompts": args.num_prompts, "seed": args.seed, "request_rates": ["inf" if math.isinf(r) else r
+                                                                                    for r in rates],
+              "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "slo": slo.as_dict(),
+              "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads,
+              "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs, "base_url": args.base_url,
+              "prompt_format": args.prompt_format, **_workload_config(args)}
+    return {"kind": "serve", "command": _command_line(), "config": config, "machine": machine,
+            "workload": workload_summary(requests), **out}
+
+
+def run_survey_command(args) -> dict:
+    from nimblelm.bench.metrics import SLO
+    from nimblelm.bench.survey import run_survey_engines
+
+    if args.repeat < 1:
+        raise InvalidRequestError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.prompt_len <= 0 or args.gen_len < 2:
+        raise InvalidRequestError("--prompt-len must be > 0 and --gen-len >= 2")
+    if not args.tpot_slo > 0:
+        raise InvalidRequestError(f"--tpot-slo must be > 0, got {args.tpot_slo}")
+    try:
+        fractions = [float(x) for x in args.rate_fractions.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidRequestError(f"--rate-fractions: expected numbers, got {args.rate_fractions!r}") from None
+    if any(not 0 < f < 1 for f in fractions):
+        raise InvalidRequestError("--rate-fractions must be in (0, 1)")
+    _check_workload_args(args)
+    ctx, backends, opts, machine = _prepare(args)
+    models = [m.strip() for m in (args.models or args.model).split(",") if m.strip()]
+
+    def workload(c):
+        return build_workload(args, c)
+
+    out = run_survey_engines(models, backends, threads=ctx.threads, dtype=args.dtype, seed=args.seed,
+                             max_num_seqs=args.max_num_seqs, workload=workload, prompt_len=args.prompt_len,
+                             gen_len=args.gen_len, repeat=args.repeat, warmup=args.warmup, fractions=fractions,
+                             slo=SLO(tpot_s=args.tpot_slo), opts=opts, progress=not args.no_progress,
+                             bandwidth_gbs=machine.get("memory_bandwidth_gbs"))
+    config = {"experiment": args.experiment, "model": ",".join(models), "models": models, "dtype": args.dtype,
+              "backends": backends, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeat": args.repeat,
+              "warmup": args.warmup, "threads": ctx.threads, "seed": args.seed, "dataset": args.dataset,
+              "num_prompts": args.num_prompts, "max_num_seqs": args.max_num_seqs, "tpot_slo_s": args.tpot_slo,
+              "rate_fractions": fractions, **_workload_config(args)}
+    return {"kind": "survey-engines", "command": _command_line(), "config": config, "machine": machine, **out}
+
+
+def run_roofline_command(args) -> dict:
+    import torch
+
+    from nimblelm.bench.machine import auto_threads, default_threads, machine_info
+    from nimblelm.bench.roofline import run_roofline
+
+    note = None
+    if args.threads is not None:
+        threads = args.threads
+    else:
+        threads, busy = auto_threads()
+        note = {"auto": True, "busy_cpus_at_start": round(busy, 2), "physical_cores": default_threads()}
+    if threads < 1:
+        raise InvalidRequestError(f"--threads must be >= 1, got {threads}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"--dtypes: {d!r} is not one of float32, bfloat16, float16")
+    sizes = parse_int_list(args.sizes_mib, "--sizes-mib")
+    if any(s <= 0 for s in sizes):
+        raise InvalidRequestError("--sizes-mib values must be > 0")
+    if not args.budget > 0:
+        raise InvalidRequestError(f"--budget must be > 0, got {args.budget}")
+    torch.set_num_threads(threads)
+    cfg = None
+    if args.model:
+        from nimblelm.bench.backends import BenchContext
+
+        cfg = BenchContext(model=args.model).config
+    from nimblelm.bench.machine import CpuMonitor
+
+    mon = CpuMonitor()
+    roof = run_roofline(cfg, threads, dtypes, sizes, budget_s=args.budget)
+    roof["other_activity"] = mon.stop()
+    machine = machine_info(threads)
+    if note:
+        machine["threads_choice"] = note
+    return {"kind": "roofline", "command": _command_line(), "results": [],
+            "config": {"model": args.model, "dtype": ",".join(dtypes), "threads": threads, "sizes_mib": sizes},
+            "machine": machine, "roofline": roof, "backends": {}}
 
 
 def run(args) -> int:
@@ -231,14 +473,20 @@ def run(args) -> int:
         report = run_latency_command(args)
     elif cmd == "throughput":
         report = run_throughput_command(args)
+    elif cmd == "serve":
+        report = run_serve_command(args)
+    elif cmd == "survey":
+        report = run_survey_command(args)
+    elif cmd == "roofline":
+        report = run_roofline_command(args)
     else:
-        raise InvalidRequestError("bench needs a subcommand: latency, throughput or setup")
+        raise InvalidRequestError("bench needs a subcommand: latency, throughput, serve, survey, roofline or setup")
     from nimblelm.bench.machine import load_average
 
     end = load_average()
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in end] if end else None
     _emit(report, args)
-    return 0 if report["results"] else 1
+    return 0 if report["results"] or report.get("roofline") else 1
 
 
 def main(argv: list[str] | None = None) -> int:

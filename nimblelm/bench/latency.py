@@ -10,14 +10,20 @@ from nimblelm.bench.runner import for_each_backend, log
 from nimblelm.errors import InvalidRequestError
 
 
-def make_tests(n_prompt: Sequence[int], n_gen: Sequence[int], batch: Sequence[int]) -> list[LatencyTest]:
-    """Every pp length and every tg length at every batch size (pp tests first, as llama-bench)."""
+def make_tests(n_prompt: Sequence[int], n_gen: Sequence[int], batch: Sequence[int],
+               prompt_gen: Sequence[tuple[int, int]] = ()) -> list[LatencyTest]:
+    """Every pp length and every tg length at every batch size (pp tests first, as llama-bench), then
+    every (prompt, generated) pair of prompt_gen at every batch size."""
+    for p_, n_ in prompt_gen:
+        if int(p_) <= 0 or int(n_) <= 0:
+            raise InvalidRequestError(f"-pg values must be > 0, got {p_},{n_}")
     for label, values in (("-p", n_prompt), ("-n", n_gen), ("-b", batch)):
         for v in values:
             if int(v) <= 0:
                 raise InvalidRequestError(f"{label} values must be > 0, got {v}")
     tests = [LatencyTest("pp", int(p), int(b)) for p in n_prompt for b in batch]
     tests += [LatencyTest("tg", int(n), int(b)) for n in n_gen for b in batch]
+    tests += [LatencyTest("pg", int(n_), int(b), n_prompt=int(p_)) for p_, n_ in prompt_gen for b in batch]
     for t in tests:
         if t.kind == "tg" and t.n_tokens < 2:
             raise InvalidRequestError("-n values must be >= 2 (tg times the tokens after the first)")
@@ -26,8 +32,12 @@ def make_tests(n_prompt: Sequence[int], n_gen: Sequence[int], batch: Sequence[in
 
 def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[LatencyTest], *, repeat: int = 5,
                 warmup: int = 1, backend_opts: dict | None = None, progress: bool = True,
-                logger: Callable[[str], None] = log) -> dict:
-    """Measure every test on every backend. Returns {"results": [...], "backends": {...}}."""
+                logger: Callable[[str], None] = log, bandwidth_gbs: float | None = None) -> dict:
+    """Measure every test on every backend. Returns {"results": [...], "backends": {...}}.
+
+    With the machine's measured bandwidth, batch-1 tg rows also get the decode limit it implies for that
+    backend's weight bytes (bandwidth / bytes per token) and the share of it reached.
+    """
     if repeat < 1:
         raise InvalidRequestError(f"--repeat must be >= 1, got {repeat}")
     if warmup < 0:
@@ -55,6 +65,9 @@ def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[Late
                     gb = [nbytes * x / 1e9 for x in samples]
                     row["weights_nbytes"] = nbytes
                     row["mean_gbps"], row["std_gbps"] = mean_std(gb)
+                    if bandwidth_gbs:
+                        row["bw_limit_ts"] = bandwidth_gbs * 1e9 / nbytes
+                        row["pct_of_bw_limit"] = 100.0 * row["mean_gbps"] / bandwidth_gbs
                 results.append(row)
                 line = f"{backend.name}: {test.name} batch {test.batch}: {m:.2f} ± {s:.2f} tok/s"
                 if bar is not None and logger is log:

@@ -145,7 +145,12 @@ class LlamaCppBackend(Backend):
         if test.batch == 1:
             cmd = [str(find_binary("llama-bench")), "-m", str(self.gguf), "-t", t, "-r", str(repeat),
                    "-o", "json", "-ngl", "0"]
-            cmd += ["-p", str(test.n_tokens), "-n", "0"] if test.kind == "pp" else ["-p", "0", "-n", str(test.n_tokens)]
+            if test.kind == "pp":
+                cmd += ["-p", str(test.n_tokens), "-n", "0"]
+            elif test.kind == "pg":
+                cmd += ["-p", "0", "-n", "0", "-pg", f"{test.n_prompt},{test.n_tokens}"]
+            else:
+                cmd += ["-p", "0", "-n", str(test.n_tokens)]
             if warmup == 0:
                 cmd.append("--no-warmup")
             rows = parse_llama_bench_json(self._run(cmd))
@@ -154,10 +159,15 @@ class LlamaCppBackend(Backend):
             row = rows[0]
             self.build_commit = row.get("build_commit", self.build_commit)
             samples = [float(x) for x in row.get("samples_ts") or [row["avg_ts"]]]
+            if test.kind == "pg":  # llama-bench counts prompt + generated tokens; we count generated ones
+                samples = [x * test.n_tokens / (test.n_prompt + test.n_tokens) for x in samples]
             if progress is not None:
                 for _ in range(warmup + repeat):
                     progress()
             return samples
+        if test.kind == "pg":
+            raise RuntimeError("pg tests with batch > 1 are not run on llama.cpp (llama-batched-bench has no "
+                               "end-to-end figure)")
         out = []
         for i in range(warmup + repeat):
             if test.kind == "pp":

@@ -156,9 +156,37 @@ def machine_info(threads: int | None = None) -> dict:
     }
 
 
+def disturbed(activity: dict, threads: int, margin: float = 0.05) -> bool:
+    """Whether other processes took more of the machine than the cores this run left free (+ margin)."""
+    share = activity.get("other_share")
+    if share is None:
+        return False
+    free = max(0.0, 1.0 - threads / max(1, logical_cpus()))
+    return share > free + margin
+
+
 def default_threads() -> int:
     """Threads for every backend: the physical cores this process may use."""
     return max(1, physical_cores())
+
+
+def busy_cores(sample_s: float = 1.0) -> float:
+    """How many CPUs other processes kept busy over a sample_s sleep (0.0 where /proc/stat is missing)."""
+    mon = CpuMonitor()
+    time.sleep(sample_s)
+    act = mon.stop()
+    return float(act.get("other_cpu_s", 0.0)) / max(1e-9, act["wall_s"])
+
+
+def auto_threads(sample_s: float = 1.0) -> tuple[int, float]:
+    """(threads, busy CPUs): the physical cores left free by other processes, at least 1.
+
+    On a shared machine a 2-thread run on 2 cores collapses (up to 20× slower decode here) as soon as
+    another process holds one core, since every parallel region waits for the descheduled thread; one
+    thread per free core keeps the figures meaningful.
+    """
+    busy = busy_cores(sample_s)
+    return max(1, default_threads() - int(busy + 0.5)), busy
 
 
 def _proc_stat_cpu() -> tuple[float, float] | None:

@@ -40,6 +40,13 @@ def machine_lines(meta: dict) -> list[str]:
          f"{_gib(m.get('memory_total_bytes'))} RAM; {m.get('os')}"),
         (f"- software: python {m.get('python')}, torch {m.get('torch')}, "
          f"transformers {m.get('transformers') or '-'}; nimblelm commit {m.get('nimblelm_commit')}"),
+        *([(f"- measured: memory bandwidth {m['memory_bandwidth_gbs']:.1f} GB/s (read, "
+            f"{_mib(m.get('bandwidth_working_set_bytes'))} working set), fp32 matmul peak "
+            f"{(m.get('matmul_peak_gflops') or {}).get('float32', float('nan')):.0f} GFLOP/s "
+            f"(`nimblelm bench roofline` for the full measurement)")] if m.get("memory_bandwidth_gbs") else []),
+        *([(f"- threads: chosen at the start: other processes kept {m['threads_choice']['busy_cpus_at_start']:.1f} "
+            f"CPUs busy, so {m.get('threads')} of {m['threads_choice']['physical_cores']} cores were used")]
+          if m.get("threads_choice") else []),
         (f"- date: {m.get('date')}; load average (1/5/15 min) at start: {m.get('load_average_at_start')}"
          + (f", at end: {m['load_average_at_end']}" if m.get("load_average_at_end") else "")),
     ]
@@ -60,7 +67,8 @@ def backend_lines(statuses: dict) -> list[str]:
                 bits.append(f"build {info['build_commit']}")
             act = st.get("other_activity") or {}
             if act.get("other_share") is not None:
-                bits.append(f"other processes during its run: {act['other_cpu_s']:.1f} CPU-s "
+                span = " (load included)" if act.get("includes_load") else ""
+                bits.append(f"other processes during its run{span}: {act['other_cpu_s']:.1f} CPU-s "
                             f"({100 * act['other_share']:.1f}% of the machine), steal {act.get('steal_s', 0):.1f} s")
             lines.append(f"- {name}: " + "; ".join(b for b in bits if b))
         else:
@@ -71,23 +79,33 @@ def backend_lines(statuses: dict) -> list[str]:
 def latency_markdown(report: dict) -> str:
     out = ["## nimblelm bench latency", ""]
     out += machine_lines(report) + backend_lines(report["backends"]) + [""]
-    out.append("| backend | test | batch | threads | t/s | GB/s |")
-    out.append("| --- | --- | ---: | ---: | ---: | ---: |")
+    out.append("| backend | test | batch | threads | t/s | GB/s | % of bandwidth limit |")
+    out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in report["results"]:
         gbps = fmt_mean_std(r["mean_gbps"], r["std_gbps"]) if "mean_gbps" in r else ""
         one = len(r.get("samples_ts", [])) == 1
         if one and "mean_gbps" in r:
             gbps = fmt_mean_std(r["mean_gbps"])
         out.append(f"| {r['backend']} | {r['test']} | {r['batch']} | {r['threads']} | "
-                   f"{fmt_mean_std(r['mean_ts'], None if one else r['std_ts'])} | {gbps} |")
+                   f"{fmt_mean_std(r['mean_ts'], None if one else r['std_ts'])} | {gbps} | "
+                   + (f"{r['pct_of_bw_limit']:.0f}% of {r['bw_limit_ts']:.1f} |" if "pct_of_bw_limit" in r else " |"))
     reps = report["config"].get("repeat")
     note = (f"t/s: mean ± std over {reps} repetitions (after {report['config'].get('warmup')} warm-up). "
             "pp: batch × prompt tokens / time to the first token. tg: batch × decoded tokens / decode time "
             "(nimblelm and transformers: the n−1 tokens after the first, timed from the first token to the last; "
             "llama.cpp: as llama-bench and llama-batched-bench count them). "
-            "GB/s (tg, batch 1): bytes of weights read per token × t/s.")
+            "pg: generated tokens / end-to-end time of a prompt then its generation (the survey's batch-1 "
+            "inference figure). GB/s (tg, batch 1): bytes of weights read per token × t/s; its limit is the "
+            "machine's measured read bandwidth / those bytes.")
     out += ["", note]
     return "\n".join(out) + "\n"
+
+
+def _gflops_cell(r: dict) -> str:
+    if "mean_gflops" not in r:
+        return " |"
+    pct = f" ({r['pct_of_peak']:.0f}%)" if "pct_of_peak" in r else ""
+    return f"{r['mean_gflops']:.1f}{pct} |"
 
 
 def throughput_markdown(report: dict) -> str:
@@ -100,8 +118,9 @@ def throughput_markdown(report: dict) -> str:
                    f"{w['prompt_tokens']} prompt + {w['output_tokens']} output tokens "
                    f"(prompt {w['prompt_len_min']}–{w['prompt_len_max']}, mean {w['prompt_len_mean']}; "
                    f"output {w['output_len_min']}–{w['output_len_max']}, mean {w['output_len_mean']})")
-    out += ["", "| backend | requests | concurrency | threads | total tok/s | output tok/s | req/s | time s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out += ["", ("| backend | requests | concurrency | threads | total tok/s | output tok/s | req/s | time s | "
+                "GFLOP/s (% of peak) |"),
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         t = sum(r["elapsed_s"]) / len(r["elapsed_s"])
         if len(r["elapsed_s"]) == 1:  # one pass: no spread to show
@@ -109,17 +128,35 @@ def throughput_markdown(report: dict) -> str:
         out.append(f"| {r['backend']} | {r['num_requests']} | {r['concurrency']} | {r['threads']} | "
                    f"{fmt_mean_std(r['mean_total_tok_s'], r['std_total_tok_s'], 1)} | "
                    f"{fmt_mean_std(r['mean_output_tok_s'], r['std_output_tok_s'], 1)} | "
-                   f"{fmt_mean_std(r['mean_req_s'], r['std_req_s'], 3)} | {t:.2f} |")
+                   f"{fmt_mean_std(r['mean_req_s'], r['std_req_s'], 3)} | {t:.2f} | "
+                   + _gflops_cell(r))
     note = ("All requests submitted at once; each generates exactly its output length (EOS ignored). "
             "total tok/s = (prompt + output tokens) / wall time, counting only each request's own tokens "
             "(not padding, nor the extra tokens a static batch makes its shorter requests compute); "
-            f"mean ± std over {cfg.get('repeat')} pass(es) after {cfg.get('warmup')} warm-up.")
+            f"mean ± std over {cfg.get('repeat')} pass(es) after {cfg.get('warmup')} warm-up. "
+            "GFLOP/s: 2 × weights per token × (prompt + output tokens) / wall time (attention left out), "
+            "against the machine's measured fp32 matmul peak.")
     out += ["", note]
     return "\n".join(out) + "\n"
 
 
 def to_markdown(report: dict) -> str:
-    return latency_markdown(report) if report.get("kind") == "latency" else throughput_markdown(report)
+    kind = report.get("kind")
+    if kind == "latency":
+        return latency_markdown(report)
+    if kind == "serve":
+        from nimblelm.bench.serve import serve_markdown
+
+        return serve_markdown(report)
+    if kind == "roofline":
+        from nimblelm.bench.roofline import roofline_markdown
+
+        return roofline_markdown(report)
+    if kind == "survey-engines":
+        from nimblelm.bench.survey import survey_markdown
+
+        return survey_markdown(report)
+    return throughput_markdown(report)
 
 
 def _jsonable(x):
@@ -138,11 +175,19 @@ def to_json(report: dict) -> str:
     return json.dumps(_jsonable(report), indent=2)
 
 
-def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write results.json (raw figures, config, machine) and report.md into out_dir."""
+def write_report(report: dict, out_dir: str | os.PathLike, plots: bool = True) -> tuple[Path, Path]:
+    """Write results.json (raw figures, config, machine), report.md and PNG plots into out_dir."""
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     j, m = d / "results.json", d / "report.md"
+    text = to_markdown(report)
+    if plots:
+        from nimblelm.bench.plots import write_plots
+
+        pngs = write_plots(report, d)
+        if pngs:
+            report.setdefault("plots", [p.name for p in pngs])
+            text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
     j.write_text(to_json(report) + "\n")
-    m.write_text(to_markdown(report))
+    m.write_text(text)
     return j, m

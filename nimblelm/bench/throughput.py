@@ -20,7 +20,7 @@ def workload_summary(requests: Sequence[BenchRequest]) -> dict:
 
 def run_throughput(ctx: BenchContext, backends: Sequence[str], requests: Sequence[BenchRequest], *,
                    repeat: int = 1, warmup: int = 1, backend_opts: dict | None = None, progress: bool = True,
-                   logger: Callable[[str], None] = log) -> dict:
+                   logger: Callable[[str], None] = log, peak_gflops: float | None = None) -> dict:
     """Run the whole workload `repeat` times on each backend (all requests submitted at once).
 
     total tok/s = (prompt + output tokens of the requests) / wall time; output tok/s = output tokens /
@@ -64,6 +64,20 @@ def run_throughput(ctx: BenchContext, backends: Sequence[str], requests: Sequenc
                "req_s": [round(x, 5) for x in reqs], "extra": [r.extra for r in runs]}
         for key, xs in (("total_tok_s", total), ("output_tok_s", out), ("req_s", reqs)):
             row[f"mean_{key}"], row[f"std_{key}"] = mean_std(xs)
+        try:
+            from nimblelm.bench.roofline import matmul_weights_per_token
+
+            w = matmul_weights_per_token(ctx.config)
+        except Exception:  # noqa: BLE001 - a config without the fields: no FLOP figure
+            w = None
+        if w:
+            gflops = [2.0 * w * x / 1e9 for x in total]
+            row["weights_per_token"] = w
+            row["gflops"] = [round(x, 3) for x in gflops]
+            row["mean_gflops"], row["std_gflops"] = mean_std(gflops)
+            if peak_gflops:
+                row["peak_gflops"] = peak_gflops
+                row["pct_of_peak"] = 100.0 * row["mean_gflops"] / peak_gflops
         results.append(row)
         logger(f"{backend.name}: {row['mean_total_tok_s']:.1f} total tok/s, "
                f"{row['mean_output_tok_s']:.1f} output tok/s, {row['mean_req_s']:.3f} req/s")

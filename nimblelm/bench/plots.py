@@ -1,0 +1,193 @@
+"""PNG plots of benchmark reports (matplotlib, Agg backend): where a picture says more than the table.
+
+- latency: tokens/s per test and backend, and a heatmap of nimblelm's speedup over each peer
+- throughput: total and output tokens/s per backend
+- serve: TTFT/TPOT (p50, p99) and achieved throughput against the offered request rate; E2E latency CDFs
+- roofline: read bandwidth against working-set size
+- survey engines: batch-1 tokens/s and serving req/s per backend
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not (math.isnan(x) or math.isinf(x))
+
+
+def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
+    """Write the plots that fit this report's kind; returns their paths ([] without matplotlib or data)."""
+    try:
+        plt = _plt()
+    except ImportError:
+        print("note: matplotlib is not installed: no plots written", file=sys.stderr)
+        return []
+    out = Path(out_dir)
+    kind = report.get("kind")
+    fn = {"latency": _latency, "throughput": _throughput, "serve": _serve, "roofline": _roofline,
+          "survey-engines": _survey}.get(kind)
+    if fn is None or not (report.get("results") or report.get("roofline")):
+        return []
+    try:
+        return fn(plt, report, out)
+    finally:
+        plt.close("all")
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float]], ylabel: str) -> None:
+    n = max(1, len(series))
+    width = 0.8 / n
+    for i, (name, vals) in enumerate(series.items()):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [v if _finite(v) else 0 for v in vals], width, label=name)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20 if len(groups) > 4 else 0)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _latency(plt, report: dict, out: Path) -> list[Path]:
+    rows = report["results"]
+    tests = list(dict.fromkeys(f"{r['test']} b{r['batch']}" for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    val = {(r["backend"], f"{r['test']} b{r['batch']}"): r["mean_ts"] for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tests)), 4))
+    _bars(ax, tests, {b: [val.get((b, t), float("nan")) for t in tests] for b in backends}, "tokens/s")
+    ax.set_title(f"bench latency: {report['config'].get('model')} ({report['config'].get('dtype')})")
+    fig.tight_layout()
+    paths = [out / "latency.png"]
+    fig.savefig(paths[0], dpi=110)
+    peers = [b for b in backends if b != "nimblelm"]
+    if "nimblelm" in backends and peers:
+        grid = [[val.get(("nimblelm", t), float("nan")) / val[(p, t)] if val.get((p, t)) else float("nan")
+                 for t in tests] for p in peers]
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tests)), 1.2 + 0.6 * len(peers)))
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=2, aspect="auto")
+        ax.set_xticks(range(len(tests)))
+        ax.set_xticklabels(tests, rotation=20)
+        ax.set_yticks(range(len(peers)))
+        ax.set_yticklabels([f"vs {p}" for p in peers])
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}×" if _finite(v) else "–", ha="center", va="center", fontsize=9)
+        fig.colorbar(im, ax=ax, label="nimblelm speedup")
+        ax.set_title("nimblelm tokens/s ÷ peer tokens/s")
+        fig.tight_layout()
+        paths.append(out / "latency_speedup.png")
+        fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+def _throughput(plt, report: dict, out: Path) -> list[Path]:
+    rows = report["results"]
+    names = [r["backend"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _bars(ax, names, {"total tok/s": [r["mean_total_tok_s"] for r in rows],
+                      "output tok/s": [r["mean_output_tok_s"] for r in rows]}, "tokens/s")
+    w = report.get("workload") or {}
+    ax.set_title(f"bench throughput: {w.get('num_requests', '?')} {report['config'].get('dataset')} requests")
+    fig.tight_layout()
+    p = out / "throughput.png"
+    fig.savefig(p, dpi=110)
+    return [p]
+
+
+def _serve(plt, report: dict, out: Path) -> list[Path]:
+    rows = report["results"]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k, b in enumerate(backends):
+        color = f"C{k}"
+        pts = [r for r in rows if r["backend"] == b]
+        finite = [r for r in pts if _finite(r["rate"])]
+        inf_pts = [r for r in pts if not _finite(r["rate"])]
+        # 'inf' is drawn at the achieved request throughput of that run
+        xs = [r["rate"] for r in finite] + [r["metrics"]["request_throughput"] for r in inf_pts]
+        ordered = sorted(zip(xs, finite + inf_pts), key=lambda t: t[0])
+        xs = [x for x, _ in ordered]
+        ms = [r["metrics"] for _, r in ordered]
+        for ax, key, label in ((axes[0], "ttft_s", "TTFT"), (axes[1], "tpot_s", "TPOT")):
+            ax.plot(xs, [1e3 * m[key]["p50"] for m in ms], "o-", color=color, label=f"{b} p50")
+            ax.plot(xs, [1e3 * m[key]["p99"] for m in ms], "x--", color=color, label=f"{b} p99")
+            ax.set_ylabel(f"{label} (ms)")
+        axes[2].plot(xs, [m["request_throughput"] for m in ms], "o-", color=color, label=b)
+    slo = (report["config"].get("slo") or {})
+    if slo.get("tpot_s"):
+        axes[1].axhline(1e3 * slo["tpot_s"], color="gray", ls=":", label="TPOT bound")
+    lim = [r["metrics"]["request_throughput"] for r in rows] + [r["rate"] for r in rows if _finite(r["rate"])]
+    top = max(lim) * 1.1 if lim else 1
+    axes[2].plot([0, top], [0, top], color="gray", ls=":", label="achieved = offered")
+    for ax in axes:
+        ax.set_xlabel("request rate (req/s; inf drawn at its achieved rate)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[2].set_ylabel("achieved req/s")
+    fig.suptitle("bench serve: latency and throughput against the request rate")
+    fig.tight_layout()
+    paths = [out / "serve_vs_rate.png"]
+    fig.savefig(paths[0], dpi=110)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        e2e = sorted(x["e2e_s"] for x in r.get("records", []) if x.get("e2e_s") is not None)
+        if e2e:
+            ax.step(e2e, [(i + 1) / len(e2e) for i in range(len(e2e))], where="post",
+                    label=f"{r['backend']} @ {r['rate']:g} req/s")
+    ax.set_xlabel("end-to-end latency (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("bench serve: end-to-end latency CDF")
+    fig.tight_layout()
+    paths.append(out / "serve_e2e_cdf.png")
+    fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+def _roofline(plt, report: dict, out: Path) -> list[Path]:
+    bw = report["roofline"]["bandwidth"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([b["working_set_mib"] for b in bw], [b["best_gbs"] for b in bw], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("working set (MiB)")
+    ax.set_ylabel("read bandwidth (GB/s)")
+    ax.grid(alpha=0.3)
+    ax.set_title("bench roofline: memory bandwidth")
+    fig.tight_layout()
+    p = out / "roofline_bandwidth.png"
+    fig.savefig(p, dpi=110)
+    return [p]
+
+
+def _survey(plt, report: dict, out: Path) -> list[Path]:
+    rows = report["results"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    for ax, key, label in ((axes[0], "inference_tok_s", "batch-1 tokens/s (1k in, 128 out)"),
+                           (axes[1], "serving_req_s", "max ShareGPT req/s")):
+        series = {}
+        for b in backends:
+            series[b] = [next((r.get(key) for r in rows if r["backend"] == b and r["model"] == m), None)
+                         for m in models]
+            series[b] = [v if _finite(v) else float("nan") for v in series[b]]
+        _bars(ax, models, series, label)
+        ax.set_title(label)
+    fig.suptitle("bench survey engines (this machine)")
+    fig.tight_layout()
+    p = out / "survey_engines.png"
+    fig.savefig(p, dpi=110)
+    return [p]
