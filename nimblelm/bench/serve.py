@@ -208,6 +208,12 @@ class ServerProcess:
         self.stop()
         raise BackendUnavailable(f"{self.name} server not healthy after {self.startup_timeout:.0f} s")
 
+    def tree_cpu_s(self) -> float:
+        """CPU seconds of the server and all its live descendants (vLLM's engine runs in a grandchild)."""
+        from nimblelm.bench.machine import process_tree_cpu
+
+        return process_tree_cpu(self.proc.pid) if self.proc is not None else 0.0
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
@@ -385,14 +391,14 @@ def run_serve(ctx: BenchContext, backends: Sequence[str], requests: Sequence[Ben
                 url, model = server.url, SERVED_NAME
                 info = dict(getattr(server, "info", {}) or {}, startup_s=round(server.startup_s or 0, 1),
                             slots=slots, command=" ".join(server.cmd))
-            monitor = CpuMonitor()
+            monitor = CpuMonitor(server.tree_cpu_s if server is not None else None)
             points = benchmark_server(url, model, requests, rates, burstiness=burstiness,
                                       max_concurrency=max_concurrency, seed=ctx.seed, slo=slo,
                                       prompt_texts=prompt_texts, warmup=warmup, progress=progress,
                                       logger=logger, label=name)
+            activity = monitor.stop()  # while the server lives: its whole process tree counts as ours
             if server is not None:
-                server.stop()  # waits for it, so its CPU time counts as ours
-            activity = monitor.stop()
+                server.stop()
             for p in points:
                 results.append({"backend": name, **p})
             statuses[name] = {"status": "ok", "info": info, "other_activity": activity}

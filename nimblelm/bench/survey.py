@@ -85,7 +85,7 @@ def _served(ctx: BenchContext, name: str, requests: Sequence[BenchRequest], opts
     try:
         logger(f"{name}: starting its server on {server.url}")
         server.start()
-        monitor = CpuMonitor()
+        monitor = CpuMonitor(server.tree_cpu_s)
         pts = benchmark_server(server.url, SERVED_NAME, requests, [math.inf], seed=ctx.seed, slo=slo,
                                progress=progress, logger=logger, label=name)
         top = pts[0]["metrics"]["request_throughput"]
@@ -93,8 +93,8 @@ def _served(ctx: BenchContext, name: str, requests: Sequence[BenchRequest], opts
         if rates:
             pts += benchmark_server(server.url, SERVED_NAME, requests, rates, seed=ctx.seed, slo=slo, warmup=0,
                                     progress=progress, logger=logger, label=name)
+        activity = monitor.stop()  # while the server lives: its whole process tree counts as ours
         server.stop()
-        activity = monitor.stop()
     finally:
         server.stop()
     m = pts[0]["metrics"]
