@@ -21,17 +21,25 @@ def reference(q, k_cache, v_cache, tables, lens, window):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("window", [0, 5])
-def test_paged_decode_kernel_matches_sdpa(window):
+@pytest.mark.parametrize("window", [0, 5, 300])
+@pytest.mark.parametrize("dim", [16, 64, 72, 128])
+def test_paged_decode_kernel_matches_sdpa(window, dim):
+    # Head sizes with and without the 8-key and 64-value vector paths; contexts over the kernel's 256-position
+    # chunk (split and merged softmax), shorter than one chunk, of one token; windows inside one chunk and
+    # across chunks.
     ops = cpu_ops()
     assert ops is not None, "the C++ kernels did not build"
-    torch.manual_seed(0)
-    num_blocks, block_size, kv_heads, heads, dim = 12, 4, 2, 6, 16
+    torch.manual_seed(dim + window)
+    num_blocks, block_size, kv_heads, heads = 200, 4, 2, 6
     k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
-    tables = torch.tensor([[7, 2, 9, 0], [3, 11, 0, 0], [5, 0, 0, 0]])
-    lens = torch.tensor([15, 6, 1])
-    q = torch.randn(3, heads, dim)
+    lens = torch.tensor([15, 6, 1, 700])
+    tables = torch.zeros(4, 175, dtype=torch.long)
+    free = torch.randperm(num_blocks).tolist()  # scattered pages, as a long-running cache has them
+    for b, n in enumerate(lens.tolist()):
+        for j in range((n + block_size - 1) // block_size):
+            tables[b, j] = free.pop()
+    q = torch.randn(4, heads, dim)
     out = torch.empty_like(q)
     ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)

@@ -202,3 +202,25 @@ def test_cpu_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
         for ea, eb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert ea.keys() == eb.keys()
             assert all(abs(ea[t].logprob - eb[t].logprob) < 1e-4 for t in ea)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_decode_stack_matches_the_layer_by_layer_path(tiny_qwen, quantization):
+    # Decode-only steps run all layers in one C++ call; the same model run layer by layer from Python
+    # (as mixed and prefill steps are) is its oracle, on single and batched decodes.
+    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, quantization=quantization)
+    model = llm.llm_engine.runner.model
+    assert model.decode_stack is not None
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        fast = llm.generate(prompts, params, use_tqdm=False)
+        stack, model.decode_stack = model.decode_stack, None
+        try:
+            reference = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            model.decode_stack = stack
+        for a, b in zip(fast, reference):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for ea, eb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert ea.keys() == eb.keys()
+                assert all(abs(ea[t].logprob - eb[t].logprob) < 1e-5 for t in ea)

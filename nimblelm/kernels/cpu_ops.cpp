@@ -64,6 +64,45 @@ static inline void dot_rows(const float* x, const float* w, int64_t K, float* ou
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// exp of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-5 polynomial, 2^n
+// put straight into the exponent bits. About 1 ulp over [-87, 88]; inputs are clamped to that range.
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact products
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// s[i] = exp(s[i] - shift) in place; returns their sum.
+static float exp_shifted_(float* s, int64_t n, float shift) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 sh = _mm256_set1_ps(shift);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), sh));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum(acc);
+#endif
+  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - shift));
+  return total;
+}
+
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear: shapes do not match");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "skinny_linear: float32 only");
@@ -269,7 +308,16 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
       const float* g = gp + r * 2 * f;
       const float* u = g + f;
       float* o = op + r * f;
-      for (int64_t i = 0; i < f; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= f; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < f; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
     }
   });
   return out;
@@ -325,10 +373,60 @@ void write_kv_cache_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor
   }
 }
 
+// scores[t] = scale * q . k_rows[t] for n cached keys of D values.
+static void scores_of(const float* q, const float* const* k_rows, int64_t n, int64_t D, float scale, float* scores) {
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0) {
+    // Eight keys at a time, their eight sums reduced together by a tree of horizontal adds instead of
+    // eight separate horizontal sums.
+    for (; t + 8 <= n; t += 8) {
+      __m256 acc[8];
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k_rows[t + r] + d), acc[r]);
+      }
+      const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+      const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+      const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+      // Lanes: low halves hold keys 0-3 and 4-7 of the first 128 bits, high halves the rest.
+      const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+      _mm256_storeu_ps(scores + t, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
+    }
+  }
+#endif
+  for (; t < n; ++t) scores[t] = dot1(q, k_rows[t], D) * scale;
+}
+
+// out[0:D] += sum_t p[t] * v_rows[t][0:D].
+static void weighted_sum(const float* p, const float* const* v_rows, int64_t n, int64_t D, float* out) {
+  int64_t d0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  // 64 output values stay in eight registers over all n rows.
+  for (; d0 + 64 <= D; d0 += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(out + d0 + 8 * j);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 pv = _mm256_set1_ps(p[t]);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v_rows[t] + d0 + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t d = d0; d < D; ++d) out[d] += p[t] * v_rows[t][d];
+  }
+}
+
 // Decode attention straight from the paged cache: one query token per sequence, each KV head's
-// group of query heads scored against the sequence's cached keys block by block, so K and V are
-// read once and never gathered into a padded copy. Positions before context_len - window are
-// skipped when window > 0 (sliding-window attention).
+// group of query heads scored against the sequence's cached keys, so K and V are read once and never
+// gathered into a padded copy. Positions before context_len - window are skipped when window > 0
+// (sliding-window attention). Contexts are cut into chunks of ATTN_CHUNK positions, each a work item
+// with its own softmax maximum and sum (split-K, as flash-decoding does), merged at the end: a batch of
+// one long sequence keeps both threads busy instead of one per KV head.
+constexpr int64_t ATTN_CHUNK = 256;
+
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "paged_decode_attention: q");
@@ -340,42 +438,128 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
-  const int64_t* bt = block_tables.contiguous().data_ptr<int64_t>();
-  const int64_t* lens = context_lens.contiguous().data_ptr<int64_t>();
+  auto tables = block_tables.contiguous(), lens_t = context_lens.contiguous();
+  const int64_t* bt = tables.data_ptr<int64_t>();
+  const int64_t* lens = lens_t.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
+
+  auto first_pos = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, lens[b] - window) : int64_t(0); };
+  int64_t chunks = 1;
+  for (int64_t b = 0; b < B; ++b) chunks = std::max(chunks, (lens[b] - first_pos(b) + ATTN_CHUNK - 1) / ATTN_CHUNK);
+  // Per (sequence, KV head, chunk, query head of the group): the chunk's score maximum, its sum of
+  // exp(score - maximum), and the value rows weighted by those exps.
+  std::vector<float> part_max(B * KVH * chunks * G, -INFINITY), part_sum(B * KVH * chunks * G, 0.f);
+  std::vector<float> part_out(B * KVH * chunks * G * D, 0.f);
+
+  at::parallel_for(0, B * KVH * chunks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(G * ATTN_CHUNK);
+    std::vector<const float*> k_rows, v_rows;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KVH, kvh = i % KVH, len = lens[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0, n = len - start;
-      scores.assign(G * n, 0.f);
+      const int64_t b = i / (KVH * chunks), kvh = i / chunks % KVH, c = i % chunks;
+      const int64_t begin = first_pos(b) + c * ATTN_CHUNK, end = std::min(lens[b], begin + ATTN_CHUNK);
+      if (begin >= end) continue;
+      const int64_t n = end - begin;
       const float* qg = qp + (b * H + kvh * G) * D;
+      auto row = [&](const float* cache, int64_t pos) {
+        return cache + ((bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh) * D;
+      };
+      k_rows.resize(n);
+      v_rows.resize(n);
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t pos = start + t;
-        const float* k = kp + ((bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh) * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot1(qg + g * D, k, D) * float(scale);
+        k_rows[t] = row(kp, begin + t);
+        v_rows[t] = row(vp, begin + t);
       }
+      for (int64_t g = 0; g < G; ++g) scores_of(qg + g * D, k_rows.data(), n, D, float(scale), scores.data() + g * n);
+      float* m = part_max.data() + i * G;
+      float* l = part_sum.data() + i * G;
+      float* o = part_out.data() + i * G * D;
       for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * n;
-        float mx = -INFINITY, sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
-        for (int64_t t = 0; t < n; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
-        for (int64_t t = 0; t < n; ++t) s[t] /= sum;
+        float* sg = scores.data() + g * n;
+        m[g] = *std::max_element(sg, sg + n);
+        l[g] = exp_shifted_(sg, n, m[g]);
       }
-      float* o = op + (b * H + kvh * G) * D;
-      std::fill(o, o + G * D, 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t pos = start + t;
-        const float* v = vp + ((bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * n + t];
-          float* og = o + g * D;
-          for (int64_t d = 0; d < D; ++d) og[d] += p * v[d];
+      for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * n, v_rows.data(), n, D, o + g * D);
+    }
+  });
+
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t g = 0; g < G; ++g) {
+        float mx = -INFINITY, total = 0.f;
+        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part_max[(i * chunks + c) * G + g]);
+        float* dst = op + (i * G + g) * D;  // (b, kvh, g) is query head kvh * G + g of sequence b
+        std::fill(dst, dst + D, 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t j = (i * chunks + c) * G + g;
+          if (part_sum[j] == 0.f) continue;  // an empty chunk of a shorter sequence
+          const float w = std::exp(part_max[j] - mx);
+          total += w * part_sum[j];
+          for (int64_t d = 0; d < D; ++d) dst[d] += w * part_out[j * D + d];
         }
+        for (int64_t d = 0; d < D; ++d) dst[d] /= total;
       }
     }
   });
 }
+
+// The decode step as one call: a whole stack of decoder layers over a batch of one-token queries.
+// Each layer is the same kernels the Python model calls one by one, composed here, so the Python and
+// dispatch overhead between them (about a quarter of a batch-1 step on this CPU) goes away.
+
+// One linear layer as its LinearMethod stored it: (weight, scales, bias, group); group 0 means a
+// float32 weight [N, K], group > 0 an int8 weight [N, K] with float32 scales [N, K / group].
+using LinearSpec = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t>;
+// (input norm weight, post-attention norm weight, qkv, o, gate_up, down)
+using LayerSpec = std::tuple<torch::Tensor, torch::Tensor, LinearSpec, LinearSpec, LinearSpec, LinearSpec>;
+
+static torch::Tensor apply_linear(const LinearSpec& spec, const torch::Tensor& x) {
+  const auto& [weight, scales, bias, group] = spec;
+  return group ? int8_linear(x, weight, *scales, bias, group) : skinny_linear(x, weight, bias);
+}
+
+class DecodeStack {
+ public:
+  DecodeStack(std::vector<LayerSpec> layers, double eps, int64_t heads, int64_t kv_heads, int64_t head_dim)
+      : layers_(std::move(layers)), eps_(eps), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {}
+
+  // x: [B, hidden] embeddings of the batch's new tokens; cos, sin: [B, head_dim] at their positions;
+  // kv_caches: per layer [2, blocks, block_size, kv_heads, head_dim]; window as paged_decode_attention
+  // takes it. Returns the last hidden state (before the final norm), as the Python model does.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> kv_caches,
+                        torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens, int64_t window) {
+    TORCH_CHECK(kv_caches.size() == layers_.size(), "DecodeStack: one KV cache per layer");
+    const int64_t B = x.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
+    const double scale = 1.0 / std::sqrt(double(head_dim_));
+    x = x.contiguous();
+    torch::Tensor residual;
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const auto& [in_norm, post_norm, qkv_proj, o_proj, gate_up_proj, down_proj] = layers_[l];
+      if (l == 0) {
+        residual = x;
+        x = rms_norm(x, in_norm, eps_);
+      } else {
+        add_rms_norm_(x, residual, in_norm, eps_);
+      }
+      auto qkv = apply_linear(qkv_proj, x);
+      rope_(qkv, cos, sin, heads_ + kv_heads_, head_dim_);
+      auto k_cache = kv_caches[l][0], v_cache = kv_caches[l][1];
+      write_kv_cache_(k_cache, v_cache, qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_}),
+                      qkv.narrow(1, q_size + kv_size, kv_size).view({B, kv_heads_, head_dim_}), slots);
+      auto q = qkv.narrow(1, 0, q_size).contiguous().view({B, heads_, head_dim_});
+      auto attn = torch::empty_like(q);
+      paged_decode_attention(attn, q, k_cache, v_cache, block_tables, context_lens, scale, window);
+      x = apply_linear(o_proj, attn.view({B, q_size}));
+      add_rms_norm_(x, residual, post_norm, eps_);
+      x = apply_linear(down_proj, silu_mul(apply_linear(gate_up_proj, x)));
+    }
+    return x.add_(residual);
+  }
+
+ private:
+  std::vector<LayerSpec> layers_;
+  double eps_;
+  int64_t heads_, kv_heads_, head_dim_;
+};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
@@ -386,4 +570,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual) * w, in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
   m.def("rope_", &rope_, "rotary embedding of the q and k heads of qkv, in place");
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<std::vector<LayerSpec>, double, int64_t, int64_t, int64_t>())
+      .def("forward", &DecodeStack::forward, "the decoder layers over a batch of one-token queries");
 }

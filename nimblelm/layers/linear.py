@@ -30,6 +30,11 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def kernel_spec(self, layer: Linear) -> tuple | None:
+        """How the C++ decode stack applies this layer, (weight, scales, bias, group) with group 0 for a
+        float32 weight; None when it cannot (the model then runs its layers from Python)."""
+        return None
+
 
 class Unquantized(LinearMethod):
     def process(self, layer: Linear) -> None:
@@ -41,6 +46,9 @@ class Unquantized(LinearMethod):
         if layer.skinny is not None and x.shape[0] <= SKINNY_MAX_ROWS:
             return layer.skinny(x.contiguous(), layer.weight, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
+
+    def kernel_spec(self, layer: Linear) -> tuple | None:
+        return None if layer.skinny is None else (layer.weight, None, layer.bias, 0)
 
 
 class Linear(nn.Module):

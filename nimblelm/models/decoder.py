@@ -15,11 +15,8 @@ from torch import nn
 from nimblelm.config import ModelConfig
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, PagedAttention
-from nimblelm.layers.linear import Linear, LinearMethod
+from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
 from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
-
-# The silu*mul kernel's exp is scalar: it saves dispatch on a few rows; torch's vectorized silu wins above.
-SILU_KERNEL_MAX_ROWS = 4
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +80,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         ops = ops_for(gate_up)
-        if ops is not None and gate_up.shape[0] <= SILU_KERNEL_MAX_ROWS:
+        if ops is not None:
             return self.down_proj(ops.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -126,6 +123,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.decode_stack = None
         self._tie_weights()
 
     def _tie_weights(self) -> None:
@@ -146,11 +144,33 @@ class DecoderLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare(linear_method)
+        self.decode_stack = self._build_decode_stack()
         return self.eval()
+
+    def _build_decode_stack(self):
+        """The C++ decode stack over these layers' weights, when the kernels apply to all of them."""
+        ops = ops_for(self.embed_tokens.weight)
+        if ops is None:
+            return None
+        specs = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [lin.method.kernel_spec(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if None in linears:
+                return None
+            specs.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *linears))
+        cfg = self.config
+        return ops.DecodeStack(specs, cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
+        if self.decode_stack is not None and meta.num_decodes == x.shape[0] <= SKINNY_MAX_ROWS:
+            # Decode-only steps run every layer in one C++ call; mixed and prefill steps layer by layer.
+            return self.decode_stack.forward(
+                x, *rope, kv_caches, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+                meta.sliding_window or 0,
+            )
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, kv_cache, meta)
         return x + residual

@@ -53,3 +53,8 @@ class Int8WeightOnly(LinearMethod):
             return ops.int8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias, self.group_size)
         w = dequantize_int8(layer.qweight, layer.scales).to(layer.compute_dtype)
         return F.linear(x, w, layer.bias)
+
+    def kernel_spec(self, layer: Linear) -> tuple | None:
+        if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32 or self.group_size % 32:
+            return None
+        return (layer.qweight, layer.scales, layer.bias, self.group_size)
