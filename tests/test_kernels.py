@@ -56,3 +56,22 @@ def test_silu_mul_matches_torch(ops, rows, width):
     gate_up = torch.randn(rows, 2 * width) * 30
     gate, up = gate_up.split(width, dim=-1)
     assert torch.allclose(ops.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_module_keeps_values_and_ties():
+    from torch import nn
+
+    from nimblelm import hugepages
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=True))
+    model[1].weight = model[0].weight  # tied, as an untied lm_head is not
+    model.register_buffer("scales", torch.rand(3))
+    before = {name: t.clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    hugepages.pack_module(model)
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert model[1].weight is model[0].weight
+    storages = {t.untyped_storage().data_ptr() for t in after.values()}
+    assert len(storages) == 1  # one buffer
+    assert all(t.data_ptr() % hugepages.ALIGN == 0 for t in after.values())

@@ -6,10 +6,13 @@ mapping, block tables), runs one forward pass, and samples the sequences whose p
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from nimblelm.config import ModelConfig
+from nimblelm import hugepages
 from nimblelm.engine.scheduler import SchedulerOutput
 from nimblelm.engine.sequence import Sequence
 from nimblelm.layers.attention import AttentionMetadata
@@ -41,8 +44,12 @@ class ModelRunner:
             model = DecoderLM(config, max_positions=max_model_len)
         self.model = model.materialize(device, dtype, weights, linear_method)
         self.weights_nbytes = _weights_nbytes(self.model)
-        kv_shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.kv_caches = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        kv_shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        if device.type == "cpu":
+            kv = hugepages.empty(math.prod(kv_shape) * dtype.itemsize).view(dtype).view(kv_shape).zero_()
+        else:
+            kv = torch.zeros(kv_shape, dtype=dtype, device=device)
+        self.kv_caches = list(kv.unbind(0))
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)

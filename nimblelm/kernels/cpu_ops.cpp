@@ -570,7 +570,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual) * w, in place");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
   m.def("rope_", &rope_, "rotary embedding of the q and k heads of qkv, in place");
-  py::class_<DecodeStack>(m, "DecodeStack")
+  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init<std::vector<LayerSpec>, double, int64_t, int64_t, int64_t>())
       .def("forward", &DecodeStack::forward, "the decoder layers over a batch of one-token queries");
 }

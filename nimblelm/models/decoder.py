@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nimblelm.config import ModelConfig
+from nimblelm import hugepages
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, PagedAttention
 from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
@@ -144,6 +145,8 @@ class DecoderLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare(linear_method)
+        if device.type == "cpu":
+            hugepages.pack_module(self)
         self.decode_stack = self._build_decode_stack()
         return self.eval()
 
