@@ -2,8 +2,8 @@
 
 A decode step streams every weight once. On 4 KiB pages that is a TLB miss every 4 KiB and hardware
 prefetch restarting at each page; in one 2 MiB-aligned buffer advised for huge pages, in the order the
-forward pass reads them, the same weights stream at about 10-15% more GB/s on the 2-core EPYC
-(24-26 vs 26-28 GB/s over SmolLM2's weights, 2 threads, 2026-11-28). Where the advice is refused
+forward pass reads them, the same weights streamed 7-17% faster on the 2-core EPYC (medians of three
+runs: 23.1-25.6 GB/s as separate tensors, 25.6-28.2 so packed; SmolLM2's shapes, 2 threads, 2026-11-28). Where the advice is refused
 (THP disabled, not Linux) the buffer is still one aligned block.
 """
 

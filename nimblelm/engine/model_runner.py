@@ -11,8 +11,8 @@ import math
 import numpy as np
 import torch
 
-from nimblelm.config import ModelConfig
 from nimblelm import hugepages
+from nimblelm.config import ModelConfig
 from nimblelm.engine.scheduler import SchedulerOutput
 from nimblelm.engine.sequence import Sequence
 from nimblelm.layers.attention import AttentionMetadata

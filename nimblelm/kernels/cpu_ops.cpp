@@ -390,7 +390,8 @@ static void scores_of(const float* q, const float* const* k_rows, int64_t n, int
       const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
       const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
       const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-      // Lanes: low halves hold keys 0-3 and 4-7 of the first 128 bits, high halves the rest.
+      // Each 128-bit half of s0123 holds keys 0-3's sums over that half's lanes (s4567: keys 4-7);
+      // low halves plus high halves are the eight totals, in key order.
       const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
       _mm256_storeu_ps(scores + t, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
     }

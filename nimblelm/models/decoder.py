@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nimblelm.config import ModelConfig
 from nimblelm import hugepages
+from nimblelm.config import ModelConfig
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, PagedAttention
 from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
