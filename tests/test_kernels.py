@@ -14,7 +14,7 @@ def ops():
     return ops
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, 4, 64])
 @pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_skinny_linear_matches_f_linear(ops, rows, n, k, bias):

@@ -39,7 +39,7 @@ def emulate_kernel(x, q, block_scales, bias):
     return y + bias if bias is not None else y
 
 
-@pytest.mark.parametrize("rows", [1, 3, 32])
+@pytest.mark.parametrize("rows", [1, 3, 32, 64])
 @pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 32), (37, 128, 32), (70, 256, 64)])
 def test_int8_kernel_matches_its_emulation_and_stays_near_fp32(rows, n, k, group):
     ops = cpu_ops()

@@ -13,9 +13,10 @@ from torch import nn
 from nimblelm.kernels import cpu_ops
 
 # Up to this many activation rows the weight-streaming kernel beats torch's GEMM on CPU: on the 2-core
-# EPYC, over SmolLM2's layer shapes with 2 threads, 21 vs 61 ms at 8 rows, 46 vs 79 ms at 32 rows, and
-# about even near 128 (2026-11-28). Decode batches fit; prefill chunks go to the GEMM.
-SKINNY_MAX_ROWS = 32
+# EPYC, over SmolLM2's 120 layer matrices with 2 threads, 21 vs 61 ms at 8 rows, 46 vs 79 ms at 32,
+# 97 vs 114 ms at 48, 150 vs 169 ms at 64, and about even from 96 rows (2026-11-28). Decode batches up to
+# the default max_num_seqs fit, and so do short prompts; longer prefill chunks go to the GEMM.
+SKINNY_MAX_ROWS = 64
 
 
 class LinearMethod:
