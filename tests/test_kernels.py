@@ -14,19 +14,22 @@ def ops():
     return ops
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 64])
-@pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200)])
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, 64, 150])
+@pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200), (40, 2100)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_skinny_linear_matches_f_linear(ops, rows, n, k, bias):
-    # Output sizes that are not a multiple of the kernel's row block and K not a multiple of 8 hit the tails.
+def test_packed_linear_matches_f_linear(ops, rows, n, k, bias):
+    # Row counts around the 6-row tile and past the 72-row pass, output sizes that leave a partial panel,
+    # and K deeper than one slice (2100 = 3 x 700) hit every tail.
     torch.manual_seed(n * k + rows)
     x, w = torch.randn(rows, k), torch.randn(n, k)
     b = torch.randn(n) if bias else None
+    panels = ops.pack_panels(w)
+    assert panels.shape == (-(-n // 16), k, 16)
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert torch.allclose(ops.skinny_linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+            assert torch.allclose(ops.packed_linear(x, panels, n, b), F.linear(x, w, b), atol=1e-3, rtol=1e-4)
     finally:
         torch.set_num_threads(before)
 
@@ -75,3 +78,18 @@ def test_pack_module_keeps_values_and_ties():
     storages = {t.untyped_storage().data_ptr() for t in after.values()}
     assert len(storages) == 1  # one buffer
     assert all(t.data_ptr() % hugepages.ALIGN == 0 for t in after.values())
+
+
+def test_unquantized_rows_read_back_the_packed_weight():
+    # A tied embedding looks its rows up in the output layer's panels (models/decoder.py, TiedEmbedding).
+    from nimblelm.layers.linear import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    with torch.no_grad():
+        layer.weight.normal_()
+    w = layer.weight.detach().clone()
+    layer.prepare()
+    assert layer.weight is None and layer.panels.shape == (3, 24, 16)
+    ids = torch.tensor([[0, 15, 16], [39, 7, 32]])
+    assert torch.equal(layer.method.rows(layer, ids), w[ids])

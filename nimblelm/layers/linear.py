@@ -12,10 +12,8 @@ from torch import nn
 
 from nimblelm.kernels import cpu_ops
 
-# Up to this many activation rows the weight-streaming kernel beats torch's GEMM on CPU: on the 2-core
-# EPYC, over SmolLM2's 120 layer matrices with 2 threads, 21 vs 61 ms at 8 rows, 46 vs 79 ms at 32,
-# 97 vs 114 ms at 48, 150 vs 169 ms at 64, and about even from 96 rows (2026-11-28). Decode batches up to
-# the default max_num_seqs fit, and so do short prompts; longer prefill chunks go to the GEMM.
+# Up to this many activation rows the C++ kernels serve a whole decode step (models/decoder.py), and
+# int8 weights are multiplied as they are stored rather than dequantized for torch's GEMM.
 SKINNY_MAX_ROWS = 64
 
 
@@ -23,6 +21,8 @@ class LinearMethod:
     """One storage format and kernel choice for Linear layers; a single instance serves every layer."""
 
     name = "none"
+    # Whether rows() reads the exact weight rows back from this method's storage.
+    has_rows = False
 
     def process(self, layer: Linear) -> None:
         """Convert the loaded layer.weight (on its device, in its dtype) into this method's storage."""
@@ -31,25 +31,41 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight: the lookup of an embedding tied to this layer, so that the model need
+        not keep a second copy of the matrix in another layout."""
+        raise NotImplementedError
+
     def kernel_spec(self, layer: Linear) -> tuple | None:
-        """How the C++ decode stack applies this layer, (weight, scales, bias, group) with group 0 for a
-        float32 weight; None when it cannot (the model then runs its layers from Python)."""
+        """How the C++ decode stack applies this layer, (weight, scales, bias, group, out_features) with
+        group 0 for float32 panels; None when it cannot (the model then runs its layers from Python)."""
         return None
 
 
 class Unquantized(LinearMethod):
+    """The loaded weights as they are; on the CPU in float32, repacked once into panels of 16 output
+    columns for the C++ kernel, which serves every batch size (kernels/cpu_ops.cpp, packed_linear)."""
+
+    has_rows = True
+
     def process(self, layer: Linear) -> None:
         w = layer.weight
-        ops = cpu_ops() if w.device.type == "cpu" and w.dtype == torch.float32 else None
-        layer.skinny = ops.skinny_linear if ops is not None else None
+        if w.device.type == "cpu" and w.dtype == torch.float32 and cpu_ops() is not None:
+            layer.register_buffer("panels", cpu_ops().pack_panels(w.detach()))
+            layer.weight = None  # a tied lm_head only drops its reference: the embedding keeps the tensor
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if layer.skinny is not None and x.shape[0] <= SKINNY_MAX_ROWS:
-            return layer.skinny(x.contiguous(), layer.weight, layer.bias)
+        if layer.weight is None:
+            return cpu_ops().packed_linear(x.contiguous(), layer.panels, layer.out_features, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
+    def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        if layer.weight is None:
+            return layer.panels[ids // 16, :, ids % 16]  # row n is column n % 16 of panel n // 16
+        return F.embedding(ids, layer.weight)
+
     def kernel_spec(self, layer: Linear) -> tuple | None:
-        return None if layer.skinny is None else (layer.weight, None, layer.bias, 0)
+        return None if layer.weight is not None else (layer.panels, None, layer.bias, 0, layer.out_features)
 
 
 class Linear(nn.Module):
@@ -59,7 +75,6 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.method: LinearMethod = Unquantized()
-        self.skinny = None
 
     def prepare(self, method: LinearMethod | None = None) -> None:
         """Adopt `method` (default: unquantized) once the weights are loaded, on their device and dtype."""

@@ -106,6 +106,19 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class TiedEmbedding(nn.Module):
+    """The token embedding read from the output layer it is tied to, in whatever form that layer stores
+    its weight."""
+
+    def __init__(self, lm_head: Linear):
+        super().__init__()
+        self.lm_head = [lm_head]  # in a list: not a submodule, so its weights are not counted twice
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head[0]
+        return head.method.rows(head, ids)
+
+
 class DecoderLM(nn.Module):
     # Checkpoint tensors that load into a slice of a fused parameter: (fused name, slice index).
     packed: ClassVar[dict[str, tuple[str, int]]] = {
@@ -145,6 +158,8 @@ class DecoderLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare(linear_method)
+        if self.config.tie_word_embeddings and self.lm_head.method.has_rows:
+            self.embed_tokens = TiedEmbedding(self.lm_head)  # drops the embedding's own copy
         if device.type == "cpu":
             hugepages.pack_module(self)
         self.decode_stack = self._build_decode_stack()
@@ -152,7 +167,7 @@ class DecoderLM(nn.Module):
 
     def _build_decode_stack(self):
         """The C++ decode stack over these layers' weights, when the kernels apply to all of them."""
-        ops = ops_for(self.embed_tokens.weight)
+        ops = ops_for(self.norm.weight)
         if ops is None:
             return None
         specs = []
