@@ -50,6 +50,21 @@ class AttentionMetadata:
         return mask
 
 
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dimension: (q, scale) with x ~ q * scale and scale = max|x| / 127.
+
+    The same float32 arithmetic as the C++ write_kv_cache_int8_ (x * (127 / max|x|), rounded half to
+    even), so the kernels and this reference path store the same bytes."""
+    x = x.float()
+    amax = x.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, 0.0)
+    return torch.round(x * inv[..., None]).to(torch.int8), amax / 127.0
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
 class PagedAttention(torch.nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
