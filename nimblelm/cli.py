@@ -27,6 +27,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
     g.add_argument("--quantization", default=None, help="int8: quantize the linear weights at load")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the model's dtype) or int8 (per-token, per-head scales; ~3.8x the blocks)")
 
 
 _ENGINE_FIELDS = [
@@ -41,6 +43,7 @@ _ENGINE_FIELDS = [
     "seed",
     "num_threads",
     "quantization",
+    "kv_cache_dtype",
 ]
 
 

@@ -611,6 +611,25 @@ void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tens
                            block_tables, context_lens, scale, window);
 }
 
+// One layer's cache as layers/attention.py's KVCache: (values [2, blocks, block_size, kv_heads, head_dim],
+// float32 scales [2, blocks, block_size, kv_heads] when the values are int8).
+using KVCache = std::tuple<torch::Tensor, c10::optional<torch::Tensor>>;
+
+// A decode step's attention for one layer: the new k, v into the cache, then q against it into out.
+static void attend_decodes(const KVCache& cache, torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                           torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                           int64_t window) {
+  const auto& [kv, scales] = cache;
+  if (scales) {
+    write_kv_cache_int8_(kv[0], kv[1], (*scales)[0], (*scales)[1], k, v, slots);
+    paged_decode_attention_int8(out, q, kv[0], kv[1], (*scales)[0], (*scales)[1], block_tables, context_lens, scale,
+                                window);
+  } else {
+    write_kv_cache_(kv[0], kv[1], k, v, slots);
+    paged_decode_attention(out, q, kv[0], kv[1], block_tables, context_lens, scale, window);
+  }
+}
+
 // The decode step as one call: a whole stack of decoder layers over a batch of one-token queries.
 // Each layer is the same kernels the Python model calls one by one, composed here, so the Python and
 // dispatch overhead between them (about a quarter of a batch-1 step on this CPU) goes away.
@@ -632,9 +651,9 @@ class DecodeStack {
       : layers_(std::move(layers)), eps_(eps), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {}
 
   // x: [B, hidden] embeddings of the batch's new tokens; cos, sin: [B, head_dim] at their positions;
-  // kv_caches: per layer [2, blocks, block_size, kv_heads, head_dim]; window as paged_decode_attention
-  // takes it. Returns the last hidden state (before the final norm), as the Python model does.
-  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> kv_caches,
+  // kv_caches: per layer a KVCache (above); window as paged_decode_attention takes it. Returns the last
+  // hidden state (before the final norm), as the Python model does.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<KVCache> kv_caches,
                         torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens, int64_t window) {
     TORCH_CHECK(kv_caches.size() == layers_.size(), "DecodeStack: one KV cache per layer");
     const int64_t B = x.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
@@ -651,12 +670,11 @@ class DecodeStack {
       }
       auto qkv = apply_linear(qkv_proj, x);
       rope_(qkv, cos, sin, heads_ + kv_heads_, head_dim_);
-      auto k_cache = kv_caches[l][0], v_cache = kv_caches[l][1];
-      write_kv_cache_(k_cache, v_cache, qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_}),
-                      qkv.narrow(1, q_size + kv_size, kv_size).view({B, kv_heads_, head_dim_}), slots);
       auto q = qkv.narrow(1, 0, q_size).contiguous().view({B, heads_, head_dim_});
       auto attn = torch::empty_like(q);
-      paged_decode_attention(attn, q, k_cache, v_cache, block_tables, context_lens, scale, window);
+      attend_decodes(kv_caches[l], attn, q, qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_}),
+                     qkv.narrow(1, q_size + kv_size, kv_size).view({B, kv_heads_, head_dim_}), slots, block_tables,
+                     context_lens, scale, window);
       x = apply_linear(o_proj, attn.view({B, q_size}));
       add_rms_norm_(x, residual, post_norm, eps_);
       x = apply_linear(down_proj, silu_mul(apply_linear(gate_up_proj, x)));
