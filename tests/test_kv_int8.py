@@ -119,8 +119,9 @@ def test_int8_kv_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
     _assert_same_greedy_outputs(fast, reference_outputs, 0.05)
 
 
-def test_decode_stack_with_int8_kv_matches_the_layer_by_layer_path(tiny_qwen):
-    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, kv_cache_dtype="int8")
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_decode_stack_with_int8_kv_matches_the_layer_by_layer_path(tiny_qwen, quantization):
+    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, kv_cache_dtype="int8", quantization=quantization)
     model = llm.llm_engine.runner.model
     assert model.decode_stack is not None
     for prompts in (PROMPTS[:1], PROMPTS):
