@@ -154,3 +154,19 @@ def test_bad_kv_cache_dtype_is_one_clear_error(tiny_qwen):
                              "--kv-cache-dtype", "int4", "hi"], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: unknown kv_cache_dtype 'int4': use auto or int8"]
+
+
+def test_eval_ppl_scores_through_the_int8_cache(tiny_llama, capsys):
+    from nimblelm.cli import main
+    from nimblelm.eval.ppl import perplexity
+
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    fp32, int8 = (perplexity(str(tiny_llama), text=text, window=24, max_tokens=80, kv_cache_dtype=kv)
+                  for kv in ("auto", "int8"))
+    # Whole-window prefills attend to the rounded K/V, so the option shows in the score, and only a little.
+    assert fp32.ppl != int8.ppl and int8.ppl == pytest.approx(fp32.ppl, rel=0.02)
+    assert int8.extra["kv_cache_dtype"] == "int8"
+    with pytest.raises(InvalidRequestError, match="nimblelm backend only"):
+        perplexity(str(tiny_llama), backend="transformers", text=text, kv_cache_dtype="int8")
+    assert main(["eval", "ppl", "--model", str(tiny_llama), "--kv-cache-dtype", "int4"]) == 1
+    assert "unknown kv_cache_dtype 'int4'" in capsys.readouterr().err
