@@ -502,6 +502,8 @@ static void weighted_sum(const float* p, const T* const* v_rows, int64_t n, int6
 //
 // T = int8_t reads an int8 cache with k_scales, v_scales [blocks, block_size, kv_heads]: a key's score is
 // scale_k * (q . k_int8) and a value row is weighted by p * scale_v, so nothing is dequantized in memory.
+// Widening each chunk's rows once into a float scratch shared by the group's query heads was tried and
+// measured slower (SmolLM2's heads, 4096 positions, 30 layers, 1 thread: 50 ms a step against 39 here).
 constexpr int64_t ATTN_CHUNK = 256;
 
 template <typename T>
