@@ -24,6 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the model's dtype) or int8 (per-token, per-head scales; ~3.8x the blocks)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
     g.add_argument("--quantization", default=None, help="int8: quantize the linear weights at load")
@@ -38,6 +40,7 @@ _ENGINE_FIELDS = [
     "enable_chunked_prefill",
     "block_size",
     "kv_cache_memory_bytes",
+    "kv_cache_dtype",
     "seed",
     "num_threads",
     "quantization",

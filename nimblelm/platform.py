@@ -36,6 +36,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """How K/V are stored: auto = as the model computes them (dtype); int8 = int8 with float32 scales."""
+    if name == "auto":
+        return dtype
+    if name == "int8":
+        return torch.int8
+    raise InvalidRequestError(f"unknown kv_cache_dtype {name!r}: use auto or int8")
+
+
 def physical_cores() -> int:
     """Cores, not hyper-threads: a second thread on a core only slows memory-bound matmuls."""
     cores = set()

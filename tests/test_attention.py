@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.kernels import cpu_ops
+from nimblelm.layers.attention import dequantize_kv, quantize_kv
 
 
 def reference(q, k_cache, v_cache, tables, lens, window):
@@ -21,25 +22,41 @@ def reference(q, k_cache, v_cache, tables, lens, window):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("window", [0, 5, 300])
-@pytest.mark.parametrize("dim", [16, 64, 72, 128])
-def test_paged_decode_kernel_matches_sdpa(window, dim):
-    # Head sizes with and without the 8-key and 64-value vector paths; contexts over the kernel's 256-position
-    # chunk (split and merged softmax), shorter than one chunk, of one token; windows inside one chunk and
-    # across chunks.
-    ops = cpu_ops()
-    assert ops is not None, "the C++ kernels did not build"
-    torch.manual_seed(dim + window)
-    num_blocks, block_size, kv_heads, heads = 200, 4, 2, 6
+def random_paged_cache(seed, dim, num_blocks=200, block_size=4, kv_heads=2, heads=6):
+    """Random K/V pages and queries; four sequences on scattered pages, as a long-running cache has them."""
+    torch.manual_seed(seed)
     k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
     lens = torch.tensor([15, 6, 1, 700])
     tables = torch.zeros(4, 175, dtype=torch.long)
-    free = torch.randperm(num_blocks).tolist()  # scattered pages, as a long-running cache has them
+    free = torch.randperm(num_blocks).tolist()
     for b, n in enumerate(lens.tolist()):
         for j in range((n + block_size - 1) // block_size):
             tables[b, j] = free.pop()
-    q = torch.randn(4, heads, dim)
+    return torch.randn(4, heads, dim), k_cache, v_cache, tables, lens
+
+
+def int8_decode(ops, q, k_cache, v_cache, tables, lens, window):
+    """The int8 kernel over k_cache, v_cache quantized; also returns the dequantized caches it saw."""
+    (kq, ks), (vq, vs) = quantize_kv(k_cache), quantize_kv(v_cache)
     out = torch.empty_like(q)
-    ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
+    ops.paged_decode_attention_int8(out, q, kq, vq, ks, vs, tables, lens, q.shape[-1] ** -0.5, window)
+    return out, dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32)
+
+
+@pytest.mark.parametrize("kv", ["float32", "int8"])
+@pytest.mark.parametrize("window", [0, 5, 300])
+@pytest.mark.parametrize("dim", [16, 64, 72, 128])
+def test_paged_decode_kernel_matches_sdpa(window, dim, kv):
+    # Head sizes with and without the 8-key and 64-value vector paths; contexts over the kernel's 256-position
+    # chunk (split and merged softmax), shorter than one chunk, of one token; windows inside one chunk and
+    # across chunks. The int8 kernel's oracle is SDPA over the cache it reads, dequantized.
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    q, k_cache, v_cache, tables, lens = random_paged_cache(dim + window, dim)
+    if kv == "int8":
+        out, k_cache, v_cache = int8_decode(ops, q, k_cache, v_cache, tables, lens, window)
+    else:
+        out = torch.empty_like(q)
+        ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)

@@ -17,7 +17,7 @@ from nimblelm.engine.structured import StructuredOutputBackend
 from nimblelm.errors import InvalidRequestError
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from nimblelm.platform import resolve_device, resolve_dtype, set_threads
+from nimblelm.platform import resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
 from nimblelm.quantization import linear_method
 from nimblelm.sampling_params import SamplingParams
 
@@ -45,6 +45,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
         method = linear_method(config.quantization)  # a bad name fails before the model loads
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -60,6 +61,7 @@ class LLMEngine:
             num_blocks=num_blocks,
             seed=config.seed,
             linear_method=method,
+            kv_cache_dtype=self.kv_dtype,
         )
         del loaded
         self.block_manager = BlockManager(num_blocks, config.block_size)
@@ -81,7 +83,7 @@ class LLMEngine:
                 budget = 2 << 30
                 if self.device.type == "cuda":
                     budget = torch.cuda.mem_get_info(self.device)[0] // 2
-            per_block = ModelRunner.kv_bytes_per_block(self.model_config, bs, self.dtype)
+            per_block = ModelRunner.kv_bytes_per_block(self.model_config, bs, self.kv_dtype)
             # More than every sequence at full length could ever use is wasted memory.
             ceiling = config.max_num_seqs * -(-config.max_model_len // bs)
             num_blocks = min(budget // per_block, ceiling)

@@ -15,7 +15,7 @@ from nimblelm import hugepages
 from nimblelm.config import ModelConfig
 from nimblelm.engine.scheduler import SchedulerOutput
 from nimblelm.engine.sequence import Sequence
-from nimblelm.layers.attention import AttentionMetadata
+from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from nimblelm.models.decoder import DecoderLM
@@ -34,6 +34,7 @@ class ModelRunner:
         num_blocks: int,
         seed: int,
         linear_method: LinearMethod | None = None,
+        kv_cache_dtype: torch.dtype,
     ):
         self.config = config
         self.dtype = dtype
@@ -44,20 +45,32 @@ class ModelRunner:
             model = DecoderLM(config, max_positions=max_model_len)
         self.model = model.materialize(device, dtype, weights, linear_method)
         self.weights_nbytes = _weights_nbytes(self.model)
-        kv_shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        if device.type == "cpu":
-            kv = hugepages.empty(math.prod(kv_shape) * dtype.itemsize).view(dtype).view(kv_shape).zero_()
-        else:
-            kv = torch.zeros(kv_shape, dtype=dtype, device=device)
-        self.kv_caches = list(kv.unbind(0))
+        self.kv_caches = self._allocate_kv(kv_cache_dtype)
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)
 
+    def _allocate_kv(self, kv_dtype: torch.dtype) -> list[KVCache]:
+        """Every layer's K/V (and int8 scales) as views of one buffer, on CPU one of huge pages."""
+        cfg = self.config
+        shape = (cfg.num_layers, 2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        values_nbytes = math.prod(shape) * kv_dtype.itemsize
+        scales_at = -(-values_nbytes // hugepages.ALIGN) * hugepages.ALIGN
+        nbytes = (scales_at + math.prod(shape[:-1]) * 4) if kv_dtype == torch.int8 else values_nbytes
+        if self.device.type == "cpu":
+            buf = hugepages.empty(nbytes).zero_()
+        else:
+            buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+        values = buf[:values_nbytes].view(kv_dtype).view(shape).unbind(0)
+        if kv_dtype != torch.int8:
+            return [KVCache(v) for v in values]
+        scales = buf[scales_at:].view(torch.float32).view(shape[:-1]).unbind(0)
+        return [KVCache(v, s) for v, s in zip(values, scales)]
+
     @staticmethod
-    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
-        return per_token * block_size
+    def kv_bytes_per_block(config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
+        per_head = config.head_dim * kv_dtype.itemsize + (4 if kv_dtype == torch.int8 else 0)  # + int8's scale
+        return 2 * config.num_layers * config.num_kv_heads * per_head * block_size
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)

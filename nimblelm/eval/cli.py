@@ -28,6 +28,7 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="default: the window (no overlap)")
     p.add_argument("--max-tokens", type=int, default=32768)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-cache-dtype", default="auto", help="nimblelm backend: auto (as --dtype) or int8")
     p.add_argument("--threads", "-t", type=int, default=None)
     p.add_argument("--output", "-o", default=None, help="write results.json (with every window's NLL) here")
     p.add_argument("--no-progress", action="store_true")
@@ -50,8 +51,9 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     res = perplexity(args.model, backend=args.backend, text_set=args.text_set, seed=args.seed, window=args.window,
                      stride=args.stride, max_tokens=args.max_tokens, dtype=args.dtype, threads=threads,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, kv_cache_dtype=args.kv_cache_dtype)
     print(f"perplexity {res.ppl:.4f} (mean NLL {res.nll:.5f} nats) — {res.model}, {res.backend}, {args.dtype}, "
+          f"KV {args.kv_cache_dtype}, "
           f"text set {res.text_set} (seed {res.seed}, sha256 {res.text_sha256[:12]}), {res.scored_tokens} tokens "
           f"scored in {res.num_windows} windows of {res.window} (stride {res.stride}), {res.elapsed_s:.1f} s")
     if args.output:

@@ -115,10 +115,12 @@ class NimbleLMScorer:
 
     name = "nimblelm"
 
-    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None, max_len: int = 512):
+    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None, max_len: int = 512,
+                 kv_cache_dtype: str = "auto"):
         from nimblelm import LLM
 
-        self.llm = LLM(model=model, dtype=dtype, max_model_len=max_len, max_num_seqs=1, num_threads=threads)
+        self.llm = LLM(model=model, dtype=dtype, max_model_len=max_len, max_num_seqs=1, num_threads=threads,
+                       kv_cache_dtype=kv_cache_dtype)
         self.runner = self.llm.llm_engine.runner
         self.tokenizer = self.llm.tokenizer
 
@@ -171,10 +173,13 @@ class TransformersScorer:
             return nll_of_logits(logits, ids)
 
 
-def make_scorer(backend: str, model: str, dtype: str = "float32", threads: int | None = None, window: int = 512):
+def make_scorer(backend: str, model: str, dtype: str = "float32", threads: int | None = None, window: int = 512,
+                kv_cache_dtype: str = "auto"):
     if backend == "nimblelm":
-        return NimbleLMScorer(model, dtype, threads, max_len=window)
+        return NimbleLMScorer(model, dtype, threads, max_len=window, kv_cache_dtype=kv_cache_dtype)
     if backend == "transformers":
+        if kv_cache_dtype != "auto":
+            raise InvalidRequestError("kv_cache_dtype applies to the nimblelm backend only")
         return TransformersScorer(model, dtype, threads)
     raise InvalidRequestError(f"unknown perplexity backend {backend!r}: choose nimblelm or transformers")
 
@@ -189,7 +194,8 @@ def encode(tokenizer, text: str) -> list[int]:
 def perplexity(model: str = "smollm2-135m", *, backend: str = "nimblelm", text_set: str = "pydoc", seed: int = 0,
                window: int = 512, stride: int | None = None, max_tokens: int = 32768, dtype: str = "float32",
                threads: int | None = None, scorer: Callable[[Sequence[int]], tuple[float, int]] | None = None,
-               tokenizer=None, text: str | None = None, progress: bool = False) -> PerplexityResult:
+               tokenizer=None, text: str | None = None, progress: bool = False,
+               kv_cache_dtype: str = "auto") -> PerplexityResult:
     """Perplexity of `model` on a text set under the protocol of the module doc.
 
     Pass `scorer` (ids -> (sum NLL, count)) and `tokenizer` to score another model implementation (e.g. a
@@ -199,7 +205,7 @@ def perplexity(model: str = "smollm2-135m", *, backend: str = "nimblelm", text_s
     if max_tokens < 2:
         raise InvalidRequestError(f"max_tokens must be >= 2, got {max_tokens}")
     if scorer is None:
-        scorer = make_scorer(backend, model, dtype, threads, window)
+        scorer = make_scorer(backend, model, dtype, threads, window, kv_cache_dtype)
         tokenizer = tokenizer or scorer.tokenizer
         backend = scorer.name
     if tokenizer is None:
@@ -231,5 +237,5 @@ def perplexity(model: str = "smollm2-135m", *, backend: str = "nimblelm", text_s
     return PerplexityResult(model=model, backend=backend, text_set=text_set, seed=seed, text_sha256=sha,
                             num_tokens=min(len(ids), max_tokens), window=window, stride=stride, num_windows=len(wins),
                             scored_tokens=count, nll=nll, ppl=math.exp(nll), elapsed_s=elapsed, window_nll=per,
-                            extra={"python": platform.python_version(), "dtype": dtype,
+                            extra={"python": platform.python_version(), "dtype": dtype, "kv_cache_dtype": kv_cache_dtype,
                                    "text_chars": len(text), "text_tokens": len(ids)})

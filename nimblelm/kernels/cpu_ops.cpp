@@ -401,20 +401,26 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t head
   });
 }
 
+// k and v of the new tokens are views into the fused qkv rows: each token's heads are contiguous, tokens strided.
+static void check_new_kv(const char* name, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& slots) {
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.dim() == 3 && v.dim() == 3,
+              name, ": k and v must be float32 [tokens, kv_heads, head_dim]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0), name, ": slots");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              name, ": each token's k and v heads must be contiguous");
+}
+
 // k_cache[slot] = k and v_cache[slot] = v for each new token: one call instead of two index_copy_.
 void write_kv_cache_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
                      torch::Tensor slots) {
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv_cache_: cache layout");
-  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.dim() == 3 && v.dim() == 3,
-              "write_kv_cache_: k and v must be float32 [tokens, kv_heads, head_dim]");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0), "write_kv_cache_: slots");
+  check_new_kv("write_kv_cache_", k, v, slots);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
+              v_cache.scalar_type() == at::kFloat, "write_kv_cache_: cache layout");
   const int64_t row = k.size(1) * k.size(2), num_slots = k_cache.numel() / row;
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
-  const int64_t* sp = slots.contiguous().data_ptr<int64_t>();
-  // k and v are views into the fused qkv row, so each token's heads are contiguous but tokens are strided.
-  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
-              "write_kv_cache_: each token's k and v heads must be contiguous");
+  const auto slots_c = slots.contiguous();
+  const int64_t* sp = slots_c.data_ptr<int64_t>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const int64_t ks = k.stride(0), vs = v.stride(0);
@@ -425,8 +431,72 @@ void write_kv_cache_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor
   }
 }
 
-// scores[t] = scale * q . k_rows[t] for n cached keys of D values.
-static void scores_of(const float* q, const float* const* k_rows, int64_t n, int64_t D, float scale, float* scores) {
+// q = round(x * (127 / max|x|)) for one head's D values; returns the scale max|x| / 127. quantize_kv in
+// layers/attention.py does the same float32 arithmetic, so both paths store the same bytes.
+static float quantize_head(const float* x, int64_t D, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t d = 0; d < D; ++d) q[d] = int8_t(std::nearbyint(x[d] * inv));
+  return amax / 127.f;
+}
+
+// The int8 cache's write: each new token's K and V quantized per KV head into its slot, with the scales
+// beside it in k_scales, v_scales [blocks, block_size, kv_heads].
+void write_kv_cache_int8_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k_scales, torch::Tensor v_scales,
+                          torch::Tensor k, torch::Tensor v, torch::Tensor slots) {
+  check_new_kv("write_kv_cache_int8_", k, v, slots);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kChar &&
+              v_cache.scalar_type() == at::kChar, "write_kv_cache_int8_: int8 cache layout");
+  const int64_t H = k.size(1), D = k.size(2), num_slots = k_cache.numel() / (H * D);
+  TORCH_CHECK(k_scales.is_contiguous() && v_scales.is_contiguous() && k_scales.scalar_type() == at::kFloat &&
+              v_scales.scalar_type() == at::kFloat && k_scales.numel() == num_slots * H &&
+              v_scales.numel() == num_slots * H, "write_kv_cache_int8_: float32 scales, one per slot and KV head");
+  int8_t* kc = k_cache.data_ptr<int8_t>();
+  int8_t* vc = v_cache.data_ptr<int8_t>();
+  float* ksc = k_scales.data_ptr<float>();
+  float* vsc = v_scales.data_ptr<float>();
+  const auto slots_c = slots.contiguous();
+  const int64_t* sp = slots_c.data_ptr<int64_t>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "write_kv_cache_int8_: slot out of range");
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t j = sp[t] * H + h;
+      ksc[j] = quantize_head(kp + t * ks + h * D, D, kc + j * D);
+      vsc[j] = quantize_head(vp + t * vs + h * D, D, vc + j * D);
+    }
+  }
+}
+
+// Cached K/V rows are float32, or int8 (kv_cache_dtype="int8") with a float32 scale per row. int8 rows
+// are widened to float in registers: the kernel reads a quarter of the bytes and computes in float.
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+static inline float dot_row(const float* q, const float* row, int64_t D) { return dot1(q, row, D); }
+static inline float dot_row(const float* q, const int8_t* row, int64_t D) {
+  int64_t d = 0;
+  float s = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(row + d), acc);
+  s = hsum(acc);
+#endif
+  for (; d < D; ++d) s += q[d] * float(row[d]);
+  return s;
+}
+
+// scores[t] = scale * q . k_rows[t] for n cached keys of D values, times row_scales[t] when given (int8 rows).
+template <typename T>
+static void scores_of(const float* q, const T* const* k_rows, const float* row_scales, int64_t n, int64_t D,
+                      float scale, float* scores) {
   int64_t t = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (D % 8 == 0) {
@@ -437,7 +507,7 @@ static void scores_of(const float* q, const float* const* k_rows, int64_t n, int
       for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k_rows[t + r] + d), acc[r]);
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load8(k_rows[t + r] + d), acc[r]);
       }
       const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
       const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
@@ -445,15 +515,18 @@ static void scores_of(const float* q, const float* const* k_rows, int64_t n, int
       // Each 128-bit half of s0123 holds keys 0-3's sums over that half's lanes (s4567: keys 4-7);
       // low halves plus high halves are the eight totals, in key order.
       const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-      _mm256_storeu_ps(scores + t, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
+      __m256 st = _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale));
+      if (row_scales) st = _mm256_mul_ps(st, _mm256_loadu_ps(row_scales + t));
+      _mm256_storeu_ps(scores + t, st);
     }
   }
 #endif
-  for (; t < n; ++t) scores[t] = dot1(q, k_rows[t], D) * scale;
+  for (; t < n; ++t) scores[t] = dot_row(q, k_rows[t], D) * scale * (row_scales ? row_scales[t] : 1.f);
 }
 
 // out[0:D] += sum_t p[t] * v_rows[t][0:D].
-static void weighted_sum(const float* p, const float* const* v_rows, int64_t n, int64_t D, float* out) {
+template <typename T>
+static void weighted_sum(const float* p, const T* const* v_rows, int64_t n, int64_t D, float* out) {
   int64_t d0 = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   // 64 output values stay in eight registers over all n rows.
@@ -462,13 +535,13 @@ static void weighted_sum(const float* p, const float* const* v_rows, int64_t n, 
     for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(out + d0 + 8 * j);
     for (int64_t t = 0; t < n; ++t) {
       const __m256 pv = _mm256_set1_ps(p[t]);
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v_rows[t] + d0 + 8 * j), acc[j]);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(pv, load8(v_rows[t] + d0 + 8 * j), acc[j]);
     }
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
   }
 #endif
   for (int64_t t = 0; t < n; ++t) {
-    for (int64_t d = d0; d < D; ++d) out[d] += p[t] * v_rows[t][d];
+    for (int64_t d = d0; d < D; ++d) out[d] += p[t] * float(v_rows[t][d]);
   }
 }
 
@@ -478,10 +551,17 @@ static void weighted_sum(const float* p, const float* const* v_rows, int64_t n, 
 // (sliding-window attention). Contexts are cut into chunks of ATTN_CHUNK positions, each a work item
 // with its own softmax maximum and sum (split-K, as flash-decoding does), merged at the end: a batch of
 // one long sequence keeps both threads busy instead of one per KV head.
+//
+// T = int8_t reads an int8 cache with k_scales, v_scales [blocks, block_size, kv_heads]: a key's score is
+// scale_k * (q . k_int8) and a value row is weighted by p * scale_v, so nothing is dequantized in memory.
+// Widening each chunk's rows once into a float scratch shared by the group's query heads was tried and
+// measured slower (SmolLM2's heads, 4096 positions, 30 layers, 1 thread: 50 ms a step against 39 here).
 constexpr int64_t ATTN_CHUNK = 256;
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window) {
+template <typename T>
+static void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                             const float* k_scales, const float* v_scales, torch::Tensor block_tables,
+                             torch::Tensor context_lens, double scale, int64_t window) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "paged_decode_attention: q");
   TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: layout");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "paged_decode_attention: int64 tables");
@@ -489,8 +569,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH;
   const int64_t max_blocks = block_tables.size(1);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
   auto tables = block_tables.contiguous(), lens_t = context_lens.contiguous();
   const int64_t* bt = tables.data_ptr<int64_t>();
   const int64_t* lens = lens_t.data_ptr<int64_t>();
@@ -505,24 +585,31 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   std::vector<float> part_out(B * KVH * chunks * G * D, 0.f);
 
   at::parallel_for(0, B * KVH * chunks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(G * ATTN_CHUNK);
-    std::vector<const float*> k_rows, v_rows;
+    std::vector<float> scores(G * ATTN_CHUNK), k_row_scales, v_row_scales;
+    std::vector<const T*> k_rows, v_rows;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (KVH * chunks), kvh = i / chunks % KVH, c = i % chunks;
       const int64_t begin = first_pos(b) + c * ATTN_CHUNK, end = std::min(lens[b], begin + ATTN_CHUNK);
       if (begin >= end) continue;
       const int64_t n = end - begin;
       const float* qg = qp + (b * H + kvh * G) * D;
-      auto row = [&](const float* cache, int64_t pos) {
-        return cache + ((bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh) * D;
-      };
       k_rows.resize(n);
       v_rows.resize(n);
+      k_row_scales.resize(k_scales ? n : 0);
+      v_row_scales.resize(k_scales ? n : 0);
       for (int64_t t = 0; t < n; ++t) {
-        k_rows[t] = row(kp, begin + t);
-        v_rows[t] = row(vp, begin + t);
+        const int64_t pos = begin + t, row = (bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh;
+        k_rows[t] = kp + row * D;
+        v_rows[t] = vp + row * D;
+        if (k_scales) {
+          k_row_scales[t] = k_scales[row];
+          v_row_scales[t] = v_scales[row];
+        }
       }
-      for (int64_t g = 0; g < G; ++g) scores_of(qg + g * D, k_rows.data(), n, D, float(scale), scores.data() + g * n);
+      for (int64_t g = 0; g < G; ++g) {
+        scores_of(qg + g * D, k_rows.data(), k_scales ? k_row_scales.data() : nullptr, n, D, float(scale),
+                  scores.data() + g * n);
+      }
       float* m = part_max.data() + i * G;
       float* l = part_sum.data() + i * G;
       float* o = part_out.data() + i * G * D;
@@ -530,6 +617,9 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
         float* sg = scores.data() + g * n;
         m[g] = *std::max_element(sg, sg + n);
         l[g] = exp_shifted_(sg, n, m[g]);
+        if (v_scales) {  // after the sum: the softmax weights stay unscaled, the value rows get scale_v
+          for (int64_t t = 0; t < n; ++t) sg[t] *= v_row_scales[t];
+        }
       }
       for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * n, v_rows.data(), n, D, o + g * D);
     }
@@ -555,6 +645,45 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   });
 }
 
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "paged_decode_attention: float32 cache");
+  decode_attention<float>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale, window);
+}
+
+void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                 torch::Tensor k_scales, torch::Tensor v_scales, torch::Tensor block_tables,
+                                 torch::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar,
+              "paged_decode_attention_int8: int8 cache");
+  TORCH_CHECK(k_scales.scalar_type() == at::kFloat && v_scales.scalar_type() == at::kFloat && k_scales.is_contiguous() &&
+              v_scales.is_contiguous() && k_scales.numel() * k_cache.size(3) == k_cache.numel() &&
+              v_scales.numel() * v_cache.size(3) == v_cache.numel(),
+              "paged_decode_attention_int8: float32 scales [blocks, block_size, kv_heads]");
+  decode_attention<int8_t>(out, q, k_cache, v_cache, k_scales.data_ptr<float>(), v_scales.data_ptr<float>(),
+                           block_tables, context_lens, scale, window);
+}
+
+// One layer's cache as layers/attention.py's KVCache: (values [2, blocks, block_size, kv_heads, head_dim],
+// float32 scales [2, blocks, block_size, kv_heads] when the values are int8).
+using KVCache = std::tuple<torch::Tensor, c10::optional<torch::Tensor>>;
+
+// A decode step's attention for one layer: the new k, v into the cache, then q against it into out.
+static void attend_decodes(const KVCache& cache, torch::Tensor out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                           torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                           int64_t window) {
+  const auto& [kv, scales] = cache;
+  if (scales) {
+    write_kv_cache_int8_(kv[0], kv[1], (*scales)[0], (*scales)[1], k, v, slots);
+    paged_decode_attention_int8(out, q, kv[0], kv[1], (*scales)[0], (*scales)[1], block_tables, context_lens, scale,
+                                window);
+  } else {
+    write_kv_cache_(kv[0], kv[1], k, v, slots);
+    paged_decode_attention(out, q, kv[0], kv[1], block_tables, context_lens, scale, window);
+  }
+}
+
 // The decode step as one call: a whole stack of decoder layers over a batch of one-token queries.
 // Each layer is the same kernels the Python model calls one by one, composed here, so the Python and
 // dispatch overhead between them (about a quarter of a batch-1 step on this CPU) goes away.
@@ -577,9 +706,9 @@ class DecodeStack {
       : layers_(std::move(layers)), eps_(eps), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {}
 
   // x: [B, hidden] embeddings of the batch's new tokens; cos, sin: [B, head_dim] at their positions;
-  // kv_caches: per layer [2, blocks, block_size, kv_heads, head_dim]; window as paged_decode_attention
-  // takes it. Returns the last hidden state (before the final norm), as the Python model does.
-  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> kv_caches,
+  // kv_caches: per layer a KVCache (above); window as paged_decode_attention takes it. Returns the last
+  // hidden state (before the final norm), as the Python model does.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<KVCache> kv_caches,
                         torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens, int64_t window) {
     TORCH_CHECK(kv_caches.size() == layers_.size(), "DecodeStack: one KV cache per layer");
     const int64_t B = x.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
@@ -596,12 +725,11 @@ class DecodeStack {
       }
       auto qkv = apply_linear(qkv_proj, x);
       rope_(qkv, cos, sin, heads_ + kv_heads_, head_dim_);
-      auto k_cache = kv_caches[l][0], v_cache = kv_caches[l][1];
-      write_kv_cache_(k_cache, v_cache, qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_}),
-                      qkv.narrow(1, q_size + kv_size, kv_size).view({B, kv_heads_, head_dim_}), slots);
       auto q = qkv.narrow(1, 0, q_size).contiguous().view({B, heads_, head_dim_});
       auto attn = torch::empty_like(q);
-      paged_decode_attention(attn, q, k_cache, v_cache, block_tables, context_lens, scale, window);
+      attend_decodes(kv_caches[l], attn, q, qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_}),
+                     qkv.narrow(1, q_size + kv_size, kv_size).view({B, kv_heads_, head_dim_}), slots, block_tables,
+                     context_lens, scale, window);
       x = apply_linear(o_proj, attn.view({B, q_size}));
       add_rms_norm_(x, residual, post_norm, eps_);
       x = apply_linear(down_proj, silu_mul(apply_linear(gate_up_proj, x)));
@@ -617,7 +745,10 @@ class DecodeStack {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
+  m.def("paged_decode_attention_int8", &paged_decode_attention_int8,
+        "decode attention over the paged int8 KV cache with per-token, per-head scales");
   m.def("write_kv_cache_", &write_kv_cache_, "write new k and v rows into their cache slots");
+  m.def("write_kv_cache_int8_", &write_kv_cache_int8_, "quantize new k and v rows per head into their int8 cache slots");
   m.def("int8_linear", &int8_linear, "x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group");
   m.def("pack_panels", &pack_panels, "w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]");
   m.def("packed_linear", &packed_linear, "x @ w.T (+ bias) with w as pack_panels stored it");

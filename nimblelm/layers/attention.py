@@ -3,11 +3,16 @@
 A step's tokens arrive flat: first the decode sequences (one query token each), then the prefill
 chunks, each a run of consecutive query tokens. Decodes are attended in one batched call over their
 gathered pages; each prefill chunk gets its own causal call, since chunks differ in length.
+
+The cache holds K/V in the model's dtype, or (kv_cache_dtype="int8") as int8 with one float32 scale
+per token and KV head: new K/V are quantized as they are written, decodes read the int8 values in
+the C++ kernel, and prefill chunks attend to their pages dequantized.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +55,36 @@ class AttentionMetadata:
         return mask
 
 
+class KVCache(NamedTuple):
+    """One layer's paged K/V. values: [2, num_blocks, block_size, kv_heads, head_dim], K then V, in the
+    model's dtype, or int8 with scales: float32 [2, num_blocks, block_size, kv_heads], K/V = values * scales."""
+
+    values: torch.Tensor
+    scales: torch.Tensor | None = None
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dimension: (q, scale) with x ~ q * scale and scale = max|x| / 127.
+
+    The same float32 arithmetic as the C++ write_kv_cache_int8_ (x * (127 / max|x|), rounded half to
+    even), so the kernels and this reference path store the same bytes."""
+    x = x.float()
+    amax = x.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, 0.0)
+    return torch.round(x * inv[..., None]).to(torch.int8), amax / 127.0
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+def _pages(cache: KVCache, i: int, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K (i=0) or V (i=1) of the blocks indexed by `blocks` (any shape), as [*blocks.shape, block_size,
+    kv_heads, head_dim] in `dtype`."""
+    pages = cache.values[i][blocks]
+    return pages if cache.scales is None else dequantize_kv(pages, cache.scales[i][blocks], dtype)
+
+
 class PagedAttention(torch.nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -63,31 +98,26 @@ class PagedAttention(torch.nn.Module):
         q: torch.Tensor,  # [tokens, heads, head_dim]
         k: torch.Tensor,  # [tokens, kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
+        kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
         ops = ops_for(q)
-        if ops is not None:
-            ops.write_kv_cache_(k_cache, v_cache, k, v, meta.slot_mapping)
-        else:
-            flat_shape = (-1, self.num_kv_heads, self.head_dim)
-            k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
-            v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
-
+        self._write(k, v, kv_cache, meta.slot_mapping, ops)
         out = torch.empty_like(q)
         d = meta.num_decodes
         if d:
-            self._decode(q[:d], k_cache, v_cache, meta, ops, out[:d])
+            self._decode(q[:d], kv_cache, meta, ops, out[:d])
         start = d
         chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks)
         for q_len, ctx, blocks, mask in chunks:
             end = start + q_len
-            if ctx == q_len:  # a whole prompt in one chunk: its K/V are at hand, no gather needed
+            if ctx == q_len and kv_cache.scales is None:  # a whole prompt in one chunk: its K/V are at hand
                 k_ctx, v_ctx = k[start:end], v[start:end]
             else:
-                k_ctx = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
-                v_ctx = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
+                # An int8 cache is always read back, even for a whole prompt: every query then sees the
+                # same rounded K/V however the prompt was chunked, and as the decodes after it will.
+                k_ctx = _pages(kv_cache, 0, blocks, q.dtype).flatten(0, 1)[:ctx]
+                v_ctx = _pages(kv_cache, 1, blocks, q.dtype).flatten(0, 1)[:ctx]
             qt, kt, vt = (x.transpose(0, 1)[None] for x in (q[start:end], k_ctx, v_ctx))
             o = F.scaled_dot_product_attention(
                 qt, kt, vt, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
@@ -96,20 +126,42 @@ class PagedAttention(torch.nn.Module):
             start = end
         return out
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, ops, out: torch.Tensor) -> None:
-        """Attention of the decode queries, written into out (the first rows of the step's output)."""
+    def _write(self, k, v, kv_cache: KVCache, slots: torch.Tensor, ops) -> None:
+        """Store the new tokens' K/V in their cache slots, quantized when the cache is int8."""
+        (k_cache, v_cache), scales = kv_cache.values, kv_cache.scales
         if ops is not None:
-            ops.paged_decode_attention(
-                out, q.contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                self.scale, meta.sliding_window or 0,
-            )
+            if scales is None:
+                ops.write_kv_cache_(k_cache, v_cache, k, v, slots)
+            else:
+                ops.write_kv_cache_int8_(k_cache, v_cache, scales[0], scales[1], k, v, slots)
+            return
+        flat_shape = (-1, self.num_kv_heads, self.head_dim)
+        for i, x in enumerate((k, v)):
+            if scales is None:
+                kv_cache.values[i].view(flat_shape).index_copy_(0, slots, x)
+            else:
+                qx, sx = quantize_kv(x)
+                kv_cache.values[i].view(flat_shape).index_copy_(0, slots, qx)
+                scales[i].view(-1, self.num_kv_heads).index_copy_(0, slots, sx)
+
+    def _decode(self, q, kv_cache: KVCache, meta: AttentionMetadata, ops, out: torch.Tensor) -> None:
+        """Attention of the decode queries, written into out (the first rows of the step's output)."""
+        (k_cache, v_cache), scales = kv_cache.values, kv_cache.scales
+        if ops is not None:
+            tables, lens, window = meta.decode_block_tables, meta.decode_context_lens, meta.sliding_window or 0
+            if scales is None:
+                ops.paged_decode_attention(out, q.contiguous(), k_cache, v_cache, tables, lens, self.scale, window)
+            else:
+                ops.paged_decode_attention_int8(
+                    out, q.contiguous(), k_cache, v_cache, scales[0], scales[1], tables, lens, self.scale, window
+                )
             return
         d = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         max_context = meta.decode_mask.shape[-1]
         # Queries of one KV head are stacked as rows, so GQA needs no K/V repetition.
         qg = q.view(d, self.num_kv_heads, group, self.head_dim)
-        k = k_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_context].transpose(1, 2)
-        v = v_cache[meta.decode_block_tables].flatten(1, 2)[:, :max_context].transpose(1, 2)
+        k = _pages(kv_cache, 0, meta.decode_block_tables, q.dtype).flatten(1, 2)[:, :max_context].transpose(1, 2)
+        v = _pages(kv_cache, 1, meta.decode_block_tables, q.dtype).flatten(1, 2)[:, :max_context].transpose(1, 2)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         out.copy_(o.reshape(d, self.num_heads, self.head_dim))

@@ -15,7 +15,7 @@ from torch import nn
 from nimblelm import hugepages
 from nimblelm.config import ModelConfig
 from nimblelm.kernels import ops_for
-from nimblelm.layers.attention import AttentionMetadata, PagedAttention
+from nimblelm.layers.attention import AttentionMetadata, KVCache, PagedAttention
 from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
 from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -180,7 +180,7 @@ class DecoderLM(nn.Module):
         cfg = self.config
         return ops.DecodeStack(specs, cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
         if self.decode_stack is not None and meta.num_decodes == x.shape[0] <= SKINNY_MAX_ROWS:

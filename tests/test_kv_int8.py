@@ -1,0 +1,172 @@
+"""kv_cache_dtype="int8": K/V stored as int8 with a float32 scale per token and KV head.
+
+The decode kernel against SDPA over the dequantized cache is in test_attention.py; here: the rounding,
+the write, the kernel against the unquantized cache, and the engine with the int8 cache."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_attention import int8_decode, random_paged_cache, reference
+from test_engine import PROMPTS
+
+from nimblelm import LLM, InvalidRequestError, SamplingParams
+from nimblelm.kernels import cpu_ops
+from nimblelm.layers.attention import dequantize_kv, quantize_kv
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    return ops
+
+
+def test_quantize_round_trip_is_within_half_a_step():
+    torch.manual_seed(0)
+    # Heads of very different magnitudes (each gets its own scale), and one all-zero head.
+    x = torch.randn(50, 4, 64) * torch.tensor([1e-3, 1.0, 30.0, 0.0])[None, :, None]
+    q, scale = quantize_kv(x)
+    assert q.dtype == torch.int8 and scale.shape == (50, 4)
+    assert torch.equal(scale, x.abs().amax(-1) / 127)
+    err = (dequantize_kv(q, scale, torch.float32) - x).abs()
+    assert (err <= scale[..., None] * 0.5 * (1 + 1e-5)).all()  # round to nearest: half a step at most
+    assert torch.equal(q[:, :3].abs().amax(-1), torch.full((50, 3), 127, dtype=torch.int8))  # the full range
+    assert not q[:, 3].any() and not scale[:, 3].any()
+
+
+def test_write_kv_cache_int8_stores_what_the_torch_path_stores(ops):
+    torch.manual_seed(0)
+    blocks, block_size, kv_heads, dim = 6, 4, 2, 72
+    qkv = torch.randn(5, (3 + 2 * kv_heads) * dim) * 4  # k and v are strided views into fused rows
+    k = qkv[:, 3 * dim : (3 + kv_heads) * dim].view(5, kv_heads, dim)
+    v = qkv[:, (3 + kv_heads) * dim :].view(5, kv_heads, dim)
+    slots = torch.tensor([17, 0, 5, 23, 9])
+    shape = (blocks, block_size, kv_heads, dim)
+    k_cache, v_cache = torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8)
+    k_scales, v_scales = torch.zeros(shape[:-1]), torch.zeros(shape[:-1])
+    ops.write_kv_cache_int8_(k_cache, v_cache, k_scales, v_scales, k, v, slots)
+    for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
+        q, s = quantize_kv(x)
+        expected_q, expected_s = torch.zeros_like(cache), torch.zeros_like(scales)
+        expected_q.view(-1, kv_heads, dim)[slots] = q
+        expected_s.view(-1, kv_heads)[slots] = s
+        assert torch.equal(cache, expected_q) and torch.equal(scales, expected_s)  # bit for bit
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.write_kv_cache_int8_(k_cache, v_cache, k_scales, v_scales, k, v, torch.tensor([0, 1, 2, 3, 24]))
+
+
+@pytest.mark.parametrize("window", [0, 300])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_int8_decode_kernel_is_close_to_the_float32_cache(ops, window, dim):
+    # Each K/V value moves by at most half a step, max|x| / 254. On N(0, 1) keys and values that moved
+    # outputs of magnitude ~3 by at most 0.019 (0.8% of their norm) when this test was written.
+    q, k_cache, v_cache, tables, lens = random_paged_cache(dim + window + 1, dim)
+    out, _, _ = int8_decode(ops, q, k_cache, v_cache, tables, lens, window)
+    ref = reference(q, k_cache, v_cache, tables, lens, window)
+    assert (out - ref).abs().max() < 0.05
+    assert (out - ref).norm() / ref.norm() < 0.02
+
+
+def _token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_int8_kv_greedy_output_does_not_depend_on_batching_chunking_or_preemption(tiny_qwen):
+    prompts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def run(prompts, **options):
+        llm = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype="int8", **options)
+        return llm, _token_ids(llm.generate(prompts, params, use_tqdm=False))
+
+    alone = [run(p)[1][0] for p in prompts[:3]]
+    batched = run(prompts, max_num_seqs=16)[1]
+    assert batched[:3] == alone
+    # 16-token steps cut the long prompts into chunks that attend to their earlier chunks' int8 pages.
+    assert run(prompts, max_num_seqs=16, max_num_batched_tokens=16, block_size=4)[1] == batched
+    tight, preempted = run(prompts, max_num_seqs=16, block_size=4, num_kv_blocks=70)
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    assert preempted == batched
+    assert tight.llm_engine.block_manager.num_free_blocks == 70
+
+
+def _assert_same_greedy_outputs(a, b, logprob_tol):
+    assert _token_ids(a) == _token_ids(b)
+    for x, y in zip(a, b):
+        for ex, ey in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            assert ex.keys() == ey.keys()
+            assert all(abs(ex[t].logprob - ey[t].logprob) < logprob_tol for t in ex)
+
+
+def test_int8_kv_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
+    # Both paths quantize alike (bit for bit, above), but their K/V come from different kernels a rounding
+    # error apart, which can put a value on either side of a rounding boundary: one int8 step, ~1% of the
+    # head's largest value. Such flips moved logprobs by up to 0.01 here (fp32 KV: 2e-5).
+    fast = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype="int8").generate(PROMPTS[:4], GREEDY, use_tqdm=False)
+    assert cpu_ops() is not None, "the C++ kernels did not build"
+    monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
+    cpu_ops.cache_clear()
+    try:
+        llm = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype="int8")
+        reference_outputs = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
+    finally:
+        monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
+        cpu_ops.cache_clear()
+    _assert_same_greedy_outputs(fast, reference_outputs, 0.05)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_decode_stack_with_int8_kv_matches_the_layer_by_layer_path(tiny_qwen, quantization):
+    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, kv_cache_dtype="int8", quantization=quantization)
+    model = llm.llm_engine.runner.model
+    assert model.decode_stack is not None
+    for prompts in (PROMPTS[:1], PROMPTS):
+        fast = llm.generate(prompts, GREEDY, use_tqdm=False)
+        stack, model.decode_stack = model.decode_stack, None
+        try:
+            reference_outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        finally:
+            model.decode_stack = stack
+        _assert_same_greedy_outputs(fast, reference_outputs, 1e-5)
+
+
+def test_int8_kv_holds_more_blocks_in_the_same_memory(tiny_qwen):
+    budget = 256 << 10  # below the ceiling of max_num_seqs full-length sequences, so the budget decides
+    blocks = {}
+    for kv in ("auto", "int8"):
+        llm = LLM(str(tiny_qwen), max_model_len=64, kv_cache_memory_bytes=budget, kv_cache_dtype=kv)
+        blocks[kv] = llm.llm_engine.block_manager.num_blocks
+        cfg = llm.model_config
+    # Per token, layer and KV head: K and V of head_dim float32 values, or of head_dim int8 values and a scale.
+    per_token = {"auto": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4,
+                 "int8": 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)}
+    assert blocks == {kv: budget // (16 * n) for kv, n in per_token.items()}  # 3.2x at the tiny head_dim of 16
+
+
+def test_bad_kv_cache_dtype_is_one_clear_error(tiny_qwen):
+    with pytest.raises(InvalidRequestError, match="unknown kv_cache_dtype 'fp8': use auto or int8"):
+        LLM(str(tiny_qwen), kv_cache_dtype="fp8")
+    result = subprocess.run([sys.executable, "-m", "nimblelm", "generate", "--model", str(tiny_qwen),
+                             "--kv-cache-dtype", "int4", "hi"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: unknown kv_cache_dtype 'int4': use auto or int8"]
+
+
+def test_eval_ppl_scores_through_the_int8_cache(tiny_llama, capsys):
+    from nimblelm.cli import main
+    from nimblelm.eval.ppl import perplexity
+
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    fp32, int8 = (perplexity(str(tiny_llama), text=text, window=24, max_tokens=80, kv_cache_dtype=kv)
+                  for kv in ("auto", "int8"))
+    # Whole-window prefills attend to the rounded K/V, so the option shows in the score, and only a little.
+    assert fp32.ppl != int8.ppl and int8.ppl == pytest.approx(fp32.ppl, rel=0.02)
+    assert int8.extra["kv_cache_dtype"] == "int8"
+    with pytest.raises(InvalidRequestError, match="nimblelm backend only"):
+        perplexity(str(tiny_llama), backend="transformers", text=text, kv_cache_dtype="int8")
+    assert main(["eval", "ppl", "--model", str(tiny_llama), "--kv-cache-dtype", "int4"]) == 1
+    assert "unknown kv_cache_dtype 'int4'" in capsys.readouterr().err
