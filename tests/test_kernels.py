@@ -93,3 +93,31 @@ def test_unquantized_rows_read_back_the_packed_weight():
     assert layer.weight is None and layer.panels.shape == (3, 24, 16)
     ids = torch.tensor([[0, 15, 16], [39, 7, 32]])
     assert torch.equal(layer.method.rows(layer, ids), w[ids])
+
+
+def _pack_int4_reference(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in 0..15 -> [N, K / 2] bytes: per block of 32, byte i = q[i] | q[i + 16] << 4."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 33])
+@pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 32), (37, 128, 64), (70, 256, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_linear_matches_the_dequantized_matmul(ops, rows, n, k, group, bias):
+    torch.manual_seed(n + k + rows)
+    q = torch.randint(0, 16, (n, k))
+    scales, mins = torch.rand(n, k // group) * 0.1, torch.randn(n, k // group) * 0.2
+    w = (q.reshape(n, k // group, group) * scales[..., None] + mins[..., None]).reshape(n, k)
+    x = torch.randn(rows, k)
+    b = torch.randn(n) if bias else None
+    got = ops.int4_linear(x, _pack_int4_reference(q), scales, mins, b, group)
+    # The kernel rounds activations to int8 per block of 32 (as llama.cpp does); on the same rounded
+    # activations the float product agrees to float rounding.
+    blocks = x.reshape(rows, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    x_rounded = (torch.round(blocks * (127 / amax)) * (amax / 127)).reshape(rows, k)
+    want = F.linear(x_rounded, w, b)
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+    assert (got - F.linear(x, w, b)).norm() / want.norm() < 0.02

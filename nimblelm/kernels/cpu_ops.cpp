@@ -304,6 +304,115 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   return y;
 }
 
+// int4_linear: y = x @ w.T (+ bias) for 4-bit weights w[n, k] = scales[n, g] * q[n, k] + mins[n, g],
+// q in 0..15, g = k / group (group a multiple of 32). qweight [N, K / 2] holds each block of 32 q values
+// of a row in 16 bytes, q[i] in the low and q[i + 16] in the high nibble of byte i (llama.cpp's Q4_0/
+// Q4_1 order), so one load and two masks give the 32 values in order. As in int8_linear, activations are
+// quantized per block of 32; sum_k x[k] * w[k] over a group is then scale * (q . x) + min * sum(x), and
+// sum(x) per group is computed once per activation row (llama.cpp's Q4_1 x Q8_1 dot product).
+
+// Sum over one block of 32 of x[k] * q[k], q unpacked from its 16 bytes, without the scales.
+static inline int32_t int4_block_dot(const int8_t* xq, const uint8_t* packed) {
+  int32_t dot = 0;
+  for (int64_t i = 0; i < QBLOCK / 2; ++i)
+    dot += int32_t(xq[i]) * (packed[i] & 15) + int32_t(xq[i + QBLOCK / 2]) * (packed[i] >> 4);
+  return dot;
+}
+
+// One weight row against one quantized activation row, the scale terms only.
+static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, int64_t K,
+                              int64_t group) {
+  float total = 0.f;
+  for (int64_t k = 0; k < K; k += QBLOCK) total += float(int4_block_dot(xq + k, q + k / 2)) * xd[k / QBLOCK] * s[k / group];
+  return total;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Four weight rows against one quantized activation row, the scale terms only.
+static inline void int4_dot4(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, int64_t K,
+                             int64_t group, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int64_t groups = K / group, row_bytes = K / 2;
+  const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  for (int64_t j = 0; j < groups; ++j) {
+    for (int64_t k = j * group; k < (j + 1) * group; k += QBLOCK) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+      const float dx = xd[k / QBLOCK];
+      for (int r = 0; r < 4; ++r) {
+        const uint8_t* qr = q + r * row_bytes + k / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(qr + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr));
+        const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), nibble);
+        // q is unsigned, x signed: maddubs takes them as they are.
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dx * s[r * groups + j]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+}
+#else
+static inline void int4_dot4(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, int64_t K,
+                             int64_t group, float* out) {
+  for (int r = 0; r < 4; ++r) out[r] = int4_dot1(xq, xd, q + r * K / 2, s + r * (K / group), K, group);
+}
+#endif
+
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
+                          c10::optional<torch::Tensor> bias, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == 2 * q.size(1), "int4_linear: shapes do not match");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
+                  mins.scalar_type() == at::kFloat, "int4_linear: float32 x, uint8 q, float32 scales and mins only");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scales.is_contiguous() && mins.is_contiguous(),
+              "int4_linear: contiguous inputs only");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), groups = K / std::max<int64_t>(group, 1);
+  TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0 && scales.size(0) == N && scales.size(1) == groups &&
+                  mins.sizes() == scales.sizes(), "int4_linear: group must be a multiple of 32 dividing K, "
+                  "scales and mins [N, K / group]");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* mp = mins.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "int4_linear: bad bias");
+    bp = bias->data_ptr<float>();
+  }
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xd(M * K / QBLOCK), xsum(M * groups, 0.f);  // xsum: the quantized x summed per group
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK);
+    for (int64_t k = 0; k < K; k += QBLOCK) {
+      int32_t total = 0;
+      for (int64_t i = k; i < k + QBLOCK; ++i) total += xq[m * K + i];
+      xsum[m * groups + k / group] += float(total) * xd[m * K / QBLOCK + k / QBLOCK];
+    }
+  }
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    float out[4];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 4, rows = std::min<int64_t>(4, N - n);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xr = xq.data() + m * K;
+        const float* dr = xd.data() + m * K / QBLOCK;
+        if (rows == 4) {
+          int4_dot4(xr, dr, qp + n * K / 2, sp + n * groups, K, group, out);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) out[r] = int4_dot1(xr, dr, qp + (n + r) * K / 2, sp + (n + r) * groups, K, group);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float total = out[r] + (bp ? bp[n + r] : 0.f);
+          for (int64_t j = 0; j < groups; ++j) total += mp[(n + r) * groups + j] * xsum[m * groups + j];
+          yp[m * N + n + r] = total;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 static void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2, name, ": contiguous 2-d float32 only");
 }
@@ -688,16 +797,19 @@ static void attend_decodes(const KVCache& cache, torch::Tensor out, torch::Tenso
 // Each layer is the same kernels the Python model calls one by one, composed here, so the Python and
 // dispatch overhead between them (about a quarter of a batch-1 step on this CPU) goes away.
 
-// One linear layer as its LinearMethod stored it: (weight, scales, bias, group, out_features); group 0
-// means float32 panels from pack_panels, group > 0 an int8 weight [N, K] with float32 scales [N, K / group].
-using LinearSpec =
-    std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t, int64_t>;
+// One linear layer as its LinearMethod stored it: (weight, scales, mins, bias, group, out_features).
+// group 0: float32 panels from pack_panels; an int8 weight [N, K] with float32 scales [N, K / group];
+// a uint8 weight [N, K / 2] of 4-bit values with float32 scales and mins [N, K / group].
+using LinearSpec = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                              c10::optional<torch::Tensor>, int64_t, int64_t>;
 // (input norm weight, post-attention norm weight, qkv, o, gate_up, down)
 using LayerSpec = std::tuple<torch::Tensor, torch::Tensor, LinearSpec, LinearSpec, LinearSpec, LinearSpec>;
 
 static torch::Tensor apply_linear(const LinearSpec& spec, const torch::Tensor& x) {
-  const auto& [weight, scales, bias, group, out_features] = spec;
-  return group ? int8_linear(x, weight, *scales, bias, group) : packed_linear(x, weight, out_features, bias);
+  const auto& [weight, scales, mins, bias, group, out_features] = spec;
+  if (group == 0) return packed_linear(x, weight, out_features, bias);
+  if (weight.scalar_type() == at::kByte) return int4_linear(x, weight, *scales, *mins, bias, group);
+  return int8_linear(x, weight, *scales, bias, group);
 }
 
 class DecodeStack {
@@ -749,6 +861,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "decode attention over the paged int8 KV cache with per-token, per-head scales");
   m.def("write_kv_cache_", &write_kv_cache_, "write new k and v rows into their cache slots");
   m.def("write_kv_cache_int8_", &write_kv_cache_int8_, "quantize new k and v rows per head into their int8 cache slots");
+  m.def("int4_linear", &int4_linear, "x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group");
   m.def("int8_linear", &int8_linear, "x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group");
   m.def("pack_panels", &pack_panels, "w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]");
   m.def("packed_linear", &packed_linear, "x @ w.T (+ bias) with w as pack_panels stored it");

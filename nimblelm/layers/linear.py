@@ -37,8 +37,9 @@ class LinearMethod:
         raise NotImplementedError
 
     def kernel_spec(self, layer: Linear) -> tuple | None:
-        """How the C++ decode stack applies this layer, (weight, scales, bias, group, out_features) with
-        group 0 for float32 panels; None when it cannot (the model then runs its layers from Python)."""
+        """How the C++ decode stack applies this layer, (weight, scales, mins, bias, group, out_features)
+        as kernels/cpu_ops.cpp's LinearSpec reads it; None when it cannot (the model then runs its layers
+        from Python)."""
         return None
 
 
@@ -65,7 +66,7 @@ class Unquantized(LinearMethod):
         return F.embedding(ids, layer.weight)
 
     def kernel_spec(self, layer: Linear) -> tuple | None:
-        return None if layer.weight is not None else (layer.panels, None, layer.bias, 0, layer.out_features)
+        return None if layer.weight is not None else (layer.panels, None, None, layer.bias, 0, layer.out_features)
 
 
 class Linear(nn.Module):

@@ -57,4 +57,4 @@ class Int8WeightOnly(LinearMethod):
     def kernel_spec(self, layer: Linear) -> tuple | None:
         if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32 or self.group_size % 32:
             return None
-        return (layer.qweight, layer.scales, layer.bias, self.group_size, layer.out_features)
+        return (layer.qweight, layer.scales, None, layer.bias, self.group_size, layer.out_features)
