@@ -20,10 +20,26 @@ from nimblelm.errors import InvalidRequestError
 BACKEND_NAMES = ("nimblelm", "transformers", "llama.cpp", "vllm")
 _ALIASES = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
 DTYPES = ("float32", "float16", "bfloat16")
+#: the --quantization choices the CLI offers; any other name is left to the engine to refuse
+QUANTIZATIONS = ("none", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 class BackendUnavailable(Exception):
     """The backend cannot run here; the message is the one-line reason shown to the user."""
+
+
+def float_only(ctx: BenchContext) -> None:
+    """For a peer without CPU integer kernels (transformers, vLLM's CPU build here): skip it on a quantized run.
+
+    Measuring it in float beside nimblelm's integer weights or KV cache would compare precisions, not engines.
+    """
+    if ctx.quantization:
+        raise BackendUnavailable(f"no CPU kernel matching nimblelm's {ctx.quantization} weights "
+                                 "(run without --quantization to measure it)")
+    if ctx.kv_cache_dtype != "auto":
+        raise BackendUnavailable(f"no CPU KV cache matching nimblelm's {ctx.kv_cache_dtype} one "
+                                 "(run with --kv-cache-dtype auto to measure it)")
 
 
 def parse_backends(text: str | Sequence[str]) -> list[str]:
@@ -72,6 +88,8 @@ class BenchContext:
     max_model_len: int = 2048
     max_num_seqs: int = 64
     seed: int = 0
+    quantization: str | None = None  # nimblelm's LLM(quantization=...); None: unquantized weights
+    kv_cache_dtype: str = "auto"  # nimblelm's LLM(kv_cache_dtype=...)
     loaded: object | None = None  # the loader's LoadedModel (config, weights, tokenizer, source)
 
     def load(self):
@@ -189,10 +207,14 @@ class NimbleLMBackend(Backend):
         from nimblelm import LLM
 
         self.llm = LLM(model=self.ctx.model, dtype=self.ctx.dtype, max_model_len=self.ctx.max_model_len,
-                       max_num_seqs=self.ctx.max_num_seqs, num_threads=self.ctx.threads)
+                       max_num_seqs=self.ctx.max_num_seqs, num_threads=self.ctx.threads,
+                       quantization=self.ctx.quantization, kv_cache_dtype=self.ctx.kv_cache_dtype)
 
     def info(self) -> dict:
-        return {"weights": f"{self.ctx.dtype} (dequantized by the nimblelm loader)",
+        q = self.ctx.quantization
+        weights = (f"{q} linear weights (quantized at load), {self.ctx.dtype} elsewhere" if q
+                   else f"{self.ctx.dtype} (dequantized by the nimblelm loader)")
+        return {"weights": weights, "quantization": q or "none", "kv_cache_dtype": self.ctx.kv_cache_dtype,
                 "weights_nbytes": self.weights_nbytes()}
 
     def weights_nbytes(self) -> int | None:
@@ -356,6 +378,7 @@ class TransformersBackend(Backend):
             import transformers  # noqa: F401
         except ImportError as e:
             raise BackendUnavailable(f"transformers not installed ({e})") from None
+        float_only(self.ctx)
 
     def load(self) -> None:
         from nimblelm.errors import UnsupportedModelError

@@ -43,9 +43,15 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="context length given to every backend (default: what the workload needs)")
     p.add_argument("--max-num-seqs", type=int, default=64,
                    help="nimblelm's max_num_seqs; also the concurrency of every backend's throughput run")
-    p.add_argument("--llamacpp-gguf", default="auto", choices=("auto", "f32", "f16", "source"),
-                   help="GGUF given to llama.cpp: auto = same precision class as --dtype (f32 for float32), "
-                        "written from the same file; source = the packaged GGUF as is")
+    p.add_argument("--quantization", default="none",
+                   help="nimblelm's linear weights: none (default), int8 or int4, quantized at load (the name "
+                        "goes to LLM(quantization=...)); peers without matching integer kernels are skipped")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="nimblelm's KV cache: auto (the model's dtype, default) or int8; llama.cpp gets q8_0 K/V")
+    p.add_argument("--llamacpp-gguf", default="auto", choices=("auto", "f32", "f16", "q8_0", "q4_0", "q4_1", "source"),
+                   help="GGUF given to llama.cpp, written from the same weights: auto = nimblelm's precision "
+                        "(int8 -> q8_0, int4 -> q4_0, none -> f32 for float32, f16 otherwise); "
+                        "source = the packaged GGUF as is")
     p.add_argument("--output", "-o", default=None,
                    help="folder for results.json (raw figures, config, machine) and report.md")
     p.add_argument("--format", choices=("md", "json"), default="md", help="what to print (default md)")
@@ -186,9 +192,11 @@ def _prepare(args):
         raise InvalidRequestError(f"--max-model-len must be >= 2, got {args.max_model_len}")
     if args.max_num_seqs < 1:
         raise InvalidRequestError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    quantization = check_precision(args, backends)
     torch.set_num_threads(threads)
     ctx = BenchContext(model=args.model, dtype=args.dtype, threads=threads, max_model_len=args.max_model_len or 0,
-                       max_num_seqs=args.max_num_seqs, seed=args.seed)
+                       max_num_seqs=args.max_num_seqs, seed=args.seed, quantization=quantization,
+                       kv_cache_dtype=args.kv_cache_dtype)
     opts = {"llamacpp_gguf_type": args.llamacpp_gguf, "hf_batch_size": getattr(args, "hf_batch_size", None),
             "nimblelm_source": getattr(args, "nimblelm_source", None)}
     machine = machine_info(threads)
@@ -199,6 +207,29 @@ def _prepare(args):
 
         machine.update(quick_measure(threads))
     return ctx, backends, opts, machine
+
+
+def check_precision(args, backends) -> str | None:
+    """Validate --quantization / --kv-cache-dtype before anything loads; returns the quantization (None: none).
+
+    Quantization names are the engine's: an unknown one fails here with the engine's own message.
+    """
+    from nimblelm.bench.backends import KV_CACHE_DTYPES
+
+    if args.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise InvalidRequestError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                                  f"got {args.kv_cache_dtype!r}")
+    quantization = None if args.quantization in (None, "none") else args.quantization
+    if quantization and "nimblelm" in backends:
+        from nimblelm.quantization import linear_method  # the engine's own check of the name
+
+        linear_method(quantization)
+    return quantization
+
+
+def _precision_config(args) -> dict:
+    return {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+            "llamacpp_gguf": args.llamacpp_gguf}
 
 
 def _check_context(ctx) -> None:
@@ -243,7 +274,7 @@ def run_latency_command(args) -> dict:
     config = {"model": args.model, "dtype": args.dtype, "backends": backends, "n_prompt": p, "n_gen": n,
               "batch": b, "prompt_gen": pg, "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads,
               "seed": args.seed, "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs,
-              "llamacpp_gguf": args.llamacpp_gguf}
+              **_precision_config(args)}
     return {"kind": "latency", "command": _command_line(), "config": config, "machine": machine, **out}
 
 
@@ -310,7 +341,7 @@ def run_throughput_command(args) -> dict:
     config = {"model": args.model, "dtype": args.dtype, "backends": backends, "dataset": args.dataset,
               "num_prompts": args.num_prompts, "seed": args.seed, "repeat": args.repeat, "warmup": args.warmup,
               "threads": ctx.threads, "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs,
-              "llamacpp_gguf": args.llamacpp_gguf}
+              **_precision_config(args)}
     config.update(_workload_config(args))
     return {"kind": "throughput", "command": _command_line(), "config": config, "machine": machine, **out}
 
@@ -374,7 +405,7 @@ def run_serve_command(args) -> dict:
               "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "slo": slo.as_dict(),
               "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads,
               "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs, "base_url": args.base_url,
-              "prompt_format": args.prompt_format, **_workload_config(args)}
+              "prompt_format": args.prompt_format, **_precision_config(args), **_workload_config(args)}
     return {"kind": "serve", "command": _command_line(), "config": config, "machine": machine,
             "workload": workload_summary(requests), **out}
 
@@ -406,12 +437,13 @@ def run_survey_command(args) -> dict:
                              max_num_seqs=args.max_num_seqs, workload=workload, prompt_len=args.prompt_len,
                              gen_len=args.gen_len, repeat=args.repeat, warmup=args.warmup, fractions=fractions,
                              slo=SLO(tpot_s=args.tpot_slo), opts=opts, progress=not args.no_progress,
-                             bandwidth_gbs=machine.get("memory_bandwidth_gbs"))
+                             bandwidth_gbs=machine.get("memory_bandwidth_gbs"), quantization=ctx.quantization,
+                             kv_cache_dtype=ctx.kv_cache_dtype)
     config = {"experiment": args.experiment, "model": ",".join(models), "models": models, "dtype": args.dtype,
               "backends": backends, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeat": args.repeat,
               "warmup": args.warmup, "threads": ctx.threads, "seed": args.seed, "dataset": args.dataset,
               "num_prompts": args.num_prompts, "max_num_seqs": args.max_num_seqs, "tpot_slo_s": args.tpot_slo,
-              "rate_fractions": fractions, **_workload_config(args)}
+              "rate_fractions": fractions, **_precision_config(args), **_workload_config(args)}
     return {"kind": "survey-engines", "command": _command_line(), "config": config, "machine": machine, **out}
 
 

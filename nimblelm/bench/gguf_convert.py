@@ -1,8 +1,10 @@
-"""Write a GGUF of the same weights at another precision (F32 or F16), staying in GGUF layout.
+"""Write a GGUF of the same weights at another precision (F32, F16, Q8_0, Q4_0, Q4_1), in GGUF layout.
 
 llama.cpp is measured on the weights nimblelm runs: nimblelm dequantizes the packaged GGUF to fp32, so
-the llama.cpp peer gets an F32 GGUF written from the same file (every metadata key copied, every tensor
-dequantized with gguf.quants.dequantize). No re-permutation is needed since the layout stays GGUF's.
+the llama.cpp peer gets a GGUF written from the same file (every metadata key copied, every tensor
+dequantized with gguf.quants.dequantize, then stored at the asked type: gguf.quants.quantize for the
+block formats, which match nimblelm's int8 / int4 runs). No re-permutation is needed since the layout
+stays GGUF's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-OUT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1)}  # name -> (GGMLQuantizationType name, general.file_type)
+# name -> (GGMLQuantizationType name, general.file_type as gguf.LlamaFileType names it)
+OUT_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+             "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1")}
 
 
 def converted_path(source: Path, out_type: str, folder: Path) -> Path:
@@ -25,15 +29,18 @@ def converted_path(source: Path, out_type: str, folder: Path) -> Path:
 def convert_gguf(source: str | os.PathLike, dest: str | os.PathLike, out_type: str = "f32") -> Path:
     """Write `dest`: `source`'s metadata and tensors, every tensor dequantized and stored as out_type.
 
-    1-D tensors (norms, biases) stay F32 as llama.cpp's converters keep them.
+    1-D tensors (norms, biases) stay F32 as llama.cpp's converters keep them; so does a matrix whose rows
+    do not split into the block format's 32-value blocks (llama.cpp's converters fall back the same way).
     """
     import gguf
 
     out_type = out_type.lower()
     if out_type not in OUT_TYPES:
         raise ValueError(f"unsupported GGUF output type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
-    qname, file_type = OUT_TYPES[out_type]
+    qname, ftype_name = OUT_TYPES[out_type]
     target_qtype = gguf.GGMLQuantizationType[qname]
+    file_type = int(gguf.LlamaFileType[ftype_name])
+    block = gguf.GGML_QUANT_SIZES[target_qtype][0]
     source, dest = Path(source), Path(dest)
     reader = gguf.GGUFReader(source)
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
@@ -61,11 +68,12 @@ def convert_gguf(source: str | os.PathLike, dest: str | os.PathLike, out_type: s
         arr = np.asarray(arr, dtype=np.float32)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF dims are innermost first
         arr = arr.reshape(shape)
-        if target_qtype == gguf.GGMLQuantizationType.F16 and arr.ndim > 1:
-            arr = arr.astype(np.float16)
-            raw = gguf.GGMLQuantizationType.F16
-        else:
+        if arr.ndim == 1 or target_qtype == gguf.GGMLQuantizationType.F32 or shape[-1] % block:
             raw = gguf.GGMLQuantizationType.F32
+        elif target_qtype == gguf.GGMLQuantizationType.F16:
+            arr, raw = arr.astype(np.float16), target_qtype
+        else:
+            arr, raw = gguf.quants.quantize(arr, target_qtype), target_qtype
         arrays.append((t.name, arr, raw))
     for name, arr, raw in arrays:
         writer.add_tensor(name, arr, raw_dtype=raw)

@@ -1,8 +1,10 @@
 """The llama.cpp peer: llama-bench / llama-batched-bench for latency, llama-server for throughput.
 
 It runs a GGUF of the very weights nimblelm runs, at the same precision class: for a float32 run an F32
-GGUF written from the packaged file (see gguf_convert). Binaries come from `nimblelm bench setup
-llama.cpp` (or NIMBLELM_LLAMA_CPP_BIN). Anything missing makes the backend skip with one line.
+GGUF written from the packaged file (see gguf_convert), for nimblelm's int8 / int4 weights a Q8_0 / Q4_0
+one written from the same weights, and for an int8 KV cache llama.cpp's q8_0 K and V cache. Binaries
+come from `nimblelm bench setup llama.cpp` (or NIMBLELM_LLAMA_CPP_BIN). Anything missing makes the
+backend skip with one line.
 
 Throughput uses llama-server with one slot per concurrent request (`-np N`, continuous batching),
 token-id prompts sent over HTTP on 127.0.0.1 from a thread pool: it replays the same variable-length
@@ -29,7 +31,19 @@ from nimblelm.bench.backends import Backend, BackendUnavailable, BenchContext, L
 from nimblelm.bench.datasets import BenchRequest
 from nimblelm.bench.llamacpp_build import TARGETS, bin_dir, cache_dir, find_binary
 
-GGUF_TYPES = ("auto", "f32", "f16", "source")
+GGUF_TYPES = ("auto", "f32", "f16", "q8_0", "q4_0", "q4_1", "source")
+#: --llamacpp-gguf auto for each nimblelm quantization: the llama.cpp block format of the same weight bits
+#: (Q4_0 over Q4_1 for int4: the fastest llama.cpp 4-bit variant here, see shared/peers.md)
+GGUF_FOR_QUANTIZATION = {"int8": "q8_0", "w8a8": "q8_0", "int4": "q4_0"}
+
+
+def auto_gguf_type(dtype: str, quantization: str | None) -> str:
+    """The GGUF type matching nimblelm's precision: by quantization, else f32 for float32 and f16 otherwise."""
+    if quantization:
+        if quantization not in GGUF_FOR_QUANTIZATION:
+            raise BackendUnavailable(f"no GGUF type matches quantization {quantization!r}: pass --llamacpp-gguf")
+        return GGUF_FOR_QUANTIZATION[quantization]
+    return "f32" if dtype == "float32" else "f16"
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -81,7 +95,9 @@ class LlamaCppBackend(Backend):
         super().__init__(ctx)
         self.gguf_type = (gguf_type or "auto").lower()
         self.gguf: Path | None = None
+        self.gguf_kind: str | None = None  # the type chosen at load (auto resolved)
         self._nbytes: int | None = None
+        self._types: list[str] = []  # tensor types in that file (1-D tensors stay F32)
         self._server: subprocess.Popen | None = None
         self._server_log = None
         self._server_url = ""
@@ -98,11 +114,17 @@ class LlamaCppBackend(Backend):
                 f"{missing[0]} not found in {where} (build it with `nimblelm bench setup llama.cpp`)")
         if self.gguf_type not in GGUF_TYPES:
             raise BackendUnavailable(f"unknown GGUF type {self.gguf_type!r} ({', '.join(GGUF_TYPES)})")
+        self._target_type()  # no GGUF type for this quantization: skip before loading anything
 
     def _target_type(self) -> str:
         if self.gguf_type != "auto":
             return self.gguf_type
-        return "f32" if self.ctx.dtype == "float32" else "f16"
+        return auto_gguf_type(self.ctx.dtype, self.ctx.quantization)
+
+    def kv_args(self) -> list[str]:
+        # nimblelm's int8 KV cache against llama.cpp's q8_0 cache (its V cache needs flash attention,
+        # which its default -fa auto turns on for the CPU)
+        return ["-ctk", "q8_0", "-ctv", "q8_0"] if self.ctx.kv_cache_dtype == "int8" else []
 
     def load(self) -> None:
         from nimblelm.bench.gguf_convert import ensure_converted
@@ -111,6 +133,7 @@ class LlamaCppBackend(Backend):
         if source is None or not str(source).endswith(".gguf") or not Path(source).is_file():
             raise BackendUnavailable(f"model {self.ctx.model!r} has no GGUF source file to give llama.cpp")
         kind = self._target_type()
+        self.gguf_kind = kind
         if kind == "source":
             self.gguf = Path(source)
         else:
@@ -119,12 +142,16 @@ class LlamaCppBackend(Backend):
 
         reader = gguf.GGUFReader(self.gguf)
         self._nbytes = int(sum(int(t.n_bytes) for t in reader.tensors))
+        self._types = sorted({t.tensor_type.name for t in reader.tensors})
         del reader
 
     def info(self) -> dict:
-        return {"weights": f"{self._target_type().upper()} GGUF written from the same file"
-                if self._target_type() != "source" else "the packaged GGUF as is",
-                "gguf": str(self.gguf) if self.gguf else None, "weights_nbytes": self._nbytes,
+        return {"weights": f"{self.gguf_kind.upper()} GGUF written from the same file"
+                if self.gguf_kind != "source" else "the packaged GGUF as is",
+                "gguf": str(self.gguf) if self.gguf else None, "gguf_type": self.gguf_kind,
+                "gguf_tensor_types": self._types,
+                "kv_cache_type": "q8_0" if self.ctx.kv_cache_dtype == "int8" else "f16",
+                "weights_nbytes": self._nbytes,
                 "version": built_version(), "build_commit": self.build_commit,
                 "bin_dir": str(find_binary("llama-bench").parent)}
 
@@ -144,7 +171,7 @@ class LlamaCppBackend(Backend):
         t = str(self.ctx.threads)
         if test.batch == 1:
             cmd = [str(find_binary("llama-bench")), "-m", str(self.gguf), "-t", t, "-r", str(repeat),
-                   "-o", "json", "-ngl", "0"]
+                   "-o", "json", "-ngl", "0", *self.kv_args()]
             if test.kind == "pp":
                 cmd += ["-p", str(test.n_tokens), "-n", "0"]
             elif test.kind == "pg":
@@ -177,7 +204,7 @@ class LlamaCppBackend(Backend):
             ctx_len = test.batch * (npp + ntg) + 16
             cmd = [str(find_binary("llama-batched-bench")), "-m", str(self.gguf), "-t", t, "-tb", t,
                    "-c", str(ctx_len), "-npp", str(npp), "-ntg", str(ntg), "-npl", str(test.batch),
-                   "--output-format", "jsonl", "-ngl", "0"]
+                   "--output-format", "jsonl", "-ngl", "0", *self.kv_args()]
             rows = parse_batched_bench_jsonl(self._run(cmd))
             if not rows:
                 raise RuntimeError("llama-batched-bench printed no result")
@@ -197,7 +224,7 @@ class LlamaCppBackend(Backend):
         t = str(self.ctx.threads)
         cmd = [str(find_binary("llama-server")), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
                "-t", t, "-tb", t, "-np", str(slots), "-c", str(slots * self.ctx.max_model_len), "-cb",
-               "--cache-ram", "0", "--no-webui", "-ngl", "0"]
+               "--cache-ram", "0", "--no-webui", "-ngl", "0", *self.kv_args()]
         self._server_log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in _stop_server)
         self._server = subprocess.Popen(cmd, stdout=self._server_log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)

@@ -32,7 +32,9 @@ def machine_lines(meta: dict) -> list[str]:
     cfg = meta["config"]
     lines = [
         f"- command: `{meta.get('command', '')}`",
-        f"- model: `{cfg.get('model')}`, dtype {cfg.get('dtype')}",
+        (f"- model: `{cfg.get('model')}`, dtype {cfg.get('dtype')}"
+         + (f", quantization {cfg['quantization']}" if cfg.get("quantization") else "")
+         + (f", KV cache {cfg['kv_cache_dtype']}" if cfg.get("kv_cache_dtype") else "")),
         (f"- machine: {m.get('cpu_model')}"
          + (f" ({' '.join(m['cpu_features'])})" if m.get("cpu_features") else "")
          + f", {m.get('physical_cores')} physical cores "
@@ -59,6 +61,10 @@ def backend_lines(statuses: dict) -> list[str]:
         if st.get("status") == "ok":
             info = st.get("info") or {}
             bits = [info.get("weights") or ""]
+            if info.get("gguf_tensor_types"):
+                bits.append("tensor types " + ", ".join(info["gguf_tensor_types"]))
+            if info.get("kv_cache_type"):
+                bits.append(f"KV cache {info['kv_cache_type']}")
             if info.get("weights_nbytes"):
                 bits.append(f"{_mib(info['weights_nbytes'])} of weights")
             if info.get("version"):

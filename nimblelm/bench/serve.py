@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nimblelm.bench.arrivals import arrival_times
-from nimblelm.bench.backends import BackendUnavailable, BenchContext
+from nimblelm.bench.backends import BackendUnavailable, BenchContext, float_only
 from nimblelm.bench.datasets import BenchRequest
 from nimblelm.bench.metrics import SLO, RequestRecord, serving_metrics
 
@@ -257,8 +257,14 @@ def nimblelm_server(ctx: BenchContext, slots: int, source: str | None = None) ->
            "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", ctx.dtype,
            "--max-num-seqs", str(slots), "--max-model-len", str(ctx.max_model_len),
            "--threads", str(ctx.threads), "--log-level", "warning", "--max-waiting-requests", "100000"]
+    # only when asked, so that a --nimblelm-source checkout older than these flags still serves
+    if ctx.quantization:
+        cmd += ["--quantization", ctx.quantization]
+    if ctx.kv_cache_dtype != "auto":
+        cmd += ["--kv-cache-dtype", ctx.kv_cache_dtype]
     srv = ServerProcess("nimblelm", cmd, port, env=env, cwd=root)
-    srv.info = {"checkout": root, "weights": f"{ctx.dtype} (dequantized by the nimblelm loader)"}
+    srv.info = {"checkout": root, "weights": f"{ctx.dtype} (dequantized by the nimblelm loader)",
+                "quantization": ctx.quantization or "none", "kv_cache_dtype": ctx.kv_cache_dtype}
     return srv
 
 
@@ -273,7 +279,7 @@ def llamacpp_server(ctx: BenchContext, slots: int, gguf_type: str | None = None)
     port = free_port()
     cmd = [str(find_binary("llama-server")), "-m", str(be.gguf), "--host", "127.0.0.1", "--port", str(port),
            "-t", t, "-tb", t, "-np", str(slots), "-c", str(slots * ctx.max_model_len), "-cb",
-           "--cache-ram", "0", "--no-webui", "-ngl", "0", "--alias", SERVED_NAME]
+           "--cache-ram", "0", "--no-webui", "-ngl", "0", "--alias", SERVED_NAME, *be.kv_args()]
     srv = ServerProcess("llama.cpp", cmd, port)
     srv.info = be.info()
     return srv
@@ -282,6 +288,7 @@ def llamacpp_server(ctx: BenchContext, slots: int, gguf_type: str | None = None)
 def vllm_server(ctx: BenchContext, slots: int) -> ServerProcess:
     from nimblelm.bench import vllm_peer
 
+    float_only(ctx)
     python = vllm_peer.check_vllm()
     folder = vllm_peer.ensure_hf_folder(ctx)
     port = free_port()

