@@ -248,6 +248,16 @@ class NimbleLMBackend(Backend):
         t = max(o.metrics.finished_time for o in outs) - min(o.metrics.first_token_time for o in outs)
         return b * (n - 1) / t
 
+    def phase_times(self, batch: int, input_len: int, output_len: int, seed: int) -> tuple[float, float, float]:
+        """(prefill, decode, end-to-end) seconds of `batch` random prompts of input_len tokens, each generating
+        output_len tokens: prefill = arrival to the last first token, decode = from there to the last finish."""
+        prompts = [self.ctx.prompt(input_len, seed * 1000 + j) for j in range(batch)]
+        outs = self.llm.generate(prompts, self._params(output_len), use_tqdm=False)
+        start = min(o.metrics.arrival_time for o in outs)
+        first = max(o.metrics.first_token_time for o in outs)
+        end = max(o.metrics.finished_time for o in outs)
+        return first - start, end - first, end - start
+
     def _generate_requests(self, requests: Sequence[BenchRequest]):
         prompts = [list(r.prompt_token_ids) for r in requests]
         lens = {r.output_len for r in requests}

@@ -10,6 +10,7 @@ from nimblelm.errors import InvalidRequestError, NimbleLMError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_BACKENDS = "nimblelm,transformers,llama.cpp"
+DEFAULT_QUANT_METHODS = ("int4", "int8", "w8a8")  # survey quantization: W4A16, W8A16, W8A8
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -128,8 +129,11 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     srv.set_defaults(backends="nimblelm,llama.cpp,vllm")
 
     sur = sub.add_parser("survey", help="the survey's comparative experiments on this machine",
-                         description="Rerun one of the survey's experiments: `engines` is its Table 6.")
-    sur.add_argument("experiment", choices=("engines",))
+                         description="Rerun one of the survey's experiments: `engines` is its Table 6, "
+                                     "`quantization` its Table 4 (prefill, decode and end-to-end speedup of "
+                                     "each --methods over the unquantized model, per --batch-sizes × "
+                                     "--input-lens, each generating --output-len tokens; nimblelm only).")
+    sur.add_argument("experiment", choices=("engines", "quantization"))
     sur.add_argument("--models", default=None, help="comma list of models (default: --model)")
     sur.add_argument("--prompt-len", type=int, default=1024, help="(a) prompt tokens (default 1024)")
     sur.add_argument("--gen-len", type=int, default=128, help="(a) generated tokens (default 128)")
@@ -140,6 +144,13 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                      help="(b) offered rates as fractions of the maximum req/s (default 0.5,0.8)")
     sur.add_argument("--nimblelm-source", default=None,
                      help="run `nimblelm serve` from this checkout (PYTHONPATH), e.g. one where issue #3 landed")
+    sur.add_argument("--methods", default=",".join(DEFAULT_QUANT_METHODS),
+                     help="quantization: methods against the unquantized model (default int4,int8,w8a8 = "
+                          "W4A16, W8A16, W8A8); one the engine cannot load is skipped with its reason")
+    sur.add_argument("--batch-sizes", default="1,2,4,8,16", help="quantization: comma list (default 1,2,4,8,16)")
+    sur.add_argument("--input-lens", default="128,256,512,1024,2048",
+                     help="quantization: prompt lengths, comma list (default 128,256,512,1024,2048); "
+                          "--output-len (default 128) is the generated length of every cell")
     _workload_args(sur)
     _common(sur)
     sur.set_defaults(backends="nimblelm,transformers,llama.cpp,vllm", max_num_seqs=32)
@@ -410,6 +421,39 @@ def run_serve_command(args) -> dict:
             "workload": workload_summary(requests), **out}
 
 
+def run_survey_quantization_command(args) -> dict:
+    from nimblelm.bench.survey_quant import run_survey_quantization
+
+    batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes")
+    input_lens = parse_int_list(args.input_lens, "--input-lens")
+    if min(batch_sizes) < 1 or min(input_lens) < 1:
+        raise InvalidRequestError("--batch-sizes and --input-lens values must be >= 1")
+    if args.output_len < 2:
+        raise InvalidRequestError(f"--output-len must be >= 2 (decode is timed after the first token), "
+                                  f"got {args.output_len}")
+    if args.repeat < 1 or args.warmup < 0:
+        raise InvalidRequestError("--repeat must be >= 1 and --warmup >= 0")
+    if args.quantization not in (None, "none"):
+        raise InvalidRequestError("survey quantization compares --methods with the unquantized model: "
+                                  "drop --quantization")
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    if not methods or "none" in methods:
+        raise InvalidRequestError("--methods: give one or more quantization methods (the unquantized model "
+                                  "is always measured as the baseline)")
+    args.backends = "nimblelm"  # the experiment is about nimblelm's own methods; peers have their own formats
+    ctx, _, _, machine = _prepare(args)
+    models = [m.strip() for m in (args.models or args.model).split(",") if m.strip()]
+    out = run_survey_quantization(models, methods, batch_sizes=batch_sizes, input_lens=input_lens,
+                                  output_len=args.output_len, threads=ctx.threads, dtype=args.dtype, seed=args.seed,
+                                  kv_cache_dtype=args.kv_cache_dtype, repeat=args.repeat, warmup=args.warmup,
+                                  progress=not args.no_progress)
+    config = {"experiment": args.experiment, "model": ",".join(models), "models": models, "dtype": args.dtype,
+              "methods": methods, "batch_sizes": batch_sizes, "input_lens": input_lens,
+              "output_len": args.output_len, "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads,
+              "seed": args.seed, "kv_cache_dtype": args.kv_cache_dtype}
+    return {"kind": "survey-quantization", "command": _command_line(), "config": config, "machine": machine, **out}
+
+
 def run_survey_command(args) -> dict:
     from nimblelm.bench.metrics import SLO
     from nimblelm.bench.survey import run_survey_engines
@@ -507,6 +551,8 @@ def run(args) -> int:
         report = run_throughput_command(args)
     elif cmd == "serve":
         report = run_serve_command(args)
+    elif cmd == "survey" and args.experiment == "quantization":
+        report = run_survey_quantization_command(args)
     elif cmd == "survey":
         report = run_survey_command(args)
     elif cmd == "roofline":

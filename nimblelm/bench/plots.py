@@ -5,6 +5,7 @@
 - serve: TTFT/TPOT (p50, p99) and achieved throughput against the offered request rate; E2E latency CDFs
 - roofline: read bandwidth against working-set size
 - survey engines: batch-1 tokens/s and serving req/s per backend
+- survey quantization: a heatmap per phase (prefill, decode, end to end) of each method's speedup
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     kind = report.get("kind")
     fn = {"latency": _latency, "throughput": _throughput, "serve": _serve, "roofline": _roofline,
-          "survey-engines": _survey}.get(kind)
+          "survey-engines": _survey, "survey-quantization": _survey_quant}.get(kind)
     if fn is None or not (report.get("results") or report.get("roofline")):
         return []
     try:
@@ -191,3 +192,44 @@ def _survey(plt, report: dict, out: Path) -> list[Path]:
     p = out / "survey_engines.png"
     fig.savefig(p, dpi=110)
     return [p]
+
+
+def _survey_quant(plt, report: dict, out: Path) -> list[Path]:
+    from nimblelm.bench.survey_quant import METHOD_LABELS, PHASE_NAMES, PHASES
+
+    sp = report.get("speedups") or []
+    pairs = list(dict.fromkeys((s["model"], s["method"]) for s in sp))
+    if not pairs:
+        return []
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    paths = []
+    for phase in PHASES:
+        # a log scale symmetric about 1× (no change), so 0.5× and 2× are equally far from it
+        top = max([2.0] + [max(s[phase], 1 / s[phase]) for s in sp if _finite(s[phase]) and s[phase] > 0])
+        norm = LogNorm(vmin=1 / top, vmax=top)
+        fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 3.8), squeeze=False)
+        for ax, (model, method) in zip(axes[0], pairs):
+            cells = {(s["batch"], s["input_len"]): s[phase] for s in sp if (s["model"], s["method"]) == (model, method)}
+            bs, ns = sorted({b for b, _ in cells}), sorted({n for _, n in cells})
+            grid = [[cells.get((b, n), float("nan")) for n in ns] for b in bs]
+            im = ax.imshow(grid, cmap="RdYlGn", norm=norm, aspect="auto")
+            ax.set_xticks(range(len(ns)))
+            ax.set_xticklabels(ns)
+            ax.set_yticks(range(len(bs)))
+            ax.set_yticklabels(bs)
+            ax.set_xlabel("input length")
+            ax.set_ylabel("batch size")
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.2f}" if _finite(v) else "–", ha="center", va="center", fontsize=8)
+            ax.set_title(f"{model}: {METHOD_LABELS.get(method, method)}", fontsize=9)
+        bar = fig.colorbar(im, ax=list(axes[0]), label="speedup over unquantized")
+        bar.set_ticks(sorted({1 / top, 0.5, 1.0, 2.0, top}))
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}×"))
+        bar.ax.yaxis.set_minor_formatter(NullFormatter())
+        fig.suptitle(f"survey quantization: {PHASE_NAMES[phase]} speedup")
+        paths.append(out / f"survey_quant_{phase}.png")
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    return paths

@@ -158,6 +158,10 @@ def to_markdown(report: dict) -> str:
         from nimblelm.bench.roofline import roofline_markdown
 
         return roofline_markdown(report)
+    if kind == "survey-quantization":
+        from nimblelm.bench.survey_quant import survey_quant_markdown
+
+        return survey_quant_markdown(report)
     if kind == "survey-engines":
         from nimblelm.bench.survey import survey_markdown
 
