@@ -155,3 +155,88 @@ def test_int8_latency_reports_gbps_from_the_quantized_weight_bytes(tiny_llama, t
     tg = next(r for r in out["results"] if r["kind"] == "tg")
     assert tg["weights_nbytes"] == info["weights_nbytes"] < fp32_bytes
     assert tg["mean_gbps"] == pytest.approx(tg["weights_nbytes"] * tg["mean_ts"] / 1e9)
+
+
+# ------------------------------------------------------------------------------ survey quantization
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "none"], "--methods: give one or more quantization methods"),
+    (["--batch-sizes", "1,0"], "--batch-sizes and --input-lens values must be >= 1"),
+    (["--input-lens", "x"], "--input-lens: expected comma-separated integers"),
+    (["--output-len", "1"], "--output-len must be >= 2"),
+    (["--quantization", "int8"], "drop --quantization"),
+])
+def test_survey_quantization_options_raise_one_line(argv, message):
+    args = _parse(["survey", "quantization", *argv, "-t", "1", "--no-measure"])
+    with pytest.raises(InvalidRequestError, match=message) as e:
+        run(args)
+    assert "\n" not in str(e.value)
+
+
+def _row(model, method, batch, input_len, prefill, decode):
+    return {"model": model, "method": method, "batch": batch, "input_len": input_len,
+            "mean_prefill_s": prefill, "mean_decode_s": decode, "mean_e2e_s": prefill + decode}
+
+
+def test_speedups_are_unquantized_time_over_quantized_time_per_phase_and_cell():
+    from nimblelm.bench.survey_quant import speedups
+
+    rows = [_row("m", "none", 1, 128, 1.0, 8.0), _row("m", "int4", 1, 128, 1.25, 2.0),
+            _row("m", "none", 4, 128, 4.0, 10.0), _row("m", "int4", 4, 128, 4.0, 5.0),
+            _row("other", "int4", 1, 128, 1.0, 1.0)]  # no unquantized run of that model: no speedup
+    got = speedups(rows)
+    assert [(s["model"], s["batch"]) for s in got] == [("m", 1), ("m", 4)]
+    assert got[0]["prefill"] == pytest.approx(0.8) and got[0]["decode"] == pytest.approx(4.0)
+    assert got[0]["e2e"] == pytest.approx(9.0 / 3.25)
+    assert (got[1]["prefill"], got[1]["decode"], got[1]["e2e"]) == pytest.approx((1.0, 2.0, 14.0 / 9.0))
+    for s in got:  # end to end = prefill + decode: its speedup lies between theirs
+        assert min(s["prefill"], s["decode"]) <= s["e2e"] <= max(s["prefill"], s["decode"])
+
+
+def test_observations_are_written_from_the_measured_numbers():
+    from nimblelm.bench.survey_quant import observations
+
+    def sp(model, batch, n, prefill, decode):
+        return {"model": model, "method": "int4", "batch": batch, "input_len": n, "prefill": prefill,
+                "decode": decode, "e2e": (prefill + decode) / 2}
+
+    cells = [sp("small", 1, 128, 1.1, 2.4), sp("small", 16, 128, 0.9, 1.4), sp("small", 1, 2048, 0.8, 2.0),
+             sp("small", 16, 2048, 0.7, 1.2), sp("big", 1, 128, 1.0, 3.0)]
+    lines = observations(cells, {"small": 100 * 2**20, "big": 300 * 2**20})
+    assert len(lines) == 4
+    assert "W4A16 on small: decode 1.20×–2.40× (median 1.70×)" in lines[0]
+    assert "W4A16 on small: prefill 0.70×–1.10×, slower than unquantized in 3 of 4 cells" in lines[1]
+    assert ("W4A16 on small: decode speedup at batch 1 / batch 16 (input 128): 2.40× / 1.40×, "
+            "at input 128 / input 2048 (batch 1): 2.40× / 2.00×") in lines[2]
+    assert "W4A16 on big: one batch size and one input length measured" in lines[2]
+    assert "small (100 MiB) 1.70×, big (300 MiB) 3.00×" in lines[3]
+    one = observations([c for c in cells if c["model"] == "small"], {"small": 1})
+    assert "One model measured" in one[3] and "W4A16: decode" in one[0]
+
+
+def test_survey_quantization_smoke_on_a_tiny_model(tiny_llama, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "sq"
+    rc = main(["survey", "quantization", "--model", str(tiny_llama), "--batch-sizes", "1", "--input-lens", "8",
+               "--output-len", "4", "--methods", "int8,nf4", "-r", "1", "-t", "1", "--no-measure", "--no-progress",
+               "--output", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["output_len"] == 4 and data["config"]["batch_sizes"] == [1]
+    assert [(r["method"], r["batch"], r["input_len"]) for r in data["results"]] == [("none", 1, 8), ("int8", 1, 8)]
+    for r in data["results"]:
+        assert len(r["prefill_s"]) == len(r["decode_s"]) == len(r["e2e_s"]) == 1
+        assert r["e2e_s"][0] == pytest.approx(r["prefill_s"][0] + r["decode_s"][0], abs=1e-4)
+    (s,) = data["speedups"]
+    assert s["decode"] == pytest.approx(data["results"][0]["mean_decode_s"] / data["results"][1]["mean_decode_s"])
+    status = data["methods"][str(tiny_llama)]
+    assert status["int8"]["weights_nbytes"] < status["none"]["weights_nbytes"]
+    assert status["nf4"]["status"] == "skipped" and "unknown quantization 'nf4'" in status["nf4"]["reason"]
+    md = (out / "report.md").read_text()
+    assert "W8A16 (int8) over unquantized" in md and "| B \\ input | 8 |" in md
+    assert f"| 1 | {s['prefill']:.2f}/{s['decode']:.2f}/{s['e2e']:.2f} |" in md
+    assert "3. *As batch size and input length grow, the speedup shrinks.*" in md
+    assert {p.name for p in out.glob("*.png")} == {f"survey_quant_{p}.png" for p in ("prefill", "decode", "e2e")}
+    assert capsys.readouterr().out.startswith("## nimblelm bench survey quantization")

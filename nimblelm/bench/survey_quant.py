@@ -51,8 +51,8 @@ def _measure(ctx: BenchContext, method: str, cells: Sequence[tuple[int, int]], o
         bar = tqdm(total=len(cells) * repeat, desc=f"{ctx.model} {method}", unit="run", leave=False)
     rows = []
     try:
-        for i in range(warmup):  # lazy initialisation out of the timed runs
-            backend.phase_times(1, 16, 4, seed=10_000 + i)
+        for i in range(warmup):  # lazy initialisation out of the timed runs, on the shortest prompt
+            backend.phase_times(1, min(n for _, n in cells), 2, seed=10_000 + i)
         monitor = CpuMonitor()
         for batch, input_len in cells:
             runs = []
