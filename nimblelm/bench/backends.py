@@ -20,8 +20,6 @@ from nimblelm.errors import InvalidRequestError
 BACKEND_NAMES = ("nimblelm", "transformers", "llama.cpp", "vllm")
 _ALIASES = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
 DTYPES = ("float32", "float16", "bfloat16")
-#: the --quantization choices the CLI offers; any other name is left to the engine to refuse
-QUANTIZATIONS = ("none", "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "int8")
 
 

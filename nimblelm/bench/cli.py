@@ -230,7 +230,7 @@ def check_precision(args, backends) -> str | None:
     if args.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise InvalidRequestError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                                   f"got {args.kv_cache_dtype!r}")
-    quantization = None if args.quantization in (None, "none") else args.quantization
+    quantization = None if args.quantization == "none" else args.quantization
     if quantization and "nimblelm" in backends:
         from nimblelm.quantization import linear_method  # the engine's own check of the name
 
@@ -433,7 +433,7 @@ def run_survey_quantization_command(args) -> dict:
                                   f"got {args.output_len}")
     if args.repeat < 1 or args.warmup < 0:
         raise InvalidRequestError("--repeat must be >= 1 and --warmup >= 0")
-    if args.quantization not in (None, "none"):
+    if args.quantization != "none":
         raise InvalidRequestError("survey quantization compares --methods with the unquantized model: "
                                   "drop --quantization")
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
