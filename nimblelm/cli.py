@@ -112,13 +112,10 @@ def cmd_chat(args) -> int:
 def cmd_quantize(args) -> int:
     from nimblelm.quantization.quantize import quantize_model
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     _, qconfig = quantize_model(
         args.model, args.method, args.bits, args.output, group_size=args.group_size, calib=args.calib,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed, act_order=args.act_order,
+        threads=args.threads,
     )
     group = f", group {qconfig.group_size}" if qconfig.group_size else ""
     print(f"wrote {args.output}: {qconfig.method} {qconfig.bits}-bit{group} ({qconfig.linear_format})")
@@ -172,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--seed", type=int, default=0, help="order of the calibration texts")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="default: physical cores")
     p.add_argument("--output", "-o", required=True, help="an empty or new folder")
     p.set_defaults(func=cmd_quantize)
 

@@ -10,10 +10,14 @@ from nimblelm import LLM, SamplingParams
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
 from nimblelm.quantization import awq
-from nimblelm.quantization.calibration import capture_inputs, calibration_samples
+from nimblelm.quantization.calibration import calibration_samples, capture_inputs
 from nimblelm.quantization.gptq import gptq_quantize
 from nimblelm.quantization.int4 import (
-    Int4WeightOnly, dequantize_int4, pack_int4, quantize_int4, unpack_int4,
+    Int4WeightOnly,
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
 )
 from nimblelm.quantization.quantize import quantize_model
 from nimblelm.quantization.smoothing import scalable_inputs
@@ -73,7 +77,7 @@ def test_int4_rejects_bad_group_sizes():
 
 def test_int4_linear_matches_its_reference():
     torch.manual_seed(1)
-    w, bias, x = torch.randn(48, 128), torch.randn(48), torch.randn(5, 128)
+    w, x = torch.randn(48, 128), torch.randn(5, 128)
     layer = linear_of(w, Int4WeightOnly(group_size=32))
     assert layer.weight is None and layer.qweight.shape == (48, 64)
     ref = F.linear(x, dequantize_int4(layer.qweight, layer.scales, layer.mins))
@@ -173,6 +177,7 @@ def output_error(x, w, wq):
     return float((x @ (wq - w).t()).pow(2).mean())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", LAYERS)
 def test_gptq_and_awq_beat_rtn_on_a_real_layer(smollm2_layer_inputs, name):
     model, stats = smollm2_layer_inputs

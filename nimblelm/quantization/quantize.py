@@ -43,7 +43,7 @@ def _version() -> str:
 def quantize_model(
     model: str, method: str, bits: int, output: str | Path | None = None, group_size: int | None = None,
     calib: str = "sharegpt", calib_samples: int = 64, calib_seq_len: int = 512, seed: int = 0,
-    act_order: bool = False, progress: bool = True, texts: list[str] | None = None,
+    act_order: bool = False, threads: int | None = None, progress: bool = True, texts: list[str] | None = None,
 ):
     """Quantize `model` and write it to `output` (when given); returns (the in-memory quantized LLM, its
     QuantizationConfig). `texts` replaces the calibration set's texts (tests)."""
@@ -64,7 +64,7 @@ def quantize_model(
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise InvalidRequestError(f"{output} exists and is not an empty folder")
 
-    scorer = NimbleLMScorer(model, max_len=max(calib_seq_len, 2))
+    scorer = NimbleLMScorer(model, threads=threads, max_len=max(calib_seq_len, 2))
     llm, lm = scorer.llm, scorer.runner.model
     lm.decode_stack = None  # it holds the fp32 weights; the quantized layers run from Python from now on
     stats = None
