@@ -19,6 +19,7 @@ from nimblelm.quantization.int4 import (
     quantize_int4,
     unpack_int4,
 )
+from nimblelm.quantization.int8 import dequantize_int8, quantize_int8
 from nimblelm.quantization.quantize import quantize_model
 from nimblelm.quantization.smoothing import scalable_inputs
 from nimblelm.quantization.w8a8 import W8A8, quantize_rows
@@ -193,3 +194,22 @@ def test_gptq_and_awq_beat_rtn_on_a_real_layer(smollm2_layer_inputs, name):
     best = float(awq.output_error(x, w, entry.expand(awq.search_scale(entry, s, G)), G))
     assert gptq < 0.8 * rtn_sym, (gptq, rtn_sym)
     assert best < 0.9 * rtn_asym, (best, rtn_asym)
+
+
+@pytest.mark.parametrize(("bits", "act_order"), [(4, False), (4, True), (8, False), (8, True)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
+    """Inputs with a few large, correlated channels: GPTQ's error compensation must pay off."""
+    torch.manual_seed(4)
+    k = 128
+    mix = torch.randn(k, k) / k**0.5 + torch.eye(k)
+    x = (torch.randn(2048, k) @ mix) * (torch.rand(k) * 4 + 0.1)
+    w = torch.randn(64, k)
+    t = gptq_quantize(w, 2 * x.t() @ x / len(x), bits, 32, act_order=act_order)
+    if bits == 4:
+        gptq = dequantize_int4(t["qweight"], t["scales"], t["mins"])
+        q, scales, mins = quantize_int4(w, 32)
+        rtn = dequantize_int4(pack_int4(q), scales, mins)
+    else:
+        gptq = dequantize_int8(t["qweight"], t["scales"])
+        rtn = dequantize_int8(*quantize_int8(w, 32))
+    assert output_error(x, w, gptq) < 0.7 * output_error(x, w, rtn)
