@@ -20,7 +20,7 @@ from nimblelm.quantization.int4 import (
     unpack_int4,
 )
 from nimblelm.quantization.int8 import dequantize_int8, quantize_int8
-from nimblelm.quantization.quantize import quantize_model
+from nimblelm.quantization.quantize import dense_weights, quantize_model
 from nimblelm.quantization.smoothing import scalable_inputs
 from nimblelm.quantization.w8a8 import W8A8, quantize_rows
 
@@ -118,7 +118,7 @@ def test_scale_folding_is_exact(tiny_qwen):
     """Every fold (norms, v rows with GQA ties and their bias, up rows, the tied head) keeps the function."""
     llm = LLM(str(tiny_qwen), max_model_len=64)
     model = llm.llm_engine.runner.model
-    model.decode_stack = None
+    dense_weights(model)  # plain fp32 matrices to rescale, as quantize_model does
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog")
     before = logits_of(llm, ids).clone()
     torch.manual_seed(3)
@@ -167,6 +167,7 @@ def smollm2_layer_inputs():
     scorer = NimbleLMScorer("smollm2-135m", max_len=320)
     samples = calibration_samples(scorer.tokenizer, 2, 320, seed=0)
     stats = capture_inputs(scorer, samples, seed=0, progress=False, names=LAYERS)
+    dense_weights(scorer.runner.model)
     return scorer.runner.model, stats
 
 

@@ -11,6 +11,7 @@ import importlib.metadata
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from nimblelm.errors import InvalidRequestError
@@ -66,7 +67,7 @@ def quantize_model(
 
     scorer = NimbleLMScorer(model, threads=threads, max_len=max(calib_seq_len, 2))
     llm, lm = scorer.llm, scorer.runner.model
-    lm.decode_stack = None  # it holds the fp32 weights; the quantized layers run from Python from now on
+    dense_weights(lm)
     stats = None
     if calibrated:
         samples = calibration_samples(llm.tokenizer, calib_samples, calib_seq_len, seed, texts)
@@ -75,6 +76,22 @@ def quantize_model(
     if output is not None:
         save_quantized(output, lm, registry.resolve(model), llm.model_config, llm.tokenizer, qconfig)
     return llm, qconfig
+
+
+@torch.no_grad()
+def dense_weights(lm) -> None:
+    """Undo the engine's fp32 storage choices that quantizing in place cannot keep: every Linear gets its
+    weight back as a plain matrix (the engine repacks it into panels for its kernel), a tied embedding
+    its own table (it reads the output layer's panels, which int4/int8/w8a8 storage does not offer),
+    and the C++ decode stack, built over the fp32 weights, is dropped (layers run from Python)."""
+    for module in lm.modules():
+        if isinstance(module, Linear) and module.weight is None:
+            module.weight = nn.Parameter(module.method.rows(module, torch.arange(module.out_features)).clone())
+            for name, _ in list(module.named_buffers(recurse=False)):
+                delattr(module, name)
+    if not isinstance(lm.embed_tokens, nn.Embedding):
+        lm.embed_tokens = nn.Embedding.from_pretrained(lm.lm_head.weight.detach().clone())
+    lm.decode_stack = None
 
 
 @torch.no_grad()
