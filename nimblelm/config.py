@@ -45,4 +45,4 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8: int8 K/V with a float32 scale per token and KV head
     seed: int = 0
     num_threads: int | None = None  # CPU threads; default: the physical cores
-    quantization: str | None = None  # "int8": linear weights quantized at load (RTN, one scale per 32 inputs)
+    quantization: str | None = None  # "int8", "int4", "w8a8": linear weights quantized at load (RTN, see quantization)

@@ -47,6 +47,8 @@ class LLMEngine:
         method = linear_method(config.quantization)  # a bad name fails before the model loads
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress)
+        if loaded.quantized is not None:
+            method = loaded.quantized.linear_method(config.quantization)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)
@@ -63,6 +65,8 @@ class LLMEngine:
             linear_method=method,
             kv_cache_dtype=self.kv_dtype,
         )
+        if loaded.quantized is not None:
+            loaded.quantized.load_into(self.runner.model)
         del loaded
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(

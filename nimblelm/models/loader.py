@@ -26,6 +26,7 @@ from nimblelm.config import ModelConfig
 from nimblelm.errors import ModelFormatError, UnsupportedModelError
 from nimblelm.models import gguf_file, registry
 from nimblelm.models.gguf_file import first_line
+from nimblelm.quantization.saved import SavedQuantization, read_quantized
 
 # Bump when what the dequant cache holds changes meaning, so old entries are ignored rather than misread.
 _CACHE_FORMAT = 1
@@ -43,6 +44,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerFast
     source: Path
     name: str
+    # A folder written by `nimblelm quantize`: its linear layers' saved tensors (weights holds them dequantized).
+    quantized: SavedQuantization | None = None
 
 
 def load_model(model: str, progress: bool = True) -> LoadedModel:
@@ -55,13 +58,14 @@ def load_model(model: str, progress: bool = True) -> LoadedModel:
             f"`pull` can still fetch the file"
         )
     path = registry.resolve(model, progress=progress)
+    quantized = None
     if path.is_dir():
-        config, weights, tokenizer = load_hf_folder(path)
+        config, weights, tokenizer, quantized = load_hf_folder(path)
         name = model if entry else path.name
     else:
         config, weights, tokenizer = load_gguf(path, progress, identity=entry.sha256 if entry else None)
         name = model if entry else path.stem
-    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name, quantized=quantized)
 
 
 # ---------------------------------------------------------------- weights shared by both formats
@@ -121,13 +125,18 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
 # ---------------------------------------------------------------- Hugging Face folders
 
 
-def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast]:
+def load_hf_folder(
+    folder: Path,
+) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast, SavedQuantization | None]:
     config = read_hf_config(folder)
     tokenizer = _hf_tokenizer(folder)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = dataclasses.replace(config, eos_token_ids=(tokenizer.eos_token_id,))
-    weights = select_weights(config, _read_safetensors(folder), folder)
-    return config, weights, tokenizer
+    weights, quantized = _read_safetensors(folder), None
+    saved = read_quantized(folder, config, weights)
+    if saved is not None:
+        weights, quantized = saved
+    return config, select_weights(config, weights, folder), tokenizer, quantized
 
 
 def read_hf_config(folder: Path) -> ModelConfig:

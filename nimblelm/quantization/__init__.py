@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import LinearMethod, Unquantized
+from nimblelm.quantization.int4 import Int4WeightOnly
 from nimblelm.quantization.int8 import Int8WeightOnly
+from nimblelm.quantization.w8a8 import W8A8
 
-METHODS = {"int8": Int8WeightOnly}
+# On-the-fly RTN at load: int8 and int4 weight-only with a group of 32 (llama.cpp's Q8_0/Q4_0 blocks),
+# and W8A8 (int8 per-channel weights, int8 per-token activations) without smoothing.
+METHODS = {"int8": Int8WeightOnly, "int4": Int4WeightOnly, "w8a8": W8A8}
 
 
 def linear_method(name: str | None) -> LinearMethod:

@@ -1,0 +1,113 @@
+"""int4 weights with a scale and a minimum per group of input channels.
+
+Storage format (one format for every producer: RTN at load, GPTQ, AWQ, saved folders; a C++ kernel
+reads it as is):
+
+- `qweight`: uint8 [N, K / 2]. Each output row n is cut along K into blocks of 32 weights, stored as
+  16 consecutive bytes; byte i (0..15) of a block holds q[i] in its low nibble and q[i + 16] in its
+  high nibble (llama.cpp's Q4_0 nibble order). q is unsigned, 0..15.
+- `scales`, `mins`: float32 [N, K / group], one pair per group of `group` inputs (32, 64 or 128, a
+  multiple of the block, dividing K).
+- The weight is w[n, k] = scales[n, k // group] * q[n, k] + mins[n, k // group].
+
+Symmetric RTN stores mins = -8 * scales (q - 8 is the signed value, as in Q4_0); asymmetric
+quantization with an integer zero point (GPTQ, AWQ) stores mins = -scales * zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nimblelm.errors import InvalidRequestError
+from nimblelm.layers.linear import Linear, LinearMethod
+
+BLOCK = 32
+GROUP_SIZES = (32, 64, 128)
+
+
+def check_group(group_size: int, k: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise InvalidRequestError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise InvalidRequestError(f"group size {group_size} does not divide the input dimension {k}")
+
+
+def int4_params(groups: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, min) of each group for the RTN grid over the last dimension of `groups`."""
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        # As Q4_0: the value of largest magnitude maps exactly onto -8, so all 16 levels are in use.
+        extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scale = extreme / -8
+        scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
+        return scale, -8 * scale
+    # The range always holds 0, and the zero point is an integer, so that 0 and the min are on the grid.
+    lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp_min(tiny)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    return scale, -scale * zero
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """q = round((w - min) / scale) in 0..15, as float (shapes broadcast)."""
+    return torch.round((w - minimum) / scale).clamp(0, 15)
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN: returns (q uint8 [N, K] in 0..15, unpacked; scales [N, K / g]; mins [N, K / g])."""
+    n, k = weight.shape
+    check_group(group_size, k)
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    scale, minimum = int4_params(groups, symmetric)
+    q = quantize_to_grid(groups, scale[..., None], minimum[..., None])
+    return q.to(torch.uint8).reshape(n, k), scale, minimum
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values 0..15 -> uint8 [N, K / 2] in the block layout of the module doc."""
+    n, k = q.shape
+    halves = q.to(torch.uint8).reshape(n, k // BLOCK, 2, BLOCK // 2)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: uint8 [N, K / 2] -> uint8 [N, K] values 0..15."""
+    n, half = qweight.shape
+    blocks = qweight.reshape(n, half // (BLOCK // 2), BLOCK // 2)
+    return torch.stack([blocks & 0xF, blocks >> 4], dim=2).reshape(n, 2 * half)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    q = unpack_int4(qweight)
+    n, k = q.shape
+    groups = q.reshape(n, scales.shape[1], -1).float()
+    return (groups * scales[..., None] + mins[..., None]).reshape(n, k)
+
+
+class Int4WeightOnly(LinearMethod):
+    """An eighth of the fp32 bytes; the reference path dequantizes the layer for every call.
+
+    A fast kernel comes later (kernel_spec is None, so the model runs its layers from Python).
+    """
+
+    name = "int4"
+
+    def __init__(self, group_size: int = 32, symmetric: bool = True):
+        self.group_size = group_size
+        self.symmetric = symmetric
+
+    def process(self, layer: Linear) -> None:
+        q, scales, mins = quantize_int4(layer.weight.detach(), self.group_size, self.symmetric)
+        dtype = layer.weight.dtype
+        layer.weight = None  # a tied lm_head only drops its reference: the embedding keeps the tensor
+        layer.register_buffer("qweight", pack_int4(q))
+        layer.register_buffer("scales", scales)
+        layer.register_buffer("mins", mins)
+        layer.compute_dtype = dtype
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_int4(layer.qweight, layer.scales, layer.mins).to(layer.compute_dtype)
+        return F.linear(x, w, layer.bias)

@@ -1,0 +1,216 @@
+"""Quantization methods: int4 packing, each quantized linear against its reference matmul, exact
+scale folding, GPTQ and AWQ against RTN on a real layer, and saved folders against in-memory models."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import TRAINING_TEXT
+
+from nimblelm import LLM, SamplingParams
+from nimblelm.errors import InvalidRequestError
+from nimblelm.layers.linear import Linear
+from nimblelm.quantization import awq
+from nimblelm.quantization.calibration import calibration_samples, capture_inputs
+from nimblelm.quantization.gptq import gptq_quantize
+from nimblelm.quantization.int4 import (
+    Int4WeightOnly,
+    dequantize_int4,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
+from nimblelm.quantization.int8 import dequantize_int8, quantize_int8
+from nimblelm.quantization.quantize import dense_weights, quantize_model
+from nimblelm.quantization.smoothing import scalable_inputs
+from nimblelm.quantization.w8a8 import W8A8, quantize_rows
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+PROMPTS = ["Hello world", "The quick brown fox", "1 2 3 4"]
+CALIB_TEXTS = [TRAINING_TEXT] * 40  # the tiny model's tokenizer knows this text
+
+
+def linear_of(w, method, bias=None):
+    layer = Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.prepare(method)
+    return layer
+
+
+def test_int4_pack_round_trip_and_nibble_order():
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (5, 128), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 64)
+    assert torch.equal(unpack_int4(packed), q)
+    # Q4_0 order: byte i of a block of 32 holds q[i] (low nibble) and q[i + 16] (high nibble).
+    assert packed[2, 16 + 3] == q[2, 32 + 3] | (q[2, 32 + 19] << 4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_rtn_round_trip(symmetric, group):
+    torch.manual_seed(group)
+    w = torch.randn(16, 256) * torch.rand(16, 1) * 3 + (0 if symmetric else 0.5)
+    q, scales, mins = quantize_int4(w, group, symmetric)
+    assert q.max() <= 15 and scales.shape == mins.shape == (16, 256 // group)
+    if symmetric:
+        assert torch.equal(mins, -8 * scales)
+    else:  # an integer zero point
+        zero = -mins / scales
+        assert torch.allclose(zero, zero.round(), atol=1e-4) and (zero >= 0).all() and (zero <= 15).all()
+    deq = dequantize_int4(pack_int4(q), scales, mins)
+    step = scales.abs().repeat_interleave(group, dim=1)
+    # Half a step, except that symmetric RTN clamps the side opposite the extreme at +7 (one step).
+    assert ((deq - w).abs() <= step * (1.0 if symmetric else 0.5) + 1e-6).all()
+    # Values already on the grid come back as the same integers.
+    assert torch.equal(quantize_int4(deq, group, symmetric)[0], q)
+
+
+def test_int4_rejects_bad_group_sizes():
+    with pytest.raises(InvalidRequestError, match="must be one of"):
+        quantize_int4(torch.randn(4, 96), 48)
+    with pytest.raises(InvalidRequestError, match="does not divide the input dimension 96"):
+        quantize_int4(torch.randn(4, 96), 64)
+
+
+def test_int4_linear_matches_its_reference():
+    torch.manual_seed(1)
+    w, x = torch.randn(48, 128), torch.randn(5, 128)
+    layer = linear_of(w, Int4WeightOnly(group_size=32))
+    assert layer.weight is None and layer.qweight.shape == (48, 64)
+    ref = F.linear(x, dequantize_int4(layer.qweight, layer.scales, layer.mins))
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    # Against fp32: 4-bit rounding of Gaussian weights moves outputs by ~10% in relative norm.
+    exact = F.linear(x, w)
+    assert (layer(x) - exact).norm() < 0.15 * exact.norm()
+
+
+def test_w8a8_linear_matches_the_integer_matmul():
+    torch.manual_seed(2)
+    w, bias, x = torch.randn(40, 96), torch.randn(40), torch.randn(7, 96) * 3
+    layer = linear_of(w, W8A8(), bias)
+    xq, xs = quantize_rows(x)
+    # The integer reference: exact int32 dot products, then both scales.
+    dots = torch._int_mm(torch.cat([xq, xq.new_zeros(17 - 7, 96)]), layer.qweight.t())[:7]
+    ref = dots.float() * xs * layer.scales[None] + bias
+    assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-4)
+    exact = F.linear(x, w, bias)
+    assert (layer(x) - exact).norm() < 0.02 * exact.norm()  # two 8-bit roundings: about 1%
+
+
+def logits_of(llm, prompt_ids):
+    from nimblelm.eval.ppl import NimbleLMScorer
+
+    scorer = NimbleLMScorer.__new__(NimbleLMScorer)
+    scorer.runner = llm.llm_engine.runner
+    captured = {}
+    model = scorer.runner.model
+    hook = model.lm_head.register_forward_hook(lambda _m, _a, out: captured.setdefault("logits", out))
+    scorer(prompt_ids)
+    hook.remove()
+    return captured["logits"]
+
+
+def test_scale_folding_is_exact(tiny_qwen):
+    """Every fold (norms, v rows with GQA ties and their bias, up rows, the tied head) keeps the function."""
+    llm = LLM(str(tiny_qwen), max_model_len=64)
+    model = llm.llm_engine.runner.model
+    dense_weights(model)  # plain fp32 matrices to rescale, as quantize_model does
+    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    before = logits_of(llm, ids).clone()
+    torch.manual_seed(3)
+    for entry in scalable_inputs(model):
+        k = entry.producer.shape[0]
+        entry.apply(torch.rand(k) * 3 + 0.2)
+    assert model.lm_head.weight is not model.embed_tokens.weight
+    after = logits_of(llm, ids)
+    assert torch.allclose(before, after, atol=1e-3, rtol=1e-4)
+
+
+def test_on_the_fly_int4_equals_a_saved_rtn_folder(tiny_qwen, tmp_path):
+    fly = LLM(str(tiny_qwen), max_model_len=128, quantization="int4")
+    fp32 = LLM(str(tiny_qwen), max_model_len=128)
+    assert fly.weights_nbytes < 0.5 * fp32.weights_nbytes
+    quantize_model(str(tiny_qwen), "rtn", 4, tmp_path / "rtn4", group_size=32, progress=False)
+    saved = LLM(str(tmp_path / "rtn4"), max_model_len=128)
+    assert saved.weights_nbytes == fly.weights_nbytes
+    a, b = (m.generate(PROMPTS, GREEDY, use_tqdm=False) for m in (fly, saved))
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
+@pytest.mark.parametrize(("method", "bits", "group"), [
+    ("gptq", 4, 32), ("gptq", 8, 64), ("awq", 4, 32), ("smoothquant", 8, None), ("rtn", 8, 32),
+])
+def test_saved_folder_generates_what_the_in_memory_model_does(tiny_qwen, tmp_path, method, bits, group):
+    llm, qconfig = quantize_model(str(tiny_qwen), method, bits, tmp_path / "q", group_size=group, calib_samples=4,
+                                  calib_seq_len=64, texts=CALIB_TEXTS, progress=False)
+    saved = LLM(str(tmp_path / "q"))
+    assert saved.llm_engine.runner.model.lm_head.method.name == qconfig.linear_format
+    a, b = (m.generate(PROMPTS, GREEDY, use_tqdm=False) for m in (llm, saved))
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
+# ---------------------------------------------------------------- the real model, real activations
+
+
+LAYERS = ["layers.3.self_attn.qkv_proj", "layers.20.mlp.gate_up_proj"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_layer_inputs():
+    """SmolLM2-135M's engine model and two of its layers' inputs on 2 ShareGPT samples of 320 tokens."""
+    from nimblelm.eval.ppl import NimbleLMScorer
+
+    scorer = NimbleLMScorer("smollm2-135m", max_len=320)
+    samples = calibration_samples(scorer.tokenizer, 2, 320, seed=0)
+    stats = capture_inputs(scorer, samples, seed=0, progress=False, names=LAYERS)
+    dense_weights(scorer.runner.model)
+    return scorer.runner.model, stats
+
+
+# SmolLM2's hidden size, 576, is no multiple of 128: its 4-bit comparisons use groups of 64.
+G = 64
+
+
+def output_error(x, w, wq):
+    return float((x @ (wq - w).t()).pow(2).mean())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", LAYERS)
+def test_gptq_and_awq_beat_rtn_on_a_real_layer(smollm2_layer_inputs, name):
+    model, stats = smollm2_layer_inputs
+    w, s = model.get_submodule(name).weight.detach(), stats[name]
+    x = s.sample
+    q, scales, mins = quantize_int4(w, G)
+    rtn_sym = output_error(x, w, dequantize_int4(pack_int4(q), scales, mins))
+    t = gptq_quantize(w, s.hessian, 4, G, symmetric=True)
+    gptq = output_error(x, w, dequantize_int4(t["qweight"], t["scales"], t["mins"]))
+    # AWQ against RTN of its own grid (asymmetric): the search keeps s = 1 unless scaling helps.
+    rtn_asym = float(awq.output_error(x, w, torch.ones(w.shape[1]), G))
+    entry = next(e for e in scalable_inputs(model) if e.name == name)
+    best = float(awq.output_error(x, w, entry.expand(awq.search_scale(entry, s, G)), G))
+    assert gptq < 0.8 * rtn_sym, (gptq, rtn_sym)
+    assert best < 0.9 * rtn_asym, (best, rtn_asym)
+
+
+@pytest.mark.parametrize(("bits", "act_order"), [(4, False), (4, True), (8, False), (8, True)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
+    """Inputs with a few large, correlated channels: GPTQ's error compensation must pay off."""
+    torch.manual_seed(4)
+    k = 128
+    mix = torch.randn(k, k) / k**0.5 + torch.eye(k)
+    x = (torch.randn(2048, k) @ mix) * (torch.rand(k) * 4 + 0.1)
+    w = torch.randn(64, k)
+    t = gptq_quantize(w, 2 * x.t() @ x / len(x), bits, 32, act_order=act_order)
+    if bits == 4:
+        gptq = dequantize_int4(t["qweight"], t["scales"], t["mins"])
+        q, scales, mins = quantize_int4(w, 32)
+        rtn = dequantize_int4(pack_int4(q), scales, mins)
+    else:
+        gptq = dequantize_int8(t["qweight"], t["scales"])
+        rtn = dequantize_int8(*quantize_int8(w, 32))
+    assert output_error(x, w, gptq) < 0.7 * output_error(x, w, rtn)

@@ -1,0 +1,94 @@
+"""`nimblelm quantize`: the folder it writes, loading it with no flag, and one clear error per bad option."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from nimblelm import LLM, SamplingParams
+from nimblelm.cli import main
+from nimblelm.errors import ModelFormatError
+
+
+@pytest.fixture(scope="module")
+def rtn_folder(tiny_qwen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "rtn4"
+    assert main(["quantize", "--model", str(tiny_qwen), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--output", str(out)]) == 0
+    return out
+
+
+def test_quantize_writes_a_folder_that_generate_loads_without_flags(rtn_folder):
+    names = {p.name for p in rtn_folder.iterdir()}
+    assert {"config.json", "tokenizer.json", "model.safetensors", "quantization_config.json"} <= names
+    config = json.loads((rtn_folder / "quantization_config.json").read_text())
+    assert config | {"nimblelm_version": "x", "source": "x"} == {
+        "method": "rtn", "bits": 4, "group_size": 32, "symmetric": True, "calibration": None,
+        "calib_samples": None, "calib_seq_len": None, "seed": None, "act_order": False, "source": "x",
+        "nimblelm_version": "x", "format_version": 1,
+    }
+    expected = LLM(str(rtn_folder)).generate("Hello world", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    result = subprocess.run([sys.executable, "-m", "nimblelm", "generate", "--model", str(rtn_folder),
+                             "--max-tokens", "8", "Hello world"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected[0].outputs[0].text + "\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "rtn", "--bits", "3"], "rtn cannot quantize to 3 bits"),
+    (["--method", "awq", "--bits", "8"], "awq cannot quantize to 8 bits"),
+    (["--method", "smoothquant", "--bits", "4"], "smoothquant cannot quantize to 4 bits"),
+    (["--method", "smoothquant", "--bits", "8", "--group-size", "32"], "takes no group size"),
+    (["--method", "hqq", "--bits", "4"], "unknown quantization method"),
+    (["--method", "rtn", "--bits", "4", "--group-size", "48"], "group size must be one of"),
+    (["--method", "rtn", "--bits", "4", "--group-size", "128"], "does not divide the input dimension 64"),
+    (["--method", "gptq", "--bits", "4", "--group-size", "32", "--calib-samples", "1", "--calib-seq-len", "16"],
+     "calibration set too small"),
+])
+def test_bad_options_are_one_line_and_exit_1(tiny_qwen, tmp_path, capsys, args, message):
+    assert main(["quantize", "--model", str(tiny_qwen), *args, "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and message in err[-1], err
+
+
+def copy_folder(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_corrupt_quantized_folders_are_format_errors(rtn_folder, tmp_path):
+    missing = copy_folder(rtn_folder, tmp_path / "missing")
+    tensors = load_file(missing / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.mins"]
+    save_file(tensors, missing / "model.safetensors")
+    with pytest.raises(ModelFormatError, match="incomplete quantized model, model.layers.1.mlp.down_proj.mins"):
+        LLM(str(missing))
+
+    misshapen = copy_folder(rtn_folder, tmp_path / "misshapen")
+    tensors = load_file(misshapen / "model.safetensors")
+    tensors["lm_head.scales"] = tensors["lm_head.scales"][:, :1].contiguous()
+    save_file(tensors, misshapen / "model.safetensors")
+    with pytest.raises(ModelFormatError, match="lm_head.scales is"):
+        LLM(str(misshapen))
+
+    bad_config = copy_folder(rtn_folder, tmp_path / "config")
+    (bad_config / "quantization_config.json").write_text('{"method": "rtn", "bits": 3, "group_size": 32}')
+    with pytest.raises(ModelFormatError, match="not a valid quantization config"):
+        LLM(str(bad_config))
+
+    truncated = copy_folder(rtn_folder, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFormatError, match="unreadable safetensors"):
+        LLM(str(truncated))
+
+
+def test_a_quantized_folder_refuses_a_second_quantization(rtn_folder):
+    from nimblelm.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="already quantized"):
+        LLM(str(rtn_folder), quantization="int8")
