@@ -204,7 +204,7 @@ def test_cpu_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
             assert all(abs(ea[t].logprob - eb[t].logprob) < 1e-4 for t in ea)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_decode_stack_matches_the_layer_by_layer_path(tiny_qwen, quantization):
     # Decode-only steps run all layers in one C++ call; the same model run layer by layer from Python
     # (as mixed and prefill steps are) is its oracle, on single and batched decodes.

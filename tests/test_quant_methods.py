@@ -82,7 +82,9 @@ def test_int4_linear_matches_its_reference():
     layer = linear_of(w, Int4WeightOnly(group_size=32))
     assert layer.weight is None and layer.qweight.shape == (48, 64)
     ref = F.linear(x, dequantize_int4(layer.qweight, layer.scales, layer.mins))
-    assert torch.allclose(layer(x), ref, atol=1e-5)
+    # The C++ kernel rounds activations to int8 per block of 32 (test_kernels checks it exactly on the
+    # rounded activations); the torch path is the reference itself.
+    assert (layer(x) - ref).norm() < 0.01 * ref.norm()
     # Against fp32: 4-bit rounding of Gaussian weights moves outputs by ~10% in relative norm.
     exact = F.linear(x, w)
     assert (layer(x) - exact).norm() < 0.15 * exact.norm()

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.errors import InvalidRequestError
-from nimblelm.layers.linear import Linear, LinearMethod
+from nimblelm.kernels import ops_for
+from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
 
 BLOCK = 32
 GROUP_SIZES = (32, 64, 128)
@@ -88,9 +89,11 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 
 
 class Int4WeightOnly(LinearMethod):
-    """An eighth of the fp32 bytes; the reference path dequantizes the layer for every call.
+    """An eighth of the fp32 bytes, plus a scale and a minimum per group.
 
-    A fast kernel comes later (kernel_spec is None, so the model runs its layers from Python).
+    Up to SKINNY_MAX_ROWS activation rows the C++ kernel multiplies the packed values as stored, with
+    activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches
+    (prefill) and other devices dequantize the layer and use the float GEMM.
     """
 
     name = "int4"
@@ -109,5 +112,13 @@ class Int4WeightOnly(LinearMethod):
         layer.compute_dtype = dtype
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        ops = ops_for(x)
+        if ops is not None and x.shape[0] <= SKINNY_MAX_ROWS:
+            return ops.int4_linear(x.contiguous(), layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
         w = dequantize_int4(layer.qweight, layer.scales, layer.mins).to(layer.compute_dtype)
         return F.linear(x, w, layer.bias)
+
+    def kernel_spec(self, layer: Linear) -> tuple | None:
+        if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32:
+            return None
+        return (layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size, layer.out_features)
