@@ -189,6 +189,13 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c1
   return y;
 }
 
+// The bias as a pointer (nullptr without one), checked against the N outputs of `op`.
+static const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op, ": bad bias");
+  return bias->data_ptr<float>();
+}
+
 // int8_linear: y = x @ (q * scales).T (+ bias) for int8 weights q [N, K] with one float32 scale per
 // group of `group` input channels (scales [N, K / group], group a multiple of 32). Each activation row
 // is quantized on the fly to int8 per block of 32 values (one float32 scale per block, as llama.cpp's
@@ -267,11 +274,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "int8_linear: bad bias");
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = bias_ptr(bias, N, "int8_linear");
   std::vector<int8_t> xq(M * K);
   std::vector<float> xd(M * K / QBLOCK);
   for (int64_t m = 0; m < M; ++m) quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK);
@@ -375,11 +378,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   const float* sp = scales.data_ptr<float>();
   const float* mp = mins.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "int4_linear: bad bias");
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = bias_ptr(bias, N, "int4_linear");
   std::vector<int8_t> xq(M * K);
   std::vector<float> xd(M * K / QBLOCK), xsum(M * groups, 0.f);  // xsum: the quantized x summed per group
   for (int64_t m = 0; m < M; ++m) {

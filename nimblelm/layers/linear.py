@@ -53,7 +53,7 @@ class Unquantized(LinearMethod):
         w = layer.weight
         if w.device.type == "cpu" and w.dtype == torch.float32 and cpu_ops() is not None:
             layer.register_buffer("panels", cpu_ops().pack_panels(w.detach()))
-            layer.weight = None  # a tied lm_head only drops its reference: the embedding keeps the tensor
+            layer.weight = None  # a tied embedding then reads its rows from the panels (rows below)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.weight is None:
