@@ -401,11 +401,8 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
         } else {
           for (int64_t r = 0; r < rows; ++r) out[r] = int4_dot1(xr, dr, qp + (n + r) * K / 2, sp + (n + r) * groups, K, group);
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          float total = out[r] + (bp ? bp[n + r] : 0.f);
-          for (int64_t j = 0; j < groups; ++j) total += mp[(n + r) * groups + j] * xsum[m * groups + j];
-          yp[m * N + n + r] = total;
-        }
+        for (int64_t r = 0; r < rows; ++r)
+          yp[m * N + n + r] = out[r] + dot1(xsum.data() + m * groups, mp + (n + r) * groups, groups) + (bp ? bp[n + r] : 0.f);
       }
     }
   });
