@@ -3,6 +3,7 @@
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from nimblelm.cli import build_parser
 from nimblelm.errors import InvalidRequestError
 from nimblelm.outputs import CompletionOutput
+from nimblelm.server.async_engine import EngineThread
 from nimblelm.server.protocol import ChatCompletionRequest, CompletionRequest
 from nimblelm.server.serving import _ChoiceState, _stop_prefix_len
 
@@ -93,3 +95,16 @@ def test_a_taken_port_is_one_line_and_exit_1():
         result = serve("--port", str(taken.getsockname()[1]))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "cannot listen on" in result.stderr
+
+
+def test_engine_thread_runs_every_call_on_one_thread_and_raises_back():
+    thread = EngineThread()
+    idents = {thread.call(threading.get_ident) for _ in range(3)}
+    assert len(idents) == 1 and threading.get_ident() not in idents
+
+    def fail():
+        raise InvalidRequestError("bad")
+
+    with pytest.raises(InvalidRequestError, match="bad"):
+        thread.call(fail)
+    assert thread.call(lambda: 7) == 7  # an exception does not end the thread

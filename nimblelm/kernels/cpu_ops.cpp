@@ -852,20 +852,22 @@ class DecodeStack {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
-  m.def("paged_decode_attention_int8", &paged_decode_attention_int8,
+  // Every op runs without the GIL: in the server, the asyncio thread streams tokens while a step computes.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention, nogil, "decode attention over the paged KV cache");
+  m.def("paged_decode_attention_int8", &paged_decode_attention_int8, nogil,
         "decode attention over the paged int8 KV cache with per-token, per-head scales");
-  m.def("write_kv_cache_", &write_kv_cache_, "write new k and v rows into their cache slots");
-  m.def("write_kv_cache_int8_", &write_kv_cache_int8_, "quantize new k and v rows per head into their int8 cache slots");
-  m.def("int4_linear", &int4_linear, "x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group");
-  m.def("int8_linear", &int8_linear, "x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group");
-  m.def("pack_panels", &pack_panels, "w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]");
-  m.def("packed_linear", &packed_linear, "x @ w.T (+ bias) with w as pack_panels stored it");
-  m.def("rms_norm", &rms_norm, "RMS norm of each row, times w");
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual) * w, in place");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
-  m.def("rope_", &rope_, "rotary embedding of the q and k heads of qkv, in place");
+  m.def("write_kv_cache_", &write_kv_cache_, nogil, "write new k and v rows into their cache slots");
+  m.def("write_kv_cache_int8_", &write_kv_cache_int8_, nogil, "quantize new k and v rows per head into their int8 cache slots");
+  m.def("int4_linear", &int4_linear, nogil, "x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group");
+  m.def("int8_linear", &int8_linear, nogil, "x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group");
+  m.def("pack_panels", &pack_panels, nogil, "w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]");
+  m.def("packed_linear", &packed_linear, nogil, "x @ w.T (+ bias) with w as pack_panels stored it");
+  m.def("rms_norm", &rms_norm, nogil, "RMS norm of each row, times w");
+  m.def("add_rms_norm_", &add_rms_norm_, nogil, "residual += x; x = rms_norm(residual) * w, in place");
+  m.def("silu_mul", &silu_mul, nogil, "silu(gate) * up of [gate | up]");
+  m.def("rope_", &rope_, nogil, "rotary embedding of the q and k heads of qkv, in place");
   py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init<std::vector<LayerSpec>, double, int64_t, int64_t, int64_t>())
-      .def("forward", &DecodeStack::forward, "the decoder layers over a batch of one-token queries");
+      .def("forward", &DecodeStack::forward, nogil, "the decoder layers over a batch of one-token queries");
 }

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from nimblelm.engine.llm_engine import LLMEngine
 from nimblelm.server import errors
-from nimblelm.server.async_engine import AsyncEngine
+from nimblelm.server.async_engine import AsyncEngine, EngineThread
 from nimblelm.server.errors import APIError
 from nimblelm.server.metrics import CONTENT_TYPE, ServerMetrics
 from nimblelm.server.protocol import (
@@ -50,9 +50,11 @@ class ServerSettings:
     shutdown_timeout: float = 10.0
 
 
-def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
+def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[], None] | None = None,
+              engine_thread: EngineThread | None = None) -> FastAPI:
+    """`engine_thread`: the thread that built `engine` (its loop then runs there too)."""
     metrics = ServerMetrics(settings.model_name)
-    async_engine = AsyncEngine(engine, metrics, settings.max_waiting_requests)
+    async_engine = AsyncEngine(engine, metrics, settings.max_waiting_requests, engine_thread)
     serving = OpenAIServing(async_engine, settings.model_name)
     created = int(time.time())
 

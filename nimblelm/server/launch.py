@@ -96,8 +96,10 @@ def serve(args, engine_fields: list[str]) -> int:
 
         from nimblelm.llm import LLM
         from nimblelm.server.app import ServerSettings, build_app
+        from nimblelm.server.async_engine import EngineThread
 
-        llm = LLM(args.model, **{k: getattr(args, k) for k in engine_fields})
+        engine_thread = EngineThread()
+        llm = engine_thread.call(lambda: LLM(args.model, **{k: getattr(args, k) for k in engine_fields}))
         settings = ServerSettings(
             model_name=args.served_model_name or args.model,
             host=host,
@@ -112,7 +114,7 @@ def serve(args, engine_fields: list[str]) -> int:
         def ready() -> None:
             print(f"nimblelm serve: {settings.model_name} on {url}/v1 (ready)", flush=True)
 
-        app = build_app(llm.llm_engine, settings, on_ready=ready)
+        app = build_app(llm.llm_engine, settings, on_ready=ready, engine_thread=engine_thread)
         config = uvicorn.Config(
             app,
             log_level=args.log_level,
