@@ -18,7 +18,7 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nimblelm.platform import resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
-from nimblelm.quantization import linear_method
+from nimblelm.quantization import GGUF_DIRECT, linear_method
 from nimblelm.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -46,7 +46,7 @@ class LLMEngine:
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
         method = linear_method(config.quantization)  # a bad name fails before the model loads
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        loaded = load_model(config.model, progress=progress)
+        loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
         if loaded.quantized is not None:
             method = loaded.quantized.linear_method(config.quantization)
         self.model_config = loaded.config
@@ -64,6 +64,7 @@ class LLMEngine:
             seed=config.seed,
             linear_method=method,
             kv_cache_dtype=self.kv_dtype,
+            prequantized=loaded.direct.linears if loaded.direct is not None else None,
         )
         if loaded.quantized is not None:
             loaded.quantized.load_into(self.runner.model)

@@ -35,6 +35,7 @@ class ModelRunner:
         seed: int,
         linear_method: LinearMethod | None = None,
         kv_cache_dtype: torch.dtype,
+        prequantized: dict | None = None,
     ):
         self.config = config
         self.dtype = dtype
@@ -43,7 +44,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         with torch.device("meta"):
             model = DecoderLM(config, max_positions=max_model_len)
-        self.model = model.materialize(device, dtype, weights, linear_method)
+        self.model = model.materialize(device, dtype, weights, linear_method, prequantized)
         self.weights_nbytes = _weights_nbytes(self.model)
         self.kv_caches = self._allocate_kv(kv_cache_dtype)
         self.sampler = Sampler()

@@ -197,7 +197,7 @@ static const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N
 }
 
 // int8_linear: y = x @ (q * scales).T (+ bias) for int8 weights q [N, K] with one float32 scale per
-// group of `group` input channels (scales [N, K / group], group a multiple of 32). Each activation row
+// group of `group` input channels (scales [N, K / group], group 16 or a multiple of 32). Each activation row
 // is quantized on the fly to int8 per block of 32 values (one float32 scale per block, as llama.cpp's
 // Q8_0 x Q8_0 dot product does), so the inner loop is integer multiply-adds on 32 values per
 // instruction and a decode step reads about a quarter of the fp32 bytes.
@@ -230,6 +230,23 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
                              int64_t group, float* out) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   const int64_t groups = K / group;
+  if (group == 16) {
+    // Two groups per block of 32 (Q6_K's scales): dot32_i8's lanes 0-3 sum bytes 0-15 and lanes 4-7
+    // bytes 16-31, so one vector of two scales, each in four lanes, scales both halves at once.
+    for (int64_t k = 0; k < K; k += QBLOCK) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+      const float dx = xd[k / QBLOCK];
+      for (int r = 0; r < 4; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + (r + PREFETCH_ROWS) * K + k), _MM_HINT_T0);
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + k));
+        const float* sr = s + r * groups + k / 16;
+        const __m256 d = _mm256_set_m128(_mm_set1_ps(dx * sr[1]), _mm_set1_ps(dx * sr[0]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(xv, wv)), d, acc[r]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+    return;
+  }
   for (int64_t j = 0; j < groups; ++j) {  // groups outside, blocks inside: no division in the loop
     for (int64_t k = j * group; k < (j + 1) * group; k += QBLOCK) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
@@ -250,9 +267,10 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
   const int64_t groups = K / group;
   for (int r = 0; r < 4; ++r) {
     float total = 0.f;
-    for (int64_t k = 0; k < K; k += QBLOCK) {
+    const int64_t step = std::min(group, QBLOCK);  // one scale per step of values (group 16: half a block)
+    for (int64_t k = 0; k < K; k += step) {
       int32_t dot = 0;
-      for (int64_t i = k; i < k + QBLOCK; ++i) dot += int32_t(xq[i]) * int32_t(q[r * K + i]);
+      for (int64_t i = k; i < k + step; ++i) dot += int32_t(xq[i]) * int32_t(q[r * K + i]);
       total += float(dot) * xd[k / QBLOCK] * s[r * groups + k / group];
     }
     out[r] = total;
@@ -267,8 +285,9 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
               "int8_linear: float32 x, int8 q and float32 scales only");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scales.is_contiguous(), "int8_linear: contiguous inputs only");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(group % QBLOCK == 0 && K % group == 0 && scales.size(0) == N && scales.size(1) == K / group,
-              "int8_linear: group must be a multiple of 32 dividing K, scales [N, K / group]");
+  TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0 &&
+                  scales.size(0) == N && scales.size(1) == K / group,
+              "int8_linear: group must be 16 or a multiple of 32 dividing K, scales [N, K / group]");
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -294,9 +313,10 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
         }
         for (int64_t r = n; r < N; ++r) {  // the last rows, fewer than four: one at a time, scalar
           float total = 0.f;
-          for (int64_t k = 0; k < K; k += QBLOCK) {
+          const int64_t step = std::min(group, QBLOCK);
+          for (int64_t k = 0; k < K; k += step) {
             int32_t dot = 0;
-            for (int64_t i = k; i < k + QBLOCK; ++i) dot += int32_t(xr[i]) * int32_t(qp[r * K + i]);
+            for (int64_t i = k; i < k + step; ++i) dot += int32_t(xr[i]) * int32_t(qp[r * K + i]);
             total += float(dot) * dr[k / QBLOCK] * sp[r * groups + k / group];
           }
           yp[m * N + r] = total + (bp ? bp[r] : 0.f);

@@ -31,6 +31,11 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def adopt(self, layer: Linear, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Take tensors already in this method's storage format (e.g. converted from a GGUF file) as the
+        layer's, instead of converting a loaded fp32 weight; `dtype` is the model's compute dtype."""
+        raise NotImplementedError(f"{type(self).__name__} cannot adopt stored tensors")
+
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight: the lookup of an embedding tied to this layer, so that the model need
         not keep a second copy of the matrix in another layout."""
@@ -82,5 +87,19 @@ class Linear(nn.Module):
         self.method = method or Unquantized()
         self.method.process(self)
 
+    def adopt(self, method: LinearMethod, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Take `method` with its storage given as it is (no fp32 weight was ever made for this layer)."""
+        self.method = method
+        self.weight = None
+        method.adopt(self, tensors, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
+
+
+class RowsEmbedding(Linear):
+    """A token embedding stored as a linear method stores a weight (GGUF direct loading keeps a quantized
+    token_embd quantized): the lookup reads rows back through the method, so no fp32 table is kept."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.method.rows(self, ids)

@@ -16,7 +16,7 @@ from nimblelm import hugepages
 from nimblelm.config import ModelConfig
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache, PagedAttention
-from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
+from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod, RowsEmbedding
 from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -141,24 +141,41 @@ class DecoderLM(nn.Module):
         self._tie_weights()
 
     def _tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.embed_tokens.weight
 
     def materialize(
         self, device: torch.device, dtype: torch.dtype, weights: dict[str, torch.Tensor],
         linear_method: LinearMethod | None = None,
+        prequantized: dict[str, tuple[LinearMethod, dict[str, torch.Tensor]]] | None = None,
     ) -> DecoderLM:
         """Turn a model built on the meta device into a real one holding `weights`, its linear layers
-        stored and multiplied as `linear_method` says (default: unquantized)."""
+        stored and multiplied as `linear_method` says (default: unquantized).
+
+        `prequantized` maps module names to (method, tensors in its format) that the layer adopts as they
+        are (GGUF direct loading); `weights` then lacks those layers, and no fp32 copy of them is ever
+        made. "embed_tokens" there is the token table, read back by rows (the lm_head's when tied).
+        """
+        prequantized = prequantized or {}
+        if "embed_tokens" in prequantized:
+            with torch.device("meta"):
+                self.embed_tokens = RowsEmbedding(self.config.hidden_size, self.config.vocab_size)
+        if self.config.tie_word_embeddings and "lm_head" in prequantized:
+            self.embed_tokens = TiedEmbedding(self.lm_head)
+        for name in prequantized:
+            self.get_submodule(name).weight = None  # so that to_empty makes no storage for it
         self.to_empty(device=device)
         self._tie_weights()  # to_empty gave the tied pair two separate tensors
         self.rotary.reset_buffers()
         self.load_weights(weights)
         self.to(dtype)
-        for module in self.modules():
+        for name, module in self.named_modules():
             if isinstance(module, Linear):
-                module.prepare(linear_method)
-        if self.config.tie_word_embeddings and self.lm_head.method.has_rows:
+                if name in prequantized:
+                    module.adopt(*prequantized[name], dtype)
+                else:
+                    module.prepare(linear_method)
+        if self.config.tie_word_embeddings and self.lm_head.method.has_rows and isinstance(self.embed_tokens, nn.Embedding):
             self.embed_tokens = TiedEmbedding(self.lm_head)  # drops the embedding's own copy
         if device.type == "cpu":
             hugepages.pack_module(self)

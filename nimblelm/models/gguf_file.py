@@ -292,14 +292,19 @@ def read_weights(model_file: GGUFFile, config: ModelConfig, progress: bool) -> d
         name = hf_name(tensor.name)
         if name is None:
             raise UnsupportedModelError(f"{path}: unexpected tensor {tensor.name!r} for arch {config.architecture}")
-        try:
-            array = dequantize(tensor)
-        except NotImplementedError as exc:
-            raise UnsupportedModelError(f"{path}: cannot dequantize {tensor.name} ({first_line(exc)})") from None
-        # A copy: F32 tensors come back as read-only views of the memory-mapped file.
-        weight = torch.from_numpy(np.array(array, dtype=np.float32))
-        if config.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
-            weight = unpermute_qk(weight, heads).contiguous()
-        weights[name] = weight
+        weights[name] = fp32_weight(model_file, tensor, name, config)
     return weights
+
+
+def fp32_weight(model_file: GGUFFile, tensor: GGUFTensor, name: str, config: ModelConfig) -> torch.Tensor:
+    """One tensor dequantized to fp32 under its Hugging Face `name`, in the row order the decoder uses."""
+    try:
+        array = dequantize(tensor)
+    except NotImplementedError as exc:
+        raise UnsupportedModelError(f"{model_file.path}: cannot dequantize {tensor.name} ({first_line(exc)})") from None
+    # A copy: F32 tensors come back as read-only views of the memory-mapped file.
+    weight = torch.from_numpy(np.array(array, dtype=np.float32))
+    if config.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+        weight = unpermute_qk(weight, heads).contiguous()
+    return weight

@@ -3,6 +3,9 @@
 Sources are a Hugging Face folder (config.json, tokenizer files, *.safetensors), a .gguf file, or an
 alias of a packaged model (see registry.py). Dequantizing a GGUF costs seconds, so the first load of
 one stores the result under `<cache>/dequant/` and later loads read that instead.
+
+With `gguf_direct` (quantization="gguf") a GGUF's linear layers are not dequantized: they come as
+tensors in nimblelm's int8/int4 formats (quantization/gguf_direct.py), converted at every load.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from nimblelm.config import ModelConfig
-from nimblelm.errors import ModelFormatError, UnsupportedModelError
+from nimblelm.errors import InvalidRequestError, ModelFormatError, UnsupportedModelError
 from nimblelm.models import gguf_file, registry
 from nimblelm.models.gguf_file import first_line
+from nimblelm.quantization.gguf_direct import DirectWeights, module_of, split_direct
 from nimblelm.quantization.saved import SavedQuantization, read_quantized
 
 # Bump when what the dequant cache holds changes meaning, so old entries are ignored rather than misread.
@@ -46,10 +50,15 @@ class LoadedModel:
     name: str
     # A folder written by `nimblelm quantize`: its linear layers' saved tensors (weights holds them dequantized).
     quantized: SavedQuantization | None = None
+    # A GGUF loaded with gguf_direct: the linear layers served as stored (weights lacks them).
+    direct: DirectWeights | None = None
 
 
-def load_model(model: str, progress: bool = True) -> LoadedModel:
-    """Load an alias, a Hugging Face folder or a .gguf file; every failure is a typed NimbleLMError."""
+def load_model(model: str, progress: bool = True, gguf_direct: bool = False) -> LoadedModel:
+    """Load an alias, a Hugging Face folder or a .gguf file; every failure is a typed NimbleLMError.
+
+    gguf_direct: keep a GGUF's quantized linear layers in nimblelm formats instead of fp32 (a .gguf only).
+    """
     entry = registry.get_entry(model)
     if entry is not None and not entry.supported:
         # Fail before a download the engine could not use anyway.
@@ -59,6 +68,15 @@ def load_model(model: str, progress: bool = True) -> LoadedModel:
         )
     path = registry.resolve(model, progress=progress)
     quantized = None
+    if gguf_direct:
+        if path.is_dir():
+            raise InvalidRequestError(
+                f"{model}: quantization='gguf' serves a .gguf file's own quantized weights; this is a folder, "
+                "give a .gguf file (or use int8/int4 quantization)"
+            )
+        config, weights, tokenizer, direct = load_gguf_direct(path, progress)
+        name = model if entry else path.stem
+        return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name, direct=direct)
     if path.is_dir():
         config, weights, tokenizer, quantized = load_hf_folder(path)
         name = model if entry else path.name
@@ -100,11 +118,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def select_weights(config: ModelConfig, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+def select_weights(
+    config: ModelConfig, weights: dict[str, torch.Tensor], source: Path, covered: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
     """Check that every needed weight is present with the right shape, and that nothing else is there but
     what transformers also ignores (a tied lm_head copy, rope buffers): another extra weight means a
-    feature (o_proj bias, qk-norm, ...) the decoder would silently skip."""
-    shapes = expected_shapes(config)
+    feature (o_proj bias, qk-norm, ...) the decoder would silently skip. `covered`: needed weights that
+    come in another form (GGUF direct loading), checked where they are made."""
+    shapes = {name: shape for name, shape in expected_shapes(config).items() if name not in covered}
     extra = [name for name in weights if name not in shapes and not _ignorable(name, config)]
     if extra:
         raise UnsupportedModelError(f"{source}: unexpected weight {extra[0]} (a feature nimblelm does not implement)")
@@ -259,6 +280,30 @@ def load_gguf(
     tokenizer = _gguf_tokenizer(path, model_file.metadata.get("tokenizer.chat_template"))
     _write_cache(cached, config, weights, tokenizer)
     return config, weights, tokenizer
+
+
+def load_gguf_direct(
+    path: Path, progress: bool
+) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast, DirectWeights]:
+    """A GGUF with its linear layers in nimblelm's formats, straight from the file's bytes (no cache: the
+    conversion costs about as much as reading a cache would)."""
+    model_file = gguf_file.open_gguf(path)
+    config = gguf_file.read_config(model_file)
+    shapes = expected_shapes(config)
+
+    def fp32(tensor, name):
+        return gguf_file.fp32_weight(model_file, tensor, name, config)
+
+    weights, direct = split_direct(model_file, config, shapes, fp32)
+    covered = {name for name in shapes if _served_directly(name, direct, config)}
+    weights = select_weights(config, weights, path, covered)
+    tokenizer = _gguf_tokenizer(path, model_file.metadata.get("tokenizer.chat_template"))
+    return config, weights, tokenizer, direct
+
+
+def _served_directly(name: str, direct: DirectWeights, config: ModelConfig) -> bool:
+    place = module_of(name, config)
+    return place is not None and place[0] in direct.linears
 
 
 def dequant_cache_path(path: Path, identity: str | None = None) -> Path:

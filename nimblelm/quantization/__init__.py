@@ -10,7 +10,10 @@ from nimblelm.quantization.w8a8 import W8A8
 
 # On-the-fly RTN at load: int8 and int4 weight-only with a group of 32 (llama.cpp's Q8_0/Q4_0 blocks),
 # and W8A8 (int8 per-channel weights, int8 per-token activations) without smoothing.
-METHODS = {"int8": Int8WeightOnly, "int4": Int4WeightOnly, "w8a8": W8A8}
+# "gguf": a .gguf file's quantized linear layers served as stored (gguf_direct.py); the method named
+# here is the one for the layers whose GGUF type has no exact nimblelm format: unquantized.
+METHODS = {"int8": Int8WeightOnly, "int4": Int4WeightOnly, "w8a8": W8A8, "gguf": Unquantized}
+GGUF_DIRECT = "gguf"
 
 
 def linear_method(name: str | None) -> LinearMethod:

@@ -106,10 +106,23 @@ class Int4WeightOnly(LinearMethod):
         q, scales, mins = quantize_int4(layer.weight.detach(), self.group_size, self.symmetric)
         dtype = layer.weight.dtype
         layer.weight = None  # a tied lm_head only drops its reference: the embedding keeps the tensor
-        layer.register_buffer("qweight", pack_int4(q))
-        layer.register_buffer("scales", scales)
-        layer.register_buffer("mins", mins)
+        self.adopt(layer, {"qweight": pack_int4(q), "scales": scales, "mins": mins}, dtype)
+
+    def adopt(self, layer: Linear, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        q, scales, mins = tensors["qweight"], tensors["scales"], tensors["mins"]
+        n, k = layer.out_features, layer.in_features
+        groups = (n, k // self.group_size)
+        if q.dtype != torch.uint8 or tuple(q.shape) != (n, k // 2) or scales.shape != groups or mins.shape != groups:
+            raise ValueError(f"int4 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
+        layer.register_buffer("qweight", q)
+        layer.register_buffer("scales", scales.to(torch.float32))
+        layer.register_buffer("mins", mins.to(torch.float32))
         layer.compute_dtype = dtype
+
+    def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        w = dequantize_int4(layer.qweight[flat], layer.scales[flat], layer.mins[flat]).to(layer.compute_dtype)
+        return w.reshape(*ids.shape, layer.in_features)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)

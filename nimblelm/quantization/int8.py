@@ -43,18 +43,34 @@ class Int8WeightOnly(LinearMethod):
         q, scales = quantize_int8(layer.weight.detach(), self.group_size)
         dtype = layer.weight.dtype
         layer.weight = None  # a tied lm_head only drops its reference: the embedding keeps the tensor
+        self.adopt(layer, {"qweight": q, "scales": scales}, dtype)
+
+    def adopt(self, layer: Linear, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        q, scales = tensors["qweight"], tensors["scales"]
+        groups = (layer.out_features, layer.in_features // self.group_size)
+        if q.dtype != torch.int8 or tuple(q.shape) != (layer.out_features, layer.in_features) or scales.shape != groups:
+            raise ValueError(f"int8 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
         layer.register_buffer("qweight", q)
         layer.register_buffer("scales", scales.to(torch.float32))
         layer.compute_dtype = dtype
 
+    def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        w = dequantize_int8(layer.qweight[flat], layer.scales[flat]).to(layer.compute_dtype)
+        return w.reshape(*ids.shape, layer.in_features)
+
+    def _kernel_group(self) -> bool:
+        # The kernel takes groups of 16 (GGUF's Q6_K) or multiples of 32.
+        return self.group_size == 16 or self.group_size % 32 == 0
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
-        if ops is not None and x.shape[0] <= SKINNY_MAX_ROWS and self.group_size % 32 == 0:
+        if ops is not None and x.shape[0] <= SKINNY_MAX_ROWS and self._kernel_group():
             return ops.int8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias, self.group_size)
         w = dequantize_int8(layer.qweight, layer.scales).to(layer.compute_dtype)
         return F.linear(x, w, layer.bias)
 
     def kernel_spec(self, layer: Linear) -> tuple | None:
-        if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32 or self.group_size % 32:
+        if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32 or not self._kernel_group():
             return None
         return (layer.qweight, layer.scales, None, layer.bias, self.group_size, layer.out_features)
