@@ -132,11 +132,11 @@ def gguf_tensor_name(hf_name: str) -> str:
     return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[module] + "." + suffix
 
 
-def gguf_tensors(folder, quant: str = "F32") -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]:
+def gguf_tensors(folder, quant="F32") -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]:
     """The folder's weights as llama.cpp would store them: GGUF names, q/k permuted for llama, matrices
-    in `quant` (vectors stay F32). Values are (array to write, its type)."""
+    in `quant` (vectors stay F32), or in quant(gguf_name) when it is a function. Values are (array to
+    write, its type)."""
     config = json.loads((Path(folder) / "config.json").read_text())
-    qtype = gguf.GGMLQuantizationType[quant]
     tensors = {}
     for name, weight in load_file(Path(folder) / "model.safetensors").items():
         if name == "lm_head.weight" and config["tie_word_embeddings"]:
@@ -145,6 +145,7 @@ def gguf_tensors(folder, quant: str = "F32") -> dict[str, tuple[np.ndarray, gguf
         if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             array = llama_cpp_permute(array, heads)
+        qtype = gguf.GGMLQuantizationType[quant(gguf_tensor_name(name)) if callable(quant) else quant]
         if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             tensors[gguf_tensor_name(name)] = (gguf.quants.quantize(array, qtype), qtype)
         else:
@@ -152,7 +153,7 @@ def gguf_tensors(folder, quant: str = "F32") -> dict[str, tuple[np.ndarray, gguf
     return tensors
 
 
-def make_tiny_gguf(path, folder, quant: str = "F32", with_tokenizer: bool = True) -> Path:
+def make_tiny_gguf(path, folder, quant="F32", with_tokenizer: bool = True) -> Path:
     """Convert a folder from make_tiny_hf_model to a GGUF file, as llama.cpp's converter would."""
     config = json.loads((Path(folder) / "config.json").read_text())
     arch = config["model_type"]
