@@ -19,6 +19,7 @@ from torch import nn
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # linux/mman.h
 ALIGN = 64  # each tensor starts on a cache line
+TRIM_EVERY = 256 << 20  # bytes moved into the arena between returns of the freed ones to the OS
 
 
 @functools.cache
@@ -54,6 +55,7 @@ def pack_module(module: nn.Module) -> None:
                 entries.append((owner, kind, name, total))
                 total += t.nbytes
     arena = empty(total)
+    moved = 0
     for owner, kind, name, offset in entries:
         t = getattr(owner, kind)[name]
         packed = arena[offset : offset + t.nbytes].view(t.dtype).view(t.shape)
@@ -62,3 +64,17 @@ def pack_module(module: nn.Module) -> None:
             t.data = packed  # the Parameter object stays, so ties through it hold
         else:
             owner._buffers[name] = packed
+        moved += t.nbytes
+        if moved > TRIM_EVERY:  # the arena's pages fill as the old tensors' go: one copy resident, not two
+            del t
+            trim_heap()
+            moved = 0
+
+
+def trim_heap() -> None:
+    """Hand the pages of freed tensors back to the OS (glibc keeps freed heap memory for reuse, so a model
+    whose tensors were just moved into one buffer would otherwise stay resident twice)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -154,9 +154,10 @@ class DecoderLM(nn.Module):
 
         `prequantized` maps module names to (method, tensors in its format) that the layer adopts as they
         are (GGUF direct loading); `weights` then lacks those layers, and no fp32 copy of them is ever
-        made. "embed_tokens" there is the token table, read back by rows (the lm_head's when tied).
+        made. "embed_tokens" there is the token table, read back by rows (the lm_head's when tied). The
+        dict is emptied as the layers adopt its entries, so that packing frees each tensor it moves.
         """
-        prequantized = prequantized or {}
+        prequantized = {} if prequantized is None else prequantized
         if "embed_tokens" in prequantized:
             with torch.device("meta"):
                 self.embed_tokens = RowsEmbedding(self.config.hidden_size, self.config.vocab_size)
@@ -172,13 +173,14 @@ class DecoderLM(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Linear):
                 if name in prequantized:
-                    module.adopt(*prequantized[name], dtype)
+                    module.adopt(*prequantized.pop(name), dtype)
                 else:
                     module.prepare(linear_method)
         if self.config.tie_word_embeddings and self.lm_head.method.has_rows and isinstance(self.embed_tokens, nn.Embedding):
             self.embed_tokens = TiedEmbedding(self.lm_head)  # drops the embedding's own copy
         if device.type == "cpu":
             hugepages.pack_module(self)
+            hugepages.trim_heap()
         self.decode_stack = self._build_decode_stack()
         return self.eval()
 

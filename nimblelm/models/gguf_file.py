@@ -4,6 +4,7 @@ Hugging Face names, so the model definition sees the same weights whichever form
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,19 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """
     half = weight.shape[0] // num_heads // 2
     return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def release_pages(tensor: GGUFTensor) -> None:
+    """Let the OS drop the file pages a tensor was read from (clean pages of a read-only mapping: touched
+    again, they are read again), so a converted model does not keep its source resident too."""
+    mapping = getattr(tensor.data, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise"):
+        return
+    start = tensor.data.ctypes.data - np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + tensor.data.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def dequantize(tensor: GGUFTensor) -> np.ndarray:

@@ -209,7 +209,7 @@ def split_direct(model_file, config: ModelConfig, expected: dict[str, tuple[int,
 
     `fp32(tensor, hf_name)` dequantizes one tensor as the normal load does (gguf_file.py).
     """
-    from nimblelm.models.gguf_file import hf_name, unpermute_qk
+    from nimblelm.models.gguf_file import hf_name, release_pages, unpermute_qk
 
     path = model_file.path
     weights: dict[str, torch.Tensor] = {}
@@ -250,4 +250,6 @@ def split_direct(model_file, config: ModelConfig, expected: dict[str, tuple[int,
                 weights[name] = fp32(tensor, name)
         else:
             direct.linears[module] = (method_of(fused), fused.tensors)
+        for _, tensor in ordered:
+            release_pages(tensor)
     return weights, direct
