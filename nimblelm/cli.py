@@ -30,7 +30,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
     g.add_argument("--quantization", default=None,
                    help="int8, int4 or w8a8: quantize the linear weights at load (RTN; a folder written by "
-                        "`nimblelm quantize` needs no flag)")
+                        "`nimblelm quantize` needs no flag); gguf: a .gguf file's quantized weights as stored")
 
 
 _ENGINE_FIELDS = [

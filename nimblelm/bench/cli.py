@@ -45,8 +45,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64,
                    help="nimblelm's max_num_seqs; also the concurrency of every backend's throughput run")
     p.add_argument("--quantization", default="none",
-                   help="nimblelm's linear weights: none (default), int8 or int4, quantized at load (the name "
-                        "goes to LLM(quantization=...)); peers without matching integer kernels are skipped")
+                   help="nimblelm's linear weights: none (default), int8 or int4, quantized at load, or gguf, a "
+                        ".gguf's own (the name goes to LLM(quantization=...)); peers without matching integer "
+                        "kernels are skipped")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="nimblelm's KV cache: auto (the model's dtype, default) or int8; llama.cpp gets q8_0 K/V")
     p.add_argument("--llamacpp-gguf", default="auto", choices=("auto", "f32", "f16", "q8_0", "q4_0", "q4_1", "source"),
