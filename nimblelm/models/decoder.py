@@ -173,7 +173,8 @@ class DecoderLM(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Linear):
                 if name in prequantized:
-                    module.adopt(*prequantized.pop(name), dtype)
+                    method, tensors = prequantized.pop(name)
+                    module.adopt(method, {key: t.to(device) for key, t in tensors.items()}, dtype)
                 else:
                     module.prepare(linear_method)
         if self.config.tie_word_embeddings and self.lm_head.method.has_rows and isinstance(self.embed_tokens, nn.Embedding):
