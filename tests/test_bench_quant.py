@@ -60,6 +60,7 @@ def test_an_unknown_gguf_type_is_refused_by_the_parser(capsys):
     ("float32", "int8", "q8_0"),
     ("float32", "int4", "q4_0"),
     ("float32", "w8a8", "q8_0"),
+    ("float32", "gguf", "source"),  # both engines run the packaged file's own tensors
 ])
 def test_auto_gguf_type_matches_nimblelms_precision(dtype, quantization, expected):
     assert auto_gguf_type(dtype, quantization) == expected

@@ -1,5 +1,8 @@
 """The C++ CPU kernels against torch's own ops on the same inputs."""
 
+import os
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +124,19 @@ def test_int4_linear_matches_the_dequantized_matmul(ops, rows, n, k, group, bias
     want = F.linear(x_rounded, w, b)
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
     assert (got - F.linear(x, w, b)).norm() / want.norm() < 0.02
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    from nimblelm import kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "some_ops" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    kernels._drop_stale_lock("some_ops")  # a build may be running: wait for it
+    assert lock.exists()
+    old = time.time() - kernels.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="interrupted kernel build"):
+        kernels._drop_stale_lock("some_ops")
+    assert not lock.exists()

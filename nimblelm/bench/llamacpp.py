@@ -33,8 +33,9 @@ from nimblelm.bench.llamacpp_build import TARGETS, bin_dir, cache_dir, find_bina
 
 GGUF_TYPES = ("auto", "f32", "f16", "q8_0", "q4_0", "q4_1", "source")
 #: --llamacpp-gguf auto for each nimblelm quantization: the llama.cpp block format of the same weight bits
-#: (Q4_0 over Q4_1 for int4: the fastest llama.cpp 4-bit variant here, see shared/peers.md)
-GGUF_FOR_QUANTIZATION = {"int8": "q8_0", "w8a8": "q8_0", "int4": "q4_0"}
+#: (Q4_0 over Q4_1 for int4: the fastest llama.cpp 4-bit variant here, see shared/peers.md); for "gguf",
+#: where nimblelm serves the packaged file's own tensors, llama.cpp runs that file as is
+GGUF_FOR_QUANTIZATION = {"int8": "q8_0", "w8a8": "q8_0", "int4": "q4_0", "gguf": "source"}
 
 
 def auto_gguf_type(dtype: str, quantization: str | None) -> str:

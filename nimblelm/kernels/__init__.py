@@ -10,6 +10,7 @@ import functools
 import hashlib
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -33,12 +34,31 @@ def cpu_ops():
         # library it links is torch's own libgomp (same soname, already loaded), so one thread pool.
         # Named by the source's hash: checkouts with different kernels (other branches, versions) never
         # load or overwrite each other's build in torch's shared extensions folder.
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-        return load(name=f"nimblelm_cpu_ops_{digest}", sources=[str(source)],
+        name = f"nimblelm_cpu_ops_{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+        _drop_stale_lock(name)
+        return load(name=name, sources=[str(source)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to torch ops
         warnings.warn(f"nimblelm: C++ kernels unavailable, using torch ops ({e.__class__.__name__}: {e})", stacklevel=2)
         return None
+
+
+# A build killed midway (Ctrl-C during a first start) leaves torch's lock file behind, and every later
+# start would wait on it forever, silently. The build takes about a minute on 2 cores, so a lock this
+# old belongs to a dead build.
+STALE_LOCK_S = 300
+
+
+def _drop_stale_lock(name: str) -> None:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            warnings.warn(f"nimblelm: removed the lock of an interrupted kernel build ({lock})", stacklevel=3)
+    except FileNotFoundError:
+        pass
 
 
 def ops_for(x: torch.Tensor):
