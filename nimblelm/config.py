@@ -45,4 +45,6 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8: int8 K/V with a float32 scale per token and KV head
     seed: int = 0
     num_threads: int | None = None  # CPU threads; default: the physical cores
-    quantization: str | None = None  # "int8", "int4", "w8a8": linear weights quantized at load (RTN, see quantization)
+    # "int8", "int4", "w8a8": linear weights quantized at load (RTN, see quantization); "gguf": a .gguf
+    # file's quantized linear tensors served as stored
+    quantization: str | None = None

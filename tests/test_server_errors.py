@@ -194,7 +194,9 @@ def test_too_many_waiting_requests_get_503(server):
                 s.__exit__(None, None, None)
     m = server.wait_idle()
     assert m["nimblelm_kv_cache_used_blocks"] == 0
-    assert m['nimblelm_requests_finished_total{reason="abort"}'] >= 3
+    # Closed mid-generation they are aborted; on a fast machine some finish their 480 tokens first.
+    ended = [m.get(f'nimblelm_requests_finished_total{{reason="{r}"}}', 0) for r in ("abort", "length")]
+    assert sum(ended) >= 3
     assert_serving(server)
 
 

@@ -210,8 +210,12 @@ class NimbleLMBackend(Backend):
 
     def info(self) -> dict:
         q = self.ctx.quantization
-        weights = (f"{q} linear weights (quantized at load), {self.ctx.dtype} elsewhere" if q
-                   else f"{self.ctx.dtype} (dequantized by the nimblelm loader)")
+        if q == "gguf":
+            weights = "the GGUF's own linear tensors as stored (int8/int4 formats), fp32 where a layer falls back"
+        elif q:
+            weights = f"{q} linear weights (quantized at load), {self.ctx.dtype} elsewhere"
+        else:
+            weights = f"{self.ctx.dtype} (dequantized by the nimblelm loader)"
         return {"weights": weights, "quantization": q or "none", "kv_cache_dtype": self.ctx.kv_cache_dtype,
                 "weights_nbytes": self.weights_nbytes()}
 
