@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import make_tiny_gguf, make_tiny_hf_model
+from tiny_models import assert_first_tokens_close, make_tiny_gguf, make_tiny_hf_model
 
 from nimblelm import LLM, SamplingParams
 from nimblelm.errors import InvalidRequestError
@@ -182,12 +182,7 @@ def test_direct_model_generates_close_to_the_fp32_model(mixed_gguf):
     prompts = ["Hello world", "The quick brown fox", "1 2 3 4"]
     fp32 = LLM(str(mixed_gguf), max_model_len=128).generate(prompts, params, use_tqdm=False)
     direct = LLM(str(mixed_gguf), max_model_len=128, quantization="gguf").generate(prompts, params, use_tqdm=False)
-    for a, b in zip(fp32, direct):
-        first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
-        assert a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]
-        for token, lp in first_b.items():
-            if token in first_a:
-                assert abs(lp.logprob - first_a[token].logprob) < 0.3
+    assert_first_tokens_close(fp32, direct)
 
 
 def test_gguf_quantization_needs_a_gguf_file(tiny_qwen, tmp_path):

@@ -194,3 +194,15 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path) -> None:
     writer.add_pad_token_id(ENDOFTEXT_ID)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHATML_TEMPLATE)
+
+
+def assert_first_tokens_close(ref, out, tol: float = 0.3) -> None:
+    """Each output's first token equals the reference's, and the log-probabilities the two share are
+    within `tol` nats: what a faithful quantization of a tiny random model keeps (its logits span tens
+    of nats; a wrong scale or layout moves them by whole nats)."""
+    for a, b in zip(ref, out, strict=True):
+        first_a, first_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        assert a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]
+        for token, lp in first_b.items():
+            if token in first_a:
+                assert abs(lp.logprob - first_a[token].logprob) < tol

@@ -1,10 +1,11 @@
 """The engine loop for the server: one background thread builds the LLMEngine and then steps it;
 handlers on the asyncio loop add requests and read their outputs through a RequestStream.
 
-Nothing but that thread touches the LLMEngine, not even to load it (see EngineThread). Handlers send it commands (add, abort, stop) through a
-queue, and it hands outputs back with `call_soon_threadsafe`. A stream keeps only the newest output
-of its request (outputs carry the whole text so far), so a slow client costs one object of memory
-and never holds up the step loop; it just gets several tokens in its next chunk.
+Nothing but that thread touches the LLMEngine, not even to load it (see EngineThread). Handlers send
+it commands (add, abort, stop) through a queue, and it hands outputs back with `call_soon_threadsafe`.
+A stream keeps only the newest output of its request (outputs carry the whole text so far), so a slow
+client costs one object of memory and never holds up the step loop; it just gets several tokens in
+its next chunk.
 """
 
 from __future__ import annotations
