@@ -107,9 +107,11 @@ def _pack_int4_reference(q: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [1, 3, 33])
-@pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 32), (37, 128, 64), (70, 256, 128)])
+@pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 32), (37, 128, 64), (70, 256, 128), (13, 96, 32), (9, 384, 128)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int4_linear_matches_the_dequantized_matmul(ops, rows, n, k, group, bias):
+    # K a multiple of 64 takes the two-blocks-per-load path, 96 the one-block path; 384 has an odd
+    # number of 128-groups.
     torch.manual_seed(n + k + rows)
     q = torch.randint(0, 16, (n, k))
     scales, mins = torch.rand(n, k // group) * 0.1, torch.randn(n, k // group) * 0.2

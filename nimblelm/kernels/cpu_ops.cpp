@@ -287,6 +287,70 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
   }
   for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
 }
+
+// Blocks 2i and 2i + 1 of a row are 32 consecutive bytes: their low nibbles are the first halves of the
+// two blocks, their high nibbles the second halves. With the activations laid out to match (pair_x:
+// per pair, x[2i][0:16] x[2i+1][0:16] then x[2i][16:32] x[2i+1][16:32]), one load and two masks unpack
+// 64 weights, and the two blocks' sums land in the low and high four lanes, scaled by one vector. With
+// about half the instructions per weight, SmolLM2's 121 int4 layers took 6.3-6.4 ms a batch-1 step
+// against int4_dot4's 8.1 (2 threads, the two timed alternately, 2026-11-28).
+constexpr int64_t QPAIR = 2 * QBLOCK;
+
+static void pair_x(const int8_t* xq, const float* xd, int64_t K, int8_t* xp, float* dxv) {
+  for (int64_t i = 0; i < K / QPAIR; ++i) {
+    const int8_t* a = xq + i * QPAIR;
+    int8_t* o = xp + i * QPAIR;
+    std::copy(a, a + 16, o);
+    std::copy(a + 32, a + 48, o + 16);
+    std::copy(a + 16, a + 32, o + 32);
+    std::copy(a + 48, a + 64, o + 48);
+    std::fill(dxv + 8 * i, dxv + 8 * i + 4, xd[2 * i]);
+    std::fill(dxv + 8 * i + 4, dxv + 8 * i + 8, xd[2 * i + 1]);
+  }
+}
+
+// Sums of a pair of blocks against pair_x's layout: lanes 0-3 add up to block 2i's, lanes 4-7 to 2i+1's.
+static inline __m256 int4_pair_sums(__m256i xlo, __m256i xhi, const uint8_t* packed) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
+  const __m256i lo = _mm256_and_si256(bytes, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+  // Each int16 is at most 2 * 2 * 15 * 127 = 7620: the two halves add without overflow.
+  const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, _mm256_set1_epi16(1)));
+}
+
+// int4_dot4 for K a multiple of 64, on activations from pair_x.
+static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const uint8_t* q, const float* s, int64_t K,
+                                   int64_t group, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int64_t groups = K / group, row_bytes = K / 2;
+  auto pair = [&](int64_t i, const __m256* sv) {
+    const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR));
+    const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR + 32));
+    const __m256 dx = _mm256_loadu_ps(dxv + 8 * i);
+    for (int r = 0; r < 4; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + (r + PREFETCH_ROWS) * row_bytes + i * QBLOCK), _MM_HINT_T0);
+      acc[r] = _mm256_fmadd_ps(int4_pair_sums(xlo, xhi, q + r * row_bytes + i * QBLOCK), _mm256_mul_ps(dx, sv[r]), acc[r]);
+    }
+  };
+  __m256 sv[4];
+  if (group == QBLOCK) {  // a pair spans two groups: scale s[2i] in the low lanes, s[2i + 1] in the high
+    const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (int64_t i = 0; i < K / QPAIR; ++i) {
+      for (int r = 0; r < 4; ++r) {
+        const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + r * groups + 2 * i)));
+        sv[r] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), spread);
+      }
+      pair(i, sv);
+    }
+  } else {  // group a multiple of 64: whole pairs per group
+    for (int64_t j = 0; j < groups; ++j) {
+      for (int r = 0; r < 4; ++r) sv[r] = _mm256_set1_ps(s[r * groups + j]);
+      for (int64_t i = j * group / QPAIR; i < (j + 1) * group / QPAIR; ++i) pair(i, sv);
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+}
 #else
 static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
                              int64_t group, float* out) {
@@ -427,6 +491,11 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   const float* bp = bias_ptr(bias, N, "int4_linear");
   std::vector<int8_t> xq(M * K);
   std::vector<float> xd(M * K / QBLOCK), xsum(M * groups, 0.f);  // xsum: the quantized x summed per group
+#if defined(__AVX2__) && defined(__FMA__)
+  const bool pairs = K % QPAIR == 0;
+  std::vector<int8_t> xpairs(pairs ? M * K : 0);
+  std::vector<float> dxv(pairs ? M * K / QPAIR * 8 : 0);
+#endif
   for (int64_t m = 0; m < M; ++m) {
     quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK);
     for (int64_t k = 0; k < K; k += QBLOCK) {
@@ -434,6 +503,9 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
       for (int64_t i = k; i < k + QBLOCK; ++i) total += xq[m * K + i];
       xsum[m * groups + k / group] += float(total) * xd[m * K / QBLOCK + k / QBLOCK];
     }
+#if defined(__AVX2__) && defined(__FMA__)
+    if (pairs) pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, xpairs.data() + m * K, dxv.data() + m * K / QPAIR * 8);
+#endif
   }
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
     float out[4];
@@ -443,7 +515,16 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
         const int8_t* xr = xq.data() + m * K;
         const float* dr = xd.data() + m * K / QBLOCK;
         if (rows == 4) {
-          int4_dot4(xr, dr, qp + n * K / 2, sp + n * groups, K, group, out);
+          const uint8_t* qr = qp + n * K / 2;
+#if defined(__AVX2__) && defined(__FMA__)
+          if (pairs) {
+            int4_dot4_pairs(xpairs.data() + m * K, dxv.data() + m * K / QPAIR * 8, qr, sp + n * groups, K, group, out);
+          } else {
+            int4_dot4(xr, dr, qr, sp + n * groups, K, group, out);
+          }
+#else
+          int4_dot4(xr, dr, qr, sp + n * groups, K, group, out);
+#endif
         } else {
           for (int64_t r = 0; r < rows; ++r) out[r] = int4_dot1(xr, dr, qp + (n + r) * K / 2, sp + (n + r) * groups, K, group);
         }
