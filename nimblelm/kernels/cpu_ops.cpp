@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -816,10 +817,14 @@ static void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
   std::vector<float> part_max(B * KVH * chunks * G, -INFINITY), part_sum(B * KVH * chunks * G, 0.f);
   std::vector<float> part_out(B * KVH * chunks * G * D, 0.f);
 
-  at::parallel_for(0, B * KVH * chunks, 1, [&](int64_t i0, int64_t i1) {
+  // Work items differ in length (a sequence's last chunk, sequences of different contexts), so threads
+  // take the next item as they finish one instead of a fixed share each: at one sequence of 1100
+  // positions (SmolLM2's heads, 30 layers, 2 threads) attention took 3.7 ms a step against 4.3.
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scores(G * ATTN_CHUNK), k_row_scales, v_row_scales;
     std::vector<const T*> k_rows, v_rows;
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i; (i = next_item.fetch_add(1)) < B * KVH * chunks;) {
       const int64_t b = i / (KVH * chunks), kvh = i / chunks % KVH, c = i % chunks;
       const int64_t begin = first_pos(b) + c * ATTN_CHUNK, end = std::min(lens[b], begin + ATTN_CHUNK);
       if (begin >= end) continue;
