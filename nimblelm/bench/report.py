@@ -162,6 +162,10 @@ def to_markdown(report: dict) -> str:
         from nimblelm.bench.survey_quant import survey_quant_markdown
 
         return survey_quant_markdown(report)
+    if kind == "quantization-quality":
+        from nimblelm.eval.quant_table import quant_quality_markdown
+
+        return quant_quality_markdown(report)
     if kind == "survey-engines":
         from nimblelm.bench.survey import survey_markdown
 

@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 from nimblelm.errors import InvalidRequestError
+from nimblelm.eval.quant_table import SETTINGS
 
 
 def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     ev = subparsers.add_parser("eval", help="quality checks (perplexity)",
                                description="Quality checks to run beside every technique that may change outputs.")
     ev.set_defaults(func=run)
-    sub = ev.add_subparsers(dest="eval_command", metavar="{ppl}")
+    sub = ev.add_subparsers(dest="eval_command", metavar="{ppl,quantization}")
     sub.required = True
     p = sub.add_parser("ppl", help="perplexity on a fixed, seeded text set",
                        description="Perplexity: text tokenized without BOS, the first --max-tokens tokens in "
@@ -32,10 +33,37 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", "-t", type=int, default=None)
     p.add_argument("--output", "-o", default=None, help="write results.json (with every window's NLL) here")
     p.add_argument("--no-progress", action="store_true")
+
+    q = sub.add_parser("quantization", help="perplexity, greedy agreement, size and speed of each quantization",
+                       description="One model, every quantization setting loaded as a user would load it: perplexity "
+                                   "and its change against fp32, greedy agreement with fp32 on held-out HumanEval "
+                                   "prompts, weight bytes and batch-1 decode tokens/s. Writes results.json and "
+                                   "report.md to --output.")
+    q.add_argument("--model", "-m", default="smollm2-135m", help="alias, .gguf file or Hugging Face folder")
+    q.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated, from {', '.join(SETTINGS)} (fp32, the reference, always runs)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="4-bit group of RTN/GPTQ/AWQ; lowered to one that divides every layer's input")
+    q.add_argument("--calib-samples", type=int, default=64)
+    q.add_argument("--calib-seq-len", type=int, default=512)
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ's column order")
+    q.add_argument("--text-set", choices=("pydoc", "sharegpt", "humaneval"), default="pydoc")
+    q.add_argument("--window", type=int, default=512)
+    q.add_argument("--max-tokens", type=int, default=8192, help="perplexity tokens")
+    q.add_argument("--greedy-prompts", type=int, default=8)
+    q.add_argument("--greedy-tokens", type=int, default=128)
+    q.add_argument("--repeat", "-r", type=int, default=3, help="decode timings per setting")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", "-t", type=int, default=None)
+    q.add_argument("--output", "-o", default="bench-out/quantization-quality")
+    q.add_argument("--no-plots", action="store_true")
+    q.add_argument("--no-progress", action="store_true")
     return ev
 
 
 def run(args) -> int:
+    if args.eval_command == "quantization":
+        return run_quantization(args)
     from nimblelm.bench.machine import default_threads, machine_info
     from nimblelm.eval.ppl import perplexity
 
@@ -62,4 +90,35 @@ def run(args) -> int:
         (out / "results.json").write_text(json.dumps({"kind": "ppl", "result": res.as_dict(),
                                                       "machine": machine_info(threads)}, indent=2) + "\n")
         print(f"wrote {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+def run_quantization(args) -> int:
+    from nimblelm.bench.machine import default_threads, machine_info
+    from nimblelm.bench.report import write_report
+    from nimblelm.eval.quant_table import parse_settings, quant_quality_markdown, run_quant_quality
+
+    if args.window < 2 or args.max_tokens < 2:
+        raise InvalidRequestError("--window and --max-tokens must be >= 2")
+    settings = parse_settings(args.settings)
+    threads = args.threads or default_threads()
+    import torch
+
+    torch.set_num_threads(threads)
+    config = {k: getattr(args, k) for k in ("model", "group_size", "calib_samples", "calib_seq_len", "act_order",
+                                             "text_set", "window", "max_tokens", "greedy_prompts", "greedy_tokens",
+                                             "repeat", "seed")}
+    config["settings"] = [s.name for s in settings]
+    config["dtype"] = "float32"
+    machine = machine_info(threads)
+    out = run_quant_quality(args.model, settings, group_size=args.group_size, calib_samples=args.calib_samples,
+                            calib_seq_len=args.calib_seq_len, act_order=args.act_order, seed=args.seed,
+                            text_set=args.text_set, window=args.window, max_tokens=args.max_tokens,
+                            greedy_prompts=args.greedy_prompts, greedy_tokens=args.greedy_tokens,
+                            repeat=args.repeat, threads=threads, progress=not args.no_progress)
+    report = {"kind": "quantization-quality", "command": " ".join(["nimblelm", *sys.argv[1:]]), "config": config,
+              "machine": machine, **out}
+    _, md = write_report(report, args.output, plots=not args.no_plots)
+    print(quant_quality_markdown(report))
+    print(f"wrote {md}", file=sys.stderr)
     return 0

@@ -115,12 +115,16 @@ class NimbleLMScorer:
 
     name = "nimblelm"
 
-    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None, max_len: int = 512,
-                 kv_cache_dtype: str = "auto"):
-        from nimblelm import LLM
+    def __init__(self, model: str | None = None, dtype: str = "float32", threads: int | None = None,
+                 max_len: int = 512, kv_cache_dtype: str = "auto", llm=None):
+        """Loads `model`, or scores through an `llm` already loaded (it must have no request in flight:
+        a window's blocks are taken from the start of its cache)."""
+        if llm is None:
+            from nimblelm import LLM
 
-        self.llm = LLM(model=model, dtype=dtype, max_model_len=max_len, max_num_seqs=1, num_threads=threads,
-                       kv_cache_dtype=kv_cache_dtype)
+            llm = LLM(model=model, dtype=dtype, max_model_len=max_len, max_num_seqs=1, num_threads=threads,
+                      kv_cache_dtype=kv_cache_dtype)
+        self.llm = llm
         self.runner = self.llm.llm_engine.runner
         self.tokenizer = self.llm.tokenizer
 

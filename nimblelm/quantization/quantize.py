@@ -48,8 +48,22 @@ def quantize_model(
 ):
     """Quantize `model` and write it to `output` (when given); returns (the in-memory quantized LLM, its
     QuantizationConfig). `texts` replaces the calibration set's texts (tests)."""
-    from nimblelm.eval.ppl import NimbleLMScorer
+    qconfig = make_config(model, method, bits, group_size, calib, calib_samples, calib_seq_len, seed, act_order)
+    if output is not None:
+        output = Path(output)
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise InvalidRequestError(f"{output} exists and is not an empty folder")
+    scorer = dense_scorer(model, threads, calib_seq_len)
+    stats = calibrate(scorer, qconfig, texts, progress) if qconfig.calibration else None
+    quantize_loaded(scorer, qconfig, stats, output, progress)
+    return scorer.llm, qconfig
 
+
+def make_config(
+    model: str, method: str, bits: int, group_size: int | None = None, calib: str = "sharegpt",
+    calib_samples: int = 64, calib_seq_len: int = 512, seed: int = 0, act_order: bool = False,
+) -> QuantizationConfig:
+    """The recipe, checked (method, bits, group size, calibration set) before anything loads."""
     group_size = default_group_size(method, bits) if group_size is None else group_size
     calibrated = method != "rtn"
     qconfig = QuantizationConfig(
@@ -57,25 +71,38 @@ def quantize_model(
         calibration=calib if calibrated else None, calib_samples=calib_samples if calibrated else None,
         calib_seq_len=calib_seq_len if calibrated else None, seed=seed if calibrated else None,
         act_order=act_order and method == "gptq", source=model, nimblelm_version=_version(),
-    )  # checks method, bits and group size before anything loads
+    )
     if calibrated and calib not in CALIBRATION_SETS:
         raise InvalidRequestError(f"unknown calibration set {calib!r}: use {', '.join(CALIBRATION_SETS)}")
-    if output is not None:
-        output = Path(output)
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            raise InvalidRequestError(f"{output} exists and is not an empty folder")
+    return qconfig
 
-    scorer = NimbleLMScorer(model, threads=threads, max_len=max(calib_seq_len, 2))
-    llm, lm = scorer.llm, scorer.runner.model
-    dense_weights(lm)
-    stats = None
-    if calibrated:
-        samples = calibration_samples(llm.tokenizer, calib_samples, calib_seq_len, seed, texts)
-        stats = capture_inputs(scorer, samples, seed, progress=progress)
+
+def dense_scorer(model: str, threads: int | None = None, max_len: int = 512):
+    """The model loaded with plain fp32 weights (dense_weights), ready to calibrate and quantize in place,
+    behind the perplexity scorer whose forward the calibration runs."""
+    from nimblelm.eval.ppl import NimbleLMScorer
+
+    scorer = NimbleLMScorer(model, threads=threads, max_len=max(max_len, 2))
+    dense_weights(scorer.runner.model)
+    return scorer
+
+
+def calibrate(scorer, qconfig: QuantizationConfig, texts: list[str] | None = None, progress: bool = True):
+    """Input statistics of every linear layer over the recipe's calibration samples. One capture serves
+    every method; GPTQ releases each layer's x^T x as it goes (_quantize_layers)."""
+    samples = calibration_samples(scorer.llm.tokenizer, qconfig.calib_samples, qconfig.calib_seq_len,
+                                  qconfig.seed, texts)
+    return capture_inputs(scorer, samples, qconfig.seed, progress=progress)
+
+
+def quantize_loaded(scorer, qconfig: QuantizationConfig, stats, output: str | Path | None = None,
+                    progress: bool = True) -> None:
+    """Quantize the dense model behind `scorer` in place and write it to `output` (when given)."""
+    lm = scorer.runner.model
     _quantize_layers(lm, qconfig, stats, progress)
     if output is not None:
-        save_quantized(output, lm, registry.resolve(model), llm.model_config, llm.tokenizer, qconfig)
-    return llm, qconfig
+        save_quantized(Path(output), lm, registry.resolve(qconfig.source), scorer.llm.model_config,
+                       scorer.llm.tokenizer, qconfig)
 
 
 @torch.no_grad()
@@ -109,7 +136,7 @@ def _quantize_layers(lm, qconfig: QuantizationConfig, stats, progress: bool) -> 
     for name, layer in tqdm(linears, desc=f"{qconfig.method} int{qconfig.bits}", unit="layer", disable=not progress):
         tensors = None
         if qconfig.method == "gptq":
-            tensors = gptq_quantize(layer.weight, stats[name].hessian, qconfig.bits, qconfig.group_size,
+            tensors = gptq_quantize(layer.weight, stats[name].take_hessian(), qconfig.bits, qconfig.group_size,
                                     qconfig.symmetric, qconfig.act_order)
         layer.prepare(method)  # the method's storage, by its own RTN (AWQ and SmoothQuant: of the scaled weight)
         for key, tensor in (tensors or {}).items():

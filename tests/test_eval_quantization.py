@@ -1,0 +1,48 @@
+"""`nimblelm eval quantization`: every setting measured against fp32 on the same inputs, on a tiny model."""
+
+import json
+
+import pytest
+
+from nimblelm.cli import main
+from nimblelm.eval.ppl import perplexity
+from nimblelm.eval.quant_table import SETTINGS, matched_prefix
+
+
+def test_matched_prefix():
+    assert matched_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert matched_prefix([1, 2], [1, 2]) == 2
+    assert matched_prefix([5], [6]) == 0
+
+
+def test_every_setting_on_a_tiny_model(tiny_qwen, tmp_path, capsys):
+    rc = main(["eval", "quantization", "--model", str(tiny_qwen), "--window", "32", "--max-tokens", "96",
+               "--greedy-prompts", "2", "--greedy-tokens", "8", "--repeat", "1", "--calib-samples", "8",
+               "--calib-seq-len", "32", "--threads", "1", "--no-progress", "--no-plots", "--output", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["setting"]: r for r in data["results"]}
+    assert list(rows) == list(SETTINGS)
+    # The tiny model's 64-wide layers take no group of 128.
+    assert data["group_size"] == 64 and rows["gptq-int4"]["label"] == "GPTQ int4 g64"
+    fp32 = rows["fp32"]
+    assert fp32["delta_pct"] == 0 and fp32["agreement"] == 1 and fp32["identical"] == 2
+    # The reference row is the plain perplexity of the model under the same protocol.
+    assert fp32["ppl"] == pytest.approx(perplexity(str(tiny_qwen), window=32, max_tokens=96).ppl, rel=1e-6)
+    for r in rows.values():
+        assert r["scored_tokens"] == fp32["scored_tokens"] and 0 <= r["agreement"] <= 1
+        assert r["delta_pct"] == pytest.approx(100 * (r["ppl"] / fp32["ppl"] - 1))
+    assert rows["int4-g32"]["weights_nbytes"] < rows["int8"]["weights_nbytes"] < fp32["weights_nbytes"]
+    assert rows["kv-int8"]["weights_nbytes"] == fp32["weights_nbytes"]
+    assert rows["kv-int8"]["ppl"] != fp32["ppl"]  # the int8 cache is really in the path
+    report = (tmp_path / "report.md").read_text()
+    assert "| GPTQ int4 g64 |" in report and "groups of 64 (asked 128" in report
+    assert "SmoothQuant W8A8 changes perplexity by under 3%" in report
+    assert capsys.readouterr().out.startswith("# Quantization quality")
+
+
+def test_bad_settings_are_one_line(tiny_qwen, capsys):
+    assert main(["eval", "quantization", "--model", str(tiny_qwen), "--settings", "fp32,fp16"]) == 1
+    assert "unknown setting fp16" in capsys.readouterr().err
+    assert main(["eval", "quantization", "--model", str(tiny_qwen), "--group-size", "48"]) == 1
+    assert "--group-size must be one of" in capsys.readouterr().err
