@@ -44,7 +44,8 @@ clean-venv:
 
 # Optional benchmark peers and runs: never part of `make test` (llama.cpp compiles for 10-25 min on 2 cores;
 # vLLM's CPU build is a 3.5 GB install into its own venv).
-.PHONY: peers peers-vllm bench bench-latency bench-throughput bench-serve bench-survey bench-roofline eval-ppl
+.PHONY: peers peers-vllm bench bench-latency bench-throughput bench-serve bench-survey bench-roofline eval-ppl \
+	eval-quantization
 BENCH_OUT ?= bench-out
 BENCH_BACKENDS ?= nimblelm,transformers,llama.cpp,vllm
 VLLM_VENV ?= $(HOME)/.cache/nimblelm/peers/vllm-venv
@@ -81,3 +82,6 @@ bench-survey: setup model
 
 eval-ppl: setup model
 	$(VENV)/bin/nimblelm eval ppl --model $(MODEL) --output $(BENCH_OUT)/ppl
+
+eval-quantization: setup model
+	$(VENV)/bin/nimblelm eval quantization --model $(MODEL) --output $(BENCH_OUT)/quantization-quality

@@ -90,13 +90,17 @@ def test_int4_linear_matches_its_reference():
     assert (layer(x) - exact).norm() < 0.15 * exact.norm()
 
 
-def test_w8a8_linear_matches_the_integer_matmul():
+# 1 and 7 rows of K = 96 take the C++ kernel (per-token int8 rounding inside it), 100 rows and K = 80
+# (not in blocks of 32) the float path.
+@pytest.mark.parametrize(("rows", "k"), [(1, 96), (7, 96), (100, 96), (7, 80)])
+def test_w8a8_linear_matches_the_integer_matmul(rows, k):
     torch.manual_seed(2)
-    w, bias, x = torch.randn(40, 96), torch.randn(40), torch.randn(7, 96) * 3
+    w, bias, x = torch.randn(40, k), torch.randn(40), torch.randn(rows, k) * 3
     layer = linear_of(w, W8A8(), bias)
     xq, xs = quantize_rows(x)
-    # The integer reference: exact int32 dot products, then both scales.
-    dots = torch._int_mm(torch.cat([xq, xq.new_zeros(17 - 7, 96)]), layer.qweight.t())[:7]
+    # The integer reference: exact int32 dot products, then both scales (_int_mm wants over 16 rows).
+    pad = max(0, 17 - rows)
+    dots = torch._int_mm(torch.cat([xq, xq.new_zeros(pad, k)]), layer.qweight.t())[:rows]
     ref = dots.float() * xs * layer.scales[None] + bias
     assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-4)
     exact = F.linear(x, w, bias)

@@ -230,13 +230,15 @@ static const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N
 // instruction and a decode step reads about a quarter of the fp32 bytes.
 constexpr int64_t QBLOCK = 32;
 
-static void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d) {
-  for (int64_t b = 0; b < K / QBLOCK; ++b) {
+// One int8 scale per `span` values (QBLOCK, or the whole row for W8A8's per-token activations), written
+// to d once per block of 32 so the dot products read every layout alike.
+static void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, int64_t span = QBLOCK) {
+  for (int64_t b0 = 0; b0 < K; b0 += span) {
     float amax = 0.f;
-    for (int64_t k = b * QBLOCK; k < (b + 1) * QBLOCK; ++k) amax = std::max(amax, std::fabs(x[k]));
+    for (int64_t k = b0; k < b0 + span; ++k) amax = std::max(amax, std::fabs(x[k]));
     const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    d[b] = scale;
-    for (int64_t k = b * QBLOCK; k < (b + 1) * QBLOCK; ++k) q[k] = int8_t(std::nearbyint(x[k] * inv));
+    std::fill(d + b0 / QBLOCK, d + (b0 + span) / QBLOCK, scale);
+    for (int64_t k = b0; k < b0 + span; ++k) q[k] = int8_t(std::nearbyint(x[k] * inv));
   }
 }
 
@@ -369,8 +371,9 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
 }
 #endif
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> bias,
-                          int64_t group) {
+// per_token: each activation row gets one int8 scale (W8A8) instead of one per block of 32.
+static torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
+                                 c10::optional<torch::Tensor> bias, int64_t group, bool per_token) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_linear: shapes do not match");
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
               "int8_linear: float32 x, int8 q and float32 scales only");
@@ -387,7 +390,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   const float* bp = bias_ptr(bias, N, "int8_linear");
   std::vector<int8_t> xq(M * K);
   std::vector<float> xd(M * K / QBLOCK);
-  for (int64_t m = 0; m < M; ++m) quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK);
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK, per_token ? K : QBLOCK);
   const int64_t groups = K / group;
   // Blocks of 64 weight rows; each block's int8 rows stay in L1 across activation rows.
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
@@ -416,6 +420,18 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
     }
   });
   return y;
+}
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> bias,
+                          int64_t group) {
+  return int8_matmul(x, q, scales, bias, group, false);
+}
+
+// w8a8_linear: W8A8 as SmoothQuant defines it: int8 weights with one scale per output channel
+// (scales [N, 1]) times activations rounded to int8 with one scale per token (row). The integer dot
+// products are exact; only their scaled sum over blocks of 32 is float.
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
+  return int8_matmul(x, q, scales, bias, x.size(1), true);
 }
 
 // int4_linear: y = x @ w.T (+ bias) for 4-bit weights w[n, k] = scales[n, g] * q[n, k] + mins[n, g],
@@ -927,7 +943,8 @@ static void attend_decodes(const KVCache& cache, torch::Tensor out, torch::Tenso
 
 // One linear layer as its LinearMethod stored it: (weight, scales, mins, bias, group, out_features).
 // group 0: float32 panels from pack_panels; an int8 weight [N, K] with float32 scales [N, K / group];
-// a uint8 weight [N, K / 2] of 4-bit values with float32 scales and mins [N, K / group].
+// a uint8 weight [N, K / 2] of 4-bit values with float32 scales and mins [N, K / group]; group -1: W8A8,
+// an int8 weight [N, K] with float32 scales [N, 1] and per-token int8 activations.
 using LinearSpec = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
                               c10::optional<torch::Tensor>, int64_t, int64_t>;
 // (input norm weight, post-attention norm weight, qkv, o, gate_up, down)
@@ -937,6 +954,7 @@ static torch::Tensor apply_linear(const LinearSpec& spec, const torch::Tensor& x
   const auto& [weight, scales, mins, bias, group, out_features] = spec;
   if (group == 0) return packed_linear(x, weight, out_features, bias);
   if (weight.scalar_type() == at::kByte) return int4_linear(x, weight, *scales, *mins, bias, group);
+  if (group < 0) return w8a8_linear(x, weight, *scales, bias);
   return int8_linear(x, weight, *scales, bias, group);
 }
 
@@ -993,6 +1011,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv_cache_int8_", &write_kv_cache_int8_, nogil, "quantize new k and v rows per head into their int8 cache slots");
   m.def("int4_linear", &int4_linear, nogil, "x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group");
   m.def("int8_linear", &int8_linear, nogil, "x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group");
+  m.def("w8a8_linear", &w8a8_linear, nogil, "x @ (q * scales).T (+ bias) with x rounded to int8 per row: W8A8");
   m.def("pack_panels", &pack_panels, nogil, "w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]");
   m.def("packed_linear", &packed_linear, nogil, "x @ w.T (+ bias) with w as pack_panels stored it");
   m.def("rms_norm", &rms_norm, nogil, "RMS norm of each row, times w");

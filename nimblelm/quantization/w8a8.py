@@ -3,12 +3,13 @@
 Storage: `qweight` int8 [N, K] and `scales` float32 [N]; w[n, k] = scales[n] * qweight[n, k]. At each
 call the activations get a scale per row (token), max|x| / 127, computed from that row alone.
 
-The product is computed as float32 F.linear of the two dequantized operands: the same result as an
-integer matmul scaled by both scales, up to float rounding. `torch._int_mm` (int8 x int8 -> int32,
-weight column-major, i.e. qweight.t()) was measured on this machine (AMD EPYC, AVX2 without VNNI,
-2 threads, torch 2.13, SmolLM2-135M's 120 layer matrices) against the float path: 522 vs 40 ms at 1
-row, 6.6 s vs 1.8 s at 64 rows, 53 s vs 3.0 s at 512 rows. Without VNNI it loses everywhere, so it
-is not used here.
+Up to SKINNY_MAX_ROWS rows (decode) the C++ kernel `w8a8_linear` rounds each row to int8 and takes
+exact integer dot products (maddubs on AVX2), scaled by both scales; larger batches (prefill) compute
+float32 F.linear of the two dequantized operands, the same result up to float rounding.
+`torch._int_mm` (int8 x int8 -> int32, weight column-major, i.e. qweight.t()) was measured on this
+machine (AMD EPYC, AVX2 without VNNI, 2 threads, torch 2.13, SmolLM2-135M's 120 layer matrices) against
+the float path: 522 vs 40 ms at 1 row, 6.6 s vs 1.8 s at 64 rows, 53 s vs 3.0 s at 512 rows. Without
+VNNI it loses everywhere, so it is not used here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nimblelm.layers.linear import Linear, LinearMethod
+from nimblelm.kernels import ops_for
+from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -38,7 +40,18 @@ class W8A8(LinearMethod):
         layer.register_buffer("scales", scales.squeeze(1))
         layer.compute_dtype = dtype
 
+    def _kernel(self, layer: Linear) -> bool:
+        return layer.compute_dtype == torch.float32 and layer.in_features % 32 == 0  # the kernel's blocks
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        ops = ops_for(x)
+        if ops is not None and x.shape[0] <= SKINNY_MAX_ROWS and self._kernel(layer):
+            return ops.w8a8_linear(x.contiguous(), layer.qweight, layer.scales[:, None], layer.bias)
         xq, xs = quantize_rows(x)
         w = layer.qweight.float() * layer.scales[:, None]
         return F.linear(xq.float() * xs, w, layer.bias).to(layer.compute_dtype)
+
+    def kernel_spec(self, layer: Linear) -> tuple | None:
+        if ops_for(layer.scales) is None or not self._kernel(layer):
+            return None
+        return (layer.qweight, layer.scales[:, None], None, layer.bias, -1, layer.out_features)
