@@ -155,8 +155,13 @@ class Backend:
         return {}
 
     def weights_nbytes(self) -> int | None:
-        """Bytes of weights read per decode step (for GB/s), if known."""
+        """Bytes of weights the backend holds, if known."""
         return None
+
+    def token_nbytes(self) -> int | None:
+        """Bytes of weights a batch-1 decode step reads (for GB/s): all but an untied token table, of which
+        a step reads one row."""
+        return self.weights_nbytes()
 
     def latency(self, test: LatencyTest, repeat: int, warmup: int, progress: Callable[[], None] | None = None
                 ) -> list[float]:
@@ -217,11 +222,14 @@ class NimbleLMBackend(Backend):
         else:
             weights = f"{self.ctx.dtype} (dequantized by the nimblelm loader)"
         return {"weights": weights, "quantization": q or "none", "kv_cache_dtype": self.ctx.kv_cache_dtype,
-                "weights_nbytes": self.weights_nbytes()}
+                "weights_nbytes": self.weights_nbytes(), "token_nbytes": self.token_nbytes()}
 
     def weights_nbytes(self) -> int | None:
         n = getattr(self.llm, "weights_nbytes", None)
         return int(n) if n else None
+
+    def token_nbytes(self) -> int | None:
+        return self.llm.llm_engine.runner.token_nbytes if self.llm is not None else None
 
     def _params(self, max_tokens: int):
         from nimblelm import SamplingParams
@@ -424,6 +432,13 @@ class TransformersBackend(Backend):
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
         return total
+
+    def token_nbytes(self) -> int | None:
+        total = self.weights_nbytes()
+        if total is None:
+            return None
+        table, head = self.model.get_input_embeddings().weight, self.model.get_output_embeddings().weight
+        return total if table.data_ptr() == head.data_ptr() else total - table.numel() * table.element_size()
 
     def _generate(self, batch_ids: list[list[int]], new_tokens: int):
         """Left-padded batched greedy generate of exactly new_tokens; returns (t0, clock, output)."""

@@ -52,7 +52,7 @@ def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[Late
             bar = tqdm(total=len(tests) * (repeat + warmup), desc=f"{backend.name} latency", unit="run",
                        leave=False)
         try:
-            nbytes = backend.weights_nbytes()
+            nbytes = backend.token_nbytes()
             for test in tests:
                 if bar is not None:
                     bar.set_postfix_str(f"{test.name} b{test.batch}")
@@ -63,7 +63,7 @@ def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[Late
                        "samples_ts": [round(x, 4) for x in samples], "mean_ts": m, "std_ts": s}
                 if test.kind == "tg" and test.batch == 1 and nbytes:
                     gb = [nbytes * x / 1e9 for x in samples]
-                    row["weights_nbytes"] = nbytes
+                    row["token_nbytes"] = nbytes
                     row["mean_gbps"], row["std_gbps"] = mean_std(gb)
                     if bandwidth_gbs:
                         row["bw_limit_ts"] = bandwidth_gbs * 1e9 / nbytes

@@ -98,6 +98,7 @@ class LlamaCppBackend(Backend):
         self.gguf: Path | None = None
         self.gguf_kind: str | None = None  # the type chosen at load (auto resolved)
         self._nbytes: int | None = None
+        self._token_nbytes: int | None = None
         self._types: list[str] = []  # tensor types in that file (1-D tensors stay F32)
         self._server: subprocess.Popen | None = None
         self._server_log = None
@@ -143,6 +144,9 @@ class LlamaCppBackend(Backend):
 
         reader = gguf.GGUFReader(self.gguf)
         self._nbytes = int(sum(int(t.n_bytes) for t in reader.tensors))
+        names = {t.name: int(t.n_bytes) for t in reader.tensors}
+        # Without output.weight the token table is the output layer too, read in full every step.
+        self._token_nbytes = self._nbytes - (names.get("token_embd.weight", 0) if "output.weight" in names else 0)
         self._types = sorted({t.tensor_type.name for t in reader.tensors})
         del reader
 
@@ -152,12 +156,15 @@ class LlamaCppBackend(Backend):
                 "gguf": str(self.gguf) if self.gguf else None, "gguf_type": self.gguf_kind,
                 "gguf_tensor_types": self._types,
                 "kv_cache_type": "q8_0" if self.ctx.kv_cache_dtype == "int8" else "f16",
-                "weights_nbytes": self._nbytes,
+                "weights_nbytes": self._nbytes, "token_nbytes": self._token_nbytes,
                 "version": built_version(), "build_commit": self.build_commit,
                 "bin_dir": str(find_binary("llama-bench").parent)}
 
     def weights_nbytes(self) -> int | None:
         return self._nbytes
+
+    def token_nbytes(self) -> int | None:
+        return self._token_nbytes
 
     # ---------------------------------------------------------------------------------- latency
 

@@ -67,6 +67,8 @@ def backend_lines(statuses: dict) -> list[str]:
                 bits.append(f"KV cache {info['kv_cache_type']}")
             if info.get("weights_nbytes"):
                 bits.append(f"{_mib(info['weights_nbytes'])} of weights")
+                if info.get("token_nbytes") and info["token_nbytes"] != info["weights_nbytes"]:
+                    bits.append(f"{_mib(info['token_nbytes'])} read per decoded token (the token table aside)")
             if info.get("version"):
                 bits.append(f"version {info['version']}")
             if info.get("build_commit") and info["build_commit"] != "unknown":

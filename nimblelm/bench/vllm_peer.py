@@ -167,6 +167,13 @@ class VllmBackend(Backend):
             total += t.numel() * (4 if self.ctx.dtype == "float32" else 2)
         return total
 
+    def token_nbytes(self) -> int | None:
+        weights = self.ctx.load().weights
+        table, head = weights.get("model.embed_tokens.weight"), weights.get("lm_head.weight")
+        untied = table is not None and head is not None and table.data_ptr() != head.data_ptr()
+        size = 4 if self.ctx.dtype == "float32" else 2
+        return self.weights_nbytes() - (table.numel() * size if untied else 0)
+
     def latency_once(self, test: LatencyTest, seed: int) -> float:
         b = test.batch
         if test.kind == "pp":

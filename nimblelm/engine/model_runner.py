@@ -46,6 +46,7 @@ class ModelRunner:
             model = DecoderLM(config, max_positions=max_model_len)
         self.model = model.materialize(device, dtype, weights, linear_method, prequantized)
         self.weights_nbytes = _weights_nbytes(self.model)
+        self.token_nbytes = _weights_nbytes(self.model, per_token=True)
         self.kv_caches = self._allocate_kv(kv_cache_dtype)
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
@@ -170,10 +171,15 @@ class ModelRunner:
         )
 
 
-def _weights_nbytes(model: torch.nn.Module) -> int:
-    """Bytes of weights a forward pass reads: parameters and quantized buffers, tied tensors once."""
+def _weights_nbytes(model: torch.nn.Module, per_token: bool = False) -> int:
+    """Bytes of weights the model holds: parameters and quantized buffers, tied tensors once. per_token:
+    those a decode step reads for each token, i.e. without an untied token table (one row of it is read;
+    a tied one is counted as the output layer)."""
     tensors = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if not name.startswith("rotary."):  # the cos/sin tables are a cache, not weights
-            tensors[t.data_ptr()] = t.nbytes
+        if name.startswith("rotary."):  # the cos/sin tables are a cache, not weights
+            continue
+        if per_token and name.startswith("embed_tokens."):
+            continue
+        tensors[t.data_ptr()] = t.nbytes
     return sum(tensors.values())

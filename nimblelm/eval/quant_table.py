@@ -223,11 +223,11 @@ def quant_quality_markdown(report: dict) -> str:
     n = len(report["task_ids"])
     lines = [f"# Quantization quality: {cfg['model']}", "", *machine_lines(report), ""]
     lines += [
-        f"Perplexity: text set `{cfg['text_set']}`, the first {cfg['max_tokens']} tokens in windows of "
-        f"{cfg['window']} ({rows[0]['scored_tokens']} tokens scored). Greedy agreement: {n} HumanEval prompts "
-        f"({', '.join(report['task_ids'])}), {cfg['greedy_tokens']} tokens each with ignore_eos; the share of "
-        f"tokens before the first difference from fp32, and the prompts identical throughout. Decode: batch 1, "
-        f"{cfg['greedy_tokens']} tokens, mean ± std of {cfg['repeat']} after one warm-up.", "",
+        (f"Perplexity: text set `{cfg['text_set']}`, the first {cfg['max_tokens']} tokens in windows of "
+         f"{cfg['window']} ({rows[0]['scored_tokens']} tokens scored). Greedy agreement: {n} HumanEval prompts "
+         f"({', '.join(report['task_ids'])}), {cfg['greedy_tokens']} tokens each with ignore_eos; the share of "
+         f"tokens before the first difference from fp32, and the prompts identical throughout. Decode: batch 1, "
+         f"{cfg['greedy_tokens']} tokens, mean ± std of {cfg['repeat']} after one warm-up."), "",
         f"4-bit groups of {report['group_size']}"
         + (f" (asked {report['requested_group_size']}: it does not divide every layer's input)"
            if report["group_size"] != report["requested_group_size"] else "")
