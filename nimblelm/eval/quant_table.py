@@ -231,10 +231,9 @@ def quant_quality_markdown(report: dict) -> str:
         f"4-bit groups of {report['group_size']}"
         + (f" (asked {report['requested_group_size']}: it does not divide every layer's input)"
            if report["group_size"] != report["requested_group_size"] else "")
-        + f". Calibration (GPTQ, AWQ, SmoothQuant, one shared pass): {cfg['calib_samples']} ShareGPT windows of "
-        f"{cfg['calib_seq_len']} tokens, seed {cfg['seed']}"
-        + (f", {report['calibration_s']:.0f} s" if report.get("calibration_s") else "")
-        + f"; GPTQ act-order {'on' if cfg['act_order'] else 'off'}.", "",
+        + (f". Calibration (GPTQ, AWQ, SmoothQuant, one shared pass): {cfg['calib_samples']} ShareGPT windows of "
+           f"{cfg['calib_seq_len']} tokens, seed {cfg['seed']}, {report['calibration_s']:.0f} s; GPTQ act-order "
+           f"{'on' if cfg['act_order'] else 'off'}." if report.get("calibration_s") is not None else "."), "",
         "| setting | perplexity | change | greedy agreement | identical | weights | decode tok/s b1 | quantize s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
