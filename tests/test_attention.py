@@ -47,13 +47,17 @@ def int8_decode(ops, q, k_cache, v_cache, tables, lens, window):
 @pytest.mark.parametrize("kv", ["float32", "int8"])
 @pytest.mark.parametrize("window", [0, 5, 300])
 @pytest.mark.parametrize("dim", [16, 64, 72, 128])
-def test_paged_decode_kernel_matches_sdpa(window, dim, kv):
+@pytest.mark.parametrize("only_longest", [False, True])
+def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
     # Head sizes with and without the 8-key and 64-value vector paths; contexts over the kernel's 256-position
-    # chunk (split and merged softmax), shorter than one chunk, of one token; windows inside one chunk and
-    # across chunks. The int8 kernel's oracle is SDPA over the cache it reads, dequantized.
+    # chunk (split and merged softmax), shorter than one chunk, of one token; one long sequence alone, which
+    # the kernel cuts into shorter chunks to give every thread work; windows inside one chunk and across
+    # chunks. The int8 kernel's oracle is SDPA over the cache it reads, dequantized.
     ops = cpu_ops()
     assert ops is not None, "the C++ kernels did not build"
     q, k_cache, v_cache, tables, lens = random_paged_cache(dim + window, dim)
+    if only_longest:
+        q, tables, lens = q[3:], tables[3:], lens[3:]
     if kv == "int8":
         out, k_cache, v_cache = int8_decode(ops, q, k_cache, v_cache, tables, lens, window)
     else:

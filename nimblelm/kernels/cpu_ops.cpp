@@ -797,9 +797,9 @@ static void weighted_sum(const float* p, const T* const* v_rows, int64_t n, int6
 // Decode attention straight from the paged cache: one query token per sequence, each KV head's
 // group of query heads scored against the sequence's cached keys, so K and V are read once and never
 // gathered into a padded copy. Positions before context_len - window are skipped when window > 0
-// (sliding-window attention). Contexts are cut into chunks of ATTN_CHUNK positions, each a work item
-// with its own softmax maximum and sum (split-K, as flash-decoding does), merged at the end: a batch of
-// one long sequence keeps both threads busy instead of one per KV head.
+// (sliding-window attention). Contexts are cut into chunks of at most ATTN_CHUNK positions, each with its
+// own softmax maximum and sum (split-K, as flash-decoding does), merged at the end: a batch of one long
+// sequence keeps both threads busy.
 //
 // T = int8_t reads an int8 cache with k_scales, v_scales [blocks, block_size, kv_heads]: a key's score is
 // scale_k * (q . k_int8) and a value row is weighted by p * scale_v, so nothing is dequantized in memory.
@@ -826,55 +826,63 @@ static void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
   float* op = out.data_ptr<float>();
 
   auto first_pos = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, lens[b] - window) : int64_t(0); };
-  int64_t chunks = 1;
-  for (int64_t b = 0; b < B; ++b) chunks = std::max(chunks, (lens[b] - first_pos(b) + ATTN_CHUNK - 1) / ATTN_CHUNK);
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b] - first_pos(b));
+  // Enough chunks that a small batch still gives every thread work, none longer than ATTN_CHUNK.
+  const int64_t per_seq = (4 * at::get_num_threads() + B - 1) / B;
+  const int64_t chunk_len = std::clamp<int64_t>((longest + per_seq - 1) / per_seq, 32, ATTN_CHUNK);
+  const int64_t chunks = (longest + chunk_len - 1) / chunk_len;
   // Per (sequence, KV head, chunk, query head of the group): the chunk's score maximum, its sum of
   // exp(score - maximum), and the value rows weighted by those exps.
   std::vector<float> part_max(B * KVH * chunks * G, -INFINITY), part_sum(B * KVH * chunks * G, 0.f);
   std::vector<float> part_out(B * KVH * chunks * G * D, 0.f);
 
-  // Work items differ in length (a sequence's last chunk, sequences of different contexts), so threads
-  // take the next item as they finish one instead of a fixed share each: at one sequence of 1100
-  // positions (SmolLM2's heads, 30 layers, 2 threads) attention took 3.7 ms a step against 4.3.
+  // A work item is one chunk of one sequence, all its KV heads: a cached position's K (and V) rows of
+  // all heads are contiguous, so the item streams whole blocks of the cache. Items differ in length (a
+  // sequence's last chunk, sequences of different contexts), so threads take the next item as they
+  // finish one instead of a fixed share each.
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(G * ATTN_CHUNK), k_row_scales, v_row_scales;
+    std::vector<float> scores(G * chunk_len), k_row_scales, v_row_scales;
     std::vector<const T*> k_rows, v_rows;
-    for (int64_t i; (i = next_item.fetch_add(1)) < B * KVH * chunks;) {
-      const int64_t b = i / (KVH * chunks), kvh = i / chunks % KVH, c = i % chunks;
-      const int64_t begin = first_pos(b) + c * ATTN_CHUNK, end = std::min(lens[b], begin + ATTN_CHUNK);
+    for (int64_t item; (item = next_item.fetch_add(1)) < B * chunks;) {
+      const int64_t b = item / chunks, c = item % chunks;
+      const int64_t begin = first_pos(b) + c * chunk_len, end = std::min(lens[b], begin + chunk_len);
       if (begin >= end) continue;
       const int64_t n = end - begin;
-      const float* qg = qp + (b * H + kvh * G) * D;
       k_rows.resize(n);
       v_rows.resize(n);
       k_row_scales.resize(k_scales ? n : 0);
       v_row_scales.resize(k_scales ? n : 0);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t pos = begin + t, row = (bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh;
-        k_rows[t] = kp + row * D;
-        v_rows[t] = vp + row * D;
-        if (k_scales) {
-          k_row_scales[t] = k_scales[row];
-          v_row_scales[t] = v_scales[row];
+      for (int64_t kvh = 0; kvh < KVH; ++kvh) {
+        const int64_t i = (b * KVH + kvh) * chunks + c;
+        const float* qg = qp + (b * H + kvh * G) * D;
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t pos = begin + t, row = (bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh;
+          k_rows[t] = kp + row * D;
+          v_rows[t] = vp + row * D;
+          if (k_scales) {
+            k_row_scales[t] = k_scales[row];
+            v_row_scales[t] = v_scales[row];
+          }
         }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        scores_of(qg + g * D, k_rows.data(), k_scales ? k_row_scales.data() : nullptr, n, D, float(scale),
-                  scores.data() + g * n);
-      }
-      float* m = part_max.data() + i * G;
-      float* l = part_sum.data() + i * G;
-      float* o = part_out.data() + i * G * D;
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * n;
-        m[g] = *std::max_element(sg, sg + n);
-        l[g] = exp_shifted_(sg, n, m[g]);
-        if (v_scales) {  // after the sum: the softmax weights stay unscaled, the value rows get scale_v
-          for (int64_t t = 0; t < n; ++t) sg[t] *= v_row_scales[t];
+        for (int64_t g = 0; g < G; ++g) {
+          scores_of(qg + g * D, k_rows.data(), k_scales ? k_row_scales.data() : nullptr, n, D, float(scale),
+                    scores.data() + g * n);
         }
+        float* m = part_max.data() + i * G;
+        float* l = part_sum.data() + i * G;
+        float* o = part_out.data() + i * G * D;
+        for (int64_t g = 0; g < G; ++g) {
+          float* sg = scores.data() + g * n;
+          m[g] = *std::max_element(sg, sg + n);
+          l[g] = exp_shifted_(sg, n, m[g]);
+          if (v_scales) {  // after the sum: the softmax weights stay unscaled, the value rows get scale_v
+            for (int64_t t = 0; t < n; ++t) sg[t] *= v_row_scales[t];
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * n, v_rows.data(), n, D, o + g * D);
       }
-      for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * n, v_rows.data(), n, D, o + g * D);
     }
   });
 
