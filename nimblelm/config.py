@@ -42,7 +42,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # default 2 GiB on CPU, half the free memory on CUDA
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
-    kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8: int8 K/V with a float32 scale per token and KV head
+    # auto: the model's dtype; int8: int8 K/V with a float32 scale per token and KV head, except in the
+    # layers int8 would distort (quantization/kv_int8.py)
+    kv_cache_dtype: str = "auto"
     seed: int = 0
     num_threads: int | None = None  # CPU threads; default: the physical cores
     # "int8", "int4", "w8a8": linear weights quantized at load (RTN, see quantization); "gguf": a .gguf

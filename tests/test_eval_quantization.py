@@ -35,7 +35,10 @@ def test_every_setting_on_a_tiny_model(tiny_qwen, tmp_path, capsys):
     assert rows["int4-g32"]["weights_nbytes"] < rows["int8"]["weights_nbytes"] < fp32["weights_nbytes"]
     assert rows["kv-int8"]["weights_nbytes"] == fp32["weights_nbytes"]
     assert rows["kv-int8"]["ppl"] != fp32["ppl"]  # the int8 cache is really in the path
+    assert rows["kv-int8"]["float_kv_layers"] == [] and len(rows["kv-int8"]["int8_kv_errors"]) == 2
+    assert all("float_kv_layers" not in r for name, r in rows.items() if name != "kv-int8")
     report = (tmp_path / "report.md").read_text()
+    assert "KV cache int8: all 2 layers int8 (the probe's largest change: " in report
     assert "| GPTQ int4 g64 |" in report and "groups of 64 (asked 128" in report
     assert "SmoothQuant W8A8 changes perplexity by under 3%" in report
     assert capsys.readouterr().out.startswith("# Quantization quality")

@@ -170,3 +170,58 @@ def test_eval_ppl_scores_through_the_int8_cache(tiny_llama, capsys):
         perplexity(str(tiny_llama), backend="transformers", text=text, kv_cache_dtype="int8")
     assert main(["eval", "ppl", "--model", str(tiny_llama), "--kv-cache-dtype", "int4"]) == 1
     assert "unknown kv_cache_dtype 'int4'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def qwen_with_huge_logits(tmp_path_factory, tiny_qwen):
+    """tiny_qwen with a key channel of layer 1 offset by 100 and its queries scaled 5x, as in the few layers
+    of Qwen2.5-Coder whose logits span hundreds. The offset adds the same to a query's every logit, which
+    softmax ignores, but it sets each key's int8 step, so the channels that matter round coarsely."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("huge_logits") / "qwen2"
+    shutil.copytree(tiny_qwen, path)
+    weights = load_file(path / "model.safetensors")
+    prefix = "model.layers.1.self_attn."
+    weights[prefix + "k_proj.bias"].view(2, 16)[:, 0] += 100  # channel 0 of both KV heads
+    for name in ("q_proj.weight", "q_proj.bias"):
+        weights[prefix + name] = weights[prefix + name] * 5
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_int8_cache_keeps_the_layers_it_would_distort_in_float(qwen_with_huge_logits, monkeypatch):
+    from nimblelm.eval.ppl import perplexity
+    from nimblelm.quantization import kv_int8
+
+    llm = LLM(str(qwen_with_huge_logits), max_model_len=64, kv_cache_memory_bytes=256 << 10, kv_cache_dtype="int8")
+    runner = llm.llm_engine.runner
+    errors = runner.int8_kv_errors
+    assert errors[0] < kv_int8.MAX_ERROR < errors[1]
+    assert runner.kv_dtypes == [torch.int8, torch.float32]
+    assert runner.kv_caches[0].scales is not None and runner.kv_caches[0].values.dtype == torch.int8
+    assert runner.kv_caches[1].scales is None and runner.kv_caches[1].values.dtype == torch.float32
+    cfg = llm.model_config
+    per_token = 2 * cfg.num_kv_heads * ((cfg.head_dim + 4) + cfg.head_dim * 4)  # layer 0 int8, layer 1 float32
+    assert llm.llm_engine.block_manager.num_blocks == (256 << 10) // (16 * per_token)
+
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    score = {}
+    for name, kv in (("fp32", "auto"), ("probed", "int8")):
+        score[name] = perplexity(str(qwen_with_huge_logits), text=text, window=24, max_tokens=80, kv_cache_dtype=kv).ppl
+    monkeypatch.setattr(kv_int8, "MAX_ERROR", float("inf"))
+    score["all int8"] = perplexity(str(qwen_with_huge_logits), text=text, window=24, max_tokens=80,
+                                   kv_cache_dtype="int8").ppl
+    # Layer 0's rounding still shows; layer 1's, which moved its attention output by errors[1], is gone.
+    assert score["probed"] != score["fp32"]
+    assert abs(score["probed"] / score["fp32"] - 1) < abs(score["all int8"] / score["fp32"] - 1) / 3
+
+
+def test_the_quality_report_names_the_layers_kept_in_float():
+    from nimblelm.eval.quant_table import kv_layers_line
+
+    row = {"label": "KV cache int8", "int8_kv_errors": [0.42, 0.01, 0.13, 0.02], "float_kv_layers": [0, 2]}
+    assert kv_layers_line(row) == ("KV cache int8: 2 of 4 layers keep K/V in float; int8 would move their attention "
+                                   "output by layer 0 42.0%, layer 2 13.0% (the int8 layers: at most 2.0%).")

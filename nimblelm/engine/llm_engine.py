@@ -52,7 +52,6 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)
-        num_blocks = self._num_blocks(config)
         self.runner = ModelRunner(
             loaded.config,
             loaded.weights,
@@ -60,15 +59,15 @@ class LLMEngine:
             device=self.device,
             max_model_len=config.max_model_len,
             block_size=config.block_size,
-            num_blocks=num_blocks,
             seed=config.seed,
             linear_method=method,
             kv_cache_dtype=self.kv_dtype,
             prequantized=loaded.direct.linears if loaded.direct is not None else None,
+            saved=loaded.quantized,
         )
-        if loaded.quantized is not None:
-            loaded.quantized.load_into(self.runner.model)
         del loaded
+        num_blocks = self._num_blocks(config)
+        self.runner.allocate_kv(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
@@ -88,7 +87,7 @@ class LLMEngine:
                 budget = 2 << 30
                 if self.device.type == "cuda":
                     budget = torch.cuda.mem_get_info(self.device)[0] // 2
-            per_block = ModelRunner.kv_bytes_per_block(self.model_config, bs, self.kv_dtype)
+            per_block = self.runner.kv_bytes_per_block()
             # More than every sequence at full length could ever use is wasted memory.
             ceiling = config.max_num_seqs * -(-config.max_model_len // bs)
             num_blocks = min(budget // per_block, ceiling)

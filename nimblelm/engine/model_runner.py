@@ -19,6 +19,8 @@ from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from nimblelm.models.decoder import DecoderLM
+from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
+from nimblelm.quantization.saved import SavedQuantization
 
 
 class ModelRunner:
@@ -31,48 +33,70 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         block_size: int,
-        num_blocks: int,
         seed: int,
         linear_method: LinearMethod | None = None,
         kv_cache_dtype: torch.dtype,
         prequantized: dict | None = None,
+        saved: SavedQuantization | None = None,
     ):
+        """Builds the model (with a quantized folder's tensors copied in, `saved`); the KV cache comes with
+        allocate_kv, once the engine has sized it."""
         self.config = config
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
-        self.num_blocks = num_blocks
         with torch.device("meta"):
             model = DecoderLM(config, max_positions=max_model_len)
         self.model = model.materialize(device, dtype, weights, linear_method, prequantized)
+        if saved is not None:
+            saved.load_into(self.model)
         self.weights_nbytes = _weights_nbytes(self.model)
         self.token_nbytes = _weights_nbytes(self.model, per_token=True)
-        self.kv_caches = self._allocate_kv(kv_cache_dtype)
+        # Per layer, how its K/V are stored: an int8 cache keeps the layers int8 would distort in `dtype`.
+        self.kv_dtypes = [kv_cache_dtype] * config.num_layers
+        self.int8_kv_errors: list[float] = []
+        if kv_cache_dtype == torch.int8:
+            self.int8_kv_errors = int8_attention_errors(
+                self.model, max_len=max_model_len, block_size=block_size, dtype=dtype, device=device
+            )
+            for i in float_kv_layers(self.int8_kv_errors):
+                self.kv_dtypes[i] = dtype
+        self.num_blocks = 0
+        self.kv_caches: list[KVCache] = []
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)
 
-    def _allocate_kv(self, kv_dtype: torch.dtype) -> list[KVCache]:
+    def allocate_kv(self, num_blocks: int) -> None:
         """Every layer's K/V (and int8 scales) as views of one buffer, on CPU one of huge pages."""
         cfg = self.config
-        shape = (cfg.num_layers, 2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        values_nbytes = math.prod(shape) * kv_dtype.itemsize
-        scales_at = -(-values_nbytes // hugepages.ALIGN) * hugepages.ALIGN
-        nbytes = (scales_at + math.prod(shape[:-1]) * 4) if kv_dtype == torch.int8 else values_nbytes
+        shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        offsets, nbytes = [], 0
+        for kv_dtype in self.kv_dtypes:
+            values_at = nbytes
+            nbytes = _aligned(nbytes + math.prod(shape) * kv_dtype.itemsize)
+            scales_at = nbytes
+            if kv_dtype == torch.int8:
+                nbytes = _aligned(nbytes + math.prod(shape[:-1]) * 4)
+            offsets.append((values_at, scales_at))
         if self.device.type == "cpu":
             buf = hugepages.empty(nbytes).zero_()
         else:
             buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-        values = buf[:values_nbytes].view(kv_dtype).view(shape).unbind(0)
-        if kv_dtype != torch.int8:
-            return [KVCache(v) for v in values]
-        scales = buf[scales_at:].view(torch.float32).view(shape[:-1]).unbind(0)
-        return [KVCache(v, s) for v, s in zip(values, scales)]
+        caches = []
+        for kv_dtype, (values_at, scales_at) in zip(self.kv_dtypes, offsets):
+            values = buf[values_at:].narrow(0, 0, math.prod(shape) * kv_dtype.itemsize).view(kv_dtype).view(shape)
+            scales = None
+            if kv_dtype == torch.int8:
+                scales = buf[scales_at:].narrow(0, 0, math.prod(shape[:-1]) * 4).view(torch.float32).view(shape[:-1])
+            caches.append(KVCache(values, scales))
+        self.num_blocks = num_blocks
+        self.kv_caches = caches
 
-    @staticmethod
-    def kv_bytes_per_block(config: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
-        per_head = config.head_dim * kv_dtype.itemsize + (4 if kv_dtype == torch.int8 else 0)  # + int8's scale
-        return 2 * config.num_layers * config.num_kv_heads * per_head * block_size
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.config
+        per_head = sum(cfg.head_dim * t.itemsize + (4 if t == torch.int8 else 0) for t in self.kv_dtypes)  # + scale
+        return 2 * cfg.num_kv_heads * per_head * self.block_size
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
@@ -169,6 +193,10 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_seqs,
         )
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // hugepages.ALIGN) * hugepages.ALIGN
 
 
 def _weights_nbytes(model: torch.nn.Module, per_token: bool = False) -> int:

@@ -140,14 +140,7 @@ class NimbleLMScorer:
         nblocks = -(-n // bs)
         if nblocks > r.num_blocks:
             raise InvalidRequestError(f"a window of {n} tokens needs {nblocks} KV blocks, the engine has {r.num_blocks}")
-        window = r.config.sliding_window
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(n, dtype=torch.long, device=dev), num_decodes=0,
-            decode_block_tables=torch.zeros((0, 0), dtype=torch.long, device=dev),
-            decode_context_lens=torch.zeros(0, dtype=torch.long, device=dev), decode_mask=None,
-            prefill_query_lens=[n], prefill_context_lens=[n],
-            prefill_block_tables=[torch.arange(nblocks, dtype=torch.long, device=dev)],
-            prefill_masks=[AttentionMetadata.prefill_mask_for(n, n, window, dev)], sliding_window=window)
+        meta = AttentionMetadata.whole_prompt(n, bs, r.config.sliding_window, dev)
         with torch.inference_mode():
             input_ids = torch.tensor(list(ids), dtype=torch.long, device=dev)
             positions = torch.arange(n, dtype=torch.long, device=dev)

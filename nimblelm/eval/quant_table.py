@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.quantization.int4 import GROUP_SIZES
+from nimblelm.quantization.kv_int8 import float_kv_layers
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,10 @@ def run_quant_quality(
                "decode_ts": [round(x, 3) for x in speeds], "quantize_s": quantize_s,
                "other_activity": monitor.stop()}
         row["mean_decode_ts"], row["std_decode_ts"] = mean_std(speeds)
+        runner = llm.llm_engine.runner
+        if runner.int8_kv_errors:  # an int8 cache: the layers it keeps in float, and why
+            row["int8_kv_errors"] = [round(e, 4) for e in runner.int8_kv_errors]
+            row["float_kv_layers"] = float_kv_layers(runner.int8_kv_errors)
         rows.append(row)
         log(f"{model} {row['label']}: perplexity {row['ppl']:.4f} ({row['delta_pct']:+.2f}%), greedy agreement "
             f"{100 * row['agreement']:.1f}% ({row['identical']}/{len(matched)} identical), "
@@ -215,6 +220,17 @@ def acceptance(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def kv_layers_line(row: dict) -> str:
+    """Which layers an int8 cache kept in float, with the probe's figures."""
+    errors, kept = row["int8_kv_errors"], row["float_kv_layers"]
+    if not kept:
+        return f"{row['label']}: all {len(errors)} layers int8 (the probe's largest change: {100 * max(errors):.1f}%)."
+    moved = ", ".join(f"layer {i} {100 * errors[i]:.1f}%" for i in kept)
+    rest = max((e for i, e in enumerate(errors) if i not in kept), default=0.0)
+    return (f"{row['label']}: {len(kept)} of {len(errors)} layers keep K/V in float; int8 would move their attention "
+            f"output by {moved} (the int8 layers: at most {100 * rest:.1f}%).")
+
+
 def quant_quality_markdown(report: dict) -> str:
     from nimblelm.bench.report import fmt_mean_std, machine_lines
 
@@ -242,6 +258,9 @@ def quant_quality_markdown(report: dict) -> str:
         lines.append(f"| {r['label']} | {r['ppl']:.4f} | {r['delta_pct']:+.2f}% | {100 * r['agreement']:.1f}% | "
                      f"{r['identical']}/{n} | {r['weights_nbytes'] / 2**20:.0f} MiB | "
                      f"{fmt_mean_std(r['mean_decode_ts'], r['std_decode_ts'])} | {q} |")
+    for r in rows:
+        if "float_kv_layers" in r:
+            lines += ["", kv_layers_line(r)]
     checks = acceptance(rows)
     if checks:
         lines += ["", "Issue 5's bounds (computed, not asserted):", "", *[f"- {c}" for c in checks]]

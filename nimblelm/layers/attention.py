@@ -4,9 +4,10 @@ A step's tokens arrive flat: first the decode sequences (one query token each), 
 chunks, each a run of consecutive query tokens. Decodes are attended in one batched call over their
 gathered pages; each prefill chunk gets its own causal call, since chunks differ in length.
 
-The cache holds K/V in the model's dtype, or (kv_cache_dtype="int8") as int8 with one float32 scale
-per token and KV head: new K/V are quantized as they are written, decodes read the int8 values in
-the C++ kernel, and prefill chunks attend to their pages dequantized.
+A layer's cache holds K/V in the model's dtype, or (kv_cache_dtype="int8") as int8 with one float32
+scale per token and KV head: new K/V are quantized as they are written, decodes read the int8 values
+in the C++ kernel, and prefill chunks attend to their pages dequantized. An int8 cache may keep some
+layers in the model's dtype (quantization/kv_int8.py); each layer's KVCache says which it is.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ class AttentionMetadata:
         if sliding_window is not None:
             mask &= pos >= lens - sliding_window
         return mask[:, None, None, :]
+
+    @classmethod
+    def whole_prompt(cls, n: int, block_size: int, sliding_window: int | None, device) -> AttentionMetadata:
+        """One prefill of n tokens in one chunk, its K/V in blocks 0, 1, ... of the cache."""
+        blocks = -(-n // block_size)
+        return cls(
+            slot_mapping=torch.arange(n, dtype=torch.long, device=device), num_decodes=0,
+            decode_block_tables=torch.zeros((0, 0), dtype=torch.long, device=device),
+            decode_context_lens=torch.zeros(0, dtype=torch.long, device=device), decode_mask=None,
+            prefill_query_lens=[n], prefill_context_lens=[n],
+            prefill_block_tables=[torch.arange(blocks, dtype=torch.long, device=device)],
+            prefill_masks=[cls.prefill_mask_for(n, n, sliding_window, device)], sliding_window=sliding_window,
+        )
 
     @staticmethod
     def prefill_mask_for(query_len: int, context_len: int, sliding_window: int | None, device) -> torch.Tensor | None:
