@@ -76,14 +76,16 @@ def test_int4_rejects_bad_group_sizes():
         quantize_int4(torch.randn(4, 96), 64)
 
 
-def test_int4_linear_matches_its_reference():
+@pytest.mark.parametrize("rows", [5, Int4WeightOnly.KERNEL_MAX_ROWS, Int4WeightOnly.KERNEL_MAX_ROWS + 1])
+def test_int4_linear_matches_its_reference(rows):
     torch.manual_seed(1)
-    w, x = torch.randn(48, 128), torch.randn(5, 128)
+    w, x = torch.randn(48, 128), torch.randn(rows, 128)
     layer = linear_of(w, Int4WeightOnly(group_size=32))
     assert layer.weight is None and layer.qweight.shape == (48, 64)
     ref = F.linear(x, dequantize_int4(layer.qweight, layer.scales, layer.mins))
-    # The C++ kernel rounds activations to int8 per block of 32 (test_kernels checks it exactly on the
-    # rounded activations); the torch path is the reference itself.
+    # Up to KERNEL_MAX_ROWS the C++ kernel, which rounds activations to int8 per block of 32 (test_kernels
+    # checks it exactly on the rounded activations); above, the torch path, which is the reference itself.
+    assert torch.equal(layer(x), ref) == (rows > Int4WeightOnly.KERNEL_MAX_ROWS)
     assert (layer(x) - ref).norm() < 0.01 * ref.norm()
     # Against fp32: 4-bit rounding of Gaussian weights moves outputs by ~10% in relative norm.
     exact = F.linear(x, w)

@@ -8,7 +8,8 @@ from tiny_models import assert_first_tokens_close
 from nimblelm import LLM, SamplingParams
 from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import cpu_ops
-from nimblelm.quantization.int8 import dequantize_int8, quantize_int8
+from nimblelm.layers.linear import Linear
+from nimblelm.quantization.int8 import Int8WeightOnly, dequantize_int8, quantize_int8
 
 
 def test_int8_round_trip_is_within_half_a_step():
@@ -54,6 +55,19 @@ def test_int8_kernel_matches_its_emulation_and_stays_near_fp32(rows, n, k, group
     # under 1% of the typical output magnitude for Gaussian data.
     exact = F.linear(x, dequantize_int8(q, s), bias)
     assert (y - exact).abs().max() < 0.01 * exact.abs().mean() * 10
+
+
+@pytest.mark.parametrize("rows", [Int8WeightOnly.KERNEL_MAX_ROWS, Int8WeightOnly.KERNEL_MAX_ROWS + 1])
+def test_int8_layers_take_the_kernel_up_to_its_row_limit(rows):
+    torch.manual_seed(3)
+    w, x = torch.randn(40, 64), torch.randn(rows, 64)
+    layer = Linear(64, 40, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    layer.prepare(Int8WeightOnly(group_size=32))
+    ref = F.linear(x, dequantize_int8(layer.qweight, layer.scales))  # the float path, exactly
+    assert torch.equal(layer(x), ref) == (rows > Int8WeightOnly.KERNEL_MAX_ROWS)
+    assert (layer(x) - ref).norm() < 0.01 * ref.norm()
 
 
 def test_int8_engine_is_smaller_and_close_to_fp32(tiny_qwen):

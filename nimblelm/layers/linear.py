@@ -12,8 +12,9 @@ from torch import nn
 
 from nimblelm.kernels import cpu_ops
 
-# Up to this many activation rows the C++ kernels serve a whole decode step (models/decoder.py), and
-# int8 weights are multiplied as they are stored rather than dequantized for torch's GEMM.
+# Up to this many activation rows the C++ kernels serve a whole decode step (models/decoder.py) and
+# W8A8 weights are multiplied as they are stored rather than dequantized for torch's GEMM (int8 and
+# int4 weight-only layers have their own limits, KERNEL_MAX_ROWS).
 SKINNY_MAX_ROWS = 64
 
 
