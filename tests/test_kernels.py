@@ -127,6 +127,10 @@ def test_int4_linear_matches_the_dequantized_matmul(ops, rows, n, k, group, bias
     want = F.linear(x_rounded, w, b)
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
     assert (got - F.linear(x, w, b)).norm() / want.norm() < 0.02
+    # Symmetric weights without their minimums: the kernel takes them as -8 * scales, bit for bit.
+    packed = _pack_int4_reference(q)
+    symmetric = ops.int4_linear(x, packed, scales, -8 * scales, b, group)
+    assert torch.equal(ops.int4_linear(x, packed, scales, None, b, group), symmetric)
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ scale folding, GPTQ and AWQ against RTN on a real layer, and saved folders again
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tiny_models import TRAINING_TEXT
 
 from nimblelm import LLM, SamplingParams
@@ -157,6 +158,12 @@ def test_saved_folder_generates_what_the_in_memory_model_does(tiny_qwen, tmp_pat
                                   calib_seq_len=64, texts=CALIB_TEXTS, progress=False)
     saved = LLM(str(tmp_path / "q"))
     assert saved.llm_engine.runner.model.lm_head.method.name == qconfig.linear_format
+    if bits == 4:
+        # Symmetric GPTQ keeps no minimums in memory, only its folder does (as -8 * scales); AWQ's zero
+        # points stay.
+        assert (saved.llm_engine.runner.model.lm_head.mins is None) == qconfig.symmetric == (method == "gptq")
+        stored = load_file(tmp_path / "q" / "model.safetensors")
+        assert torch.equal(stored["lm_head.mins"], -8 * stored["lm_head.scales"]) == qconfig.symmetric
     a, b = (m.generate(PROMPTS, GREEDY, use_tqdm=False) for m in (llm, saved))
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
 

@@ -75,6 +75,14 @@ def test_corrupt_quantized_folders_are_format_errors(rtn_folder, tmp_path):
     with pytest.raises(ModelFormatError, match="lm_head.scales is"):
         LLM(str(misshapen))
 
+    # The folder's int4 layers are symmetric: minimums other than -8 * scales contradict its config.
+    asymmetric = copy_folder(rtn_folder, tmp_path / "asymmetric")
+    tensors = load_file(asymmetric / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.mins"] = tensors["model.layers.0.self_attn.o_proj.mins"] + 0.5
+    save_file(tensors, asymmetric / "model.safetensors")
+    with pytest.raises(ModelFormatError, match="layers.0.self_attn.o_proj: its int4 minimums are not -8 \\* scales"):
+        LLM(str(asymmetric))
+
     bad_config = copy_folder(rtn_folder, tmp_path / "config")
     (bad_config / "quantization_config.json").write_text('{"method": "rtn", "bits": 3, "group_size": 32}')
     with pytest.raises(ModelFormatError, match="not a valid quantization config"):

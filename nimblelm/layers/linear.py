@@ -37,6 +37,13 @@ class LinearMethod:
         layer's, instead of converting a loaded fp32 weight; `dtype` is the model's compute dtype."""
         raise NotImplementedError(f"{type(self).__name__} cannot adopt stored tensors")
 
+    @torch.no_grad()
+    def overwrite(self, layer: Linear, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors in this method's format (GPTQ's, a saved folder's) over the layer's own, in place
+        (the engine may have packed them into one buffer); ValueError when they do not fit."""
+        for key, tensor in tensors.items():
+            getattr(layer, key).copy_(tensor)
+
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight: the lookup of an embedding tied to this layer, so that the model need
         not keep a second copy of the matrix in another layout."""

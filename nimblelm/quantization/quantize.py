@@ -139,5 +139,5 @@ def _quantize_layers(lm, qconfig: QuantizationConfig, stats, progress: bool) -> 
             tensors = gptq_quantize(layer.weight, stats[name].take_hessian(), qconfig.bits, qconfig.group_size,
                                     qconfig.symmetric, qconfig.act_order)
         layer.prepare(method)  # the method's storage, by its own RTN (AWQ and SmoothQuant: of the scaled weight)
-        for key, tensor in (tensors or {}).items():
-            getattr(layer, key).copy_(tensor)
+        if tensors is not None:
+            method.overwrite(layer, tensors)

@@ -133,8 +133,10 @@ class SavedQuantization:
         """Copy the saved tensors over those the linear method made from the dequantized weights."""
         for name, module in model.named_modules():
             if isinstance(module, Linear):
-                for key, tensor in self.linears[name].items():
-                    getattr(module, key).copy_(tensor)
+                try:
+                    module.method.overwrite(module, self.linears[name])
+                except ValueError as e:
+                    raise ModelFormatError(f"{name}: {e}") from None
 
 
 def read_quantized(folder: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]):
@@ -222,6 +224,8 @@ def save_quantized(
         if isinstance(module, Linear):
             keys = [*expected_tensors(qconfig, module.out_features, module.in_features), "bias"]
             owned = {tensor_key(name, key): getattr(module, key) for key in keys}
+            if "mins" in keys and module.mins is None:  # symmetric int4 keeps none in memory (int4.py)
+                owned[tensor_key(name, "mins")] = -8 * module.scales
         else:  # embeddings and norms (the model itself owns no parameter directly)
             owned = {f"model.{name}.{key}": p for key, p in module.named_parameters(recurse=False)}
         # Clones: the engine packs its tensors into one buffer, and safetensors refuses shared storage.
