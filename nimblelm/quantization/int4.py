@@ -93,7 +93,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 
 
 class Int4WeightOnly(LinearMethod):
-    """An eighth of the fp32 bytes, plus a scale and a minimum per group.
+    """An eighth of the fp32 bytes, plus a scale per group and, unless the layer is symmetric, a minimum.
 
     Up to KERNEL_MAX_ROWS activation rows the C++ kernel multiplies the packed values as stored, with
     activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches

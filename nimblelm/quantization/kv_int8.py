@@ -25,7 +25,9 @@ MAX_ERROR = 0.05  # relative L2 change of a layer's attention output under int8 
 SEED = 0
 
 
-def int8_attention_errors(model, *, max_len: int, block_size: int, dtype: torch.dtype, device: torch.device) -> list[float]:
+def int8_attention_errors(
+    model, *, max_len: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[float]:
     """Per layer: ||attn(q, int8 K, int8 V) - attn(q, K, V)|| / ||attn(q, K, V)|| on the probe prompt."""
     cfg = model.config
     n = min(PROBE_TOKENS, max_len)
