@@ -168,6 +168,50 @@ def test_saved_folder_generates_what_the_in_memory_model_does(tiny_qwen, tmp_pat
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
 
 
+def test_layer_by_layer_capture_sees_what_the_whole_forward_feeds_each_layer(tiny_qwen):
+    """The oracle: pre-hooks on every Linear during the scorer's one-prefill forward, per sample. The
+    layer-by-layer capture must see the same inputs, bit for bit, and spilling x^T x to files must not
+    change it."""
+    from nimblelm.eval.ppl import NimbleLMScorer
+
+    scorer = NimbleLMScorer(str(tiny_qwen), max_len=64)
+    samples = calibration_samples(scorer.tokenizer, 3, 48, seed=0, texts=CALIB_TEXTS)
+    linears = {n: m for n, m in scorer.runner.model.named_modules() if isinstance(m, Linear)}
+    inputs = {n: [] for n in linears}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: inputs[n].append(args[0].clone()))
+             for n, m in linears.items()]
+    for ids in samples:
+        scorer(ids)
+    for hook in hooks:
+        hook.remove()
+    kept = capture_inputs(scorer, samples, seed=0, progress=False)
+    spilled = capture_inputs(scorer, samples, seed=0, progress=False, memory_bytes=0)
+    assert set(kept) == set(linears) and "lm_head" in kept
+    for name, xs in inputs.items():
+        x = torch.cat(xs).float()
+        for stats in (kept[name], spilled[name]):
+            assert stats.count == len(x)
+            assert torch.equal(stats.abs_max, x.abs().amax(0))
+            assert torch.allclose(stats.xtx, x.t() @ x, rtol=1e-5, atol=1e-4)
+        assert torch.equal(kept[name].xtx, spilled[name].xtx) and torch.equal(kept[name].sample, spilled[name].sample)
+    # Spilled x^T x lives in the pages of a deleted file, not in the process's own memory.
+    for name in ("layers.0.mlp.down_proj", "lm_head"):
+        assert "nimblelm-xtx-" in mapped_file(spilled[name].xtx.data_ptr()) and "(deleted)" in mapped_file(
+            spilled[name].xtx.data_ptr())
+    assert "nimblelm-xtx-" not in mapped_file(kept["lm_head"].xtx.data_ptr())
+
+
+def mapped_file(address: int) -> str:
+    """What /proc/self/maps names at `address`: a file's path, [heap], or "" for anonymous memory."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) > 5 else ""
+    return ""
+
+
 # ---------------------------------------------------------------- the real model, real activations
 
 
