@@ -153,7 +153,7 @@ def test_direct_layers_hold_exactly_the_dequantized_weights(mixed_gguf):
             kinds[name] = module.method.name
             if module.method.name == "none":
                 continue
-            t = {k: getattr(module, k) for k in ("qweight", "scales", "mins") if hasattr(module, k)}
+            t = module.method.stored(module)
             w = dequantize_int8(t["qweight"], t["scales"]) if module.method.name == "int8" else dequantize_int4(**t)
             reference = fp32.get_submodule(name) if name != "embed_tokens" else None
             if reference is None:
@@ -204,8 +204,12 @@ out = {}
 for quantization in (None, "gguf"):
     llm = LLM("smollm2-135m", max_model_len=256, quantization=quantization)
     chats = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    results = llm.generate(chats, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    results = llm.generate(chats, SamplingParams(temperature=0, max_tokens=32, logprobs=2), use_tqdm=False)
     out[str(quantization)] = [o.outputs[0].token_ids for o in results]
+    # per token: how far the chosen token's log-probability is above the runner-up's
+    out[f"{quantization}-margins"] = [[max(lp.values(), key=lambda v: v.logprob).logprob
+                                       - min(lp.values(), key=lambda v: v.logprob).logprob for lp in o.outputs[0].logprobs]
+                                      for o in results]
 print(json.dumps(out))
 """
 
@@ -230,14 +234,19 @@ def test_smollm2_direct_greedy_tokens_match_the_dequantized_reference():
 
     On the reference path (NIMBLELM_DISABLE_KERNELS=1: dequantize + F.linear) the two are the same
     weights, so all 32 greedy tokens of 3 open questions must match. With the C++ kernels the direct model
-    rounds activations to int8 (llama.cpp's Q8 x Q4 product), which moves a near-tie at token 23 of the
-    first answer (fp32 margin 0.63 nats): there the first 16 tokens must match.
+    rounds activations to int8 (llama.cpp's Q8 x Q4 product), which moves logits by up to about half a nat
+    (and a float-rounding change anywhere flips some of those roundings, so which near-tie moves is not
+    stable): its answers must follow fp32's until a token where fp32's own choice was a near-tie, its
+    runner-up within 1 nat (token 23 of the first answer: 0.63 nats; token 11 of the second: 0.39).
     """
     reference = smollm2_tokens(disable_kernels=True)
     assert all(len(tokens) == 32 for tokens in reference["None"])  # open questions: no early end of turn
     assert reference["gguf"] == reference["None"]
     kernels = smollm2_tokens(disable_kernels=False)
-    assert [t[:16] for t in kernels["gguf"]] == [t[:16] for t in reference["None"]]
+    for want, got, margins in zip(reference["None"], kernels["gguf"], reference["None-margins"]):
+        first_difference = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        if first_difference is not None:
+            assert margins[first_difference] < 1.0, (first_difference, margins[first_difference])
 
 
 @pytest.mark.integration

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.kernels import cpu_ops
+from nimblelm.layers.linear import Linear
+from nimblelm.quantization import tiles
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,6 @@ def test_pack_module_keeps_values_and_ties():
 
 def test_unquantized_rows_read_back_the_packed_weight():
     # A tied embedding looks its rows up in the output layer's panels (models/decoder.py, TiedEmbedding).
-    from nimblelm.layers.linear import Linear
-
     torch.manual_seed(0)
     layer = Linear(24, 40)
     with torch.no_grad():
@@ -107,7 +107,8 @@ def _pack_int4_reference(q: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [1, 3, 33])
-@pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 32), (37, 128, 64), (70, 256, 128), (13, 96, 32), (9, 384, 128)])
+@pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 32), (37, 128, 64), (70, 256, 128), (13, 96, 32), (9, 384, 128),
+                                            (12, 128, 64), (8, 384, 128)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int4_linear_matches_the_dequantized_matmul(ops, rows, n, k, group, bias):
     # K a multiple of 64 takes the two-blocks-per-load path, 96 the one-block path; 384 has an odd
@@ -131,6 +132,46 @@ def test_int4_linear_matches_the_dequantized_matmul(ops, rows, n, k, group, bias
     packed = _pack_int4_reference(q)
     symmetric = ops.int4_linear(x, packed, scales, -8 * scales, b, group)
     assert torch.equal(ops.int4_linear(x, packed, scales, None, b, group), symmetric)
+    # In row tiles (where the shape allows) the same sums come out, bit for bit.
+    plain = {"qweight": packed, "scales": scales, "mins": mins}
+    if tiles.tileable(packed):
+        t = tiles.tile(plain)
+        assert t["qweight"].shape == (n // 4, 2 * k)
+        assert torch.equal(ops.int4_linear(x, t["qweight"], t["scales"], t["mins"], b, group), got)
+        t = tiles.tile(plain | {"mins": None})
+        assert torch.equal(ops.int4_linear(x, t["qweight"], t["scales"], None, b, group), symmetric)
+    else:
+        assert tiles.tile(plain) is plain
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 16), (12, 96, 32), (40, 128, 64), (6, 64, 32)])
+def test_int8_linear_in_row_tiles_gives_the_sums_of_rows(ops, n, k, group):
+    torch.manual_seed(n * k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales, x, b = torch.rand(n, k // group) * 0.1, torch.randn(3, k), torch.randn(n)
+    plain = ops.int8_linear(x, q, scales, b, group)
+    t = tiles.tile({"qweight": q, "scales": scales})
+    assert tiles.tileable(q) == (n % 4 == 0) and t["qweight"].shape == ((n // 4, 4 * k) if n % 4 == 0 else (n, k))
+    assert torch.equal(ops.int8_linear(x, t["qweight"], t["scales"], b, group), plain)
+    with pytest.raises(RuntimeError, match="tiled weight"):
+        ops.int8_linear(x, q.reshape(n // 2, 2 * k), scales, b, group)
+
+
+def test_row_tiles_round_trip_and_give_rows_back():
+    layer = Linear(128, 12)  # int4: 64 bytes a row
+    plain = {"qweight": torch.randint(0, 256, (12, 64), dtype=torch.uint8), "scales": torch.randn(12, 4),
+             "mins": None}
+    for key, t in tiles.tile(plain).items():
+        layer.register_buffer(key, t)
+    assert tiles.is_tiled(layer) and layer.qweight.shape == (3, 256) and layer.scales.shape == (3, 16)
+    # Unit 1 of row 6 (row 2 of tile 1) is at bytes (4 * 1 + 2) * 32 of the tile's row; its group 3 at 4 * 3 + 2.
+    assert torch.equal(layer.qweight[1, 192:224], plain["qweight"][6, 32:64])
+    assert layer.scales[1, 14] == plain["scales"][6, 3]
+    for key in ("qweight", "scales"):
+        assert torch.equal(tiles.untile(layer, key), plain[key])
+        ids = torch.tensor([11, 0, 6, 6])
+        assert torch.equal(tiles.untile(layer, key, ids), plain[key][ids])
+    assert tiles.untile(layer, "mins") is None
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):

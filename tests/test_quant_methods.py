@@ -82,8 +82,8 @@ def test_int4_linear_matches_its_reference(rows):
     torch.manual_seed(1)
     w, x = torch.randn(48, 128), torch.randn(rows, 128)
     layer = linear_of(w, Int4WeightOnly(group_size=32))
-    assert layer.weight is None and layer.qweight.shape == (48, 64)
-    ref = F.linear(x, dequantize_int4(layer.qweight, layer.scales, layer.mins))
+    assert layer.weight is None and layer.qweight.shape == (12, 256)  # in row tiles
+    ref = F.linear(x, dequantize_int4(*layer.method.stored(layer).values()))
     # Up to KERNEL_MAX_ROWS the C++ kernel, which rounds activations to int8 per block of 32 (test_kernels
     # checks it exactly on the rounded activations); above, the torch path, which is the reference itself.
     assert torch.equal(layer(x), ref) == (rows > Int4WeightOnly.KERNEL_MAX_ROWS)

@@ -65,7 +65,7 @@ def test_int8_layers_take_the_kernel_up_to_its_row_limit(rows):
     with torch.no_grad():
         layer.weight.copy_(w)
     layer.prepare(Int8WeightOnly(group_size=32))
-    ref = F.linear(x, dequantize_int8(layer.qweight, layer.scales))  # the float path, exactly
+    ref = F.linear(x, dequantize_int8(*layer.method.stored(layer).values()))  # the float path, exactly
     assert torch.equal(layer(x), ref) == (rows > Int8WeightOnly.KERNEL_MAX_ROWS)
     assert (layer(x) - ref).norm() < 0.01 * ref.norm()
 

@@ -230,6 +230,31 @@ static const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N
 // instruction and a decode step reads about a quarter of the fp32 bytes.
 constexpr int64_t QBLOCK = 32;
 
+// Row tiles. The weight-only kernels take a weight in one of two layouts, told apart by its shape:
+// - rows: q [N, B] (B bytes a row), scales (and int4 mins) [N, G];
+// - tiles of four rows: q [N / 4, 4 * B], scales [N / 4, 4 * G]. The 32-byte unit u of row r of a tile
+//   is at byte 128 u + 32 r of the tile's row, the value of group g of row r at 4 g + r.
+// A kernel works on four rows at once; tiled, those rows stream from one contiguous range instead of
+// four. At batch 1 on SmolLM2-135M's 121 layers (2 threads, timed alternately, 2026-11-29) int8 took
+// 7.3 ms a step tiled against 10.7 in rows, int4 4.5 against 5.2.
+struct RowTile {
+  int64_t q_row, q_unit;   // bytes from one row's unit to the next row's, and to the row's next unit
+  int64_t s_row, s_group;  // scales (and mins): floats to the next row's value, and to the next group's
+};
+
+// The layout of q [?, ?] against the row bytes B and groups G of the weight it holds; checks its shapes.
+static RowTile row_tile(const torch::Tensor& q, const torch::Tensor& scales, int64_t row_bytes, int64_t groups,
+                        const char* op) {
+  if (q.size(1) == row_bytes) {
+    TORCH_CHECK(scales.size(0) == q.size(0) && scales.size(1) == groups, op, ": scales must be [N, K / group]");
+    return {row_bytes, QBLOCK, groups, 1};
+  }
+  TORCH_CHECK(q.size(1) == 4 * row_bytes && row_bytes % QBLOCK == 0 && scales.size(0) == q.size(0) &&
+                  scales.size(1) == 4 * groups,
+              op, ": a tiled weight is [N / 4, 4 * row bytes] (row bytes a multiple of 32), its scales [N / 4, 4 * K / group]");
+  return {QBLOCK, 4 * QBLOCK, 1, 4};
+}
+
 // One int8 scale per `span` values (QBLOCK, or the whole row for W8A8's per-token activations), written
 // to d once per block of 32 so the dot products read every layout alike.
 static void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, int64_t span = QBLOCK) {
@@ -242,6 +267,10 @@ static void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, int6
   }
 }
 
+// Rows ahead to prefetch: without it the int8 rows streamed at ~4 GB/s, a third of what fp32 rows
+// reach, as the integer arithmetic leaves fewer loads in flight.
+constexpr int64_t PREFETCH_ROWS = 16;
+
 #if defined(__AVX2__) && defined(__FMA__)
 // Sum over the 32 int8 pairs of a and b as 8 int32 lanes. maddubs wants unsigned x signed, so a's
 // sign moves onto b; pairs of products stay within int16 as |a|, |b| <= 127.
@@ -250,15 +279,17 @@ static inline __m256i dot32_i8(__m256i a, __m256i b) {
   return _mm256_madd_epi16(prod16, _mm256_set1_epi16(1));
 }
 
-// Rows ahead to prefetch: without it the int8 rows streamed at ~4 GB/s, a third of what fp32 rows
-// reach, as the integer arithmetic leaves fewer loads in flight.
-constexpr int64_t PREFETCH_ROWS = 16;
-
-// Four weight rows against one quantized activation row.
+// Four weight rows (from q and s, laid out as t says) against one quantized activation row.
 static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
-                             int64_t group, float* out) {
+                             int64_t group, const RowTile& t, float* out) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const int64_t groups = K / group;
+  const int64_t ahead = PREFETCH_ROWS * K;
+  auto block = [&](int64_t k, int r, __m256i xv, __m256 d) {
+    const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit;
+    _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(xv, wv)), d, acc[r]);
+  };
   if (group == 16) {
     // Two groups per block of 32 (Q6_K's scales): dot32_i8's lanes 0-3 sum bytes 0-15 and lanes 4-7
     // bytes 16-31, so one vector of two scales, each in four lanes, scales both halves at once.
@@ -266,25 +297,16 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
       const float dx = xd[k / QBLOCK];
       for (int r = 0; r < 4; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + (r + PREFETCH_ROWS) * K + k), _MM_HINT_T0);
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + k));
-        const float* sr = s + r * groups + k / 16;
-        const __m256 d = _mm256_set_m128(_mm_set1_ps(dx * sr[1]), _mm_set1_ps(dx * sr[0]));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(xv, wv)), d, acc[r]);
+        const float* sr = s + r * t.s_row + k / 16 * t.s_group;
+        block(k, r, xv, _mm256_set_m128(_mm_set1_ps(dx * sr[t.s_group]), _mm_set1_ps(dx * sr[0])));
       }
     }
-    for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
-    return;
-  }
-  for (int64_t j = 0; j < groups; ++j) {  // groups outside, blocks inside: no division in the loop
-    for (int64_t k = j * group; k < (j + 1) * group; k += QBLOCK) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-      const float dx = xd[k / QBLOCK];
-      for (int r = 0; r < 4; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + (r + PREFETCH_ROWS) * K + k), _MM_HINT_T0);
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * K + k));
-        const __m256 d = _mm256_set1_ps(dx * s[r * groups + j]);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(xv, wv)), d, acc[r]);
+  } else {
+    for (int64_t j = 0; j < K / group; ++j) {  // groups outside, blocks inside: no division in the loop
+      for (int64_t k = j * group; k < (j + 1) * group; k += QBLOCK) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+        const float dx = xd[k / QBLOCK];
+        for (int r = 0; r < 4; ++r) block(k, r, xv, _mm256_set1_ps(dx * s[r * t.s_row + j * t.s_group]));
       }
     }
   }
@@ -296,10 +318,12 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
 // per pair, x[2i][0:16] x[2i+1][0:16] then x[2i][16:32] x[2i+1][16:32]), one load and two masks unpack
 // 64 weights, and the two blocks' sums land in the low and high four lanes, scaled by one vector. With
 // about half the instructions per weight, SmolLM2's 121 int4 layers took 6.3-6.4 ms a batch-1 step
-// against int4_dot4's 8.1 (2 threads, the two timed alternately, 2026-11-28).
+// against 8.1 a block at a time (2 threads, the two timed alternately, 2026-11-28).
 constexpr int64_t QPAIR = 2 * QBLOCK;
 
-static void pair_x(const int8_t* xq, const float* xd, int64_t K, int8_t* xp, float* dxv) {
+// pair_x's layout of one quantized activation row, plus per pair: the blocks' scales (dxv) and sums
+// (xbv), each in the four lanes of its block; xbv holds a quarter of the sum, as the lanes add up again.
+static void pair_x(const int8_t* xq, const float* xd, int64_t K, int8_t* xp, float* dxv, float* xbv) {
   for (int64_t i = 0; i < K / QPAIR; ++i) {
     const int8_t* a = xq + i * QPAIR;
     int8_t* o = xp + i * QPAIR;
@@ -307,8 +331,13 @@ static void pair_x(const int8_t* xq, const float* xd, int64_t K, int8_t* xp, flo
     std::copy(a + 32, a + 48, o + 16);
     std::copy(a + 16, a + 32, o + 32);
     std::copy(a + 48, a + 64, o + 48);
-    std::fill(dxv + 8 * i, dxv + 8 * i + 4, xd[2 * i]);
-    std::fill(dxv + 8 * i + 4, dxv + 8 * i + 8, xd[2 * i + 1]);
+    for (int h = 0; h < 2; ++h) {
+      int32_t total = 0;
+      for (int64_t k = 0; k < QBLOCK; ++k) total += a[h * QBLOCK + k];
+      const float d = xd[2 * i + h];
+      std::fill(dxv + 8 * i + 4 * h, dxv + 8 * i + 4 * h + 4, d);
+      std::fill(xbv + 8 * i + 4 * h, xbv + 8 * i + 4 * h + 4, 0.25f * float(total) * d);
+    }
   }
 }
 
@@ -322,49 +351,49 @@ static inline __m256 int4_pair_sums(__m256i xlo, __m256i xhi, const uint8_t* pac
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, _mm256_set1_epi16(1)));
 }
 
-// int4_dot4 for K a multiple of 64, on activations from pair_x.
-static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const uint8_t* q, const float* s, int64_t K,
-                                   int64_t group, float* out) {
+// Four rows' values of groups g and g2 (per scale or min tensor v laid out as t says): row r's in the
+// low four lanes from group g, the high four from g2.
+static inline __m256 group_pair(const float* v, int r, int64_t g, int64_t g2, const RowTile& t) {
+  const float* vr = v + r * t.s_row;
+  return _mm256_set_m128(_mm_broadcast_ss(vr + g2 * t.s_group), _mm_broadcast_ss(vr + g * t.s_group));
+}
+
+// Four weight rows (K a multiple of 64) against one activation row from pair_x, the minimums included:
+// sum_k x[k] * (scale q[k] + min) = scale (q . x) + min sum(x) per group.
+static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
+                                   const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
+                                   float* out) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const int64_t groups = K / group, row_bytes = K / 2;
-  auto pair = [&](int64_t i, const __m256* sv) {
+  const int64_t ahead = PREFETCH_ROWS * K / 2, pairs_per_group = std::max<int64_t>(group / QPAIR, 1);
+  for (int64_t i = 0; i < K / QPAIR; ++i) {
     const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR));
     const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR + 32));
-    const __m256 dx = _mm256_loadu_ps(dxv + 8 * i);
+    const __m256 dx = _mm256_loadu_ps(dxv + 8 * i), xb = _mm256_loadu_ps(xbv + 8 * i);
+    // Groups of 32: the pair's blocks are groups 2i and 2i + 1; larger groups hold whole pairs.
+    const int64_t g = group == QBLOCK ? 2 * i : i / pairs_per_group, g2 = group == QBLOCK ? g + 1 : g;
     for (int r = 0; r < 4; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + (r + PREFETCH_ROWS) * row_bytes + i * QBLOCK), _MM_HINT_T0);
-      acc[r] = _mm256_fmadd_ps(int4_pair_sums(xlo, xhi, q + r * row_bytes + i * QBLOCK), _mm256_mul_ps(dx, sv[r]), acc[r]);
-    }
-  };
-  __m256 sv[4];
-  if (group == QBLOCK) {  // a pair spans two groups: scale s[2i] in the low lanes, s[2i + 1] in the high
-    const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    for (int64_t i = 0; i < K / QPAIR; ++i) {
-      for (int r = 0; r < 4; ++r) {
-        const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + r * groups + 2 * i)));
-        sv[r] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), spread);
-      }
-      pair(i, sv);
-    }
-  } else {  // group a multiple of 64: whole pairs per group
-    for (int64_t j = 0; j < groups; ++j) {
-      for (int r = 0; r < 4; ++r) sv[r] = _mm256_set1_ps(s[r * groups + j]);
-      for (int64_t i = j * group / QPAIR; i < (j + 1) * group / QPAIR; ++i) pair(i, sv);
+      const uint8_t* w = q + r * t.q_row + i * t.q_unit;
+      _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
+      const __m256 sv = group_pair(s, r, g, g2, t);
+      // Without stored minimums, -8 * scale: exactly what a stored copy holds, so the same sums.
+      const __m256 mv = mins ? group_pair(mins, r, g, g2, t) : _mm256_mul_ps(_mm256_set1_ps(-8.f), sv);
+      acc[r] = _mm256_fmadd_ps(int4_pair_sums(xlo, xhi, w), _mm256_mul_ps(dx, sv), acc[r]);
+      acc[r] = _mm256_fmadd_ps(mv, xb, acc[r]);
     }
   }
   for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
 }
 #else
 static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
-                             int64_t group, float* out) {
-  const int64_t groups = K / group;
+                             int64_t group, const RowTile& t, float* out) {
+  const int64_t step = std::min(group, QBLOCK);  // one scale per step of values (group 16: half a block)
   for (int r = 0; r < 4; ++r) {
     float total = 0.f;
-    const int64_t step = std::min(group, QBLOCK);  // one scale per step of values (group 16: half a block)
     for (int64_t k = 0; k < K; k += step) {
+      const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit + k % QBLOCK;
       int32_t dot = 0;
-      for (int64_t i = k; i < k + step; ++i) dot += int32_t(xq[i]) * int32_t(q[r * K + i]);
-      total += float(dot) * xd[k / QBLOCK] * s[r * groups + k / group];
+      for (int64_t i = 0; i < step; ++i) dot += int32_t(xq[k + i]) * int32_t(w[i]);
+      total += float(dot) * xd[k / QBLOCK] * s[r * t.s_row + k / group * t.s_group];
     }
     out[r] = total;
   }
@@ -374,14 +403,16 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
 // per_token: each activation row gets one int8 scale (W8A8) instead of one per block of 32.
 static torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
                                  c10::optional<torch::Tensor> bias, int64_t group, bool per_token) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_linear: shapes do not match");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int8_linear: x, q and scales must be matrices");
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
               "int8_linear: float32 x, int8 q and float32 scales only");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scales.is_contiguous(), "int8_linear: contiguous inputs only");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0 &&
-                  scales.size(0) == N && scales.size(1) == K / group,
-              "int8_linear: group must be 16 or a multiple of 32 dividing K, scales [N, K / group]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
+              "int8_linear: group must be 16 or a multiple of 32 dividing K");
+  const int64_t groups = K / group;
+  const RowTile t = row_tile(q, scales, K, groups, "int8_linear");
+  const int64_t N = q.size(0) * q.size(1) / K;
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -392,8 +423,7 @@ static torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor
   std::vector<float> xd(M * K / QBLOCK);
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK, per_token ? K : QBLOCK);
-  const int64_t groups = K / group;
-  // Blocks of 64 weight rows; each block's int8 rows stay in L1 across activation rows.
+  // Tiles of four weight rows; each tile's int8 rows stay in L1 across activation rows.
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
     float out[4];
     for (int64_t b = b0; b < b1; ++b) {
@@ -402,11 +432,11 @@ static torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor
         const int8_t* xr = xq.data() + m * K;
         const float* dr = xd.data() + m * K / QBLOCK;
         if (n + 4 <= N) {
-          int8_dot4(xr, dr, qp + n * K, sp + n * groups, K, group, out);
+          int8_dot4(xr, dr, qp + n * K, sp + n * groups, K, group, t, out);
           for (int r = 0; r < 4; ++r) yp[m * N + n + r] = out[r] + (bp ? bp[n + r] : 0.f);
           continue;
         }
-        for (int64_t r = n; r < N; ++r) {  // the last rows, fewer than four: one at a time, scalar
+        for (int64_t r = n; r < N; ++r) {  // the last rows of a layout in rows, fewer than four: scalar
           float total = 0.f;
           const int64_t step = std::min(group, QBLOCK);
           for (int64_t k = 0; k < K; k += step) {
@@ -437,9 +467,9 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
 // int4_linear: y = x @ w.T (+ bias) for 4-bit weights w[n, k] = scales[n, g] * q[n, k] + mins[n, g] (mins
 // -8 * scales when not given), q in 0..15, g = k / group (group a multiple of 32). qweight [N, K / 2] holds each block of 32 q values
 // of a row in 16 bytes, q[i] in the low and q[i + 16] in the high nibble of byte i (llama.cpp's Q4_0/
-// Q4_1 order), so one load and two masks give the 32 values in order. As in int8_linear, activations are
-// quantized per block of 32; sum_k x[k] * w[k] over a group is then scale * (q . x) + min * sum(x), and
-// sum(x) per group is computed once per activation row (llama.cpp's Q4_1 x Q8_1 dot product).
+// Q4_1 order), so one load and two masks give the 32 values in order; or tiles of four such rows
+// (row_tile). As in int8_linear, activations are quantized per block of 32; sum_k x[k] * w[k] over a
+// group is then scale * (q . x) + min * sum(x) (llama.cpp's Q4_1 x Q8_1 dot product).
 
 // Sum over one block of 32 of x[k] * q[k], q unpacked from its 16 bytes, without the scales.
 static inline int32_t int4_block_dot(const int8_t* xq, const uint8_t* packed) {
@@ -449,108 +479,75 @@ static inline int32_t int4_block_dot(const int8_t* xq, const uint8_t* packed) {
   return dot;
 }
 
-// One weight row against one quantized activation row, the scale terms only.
-static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, int64_t K,
-                              int64_t group) {
+// Row r of a tile (q, s, mins as t lays them out) against one quantized activation row, minimums
+// included (symmetric: -8 * scale).
+static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, const float* mins,
+                              int64_t K, int64_t group, const RowTile& t, int r) {
   float total = 0.f;
-  for (int64_t k = 0; k < K; k += QBLOCK) total += float(int4_block_dot(xq + k, q + k / 2)) * xd[k / QBLOCK] * s[k / group];
+  for (int64_t k = 0; k < K; k += QBLOCK) {
+    const int64_t byte = k / 2, g = k / group;
+    const uint8_t* w = q + r * t.q_row + byte / QBLOCK * t.q_unit + byte % QBLOCK;
+    const float scale = s[r * t.s_row + g * t.s_group];
+    const float minimum = mins ? mins[r * t.s_row + g * t.s_group] : -8.f * scale;
+    int32_t xsum = 0;
+    for (int64_t i = k; i < k + QBLOCK; ++i) xsum += xq[i];
+    total += (float(int4_block_dot(xq + k, w)) * scale + float(xsum) * minimum) * xd[k / QBLOCK];
+  }
   return total;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-// Four weight rows against one quantized activation row, the scale terms only.
-static inline void int4_dot4(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, int64_t K,
-                             int64_t group, float* out) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const int64_t groups = K / group, row_bytes = K / 2;
-  const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  for (int64_t j = 0; j < groups; ++j) {
-    for (int64_t k = j * group; k < (j + 1) * group; k += QBLOCK) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-      const float dx = xd[k / QBLOCK];
-      for (int r = 0; r < 4; ++r) {
-        const uint8_t* qr = q + r * row_bytes + k / 2;
-        _mm_prefetch(reinterpret_cast<const char*>(qr + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr));
-        const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), nibble);
-        // q is unsigned, x signed: maddubs takes them as they are.
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dx * s[r * groups + j]), acc[r]);
-      }
-    }
-  }
-  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
-}
-#else
-static inline void int4_dot4(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, int64_t K,
-                             int64_t group, float* out) {
-  for (int r = 0; r < 4; ++r) out[r] = int4_dot1(xq, xd, q + r * K / 2, s + r * (K / group), K, group);
-}
-#endif
-
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                           c10::optional<torch::Tensor> bias, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == 2 * q.size(1), "int4_linear: shapes do not match");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int4_linear: x, q and scales must be matrices");
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
                   (!mins || mins->scalar_type() == at::kFloat), "int4_linear: float32 x, uint8 q, float32 scales and mins only");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scales.is_contiguous() && (!mins || mins->is_contiguous()),
               "int4_linear: contiguous inputs only");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), groups = K / std::max<int64_t>(group, 1);
-  TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0 && scales.size(0) == N && scales.size(1) == groups &&
-                  (!mins || mins->sizes() == scales.sizes()), "int4_linear: group must be a multiple of 32 dividing K, "
-                  "scales and mins [N, K / group]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0 && (!mins || mins->sizes() == scales.sizes()),
+              "int4_linear: group must be a multiple of 32 dividing K, mins shaped as scales");
+  const int64_t groups = K / group;
+  const RowTile t = row_tile(q, scales, K / 2, groups, "int4_linear");
+  const int64_t N = q.size(0) * q.size(1) * 2 / K;
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
-  // Without mins the weights are symmetric, every min -8 * scale: the min term is -8 * (sum(x) . scales),
-  // exactly what the stored mins would give, and a decode step reads a sixth fewer bytes (groups of 32).
+  // Without mins the weights are symmetric, every min -8 * scale, and a decode step reads a sixth fewer
+  // bytes (groups of 32).
   const float* mp = mins ? mins->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const float* bp = bias_ptr(bias, N, "int4_linear");
   std::vector<int8_t> xq(M * K);
-  std::vector<float> xd(M * K / QBLOCK), xsum(M * groups, 0.f);  // xsum: the quantized x summed per group
+  std::vector<float> xd(M * K / QBLOCK);
+  for (int64_t m = 0; m < M; ++m) quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK);
 #if defined(__AVX2__) && defined(__FMA__)
   const bool pairs = K % QPAIR == 0;
   std::vector<int8_t> xpairs(pairs ? M * K : 0);
-  std::vector<float> dxv(pairs ? M * K / QPAIR * 8 : 0);
+  std::vector<float> dxv(pairs ? M * K / QPAIR * 8 : 0), xbv(dxv.size());
+  for (int64_t m = 0; pairs && m < M; ++m)
+    pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, xpairs.data() + m * K,
+           dxv.data() + m * K / QPAIR * 8, xbv.data() + m * K / QPAIR * 8);
 #endif
-  for (int64_t m = 0; m < M; ++m) {
-    quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK);
-    for (int64_t k = 0; k < K; k += QBLOCK) {
-      int32_t total = 0;
-      for (int64_t i = k; i < k + QBLOCK; ++i) total += xq[m * K + i];
-      xsum[m * groups + k / group] += float(total) * xd[m * K / QBLOCK + k / QBLOCK];
-    }
-#if defined(__AVX2__) && defined(__FMA__)
-    if (pairs) pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, xpairs.data() + m * K, dxv.data() + m * K / QPAIR * 8);
-#endif
-  }
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
     float out[4];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * 4, rows = std::min<int64_t>(4, N - n);
+      const uint8_t* qt = qp + n * K / 2;
+      const float* st = sp + n * groups;
+      const float* mt = mp ? mp + n * groups : nullptr;
       for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xr = xq.data() + m * K;
-        const float* dr = xd.data() + m * K / QBLOCK;
-        if (rows == 4) {
-          const uint8_t* qr = qp + n * K / 2;
 #if defined(__AVX2__) && defined(__FMA__)
-          if (pairs) {
-            int4_dot4_pairs(xpairs.data() + m * K, dxv.data() + m * K / QPAIR * 8, qr, sp + n * groups, K, group, out);
-          } else {
-            int4_dot4(xr, dr, qr, sp + n * groups, K, group, out);
-          }
-#else
-          int4_dot4(xr, dr, qr, sp + n * groups, K, group, out);
+        if (pairs && rows == 4) {
+          const int64_t v = m * K / QPAIR * 8;
+          int4_dot4_pairs(xpairs.data() + m * K, dxv.data() + v, xbv.data() + v, qt, st, mt, K, group, t, out);
+        } else
 #endif
-        } else {
-          for (int64_t r = 0; r < rows; ++r) out[r] = int4_dot1(xr, dr, qp + (n + r) * K / 2, sp + (n + r) * groups, K, group);
+        {
+          for (int64_t r = 0; r < rows; ++r)
+            out[r] = int4_dot1(xq.data() + m * K, xd.data() + m * K / QBLOCK, qt, st, mt, K, group, t, int(r));
         }
-        for (int64_t r = 0; r < rows; ++r)
-          yp[m * N + n + r] = out[r] + (mp ? dot1(xsum.data() + m * groups, mp + (n + r) * groups, groups)
-                                           : -8.f * dot1(xsum.data() + m * groups, sp + (n + r) * groups, groups)) +
-                              (bp ? bp[n + r] : 0.f);
+        for (int64_t r = 0; r < rows; ++r) yp[m * N + n + r] = out[r] + (bp ? bp[n + r] : 0.f);
       }
     }
   });
@@ -956,7 +953,7 @@ static void attend_decodes(const KVCache& cache, torch::Tensor out, torch::Tenso
 // One linear layer as its LinearMethod stored it: (weight, scales, mins, bias, group, out_features).
 // group 0: float32 panels from pack_panels; an int8 weight [N, K] with float32 scales [N, K / group];
 // a uint8 weight [N, K / 2] of 4-bit values with float32 scales and mins [N, K / group] (no mins:
-// symmetric, as int4_linear takes them); group -1: W8A8,
+// symmetric, as int4_linear takes them); either in rows or row tiles (RowTile); group -1: W8A8,
 // an int8 weight [N, K] with float32 scales [N, 1] and per-token int8 activations.
 using LinearSpec = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
                               c10::optional<torch::Tensor>, int64_t, int64_t>;

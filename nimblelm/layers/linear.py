@@ -44,6 +44,11 @@ class LinearMethod:
         for key, tensor in tensors.items():
             getattr(layer, key).copy_(tensor)
 
+    def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
+        """The layer's tensors in the method's file format (what `overwrite` takes), whatever layout the
+        layer keeps them in."""
+        raise NotImplementedError(f"{type(self).__name__} has no file format")
+
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight: the lookup of an embedding tied to this layer, so that the model need
         not keep a second copy of the matrix in another layout."""

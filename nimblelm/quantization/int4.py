@@ -1,7 +1,7 @@
 """int4 weights with a scale and a minimum per group of input channels.
 
-Storage format (one format for every producer: RTN at load, GPTQ, AWQ, saved folders; a C++ kernel
-reads it as is):
+Storage format (one format for every producer: RTN at load, GPTQ, AWQ, saved folders; layers keep
+it in row tiles, tiles.py):
 
 - `qweight`: uint8 [N, K / 2]. Each output row n is cut along K into blocks of 32 weights, stored as
   16 consecutive bytes; byte i (0..15) of a block holds q[i] in its low nibble and q[i + 16] in its
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.linear import Linear, LinearMethod
+from nimblelm.quantization import tiles
 
 BLOCK = 32
 GROUP_SIZES = (32, 64, 128)
@@ -123,9 +124,9 @@ class Int4WeightOnly(LinearMethod):
         if q.dtype != torch.uint8 or tuple(q.shape) != (n, k // 2) or scales.shape != groups or mins.shape != groups:
             raise ValueError(f"int4 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
         scales, mins = scales.to(torch.float32), mins.to(torch.float32)
-        layer.register_buffer("qweight", q)
-        layer.register_buffer("scales", scales)
-        layer.register_buffer("mins", None if torch.equal(mins, -8 * scales) else mins)
+        stored = tiles.tile({"qweight": q, "scales": scales, "mins": None if torch.equal(mins, -8 * scales) else mins})
+        for key, t in stored.items():
+            layer.register_buffer(key, t)
         layer.compute_dtype = dtype
 
     @torch.no_grad()
@@ -134,20 +135,24 @@ class Int4WeightOnly(LinearMethod):
             if not torch.equal(tensors["mins"], -8 * tensors["scales"]):
                 raise ValueError("its int4 minimums are not -8 * scales, as the layer's symmetric storage assumes")
             tensors = {key: t for key, t in tensors.items() if key != "mins"}
-        super().overwrite(layer, tensors)
+        super().overwrite(layer, tiles.tile(tensors))
+
+    def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
+        q, scales, mins = (tiles.untile(layer, key) for key in ("qweight", "scales", "mins"))
+        return {"qweight": q, "scales": scales, "mins": -8 * scales if mins is None else mins}
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        mins = None if layer.mins is None else layer.mins[flat]
-        w = dequantize_int4(layer.qweight[flat], layer.scales[flat], mins).to(layer.compute_dtype)
+        q, scales, mins = (tiles.untile(layer, key, flat) for key in ("qweight", "scales", "mins"))
+        w = dequantize_int4(q, scales, mins).to(layer.compute_dtype)
         return w.reshape(*ids.shape, layer.in_features)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= self.KERNEL_MAX_ROWS:
             return ops.int4_linear(x.contiguous(), layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
-        w = dequantize_int4(layer.qweight, layer.scales, layer.mins).to(layer.compute_dtype)
-        return F.linear(x, w, layer.bias)
+        q, scales, mins = (tiles.untile(layer, key) for key in ("qweight", "scales", "mins"))
+        return F.linear(x, dequantize_int4(q, scales, mins).to(layer.compute_dtype), layer.bias)
 
     def kernel_spec(self, layer: Linear) -> tuple | None:
         if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32:

@@ -1,4 +1,6 @@
-"""int8 weights with one scale per group of input channels (round-to-nearest, symmetric)."""
+"""int8 weights with one scale per group of input channels (round-to-nearest, symmetric): qweight int8
+[N, K] and scales float32 [N, K / group], w = scales * q per group; layers keep them in row tiles
+(tiles.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.linear import Linear, LinearMethod
+from nimblelm.quantization import tiles
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,14 +56,20 @@ class Int8WeightOnly(LinearMethod):
         groups = (layer.out_features, layer.in_features // self.group_size)
         if q.dtype != torch.int8 or tuple(q.shape) != (layer.out_features, layer.in_features) or scales.shape != groups:
             raise ValueError(f"int8 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
-        layer.register_buffer("qweight", q)
-        layer.register_buffer("scales", scales.to(torch.float32))
+        for key, t in tiles.tile({"qweight": q, "scales": scales.to(torch.float32)}).items():
+            layer.register_buffer(key, t)
         layer.compute_dtype = dtype
+
+    def overwrite(self, layer: Linear, tensors: dict[str, torch.Tensor]) -> None:
+        super().overwrite(layer, tiles.tile(tensors))
+
+    def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {key: tiles.untile(layer, key) for key in ("qweight", "scales")}
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        w = dequantize_int8(layer.qweight[flat], layer.scales[flat]).to(layer.compute_dtype)
-        return w.reshape(*ids.shape, layer.in_features)
+        w = dequantize_int8(tiles.untile(layer, "qweight", flat), tiles.untile(layer, "scales", flat))
+        return w.to(layer.compute_dtype).reshape(*ids.shape, layer.in_features)
 
     def _kernel_group(self) -> bool:
         # The kernel takes groups of 16 (GGUF's Q6_K) or multiples of 32.
@@ -70,8 +79,8 @@ class Int8WeightOnly(LinearMethod):
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= self.KERNEL_MAX_ROWS and self._kernel_group():
             return ops.int8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias, self.group_size)
-        w = dequantize_int8(layer.qweight, layer.scales).to(layer.compute_dtype)
-        return F.linear(x, w, layer.bias)
+        w = dequantize_int8(*(tiles.untile(layer, key) for key in ("qweight", "scales")))
+        return F.linear(x, w.to(layer.compute_dtype), layer.bias)
 
     def kernel_spec(self, layer: Linear) -> tuple | None:
         if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32 or not self._kernel_group():

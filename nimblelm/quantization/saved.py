@@ -222,10 +222,8 @@ def save_quantized(
     tensors = {}
     for name, module in model.named_modules():
         if isinstance(module, Linear):
-            keys = [*expected_tensors(qconfig, module.out_features, module.in_features), "bias"]
-            owned = {tensor_key(name, key): getattr(module, key) for key in keys}
-            if "mins" in keys and module.mins is None:  # symmetric int4 keeps none in memory (int4.py)
-                owned[tensor_key(name, "mins")] = -8 * module.scales
+            owned = {tensor_key(name, key): t for key, t in module.method.stored(module).items()}
+            owned[tensor_key(name, "bias")] = module.bias
         else:  # embeddings and norms (the model itself owns no parameter directly)
             owned = {f"model.{name}.{key}": p for key, p in module.named_parameters(recurse=False)}
         # Clones: the engine packs its tensors into one buffer, and safetensors refuses shared storage.

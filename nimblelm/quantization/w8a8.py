@@ -40,6 +40,9 @@ class W8A8(LinearMethod):
         layer.register_buffer("scales", scales.squeeze(1))
         layer.compute_dtype = dtype
 
+    def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {"qweight": layer.qweight, "scales": layer.scales}
+
     def _kernel(self, layer: Linear) -> bool:
         return layer.compute_dtype == torch.float32 and layer.in_features % 32 == 0  # the kernel's blocks
 
