@@ -351,34 +351,55 @@ static inline __m256 int4_pair_sums(__m256i xlo, __m256i xhi, const uint8_t* pac
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, _mm256_set1_epi16(1)));
 }
 
-// Four rows' values of groups g and g2 (per scale or min tensor v laid out as t says): row r's in the
-// low four lanes from group g, the high four from g2.
+// Row r's values (of scales or mins v, laid out as t says) of groups g and g2, in the low and high four lanes.
 static inline __m256 group_pair(const float* v, int r, int64_t g, int64_t g2, const RowTile& t) {
   const float* vr = v + r * t.s_row;
   return _mm256_set_m128(_mm_broadcast_ss(vr + g2 * t.s_group), _mm_broadcast_ss(vr + g * t.s_group));
 }
 
 // Four weight rows (K a multiple of 64) against one activation row from pair_x, the minimums included:
-// sum_k x[k] * (scale q[k] + min) = scale (q . x) + min sum(x) per group.
+// sum_k x[k] * (scale q[k] + min) = scale (q . x) + min sum(x) per group; without stored minimums
+// (symmetric, min = -8 scale) that is scale (q . x - 8 sum(x)), one multiply-add fewer.
 static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
                                    const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
                                    float* out) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   const int64_t ahead = PREFETCH_ROWS * K / 2, pairs_per_group = std::max<int64_t>(group / QPAIR, 1);
+  const bool packed8 = t.s_row == 1 && group == QBLOCK;  // tiles of groups of 32: a pair's 8 scales in a row
+  const __m256i lane[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(1, 1, 1, 1, 5, 5, 5, 5),
+                           _mm256_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6), _mm256_setr_epi32(3, 3, 3, 3, 7, 7, 7, 7)};
+  auto values = [&](const float* v, int64_t i, int64_t g, int64_t g2, __m256* out4) {  // group_pair of rows 0-3
+    if (packed8) {
+      const __m256 v8 = _mm256_loadu_ps(v + 8 * i);
+      for (int r = 0; r < 4; ++r) out4[r] = _mm256_permutevar8x32_ps(v8, lane[r]);
+    } else {
+      for (int r = 0; r < 4; ++r) out4[r] = group_pair(v, r, g, g2, t);
+    }
+  };
   for (int64_t i = 0; i < K / QPAIR; ++i) {
     const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR));
     const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR + 32));
     const __m256 dx = _mm256_loadu_ps(dxv + 8 * i), xb = _mm256_loadu_ps(xbv + 8 * i);
-    // Groups of 32: the pair's blocks are groups 2i and 2i + 1; larger groups hold whole pairs.
     const int64_t g = group == QBLOCK ? 2 * i : i / pairs_per_group, g2 = group == QBLOCK ? g + 1 : g;
+    __m256 sv[4], mv[4];
+    values(s, i, g, g2, sv);
+    if (mins) values(mins, i, g, g2, mv);
+    const __m256 xb8 = _mm256_mul_ps(_mm256_set1_ps(-8.f), xb);
+    if (t.q_row == QBLOCK) {  // a tile: the four rows' pair is two cache lines
+      _mm_prefetch(reinterpret_cast<const char*>(q + ahead + i * t.q_unit), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q + ahead + i * t.q_unit + 64), _MM_HINT_T0);
+    } else {
+      for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * t.q_row + i * t.q_unit + ahead), _MM_HINT_T0);
+    }
     for (int r = 0; r < 4; ++r) {
       const uint8_t* w = q + r * t.q_row + i * t.q_unit;
-      _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
-      const __m256 sv = group_pair(s, r, g, g2, t);
-      // Without stored minimums, -8 * scale: exactly what a stored copy holds, so the same sums.
-      const __m256 mv = mins ? group_pair(mins, r, g, g2, t) : _mm256_mul_ps(_mm256_set1_ps(-8.f), sv);
-      acc[r] = _mm256_fmadd_ps(int4_pair_sums(xlo, xhi, w), _mm256_mul_ps(dx, sv), acc[r]);
-      acc[r] = _mm256_fmadd_ps(mv, xb, acc[r]);
+      const __m256 sums = int4_pair_sums(xlo, xhi, w);
+      if (mins) {
+        acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dx, sv[r]), acc[r]);
+        acc[r] = _mm256_fmadd_ps(mv[r], xb, acc[r]);
+      } else {
+        acc[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(sums, dx, xb8), sv[r], acc[r]);
+      }
     }
   }
   for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
