@@ -10,7 +10,7 @@ from tiny_models import TRAINING_TEXT
 from nimblelm import LLM, SamplingParams
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
-from nimblelm.quantization import awq
+from nimblelm.quantization import awq, tiles
 from nimblelm.quantization.calibration import calibration_samples, capture_inputs
 from nimblelm.quantization.gptq import gptq_quantize
 from nimblelm.quantization.int4 import (
@@ -103,8 +103,10 @@ def test_w8a8_linear_matches_the_integer_matmul(rows, k):
     xq, xs = quantize_rows(x)
     # The integer reference: exact int32 dot products, then both scales (_int_mm wants over 16 rows).
     pad = max(0, 17 - rows)
-    dots = torch._int_mm(torch.cat([xq, xq.new_zeros(pad, k)]), layer.qweight.t())[:rows]
-    ref = dots.float() * xs * layer.scales[None] + bias
+    stored = layer.method.stored(layer)
+    assert tiles.is_tiled(layer) == (k == 96)  # 40 rows of 96 bytes fill tiles, of 80 do not
+    dots = torch._int_mm(torch.cat([xq, xq.new_zeros(pad, k)]), stored["qweight"].t())[:rows]
+    ref = dots.float() * xs * stored["scales"][None] + bias
     assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-4)
     exact = F.linear(x, w, bias)
     assert (layer(x) - exact).norm() < 0.02 * exact.norm()  # two 8-bit roundings: about 1%

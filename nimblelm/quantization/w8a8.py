@@ -1,7 +1,8 @@
 """W8A8: int8 weights with one scale per output channel, activations rounded to int8 per token.
 
-Storage: `qweight` int8 [N, K] and `scales` float32 [N]; w[n, k] = scales[n] * qweight[n, k]. At each
-call the activations get a scale per row (token), max|x| / 127, computed from that row alone.
+Storage: `qweight` int8 [N, K] and `scales` float32 [N]; w[n, k] = scales[n] * qweight[n, k] (in memory
+in row tiles, tiles.py, the scales as [N, 1] tiled). At each call the activations get a scale per row
+(token), max|x| / 127, computed from that row alone.
 
 Up to SKINNY_MAX_ROWS rows (decode) the C++ kernel `w8a8_linear` rounds each row to int8 and takes
 exact integer dot products (maddubs on AVX2), scaled by both scales; larger batches (prefill) compute
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from nimblelm.kernels import ops_for
 from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
+from nimblelm.quantization import tiles
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -36,12 +38,15 @@ class W8A8(LinearMethod):
         q, scales = quantize_rows(layer.weight.detach())
         dtype = layer.weight.dtype
         layer.weight = None  # a tied lm_head only drops its reference: the embedding keeps the tensor
-        layer.register_buffer("qweight", q)
-        layer.register_buffer("scales", scales.squeeze(1))
+        for key, t in tiles.tile({"qweight": q, "scales": scales}).items():
+            layer.register_buffer(key, t)
         layer.compute_dtype = dtype
 
+    def overwrite(self, layer: Linear, tensors: dict[str, torch.Tensor]) -> None:
+        super().overwrite(layer, tiles.tile(tensors | {"scales": tensors["scales"][:, None]}))
+
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
-        return {"qweight": layer.qweight, "scales": layer.scales}
+        return {"qweight": tiles.untile(layer, "qweight"), "scales": tiles.untile(layer, "scales").squeeze(1)}
 
     def _kernel(self, layer: Linear) -> bool:
         return layer.compute_dtype == torch.float32 and layer.in_features % 32 == 0  # the kernel's blocks
@@ -49,12 +54,12 @@ class W8A8(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= SKINNY_MAX_ROWS and self._kernel(layer):
-            return ops.w8a8_linear(x.contiguous(), layer.qweight, layer.scales[:, None], layer.bias)
+            return ops.w8a8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias)
         xq, xs = quantize_rows(x)
-        w = layer.qweight.float() * layer.scales[:, None]
+        w = tiles.untile(layer, "qweight").float() * tiles.untile(layer, "scales")
         return F.linear(xq.float() * xs, w, layer.bias).to(layer.compute_dtype)
 
     def kernel_spec(self, layer: Linear) -> tuple | None:
         if ops_for(layer.scales) is None or not self._kernel(layer):
             return None
-        return (layer.qweight, layer.scales[:, None], None, layer.bias, -1, layer.out_features)
+        return (layer.qweight, layer.scales, None, layer.bias, -1, layer.out_features)
