@@ -279,9 +279,12 @@ static inline __m256i dot32_i8(__m256i a, __m256i b) {
   return _mm256_madd_epi16(prod16, _mm256_set1_epi16(1));
 }
 
-// Four weight rows (from q and s, laid out as t says) against one quantized activation row.
-static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
-                             int64_t group, const RowTile& t, float* out) {
+// Four weight rows (from q and s, laid out as t says) against one quantized activation row. TILED
+// makes the tile's strides constants, which the loop's address arithmetic then folds.
+template <bool TILED>
+static inline void int8_dot4_(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
+                              int64_t group, const RowTile& layout, float* out) {
+  const RowTile t = TILED ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   const int64_t ahead = PREFETCH_ROWS * K;
   auto block = [&](int64_t k, int r, __m256i xv, __m256 d) {
@@ -311,6 +314,11 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
     }
   }
   for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+}
+
+static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
+                             int64_t group, const RowTile& t, float* out) {
+  (t.q_row == QBLOCK ? int8_dot4_<true> : int8_dot4_<false>)(xq, xd, q, s, K, group, t, out);
 }
 
 // Blocks 2i and 2i + 1 of a row are 32 consecutive bytes: their low nibbles are the first halves of the
@@ -359,32 +367,24 @@ static inline __m256 group_pair(const float* v, int r, int64_t g, int64_t g2, co
 
 // Four weight rows (K a multiple of 64) against one activation row from pair_x, the minimums included:
 // sum_k x[k] * (scale q[k] + min) = scale (q . x) + min sum(x) per group; without stored minimums
-// (symmetric, min = -8 scale) that is scale (q . x - 8 sum(x)), one multiply-add fewer.
-static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
-                                   const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
-                                   float* out) {
+// (symmetric, min = -8 scale) that is scale (q . x - 8 sum(x)), one multiply-add fewer. The variants are
+// templates so that the loop holds no branch and few enough vectors to stay in registers (with many
+// activation rows the weights sit in L1 and the loop's arithmetic is what counts).
+template <bool MINS, bool PACKED8>
+static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
+                                    const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
+                                    float* out) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   const int64_t ahead = PREFETCH_ROWS * K / 2, pairs_per_group = std::max<int64_t>(group / QPAIR, 1);
-  const bool packed8 = t.s_row == 1 && group == QBLOCK;  // tiles of groups of 32: a pair's 8 scales in a row
-  const __m256i lane[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(1, 1, 1, 1, 5, 5, 5, 5),
-                           _mm256_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6), _mm256_setr_epi32(3, 3, 3, 3, 7, 7, 7, 7)};
-  auto values = [&](const float* v, int64_t i, int64_t g, int64_t g2, __m256* out4) {  // group_pair of rows 0-3
-    if (packed8) {
-      const __m256 v8 = _mm256_loadu_ps(v + 8 * i);
-      for (int r = 0; r < 4; ++r) out4[r] = _mm256_permutevar8x32_ps(v8, lane[r]);
-    } else {
-      for (int r = 0; r < 4; ++r) out4[r] = group_pair(v, r, g, g2, t);
-    }
-  };
   for (int64_t i = 0; i < K / QPAIR; ++i) {
     const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR));
     const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR + 32));
     const __m256 dx = _mm256_loadu_ps(dxv + 8 * i), xb = _mm256_loadu_ps(xbv + 8 * i);
-    const int64_t g = group == QBLOCK ? 2 * i : i / pairs_per_group, g2 = group == QBLOCK ? g + 1 : g;
-    __m256 sv[4], mv[4];
-    values(s, i, g, g2, sv);
-    if (mins) values(mins, i, g, g2, mv);
     const __m256 xb8 = _mm256_mul_ps(_mm256_set1_ps(-8.f), xb);
+    const int64_t g = group == QBLOCK ? 2 * i : i / pairs_per_group, g2 = group == QBLOCK ? g + 1 : g;
+    // PACKED8 (tiles, groups of 32): the pair's scales of the four rows are 8 floats in a row.
+    const __m256 s8 = PACKED8 ? _mm256_loadu_ps(s + 8 * i) : _mm256_setzero_ps();
+    const __m256 m8 = PACKED8 && MINS ? _mm256_loadu_ps(mins + 8 * i) : _mm256_setzero_ps();
     if (t.q_row == QBLOCK) {  // a tile: the four rows' pair is two cache lines
       _mm_prefetch(reinterpret_cast<const char*>(q + ahead + i * t.q_unit), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(q + ahead + i * t.q_unit + 64), _MM_HINT_T0);
@@ -392,17 +392,29 @@ static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const flo
       for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * t.q_row + i * t.q_unit + ahead), _MM_HINT_T0);
     }
     for (int r = 0; r < 4; ++r) {
-      const uint8_t* w = q + r * t.q_row + i * t.q_unit;
-      const __m256 sums = int4_pair_sums(xlo, xhi, w);
-      if (mins) {
-        acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dx, sv[r]), acc[r]);
-        acc[r] = _mm256_fmadd_ps(mv[r], xb, acc[r]);
+      const __m256i lane = _mm256_setr_epi32(r, r, r, r, r + 4, r + 4, r + 4, r + 4);
+      const __m256 sv = PACKED8 ? _mm256_permutevar8x32_ps(s8, lane) : group_pair(s, r, g, g2, t);
+      const __m256 sums = int4_pair_sums(xlo, xhi, q + r * t.q_row + i * t.q_unit);
+      if constexpr (MINS) {
+        const __m256 mv = PACKED8 ? _mm256_permutevar8x32_ps(m8, lane) : group_pair(mins, r, g, g2, t);
+        acc[r] = _mm256_fmadd_ps(mv, xb, _mm256_fmadd_ps(sums, _mm256_mul_ps(dx, sv), acc[r]));
       } else {
-        acc[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(sums, dx, xb8), sv[r], acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(sums, dx, xb8), sv, acc[r]);
       }
     }
   }
   for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+}
+
+static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
+                                   const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
+                                   float* out) {
+  const bool packed8 = t.s_row == 1 && group == QBLOCK;
+  if (mins) {
+    (packed8 ? int4_dot4_pairs_<true, true> : int4_dot4_pairs_<true, false>)(xp, dxv, xbv, q, s, mins, K, group, t, out);
+  } else {
+    (packed8 ? int4_dot4_pairs_<false, true> : int4_dot4_pairs_<false, false>)(xp, dxv, xbv, q, s, mins, K, group, t, out);
+  }
 }
 #else
 static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
