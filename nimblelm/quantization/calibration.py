@@ -11,8 +11,8 @@ small seeded subsample of rows.
 Going layer by layer makes each layer's statistics final before the next layer starts, so the largest
 of them, x^T x (K² floats per layer: 321 MB for a down_proj of Qwen2.5-Coder-1.5B, 9.8 GB over the
 model), can leave memory as soon as its layer is done: when all of them would take over a quarter of
-the machine's memory they move to unlinked temporary files, mapped back read-only, which the kernel
-pages in when GPTQ reads them and drops under pressure.
+the machine's memory they move to unlinked temporary files, mapped back privately: file pages, which
+the kernel reads in when GPTQ needs them and may drop under memory pressure.
 """
 
 from __future__ import annotations
