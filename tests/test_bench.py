@@ -27,7 +27,7 @@ from nimblelm.bench.cli import add_bench_subparser, run
 from nimblelm.bench.datasets import BenchRequest
 from nimblelm.bench.latency import make_tests, run_latency
 from nimblelm.bench.llamacpp import LlamaCppBackend, parse_batched_bench_jsonl, parse_llama_bench_json
-from nimblelm.bench.runner import for_each_backend
+from nimblelm.bench.runner import interleave
 from nimblelm.bench.throughput import run_throughput
 from nimblelm.errors import InvalidRequestError
 
@@ -310,8 +310,8 @@ def test_missing_transformers_is_skipped(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     lines = []
-    statuses = for_each_backend(BenchContext(model="unused"), ["transformers"], lambda b: None,
-                                logger=lines.append)
+    statuses = interleave(BenchContext(model="unused"), ["transformers"], 1, lambda b, i: None,
+                          logger=lines.append)
     assert statuses["transformers"]["status"] == "skipped"
     assert lines == [f"skipping transformers: {statuses['transformers']['reason']}"]
 
@@ -328,13 +328,45 @@ def test_a_failing_backend_does_not_stop_the_others(tmp_path, monkeypatch):
     orig = runner.make_backend
     try:
         runner.make_backend = lambda name, ctx, **kw: Boom(ctx) if name == "transformers" else orig(name, ctx, **kw)
-        statuses = for_each_backend(BenchContext(model="unused"), ["transformers", "llama.cpp"],
-                                    lambda b: seen.append(b.name), logger=lines.append)
+        statuses = interleave(BenchContext(model="unused"), ["transformers", "llama.cpp"], 1,
+                              lambda b, i: seen.append(b.name), logger=lines.append)
     finally:
         runner.make_backend = orig
     assert statuses["transformers"] == {"status": "failed", "reason": "RuntimeError: out of memory"}
     assert statuses["llama.cpp"]["status"] == "skipped"
     assert lines[0] == "transformers failed: RuntimeError: out of memory" and len(lines) == 2
+
+
+def test_interleave_rotates_backends_each_step_and_drops_one_that_fails(monkeypatch):
+    from nimblelm.bench import runner
+    from nimblelm.bench.backends import Backend
+
+    calls, closed = [], []
+
+    class Fake(Backend):
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    def step(backend, i):
+        if backend.name == "transformers" and i == 2:
+            raise RuntimeError("worker died\nmore")
+        calls.append((i, backend.name))
+
+    monkeypatch.setattr(runner, "make_backend", lambda name, ctx, **kw: Fake(name))
+    lines = []
+    statuses = interleave(BenchContext(model="unused"), ["nimblelm", "transformers", "llama.cpp"], 4, step,
+                          logger=lines.append)
+    assert calls == [(0, "nimblelm"), (0, "transformers"), (0, "llama.cpp"),
+                     (1, "transformers"), (1, "llama.cpp"), (1, "nimblelm"),
+                     (2, "llama.cpp"), (2, "nimblelm"),  # transformers failed at step 2: dropped
+                     (3, "llama.cpp"), (3, "nimblelm")]
+    assert statuses["transformers"] == {"status": "failed", "reason": "RuntimeError: worker died"}
+    assert statuses["nimblelm"]["status"] == statuses["llama.cpp"]["status"] == "ok"
+    assert sorted(closed) == ["llama.cpp", "nimblelm", "transformers"]
+    assert "transformers failed: RuntimeError: worker died" in lines
 
 
 # ---------------------------------------------------------------------------------------- llama.cpp

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from nimblelm.bench.backends import BenchContext, LatencyTest, mean_std
-from nimblelm.bench.runner import for_each_backend, log
+from nimblelm.bench.runner import interleave, log
 from nimblelm.errors import InvalidRequestError
 
 
@@ -35,6 +35,8 @@ def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[Late
                 logger: Callable[[str], None] = log, bandwidth_gbs: float | None = None) -> dict:
     """Measure every test on every backend. Returns {"results": [...], "backends": {...}}.
 
+    Repetitions are interleaved: each one runs on every backend in turn (the first after `warmup` untimed
+    runs), so that the machine's drift does not land in the ratios between backends.
     With the machine's measured bandwidth, batch-1 tg rows also get the decode limit it implies for that
     backend's weight bytes (bandwidth / bytes per token) and the share of it reached.
     """
@@ -42,41 +44,51 @@ def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[Late
         raise InvalidRequestError(f"--repeat must be >= 1, got {repeat}")
     if warmup < 0:
         raise InvalidRequestError(f"--warmup must be >= 0, got {warmup}")
-    results: list[dict] = []
+    samples: dict[tuple[str, int], list[float]] = {}
+    token_nbytes: dict[str, int | None] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-    def body(backend) -> None:
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        bar = tqdm(total=len(tests) * (repeat + warmup) * len(backends), desc="latency", unit="run", leave=False)
 
-            bar = tqdm(total=len(tests) * (repeat + warmup), desc=f"{backend.name} latency", unit="run",
-                       leave=False)
-        try:
-            nbytes = backend.token_nbytes()
-            for test in tests:
-                if bar is not None:
-                    bar.set_postfix_str(f"{test.name} b{test.batch}")
-                samples = backend.latency(test, repeat, warmup, progress=(bar.update if bar else None))
-                m, s = mean_std(samples)
-                row = {"backend": backend.name, "test": test.name, "kind": test.kind,
-                       "n_tokens": test.n_tokens, "batch": test.batch, "threads": ctx.threads,
-                       "samples_ts": [round(x, 4) for x in samples], "mean_ts": m, "std_ts": s}
-                if test.kind == "tg" and test.batch == 1 and nbytes:
-                    gb = [nbytes * x / 1e9 for x in samples]
-                    row["token_nbytes"] = nbytes
-                    row["mean_gbps"], row["std_gbps"] = mean_std(gb)
-                    if bandwidth_gbs:
-                        row["bw_limit_ts"] = bandwidth_gbs * 1e9 / nbytes
-                        row["pct_of_bw_limit"] = 100.0 * row["mean_gbps"] / bandwidth_gbs
-                results.append(row)
-                line = f"{backend.name}: {test.name} batch {test.batch}: {m:.2f} ± {s:.2f} tok/s"
-                if bar is not None and logger is log:
-                    bar.write(line, file=sys.stderr)  # keeps the progress bar intact
-                else:
-                    logger(line)
-        finally:
-            if bar is not None:
-                bar.close()
+    def step(backend, i: int) -> None:
+        t, r = divmod(i, repeat)
+        test = tests[t]
+        if i == 0:
+            token_nbytes[backend.name] = backend.token_nbytes()
+        if bar is not None:
+            bar.set_postfix_str(f"{backend.name} {test.name} b{test.batch}")
+        got = backend.latency(test, 1, warmup if r == 0 else 0, progress=(bar.update if bar else None))
+        samples.setdefault((backend.name, t), []).extend(got)
+        if r == repeat - 1:
+            m, s = mean_std(samples[backend.name, t])
+            line = f"{backend.name}: {test.name} batch {test.batch}: {m:.2f} ± {s:.2f} tok/s"
+            if bar is not None and logger is log:
+                bar.write(line, file=sys.stderr)  # keeps the progress bar intact
+            else:
+                logger(line)
 
-    statuses = for_each_backend(ctx, backends, body, backend_opts, logger)
+    try:
+        statuses = interleave(ctx, backends, len(tests) * repeat, step, backend_opts, logger)
+    finally:
+        if bar is not None:
+            bar.close()
+    results = []
+    for name in (n for n in backends if statuses[n]["status"] == "ok"):
+        nbytes = token_nbytes.get(name)
+        for t, test in enumerate(tests):
+            xs = samples[name, t]
+            m, s = mean_std(xs)
+            row = {"backend": name, "test": test.name, "kind": test.kind, "n_tokens": test.n_tokens,
+                   "batch": test.batch, "threads": ctx.threads, "samples_ts": [round(x, 4) for x in xs],
+                   "mean_ts": m, "std_ts": s}
+            if test.kind == "tg" and test.batch == 1 and nbytes:
+                gb = [nbytes * x / 1e9 for x in xs]
+                row["token_nbytes"] = nbytes
+                row["mean_gbps"], row["std_gbps"] = mean_std(gb)
+                if bandwidth_gbs:
+                    row["bw_limit_ts"] = bandwidth_gbs * 1e9 / nbytes
+                    row["pct_of_bw_limit"] = 100.0 * row["mean_gbps"] / bandwidth_gbs
+            results.append(row)
     return {"results": results, "backends": statuses}

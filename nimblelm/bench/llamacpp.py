@@ -178,6 +178,8 @@ class LlamaCppBackend(Backend):
     def latency(self, test: LatencyTest, repeat: int, warmup: int, progress=None) -> list[float]:
         t = str(self.ctx.threads)
         if test.batch == 1:
+            # Each call is a fresh process, so llama-bench always runs its own untimed warmup first: the
+            # interleaved runner calls it once per repetition, asking for warmup only on the first.
             cmd = [str(find_binary("llama-bench")), "-m", str(self.gguf), "-t", t, "-r", str(repeat),
                    "-o", "json", "-ngl", "0", *self.kv_args()]
             if test.kind == "pp":
@@ -186,8 +188,6 @@ class LlamaCppBackend(Backend):
                 cmd += ["-p", "0", "-n", "0", "-pg", f"{test.n_prompt},{test.n_tokens}"]
             else:
                 cmd += ["-p", "0", "-n", str(test.n_tokens)]
-            if warmup == 0:
-                cmd.append("--no-warmup")
             rows = parse_llama_bench_json(self._run(cmd))
             if not rows:
                 raise RuntimeError("llama-bench printed no result")

@@ -1,4 +1,6 @@
-"""Runs a workload on each backend in turn: check, load, measure, close; a peer that cannot run is skipped."""
+"""Runs a workload on every backend, interleaved: all are loaded, then each step of the workload runs on each
+backend in turn, so that a drift of the machine's speed (its memory bandwidth moves by a quarter here over
+minutes) lands on every backend alike instead of on the ratio. A peer that cannot run is skipped."""
 
 from __future__ import annotations
 
@@ -19,57 +21,86 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def for_each_backend(ctx: BenchContext, names: Sequence[str], body: Callable[[Backend], None],
-                     backend_opts: dict | None = None, logger: Callable[[str], None] = log) -> dict:
-    """Call body(backend) for each available backend; returns {name: status record}."""
+def interleave(ctx: BenchContext, names: Sequence[str], steps: int, step: Callable[[Backend, int], None],
+               backend_opts: dict | None = None, logger: Callable[[str], None] = log) -> dict:
+    """Load every available backend, then call step(backend, i) for i in range(steps) on each of them in turn.
+
+    The order of the backends rotates from one step to the next, so that none always runs first. A backend
+    that fails is dropped from the later steps and reported as failed; the others go on. Returns
+    {name: status record}.
+    """
     statuses: dict[str, dict] = {}
-    for name in names:
-        try:
-            backend = make_backend(name, ctx, **(backend_opts or {}))
-            backend.check()
-        except ImportError as e:
-            logger(f"skipping {name}: cannot import its bench backend ({e})")
-            statuses[name] = {"status": "skipped", "reason": f"cannot import its bench backend ({e})"}
-            continue
-        except BackendUnavailable as e:
-            logger(f"skipping {name}: {e}")
-            statuses[name] = {"status": "skipped", "reason": str(e)}
-            continue
-        closed = False
-        try:
+    loaded: list[Backend] = []
+    monitor = None
+    try:
+        for name in names:
+            try:
+                backend = make_backend(name, ctx, **(backend_opts or {}))
+                backend.check()
+            except ImportError as e:
+                statuses[name] = _skipped(name, f"cannot import its bench backend ({e})", logger)
+                continue
+            except BackendUnavailable as e:
+                statuses[name] = _skipped(name, str(e), logger)
+                continue
             # A child that lives from load() to close() (vLLM's worker) hands its CPU time to us only when it
             # is waited for, load included: then the quietness span must include the load too, or the
             # load's CPU would hide other processes' use.
-            spans_load = getattr(backend, "child_spans_load", False)
-            monitor = CpuMonitor() if spans_load else None
-            t0 = time.perf_counter()
-            backend.load()
+            if monitor is None and getattr(backend, "child_spans_load", False):
+                monitor = CpuMonitor()
+            try:
+                t0 = time.perf_counter()
+                backend.load()
+            except BackendUnavailable as e:
+                backend.close()
+                statuses[name] = _skipped(name, str(e), logger)
+                continue
+            except Exception as e:  # noqa: BLE001 - a peer failing must not lose the others' figures
+                backend.close()
+                statuses[name] = _failed(name, e, logger, alone=len(names) == 1)
+                continue
+            except BaseException:
+                backend.close()
+                raise
             load_s = time.perf_counter() - t0
             logger(f"{name}: loaded in {load_s:.1f} s")
-            monitor = monitor or CpuMonitor()
-            body(backend)
-            info = backend.info()
+            statuses[name] = {"status": "ok", "load_s": round(load_s, 2)}
+            loaded.append(backend)
+        monitor = monitor or CpuMonitor()
+        live = list(loaded)
+        for i in range(steps):
+            k = i % len(live) if live else 0
+            for backend in live[k:] + live[:k]:
+                try:
+                    step(backend, i)
+                except Exception as e:  # noqa: BLE001 - as above
+                    statuses[backend.name] = _failed(backend.name, e, logger, alone=len(names) == 1)
+                    live.remove(backend)
+        for backend in live:
+            statuses[backend.name]["info"] = backend.info()
+    finally:
+        for backend in loaded:
             backend.close()  # waits for any server child, so its CPU time counts as our own
-            closed = True
-            activity = monitor.stop()
-            if spans_load:
-                activity["includes_load"] = True
-            statuses[name] = {"status": "ok", "load_s": round(load_s, 2), "info": info, "other_activity": activity}
-            if disturbed(activity, ctx.threads):
-                logger(f"warning: other processes used {activity['other_cpu_s']:.1f} CPU-s "
-                       f"({100 * activity['other_share']:.0f}% of the machine, more than the cores left free) "
-                       f"while {name} ran: its figures may be disturbed")
-        except BackendUnavailable as e:
-            logger(f"skipping {name}: {e}")
-            statuses[name] = {"status": "skipped", "reason": str(e)}
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # a peer failing mid-run must not lose the others' figures
-            logger(f"{name} failed: {_one_line(e)}")
-            statuses[name] = {"status": "failed", "reason": _one_line(e)}
-            if name == "nimblelm" and len(names) == 1:
-                raise
-        finally:
-            if not closed:
-                backend.close()
+    activity = monitor.stop()
+    if any(getattr(b, "child_spans_load", False) for b in loaded):
+        activity["includes_load"] = True
+    for backend in loaded:
+        if statuses[backend.name]["status"] == "ok":
+            statuses[backend.name]["other_activity"] = activity
+    if loaded and disturbed(activity, ctx.threads):
+        logger(f"warning: other processes used {activity['other_cpu_s']:.1f} CPU-s "
+               f"({100 * activity['other_share']:.0f}% of the machine, more than the cores left free) "
+               "while the backends ran: their figures may be disturbed")
     return statuses
+
+
+def _skipped(name: str, reason: str, logger: Callable[[str], None]) -> dict:
+    logger(f"skipping {name}: {reason}")
+    return {"status": "skipped", "reason": reason}
+
+
+def _failed(name: str, e: Exception, logger: Callable[[str], None], alone: bool) -> dict:
+    logger(f"{name} failed: {_one_line(e)}")
+    if name == "nimblelm" and alone:
+        raise e
+    return {"status": "failed", "reason": _one_line(e)}
