@@ -3,13 +3,16 @@
 //
 // packed_linear: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for any number of rows m, with w stored
 // once at load as panels of 16 output columns, [ceil(N / 16), K, 16] (pack_panels). The inner loop
-// multiplies up to 6 activation rows, each value broadcast, by one 16-wide panel row held in two
+// multiplies up to 6 activation rows, each value broadcast, by one 16-wide panel row held in two AVX2
 // registers: 12 accumulators, 12 FMAs per 8 loads, so it is bound by arithmetic rather than by loads,
-// and every panel streams from memory once per pass in the order it is stored. One or two rows (batch-1
+// and every panel streams from memory once per pass in the order it is stored. With AVX-512 a panel row
+// is one register, and a tile is 12 rows by two panels (24 accumulators). One or two rows (batch-1
 // decode) read two panels side by side instead, which streams the weights faster (skinny_panels). At
-// 8-64 rows (batched decode) it took 0.6-0.75x the time of the row-major dot-product kernel it replaces
-// and of torch's GEMM, and about the same as torch's GEMM at 512 rows (SmolLM2's layers, one thread,
-// 2026-11-28).
+// 8-64 rows (batched decode) the AVX2 tile took 0.6-0.75x the time of the row-major dot-product kernel it
+// replaces and of torch's GEMM, and about the same as torch's GEMM at 512 rows (SmolLM2's layers, one
+// thread, 2026-11-28). On an AVX-512 Xeon, 30 rows through SmolLM2's 120 layers took 55.0 ms with the
+// 12 x 2 tile against 90.9 with the AVX2 one, 256 rows 377 against 664 (2 threads, medians of 8, the
+// two builds alternately, 2026-11-29).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -87,7 +90,6 @@ static float exp_shifted_(float* s, int64_t n, float shift) {
 }
 
 constexpr int64_t NR = 16;       // output columns per panel: two 8-float registers
-constexpr int64_t MR = 6;        // activation rows per tile: 12 accumulators + 2 panel + 1 broadcast registers
 constexpr int64_t MC = 72;       // rows per pass over a panel slice
 constexpr int64_t KC_MAX = 1024; // deepest slice: a slice (64 KiB) and 72 rows of it (288 KiB) stay in L2
 
@@ -103,40 +105,72 @@ torch::Tensor pack_panels(torch::Tensor w) {
   return padded.view({P, NR, K}).transpose(1, 2).contiguous();
 }
 
+// A panel row (NR floats) is one 16-float register with AVX-512, two 8-float ones with AVX2.
+#if defined(__AVX512F__)
+using fvec = __m512;
+constexpr int VW = 16;
+static inline fvec vzero() { return _mm512_setzero_ps(); }
+static inline fvec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline fvec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline fvec vfma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, fvec v) { _mm512_store_ps(p, v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using fvec = __m256;
+constexpr int VW = 8;
+static inline fvec vzero() { return _mm256_setzero_ps(); }
+static inline fvec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline fvec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+static inline fvec vfma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, fvec v) { _mm256_store_ps(p, v); }
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define HAVE_FVEC 1
+constexpr int VPP = NR / VW;  // registers per panel row
+#else
+constexpr int VPP = 2;
+#endif
+// Panels a many-row tile spans: enough accumulators to keep both FMA units busy (12 of the 16 AVX2
+// registers; with AVX-512's 32 registers and one register per panel row, two panels).
+constexpr int TILE_PANELS = VPP == 1 ? 2 : 1;
+constexpr int64_t MR = VPP == 1 ? 12 : 6;  // activation rows per tile
+
 // c[r, 0:ncols] (+)= sum_k a[r, k] * b[k, 0:ncols] for ROWS rows of a (lda apart) and PANELS consecutive
-// panel slices from b (ldb apart), ncols <= PANELS * NR.
+// panel slices from b (ldb apart), ncols <= PANELS * NR. prefetch: the panels after these, one cache line
+// of each per step, while these are read from memory the first time.
 template <int ROWS, int PANELS>
 static inline void panel_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
                               int64_t ldc, bool accumulate, int64_t ncols, const float* prefetch) {
   constexpr int COLS = PANELS * NR;
-  alignas(32) float out[ROWS][COLS];
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc[ROWS][2 * PANELS];
+  alignas(64) float out[ROWS][COLS];
+#ifdef HAVE_FVEC
+  constexpr int V = VPP * PANELS;
+  fvec acc[ROWS][V];
   // Fully unrolled, or gcc keeps the accumulators in memory.
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < 2 * PANELS; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int j = 0; j < V; ++j) acc[r][j] = vzero();
   for (int64_t k = 0; k < kc; ++k) {
-    __m256 bv[2 * PANELS];
+    fvec bv[V];
 #pragma GCC unroll 4
-    for (int q = 0; q < PANELS; ++q) {
-      bv[2 * q] = _mm256_loadu_ps(b + q * ldb + k * NR);
-      bv[2 * q + 1] = _mm256_loadu_ps(b + q * ldb + k * NR + 8);
+    for (int j = 0; j < V; ++j) bv[j] = vload(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW);
+    if (prefetch) {
+#pragma GCC unroll 4
+      for (int q = 0; q < PANELS; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * ldb + k * NR), _MM_HINT_T0);
     }
-    // The next panel, one cache line per step, while this one is read from memory the first time.
-    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(prefetch + k * NR), _MM_HINT_T0);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      const fvec av = vbroadcast(a + r * lda + k);
 #pragma GCC unroll 4
-      for (int j = 0; j < 2 * PANELS; ++j) acc[r][j] = _mm256_fmadd_ps(av, bv[j], acc[r][j]);
+      for (int j = 0; j < V; ++j) acc[r][j] = vfma(av, bv[j], acc[r][j]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < 2 * PANELS; ++j) _mm256_store_ps(out[r] + 8 * j, acc[r][j]);
+    for (int j = 0; j < V; ++j) vstore(out[r] + VW * j, acc[r][j]);
 #else
   for (int r = 0; r < ROWS; ++r)
     for (int64_t j = 0; j < COLS; ++j) {
@@ -152,16 +186,14 @@ static inline void panel_tile(const float* a, int64_t lda, const float* b, int64
   }
 }
 
-static void tile(int64_t rows, const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
-                 bool accumulate, int64_t ncols, const float* prefetch) {
-  switch (rows) {
-    case 1: return panel_tile<1, 1>(a, lda, b, 0, kc, c, ldc, accumulate, ncols, prefetch);
-    case 2: return panel_tile<2, 1>(a, lda, b, 0, kc, c, ldc, accumulate, ncols, prefetch);
-    case 3: return panel_tile<3, 1>(a, lda, b, 0, kc, c, ldc, accumulate, ncols, prefetch);
-    case 4: return panel_tile<4, 1>(a, lda, b, 0, kc, c, ldc, accumulate, ncols, prefetch);
-    case 5: return panel_tile<5, 1>(a, lda, b, 0, kc, c, ldc, accumulate, ncols, prefetch);
-    default: return panel_tile<MR, 1>(a, lda, b, 0, kc, c, ldc, accumulate, ncols, prefetch);
+// Up to R rows against PANELS panels (ldb apart).
+template <int PANELS, int R = MR>
+static void tile(int64_t rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
+                 int64_t ldc, bool accumulate, int64_t ncols, const float* prefetch) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile<PANELS, R - 1>(rows, a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
   }
+  panel_tile<R, PANELS>(a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
 }
 
 // One or two rows against a thread's run of panels [p0, p1), two panels at a time: two weight streams in
@@ -176,7 +208,7 @@ static void skinny_panels(int64_t rows, const float* x, int64_t K, const float* 
     if (rows == 1) panel_tile<1, 2>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
     else panel_tile<2, 2>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
   }
-  if (p < p1) tile(rows, x, K, w + p * ld, K, y + p * NR, N, false, std::min(NR, N - p * NR), nullptr);
+  if (p < p1) tile<1>(rows, x, K, w + p * ld, ld, K, y + p * NR, N, false, std::min(NR, N - p * NR), nullptr);
 }
 
 // y = x @ w.T (+ bias) for x [M, K] and w as pack_panels stored it; N is w's row count before padding.
@@ -198,13 +230,19 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c1
       const int64_t kc = std::min(KC, K - k0);
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t m1 = std::min(M, m0 + MC);
-        for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t p = p0; p < p1; p += TILE_PANELS) {
+          const int64_t panels = std::min<int64_t>(TILE_PANELS, p1 - p);
           const float* b = wp + (p * K + k0) * NR;
-          const float* next = p + 1 < P ? b + K * NR : nullptr;
-          const int64_t ncols = std::min(NR, N - p * NR);
-          for (int64_t m = m0; m < m1; m += MR)
-            tile(std::min(MR, m1 - m), xp + m * K + k0, K, b, kc, yp + m * N + p * NR, N, k0 > 0, ncols,
-                 m == m0 ? next : nullptr);
+          const float* next = p + panels + panels <= P ? b + panels * K * NR : nullptr;
+          const int64_t ncols = std::min(panels * NR, N - p * NR);
+          for (int64_t m = m0; m < m1; m += MR) {
+            const int64_t rows = std::min(MR, m1 - m);
+            const float* pf = m == m0 ? next : nullptr;
+            if (panels == TILE_PANELS)
+              tile<TILE_PANELS>(rows, xp + m * K + k0, K, b, K * NR, kc, yp + m * N + p * NR, N, k0 > 0, ncols, pf);
+            else
+              tile<1>(rows, xp + m * K + k0, K, b, K * NR, kc, yp + m * N + p * NR, N, k0 > 0, ncols, pf);
+          }
         }
       }
     }
