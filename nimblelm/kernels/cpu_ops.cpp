@@ -7,7 +7,7 @@
 // registers: 12 accumulators, 12 FMAs per 8 loads, so it is bound by arithmetic rather than by loads,
 // and every panel streams from memory once per pass in the order it is stored. With AVX-512 a panel row
 // is one register, and a tile is 12 rows by two panels (24 accumulators). One or two rows (batch-1
-// decode) read two panels side by side instead, which streams the weights faster (skinny_panels). At
+// decode) read several panels side by side instead, which streams the weights faster (skinny_panels). At
 // 8-64 rows (batched decode) the AVX2 tile took 0.6-0.75x the time of the row-major dot-product kernel it
 // replaces and of torch's GEMM, and about the same as torch's GEMM at 512 rows (SmolLM2's layers, one
 // thread, 2026-11-28). On an AVX-512 Xeon, 30 rows through SmolLM2's 120 layers took 55.0 ms with the
@@ -196,19 +196,30 @@ static void tile(int64_t rows, const float* a, int64_t lda, const float* b, int6
   panel_tile<R, PANELS>(a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
 }
 
-// One or two rows against a thread's run of panels [p0, p1), two panels at a time: two weight streams in
-// flight per core read this CPU's memory about 1.2x faster than one stream, with or without a software
-// prefetch of the next panel (120 SmolLM2-shaped layers, 2 threads, 2026-11-28).
-static void skinny_panels(int64_t rows, const float* x, int64_t K, const float* w, int64_t p0, int64_t p1, int64_t N,
+// One or two rows against a thread's run of panels [p0, p1), several panels at a time: more weight
+// streams in flight per core read memory faster. Two streams against one: about 1.2x on an AMD EPYC
+// (AVX2, 120 SmolLM2-shaped layers, 2 threads, 2026-11-28); four against two, one register per panel
+// row: 22.1 against 24.4 ms a batch-1 pass over SmolLM2's layers on an AVX-512 Xeon, medians of 10
+// alternated (eight streams were slower, as was a software prefetch of the next panels; 2026-11-29).
+constexpr int SKINNY_PANELS = VPP == 1 ? 4 : 2;
+
+template <int PANELS>
+static int64_t skinny_run(int64_t rows, const float* x, int64_t K, const float* w, int64_t p, int64_t p1, int64_t N,
                           float* y) {
   const int64_t ld = K * NR;
-  int64_t p = p0;
-  for (; p + 2 <= p1; p += 2) {
-    const int64_t ncols = std::min(2 * NR, N - p * NR);
-    if (rows == 1) panel_tile<1, 2>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
-    else panel_tile<2, 2>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
+  for (; p + PANELS <= p1; p += PANELS) {
+    const int64_t ncols = std::min(PANELS * NR, N - p * NR);
+    if (rows == 1) panel_tile<1, PANELS>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
+    else panel_tile<2, PANELS>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
   }
-  if (p < p1) tile<1>(rows, x, K, w + p * ld, ld, K, y + p * NR, N, false, std::min(NR, N - p * NR), nullptr);
+  return p;
+}
+
+static void skinny_panels(int64_t rows, const float* x, int64_t K, const float* w, int64_t p0, int64_t p1, int64_t N,
+                          float* y) {
+  int64_t p = skinny_run<SKINNY_PANELS>(rows, x, K, w, p0, p1, N, y);
+  if constexpr (SKINNY_PANELS > 2) p = skinny_run<2>(rows, x, K, w, p, p1, N, y);
+  if (p < p1) tile<1>(rows, x, K, w + p * K * NR, K * NR, K, y + p * NR, N, false, std::min(NR, N - p * NR), nullptr);
 }
 
 // y = x @ w.T (+ bias) for x [M, K] and w as pack_panels stored it; N is w's row count before padding.
