@@ -1,4 +1,4 @@
-"""Paged attention: the C++ decode kernel against SDPA over a plainly gathered cache."""
+"""The C++ attention kernels (paged decode, prefill) against SDPA over the same keys and values."""
 
 import pytest
 import torch
@@ -64,3 +64,32 @@ def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
         out = torch.empty_like(q)
         ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
+
+
+def prefill_reference(q, k, v, window):
+    t, c = q.shape[0], k.shape[0]
+    q_pos, k_pos = torch.arange(c - t, c)[:, None], torch.arange(c)[None]
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    o = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)), attn_mask=mask, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize(("t", "c", "heads", "kv_heads", "dim", "window"), [
+    (1, 1, 2, 1, 16, 0), (5, 5, 4, 2, 32, 0), (37, 37, 9, 3, 64, 0), (100, 100, 4, 4, 64, 7),
+    (50, 130, 9, 3, 64, 0), (70, 300, 6, 2, 128, 40), (200, 200, 2, 1, 48, 0), (97, 97, 3, 1, 16, 96),
+])
+def test_prefill_attention_kernel_matches_sdpa(t, c, heads, kv_heads, dim, window):
+    # Whole prompts and later chunks of one (c > t: the queries are the last t positions), GQA and plain
+    # multi-head, head sizes of one to eight 16-wide panels, query blocks of one row and several 48-row
+    # blocks, windows inside a block and across blocks. q's rows are strided, as views of the fused qkv.
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    torch.manual_seed(t * c + dim)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
+    q = qkv[:, : heads * dim].view(t, heads, dim)
+    k, v = torch.randn(c, kv_heads, dim), torch.randn(c, kv_heads, dim)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    ops.prefill_attention(out, q, k, v, dim**-0.5, window)
+    torch.testing.assert_close(out, prefill_reference(q, k, v, window), rtol=1e-4, atol=1e-5)

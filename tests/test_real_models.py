@@ -66,14 +66,23 @@ def test_qwen_coder_05b_matches_transformers():
 
 
 def test_smollm2_int8_stays_close_to_fp32():
-    """int8 weights (RTN, groups of 32) on the real model: half the bytes or less, the same short answer,
-    and the same first token on every question (greedy)."""
-    params = SamplingParams(temperature=0, max_tokens=12)
+    """int8 weights (RTN, groups of 32) on the real model: half the bytes or less, the same first token on
+    every question, and greedy answers that follow fp32's until a token where fp32's own choice was a
+    near-tie (runner-up within 1 nat). The int8 kernel rounds activations to int8 as well, so a float
+    rounding change anywhere (another attention kernel, AVX-512 against AVX2) flips some of those roundings
+    and moves logits by tenths of a nat; which near-tie flips is not stable (question 0's second token:
+    0.46 nats apart in fp32, 0.02 in int8)."""
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=2)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     fp32 = LLM("smollm2-135m", max_model_len=1024)
     int8 = LLM("smollm2-135m", max_model_len=1024, quantization="int8")
     assert int8.weights_nbytes < 0.5 * fp32.weights_nbytes
     ref = fp32.chat(conversations, params, use_tqdm=False)
     out = int8.chat(conversations, params, use_tqdm=False)
-    assert out[0].outputs[0].text == ref[0].outputs[0].text
+    for r, o in zip(ref, out):
+        want, got = r.outputs[0].token_ids, o.outputs[0].token_ids
+        first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        if first is not None:
+            best, second = sorted((v.logprob for v in r.outputs[0].logprobs[first].values()), reverse=True)[:2]
+            assert best - second < 1.0, (first, best - second)
     assert [o.outputs[0].token_ids[0] for o in out] == [o.outputs[0].token_ids[0] for o in ref]

@@ -132,11 +132,14 @@ class PagedAttention(torch.nn.Module):
                 # same rounded K/V however the prompt was chunked, and as the decodes after it will.
                 k_ctx = _pages(kv_cache, 0, blocks, q.dtype).flatten(0, 1)[:ctx]
                 v_ctx = _pages(kv_cache, 1, blocks, q.dtype).flatten(0, 1)[:ctx]
-            qt, kt, vt = (x.transpose(0, 1)[None] for x in (q[start:end], k_ctx, v_ctx))
-            o = F.scaled_dot_product_attention(
-                qt, kt, vt, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
-            )
-            out[start:end] = o[0].transpose(0, 1)
+            if ops is not None and self.head_dim % 16 == 0:
+                ops.prefill_attention(out[start:end], q[start:end], k_ctx, v_ctx, self.scale, meta.sliding_window or 0)
+            else:
+                qt, kt, vt = (x.transpose(0, 1)[None] for x in (q[start:end], k_ctx, v_ctx))
+                o = F.scaled_dot_product_attention(
+                    qt, kt, vt, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+                )
+                out[start:end] = o[0].transpose(0, 1)
             start = end
         return out
 
