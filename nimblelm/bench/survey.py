@@ -43,8 +43,8 @@ SURVEY_TABLE6 = [
 
 #: What each backend does here, in the survey's columns (as configured by this harness on a CPU).
 WHAT_IT_DOES = {
-    "nimblelm": {"attention": "paged decode-attention C++ kernel; SDPA for prefill",
-                 "linear": "C++ weight-streaming GEMV for decode (fp32), torch GEMM for prefill",
+    "nimblelm": {"attention": "C++ kernels: paged decode attention, packed-panel prefill attention",
+                 "linear": "C++ packed-panel GEMM at every batch size (fp32), int8/int4 dot-product kernels",
                  "graph": "none (eager torch, per-step batch tensors built once)",
                  "memory": "paged (block tables)", "batching": "continuous batching, chunked prefill",
                  "scheduling": "token budget per step (prefill and decode share steps)"},
