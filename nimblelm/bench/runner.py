@@ -1,5 +1,5 @@
 """Runs a workload on every backend, interleaved: all are loaded, then each step of the workload runs on each
-backend in turn, so that a drift of the machine's speed (its memory bandwidth moves by a quarter here over
+backend in turn, so that a drift of the machine's speed (its memory bandwidth moves by up to a third here over
 minutes) lands on every backend alike instead of on the ratio. A peer that cannot run is skipped."""
 
 from __future__ import annotations
