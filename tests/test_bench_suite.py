@@ -175,7 +175,7 @@ def test_survey_report_labels_the_papers_numbers_and_records_targets(tmp_path):
     assert "nimblelm / transformers = 2.00× (target ≥ 1.8×): met" in md
     assert "nimblelm / llama.cpp = 0.50× (target ≥ 1.0×): missed by 0.50×" in md
     assert "nimblelm / llama.cpp max req/s = 0.75× (target ≥ 2.0×): missed by 1.25×" in md
-    assert "| nimblelm | paged decode-attention" in md
+    assert "| nimblelm | C++ kernels: paged decode attention" in md
     assert "| m | nimblelm | inf | 0.900 | 2.7 | 500 / 500 | 300 / 300 |" in md
     assert "| m | nimblelm | 0.450 | 0.440 |" in md
     _j, m = report.write_report(rep, tmp_path)
