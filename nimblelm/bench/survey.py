@@ -3,8 +3,9 @@
 (a) Inference: batch 1, a 1k-token prompt, 128 generated tokens, speculative decoding off; generated
     tokens / end-to-end time (the `pg1024+128` latency test).
 (b) Serving: the maximum request throughput on ShareGPT (every request sent at once, `rate = inf`, to
-    the backend's OpenAI-compatible server), then the offered rates a fraction of that maximum, and the
-    highest rate whose p99 TPOT stayed under the bound. A backend without a server here is measured
+    the backend's OpenAI-compatible server; all servers up, their runs interleaved, the mean of
+    `--repeat` rounds), then the offered rates a fraction of that maximum, and the highest rate whose
+    p99 TPOT stayed under the bound. A backend without a server here is measured
     offline instead (all requests to its generate call), and the table says so.
 
 The report puts the survey's own A100 numbers (Llama2-7B) beside ours, labelled as theirs: they are a
@@ -14,6 +15,7 @@ different model on a different machine, shown for what each engine does, not to 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 
 from nimblelm.bench.backends import BackendUnavailable, BenchContext, LatencyTest
@@ -75,35 +77,92 @@ def _offline_req_s(ctx: BenchContext, name: str, requests: Sequence[BenchRequest
             "total_tok_s": r["mean_total_tok_s"], "other_activity": st.get("other_activity")}
 
 
-def _served(ctx: BenchContext, name: str, requests: Sequence[BenchRequest], opts: dict, fractions: Sequence[float],
-            slo: SLO, logger: Callable[[str], None], progress: bool) -> dict:
+def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[BenchRequest], opts: dict,
+               fractions: Sequence[float], slo: SLO, rounds: int, logger: Callable[[str], None],
+               progress: bool) -> dict[str, dict]:
+    """(b) for every backend: {name: record}.
+
+    A backend without a server here is measured offline first (transformers; nimblelm when its serve
+    command is missing). Then every server is started, and the maximum-throughput runs (every request at
+    once) are interleaved, `rounds` of them, rotating which server goes first, so that the machine's drift
+    lands on every backend alike (idle servers here take 0-1.2% of a core). Last, each server's offered
+    rates, fractions of its mean maximum.
+    """
     from nimblelm.bench.machine import CpuMonitor
     from nimblelm.bench.serve import SERVED_NAME, benchmark_server, start_backend_server
 
     slots = max(1, min(len(requests), ctx.max_num_seqs))
-    server = start_backend_server(name, ctx, slots, opts)
+    out: dict[str, dict] = {}
+    servers = {}
+    for name in names:
+        try:
+            servers[name] = start_backend_server(name, ctx, slots, opts)
+        except BackendUnavailable as e:
+            if name not in ("transformers", "nimblelm"):
+                logger(f"skipping {name} serving: {e}")
+                out[name] = {"status": "skipped", "reason": str(e)}
+                continue
+            logger(f"{name}: no server ({e}); measuring offline throughput instead")
+            out[name] = _offline_req_s(ctx, name, requests, opts, logger) | {"server_skipped": str(e)}
+    points: dict[str, list] = {}
     try:
-        logger(f"{name}: starting its server on {server.url}")
-        server.start()
-        monitor = CpuMonitor(server.tree_cpu_s)
-        pts = benchmark_server(server.url, SERVED_NAME, requests, [math.inf], seed=ctx.seed, slo=slo,
-                               progress=progress, logger=logger, label=name)
-        top = pts[0]["metrics"]["request_throughput"]
-        rates = [round(f * top, 4) for f in fractions if f * top > 0]
-        if rates:
-            pts += benchmark_server(server.url, SERVED_NAME, requests, rates, seed=ctx.seed, slo=slo, warmup=0,
-                                    progress=progress, logger=logger, label=name)
-        activity = monitor.stop()  # while the server lives: its whole process tree counts as ours
-        server.stop()
+        for name, server in list(servers.items()):
+            try:
+                logger(f"{name}: starting its server on {server.url}")
+                server.start()
+                points[name] = []
+                continue
+            except BackendUnavailable as e:
+                logger(f"skipping {name} serving: {e}")
+                out[name] = {"status": "skipped", "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others
+                out[name] = _serving_failed(name, e, logger)
+            server.stop()
+            del servers[name]
+        monitor = CpuMonitor(lambda: sum(s.tree_cpu_s() for s in servers.values()))
+        live = list(servers)
+        for r in range(rounds):
+            k = r % len(live) if live else 0
+            for name in live[k:] + live[:k]:
+                try:
+                    points[name] += benchmark_server(servers[name].url, SERVED_NAME, requests, [math.inf],
+                                                     seed=ctx.seed, slo=slo, warmup=1 if r == 0 else 0,
+                                                     progress=progress, logger=logger, label=name)
+                except Exception as e:  # noqa: BLE001 - as above
+                    out[name] = _serving_failed(name, e, logger)
+                    live.remove(name)
+        for name in list(live):
+            top = statistics.fmean(p["metrics"]["request_throughput"] for p in points[name])
+            rates = [round(f * top, 4) for f in fractions if f * top > 0]
+            try:
+                points[name] += benchmark_server(servers[name].url, SERVED_NAME, requests, rates, seed=ctx.seed,
+                                                 slo=slo, warmup=0, progress=progress, logger=logger, label=name)
+            except Exception as e:  # noqa: BLE001 - as above
+                out[name] = _serving_failed(name, e, logger)
+                live.remove(name)
+        activity = monitor.stop()  # while the servers live: their whole process trees count as ours
     finally:
-        server.stop()
-    m = pts[0]["metrics"]
-    sustained = max_sustained_rate(pts, slo.tpot_s) if slo.tpot_s else None
-    return {"status": "ok", "method": "its OpenAI server, every request sent at once (rate inf)",
-            "max_req_s": m["request_throughput"], "output_tok_s": m["output_throughput"],
-            "total_tok_s": m["total_token_throughput"], "sustained_req_s": sustained,
-            "points": [{"rate": p["rate"], "metrics": p["metrics"]} for p in pts],
-            "server_startup_s": server.startup_s, "other_activity": activity}
+        for server in servers.values():
+            server.stop()
+    for name in live:
+        maxima = [p["metrics"] for p in points[name] if math.isinf(p["rate"])]
+        out[name] = {
+            "status": "ok", "method": f"its OpenAI server, every request sent at once (rate inf), mean of {rounds}",
+            "max_req_s": statistics.fmean(m["request_throughput"] for m in maxima),
+            "max_req_s_rounds": [m["request_throughput"] for m in maxima],
+            "output_tok_s": statistics.fmean(m["output_throughput"] for m in maxima),
+            "total_tok_s": statistics.fmean(m["total_token_throughput"] for m in maxima),
+            "sustained_req_s": max_sustained_rate(points[name], slo.tpot_s) if slo.tpot_s else None,
+            "points": [{"rate": p["rate"], "metrics": p["metrics"]} for p in points[name]],
+            "server_startup_s": servers[name].startup_s, "other_activity": activity}
+    return out
+
+
+def _serving_failed(name: str, e: Exception, logger: Callable[[str], None]) -> dict:
+    line = str(e).strip().splitlines()
+    record = {"status": "failed", "reason": f"{type(e).__name__}: {line[0] if line else ''}"}
+    logger(f"{name} serving failed: {record['reason']}")
+    return record
 
 
 def run_survey_engines(models: Sequence[str], backends: Sequence[str], *, threads: int, dtype: str, seed: int,
@@ -127,6 +186,7 @@ def run_survey_engines(models: Sequence[str], backends: Sequence[str], *, thread
         requests = workload(ctx)
         ctx.max_model_len = max(ctx.max_model_len, max(r.prompt_len + r.output_len for r in requests) + 1, 32)  # 32: the warm-up requests
         logger(f"== {model}: (b) serving {len(requests)} ShareGPT requests")
+        serving = _serve_all(ctx, backends, requests, opts, fractions, slo, repeat, logger, progress)
         for name in backends:
             row = {"model": model, "backend": name, "what_it_does": WHAT_IT_DOES.get(name, {})}
             a = next((r for r in lat["results"] if r["backend"] == name), None)
@@ -135,23 +195,7 @@ def run_survey_engines(models: Sequence[str], backends: Sequence[str], *, thread
                            inference_samples=a["samples_ts"])
             else:
                 row["inference_skipped"] = lat["backends"].get(name, {}).get("reason")
-            try:
-                try:
-                    b = _served(ctx, name, requests, opts, fractions, slo, logger, progress)
-                except BackendUnavailable as e:
-                    if name not in ("transformers", "nimblelm"):
-                        raise
-                    logger(f"{name}: no server ({e}); measuring offline throughput instead")
-                    b = _offline_req_s(ctx, name, requests, opts, logger)
-                    b["server_skipped"] = str(e)
-            except BackendUnavailable as e:
-                logger(f"skipping {name} serving: {e}")
-                b = {"status": "skipped", "reason": str(e)}
-            except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others
-                line = str(e).strip().splitlines()
-                b = {"status": "failed", "reason": f"{type(e).__name__}: {line[0] if line else ''}"}
-                logger(f"{name} serving failed: {b['reason']}")
-            row["serving"] = b
+            b = row["serving"] = serving[name]
             if b.get("status") == "ok":
                 row["serving_req_s"] = b["max_req_s"]
                 row["sustained_req_s"] = b.get("sustained_req_s")
