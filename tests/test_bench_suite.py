@@ -272,6 +272,58 @@ def test_cli_smoke_survey_engines(tiny_llama, tmp_path, monkeypatch):
     assert "Theirs: the survey's Table 6 (NOT this machine)" in md and "Targets (recorded, not asserted)" in md
 
 
+def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch):
+    """(b): every server up first, the rate-inf runs alternating over rounds (first server rotating), then
+    each server's offered rates from the mean of its maxima; a server that fails mid-run is dropped."""
+    from nimblelm.bench import serve, survey
+    from nimblelm.bench.metrics import SLO
+
+    calls, stopped = [], []
+
+    class FakeServer:
+        def __init__(self, name):
+            self.name, self.url, self.startup_s = name, name, 1.0
+
+        def start(self):
+            calls.append(("start", self.name))
+
+        def tree_cpu_s(self):
+            return 0.0
+
+        def stop(self):
+            stopped.append(self.name)
+
+    def fake_benchmark(url, model, requests, rates, **kw):
+        calls.append((url, tuple(rates)))
+        if url == "vllm" and math.isinf(rates[0]) and sum(c[0] == "vllm" for c in calls) == 2:
+            raise RuntimeError("server died")
+        top = {"nimblelm": 3.0, "llama.cpp": 1.0, "vllm": 2.0}[url] + 0.5 * sum(c[0] == url for c in calls)
+        m = {"request_throughput": top, "output_throughput": 10 * top, "total_token_throughput": 20 * top,
+             "failed": 0, "tpot_s": {"p99": 0.1}}
+        return [{"rate": r, "metrics": m} for r in rates]
+
+    def fake_start(name, ctx, slots, opts):
+        if name == "transformers":
+            raise BackendUnavailable("no server")
+        return FakeServer(name)
+
+    monkeypatch.setattr(serve, "start_backend_server", fake_start)
+    monkeypatch.setattr(serve, "benchmark_server", fake_benchmark)
+    monkeypatch.setattr(survey, "_offline_req_s", lambda *a: {"status": "ok", "max_req_s": 0.5})
+    out = survey._serve_all(BenchContext(model="unused"), ["nimblelm", "transformers", "llama.cpp", "vllm"],
+                            [object()] * 4, {}, [0.5], SLO(tpot_s=0.2), 3, lambda s: None, False)
+    inf = (math.inf,)
+    assert calls == [("start", "nimblelm"), ("start", "llama.cpp"), ("start", "vllm"),
+                     ("nimblelm", inf), ("llama.cpp", inf), ("vllm", inf),
+                     ("llama.cpp", inf), ("vllm", inf), ("nimblelm", inf),  # vllm fails here: dropped
+                     ("nimblelm", inf), ("llama.cpp", inf),
+                     ("nimblelm", (0.5 * 4.0,)), ("llama.cpp", (0.5 * 2.0,))]
+    assert out["nimblelm"]["max_req_s_rounds"] == [3.5, 4.0, 4.5] and out["nimblelm"]["max_req_s"] == 4.0
+    assert out["vllm"] == {"status": "failed", "reason": "RuntimeError: server died"}
+    assert out["transformers"]["server_skipped"] == "no server"
+    assert sorted(stopped) == ["llama.cpp", "nimblelm", "vllm"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--request-rate", "0"], "request rate must be > 0"),
     (["serve", "--slo", "ttft"], "bad SLO"),

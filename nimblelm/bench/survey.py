@@ -96,14 +96,18 @@ def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[Bench
     servers = {}
     for name in names:
         try:
-            servers[name] = start_backend_server(name, ctx, slots, opts)
+            try:
+                servers[name] = start_backend_server(name, ctx, slots, opts)
+            except BackendUnavailable as e:
+                if name not in ("transformers", "nimblelm"):
+                    raise
+                logger(f"{name}: no server ({e}); measuring offline throughput instead")
+                out[name] = _offline_req_s(ctx, name, requests, opts, logger) | {"server_skipped": str(e)}
         except BackendUnavailable as e:
-            if name not in ("transformers", "nimblelm"):
-                logger(f"skipping {name} serving: {e}")
-                out[name] = {"status": "skipped", "reason": str(e)}
-                continue
-            logger(f"{name}: no server ({e}); measuring offline throughput instead")
-            out[name] = _offline_req_s(ctx, name, requests, opts, logger) | {"server_skipped": str(e)}
+            logger(f"skipping {name} serving: {e}")
+            out[name] = {"status": "skipped", "reason": str(e)}
+        except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others
+            out[name] = _serving_failed(name, e, logger)
     points: dict[str, list] = {}
     try:
         for name, server in list(servers.items()):
