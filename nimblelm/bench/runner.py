@@ -16,7 +16,8 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """'Type: first line of the message', for a report's reason column."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -100,7 +101,7 @@ def _skipped(name: str, reason: str, logger: Callable[[str], None]) -> dict:
 
 
 def _failed(name: str, e: Exception, logger: Callable[[str], None], alone: bool) -> dict:
-    logger(f"{name} failed: {_one_line(e)}")
+    logger(f"{name} failed: {one_line(e)}")
     if name == "nimblelm" and alone:
         raise e
-    return {"status": "failed", "reason": _one_line(e)}
+    return {"status": "failed", "reason": one_line(e)}

@@ -22,7 +22,7 @@ from nimblelm.bench.backends import BackendUnavailable, BenchContext, LatencyTes
 from nimblelm.bench.datasets import BenchRequest
 from nimblelm.bench.latency import run_latency
 from nimblelm.bench.metrics import SLO, max_sustained_rate
-from nimblelm.bench.runner import log
+from nimblelm.bench.runner import log, one_line
 
 #: Table 6 of the survey (arXiv:2404.14294), [VERBATIM] numbers: Llama2-7B, one A100 80GB, batch 1,
 #: 1k input, 128 output, speculative decoding off; serving = max req/s on ShareGPT. None = "-".
@@ -163,10 +163,8 @@ def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[Bench
 
 
 def _serving_failed(name: str, e: Exception, logger: Callable[[str], None]) -> dict:
-    line = str(e).strip().splitlines()
-    record = {"status": "failed", "reason": f"{type(e).__name__}: {line[0] if line else ''}"}
-    logger(f"{name} serving failed: {record['reason']}")
-    return record
+    logger(f"{name} serving failed: {one_line(e)}")
+    return {"status": "failed", "reason": one_line(e)}
 
 
 def run_survey_engines(models: Sequence[str], backends: Sequence[str], *, threads: int, dtype: str, seed: int,

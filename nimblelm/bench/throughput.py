@@ -61,6 +61,7 @@ def run_throughput(ctx: BenchContext, backends: Sequence[str], requests: Sequenc
 
 def _row(ctx: BenchContext, name: str, runs: list, concurrency: int, peak_gflops: float | None,
          logger: Callable[[str], None]) -> dict:
+    """One backend's figures over its passes, logged as a line."""
     total = [(r.prompt_tokens + r.output_tokens) / r.elapsed_s for r in runs]
     out = [r.output_tokens / r.elapsed_s for r in runs]
     reqs = [r.num_requests / r.elapsed_s for r in runs]
