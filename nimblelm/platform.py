@@ -36,13 +36,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+KV_CACHE_DTYPES = {"float16": torch.float16, "int8": torch.int8}
+
+
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """How K/V are stored: auto = as the model computes them (dtype); int8 = int8 with float32 scales."""
+    """How K/V are stored: auto = as the model computes them (dtype); float16 = rounded to float16 (half the
+    bytes of float32 for the decode attention to read); int8 = int8 with float32 scales."""
     if name == "auto":
         return dtype
-    if name == "int8":
-        return torch.int8
-    raise InvalidRequestError(f"unknown kv_cache_dtype {name!r}: use auto or int8")
+    if name in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[name]
+    raise InvalidRequestError(f"unknown kv_cache_dtype {name!r}: use auto, {', '.join(KV_CACHE_DTYPES)}")
 
 
 def physical_cores() -> int:

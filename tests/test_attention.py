@@ -44,7 +44,7 @@ def int8_decode(ops, q, k_cache, v_cache, tables, lens, window):
     return out, dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32)
 
 
-@pytest.mark.parametrize("kv", ["float32", "int8"])
+@pytest.mark.parametrize("kv", ["float32", "float16", "int8"])
 @pytest.mark.parametrize("window", [0, 5, 300])
 @pytest.mark.parametrize("dim", [16, 64, 72, 128])
 @pytest.mark.parametrize("only_longest", [False, True])
@@ -52,7 +52,7 @@ def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
     # Head sizes with and without the 8-key and 64-value vector paths; contexts over the kernel's 256-position
     # chunk (split and merged softmax), shorter than one chunk, of one token; one long sequence alone, which
     # the kernel cuts into shorter chunks to give every thread work; windows inside one chunk and across
-    # chunks. The int8 kernel's oracle is SDPA over the cache it reads, dequantized.
+    # chunks. The float16 and int8 kernels' oracle is SDPA over the cache they read, widened to float32.
     ops = cpu_ops()
     assert ops is not None, "the C++ kernels did not build"
     q, k_cache, v_cache, tables, lens = random_paged_cache(dim + window, dim)
@@ -61,8 +61,10 @@ def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
     if kv == "int8":
         out, k_cache, v_cache = int8_decode(ops, q, k_cache, v_cache, tables, lens, window)
     else:
+        k_cache, v_cache = k_cache.to(getattr(torch, kv)), v_cache.to(getattr(torch, kv))
         out = torch.empty_like(q)
         ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
+        k_cache, v_cache = k_cache.float(), v_cache.float()
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
 
 

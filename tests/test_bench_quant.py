@@ -27,8 +27,8 @@ def _parse(argv: list[str]):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["latency", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype must be one of auto, int8"),
-    (["throughput", "--kv-cache-dtype", "int4"], "--kv-cache-dtype must be one of auto, int8"),
+    (["latency", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype must be one of auto, float16, int8"),
+    (["throughput", "--kv-cache-dtype", "int4"], "--kv-cache-dtype must be one of auto, float16, int8"),
     (["latency", "--quantization", "int3"], "unknown quantization 'int3'"),  # the engine's own message
 ])
 def test_bad_precision_options_raise_one_line(argv, message):
@@ -75,10 +75,15 @@ def test_no_gguf_type_for_an_unknown_quantization_skips_llama_cpp():
         auto_gguf_type("float32", "nf4")
 
 
-def test_int8_kv_cache_gives_llama_cpp_a_q8_0_cache():
-    assert LlamaCppBackend(BenchContext(model="unused")).kv_args() == []
-    ctx = BenchContext(model="unused", kv_cache_dtype="int8")
-    assert LlamaCppBackend(ctx).kv_args() == ["-ctk", "q8_0", "-ctv", "q8_0"]
+def test_llama_cpp_gets_a_q8_0_cache_for_int8_kv_and_its_f16_default_otherwise():
+    for kv, kind in (("auto", "f16"), ("float16", "f16"), ("int8", "q8_0")):
+        assert LlamaCppBackend(BenchContext(model="unused", kv_cache_dtype=kv)).kv_args() == ["-ctk", kind, "-ctv", kind]
+
+
+def test_float_peers_run_beside_a_float16_kv_cache_with_their_own():
+    backend = TransformersBackend(BenchContext(model="unused", threads=1, kv_cache_dtype="float16"))
+    backend.check()  # no skip: a float16 cache is not an integer format
+    assert backend.info()["kv_cache_dtype"] == "float32"
 
 
 # Largest error one value of a block may have after a round trip through the format: one quantization

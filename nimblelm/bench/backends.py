@@ -20,7 +20,7 @@ from nimblelm.errors import InvalidRequestError
 BACKEND_NAMES = ("nimblelm", "transformers", "llama.cpp", "vllm")
 _ALIASES = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
 DTYPES = ("float32", "float16", "bfloat16")
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "float16", "int8")
 
 
 class BackendUnavailable(Exception):
@@ -31,11 +31,12 @@ def float_only(ctx: BenchContext) -> None:
     """For a peer without CPU integer kernels (transformers, vLLM's CPU build here): skip it on a quantized run.
 
     Measuring it in float beside nimblelm's integer weights or KV cache would compare precisions, not engines.
+    Beside a float16 KV cache it runs with its own float cache (the model's dtype), as its info says.
     """
     if ctx.quantization:
         raise BackendUnavailable(f"no CPU kernel matching nimblelm's {ctx.quantization} weights "
                                  "(run without --quantization to measure it)")
-    if ctx.kv_cache_dtype != "auto":
+    if ctx.kv_cache_dtype == "int8":
         raise BackendUnavailable(f"no CPU KV cache matching nimblelm's {ctx.kv_cache_dtype} one "
                                  "(run with --kv-cache-dtype auto to measure it)")
 
@@ -420,7 +421,7 @@ class TransformersBackend(Backend):
 
         return {"version": transformers.__version__,
                 "weights": f"{self.ctx.dtype} (the nimblelm loader's tensors, load_state_dict)",
-                "weights_nbytes": self.weights_nbytes()}
+                "kv_cache_dtype": self.ctx.dtype, "weights_nbytes": self.weights_nbytes()}
 
     def weights_nbytes(self) -> int | None:
         if self.model is None:

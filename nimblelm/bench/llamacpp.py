@@ -123,10 +123,13 @@ class LlamaCppBackend(Backend):
             return self.gguf_type
         return auto_gguf_type(self.ctx.dtype, self.ctx.quantization)
 
-    def kv_args(self) -> list[str]:
+    def kv_cache_type(self) -> str:
         # nimblelm's int8 KV cache against llama.cpp's q8_0 cache (its V cache needs flash attention,
-        # which its default -fa auto turns on for the CPU)
-        return ["-ctk", "q8_0", "-ctv", "q8_0"] if self.ctx.kv_cache_dtype == "int8" else []
+        # which its default -fa auto turns on for the CPU); any other against llama.cpp's default, f16
+        return "q8_0" if self.ctx.kv_cache_dtype == "int8" else "f16"
+
+    def kv_args(self) -> list[str]:
+        return ["-ctk", self.kv_cache_type(), "-ctv", self.kv_cache_type()]
 
     def load(self) -> None:
         from nimblelm.bench.gguf_convert import ensure_converted
@@ -155,7 +158,7 @@ class LlamaCppBackend(Backend):
                 if self.gguf_kind != "source" else "the packaged GGUF as is",
                 "gguf": str(self.gguf) if self.gguf else None, "gguf_type": self.gguf_kind,
                 "gguf_tensor_types": self._types,
-                "kv_cache_type": "q8_0" if self.ctx.kv_cache_dtype == "int8" else "f16",
+                "kv_cache_type": self.kv_cache_type(),
                 "weights_nbytes": self._nbytes, "token_nbytes": self._token_nbytes,
                 "version": built_version(), "build_commit": self.build_commit,
                 "bin_dir": str(find_binary("llama-bench").parent)}

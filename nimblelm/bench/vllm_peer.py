@@ -155,7 +155,8 @@ class VllmBackend(Backend):
 
     def info(self) -> dict:
         return {"version": vllm_version(), "weights": f"{self.ctx.dtype} (HF folder written from the loader's "
-                "tensors)", "folder": str(self.folder), "weights_nbytes": self.weights_nbytes()}
+                "tensors)", "folder": str(self.folder), "kv_cache_dtype": self.ctx.dtype,
+                "weights_nbytes": self.weights_nbytes()}
 
     def weights_nbytes(self) -> int | None:
         lm = self.ctx.load()

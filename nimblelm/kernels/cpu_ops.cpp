@@ -778,15 +778,20 @@ static void check_new_kv(const char* name, const torch::Tensor& k, const torch::
               name, ": each token's k and v heads must be contiguous");
 }
 
-// k_cache[slot] = k and v_cache[slot] = v for each new token: one call instead of two index_copy_.
+// k_cache[slot] = k and v_cache[slot] = v for each new token: one call instead of two index_copy_. A
+// float16 cache (kv_cache_dtype="float16") stores the rows rounded to nearest even, as torch's .half() does.
+template <typename T>
+static void write_rows(T* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+}
+
 void write_kv_cache_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
                      torch::Tensor slots) {
   check_new_kv("write_kv_cache_", k, v, slots);
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
-              v_cache.scalar_type() == at::kFloat, "write_kv_cache_: cache layout");
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && (type == at::kFloat || type == at::kHalf) &&
+              v_cache.scalar_type() == type, "write_kv_cache_: cache layout");
   const int64_t row = k.size(1) * k.size(2), num_slots = k_cache.numel() / row;
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
   const auto slots_c = slots.contiguous();
   const int64_t* sp = slots_c.data_ptr<int64_t>();
   const float* kp = k.data_ptr<float>();
@@ -794,8 +799,13 @@ void write_kv_cache_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor
   const int64_t ks = k.stride(0), vs = v.stride(0);
   for (int64_t t = 0; t < k.size(0); ++t) {
     TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "write_kv_cache_: slot out of range");
-    std::copy(kp + t * ks, kp + t * ks + row, kc + sp[t] * row);
-    std::copy(vp + t * vs, vp + t * vs + row, vc + sp[t] * row);
+    if (type == at::kFloat) {
+      write_rows(k_cache.data_ptr<float>() + sp[t] * row, kp + t * ks, row);
+      write_rows(v_cache.data_ptr<float>() + sp[t] * row, vp + t * vs, row);
+    } else {
+      write_rows(k_cache.data_ptr<at::Half>() + sp[t] * row, kp + t * ks, row);
+      write_rows(v_cache.data_ptr<at::Half>() + sp[t] * row, vp + t * vs, row);
+    }
   }
 }
 
@@ -839,17 +849,22 @@ void write_kv_cache_int8_(torch::Tensor k_cache, torch::Tensor v_cache, torch::T
   }
 }
 
-// Cached K/V rows are float32, or int8 (kv_cache_dtype="int8") with a float32 scale per row. int8 rows
-// are widened to float in registers: the kernel reads a quarter of the bytes and computes in float.
+// Cached K/V rows are float32, float16 (kv_cache_dtype="float16"), or int8 (kv_cache_dtype="int8") with a
+// float32 scale per row. float16 and int8 rows are widened to float in registers: the kernel reads a half
+// or a quarter of the bytes and computes in float.
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+static inline __m256 load8(const at::Half* p) {  // F16C comes with every AVX2 CPU
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 #endif
 
 static inline float dot_row(const float* q, const float* row, int64_t D) { return dot1(q, row, D); }
-static inline float dot_row(const float* q, const int8_t* row, int64_t D) {
+template <typename T>
+static inline float dot_row(const float* q, const T* row, int64_t D) {
   int64_t d = 0;
   float s = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -1027,9 +1042,13 @@ static void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor context_lens, double scale, int64_t window) {
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "paged_decode_attention: float32 cache");
-  decode_attention<float>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale, window);
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK((type == at::kFloat || type == at::kHalf) && v_cache.scalar_type() == type,
+              "paged_decode_attention: float32 or float16 cache");
+  if (type == at::kFloat)
+    decode_attention<float>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale, window);
+  else
+    decode_attention<at::Half>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale, window);
 }
 
 void paged_decode_attention_int8(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -1140,8 +1159,8 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k, torc
   });
 }
 
-// One layer's cache as layers/attention.py's KVCache: (values [2, blocks, block_size, kv_heads, head_dim],
-// float32 scales [2, blocks, block_size, kv_heads] when the values are int8).
+// One layer's cache as layers/attention.py's KVCache: (values [2, blocks, block_size, kv_heads, head_dim] in
+// float32 or float16, or int8 with float32 scales [2, blocks, block_size, kv_heads]).
 using KVCache = std::tuple<torch::Tensor, c10::optional<torch::Tensor>>;
 
 // A decode step's attention for one layer: the new k, v into the cache, then q against it into out.

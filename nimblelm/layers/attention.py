@@ -4,10 +4,11 @@ A step's tokens arrive flat: first the decode sequences (one query token each), 
 chunks, each a run of consecutive query tokens. Decodes are attended in one batched call over their
 gathered pages; each prefill chunk gets its own causal call, since chunks differ in length.
 
-A layer's cache holds K/V in the model's dtype, or (kv_cache_dtype="int8") as int8 with one float32
-scale per token and KV head: new K/V are quantized as they are written, decodes read the int8 values
-in the C++ kernel, and prefill chunks attend to their pages dequantized. An int8 cache may keep some
-layers in the model's dtype (quantization/kv_int8.py); each layer's KVCache says which it is.
+A layer's cache holds K/V in the model's dtype, in float16 (kv_cache_dtype="float16"), or as int8 with one
+float32 scale per token and KV head (kv_cache_dtype="int8"): new K/V are rounded as they are written,
+decodes read the stored values in the C++ kernel, and prefill chunks attend to their pages widened back
+to the model's dtype. An int8 cache may keep some layers in the model's dtype (quantization/kv_int8.py);
+each layer's KVCache says which it is.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class AttentionMetadata:
 
 class KVCache(NamedTuple):
     """One layer's paged K/V. values: [2, num_blocks, block_size, kv_heads, head_dim], K then V, in the
-    model's dtype, or int8 with scales: float32 [2, num_blocks, block_size, kv_heads], K/V = values * scales."""
+    model's dtype or float16, or int8 with scales: float32 [2, num_blocks, block_size, kv_heads],
+    K/V = values * scales."""
 
     values: torch.Tensor
     scales: torch.Tensor | None = None
@@ -96,7 +98,7 @@ def _pages(cache: KVCache, i: int, blocks: torch.Tensor, dtype: torch.dtype) -> 
     """K (i=0) or V (i=1) of the blocks indexed by `blocks` (any shape), as [*blocks.shape, block_size,
     kv_heads, head_dim] in `dtype`."""
     pages = cache.values[i][blocks]
-    return pages if cache.scales is None else dequantize_kv(pages, cache.scales[i][blocks], dtype)
+    return pages.to(dtype) if cache.scales is None else dequantize_kv(pages, cache.scales[i][blocks], dtype)
 
 
 class PagedAttention(torch.nn.Module):
@@ -125,11 +127,11 @@ class PagedAttention(torch.nn.Module):
         chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks)
         for q_len, ctx, blocks, mask in chunks:
             end = start + q_len
-            if ctx == q_len and kv_cache.scales is None:  # a whole prompt in one chunk: its K/V are at hand
+            if ctx == q_len and kv_cache.values.dtype == q.dtype:  # a whole prompt in one chunk: K/V at hand
                 k_ctx, v_ctx = k[start:end], v[start:end]
             else:
-                # An int8 cache is always read back, even for a whole prompt: every query then sees the
-                # same rounded K/V however the prompt was chunked, and as the decodes after it will.
+                # A rounded (float16 or int8) cache is always read back, even for a whole prompt: every
+                # query then sees the same rounded K/V however the prompt was chunked, as the decodes will.
                 k_ctx = _pages(kv_cache, 0, blocks, q.dtype).flatten(0, 1)[:ctx]
                 v_ctx = _pages(kv_cache, 1, blocks, q.dtype).flatten(0, 1)[:ctx]
             if ops is not None and self.head_dim % 16 == 0:
@@ -144,7 +146,7 @@ class PagedAttention(torch.nn.Module):
         return out
 
     def _write(self, k, v, kv_cache: KVCache, slots: torch.Tensor, ops) -> None:
-        """Store the new tokens' K/V in their cache slots, quantized when the cache is int8."""
+        """Store the new tokens' K/V in their cache slots, rounded to the cache's dtype."""
         (k_cache, v_cache), scales = kv_cache.values, kv_cache.scales
         if ops is not None:
             if scales is None:
@@ -155,7 +157,7 @@ class PagedAttention(torch.nn.Module):
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
         for i, x in enumerate((k, v)):
             if scales is None:
-                kv_cache.values[i].view(flat_shape).index_copy_(0, slots, x)
+                kv_cache.values[i].view(flat_shape).index_copy_(0, slots, x.to(kv_cache.values.dtype))
             else:
                 qx, sx = quantize_kv(x)
                 kv_cache.values[i].view(flat_shape).index_copy_(0, slots, qx)

@@ -1,7 +1,7 @@
-"""kv_cache_dtype="int8": K/V stored as int8 with a float32 scale per token and KV head.
+"""kv_cache_dtype="float16" (K/V rounded to float16) and "int8" (int8 with a float32 scale per token and KV head).
 
-The decode kernel against SDPA over the dequantized cache is in test_attention.py; here: the rounding,
-the write, the kernel against the unquantized cache, and the engine with the int8 cache."""
+The decode kernels against SDPA over the cache they read are in test_attention.py; here: the rounding,
+the writes, the kernels against the float32 cache, and the engine with each cache."""
 
 import subprocess
 import sys
@@ -75,18 +75,46 @@ def _token_ids(outputs):
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_int8_kv_greedy_output_does_not_depend_on_batching_chunking_or_preemption(tiny_qwen):
+def test_write_kv_cache_float16_stores_what_torch_rounds(ops):
+    torch.manual_seed(0)
+    blocks, block_size, kv_heads, dim = 6, 4, 2, 72
+    qkv = torch.randn(5, (3 + 2 * kv_heads) * dim) * 1e3  # magnitudes where float16 rounds coarsely
+    k = qkv[:, 3 * dim : (3 + kv_heads) * dim].view(5, kv_heads, dim)
+    v = qkv[:, (3 + kv_heads) * dim :].view(5, kv_heads, dim)
+    slots = torch.tensor([17, 0, 5, 23, 9])
+    shape = (blocks, block_size, kv_heads, dim)
+    k_cache, v_cache = torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16)
+    ops.write_kv_cache_(k_cache, v_cache, k, v, slots)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        expected = torch.zeros_like(cache)
+        expected.view(-1, kv_heads, dim)[slots] = x.half()
+        assert torch.equal(cache, expected)  # bit for bit: round to nearest even, as torch does
+
+
+@pytest.mark.parametrize("window", [0, 300])
+def test_float16_decode_kernel_is_close_to_the_float32_cache(ops, window):
+    # float16 keeps 11 significant bits: each K/V value moves by at most 2^-11 of itself.
+    q, k_cache, v_cache, tables, lens = random_paged_cache(window + 2, 64)
+    out = torch.empty_like(q)
+    ops.paged_decode_attention(out, q, k_cache.half(), v_cache.half(), tables, lens, 64**-0.5, window)
+    ref = reference(q, k_cache, v_cache, tables, lens, window)
+    assert (out - ref).abs().max() < 2e-3
+    assert (out - ref).norm() / ref.norm() < 5e-4
+
+
+@pytest.mark.parametrize("kv", ["float16", "int8"])
+def test_rounded_kv_greedy_output_does_not_depend_on_batching_chunking_or_preemption(tiny_qwen, kv):
     prompts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(16)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
     def run(prompts, **options):
-        llm = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype="int8", **options)
+        llm = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype=kv, **options)
         return llm, _token_ids(llm.generate(prompts, params, use_tqdm=False))
 
     alone = [run(p)[1][0] for p in prompts[:3]]
     batched = run(prompts, max_num_seqs=16)[1]
     assert batched[:3] == alone
-    # 16-token steps cut the long prompts into chunks that attend to their earlier chunks' int8 pages.
+    # 16-token steps cut the long prompts into chunks that attend to their earlier chunks' rounded pages.
     assert run(prompts, max_num_seqs=16, max_num_batched_tokens=16, block_size=4)[1] == batched
     tight, preempted = run(prompts, max_num_seqs=16, block_size=4, num_kv_blocks=70)
     assert tight.llm_engine.scheduler.num_preemptions > 0
@@ -102,16 +130,17 @@ def _assert_same_greedy_outputs(a, b, logprob_tol):
             assert all(abs(ex[t].logprob - ey[t].logprob) < logprob_tol for t in ex)
 
 
-def test_int8_kv_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
-    # Both paths quantize alike (bit for bit, above), but their K/V come from different kernels a rounding
+@pytest.mark.parametrize("kv", ["float16", "int8"])
+def test_rounded_kv_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch, kv):
+    # Both paths round alike (bit for bit, above), but their K/V come from different kernels a rounding
     # error apart, which can put a value on either side of a rounding boundary: one int8 step, ~1% of the
     # head's largest value. Such flips moved logprobs by up to 0.01 here (fp32 KV: 2e-5).
-    fast = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype="int8").generate(PROMPTS[:4], GREEDY, use_tqdm=False)
+    fast = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype=kv).generate(PROMPTS[:4], GREEDY, use_tqdm=False)
     assert cpu_ops() is not None, "the C++ kernels did not build"
     monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
     cpu_ops.cache_clear()
     try:
-        llm = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype="int8")
+        llm = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype=kv)
         reference_outputs = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
     finally:
         monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
@@ -119,9 +148,9 @@ def test_int8_kv_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
     _assert_same_greedy_outputs(fast, reference_outputs, 0.05)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_decode_stack_with_int8_kv_matches_the_layer_by_layer_path(tiny_qwen, quantization):
-    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, kv_cache_dtype="int8", quantization=quantization)
+@pytest.mark.parametrize(("kv", "quantization"), [("int8", None), ("int8", "int8"), ("float16", None)])
+def test_decode_stack_with_rounded_kv_matches_the_layer_by_layer_path(tiny_qwen, kv, quantization):
+    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, kv_cache_dtype=kv, quantization=quantization)
     model = llm.llm_engine.runner.model
     assert model.decode_stack is not None
     for prompts in (PROMPTS[:1], PROMPTS):
@@ -134,26 +163,28 @@ def test_decode_stack_with_int8_kv_matches_the_layer_by_layer_path(tiny_qwen, qu
         _assert_same_greedy_outputs(fast, reference_outputs, 1e-5)
 
 
-def test_int8_kv_holds_more_blocks_in_the_same_memory(tiny_qwen):
+def test_rounded_kv_holds_more_blocks_in_the_same_memory(tiny_qwen):
     budget = 256 << 10  # below the ceiling of max_num_seqs full-length sequences, so the budget decides
     blocks = {}
-    for kv in ("auto", "int8"):
+    for kv in ("auto", "float16", "int8"):
         llm = LLM(str(tiny_qwen), max_model_len=64, kv_cache_memory_bytes=budget, kv_cache_dtype=kv)
         blocks[kv] = llm.llm_engine.block_manager.num_blocks
         cfg = llm.model_config
-    # Per token, layer and KV head: K and V of head_dim float32 values, or of head_dim int8 values and a scale.
+    # Per token, layer and KV head: K and V of head_dim float32 or float16 values, or of head_dim int8 values
+    # and a scale.
     per_token = {"auto": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4,
+                 "float16": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2,
                  "int8": 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)}
     assert blocks == {kv: budget // (16 * n) for kv, n in per_token.items()}  # 3.2x at the tiny head_dim of 16
 
 
 def test_bad_kv_cache_dtype_is_one_clear_error(tiny_qwen):
-    with pytest.raises(InvalidRequestError, match="unknown kv_cache_dtype 'fp8': use auto or int8"):
+    with pytest.raises(InvalidRequestError, match="unknown kv_cache_dtype 'fp8': use auto, float16, int8"):
         LLM(str(tiny_qwen), kv_cache_dtype="fp8")
     result = subprocess.run([sys.executable, "-m", "nimblelm", "generate", "--model", str(tiny_qwen),
                              "--kv-cache-dtype", "int4", "hi"], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: unknown kv_cache_dtype 'int4': use auto or int8"]
+    assert result.stderr.strip().splitlines() == ["error: unknown kv_cache_dtype 'int4': use auto, float16, int8"]
 
 
 def test_eval_ppl_scores_through_the_int8_cache(tiny_llama, capsys):
