@@ -273,8 +273,9 @@ def test_cli_smoke_survey_engines(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch):
-    """(b): every server up first, the rate-inf runs alternating over rounds (first server rotating), then
-    each server's offered rates from the mean of its maxima; a server that fails mid-run is dropped."""
+    """(b): every server up first, one untimed round, the rate-inf runs alternating over rounds (first server
+    rotating), then each server's offered rates from the mean of its maxima; a server that fails mid-run is
+    dropped."""
     from nimblelm.bench import serve, survey
     from nimblelm.bench.metrics import SLO
 
@@ -295,7 +296,7 @@ def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch)
 
     def fake_benchmark(url, model, requests, rates, **kw):
         calls.append((url, tuple(rates)))
-        if url == "vllm" and math.isinf(rates[0]) and sum(c[0] == "vllm" for c in calls) == 2:
+        if url == "vllm" and math.isinf(rates[0]) and sum(c[0] == "vllm" for c in calls) == 3:
             raise RuntimeError("server died")
         top = {"nimblelm": 3.0, "llama.cpp": 1.0, "vllm": 2.0}[url] + 0.5 * sum(c[0] == url for c in calls)
         m = {"request_throughput": top, "output_throughput": 10 * top, "total_token_throughput": 20 * top,
@@ -314,11 +315,12 @@ def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch)
                             [object()] * 4, {}, [0.5], SLO(tpot_s=0.2), 3, lambda s: None, False)
     inf = (math.inf,)
     assert calls == [("start", "nimblelm"), ("start", "llama.cpp"), ("start", "vllm"),
+                     ("nimblelm", inf), ("llama.cpp", inf), ("vllm", inf),  # untimed
                      ("nimblelm", inf), ("llama.cpp", inf), ("vllm", inf),
                      ("llama.cpp", inf), ("vllm", inf), ("nimblelm", inf),  # vllm fails here: dropped
                      ("nimblelm", inf), ("llama.cpp", inf),
-                     ("nimblelm", (0.5 * 4.0,)), ("llama.cpp", (0.5 * 2.0,))]
-    assert out["nimblelm"]["max_req_s_rounds"] == [3.5, 4.0, 4.5] and out["nimblelm"]["max_req_s"] == 4.0
+                     ("nimblelm", (0.5 * 4.5,)), ("llama.cpp", (0.5 * 2.5,))]
+    assert out["nimblelm"]["max_req_s_rounds"] == [4.0, 4.5, 5.0] and out["nimblelm"]["max_req_s"] == 4.5
     assert out["vllm"] == {"status": "failed", "reason": "RuntimeError: server died"}
     assert out["transformers"]["server_skipped"] == "no server"
     assert sorted(stopped) == ["llama.cpp", "nimblelm", "vllm"]

@@ -3,8 +3,8 @@
 (a) Inference: batch 1, a 1k-token prompt, 128 generated tokens, speculative decoding off; generated
     tokens / end-to-end time (the `pg1024+128` latency test).
 (b) Serving: the maximum request throughput on ShareGPT (every request sent at once, `rate = inf`, to
-    the backend's OpenAI-compatible server; all servers up, their runs interleaved, the mean of
-    `--repeat` rounds), then the offered rates a fraction of that maximum, and the highest rate whose
+    the backend's OpenAI-compatible server; all servers up, one untimed round, then their runs
+    interleaved, the mean of `--repeat` rounds), then the offered rates a fraction of that maximum, and the highest rate whose
     p99 TPOT stayed under the bound. A backend without a server here is measured
     offline instead (all requests to its generate call), and the table says so.
 
@@ -83,10 +83,10 @@ def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[Bench
     """(b) for every backend: {name: record}.
 
     A backend without a server here is measured offline first (transformers; nimblelm when its serve
-    command is missing). Then every server is started, and the maximum-throughput runs (every request at
-    once) are interleaved, `rounds` of them, rotating which server goes first, so that the machine's drift
-    lands on every backend alike (idle servers here take 0-1.2% of a core). Last, each server's offered
-    rates, fractions of its mean maximum.
+    command is missing). Then every server is started and serves the whole workload once, untimed, and
+    the maximum-throughput runs (every request at once) are interleaved, `rounds` of them, rotating which
+    server goes first, so that the machine's drift lands on every backend alike (idle servers here take
+    0-1.2% of a core). Last, each server's offered rates, fractions of its mean maximum.
     """
     from nimblelm.bench.machine import CpuMonitor
     from nimblelm.bench.serve import SERVED_NAME, benchmark_server, start_backend_server
@@ -125,13 +125,17 @@ def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[Bench
             del servers[name]
         monitor = CpuMonitor(lambda: sum(s.tree_cpu_s() for s in servers.values()))
         live = list(servers)
-        for r in range(rounds):
-            k = r % len(live) if live else 0
+        # Round -1 is the untimed one. Timed straight after the servers started, every backend's first
+        # round was slower than its second (nimblelm's TTFT p50 4.1 s against 2.6), the first server's most.
+        for r in range(-1, rounds):
+            k = max(r, 0) % len(live) if live else 0
             for name in live[k:] + live[:k]:
                 try:
-                    points[name] += benchmark_server(servers[name].url, SERVED_NAME, requests, [math.inf],
-                                                     seed=ctx.seed, slo=slo, warmup=1 if r == 0 else 0,
-                                                     progress=progress, logger=logger, label=name)
+                    got = benchmark_server(servers[name].url, SERVED_NAME, requests, [math.inf], seed=ctx.seed,
+                                           slo=slo, warmup=1 if r < 0 else 0, progress=progress, logger=logger,
+                                           label=name if r >= 0 else f"{name} warm-up")
+                    if r >= 0:
+                        points[name] += got
                 except Exception as e:  # noqa: BLE001 - as above
                     out[name] = _serving_failed(name, e, logger)
                     live.remove(name)
