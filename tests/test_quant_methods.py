@@ -85,12 +85,27 @@ def test_int4_linear_matches_its_reference(rows):
     assert layer.weight is None and layer.qweight.shape == (12, 256)  # in row tiles
     ref = F.linear(x, dequantize_int4(*layer.method.stored(layer).values()))
     # Up to KERNEL_MAX_ROWS the C++ kernel, which rounds activations to int8 per block of 32 (test_kernels
-    # checks it exactly on the rounded activations); above, the torch path, which is the reference itself.
+    # checks it exactly on the rounded activations); above, the float GEMM of the layer dequantized, the
+    # same bits as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
     assert torch.equal(layer(x), ref) == (rows > Int4WeightOnly.KERNEL_MAX_ROWS)
     assert (layer(x) - ref).norm() < 0.01 * ref.norm()
     # Against fp32: 4-bit rounding of Gaussian weights moves outputs by ~10% in relative norm.
     exact = F.linear(x, w)
     assert (layer(x) - exact).norm() < 0.15 * exact.norm()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("n", [12, 3])  # 12 rows are kept in row tiles, 3 in rows
+def test_int4_dequantize_kernel_gives_the_reference_bits(symmetric, group, n):
+    from nimblelm.kernels import cpu_ops
+
+    torch.manual_seed(group + n)
+    layer = linear_of(torch.randn(n, 256), Int4WeightOnly(group_size=group, symmetric=symmetric))
+    assert tiles.is_tiled(layer) == (n % 4 == 0) and (layer.mins is None) == symmetric
+    ref = dequantize_int4(*layer.method.stored(layer).values())
+    got = cpu_ops().int4_dequantize(layer.qweight, layer.scales, layer.mins, 256, group)
+    assert torch.equal(got, ref)
 
 
 # 1 and 7 rows of K = 96 take the C++ kernel (per-token int8 rounding inside it), 100 rows and K = 80

@@ -672,6 +672,47 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   return y;
 }
 
+// int4_linear's weight as float32 w [N, K], for a float GEMM where many activation rows share each weight
+// (prefills): one pass over the packed bytes instead of torch's unpack, widen, scale and add. The multiply
+// and the add round separately, as torch's do, so both give the same bits (no fused multiply-add).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t K,
+                              int64_t group) {
+  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
+                  (!mins || (mins->scalar_type() == at::kFloat && mins->sizes() == scales.sizes())) &&
+                  q.is_contiguous() && scales.is_contiguous() && (!mins || mins->is_contiguous()),
+              "int4_dequantize: contiguous uint8 q, float32 scales and mins shaped as scales");
+  TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0, "int4_dequantize: group must be a multiple of 32 dividing K");
+  const int64_t groups = K / group;
+  const RowTile t = row_tile(q, scales, K / 2, groups, "int4_dequantize");
+  const int64_t N = q.size(0) * q.size(1) * 2 / K;
+  auto w = torch::empty({N, K}, scales.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* mp = mins ? mins->data_ptr<float>() : nullptr;
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 4;
+      for (int64_t r = 0; r < std::min<int64_t>(4, N - n); ++r) {
+        float* out = wp + (n + r) * K;
+        for (int64_t k = 0; k < K; k += QBLOCK) {
+          const int64_t byte = k / 2, at = r * t.s_row + (k / group) * t.s_group;
+          const uint8_t* src = qp + n * K / 2 + r * t.q_row + byte / QBLOCK * t.q_unit + byte % QBLOCK;
+          const float scale = sp[n * groups + at], minimum = mp ? mp[n * groups + at] : -8.f * scale;
+          for (int64_t i = 0; i < QBLOCK / 2; ++i) {
+            out[k + i] = float(src[i] & 15) * scale + minimum;
+            out[k + i + QBLOCK / 2] = float(src[i] >> 4) * scale + minimum;
+          }
+        }
+      }
+    }
+  });
+  return w;
+}
+#pragma GCC pop_options
+
 static void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2, name, ": contiguous 2-d float32 only");
 }
@@ -1253,6 +1294,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv_cache_", &write_kv_cache_, nogil, "write new k and v rows into their cache slots");
   m.def("write_kv_cache_int8_", &write_kv_cache_int8_, nogil, "quantize new k and v rows per head into their int8 cache slots");
   m.def("int4_linear", &int4_linear, nogil, "x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group");
+  m.def("int4_dequantize", &int4_dequantize, nogil, "int4_linear's weight as float32 [N, K]");
   m.def("int8_linear", &int8_linear, nogil, "x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group");
   m.def("w8a8_linear", &w8a8_linear, nogil, "x @ (q * scales).T (+ bias) with x rounded to int8 per row: W8A8");
   m.def("pack_panels", &pack_panels, nogil, "w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]");

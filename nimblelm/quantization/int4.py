@@ -98,14 +98,14 @@ class Int4WeightOnly(LinearMethod):
 
     Up to KERNEL_MAX_ROWS activation rows the C++ kernel multiplies the packed values as stored, with
     activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches
-    (long prefills) and other devices dequantize the layer and use the float GEMM.
+    (prefills) and other devices dequantize the layer and use the float GEMM.
     """
 
     name = "int4"
-    # Where dequantizing for the float GEMM catches up: Qwen2.5-Coder-1.5B's four layer shapes, 2
-    # threads, took 135 ms in the kernel against 363 dequantized at 128 rows, 463 against 650 at 512
-    # and 2028 against 1663 at 2048.
-    KERNEL_MAX_ROWS = 1024
+    # Where dequantizing (C++ int4_dequantize) for torch's float GEMM catches up: Qwen2.5-Coder-1.5B's
+    # four layer shapes, 2 threads, AVX-512 Xeon, medians of 6 alternated (2026-11-29): 144 ms in the
+    # kernel against 160 dequantized at 128 rows, 238 against 183 at 256, 474 against 282 at 512.
+    KERNEL_MAX_ROWS = 128
 
     def __init__(self, group_size: int = 32, symmetric: bool = True):
         self.group_size = group_size
@@ -151,6 +151,9 @@ class Int4WeightOnly(LinearMethod):
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= self.KERNEL_MAX_ROWS:
             return ops.int4_linear(x.contiguous(), layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
+        if ops is not None:
+            w = ops.int4_dequantize(layer.qweight, layer.scales, layer.mins, layer.in_features, self.group_size)
+            return F.linear(x, w, layer.bias)
         q, scales, mins = (tiles.untile(layer, key) for key in ("qweight", "scales", "mins"))
         return F.linear(x, dequantize_int4(q, scales, mins).to(layer.compute_dtype), layer.bias)
 
