@@ -20,7 +20,7 @@ from nimblelm.quantization.int4 import (
     quantize_int4,
     unpack_int4,
 )
-from nimblelm.quantization.int8 import dequantize_int8, quantize_int8
+from nimblelm.quantization.int8 import Int8WeightOnly, dequantize_int8, quantize_int8
 from nimblelm.quantization.quantize import dense_weights, quantize_model
 from nimblelm.quantization.smoothing import scalable_inputs
 from nimblelm.quantization.w8a8 import W8A8, quantize_rows
@@ -106,6 +106,21 @@ def test_int4_dequantize_kernel_gives_the_reference_bits(symmetric, group, n):
     ref = dequantize_int4(*layer.method.stored(layer).values())
     got = cpu_ops().int4_dequantize(layer.qweight, layer.scales, layer.mins, 256, group)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("method", [Int8WeightOnly(group_size=16), Int8WeightOnly(group_size=32),
+                                    Int8WeightOnly(group_size=64), W8A8()], ids=["int8-g16", "int8-g32", "int8-g64", "w8a8"])
+@pytest.mark.parametrize("n", [12, 3])  # 12 rows are kept in row tiles, 3 in rows
+def test_int8_dequantize_kernel_gives_the_reference_bits(method, n):
+    from nimblelm.kernels import cpu_ops
+
+    torch.manual_seed(n)
+    layer = linear_of(torch.randn(n, 128), method)
+    assert tiles.is_tiled(layer) == (n % 4 == 0)
+    q, scales = (tiles.untile(layer, key) for key in ("qweight", "scales"))
+    ref = dequantize_int8(q, scales)
+    group = getattr(method, "group_size", 128)  # W8A8: one scale per output row
+    assert torch.equal(cpu_ops().int8_dequantize(layer.qweight, layer.scales, 128, group), ref)
 
 
 # 1 and 7 rows of K = 96 take the C++ kernel (per-token int8 rounding inside it), 100 rows and K = 80

@@ -582,6 +582,36 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   return int8_matmul(x, q, scales, bias, x.size(1), true);
 }
 
+// int8_linear's weight (W8A8's with group = K) as float32 w [N, K], for a float GEMM where many activation
+// rows share each weight (prefills): one pass instead of torch's untile, widen and scale.
+torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor scales, int64_t K, int64_t group) {
+  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat &&
+                  q.is_contiguous() && scales.is_contiguous(), "int8_dequantize: contiguous int8 q and float32 scales");
+  TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
+              "int8_dequantize: group must be 16 or a multiple of 32 dividing K");
+  const int64_t groups = K / group, step = std::min(group, QBLOCK);  // values sharing a scale and a unit
+  const RowTile t = row_tile(q, scales, K, groups, "int8_dequantize");
+  const int64_t N = q.size(0) * q.size(1) / K;
+  auto w = torch::empty({N, K}, scales.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 4;
+      for (int64_t r = 0; r < std::min<int64_t>(4, N - n); ++r) {
+        float* out = wp + (n + r) * K;
+        for (int64_t k = 0; k < K; k += step) {
+          const int8_t* src = qp + n * K + r * t.q_row + k / QBLOCK * t.q_unit + k % QBLOCK;
+          const float scale = sp[n * groups + r * t.s_row + k / group * t.s_group];
+          for (int64_t i = 0; i < step; ++i) out[k + i] = float(src[i]) * scale;
+        }
+      }
+    }
+  });
+  return w;
+}
+
 // int4_linear: y = x @ w.T (+ bias) for 4-bit weights w[n, k] = scales[n, g] * q[n, k] + mins[n, g] (mins
 // -8 * scales when not given), q in 0..15, g = k / group (group a multiple of 32). qweight [N, K / 2] holds each block of 32 q values
 // of a row in 16 bytes, q[i] in the low and q[i + 16] in the high nibble of byte i (llama.cpp's Q4_0/
@@ -1295,6 +1325,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv_cache_int8_", &write_kv_cache_int8_, nogil, "quantize new k and v rows per head into their int8 cache slots");
   m.def("int4_linear", &int4_linear, nogil, "x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group");
   m.def("int4_dequantize", &int4_dequantize, nogil, "int4_linear's weight as float32 [N, K]");
+  m.def("int8_dequantize", &int8_dequantize, nogil, "int8_linear's weight as float32 [N, K]");
   m.def("int8_linear", &int8_linear, nogil, "x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group");
   m.def("w8a8_linear", &w8a8_linear, nogil, "x @ (q * scales).T (+ bias) with x rounded to int8 per row: W8A8");
   m.def("pack_panels", &pack_panels, nogil, "w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]");

@@ -33,14 +33,15 @@ class Int8WeightOnly(LinearMethod):
     """About a quarter of the fp32 bytes per decode step.
 
     Up to KERNEL_MAX_ROWS activation rows, the C++ kernel multiplies int8 weights by activations it
-    quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (long prefills) and
+    quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (prefills) and
     other devices dequantize the layer and use the float GEMM, keeping activations unquantized.
     """
 
     name = "int8"
-    # Where dequantizing for the float GEMM catches up: Qwen2.5-Coder-1.5B's four layer shapes, 2
-    # threads, took 215 ms in the kernel against 330 dequantized at 128 rows, 797 against 686 at 512.
-    KERNEL_MAX_ROWS = 256
+    # Where dequantizing (C++ int8_dequantize) for torch's float GEMM catches up: Qwen2.5-Coder-1.5B's
+    # four layer shapes, 2 threads, AVX-512 Xeon, medians of 6 alternated (2026-11-29): 76 ms in the
+    # kernel against 98 dequantized at 64 rows, 151 against 111 at 128, 458 against 235 at 512.
+    KERNEL_MAX_ROWS = 64
 
     def __init__(self, group_size: int = 32):
         self.group_size = group_size
@@ -77,8 +78,11 @@ class Int8WeightOnly(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
-        if ops is not None and x.shape[0] <= self.KERNEL_MAX_ROWS and self._kernel_group():
-            return ops.int8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias, self.group_size)
+        if ops is not None and self._kernel_group():
+            if x.shape[0] <= self.KERNEL_MAX_ROWS:
+                return ops.int8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias, self.group_size)
+            w = ops.int8_dequantize(layer.qweight, layer.scales, layer.in_features, self.group_size)
+            return F.linear(x, w, layer.bias)
         w = dequantize_int8(*(tiles.untile(layer, key) for key in ("qweight", "scales")))
         return F.linear(x, w.to(layer.compute_dtype), layer.bias)
 

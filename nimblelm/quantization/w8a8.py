@@ -56,7 +56,10 @@ class W8A8(LinearMethod):
         if ops is not None and x.shape[0] <= SKINNY_MAX_ROWS and self._kernel(layer):
             return ops.w8a8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias)
         xq, xs = quantize_rows(x)
-        w = tiles.untile(layer, "qweight").float() * tiles.untile(layer, "scales")
+        if ops is not None and self._kernel(layer):
+            w = ops.int8_dequantize(layer.qweight, layer.scales, layer.in_features, layer.in_features)
+        else:
+            w = tiles.untile(layer, "qweight").float() * tiles.untile(layer, "scales")
         return F.linear(xq.float() * xs, w, layer.bias).to(layer.compute_dtype)
 
     def kernel_spec(self, layer: Linear) -> tuple | None:
