@@ -4,9 +4,9 @@
     tokens / end-to-end time (the `pg1024+128` latency test).
 (b) Serving: the maximum request throughput on ShareGPT (every request sent at once, `rate = inf`, to
     the backend's OpenAI-compatible server; all servers up, one untimed round, then their runs
-    interleaved, the mean of `--repeat` rounds), then the offered rates a fraction of that maximum, and the highest rate whose
-    p99 TPOT stayed under the bound. A backend without a server here is measured
-    offline instead (all requests to its generate call), and the table says so.
+    interleaved, the mean of `--repeat` rounds), then the offered rates a fraction of that maximum,
+    and the highest rate whose p99 TPOT stayed under the bound. A backend without a server here is
+    measured offline instead (all requests to its generate call), and the table says so.
 
 The report puts the survey's own A100 numbers (Llama2-7B) beside ours, labelled as theirs: they are a
 different model on a different machine, shown for what each engine does, not to be compared.

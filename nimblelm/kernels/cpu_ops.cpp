@@ -728,9 +728,9 @@ torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scales, c10::option
       for (int64_t r = 0; r < std::min<int64_t>(4, N - n); ++r) {
         float* out = wp + (n + r) * K;
         for (int64_t k = 0; k < K; k += QBLOCK) {
-          const int64_t byte = k / 2, at = r * t.s_row + (k / group) * t.s_group;
+          const int64_t byte = k / 2, g = n * groups + r * t.s_row + k / group * t.s_group;
           const uint8_t* src = qp + n * K / 2 + r * t.q_row + byte / QBLOCK * t.q_unit + byte % QBLOCK;
-          const float scale = sp[n * groups + at], minimum = mp ? mp[n * groups + at] : -8.f * scale;
+          const float scale = sp[g], minimum = mp ? mp[g] : -8.f * scale;
           for (int64_t i = 0; i < QBLOCK / 2; ++i) {
             out[k + i] = float(src[i] & 15) * scale + minimum;
             out[k + i + QBLOCK / 2] = float(src[i] >> 4) * scale + minimum;
