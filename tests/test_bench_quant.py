@@ -188,6 +188,7 @@ def test_a_decode_step_reads_an_untied_token_table_one_row_at_a_time(tiny_qwen):
     (["--input-lens", "x"], "--input-lens: expected comma-separated integers"),
     (["--output-len", "1"], "--output-len must be >= 2"),
     (["--quantization", "int8"], "drop --quantization"),
+    (["--resume"], "give --output"),
 ])
 def test_survey_quantization_options_raise_one_line(argv, message):
     args = _parse(["survey", "quantization", *argv, "-t", "1", "--no-measure"])
@@ -262,3 +263,65 @@ def test_survey_quantization_smoke_on_a_tiny_model(tiny_llama, tmp_path, capsys)
     assert "3. *As batch size and input length grow, the speedup shrinks.*" in md
     assert {p.name for p in out.glob("*.png")} == {f"survey_quant_{p}.png" for p in ("prefill", "decode", "e2e")}
     assert capsys.readouterr().out.startswith("## nimblelm bench survey quantization")
+
+
+def _survey(model, out, *extra):
+    return main(["survey", "quantization", "--model", str(model), "--batch-sizes", "1", "--output-len", "4",
+                 "--methods", "int8", "-r", "1", "-t", "1", "--no-measure", "--no-progress", "--no-plots",
+                 "--output", str(out), *extra])
+
+
+def test_an_interrupted_survey_quantization_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypatch, capsys):
+    import json
+
+    from nimblelm.bench.backends import NimbleLMBackend
+
+    out = tmp_path / "sq"
+    timed = NimbleLMBackend.phase_times
+    calls = []
+
+    def interrupted(self, batch, input_len, output_len, seed):
+        calls.append(input_len)
+        if len(calls) == 3:  # the warm-up, cell (1, 8), then the run dies in cell (1, 12)
+            raise RuntimeError("killed")
+        return timed(self, batch, input_len, output_len, seed)
+
+    monkeypatch.setattr(NimbleLMBackend, "phase_times", interrupted)
+    with pytest.raises(RuntimeError, match="killed"):
+        _survey(tiny_llama, out, "--input-lens", "8,12")
+    kept = json.loads((out / "results.json").read_text())  # the checkpoint after the one finished cell
+    assert [(r["method"], r["input_len"], r["run"]) for r in kept["results"]] == [("none", 8, 0)]
+
+    monkeypatch.setattr(NimbleLMBackend, "phase_times", timed)
+    assert _survey(tiny_llama, out, "--input-lens", "8,12", "--resume") == 0
+    data = json.loads((out / "results.json").read_text())
+    assert sorted((r["method"], r["input_len"], r["run"]) for r in data["results"]) == [
+        ("int8", 8, 1), ("int8", 12, 1), ("none", 8, 0), ("none", 12, 1)]
+    assert data["results"][0] == kept["results"][0]  # kept as measured, not measured again
+    assert len(data["runs"]) == 2 and data["config"]["input_lens"] == [8, 12]
+    assert {(s["method"], s["input_len"]) for s in data["speedups"]} == {("int8", 8), ("int8", 12)}
+    assert "cells from 2 runs" in (out / "report.md").read_text()
+
+    assert _survey(tiny_llama, out, "--input-lens", "8,12,16", "--methods", "int4", "--resume") == 0
+    grown = json.loads((out / "results.json").read_text())
+    assert grown["results"][:4] == data["results"]  # only this command's missing cells were measured
+    assert sorted((r["method"], r["input_len"]) for r in grown["results"][4:]) == [
+        ("int4", 8), ("int4", 12), ("int4", 16), ("none", 16)]
+    assert grown["config"]["methods"] == ["int8", "int4"] and grown["config"]["input_lens"] == [8, 12, 16]
+    assert "every cell is already measured" not in capsys.readouterr().err
+    assert _survey(tiny_llama, out, "--input-lens", "8", "--resume") == 0
+    assert "every cell is already measured" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == grown  # a run that measured nothing changes nothing
+
+
+def test_resume_refuses_a_report_it_could_not_continue(tiny_llama, tmp_path):
+    out = tmp_path / "sq"
+    assert _survey(tiny_llama, out, "--input-lens", "8") == 0
+    with pytest.raises(InvalidRequestError, match="measured with output_len 4, this run has 5") as e:
+        run(_parse(["survey", "quantization", "--model", str(tiny_llama), "--batch-sizes", "1", "--input-lens", "8",
+                    "--output-len", "5", "-t", "1", "--no-measure", "--output", str(out), "--resume"]))
+    assert "\n" not in str(e.value)
+    (out / "results.json").write_text('{"kind": "latency"}')
+    with pytest.raises(InvalidRequestError, match="is not a survey quantization report"):
+        run(_parse(["survey", "quantization", "--model", str(tiny_llama), "--input-lens", "8", "-t", "1",
+                    "--no-measure", "--output", str(out), "--resume"]))

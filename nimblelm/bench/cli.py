@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+from pathlib import Path
 
 from nimblelm.errors import InvalidRequestError, NimbleLMError
 
@@ -153,6 +155,10 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     sur.add_argument("--input-lens", default="128,256,512,1024,2048",
                      help="quantization: prompt lengths, comma list (default 128,256,512,1024,2048); "
                           "--output-len (default 128) is the generated length of every cell")
+    sur.add_argument("--resume", action="store_true",
+                     help="quantization: continue the report in --output, measuring only the cells it lacks "
+                          "(same settings and machine). With --output, results.json is rewritten after every "
+                          "cell, so an interrupted run loses at most one cell")
     _workload_args(sur)
     _common(sur)
     sur.set_defaults(backends="nimblelm,transformers,llama.cpp,vllm", max_num_seqs=32)
@@ -424,7 +430,7 @@ def run_serve_command(args) -> dict:
 
 
 def run_survey_quantization_command(args) -> dict:
-    from nimblelm.bench.survey_quant import run_survey_quantization
+    from nimblelm.bench.survey_quant import earlier_report, run_survey_quantization
 
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes")
     input_lens = parse_int_list(args.input_lens, "--input-lens")
@@ -442,24 +448,49 @@ def run_survey_quantization_command(args) -> dict:
     if not methods or "none" in methods:
         raise InvalidRequestError("--methods: give one or more quantization methods (the unquantized model "
                                   "is always measured as the baseline)")
+    if args.resume and not args.output:
+        raise InvalidRequestError("--resume continues the report in --output DIR: give --output")
     args.backends = "nimblelm"  # the experiment is about nimblelm's own methods; peers have their own formats
     ctx, _, _, machine = _prepare(args)
     models = [m.strip() for m in (args.models or args.model).split(",") if m.strip()]
+    config = {"experiment": args.experiment, "models": models, "dtype": args.dtype, "methods": methods,
+              "batch_sizes": batch_sizes, "input_lens": input_lens, "output_len": args.output_len,
+              "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads, "seed": args.seed,
+              "kv_cache_dtype": args.kv_cache_dtype}
+    earlier = earlier_report(Path(args.output), config, machine) if args.resume else None
+    for key in ("models", "methods", "batch_sizes", "input_lens"):  # the report covers both runs' cells
+        merged = list(dict.fromkeys([*(earlier or {}).get("config", {}).get(key, []), *config[key]]))
+        config[key] = merged if key in ("models", "methods") else sorted(merged)
+    config["model"] = ",".join(config["models"])
+    head = {"kind": "survey-quantization", "command": _command_line(), "config": config, "machine": machine}
+
+    def checkpoint(partial: dict) -> None:
+        from nimblelm.bench.report import to_json
+
+        f = Path(args.output) / "results.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".json.tmp")  # replaced whole: an interrupted write leaves the last checkpoint
+        tmp.write_text(to_json({**head, **partial}) + "\n")
+        os.replace(tmp, f)
+
     out = run_survey_quantization(models, methods, batch_sizes=batch_sizes, input_lens=input_lens,
                                   output_len=args.output_len, threads=ctx.threads, dtype=args.dtype, seed=args.seed,
                                   kv_cache_dtype=args.kv_cache_dtype, repeat=args.repeat, warmup=args.warmup,
-                                  progress=not args.no_progress)
-    config = {"experiment": args.experiment, "model": ",".join(models), "models": models, "dtype": args.dtype,
-              "methods": methods, "batch_sizes": batch_sizes, "input_lens": input_lens,
-              "output_len": args.output_len, "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads,
-              "seed": args.seed, "kv_cache_dtype": args.kv_cache_dtype}
-    return {"kind": "survey-quantization", "command": _command_line(), "config": config, "machine": machine, **out}
+                                  progress=not args.no_progress, earlier=earlier,
+                                  run_info={"command": head["command"], "date": machine.get("date"),
+                                            "commit": machine.get("nimblelm_commit")},
+                                  checkpoint=checkpoint if args.output else None)
+    if earlier and len(out["runs"]) == len(earlier["runs"]):  # nothing new: the report stays as it was
+        head = {k: earlier[k] for k in head}
+    return {**head, **out}
 
 
 def run_survey_command(args) -> dict:
     from nimblelm.bench.metrics import SLO
     from nimblelm.bench.survey import run_survey_engines
 
+    if args.resume:
+        raise InvalidRequestError("--resume continues a survey quantization run; survey engines always runs whole")
     if args.repeat < 1:
         raise InvalidRequestError(f"--repeat must be >= 1, got {args.repeat}")
     if args.prompt_len <= 0 or args.gen_len < 2:
@@ -564,7 +595,7 @@ def run(args) -> int:
     from nimblelm.bench.machine import load_average
 
     end = load_average()
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in end] if end else None
+    report["machine"].setdefault("load_average_at_end", [round(x, 2) for x in end] if end else None)
     _emit(report, args)
     return 0 if report["results"] or report.get("roofline") else 1
 

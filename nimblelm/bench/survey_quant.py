@@ -6,13 +6,19 @@ Prefill = arrival to the last first token, decode = from there to the last finis
 speedup = unquantized time / quantized time, per phase and cell. The report compares what was measured
 with the four observations the survey draws from its Table 4 (W4A16 on an A100), in sentences built
 from the numbers, never asserted.
+
+A full grid on a 1.5B model takes hours on a small CPU, so a run can be continued: `earlier` (a previous
+report of the same settings, see `earlier_report`) keeps the cells it holds, and `checkpoint` receives the
+report so far after every cell. Each row names the run that measured it (`run`, an index into `runs`).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from nimblelm.bench.backends import BenchContext, NimbleLMBackend, mean_std
 from nimblelm.bench.machine import CpuMonitor, disturbed
@@ -31,9 +37,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def _measure(ctx: BenchContext, method: str, cells: Sequence[tuple[int, int]], output_len: int, repeat: int,
-             warmup: int, progress: bool, logger: Callable[[str], None]) -> tuple[dict, list[dict]]:
-    """Every cell on one method; returns (status, rows). A quantized method the engine cannot load is
-    skipped with its one-line reason; the unquantized baseline failing is an error."""
+             warmup: int, progress: bool, logger: Callable[[str], None], on_row: Callable[[dict], None]) -> dict:
+    """Every cell on one method, each row handed to on_row as it is measured; returns the method's status.
+    A quantized method the engine cannot load is skipped with its one-line reason; the unquantized
+    baseline failing is an error."""
     ctx.quantization = None if method == "none" else method
     backend = NimbleLMBackend(ctx)
     try:
@@ -43,13 +50,12 @@ def _measure(ctx: BenchContext, method: str, cells: Sequence[tuple[int, int]], o
             raise
         reason = f"LLM(quantization={method!r}) failed: {_one_line(e)}"
         logger(f"skipping {method}: {reason}")
-        return {"status": "skipped", "reason": reason}, []
+        return {"status": "skipped", "reason": reason}
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(cells) * repeat, desc=f"{ctx.model} {method}", unit="run", leave=False)
-    rows = []
     try:
         for i in range(warmup):  # lazy initialisation out of the timed runs, on the shortest prompt
             backend.phase_times(1, min(n for _, n in cells), 2, seed=10_000 + i)
@@ -66,7 +72,7 @@ def _measure(ctx: BenchContext, method: str, cells: Sequence[tuple[int, int]], o
                 times = [r[k] for r in runs]
                 row[f"{phase}_s"] = [round(t, 5) for t in times]
                 row[f"mean_{phase}_s"], row[f"std_{phase}_s"] = mean_std(times)
-            rows.append(row)
+            on_row(row)
             line = (f"{ctx.model} {method}: batch {batch}, input {input_len}: prefill {row['mean_prefill_s']:.3f} s, "
                     f"decode {row['mean_decode_s']:.3f} s")
             if bar is not None and logger is log:
@@ -82,27 +88,84 @@ def _measure(ctx: BenchContext, method: str, cells: Sequence[tuple[int, int]], o
         if bar is not None:
             bar.close()
         backend.close()
-    return status, rows
+    return status
 
 
 def run_survey_quantization(models: Sequence[str], methods: Sequence[str], *, batch_sizes: Sequence[int],
                             input_lens: Sequence[int], output_len: int, threads: int, dtype: str, seed: int,
                             kv_cache_dtype: str = "auto", repeat: int = 1, warmup: int = 1, progress: bool = True,
-                            logger: Callable[[str], None] = log) -> dict:
+                            logger: Callable[[str], None] = log, earlier: dict | None = None,
+                            run_info: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Measure every cell of models × ("none", *methods) × batch_sizes × input_lens that `earlier` lacks.
+
+    Returns {"results", "speedups", "methods", "runs"}: earlier's rows, statuses and runs with this run's
+    added; run_info (command, date, commit) describes this run."""
     cells = [(b, n) for b in batch_sizes for n in input_lens]
-    rows, statuses = [], {}
+    rows = list((earlier or {}).get("results", []))
+    statuses = {m: dict(per) for m, per in ((earlier or {}).get("methods") or {}).items()}
+    runs = list((earlier or {}).get("runs", []))
+    run_index = len(runs)
+    have = {(r["model"], r["method"], r["batch"], r["input_len"]) for r in rows}
+
+    def output() -> dict:
+        measured = any(r.get("run") == run_index for r in rows)  # a run that measured nothing is not listed
+        return {"results": rows, "speedups": speedups(rows), "methods": statuses,
+                "runs": runs + [dict(run_info or {})] if measured else runs, "backends": {}}
+
+    def on_row(row: dict) -> None:
+        rows.append({**row, "run": run_index})
+        if checkpoint is not None:
+            checkpoint(output())
+
     for model in models:
+        todo = {method: [c for c in cells if (model, method, *c) not in have] for method in ("none", *methods)}
+        if not any(todo.values()):
+            logger(f"{model}: every cell is already measured")
+            continue
         ctx = BenchContext(model=model, dtype=dtype, threads=threads, max_model_len=max(input_lens) + output_len + 1,
                            max_num_seqs=max(batch_sizes), seed=seed, kv_cache_dtype=kv_cache_dtype)
         limit = ctx.config.max_position_embeddings  # loads the model once; every method reuses it
         if limit and ctx.max_model_len > limit:
             raise InvalidRequestError(f"{model}: input {max(input_lens)} + output {output_len} tokens exceed the "
                                       f"model's context length {limit}")
-        statuses[model] = {}
-        for method in ("none", *methods):
-            statuses[model][method], got = _measure(ctx, method, cells, output_len, repeat, warmup, progress, logger)
-            rows += got
-    return {"results": rows, "speedups": speedups(rows), "methods": statuses, "backends": {}}
+        for method, method_cells in todo.items():
+            if method_cells:
+                statuses.setdefault(model, {})[method] = _measure(ctx, method, method_cells, output_len, repeat,
+                                                                  warmup, progress, logger, on_row)
+    return output()
+
+
+#: settings every cell of one report shares: a run may continue an earlier one only where they agree
+SHARED_CONFIG = ("dtype", "kv_cache_dtype", "output_len", "repeat", "warmup", "seed", "threads")
+SHARED_MACHINE = ("cpu_model", "physical_cores")
+
+
+def earlier_report(path: Path, config: dict, machine: dict) -> dict | None:
+    """The survey quantization report in path/results.json for a run to continue, or None where there is
+    none yet. Raises InvalidRequestError where it is another kind of report, or its settings or machine
+    differ from config / machine: its cells would not be comparable with new ones."""
+    f = Path(path) / "results.json"
+    if not f.exists():
+        return None
+    try:
+        report = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidRequestError(f"--resume: cannot read {f}: {e}") from e
+    if not isinstance(report, dict) or report.get("kind") != "survey-quantization":
+        raise InvalidRequestError(f"--resume: {f} is not a survey quantization report")
+    for keys, old, new in ((SHARED_CONFIG, report.get("config") or {}, config),
+                           (SHARED_MACHINE, report.get("machine") or {}, machine)):
+        for k in keys:
+            if old.get(k) != new.get(k):
+                raise InvalidRequestError(f"--resume: {f} was measured with {k} {old.get(k)!r}, this run has "
+                                          f"{new.get(k)!r}; use the same settings, or another --output")
+    if not report.get("runs"):  # written before runs were recorded: one run, the report's own
+        m = report.get("machine") or {}
+        report["runs"] = [{"command": report.get("command"), "date": m.get("date"),
+                           "commit": m.get("nimblelm_commit")}]
+        for r in report.get("results", []):
+            r.setdefault("run", 0)
+    return report
 
 
 def speedups(rows: Sequence[dict]) -> list[dict]:
@@ -193,6 +256,12 @@ def survey_quant_markdown(report: dict) -> str:
 
     cfg = report["config"]
     out = ["## nimblelm bench survey quantization", ""] + machine_lines(report)
+    runs = report.get("runs") or []
+    if len(runs) > 1:
+        counts = [sum(1 for r in report.get("results", []) if r.get("run") == i) for i in range(len(runs))]
+        out += [f"- cells from {len(runs)} runs (`results.json`: each row's `run`):"]
+        out += [f"  - run {i}: {run.get('date')}, commit {run.get('commit')}, {n} rows: `{run.get('command')}`"
+                for i, (run, n) in enumerate(zip(runs, counts))]
     weights = {}
     for model, per in (report.get("methods") or {}).items():
         for method, st in per.items():
