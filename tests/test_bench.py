@@ -204,6 +204,7 @@ def test_cpu_monitor_reports_other_activity():
     assert act["wall_s"] >= 0 and act["own_cpu_s"] >= 0
     if Path("/proc/stat").exists():
         assert act["other_cpu_s"] >= 0 and 0 <= act["other_share"] <= 1.5
+        assert 0 <= act["steal_share"] <= 1 and act["steal_s"] >= 0
 
 
 def _fake_report(kind: str) -> dict:

@@ -399,6 +399,19 @@ def test_disturbance_is_judged_against_the_cores_left_free(monkeypatch):
     assert machine.disturbed({"other_share": 0.60}, threads=1)
     assert machine.disturbed({"other_share": 0.06}, threads=2)
     assert not machine.disturbed({}, threads=2)
+    # The hypervisor's steal takes cores from the run as another process would.
+    assert machine.disturbed({"other_share": 0.0, "steal_share": 0.12}, threads=2)
+    assert not machine.disturbed({"other_share": 0.0, "steal_share": 0.01}, threads=2)
+
+
+def test_activity_is_told_with_its_steal():
+    from nimblelm.bench import machine
+
+    assert machine.activity_text({}) is None
+    assert machine.activity_text({"other_share": 0.001, "steal_share": 0.0}) == (
+        "other processes took 0.1% of the machine")
+    assert machine.activity_text({"other_share": 0.0005, "steal_share": 0.1212}) == (
+        "other processes took 0.1% of the machine, the hypervisor 12.1% (steal)")
 
 
 def test_process_tree_cpu_counts_grandchildren():

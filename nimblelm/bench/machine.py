@@ -157,12 +157,23 @@ def machine_info(threads: int | None = None) -> dict:
 
 
 def disturbed(activity: dict, threads: int, margin: float = 0.05) -> bool:
-    """Whether other processes took more of the machine than the cores this run left free (+ margin)."""
+    """Whether other processes and the hypervisor (steal) took more of the machine than the cores this run
+    left free (+ margin)."""
     share = activity.get("other_share")
     if share is None:
         return False
     free = max(0.0, 1.0 - threads / max(1, logical_cpus()))
-    return share > free + margin
+    return share + activity.get("steal_share", 0.0) > free + margin
+
+
+def activity_text(activity: dict) -> str | None:
+    """What a CpuMonitor record says in words, for reports; None without /proc/stat figures."""
+    share = activity.get("other_share")
+    if share is None:
+        return None
+    text = f"other processes took {100 * share:.1f}% of the machine"
+    steal = activity.get("steal_share")
+    return text + (f", the hypervisor {100 * steal:.1f}% (steal)" if steal else "")
 
 
 def default_threads() -> int:
@@ -269,4 +280,5 @@ class CpuMonitor:
             out["other_cpu_s"] = round(other, 2)
             out["steal_s"] = round(stat1[1] - self._stat0[1], 2)
             out["other_share"] = round(other / (wall * logical_cpus()), 4) if wall > 0 else None
+            out["steal_share"] = round(out["steal_s"] / (wall * logical_cpus()), 4) if wall > 0 else None
         return out

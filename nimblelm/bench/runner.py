@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from nimblelm.bench.backends import Backend, BackendUnavailable, BenchContext, make_backend
-from nimblelm.bench.machine import CpuMonitor, disturbed
+from nimblelm.bench.machine import CpuMonitor, activity_text, disturbed
 
 
 def log(msg: str) -> None:
@@ -89,9 +89,8 @@ def interleave(ctx: BenchContext, names: Sequence[str], steps: int, step: Callab
         if statuses[backend.name]["status"] == "ok":
             statuses[backend.name]["other_activity"] = activity
     if loaded and disturbed(activity, ctx.threads):
-        logger(f"warning: other processes used {activity['other_cpu_s']:.1f} CPU-s "
-               f"({100 * activity['other_share']:.0f}% of the machine, more than the cores left free) "
-               "while the backends ran: their figures may be disturbed")
+        logger(f"warning: {activity_text(activity)}, more than the cores left free, while the backends ran: "
+               "their figures may be disturbed")
     return statuses
 
 

@@ -373,7 +373,7 @@ def run_serve(ctx: BenchContext, backends: Sequence[str], requests: Sequence[Ben
               prompt_texts: Sequence[str] | None = None, warmup: int = 1, progress: bool = True,
               logger: Callable[[str], None] | None = None) -> dict:
     """Start each backend's server (or use base_url for 'openai'), run every rate, stop it."""
-    from nimblelm.bench.machine import CpuMonitor, disturbed
+    from nimblelm.bench.machine import CpuMonitor, activity_text, disturbed
     from nimblelm.bench.runner import log
 
     logger = logger or log
@@ -410,8 +410,7 @@ def run_serve(ctx: BenchContext, backends: Sequence[str], requests: Sequence[Ben
                 results.append({"backend": name, **p})
             statuses[name] = {"status": "ok", "info": info, "other_activity": activity}
             if disturbed(activity, ctx.threads):
-                logger(f"warning: other processes used {100 * activity['other_share']:.0f}% of the machine "
-                       f"while {name} ran: its figures may be disturbed")
+                logger(f"warning: {activity_text(activity)} while {name} ran: its figures may be disturbed")
         except BackendUnavailable as e:
             logger(f"skipping {name}: {e}")
             statuses[name] = {"status": "skipped", "reason": str(e)}

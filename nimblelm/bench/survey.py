@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from nimblelm.bench.backends import BackendUnavailable, BenchContext, LatencyTest
 from nimblelm.bench.datasets import BenchRequest
 from nimblelm.bench.latency import run_latency
+from nimblelm.bench.machine import activity_text
 from nimblelm.bench.metrics import SLO, max_sustained_rate
 from nimblelm.bench.runner import log, one_line
 
@@ -238,17 +239,15 @@ def survey_markdown(report: dict) -> str:
             out.append(f"- {model} serving workload: ShareGPT (seed {cfg.get('seed')}), {w['num_requests']} "
                        f"requests, {w['prompt_tokens']} prompt + {w['output_tokens']} output tokens")
         for name, s in (st.get("latency_backends") or {}).items():
-            act = s.get("other_activity") or {}
-            if s.get("status") == "ok" and act.get("other_share") is not None:
-                out.append(f"- {model}, {name} (a): other processes took {100 * act['other_share']:.1f}% "
-                           "of the machine")
+            activity = activity_text(s.get("other_activity") or {})
+            if s.get("status") == "ok" and activity:
+                out.append(f"- {model}, {name} (a): {activity}")
             elif s.get("status") != "ok":
                 out.append(f"- {model}, {name} (a): {s.get('status')}: {s.get('reason')}")
     for r in report["results"]:
-        act = (r.get("serving") or {}).get("other_activity") or {}
-        if act.get("other_share") is not None:
-            out.append(f"- {r['model']}, {r['backend']} (b): other processes took {100 * act['other_share']:.1f}% "
-                       "of the machine")
+        activity = activity_text((r.get("serving") or {}).get("other_activity") or {})
+        if activity:
+            out.append(f"- {r['model']}, {r['backend']} (b): {activity}")
     out += ["", f"### Ours: this machine, {cfg.get('dtype')}, {cfg.get('threads')} threads", "",
             (f"| model | backend | (a) inference tok/s (batch 1, {cfg.get('prompt_len')} in, {cfg.get('gen_len')} out) "
             f"| (b) max serving req/s | output tok/s at max | rate sustained with p99 TPOT ≤ "

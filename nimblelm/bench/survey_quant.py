@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nimblelm.bench.backends import BenchContext, NimbleLMBackend, mean_std
-from nimblelm.bench.machine import CpuMonitor, disturbed
+from nimblelm.bench.machine import CpuMonitor, activity_text, disturbed
 from nimblelm.bench.runner import log
 from nimblelm.errors import InvalidRequestError
 
@@ -81,8 +81,7 @@ def _measure(ctx: BenchContext, method: str, cells: Sequence[tuple[int, int]], o
                 logger(line)
         activity = monitor.stop()
         if disturbed(activity, ctx.threads):
-            logger(f"warning: other processes took {100 * activity['other_share']:.0f}% of the machine while "
-                   f"{ctx.model} {method} ran: its figures may be disturbed")
+            logger(f"warning: {activity_text(activity)} while {ctx.model} {method} ran: its figures may be disturbed")
         status = {"status": "ok", "weights_nbytes": backend.weights_nbytes(), "other_activity": activity}
     finally:
         if bar is not None:
@@ -266,10 +265,9 @@ def survey_quant_markdown(report: dict) -> str:
     for model, per in (report.get("methods") or {}).items():
         for method, st in per.items():
             if st.get("status") == "ok":
-                act = st.get("other_activity") or {}
-                share = act.get("other_share")
+                activity = activity_text(st.get("other_activity") or {})
                 out.append(f"- {model}, {method}: {_mib(st.get('weights_nbytes'))} of weights"
-                           + (f"; other processes took {100 * share:.1f}% of the machine" if share is not None else ""))
+                           + (f"; {activity}" if activity else ""))
             else:
                 out.append(f"- {model}, {method}: {st.get('status')}: {st.get('reason')}")
         weights[model] = (per.get("none") or {}).get("weights_nbytes")
