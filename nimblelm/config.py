@@ -24,8 +24,18 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry biases (qwen2)
     sliding_window: int | None = None
+    # Per layer, HF's names: "full_attention" or "sliding_attention" (within sliding_window). None: every
+    # layer slides when sliding_window is set (Mistral), else every layer attends to the whole context.
+    layer_types: tuple[str, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's attention window in tokens, None where it sees the whole context."""
+        if self.layer_types is None:
+            return [self.sliding_window] * self.num_layers
+        return [self.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
 
 
 @dataclass

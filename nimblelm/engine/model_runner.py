@@ -106,7 +106,7 @@ class ModelRunner:
         """Run one step; returns the sequences that sampled a token and the sampler's output for them."""
         batch = self._prepare(sched)
         input_ids, positions, meta, sample_rows, sample_seqs = batch
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self.model(input_ids, positions, self.kv_caches, [meta] * self.config.num_layers)
         if not sample_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[sample_rows])

@@ -131,8 +131,6 @@ class NimbleLMScorer:
     def __call__(self, ids: Sequence[int]) -> tuple[float, int]:
         import torch
 
-        from nimblelm.layers.attention import AttentionMetadata
-
         r = self.runner
         dev = r.device
         n = len(ids)
@@ -140,11 +138,11 @@ class NimbleLMScorer:
         nblocks = -(-n // bs)
         if nblocks > r.num_blocks:
             raise InvalidRequestError(f"a window of {n} tokens needs {nblocks} KV blocks, the engine has {r.num_blocks}")
-        meta = AttentionMetadata.whole_prompt(n, bs, r.config.sliding_window, dev)
+        metas = r.model.whole_prompt_metadata(n, bs, dev)
         with torch.inference_mode():
             input_ids = torch.tensor(list(ids), dtype=torch.long, device=dev)
             positions = torch.arange(n, dtype=torch.long, device=dev)
-            hidden = r.model(input_ids, positions, r.kv_caches, meta)
+            hidden = r.model(input_ids, positions, r.kv_caches, metas)
             logits = r.model.compute_logits(hidden)
             return nll_of_logits(logits, ids)
 

@@ -188,7 +188,7 @@ class DecoderLM(nn.Module):
     def _build_decode_stack(self):
         """The C++ decode stack over these layers' weights, when the kernels apply to all of them."""
         ops = ops_for(self.norm.weight)
-        if ops is None:
+        if ops is None or len(set(self.config.layer_windows)) > 1:
             return None
         specs = []
         for layer in self.layers:
@@ -200,18 +200,27 @@ class DecoderLM(nn.Module):
         cfg = self.config
         return ops.DecodeStack(specs, cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids, positions, kv_caches: list[KVCache], metas: list[AttentionMetadata]
+    ) -> torch.Tensor:
+        """metas: each layer's attention metadata (layers with the same window share one)."""
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
+        meta = metas[0]
         if self.decode_stack is not None and meta.num_decodes == x.shape[0] <= SKINNY_MAX_ROWS:
             # Decode-only steps run every layer in one C++ call; mixed and prefill steps layer by layer.
             return self.decode_stack.forward(
                 x, *rope, kv_caches, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                 meta.sliding_window or 0,
             )
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, rope, kv_cache, meta)
+        for layer, kv_cache, layer_meta in zip(self.layers, kv_caches, metas):
+            x, residual = layer(x, residual, rope, kv_cache, layer_meta)
         return x + residual
+
+    def whole_prompt_metadata(self, n: int, block_size: int, device) -> list[AttentionMetadata]:
+        """Per layer, the metadata of one n-token prompt in one chunk, its K/V in blocks 0, 1, ..."""
+        by_window = {w: AttentionMetadata.whole_prompt(n, block_size, w, device) for w in set(self.config.layer_windows)}
+        return [by_window[w] for w in self.config.layer_windows]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()

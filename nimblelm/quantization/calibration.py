@@ -126,8 +126,6 @@ def capture_inputs(
     layer and return, for every Linear of its model (or those `names` lists) by module name, the
     statistics of its inputs (about max_rows rows kept). x^T x goes to files when all of it would take
     over a quarter of `memory_bytes` (default: this machine's memory)."""
-    from nimblelm.layers.attention import AttentionMetadata
-
     runner = scorer.runner
     model = runner.model
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and (names is None or n in names)}
@@ -158,18 +156,17 @@ def capture_inputs(
                 s.spill()
 
     with torch.inference_mode():
-        windows = []  # per sample: attention metadata, rotary tables and (hidden, residual)
+        windows = []  # per sample: per-layer attention metadata, rotary tables and (hidden, residual)
         for ids in samples:
             positions = torch.arange(len(ids), device=runner.device)
-            meta = AttentionMetadata.whole_prompt(len(ids), runner.block_size, runner.config.sliding_window,
-                                                  runner.device)
+            metas = model.whole_prompt_metadata(len(ids), runner.block_size, runner.device)
             hidden = model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=runner.device))
-            windows.append((meta, model.rotary(positions), (hidden, None)))
+            windows.append((metas, model.rotary(positions), (hidden, None)))
         for i, layer in enumerate(tqdm(model.layers, desc="calibrating", unit="layer", disable=not progress)):
             hooks = observing(f"layers.{i}.")
             try:
-                windows = [(meta, rope, layer(*state, rope, runner.kv_caches[i], meta))
-                           for meta, rope, state in windows]
+                windows = [(metas, rope, layer(*state, rope, runner.kv_caches[i], metas[i]))
+                           for metas, rope, state in windows]
             finally:
                 for hook in hooks:
                     hook.remove()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nimblelm.layers.attention import AttentionMetadata, KVCache, dequantize_kv, quantize_kv
+from nimblelm.layers.attention import KVCache, dequantize_kv, quantize_kv
 
 PROBE_TOKENS = 256
 MAX_ERROR = 0.05  # relative L2 change of a layer's attention output under int8 K/V
@@ -36,12 +36,12 @@ def int8_attention_errors(
     blocks = -(-n // block_size)
     caches = [KVCache(torch.zeros(2, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device))
               for _ in model.layers]
-    meta = AttentionMetadata.whole_prompt(n, block_size, cfg.sliding_window, device)
-    mask = meta.prefill_masks[0]
+    metas = model.whole_prompt_metadata(n, block_size, device)
     errors: list[float] = []
 
     def measure(module, args, _out) -> None:
         q, k, v = (x.transpose(0, 1)[None].float() for x in args[:3])
+        mask = metas[len(errors)].prefill_masks[0]
 
         def attend(k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -54,7 +54,7 @@ def int8_attention_errors(
     hooks = [layer.self_attn.attn.register_forward_hook(measure) for layer in model.layers]
     try:
         with torch.inference_mode():
-            model(ids, torch.arange(n, device=device), caches, meta)
+            model(ids, torch.arange(n, device=device), caches, metas)
     finally:
         for h in hooks:
             h.remove()
