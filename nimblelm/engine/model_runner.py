@@ -105,8 +105,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that sampled a token and the sampler's output for them."""
         batch = self._prepare(sched)
-        input_ids, positions, meta, sample_rows, sample_seqs = batch
-        hidden = self.model(input_ids, positions, self.kv_caches, [meta] * self.config.num_layers)
+        input_ids, positions, metas, sample_rows, sample_seqs = batch
+        hidden = self.model(input_ids, positions, self.kv_caches, metas)
         if not sample_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[sample_rows])
@@ -167,29 +167,35 @@ class ModelRunner:
         for i, (seq, _) in enumerate(decodes):
             tables[i, : len(seq.block_ids)] = seq.block_ids
         device = self.device
-        window = self.config.sliding_window
         context = [s.num_computed_tokens + 1 for s, _ in decodes]
         context_t = torch.tensor(context, dtype=torch.long, device=device)
         query_lens = [n for _, n in prefills]
         context_lens = [s.num_computed_tokens + n for s, n in prefills]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            num_decodes=len(decodes),
-            decode_block_tables=torch.from_numpy(tables).to(device),
-            decode_context_lens=context_t,
-            decode_mask=AttentionMetadata.decode_mask_for(context_t, max(context), window) if decodes else None,
-            prefill_query_lens=query_lens,
-            prefill_context_lens=context_lens,
-            prefill_block_tables=prefill_blocks,
-            prefill_masks=[
-                AttentionMetadata.prefill_mask_for(q, c, window, device) for q, c in zip(query_lens, context_lens)
-            ],
-            sliding_window=window,
-        )
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+        decode_tables = torch.from_numpy(tables).to(device)
+
+        def metadata(window: int | None) -> AttentionMetadata:
+            return AttentionMetadata(
+                slot_mapping=slot_mapping,
+                num_decodes=len(decodes),
+                decode_block_tables=decode_tables,
+                decode_context_lens=context_t,
+                decode_mask=AttentionMetadata.decode_mask_for(context_t, max(context), window) if decodes else None,
+                prefill_query_lens=query_lens,
+                prefill_context_lens=context_lens,
+                prefill_block_tables=prefill_blocks,
+                prefill_masks=[
+                    AttentionMetadata.prefill_mask_for(q, c, window, device) for q, c in zip(query_lens, context_lens)
+                ],
+                sliding_window=window,
+            )
+
+        windows = self.config.layer_windows
+        by_window = {w: metadata(w) for w in set(windows)}
         return (
             torch.tensor(tokens, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
-            meta,
+            [by_window[w] for w in windows],
             torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_seqs,
         )
