@@ -22,6 +22,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="recompute every prompt from its first token, even where an earlier one shared its start")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default="auto",
@@ -41,6 +43,7 @@ _ENGINE_FIELDS = [
     "max_num_seqs",
     "max_num_batched_tokens",
     "enable_chunked_prefill",
+    "enable_prefix_caching",
     "block_size",
     "kv_cache_memory_bytes",
     "kv_cache_dtype",

@@ -49,6 +49,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # per-step token budget; default max(2048, max_num_seqs)
     enable_chunked_prefill: bool = True
+    # Full KV blocks stay cached after their sequence ends; a prompt with the same start reuses them.
+    enable_prefix_caching: bool = True
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # default 2 GiB on CPU, half the free memory on CUDA
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)

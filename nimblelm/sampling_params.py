@@ -45,9 +45,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
     structured_output: StructuredOutputParams | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
-    # Set by the engine on a sequence's own copy of the params when structured_output is used: the
-    # grammar matcher of that sequence, which the sampler asks for the allowed tokens of each step.
-    matcher: Any = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if self.top_k == -1:

@@ -61,7 +61,7 @@ def test_batch_chunking_and_preemption_do_not_change_greedy_output(tiny_qwen):
     preempted = tight.generate(prompts, GREEDY, use_tqdm=False)
     assert tight.llm_engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in preempted] == [o.outputs[0].token_ids for o in batched]
-    assert tight.llm_engine.block_manager.num_free_blocks == 70
+    assert tight.llm_engine.kv_cache_manager.num_free_blocks == 70
 
 
 def test_seeded_sampling_is_reproducible_regardless_of_batch(tiny_llm):
@@ -138,7 +138,7 @@ def test_bad_prompts_get_one_clear_error_and_the_engine_keeps_serving(tiny_llm, 
         tiny_llm.generate(prompt, GREEDY, use_tqdm=False)
     engine: LLMEngine = tiny_llm.llm_engine
     assert not engine.has_unfinished_requests()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.num_blocks
     assert tiny_llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
 
 
@@ -152,9 +152,9 @@ def test_abort_frees_blocks(tiny_llm):
     engine = tiny_llm.llm_engine
     engine.add_request("x", PROMPTS[3], GREEDY)
     engine.step()
-    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    assert engine.kv_cache_manager.num_free_blocks < engine.kv_cache_manager.num_blocks
     engine.abort_request("x")
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.num_blocks
     assert not engine.has_unfinished_requests()
 
 
@@ -207,8 +207,10 @@ def test_cpu_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_decode_stack_matches_the_layer_by_layer_path(tiny_qwen, quantization):
     # Decode-only steps run all layers in one C++ call; the same model run layer by layer from Python
-    # (as mixed and prefill steps are) is its oracle, on single and batched decodes.
-    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, quantization=quantization)
+    # (as mixed and prefill steps are) is its oracle, on single and batched decodes. Without prefix
+    # caching, so that the second run's first tokens come from the same prefill as the first run's.
+    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, quantization=quantization,
+              enable_prefix_caching=False)
     model = llm.llm_engine.runner.model
     assert model.decode_stack is not None
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)

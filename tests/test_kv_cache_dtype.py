@@ -119,7 +119,7 @@ def test_rounded_kv_greedy_output_does_not_depend_on_batching_chunking_or_preemp
     tight, preempted = run(prompts, max_num_seqs=16, block_size=4, num_kv_blocks=70)
     assert tight.llm_engine.scheduler.num_preemptions > 0
     assert preempted == batched
-    assert tight.llm_engine.block_manager.num_free_blocks == 70
+    assert tight.llm_engine.kv_cache_manager.num_free_blocks == 70
 
 
 def _assert_same_greedy_outputs(a, b, logprob_tol):
@@ -168,7 +168,7 @@ def test_rounded_kv_holds_more_blocks_in_the_same_memory(tiny_qwen):
     blocks = {}
     for kv in ("auto", "float16", "int8"):
         llm = LLM(str(tiny_qwen), max_model_len=64, kv_cache_memory_bytes=budget, kv_cache_dtype=kv)
-        blocks[kv] = llm.llm_engine.block_manager.num_blocks
+        blocks[kv] = llm.llm_engine.kv_cache_manager.num_blocks
         cfg = llm.model_config
     # Per token, layer and KV head: K and V of head_dim float32 or float16 values, or of head_dim int8 values
     # and a scale.
@@ -236,7 +236,7 @@ def test_int8_cache_keeps_the_layers_it_would_distort_in_float(qwen_with_huge_lo
     assert runner.kv_caches[1].scales is None and runner.kv_caches[1].values.dtype == torch.float32
     cfg = llm.model_config
     per_token = 2 * cfg.num_kv_heads * ((cfg.head_dim + 4) + cfg.head_dim * 4)  # layer 0 int8, layer 1 float32
-    assert llm.llm_engine.block_manager.num_blocks == (256 << 10) // (16 * per_token)
+    assert llm.llm_engine.kv_cache_manager.num_blocks == (256 << 10) // (16 * per_token)
 
     text = "The quick brown fox jumps over the lazy dog. " * 8
     score = {}

@@ -253,3 +253,15 @@ def test_props_and_metrics(tiny_server, model):
     assert metrics["nimblelm_kv_cache_blocks"] == props["engine"]["num_kv_blocks"]
     schema = tiny_server.get("/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+
+
+def test_prefix_cache_counters_in_tokens(tiny_server, client, model):
+    before = tiny_server.wait_idle()
+    prompt = "A shared preamble that spans several KV blocks of the tiny model. " * 2
+    for _ in range(2):
+        client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    after = tiny_server.wait_idle()
+    queried = after["nimblelm_prefix_cache_queries_total"] - before["nimblelm_prefix_cache_queries_total"]
+    hits = after["nimblelm_prefix_cache_hits_total"] - before["nimblelm_prefix_cache_hits_total"]
+    # Both prompts are looked up in full; the second finds all of the first's full blocks but its last.
+    assert queried > 100 and queried / 2 - 16 <= hits < queried / 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nimblelm import InvalidRequestError, SamplingParams
-from nimblelm.engine.structured import apply_bitmasks
+from nimblelm.engine.structured import apply_bitmask, grammar_bitmask
 from nimblelm.sampling_params import StructuredOutputParams
 
 SCHEMA = {
@@ -74,7 +74,9 @@ class _Allow:
 
 def test_bitmasks_mask_only_their_rows():
     logits = torch.zeros(3, 70)
-    masked = apply_bitmasks(logits, [_Allow(1, 33, 69), None, _Allow()])
+    words = grammar_bitmask([_Allow(1, 33, 69), _Allow(), _Allow()], 70)
+    words[1] = -1  # the runner's row for a sequence without a grammar: every token allowed
+    masked = apply_bitmask(logits, words)
     assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [1, 33, 69]
-    assert torch.isfinite(masked[1]).all()  # no matcher: untouched
+    assert torch.isfinite(masked[1]).all()  # no grammar: untouched
     assert torch.isfinite(masked[2]).all()  # a matcher that allows nothing leaves the row alone, never NaN

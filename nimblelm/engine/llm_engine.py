@@ -9,11 +9,12 @@ import torch
 
 from nimblelm.config import EngineConfig
 from nimblelm.engine.detokenizer import IncrementalDetokenizer
-from nimblelm.engine.kv_cache.block_manager import BlockManager
+from nimblelm.engine.kv_cache.manager import KVCacheManager
 from nimblelm.engine.model_runner import ModelRunner
 from nimblelm.engine.scheduler import Scheduler, SchedulerConfig
 from nimblelm.engine.sequence import Request, Sequence
-from nimblelm.engine.structured import StructuredOutputBackend
+from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
+from nimblelm.engine.structured import StructuredOutputBackend, grammar_bitmask
 from nimblelm.errors import InvalidRequestError
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -33,6 +34,8 @@ class EngineStats:
     num_used_blocks: int
     num_blocks: int
     num_preemptions: int  # since the engine started
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache, since the engine started
+    prefix_cache_hits: int  # of those, tokens whose K/V were found cached
 
     @property
     def kv_usage(self) -> float:
@@ -68,10 +71,15 @@ class LLMEngine:
         del loaded
         num_blocks = self._num_blocks(config)
         self.runner.allocate_kv(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        # Cached blocks are only ever reused within this engine; the salt still names what shapes the K/V.
+        salt = f"{config.model}|{self.dtype}|{self.kv_dtype}|{config.quantization}".encode()
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, config.block_size, [g.window for g in self.runner.kv_groups], config.enable_prefix_caching,
+            salt,
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
-            self.block_manager,
+            self.kv_cache_manager,
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -89,7 +97,7 @@ class LLMEngine:
                     budget = torch.cuda.mem_get_info(self.device)[0] // 2
             per_block = self.runner.kv_bytes_per_block()
             # More than every sequence at full length could ever use is wasted memory.
-            ceiling = config.max_num_seqs * -(-config.max_model_len // bs)
+            ceiling = config.max_num_seqs * -(-config.max_model_len // bs) * len(self.runner.kv_groups)
             num_blocks = min(budget // per_block, ceiling)
         if num_blocks * bs < config.max_model_len:
             raise InvalidRequestError(
@@ -111,12 +119,9 @@ class LLMEngine:
         metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.perf_counter())
         request = Request(request_id, text, token_ids, params, metrics)
         for index in range(params.n):
-            seq_params = params
+            seq = Sequence(request_id, token_ids, params, index)
             if grammar is not None:
-                # Each sequence gets its own copy carrying its grammar state: the sampler sees params only.
-                seq_params = replace(params)
-                seq_params.matcher = self.structured_output.matcher(grammar)
-            seq = Sequence(request_id, token_ids, seq_params, index)
+                seq.matcher = self.structured_output.matcher(grammar)
             request.seqs.append(seq)
             self._detokenizers[seq.seq_id] = IncrementalDetokenizer(
                 self.tokenizer, len(token_ids), params.skip_special_tokens
@@ -178,13 +183,15 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         running = {s.request_id for s in self.scheduler.running}
         waiting = {s.request_id for s in self.scheduler.waiting} - running
-        bm = self.block_manager
+        kv = self.kv_cache_manager
         return EngineStats(
             num_running=len(running),
             num_waiting=len(waiting),
-            num_used_blocks=bm.num_blocks - bm.num_free_blocks,
-            num_blocks=bm.num_blocks,
+            num_used_blocks=kv.num_blocks - kv.num_free_blocks,
+            num_blocks=kv.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.num_queried_tokens,
+            prefix_cache_hits=kv.num_hit_tokens,
         )
 
     # -- the loop -----------------------------------------------------------------------------
@@ -192,28 +199,39 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step; returns an output for every request that got new tokens or finished."""
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        if sched.is_empty and not sched.finished_req_ids:
             return []
         now = time.perf_counter()
-        for seq in sched.seqs:
-            metrics = self.requests[seq.request_id].metrics
+        for seq_id in sched.num_scheduled_tokens:
+            metrics = self.requests[self.scheduler.seqs[seq_id].request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
-        seqs, sampled = self.runner.execute(sched)
-        for seq, n in zip(sched.seqs, sched.num_new_tokens):
-            seq.num_computed_tokens += n
-        return self._postprocess(seqs, sampled)
+        self._add_grammar_bitmask(sched)
+        out = self.runner.execute(sched)
+        self.scheduler.update(sched)
+        return self._postprocess(out)
 
-    def _postprocess(self, seqs: list[Sequence], sampled) -> list[RequestOutput]:
+    def _add_grammar_bitmask(self, sched: SchedulerOutput) -> None:
+        """The allowed next tokens of the structured sequences that will sample this step."""
+        seqs = [self.scheduler.seqs[i] for i in sched.num_scheduled_tokens]
+        structured = [
+            s for s in seqs
+            if s.matcher is not None and s.num_computed_tokens + sched.num_scheduled_tokens[s.seq_id] == s.num_tokens
+        ]
+        if structured:
+            sched.grammar_req_ids = [s.seq_id for s in structured]
+            sched.grammar_bitmask = grammar_bitmask([s.matcher for s in structured], self.model_config.vocab_size)
+
+    def _postprocess(self, out: ModelRunnerOutput) -> list[RequestOutput]:
         now = time.perf_counter()
         touched: dict[str, Request] = {}
-        for row, seq in enumerate(seqs):
-            token = sampled.token_ids[row]
+        for row, (seq_id, token) in enumerate(zip(out.req_ids, out.sampled_token_ids)):
+            seq = self.scheduler.seqs[seq_id]
             seq.token_ids.append(token)
             if seq.logprobs is not None:
-                seq.logprobs.append(self._logprob_entry(token, sampled.logprobs[row], seq.params.logprobs))
-            if seq.params.matcher is not None:
-                seq.params.matcher.accept(token)
+                seq.logprobs.append(self._logprob_entry(token, out.logprobs[row], seq.params.logprobs))
+            if seq.matcher is not None:
+                seq.matcher.accept(token)
             delta = self._detokenizers[seq.seq_id].step(seq.token_ids)
             seq.text += delta
             self._check_stop(seq, token, len(delta))
@@ -244,7 +262,7 @@ class LLMEngine:
             if stop is not None:
                 seq.text = seq.text[:cut]
                 return self.scheduler.finish(seq, "stop", stop)
-        if params.matcher is not None and params.matcher.is_finished:
+        if seq.matcher is not None and seq.matcher.is_finished:
             return self.scheduler.finish(seq, "stop")  # the JSON value is complete: nothing may follow
         if seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.config.max_model_len:
             return self.scheduler.finish(seq, "length")
@@ -260,7 +278,6 @@ class LLMEngine:
 
     def _release(self, seq: Sequence) -> None:
         self._detokenizers.pop(seq.seq_id, None)
-        self.runner.release(seq)
 
     @staticmethod
     def _output(request: Request) -> RequestOutput:

@@ -1,26 +1,39 @@
-"""Runs the model on the device: owns the weights, the paged KV tensors and the per-request RNGs.
+"""Runs the model on the device: owns the weights, the paged KV tensors, and what it holds of each
+sequence (tokens, sampling params, block tables, RNG).
 
-It turns a SchedulerOutput into flat batch tensors once per step (token ids, positions, slot
-mapping, block tables), runs one forward pass, and samples the sequences whose prompt is complete.
+Its only input is the step contract (engine/step.py): it applies what changed, turns the step into flat
+batch tensors once (token ids, positions, and per KV group the slot mapping and block tables), runs one
+forward pass, and samples the sequences whose tokens are all computed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nimblelm import hugepages
 from nimblelm.config import ModelConfig
-from nimblelm.engine.scheduler import SchedulerOutput
-from nimblelm.engine.sequence import Sequence
+from nimblelm.engine.kv_cache.manager import kv_groups
+from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import LinearMethod
-from nimblelm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from nimblelm.layers.sampler import Sampler, SamplingBatch
 from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.quantization.saved import SavedQuantization
+from nimblelm.sampling_params import SamplingParams
+
+
+@dataclass
+class _SeqState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[list[int]]  # per KV group
+    num_computed_tokens: int
 
 
 class ModelRunner:
@@ -52,23 +65,31 @@ class ModelRunner:
             saved.load_into(self.model)
         self.weights_nbytes = _weights_nbytes(self.model)
         self.token_nbytes = _weights_nbytes(self.model, per_token=True)
-        # Per layer, how its K/V are stored: an int8 cache keeps the layers int8 would distort in `dtype`.
-        self.kv_dtypes = [kv_cache_dtype] * config.num_layers
+        self.kv_groups = kv_groups(config.layer_windows)
+        # Layer i of every group keeps its K/V in tensor i, so a block of any group is the same bytes.
+        self.kv_tensor_of_layer = [0] * config.num_layers
+        for group in self.kv_groups:
+            for i, layer in enumerate(group.layers):
+                self.kv_tensor_of_layer[layer] = i
+        num_tensors = len(self.kv_groups[0].layers)
+        # Per tensor, how its K/V are stored: an int8 cache keeps the layers int8 would distort in `dtype`.
+        self.kv_dtypes = [kv_cache_dtype] * num_tensors
         self.int8_kv_errors: list[float] = []
         if kv_cache_dtype == torch.int8:
             self.int8_kv_errors = int8_attention_errors(
                 self.model, max_len=max_model_len, block_size=block_size, dtype=dtype, device=device
             )
-            for i in float_kv_layers(self.int8_kv_errors):
-                self.kv_dtypes[i] = dtype
+            for layer in float_kv_layers(self.int8_kv_errors):
+                self.kv_dtypes[self.kv_tensor_of_layer[layer]] = dtype
         self.num_blocks = 0
-        self.kv_caches: list[KVCache] = []
+        self.kv_caches: list[KVCache] = []  # per layer (layers of one tensor share it)
         self.sampler = Sampler()
+        self.seqs: dict[int, _SeqState] = {}
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)
 
     def allocate_kv(self, num_blocks: int) -> None:
-        """Every layer's K/V (and int8 scales) as views of one buffer, on CPU one of huge pages."""
+        """Every tensor's K/V (and int8 scales) as views of one buffer, on CPU one of huge pages."""
         cfg = self.config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         offsets, nbytes = [], 0
@@ -83,122 +104,151 @@ class ModelRunner:
             buf = hugepages.empty(nbytes).zero_()
         else:
             buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-        caches = []
+        tensors = []
         for kv_dtype, (values_at, scales_at) in zip(self.kv_dtypes, offsets):
             values = buf[values_at:].narrow(0, 0, math.prod(shape) * kv_dtype.itemsize).view(kv_dtype).view(shape)
             scales = None
             if kv_dtype == torch.int8:
                 scales = buf[scales_at:].narrow(0, 0, math.prod(shape[:-1]) * 4).view(torch.float32).view(shape[:-1])
-            caches.append(KVCache(values, scales))
+            tensors.append(KVCache(values, scales))
         self.num_blocks = num_blocks
-        self.kv_caches = caches
+        self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.config
         per_head = sum(cfg.head_dim * t.itemsize + (4 if t == torch.int8 else 0) for t in self.kv_dtypes)  # + scale
         return 2 * cfg.num_kv_heads * per_head * self.block_size
 
-    def release(self, seq: Sequence) -> None:
-        self.generators.pop(seq.seq_id, None)
-
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Run one step; returns the sequences that sampled a token and the sampler's output for them."""
-        batch = self._prepare(sched)
-        input_ids, positions, metas, sample_rows, sample_seqs = batch
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Apply the step's changes, run it, and return the tokens sampled."""
+        self._update(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput([], [])
+        input_ids, positions, metas, sample_rows, sample_ids = self._prepare(sched)
         hidden = self.model(input_ids, positions, self.kv_caches, metas)
-        if not sample_seqs:
-            return [], None
+        if not sample_ids:
+            return ModelRunnerOutput([], [])
         logits = self.model.compute_logits(hidden[sample_rows])
+        states = [self.seqs[i] for i in sample_ids]
         sampling = SamplingBatch.build(
-            [s.params for s in sample_seqs],
-            [s.token_ids for s in sample_seqs],
-            [s.num_prompt_tokens for s in sample_seqs],
-            [self._generator(s) for s in sample_seqs],
+            [s.params for s in states],
+            [s.token_ids for s in states],
+            [s.num_prompt_tokens for s in states],
+            [self.generators.get(i) for i in sample_ids],
             self.config.vocab_size,
             self.device,
+            _bitmask_rows(sched, sample_ids),
         )
-        return sample_seqs, self.sampler(logits, sampling)
+        sampled = self.sampler(logits, sampling)
+        return ModelRunnerOutput(sample_ids, sampled.token_ids, sampled.logprobs)
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.seed is None:
-            return None
-        g = self.generators.get(seq.seq_id)
-        if g is None:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(seq.params.seed + seq.index)
-            self.generators[seq.seq_id] = g
-        return g
+    def _update(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.seqs.pop(req_id, None)
+            self.generators.pop(req_id, None)
+        for new in sched.new_requests:
+            self.seqs[new.req_id] = _SeqState(
+                new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids), new.params,
+                [list(ids) for ids in new.block_ids], new.num_computed_tokens,
+            )
+            if new.seed is not None and new.req_id not in self.generators:  # a resumed sequence's RNG goes on
+                g = torch.Generator(device=self.device)
+                g.manual_seed(new.seed)
+                self.generators[new.req_id] = g
+        for running in sched.running_requests:
+            state = self.seqs[running.req_id]
+            state.token_ids.extend(running.new_token_ids)
+            for table, ids in zip(state.block_ids, running.new_block_ids):
+                table.extend(ids)
+            state.num_computed_tokens = running.num_computed_tokens
 
     def _prepare(self, sched: SchedulerOutput):
         # Decodes (one query token) go first so they share one batched attention call.
-        pairs = list(zip(sched.seqs, sched.num_new_tokens))
-        decodes = [(s, n) for s, n in pairs if n == 1]
-        prefills = [(s, n) for s, n in pairs if n > 1]
+        scheduled = [(self.seqs[i], n, i) for i, n in sched.num_scheduled_tokens.items()]
+        decodes = [x for x in scheduled if x[1] == 1]
+        prefills = [x for x in scheduled if x[1] > 1]
         bs = self.block_size
+        num_groups = len(self.kv_groups)
 
         tokens: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        for seq, n in decodes:
+        slots: list[list[int]] = [[] for _ in range(num_groups)]
+        for seq, _, _ in decodes:
             pos = seq.num_computed_tokens
             tokens.append(seq.token_ids[pos])
             positions.append(pos)
-            slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
-        prefill_blocks = []
-        for seq, n in prefills:
+            for g, table in enumerate(seq.block_ids):
+                slots[g].append(table[pos // bs] * bs + pos % bs)
+        prefill_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
+        for seq, n, _ in prefills:
             start = seq.num_computed_tokens
             tokens.extend(seq.token_ids[start : start + n])
             pos = np.arange(start, start + n)
             positions.extend(pos.tolist())
-            slots.extend((np.asarray(seq.block_ids)[pos // bs] * bs + pos % bs).tolist())
-            prefill_blocks.append(torch.tensor(seq.block_ids, device=self.device))
+            for g, table in enumerate(seq.block_ids):
+                slots[g].extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
+                prefill_blocks[g].append(torch.tensor(table, device=self.device))
+        sample_rows: list[int] = []
+        sample_ids: list[int] = []
         row = 0
-        for seq, n in decodes + prefills:
+        for seq, n, req_id in decodes + prefills:
             row += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
+            if seq.num_computed_tokens + n == len(seq.token_ids):
                 sample_rows.append(row - 1)
-                sample_seqs.append(seq)
+                sample_ids.append(req_id)
 
-        max_blocks = max((len(s.block_ids) for s, _ in decodes), default=0)
-        tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
-        for i, (seq, _) in enumerate(decodes):
-            tables[i, : len(seq.block_ids)] = seq.block_ids
         device = self.device
-        context = [s.num_computed_tokens + 1 for s, _ in decodes]
+        context = [s.num_computed_tokens + 1 for s, _, _ in decodes]
         context_t = torch.tensor(context, dtype=torch.long, device=device)
-        query_lens = [n for _, n in prefills]
-        context_lens = [s.num_computed_tokens + n for s, n in prefills]
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
-        decode_tables = torch.from_numpy(tables).to(device)
+        query_lens = [n for _, n, _ in prefills]
+        context_lens = [s.num_computed_tokens + n for s, n, _ in prefills]
+        max_blocks = max((len(s.block_ids[0]) for s, _, _ in decodes), default=0)
 
-        def metadata(window: int | None) -> AttentionMetadata:
+        def metadata(g: int) -> AttentionMetadata:
+            window = self.kv_groups[g].window
+            tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
+            for i, (seq, _, _) in enumerate(decodes):
+                tables[i, : len(seq.block_ids[g])] = seq.block_ids[g]
             return AttentionMetadata(
-                slot_mapping=slot_mapping,
+                slot_mapping=torch.tensor(slots[g], dtype=torch.long, device=device),
                 num_decodes=len(decodes),
-                decode_block_tables=decode_tables,
+                decode_block_tables=torch.from_numpy(tables).to(device),
                 decode_context_lens=context_t,
                 decode_mask=AttentionMetadata.decode_mask_for(context_t, max(context), window) if decodes else None,
                 prefill_query_lens=query_lens,
                 prefill_context_lens=context_lens,
-                prefill_block_tables=prefill_blocks,
+                prefill_block_tables=prefill_blocks[g],
                 prefill_masks=[
                     AttentionMetadata.prefill_mask_for(q, c, window, device) for q, c in zip(query_lens, context_lens)
                 ],
                 sliding_window=window,
             )
 
-        windows = self.config.layer_windows
-        by_window = {w: metadata(w) for w in set(windows)}
+        group_metas = [metadata(g) for g in range(num_groups)]
+        metas = [None] * self.config.num_layers
+        for group, meta in zip(self.kv_groups, group_metas):
+            for layer in group.layers:
+                metas[layer] = meta
         return (
             torch.tensor(tokens, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
-            [by_window[w] for w in windows],
+            metas,
             torch.tensor(sample_rows, dtype=torch.long, device=device),
-            sample_seqs,
+            sample_ids,
         )
+
+
+def _bitmask_rows(sched: SchedulerOutput, sample_ids: list[int]) -> torch.Tensor | None:
+    """The grammar bitmask rows of the sampled sequences in sampling order; all ones for those without."""
+    if sched.grammar_bitmask is None:
+        return None
+    row_of = {req_id: row for row, req_id in enumerate(sched.grammar_req_ids)}
+    words = torch.full((len(sample_ids), sched.grammar_bitmask.shape[1]), -1, dtype=torch.int32)
+    for row, req_id in enumerate(sample_ids):
+        if req_id in row_of:
+            words[row] = sched.grammar_bitmask[row_of[req_id]]
+    return words
 
 
 def _aligned(nbytes: int) -> int:

@@ -2,18 +2,23 @@
 
 There is no prefill or decode phase: each sequence has `num_computed_tokens`, and each step gives
 every scheduled sequence some of its uncomputed tokens. A decode is a sequence with one uncomputed
-token; a long prompt takes several steps (chunked prefill), sharing them with decodes. When blocks
-run out, the most recently admitted sequence is preempted: its blocks are freed and it goes back to
-the front of the waiting queue, to be recomputed (prompt and output so far) when room returns.
+token; a long prompt takes several steps (chunked prefill), sharing them with decodes; a prompt whose
+start is in the prefix cache begins after it. When blocks run out, the most recently admitted sequence
+is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
+(prompt and output so far, from whatever of it is still cached) when room returns.
+
+Each step's decisions go out as a SchedulerOutput (engine/step.py): plain data, the model runner's only
+input.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from nimblelm.engine.kv_cache.block_manager import BlockManager
+from nimblelm.engine.kv_cache.manager import KVCacheManager
 from nimblelm.engine.sequence import Sequence, SequenceStatus
+from nimblelm.engine.step import NewRequest, RunningRequest, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -23,82 +28,93 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
-@dataclass
-class SchedulerOutput:
-    seqs: list[Sequence] = field(default_factory=list)  # in batch order
-    num_new_tokens: list[int] = field(default_factory=list)  # per sequence, this step
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
         self.config = config
-        self.block_manager = block_manager
+        self.kv = kv_cache_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.seqs: dict[int, Sequence] = {}  # every unfinished sequence, by seq_id
+        self._num_sent: dict[int, int] = {}  # seq_id -> how many of its tokens the runner holds
+        self._finished_ids: list[int] = []  # held by the runner, to be forgotten at the next step
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.seqs[seq.seq_id] = seq
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        out.finished_req_ids, self._finished_ids = self._finished_ids, []
         budget = self.config.max_num_batched_tokens
-        bm = self.block_manager
+        preempted = False
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            needed = bm.blocks_needed(seq, n)
-            while not bm.can_allocate(needed) and self.running[-1] is not seq:
-                self._preempt(self.running.pop(), out)
-            if not bm.can_allocate(needed):
-                self._preempt(self.running.pop(), out)
+            new_ids = self.kv.allocate_slots(seq, n)
+            while new_ids is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+                new_ids = self.kv.allocate_slots(seq, n)
+            if new_ids is None:
                 break
-            bm.allocate(seq, n)
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
+            sent = self._num_sent[seq.seq_id]
+            out.running_requests.append(
+                RunningRequest(seq.seq_id, seq.token_ids[sent:], new_ids, seq.num_computed_tokens)
+            )
+            self._schedule(out, seq, n)
             budget -= n
             i += 1
 
         # New sequences wait while anything was preempted: room is short, and the preempted go first.
-        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            remaining = seq.num_tokens - seq.num_computed_tokens
+            cached = self.kv.cached_prefix(seq)
+            remaining = seq.num_tokens - cached
             n = min(remaining, budget)
             if n < remaining and not self.config.enable_chunked_prefill:
                 break
-            if not bm.can_allocate(bm.blocks_needed(seq, n)):
+            if self.kv.allocate_slots(seq, n, cached) is None:
                 break
             self.waiting.popleft()
-            bm.allocate(seq, n)
+            seq.num_computed_tokens = cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
+            params = seq.params
+            out.new_requests.append(NewRequest(
+                seq.seq_id, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, params,
+                None if params.seed is None else params.seed + seq.index, self.kv.block_ids(seq), cached,
+            ))
+            self._schedule(out, seq, n)
             budget -= n
         return out
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        self.block_manager.free(seq)
+    def _schedule(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        out.num_scheduled_tokens[seq.seq_id] = n
+        self._num_sent[seq.seq_id] = seq.num_tokens
+
+    def update(self, out: SchedulerOutput) -> None:
+        """The step ran: the scheduled tokens' K/V are in the cache, and their full blocks can be cached."""
+        for seq_id, n in out.num_scheduled_tokens.items():
+            seq = self.seqs[seq_id]
+            seq.num_computed_tokens += n
+            self.kv.cache_computed(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
-        out.preempted.append(seq)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End `seq` (stopped, out of length, or aborted) and return its blocks."""
@@ -106,7 +122,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self.kv.free(seq)
+        del self.seqs[seq.seq_id]
+        if self._num_sent.pop(seq.seq_id, None) is not None:
+            self._finished_ids.append(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason

@@ -31,7 +31,8 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)  # prompt, then the generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
-        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # of its full blocks, for the prefix cache (kv_cache/manager.py)
+        self.matcher = None  # its grammar state (engine/structured.py) when the output is structured
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -69,13 +69,17 @@ class GrammarMatcher:
         return self._matcher.is_stopped() or self._matcher.is_error()
 
 
-def apply_bitmasks(logits: torch.Tensor, matchers: list[GrammarMatcher | None]) -> torch.Tensor:
-    """Logits with -inf at the tokens the row's grammar forbids; rows without a matcher are unchanged."""
-    rows, vocab = logits.shape
-    words = torch.full((rows, (vocab + 31) // 32), -1, dtype=torch.int32)
+def grammar_bitmask(matchers: list[GrammarMatcher], vocab_size: int) -> torch.Tensor:
+    """Per matcher, the tokens its grammar allows next: int32 [len(matchers), ceil(vocab / 32)]."""
+    words = torch.empty((len(matchers), (vocab_size + 31) // 32), dtype=torch.int32)
     for row, matcher in enumerate(matchers):
-        if matcher is not None:
-            matcher.fill_bitmask(words[row])
+        matcher.fill_bitmask(words[row])
+    return words
+
+
+def apply_bitmask(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Logits with -inf at the tokens a row's bitmask forbids (words: int32 [rows, ceil(vocab / 32)])."""
+    rows, vocab = logits.shape
     bits = torch.arange(32, dtype=torch.int32)
     allowed = ((words[:, :, None] >> bits) & 1).bool().reshape(rows, -1)[:, :vocab]
     # A matcher in an error state may allow nothing; an unmasked row beats NaNs from an all -inf row,

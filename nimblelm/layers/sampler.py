@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nimblelm.engine.structured import apply_bitmasks
+from nimblelm.engine.structured import apply_bitmask
 from nimblelm.sampling_params import SamplingParams
 
 
@@ -26,7 +26,9 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     penalties: _Penalties | None
     max_logprobs: int | None  # largest number of alternatives any row asked for
-    matchers: list | None = None  # per row grammar matcher (structured output) or None; None if no row has one
+    # [rows, ceil(vocab / 32)] int32: per row the tokens its grammar allows (all for rows without one);
+    # None if no row has a grammar
+    bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -37,6 +39,7 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         vocab_size: int,
         device: torch.device,
+        bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -52,7 +55,6 @@ class SamplingBatch:
         if any(p.has_penalties for p in params):
             penalties = _Penalties.build(params, token_ids, num_prompt_tokens, vocab_size, device)
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        matchers = [p.matcher for p in params]
         return cls(
             temperature=column([p.temperature for p in params]),
             all_greedy=all(p.greedy for p in params),
@@ -62,7 +64,7 @@ class SamplingBatch:
             generators=generators,
             penalties=penalties,
             max_logprobs=max(logprobs) if logprobs else None,
-            matchers=matchers if any(m is not None for m in matchers) else None,
+            bitmask=bitmask,
         )
 
 
@@ -109,8 +111,8 @@ class Sampler:
         raw_logits = logits
         if batch.penalties is not None:
             logits = batch.penalties.apply(logits)
-        if batch.matchers is not None:
-            logits = apply_bitmasks(logits, batch.matchers)
+        if batch.bitmask is not None:
+            logits = apply_bitmask(logits, batch.bitmask)
         greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
             sampled = greedy

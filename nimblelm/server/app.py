@@ -99,7 +99,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[]
                 "dtype": str(engine.dtype).removeprefix("torch."),
                 "device": str(engine.device),
                 "num_threads": engine.num_threads,
-                "num_kv_blocks": engine.block_manager.num_blocks,
+                "num_kv_blocks": engine.kv_cache_manager.num_blocks,
                 "vocab_size": engine.model_config.vocab_size,
             },
             "server": {

@@ -40,6 +40,12 @@ class ServerMetrics:
         self.kv_cache_used_blocks = gauge("nimblelm_kv_cache_used_blocks", "KV-cache blocks in use.")
         self.kv_cache_blocks = gauge("nimblelm_kv_cache_blocks", "KV-cache blocks in all.")
         self.preemptions = counter("nimblelm_preemptions", "Sequences preempted for lack of KV blocks.")
+        self.prefix_cache_queries = counter(
+            "nimblelm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_cache_hits = counter(
+            "nimblelm_prefix_cache_hits", "Prompt tokens whose K/V the prefix cache held (not recomputed)."
+        )
         self.prompt_tokens = counter("nimblelm_prompt_tokens", "Prompt tokens of requests that got a first token.")
         self.generation_tokens = counter("nimblelm_generation_tokens", "Tokens generated.")
         self.time_to_first_token = histogram(
@@ -62,7 +68,7 @@ class ServerMetrics:
             "nimblelm_requests_rejected", "Requests refused before reaching the engine, by HTTP status.",
             ["model_name", "status"], registry=registry,
         )
-        self._last_preemptions = 0
+        self._last = {"preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     def finished(self, reason: str, count: int = 1) -> None:
         self._finished.labels(model_name=self._model_name, reason=reason).inc(count)
@@ -76,9 +82,11 @@ class ServerMetrics:
         self.kv_cache_usage.set(stats.kv_usage)
         self.kv_cache_used_blocks.set(stats.num_used_blocks)
         self.kv_cache_blocks.set(stats.num_blocks)
-        if stats.num_preemptions > self._last_preemptions:
-            self.preemptions.inc(stats.num_preemptions - self._last_preemptions)
-            self._last_preemptions = stats.num_preemptions
+        # The engine counts since it started; the counters take the growth since the last update.
+        for name, total in (("preemptions", stats.num_preemptions), ("prefix_cache_queries", stats.prefix_cache_queries),
+                            ("prefix_cache_hits", stats.prefix_cache_hits)):
+            getattr(self, name).inc(total - self._last[name])
+            self._last[name] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,230 @@
+"""KV cache accounting: which blocks hold each sequence's K/V, per KV group, and which full blocks are
+cached for reuse by later prompts with the same prefix. Torch-free; the tensors live in the model runner.
+
+A KV group is a set of layers with one attention window (None: the whole context). Each group gives a
+sequence its own block table, all groups drawing on one block pool; a block of a group holds the K/V of
+that group's layers at block_size consecutive tokens. A sliding-window group drops the blocks that fell
+out of its window, so they serve other sequences; their table entries become NULL_BLOCK.
+
+Prefix caching: a full block is identified by a hash chained over the tokens from the start of the
+sequence (and a salt naming whatever else changes the K/V: model, dtype, quantization). Once a block's
+tokens are computed it is cached under (group, hash); when its sequence ends, it stays cached on the free
+list until an allocation needs it (least recently freed first). A new sequence starts from the longest
+prefix whose blocks every group still has, but never its whole prompt: the last token is recomputed to
+give the logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from array import array
+from dataclasses import dataclass
+from typing import Protocol
+
+from nimblelm.engine.kv_cache.block_pool import Block, BlockPool
+
+# Table entry of a block a sliding window dropped: never read unmasked, never written.
+NULL_BLOCK = 0
+
+
+class KVRequest(Protocol):
+    seq_id: int
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_hashes: list[bytes]  # chained hashes of its full blocks, filled by the manager
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        group_windows: list[int | None] | None = None,
+        enable_prefix_caching: bool = True,
+        salt: bytes = b"",
+    ):
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.windows = list(group_windows) if group_windows else [None]
+        self.enable_prefix_caching = enable_prefix_caching
+        self.salt = salt
+        self._tables: dict[int, list[list[Block | None]]] = {}  # seq_id -> per group, per block
+        self._num_cached: dict[int, int] = {}  # seq_id -> leading blocks already offered to the cache
+        self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_hit_tokens = 0  # of those, tokens found cached
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def block_ids(self, seq: KVRequest) -> list[list[int]]:
+        """Per group, the sequence's block table (NULL_BLOCK where a window dropped a block)."""
+        return [[NULL_BLOCK if b is None else b.block_id for b in table] for table in self._tables.get(seq.seq_id, [])]
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache ---------------------------------------------------------------------------
+
+    def cached_prefix(self, seq: KVRequest) -> int:
+        """Tokens at the start of `seq` whose K/V every group has cached: a multiple of block_size, below
+        the sequence's length. Changes nothing."""
+        if not self.enable_prefix_caching:
+            return 0
+        hashes = self._hashes(seq)
+        n = min(len(hashes), (len(seq.token_ids) - 1) // self.block_size)
+        settled = False
+        while not settled:  # each group can only lower n; stop when none does
+            settled = True
+            for g, window in enumerate(self.windows):
+                m = self._group_hit(g, window, hashes, n)
+                if m < n:
+                    n, settled = m, False
+        return n * self.block_size
+
+    def _group_hit(self, g: int, window: int | None, hashes: list[bytes], n: int) -> int:
+        """The largest k <= n such that group g has cached every block the tokens after k * block_size
+        would attend to."""
+        if window is None:
+            for k in range(n):
+                if self.pool.lookup((g, hashes[k])) is None:
+                    return k
+            return n
+        for k in range(n, 0, -1):
+            if all(self.pool.lookup((g, hashes[j])) is not None for j in range(self._first_in_window(k, window), k)):
+                return k
+        return 0
+
+    def _first_in_window(self, num_blocks: int, window: int) -> int:
+        """The first block a query right after num_blocks full blocks still attends to."""
+        return max(0, num_blocks * self.block_size - window + 1) // self.block_size
+
+    def _hashes(self, seq: KVRequest) -> list[bytes]:
+        """The chained hashes of seq's full blocks, extended to its current tokens."""
+        hashes, bs = seq.block_hashes, self.block_size
+        for j in range(len(hashes), len(seq.token_ids) // bs):
+            parent = hashes[j - 1] if j else self.salt
+            hashes.append(hashlib.sha256(parent + array("q", seq.token_ids[j * bs : (j + 1) * bs]).tobytes()).digest())
+        return hashes
+
+    def cache_computed(self, seq: KVRequest) -> None:
+        """Offer seq's computed full blocks to the prefix cache (after the step that computed them)."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        start = self._num_cached.get(seq.seq_id, 0)
+        if full <= start:
+            return
+        hashes = self._hashes(seq)
+        for g, table in enumerate(self._tables[seq.seq_id]):
+            for j in range(start, full):
+                if table[j] is not None:
+                    self.pool.cache(table[j], (g, hashes[j]))
+        self._num_cached[seq.seq_id] = full
+
+    # -- allocation -----------------------------------------------------------------------------
+
+    def allocate_slots(self, seq: KVRequest, num_new_tokens: int, num_cached_tokens: int = 0) -> list[list[int]] | None:
+        """Blocks for seq's next num_new_tokens tokens, after its num_computed_tokens (for a sequence
+        not yet holding blocks: after num_cached_tokens, as cached_prefix found them, which it then
+        shares). Returns per group the ids of the blocks it took, or None, changing nothing, when the
+        pool cannot supply them."""
+        tables = self._tables.get(seq.seq_id)
+        hits: list[list[Block | None]] = []
+        if tables is None:
+            hits = self._cached_blocks(seq, num_cached_tokens)
+            start = num_cached_tokens
+        else:
+            self._drop_out_of_window(tables, seq.num_computed_tokens)
+            start = seq.num_computed_tokens
+        total = self.blocks_for(start + num_new_tokens)
+        current = hits if tables is None else tables
+        needed = [max(0, total - len(t)) for t in current]
+        shared = [b for t in hits for b in t if b is not None]
+        if sum(needed) > self.pool.num_free - self.pool.num_free_among(shared):
+            return None
+        if tables is None:
+            self.pool.share(shared)
+            tables = self._tables[seq.seq_id] = hits
+            self._num_cached[seq.seq_id] = num_cached_tokens // self.block_size
+            if self.enable_prefix_caching:
+                self.num_queried_tokens += len(seq.token_ids)
+                self.num_hit_tokens += num_cached_tokens
+        new_ids = []
+        for table, n in zip(tables, needed):
+            blocks = self.pool.take(n)
+            table.extend(blocks)
+            new_ids.append([b.block_id for b in blocks])
+        return new_ids
+
+    def _cached_blocks(self, seq: KVRequest, num_tokens: int) -> list[list[Block | None]]:
+        """Per group, the cached blocks of seq's first num_tokens tokens (None where out of the window)."""
+        k = num_tokens // self.block_size
+        hashes = self._hashes(seq)[:k]
+        tables = []
+        for g, window in enumerate(self.windows):
+            first = 0 if window is None else self._first_in_window(k, window)
+            tables.append([None] * first + [self.pool.lookup((g, h)) for h in hashes[first:]])
+        return tables
+
+    def _drop_out_of_window(self, tables: list[list[Block | None]], num_computed: int) -> None:
+        """Release the blocks no query from position num_computed on can see, in sliding groups."""
+        for table, window in zip(tables, self.windows):
+            if window is None:
+                continue
+            dead = max(0, num_computed - window + 1) // self.block_size
+            dropped = [b for b in table[:dead] if b is not None]
+            self.pool.release(dropped)
+            table[:dead] = [None] * dead
+
+    def free(self, seq: KVRequest) -> None:
+        """Release all of seq's blocks: the cached ones stay findable until reused, its last blocks
+        evicted first."""
+        tables = self._tables.pop(seq.seq_id, None)
+        self._num_cached.pop(seq.seq_id, None)
+        for table in tables or []:
+            self.pool.release([b for b in reversed(table) if b is not None])
+
+    def truncate(self, seq: KVRequest, num_tokens: int) -> None:
+        """Keep only the blocks of seq's first num_tokens tokens (rolling back tokens that will not stay,
+        such as rejected speculative ones); the caller truncates seq's tokens to match."""
+        keep = self.blocks_for(num_tokens)
+        for table in self._tables.get(seq.seq_id, []):
+            self.pool.release([b for b in reversed(table[keep:]) if b is not None])
+            del table[keep:]
+        del seq.block_hashes[num_tokens // self.block_size :]
+        if seq.seq_id in self._num_cached:
+            self._num_cached[seq.seq_id] = min(self._num_cached[seq.seq_id], num_tokens // self.block_size)
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    window: int | None
+    layers: tuple[int, ...]
+
+
+def kv_groups(layer_windows: list[int | None]) -> list[KVGroup]:
+    """Layers split into KV groups of one window and one size, so that a block of any group is the same
+    bytes: the runner keeps `size` tensors, and layer i of each group stores its K/V in tensor i. With
+    one window throughout, one group holds every layer; Gemma 3's 15 sliding and 3 full layers make five
+    sliding groups and one full group of three layers each."""
+    by_window: dict[int | None, list[int]] = {}
+    for layer, window in enumerate(layer_windows):
+        by_window.setdefault(window, []).append(layer)
+    size = math.gcd(*(len(layers) for layers in by_window.values()))
+    return [
+        KVGroup(window, tuple(layers[i : i + size]))
+        for window, layers in by_window.items()
+        for i in range(0, len(layers), size)
+    ]

@@ -1,0 +1,68 @@
+"""The step contract: what the scheduler hands the model runner, and what comes back. Plain data that
+pickles, so a runner in another process (or on another machine) receives exactly this and nothing else.
+
+The runner keeps each sequence's state (tokens, sampling params, block tables, RNG) from the moment it
+arrives as a NewRequest until its id is listed in finished_req_ids; every step sends only what changed.
+Torch-free: the grammar bitmask is whatever tensor type the engine builds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nimblelm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequest:
+    """A sequence the runner does not hold yet, or holds from before it was preempted (its blocks and
+    tokens are then replaced; its RNG continues)."""
+
+    req_id: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    seed: int | None  # of this sequence's RNG; None: the shared one
+    block_ids: list[list[int]]  # per KV group
+    num_computed_tokens: int
+
+
+@dataclass
+class RunningRequest:
+    """A sequence the runner holds, with what changed since it was last scheduled."""
+
+    req_id: int
+    new_token_ids: list[int]  # appended since (the tokens sampled for it)
+    new_block_ids: list[list[int]]  # per KV group, appended to its tables
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequest] = field(default_factory=list)
+    running_requests: list[RunningRequest] = field(default_factory=list)
+    # Tokens to compute this step per sequence, in batch order; a sequence samples a token when these
+    # reach the end of its tokens.
+    num_scheduled_tokens: dict[int, int] = field(default_factory=dict)
+    finished_req_ids: list[int] = field(default_factory=list)  # the runner forgets these
+    # Structured output: for the sequences in grammar_req_ids, the allowed next tokens as an int32
+    # bitmask [len(grammar_req_ids), ceil(vocab / 32)], computed on the engine side.
+    grammar_req_ids: list[int] = field(default_factory=list)
+    grammar_bitmask: Any = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[int]  # the sequences that sampled a token this step
+    sampled_token_ids: list[int]
+    # Per sampled sequence, when logprobs were asked for: (sampled logprob, its rank, top ids, top logprobs).
+    logprobs: list[tuple[float, int, list[int], list[float]]] | None = None
