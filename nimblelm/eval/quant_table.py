@@ -76,11 +76,11 @@ def int4_group(config, requested: int) -> int:
 
 def heldout_prompts(tokenizer, count: int, max_len: int) -> tuple[list[str], list[list[int]]]:
     """(task ids, token ids) of the first `count` HumanEval prompts of at most max_len tokens."""
-    from nimblelm.bench import datasets
+    from nimblelm import corpora
     from nimblelm.eval.ppl import encode
 
     ids, prompts = [], []
-    for problem in datasets.load_humaneval(datasets.humaneval_path()):
+    for problem in corpora.load_humaneval(corpora.humaneval_path()):
         tokens = encode(tokenizer, problem["prompt"])
         if len(tokens) <= max_len:
             ids.append(problem["task_id"])

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from nimblelm import corpora
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
 
@@ -32,9 +33,7 @@ CALIBRATION_SETS = ("sharegpt",)
 
 
 def sharegpt_texts(seed: int) -> list[str]:
-    from nimblelm.bench import datasets
-
-    pairs = datasets.sharegpt_pairs(datasets.load_sharegpt(datasets.sharegpt_path()))
+    pairs = corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path()))
     texts = [f"{prompt}\n\n{answer}" for prompt, answer in pairs]
     random.Random(seed).shuffle(texts)
     return texts
