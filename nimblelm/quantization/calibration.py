@@ -28,6 +28,7 @@ from tqdm import tqdm
 from nimblelm import corpora
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
+from nimblelm.platform import memory_total_bytes
 
 CALIBRATION_SETS = ("sharegpt",)
 
@@ -111,12 +112,6 @@ class InputStats:
         return torch.cat(self.rows)
 
 
-def _memory_bytes() -> int:
-    from nimblelm.bench.machine import memory_total_bytes
-
-    return memory_total_bytes() or 0
-
-
 def capture_inputs(
     scorer, samples: list[list[int]], seed: int, max_rows: int = 512, progress: bool = True,
     names: list[str] | None = None, memory_bytes: int | None = None,
@@ -141,7 +136,7 @@ def capture_inputs(
     rows = -(-max_rows // len(samples))
     stats = {name: InputStats(rows, torch.Generator().manual_seed(seed)) for name in linears}
     xtx_bytes = 4 * sum(m.in_features ** 2 for m in linears.values())
-    spill = xtx_bytes > (_memory_bytes() if memory_bytes is None else memory_bytes) / 4
+    spill = xtx_bytes > ((memory_total_bytes() or 0) if memory_bytes is None else memory_bytes) / 4
 
     def observing(prefix: str):
         """Pre-hooks on the selected Linears whose names start with `prefix`."""
