@@ -113,14 +113,14 @@ class InputStats:
 
 
 def capture_inputs(
-    scorer, samples: list[list[int]], seed: int, max_rows: int = 512, progress: bool = True,
+    runner, samples: list[list[int]], seed: int, max_rows: int = 512, progress: bool = True,
     names: list[str] | None = None, memory_bytes: int | None = None,
 ) -> dict[str, InputStats]:
-    """Run every sample through the model behind `scorer` (a nimblelm.eval.ppl.NimbleLMScorer) layer by
-    layer and return, for every Linear of its model (or those `names` lists) by module name, the
-    statistics of its inputs (about max_rows rows kept). x^T x goes to files when all of it would take
-    over a quarter of `memory_bytes` (default: this machine's memory)."""
-    runner = scorer.runner
+    """Run every sample through the model of `runner` (the engine's ModelRunner, with no request in
+    flight: each sample's blocks are taken from the start of its KV cache) layer by layer and return,
+    for every Linear of its model (or those `names` lists) by module name, the statistics of its inputs
+    (about max_rows rows kept). x^T x goes to files when all of it would take over a quarter of
+    `memory_bytes` (default: this machine's memory)."""
     model = runner.model
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and (names is None or n in names)}
     widest = max(m.in_features for m in linears.values())
