@@ -1,8 +1,10 @@
-"""Device, dtype and thread choices made once at engine start."""
+"""The machine as the engine sees it (cores, memory), and the device, dtype and thread choices made once at
+engine start."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -66,6 +68,22 @@ def physical_cores() -> int:
         pass
     usable = len(os.sched_getaffinity(0))
     return max(1, min(len(cores) or usable, usable))
+
+
+def memory_total_bytes(meminfo: str | None = None) -> int | None:
+    """The machine's memory (MemTotal of /proc/meminfo, else sysconf), or None where neither tells."""
+    try:
+        text = Path("/proc/meminfo").read_text(errors="replace") if meminfo is None else meminfo
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            parts = line.split()
+            return int(parts[1]) * 1024
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def set_threads(num_threads: int | None) -> int:

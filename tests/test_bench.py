@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nimblelm import corpora
 from nimblelm.bench import datasets, machine, report
 from nimblelm.bench.backends import (
     BackendUnavailable,
@@ -64,7 +65,7 @@ def test_streaming_reader_recovers_every_complete_record_of_a_truncated_file(tmp
     expected = _write_truncated(path, 25)
     with pytest.raises(json.JSONDecodeError):
         json.loads(path.read_text(encoding="utf-8"))
-    got = list(datasets.iter_json_array(path, chunk_chars=chunk))
+    got = list(corpora.iter_json_array(path, chunk_chars=chunk))
     assert got == expected
 
 
@@ -72,14 +73,14 @@ def test_streaming_reader_reads_a_whole_file_and_a_file_cut_after_a_comma(tmp_pa
     records = [_conversation(i) for i in range(10)]
     whole = tmp_path / "whole.json"
     whole.write_text(json.dumps(records), encoding="utf-8")
-    assert list(datasets.iter_json_array(whole, chunk_chars=16)) == records
+    assert list(corpora.iter_json_array(whole, chunk_chars=16)) == records
     cut = tmp_path / "cut.json"
     text = json.dumps(records)
     cut.write_text(text[: text.index(', {"id": "conv-4"') + 2], encoding="utf-8")
-    assert datasets.load_sharegpt(cut) == records[:4]
+    assert corpora.load_sharegpt(cut) == records[:4]
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    assert datasets.load_sharegpt(empty) == []
+    assert corpora.load_sharegpt(empty) == []
 
 
 def test_sharegpt_pairs_take_the_first_human_turn_and_the_next_model_turn():
@@ -92,7 +93,7 @@ def test_sharegpt_pairs_take_the_first_human_turn_and_the_next_model_turn():
         {"conversations": []},
         {"id": "no conversations key"},
     ]
-    assert datasets.sharegpt_pairs(records) == [("hi", "hello"), ("q", "a")]
+    assert corpora.sharegpt_pairs(records) == [("hi", "hello"), ("q", "a")]
 
 
 def test_sharegpt_filter_bounds():
@@ -158,9 +159,9 @@ def test_random_workload_is_seeded_and_in_range():
 def test_sharegpt_path_errors_without_download(tmp_path, monkeypatch):
     monkeypatch.setenv("NIMBLELM_CACHE", str(tmp_path))
     with pytest.raises(InvalidRequestError, match="not in the cache"):
-        datasets.sharegpt_path(download=False)
+        corpora.sharegpt_path(download=False)
     with pytest.raises(InvalidRequestError, match="not found"):
-        datasets.sharegpt_path(tmp_path / "missing.json")
+        corpora.sharegpt_path(tmp_path / "missing.json")
 
 
 # ------------------------------------------------------------------------------- report and machine

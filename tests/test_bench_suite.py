@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from nimblelm import corpora
 from nimblelm.bench import datasets, roofline
 from nimblelm.bench.backends import BackendUnavailable, BenchContext, LatencyTest
 from nimblelm.bench.latency import make_tests, run_latency
@@ -83,7 +84,7 @@ def test_humaneval_loading_and_sampling(tmp_path):
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for p in problems:
             f.write(json.dumps(p) + "\n")
-    assert datasets.load_humaneval(path) == problems
+    assert corpora.load_humaneval(path) == problems
     reqs = datasets.humaneval_requests(problems, CharTokenizer(), 10, seed=1, max_output_len=20)
     assert len(reqs) == 10  # more than the 7 problems: cycles through a reshuffle
     assert all(4 <= r.output_len <= 20 for r in reqs)

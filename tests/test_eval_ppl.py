@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,7 +87,42 @@ def test_eval_cli(tiny_llama, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert out.startswith("perplexity ") and "text set pydoc" in out and "40 tokens" not in out
+    assert "quantization none" in out
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["result"]["num_windows"] == 3 and data["result"]["scored_tokens"] == 15 + 15 + 7
     assert main(["eval", "ppl", "--model", str(tiny_llama), "--window", "1"]) == 1
     assert "--window" in capsys.readouterr().err
+
+
+def test_eval_ppl_json_is_the_only_thing_on_stdout(tiny_llama):
+    """A script reads stdout as one JSON object: the progress bar goes to stderr. Run as a user runs it (a
+    process, so that output written below Python's sys.stdout would show too)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nimblelm", "eval", "ppl", "--model", str(tiny_llama), "--window", "16",
+         "--max-tokens", "40", "--json"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # fails on anything beside one JSON value
+    assert out["perplexity"] == pytest.approx(math.exp(out["nll"])) and out["perplexity"] > 1
+    assert out["num_tokens"] == 40 and out["num_windows"] == 3 and out["scored_tokens"] == 15 + 15 + 7
+    assert (out["model"], out["backend"], out["dtype"], out["quantization"], out["kv_cache_dtype"]) == (
+        str(tiny_llama), "nimblelm", "float32", "none", "auto")
+    assert (out["text_set"], out["seed"], out["window"], out["stride"]) == ("pydoc", 0, 16, 16)
+    assert "window_nll" not in out
+    assert "perplexity" in proc.stderr  # the progress bar
+
+
+def test_eval_ppl_json_names_a_quantized_folders_format(tiny_qwen, tmp_path, capsys):
+    from nimblelm.cli import main
+    from nimblelm.quantization.quantize import quantize_model
+
+    quantize_model(str(tiny_qwen), "rtn", 4, tmp_path / "rtn4", group_size=32, progress=False)
+    capsys.readouterr()
+    assert main(["eval", "ppl", "--model", str(tmp_path / "rtn4"), "--window", "16", "--max-tokens", "32",
+                 "--no-progress", "--json", "--output", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["quantization"] == "int4" and out["num_tokens"] == 32
+    assert "results.json" in captured.err
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["result"]
+    assert saved["ppl"] == out["perplexity"] and saved["extra"]["quantization"] == "int4"

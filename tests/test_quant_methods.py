@@ -216,8 +216,8 @@ def test_layer_by_layer_capture_sees_what_the_whole_forward_feeds_each_layer(tin
         scorer(ids)
     for hook in hooks:
         hook.remove()
-    kept = capture_inputs(scorer, samples, seed=0, progress=False)
-    spilled = capture_inputs(scorer, samples, seed=0, progress=False, memory_bytes=0)
+    kept = capture_inputs(scorer.runner, samples, seed=0, progress=False)
+    spilled = capture_inputs(scorer.runner, samples, seed=0, progress=False, memory_bytes=0)
     assert set(kept) == set(linears) and "lm_head" in kept
     for name, xs in inputs.items():
         x = torch.cat(xs).float()
@@ -257,7 +257,7 @@ def smollm2_layer_inputs():
 
     scorer = NimbleLMScorer("smollm2-135m", max_len=320)
     samples = calibration_samples(scorer.tokenizer, 2, 320, seed=0)
-    stats = capture_inputs(scorer, samples, seed=0, progress=False, names=LAYERS)
+    stats = capture_inputs(scorer.runner, samples, seed=0, progress=False, names=LAYERS)
     dense_weights(scorer.runner.model)
     return scorer.runner.model, stats
 

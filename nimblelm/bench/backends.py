@@ -305,39 +305,12 @@ class NimbleLMBackend(Backend):
 # ------------------------------------------------------------------------------------ transformers
 
 
-def hf_config_from(cfg, dtype: str = "float32"):
-    """A transformers LlamaConfig/Qwen2Config equivalent to nimblelm's ModelConfig."""
-    from nimblelm.errors import UnsupportedModelError
-
-    try:
-        from transformers import LlamaConfig, Qwen2Config
-    except ImportError as e:
-        raise BackendUnavailable(f"transformers not importable ({e})") from None
-    rope = dict(cfg.rope_scaling or {})
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope.pop("type")
-    rope.setdefault("rope_type", "default")
-    rope["rope_theta"] = float(cfg.rope_theta)
-    eos = list(cfg.eos_token_ids) or None
-    common = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": (eos[0] if eos and len(eos) == 1 else eos),
-        "rope_parameters": rope, "hidden_act": "silu", "dtype": dtype,
-    }
-    if cfg.architecture == "llama":
-        return LlamaConfig(attention_bias=cfg.attention_bias, mlp_bias=False, **common)
-    if cfg.architecture == "qwen2":
-        return Qwen2Config(use_sliding_window=False, **common)
-    raise UnsupportedModelError(f"no transformers equivalent for architecture {cfg.architecture!r}")
-
-
 def hf_model_from(cfg, weights: dict, dtype: str = "float32"):
     """A transformers causal LM holding exactly `weights` (HF-named tensors), in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from nimblelm.models.hf_config import hf_config_from
 
     hf_cfg = hf_config_from(cfg, dtype)
     torch_dtype = getattr(torch, dtype)

@@ -312,11 +312,12 @@ def _check_workload_args(args) -> None:
 
 
 def build_workload(args, ctx) -> list:
+    from nimblelm import corpora
     from nimblelm.bench import datasets
 
     _check_workload_args(args)
     if args.dataset == "humaneval":
-        problems = datasets.load_humaneval(datasets.humaneval_path(args.dataset_path))
+        problems = corpora.load_humaneval(corpora.humaneval_path(args.dataset_path))
         limit = min(2048, args.max_model_len or 2048, ctx.config.max_position_embeddings)
         return datasets.humaneval_requests(problems, ctx.tokenizer, args.num_prompts, seed=args.seed,
                                            max_output_len=args.max_output_len, max_total_len=limit)
@@ -327,8 +328,8 @@ def build_workload(args, ctx) -> list:
     if args.dataset == "sharegpt":
         if args.max_output_len <= 0:
             raise InvalidRequestError(f"--max-output-len must be > 0, got {args.max_output_len}")
-        path = datasets.sharegpt_path(args.dataset_path)
-        pairs = datasets.sharegpt_pairs(datasets.load_sharegpt(path))
+        path = corpora.sharegpt_path(args.dataset_path)
+        pairs = corpora.sharegpt_pairs(corpora.load_sharegpt(path))
         limit = min(2048, args.max_model_len or 2048, ctx.config.max_position_embeddings)
         return datasets.sample_sharegpt(pairs, ctx.tokenizer, args.num_prompts, seed=args.seed,
                                         max_output_len=args.max_output_len, max_prompt_len=min(1024, limit - 4),

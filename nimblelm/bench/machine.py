@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from nimblelm.platform import memory_total_bytes
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -85,18 +87,6 @@ def physical_cores(cpuinfo: str | None = None) -> int:
     if cores:
         return len(cores)
     return logical_cpus() if cpuinfo is None else 1
-
-
-def memory_total_bytes(meminfo: str | None = None) -> int | None:
-    text = _read("/proc/meminfo") if meminfo is None else meminfo
-    for line in text.splitlines():
-        if line.startswith("MemTotal:"):
-            parts = line.split()
-            return int(parts[1]) * 1024
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:

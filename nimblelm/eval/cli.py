@@ -32,6 +32,8 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto", help="nimblelm backend: auto (as --dtype), float16 or int8")
     p.add_argument("--threads", "-t", type=int, default=None)
     p.add_argument("--output", "-o", default=None, help="write results.json (with every window's NLL) here")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout (progress and notes stay on stderr)")
     p.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("quantization", help="perplexity, greedy agreement, size and speed of each quantization",
@@ -65,7 +67,7 @@ def run(args) -> int:
     if args.eval_command == "quantization":
         return run_quantization(args)
     from nimblelm.bench.machine import default_threads, machine_info
-    from nimblelm.eval.ppl import perplexity
+    from nimblelm.eval.ppl import make_scorer, perplexity
 
     if args.window < 2 or args.max_tokens < 2:
         raise InvalidRequestError("--window and --max-tokens must be >= 2")
@@ -77,13 +79,21 @@ def run(args) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    res = perplexity(args.model, backend=args.backend, text_set=args.text_set, seed=args.seed, window=args.window,
+    scorer = make_scorer(args.backend, args.model, args.dtype, threads, args.window, args.kv_cache_dtype)
+    res = perplexity(args.model, backend=scorer.name, text_set=args.text_set, seed=args.seed, window=args.window,
                      stride=args.stride, max_tokens=args.max_tokens, dtype=args.dtype, threads=threads,
-                     progress=not args.no_progress, kv_cache_dtype=args.kv_cache_dtype)
-    print(f"perplexity {res.ppl:.4f} (mean NLL {res.nll:.5f} nats) — {res.model}, {res.backend}, {args.dtype}, "
-          f"KV {args.kv_cache_dtype}, "
-          f"text set {res.text_set} (seed {res.seed}, sha256 {res.text_sha256[:12]}), {res.scored_tokens} tokens "
-          f"scored in {res.num_windows} windows of {res.window} (stride {res.stride}), {res.elapsed_s:.1f} s")
+                     scorer=scorer, tokenizer=scorer.tokenizer, progress=not args.no_progress,
+                     kv_cache_dtype=args.kv_cache_dtype)
+    res.extra["quantization"] = linear_formats(scorer)
+    if args.json:
+        # The result without its per-window NLLs (results.json of --output keeps them), perplexity first.
+        fields = {k: v for k, v in res.as_dict().items() if k not in ("ppl", "window_nll", "extra")}
+        print(json.dumps({"perplexity": res.ppl, **fields, **res.extra, "threads": threads}))
+    else:
+        print(f"perplexity {res.ppl:.4f} (mean NLL {res.nll:.5f} nats) — {res.model}, {res.backend}, {args.dtype}, "
+              f"quantization {res.extra['quantization']}, KV {args.kv_cache_dtype}, "
+              f"text set {res.text_set} (seed {res.seed}, sha256 {res.text_sha256[:12]}), {res.scored_tokens} tokens "
+              f"scored in {res.num_windows} windows of {res.window} (stride {res.stride}), {res.elapsed_s:.1f} s")
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +101,17 @@ def run(args) -> int:
                                                       "machine": machine_info(threads)}, indent=2) + "\n")
         print(f"wrote {out / 'results.json'}", file=sys.stderr)
     return 0
+
+
+def linear_formats(scorer) -> str:
+    """How the scored model's linear layers store their weights: none (float), int8, int4 or w8a8 (a
+    quantized folder), "+"-joined where layers differ. The transformers oracle multiplies float weights."""
+    from nimblelm.eval.ppl import NimbleLMScorer
+    from nimblelm.layers.linear import Linear
+
+    if not isinstance(scorer, NimbleLMScorer):
+        return "none"
+    return "+".join(sorted({m.method.name for m in scorer.runner.model.modules() if isinstance(m, Linear)}))
 
 
 def run_quantization(args) -> int:

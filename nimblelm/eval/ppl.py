@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from nimblelm import corpora
 from nimblelm.errors import InvalidRequestError
 
 TEXT_SETS = ("pydoc", "sharegpt", "humaneval")
@@ -60,16 +61,12 @@ def load_text_set(name: str = "pydoc", seed: int = 0, max_chars: int | None = No
 
         text = "\n\n".join(topics[k] for k in sorted(topics))
     elif name == "sharegpt":
-        from nimblelm.bench import datasets
-
-        pairs = datasets.sharegpt_pairs(datasets.load_sharegpt(datasets.sharegpt_path()))
+        pairs = corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path()))
         answers = [a for _, a in pairs if a.strip()]
         random.Random(seed).shuffle(answers)
         text = "\n\n".join(answers[:2000])
     elif name == "humaneval":
-        from nimblelm.bench import datasets
-
-        problems = datasets.load_humaneval(datasets.humaneval_path())
+        problems = corpora.load_humaneval(corpora.humaneval_path())
         order = list(range(len(problems)))
         random.Random(seed).shuffle(order)
         text = "\n\n".join(problems[i]["prompt"] + problems[i]["canonical_solution"] for i in order)

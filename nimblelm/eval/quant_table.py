@@ -76,11 +76,11 @@ def int4_group(config, requested: int) -> int:
 
 def heldout_prompts(tokenizer, count: int, max_len: int) -> tuple[list[str], list[list[int]]]:
     """(task ids, token ids) of the first `count` HumanEval prompts of at most max_len tokens."""
-    from nimblelm.bench import datasets
+    from nimblelm import corpora
     from nimblelm.eval.ppl import encode
 
     ids, prompts = [], []
-    for problem in datasets.load_humaneval(datasets.humaneval_path()):
+    for problem in corpora.load_humaneval(corpora.humaneval_path()):
         tokens = encode(tokenizer, problem["prompt"])
         if len(tokens) <= max_len:
             ids.append(problem["task_id"])
@@ -125,7 +125,7 @@ def run_quant_quality(
     from nimblelm.bench.backends import mean_std
     from nimblelm.bench.machine import CpuMonitor
     from nimblelm.eval.ppl import NimbleLMScorer, perplexity
-    from nimblelm.quantization.quantize import calibrate, dense_scorer, make_config, quantize_loaded
+    from nimblelm.quantization.quantize import calibrate, dense_llm, make_config, quantize_loaded
 
     log = logger or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if settings[0].name != "fp32":
@@ -186,16 +186,16 @@ def run_quant_quality(
             group_of = group if setting.bits == 4 else None
             qconfig = make_config(model, setting.method, setting.bits, group_of, calib_samples=calib_samples,
                                   calib_seq_len=calib_seq_len, seed=seed, act_order=act_order)
-            scorer = dense_scorer(model, threads, calib_seq_len)
+            dense = dense_llm(model, threads, calib_seq_len)
             if qconfig.calibration and stats is None:
                 t0 = time.perf_counter()
-                stats = calibrate(scorer, qconfig, progress=progress)
+                stats = calibrate(dense, qconfig, progress=progress)
                 calib_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             folder = Path(tmp) / setting.name
-            quantize_loaded(scorer, qconfig, stats, folder, progress)
+            quantize_loaded(dense, qconfig, stats, folder, progress)
             quantize_s = time.perf_counter() - t0
-            del scorer
+            del dense
             gc.collect()
             measure(setting, LLM(model=str(folder), **engine), quantize_s)
             gc.collect()

@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from nimblelm import corpora
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
+from nimblelm.platform import memory_total_bytes
 
 CALIBRATION_SETS = ("sharegpt",)
 
 
 def sharegpt_texts(seed: int) -> list[str]:
-    from nimblelm.bench import datasets
-
-    pairs = datasets.sharegpt_pairs(datasets.load_sharegpt(datasets.sharegpt_path()))
+    pairs = corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path()))
     texts = [f"{prompt}\n\n{answer}" for prompt, answer in pairs]
     random.Random(seed).shuffle(texts)
     return texts
@@ -112,21 +112,15 @@ class InputStats:
         return torch.cat(self.rows)
 
 
-def _memory_bytes() -> int:
-    from nimblelm.bench.machine import memory_total_bytes
-
-    return memory_total_bytes() or 0
-
-
 def capture_inputs(
-    scorer, samples: list[list[int]], seed: int, max_rows: int = 512, progress: bool = True,
+    runner, samples: list[list[int]], seed: int, max_rows: int = 512, progress: bool = True,
     names: list[str] | None = None, memory_bytes: int | None = None,
 ) -> dict[str, InputStats]:
-    """Run every sample through the model behind `scorer` (a nimblelm.eval.ppl.NimbleLMScorer) layer by
-    layer and return, for every Linear of its model (or those `names` lists) by module name, the
-    statistics of its inputs (about max_rows rows kept). x^T x goes to files when all of it would take
-    over a quarter of `memory_bytes` (default: this machine's memory)."""
-    runner = scorer.runner
+    """Run every sample through the model of `runner` (the engine's ModelRunner, with no request in
+    flight: each sample's blocks are taken from the start of its KV cache) layer by layer and return,
+    for every Linear of its model (or those `names` lists) by module name, the statistics of its inputs
+    (about max_rows rows kept). x^T x goes to files when all of it would take over a quarter of
+    `memory_bytes` (default: this machine's memory)."""
     model = runner.model
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and (names is None or n in names)}
     widest = max(m.in_features for m in linears.values())
@@ -142,7 +136,7 @@ def capture_inputs(
     rows = -(-max_rows // len(samples))
     stats = {name: InputStats(rows, torch.Generator().manual_seed(seed)) for name in linears}
     xtx_bytes = 4 * sum(m.in_features ** 2 for m in linears.values())
-    spill = xtx_bytes > (_memory_bytes() if memory_bytes is None else memory_bytes) / 4
+    spill = xtx_bytes > ((memory_total_bytes() or 0) if memory_bytes is None else memory_bytes) / 4
 
     def observing(prefix: str):
         """Pre-hooks on the selected Linears whose names start with `prefix`."""

@@ -1,8 +1,8 @@
 """`nimblelm quantize`: load a model, calibrate, quantize every linear layer, write a quantized folder.
 
-The model is the engine's own (through the perplexity scorer, whose forward the calibration uses);
-its layers are quantized in place, so after `quantize_model` the returned engine is the in-memory
-quantized model, the same as what `LLM(model=output)` later loads.
+The model is the engine's own: an LLM loaded in fp32, whose model runner (model and paged KV cache)
+the calibration drives layer by layer. Its layers are quantized in place, so after `quantize_model` the
+returned LLM is the in-memory quantized model, the same as what `LLM(model=output)` later loads.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
+from nimblelm.llm import LLM
 from nimblelm.models import registry
 from nimblelm.quantization import awq, smoothquant
 from nimblelm.quantization.calibration import CALIBRATION_SETS, calibration_samples, capture_inputs
@@ -53,10 +54,10 @@ def quantize_model(
         output = Path(output)
         if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise InvalidRequestError(f"{output} exists and is not an empty folder")
-    scorer = dense_scorer(model, threads, calib_seq_len)
-    stats = calibrate(scorer, qconfig, texts, progress) if qconfig.calibration else None
-    quantize_loaded(scorer, qconfig, stats, output, progress)
-    return scorer.llm, qconfig
+    llm = dense_llm(model, threads, calib_seq_len)
+    stats = calibrate(llm, qconfig, texts, progress) if qconfig.calibration else None
+    quantize_loaded(llm, qconfig, stats, output, progress)
+    return llm, qconfig
 
 
 def make_config(
@@ -77,32 +78,28 @@ def make_config(
     return qconfig
 
 
-def dense_scorer(model: str, threads: int | None = None, max_len: int = 512):
-    """The model loaded with plain fp32 weights (dense_weights), ready to calibrate and quantize in place,
-    behind the perplexity scorer whose forward the calibration runs."""
-    from nimblelm.eval.ppl import NimbleLMScorer
-
-    scorer = NimbleLMScorer(model, threads=threads, max_len=max(max_len, 2))
-    dense_weights(scorer.runner.model)
-    return scorer
+def dense_llm(model: str, threads: int | None = None, max_len: int = 512) -> LLM:
+    """The model loaded with plain fp32 weights (dense_weights), ready to calibrate and quantize in place.
+    One sequence: calibration runs one sample at a time, so the KV cache needs room for one only."""
+    llm = LLM(model=model, dtype="float32", max_model_len=max(max_len, 2), max_num_seqs=1, num_threads=threads)
+    dense_weights(llm.llm_engine.runner.model)
+    return llm
 
 
-def calibrate(scorer, qconfig: QuantizationConfig, texts: list[str] | None = None, progress: bool = True):
+def calibrate(llm: LLM, qconfig: QuantizationConfig, texts: list[str] | None = None, progress: bool = True):
     """Input statistics of every linear layer over the recipe's calibration samples. One capture serves
     every method; GPTQ releases each layer's x^T x as it goes (_quantize_layers)."""
-    samples = calibration_samples(scorer.llm.tokenizer, qconfig.calib_samples, qconfig.calib_seq_len,
-                                  qconfig.seed, texts)
-    return capture_inputs(scorer, samples, qconfig.seed, progress=progress)
+    samples = calibration_samples(llm.tokenizer, qconfig.calib_samples, qconfig.calib_seq_len, qconfig.seed, texts)
+    return capture_inputs(llm.llm_engine.runner, samples, qconfig.seed, progress=progress)
 
 
-def quantize_loaded(scorer, qconfig: QuantizationConfig, stats, output: str | Path | None = None,
+def quantize_loaded(llm: LLM, qconfig: QuantizationConfig, stats, output: str | Path | None = None,
                     progress: bool = True) -> None:
-    """Quantize the dense model behind `scorer` in place and write it to `output` (when given)."""
-    lm = scorer.runner.model
+    """Quantize the dense model of `llm` in place and write it to `output` (when given)."""
+    lm = llm.llm_engine.runner.model
     _quantize_layers(lm, qconfig, stats, progress)
     if output is not None:
-        save_quantized(Path(output), lm, registry.resolve(qconfig.source), scorer.llm.model_config,
-                       scorer.llm.tokenizer, qconfig)
+        save_quantized(Path(output), lm, registry.resolve(qconfig.source), llm.model_config, llm.tokenizer, qconfig)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 from nimblelm.config import ModelConfig
 from nimblelm.errors import InvalidRequestError, ModelFormatError
 from nimblelm.layers.linear import Linear, LinearMethod
+from nimblelm.models.hf_config import hf_config_from
 from nimblelm.quantization.int4 import GROUP_SIZES, Int4WeightOnly, dequantize_int4
 from nimblelm.quantization.int8 import Int8WeightOnly, dequantize_int8
 from nimblelm.quantization.w8a8 import W8A8
@@ -235,8 +236,6 @@ def save_quantized(
             if (source / file).is_file():
                 shutil.copyfile(source / file, output / file)
     else:  # a GGUF: its metadata becomes a Hugging Face config and tokenizer
-        from nimblelm.bench.backends import hf_config_from
-
         hf_config_from(config).save_pretrained(output)
         tokenizer.save_pretrained(output)
     write_config(output, qconfig)
