@@ -42,4 +42,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # With SamplingParams.prompt_logprobs: per prompt token, its logprob and the top alternatives; None for
+    # the first token, which nothing predicts.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     metrics: RequestMetrics = field(repr=False, default=None)  # type: ignore[assignment]

@@ -29,7 +29,7 @@ class StructuredOutputParams:
 @dataclass
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 16  # None: up to max_model_len
+    max_tokens: int | None = 16  # None: up to max_model_len; 0: the prompt only (for its prompt_logprobs)
     temperature: float = 1.0  # 0 means greedy and deterministic
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
@@ -39,6 +39,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives per token, besides the sampled one
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (as vLLM)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -60,8 +61,8 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad(f"n must be an integer >= 1, got {self.n!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise bad(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if self.temperature < 0:
             raise bad(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -78,8 +79,10 @@ class SamplingParams:
             raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}")  # torch generators take 64 bits
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise bad(f"{name} must be an integer >= 0, got {value!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -119,7 +119,7 @@ def test_logprobs_of_the_raw_distribution_with_ranks():
         {"top_p": 0.0},
         {"top_p": 1.5},
         {"n": 0},
-        {"max_tokens": 0},
+        {"max_tokens": -1},
         {"top_k": -2},
         {"min_p": 1.5},
         {"repetition_penalty": 0.0},

@@ -149,6 +149,32 @@ def test_completion_logprobs_match_the_engine(client, model, tiny_llm):
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_echo_with_logprobs_returns_the_prompt_scored(client, model, tiny_llm):
+    # What lm-evaluation-harness's loglikelihood requests send: the text, echo, logprobs, max_tokens 0.
+    prompt = PROMPTS[1]
+    ids = tiny_llm.tokenizer.encode(prompt)
+    expected = tiny_llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=1), use_tqdm=False)[0]
+    choice = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                       temperature=0).choices[0]
+    lp = choice.logprobs
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(expected.prompt_logprobs[i][ids[i]].logprob, abs=1e-5)
+        assert 1 <= len(lp.top_logprobs[i]) <= 2
+    assert "".join(lp.tokens) == prompt and lp.text_offset == sorted(lp.text_offset)
+    # With a completion, echoed or streamed, the prompt comes first and the offsets run on.
+    whole = client.completions.create(model=model, prompt=prompt, max_tokens=4, echo=True, logprobs=0,
+                                      temperature=0).choices[0]
+    streamed = client.completions.create(model=model, prompt=prompt, max_tokens=4, echo=True, logprobs=0,
+                                         temperature=0, stream=True)
+    parts = [c.choices[0] for c in streamed if c.choices]
+    assert whole.text.startswith(prompt) and "".join(p.text for p in parts) == whole.text
+    assert [t for p in parts for t in p.logprobs.tokens] == whole.logprobs.tokens
+    assert [o for p in parts for o in p.logprobs.text_offset] == whole.logprobs.text_offset
+    assert whole.logprobs.text_offset[len(ids)] == len(prompt)
+
+
 def test_chat_logprobs_shape(client, model):
     got = client.chat.completions.create(
         model=model, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,

@@ -103,7 +103,7 @@ CASES = [
      None),
     ("stream_options without stream", "chat/completions", chat(stream_options={"include_usage": True}), 400,
      "invalid_request_error", None, None),
-    ("echo", "completions", {"prompt": "Hi", "echo": True}, 400, "invalid_request_error", None, None),
+    ("suffix", "completions", {"prompt": "Hi", "suffix": "!"}, 400, "invalid_request_error", None, None),
     ("seed out of range", "completions", {"prompt": "Hi", "seed": -1}, 400, "invalid_request_error", "invalid_value",
      "seed"),
 ]

@@ -114,10 +114,12 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
-        self._check_prompt(token_ids)
+        self._check_prompt(token_ids, params)
         grammar = self.structured_output.compile(params.structured_output) if params.structured_output else None
         metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.perf_counter())
         request = Request(request_id, text, token_ids, params, metrics)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         for index in range(params.n):
             seq = Sequence(request_id, token_ids, params, index)
             if grammar is not None:
@@ -152,11 +154,11 @@ class LLMEngine:
             return None, list(prompt)
         raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
         limit = self.config.max_model_len
-        if len(token_ids) >= limit:
+        if len(token_ids) > limit or (len(token_ids) == limit and params.max_tokens != 0):
             raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; max_model_len={limit} leaves no room to generate"
             )
@@ -209,7 +211,7 @@ class LLMEngine:
         self._add_grammar_bitmask(sched)
         out = self.runner.execute(sched)
         self.scheduler.update(sched)
-        return self._postprocess(out)
+        return self._postprocess(sched, out)
 
     def _add_grammar_bitmask(self, sched: SchedulerOutput) -> None:
         """The allowed next tokens of the structured sequences that will sample this step."""
@@ -222,11 +224,26 @@ class LLMEngine:
             sched.grammar_req_ids = [s.seq_id for s in structured]
             sched.grammar_bitmask = grammar_bitmask([s.matcher for s in structured], self.model_config.vocab_size)
 
-    def _postprocess(self, out: ModelRunnerOutput) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
         now = time.perf_counter()
+        for seq_id, entries in out.prompt_logprobs.items():
+            seq = self.scheduler.seqs[seq_id]
+            request = self.requests[seq.request_id]
+            start = seq.num_computed_tokens - sched.num_scheduled_tokens[seq_id]  # the step's first position
+            # Every sequence of the request computes the prompt, a preempted one again: only entries that
+            # continue the request's list are new.
+            if start + 1 == len(request.prompt_logprobs):
+                request.prompt_logprobs += [
+                    self._logprob_entry(t, e, request.params.prompt_logprobs)
+                    for t, e in zip(seq.token_ids[start + 1 :], entries)
+                ]
         touched: dict[str, Request] = {}
         for row, (seq_id, token) in enumerate(zip(out.req_ids, out.sampled_token_ids)):
             seq = self.scheduler.seqs[seq_id]
+            if seq.params.max_tokens == 0:  # the prompt was all it asked for
+                self.scheduler.finish(seq, "length")
+                touched[seq.request_id] = self.requests[seq.request_id]
+                continue
             seq.token_ids.append(token)
             if seq.logprobs is not None:
                 seq.logprobs.append(self._logprob_entry(token, out.logprobs[row], seq.params.logprobs))
@@ -294,7 +311,7 @@ class LLMEngine:
         ]
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, completions, request.is_finished,
-            request.metrics,
+            metrics=request.metrics, prompt_logprobs=request.prompt_logprobs,
         )
 
 

@@ -20,7 +20,7 @@ from nimblelm.engine.kv_cache.manager import kv_groups
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import LinearMethod
-from nimblelm.layers.sampler import Sampler, SamplingBatch
+from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
 from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.quantization.saved import SavedQuantization
@@ -125,10 +125,11 @@ class ModelRunner:
         self._update(sched)
         if sched.is_empty:
             return ModelRunnerOutput([], [])
-        input_ids, positions, metas, sample_rows, sample_ids = self._prepare(sched)
+        input_ids, positions, metas, sample_rows, sample_ids, prompt_rows = self._prepare(sched)
         hidden = self.model(input_ids, positions, self.kv_caches, metas)
+        prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
         if not sample_ids:
-            return ModelRunnerOutput([], [])
+            return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_rows])
         states = [self.seqs[i] for i in sample_ids]
         sampling = SamplingBatch.build(
@@ -141,7 +142,22 @@ class ModelRunner:
             _bitmask_rows(sched, sample_ids),
         )
         sampled = self.sampler(logits, sampling)
-        return ModelRunnerOutput(sample_ids, sampled.token_ids, sampled.logprobs)
+        return ModelRunnerOutput(sample_ids, sampled.token_ids, sampled.logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int]]]):
+        """Per sequence: the entries of the prompt tokens that this step's rows predict."""
+        rows = [r for _, seq_rows, _ in prompt_rows for r in seq_rows]
+        targets = [t for _, _, seq_targets in prompt_rows for t in seq_targets]
+        k = max(self.seqs[req_id].params.prompt_logprobs for req_id, _, _ in prompt_rows)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        entries = token_logprobs(logits, torch.tensor(targets, device=self.device), k)
+        out, start = {}, 0
+        for req_id, seq_rows, _ in prompt_rows:
+            wanted = self.seqs[req_id].params.prompt_logprobs
+            out[req_id] = [(lp, rank, ids[:wanted], lps[:wanted]) for lp, rank, ids, lps in
+                           entries[start : start + len(seq_rows)]]
+            start += len(seq_rows)
+        return out
 
     def _update(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
@@ -191,10 +207,15 @@ class ModelRunner:
                 prefill_blocks[g].append(torch.tensor(table, device=self.device))
         sample_rows: list[int] = []
         sample_ids: list[int] = []
+        prompt_rows = []  # (req_id, rows, the prompt tokens they predict) of sequences with prompt_logprobs
         row = 0
         for seq, n, req_id in decodes + prefills:
+            start = seq.num_computed_tokens
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                end = min(start + n, seq.num_prompt_tokens - 1)
+                prompt_rows.append((req_id, list(range(row, row + end - start)), seq.token_ids[start + 1 : end + 1]))
             row += n
-            if seq.num_computed_tokens + n == len(seq.token_ids):
+            if start + n == len(seq.token_ids):
                 sample_rows.append(row - 1)
                 sample_ids.append(req_id)
 
@@ -236,6 +257,7 @@ class ModelRunner:
             metas,
             torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_ids,
+            prompt_rows,
         )
 
 

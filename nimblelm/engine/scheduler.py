@@ -77,7 +77,8 @@ class Scheduler:
         # New sequences wait while anything was preempted: room is short, and the preempted go first.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.kv.cached_prefix(seq)
+            # Prompt logprobs need the logits of every prompt position: nothing of the prompt is skipped.
+            cached = self.kv.cached_prefix(seq) if seq.params.prompt_logprobs is None else 0
             remaining = seq.num_tokens - cached
             n = min(remaining, budget)
             if n < remaining and not self.config.enable_chunked_prefill:

@@ -66,3 +66,6 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     # Per sampled sequence, when logprobs were asked for: (sampled logprob, its rank, top ids, top logprobs).
     logprobs: list[tuple[float, int, list[int], list[float]]] | None = None
+    # For sequences with prompt_logprobs whose prompt this step computed part of: the entries (as above) of
+    # the prompt tokens after the computed positions, in order.
+    prompt_logprobs: dict[int, list[tuple[float, int, list[int], list[float]]]] = field(default_factory=dict)

@@ -107,15 +107,14 @@ def nll_of_logits(logits, ids) -> tuple[float, int]:
 
 
 class NimbleLMScorer:
-    """Scores a window with nimblelm's own model code and kernels: one prefill of the window through the
-    engine's DecoderLM (paged KV cache, the same attention backend as serving), logits for every position."""
+    """Scores a window through nimblelm's engine, as a request for its prompt logprobs (no token generated):
+    the serving path's scheduler, paged KV cache, kernels and attention."""
 
     name = "nimblelm"
 
     def __init__(self, model: str | None = None, dtype: str = "float32", threads: int | None = None,
                  max_len: int = 512, kv_cache_dtype: str = "auto", llm=None):
-        """Loads `model`, or scores through an `llm` already loaded (it must have no request in flight:
-        a window's blocks are taken from the start of its cache)."""
+        """Loads `model`, or scores through an `llm` already loaded."""
         if llm is None:
             from nimblelm import LLM
 
@@ -126,22 +125,11 @@ class NimbleLMScorer:
         self.tokenizer = self.llm.tokenizer
 
     def __call__(self, ids: Sequence[int]) -> tuple[float, int]:
-        import torch
+        from nimblelm import SamplingParams
 
-        r = self.runner
-        dev = r.device
-        n = len(ids)
-        bs = r.block_size
-        nblocks = -(-n // bs)
-        if nblocks > r.num_blocks:
-            raise InvalidRequestError(f"a window of {n} tokens needs {nblocks} KV blocks, the engine has {r.num_blocks}")
-        metas = r.model.whole_prompt_metadata(n, bs, dev)
-        with torch.inference_mode():
-            input_ids = torch.tensor(list(ids), dtype=torch.long, device=dev)
-            positions = torch.arange(n, dtype=torch.long, device=dev)
-            hidden = r.model(input_ids, positions, r.kv_caches, metas)
-            logits = r.model.compute_logits(hidden)
-            return nll_of_logits(logits, ids)
+        ids = list(ids)
+        out = self.llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=False)[0]
+        return -math.fsum(entry[t].logprob for t, entry in zip(ids[1:], out.prompt_logprobs[1:])), len(ids) - 1
 
 
 class TransformersScorer:

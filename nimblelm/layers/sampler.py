@@ -119,7 +119,7 @@ class Sampler:
         else:
             probs = self._probabilities(logits, batch)
             sampled = torch.where(batch.temperature == 0, greedy, self._draw(probs, batch.generators))
-        logprobs = self._logprobs(raw_logits, sampled, batch.max_logprobs) if batch.max_logprobs is not None else None
+        logprobs = token_logprobs(raw_logits, sampled, batch.max_logprobs) if batch.max_logprobs is not None else None
         return SamplerOutput(sampled.tolist(), logprobs)
 
     @staticmethod
@@ -146,17 +146,20 @@ class Sampler:
                 noise[row].exponential_(generator=g)
         return (probs / noise).argmax(dim=-1)
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, k: int):
-        logprobs = logits.log_softmax(dim=-1)
-        chosen = logprobs.gather(1, sampled[:, None])
-        ranks = (logprobs > chosen).sum(dim=-1) + 1
-        rows = logits.shape[0]
-        top_ids, top_lps = ([[]] * rows, [[]] * rows)
-        if k:
-            top = logprobs.topk(k, dim=-1)
-            top_ids, top_lps = top.indices.tolist(), top.values.tolist()
-        return list(zip(chosen[:, 0].tolist(), ranks.tolist(), top_ids, top_lps))
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[tuple[float, int, list[int], list[float]]]:
+    """Per row: the logprob of token_ids[row] under the row's logits, its rank (1 = the most likely), and
+    the k most likely tokens with their logprobs."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    rows = logits.shape[0]
+    top_ids, top_lps = ([[]] * rows, [[]] * rows)
+    if k:
+        top = logprobs.topk(k, dim=-1)
+        top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+    return list(zip(chosen[:, 0].tolist(), ranks.tolist(), top_ids, top_lps))
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Requests are strict about types ("max_tokens": "5" is an error, as at OpenAI) and ignore fields they
 do not know, as vLLM does, so clients that send newer or vendor fields keep working. Fields that
-would change the answer but are not implemented (tools, logit_bias, echo, ...) are refused with a
+would change the answer but are not implemented (tools, logit_bias, suffix, ...) are refused with a
 clear message rather than silently dropped. The response models are what the routes return, and
 what the published OpenAPI schema shows.
 """
@@ -73,7 +73,9 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
@@ -90,6 +92,7 @@ class _SamplingRequest(_Request):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
@@ -119,15 +122,13 @@ class CompletionRequest(_SamplingRequest):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: Int | None = Field(16, ge=1)
+    max_tokens: Int | None = Field(16, ge=0)  # 0 with echo: the prompt's logprobs only (as OpenAI's legacy API)
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion, in its text and (with logprobs) its logprobs
     suffix: str | None = None
     best_of: Int | None = Field(None, ge=1, le=MAX_N)
 
     def prompts(self) -> list[str | list[int]]:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:

@@ -111,7 +111,7 @@ class OpenAIServing:
 
     def completion_streams(self, req: CompletionRequest) -> tuple[str, list[RequestStream], SamplingParams]:
         self.check_model(req.model)
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        params = req.sampling_params(req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
         prompts = []
         for i, prompt in enumerate(req.prompts()):
             if isinstance(prompt, str):
@@ -130,10 +130,15 @@ class OpenAIServing:
         choices = []
         for p, output in enumerate(finals):
             for c in output.outputs:
+                prompt = self._echo(req, output)
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = _completion_logprobs(c.token_ids, c.logprobs, req.logprobs, 0)
-                choices.append(CompletionChoice(index=p * req.n + c.index, text=c.text, logprobs=logprobs,
+                    offset = len(prompt.text) if prompt else 0
+                    logprobs = _completion_logprobs(c.token_ids, c.logprobs, req.logprobs, offset)
+                    if prompt:
+                        logprobs = _joined(prompt.logprobs, logprobs)
+                text = prompt.text + c.text if prompt else c.text
+                choices.append(CompletionChoice(index=p * req.n + c.index, text=text, logprobs=logprobs,
                                                 finish_reason=_finish(c)))
         return Completion(id=request_id, created=int(time.time()), model=self.model_name, choices=choices,
                           usage=_usage(finals))
@@ -157,11 +162,20 @@ class OpenAIServing:
                     state = states.setdefault(index, _ChoiceState())
                     if state.finished:
                         continue
+                    prompt = None
+                    if not state.started:  # an echoed choice's first chunk starts with the prompt
+                        state.started = True
+                        prompt = self._echo(req, output)
+                        state.text_offset = len(prompt.text) if prompt else 0
                     text, token_ids, entries = state.advance(c, params.stop_strings)
                     logprobs = None
                     if req.logprobs is not None and token_ids:
                         logprobs = _completion_logprobs(token_ids, entries, req.logprobs, state.text_offset)
                         state.text_offset += sum(len(t) for t in logprobs.tokens)
+                    if prompt:
+                        text = prompt.text + text
+                        if prompt.logprobs is not None:
+                            logprobs = _joined(prompt.logprobs, logprobs or CompletionLogprobs())
                     if text or logprobs is not None or state.finished:
                         finish = _finish(c) if state.finished else None
                         yield chunk(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish))
@@ -175,6 +189,19 @@ class OpenAIServing:
             for stream in streams:
                 stream.close()
         yield SSE_DONE
+
+    def _echo(self, req: CompletionRequest, output: RequestOutput) -> _Echo | None:
+        """With echo: the prompt's text and, with logprobs, its tokens' logprobs (none for the first)."""
+        if not req.echo:
+            return None
+        ids = output.prompt_token_ids
+        text = output.prompt if output.prompt is not None else self.tokenizer.decode(ids)
+        if req.logprobs is None:
+            return _Echo(text, None)
+        first = self.tokenizer.decode(ids[:1])
+        rest = _completion_logprobs(ids[1:], output.prompt_logprobs[1:], req.logprobs, len(first))
+        head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        return _Echo(text, _joined(head, rest))
 
     # -- chat -------------------------------------------------------------------------------------
 
@@ -264,9 +291,21 @@ class OpenAIServing:
 
 
 @dataclass
+class _Echo:
+    text: str
+    logprobs: CompletionLogprobs | None
+
+
+def _joined(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+
+
+@dataclass
 class _ChoiceState:
     """What one choice's stream has sent so far."""
 
+    started: bool = False
     text_sent: int = 0
     tokens_sent: int = 0
     text_offset: int = 0
