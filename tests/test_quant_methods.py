@@ -145,8 +145,7 @@ def test_w8a8_linear_matches_the_integer_matmul(rows, k):
 def logits_of(llm, prompt_ids):
     from nimblelm.eval.ppl import NimbleLMScorer
 
-    scorer = NimbleLMScorer.__new__(NimbleLMScorer)
-    scorer.runner = llm.llm_engine.runner
+    scorer = NimbleLMScorer(llm=llm)
     captured = {}
     model = scorer.runner.model
     hook = model.lm_head.register_forward_hook(lambda _m, _a, out: captured.setdefault("logits", out))

@@ -175,6 +175,17 @@ def test_echo_with_logprobs_returns_the_prompt_scored(client, model, tiny_llm):
     assert whole.logprobs.text_offset[len(ids)] == len(prompt)
 
 
+def test_tokenizer_routes_use_the_served_tokenizer(tiny_server, tiny_llm):
+    tokenizer = tiny_llm.tokenizer
+    ids = tiny_server.post("/tokenize", json={"prompt": PROMPTS[1], "add_special_tokens": False}).json()
+    assert ids["tokens"] == tokenizer.encode(PROMPTS[1], add_special_tokens=False) and ids["count"] == len(ids["tokens"])
+    assert tiny_server.post("/detokenize", json={"tokens": ids["tokens"]}).json() == {"prompt": PROMPTS[1]}
+    info = tiny_server.get("/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.eos_token and info["model_max_length"] == 128
+    bad = tiny_server.post("/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
 def test_chat_logprobs_shape(client, model):
     got = client.chat.completions.create(
         model=model, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,

@@ -30,9 +30,14 @@ from nimblelm.server.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
 )
 from nimblelm.server.serving import OpenAIServing
 
@@ -125,6 +130,18 @@ def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[]
     async def get_model(model_id: str):
         serving.check_model(model_id)
         return card()
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=error_responses)
+    async def tokenize(body: TokenizeRequest):
+        return serving.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses)
+    async def detokenize(body: DetokenizeRequest):
+        return serving.detokenize(body)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo)
+    async def tokenizer_info():
+        return serving.tokenizer_info()
 
     sse = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream is true"}}
 

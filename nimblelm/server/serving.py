@@ -38,6 +38,11 @@ from nimblelm.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -106,6 +111,25 @@ class OpenAIServing:
                 stream.close()
             raise
         return streams
+
+    # -- tokenizer ------------------------------------------------------------------------------
+
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        self.check_model(req.model)
+        tokens = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=self.max_model_len)
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(req.model)
+        if any(t >= self.vocab_size for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {self.vocab_size})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        t = self.tokenizer
+        return TokenizerInfo(tokenizer_class=type(t).__name__, bos_token=t.bos_token, eos_token=t.eos_token,
+                             pad_token=t.pad_token, model_max_length=self.max_model_len,
+                             chat_template=t.chat_template if isinstance(t.chat_template, str) else None)
 
     # -- completions ------------------------------------------------------------------------------
 
