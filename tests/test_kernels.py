@@ -58,7 +58,7 @@ def test_write_kv_cache_matches_index_copy(ops):
         ops.write_kv_cache_(k_cache, v_cache, k, v, torch.tensor([0, 1, 2, 3, blocks * block_size]))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("rows", [1, 5, 17, 64])
 @pytest.mark.parametrize("width", [8, 37, 1536])
 def test_silu_mul_matches_torch(ops, rows, width):
     # Widths below, off and on the 8-lane vector; gate values far into both tails of the exp.
@@ -66,6 +66,59 @@ def test_silu_mul_matches_torch(ops, rows, width):
     gate_up = torch.randn(rows, 2 * width) * 30
     gate, up = gate_up.split(width, dim=-1)
     assert torch.allclose(ops.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def rms_norm_reference(x, w, eps):
+    x64 = x.double()
+    return (x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps) * w.double()).float()
+
+
+def rows_of_many_magnitudes(rows, width):
+    """Gaussian rows scaled from 1e-4 (where eps = 1e-6 weighs on the norm) to 1e3, one of three or more
+    rows all zeros."""
+    x = torch.randn(rows, width) * torch.logspace(-4, 3, rows)[:, None]
+    if rows >= 3:
+        x[rows // 2] = 0
+    return x
+
+
+# Rows around rms_norm's and rope_'s grain of 16 rows per thread, widths below, off and on the 8-lane vector.
+@pytest.mark.parametrize("rows", [1, 3, 17, 33])
+@pytest.mark.parametrize("width", [8, 37, 576])
+def test_rms_norm_and_add_rms_norm_match_torch(ops, rows, width):
+    torch.manual_seed(rows * width)
+    x, residual, w = rows_of_many_magnitudes(rows, width), torch.randn(rows, width), torch.randn(width)
+    # A few float32 roundings (the scale, two products) from the float64 reference: rtol 2e-6.
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), rtol=2e-6, atol=0)
+    # add_rms_norm_: residual += x exactly as torch adds, then x = rms_norm(residual) * w, both in place.
+    added = x + residual
+    ops.add_rms_norm_(x, residual, w, 1e-6)
+    assert torch.equal(residual, added)
+    torch.testing.assert_close(x, rms_norm_reference(added, w, 1e-6), rtol=2e-6, atol=0)
+
+
+def rotate_half_reference(x, cos, sin):
+    """Rotary embedding of x [tokens, heads, head_dim] in float64: cos, sin [tokens, head_dim]."""
+    x64, cos, sin = x.double(), cos.double()[:, None], sin.double()[:, None]
+    half = x.shape[-1] // 2
+    return (x64 * cos + torch.cat([-x64[..., half:], x64[..., :half]], dim=-1) * sin).float()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17, 33])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (5, 1, 16), (3, 3, 6)])
+def test_rope_rotates_the_q_and_k_heads_as_torch_does(ops, tokens, heads, kv_heads, dim):
+    from nimblelm.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(tokens * dim + heads)
+    cos, sin = RotaryEmbedding(dim, 4096, 10000.0)(torch.randint(0, 4096, (tokens,)))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    before = qkv.clone()
+    rotated = (heads + kv_heads) * dim
+    ops.rope_(qkv, cos, sin, heads + kv_heads, dim)
+    want = rotate_half_reference(before[:, :rotated].view(tokens, -1, dim), cos, sin).view(tokens, rotated)
+    # Two products and a sum of values below 5 in float32: an absolute 1e-6.
+    torch.testing.assert_close(qkv[:, :rotated], want, rtol=0, atol=1e-6)
+    assert torch.equal(qkv[:, rotated:], before[:, rotated:])  # the v heads are left alone
 
 
 def test_pack_module_keeps_values_and_ties():
@@ -160,6 +213,30 @@ def test_int8_linear_in_row_tiles_gives_the_sums_of_rows(ops, n, k, group):
         ops.int8_linear(x, q.reshape(n // 2, 2 * k), scales, b, group)
 
 
+# Rows 17 and 33 split across threads; 13 and 37 outputs leave one to three rows after the last tile of
+# four (the scalar path), 12 and 40 fill tiles, kept in rows and in row tiles.
+@pytest.mark.parametrize("rows", [1, 3, 17, 33])
+@pytest.mark.parametrize(("n", "k"), [(13, 64), (37, 96), (12, 128), (40, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_linear_matches_the_integer_matmul(ops, rows, n, k, bias):
+    torch.manual_seed(rows * n + k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales, x = torch.rand(n, 1) * 0.01, torch.randn(rows, k) * torch.logspace(-2, 2, rows)[:, None]
+    b = torch.randn(n) if bias else None
+    got = ops.w8a8_linear(x, q, scales, b)
+    # The kernel rounds each activation row to int8 with the float32 arithmetic below, then sums exact
+    # integer products, scaled in float32 per block of 32: relative 1e-5 of the outputs' scale.
+    amax = x.abs().amax(-1, keepdim=True)
+    xq = torch.round(x * (127 / amax))
+    dots = xq.double() @ q.double().t()
+    want = (dots * (amax / 127).double() * scales.double().t()).float()
+    want = want + b if bias else want
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if tiles.tileable(q):
+        t = tiles.tile({"qweight": q, "scales": scales})
+        assert torch.equal(ops.w8a8_linear(x, t["qweight"], t["scales"], b), got)
+
+
 def test_row_tiles_round_trip_and_give_rows_back():
     layer = Linear(128, 12)  # int4: 64 bytes a row
     plain = {"qweight": torch.randint(0, 256, (12, 64), dtype=torch.uint8), "scales": torch.randn(12, 4),
@@ -175,6 +252,21 @@ def test_row_tiles_round_trip_and_give_rows_back():
         ids = torch.tensor([11, 0, 6, 6])
         assert torch.equal(tiles.untile(layer, key, ids), plain[key][ids])
     assert tiles.untile(layer, "mins") is None
+
+
+def test_the_build_name_hashes_every_source_and_header(tmp_path):
+    from nimblelm import kernels
+
+    for name in ("ops.cpp", "ops.h", "notes.txt"):
+        (tmp_path / name).write_text("one")
+    first = kernels.build_name(tmp_path)
+    (tmp_path / "notes.txt").write_text("two")
+    assert kernels.build_name(tmp_path) == first  # not a source
+    (tmp_path / "ops.h").write_text("two")
+    second = kernels.build_name(tmp_path)
+    assert second != first
+    (tmp_path / "more.cpp").write_text("")
+    assert kernels.build_name(tmp_path) != second
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):

@@ -28,19 +28,28 @@ def cpu_ops():
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    source = Path(__file__).with_name("cpu_ops.cpp")
+    folder = Path(__file__).parent
     try:
         # -fopenmp: at::parallel_for is an inline OpenMP region, serial unless compiled with it; the
         # library it links is torch's own libgomp (same soname, already loaded), so one thread pool.
-        # Named by the source's hash: checkouts with different kernels (other branches, versions) never
-        # load or overwrite each other's build in torch's shared extensions folder.
-        name = f"nimblelm_cpu_ops_{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+        name = build_name(folder)
         _drop_stale_lock(name)
-        return load(name=name, sources=[str(source)],
+        return load(name=name, sources=[str(p) for p in sorted(folder.glob("*.cpp"))],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to torch ops
         warnings.warn(f"nimblelm: C++ kernels unavailable, using torch ops ({e.__class__.__name__}: {e})", stacklevel=2)
         return None
+
+
+def build_name(folder: Path) -> str:
+    """The extension's name, from a hash of every source and header in `folder` (names and contents):
+    checkouts with different kernels (other branches, versions) never load or overwrite each other's
+    build in torch's shared extensions folder."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".cpp", ".h")):
+        data = path.read_bytes()
+        digest.update(f"{path.name}\0{len(data)}\0".encode() + data)
+    return f"nimblelm_cpu_ops_{digest.hexdigest()[:12]}"
 
 
 # A build killed midway (Ctrl-C during a first start) leaves torch's lock file behind, and every later

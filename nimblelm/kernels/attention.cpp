@@ -1,0 +1,460 @@
+// Attention over the paged KV cache: writing new K/V into their slots (float32, float16 or int8), decode
+// attention straight from the pages, and prefill attention on the packed-panel GEMM tile.
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+#include "panel_tile.h"
+#include "simd.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float dot1(const float* x, const float* w, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+  }
+  float s = hsum(_mm256_add_ps(a0, a1));
+  for (; k < K; ++k) s += w[k] * x[k];
+  return s;
+}
+#else
+static inline float dot1(const float* x, const float* w, int64_t K) {
+  float s = 0.f;
+  for (int64_t k = 0; k < K; ++k) s += w[k] * x[k];
+  return s;
+}
+
+#endif
+
+// s[i] *= scale in place; returns their maximum.
+static float scale_max_(float* s, int64_t n, float scale) {
+  int64_t i = 0;
+  float mx = -INFINITY;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 vmx = _mm256_set1_ps(-INFINITY);
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + i), sc);
+    _mm256_storeu_ps(s + i, x);
+    vmx = _mm256_max_ps(vmx, x);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmx);
+  mx = *std::max_element(lanes, lanes + 8);
+#endif
+  for (; i < n; ++i) mx = std::max(mx, s[i] *= scale);
+  return mx;
+}
+
+// s[i] = exp(s[i] - shift) in place; returns their sum.
+static float exp_shifted_(float* s, int64_t n, float shift) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 sh = _mm256_set1_ps(shift);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), sh));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum(acc);
+#endif
+  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - shift));
+  return total;
+}
+
+// k and v of the new tokens are views into the fused qkv rows: each token's heads are contiguous, tokens strided.
+static void check_new_kv(const char* name, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.dim() == 3 && v.dim() == 3,
+              name, ": k and v must be float32 [tokens, kv_heads, head_dim]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0), name, ": slots");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              name, ": each token's k and v heads must be contiguous");
+}
+
+// k_cache[slot] = k and v_cache[slot] = v for each new token: one call instead of two index_copy_. A
+// float16 cache (kv_cache_dtype="float16") stores the rows rounded to nearest even, as torch's .half() does.
+template <typename T>
+static void write_rows(T* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+}
+
+void write_kv_cache_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v,
+                     at::Tensor slots) {
+  check_new_kv("write_kv_cache_", k, v, slots);
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && (type == at::kFloat || type == at::kHalf) &&
+              v_cache.scalar_type() == type, "write_kv_cache_: cache layout");
+  const int64_t row = k.size(1) * k.size(2), num_slots = k_cache.numel() / row;
+  const auto slots_c = slots.contiguous();
+  const int64_t* sp = slots_c.data_ptr<int64_t>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "write_kv_cache_: slot out of range");
+    if (type == at::kFloat) {
+      write_rows(k_cache.data_ptr<float>() + sp[t] * row, kp + t * ks, row);
+      write_rows(v_cache.data_ptr<float>() + sp[t] * row, vp + t * vs, row);
+    } else {
+      write_rows(k_cache.data_ptr<at::Half>() + sp[t] * row, kp + t * ks, row);
+      write_rows(v_cache.data_ptr<at::Half>() + sp[t] * row, vp + t * vs, row);
+    }
+  }
+}
+
+// q = round(x * (127 / max|x|)) for one head's D values; returns the scale max|x| / 127. quantize_kv in
+// layers/attention.py does the same float32 arithmetic, so both paths store the same bytes.
+static float quantize_head(const float* x, int64_t D, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t d = 0; d < D; ++d) q[d] = int8_t(std::nearbyint(x[d] * inv));
+  return amax / 127.f;
+}
+
+// The int8 cache's write: each new token's K and V quantized per KV head into its slot, with the scales
+// beside it in k_scales, v_scales [blocks, block_size, kv_heads].
+void write_kv_cache_int8_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k_scales, at::Tensor v_scales,
+                          at::Tensor k, at::Tensor v, at::Tensor slots) {
+  check_new_kv("write_kv_cache_int8_", k, v, slots);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kChar &&
+              v_cache.scalar_type() == at::kChar, "write_kv_cache_int8_: int8 cache layout");
+  const int64_t H = k.size(1), D = k.size(2), num_slots = k_cache.numel() / (H * D);
+  TORCH_CHECK(k_scales.is_contiguous() && v_scales.is_contiguous() && k_scales.scalar_type() == at::kFloat &&
+              v_scales.scalar_type() == at::kFloat && k_scales.numel() == num_slots * H &&
+              v_scales.numel() == num_slots * H, "write_kv_cache_int8_: float32 scales, one per slot and KV head");
+  int8_t* kc = k_cache.data_ptr<int8_t>();
+  int8_t* vc = v_cache.data_ptr<int8_t>();
+  float* ksc = k_scales.data_ptr<float>();
+  float* vsc = v_scales.data_ptr<float>();
+  const auto slots_c = slots.contiguous();
+  const int64_t* sp = slots_c.data_ptr<int64_t>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "write_kv_cache_int8_: slot out of range");
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t j = sp[t] * H + h;
+      ksc[j] = quantize_head(kp + t * ks + h * D, D, kc + j * D);
+      vsc[j] = quantize_head(vp + t * vs + h * D, D, vc + j * D);
+    }
+  }
+}
+
+// Cached K/V rows are float32, float16 (kv_cache_dtype="float16"), or int8 (kv_cache_dtype="int8") with a
+// float32 scale per row. float16 and int8 rows are widened to float in registers: the kernel reads a half
+// or a quarter of the bytes and computes in float.
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+static inline __m256 load8(const at::Half* p) {  // F16C comes with every AVX2 CPU
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+static inline float dot_row(const float* q, const float* row, int64_t D) { return dot1(q, row, D); }
+template <typename T>
+static inline float dot_row(const float* q, const T* row, int64_t D) {
+  int64_t d = 0;
+  float s = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(row + d), acc);
+  s = hsum(acc);
+#endif
+  for (; d < D; ++d) s += q[d] * float(row[d]);
+  return s;
+}
+
+// scores[t] = scale * q . k_rows[t] for n cached keys of D values, times row_scales[t] when given (int8 rows).
+template <typename T>
+static void scores_of(const float* q, const T* const* k_rows, const float* row_scales, int64_t n, int64_t D,
+                      float scale, float* scores) {
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0) {
+    // Eight keys at a time, their eight sums reduced together by a tree of horizontal adds instead of
+    // eight separate horizontal sums.
+    for (; t + 8 <= n; t += 8) {
+      __m256 acc[8];
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load8(k_rows[t + r] + d), acc[r]);
+      }
+      const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+      const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+      const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+      // Each 128-bit half of s0123 holds keys 0-3's sums over that half's lanes (s4567: keys 4-7);
+      // low halves plus high halves are the eight totals, in key order.
+      const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+      __m256 st = _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale));
+      if (row_scales) st = _mm256_mul_ps(st, _mm256_loadu_ps(row_scales + t));
+      _mm256_storeu_ps(scores + t, st);
+    }
+  }
+#endif
+  for (; t < n; ++t) scores[t] = dot_row(q, k_rows[t], D) * scale * (row_scales ? row_scales[t] : 1.f);
+}
+
+// out[0:D] += sum_t p[t] * v_rows[t][0:D].
+template <typename T>
+static void weighted_sum(const float* p, const T* const* v_rows, int64_t n, int64_t D, float* out) {
+  int64_t d0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  // 64 output values stay in eight registers over all n rows.
+  for (; d0 + 64 <= D; d0 += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(out + d0 + 8 * j);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 pv = _mm256_set1_ps(p[t]);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(pv, load8(v_rows[t] + d0 + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t d = d0; d < D; ++d) out[d] += p[t] * float(v_rows[t][d]);
+  }
+}
+
+// Decode attention straight from the paged cache: one query token per sequence, each KV head's
+// group of query heads scored against the sequence's cached keys, so K and V are read once and never
+// gathered into a padded copy. Positions before context_len - window are skipped when window > 0
+// (sliding-window attention). Contexts are cut into chunks of at most ATTN_CHUNK positions, each with its
+// own softmax maximum and sum (split-K, as flash-decoding does), merged at the end: a batch of one long
+// sequence keeps both threads busy.
+//
+// T = int8_t reads an int8 cache with k_scales, v_scales [blocks, block_size, kv_heads]: a key's score is
+// scale_k * (q . k_int8) and a value row is weighted by p * scale_v, so nothing is dequantized in memory.
+// Widening each chunk's rows once into a float scratch shared by the group's query heads was tried and
+// measured slower (SmolLM2's heads, 4096 positions, 30 layers, 1 thread: 50 ms a step against 39 here).
+constexpr int64_t ATTN_CHUNK = 256;
+
+template <typename T>
+static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                             const float* k_scales, const float* v_scales, at::Tensor block_tables,
+                             at::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "paged_decode_attention: q");
+  TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: layout");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "paged_decode_attention: int64 tables");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH;
+  const int64_t max_blocks = block_tables.size(1);
+  const float* qp = q.data_ptr<float>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  auto tables = block_tables.contiguous(), lens_t = context_lens.contiguous();
+  const int64_t* bt = tables.data_ptr<int64_t>();
+  const int64_t* lens = lens_t.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+
+  auto first_pos = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, lens[b] - window) : int64_t(0); };
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b] - first_pos(b));
+  // Enough chunks that a small batch still gives every thread work, none longer than ATTN_CHUNK.
+  const int64_t per_seq = (4 * at::get_num_threads() + B - 1) / B;
+  const int64_t chunk_len = std::clamp<int64_t>((longest + per_seq - 1) / per_seq, 32, ATTN_CHUNK);
+  const int64_t chunks = (longest + chunk_len - 1) / chunk_len;
+  // Per (sequence, KV head, chunk, query head of the group): the chunk's score maximum, its sum of
+  // exp(score - maximum), and the value rows weighted by those exps.
+  std::vector<float> part_max(B * KVH * chunks * G, -INFINITY), part_sum(B * KVH * chunks * G, 0.f);
+  std::vector<float> part_out(B * KVH * chunks * G * D, 0.f);
+
+  // A work item is one chunk of one sequence, all its KV heads: a cached position's K (and V) rows of
+  // all heads are contiguous, so the item streams whole blocks of the cache. Items differ in length (a
+  // sequence's last chunk, sequences of different contexts), so threads take the next item as they
+  // finish one instead of a fixed share each.
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> scores(G * chunk_len), k_row_scales, v_row_scales;
+    std::vector<const T*> k_rows, v_rows;
+    for (int64_t item; (item = next_item.fetch_add(1)) < B * chunks;) {
+      const int64_t b = item / chunks, c = item % chunks;
+      const int64_t begin = first_pos(b) + c * chunk_len, end = std::min(lens[b], begin + chunk_len);
+      if (begin >= end) continue;
+      const int64_t n = end - begin;
+      k_rows.resize(n);
+      v_rows.resize(n);
+      k_row_scales.resize(k_scales ? n : 0);
+      v_row_scales.resize(k_scales ? n : 0);
+      for (int64_t kvh = 0; kvh < KVH; ++kvh) {
+        const int64_t i = (b * KVH + kvh) * chunks + c;
+        const float* qg = qp + (b * H + kvh * G) * D;
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t pos = begin + t, row = (bt[b * max_blocks + pos / bs] * bs + pos % bs) * KVH + kvh;
+          k_rows[t] = kp + row * D;
+          v_rows[t] = vp + row * D;
+          if (k_scales) {
+            k_row_scales[t] = k_scales[row];
+            v_row_scales[t] = v_scales[row];
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          scores_of(qg + g * D, k_rows.data(), k_scales ? k_row_scales.data() : nullptr, n, D, float(scale),
+                    scores.data() + g * n);
+        }
+        float* m = part_max.data() + i * G;
+        float* l = part_sum.data() + i * G;
+        float* o = part_out.data() + i * G * D;
+        for (int64_t g = 0; g < G; ++g) {
+          float* sg = scores.data() + g * n;
+          m[g] = *std::max_element(sg, sg + n);
+          l[g] = exp_shifted_(sg, n, m[g]);
+          if (v_scales) {  // after the sum: the softmax weights stay unscaled, the value rows get scale_v
+            for (int64_t t = 0; t < n; ++t) sg[t] *= v_row_scales[t];
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * n, v_rows.data(), n, D, o + g * D);
+      }
+    }
+  });
+
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t g = 0; g < G; ++g) {
+        float mx = -INFINITY, total = 0.f;
+        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part_max[(i * chunks + c) * G + g]);
+        float* dst = op + (i * G + g) * D;  // (b, kvh, g) is query head kvh * G + g of sequence b
+        std::fill(dst, dst + D, 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t j = (i * chunks + c) * G + g;
+          if (part_sum[j] == 0.f) continue;  // an empty chunk of a shorter sequence
+          const float w = std::exp(part_max[j] - mx);
+          total += w * part_sum[j];
+          for (int64_t d = 0; d < D; ++d) dst[d] += w * part_out[j * D + d];
+        }
+        for (int64_t d = 0; d < D; ++d) dst[d] /= total;
+      }
+    }
+  });
+}
+
+void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                            at::Tensor block_tables, at::Tensor context_lens, double scale, int64_t window) {
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK((type == at::kFloat || type == at::kHalf) && v_cache.scalar_type() == type,
+              "paged_decode_attention: float32 or float16 cache");
+  if (type == at::kFloat)
+    decode_attention<float>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale, window);
+  else
+    decode_attention<at::Half>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale, window);
+}
+
+void paged_decode_attention_int8(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                 at::Tensor k_scales, at::Tensor v_scales, at::Tensor block_tables,
+                                 at::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar,
+              "paged_decode_attention_int8: int8 cache");
+  TORCH_CHECK(k_scales.scalar_type() == at::kFloat && v_scales.scalar_type() == at::kFloat && k_scales.is_contiguous() &&
+              v_scales.is_contiguous() && k_scales.numel() * k_cache.size(3) == k_cache.numel() &&
+              v_scales.numel() * v_cache.size(3) == v_cache.numel(),
+              "paged_decode_attention_int8: float32 scales [blocks, block_size, kv_heads]");
+  decode_attention<int8_t>(out, q, k_cache, v_cache, k_scales.data_ptr<float>(), v_scales.data_ptr<float>(),
+                           block_tables, context_lens, scale, window);
+}
+
+// Prefill attention: T queries (rows of q [T, H, D]) at positions C - T .. C - 1 against C keys and values
+// (k, v [C, KVH, D]), causal, and within `window` positions when window > 0. Rows may be strided (views
+// of the fused qkv output); each row's heads are contiguous.
+//
+// Built on the packed-panel GEMM tile: each KV head's keys are packed as panels of 16 keys ([D, 16] each,
+// so S = Q K^T is the tile with the head dimension as depth) and its values as panels of 16 channels
+// ([C, 16] each, so O = P V is the tile with the keys as depth). A work item is QB consecutive queries of
+// one query head: their scores over every key they may see, a softmax per row, then P V. Torch's CPU
+// flash attention took 3.5-4.0 ms per SmolLM2 layer on 512 tokens (2 threads, 2026-11-29).
+constexpr int64_t QB = 48;  // queries per work item
+
+void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale,
+                       int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3, "prefill_attention: [rows, heads, dim]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  out.scalar_type() == at::kFloat, "prefill_attention: float32 only");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), C = k.size(0), KVH = k.size(1);
+  TORCH_CHECK(v.sizes() == k.sizes() && k.size(2) == D && out.sizes() == q.sizes() && H % KVH == 0 && T <= C &&
+                  D % NR == 0, "prefill_attention: shapes do not match");
+  for (const auto* t : {&q, &k, &v, &out})
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == D, "prefill_attention: each row's heads must be contiguous");
+  const int64_t G = H / KVH, KP = (C + NR - 1) / NR, CP = KP * NR, E = D / NR;
+  const int64_t sq = q.stride(0), sk = k.stride(0), sv = v.stride(0), so = out.stride(0);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // kpan[kvh][panel][d][16]: keys 16 panel .. 16 panel + 15; vpan[kvh][e][c][16]: channels 16 e .. 16 e + 15.
+  std::vector<float> kpan(KVH * CP * D, 0.f), vpan(KVH * E * CP * NR, 0.f);
+  at::parallel_for(0, KVH * KP, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / KP, pnl = i % KP;
+      for (int64_t c = pnl * NR; c < std::min(C, (pnl + 1) * NR); ++c) {
+        const float* kr = kp + c * sk + h * D;
+        const float* vr = vp + c * sv + h * D;
+        float* kd = kpan.data() + (h * KP + pnl) * D * NR + c % NR;
+        for (int64_t d = 0; d < D; ++d) kd[d * NR] = kr[d];
+        for (int64_t e = 0; e < E; ++e)
+          std::copy(vr + e * NR, vr + (e + 1) * NR, vpan.data() + ((h * E + e) * CP + c) * NR);
+      }
+    }
+  });
+  const int64_t blocks = (T + QB - 1) / QB, offset = C - T;
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> scores(QB * CP);
+    std::vector<float> inv_sum(QB);
+    for (int64_t item; (item = next_item.fetch_add(1)) < blocks * H;) {
+      // Last blocks first: they see the most keys, so the shorter items fill in at the end.
+      const int64_t blk = blocks - 1 - item / H, h = item % H, kvh = h / G;
+      const int64_t t0 = blk * QB, rows = std::min(QB, T - t0);
+      const int64_t last = offset + t0 + rows - 1;  // the last query's position: keys up to it
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, offset + t0 - window + 1) / NR * NR : 0;
+      const int64_t hi = (last + 1 + NR - 1) / NR * NR, n = hi - lo, ld = n;
+      const float* q0 = qp + t0 * sq + h * D;
+      const float* kb = kpan.data() + (kvh * KP + lo / NR) * D * NR;
+      for (int64_t m = 0; m < rows; m += MR) {
+        const int64_t r = std::min(MR, rows - m);
+        int64_t pnl = 0;
+        for (; pnl + TILE_PANELS <= n / NR; pnl += TILE_PANELS)
+          tile<TILE_PANELS>(r, q0 + m * sq, sq, kb + pnl * D * NR, D * NR, D, scores.data() + m * ld + pnl * NR, ld,
+                            false, TILE_PANELS * NR, nullptr);
+        for (; pnl < n / NR; ++pnl)
+          tile<1>(r, q0 + m * sq, sq, kb + pnl * D * NR, D * NR, D, scores.data() + m * ld + pnl * NR, ld, false, NR,
+                  nullptr);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t pos = offset + t0 + i;
+        const int64_t first = (window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0) - lo, end = pos + 1 - lo;
+        float* s = scores.data() + i * ld;
+        std::fill(s, s + first, 0.f);
+        const float mx = scale_max_(s + first, end - first, float(scale));
+        inv_sum[i] = 1.f / exp_shifted_(s + first, end - first, mx);
+        std::fill(s + end, s + n, 0.f);
+      }
+      const float* vb = vpan.data() + (kvh * E * CP + lo) * NR;
+      float* o0 = op + t0 * so + h * D;
+      for (int64_t m = 0; m < rows; m += MR) {
+        const int64_t r = std::min(MR, rows - m);
+        int64_t e = 0;
+        for (; e + TILE_PANELS <= E; e += TILE_PANELS)
+          tile<TILE_PANELS>(r, scores.data() + m * ld, ld, vb + e * CP * NR, CP * NR, n, o0 + m * so + e * NR, so,
+                            false, TILE_PANELS * NR, nullptr);
+        for (; e < E; ++e)
+          tile<1>(r, scores.data() + m * ld, ld, vb + e * CP * NR, CP * NR, n, o0 + m * so + e * NR, so, false, NR,
+                  nullptr);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        float* o = o0 + i * so;
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv_sum[i];
+      }
+    }
+  });
+}

@@ -1,0 +1,105 @@
+// The row-wise ops between the linears: RMS norm (with the residual add), rotary embedding, silu * mul.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <cmath>
+
+#include "ops.h"
+#include "simd.h"
+
+static void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2, name, ": contiguous 2-d float32 only");
+}
+
+static void normalize_row(const float* in, float* out, const float* w, int64_t d, float eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < d; ++i) ss += double(in[i]) * in[i];
+  const float scale = 1.0f / std::sqrt(float(ss / d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = in[i] * scale * w[i];
+}
+
+// out = rms_norm(x) * w, one pass per row instead of six elementwise ops.
+at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps) {
+  check_rows(x, "rms_norm");
+  auto out = at::empty_like(x);
+  const int64_t d = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, x.size(0), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) normalize_row(xp + r * d, op + r * d, wp, d, float(eps));
+  });
+  return out;
+}
+
+// In place: residual += x, then x = rms_norm(residual) * w. The residual stream and the next
+// layer's normalized input come out of one pass.
+void add_rms_norm_(at::Tensor x, at::Tensor residual, at::Tensor w, double eps) {
+  check_rows(x, "add_rms_norm_");
+  check_rows(residual, "add_rms_norm_");
+  const int64_t d = x.size(1);
+  float* xp = x.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, x.size(0), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* xr = xp + r * d;
+      float* rr = rp + r * d;
+      for (int64_t i = 0; i < d; ++i) rr[i] += xr[i];
+      normalize_row(rr, xr, wp, d, float(eps));
+    }
+  });
+}
+
+// silu(gate) * up for gate_up = [gate | up] along the last dimension.
+at::Tensor silu_mul(at::Tensor gate_up) {
+  check_rows(gate_up, "silu_mul");
+  const int64_t T = gate_up.size(0), f = gate_up.size(1) / 2;
+  auto out = at::empty({T, f}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = gp + r * 2 * f;
+      const float* u = g + f;
+      float* o = op + r * f;
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= f; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < f; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// In place rotary embedding (rotate-half layout) of the first `heads` head_dim-wide slices of each
+// row of qkv (the query heads, then the key heads); cos and sin are [tokens, head_dim].
+void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t head_dim) {
+  check_rows(qkv, "rope_");
+  check_rows(cos, "rope_");
+  check_rows(sin, "rope_");
+  const int64_t stride = qkv.size(1), half = head_dim / 2;
+  float* qp = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, qkv.size(0), 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* c = cp + t * head_dim;
+      const float* s = sp + t * head_dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x = qp + t * stride + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = x[i], b = x[i + half];
+          x[i] = a * c[i] - b * s[i];
+          x[i + half] = b * c[i + half] + a * s[i + half];
+        }
+      }
+    }
+  });
+}

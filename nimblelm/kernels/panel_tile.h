@@ -1,0 +1,116 @@
+// The packed-panel GEMM tile: packed_linear's inner kernel (gemm.cpp), and prefill_attention's for
+// Q K^T and P V (attention.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "simd.h"
+
+constexpr int64_t NR = 16;       // output columns per panel: two 8-float registers
+
+// A panel row (NR floats) is one 16-float register with AVX-512, two 8-float ones with AVX2.
+#if defined(__AVX512F__)
+using fvec = __m512;
+constexpr int VW = 16;
+static inline fvec vzero() { return _mm512_setzero_ps(); }
+static inline fvec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline fvec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline fvec vfma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, fvec v) { _mm512_store_ps(p, v); }
+static inline void vstoreu(float* p, fvec v) { _mm512_storeu_ps(p, v); }
+static inline fvec vloadu(const float* p) { return _mm512_loadu_ps(p); }
+static inline fvec vadd(fvec a, fvec b) { return _mm512_add_ps(a, b); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using fvec = __m256;
+constexpr int VW = 8;
+static inline fvec vzero() { return _mm256_setzero_ps(); }
+static inline fvec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline fvec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+static inline fvec vfma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void vstore(float* p, fvec v) { _mm256_store_ps(p, v); }
+static inline void vstoreu(float* p, fvec v) { _mm256_storeu_ps(p, v); }
+static inline fvec vloadu(const float* p) { return _mm256_loadu_ps(p); }
+static inline fvec vadd(fvec a, fvec b) { return _mm256_add_ps(a, b); }
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define HAVE_FVEC 1
+constexpr int VPP = NR / VW;  // registers per panel row
+#else
+constexpr int VPP = 2;
+#endif
+// Panels a many-row tile spans: enough accumulators to keep both FMA units busy (12 of the 16 AVX2
+// registers; with AVX-512's 32 registers and one register per panel row, two panels).
+constexpr int TILE_PANELS = VPP == 1 ? 2 : 1;
+constexpr int64_t MR = VPP == 1 ? 12 : 6;  // activation rows per tile
+
+// c[r, 0:ncols] (+)= sum_k a[r, k] * b[k, 0:ncols] for ROWS rows of a (lda apart) and PANELS consecutive
+// panel slices from b (ldb apart), ncols <= PANELS * NR. prefetch: the panels after these, one cache line
+// of each per step, while these are read from memory the first time.
+template <int ROWS, int PANELS>
+static inline void panel_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
+                              int64_t ldc, bool accumulate, int64_t ncols, const float* prefetch) {
+  constexpr int COLS = PANELS * NR;
+  alignas(64) float out[ROWS][COLS];
+#ifdef HAVE_FVEC
+  constexpr int V = VPP * PANELS;
+  fvec acc[ROWS][V];
+  // Fully unrolled, or gcc keeps the accumulators in memory.
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) acc[r][j] = vzero();
+  for (int64_t k = 0; k < kc; ++k) {
+    fvec bv[V];
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) bv[j] = vload(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW);
+    if (prefetch) {
+#pragma GCC unroll 4
+      for (int q = 0; q < PANELS; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * ldb + k * NR), _MM_HINT_T0);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) {
+      const fvec av = vbroadcast(a + r * lda + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+    }
+  }
+  if (ncols == COLS) {  // whole tiles go straight to c
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) {
+        float* cj = c + r * ldc + VW * j;
+        vstoreu(cj, accumulate ? vadd(vloadu(cj), acc[r][j]) : acc[r][j]);
+      }
+    return;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) vstore(out[r] + VW * j, acc[r][j]);
+#else
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t j = 0; j < COLS; ++j) {
+      const float* bq = b + (j / NR) * ldb + j % NR;
+      float s = 0.f;
+      for (int64_t k = 0; k < kc; ++k) s += a[r * lda + k] * bq[k * NR];
+      out[r][j] = s;
+    }
+#endif
+  for (int r = 0; r < ROWS; ++r) {
+    float* cr = c + r * ldc;
+    for (int64_t j = 0; j < ncols; ++j) cr[j] = accumulate ? cr[j] + out[r][j] : out[r][j];
+  }
+}
+
+// Up to R rows against PANELS panels (ldb apart).
+template <int PANELS, int R = MR>
+static void tile(int64_t rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
+                 int64_t ldc, bool accumulate, int64_t ncols, const float* prefetch) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile<PANELS, R - 1>(rows, a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
+  }
+  panel_tile<R, PANELS>(a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
+}

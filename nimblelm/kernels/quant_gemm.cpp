@@ -1,0 +1,452 @@
+// The weight-only int8 and int4 linears and W8A8 (quantization/), and their weights dequantized for a
+// float GEMM.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+#include "simd.h"
+
+// The bias as a pointer (nullptr without one), checked against the N outputs of `op`.
+static const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op, ": bad bias");
+  return bias->data_ptr<float>();
+}
+
+// int8_linear: y = x @ (q * scales).T (+ bias) for int8 weights q [N, K] with one float32 scale per
+// group of `group` input channels (scales [N, K / group], group 16 or a multiple of 32). Each activation row
+// is quantized on the fly to int8 per block of 32 values (one float32 scale per block, as llama.cpp's
+// Q8_0 x Q8_0 dot product does), so the inner loop is integer multiply-adds on 32 values per
+// instruction and a decode step reads about a quarter of the fp32 bytes.
+constexpr int64_t QBLOCK = 32;
+
+// Row tiles. The weight-only kernels take a weight in one of two layouts, told apart by its shape:
+// - rows: q [N, B] (B bytes a row), scales (and int4 mins) [N, G];
+// - tiles of four rows: q [N / 4, 4 * B], scales [N / 4, 4 * G]. The 32-byte unit u of row r of a tile
+//   is at byte 128 u + 32 r of the tile's row, the value of group g of row r at 4 g + r.
+// A kernel works on four rows at once; tiled, those rows stream from one contiguous range instead of
+// four. At batch 1 on Qwen2.5-Coder-1.5B's 28 decoder layers (2 threads, the kernels before and after
+// timed alternately, 2026-11-29) int4 took 34.3 ms tiled against 43.5 in rows, int8 65.0 against 75.6.
+struct RowTile {
+  int64_t q_row, q_unit;   // bytes from one row's unit to the next row's, and to the row's next unit
+  int64_t s_row, s_group;  // scales (and mins): floats to the next row's value, and to the next group's
+};
+
+// The layout of q [?, ?] against the row bytes B and groups G of the weight it holds; checks its shapes.
+static RowTile row_tile(const at::Tensor& q, const at::Tensor& scales, int64_t row_bytes, int64_t groups,
+                        const char* op) {
+  if (q.size(1) == row_bytes) {
+    TORCH_CHECK(scales.size(0) == q.size(0) && scales.size(1) == groups, op, ": scales must be [N, K / group]");
+    return {row_bytes, QBLOCK, groups, 1};
+  }
+  TORCH_CHECK(q.size(1) == 4 * row_bytes && row_bytes % QBLOCK == 0 && scales.size(0) == q.size(0) &&
+                  scales.size(1) == 4 * groups,
+              op, ": a tiled weight is [N / 4, 4 * row bytes] (row bytes a multiple of 32), its scales [N / 4, 4 * K / group]");
+  return {QBLOCK, 4 * QBLOCK, 1, 4};
+}
+
+// One int8 scale per `span` values (QBLOCK, or the whole row for W8A8's per-token activations), written
+// to d once per block of 32 so the dot products read every layout alike.
+static void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, int64_t span = QBLOCK) {
+  for (int64_t b0 = 0; b0 < K; b0 += span) {
+    float amax = 0.f;
+    for (int64_t k = b0; k < b0 + span; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    std::fill(d + b0 / QBLOCK, d + (b0 + span) / QBLOCK, scale);
+    for (int64_t k = b0; k < b0 + span; ++k) q[k] = int8_t(std::nearbyint(x[k] * inv));
+  }
+}
+
+// Rows ahead to prefetch: without it the int8 rows streamed at ~4 GB/s, a third of what fp32 rows
+// reach, as the integer arithmetic leaves fewer loads in flight.
+constexpr int64_t PREFETCH_ROWS = 16;
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Sum over the 32 int8 pairs of a and b as 8 int32 lanes. maddubs wants unsigned x signed, so a's
+// sign moves onto b; pairs of products stay within int16 as |a|, |b| <= 127.
+static inline __m256i dot32_i8(__m256i a, __m256i b) {
+  const __m256i prod16 = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+  return _mm256_madd_epi16(prod16, _mm256_set1_epi16(1));
+}
+
+// Four weight rows (from q and s, laid out as t says) against one quantized activation row. TILED
+// makes the tile's strides constants, which the loop's address arithmetic then folds.
+template <bool TILED>
+static inline void int8_dot4_(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
+                              int64_t group, const RowTile& layout, float* out) {
+  const RowTile t = TILED ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int64_t ahead = PREFETCH_ROWS * K;
+  auto block = [&](int64_t k, int r, __m256i xv, __m256 d) {
+    const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit;
+    _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(xv, wv)), d, acc[r]);
+  };
+  if (group == 16) {
+    // Two groups per block of 32 (Q6_K's scales): dot32_i8's lanes 0-3 sum bytes 0-15 and lanes 4-7
+    // bytes 16-31, so one vector of two scales, each in four lanes, scales both halves at once.
+    for (int64_t k = 0; k < K; k += QBLOCK) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+      const float dx = xd[k / QBLOCK];
+      for (int r = 0; r < 4; ++r) {
+        const float* sr = s + r * t.s_row + k / 16 * t.s_group;
+        block(k, r, xv, _mm256_set_m128(_mm_set1_ps(dx * sr[t.s_group]), _mm_set1_ps(dx * sr[0])));
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < K / group; ++j) {  // groups outside, blocks inside: no division in the loop
+      for (int64_t k = j * group; k < (j + 1) * group; k += QBLOCK) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+        const float dx = xd[k / QBLOCK];
+        for (int r = 0; r < 4; ++r) block(k, r, xv, _mm256_set1_ps(dx * s[r * t.s_row + j * t.s_group]));
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+}
+
+static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
+                             int64_t group, const RowTile& t, float* out) {
+  (t.q_row == QBLOCK ? int8_dot4_<true> : int8_dot4_<false>)(xq, xd, q, s, K, group, t, out);
+}
+
+// Blocks 2i and 2i + 1 of a row are 32 consecutive bytes: their low nibbles are the first halves of the
+// two blocks, their high nibbles the second halves. With the activations laid out to match (pair_x:
+// per pair, x[2i][0:16] x[2i+1][0:16] then x[2i][16:32] x[2i+1][16:32]), one load and two masks unpack
+// 64 weights, and the two blocks' sums land in the low and high four lanes, scaled by one vector. With
+// about half the instructions per weight, SmolLM2's 121 int4 layers took 6.3-6.4 ms a batch-1 step
+// against 8.1 a block at a time (2 threads, the two timed alternately, 2026-11-28).
+constexpr int64_t QPAIR = 2 * QBLOCK;
+
+// pair_x's layout of one quantized activation row, plus per pair: the blocks' scales (dxv) and sums
+// (xbv), each in the four lanes of its block; xbv holds a quarter of the sum, as the lanes add up again.
+static void pair_x(const int8_t* xq, const float* xd, int64_t K, int8_t* xp, float* dxv, float* xbv) {
+  for (int64_t i = 0; i < K / QPAIR; ++i) {
+    const int8_t* a = xq + i * QPAIR;
+    int8_t* o = xp + i * QPAIR;
+    std::copy(a, a + 16, o);
+    std::copy(a + 32, a + 48, o + 16);
+    std::copy(a + 16, a + 32, o + 32);
+    std::copy(a + 48, a + 64, o + 48);
+    for (int h = 0; h < 2; ++h) {
+      int32_t total = 0;
+      for (int64_t k = 0; k < QBLOCK; ++k) total += a[h * QBLOCK + k];
+      const float d = xd[2 * i + h];
+      std::fill(dxv + 8 * i + 4 * h, dxv + 8 * i + 4 * h + 4, d);
+      std::fill(xbv + 8 * i + 4 * h, xbv + 8 * i + 4 * h + 4, 0.25f * float(total) * d);
+    }
+  }
+}
+
+// Sums of a pair of blocks against pair_x's layout: lanes 0-3 add up to block 2i's, lanes 4-7 to 2i+1's.
+static inline __m256 int4_pair_sums(__m256i xlo, __m256i xhi, const uint8_t* packed) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
+  const __m256i lo = _mm256_and_si256(bytes, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+  // Each int16 is at most 2 * 2 * 15 * 127 = 7620: the two halves add without overflow.
+  const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, _mm256_set1_epi16(1)));
+}
+
+// Row r's values (of scales or mins v, laid out as t says) of groups g and g2, in the low and high four lanes.
+static inline __m256 group_pair(const float* v, int r, int64_t g, int64_t g2, const RowTile& t) {
+  const float* vr = v + r * t.s_row;
+  return _mm256_set_m128(_mm_broadcast_ss(vr + g2 * t.s_group), _mm_broadcast_ss(vr + g * t.s_group));
+}
+
+// Four weight rows (K a multiple of 64) against one activation row from pair_x, the minimums included:
+// sum_k x[k] * (scale q[k] + min) = scale (q . x) + min sum(x) per group; without stored minimums
+// (symmetric, min = -8 scale) that is scale (q . x - 8 sum(x)), one multiply-add fewer. The variants are
+// templates so that the loop holds no branch and few enough vectors to stay in registers (with many
+// activation rows the weights sit in L1 and the loop's arithmetic is what counts).
+template <bool MINS, bool PACKED8>
+static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
+                                    const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
+                                    float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int64_t ahead = PREFETCH_ROWS * K / 2, pairs_per_group = std::max<int64_t>(group / QPAIR, 1);
+  for (int64_t i = 0; i < K / QPAIR; ++i) {
+    const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR));
+    const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR + 32));
+    const __m256 dx = _mm256_loadu_ps(dxv + 8 * i), xb = _mm256_loadu_ps(xbv + 8 * i);
+    const __m256 xb8 = _mm256_mul_ps(_mm256_set1_ps(-8.f), xb);
+    const int64_t g = group == QBLOCK ? 2 * i : i / pairs_per_group, g2 = group == QBLOCK ? g + 1 : g;
+    // PACKED8 (tiles, groups of 32): the pair's scales of the four rows are 8 floats in a row.
+    const __m256 s8 = PACKED8 ? _mm256_loadu_ps(s + 8 * i) : _mm256_setzero_ps();
+    const __m256 m8 = PACKED8 && MINS ? _mm256_loadu_ps(mins + 8 * i) : _mm256_setzero_ps();
+    if (t.q_row == QBLOCK) {  // a tile: the four rows' pair is two cache lines
+      _mm_prefetch(reinterpret_cast<const char*>(q + ahead + i * t.q_unit), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q + ahead + i * t.q_unit + 64), _MM_HINT_T0);
+    } else {
+      for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * t.q_row + i * t.q_unit + ahead), _MM_HINT_T0);
+    }
+    for (int r = 0; r < 4; ++r) {
+      const __m256i lane = _mm256_setr_epi32(r, r, r, r, r + 4, r + 4, r + 4, r + 4);
+      const __m256 sv = PACKED8 ? _mm256_permutevar8x32_ps(s8, lane) : group_pair(s, r, g, g2, t);
+      const __m256 sums = int4_pair_sums(xlo, xhi, q + r * t.q_row + i * t.q_unit);
+      if constexpr (MINS) {
+        const __m256 mv = PACKED8 ? _mm256_permutevar8x32_ps(m8, lane) : group_pair(mins, r, g, g2, t);
+        acc[r] = _mm256_fmadd_ps(mv, xb, _mm256_fmadd_ps(sums, _mm256_mul_ps(dx, sv), acc[r]));
+      } else {
+        acc[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(sums, dx, xb8), sv, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+}
+
+static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
+                                   const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
+                                   float* out) {
+  const bool packed8 = t.s_row == 1 && group == QBLOCK;
+  if (mins) {
+    (packed8 ? int4_dot4_pairs_<true, true> : int4_dot4_pairs_<true, false>)(xp, dxv, xbv, q, s, mins, K, group, t, out);
+  } else {
+    (packed8 ? int4_dot4_pairs_<false, true> : int4_dot4_pairs_<false, false>)(xp, dxv, xbv, q, s, mins, K, group, t, out);
+  }
+}
+#else
+static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
+                             int64_t group, const RowTile& t, float* out) {
+  const int64_t step = std::min(group, QBLOCK);  // one scale per step of values (group 16: half a block)
+  for (int r = 0; r < 4; ++r) {
+    float total = 0.f;
+    for (int64_t k = 0; k < K; k += step) {
+      const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit + k % QBLOCK;
+      int32_t dot = 0;
+      for (int64_t i = 0; i < step; ++i) dot += int32_t(xq[k + i]) * int32_t(w[i]);
+      total += float(dot) * xd[k / QBLOCK] * s[r * t.s_row + k / group * t.s_group];
+    }
+    out[r] = total;
+  }
+}
+#endif
+
+// per_token: each activation row gets one int8 scale (W8A8) instead of one per block of 32.
+static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
+                              c10::optional<at::Tensor> bias, int64_t group, bool per_token) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int8_linear: x, q and scales must be matrices");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
+              "int8_linear: float32 x, int8 q and float32 scales only");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scales.is_contiguous(), "int8_linear: contiguous inputs only");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
+              "int8_linear: group must be 16 or a multiple of 32 dividing K");
+  const int64_t groups = K / group;
+  const RowTile t = row_tile(q, scales, K, groups, "int8_linear");
+  const int64_t N = q.size(0) * q.size(1) / K;
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias_ptr(bias, N, "int8_linear");
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xd(M * K / QBLOCK);
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK, per_token ? K : QBLOCK);
+  // Tiles of four weight rows; each tile's int8 rows stay in L1 across activation rows.
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    float out[4];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 4;
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xr = xq.data() + m * K;
+        const float* dr = xd.data() + m * K / QBLOCK;
+        if (n + 4 <= N) {
+          int8_dot4(xr, dr, qp + n * K, sp + n * groups, K, group, t, out);
+          for (int r = 0; r < 4; ++r) yp[m * N + n + r] = out[r] + (bp ? bp[n + r] : 0.f);
+          continue;
+        }
+        for (int64_t r = n; r < N; ++r) {  // the last rows of a layout in rows, fewer than four: scalar
+          float total = 0.f;
+          const int64_t step = std::min(group, QBLOCK);
+          for (int64_t k = 0; k < K; k += step) {
+            int32_t dot = 0;
+            for (int64_t i = k; i < k + step; ++i) dot += int32_t(xr[i]) * int32_t(qp[r * K + i]);
+            total += float(dot) * dr[k / QBLOCK] * sp[r * groups + k / group];
+          }
+          yp[m * N + r] = total + (bp ? bp[r] : 0.f);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor int8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
+                       int64_t group) {
+  return int8_matmul(x, q, scales, bias, group, false);
+}
+
+// w8a8_linear: W8A8 as SmoothQuant defines it: int8 weights with one scale per output channel
+// (scales [N, 1]) times activations rounded to int8 with one scale per token (row). The integer dot
+// products are exact; only their scaled sum over blocks of 32 is float.
+at::Tensor w8a8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias) {
+  return int8_matmul(x, q, scales, bias, x.size(1), true);
+}
+
+// int8_linear's weight (W8A8's with group = K) as float32 w [N, K], for a float GEMM where many activation
+// rows share each weight (prefills): one pass instead of torch's untile, widen and scale.
+at::Tensor int8_dequantize(at::Tensor q, at::Tensor scales, int64_t K, int64_t group) {
+  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat &&
+                  q.is_contiguous() && scales.is_contiguous(), "int8_dequantize: contiguous int8 q and float32 scales");
+  TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
+              "int8_dequantize: group must be 16 or a multiple of 32 dividing K");
+  const int64_t groups = K / group, step = std::min(group, QBLOCK);  // values sharing a scale and a unit
+  const RowTile t = row_tile(q, scales, K, groups, "int8_dequantize");
+  const int64_t N = q.size(0) * q.size(1) / K;
+  auto w = at::empty({N, K}, scales.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 4;
+      for (int64_t r = 0; r < std::min<int64_t>(4, N - n); ++r) {
+        float* out = wp + (n + r) * K;
+        for (int64_t k = 0; k < K; k += step) {
+          const int8_t* src = qp + n * K + r * t.q_row + k / QBLOCK * t.q_unit + k % QBLOCK;
+          const float scale = sp[n * groups + r * t.s_row + k / group * t.s_group];
+          for (int64_t i = 0; i < step; ++i) out[k + i] = float(src[i]) * scale;
+        }
+      }
+    }
+  });
+  return w;
+}
+
+// int4_linear: y = x @ w.T (+ bias) for 4-bit weights w[n, k] = scales[n, g] * q[n, k] + mins[n, g] (mins
+// -8 * scales when not given), q in 0..15, g = k / group (group a multiple of 32). qweight [N, K / 2] holds each block of 32 q values
+// of a row in 16 bytes, q[i] in the low and q[i + 16] in the high nibble of byte i (llama.cpp's Q4_0/
+// Q4_1 order), so one load and two masks give the 32 values in order; or tiles of four such rows
+// (row_tile). As in int8_linear, activations are quantized per block of 32; sum_k x[k] * w[k] over a
+// group is then scale * (q . x) + min * sum(x) (llama.cpp's Q4_1 x Q8_1 dot product).
+
+// Sum over one block of 32 of x[k] * q[k], q unpacked from its 16 bytes, without the scales.
+static inline int32_t int4_block_dot(const int8_t* xq, const uint8_t* packed) {
+  int32_t dot = 0;
+  for (int64_t i = 0; i < QBLOCK / 2; ++i)
+    dot += int32_t(xq[i]) * (packed[i] & 15) + int32_t(xq[i + QBLOCK / 2]) * (packed[i] >> 4);
+  return dot;
+}
+
+// Row r of a tile (q, s, mins as t lays them out) against one quantized activation row, minimums
+// included (symmetric: -8 * scale).
+static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, const float* mins,
+                              int64_t K, int64_t group, const RowTile& t, int r) {
+  float total = 0.f;
+  for (int64_t k = 0; k < K; k += QBLOCK) {
+    const int64_t byte = k / 2, g = k / group;
+    const uint8_t* w = q + r * t.q_row + byte / QBLOCK * t.q_unit + byte % QBLOCK;
+    const float scale = s[r * t.s_row + g * t.s_group];
+    const float minimum = mins ? mins[r * t.s_row + g * t.s_group] : -8.f * scale;
+    int32_t xsum = 0;
+    for (int64_t i = k; i < k + QBLOCK; ++i) xsum += xq[i];
+    total += (float(int4_block_dot(xq + k, w)) * scale + float(xsum) * minimum) * xd[k / QBLOCK];
+  }
+  return total;
+}
+
+at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
+                       c10::optional<at::Tensor> bias, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int4_linear: x, q and scales must be matrices");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
+                  (!mins || mins->scalar_type() == at::kFloat), "int4_linear: float32 x, uint8 q, float32 scales and mins only");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scales.is_contiguous() && (!mins || mins->is_contiguous()),
+              "int4_linear: contiguous inputs only");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0 && (!mins || mins->sizes() == scales.sizes()),
+              "int4_linear: group must be a multiple of 32 dividing K, mins shaped as scales");
+  const int64_t groups = K / group;
+  const RowTile t = row_tile(q, scales, K / 2, groups, "int4_linear");
+  const int64_t N = q.size(0) * q.size(1) * 2 / K;
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  // Without mins the weights are symmetric, every min -8 * scale, and a decode step reads a sixth fewer
+  // bytes (groups of 32).
+  const float* mp = mins ? mins->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias_ptr(bias, N, "int4_linear");
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xd(M * K / QBLOCK);
+  for (int64_t m = 0; m < M; ++m) quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK);
+#if defined(__AVX2__) && defined(__FMA__)
+  const bool pairs = K % QPAIR == 0;
+  std::vector<int8_t> xpairs(pairs ? M * K : 0);
+  std::vector<float> dxv(pairs ? M * K / QPAIR * 8 : 0), xbv(dxv.size());
+  for (int64_t m = 0; pairs && m < M; ++m)
+    pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, xpairs.data() + m * K,
+           dxv.data() + m * K / QPAIR * 8, xbv.data() + m * K / QPAIR * 8);
+#endif
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    float out[4];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 4, rows = std::min<int64_t>(4, N - n);
+      const uint8_t* qt = qp + n * K / 2;
+      const float* st = sp + n * groups;
+      const float* mt = mp ? mp + n * groups : nullptr;
+      for (int64_t m = 0; m < M; ++m) {
+#if defined(__AVX2__) && defined(__FMA__)
+        if (pairs && rows == 4) {
+          const int64_t v = m * K / QPAIR * 8;
+          int4_dot4_pairs(xpairs.data() + m * K, dxv.data() + v, xbv.data() + v, qt, st, mt, K, group, t, out);
+        } else
+#endif
+        {
+          for (int64_t r = 0; r < rows; ++r)
+            out[r] = int4_dot1(xq.data() + m * K, xd.data() + m * K / QBLOCK, qt, st, mt, K, group, t, int(r));
+        }
+        for (int64_t r = 0; r < rows; ++r) yp[m * N + n + r] = out[r] + (bp ? bp[n + r] : 0.f);
+      }
+    }
+  });
+  return y;
+}
+
+// int4_linear's weight as float32 w [N, K], for a float GEMM where many activation rows share each weight
+// (prefills): one pass over the packed bytes instead of torch's unpack, widen, scale and add. The multiply
+// and the add round separately, as torch's do, so both give the same bits (no fused multiply-add).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K,
+                           int64_t group) {
+  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
+                  (!mins || (mins->scalar_type() == at::kFloat && mins->sizes() == scales.sizes())) &&
+                  q.is_contiguous() && scales.is_contiguous() && (!mins || mins->is_contiguous()),
+              "int4_dequantize: contiguous uint8 q, float32 scales and mins shaped as scales");
+  TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0, "int4_dequantize: group must be a multiple of 32 dividing K");
+  const int64_t groups = K / group;
+  const RowTile t = row_tile(q, scales, K / 2, groups, "int4_dequantize");
+  const int64_t N = q.size(0) * q.size(1) * 2 / K;
+  auto w = at::empty({N, K}, scales.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* mp = mins ? mins->data_ptr<float>() : nullptr;
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * 4;
+      for (int64_t r = 0; r < std::min<int64_t>(4, N - n); ++r) {
+        float* out = wp + (n + r) * K;
+        for (int64_t k = 0; k < K; k += QBLOCK) {
+          const int64_t byte = k / 2, g = n * groups + r * t.s_row + k / group * t.s_group;
+          const uint8_t* src = qp + n * K / 2 + r * t.q_row + byte / QBLOCK * t.q_unit + byte % QBLOCK;
+          const float scale = sp[g], minimum = mp ? mp[g] : -8.f * scale;
+          for (int64_t i = 0; i < QBLOCK / 2; ++i) {
+            out[k + i] = float(src[i] & 15) * scale + minimum;
+            out[k + i + QBLOCK / 2] = float(src[i] >> 4) * scale + minimum;
+          }
+        }
+      }
+    }
+  });
+  return w;
+}
+#pragma GCC pop_options
