@@ -56,14 +56,14 @@ class LinearMethod:
 
     def kernel_spec(self, layer: Linear) -> tuple | None:
         """How the C++ decode stack applies this layer, (weight, scales, mins, bias, group, out_features)
-        as kernels/cpu_ops.cpp's LinearSpec reads it; None when it cannot (the model then runs its layers
+        as kernels/ops.h's LinearSpec reads it; None when it cannot (the model then runs its layers
         from Python)."""
         return None
 
 
 class Unquantized(LinearMethod):
     """The loaded weights as they are; on the CPU in float32, repacked once into panels of 16 output
-    columns for the C++ kernel, which serves every batch size (kernels/cpu_ops.cpp, packed_linear)."""
+    columns for the C++ kernel, which serves every batch size (kernels/gemm.cpp, packed_linear)."""
 
     has_rows = True
 

@@ -3,7 +3,7 @@
 Four consecutive output rows form a tile, stored as one row of the tensor with their 32-byte units
 interleaved: unit u of row r sits at (4 u + r) * 32 bytes into the tile (scales and minimums: value g
 of row r at 4 g + r). The CPU kernels multiply four rows at once, and tiled those four rows stream
-from one contiguous range of memory instead of four (kernels/cpu_ops.cpp, RowTile, for the timings).
+from one contiguous range of memory instead of four (kernels/quant_gemm.cpp, RowTile, for the timings).
 
 Everything outside the layer (quantizers, GGUF conversion, saved folders) speaks the plain layout,
 one row per output; `tile` and `untile` convert, and a layer whose shape does not tile (rows not a
