@@ -197,8 +197,10 @@ def _gguf_arch(config: dict) -> str:
     return "gemma3" if config["model_type"] == "gemma3_text" else config["model_type"]
 
 
-def make_tiny_gguf(path, folder, quant="F32", with_tokenizer: bool = True) -> Path:
-    """Convert a folder from make_tiny_hf_model to a GGUF file, as llama.cpp's converter would."""
+def make_tiny_gguf(path, folder, quant="F32", with_tokenizer: bool = True, metadata: dict | None = None) -> Path:
+    """Convert a folder from make_tiny_hf_model to a GGUF file, as llama.cpp's converter would.
+
+    metadata: keys to change, each to None (left out) or to (value, gguf.GGUFValueType), for malformed files."""
     config = json.loads((Path(folder) / "config.json").read_text())
     arch = _gguf_arch(config)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -224,6 +226,10 @@ def make_tiny_gguf(path, folder, quant="F32", with_tokenizer: bool = True) -> Pa
         _add_tokenizer(writer, Path(folder))
     for name, (array, qtype) in gguf_tensors(folder, quant).items():
         writer.add_tensor(name, array, raw_dtype=qtype)
+    for key, value in (metadata or {}).items():
+        writer.kv_data[0].pop(key, None)
+        if value is not None:
+            writer.add_key_value(key, *value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -137,6 +138,10 @@ def select_weights(
     come in another form (GGUF direct loading), checked where they are made."""
     shapes = {name: shape for name, shape in expected_shapes(config).items() if name not in covered}
     extra = [name for name in weights if name not in shapes and not _ignorable(name, config)]
+    past = [name for name in extra if (layer := _LAYER.match(name)) and int(layer[1]) >= config.num_layers]
+    if past:
+        declared = config.num_layers
+        raise ModelFormatError(f"{source}: weight {past[0]} lies past the {declared} layers the config declares")
     if extra:
         raise UnsupportedModelError(f"{source}: unexpected weight {extra[0]} (a feature nimblelm does not implement)")
     missing = [name for name in shapes if name not in weights]
@@ -147,6 +152,9 @@ def select_weights(
         if tuple(weights[name].shape) != shape:
             raise ModelFormatError(f"{source}: weight {name} has shape {tuple(weights[name].shape)}, expected {shape}")
     return {name: weights[name].float().contiguous() for name in shapes}
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
@@ -179,6 +187,8 @@ def read_hf_config(folder: Path) -> ModelConfig:
     generation = Fields(_read_json(generation_path) if generation_path.is_file() else {}, str(generation_path))
     model_type = raw.string("model_type", None)
     hf_arch = (raw.array("architectures", None) or [_MODEL_TYPES.get(model_type, model_type)])[0]
+    if hf_arch is None:
+        raise raw.error("lacks architectures (and model_type): which model is this?")
     arch = _HF_ARCHITECTURES.get(hf_arch) if isinstance(hf_arch, str) else None
     if arch is None:
         supported = ", ".join(_HF_ARCHITECTURES)
@@ -297,7 +307,8 @@ def _read_json(path: Path) -> dict:
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted({folder / name for name in _read_json(index).get("weight_map", {}).values()})
+        weight_map = Fields(_read_json(index), str(index)).section("weight_map")
+        files = sorted({folder / weight_map.string(name) for name in weight_map.raw})
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
