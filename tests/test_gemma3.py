@@ -10,6 +10,8 @@ file, on a short prompt and on one of ~1,300 tokens (the sliding layers' window 
 """
 
 import functools
+import json
+import shutil
 
 import pytest
 import torch
@@ -117,6 +119,29 @@ def test_all_global_layers_stay_off_the_llama_decode_stack(tiny_global_gemma):
     assert set(llm.model_config.layer_windows) == {None}
     assert llm.llm_engine.runner.model.decode_stack is None
     check_against_reference(llm, tiny_global_gemma, PROMPTS[:1])
+
+
+def test_rope_scaling_applies_to_the_global_layers_only(tmp_path):
+    """Gemma 3 4B and larger scale their global layers' rope (linear, factor 8); the sliding layers keep theirs."""
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
+    folder = make_tiny_hf_model(tmp_path / "hf", "gemma3", initializer_range=0.05, rope_parameters=rope)
+    llm = LLM(str(folder), max_model_len=256)
+    config = llm.model_config
+    assert config.rope_scaling == {"rope_type": "linear", "factor": 8.0} and config.sliding_rope_theta == 100.0
+    check_against_reference(llm, folder, PROMPTS[:1])
+
+
+def test_transformers_4_config_keys(tiny_gemma, tmp_path):
+    """Configs on the Hub (transformers 4) name the rope bases rope_theta and rope_local_base_freq and may give
+    the layer pattern instead of layer_types: the same model as transformers 5's keys."""
+    folder = shutil.copytree(tiny_gemma, tmp_path / "v4")
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("rope_parameters", "layer_types"):
+        del config[key]
+    config |= {"rope_theta": 1e6, "rope_local_base_freq": 100.0, "rope_scaling": None, "sliding_window_pattern": 6}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_model(str(folder)).config == load_model(str(tiny_gemma)).config
 
 
 def test_gguf_holds_the_folder_weights(tiny_gemma, tmp_path):
