@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from nimblelm.errors import NimbleLMError
+from nimblelm.errors import InvalidRequestError, NimbleLMError
 from nimblelm.llm import LLM
 from nimblelm.sampling_params import SamplingParams
 
 
 def run_chat(llm: LLM, params: SamplingParams, system: str | None = None) -> int:
+    if not llm.tokenizer.chat_template:
+        # A base model (gemma3-270m): say so once, rather than after every line the user types.
+        raise InvalidRequestError("this model has no chat template (a base model); use `generate` with a plain prompt")
     engine = llm.llm_engine
     history = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 class ModelConfig:
     """What the model definition needs to know about a checkpoint, independent of its file format."""
 
-    architecture: str  # "llama" or "qwen2"
+    architecture: str  # "llama", "qwen2" or "gemma3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -29,6 +29,14 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Gemma 3's departures from the Llama layer; the defaults are Llama's.
+    hidden_act: str = "silu"  # of the gated MLP: "silu", or "gelu_pytorch_tanh" (Gemma)
+    qk_norm: bool = False  # an RMSNorm over each query and key head, before rope
+    sandwich_norms: bool = False  # RMSNorms on the attention and MLP outputs too, before the residual adds
+    norm_weight_offset: float = 0.0  # RMSNorms multiply by offset + weight (Gemma checkpoints store weight - 1)
+    scale_embeddings: bool = False  # token embeddings times sqrt(hidden_size), rounded to the model's dtype
+    query_pre_attn_scalar: float | None = None  # attention scores scale by its -1/2 power; None: head_dim's
+    sliding_rope_theta: float | None = None  # rope base of the sliding layers, unscaled; None: as the others
 
     @property
     def layer_windows(self) -> list[int | None]:

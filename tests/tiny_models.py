@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = range(3)
@@ -56,9 +64,24 @@ TINY_CONFIG = {
     "eos_token_id": IM_END_ID,
     "pad_token_id": ENDOFTEXT_ID,
 }
+# Gemma 3: six layers so that the default pattern (every 6th layer global) gives both kinds; a window of
+# 8 tokens that test prompts outgrow; one KV head (as gemma3-270m); a head size other than hidden / heads;
+# a sliding-layer rope base far from the global one, so that mixing them up shows. query_pre_attn_scalar
+# is the head size, as a GGUF (which does not carry it) implies.
+TINY_GEMMA3 = {
+    "tie_word_embeddings": True,
+    "num_hidden_layers": 6,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "query_pre_attn_scalar": 32,
+    "sliding_window": 8,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 100.0,
+}
 _ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True, "rope_theta": 100000.0}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": False, "rope_theta": 1000000.0}),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, TINY_GEMMA3),
 }
 
 
@@ -94,7 +117,11 @@ def make_tiny_hf_model(path, arch: str = "llama", seed: int = 0, **overrides) ->
     with torch.no_grad():
         # Random norm weights (instead of ones) so a swapped norm mapping shows up in weight comparisons.
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") and arch == "gemma3":
+                # Gemma's norms multiply by 1 + weight. On a grid of 2^-8 (as bf16 checkpoints' are), the +1 of
+                # llama.cpp's converter and the loader's -1 are exact, so GGUF and folder weights compare equal.
+                param.copy_(torch.round(25.6 * torch.randn_like(param)) / 256)
+            elif name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             elif name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn_like(param))
@@ -122,13 +149,22 @@ _GGUF_NAMES = {
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
 }
+# llama.cpp's names for Gemma 3 (gguf-py's tensor_mapping): its ffn_norm is the norm before the MLP.
+_GEMMA3_GGUF_NAMES = _GGUF_NAMES | {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     module, _, suffix = hf_name.rpartition(".")
     if module.startswith("model.layers."):
         layer, _, rest = module.removeprefix("model.layers.").partition(".")
-        return f"blk.{layer}.{_GGUF_NAMES[rest]}.{suffix}"
+        names = _GEMMA3_GGUF_NAMES if arch == "gemma3" else _GGUF_NAMES
+        return f"blk.{layer}.{names[rest]}.{suffix}"
     return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[module] + "." + suffix
 
 
@@ -137,26 +173,36 @@ def gguf_tensors(folder, quant="F32") -> dict[str, tuple[np.ndarray, gguf.GGMLQu
     in `quant` (vectors stay F32), or in quant(gguf_name) when it is a function. Values are (array to
     write, its type)."""
     config = json.loads((Path(folder) / "config.json").read_text())
+    arch = _gguf_arch(config)
     tensors = {}
     for name, weight in load_file(Path(folder) / "model.safetensors").items():
         if name == "lm_head.weight" and config["tie_word_embeddings"]:
             continue
         array = weight.float().numpy()
-        if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             array = llama_cpp_permute(array, heads)
-        qtype = gguf.GGMLQuantizationType[quant(gguf_tensor_name(name)) if callable(quant) else quant]
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            array = array + 1  # llama.cpp's converter stores the factor Gemma's norms multiply by
+        gguf_name = gguf_tensor_name(name, arch)
+        qtype = gguf.GGMLQuantizationType[quant(gguf_name) if callable(quant) else quant]
         if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            tensors[gguf_tensor_name(name)] = (gguf.quants.quantize(array, qtype), qtype)
+            tensors[gguf_name] = (gguf.quants.quantize(array, qtype), qtype)
         else:
-            tensors[gguf_tensor_name(name)] = (np.ascontiguousarray(array), gguf.GGMLQuantizationType.F32)
+            tensors[gguf_name] = (np.ascontiguousarray(array), gguf.GGMLQuantizationType.F32)
     return tensors
 
 
-def make_tiny_gguf(path, folder, quant="F32", with_tokenizer: bool = True) -> Path:
-    """Convert a folder from make_tiny_hf_model to a GGUF file, as llama.cpp's converter would."""
+def _gguf_arch(config: dict) -> str:
+    return "gemma3" if config["model_type"] == "gemma3_text" else config["model_type"]
+
+
+def make_tiny_gguf(path, folder, quant="F32", with_tokenizer: bool = True, metadata: dict | None = None) -> Path:
+    """Convert a folder from make_tiny_hf_model to a GGUF file, as llama.cpp's converter would.
+
+    metadata: keys to change, each to None (left out) or to (value, gguf.GGUFValueType), for malformed files."""
     config = json.loads((Path(folder) / "config.json").read_text())
-    arch = config["model_type"]
+    arch = _gguf_arch(config)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny-{arch}")
     writer.add_block_count(config["num_hidden_layers"])
@@ -165,13 +211,25 @@ def make_tiny_gguf(path, folder, quant="F32", with_tokenizer: bool = True) -> Pa
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if arch == "gemma3":
+        rope = config["rope_parameters"]
+        writer.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+        writer.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+        writer.add_sliding_window(config["sliding_window"])
+    else:
+        writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_vocab_size(config["vocab_size"])
     if with_tokenizer:
         _add_tokenizer(writer, Path(folder))
     for name, (array, qtype) in gguf_tensors(folder, quant).items():
         writer.add_tensor(name, array, raw_dtype=qtype)
+    for key, value in (metadata or {}).items():
+        writer.kv_data[0].pop(key, None)
+        if value is not None:
+            writer.add_key_value(key, *value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -31,25 +31,31 @@ def _inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict | None = None):
+    """cos/sin tables of one or more rope variants (base, scaling): Gemma 3's sliding-window layers rotate
+    with another base than its global ones. Each layer picks its variant by index."""
+
+    def __init__(self, head_dim: int, max_positions: int, variants: list[tuple[float, dict | None]]):
         super().__init__()
-        self.inv_freq = _inv_freq(head_dim, base, scaling)
-        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
-        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.inv_freqs = [_inv_freq(head_dim, base, scaling) for base, scaling in variants]
+        shape = (len(variants), max_positions, head_dim)
+        self.register_buffer("cos", torch.empty(shape), persistent=False)
+        self.register_buffer("sin", torch.empty(shape), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """Fill the tables; also called after a model built on the meta device is materialized."""
         if self.cos.device.type == "meta":
             return
-        positions = torch.arange(self.cos.shape[0], dtype=torch.float64, device="cpu")
-        angles = torch.outer(positions, self.inv_freq).repeat(1, 2)
-        self.cos.copy_(angles.cos())
-        self.sin.copy_(angles.sin())
+        positions = torch.arange(self.cos.shape[1], dtype=torch.float64, device="cpu")
+        for i, inv_freq in enumerate(self.inv_freqs):
+            angles = torch.outer(positions, inv_freq).repeat(1, 2)
+            self.cos[i].copy_(angles.cos())
+            self.sin[i].copy_(angles.sin())
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, [tokens, head_dim]: looked up once per step, used by every layer."""
-        return self.cos[positions], self.sin[positions]
+    def forward(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per variant, cos and sin for each token, [tokens, head_dim]: looked up once per step, used by every
+        layer."""
+        return [(cos[positions], sin[positions]) for cos, sin in zip(self.cos, self.sin)]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""One decoder-only transformer for the Llama family (Llama, Mistral, SmolLM2, Qwen2).
+"""One decoder-only transformer for the Llama family (Llama, Mistral, SmolLM2, Qwen2) and Gemma 3.
+
+Gemma 3's layer is Llama's with options (ModelConfig): q/k norms, norms on the sublayer outputs, a GELU MLP,
+its own attention scale, embeddings scaled by sqrt(hidden_size), and two rope tables (sliding-window layers
+rotate with a smaller base than global ones).
 
 It works on a flat batch of tokens ([tokens, hidden]) and knows nothing about scheduling: the paged
 KV cache and the AttentionMetadata come from the model runner.
@@ -6,6 +10,7 @@ KV cache and the AttentionMetadata come from the model runner.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -53,22 +58,40 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.query_pre_attn_scalar is not None:
+            # Gemma's scores scale by query_pre_attn_scalar^-1/2, which need not be head_dim's (Gemma 3 27B).
+            self.attn.scale = cfg.query_pre_attn_scalar**-0.5
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         ops = ops_for(qkv)
-        if ops is not None:
+        # The kernel rotates the q and k heads inside qkv, in place; q/k norms must come before the
+        # rotation, so with them the heads are rotated once normalized, by torch.
+        fused_rope = ops is not None and self.q_norm is None
+        if fused_rope:
             cos, sin = rope
             ops.rope_(qkv, cos, sin, (self.q_size + self.kv_size) // self.head_dim, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.q_size // self.head_dim, self.head_dim)
         k = k.view(-1, self.kv_size // self.head_dim, self.head_dim)
         v = v.view(-1, self.kv_size // self.head_dim, self.head_dim)
-        if ops is None:
+        if self.q_norm is not None:
+            q, k = self._norm_heads(self.q_norm, q), self._norm_heads(self.k_norm, k)
+        if not fused_rope:
             cos, sin = (t.unsqueeze(1) for t in rope)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.flatten(1))
+
+    def _norm_heads(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """Each head of [tokens, heads, head_dim] (a view into qkv) normalized on its own: the norm takes
+        contiguous rows."""
+        return norm(x.reshape(-1, self.head_dim).contiguous()).view(x.shape)
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 class MLP(nn.Module):
@@ -77,33 +100,47 @@ class MLP(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.fused_silu = cfg.hidden_act == "silu"  # the kernel computes silu(gate) * up only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         ops = ops_for(gate_up)
-        if ops is not None:
+        if ops is not None and self.fused_silu:
             return self.down_proj(ops.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rope_index: int):
         super().__init__()
+        self.rope_index = rope_index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.sandwich_norms = cfg.sandwich_norms
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv_cache, meta):
-        """Takes and returns the pair (this sublayer's output, residual stream before it is added)."""
+    def forward(self, x, residual, ropes, kv_cache, meta):
+        """Takes and returns the pair (this sublayer's output, residual stream before it is added).
+
+        ropes: the step's (cos, sin) of every rope variant (DecoderLM.rotary); the layer uses its own."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rope, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.self_attn(x, ropes[self.rope_index], kv_cache, meta)
+        if not self.sandwich_norms:
+            x, residual = self.post_attention_layernorm(x, residual)
+            return self.mlp(x), residual
+        # Gemma: each sublayer's output is normalized before it joins the residual stream, and the MLP's
+        # input has a norm of its own.
+        x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
 class TiedEmbedding(nn.Module):
@@ -132,9 +169,16 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
         self.config = cfg
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        # Rope variant 0 serves every layer but the sliding-window ones when they have a base of their own (1).
+        ropes = [(cfg.rope_theta, cfg.rope_scaling)]
+        if cfg.sliding_rope_theta is not None:
+            ropes.append((cfg.sliding_rope_theta, None))
+        sliding_rope = len(ropes) - 1
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, ropes)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, rope_index=0 if window is None else sliding_rope) for window in cfg.layer_windows
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.decode_stack = None
@@ -188,7 +232,7 @@ class DecoderLM(nn.Module):
     def _build_decode_stack(self):
         """The C++ decode stack over these layers' weights, when the kernels apply to all of them."""
         ops = ops_for(self.norm.weight)
-        if ops is None or len(set(self.config.layer_windows)) > 1:
+        if ops is None or not self._is_llama_stack():
             return None
         specs = []
         for layer in self.layers:
@@ -200,22 +244,38 @@ class DecoderLM(nn.Module):
         cfg = self.config
         return ops.DecodeStack(specs, cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
+    def _is_llama_stack(self) -> bool:
+        """Whether these layers are what the C++ stack computes: Llama's (pre-norms only, silu MLP, one rope
+        table, scores scaled by head_dim^-1/2), all with the same window. Gemma 3 differs in each."""
+        cfg = self.config
+        return (
+            len(set(cfg.layer_windows)) == 1 and cfg.hidden_act == "silu" and not cfg.qk_norm
+            and not cfg.sandwich_norms and cfg.query_pre_attn_scalar is None and cfg.sliding_rope_theta is None
+        )
+
     def forward(
         self, input_ids, positions, kv_caches: list[KVCache], metas: list[AttentionMetadata]
     ) -> torch.Tensor:
         """metas: each layer's attention metadata (layers with the same window share one)."""
-        x, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary(positions)
+        x, residual = self.embed(input_ids), None
+        ropes = self.rotary(positions)
         meta = metas[0]
         if self.decode_stack is not None and meta.num_decodes == x.shape[0] <= SKINNY_MAX_ROWS:
             # Decode-only steps run every layer in one C++ call; mixed and prefill steps layer by layer.
             return self.decode_stack.forward(
-                x, *rope, kv_caches, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+                x, *ropes[0], kv_caches, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                 meta.sliding_window or 0,
             )
         for layer, kv_cache, layer_meta in zip(self.layers, kv_caches, metas):
-            x, residual = layer(x, residual, rope, kv_cache, layer_meta)
+            x, residual = layer(x, residual, ropes, kv_cache, layer_meta)
         return x + residual
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.config.scale_embeddings:
+            # sqrt(hidden_size) rounded to the model's dtype first, as the reference does (bf16: 25.25, not 25.30).
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        return x
 
     def whole_prompt_metadata(self, n: int, block_size: int, device) -> list[AttentionMetadata]:
         """Per layer, the metadata of one n-token prompt in one chunk, its K/V in blocks 0, 1, ..."""
@@ -239,6 +299,9 @@ class DecoderLM(nn.Module):
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
             param = params[target]
+            if target.endswith("norm.weight") and self.config.norm_weight_offset:
+                # Stored as the factor the norm multiplies by, so the norms (and their kernels) stay x/rms * w.
+                tensor = tensor + self.config.norm_weight_offset
             if shard is None:
                 param.copy_(tensor)
             else:

@@ -17,11 +17,10 @@ from tqdm import tqdm
 
 from nimblelm.config import ModelConfig
 from nimblelm.errors import ModelFormatError, UnsupportedModelError
+from nimblelm.models.hparams import GEMMA3, Fields, check_attention, sliding_pattern
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-# Known architectures the engine will run in a later issue: named so the user knows it is planned.
-PLANNED_ARCHITECTURES = ("gemma3",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 # Texts llama.cpp also treats as end of generation when they are control tokens of the vocabulary:
 # chat models end a turn with one of these even where the file's eos id names another token.
@@ -38,6 +37,15 @@ _LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+}
+# Gemma 3 names its norms after Gemma 2's: llama.cpp's ffn_norm is the norm before the MLP in both, which
+# Llama calls post_attention_layernorm and Gemma pre_feedforward_layernorm.
+_GEMMA3_LAYER_TENSORS = _LAYER_TENSORS | {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -172,11 +180,7 @@ def _tensor(path: Path, data: np.ndarray, start: int, name: str, dims: list[int]
 
 
 def architecture(model_file: GGUFFile) -> str:
-    path, arch = model_file.path, model_file.metadata.get("general.architecture")
-    if arch is None:
-        raise ModelFormatError(f"{path}: GGUF file has no general.architecture")
-    if arch in PLANNED_ARCHITECTURES:
-        raise UnsupportedModelError(f"{path}: architecture {arch!r} is not supported yet (later issue)")
+    path, arch = model_file.path, Fields(model_file.metadata, str(model_file.path)).string("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise UnsupportedModelError(f"{path}: architecture {arch!r} is not supported (supported: {supported})")
@@ -184,7 +188,8 @@ def architecture(model_file: GGUFFile) -> str:
 
 
 def read_config(model_file: GGUFFile) -> ModelConfig:
-    path, meta = model_file.path, model_file.metadata
+    path = model_file.path
+    meta = Fields(model_file.metadata, str(path))
     arch = architecture(model_file)
     shapes = {t.name: t.shape for t in model_file.tensors}
     if "token_embd.weight" not in shapes:
@@ -195,38 +200,62 @@ def read_config(model_file: GGUFFile) -> ModelConfig:
             f"{path}: GGUF rope_freqs (llama3 rope scaling) is not supported; use the HF folder"
         )
 
-    def required(suffix: str):
-        if f"{arch}.{suffix}" not in meta:
-            raise ModelFormatError(f"{path}: GGUF metadata lacks {arch}.{suffix}")
-        return meta[f"{arch}.{suffix}"]
+    def key(suffix: str) -> str:
+        return f"{arch}.{suffix}"
 
-    hidden = int(required("embedding_length"))
-    num_heads = int(required("attention.head_count"))
-    num_kv_heads = meta.get(f"{arch}.attention.head_count_kv", num_heads)
-    if isinstance(num_kv_heads, list):
-        if len(set(num_kv_heads)) != 1:
-            raise UnsupportedModelError(f"{path}: a different number of kv heads per layer is not supported")
-        num_kv_heads = num_kv_heads[0]
-    bos = meta.get("tokenizer.ggml.bos_token_id")
+    hidden = meta.integer(key("embedding_length"))
+    num_heads = meta.integer(key("attention.head_count"))
+    num_kv_heads = _kv_heads(meta, key("attention.head_count_kv"), num_heads)
+    if not meta.has(key("attention.key_length")) and hidden % num_heads:
+        raise meta.error(f"{key('embedding_length')} ({hidden}) is not a multiple of {key('attention.head_count')} "
+                         f"({num_heads}) and {key('attention.key_length')} is not given")
+    head_dim = meta.integer(key("attention.key_length"), hidden // num_heads)
+    check_attention(
+        meta, (key("attention.head_count"), num_heads), (key("attention.head_count_kv"), num_kv_heads),
+        (key("attention.key_length"), head_dim),
+    )
+    num_layers = meta.integer(key("block_count"))
+    options = {}
+    if arch == "gemma3":
+        options = GEMMA3 | {
+            # Not in the files. llama.cpp, reading them, scales Gemma 3 27B's scores (62 layers) by hidden/heads
+            # (its query_pre_attn_scalar, 168), every other size's by head_dim, as their configs say.
+            "query_pre_attn_scalar": float(hidden // num_heads if num_layers == 62 else head_dim),
+            "sliding_window": meta.integer(key("attention.sliding_window")),
+            "layer_types": sliding_pattern(num_layers, 6),
+            # Newer converters write the sliding layers' rope base; Gemma 3's is 10000 where they do not.
+            "sliding_rope_theta": _decimal(meta.number(key("rope.freq_base_swa"), 10000.0)),
+        }
     return ModelConfig(
         architecture=arch,
         # The embedding's rows are what the model can produce; the tokenizer may list fewer tokens.
         vocab_size=shapes["token_embd.weight"][0],
         hidden_size=hidden,
-        intermediate_size=int(required("feed_forward_length")),
-        num_layers=int(required("block_count")),
+        intermediate_size=meta.integer(key("feed_forward_length")),
+        num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=int(num_kv_heads),
-        head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // num_heads)),
-        rope_theta=_decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rope_theta=_decimal(meta.number(key("rope.freq_base"), 10000.0)),
         rope_scaling=_rope_scaling(meta, arch, path),
-        rms_norm_eps=_decimal(required("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
+        rms_norm_eps=_decimal(meta.number(key("attention.layer_norm_rms_epsilon"))),
+        max_position_embeddings=meta.integer(key("context_length"), 2048),
         tie_word_embeddings="output.weight" not in shapes,
         attention_bias="blk.0.attn_q.bias" in shapes,
-        bos_token_id=None if bos is None else int(bos),
+        bos_token_id=meta.integer("tokenizer.ggml.bos_token_id", None, minimum=0),
         eos_token_ids=_eos_ids(meta),
+        **options,
     )
+
+
+def _kv_heads(meta: Fields, key: str, num_heads: int) -> int:
+    """llama.cpp writes one count, or one per layer for models whose layers differ."""
+    counts = meta.array(key) if isinstance(meta.raw.get(key), list) else [meta.integer(key, num_heads)]
+    if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in counts):
+        raise meta.error(f"{key} must be a positive integer or a list of them, got {meta.raw.get(key)!r}")
+    if len(set(counts)) != 1:
+        raise UnsupportedModelError(f"{meta.source}: a different number of kv heads per layer is not supported")
+    return counts[0]
 
 
 def _decimal(value: float) -> float:
@@ -235,37 +264,37 @@ def _decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    if kind in (None, "none"):
+def _rope_scaling(meta: Fields, arch: str, path: Path) -> dict | None:
+    kind = meta.string(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _decimal(meta[f"{arch}.rope.scaling.factor"])}
+        return {"rope_type": "linear", "factor": _decimal(meta.number(f"{arch}.rope.scaling.factor"))}
     raise UnsupportedModelError(f"{path}: rope scaling {kind!r} is not supported (supported in GGUF: linear)")
 
 
-def _eos_ids(meta: dict) -> tuple[int, ...]:
+def _eos_ids(meta: Fields) -> tuple[int, ...]:
     """The file's eos and eot ids, then every control token that ends a turn in some chat format."""
-    ids = [meta.get(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id")]
-    tokens = meta.get("tokenizer.ggml.tokens", [])
-    token_types = meta.get("tokenizer.ggml.token_type", [])
+    ids = [i for key in ("eos_token_id", "eot_token_id") for i in meta.token_ids(f"tokenizer.ggml.{key}")]
+    tokens = meta.array("tokenizer.ggml.tokens", [])
+    token_types = meta.array("tokenizer.ggml.token_type", [])
     ids += [
         index
         for index, (token, kind) in enumerate(zip(tokens, token_types))
         if kind == _CONTROL_TOKEN and token in END_OF_TURN_TOKENS
     ]
-    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+    return tuple(dict.fromkeys(ids))
 
 
 # ---------------------------------------------------------------- weights
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face llama/qwen2 name of a GGUF tensor, or None when there is none."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor of architecture `arch`, or None when there is none."""
     match = _LAYER_NAME.fullmatch(gguf_name)
     if match:
         layer, kind, suffix = match.groups()
-        module = _LAYER_TENSORS.get(kind)
+        module = (_GEMMA3_LAYER_TENSORS if arch == "gemma3" else _LAYER_TENSORS).get(kind)
         return None if module is None else f"model.layers.{layer}.{module}.{suffix}"
     stem, _, suffix = gguf_name.rpartition(".")
     module = _GLOBAL_TENSORS.get(stem)
@@ -299,19 +328,26 @@ def dequantize(tensor: GGUFTensor) -> np.ndarray:
     return gguf.quants.dequantize(tensor.data, tensor.qtype).reshape(tensor.shape)
 
 
-def read_weights(model_file: GGUFFile, config: ModelConfig, progress: bool) -> dict[str, torch.Tensor]:
+def read_weights(
+    model_file: GGUFFile, config: ModelConfig, expected: dict[str, tuple[int, ...]], progress: bool
+) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to fp32 under its Hugging Face name; `expected` (name -> shape) is checked
+    before a tensor is converted."""
     path = model_file.path
     weights = {}
     for tensor in tqdm(model_file.tensors, desc=f"dequantize {path.name}", unit="tensor", disable=not progress):
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, config.architecture)
         if name is None:
             raise UnsupportedModelError(f"{path}: unexpected tensor {tensor.name!r} for arch {config.architecture}")
+        if name in expected and tensor.shape != expected[name]:
+            raise ModelFormatError(f"{path}: tensor {tensor.name} has shape {tensor.shape}, expected {expected[name]}")
         weights[name] = fp32_weight(model_file, tensor, name, config)
     return weights
 
 
 def fp32_weight(model_file: GGUFFile, tensor: GGUFTensor, name: str, config: ModelConfig) -> torch.Tensor:
-    """One tensor dequantized to fp32 under its Hugging Face `name`, in the row order the decoder uses."""
+    """One tensor dequantized to fp32 under its Hugging Face `name`, in the row order and convention of
+    Hugging Face checkpoints."""
     try:
         array = dequantize(tensor)
     except NotImplementedError as exc:
@@ -321,4 +357,7 @@ def fp32_weight(model_file: GGUFFile, tensor: GGUFTensor, name: str, config: Mod
     if config.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
         weight = unpermute_qk(weight, heads).contiguous()
+    if config.norm_weight_offset and name.endswith("norm.weight"):
+        # llama.cpp's converter stores Gemma's norms as the factor they multiply by; checkpoints hold it minus 1.
+        weight -= config.norm_weight_offset
     return weight

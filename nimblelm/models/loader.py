@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -29,16 +30,22 @@ from nimblelm.config import ModelConfig
 from nimblelm.errors import InvalidRequestError, ModelFormatError, UnsupportedModelError
 from nimblelm.models import gguf_file, registry
 from nimblelm.models.gguf_file import first_line
+from nimblelm.models.hparams import GEMMA3, LAYER_TYPES, Fields, check_attention, sliding_pattern
 from nimblelm.quantization.gguf_direct import DirectWeights, module_of, split_direct
 from nimblelm.quantization.saved import SavedQuantization, read_quantized
 
 # Bump when what the dequant cache holds changes meaning, so old entries are ignored rather than misread.
 _CACHE_FORMAT = 1
 
-_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+_HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3",
+}
 # Configs saved without an "architectures" list still name their model_type.
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_ROPE_TYPES = ("linear", "llama3")
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
 
 
 @dataclass
@@ -109,6 +116,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             layer + "input_layernorm.weight": (d,),
             layer + "post_attention_layernorm.weight": (d,),
         }
+        if config.qk_norm:
+            shapes |= {layer + f"self_attn.{n}_norm.weight": (config.head_dim,) for n in "qk"}
+        if config.sandwich_norms:
+            shapes |= {layer + f"{n}_feedforward_layernorm.weight": (d,) for n in ("pre", "post")}
         if config.attention_bias:
             shapes |= {
                 layer + "self_attn.q_proj.bias": (q,),
@@ -127,6 +138,10 @@ def select_weights(
     come in another form (GGUF direct loading), checked where they are made."""
     shapes = {name: shape for name, shape in expected_shapes(config).items() if name not in covered}
     extra = [name for name in weights if name not in shapes and not _ignorable(name, config)]
+    past = [name for name in extra if (layer := _LAYER.match(name)) and int(layer[1]) >= config.num_layers]
+    if past:
+        declared = config.num_layers
+        raise ModelFormatError(f"{source}: weight {past[0]} lies past the {declared} layers the config declares")
     if extra:
         raise UnsupportedModelError(f"{source}: unexpected weight {extra[0]} (a feature nimblelm does not implement)")
     missing = [name for name in shapes if name not in weights]
@@ -137,6 +152,9 @@ def select_weights(
         if tuple(weights[name].shape) != shape:
             raise ModelFormatError(f"{source}: weight {name} has shape {tuple(weights[name].shape)}, expected {shape}")
     return {name: weights[name].float().contiguous() for name in shapes}
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
@@ -161,71 +179,122 @@ def load_hf_folder(
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
-    if not (folder / "config.json").is_file():
+    path = folder / "config.json"
+    if not path.is_file():
         raise ModelFormatError(f"{folder}: not a model folder (no config.json)")
-    raw = _read_json(folder / "config.json")
-    generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
-    hf_arch = (raw.get("architectures") or [_MODEL_TYPES.get(raw.get("model_type"), raw.get("model_type"))])[0]
-    arch = _HF_ARCHITECTURES.get(hf_arch)
+    raw = Fields(_read_json(path), str(path))
+    generation_path = folder / "generation_config.json"
+    generation = Fields(_read_json(generation_path) if generation_path.is_file() else {}, str(generation_path))
+    model_type = raw.string("model_type", None)
+    hf_arch = (raw.array("architectures", None) or [_MODEL_TYPES.get(model_type, model_type)])[0]
+    if hf_arch is None:
+        raise raw.error("lacks architectures (and model_type): which model is this?")
+    arch = _HF_ARCHITECTURES.get(hf_arch) if isinstance(hf_arch, str) else None
     if arch is None:
         supported = ", ".join(_HF_ARCHITECTURES)
         raise UnsupportedModelError(f"{folder}: architecture {hf_arch!r} is not supported (supported: {supported})")
     _reject_unsupported_features(raw, hf_arch, folder)
-    rope_theta, rope_scaling = _rope(raw, folder)
-    bos = raw.get("bos_token_id")
-    hidden, num_heads = raw["hidden_size"], raw["num_attention_heads"]
-    try:
-        return ModelConfig(
-            architecture=arch,
-            vocab_size=raw["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or hidden // num_heads,
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; its config does not say so.
-            attention_bias=arch == "qwen2",
-            sliding_window=raw.get("sliding_window") if hf_arch == "MistralForCausalLM" else None,
-            bos_token_id=generation.get("bos_token_id") if bos is None else bos,
-            eos_token_ids=tuple(dict.fromkeys(_ids(raw.get("eos_token_id")) + _ids(generation.get("eos_token_id")))),
+    gemma = arch == "gemma3"
+    hidden = raw.integer("hidden_size")
+    num_heads = raw.integer("num_attention_heads")
+    num_kv_heads = raw.integer("num_key_value_heads", num_heads)
+    if not (raw.has("head_dim") or gemma) and hidden % num_heads:
+        raise raw.error(
+            f"hidden_size ({hidden}) is not a multiple of num_attention_heads ({num_heads}) and head_dim is not given"
         )
-    except KeyError as exc:
-        raise ModelFormatError(f"{folder}: config.json lacks {exc.args[0]!r}") from None
+    # transformers' defaults where the file is silent: Gemma3TextConfig's differ from Llama's.
+    head_dim = raw.integer("head_dim", 256 if gemma else hidden // num_heads)
+    check_attention(
+        raw, ("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads), ("head_dim", head_dim)
+    )
+    num_layers = raw.integer("num_hidden_layers")
+    rope_theta, rope_scaling = _rope(raw, folder, "full_attention" if gemma else None, 1e6 if gemma else 10000.0)
+    eos_ids = raw.token_ids("eos_token_id") + generation.token_ids("eos_token_id")
+    options = {}
+    if gemma:
+        options = _gemma3_options(raw, folder, num_layers)
+    elif hf_arch == "MistralForCausalLM":
+        options = {"sliding_window": raw.integer("sliding_window", None)}
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=raw.integer("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=raw.integer("intermediate_size"),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        rms_norm_eps=raw.number("rms_norm_eps", 1e-6),
+        max_position_embeddings=raw.integer("max_position_embeddings", 131072 if gemma else 2048),
+        tie_word_embeddings=raw.boolean("tie_word_embeddings", gemma),
+        # Qwen2 always has q/k/v biases; its config does not say so.
+        attention_bias=arch == "qwen2",
+        bos_token_id=raw.integer("bos_token_id", generation.integer("bos_token_id", None, minimum=0), minimum=0),
+        eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+        **options,
+    )
 
 
-def _reject_unsupported_features(raw: dict, hf_arch: str, folder: Path) -> None:
-    if raw.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{folder}: activation {raw['hidden_act']!r} is not supported (only silu)")
-    if raw.get("mlp_bias") or (hf_arch != "Qwen2ForCausalLM" and raw.get("attention_bias")):
+def _gemma3_options(raw: Fields, folder: Path, num_layers: int) -> dict:
+    """What sets a Gemma 3 apart in ModelConfig, with Gemma3TextConfig's defaults."""
+    layer_types = raw.array("layer_types", None)
+    if layer_types is None:
+        layer_types = sliding_pattern(num_layers, raw.integer("sliding_window_pattern", 6))
+    elif len(layer_types) != num_layers or not set(layer_types) <= set(LAYER_TYPES):
+        raise raw.error(f"layer_types must list {' or '.join(LAYER_TYPES)} for each of the {num_layers} layers")
+    sliding = raw.section("rope_parameters").section("sliding_attention")
+    if sliding.string("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"{folder}: rope scaling of the sliding-window layers is not supported")
+    return GEMMA3 | {
+        "query_pre_attn_scalar": raw.number("query_pre_attn_scalar", 256.0),
+        "sliding_window": raw.integer("sliding_window", 4096),
+        "layer_types": tuple(layer_types),
+        "sliding_rope_theta": raw.number("rope_local_base_freq", sliding.number("rope_theta", 10000.0)),
+    }
+
+
+def _reject_unsupported_features(raw: Fields, hf_arch: str, folder: Path) -> None:
+    if hf_arch == "Gemma3ForCausalLM":
+        activation = raw.string("hidden_activation", "gelu_pytorch_tanh")
+        if activation != "gelu_pytorch_tanh":
+            raise UnsupportedModelError(f"{folder}: activation {activation!r} is not supported for gemma3")
+        # The reference ignores attn_logit_softcapping for Gemma 3; a final softcap it would apply.
+        if raw.has("final_logit_softcapping"):
+            raise UnsupportedModelError(f"{folder}: final_logit_softcapping is not supported")
+        if raw.boolean("use_bidirectional_attention", False):
+            raise UnsupportedModelError(f"{folder}: bidirectional attention (an embedding model) is not supported")
+    elif raw.string("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{folder}: activation {raw.raw['hidden_act']!r} is not supported (only silu)")
+    if raw.boolean("mlp_bias", False) or (hf_arch != "Qwen2ForCausalLM" and raw.boolean("attention_bias", False)):
         raise UnsupportedModelError(f"{folder}: llama-style biases (attention_bias/mlp_bias) are not supported")
-    if hf_arch == "Qwen2ForCausalLM" and raw.get("use_sliding_window"):
+    if hf_arch == "Qwen2ForCausalLM" and raw.boolean("use_sliding_window", False):
         raise UnsupportedModelError(f"{folder}: qwen2 sliding-window attention is not supported")
 
 
-def _rope(raw: dict, folder: Path) -> tuple[float, dict | None]:
-    """rope base and scaling, from either transformers 4 keys (rope_theta, rope_scaling) or 5 (rope_parameters)."""
-    parameters = raw.get("rope_parameters") or {}
-    theta = raw.get("rope_theta", parameters.get("rope_theta", 10000.0))
-    scaling = raw.get("rope_scaling") or parameters
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+# What each rope scaling type reads (rotary._inv_freq).
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope(raw: Fields, folder: Path, layer_type: str | None, default_theta: float) -> tuple[float, dict | None]:
+    """rope base and scaling, from either transformers 4 keys (rope_theta, rope_scaling) or 5 (rope_parameters,
+    per layer type for Gemma 3, whose rope_scaling applies to its global layers only)."""
+    parameters = raw.section("rope_parameters")
+    if layer_type is not None:
+        parameters = parameters.section(layer_type)
+    theta = raw.number("rope_theta", parameters.number("rope_theta", default_theta))
+    scaling = raw.section("rope_scaling") if raw.has("rope_scaling") else parameters
+    kind = scaling.string("rope_type", scaling.string("type", "default"))
     if kind == "default":
         return theta, None
-    if kind not in _ROPE_TYPES:
-        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} is not supported (supported: linear, llama3)")
-    scaling = {key: value for key, value in scaling.items() if key not in ("type", "rope_theta")}
-    return theta, scaling | {"rope_type": kind}
-
-
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    if kind not in _ROPE_KEYS:
+        supported = ", ".join(_ROPE_KEYS)
+        raise UnsupportedModelError(f"{folder}: rope scaling {kind!r} is not supported (supported: {supported})")
+    return theta, {"rope_type": kind} | {key: scaling.number(key) for key in _ROPE_KEYS[kind]}
 
 
 def _read_json(path: Path) -> dict:
@@ -238,7 +307,8 @@ def _read_json(path: Path) -> dict:
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted({folder / name for name in _read_json(index).get("weight_map", {}).values()})
+        weight_map = Fields(_read_json(index), str(index)).section("weight_map")
+        files = sorted({folder / weight_map.string(name) for name in weight_map.raw})
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -276,7 +346,8 @@ def load_gguf(
             shutil.rmtree(cached, ignore_errors=True)
     model_file = gguf_file.open_gguf(path)
     config = gguf_file.read_config(model_file)
-    weights = select_weights(config, gguf_file.read_weights(model_file, config, progress), path)
+    shapes = expected_shapes(config)
+    weights = select_weights(config, gguf_file.read_weights(model_file, config, shapes, progress), path)
     tokenizer = _gguf_tokenizer(path, model_file.metadata.get("tokenizer.chat_template"))
     _write_cache(cached, config, weights, tokenizer)
     return config, weights, tokenizer
@@ -294,7 +365,12 @@ def load_gguf_direct(
     def fp32(tensor, name):
         return gguf_file.fp32_weight(model_file, tensor, name, config)
 
-    weights, direct = split_direct(model_file, config, shapes, fp32)
+    # split_direct names tensors as Llama's, which only the matrices' names allow (Gemma's ffn_norm is not
+    # Llama's): vectors (norms, biases) are never served directly, so they are read here.
+    matrices = [t for t in model_file.tensors if len(t.shape) > 1]
+    vectors = [t for t in model_file.tensors if len(t.shape) == 1]
+    weights, direct = split_direct(dataclasses.replace(model_file, tensors=matrices), config, shapes, fp32)
+    weights |= gguf_file.read_weights(dataclasses.replace(model_file, tensors=vectors), config, shapes, progress=False)
     covered = {name for name in shapes if _served_directly(name, direct, config)}
     weights = select_weights(config, weights, path, covered)
     tokenizer = _gguf_tokenizer(path, model_file.metadata.get("tokenizer.chat_template"))
@@ -329,7 +405,8 @@ def _gguf_tokenizer(path: Path, chat_template: str | None) -> PreTrainedTokenize
 
 def _read_cache(cached: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast]:
     raw = json.loads((cached / "config.json").read_text())
-    config = ModelConfig(**(raw | {"eos_token_ids": tuple(raw["eos_token_ids"])}))
+    # JSON has no tuples: the tuple fields come back as lists.
+    config = ModelConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in raw.items()})
     weights = load_file(cached / "model.safetensors")
     return config, weights, _cached_tokenizer(cached)
 

