@@ -100,3 +100,13 @@ def test_a_quantized_folder_refuses_a_second_quantization(rtn_folder):
 
     with pytest.raises(InvalidRequestError, match="already quantized"):
         LLM(str(rtn_folder), quantization="int8")
+
+
+def test_offline_quantization_of_gemma3_is_refused_in_one_line(tmp_path, capsys):
+    from tiny_models import make_tiny_hf_model
+
+    gemma = make_tiny_hf_model(tmp_path / "gemma3", arch="gemma3")
+    assert main(["quantize", "--model", str(gemma), "--method", "rtn", "--bits", "8", "--output",
+                 str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "supports llama, qwen2 models, not gemma3" in err[-1], err

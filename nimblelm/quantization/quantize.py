@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nimblelm.errors import InvalidRequestError
+from nimblelm.errors import InvalidRequestError, UnsupportedModelError
 from nimblelm.layers.linear import Linear
 from nimblelm.llm import LLM
 from nimblelm.models import registry
@@ -27,6 +27,8 @@ from nimblelm.quantization.smoothing import scalable_inputs
 # Symmetric int4 (as llama.cpp's Q4_0) unless the method is defined with zero points (AWQ).
 _SYMMETRIC = {"rtn": True, "gptq": True, "awq": False, "smoothquant": True}
 
+
+OFFLINE_ARCHITECTURES = ("llama", "qwen2")
 
 def default_group_size(method: str, bits: int) -> int | None:
     """32 for int8 (the on-the-fly int8's group), 128 for int4, none for W8A8."""
@@ -82,6 +84,13 @@ def dense_llm(model: str, threads: int | None = None, max_len: int = 512) -> LLM
     """The model loaded with plain fp32 weights (dense_weights), ready to calibrate and quantize in place.
     One sequence: calibration runs one sample at a time, so the KV cache needs room for one only."""
     llm = LLM(model=model, dtype="float32", max_model_len=max(max_len, 2), max_num_seqs=1, num_threads=threads)
+    arch = llm.llm_engine.model_config.architecture
+    if arch not in OFFLINE_ARCHITECTURES:
+        # Calibration, smoothing and saved folders know the Llama layer's norms and checkpoint names only.
+        raise UnsupportedModelError(
+            f"{model}: nimblelm quantize supports {', '.join(OFFLINE_ARCHITECTURES)} models, not {arch}; "
+            "quantize it at load instead (--quantization int8, int4 or w8a8)"
+        )
     dense_weights(llm.llm_engine.runner.model)
     return llm
 
