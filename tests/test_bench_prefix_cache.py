@@ -395,3 +395,15 @@ def test_throughput_command_on_the_multiturn_workload(tmp_path, tiny_llama):
     assert len(per_pass) == 2 and all(0 < f["hit_rate"] < 1 for f in per_pass)
     assert rows["nimblelm-nocache"]["prefix_cache"] == {"enabled": False}
     assert rep["config"]["max_turns"] == 3 and rep["workload"]["conversations"] == 3
+
+
+def test_latency_prompts_never_repeat_so_no_prefill_is_served_from_the_cache(tiny_ctx):
+    """The same length and seed twice (a test's repetitions, or pp16 then pp32) must still be two prompts:
+    with the prefix cache on, a repeated prompt's prefill would have been timed on its last token only."""
+    from nimblelm.bench.latency import make_tests, run_latency
+
+    assert tiny_ctx.prompt(32, 5) != tiny_ctx.prompt(32, 5)
+    out = run_latency(tiny_ctx, ["nimblelm"], make_tests([16, 32], [4], [1, 2]), repeat=2, warmup=1,
+                      progress=False, logger=lambda s: None)
+    pc = out["backends"]["nimblelm"]["prefix_cache"]
+    assert pc["queries"] > 0 and pc["hits"] == 0

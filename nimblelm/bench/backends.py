@@ -91,6 +91,7 @@ class BenchContext:
     quantization: str | None = None  # nimblelm's LLM(quantization=...); None: unquantized weights
     kv_cache_dtype: str = "auto"  # nimblelm's LLM(kv_cache_dtype=...)
     loaded: object | None = None  # the loader's LoadedModel (config, weights, tokenizer, source)
+    prompts_drawn: int = field(default=0, init=False, repr=False)  # see prompt()
 
     def load(self):
         if self.loaded is None:
@@ -113,7 +114,12 @@ class BenchContext:
         return [i for i in ids if i is not None]
 
     def prompt(self, length: int, seed: int) -> list[int]:
-        return random_prompt(length, self.config.vocab_size, seed, exclude_ids=self.special_ids())
+        """Random token ids that no earlier call returned: the draw is seeded by seed and the number of
+        prompts drawn before it. A prompt that repeated an earlier one, or the start of one, would be
+        served from a prefix cache, and a timed prefill would compute only part of it."""
+        self.prompts_drawn += 1
+        return random_prompt(length, self.config.vocab_size, seed * 1_000_003 + self.prompts_drawn,
+                             exclude_ids=self.special_ids())
 
 
 @dataclass
