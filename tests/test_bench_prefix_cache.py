@@ -344,7 +344,7 @@ def test_nimblelm_hit_rate_with_and_without_its_prefix_cache(tiny_ctx):
     assert f"| nimblelm | {len(reqs)} | 3 | {tiny_ctx.threads} | {hit} |" in md
     assert f"| nimblelm-nocache | {len(reqs)} | 3 | {tiny_ctx.threads} | off |" in md
     w = out["workload"]
-    assert f"3 conversations of {w['turns_min']}–{w['turns_max']} turns" in md and "prefix cache off" in md
+    assert f"3 conversations of {w['turns_min']}–{w['turns_max']} turns" in md and "prefix caching off" in md
 
 
 # ----------------------------------------------------------------------------------------- the command

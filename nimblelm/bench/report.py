@@ -75,10 +75,11 @@ def backend_lines(statuses: dict) -> list[str]:
                 bits.append(f"version {info['version']}")
             if info.get("build_commit") and info["build_commit"] != "unknown":
                 bits.append(f"build {info['build_commit']}")
+            mode = info.get("prefix_caching")  # True, False, or how the peer caches, in words
+            if mode is not None:
+                bits.append(mode if isinstance(mode, str) else f"prefix caching {'on' if mode else 'off'}")
             pc = st.get("prefix_cache") or {}
-            if pc.get("enabled") is False:
-                bits.append("prefix cache off")
-            elif pc.get("queries") is not None:
+            if pc.get("queries") is not None:
                 bits.append(f"prefix cache over the whole run, warm-up included: {pc['hits']} of {pc['queries']} "
                             f"prompt tokens found cached ({prefix_cache.cell(pc)})")
             act = st.get("other_activity") or {}

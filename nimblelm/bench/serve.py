@@ -307,7 +307,8 @@ def llamacpp_server(ctx: BenchContext, slots: int, gguf_type: str | None = None)
            "--cache-ram", "0", "--no-webui", "-ngl", "0", "--alias", SERVED_NAME, *be.kv_args()]
     # cache_prompt: each slot keeps the K/V of its last prompt and reuses its common start with the next
     srv = ServerProcess("llama.cpp", cmd, port, extra_body={"cache_prompt": True})
-    srv.info = be.info() | {"prefix_caching": "cache_prompt per slot (--cache-ram 0: no cache shared across slots)"}
+    srv.info = be.info() | {"prefix_caching": "prefix caching: cache_prompt, per slot (--cache-ram 0: none shared "
+                                              "across slots)"}
     return srv
 
 
@@ -324,10 +325,11 @@ def vllm_server(ctx: BenchContext, slots: int) -> ServerProcess:
            "--port", str(port),
            "--served-model-name", SERVED_NAME, "--dtype", vllm_peer.vllm_dtype(ctx.dtype),
            "--max-model-len", str(ctx.max_model_len), "--max-num-seqs", str(slots),
+           "--enable-prefix-caching",  # its default for this model kind here too; said, so a run never depends on it
            "--disable-uvicorn-access-log"]
     srv = ServerProcess("vllm", cmd, port, env=vllm_peer.vllm_env(ctx.threads), startup_timeout=900)
     srv.info = {"version": vllm_peer.vllm_version(), "weights": f"{ctx.dtype} HF folder written from the same "
-                "weights", "folder": str(folder)}
+                "weights", "folder": str(folder), "prefix_caching": True}
     return srv
 
 
