@@ -132,6 +132,33 @@ def sharegpt_pairs(records: Sequence[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
+def sharegpt_dialogues(records: Sequence[dict]) -> list[list[tuple[str, str]]]:
+    """Per conversation, its (human turn, model reply) exchanges in order, from the first human turn up to
+    the first break in the human/model alternation (a turn that is not a string, two human or two model
+    turns in a row). Conversations without one whole exchange are left out."""
+    dialogues = []
+    for rec in records:
+        exchanges: list[tuple[str, str]] = []
+        human = None
+        for turn in rec.get("conversations") or []:
+            role = str(turn.get("from", "")).lower() if isinstance(turn, dict) else ""
+            value = turn.get("value") if isinstance(turn, dict) else None
+            if not exchanges and human is None and role not in HUMAN_ROLES:
+                continue  # whatever precedes the first human turn (a system or model greeting)
+            if not isinstance(value, str):
+                break
+            if human is None and role in HUMAN_ROLES:
+                human = value
+            elif human is not None and role in MODEL_ROLES:
+                exchanges.append((human, value))
+                human = None
+            else:
+                break
+        if exchanges:
+            dialogues.append(exchanges)
+    return dialogues
+
+
 def load_humaneval(path: str | os.PathLike) -> list[dict]:
     """The HumanEval problems (task_id, prompt, canonical_solution, ...) of a .jsonl or .jsonl.gz file."""
     import gzip

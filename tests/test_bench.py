@@ -211,7 +211,8 @@ def test_cpu_monitor_reports_other_activity():
 def _fake_report(kind: str) -> dict:
     meta = {"command": "nimblelm bench x", "machine": machine.machine_info(2),
             "backends": {"nimblelm": {"status": "ok", "info": {"weights": "float32", "weights_nbytes": 2**20},
-                                      "other_activity": {"other_cpu_s": 1.5, "other_share": 0.02, "steal_s": 0.0}},
+                                      "other_activity": {"other_cpu_s": 1.5, "other_share": 0.02, "steal_s": 0.0},
+                                      "prefix_cache": {"queries": 40, "hits": 0, "hit_rate": 0.0, "source": "x"}},
                          "llama.cpp": {"status": "skipped", "reason": "llama-bench not found"}}}
     if kind == "latency":
         return {"kind": "latency", "config": {"model": "m", "dtype": "float32", "repeat": 2, "warmup": 1}, **meta,
@@ -225,7 +226,8 @@ def _fake_report(kind: str) -> dict:
                          "output_len_max": 3},
             "results": [{"backend": "nimblelm", "num_requests": 2, "concurrency": 2, "threads": 2,
                          "elapsed_s": [2.0], "mean_total_tok_s": 8.0, "std_total_tok_s": 0.0,
-                         "mean_output_tok_s": 3.0, "std_output_tok_s": 0.0, "mean_req_s": 1.0, "std_req_s": 0.0}]}
+                         "mean_output_tok_s": 3.0, "std_output_tok_s": 0.0, "mean_req_s": 1.0, "std_req_s": 0.0,
+                         "prefix_cache": {"queries": 10, "hits": 6, "hit_rate": 0.6, "source": "x"}}]}
 
 
 @pytest.mark.parametrize("kind", ["latency", "throughput"])
@@ -236,10 +238,11 @@ def test_report_markdown_and_files(tmp_path, kind):
     assert "2 threads used" in md and "nimblelm commit" in md
     assert "llama.cpp: skipped: llama-bench not found" in md
     assert "other processes during its run: 1.5 CPU-s (2.0% of the machine)" in md
+    assert "prefix cache over the whole run, warm-up included: 0 of 40 prompt tokens found cached (0.0%)" in md
     if kind == "latency":
         assert "| nimblelm | tg8 | 1 | 2 | 11.00 ± 1.41 | 0.50 ± 0.01 |" in md
     else:
-        assert "| nimblelm | 2 | 2 | 2 | 8.0 | 3.0 | 1.000 | 2.00 |" in md  # one pass: no ± shown
+        assert "| nimblelm | 2 | 2 | 2 | 60.0% | 8.0 | 3.0 | 1.000 | 2.00 |" in md  # one pass: no ± shown
     j, m = report.write_report(rep, tmp_path / "out", plots=False)
     data = json.loads(j.read_text())
     assert data["machine"]["threads"] == 2 and data["results"][0]["backend"] == "nimblelm"
@@ -455,7 +458,7 @@ def test_latency_and_throughput_smoke_on_a_tiny_model(tiny_ctx, tmp_path, monkey
     assert lat["backends"]["llama.cpp"]["status"] == "skipped"
 
     reqs = datasets.random_requests(4, 12, 6, vocab_size=tiny_ctx.config.vocab_size, range_ratio=0.5, seed=0)
-    thr = run_throughput(tiny_ctx, names, reqs, repeat=1, warmup=1, progress=False, logger=lambda s: None)
+    thr = run_throughput(tiny_ctx, names, [reqs], warmup=1, progress=False, logger=lambda s: None)
     rows = {r["backend"]: r for r in thr["results"]}
     assert set(rows) == {"nimblelm", "transformers"}
     for r in rows.values():

@@ -228,7 +228,8 @@ def test_run_serving_respects_concurrency_and_arrivals(fake_server):
     offsets = [r.start - records[0].start for r in records]
     expected = arrivals.arrival_times(3, 20.0, seed=0)
     assert offsets == pytest.approx(expected, abs=0.03)
-    pts = benchmark_server(fake_server, "fake-model", reqs, [math.inf, 50.0], slo=SLO(tpot_s=1.0))
+    pts = benchmark_server(fake_server, "fake-model", [reqs, reqs], [math.inf, 50.0], warm=reqs[:2],
+                           slo=SLO(tpot_s=1.0))
     assert [p["rate"] for p in pts] == [math.inf, 50.0]
     for p in pts:
         m = p["metrics"]
@@ -264,7 +265,7 @@ def test_serve_backends_without_a_server_are_skipped_with_one_line(tmp_path, mon
                         lambda python=None, source=None: "`nimblelm serve` is not in this checkout (issue #3)")
     lines = []
     out = serve.run_serve(BenchContext(model=str(tiny_llama), max_model_len=32, max_num_seqs=2),
-                          ["nimblelm", "transformers", "llama.cpp", "vllm", "openai"], [BenchRequest((1, 2), 2)],
+                          ["nimblelm", "transformers", "llama.cpp", "vllm", "openai"], [[BenchRequest((1, 2), 2)]],
                           [math.inf], progress=False, logger=lines.append)
     assert out["results"] == []
     assert {k: v["status"] for k, v in out["backends"].items()} == dict.fromkeys(

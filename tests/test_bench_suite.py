@@ -276,7 +276,7 @@ def test_cli_smoke_survey_engines(tiny_llama, tmp_path, monkeypatch):
 def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch):
     """(b): every server up first, one untimed round, the rate-inf runs alternating over rounds (first server
     rotating), then each server's offered rates from the mean of its maxima; a server that fails mid-run is
-    dropped."""
+    dropped. Each run replays its own workload, the same one on every server."""
     from nimblelm.bench import serve, survey
     from nimblelm.bench.metrics import SLO
 
@@ -285,6 +285,7 @@ def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch)
     class FakeServer:
         def __init__(self, name):
             self.name, self.url, self.startup_s = name, name, 1.0
+            self.extra_body, self.prefix_caching = None, True
 
         def start(self):
             calls.append(("start", self.name))
@@ -295,14 +296,16 @@ def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch)
         def stop(self):
             stopped.append(self.name)
 
-    def fake_benchmark(url, model, requests, rates, **kw):
+    def fake_benchmark(url, model, workloads, rates, **kw):
+        assert len(workloads) == len(rates)
         calls.append((url, tuple(rates)))
+        used.append((url, [passes.index(w) for w in workloads]))
         if url == "vllm" and math.isinf(rates[0]) and sum(c[0] == "vllm" for c in calls) == 3:
             raise RuntimeError("server died")
         top = {"nimblelm": 3.0, "llama.cpp": 1.0, "vllm": 2.0}[url] + 0.5 * sum(c[0] == url for c in calls)
         m = {"request_throughput": top, "output_throughput": 10 * top, "total_token_throughput": 20 * top,
              "failed": 0, "tpot_s": {"p99": 0.1}}
-        return [{"rate": r, "metrics": m} for r in rates]
+        return [{"rate": r, "metrics": m, "prefix_cache": None} for r in rates]
 
     def fake_start(name, ctx, slots, opts):
         if name == "transformers":
@@ -312,8 +315,10 @@ def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch)
     monkeypatch.setattr(serve, "start_backend_server", fake_start)
     monkeypatch.setattr(serve, "benchmark_server", fake_benchmark)
     monkeypatch.setattr(survey, "_offline_req_s", lambda *a: {"status": "ok", "max_req_s": 0.5})
+    used = []
+    passes = [[object()] * 4 for _ in range(1 + 3 + 1)]  # the untimed run, 3 rounds, 1 fraction
     out = survey._serve_all(BenchContext(model="unused"), ["nimblelm", "transformers", "llama.cpp", "vllm"],
-                            [object()] * 4, {}, [0.5], SLO(tpot_s=0.2), 3, lambda s: None, False)
+                            passes, [], {}, [0.5], SLO(tpot_s=0.2), 3, lambda s: None, False)
     inf = (math.inf,)
     assert calls == [("start", "nimblelm"), ("start", "llama.cpp"), ("start", "vllm"),
                      ("nimblelm", inf), ("llama.cpp", inf), ("vllm", inf),  # untimed
@@ -321,6 +326,8 @@ def test_survey_serving_interleaves_the_maximum_runs_across_servers(monkeypatch)
                      ("llama.cpp", inf), ("vllm", inf), ("nimblelm", inf),  # vllm fails here: dropped
                      ("nimblelm", inf), ("llama.cpp", inf),
                      ("nimblelm", (0.5 * 4.5,)), ("llama.cpp", (0.5 * 2.5,))]
+    assert [k for url, ks in used if url == "nimblelm" for k in ks] == [0, 1, 2, 3, 4]
+    assert [k for url, ks in used if url == "llama.cpp" for k in ks] == [0, 1, 2, 3, 4]
     assert out["nimblelm"]["max_req_s_rounds"] == [4.0, 4.5, 5.0] and out["nimblelm"]["max_req_s"] == 4.5
     assert out["vllm"] == {"status": "failed", "reason": "RuntimeError: server died"}
     assert out["transformers"]["server_skipped"] == "no server"

@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from nimblelm.bench import prefix_cache
 from nimblelm.bench.datasets import BenchRequest, random_prompt
 from nimblelm.errors import InvalidRequestError
 
-BACKEND_NAMES = ("nimblelm", "transformers", "llama.cpp", "vllm")
+BACKEND_NAMES = ("nimblelm", "nimblelm-nocache", "transformers", "llama.cpp", "vllm")
 _ALIASES = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
 DTYPES = ("float32", "float16", "bfloat16")
 KV_CACHE_DTYPES = ("auto", "float16", "int8")
@@ -90,6 +91,7 @@ class BenchContext:
     quantization: str | None = None  # nimblelm's LLM(quantization=...); None: unquantized weights
     kv_cache_dtype: str = "auto"  # nimblelm's LLM(kv_cache_dtype=...)
     loaded: object | None = None  # the loader's LoadedModel (config, weights, tokenizer, source)
+    prompts_drawn: int = field(default=0, init=False, repr=False)  # see prompt()
 
     def load(self):
         if self.loaded is None:
@@ -112,7 +114,12 @@ class BenchContext:
         return [i for i in ids if i is not None]
 
     def prompt(self, length: int, seed: int) -> list[int]:
-        return random_prompt(length, self.config.vocab_size, seed, exclude_ids=self.special_ids())
+        """Random token ids that no earlier call returned: the draw is seeded by seed and the number of
+        prompts drawn before it. A prompt that repeated an earlier one, or the start of one, would be
+        served from a prefix cache, and a timed prefill would compute only part of it."""
+        self.prompts_drawn += 1
+        return random_prompt(length, self.config.vocab_size, seed * 1_000_003 + self.prompts_drawn,
+                             exclude_ids=self.special_ids())
 
 
 @dataclass
@@ -164,6 +171,11 @@ class Backend:
         a step reads one row."""
         return self.weights_nbytes()
 
+    def prefix_cache_run(self) -> dict | None:
+        """The prefix cache's figure over everything this backend ran since load (see bench/prefix_cache),
+        or None when it exposes none."""
+        return None
+
     def latency(self, test: LatencyTest, repeat: int, warmup: int, progress: Callable[[], None] | None = None
                 ) -> list[float]:
         """tok/s of `repeat` timed runs of `test` (after `warmup` untimed ones)."""
@@ -197,9 +209,12 @@ class NimbleLMBackend(Backend):
     method = ("LLM.generate; pp = batch*p/(last first_token_time - first arrival_time), max_tokens=1; "
               "tg = batch*(n-1)/(last finished_time - first first_token_time), 1-token prompts, ignore_eos")
 
-    def __init__(self, ctx: BenchContext):
+    def __init__(self, ctx: BenchContext, prefix_caching: bool = True):
         super().__init__(ctx)
         self.llm = None
+        self.prefix_caching = prefix_caching
+        if not prefix_caching:
+            self.name = "nimblelm-nocache"
 
     def check(self) -> None:
         try:
@@ -212,7 +227,8 @@ class NimbleLMBackend(Backend):
 
         self.llm = LLM(model=self.ctx.model, dtype=self.ctx.dtype, max_model_len=self.ctx.max_model_len,
                        max_num_seqs=self.ctx.max_num_seqs, num_threads=self.ctx.threads,
-                       quantization=self.ctx.quantization, kv_cache_dtype=self.ctx.kv_cache_dtype)
+                       quantization=self.ctx.quantization, kv_cache_dtype=self.ctx.kv_cache_dtype,
+                       enable_prefix_caching=self.prefix_caching)
 
     def info(self) -> dict:
         q = self.ctx.quantization
@@ -223,7 +239,17 @@ class NimbleLMBackend(Backend):
         else:
             weights = f"{self.ctx.dtype} (dequantized by the nimblelm loader)"
         return {"weights": weights, "quantization": q or "none", "kv_cache_dtype": self.ctx.kv_cache_dtype,
-                "weights_nbytes": self.weights_nbytes(), "token_nbytes": self.token_nbytes()}
+                "prefix_caching": self.prefix_caching, "weights_nbytes": self.weights_nbytes(),
+                "token_nbytes": self.token_nbytes()}
+
+    def _cache_counters(self) -> tuple[int, int]:
+        stats = self.llm.llm_engine.stats()
+        return stats.prefix_cache_queries, stats.prefix_cache_hits
+
+    def prefix_cache_run(self) -> dict | None:
+        if not self.prefix_caching:
+            return prefix_cache.disabled()
+        return prefix_cache.counted(*self._cache_counters(), "LLMEngine.stats()")
 
     def weights_nbytes(self) -> int | None:
         n = getattr(self.llm, "weights_nbytes", None)
@@ -283,6 +309,7 @@ class NimbleLMBackend(Backend):
         self._generate_requests(reqs)
 
     def throughput(self, requests: Sequence[BenchRequest]) -> ThroughputRun:
+        before = self._cache_counters()
         t0 = time.perf_counter()
         outs = self._generate_requests(requests)
         elapsed = time.perf_counter() - t0
@@ -291,6 +318,8 @@ class NimbleLMBackend(Backend):
         ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs
                 if getattr(o, "metrics", None) is not None]
         extra = {"mean_ttft_s": statistics.fmean(ttft)} if ttft else {}
+        extra["prefix_cache"] = (prefix_cache.delta(before, self._cache_counters(), "LLMEngine.stats()")
+                                 if self.prefix_caching else prefix_cache.disabled())
         return ThroughputRun(elapsed, prompt_tokens, out_tokens, len(outs), extra)
 
     def close(self) -> None:
@@ -389,6 +418,9 @@ class TransformersBackend(Backend):
             pad = eos[0] if eos else 0
         self.pad_id = int(pad)
 
+    def prefix_cache_run(self) -> dict | None:
+        return prefix_cache.disabled()  # generate() starts every batch from an empty cache
+
     def info(self) -> dict:
         import transformers
 
@@ -475,7 +507,8 @@ class TransformersBackend(Backend):
         elapsed = time.perf_counter() - t0
         return ThroughputRun(
             elapsed, sum(r.prompt_len for r in requests), sum(r.output_len for r in requests), len(requests),
-            {"batch_size": bs, "computed_prompt_positions": padded_prompt, "computed_output_tokens": computed_out})
+            {"batch_size": bs, "computed_prompt_positions": padded_prompt, "computed_output_tokens": computed_out,
+             "prefix_cache": prefix_cache.disabled()})
 
     def close(self) -> None:
         self.model = None
@@ -483,8 +516,8 @@ class TransformersBackend(Backend):
 
 
 def make_backend(name: str, ctx: BenchContext, **opts) -> Backend:
-    if name == "nimblelm":
-        return NimbleLMBackend(ctx)
+    if name in ("nimblelm", "nimblelm-nocache"):
+        return NimbleLMBackend(ctx, prefix_caching=name == "nimblelm")
     if name == "transformers":
         return TransformersBackend(ctx, batch_size=opts.get("hf_batch_size"))
     if name == "llama.cpp":

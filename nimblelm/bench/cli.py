@@ -66,18 +66,29 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="skip the ~1 s bandwidth and matmul-peak measurement recorded with every run")
 
 
+DATASETS = ("sharegpt", "random", "prefix", "humaneval", "shared-prefix", "sharegpt-multiturn")
+
+
 def _workload_args(p: argparse.ArgumentParser, default_dataset: str = "sharegpt") -> None:
-    p.add_argument("--dataset", choices=("sharegpt", "random", "prefix", "humaneval"), default=default_dataset,
+    p.add_argument("--dataset", choices=DATASETS, default=default_dataset,
                    help="sharegpt (the packaged V3 file, usual filter), random token ids, prefix (a shared "
-                        "random prefix + random suffix), humaneval prompts")
+                        "random prefix + random suffix), humaneval prompts, shared-prefix (ShareGPT questions "
+                        "behind one shared system prompt of ShareGPT text, chat template), sharegpt-multiturn "
+                        "(ShareGPT conversations replayed turn by turn, chat template; --num-prompts "
+                        "conversations, each turn sent after the one before it finished)")
     p.add_argument("--dataset-path", default=None,
                    help="ShareGPT JSON / HumanEval jsonl(.gz) file (default: fetched once into the nimblelm cache)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-output-len", type=int, default=128,
-                   help="sharegpt, humaneval: cap on each request's output length (default 128)")
+                   help="sharegpt, humaneval, shared-prefix, sharegpt-multiturn: cap on each request's output "
+                        "length (default 128)")
     p.add_argument("--input-len", type=int, default=128, help="random, prefix: prompt (suffix) length (default 128)")
     p.add_argument("--output-len", type=int, default=128, help="random, prefix: output length (default 128)")
-    p.add_argument("--prefix-len", type=int, default=256, help="prefix: shared prefix length (default 256)")
+    p.add_argument("--prefix-len", type=int, default=None,
+                   help="prefix, shared-prefix: shared prefix length in tokens (default 256 for prefix, 1000 for "
+                        "shared-prefix)")
+    p.add_argument("--max-turns", type=int, default=8,
+                   help="sharegpt-multiturn: turns replayed per conversation at most (default 8)")
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="random, prefix: lengths uniform in [len*(1-r), len*(1+r)] (default 0)")
 
@@ -251,6 +262,13 @@ def _precision_config(args) -> dict:
             "llamacpp_gguf": args.llamacpp_gguf}
 
 
+def _fit_context(ctx, workloads) -> None:
+    """Give every backend the context the longest request of the workloads needs (32 at least: the warm-up)."""
+    need = max(r.prompt_len + r.output_len for w in workloads for r in w) + 1
+    ctx.max_model_len = max(ctx.max_model_len, need, 32)
+    _check_context(ctx)
+
+
 def _check_context(ctx) -> None:
     limit = ctx.config.max_position_embeddings
     if limit and ctx.max_model_len > limit:
@@ -300,43 +318,64 @@ def run_latency_command(args) -> dict:
 def _check_workload_args(args) -> None:
     if args.num_prompts <= 0:
         raise InvalidRequestError(f"--num-prompts must be > 0, got {args.num_prompts}")
-    if args.dataset in ("sharegpt", "humaneval") and args.max_output_len <= 0:
+    if args.dataset not in ("random", "prefix") and args.max_output_len <= 0:
         raise InvalidRequestError(f"--max-output-len must be > 0, got {args.max_output_len}")
     if args.dataset in ("random", "prefix"):
         if args.input_len <= 0 or args.output_len <= 0:
             raise InvalidRequestError("--input-len and --output-len must be > 0")
         if not 0.0 <= args.random_range_ratio < 1.0:
             raise InvalidRequestError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
-    if args.dataset == "prefix" and args.prefix_len < 0:
+    if args.dataset == "prefix" and args.prefix_len is not None and args.prefix_len < 0:
         raise InvalidRequestError(f"--prefix-len must be >= 0, got {args.prefix_len}")
+    if args.dataset == "shared-prefix" and args.prefix_len is not None and args.prefix_len <= 0:
+        raise InvalidRequestError(f"--prefix-len must be > 0, got {args.prefix_len}")
+    if args.dataset == "sharegpt-multiturn" and args.max_turns < 2:
+        raise InvalidRequestError(f"--max-turns must be >= 2, got {args.max_turns}")
 
 
-def build_workload(args, ctx) -> list:
+def _prefix_len(args) -> int:
+    if args.prefix_len is not None:
+        return args.prefix_len
+    return 1000 if args.dataset == "shared-prefix" else 256
+
+
+def build_workload(args, ctx, pass_index: int = 0) -> list:
+    """The requests of pass pass_index, none of which an earlier pass sent (so no pass finds its prompts in a
+    prefix cache an earlier one filled): of ShareGPT and HumanEval, the next --num-prompts of the one seeded
+    order (shared-prefix: behind a system prompt of its own, drawn with seed + pass_index); of random token
+    ids, the draw of seed + pass_index."""
     from nimblelm import corpora
     from nimblelm.bench import datasets
 
     _check_workload_args(args)
+    n, k = args.num_prompts, pass_index
+    limit = min(2048, args.max_model_len or 2048, ctx.config.max_position_embeddings)
     if args.dataset == "humaneval":
         problems = corpora.load_humaneval(corpora.humaneval_path(args.dataset_path))
-        limit = min(2048, args.max_model_len or 2048, ctx.config.max_position_embeddings)
-        return datasets.humaneval_requests(problems, ctx.tokenizer, args.num_prompts, seed=args.seed,
-                                           max_output_len=args.max_output_len, max_total_len=limit)
+        return datasets.humaneval_requests(problems, ctx.tokenizer, n * (k + 1), seed=args.seed,
+                                           max_output_len=args.max_output_len, max_total_len=limit)[k * n:]
     if args.dataset == "prefix":
-        return datasets.prefix_requests(args.num_prompts, args.prefix_len, args.input_len, args.output_len,
+        return datasets.prefix_requests(n, _prefix_len(args), args.input_len, args.output_len,
                                         vocab_size=ctx.config.vocab_size, range_ratio=args.random_range_ratio,
-                                        seed=args.seed, exclude_ids=ctx.special_ids())
-    if args.dataset == "sharegpt":
-        if args.max_output_len <= 0:
-            raise InvalidRequestError(f"--max-output-len must be > 0, got {args.max_output_len}")
-        path = corpora.sharegpt_path(args.dataset_path)
-        pairs = corpora.sharegpt_pairs(corpora.load_sharegpt(path))
-        limit = min(2048, args.max_model_len or 2048, ctx.config.max_position_embeddings)
-        return datasets.sample_sharegpt(pairs, ctx.tokenizer, args.num_prompts, seed=args.seed,
-                                        max_output_len=args.max_output_len, max_prompt_len=min(1024, limit - 4),
-                                        max_total_len=limit)
-    return datasets.random_requests(args.num_prompts, args.input_len, args.output_len,
-                                    vocab_size=ctx.config.vocab_size, range_ratio=args.random_range_ratio,
-                                    seed=args.seed, exclude_ids=ctx.special_ids())
+                                        seed=args.seed + k, exclude_ids=ctx.special_ids())
+    if args.dataset == "random":
+        return datasets.random_requests(n, args.input_len, args.output_len, vocab_size=ctx.config.vocab_size,
+                                        range_ratio=args.random_range_ratio, seed=args.seed + k,
+                                        exclude_ids=ctx.special_ids())
+    records = corpora.load_sharegpt(corpora.sharegpt_path(args.dataset_path))
+    if args.dataset == "sharegpt-multiturn":
+        reqs = datasets.multiturn_requests(corpora.sharegpt_dialogues(records), ctx.tokenizer, n * (k + 1),
+                                           seed=args.seed, max_turns=args.max_turns,
+                                           max_output_len=args.max_output_len, max_total_len=limit)
+        return [r for r in reqs if r.conversation >= k * n]
+    pairs = corpora.sharegpt_pairs(records)
+    if args.dataset == "shared-prefix":
+        return datasets.shared_prefix_requests(pairs, ctx.tokenizer, n * (k + 1), prefix_len=_prefix_len(args),
+                                               seed=args.seed, prefix_seed=args.seed + k,
+                                               max_output_len=args.max_output_len, max_total_len=limit)[k * n:]
+    return datasets.sample_sharegpt(pairs, ctx.tokenizer, n * (k + 1), seed=args.seed,
+                                    max_output_len=args.max_output_len, max_prompt_len=min(1024, limit - 4),
+                                    max_total_len=limit)[k * n:]
 
 
 def run_throughput_command(args) -> dict:
@@ -352,10 +391,9 @@ def run_throughput_command(args) -> dict:
         raise InvalidRequestError(f"--hf-batch-size must be >= 1, got {args.hf_batch_size}")
     _check_workload_args(args)
     ctx, backends, opts, machine = _prepare(args)
-    requests = build_workload(args, ctx)
-    ctx.max_model_len = max(ctx.max_model_len, max(r.prompt_len + r.output_len for r in requests) + 1, 32)  # 32: the warm-up requests
-    _check_context(ctx)
-    out = run_throughput(ctx, backends, requests, repeat=args.repeat, warmup=args.warmup, backend_opts=opts,
+    workloads = [build_workload(args, ctx, k) for k in range(args.repeat)]
+    _fit_context(ctx, workloads)
+    out = run_throughput(ctx, backends, workloads, warmup=args.warmup, backend_opts=opts,
                          progress=not args.no_progress,
                          peak_gflops=(machine.get("matmul_peak_gflops") or {}).get(args.dtype))
     config = {"model": args.model, "dtype": args.dtype, "backends": backends, "dataset": args.dataset,
@@ -367,11 +405,15 @@ def run_throughput_command(args) -> dict:
 
 
 def _workload_config(args) -> dict:
-    if args.dataset in ("sharegpt", "humaneval"):
-        return {"max_output_len": args.max_output_len}
-    out = {"input_len": args.input_len, "output_len": args.output_len, "random_range_ratio": args.random_range_ratio}
-    if args.dataset == "prefix":
-        out["prefix_len"] = args.prefix_len
+    if args.dataset in ("random", "prefix"):
+        out = {"input_len": args.input_len, "output_len": args.output_len,
+               "random_range_ratio": args.random_range_ratio}
+    else:
+        out = {"max_output_len": args.max_output_len}
+    if args.dataset in ("prefix", "shared-prefix"):
+        out["prefix_len"] = _prefix_len(args)
+    if args.dataset == "sharegpt-multiturn":
+        out["max_turns"] = args.max_turns
     return out
 
 
@@ -408,16 +450,13 @@ def run_serve_command(args) -> dict:
     args_backends, args.backends = args.backends, ",".join(b for b in names if b != "openai") or "nimblelm"
     ctx, _, opts, machine = _prepare(args)
     args.backends = args_backends
-    requests = build_workload(args, ctx)
-    ctx.max_model_len = max(ctx.max_model_len, max(r.prompt_len + r.output_len for r in requests) + 1, 32)  # 32: the warm-up requests
-    _check_context(ctx)
-    texts = None
-    if args.prompt_format == "text":
-        texts = [ctx.tokenizer.decode(list(r.prompt_token_ids)) for r in requests]
     all_rates = [r for _ in range(args.repeat) for r in rates]
-    out = run_serve(ctx, names, requests, all_rates, burstiness=args.burstiness,
+    workloads = [build_workload(args, ctx, k) for k in range(len(all_rates))]
+    _fit_context(ctx, workloads)
+    out = run_serve(ctx, names, workloads, all_rates, burstiness=args.burstiness,
                     max_concurrency=args.max_concurrency, slo=slo, base_url=args.base_url,
-                    model_name=args.served_model_name, backend_opts=opts, prompt_texts=texts,
+                    model_name=args.served_model_name, backend_opts=opts,
+                    decode=ctx.tokenizer.decode if args.prompt_format == "text" else None,
                     warmup=args.warmup, progress=not args.no_progress)
     config = {"model": args.model, "dtype": args.dtype, "backends": names, "dataset": args.dataset,
               "num_prompts": args.num_prompts, "seed": args.seed, "request_rates": ["inf" if math.isinf(r) else r
@@ -427,7 +466,7 @@ def run_serve_command(args) -> dict:
               "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs, "base_url": args.base_url,
               "prompt_format": args.prompt_format, **_precision_config(args), **_workload_config(args)}
     return {"kind": "serve", "command": _command_line(), "config": config, "machine": machine,
-            "workload": workload_summary(requests), **out}
+            "workload": workload_summary(workloads[0]), **out}
 
 
 def run_survey_quantization_command(args) -> dict:
@@ -508,8 +547,8 @@ def run_survey_command(args) -> dict:
     ctx, backends, opts, machine = _prepare(args)
     models = [m.strip() for m in (args.models or args.model).split(",") if m.strip()]
 
-    def workload(c):
-        return build_workload(args, c)
+    def workload(c, k):
+        return build_workload(args, c, k)
 
     out = run_survey_engines(models, backends, threads=ctx.threads, dtype=args.dtype, seed=args.seed,
                              max_num_seqs=args.max_num_seqs, workload=workload, prompt_len=args.prompt_len,

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nimblelm.bench import prefix_cache
 from nimblelm.bench.backends import Backend, BackendUnavailable, BenchContext, LatencyTest, ThroughputRun
 from nimblelm.bench.datasets import BenchRequest
 from nimblelm.bench.llamacpp_build import TARGETS, bin_dir, cache_dir, find_binary
@@ -272,8 +273,9 @@ class LlamaCppBackend(Backend):
             self._server_log = None
 
     def _complete(self, req: BenchRequest) -> dict:
+        # cache_prompt: the slot reuses the K/V of its previous prompt's common start (llama-server's default)
         body = json.dumps({"prompt": list(req.prompt_token_ids), "n_predict": req.output_len,
-                           "ignore_eos": True, "temperature": 0.0, "cache_prompt": False,
+                           "ignore_eos": True, "temperature": 0.0, "cache_prompt": True,
                            "stream": False}).encode()
         r = urllib.request.Request(self._server_url + "/completion", data=body,
                                    headers={"Content-Type": "application/json"})
@@ -302,6 +304,10 @@ class LlamaCppBackend(Backend):
         short = sum(1 for q, r in zip(requests, results) if int(r.get("tokens_predicted", 0)) != q.output_len)
         extra = {"slots": self._server_slots,
                  "server_prompt_tokens": sum(int(r.get("tokens_evaluated", 0)) for r in results)}
+        counts = [prefix_cache.response_counts(r) for r in results]
+        extra["prefix_cache"] = (prefix_cache.counted(sum(c[0] for c in counts), sum(c[1] for c in counts),
+                                                      "per-response counts")
+                                 if all(counts) else prefix_cache.unavailable("no timings.cache_n in its responses"))
         if short:
             extra["requests_with_wrong_length"] = short
         return ThroughputRun(elapsed, sum(q.prompt_len for q in requests), out_tokens, len(requests), extra)

@@ -36,6 +36,8 @@ class RequestRecord:
     output_tokens: int = 0  # as the server counted them (usage), or chunks when it reports none
     success: bool = False
     error: str = ""
+    cache_query_tokens: int | None = None  # prompt tokens the server looked up in its prefix cache, if it says
+    cache_hit_tokens: int | None = None  # of those, tokens it found cached
 
     @property
     def ttft(self) -> float | None:

@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from nimblelm.bench import prefix_cache
+
 
 def fmt_mean_std(mean: float, std: float | None = None, digits: int = 2) -> str:
     """'31.42 ± 0.35' (llama-bench style); 'n/a' for a missing value."""
@@ -73,6 +75,13 @@ def backend_lines(statuses: dict) -> list[str]:
                 bits.append(f"version {info['version']}")
             if info.get("build_commit") and info["build_commit"] != "unknown":
                 bits.append(f"build {info['build_commit']}")
+            mode = info.get("prefix_caching")  # True, False, or how the peer caches, in words
+            if mode is not None:
+                bits.append(mode if isinstance(mode, str) else f"prefix caching {'on' if mode else 'off'}")
+            pc = st.get("prefix_cache") or {}
+            if pc.get("queries") is not None:
+                bits.append(f"prefix cache over the whole run, warm-up included: {pc['hits']} of {pc['queries']} "
+                            f"prompt tokens found cached ({prefix_cache.cell(pc)})")
             act = st.get("other_activity") or {}
             if act.get("other_share") is not None:
                 span = " (load included)" if act.get("includes_load") else ""
@@ -122,18 +131,18 @@ def throughput_markdown(report: dict) -> str:
     w = report.get("workload") or {}
     cfg = report["config"]
     if w:
-        out.append(f"- workload: {cfg.get('dataset')} (seed {cfg.get('seed')}), {w['num_requests']} requests, "
-                   f"{w['prompt_tokens']} prompt + {w['output_tokens']} output tokens "
-                   f"(prompt {w['prompt_len_min']}–{w['prompt_len_max']}, mean {w['prompt_len_mean']}; "
-                   f"output {w['output_len_min']}–{w['output_len_max']}, mean {w['output_len_mean']})")
-    out += ["", ("| backend | requests | concurrency | threads | total tok/s | output tok/s | req/s | time s | "
-                "GFLOP/s (% of peak) |"),
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        from nimblelm.bench.throughput import workload_line
+
+        out.append(f"- workload: {workload_line(cfg, w)}")
+    out += ["", ("| backend | requests | concurrency | threads | prefix cache hit | total tok/s | output tok/s | "
+                 "req/s | time s | GFLOP/s (% of peak) |"),
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         t = sum(r["elapsed_s"]) / len(r["elapsed_s"])
         if len(r["elapsed_s"]) == 1:  # one pass: no spread to show
             r = {**r, "std_total_tok_s": None, "std_output_tok_s": None, "std_req_s": None}
         out.append(f"| {r['backend']} | {r['num_requests']} | {r['concurrency']} | {r['threads']} | "
+                   f"{prefix_cache.cell(r.get('prefix_cache'))} | "
                    f"{fmt_mean_std(r['mean_total_tok_s'], r['std_total_tok_s'], 1)} | "
                    f"{fmt_mean_std(r['mean_output_tok_s'], r['std_output_tok_s'], 1)} | "
                    f"{fmt_mean_std(r['mean_req_s'], r['std_req_s'], 3)} | {t:.2f} | "
@@ -143,7 +152,9 @@ def throughput_markdown(report: dict) -> str:
             "(not padding, nor the extra tokens a static batch makes its shorter requests compute); "
             f"mean ± std over {cfg.get('repeat')} pass(es) after {cfg.get('warmup')} warm-up. "
             "GFLOP/s: 2 × weights per token × (prompt + output tokens) / wall time (attention left out), "
-            "against the machine's measured fp32 matmul peak.")
+            "against the machine's measured fp32 matmul peak. Conversations run in rounds: the t-th turn of "
+            "every conversation once all (t-1)-th turns finished. "
+            + prefix_cache.PASSES_NOTE + " " + prefix_cache.NOTE)
     out += ["", note]
     return "\n".join(out) + "\n"
 

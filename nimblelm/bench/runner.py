@@ -79,6 +79,7 @@ def interleave(ctx: BenchContext, names: Sequence[str], steps: int, step: Callab
                     live.remove(backend)
         for backend in live:
             statuses[backend.name]["info"] = backend.info()
+            statuses[backend.name]["prefix_cache"] = backend.prefix_cache_run()
     finally:
         for backend in loaded:
             backend.close()  # waits for any server child, so its CPU time counts as our own

@@ -3,8 +3,10 @@
 Requests go to `POST /v1/completions` with `stream: true` and the prompt as token ids (every server here
 takes them; `--prompt-format text` sends the decoded text instead), `ignore_eos` so each request
 generates exactly its output length, temperature 0. They are sent at arrival times from a Poisson or
-gamma process (see arrivals), at most `max_concurrency` in flight. Each chunk's arrival time is
-recorded; metrics.serving_metrics turns the timelines into TTFT/TPOT/ITL/E2E and throughputs.
+gamma process (see arrivals), at most `max_concurrency` in flight; the turns of a conversation
+(BenchRequest.conversation) arrive as one, each turn sent when the one before it finished. Each chunk's
+arrival time is recorded; metrics.serving_metrics turns the timelines into TTFT/TPOT/ITL/E2E and
+throughputs. Each pass also gets the server's prefix-cache hit rate (see prefix_cache).
 
 The harness can also start and stop the server itself on 127.0.0.1 (ServerProcess): `nimblelm serve`
 (skipped with a reason while this checkout has no serve command), llama.cpp's llama-server and vLLM's
@@ -30,13 +32,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nimblelm.bench import prefix_cache
 from nimblelm.bench.arrivals import arrival_times
 from nimblelm.bench.backends import BackendUnavailable, BenchContext, float_only
-from nimblelm.bench.datasets import BenchRequest
+from nimblelm.bench.datasets import BenchRequest, chains
 from nimblelm.bench.metrics import SLO, RequestRecord, serving_metrics
 
 SERVED_NAME = "bench-model"
-SERVE_BACKENDS = ("nimblelm", "transformers", "llama.cpp", "vllm", "openai")
+SERVE_BACKENDS = ("nimblelm", "nimblelm-nocache", "transformers", "llama.cpp", "vllm", "openai")
 
 
 def free_port() -> int:
@@ -79,12 +82,15 @@ def _post_stream(url: str, body: dict, on_event: Callable[[dict, float], None], 
 
 
 def send_request(base_url: str, model: str, req: BenchRequest, *, prompt_text: str | None = None,
-                 timeout: float = 3600.0) -> RequestRecord:
-    """One streamed completion; returns what the client saw (never raises for a server error)."""
+                 extra_body: dict | None = None, timeout: float = 3600.0) -> RequestRecord:
+    """One streamed completion; returns what the client saw (never raises for a server error).
+
+    extra_body: fields a particular server needs beside the OpenAI ones (llama.cpp's cache_prompt).
+    """
     rec = RequestRecord(prompt_len=req.prompt_len, expected_output_len=req.output_len)
     body = {"model": model, "prompt": prompt_text if prompt_text is not None else list(req.prompt_token_ids),
             "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+            "stream_options": {"include_usage": True}, "ignore_eos": True, **(extra_body or {})}
     usage_tokens = None
 
     def on_event(ev: dict, now: float) -> None:
@@ -94,6 +100,9 @@ def send_request(base_url: str, model: str, req: BenchRequest, *, prompt_text: s
         usage = ev.get("usage")
         if usage and usage.get("completion_tokens") is not None:
             usage_tokens = int(usage["completion_tokens"])
+        counts = prefix_cache.response_counts(ev)
+        if counts is not None:
+            rec.cache_query_tokens, rec.cache_hit_tokens = counts
         for ch in ev.get("choices") or []:
             if ch.get("text"):
                 rec.chunk_times.append(now)
@@ -114,12 +123,18 @@ def send_request(base_url: str, model: str, req: BenchRequest, *, prompt_text: s
 
 def run_serving(base_url: str, model: str, requests: Sequence[BenchRequest], *, rate: float = math.inf,
                 burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0,
-                prompt_texts: Sequence[str] | None = None, progress: bool = False,
-                timeout: float = 3600.0) -> tuple[list[RequestRecord], float]:
-    """Send every request at its arrival time; returns (records in request order, duration in seconds)."""
+                decode: Callable[[list[int]], str] | None = None, extra_body: dict | None = None,
+                progress: bool = False, timeout: float = 3600.0) -> tuple[list[RequestRecord], float]:
+    """Send every request at its arrival time; returns (records in request order, duration in seconds).
+
+    A conversation's turns arrive as one: its first turn at the arrival time, every later turn as soon as
+    the one before it finished; the arrival times and max_concurrency count conversations (one turn of
+    each is in flight at a time). decode: send each prompt as this text instead of its token ids.
+    """
     n = len(requests)
-    times = arrival_times(n, rate, burstiness, seed)
-    workers = max(1, min(n, max_concurrency or n))
+    groups = chains(requests)
+    times = arrival_times(len(groups), rate, burstiness, seed)
+    workers = max(1, min(len(groups), max_concurrency or len(groups)))
     sem = threading.Semaphore(workers)
     records: list[RequestRecord | None] = [None] * n
     bar = None
@@ -128,23 +143,25 @@ def run_serving(base_url: str, model: str, requests: Sequence[BenchRequest], *, 
 
         bar = tqdm(total=n, desc=f"rate {rate:g}", unit="req", leave=False)
 
-    def one(i: int) -> None:
+    def one(chain: list[int]) -> None:
         try:
-            records[i] = send_request(base_url, model, requests[i],
-                                      prompt_text=prompt_texts[i] if prompt_texts else None, timeout=timeout)
+            for i in chain:
+                text = decode(list(requests[i].prompt_token_ids)) if decode else None
+                records[i] = send_request(base_url, model, requests[i], prompt_text=text, extra_body=extra_body,
+                                          timeout=timeout)
+                if bar is not None:
+                    bar.update()
         finally:
             sem.release()
-            if bar is not None:
-                bar.update()
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i in range(n):
-            delay = t0 + times[i] - time.perf_counter()
+        for chain, at in zip(groups, times):
+            delay = t0 + at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
             sem.acquire()  # max concurrency: the request is sent (and timed) once a slot is free
-            pool.submit(one, i)
+            pool.submit(one, chain)
     duration = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -170,8 +187,11 @@ class ServerProcess:
     """A server child process on 127.0.0.1: start() waits for its health URL, stop() ends it."""
 
     def __init__(self, name: str, cmd: list[str], port: int, *, env: dict | None = None, cwd: str | None = None,
-                 health_path: str = "/health", startup_timeout: float = 900.0):
+                 health_path: str = "/health", startup_timeout: float = 900.0, extra_body: dict | None = None,
+                 prefix_caching: bool = True):
         self.name, self.cmd, self.port, self.env, self.cwd = name, cmd, port, env, cwd
+        self.extra_body = extra_body  # fields every request to this server carries (see send_request)
+        self.prefix_caching = prefix_caching
         self.health_path = health_path
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
@@ -247,7 +267,8 @@ def nimblelm_serve_available(python: str = sys.executable, source: str | None = 
             "to run it from a checkout that has it)")
 
 
-def nimblelm_server(ctx: BenchContext, slots: int, source: str | None = None) -> ServerProcess:
+def nimblelm_server(ctx: BenchContext, slots: int, source: str | None = None,
+                    prefix_caching: bool = True) -> ServerProcess:
     reason = nimblelm_serve_available(source=source)
     if reason:
         raise BackendUnavailable(reason)
@@ -262,9 +283,13 @@ def nimblelm_server(ctx: BenchContext, slots: int, source: str | None = None) ->
         cmd += ["--quantization", ctx.quantization]
     if ctx.kv_cache_dtype != "auto":
         cmd += ["--kv-cache-dtype", ctx.kv_cache_dtype]
-    srv = ServerProcess("nimblelm", cmd, port, env=env, cwd=root)
+    if not prefix_caching:
+        cmd += ["--no-enable-prefix-caching"]
+    srv = ServerProcess("nimblelm" if prefix_caching else "nimblelm-nocache", cmd, port, env=env, cwd=root,
+                        prefix_caching=prefix_caching)
     srv.info = {"checkout": root, "weights": f"{ctx.dtype} (dequantized by the nimblelm loader)",
-                "quantization": ctx.quantization or "none", "kv_cache_dtype": ctx.kv_cache_dtype}
+                "quantization": ctx.quantization or "none", "kv_cache_dtype": ctx.kv_cache_dtype,
+                "prefix_caching": prefix_caching}
     return srv
 
 
@@ -280,8 +305,10 @@ def llamacpp_server(ctx: BenchContext, slots: int, gguf_type: str | None = None)
     cmd = [str(find_binary("llama-server")), "-m", str(be.gguf), "--host", "127.0.0.1", "--port", str(port),
            "-t", t, "-tb", t, "-np", str(slots), "-c", str(slots * ctx.max_model_len), "-cb",
            "--cache-ram", "0", "--no-webui", "-ngl", "0", "--alias", SERVED_NAME, *be.kv_args()]
-    srv = ServerProcess("llama.cpp", cmd, port)
-    srv.info = be.info()
+    # cache_prompt: each slot keeps the K/V of its last prompt and reuses its common start with the next
+    srv = ServerProcess("llama.cpp", cmd, port, extra_body={"cache_prompt": True})
+    srv.info = be.info() | {"prefix_caching": "prefix caching: cache_prompt, per slot (--cache-ram 0: none shared "
+                                              "across slots)"}
     return srv
 
 
@@ -298,16 +325,17 @@ def vllm_server(ctx: BenchContext, slots: int) -> ServerProcess:
            "--port", str(port),
            "--served-model-name", SERVED_NAME, "--dtype", vllm_peer.vllm_dtype(ctx.dtype),
            "--max-model-len", str(ctx.max_model_len), "--max-num-seqs", str(slots),
+           "--enable-prefix-caching",  # its default for this model kind here too; said, so a run never depends on it
            "--disable-uvicorn-access-log"]
     srv = ServerProcess("vllm", cmd, port, env=vllm_peer.vllm_env(ctx.threads), startup_timeout=900)
     srv.info = {"version": vllm_peer.vllm_version(), "weights": f"{ctx.dtype} HF folder written from the same "
-                "weights", "folder": str(folder)}
+                "weights", "folder": str(folder), "prefix_caching": True}
     return srv
 
 
 def start_backend_server(name: str, ctx: BenchContext, slots: int, opts: dict) -> ServerProcess:
-    if name == "nimblelm":
-        return nimblelm_server(ctx, slots, opts.get("nimblelm_source"))
+    if name in ("nimblelm", "nimblelm-nocache"):
+        return nimblelm_server(ctx, slots, opts.get("nimblelm_source"), prefix_caching=name == "nimblelm")
     if name == "llama.cpp":
         return llamacpp_server(ctx, slots, opts.get("llamacpp_gguf_type"))
     if name == "vllm":
@@ -331,29 +359,47 @@ def served_model_name(base_url: str) -> str:
 # ------------------------------------------------------------------------------------------ runner
 
 
-def benchmark_server(base_url: str, model: str, requests: Sequence[BenchRequest], rates: Sequence[float], *,
-                     burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0,
-                     slo: SLO | None = None, prompt_texts: Sequence[str] | None = None, warmup: int = 1,
+def benchmark_server(base_url: str, model: str, workloads: Sequence[Sequence[BenchRequest]], rates: Sequence[float],
+                     *, warm: Sequence[BenchRequest], burstiness: float = 1.0, max_concurrency: int | None = None,
+                     seed: int = 0, slo: SLO | None = None, decode: Callable[[list[int]], str] | None = None,
+                     extra_body: dict | None = None, prefix_caching: bool = True, warmup: int = 1,
                      progress: bool = False, logger: Callable[[str], None] | None = None,
                      label: str = "") -> list[dict]:
-    """Every rate against one running server; returns [{rate, metrics, records}] in rate order."""
-    warm = [BenchRequest(requests[i % len(requests)].prompt_token_ids[:16], 4) for i in range(2)]
+    """One pass per rate against one running server, pass i replaying workloads[i]; returns
+    [{rate, metrics, prefix_cache, records}] in rate order.
+
+    warm: the untimed requests sent `warmup` times first (token ids no workload prompt starts with, so the
+    warm-up leaves nothing in a prefix cache that a pass could hit). prefix_caching=False: the server runs
+    without one, and its passes say so.
+    """
+    if len(workloads) != len(rates):
+        raise ValueError(f"{len(workloads)} workloads for {len(rates)} rates")
     for _ in range(warmup):
-        recs, _ = run_serving(base_url, model, warm, max_concurrency=2)
+        recs, _ = run_serving(base_url, model, warm, max_concurrency=2, decode=decode, extra_body=extra_body)
         bad = [r.error for r in recs if not r.success]
         if bad:
             raise RuntimeError(f"warm-up request failed: {bad[0]}")
     points = []
-    for rate in rates:
+    for requests, rate in zip(workloads, rates):
+        before = prefix_cache.scrape(base_url)
         records, duration = run_serving(base_url, model, requests, rate=rate, burstiness=burstiness,
-                                        max_concurrency=max_concurrency, seed=seed, prompt_texts=prompt_texts,
-                                        progress=progress)
+                                        max_concurrency=max_concurrency, seed=seed, decode=decode,
+                                        extra_body=extra_body, progress=progress)
         m = serving_metrics(records, duration, slo)
-        points.append({"rate": rate, "metrics": m, "records": [_record_json(r) for r in records]})
+        if not prefix_caching:
+            cache = prefix_cache.disabled()
+        else:
+            cache = (prefix_cache.delta(before, prefix_cache.scrape(base_url), "/metrics")
+                     or prefix_cache.from_records(records)
+                     or prefix_cache.unavailable("the server exports no prefix-cache counters and its "
+                                                 "responses carry no cached-token counts"))
+        points.append({"rate": rate, "metrics": m, "prefix_cache": cache,
+                       "records": [_record_json(r) for r in records]})
         if logger:
             logger(f"{label}: rate {rate:g}: {m['request_throughput']:.3f} req/s, "
                    f"{m['output_throughput']:.1f} output tok/s, TTFT p50 {1e3 * m['ttft_s']['p50']:.0f} ms, "
-                   f"TPOT p50 {1e3 * m['tpot_s']['p50']:.0f} ms, {m['failed']} failed")
+                   f"TPOT p50 {1e3 * m['tpot_s']['p50']:.0f} ms, prefix cache hit {prefix_cache.cell(cache)}, "
+                   f"{m['failed']} failed")
     return points
 
 
@@ -361,24 +407,26 @@ def _record_json(r: RequestRecord) -> dict:
     t0 = r.start
     return {"prompt_len": r.prompt_len, "expected_output_len": r.expected_output_len,
             "output_tokens": r.output_tokens, "success": r.success, "error": r.error or None,
+            "cache_query_tokens": r.cache_query_tokens, "cache_hit_tokens": r.cache_hit_tokens,
             "start_s": round(r.start, 6), "ttft_s": None if r.ttft is None else round(r.ttft, 6),
             "e2e_s": None if r.e2e is None else round(r.e2e, 6),
             "tpot_s": None if r.tpot is None else round(r.tpot, 6),
             "chunk_offsets_s": [round(t - t0, 5) for t in r.chunk_times]}
 
 
-def run_serve(ctx: BenchContext, backends: Sequence[str], requests: Sequence[BenchRequest], rates: Sequence[float],
-              *, burstiness: float = 1.0, max_concurrency: int | None = None, slo: SLO | None = None,
-              base_url: str | None = None, model_name: str | None = None, backend_opts: dict | None = None,
-              prompt_texts: Sequence[str] | None = None, warmup: int = 1, progress: bool = True,
-              logger: Callable[[str], None] | None = None) -> dict:
-    """Start each backend's server (or use base_url for 'openai'), run every rate, stop it."""
+def run_serve(ctx: BenchContext, backends: Sequence[str], workloads: Sequence[Sequence[BenchRequest]],
+              rates: Sequence[float], *, burstiness: float = 1.0, max_concurrency: int | None = None,
+              slo: SLO | None = None, base_url: str | None = None, model_name: str | None = None,
+              backend_opts: dict | None = None, decode: Callable[[list[int]], str] | None = None,
+              warmup: int = 1, progress: bool = True, logger: Callable[[str], None] | None = None) -> dict:
+    """Start each backend's server (or use base_url for 'openai'), run every rate, stop it. Rate i
+    replays workloads[i] on every backend."""
     from nimblelm.bench.machine import CpuMonitor, activity_text, disturbed
     from nimblelm.bench.runner import log
 
     logger = logger or log
     opts = backend_opts or {}
-    slots = max(1, min(len(requests), max_concurrency or ctx.max_num_seqs, ctx.max_num_seqs))
+    slots = max(1, min(len(chains(workloads[0])), max_concurrency or ctx.max_num_seqs, ctx.max_num_seqs))
     results, statuses = [], {}
     for name in backends:
         server = None
@@ -399,10 +447,12 @@ def run_serve(ctx: BenchContext, backends: Sequence[str], requests: Sequence[Ben
                 info = dict(getattr(server, "info", {}) or {}, startup_s=round(server.startup_s or 0, 1),
                             slots=slots, command=" ".join(server.cmd))
             monitor = CpuMonitor(server.tree_cpu_s if server is not None else None)
-            points = benchmark_server(url, model, requests, rates, burstiness=burstiness,
-                                      max_concurrency=max_concurrency, seed=ctx.seed, slo=slo,
-                                      prompt_texts=prompt_texts, warmup=warmup, progress=progress,
-                                      logger=logger, label=name)
+            warm = [BenchRequest(tuple(ctx.prompt(16, 10_000 + i)), 4) for i in range(2)]
+            points = benchmark_server(url, model, workloads, rates, warm=warm, burstiness=burstiness,
+                                      max_concurrency=max_concurrency, seed=ctx.seed, slo=slo, decode=decode,
+                                      extra_body=server.extra_body if server is not None else None,
+                                      prefix_caching=server.prefix_caching if server is not None else True,
+                                      warmup=warmup, progress=progress, logger=logger, label=name)
             activity = monitor.stop()  # while the server lives: its whole process tree counts as ours
             if server is not None:
                 server.stop()
@@ -434,15 +484,16 @@ def serve_markdown(report: dict) -> str:
     out = ["## nimblelm bench serve", ""] + machine_lines(report) + backend_lines(report["backends"])
     w = report.get("workload")
     if w:
-        out.append(f"- workload: {cfg.get('dataset')} (seed {cfg.get('seed')}), {w['num_requests']} requests, "
-                   f"{w['prompt_tokens']} prompt + {w['output_tokens']} output tokens; arrivals "
+        from nimblelm.bench.throughput import workload_line
+
+        out.append(f"- workload: {workload_line(cfg, w)}; arrivals "
                    f"{'Poisson' if cfg.get('burstiness', 1) == 1 else 'gamma, burstiness {:g}'.format(cfg['burstiness'])}"
                    f", max concurrency {cfg.get('max_concurrency') or 'unbounded'}")
     slo = cfg.get("slo") or {}
     has_slo = any(v is not None for v in slo.values())
-    head = ("| backend | rate req/s | done | req/s | output tok/s | total tok/s | TTFT ms mean / p50 / p99 | "
-            "TPOT ms mean / p50 / p99 | ITL ms p50 / p99 | E2E s mean / p99 |")
-    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    head = ("| backend | rate req/s | done | prefix cache hit | req/s | output tok/s | total tok/s | "
+            "TTFT ms mean / p50 / p99 | TPOT ms mean / p50 / p99 | ITL ms p50 / p99 | E2E s mean / p99 |")
+    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     if has_slo:
         head += " goodput req/s |"
         sep += " ---: |"
@@ -457,7 +508,7 @@ def serve_markdown(report: dict) -> str:
         t, p, i, e = m["ttft_s"], m["tpot_s"], m["itl_s"], m["e2e_s"]
         rate = "inf" if r["rate"] is None else f"{r['rate']:g}"  # JSON writes inf as null
         row = (f"| {r['backend']} | {rate} | {m['completed']}/{m['num_requests']} | "
-               f"{m['request_throughput']:.3f} | {m['output_throughput']:.1f} | {m['total_token_throughput']:.1f} | "
+               f"{prefix_cache.cell(r.get('prefix_cache'))} | {m['request_throughput']:.3f} | {m['output_throughput']:.1f} | {m['total_token_throughput']:.1f} | "
                f"{ms(t, 'mean')} / {ms(t, 'p50')} / {ms(t, 'p99')} | {ms(p, 'mean')} / {ms(p, 'p50')} / "
                f"{ms(p, 'p99')} | {ms(i, 'p50')} / {ms(i, 'p99')} | "
                f"{(e['mean'] if e['n'] else float('nan')):.2f} / {(e['p99'] if e['n'] else float('nan')):.2f} |")
@@ -467,7 +518,8 @@ def serve_markdown(report: dict) -> str:
     note = ("Streaming /v1/completions, token-id prompts, temperature 0, ignore_eos (each request generates its "
             "own output length). TTFT: first streamed token − request sent; TPOT: (last − first token) / "
             "(tokens − 1) per request; ITL: gaps between streamed chunks; E2E: response complete − sent. "
-            "Throughputs over the whole run (first request sent to last response complete).")
+            "Throughputs over the whole run (first request sent to last response complete). "
+            + prefix_cache.PASSES_NOTE + " " + prefix_cache.NOTE)
     if has_slo:
         bounds = ", ".join(f"{k[:-2].upper()} ≤ {v:g} s" for k, v in slo.items() if v is not None)
         note += f" Goodput: completed requests per second that met {bounds}."

@@ -18,6 +18,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 
+from nimblelm.bench import prefix_cache
 from nimblelm.bench.backends import BackendUnavailable, BenchContext, LatencyTest
 from nimblelm.bench.datasets import BenchRequest
 from nimblelm.bench.latency import run_latency
@@ -67,8 +68,7 @@ def _offline_req_s(ctx: BenchContext, name: str, requests: Sequence[BenchRequest
                    logger: Callable[[str], None]) -> dict:
     from nimblelm.bench.throughput import run_throughput
 
-    out = run_throughput(ctx, [name], requests, repeat=1, warmup=1, backend_opts=opts, progress=False,
-                         logger=logger)
+    out = run_throughput(ctx, [name], [requests], warmup=1, backend_opts=opts, progress=False, logger=logger)
     st = out["backends"][name]
     if not out["results"]:
         return {"status": st.get("status"), "reason": st.get("reason")}
@@ -78,21 +78,24 @@ def _offline_req_s(ctx: BenchContext, name: str, requests: Sequence[BenchRequest
             "total_tok_s": r["mean_total_tok_s"], "other_activity": st.get("other_activity")}
 
 
-def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[BenchRequest], opts: dict,
-               fractions: Sequence[float], slo: SLO, rounds: int, logger: Callable[[str], None],
+def _serve_all(ctx: BenchContext, names: Sequence[str], passes: Sequence[Sequence[BenchRequest]],
+               warm: Sequence[BenchRequest], opts: dict, fractions: Sequence[float], slo: SLO, rounds: int, logger: Callable[[str], None],
                progress: bool) -> dict[str, dict]:
     """(b) for every backend: {name: record}.
 
     A backend without a server here is measured offline first (transformers; nimblelm when its serve
-    command is missing). Then every server is started and serves the whole workload once, untimed, and
+    command is missing). Then every server is started and serves a whole workload once, untimed, and
     the maximum-throughput runs (every request at once) are interleaved, `rounds` of them, rotating which
     server goes first, so that the machine's drift lands on every backend alike (idle servers here take
-    0-1.2% of a core). Last, each server's offered rates, fractions of its mean maximum.
+    0-1.2% of a core). Last, each server's offered rates, fractions of its mean maximum. passes: one
+    workload per run in that order (the untimed one, the rounds, the fractions), the same for every
+    backend, each drawn with its own seed so that no run finds its prompts in a prefix cache. warm: the
+    untimed requests that precede the untimed run.
     """
     from nimblelm.bench.machine import CpuMonitor
     from nimblelm.bench.serve import SERVED_NAME, benchmark_server, start_backend_server
 
-    slots = max(1, min(len(requests), ctx.max_num_seqs))
+    slots = max(1, min(len(passes[0]), ctx.max_num_seqs))
     out: dict[str, dict] = {}
     servers = {}
     for name in names:
@@ -103,7 +106,7 @@ def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[Bench
                 if name not in ("transformers", "nimblelm"):
                     raise
                 logger(f"{name}: no server ({e}); measuring offline throughput instead")
-                out[name] = _offline_req_s(ctx, name, requests, opts, logger) | {"server_skipped": str(e)}
+                out[name] = _offline_req_s(ctx, name, passes[1], opts, logger) | {"server_skipped": str(e)}
         except BackendUnavailable as e:
             logger(f"skipping {name} serving: {e}")
             out[name] = {"status": "skipped", "reason": str(e)}
@@ -132,8 +135,11 @@ def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[Bench
             k = max(r, 0) % len(live) if live else 0
             for name in live[k:] + live[:k]:
                 try:
-                    got = benchmark_server(servers[name].url, SERVED_NAME, requests, [math.inf], seed=ctx.seed,
-                                           slo=slo, warmup=1 if r < 0 else 0, progress=progress, logger=logger,
+                    server = servers[name]
+                    got = benchmark_server(server.url, SERVED_NAME, [passes[r + 1]], [math.inf], warm=warm,
+                                           seed=ctx.seed, slo=slo, extra_body=server.extra_body,
+                                           prefix_caching=server.prefix_caching, warmup=1 if r < 0 else 0,
+                                           progress=progress, logger=logger,
                                            label=name if r >= 0 else f"{name} warm-up")
                     if r >= 0:
                         points[name] += got
@@ -143,9 +149,12 @@ def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[Bench
         for name in list(live):
             top = statistics.fmean(p["metrics"]["request_throughput"] for p in points[name])
             rates = [round(f * top, 4) for f in fractions if f * top > 0]
+            server = servers[name]
             try:
-                points[name] += benchmark_server(servers[name].url, SERVED_NAME, requests, rates, seed=ctx.seed,
-                                                 slo=slo, warmup=0, progress=progress, logger=logger, label=name)
+                points[name] += benchmark_server(server.url, SERVED_NAME, passes[rounds + 1:rounds + 1 + len(rates)],
+                                                 rates, warm=warm, seed=ctx.seed, slo=slo,
+                                                 extra_body=server.extra_body, prefix_caching=server.prefix_caching,
+                                                 warmup=0, progress=progress, logger=logger, label=name)
             except Exception as e:  # noqa: BLE001 - as above
                 out[name] = _serving_failed(name, e, logger)
                 live.remove(name)
@@ -162,7 +171,8 @@ def _serve_all(ctx: BenchContext, names: Sequence[str], requests: Sequence[Bench
             "output_tok_s": statistics.fmean(m["output_throughput"] for m in maxima),
             "total_tok_s": statistics.fmean(m["total_token_throughput"] for m in maxima),
             "sustained_req_s": max_sustained_rate(points[name], slo.tpot_s) if slo.tpot_s else None,
-            "points": [{"rate": p["rate"], "metrics": p["metrics"]} for p in points[name]],
+            "points": [{"rate": p["rate"], "metrics": p["metrics"], "prefix_cache": p["prefix_cache"]}
+                       for p in points[name]],
             "server_startup_s": servers[name].startup_s, "other_activity": activity}
     return out
 
@@ -173,7 +183,7 @@ def _serving_failed(name: str, e: Exception, logger: Callable[[str], None]) -> d
 
 
 def run_survey_engines(models: Sequence[str], backends: Sequence[str], *, threads: int, dtype: str, seed: int,
-                       max_num_seqs: int, workload: Callable[[BenchContext], list[BenchRequest]],
+                       max_num_seqs: int, workload: Callable[[BenchContext, int], list[BenchRequest]],
                        prompt_len: int = 1024, gen_len: int = 128, repeat: int = 3, warmup: int = 1,
                        fractions: Sequence[float] = (0.5, 0.8), slo: SLO | None = None, opts: dict | None = None,
                        progress: bool = True, logger: Callable[[str], None] = log,
@@ -190,10 +200,14 @@ def run_survey_engines(models: Sequence[str], backends: Sequence[str], *, thread
         lat = run_latency(ctx, backends, [LatencyTest("pg", gen_len, 1, n_prompt=prompt_len)], repeat=repeat,
                           warmup=warmup, backend_opts=opts, progress=progress, logger=logger,
                           bandwidth_gbs=bandwidth_gbs)
-        requests = workload(ctx)
-        ctx.max_model_len = max(ctx.max_model_len, max(r.prompt_len + r.output_len for r in requests) + 1, 32)  # 32: the warm-up requests
+        # the untimed run, the timed rounds, and the fractions of the maximum: a workload each
+        passes = [workload(ctx, k) for k in range(1 + repeat + len(fractions))]
+        need = max(r.prompt_len + r.output_len for w in passes for r in w) + 1
+        ctx.max_model_len = max(ctx.max_model_len, need, 32)  # 32: the warm-up requests
+        requests = passes[0]
         logger(f"== {model}: (b) serving {len(requests)} ShareGPT requests")
-        serving = _serve_all(ctx, backends, requests, opts, fractions, slo, repeat, logger, progress)
+        warm = [BenchRequest(tuple(ctx.prompt(16, 10_000 + i)), 4) for i in range(2)]
+        serving = _serve_all(ctx, backends, passes, warm, opts, fractions, slo, repeat, logger, progress)
         for name in backends:
             row = {"model": model, "backend": name, "what_it_does": WHAT_IT_DOES.get(name, {})}
             a = next((r for r in lat["results"] if r["backend"] == name), None)
@@ -269,8 +283,8 @@ def survey_markdown(report: dict) -> str:
     if points:
         out += ["", "### (b) every serving run: Poisson arrivals at fractions of the maximum (rate inf)", "",
                 ("| model | backend | offered req/s | achieved req/s | output tok/s | TTFT ms p50 / p99 | "
-                "TPOT ms p50 / p99 | E2E s p50 / p99 | failed |"),
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "TPOT ms p50 / p99 | E2E s p50 / p99 | prefix cache hit | failed |"),
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r, p in points:
             m = p["metrics"]
             rate = p["rate"]
@@ -278,7 +292,8 @@ def survey_markdown(report: dict) -> str:
             out.append(f"| {r['model']} | {r['backend']} | {rate_s} | {_f(m['request_throughput'], 3)} | "
                        f"{_f(m['output_throughput'], 1)} | {_ms(m['ttft_s'], 'p50')} / {_ms(m['ttft_s'], 'p99')} | "
                        f"{_ms(m['tpot_s'], 'p50')} / {_ms(m['tpot_s'], 'p99')} | {_f(m['e2e_s'].get('p50'))} / "
-                       f"{_f(m['e2e_s'].get('p99'))} | {m['failed']} |")
+                       f"{_f(m['e2e_s'].get('p99'))} | {prefix_cache.cell(p.get('prefix_cache'))} | "
+                       f"{m['failed']} |")
     out += ["", "### What each backend does here (the survey's columns)", "",
             "| backend | attention | linear | graph | memory | batching | scheduling |",
             "| --- | --- | --- | --- | --- | --- | --- |"]

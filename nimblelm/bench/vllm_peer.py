@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from nimblelm.bench import prefix_cache
 from nimblelm.bench.backends import (
     Backend,
     BackendUnavailable,
@@ -155,7 +156,7 @@ class VllmBackend(Backend):
 
     def info(self) -> dict:
         return {"version": vllm_version(), "weights": f"{self.ctx.dtype} (HF folder written from the loader's "
-                "tensors)", "folder": str(self.folder), "kv_cache_dtype": self.ctx.dtype,
+                "tensors)", "folder": str(self.folder), "kv_cache_dtype": self.ctx.dtype, "prefix_caching": True,
                 "weights_nbytes": self.weights_nbytes()}
 
     def weights_nbytes(self) -> int | None:
@@ -194,7 +195,8 @@ class VllmBackend(Backend):
     def throughput(self, requests: Sequence[BenchRequest]) -> ThroughputRun:
         ans = self._generate([r.prompt_token_ids for r in requests], [r.output_len for r in requests])
         return ThroughputRun(ans["elapsed_s"], sum(r.prompt_len for r in requests), sum(ans["output_tokens"]),
-                             len(requests), {})
+                             len(requests), {"prefix_cache": prefix_cache.counted(*ans["prefix_cache"],
+                                                                                  "vllm.LLM.get_metrics()")})
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
