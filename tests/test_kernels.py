@@ -110,7 +110,7 @@ def test_rope_rotates_the_q_and_k_heads_as_torch_does(ops, tokens, heads, kv_hea
     from nimblelm.layers.rotary import RotaryEmbedding
 
     torch.manual_seed(tokens * dim + heads)
-    cos, sin = RotaryEmbedding(dim, 4096, 10000.0)(torch.randint(0, 4096, (tokens,)))
+    [(cos, sin)] = RotaryEmbedding(dim, 4096, [(10000.0, None)])(torch.randint(0, 4096, (tokens,)))
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
     before = qkv.clone()
     rotated = (heads + kv_heads) * dim
