@@ -407,3 +407,20 @@ def test_latency_prompts_never_repeat_so_no_prefill_is_served_from_the_cache(tin
                       progress=False, logger=lambda s: None)
     pc = out["backends"]["nimblelm"]["prefix_cache"]
     assert pc["queries"] > 0 and pc["hits"] == 0
+
+
+def test_serve_report_records_the_prefix_caching_targets():
+    from nimblelm.bench.serve import prefix_caching_targets
+
+    def point(backend, rate, ttft_p50, req_s):
+        return {"backend": backend, "rate": rate,
+                "metrics": {"ttft_s": {"p50": ttft_p50}, "request_throughput": req_s}}
+
+    results = [point("nimblelm", None, 1.0, 2.0), point("nimblelm", 0.5, 0.1, 0.4),
+               point("nimblelm-nocache", None, 5.0, 0.5), point("nimblelm-nocache", 0.5, 0.3, 0.4),
+               point("vllm", None, 2.0, 1.6), point("vllm", 0.5, 0.2, 0.4)]
+    assert prefix_caching_targets(results) == [
+        "- rate inf: TTFT p50 without / with the prefix cache = 5.00× (target ≥ 4×): met",
+        "- rate inf: served req/s nimblelm / vllm = 1.25× (target ≥ 1.5×): missed by 0.25×",
+        "- rate 0.5: TTFT p50 without / with the prefix cache = 3.00× (target ≥ 4×): missed by 1.00×"]
+    assert prefix_caching_targets(results[:2]) == []  # nothing to compare with
