@@ -24,6 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="recompute every prompt from its first token, even where an earlier one shared its start")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps layer by layer from Python, not replayed from their captured traces")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default="auto",
@@ -44,6 +46,7 @@ _ENGINE_FIELDS = [
     "max_num_batched_tokens",
     "enable_chunked_prefill",
     "enable_prefix_caching",
+    "enforce_eager",
     "block_size",
     "kv_cache_memory_bytes",
     "kv_cache_dtype",

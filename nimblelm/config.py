@@ -59,6 +59,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # Full KV blocks stay cached after their sequence ends; a prompt with the same start reuses them.
     enable_prefix_caching: bool = True
+    # Decode steps on the CPU kernels are replayed from traces of the model (engine/step_capture.py);
+    # True runs every step layer by layer from Python.
+    enforce_eager: bool = False
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # default 2 GiB on CPU, half the free memory on CUDA
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)

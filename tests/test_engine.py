@@ -205,22 +205,22 @@ def test_cpu_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-def test_decode_stack_matches_the_layer_by_layer_path(tiny_qwen, quantization):
-    # Decode-only steps run all layers in one C++ call; the same model run layer by layer from Python
-    # (as mixed and prefill steps are) is its oracle, on single and batched decodes. Without prefix
-    # caching, so that the second run's first tokens come from the same prefill as the first run's.
+def test_replayed_decode_steps_match_the_layer_by_layer_path(tiny_qwen, quantization):
+    # Decode-only steps replay a trace of the model (engine/step_capture.py); the same model run layer by
+    # layer from Python (as mixed and prefill steps are) is its oracle, on single and batched decodes.
+    # Without prefix caching, so that the second run's first tokens come from the same prefill as the first's.
     llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, quantization=quantization,
               enable_prefix_caching=False)
-    model = llm.llm_engine.runner.model
-    assert model.decode_stack is not None
+    runner = llm.llm_engine.runner
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
     for prompts in (PROMPTS[:1], PROMPTS):
         fast = llm.generate(prompts, params, use_tqdm=False)
-        stack, model.decode_stack = model.decode_stack, None
+        capture, runner.capture = runner.capture, None
         try:
             reference = llm.generate(prompts, params, use_tqdm=False)
         finally:
-            model.decode_stack = stack
+            runner.capture = capture
+        assert len(prompts) in capture.traces
         for a, b in zip(fast, reference):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             for ea, eb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):

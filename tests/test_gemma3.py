@@ -114,11 +114,18 @@ def test_chunked_prefill_batches_and_small_blocks(tiny_gemma):
     check_against_reference(llm, tiny_gemma, PROMPTS)
 
 
-def test_all_global_layers_stay_off_the_llama_decode_stack(tiny_global_gemma):
+def test_all_global_layers(tiny_global_gemma):
     llm = LLM(str(tiny_global_gemma), max_model_len=256)
     assert set(llm.model_config.layer_windows) == {None}
-    assert llm.llm_engine.runner.model.decode_stack is None
     check_against_reference(llm, tiny_global_gemma, PROMPTS[:1])
+
+
+def test_decode_steps_replay_from_their_traces(tiny_gemma):
+    """The decode steps that check_against_reference compares to transformers are replayed from traces of
+    the Python layers, sliding and global ones alike."""
+    llm = LLM(str(tiny_gemma), max_model_len=256)
+    check_against_reference(llm, tiny_gemma, PROMPTS[:2])
+    assert llm.llm_engine.runner.capture.traces
 
 
 def test_rope_scaling_applies_to_the_global_layers_only(tmp_path):

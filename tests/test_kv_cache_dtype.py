@@ -149,17 +149,17 @@ def test_rounded_kv_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatc
 
 
 @pytest.mark.parametrize(("kv", "quantization"), [("int8", None), ("int8", "int8"), ("float16", None)])
-def test_decode_stack_with_rounded_kv_matches_the_layer_by_layer_path(tiny_qwen, kv, quantization):
+def test_replayed_decodes_with_rounded_kv_match_the_layer_by_layer_path(tiny_qwen, kv, quantization):
     llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, kv_cache_dtype=kv, quantization=quantization)
-    model = llm.llm_engine.runner.model
-    assert model.decode_stack is not None
+    runner = llm.llm_engine.runner
     for prompts in (PROMPTS[:1], PROMPTS):
         fast = llm.generate(prompts, GREEDY, use_tqdm=False)
-        stack, model.decode_stack = model.decode_stack, None
+        capture, runner.capture = runner.capture, None
         try:
             reference_outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
         finally:
-            model.decode_stack = stack
+            runner.capture = capture
+        assert len(prompts) in capture.traces
         _assert_same_greedy_outputs(fast, reference_outputs, 1e-5)
 
 

@@ -65,6 +65,7 @@ class LLMEngine:
             seed=config.seed,
             linear_method=method,
             kv_cache_dtype=self.kv_dtype,
+            enforce_eager=config.enforce_eager,
             prequantized=loaded.direct.linears if loaded.direct is not None else None,
             saved=loaded.quantized,
         )

@@ -18,6 +18,8 @@ from nimblelm import hugepages
 from nimblelm.config import ModelConfig
 from nimblelm.engine.kv_cache.manager import kv_groups
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
+from nimblelm.engine.step_capture import StepCapture
+from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
@@ -49,6 +51,7 @@ class ModelRunner:
         seed: int,
         linear_method: LinearMethod | None = None,
         kv_cache_dtype: torch.dtype,
+        enforce_eager: bool = False,
         prequantized: dict | None = None,
         saved: SavedQuantization | None = None,
     ):
@@ -68,9 +71,11 @@ class ModelRunner:
         self.kv_groups = kv_groups(config.layer_windows)
         # Layer i of every group keeps its K/V in tensor i, so a block of any group is the same bytes.
         self.kv_tensor_of_layer = [0] * config.num_layers
-        for group in self.kv_groups:
+        self.group_of_layer = [0] * config.num_layers
+        for g, group in enumerate(self.kv_groups):
             for i, layer in enumerate(group.layers):
                 self.kv_tensor_of_layer[layer] = i
+                self.group_of_layer[layer] = g
         num_tensors = len(self.kv_groups[0].layers)
         # Per tensor, how its K/V are stored: an int8 cache keeps the layers int8 would distort in `dtype`.
         self.kv_dtypes = [kv_cache_dtype] * num_tensors
@@ -83,6 +88,9 @@ class ModelRunner:
                 self.kv_dtypes[self.kv_tensor_of_layer[layer]] = dtype
         self.num_blocks = 0
         self.kv_caches: list[KVCache] = []  # per layer (layers of one tensor share it)
+        # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it.
+        self.capturing = not enforce_eager and ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
+        self.capture: StepCapture | None = None
         self.sampler = Sampler()
         self.seqs: dict[int, _SeqState] = {}
         self.generators: dict[int, torch.Generator] = {}
@@ -113,6 +121,9 @@ class ModelRunner:
             tensors.append(KVCache(values, scales))
         self.num_blocks = num_blocks
         self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
+        if self.capturing:
+            windows = [group.window for group in self.kv_groups]
+            self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer)
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.config
@@ -125,8 +136,12 @@ class ModelRunner:
         self._update(sched)
         if sched.is_empty:
             return ModelRunnerOutput([], [])
-        input_ids, positions, metas, sample_rows, sample_ids, prompt_rows = self._prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, metas)
+        input_ids, positions, group_metas, sample_rows, sample_ids, prompt_rows = self._prepare(sched)
+        if self.capture is not None and self.capture.applies(len(input_ids), group_metas):
+            hidden = self.capture(input_ids, positions, group_metas)
+        else:
+            metas = [group_metas[g] for g in self.group_of_layer]
+            hidden = self.model(input_ids, positions, self.kv_caches, metas)
         prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
         if not sample_ids:
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
@@ -180,22 +195,27 @@ class ModelRunner:
             state.num_computed_tokens = running.num_computed_tokens
 
     def _prepare(self, sched: SchedulerOutput):
-        # Decodes (one query token) go first so they share one batched attention call.
+        # Decode rows go first, in one batched attention call: a sequence's single new token, or the few
+        # tokens after its prompt that a step computes at once (speculative verification), each row
+        # attending over the cache up to itself. Longer runs of tokens are prefill chunks.
         scheduled = [(self.seqs[i], n, i) for i, n in sched.num_scheduled_tokens.items()]
-        decodes = [x for x in scheduled if x[1] == 1]
-        prefills = [x for x in scheduled if x[1] > 1]
+        decodes = [x for x in scheduled if _is_decode(*x[:2])]
+        prefills = [x for x in scheduled if not _is_decode(*x[:2])]
         bs = self.block_size
         num_groups = len(self.kv_groups)
 
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[list[int]] = [[] for _ in range(num_groups)]
-        for seq, _, _ in decodes:
-            pos = seq.num_computed_tokens
-            tokens.append(seq.token_ids[pos])
-            positions.append(pos)
-            for g, table in enumerate(seq.block_ids):
-                slots[g].append(table[pos // bs] * bs + pos % bs)
+        decode_seqs: list[_SeqState] = []  # per decode row, its sequence
+        for seq, n, _ in decodes:
+            start = seq.num_computed_tokens
+            tokens.extend(seq.token_ids[start : start + n])
+            for pos in range(start, start + n):
+                positions.append(pos)
+                decode_seqs.append(seq)
+                for g, table in enumerate(seq.block_ids):
+                    slots[g].append(table[pos // bs] * bs + pos % bs)
         prefill_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
         for seq, n, _ in prefills:
             start = seq.num_computed_tokens
@@ -220,23 +240,24 @@ class ModelRunner:
                 sample_ids.append(req_id)
 
         device = self.device
-        context = [s.num_computed_tokens + 1 for s, _, _ in decodes]
-        context_t = torch.tensor(context, dtype=torch.long, device=device)
+        num_rows = len(decode_seqs)
+        context = positions[:num_rows]
+        context_t = torch.tensor(context, dtype=torch.long, device=device) + 1
         query_lens = [n for _, n, _ in prefills]
         context_lens = [s.num_computed_tokens + n for s, n, _ in prefills]
-        max_blocks = max((len(s.block_ids[0]) for s, _, _ in decodes), default=0)
+        max_blocks = max((len(s.block_ids[0]) for s in decode_seqs), default=0)
 
         def metadata(g: int) -> AttentionMetadata:
             window = self.kv_groups[g].window
-            tables = np.zeros((len(decodes), max_blocks), dtype=np.int64)
-            for i, (seq, _, _) in enumerate(decodes):
+            tables = np.zeros((num_rows, max_blocks), dtype=np.int64)
+            for i, seq in enumerate(decode_seqs):
                 tables[i, : len(seq.block_ids[g])] = seq.block_ids[g]
             return AttentionMetadata(
                 slot_mapping=torch.tensor(slots[g], dtype=torch.long, device=device),
-                num_decodes=len(decodes),
+                num_decodes=num_rows,
                 decode_block_tables=torch.from_numpy(tables).to(device),
                 decode_context_lens=context_t,
-                decode_mask=AttentionMetadata.decode_mask_for(context_t, max(context), window) if decodes else None,
+                decode_mask=AttentionMetadata.decode_mask_for(context_t, max(context) + 1, window) if num_rows else None,
                 prefill_query_lens=query_lens,
                 prefill_context_lens=context_lens,
                 prefill_block_tables=prefill_blocks[g],
@@ -246,19 +267,23 @@ class ModelRunner:
                 sliding_window=window,
             )
 
-        group_metas = [metadata(g) for g in range(num_groups)]
-        metas = [None] * self.config.num_layers
-        for group, meta in zip(self.kv_groups, group_metas):
-            for layer in group.layers:
-                metas[layer] = meta
         return (
             torch.tensor(tokens, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
-            metas,
+            [metadata(g) for g in range(num_groups)],
             torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_ids,
             prompt_rows,
         )
+
+
+# Tokens after the prompt that a step may compute as decode rows (a speculative step verifies its draft
+# tokens and the next one at once); beyond, attending row by row reads the cache once per row too often.
+MAX_DECODE_QUERY = 16
+
+
+def _is_decode(seq: _SeqState, num_tokens: int) -> bool:
+    return num_tokens == 1 or (num_tokens <= MAX_DECODE_QUERY and seq.num_computed_tokens >= seq.num_prompt_tokens)
 
 
 def _bitmask_rows(sched: SchedulerOutput, sample_ids: list[int]) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ import torch
 
 @functools.cache
 def cpu_ops():
-    """The compiled module, or None when it cannot be built here or is disabled."""
+    """The compiled ops (torch.ops.nimblelm), or None when it cannot be built here or is disabled."""
     from torch.utils.cpp_extension import load
 
     if os.environ.get("NIMBLELM_DISABLE_KERNELS") == "1":
@@ -34,8 +34,9 @@ def cpu_ops():
         # library it links is torch's own libgomp (same soname, already loaded), so one thread pool.
         name = build_name(folder)
         _drop_stale_lock(name)
-        return load(name=name, sources=[str(p) for p in sorted(folder.glob("*.cpp"))],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        load(name=name, sources=[str(p) for p in sorted(folder.glob("*.cpp"))],
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+        return torch.ops.nimblelm
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to torch ops
         warnings.warn(f"nimblelm: C++ kernels unavailable, using torch ops ({e.__class__.__name__}: {e})", stacklevel=2)
         return None

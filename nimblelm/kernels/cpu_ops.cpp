@@ -1,36 +1,58 @@
 // CPU kernels for the model's forward pass, where eager torch is bound by per-op overhead and by GEMM
-// kernels tuned for other shapes. This file binds them into one Python module; they live by topic:
+// kernels tuned for other shapes. This file registers them as torch custom ops, torch.ops.nimblelm.*, so
+// that a traced decode step (engine/step_capture.py) can call them from TorchScript; they live by topic:
 //   gemm.cpp          packed_linear, the float32 linear over weights packed in panels (pack_panels)
 //   quant_gemm.cpp    int8_linear, w8a8_linear, int4_linear, int8_dequantize, int4_dequantize
 //   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), prefill_attention
 //   elementwise.cpp   rms_norm, add_rms_norm_, rope_, silu_mul
-//   decode_stack.cpp  DecodeStack: all decoder layers of a decode step in one call
 //   ops.h             their declarations; simd.h, panel_tile.h: helpers shared between the files
-#include <torch/python.h>
+// The schemas mark the tensors an op writes (Tensor(a!)), so that a trace keeps those calls in order.
+#include <torch/library.h>
 
 #include "ops.h"
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // Every op runs without the GIL: in the server, the asyncio thread streams tokens while a step computes.
-  const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("paged_decode_attention", &paged_decode_attention, nogil, "decode attention over the paged KV cache");
-  m.def("prefill_attention", &prefill_attention, nogil, "causal (and sliding-window) attention of a prompt chunk");
-  m.def("paged_decode_attention_int8", &paged_decode_attention_int8, nogil,
-        "decode attention over the paged int8 KV cache with per-token, per-head scales");
-  m.def("write_kv_cache_", &write_kv_cache_, nogil, "write new k and v rows into their cache slots");
-  m.def("write_kv_cache_int8_", &write_kv_cache_int8_, nogil, "quantize new k and v rows per head into their int8 cache slots");
-  m.def("int4_linear", &int4_linear, nogil, "x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group");
-  m.def("int4_dequantize", &int4_dequantize, nogil, "int4_linear's weight as float32 [N, K]");
-  m.def("int8_dequantize", &int8_dequantize, nogil, "int8_linear's weight as float32 [N, K]");
-  m.def("int8_linear", &int8_linear, nogil, "x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group");
-  m.def("w8a8_linear", &w8a8_linear, nogil, "x @ (q * scales).T (+ bias) with x rounded to int8 per row: W8A8");
-  m.def("pack_panels", &pack_panels, nogil, "w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]");
-  m.def("packed_linear", &packed_linear, nogil, "x @ w.T (+ bias) with w as pack_panels stored it");
-  m.def("rms_norm", &rms_norm, nogil, "RMS norm of each row, times w");
-  m.def("add_rms_norm_", &add_rms_norm_, nogil, "residual += x; x = rms_norm(residual) * w, in place");
-  m.def("silu_mul", &silu_mul, nogil, "silu(gate) * up of [gate | up]");
-  m.def("rope_", &rope_, nogil, "rotary embedding of the q and k heads of qkv, in place");
-  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
-      .def(py::init<std::vector<LayerSpec>, double, int64_t, int64_t, int64_t>())
-      .def("forward", &DecodeStack::forward, nogil, "the decoder layers over a batch of one-token queries");
+TORCH_LIBRARY(nimblelm, m) {
+  m.def("pack_panels(Tensor w) -> Tensor");  // w [N, K] as panels of 16 output columns, [ceil(N / 16), K, 16]
+  m.def("packed_linear(Tensor x, Tensor panels, int N, Tensor? bias) -> Tensor");  // w as pack_panels stored it
+  // x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias, int group) -> Tensor");
+  // x @ (q * scales).T (+ bias) with x rounded to int8 per row: W8A8
+  m.def("w8a8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("int8_dequantize(Tensor q, Tensor scales, int K, int group) -> Tensor");  // as float32 [N, K]
+  // x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group
+  m.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor? bias, int group) -> Tensor");
+  m.def("int4_dequantize(Tensor q, Tensor scales, Tensor? mins, int K, int group) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor w, float eps) -> ()");  // residual += x; x = norm
+  m.def("silu_mul(Tensor gate_up) -> Tensor");  // silu(gate) * up of [gate | up]
+  m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");  // q and k heads, in place
+  m.def("write_kv_cache_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
+  // k and v rounded per head to int8 as they are written
+  m.def("write_kv_cache_int8_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scales, Tensor(d!) v_scales, "
+        "Tensor k, Tensor v, Tensor slots) -> ()");
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale, int window) -> ()");
+  m.def("paged_decode_attention_int8(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, "
+        "Tensor v_scales, Tensor block_tables, Tensor context_lens, float scale, int window) -> ()");
+  // causal (and sliding-window) attention of a prompt chunk
+  m.def("prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, float scale, int window) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
+  m.impl("pack_panels", &pack_panels);
+  m.impl("packed_linear", &packed_linear);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("int8_dequantize", &int8_dequantize);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm_", &add_rms_norm_);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_", &rope_);
+  m.impl("write_kv_cache_", &write_kv_cache_);
+  m.impl("write_kv_cache_int8_", &write_kv_cache_int8_);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention_int8", &paged_decode_attention_int8);
+  m.impl("prefill_attention", &prefill_attention);
 }

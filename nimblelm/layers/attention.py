@@ -25,10 +25,12 @@ from nimblelm.kernels import ops_for
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
-    num_decodes: int  # the first num_decodes tokens are decode queries, one per sequence
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
-    decode_context_lens: torch.Tensor  # [num_decodes] tokens in context, the new one included
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool: which cached positions to attend
+    # The first num_decodes tokens are decode rows: each attends over its sequence's cache on its own (a
+    # sequence's new token, or each of the few tokens after its prompt that a step verifies at once).
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]: each row's sequence's blocks
+    decode_context_lens: torch.Tensor  # [num_decodes] tokens the row attends to, itself included
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, for torch's attention only
     prefill_query_lens: list[int]  # per prefill chunk, in token order after the decodes
     prefill_context_lens: list[int]  # tokens in context after this chunk, the chunk included
     prefill_block_tables: list[torch.Tensor]  # per prefill chunk: its block ids
@@ -43,6 +45,16 @@ class AttentionMetadata:
         if sliding_window is not None:
             mask &= pos >= lens - sliding_window
         return mask[:, None, None, :]
+
+    @classmethod
+    def decodes(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                sliding_window: int | None, decode_mask: torch.Tensor | None = None) -> AttentionMetadata:
+        """A step of decode rows only."""
+        return cls(
+            slot_mapping=slot_mapping, num_decodes=len(slot_mapping), decode_block_tables=block_tables,
+            decode_context_lens=context_lens, decode_mask=decode_mask, prefill_query_lens=[],
+            prefill_context_lens=[], prefill_block_tables=[], prefill_masks=[], sliding_window=sliding_window,
+        )
 
     @classmethod
     def whole_prompt(cls, n: int, block_size: int, sliding_window: int | None, device) -> AttentionMetadata:
@@ -147,7 +159,7 @@ class PagedAttention(torch.nn.Module):
 
     def _write(self, k, v, kv_cache: KVCache, slots: torch.Tensor, ops) -> None:
         """Store the new tokens' K/V in their cache slots, rounded to the cache's dtype."""
-        (k_cache, v_cache), scales = kv_cache.values, kv_cache.scales
+        (k_cache, v_cache), scales = kv_cache.values.unbind(), kv_cache.scales
         if ops is not None:
             if scales is None:
                 ops.write_kv_cache_(k_cache, v_cache, k, v, slots)
@@ -165,7 +177,7 @@ class PagedAttention(torch.nn.Module):
 
     def _decode(self, q, kv_cache: KVCache, meta: AttentionMetadata, ops, out: torch.Tensor) -> None:
         """Attention of the decode queries, written into out (the first rows of the step's output)."""
-        (k_cache, v_cache), scales = kv_cache.values, kv_cache.scales
+        (k_cache, v_cache), scales = kv_cache.values.unbind(), kv_cache.scales
         if ops is not None:
             tables, lens, window = meta.decode_block_tables, meta.decode_context_lens, meta.sliding_window or 0
             if scales is None:

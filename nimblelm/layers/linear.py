@@ -54,12 +54,6 @@ class LinearMethod:
         not keep a second copy of the matrix in another layout."""
         raise NotImplementedError
 
-    def kernel_spec(self, layer: Linear) -> tuple | None:
-        """How the C++ decode stack applies this layer, (weight, scales, mins, bias, group, out_features)
-        as kernels/ops.h's LinearSpec reads it; None when it cannot (the model then runs its layers
-        from Python)."""
-        return None
-
 
 class Unquantized(LinearMethod):
     """The loaded weights as they are; on the CPU in float32, repacked once into panels of 16 output
@@ -82,9 +76,6 @@ class Unquantized(LinearMethod):
         if layer.weight is None:
             return layer.panels[ids // 16, :, ids % 16]  # row n is column n % 16 of panel n // 16
         return F.embedding(ids, layer.weight)
-
-    def kernel_spec(self, layer: Linear) -> tuple | None:
-        return None if layer.weight is not None else (layer.panels, None, None, layer.bias, 0, layer.out_features)
 
 
 class Linear(nn.Module):

@@ -55,7 +55,7 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per variant, cos and sin for each token, [tokens, head_dim]: looked up once per step, used by every
         layer."""
-        return [(cos[positions], sin[positions]) for cos, sin in zip(self.cos, self.sin)]
+        return [(self.cos[i][positions], self.sin[i][positions]) for i in range(len(self.inv_freqs))]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from nimblelm import hugepages
 from nimblelm.config import ModelConfig
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache, PagedAttention
-from nimblelm.layers.linear import SKINNY_MAX_ROWS, Linear, LinearMethod, RowsEmbedding
+from nimblelm.layers.linear import Linear, LinearMethod, RowsEmbedding
 from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -181,7 +181,6 @@ class DecoderLM(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.decode_stack = None
         self._tie_weights()
 
     def _tie_weights(self) -> None:
@@ -226,32 +225,8 @@ class DecoderLM(nn.Module):
         if device.type == "cpu":
             hugepages.pack_module(self)
             hugepages.trim_heap()
-        self.decode_stack = self._build_decode_stack()
+        self.requires_grad_(False)  # an inference model: a trace of it (engine/step_capture.py) takes no grads
         return self.eval()
-
-    def _build_decode_stack(self):
-        """The C++ decode stack over these layers' weights, when the kernels apply to all of them."""
-        ops = ops_for(self.norm.weight)
-        if ops is None or not self._is_llama_stack():
-            return None
-        specs = []
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [lin.method.kernel_spec(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            if None in linears:
-                return None
-            specs.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *linears))
-        cfg = self.config
-        return ops.DecodeStack(specs, cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-
-    def _is_llama_stack(self) -> bool:
-        """Whether these layers are what the C++ stack computes: Llama's (pre-norms only, silu MLP, one rope
-        table, scores scaled by head_dim^-1/2), all with the same window. Gemma 3 differs in each."""
-        cfg = self.config
-        return (
-            len(set(cfg.layer_windows)) == 1 and cfg.hidden_act == "silu" and not cfg.qk_norm
-            and not cfg.sandwich_norms and cfg.query_pre_attn_scalar is None and cfg.sliding_rope_theta is None
-        )
 
     def forward(
         self, input_ids, positions, kv_caches: list[KVCache], metas: list[AttentionMetadata]
@@ -259,13 +234,6 @@ class DecoderLM(nn.Module):
         """metas: each layer's attention metadata (layers with the same window share one)."""
         x, residual = self.embed(input_ids), None
         ropes = self.rotary(positions)
-        meta = metas[0]
-        if self.decode_stack is not None and meta.num_decodes == x.shape[0] <= SKINNY_MAX_ROWS:
-            # Decode-only steps run every layer in one C++ call; mixed and prefill steps layer by layer.
-            return self.decode_stack.forward(
-                x, *ropes[0], kv_caches, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
-                meta.sliding_window or 0,
-            )
         for layer, kv_cache, layer_meta in zip(self.layers, kv_caches, metas):
             x, residual = layer(x, residual, ropes, kv_cache, layer_meta)
         return x + residual

@@ -157,7 +157,3 @@ class Int4WeightOnly(LinearMethod):
         q, scales, mins = (tiles.untile(layer, key) for key in ("qweight", "scales", "mins"))
         return F.linear(x, dequantize_int4(q, scales, mins).to(layer.compute_dtype), layer.bias)
 
-    def kernel_spec(self, layer: Linear) -> tuple | None:
-        if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32:
-            return None
-        return (layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size, layer.out_features)

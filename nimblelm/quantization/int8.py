@@ -86,7 +86,3 @@ class Int8WeightOnly(LinearMethod):
         w = dequantize_int8(*(tiles.untile(layer, key) for key in ("qweight", "scales")))
         return F.linear(x, w.to(layer.compute_dtype), layer.bias)
 
-    def kernel_spec(self, layer: Linear) -> tuple | None:
-        if ops_for(layer.scales) is None or layer.compute_dtype != torch.float32 or not self._kernel_group():
-            return None
-        return (layer.qweight, layer.scales, None, layer.bias, self.group_size, layer.out_features)

@@ -115,8 +115,7 @@ def quantize_loaded(llm: LLM, qconfig: QuantizationConfig, stats, output: str | 
 def dense_weights(lm) -> None:
     """Undo the engine's fp32 storage choices that quantizing in place cannot keep: every Linear gets its
     weight back as a plain matrix (the engine repacks it into panels for its kernel), a tied embedding
-    its own table (it reads the output layer's panels, which int4/int8/w8a8 storage does not offer),
-    and the C++ decode stack, built over the fp32 weights, is dropped (layers run from Python)."""
+    its own table (it reads the output layer's panels, which int4/int8/w8a8 storage does not offer)."""
     for module in lm.modules():
         if isinstance(module, Linear) and module.weight is None:
             module.weight = nn.Parameter(module.method.rows(module, torch.arange(module.out_features)).clone())
@@ -124,7 +123,6 @@ def dense_weights(lm) -> None:
                 delattr(module, name)
     if not isinstance(lm.embed_tokens, nn.Embedding):
         lm.embed_tokens = nn.Embedding.from_pretrained(lm.lm_head.weight.detach().clone())
-    lm.decode_stack = None
 
 
 @torch.no_grad()

@@ -62,7 +62,3 @@ class W8A8(LinearMethod):
             w = tiles.untile(layer, "qweight").float() * tiles.untile(layer, "scales")
         return F.linear(xq.float() * xs, w, layer.bias).to(layer.compute_dtype)
 
-    def kernel_spec(self, layer: Linear) -> tuple | None:
-        if ops_for(layer.scales) is None or not self._kernel(layer):
-            return None
-        return (layer.qweight, layer.scales, None, layer.bias, -1, layer.out_features)
