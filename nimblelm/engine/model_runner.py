@@ -241,8 +241,8 @@ class ModelRunner:
 
         device = self.device
         num_rows = len(decode_seqs)
-        context = positions[:num_rows]
-        context_t = torch.tensor(context, dtype=torch.long, device=device) + 1
+        row_positions = positions[:num_rows]
+        context_t = torch.tensor(row_positions, dtype=torch.long, device=device) + 1  # each row sees up to itself
         query_lens = [n for _, n, _ in prefills]
         context_lens = [s.num_computed_tokens + n for s, n, _ in prefills]
         max_blocks = max((len(s.block_ids[0]) for s in decode_seqs), default=0)
@@ -257,7 +257,9 @@ class ModelRunner:
                 num_decodes=num_rows,
                 decode_block_tables=torch.from_numpy(tables).to(device),
                 decode_context_lens=context_t,
-                decode_mask=AttentionMetadata.decode_mask_for(context_t, max(context) + 1, window) if num_rows else None,
+                decode_mask=(
+                    AttentionMetadata.decode_mask_for(context_t, max(row_positions) + 1, window) if num_rows else None
+                ),
                 prefill_query_lens=query_lens,
                 prefill_context_lens=context_lens,
                 prefill_block_tables=prefill_blocks[g],
