@@ -50,7 +50,7 @@ def tiny_gemma(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_global_gemma(tmp_path_factory):
-    """Every layer global: one window for all, where a Llama model would get the C++ decode stack."""
+    """Every layer global: one KV group, as a Llama model has."""
     return make_tiny_hf_model(tmp_path_factory.mktemp("gemma3") / "global", "gemma3", initializer_range=0.05,
                               sliding_window_pattern=1)
 

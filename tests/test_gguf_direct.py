@@ -143,8 +143,8 @@ def mixed_gguf(request, tmp_path_factory):
 
 def test_direct_layers_hold_exactly_the_dequantized_weights(mixed_gguf):
     direct = load_model(str(mixed_gguf), progress=False, gguf_direct=True)
-    assert set(direct.direct.fallbacks) == {"layers.1.self_attn.qkv_proj", "layers.1.mlp.gate_up_proj",
-                                            "layers.1.self_attn.o_proj"}
+    assert set(direct.fallbacks) == {"layers.1.self_attn.qkv_proj", "layers.1.mlp.gate_up_proj",
+                                     "layers.1.self_attn.o_proj"}
     fp32 = LLM(str(mixed_gguf), max_model_len=64).llm_engine.runner.model
     model = LLM(str(mixed_gguf), max_model_len=64, quantization="gguf").llm_engine.runner.model
     kinds = {}
@@ -252,6 +252,6 @@ def test_smollm2_direct_greedy_tokens_match_the_dequantized_reference():
 @pytest.mark.slow
 def test_qwen_15b_falls_back_only_where_q4_k_meets_q6_k():
     loaded = load_model("qwen2.5-coder-1.5b", progress=False, gguf_direct=True)
-    assert set(loaded.direct.fallbacks.values()) == {("Q4_K", "Q4_K", "Q6_K")}
-    assert len(loaded.direct.fallbacks) == 14
-    assert all(name.endswith("qkv_proj") for name in loaded.direct.fallbacks)
+    assert set(loaded.fallbacks.values()) == {("Q4_K", "Q4_K", "Q6_K")}
+    assert len(loaded.fallbacks) == 14
+    assert all(name.endswith("qkv_proj") for name in loaded.fallbacks)

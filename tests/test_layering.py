@@ -1,8 +1,9 @@
 """Layering of the package, read from the source with `ast` (nothing is imported).
 
 bench/ and eval/ sit on top of the runtime: the runtime never imports them, at module level or inside a
-function, so the engine, the server and the offline tools load and work without either. And the
-module-level imports form no cycle, so every module can be imported first.
+function, so the engine, the server and the offline tools load and work without either. The offline
+quantizers sit on top of the engine the same way. And the module-level imports form no cycle, so every
+module can be imported first.
 """
 
 from __future__ import annotations
@@ -116,3 +117,31 @@ def test_module_level_imports_form_no_cycle():
     assert cycle is None, "import cycle:\n" + "\n".join(
         f"{MODULES[name].relative_to(PACKAGE.parent)}:{line} imports {cycle[(i + 1) % len(cycle)][0]}"
         for i, (name, line) in enumerate(cycle))
+
+
+# The offline quantizers (`nimblelm quantize`: calibration, GPTQ, AWQ, SmoothQuant) are built on the engine:
+# they load a model through it and quantize its layers in place. The engine loads and serves every model,
+# quantized ones included, through the formats alone (quantization/formats.py), never through them.
+ENGINE_LAYERS = ("nimblelm.engine", "nimblelm.models", "nimblelm.layers")
+OFFLINE_QUANTIZERS = tuple(
+    f"nimblelm.quantization.{name}" for name in ("quantize", "calibration", "gptq", "awq", "smoothquant", "smoothing")
+)
+
+
+def test_the_engine_never_reaches_the_offline_quantizers():
+    """Not directly, nor through another module, at module level or inside a function."""
+    offences = []
+    for name in MODULES:
+        if not any(in_layer(name, layer) for layer in ENGINE_LAYERS):
+            continue
+        seen, chain = {name}, [(name, [])]
+        while chain:
+            current, via = chain.pop()
+            for module, line, _ in imports(current):
+                step = [*via, f"{MODULES[current].relative_to(PACKAGE.parent)}:{line}"]
+                if module in OFFLINE_QUANTIZERS:
+                    offences.append(" -> ".join([*step, module]))
+                elif module not in seen:
+                    seen.add(module)
+                    chain.append((module, step))
+    assert not offences, "the engine imports offline quantizers:\n" + "\n".join(dict.fromkeys(offences))

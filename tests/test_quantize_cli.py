@@ -5,11 +5,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from nimblelm import LLM, SamplingParams
 from nimblelm.cli import main
 from nimblelm.errors import ModelFormatError
+from nimblelm.layers.linear import Linear
+from nimblelm.models.loader import load_model
+from nimblelm.quantization.int4 import Int4WeightOnly
+from nimblelm.quantization.saved import tensor_key
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +98,36 @@ def test_corrupt_quantized_folders_are_format_errors(rtn_folder, tmp_path):
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFormatError, match="unreadable safetensors"):
         LLM(str(truncated))
+
+
+def test_a_quantized_folder_is_adopted_bit_for_bit(rtn_folder, tmp_path, monkeypatch):
+    """The layers take the saved tensors as they are: the loader makes no fp32 weight for them, nothing
+    rounds them again, and the kernels' storage holds exactly the file's values."""
+    edited = copy_folder(rtn_folder, tmp_path / "edited")
+    saved = load_file(edited / "model.safetensors")
+    # Every value 5 in a group: no rounding of a float weight gives that back (the group's extreme maps to 0).
+    key = "model.layers.0.self_attn.o_proj.qweight"
+    saved[key] = torch.full_like(saved[key], 0x55)
+    save_file(saved, edited / "model.safetensors")
+
+    loaded = load_model(str(edited))
+    assert not [name for name in loaded.weights if name.endswith("proj.weight") or name == "lm_head.weight"]
+    assert {fmt for fmt, _ in loaded.quantized.values()} == {"int4-g32"}
+
+    def process(method, layer):
+        raise AssertionError(f"rounded a float weight again: {layer}")
+
+    monkeypatch.setattr(Int4WeightOnly, "process", process)
+    model = LLM(str(edited)).llm_engine.runner.model
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert set(linears) == set(loaded.quantized)
+    for name, layer in linears.items():
+        assert layer.weight is None
+        for tensor, value in layer.method.stored(layer).items():
+            assert torch.equal(value, saved[tensor_key(name, tensor)]), (name, tensor)
+        if layer.bias is not None:
+            assert torch.equal(layer.bias, saved[tensor_key(name, "bias")])
+    assert torch.equal(model.embed_tokens.weight, saved["model.embed_tokens.weight"])
 
 
 def test_a_quantized_folder_refuses_a_second_quantization(rtn_folder):

@@ -19,7 +19,7 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nimblelm.platform import resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
-from nimblelm.quantization import GGUF_DIRECT, linear_method
+from nimblelm.quantization import GGUF_DIRECT, linear_method, refuse_requantizing
 from nimblelm.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -50,8 +50,7 @@ class LLMEngine:
         method = linear_method(config.quantization)  # a bad name fails before the model loads
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
-        if loaded.quantized is not None:
-            method = loaded.quantized.linear_method(config.quantization)
+        refuse_requantizing(config.quantization, loaded.quantized)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)
@@ -66,8 +65,7 @@ class LLMEngine:
             linear_method=method,
             kv_cache_dtype=self.kv_dtype,
             enforce_eager=config.enforce_eager,
-            prequantized=loaded.direct.linears if loaded.direct is not None else None,
-            saved=loaded.quantized,
+            quantized=loaded.quantized,
         )
         del loaded
         num_blocks = self._num_blocks(config)

@@ -25,7 +25,6 @@ from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
 from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
-from nimblelm.quantization.saved import SavedQuantization
 from nimblelm.sampling_params import SamplingParams
 
 
@@ -52,20 +51,18 @@ class ModelRunner:
         linear_method: LinearMethod | None = None,
         kv_cache_dtype: torch.dtype,
         enforce_eager: bool = False,
-        prequantized: dict | None = None,
-        saved: SavedQuantization | None = None,
+        quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None,
     ):
-        """Builds the model (with a quantized folder's tensors copied in, `saved`); the KV cache comes with
-        allocate_kv, once the engine has sized it."""
+        """Builds the model: the layers in `quantized` (module name -> (format name, tensors), as the loader
+        gives them) adopt their tensors, the others load from `weights` and take `linear_method`. The KV
+        cache comes with allocate_kv, once the engine has sized it."""
         self.config = config
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
         with torch.device("meta"):
             model = DecoderLM(config, max_positions=max_model_len)
-        self.model = model.materialize(device, dtype, weights, linear_method, prequantized)
-        if saved is not None:
-            saved.load_into(self.model)
+        self.model = model.materialize(device, dtype, weights, linear_method, quantized)
         self.weights_nbytes = _weights_nbytes(self.model)
         self.token_nbytes = _weights_nbytes(self.model, per_token=True)
         self.kv_groups = kv_groups(config.layer_windows)

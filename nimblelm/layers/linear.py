@@ -33,19 +33,13 @@ class LinearMethod:
         raise NotImplementedError
 
     def adopt(self, layer: Linear, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        """Take tensors already in this method's storage format (e.g. converted from a GGUF file) as the
-        layer's, instead of converting a loaded fp32 weight; `dtype` is the model's compute dtype."""
+        """Take tensors already in this method's storage format (a GGUF's converted, a saved folder's,
+        GPTQ's) as the layer's, exactly as they are, instead of converting a loaded fp32 weight; `dtype`
+        is the model's compute dtype. ValueError when they do not fit the layer."""
         raise NotImplementedError(f"{type(self).__name__} cannot adopt stored tensors")
 
-    @torch.no_grad()
-    def overwrite(self, layer: Linear, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors in this method's format (GPTQ's, a saved folder's) over the layer's own, in place
-        (the engine may have packed them into one buffer); ValueError when they do not fit."""
-        for key, tensor in tensors.items():
-            getattr(layer, key).copy_(tensor)
-
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
-        """The layer's tensors in the method's file format (what `overwrite` takes), whatever layout the
+        """The layer's tensors in the method's file format (what `adopt` takes), whatever layout the
         layer keeps them in."""
         raise NotImplementedError(f"{type(self).__name__} has no file format")
 

@@ -23,6 +23,7 @@ from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache, PagedAttention
 from nimblelm.layers.linear import Linear, LinearMethod, RowsEmbedding
 from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
+from nimblelm.quantization import formats
 
 
 class RMSNorm(nn.Module):
@@ -190,23 +191,28 @@ class DecoderLM(nn.Module):
     def materialize(
         self, device: torch.device, dtype: torch.dtype, weights: dict[str, torch.Tensor],
         linear_method: LinearMethod | None = None,
-        prequantized: dict[str, tuple[LinearMethod, dict[str, torch.Tensor]]] | None = None,
+        quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None,
     ) -> DecoderLM:
-        """Turn a model built on the meta device into a real one holding `weights`, its linear layers
-        stored and multiplied as `linear_method` says (default: unquantized).
+        """Turn a model built on the meta device into a real one holding `weights` (fp32, Hugging Face
+        names), the linear layers loaded from them stored and multiplied as `linear_method` says (default:
+        unquantized).
 
-        `prequantized` maps module names to (method, tensors in its format) that the layer adopts as they
-        are (GGUF direct loading); `weights` then lacks those layers, and no fp32 copy of them is ever
-        made. "embed_tokens" there is the token table, read back by rows (the lm_head's when tied). The
-        dict is emptied as the layers adopt its entries, so that packing frees each tensor it moves.
+        `quantized` maps module names to (format name, tensors in that format) that the layer adopts as
+        they are, with the format's method (quantization/formats.py); `weights` then lacks those layers,
+        and no fp32 copy of them is ever made. "embed_tokens" there is the token table, read back by rows,
+        as is the lm_head's of a tied model whose `weights` lack the table. The dict is emptied as the
+        layers adopt its entries, so that packing frees each tensor it moves.
         """
-        prequantized = {} if prequantized is None else prequantized
-        if "embed_tokens" in prequantized:
+        quantized = {} if quantized is None else quantized
+        if "embed_tokens" in quantized:
             with torch.device("meta"):
                 self.embed_tokens = RowsEmbedding(self.config.hidden_size, self.config.vocab_size)
-        if self.config.tie_word_embeddings and "lm_head" in prequantized:
+        # A tied table that came only as the quantized lm_head (a GGUF holds one tensor for both) is read
+        # back from it; a saved folder keeps its own table in float beside its lm_head.
+        table_in_head = self.config.tie_word_embeddings and "model.embed_tokens.weight" not in weights
+        if table_in_head and "lm_head" in quantized:
             self.embed_tokens = TiedEmbedding(self.lm_head)
-        for name in prequantized:
+        for name in quantized:
             self.get_submodule(name).weight = None  # so that to_empty makes no storage for it
         self.to_empty(device=device)
         self._tie_weights()  # to_empty gave the tied pair two separate tensors
@@ -215,9 +221,10 @@ class DecoderLM(nn.Module):
         self.to(dtype)
         for name, module in self.named_modules():
             if isinstance(module, Linear):
-                if name in prequantized:
-                    method, tensors = prequantized.pop(name)
-                    module.adopt(method, {key: t.to(device) for key, t in tensors.items()}, dtype)
+                if name in quantized:
+                    fmt, tensors = quantized.pop(name)
+                    tensors = {key: t.to(device) for key, t in tensors.items()}
+                    module.adopt(formats.linear_method(fmt), tensors, dtype)
                 else:
                     module.prepare(linear_method)
         if self.config.tie_word_embeddings and self.lm_head.method.has_rows and isinstance(self.embed_tokens, nn.Embedding):

@@ -4,8 +4,10 @@ Sources are a Hugging Face folder (config.json, tokenizer files, *.safetensors),
 alias of a packaged model (see registry.py). Dequantizing a GGUF costs seconds, so the first load of
 one stores the result under `<cache>/dequant/` and later loads read that instead.
 
-With `gguf_direct` (quantization="gguf") a GGUF's linear layers are not dequantized: they come as
-tensors in nimblelm's int8/int4 formats (quantization/gguf_direct.py), converted at every load.
+Linear layers that are quantized at the source arrive as they are, as tensors in one of nimblelm's
+formats (quantization/formats.py), never as fp32: a folder written by `nimblelm quantize`
+(quantization/saved.py), and with `gguf_direct` (quantization="gguf") a GGUF's layers whose types map
+exactly onto a format (quantization/gguf_direct.py, converted at every load).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from collections.abc import Container
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,8 +34,8 @@ from nimblelm.errors import InvalidRequestError, ModelFormatError, UnsupportedMo
 from nimblelm.models import gguf_file, registry
 from nimblelm.models.gguf_file import first_line
 from nimblelm.models.hparams import GEMMA3, LAYER_TYPES, Fields, check_attention, sliding_pattern
-from nimblelm.quantization.gguf_direct import DirectWeights, module_of, split_direct
-from nimblelm.quantization.saved import SavedQuantization, read_quantized
+from nimblelm.quantization.gguf_direct import module_of, split_direct
+from nimblelm.quantization.saved import read_quantized
 
 # Bump when what the dequant cache holds changes meaning, so old entries are ignored rather than misread.
 _CACHE_FORMAT = 1
@@ -51,14 +54,17 @@ _MODEL_TYPES = {
 @dataclass
 class LoadedModel:
     config: ModelConfig
+    # fp32, under Hugging Face names: every weight but those of the layers in `quantized`
     weights: dict[str, torch.Tensor]
     tokenizer: PreTrainedTokenizerFast
     source: Path
     name: str
-    # A folder written by `nimblelm quantize`: its linear layers' saved tensors (weights holds them dequantized).
-    quantized: SavedQuantization | None = None
-    # A GGUF loaded with gguf_direct: the linear layers served as stored (weights lacks them).
-    direct: DirectWeights | None = None
+    # Decoder module name -> (format name, tensors in that format) of the layers that arrive quantized.
+    # "embed_tokens" is a GGUF's quantized token table, read back by rows; a tied model whose weights lack
+    # the table reads it from the quantized "lm_head".
+    quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    # A GGUF loaded with gguf_direct: module name -> GGUF types of the parts of each layer that fell back to fp32.
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def load_model(model: str, progress: bool = True, gguf_direct: bool = False) -> LoadedModel:
@@ -74,23 +80,21 @@ def load_model(model: str, progress: bool = True, gguf_direct: bool = False) -> 
             f"`pull` can still fetch the file"
         )
     path = registry.resolve(model, progress=progress)
-    quantized = None
+    quantized, fallbacks = {}, {}
     if gguf_direct:
         if path.is_dir():
             raise InvalidRequestError(
                 f"{model}: quantization='gguf' serves a .gguf file's own quantized weights; this is a folder, "
                 "give a .gguf file (or use int8/int4 quantization)"
             )
-        config, weights, tokenizer, direct = load_gguf_direct(path, progress)
-        name = model if entry else path.stem
-        return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name, direct=direct)
-    if path.is_dir():
+        config, weights, tokenizer, quantized, fallbacks = load_gguf_direct(path, progress)
+    elif path.is_dir():
         config, weights, tokenizer, quantized = load_hf_folder(path)
-        name = model if entry else path.name
     else:
         config, weights, tokenizer = load_gguf(path, progress, identity=entry.sha256 if entry else None)
-        name = model if entry else path.stem
-    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name, quantized=quantized)
+    name = model if entry else (path.name if path.is_dir() else path.stem)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name,
+                       quantized=quantized, fallbacks=fallbacks)
 
 
 # ---------------------------------------------------------------- weights shared by both formats
@@ -130,13 +134,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def select_weights(
-    config: ModelConfig, weights: dict[str, torch.Tensor], source: Path, covered: set[str] = frozenset()
+    config: ModelConfig, weights: dict[str, torch.Tensor], source: Path, quantized: Container[str] = frozenset()
 ) -> dict[str, torch.Tensor]:
     """Check that every needed weight is present with the right shape, and that nothing else is there but
     what transformers also ignores (a tied lm_head copy, rope buffers): another extra weight means a
-    feature (o_proj bias, qk-norm, ...) the decoder would silently skip. `covered`: needed weights that
-    come in another form (GGUF direct loading), checked where they are made."""
-    shapes = {name: shape for name, shape in expected_shapes(config).items() if name not in covered}
+    feature (o_proj bias, qk-norm, ...) the decoder would silently skip. The weights of the layers in
+    `quantized` (module names) come as those layers' tensors instead, checked where they are read."""
+    shapes = {
+        name: shape for name, shape in expected_shapes(config).items()
+        if not _arrives_quantized(name, config, weights, quantized)
+    }
     extra = [name for name in weights if name not in shapes and not _ignorable(name, config)]
     past = [name for name in extra if (layer := _LAYER.match(name)) and int(layer[1]) >= config.num_layers]
     if past:
@@ -161,21 +168,32 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings)
 
 
+def _arrives_quantized(name: str, config: ModelConfig, weights: dict, quantized: Container[str]) -> bool:
+    """Whether weight `name` comes as the tensors of a layer in `quantized` instead. A tied token table is
+    the lm_head's when it comes with it (a GGUF holds one tensor for both), but a saved folder keeps its
+    own in float beside its quantized lm_head."""
+    place = module_of(name, config)
+    if place is None or (name == "model.embed_tokens.weight" and name in weights):
+        return False
+    return place[0] in quantized
+
+
 # ---------------------------------------------------------------- Hugging Face folders
 
 
 def load_hf_folder(
     folder: Path,
-) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast, SavedQuantization | None]:
+) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast, dict[str, tuple[str, dict]]]:
+    """A Hugging Face folder, or one written by `nimblelm quantize` (its linear layers then come in `quantized`)."""
     config = read_hf_config(folder)
     tokenizer = _hf_tokenizer(folder)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = dataclasses.replace(config, eos_token_ids=(tokenizer.eos_token_id,))
-    weights, quantized = _read_safetensors(folder), None
+    weights, quantized = _read_safetensors(folder), {}
     saved = read_quantized(folder, config, weights)
     if saved is not None:
         weights, quantized = saved
-    return config, select_weights(config, weights, folder), tokenizer, quantized
+    return config, select_weights(config, weights, folder, quantized), tokenizer, quantized
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -353,11 +371,10 @@ def load_gguf(
     return config, weights, tokenizer
 
 
-def load_gguf_direct(
-    path: Path, progress: bool
-) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast, DirectWeights]:
+def load_gguf_direct(path: Path, progress: bool) -> tuple[
+        ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast, dict[str, tuple[str, dict]], dict[str, tuple]]:
     """A GGUF with its linear layers in nimblelm's formats, straight from the file's bytes (no cache: the
-    conversion costs about as much as reading a cache would)."""
+    conversion costs about as much as reading a cache would); also the layers that fell back to fp32."""
     model_file = gguf_file.open_gguf(path)
     config = gguf_file.read_config(model_file)
     shapes = expected_shapes(config)
@@ -369,17 +386,13 @@ def load_gguf_direct(
     # Llama's): vectors (norms, biases) are never served directly, so they are read here.
     matrices = [t for t in model_file.tensors if len(t.shape) > 1]
     vectors = [t for t in model_file.tensors if len(t.shape) == 1]
-    weights, direct = split_direct(dataclasses.replace(model_file, tensors=matrices), config, shapes, fp32)
+    weights, quantized, fallbacks = split_direct(
+        dataclasses.replace(model_file, tensors=matrices), config, shapes, fp32
+    )
     weights |= gguf_file.read_weights(dataclasses.replace(model_file, tensors=vectors), config, shapes, progress=False)
-    covered = {name for name in shapes if _served_directly(name, direct, config)}
-    weights = select_weights(config, weights, path, covered)
+    weights = select_weights(config, weights, path, quantized)
     tokenizer = _gguf_tokenizer(path, model_file.metadata.get("tokenizer.chat_template"))
-    return config, weights, tokenizer, direct
-
-
-def _served_directly(name: str, direct: DirectWeights, config: ModelConfig) -> bool:
-    place = module_of(name, config)
-    return place is not None and place[0] in direct.linears
+    return config, weights, tokenizer, quantized, fallbacks
 
 
 def dequant_cache_path(path: Path, identity: str | None = None) -> Path:

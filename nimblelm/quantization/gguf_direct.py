@@ -24,7 +24,7 @@ layer takes the unquantized path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import gguf
 import numpy as np
@@ -32,9 +32,7 @@ import torch
 
 from nimblelm.config import ModelConfig
 from nimblelm.errors import ModelFormatError, UnsupportedModelError
-from nimblelm.layers.linear import LinearMethod
-from nimblelm.quantization.int4 import Int4WeightOnly
-from nimblelm.quantization.int8 import Int8WeightOnly
+from nimblelm.quantization.formats import format_name
 
 Q = gguf.GGMLQuantizationType
 QK_K = 256
@@ -153,10 +151,6 @@ def convert(data: np.ndarray, qtype: Q, shape: tuple[int, int]) -> Converted | N
     return converter(np.ascontiguousarray(data).reshape(-1, type_size), shape[0])
 
 
-def method_of(c: Converted) -> LinearMethod:
-    return Int8WeightOnly(c.group) if c.kind == "int8" else Int4WeightOnly(c.group)
-
-
 def fuse(parts: list[Converted]) -> Converted | None:
     """The parts (stacked along the outputs) in one format, or None when they do not share one."""
     kinds = {c.kind for c in parts}
@@ -172,16 +166,6 @@ def fuse(parts: list[Converted]) -> Converted | None:
             pieces = [t.repeat_interleave(c.group // group, dim=1) for t, c in zip(pieces, parts)]
         tensors[key] = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     return Converted(parts[0].kind, group, tensors)
-
-
-@dataclass
-class DirectWeights:
-    """What a GGUF file holds, split for quantization="gguf"."""
-
-    # module name -> (method, tensors) the layer adopts as stored
-    linears: dict[str, tuple[LinearMethod, dict[str, torch.Tensor]]] = field(default_factory=dict)
-    # module name -> GGUF types of its parts, for the layers that took the fp32 path
-    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def module_of(hf: str, config: ModelConfig) -> tuple[str, int, int] | None:
@@ -204,8 +188,10 @@ def module_of(hf: str, config: ModelConfig) -> tuple[str, int, int] | None:
 
 
 def split_direct(model_file, config: ModelConfig, expected: dict[str, tuple[int, ...]], fp32) -> tuple[
-        dict[str, torch.Tensor], DirectWeights]:
-    """(fp32 weights under Hugging Face names for everything not served directly, DirectWeights).
+        dict[str, torch.Tensor], dict[str, tuple[str, dict[str, torch.Tensor]]], dict[str, tuple[str, ...]]]:
+    """What a GGUF file holds, split for quantization="gguf": fp32 weights under Hugging Face names for
+    everything not served as stored; module name -> (format name, tensors) for the layers that are; and
+    module name -> GGUF types of its parts for the layers that fell back to fp32.
 
     `fp32(tensor, hf_name)` dequantizes one tensor as the normal load does (gguf_file.py).
     """
@@ -228,7 +214,8 @@ def split_direct(model_file, config: ModelConfig, expected: dict[str, tuple[int,
         module, index, count = place
         groups.setdefault(module, {})[index] = (name, tensor)
         counts[module] = count
-    direct = DirectWeights()
+    quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+    fallbacks: dict[str, tuple[str, ...]] = {}
     for module, parts in groups.items():
         if len(parts) != counts[module]:
             missing = [n for n in range(counts[module]) if n not in parts]
@@ -245,11 +232,11 @@ def split_direct(model_file, config: ModelConfig, expected: dict[str, tuple[int,
             converted.append(c)
         fused = fuse(converted) if len(converted) == len(ordered) else None
         if fused is None:
-            direct.fallbacks[module] = tuple(tensor.qtype.name for _, tensor in ordered)
+            fallbacks[module] = tuple(tensor.qtype.name for _, tensor in ordered)
             for name, tensor in ordered:
                 weights[name] = fp32(tensor, name)
         else:
-            direct.linears[module] = (method_of(fused), fused.tensors)
+            quantized[module] = (format_name(fused.kind, fused.group), fused.tensors)
         for _, tensor in ordered:
             release_pages(tensor)
-    return weights, direct
+    return weights, quantized, fallbacks

@@ -129,14 +129,6 @@ class Int4WeightOnly(LinearMethod):
             layer.register_buffer(key, t)
         layer.compute_dtype = dtype
 
-    @torch.no_grad()
-    def overwrite(self, layer: Linear, tensors: dict[str, torch.Tensor]) -> None:
-        if layer.mins is None and "mins" in tensors:
-            if not torch.equal(tensors["mins"], -8 * tensors["scales"]):
-                raise ValueError("its int4 minimums are not -8 * scales, as the layer's symmetric storage assumes")
-            tensors = {key: t for key, t in tensors.items() if key != "mins"}
-        super().overwrite(layer, tiles.tile(tensors))
-
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
         q, scales, mins = (tiles.untile(layer, key) for key in ("qweight", "scales", "mins"))
         return {"qweight": q, "scales": scales, "mins": -8 * scales if mins is None else mins}

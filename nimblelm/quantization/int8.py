@@ -61,9 +61,6 @@ class Int8WeightOnly(LinearMethod):
             layer.register_buffer(key, t)
         layer.compute_dtype = dtype
 
-    def overwrite(self, layer: Linear, tensors: dict[str, torch.Tensor]) -> None:
-        super().overwrite(layer, tiles.tile(tensors))
-
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
         return {key: tiles.untile(layer, key) for key in ("qweight", "scales")}
 

@@ -138,10 +138,9 @@ def _quantize_layers(lm, qconfig: QuantizationConfig, stats, progress: bool) -> 
                 entry.apply(smoothquant.smoothing_scale(entry, stats[entry.name]))
     linears = [(name, m) for name, m in lm.named_modules() if isinstance(m, Linear)]
     for name, layer in tqdm(linears, desc=f"{qconfig.method} int{qconfig.bits}", unit="layer", disable=not progress):
-        tensors = None
         if qconfig.method == "gptq":
             tensors = gptq_quantize(layer.weight, stats[name].take_hessian(), qconfig.bits, qconfig.group_size,
                                     qconfig.symmetric, qconfig.act_order)
-        layer.prepare(method)  # the method's storage, by its own RTN (AWQ and SmoothQuant: of the scaled weight)
-        if tensors is not None:
-            method.overwrite(layer, tensors)
+            layer.adopt(method, tensors, layer.weight.dtype)
+        else:
+            layer.prepare(method)  # the method's own RTN (AWQ and SmoothQuant: of the scaled weight)

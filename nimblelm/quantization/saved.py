@@ -8,9 +8,9 @@ made) and `model.safetensors` with
   `model.layers.0.self_attn.qkv_proj.qweight` (q, k and v in one matrix, as the decoder holds them),
   plus its bias if it has one. The formats are those of the linear methods: int4.py, int8.py, w8a8.py.
 
-Loading keeps the engine's single path: the loader hands the engine fp32 weights (the quantized ones
-dequantized), the engine builds the model with the folder's linear method, then `load_into` copies
-the saved tensors over the ones that method made, in place, so the kernels see exactly the saved values.
+The loader hands the linear layers' tensors to the engine as they are, in the folder's format
+(formats.py), and the layers adopt them: the kernels see exactly the saved values, and no fp32 copy of
+a quantized layer is ever made.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from nimblelm.config import ModelConfig
 from nimblelm.errors import InvalidRequestError, ModelFormatError
 from nimblelm.layers.linear import Linear, LinearMethod
 from nimblelm.models.hf_config import hf_config_from
-from nimblelm.quantization.int4 import GROUP_SIZES, Int4WeightOnly, dequantize_int4
-from nimblelm.quantization.int8 import Int8WeightOnly, dequantize_int8
-from nimblelm.quantization.w8a8 import W8A8
+from nimblelm.quantization import formats
+from nimblelm.quantization.int4 import GROUP_SIZES
 
 CONFIG_FILE = "quantization_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -60,12 +59,13 @@ class QuantizationConfig:
     def linear_format(self) -> str:
         return "w8a8" if self.method == "smoothquant" else f"int{self.bits}"
 
+    @property
+    def format(self) -> str:
+        """The linear layers' format name (formats.py)."""
+        return formats.format_name(self.linear_format, self.group_size)
+
     def linear_method(self) -> LinearMethod:
-        if self.linear_format == "w8a8":
-            return W8A8()
-        if self.bits == 8:
-            return Int8WeightOnly(self.group_size)
-        return Int4WeightOnly(self.group_size, self.symmetric)
+        return formats.linear_method(self.format, self.symmetric)
 
 
 def check_options(method: str, bits: int, group_size: int | None) -> None:
@@ -106,42 +106,11 @@ def expected_tensors(qconfig: QuantizationConfig, n: int, k: int) -> dict[str, t
     return {"qweight": (torch.uint8, (n, k // 2)), "scales": (torch.float32, groups), "mins": (torch.float32, groups)}
 
 
-def dequantize(qconfig: QuantizationConfig, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    if qconfig.linear_format == "w8a8":
-        return t["qweight"].float() * t["scales"][:, None]
-    if qconfig.bits == 8:
-        return dequantize_int8(t["qweight"], t["scales"])
-    return dequantize_int4(t["qweight"], t["scales"], t["mins"])
-
-
-@dataclass
-class SavedQuantization:
-    """A quantized folder's config and its linear layers' tensors (module name -> tensor name -> tensor)."""
-
-    config: QuantizationConfig
-    linears: dict[str, dict[str, torch.Tensor]]
-
-    def linear_method(self, on_the_fly: str | None) -> LinearMethod:
-        if on_the_fly not in (None, "none"):
-            raise InvalidRequestError(
-                f"the model is already quantized ({self.config.method}, {self.config.bits} bits): "
-                f"drop quantization={on_the_fly!r}"
-            )
-        return self.config.linear_method()
-
-    @torch.no_grad()
-    def load_into(self, model: torch.nn.Module) -> None:
-        """Copy the saved tensors over those the linear method made from the dequantized weights."""
-        for name, module in model.named_modules():
-            if isinstance(module, Linear):
-                try:
-                    module.method.overwrite(module, self.linears[name])
-                except ValueError as e:
-                    raise ModelFormatError(f"{name}: {e}") from None
-
-
-def read_quantized(folder: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]):
-    """For a quantized folder: (fp32 weights under Hugging Face names, SavedQuantization); else None.
+def read_quantized(
+    folder: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, dict[str, torch.Tensor]]]] | None:
+    """For a quantized folder: (its float weights under Hugging Face names, its linear layers as module
+    name -> (format name, tensors)); else None.
 
     Every inconsistency (unknown format, a missing, extra or misshapen tensor) is a ModelFormatError.
     """
@@ -149,45 +118,41 @@ def read_quantized(folder: Path, config: ModelConfig, tensors: dict[str, torch.T
     if not path.is_file():
         return None
     qconfig = _read_config(path)
-    tensors = dict(tensors)
-    linears: dict[str, dict[str, torch.Tensor]] = {}
+    weights = dict(tensors)  # what is left once the layers take theirs: embeddings, norms, biases
+    quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
     for module, (n, k) in linear_shapes(config).items():
         expected = expected_tensors(qconfig, n, k)
         if module.endswith("qkv_proj") and config.attention_bias:
             expected["bias"] = (torch.float32, (n,))
-        linears[module] = {}
+        layer = {}
         for name, (dtype, shape) in expected.items():
             key = tensor_key(module, name)
-            if key not in tensors:
+            if key not in weights:
                 raise ModelFormatError(f"{folder}: incomplete quantized model, {key} is missing")
-            t = tensors.pop(key)
+            t = weights.pop(key)
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ModelFormatError(
                     f"{folder}: {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} "
                     f"for {qconfig.linear_format}"
                 )
-            linears[module][name] = t
-    weights = tensors  # what is left: embeddings and norms, checked by the loader like any folder's
-    for module, t in linears.items():
-        weights |= _hf_weights(config, module, dequantize(qconfig, t), t.get("bias"))
-    return weights, SavedQuantization(qconfig, linears)
+            layer[name] = t
+        symmetric_int4 = qconfig.linear_format == "int4" and qconfig.symmetric
+        if symmetric_int4 and not torch.equal(layer["mins"], -8 * layer["scales"]):
+            raise ModelFormatError(
+                f"{folder}: {module}: its int4 minimums are not -8 * scales, as its symmetric config says"
+            )
+        if "bias" in layer:
+            weights |= _hf_biases(config, module, layer.pop("bias"))
+        quantized[module] = (qconfig.format, layer)
+    return weights, quantized
 
 
-def _hf_weights(config: ModelConfig, module: str, w: torch.Tensor, bias: torch.Tensor | None) -> dict:
-    """A fused layer's weight (and bias) split back into its checkpoint tensors."""
-    prefix = "" if module == "lm_head" else "model."
-    if module.endswith("qkv_proj"):
-        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        parts = dict(zip(("q_proj", "k_proj", "v_proj"), w.split([q, kv, kv])))
-        biases = dict(zip(parts, bias.split([q, kv, kv]))) if bias is not None else {}
-    elif module.endswith("gate_up_proj"):
-        parts = dict(zip(("gate_proj", "up_proj"), w.split(config.intermediate_size)))
-        biases = {}
-    else:
-        return {f"{prefix}{module}.weight": w}
+def _hf_biases(config: ModelConfig, module: str, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A qkv_proj's bias split back into its checkpoint tensors: the model loads biases with the float weights."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     base = module.rpartition(".")[0]
-    out = {f"{prefix}{base}.{part}.weight": t for part, t in parts.items()}
-    return out | {f"{prefix}{base}.{part}.bias": t for part, t in biases.items()}
+    parts = zip(("q_proj", "k_proj", "v_proj"), bias.split([q, kv, kv]))
+    return {f"model.{base}.{part}.bias": t for part, t in parts}
 
 
 def _read_config(path: Path) -> QuantizationConfig:

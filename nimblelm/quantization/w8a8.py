@@ -38,12 +38,17 @@ class W8A8(LinearMethod):
         q, scales = quantize_rows(layer.weight.detach())
         dtype = layer.weight.dtype
         layer.weight = None  # a tied lm_head only drops its reference: the embedding keeps the tensor
-        for key, t in tiles.tile({"qweight": q, "scales": scales}).items():
+        self.adopt(layer, {"qweight": q, "scales": scales.squeeze(1)}, dtype)
+
+    def adopt(self, layer: Linear, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        q, scales = tensors["qweight"], tensors["scales"]
+        n, k = layer.out_features, layer.in_features
+        if q.dtype != torch.int8 or tuple(q.shape) != (n, k) or tuple(scales.shape) != (n,):
+            raise ValueError(f"w8a8 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
+        # The scales tile as a column, one value per row.
+        for key, t in tiles.tile({"qweight": q, "scales": scales.to(torch.float32)[:, None]}).items():
             layer.register_buffer(key, t)
         layer.compute_dtype = dtype
-
-    def overwrite(self, layer: Linear, tensors: dict[str, torch.Tensor]) -> None:
-        super().overwrite(layer, tiles.tile(tensors | {"scales": tensors["scales"][:, None]}))
 
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
         return {"qweight": tiles.untile(layer, "qweight"), "scales": tiles.untile(layer, "scales").squeeze(1)}
