@@ -28,3 +28,19 @@ def tiny_server(tiny_qwen):
     server = ServerProcess(tiny_qwen, "--max-model-len", "128", "--max-num-seqs", "16")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """The row counts of the decode steps replayed from traces (engine/step_capture.py), as they happen."""
+    from nimblelm.engine.step_capture import StepCapture
+
+    rows = []
+    replay = StepCapture.__call__
+
+    def counted(self, input_ids, *args):
+        rows.append(len(input_ids))
+        return replay(self, input_ids, *args)
+
+    monkeypatch.setattr(StepCapture, "__call__", counted)
+    return rows

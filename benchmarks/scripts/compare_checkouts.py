@@ -4,7 +4,7 @@ Runs, from each checkout's folder with this Python, `nimblelm bench latency` (ba
 in float32, int8 and int4, and `nimblelm bench throughput` on 32 ShareGPT requests, `--rounds` times,
 alternating base and new so that both see the same machine state. Prints per test the median tokens/s
 of each, their ratio, and the spread of the rounds (max/min of each side) as the run's noise.
-Usage: python benchmarks/scripts/compare_checkouts.py BASE_DIR NEW_DIR [--rounds 2] [--threads 2]
+Usage: python benchmarks/scripts/compare_checkouts.py BASE_DIR NEW_DIR [--rounds 2] [--threads 2] [--only TEXT]
 """
 
 import argparse
@@ -39,12 +39,14 @@ def main() -> None:
     p.add_argument("new")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default="", help="only the tests whose name contains this")
     a = p.parse_args()
+    tests = [t for t in TESTS if a.only in t[0]]
     samples: dict[tuple[str, str], list[float]] = {}
     machine = {}
     commands = {}
-    for args in {tuple(args) for _, args, _ in TESTS}:
-        commands[args] = [t for t in TESTS if tuple(t[1]) == args]
+    for args in {tuple(args) for _, args, _ in tests}:
+        commands[args] = [t for t in tests if tuple(t[1]) == args]
     for _ in range(a.rounds):
         for args, tests in commands.items():
             for side, folder in (("base", a.base), ("new", a.new)):
@@ -57,7 +59,7 @@ def main() -> None:
           f"{machine['base']['nimblelm_commit']} vs new {m['nimblelm_commit']}, {a.rounds} rounds, {m['date']}")
     print("| test | base tok/s | new tok/s | new / base | spread base, new |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, _, _ in TESTS:
+    for name, _, _ in tests:
         base, new = samples[(name, "base")], samples[(name, "new")]
         mb, mn = statistics.median(base), statistics.median(new)
         print(f"| {name} | {mb:.1f} | {mn:.1f} | {mn / mb:.3f} | {max(base) / min(base):.3f}, {max(new) / min(new):.3f} |")

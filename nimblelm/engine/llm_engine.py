@@ -69,7 +69,7 @@ class LLMEngine:
         )
         del loaded
         num_blocks = self._num_blocks(config)
-        self.runner.allocate_kv(num_blocks)
+        self.runner.allocate_kv(num_blocks, config.max_num_seqs)
         # Cached blocks are only ever reused within this engine; the salt still names what shapes the K/V.
         salt = f"{config.model}|{self.dtype}|{self.kv_dtype}|{config.quantization}".encode()
         self.kv_cache_manager = KVCacheManager(

@@ -93,10 +93,12 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)
 
-    def allocate_kv(self, num_blocks: int) -> None:
-        """Every tensor's K/V (and int8 scales) as views of one buffer, on CPU one of huge pages."""
+    def allocate_kv(self, num_blocks: int, max_num_seqs: int) -> None:
+        """Every tensor's K/V (and int8 scales) as views of one buffer, on CPU one of huge pages; then the
+        traces of decode steps of up to max_num_seqs rows, when steps are replayed."""
         cfg = self.config
-        shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Block num_blocks, beyond those the KV cache manager hands out, is scratch for padding rows.
+        shape = (2, num_blocks + 1, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         offsets, nbytes = [], 0
         for kv_dtype in self.kv_dtypes:
             values_at = nbytes
@@ -120,7 +122,9 @@ class ModelRunner:
         self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
         if self.capturing:
             windows = [group.window for group in self.kv_groups]
-            self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer)
+            self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
+                                       self.block_size)
+            self.capture.warm_up(max_num_seqs)
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.config

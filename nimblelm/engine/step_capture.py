@@ -10,7 +10,9 @@ so there is no second copy of the layer to keep in step with the first.
 A trace fixes the number of rows and every Python decision made from it (which kernel a linear method
 picks for that many rows), and holds the weights and the KV cache tensors by reference. Each replay takes
 the step's token ids, positions and, per KV group, its slot mapping, block tables (of any width) and
-context lengths. Decode rows only: prefill chunks attend with shapes that change every step.
+context lengths. Decode rows only: prefill chunks attend with shapes that change every step. Traces are
+made for a few row counts (BUCKETS), when the engine starts: a step's rows are padded up to the next
+one with rows that write and read only a scratch block of the cache, and their outputs are dropped.
 
 torch.jit.trace is deprecated in favour of torch.compile and torch.export; measured on SmolLM2-135M
 (2 threads, fp32) its replay ran a batch-1 step in 15.2 ms where the layers from Python took 19.9 ms and a
@@ -22,40 +24,66 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import SKINNY_MAX_ROWS
 from nimblelm.models.decoder import DecoderLM
 
+# The row counts traced. Few enough to trace them all at start (~0.1 s each for SmolLM2-135M); steps of 2
+# to 8 rows read the weights once as 1 row does, so padding them costs little, and above 8 rows a step
+# pads by at most 7.
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, SKINNY_MAX_ROWS)
+
 
 class StepCapture:
-    """The decode-step traces of one model over one KV cache, made on first use of each row count."""
+    """The decode-step traces of one model over one KV cache, one per bucket of row counts."""
 
     def __init__(self, model: DecoderLM, kv_caches: list[KVCache], windows: list[int | None],
-                 group_of_layer: list[int]):
-        """windows: each KV group's sliding window; group_of_layer: each layer's KV group."""
+                 group_of_layer: list[int], scratch_block: int, block_size: int):
+        """windows: each KV group's sliding window; group_of_layer: each layer's KV group; scratch_block: a
+        block of the cache no sequence uses, for padding rows."""
         self.model = model
         self.kv_caches = kv_caches
         self.windows = windows
         self.group_of_layer = group_of_layer
+        self.scratch_block = scratch_block
+        self.scratch_slot = scratch_block * block_size
         self.traces: dict[int, torch.jit.ScriptFunction] = {}
 
     @staticmethod
     def applies(num_rows: int, group_metas: list[AttentionMetadata]) -> bool:
-        return num_rows <= SKINNY_MAX_ROWS and group_metas[0].num_decodes == num_rows
+        return num_rows <= BUCKETS[-1] and group_metas[0].num_decodes == num_rows
+
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int) -> None:
+        """Trace every bucket up to the one that holds max_rows (the others are traced when first needed)."""
+        ids = torch.zeros(0, dtype=torch.long, device=self.kv_caches[0].values.device)
+        empty = AttentionMetadata.decodes(ids, ids.view(0, 1), ids, None)
+        for bucket in BUCKETS[: BUCKETS.index(_bucket(min(max_rows, BUCKETS[-1]))) + 1]:
+            if bucket not in self.traces:
+                self.traces[bucket] = self._trace(self._padded(ids, ids, [empty] * len(self.windows), bucket))
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  group_metas: list[AttentionMetadata]) -> torch.Tensor:
         """The step's last hidden states, as DecoderLM.forward returns them."""
-        inputs = (
-            input_ids, positions, [m.slot_mapping for m in group_metas], [m.decode_block_tables for m in group_metas],
-            [m.decode_context_lens for m in group_metas],
-        )
-        trace = self.traces.get(len(input_ids))
+        num_rows = len(input_ids)
+        bucket = _bucket(num_rows)
+        inputs = self._padded(input_ids, positions, group_metas, bucket)
+        trace = self.traces.get(bucket)
         if trace is None:
             # Tracing runs the step once; the replay below writes the same K/V to the same slots again.
-            trace = self.traces[len(input_ids)] = self._trace(inputs)
-        return trace(*inputs)
+            trace = self.traces[bucket] = self._trace(inputs)
+        return trace(*inputs)[:num_rows]
+
+    def _padded(self, input_ids, positions, group_metas: list[AttentionMetadata], bucket: int):
+        """The trace's inputs, with rows added up to `bucket` that write to the scratch block's first slot
+        and attend to it alone."""
+        pad = bucket - len(input_ids)
+        slots = [F.pad(m.slot_mapping, (0, pad), value=self.scratch_slot) for m in group_metas]
+        tables = [F.pad(m.decode_block_tables, (0, 0, 0, pad), value=self.scratch_block) for m in group_metas]
+        lens = [F.pad(m.decode_context_lens, (0, pad), value=1) for m in group_metas]
+        return F.pad(input_ids, (0, pad)), F.pad(positions, (0, pad)), slots, tables, lens
 
     def _step(self, input_ids, positions, slot_mappings, block_tables, context_lens) -> torch.Tensor:
         group_metas = [
@@ -72,3 +100,7 @@ class StepCapture:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return torch.jit.trace(self._step, inputs, check_trace=False)
+
+
+def _bucket(num_rows: int) -> int:
+    return next(b for b in BUCKETS if b >= num_rows)
