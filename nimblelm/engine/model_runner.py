@@ -85,8 +85,9 @@ class ModelRunner:
                 self.kv_dtypes[self.kv_tensor_of_layer[layer]] = dtype
         self.num_blocks = 0
         self.kv_caches: list[KVCache] = []  # per layer (layers of one tensor share it)
+        self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
         # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it.
-        self.capturing = not enforce_eager and ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
+        self.capturing = not enforce_eager and self.kernels
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
         self.seqs: dict[int, _SeqState] = {}
@@ -258,8 +259,9 @@ class ModelRunner:
                 num_decodes=num_rows,
                 decode_block_tables=torch.from_numpy(tables).to(device),
                 decode_context_lens=context_t,
-                decode_mask=(
-                    AttentionMetadata.decode_mask_for(context_t, max(row_positions) + 1, window) if num_rows else None
+                decode_mask=(  # torch's attention needs it; the kernels do not
+                    AttentionMetadata.decode_mask_for(context_t, max(row_positions) + 1, window)
+                    if num_rows and not self.kernels else None
                 ),
                 prefill_query_lens=query_lens,
                 prefill_context_lens=context_lens,

@@ -245,7 +245,8 @@ template <typename T>
 static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                              const float* k_scales, const float* v_scales, at::Tensor block_tables,
                              at::Tensor context_lens, double scale, int64_t window) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "paged_decode_attention: q");
+  q = q.contiguous();  // here rather than in the caller: in a replayed step, one op less per layer
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3, "paged_decode_attention: q");
   TORCH_CHECK(out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: layout");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "paged_decode_attention: int64 tables");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);

@@ -13,8 +13,7 @@ each layer's KVCache says which it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +81,23 @@ class AttentionMetadata:
         return mask
 
 
-class KVCache(NamedTuple):
+@dataclass
+class KVCache:
     """One layer's paged K/V. values: [2, num_blocks, block_size, kv_heads, head_dim], K then V, in the
     model's dtype or float16, or int8 with scales: float32 [2, num_blocks, block_size, kv_heads],
     K/V = values * scales."""
 
     values: torch.Tensor
     scales: torch.Tensor | None = None
+    # K's and V's halves of them, as views made once (in a replayed step, a view made per layer is an op).
+    k: torch.Tensor = field(init=False)
+    v: torch.Tensor = field(init=False)
+    k_scales: torch.Tensor | None = field(init=False)
+    v_scales: torch.Tensor | None = field(init=False)
+
+    def __post_init__(self):
+        self.k, self.v = self.values.unbind()
+        self.k_scales, self.v_scales = (None, None) if self.scales is None else self.scales.unbind()
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,32 +168,32 @@ class PagedAttention(torch.nn.Module):
 
     def _write(self, k, v, kv_cache: KVCache, slots: torch.Tensor, ops) -> None:
         """Store the new tokens' K/V in their cache slots, rounded to the cache's dtype."""
-        (k_cache, v_cache), scales = kv_cache.values.unbind(), kv_cache.scales
+        c = kv_cache
         if ops is not None:
-            if scales is None:
-                ops.write_kv_cache_(k_cache, v_cache, k, v, slots)
+            if c.scales is None:
+                ops.write_kv_cache_(c.k, c.v, k, v, slots)
             else:
-                ops.write_kv_cache_int8_(k_cache, v_cache, scales[0], scales[1], k, v, slots)
+                ops.write_kv_cache_int8_(c.k, c.v, c.k_scales, c.v_scales, k, v, slots)
             return
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
         for i, x in enumerate((k, v)):
-            if scales is None:
-                kv_cache.values[i].view(flat_shape).index_copy_(0, slots, x.to(kv_cache.values.dtype))
+            if c.scales is None:
+                c.values[i].view(flat_shape).index_copy_(0, slots, x.to(c.values.dtype))
             else:
                 qx, sx = quantize_kv(x)
-                kv_cache.values[i].view(flat_shape).index_copy_(0, slots, qx)
-                scales[i].view(-1, self.num_kv_heads).index_copy_(0, slots, sx)
+                c.values[i].view(flat_shape).index_copy_(0, slots, qx)
+                c.scales[i].view(-1, self.num_kv_heads).index_copy_(0, slots, sx)
 
     def _decode(self, q, kv_cache: KVCache, meta: AttentionMetadata, ops, out: torch.Tensor) -> None:
         """Attention of the decode queries, written into out (the first rows of the step's output)."""
-        (k_cache, v_cache), scales = kv_cache.values.unbind(), kv_cache.scales
+        c = kv_cache
         if ops is not None:
             tables, lens, window = meta.decode_block_tables, meta.decode_context_lens, meta.sliding_window or 0
-            if scales is None:
-                ops.paged_decode_attention(out, q.contiguous(), k_cache, v_cache, tables, lens, self.scale, window)
+            if c.scales is None:
+                ops.paged_decode_attention(out, q, c.k, c.v, tables, lens, self.scale, window)
             else:
                 ops.paged_decode_attention_int8(
-                    out, q.contiguous(), k_cache, v_cache, scales[0], scales[1], tables, lens, self.scale, window
+                    out, q, c.k, c.v, c.k_scales, c.v_scales, tables, lens, self.scale, window
                 )
             return
         d = q.shape[0]

@@ -63,7 +63,7 @@ class Unquantized(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.weight is None:
-            return cpu_ops().packed_linear(x.contiguous(), layer.panels, layer.out_features, layer.bias)
+            return cpu_ops().packed_linear(x, layer.panels, layer.out_features, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
