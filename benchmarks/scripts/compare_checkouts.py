@@ -48,11 +48,11 @@ def main() -> None:
     for args in {tuple(args) for _, args, _ in tests}:
         commands[args] = [t for t in tests if tuple(t[1]) == args]
     for _ in range(a.rounds):
-        for args, tests in commands.items():
+        for args, group in commands.items():
             for side, folder in (("base", a.base), ("new", a.new)):
                 report = run(folder, list(args), a.threads)
                 machine[side] = report["machine"]
-                for name, _, test in tests:
+                for name, _, test in group:
                     samples.setdefault((name, side), []).append(value(report, test))
     m = machine["new"]
     print(f"{m['cpu_model']} ({' '.join(m['cpu_features'])}), {a.threads} threads, base "

@@ -229,10 +229,11 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
 // per_token: each activation row gets one int8 scale (W8A8) instead of one per block of 32.
 static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
                               c10::optional<at::Tensor> bias, int64_t group, bool per_token) {
+  x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int8_linear: x, q and scales must be matrices");
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
               "int8_linear: float32 x, int8 q and float32 scales only");
-  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scales.is_contiguous(), "int8_linear: contiguous inputs only");
+  TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "int8_linear: contiguous inputs only");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
               "int8_linear: group must be 16 or a multiple of 32 dividing K");
@@ -354,10 +355,11 @@ static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* 
 
 at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
                        c10::optional<at::Tensor> bias, int64_t group) {
+  x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int4_linear: x, q and scales must be matrices");
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
                   (!mins || mins->scalar_type() == at::kFloat), "int4_linear: float32 x, uint8 q, float32 scales and mins only");
-  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scales.is_contiguous() && (!mins || mins->is_contiguous()),
+  TORCH_CHECK(q.is_contiguous() && scales.is_contiguous() && (!mins || mins->is_contiguous()),
               "int4_linear: contiguous inputs only");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0 && (!mins || mins->sizes() == scales.sizes()),

@@ -142,7 +142,9 @@ class PagedAttention(torch.nn.Module):
         self._write(k, v, kv_cache, meta.slot_mapping, ops)
         out = torch.empty_like(q)
         d = meta.num_decodes
-        if d:
+        if d == len(q):  # decode rows only (every replayed step): no views to make
+            self._decode(q, kv_cache, meta, ops, out)
+        elif d:
             self._decode(q[:d], kv_cache, meta, ops, out[:d])
         start = d
         chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks)

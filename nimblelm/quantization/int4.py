@@ -142,7 +142,7 @@ class Int4WeightOnly(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= self.KERNEL_MAX_ROWS:
-            return ops.int4_linear(x.contiguous(), layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
+            return ops.int4_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
         if ops is not None:
             w = ops.int4_dequantize(layer.qweight, layer.scales, layer.mins, layer.in_features, self.group_size)
             return F.linear(x, w, layer.bias)

@@ -77,7 +77,7 @@ class Int8WeightOnly(LinearMethod):
         ops = ops_for(x)
         if ops is not None and self._kernel_group():
             if x.shape[0] <= self.KERNEL_MAX_ROWS:
-                return ops.int8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias, self.group_size)
+                return ops.int8_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
             w = ops.int8_dequantize(layer.qweight, layer.scales, layer.in_features, self.group_size)
             return F.linear(x, w, layer.bias)
         w = dequantize_int8(*(tiles.untile(layer, key) for key in ("qweight", "scales")))

@@ -82,8 +82,10 @@ def make_config(
 
 def dense_llm(model: str, threads: int | None = None, max_len: int = 512) -> LLM:
     """The model loaded with plain fp32 weights (dense_weights), ready to calibrate and quantize in place.
-    One sequence: calibration runs one sample at a time, so the KV cache needs room for one only."""
-    llm = LLM(model=model, dtype="float32", max_model_len=max(max_len, 2), max_num_seqs=1, num_threads=threads)
+    One sequence: calibration runs one sample at a time, so the KV cache needs room for one only. Eager:
+    traces of decode steps (engine/step_capture.py) would hold the weights this replaces."""
+    llm = LLM(model=model, dtype="float32", max_model_len=max(max_len, 2), max_num_seqs=1, num_threads=threads,
+              enforce_eager=True)
     arch = llm.llm_engine.model_config.architecture
     if arch not in OFFLINE_ARCHITECTURES:
         # Calibration, smoothing and saved folders know the Llama layer's norms and checkpoint names only.

@@ -59,7 +59,7 @@ class W8A8(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= SKINNY_MAX_ROWS and self._kernel(layer):
-            return ops.w8a8_linear(x.contiguous(), layer.qweight, layer.scales, layer.bias)
+            return ops.w8a8_linear(x, layer.qweight, layer.scales, layer.bias)
         xq, xs = quantize_rows(x)
         if ops is not None and self._kernel(layer):
             w = ops.int8_dequantize(layer.qweight, layer.scales, layer.in_features, layer.in_features)
