@@ -1,9 +1,9 @@
 """Decode steps replayed from a trace of the model's own forward: the CPU fast path.
 
 A decode step of a small model on the CPU is bound by the cost of calling its ops from Python: SmolLM2-135M
-makes 300 kernel calls and about 500 view and indexing ops per step, a quarter of a batch-1 step on 2
-threads. torch.jit.trace records the Python forward once per number of rows, with the kernels as torch
-custom ops, and TorchScript's C++ interpreter replays it (without the GIL). Whatever the Python layer
+makes 300 kernel calls and several hundred view and indexing ops per step, about a fifth of a batch-1
+step on 2 threads. TorchScript's tracer records the Python forward once per row count, with the kernels as
+torch custom ops, and its C++ interpreter replays it (without the GIL). Whatever the Python layer
 computes (any architecture, any LinearMethod built from torch or custom ops) is what the trace records,
 so there is no second copy of the layer to keep in step with the first.
 
@@ -14,9 +14,9 @@ context lengths. Decode rows only: prefill chunks attend with shapes that change
 made for a few row counts (BUCKETS), when the engine starts: a step's rows are padded up to the next
 one with rows that write and read only a scratch block of the cache, and their outputs are dropped.
 
-torch.jit.trace is deprecated in favour of torch.compile and torch.export; measured on SmolLM2-135M
-(2 threads, fp32) its replay ran a batch-1 step in 15.2 ms where the layers from Python took 19.9 ms and a
-hand-written C++ stack of the same kernels 15.3 ms, and it needs no compiler at run time.
+TorchScript is deprecated in favour of torch.compile and torch.export, which need a compiler and minutes
+of compile time per shape on the CPU; a trace costs one eager step and no compiler, and its replay ran a
+batch-1 SmolLM2-135M step as fast as a hand-written C++ stack of the same kernels did.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class StepCapture:
         self.group_of_layer = group_of_layer
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
-        self.traces: dict[int, torch.jit.ScriptFunction] = {}
+        self.traces: dict[int, torch.jit.ScriptModule] = {}
 
     @staticmethod
     def applies(num_rows: int, group_metas: list[AttentionMetadata]) -> bool:
@@ -77,7 +77,7 @@ class StepCapture:
         # Without the profiling executor: it runs each graph's first two calls 4-5x slower to profile it,
         # and its optimizations gained nothing here (a 32-row SmolLM2 step: 35.5 ms either way).
         with torch.jit.optimized_execution(False):
-            return trace(*inputs)[:num_rows]
+            return trace(*_flat(inputs))[:num_rows]
 
     def _padded(self, input_ids, positions, group_metas: list[AttentionMetadata], bucket: int):
         """The trace's inputs, with rows added up to `bucket` that write to the scratch block's first slot
@@ -97,12 +97,20 @@ class StepCapture:
         return self.model(input_ids, positions, self.kv_caches, metas)
 
     def _trace(self, inputs) -> torch.jit.ScriptFunction:
+        """The step's graph as a function of its inputs flattened (as __call__ passes them), in a compilation
+        unit of its own: torch.jit.trace would add it to TorchScript's global one, where it and the weights
+        and KV cache it holds would stay for as long as the process runs."""
         with warnings.catch_warnings():
-            # The deprecation notice (see the module's docstring), and warnings that Python values
-            # (the row count, the number of rope variants) become constants: they are meant to.
-            warnings.simplefilter("ignore", DeprecationWarning)
+            # Warnings that Python values (the row count, the number of rope variants) become constants:
+            # they are meant to.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return torch.jit.trace(self._step, inputs, check_trace=False)
+            graph, _ = torch.jit._get_trace_graph(self._step, inputs)
+        return torch._C.CompilationUnit().create_function("decode_step", graph)
+
+
+def _flat(inputs) -> list[torch.Tensor]:
+    input_ids, positions, *per_group = inputs
+    return [input_ids, positions, *(t for tensors in per_group for t in tensors)]
 
 
 def _bucket(num_rows: int) -> int:
