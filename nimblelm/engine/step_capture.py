@@ -30,9 +30,8 @@ from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import SKINNY_MAX_ROWS
 from nimblelm.models.decoder import DecoderLM
 
-# The row counts traced. Few enough to trace them all at start (~0.1 s each for SmolLM2-135M); steps of 2
-# to 8 rows read the weights once as 1 row does, so padding them costs little, and above 8 rows a step
-# pads by at most 3.
+# The row counts traced: few enough to trace them all at start (~0.1 s each for SmolLM2-135M). A padding
+# row costs about what a real one does; above 8 rows a step pads by at most 3.
 BUCKETS = (1, 2, 4, 8, *range(12, SKINNY_MAX_ROWS + 1, 4))
 
 
@@ -49,7 +48,7 @@ class StepCapture:
         self.group_of_layer = group_of_layer
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
-        self.traces: dict[int, torch.jit.ScriptModule] = {}
+        self.traces: dict[int, torch.jit.ScriptFunction] = {}
 
     @staticmethod
     def applies(num_rows: int, group_metas: list[AttentionMetadata]) -> bool:
