@@ -114,6 +114,35 @@ def test_chunked_prefill_batches_and_small_blocks(tiny_gemma):
     check_against_reference(llm, tiny_gemma, PROMPTS)
 
 
+def test_sliding_tables_hold_only_the_window(tiny_gemma, kernels, monkeypatch):
+    """A sliding group's table drops the blocks behind its window, so its K/V entries are no longer at
+    their positions: before every step, every block no table holds is filled with NaN, and the output
+    still matches transformers, while no decoding sequence's sliding table exceeds the window's blocks."""
+    llm = LLM(str(tiny_gemma), max_model_len=256, block_size=4, enable_prefix_caching=False)
+    runner = llm.llm_engine.runner
+    window_blocks = [-(-g.window // 4) + 1 if g.window else None for g in runner.kv_groups]
+    longest = [0] * len(window_blocks)
+    execute = runner.execute
+
+    def poisoned(sched):
+        held = {b for state in runner.seqs.values() for table in state.block_ids for b in table}
+        held |= {b for new in sched.new_requests for table in new.block_ids for b in table}
+        held |= {b for run in sched.running_requests for table in run.new_block_ids for b in table}
+        free = torch.tensor(sorted(set(range(runner.num_blocks)) - held))
+        for cache in runner.kv_caches:
+            cache.values[:, free] = float("nan")
+        out = execute(sched)
+        for state in runner.seqs.values():
+            if state.num_computed_tokens > state.num_prompt_tokens:
+                longest[:] = [max(m, len(t)) for m, t in zip(longest, state.block_ids)]
+        return out
+
+    monkeypatch.setattr(runner, "execute", poisoned)
+    check_against_reference(llm, tiny_gemma, PROMPTS[3:])
+    *sliding, full = longest
+    assert sliding == window_blocks[:-1] and full > 2 * window_blocks[0]
+
+
 def test_all_global_layers(tiny_global_gemma):
     llm = LLM(str(tiny_global_gemma), max_model_len=256)
     assert set(llm.model_config.layer_windows) == {None}

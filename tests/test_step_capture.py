@@ -197,15 +197,16 @@ def test_tokens_after_the_prompt_computed_at_once_equal_their_prefill(tiny_qwen,
     params = SamplingParams(temperature=0, logprobs=5)
     blocks = -(-(len(prompt) + 4) // runner.block_size)
     first = runner.execute(SchedulerOutput(
-        new_requests=[NewRequest(0, prompt, [], params, None, [list(range(1, blocks + 1))], 0)], num_scheduled_tokens={0: len(prompt)},
+        new_requests=[NewRequest(0, prompt, [], params, None, [list(range(1, blocks + 1))], [0], 0)],
+        num_scheduled_tokens={0: len(prompt)},
     ))
     k_tokens = [first.sampled_token_ids[0], 5, 9, 13]  # the sampled token, then three drafts
     verified = runner.execute(SchedulerOutput(
-        running_requests=[RunningRequest(0, k_tokens, [[]], len(prompt))], num_scheduled_tokens={0: len(k_tokens)},
+        running_requests=[RunningRequest(0, k_tokens, [[]], [0], len(prompt))], num_scheduled_tokens={0: len(k_tokens)},
     ))
     whole = prompt + k_tokens
     reference = runner.execute(SchedulerOutput(
-        new_requests=[NewRequest(1, whole, [], params, None, [list(range(blocks + 1, 2 * blocks + 1))], 0)],
+        new_requests=[NewRequest(1, whole, [], params, None, [list(range(blocks + 1, 2 * blocks + 1))], [0], 0)],
         num_scheduled_tokens={1: len(whole)},
         finished_req_ids=[0],
     ))

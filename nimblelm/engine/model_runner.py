@@ -34,6 +34,7 @@ class _SeqState:
     num_prompt_tokens: int
     params: SamplingParams
     block_ids: list[list[int]]  # per KV group
+    kv_offsets: list[int]  # per KV group, position minus KV entry (the tokens dropped from the table's front)
     num_computed_tokens: int
 
 
@@ -183,7 +184,8 @@ class ModelRunner:
         for new in sched.new_requests:
             self.seqs[new.req_id] = _SeqState(
                 new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids), new.params,
-                [list(ids) for ids in new.block_ids], new.num_computed_tokens,
+                [list(ids) for ids in new.block_ids], [d * self.block_size for d in new.num_dropped_blocks],
+                new.num_computed_tokens,
             )
             if new.seed is not None and new.req_id not in self.generators:  # a resumed sequence's RNG goes on
                 g = torch.Generator(device=self.device)
@@ -192,8 +194,12 @@ class ModelRunner:
         for running in sched.running_requests:
             state = self.seqs[running.req_id]
             state.token_ids.extend(running.new_token_ids)
-            for table, ids in zip(state.block_ids, running.new_block_ids):
+            for g, (table, ids, dropped) in enumerate(zip(state.block_ids, running.new_block_ids,
+                                                          running.num_dropped_blocks)):
+                offset = dropped * self.block_size
+                del table[: (offset - state.kv_offsets[g]) // self.block_size]
                 table.extend(ids)
+                state.kv_offsets[g] = offset
             state.num_computed_tokens = running.num_computed_tokens
 
     def _prepare(self, sched: SchedulerOutput):
@@ -209,24 +215,28 @@ class ModelRunner:
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[list[int]] = [[] for _ in range(num_groups)]
+        decode_contexts: list[list[int]] = [[] for _ in range(num_groups)]  # per decode row, as it attends
         decode_seqs: list[_SeqState] = []  # per decode row, its sequence
         for seq, n, _ in decodes:
             start = seq.num_computed_tokens
             tokens.extend(seq.token_ids[start : start + n])
-            for pos in range(start, start + n):
-                positions.append(pos)
-                decode_seqs.append(seq)
-                for g, table in enumerate(seq.block_ids):
-                    slots[g].append(table[pos // bs] * bs + pos % bs)
+            positions.extend(range(start, start + n))
+            decode_seqs.extend([seq] * n)
+            for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
+                for i in range(start - offset, start + n - offset):  # each row's KV entry
+                    slots[g].append(table[i // bs] * bs + i % bs)
+                    decode_contexts[g].append(i + 1)  # each row sees up to itself
         prefill_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
+        prefill_contexts: list[list[int]] = [[] for _ in range(num_groups)]
         for seq, n, _ in prefills:
             start = seq.num_computed_tokens
             tokens.extend(seq.token_ids[start : start + n])
-            pos = np.arange(start, start + n)
-            positions.extend(pos.tolist())
-            for g, table in enumerate(seq.block_ids):
-                slots[g].extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
+            positions.extend(range(start, start + n))
+            for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
+                entries = np.arange(start - offset, start + n - offset)
+                slots[g].extend((np.asarray(table)[entries // bs] * bs + entries % bs).tolist())
                 prefill_blocks[g].append(torch.tensor(table, device=self.device))
+                prefill_contexts[g].append(start + n - offset)
         sample_rows: list[int] = []
         sample_ids: list[int] = []
         prompt_rows = []  # (req_id, rows, the prompt tokens they predict) of sequences with prompt_logprobs
@@ -243,31 +253,29 @@ class ModelRunner:
 
         device = self.device
         num_rows = len(decode_seqs)
-        row_positions = positions[:num_rows]
-        context_t = torch.tensor(row_positions, dtype=torch.long, device=device) + 1  # each row sees up to itself
         query_lens = [n for _, n, _ in prefills]
-        context_lens = [s.num_computed_tokens + n for s, n, _ in prefills]
-        max_blocks = max((len(s.block_ids[0]) for s in decode_seqs), default=0)
 
         def metadata(g: int) -> AttentionMetadata:
             window = self.kv_groups[g].window
-            tables = np.zeros((num_rows, max_blocks), dtype=np.int64)
+            tables = np.zeros((num_rows, max((len(s.block_ids[g]) for s in decode_seqs), default=0)), dtype=np.int64)
             for i, seq in enumerate(decode_seqs):
                 tables[i, : len(seq.block_ids[g])] = seq.block_ids[g]
+            contexts = torch.tensor(decode_contexts[g], dtype=torch.long, device=device)
             return AttentionMetadata(
                 slot_mapping=torch.tensor(slots[g], dtype=torch.long, device=device),
                 num_decodes=num_rows,
                 decode_block_tables=torch.from_numpy(tables).to(device),
-                decode_context_lens=context_t,
+                decode_context_lens=contexts,
                 decode_mask=(  # torch's attention needs it; the kernels do not
-                    AttentionMetadata.decode_mask_for(context_t, max(row_positions) + 1, window)
+                    AttentionMetadata.decode_mask_for(contexts, max(decode_contexts[g]), window)
                     if num_rows and not self.kernels else None
                 ),
                 prefill_query_lens=query_lens,
-                prefill_context_lens=context_lens,
+                prefill_context_lens=prefill_contexts[g],
                 prefill_block_tables=prefill_blocks[g],
                 prefill_masks=[
-                    AttentionMetadata.prefill_mask_for(q, c, window, device) for q, c in zip(query_lens, context_lens)
+                    AttentionMetadata.prefill_mask_for(q, c, window, device)
+                    for q, c in zip(query_lens, prefill_contexts[g])
                 ],
                 sliding_window=window,
             )

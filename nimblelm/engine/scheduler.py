@@ -68,7 +68,8 @@ class Scheduler:
                 break
             sent = self._num_sent[seq.seq_id]
             out.running_requests.append(
-                RunningRequest(seq.seq_id, seq.token_ids[sent:], new_ids, seq.num_computed_tokens)
+                RunningRequest(seq.seq_id, seq.token_ids[sent:], new_ids, self.kv.dropped_blocks(seq),
+                               seq.num_computed_tokens)
             )
             self._schedule(out, seq, n)
             budget -= n
@@ -92,7 +93,8 @@ class Scheduler:
             params = seq.params
             out.new_requests.append(NewRequest(
                 seq.seq_id, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, params,
-                None if params.seed is None else params.seed + seq.index, self.kv.block_ids(seq), cached,
+                None if params.seed is None else params.seed + seq.index, self.kv.block_ids(seq),
+                self.kv.dropped_blocks(seq), cached,
             ))
             self._schedule(out, seq, n)
             budget -= n

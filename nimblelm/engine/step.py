@@ -3,6 +3,8 @@ pickles, so a runner in another process (or on another machine) receives exactly
 
 The runner keeps each sequence's state (tokens, sampling params, block tables, RNG) from the moment it
 arrives as a NewRequest until its id is listed in finished_req_ids; every step sends only what changed.
+A table holds only the blocks a sequence still attends to: in a group that dropped d blocks from its
+front, position p's K/V are at entry p - d * block_size.
 Torch-free: the grammar bitmask is whatever tensor type the engine builds.
 """
 
@@ -25,6 +27,7 @@ class NewRequest:
     params: SamplingParams
     seed: int | None  # of this sequence's RNG; None: the shared one
     block_ids: list[list[int]]  # per KV group
+    num_dropped_blocks: list[int]  # per KV group, blocks dropped from the front of its table
     num_computed_tokens: int
 
 
@@ -35,6 +38,7 @@ class RunningRequest:
     req_id: int
     new_token_ids: list[int]  # appended since (the tokens sampled for it)
     new_block_ids: list[list[int]]  # per KV group, appended to its tables
+    num_dropped_blocks: list[int]  # per KV group, dropped from the front of its table so far
     num_computed_tokens: int
 
 

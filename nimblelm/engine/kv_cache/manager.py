@@ -3,8 +3,10 @@ cached for reuse by later prompts with the same prefix. Torch-free; the tensors 
 
 A KV group is a set of layers with one attention window (None: the whole context). Each group gives a
 sequence its own block table, all groups drawing on one block pool; a block of a group holds the K/V of
-that group's layers at block_size consecutive tokens. A sliding-window group drops the blocks that fell
-out of its window, so they serve other sequences; their table entries become NULL_BLOCK.
+that group's layers at block_size consecutive KV entries. A table holds only the blocks the sequence still
+attends to, so a token's place in it is not its position: a group that dropped d blocks from the front of
+its table keeps the K/V of position p at entry p - d * block_size. A sliding-window group drops the
+blocks that fell out of its window this way, so they serve other sequences.
 
 Prefix caching: a full block is identified by a hash chained over the tokens from the start of the
 sequence (and a salt naming whatever else changes the K/V: model, dtype, quantization). Once a block's
@@ -24,15 +26,21 @@ from typing import Protocol
 
 from nimblelm.engine.kv_cache.block_pool import Block, BlockPool
 
-# Table entry of a block a sliding window dropped: never read unmasked, never written.
-NULL_BLOCK = 0
-
 
 class KVRequest(Protocol):
     seq_id: int
     token_ids: list[int]
     num_computed_tokens: int
     block_hashes: list[bytes]  # chained hashes of its full blocks, filled by the manager
+
+
+@dataclass
+class _Held:
+    """A sequence's blocks: per group, its table and how many blocks were dropped from the front of it."""
+
+    tables: list[list[Block]]
+    dropped: list[int]
+    num_cached: int  # leading blocks already offered to the prefix cache
 
 
 class KVCacheManager:
@@ -49,8 +57,7 @@ class KVCacheManager:
         self.windows = list(group_windows) if group_windows else [None]
         self.enable_prefix_caching = enable_prefix_caching
         self.salt = salt
-        self._tables: dict[int, list[list[Block | None]]] = {}  # seq_id -> per group, per block
-        self._num_cached: dict[int, int] = {}  # seq_id -> leading blocks already offered to the cache
+        self._held: dict[int, _Held] = {}  # by seq_id
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0  # of those, tokens found cached
 
@@ -69,8 +76,14 @@ class KVCacheManager:
         return 1.0 - self.pool.num_free / self.pool.num_blocks
 
     def block_ids(self, seq: KVRequest) -> list[list[int]]:
-        """Per group, the sequence's block table (NULL_BLOCK where a window dropped a block)."""
-        return [[NULL_BLOCK if b is None else b.block_id for b in table] for table in self._tables.get(seq.seq_id, [])]
+        """Per group, the sequence's block table."""
+        held = self._held.get(seq.seq_id)
+        return [[b.block_id for b in table] for table in held.tables] if held else []
+
+    def dropped_blocks(self, seq: KVRequest) -> list[int]:
+        """Per group, how many blocks the sequence's table dropped from its front."""
+        held = self._held.get(seq.seq_id)
+        return list(held.dropped) if held else []
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -102,13 +115,14 @@ class KVCacheManager:
                     return k
             return n
         for k in range(n, 0, -1):
-            if all(self.pool.lookup((g, hashes[j])) is not None for j in range(self._first_in_window(k, window), k)):
+            first = self._first_in_window(k * self.block_size, window)
+            if all(self.pool.lookup((g, hashes[j])) is not None for j in range(first, k)):
                 return k
         return 0
 
-    def _first_in_window(self, num_blocks: int, window: int) -> int:
-        """The first block a query right after num_blocks full blocks still attends to."""
-        return max(0, num_blocks * self.block_size - window + 1) // self.block_size
+    def _first_in_window(self, position: int, window: int) -> int:
+        """The first block a query at `position` still attends to."""
+        return max(0, position - window + 1) // self.block_size
 
     def _hashes(self, seq: KVRequest) -> list[bytes]:
         """The chained hashes of seq's full blocks, extended to its current tokens."""
@@ -122,16 +136,15 @@ class KVCacheManager:
         """Offer seq's computed full blocks to the prefix cache (after the step that computed them)."""
         if not self.enable_prefix_caching:
             return
+        held = self._held[seq.seq_id]
         full = seq.num_computed_tokens // self.block_size
-        start = self._num_cached.get(seq.seq_id, 0)
-        if full <= start:
+        if full <= held.num_cached:
             return
         hashes = self._hashes(seq)
-        for g, table in enumerate(self._tables[seq.seq_id]):
-            for j in range(start, full):
-                if table[j] is not None:
-                    self.pool.cache(table[j], (g, hashes[j]))
-        self._num_cached[seq.seq_id] = full
+        for g, (table, dropped) in enumerate(zip(held.tables, held.dropped)):
+            for j in range(max(held.num_cached, dropped), full):
+                self.pool.cache(table[j - dropped], (g, hashes[j]))
+        held.num_cached = full
 
     # -- allocation -----------------------------------------------------------------------------
 
@@ -140,24 +153,23 @@ class KVCacheManager:
         not yet holding blocks: after num_cached_tokens, as cached_prefix found them, which it then
         shares). Returns per group the ids of the blocks it took, or None, changing nothing, when the
         pool cannot supply them."""
-        tables = self._tables.get(seq.seq_id)
-        hits: list[list[Block | None]] = []
-        if tables is None:
-            hits = self._cached_blocks(seq, num_cached_tokens)
+        held = self._held.get(seq.seq_id)
+        if held is None:
             start = num_cached_tokens
+            hits = self._cached_blocks(seq, start // self.block_size)
+            tables, dropped = [t for t, _ in hits], [d for _, d in hits]
         else:
-            self._drop_out_of_window(tables, seq.num_computed_tokens)
             start = seq.num_computed_tokens
+            self._drop_out_of_window(held, start)
+            tables, dropped = held.tables, held.dropped
         total = self.blocks_for(start + num_new_tokens)
-        current = hits if tables is None else tables
-        needed = [max(0, total - len(t)) for t in current]
-        shared = [b for t in hits for b in t if b is not None]
+        needed = [max(0, total - d - len(t)) for t, d in zip(tables, dropped)]
+        shared = [b for t in tables for b in t] if held is None else []
         if sum(needed) > self.pool.num_free - self.pool.num_free_among(shared):
             return None
-        if tables is None:
+        if held is None:
             self.pool.share(shared)
-            tables = self._tables[seq.seq_id] = hits
-            self._num_cached[seq.seq_id] = num_cached_tokens // self.block_size
+            self._held[seq.seq_id] = _Held(tables, dropped, start // self.block_size)
             if self.enable_prefix_caching:
                 self.num_queried_tokens += len(seq.token_ids)
                 self.num_hit_tokens += num_cached_tokens
@@ -168,44 +180,48 @@ class KVCacheManager:
             new_ids.append([b.block_id for b in blocks])
         return new_ids
 
-    def _cached_blocks(self, seq: KVRequest, num_tokens: int) -> list[list[Block | None]]:
-        """Per group, the cached blocks of seq's first num_tokens tokens (None where out of the window)."""
-        k = num_tokens // self.block_size
+    def _cached_blocks(self, seq: KVRequest, k: int) -> list[tuple[list[Block], int]]:
+        """Per group, the cached blocks of seq's first k blocks that a query after them attends to, and
+        how many blocks before them it does not."""
         hashes = self._hashes(seq)[:k]
-        tables = []
+        out = []
         for g, window in enumerate(self.windows):
-            first = 0 if window is None else self._first_in_window(k, window)
-            tables.append([None] * first + [self.pool.lookup((g, h)) for h in hashes[first:]])
-        return tables
+            first = 0 if window is None else self._first_in_window(k * self.block_size, window)
+            out.append(([self.pool.lookup((g, h)) for h in hashes[first:]], first))
+        return out
 
-    def _drop_out_of_window(self, tables: list[list[Block | None]], num_computed: int) -> None:
+    def _drop_out_of_window(self, held: _Held, num_computed: int) -> None:
         """Release the blocks no query from position num_computed on can see, in sliding groups."""
-        for table, window in zip(tables, self.windows):
+        for g, window in enumerate(self.windows):
             if window is None:
                 continue
-            dead = max(0, num_computed - window + 1) // self.block_size
-            dropped = [b for b in table[:dead] if b is not None]
-            self.pool.release(dropped)
-            table[:dead] = [None] * dead
+            dead = self._first_in_window(num_computed, window) - held.dropped[g]
+            if dead > 0:
+                table = held.tables[g]
+                self.pool.release(table[:dead])
+                del table[:dead]
+                held.dropped[g] += dead
 
     def free(self, seq: KVRequest) -> None:
         """Release all of seq's blocks: the cached ones stay findable until reused, its last blocks
         evicted first."""
-        tables = self._tables.pop(seq.seq_id, None)
-        self._num_cached.pop(seq.seq_id, None)
-        for table in tables or []:
-            self.pool.release([b for b in reversed(table) if b is not None])
+        held = self._held.pop(seq.seq_id, None)
+        for table in held.tables if held else []:
+            self.pool.release(table[::-1])
 
     def truncate(self, seq: KVRequest, num_tokens: int) -> None:
         """Keep only the blocks of seq's first num_tokens tokens (rolling back tokens that will not stay,
         such as rejected speculative ones); the caller truncates seq's tokens to match."""
-        keep = self.blocks_for(num_tokens)
-        for table in self._tables.get(seq.seq_id, []):
-            self.pool.release([b for b in reversed(table[keep:]) if b is not None])
-            del table[keep:]
         del seq.block_hashes[num_tokens // self.block_size :]
-        if seq.seq_id in self._num_cached:
-            self._num_cached[seq.seq_id] = min(self._num_cached[seq.seq_id], num_tokens // self.block_size)
+        held = self._held.get(seq.seq_id)
+        if held is None:
+            return
+        keep = self.blocks_for(num_tokens)
+        for table, dropped in zip(held.tables, held.dropped):
+            kept = max(0, keep - dropped)
+            self.pool.release(table[kept:][::-1])
+            del table[kept:]
+        held.num_cached = min(held.num_cached, num_tokens // self.block_size)
 
 
 @dataclass(frozen=True)
