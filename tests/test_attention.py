@@ -68,6 +68,42 @@ def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
 
 
+def shared_prefix_cache(seed, dim, block_size, heads=9, kv_heads=3):
+    """Nineteen sequences: eleven behind one 600-token prefix (as many rows share a system prompt), three
+    behind a 300-token one, five alone; contexts from one token past the prefix to several chunks past it,
+    one ending on a chunk boundary."""
+    torch.manual_seed(seed)
+    num_blocks = 16000 // block_size
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    free = torch.randperm(num_blocks).tolist()
+    prefixes = {n: [free.pop() for _ in range(n // block_size)] for n in (600, 300)}
+    groups = [600] * 11 + [300] * 3 + [0] * 5
+    lens = [601, 700, 1024, 655, 612, 900, 601, 640, 777, 1000, 603, 301, 512, 350, 9, 1, 300, 768, 256]
+    tables = torch.zeros(len(lens), -(-max(lens) // block_size), dtype=torch.long)
+    for b, (shared, n) in enumerate(zip(groups, lens)):
+        blocks = prefixes.get(shared, [])
+        blocks = blocks + [free.pop() for _ in range(-(-n // block_size) - len(blocks))]
+        tables[b, : len(blocks)] = torch.tensor(blocks)
+    return torch.randn(len(lens), heads, dim), k_cache, v_cache, tables, torch.tensor(lens)
+
+
+@pytest.mark.parametrize("kv", ["float32", "float16", "int8"])
+@pytest.mark.parametrize(("dim", "block_size"), [(64, 16), (32, 4), (128, 8), (64, 12)])
+def test_paged_decode_kernel_over_shared_prefixes_matches_sdpa(kv, dim, block_size):
+    """Rows whose tables share blocks attend to them together (one small GEMM per shared chunk)."""
+    ops = cpu_ops()
+    q, k_cache, v_cache, tables, lens = shared_prefix_cache(dim + block_size, dim, block_size)
+    if kv == "int8":
+        out, k_cache, v_cache = int8_decode(ops, q, k_cache, v_cache, tables, lens, 0)
+    else:
+        k_cache, v_cache = k_cache.to(getattr(torch, kv)), v_cache.to(getattr(torch, kv))
+        out = torch.empty_like(q)
+        ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, 0)
+        k_cache, v_cache = k_cache.float(), v_cache.float()
+    assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, 0), atol=1e-5)
+
+
 def prefill_reference(q, k, v, window):
     t, c = q.shape[0], k.shape[0]
     q_pos, k_pos = torch.arange(c - t, c)[:, None], torch.arange(c)[None]
