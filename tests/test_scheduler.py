@@ -169,6 +169,28 @@ def test_a_cached_prefix_is_skipped_and_the_contract_says_where_it_starts():
     assert b.num_computed_tokens == 8 and kv.num_hit_tokens == 8
 
 
+def test_a_prompt_waits_a_step_for_the_blocks_another_computes():
+    """b's prompt starts with a's, which nothing has cached yet: b waits one step and then finds a's blocks
+    cached, while c, unrelated and behind it in the queue, goes ahead."""
+    sched, kv = make(num_blocks=16, block_size=4, budget=64)
+    a, b, c = seq(10, "a", first=1), seq(11, "b", first=1), seq(5, "c")
+    for s in (a, b, c):
+        sched.add(s)
+    first = run_step(sched)
+    assert first.seqs == [a, c] and list(sched.waiting) == [b]
+    second = sched.schedule()
+    assert second.new_requests[0].req_id == b.seq_id and second.new_requests[0].num_computed_tokens == 8
+    assert kv.num_hit_tokens == 8
+
+
+def test_without_prefix_caching_nothing_waits_for_a_prefix():
+    sched, _ = make(num_blocks=16, block_size=4, budget=64, caching=False)
+    a, b = seq(10, "a", first=1), seq(11, "b", first=1)
+    sched.add(a)
+    sched.add(b)
+    assert run_step(sched).seqs == [a, b]
+
+
 def test_the_contract_carries_only_what_changed_and_pickles():
     sched, _ = make(num_blocks=16, block_size=4, budget=64)
     a = Sequence("a", [1, 2, 3], SamplingParams(temperature=0.5, seed=3, max_tokens=5), index=1)

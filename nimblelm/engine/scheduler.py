@@ -52,6 +52,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preempted = False
 
+        filling: set[bytes] = set()  # hashes of the blocks this step completes
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -71,22 +72,30 @@ class Scheduler:
                 RunningRequest(seq.seq_id, seq.token_ids[sent:], new_ids, self.kv.dropped_blocks(seq),
                                seq.num_computed_tokens)
             )
+            filling.update(self.kv.blocks_filled(seq, seq.num_computed_tokens, n))
             self._schedule(out, seq, n)
             budget -= n
             i += 1
 
-        # New sequences wait while anything was preempted: room is short, and the preempted go first.
+        # New sequences wait while anything was preempted: room is short, and the preempted go first. A
+        # prompt whose next block this step completes for another sequence waits a step to find it cached
+        # instead of computing it twice (a burst of requests behind one new system prompt); those after
+        # it go ahead meanwhile.
+        deferred: list[Sequence] = []
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
             # Prompt logprobs need the logits of every prompt position: nothing of the prompt is skipped.
-            cached = self.kv.cached_prefix(seq) if seq.params.prompt_logprobs is None else 0
+            uses_cache = seq.params.prompt_logprobs is None
+            cached = self.kv.cached_prefix(seq) if uses_cache else 0
+            if uses_cache and not filling.isdisjoint(self.kv.blocks_filled(seq, cached, self.kv.block_size)):
+                deferred.append(seq)
+                continue
             remaining = seq.num_tokens - cached
             n = min(remaining, budget)
-            if n < remaining and not self.config.enable_chunked_prefill:
+            chunk_refused = n < remaining and not self.config.enable_chunked_prefill
+            if chunk_refused or self.kv.allocate_slots(seq, n, cached) is None:
+                self.waiting.appendleft(seq)
                 break
-            if self.kv.allocate_slots(seq, n, cached) is None:
-                break
-            self.waiting.popleft()
             seq.num_computed_tokens = cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -96,8 +105,10 @@ class Scheduler:
                 None if params.seed is None else params.seed + seq.index, self.kv.block_ids(seq),
                 self.kv.dropped_blocks(seq), cached,
             ))
+            filling.update(self.kv.blocks_filled(seq, cached, n))
             self._schedule(out, seq, n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return out
 
     def _schedule(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:

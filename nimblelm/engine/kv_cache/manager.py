@@ -132,6 +132,13 @@ class KVCacheManager:
             hashes.append(hashlib.sha256(parent + array("q", seq.token_ids[j * bs : (j + 1) * bs]).tobytes()).digest())
         return hashes
 
+    def blocks_filled(self, seq: KVRequest, start: int, num_tokens: int) -> list[bytes]:
+        """The hashes of the blocks that computing seq's tokens start .. start + num_tokens completes
+        (none without prefix caching)."""
+        if not self.enable_prefix_caching:
+            return []
+        return self._hashes(seq)[start // self.block_size : (start + num_tokens) // self.block_size]
+
     def cache_computed(self, seq: KVRequest) -> None:
         """Offer seq's computed full blocks to the prefix cache (after the step that computed them)."""
         if not self.enable_prefix_caching:
