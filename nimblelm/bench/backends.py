@@ -28,6 +28,22 @@ class BackendUnavailable(Exception):
     """The backend cannot run here; the message is the one-line reason shown to the user."""
 
 
+def nimblelm_weights(ctx: BenchContext) -> str:
+    """How nimblelm holds the linear weights under the run's options, for the report."""
+    import torch
+
+    from nimblelm.kernels import cpu_ops
+
+    q = ctx.quantization
+    if q == "gguf":
+        return "the GGUF's own linear tensors as stored (int8/int4 formats), fp32 where a layer falls back"
+    if q:
+        return f"{q} linear weights (quantized at load), {ctx.dtype} elsewhere"
+    if ctx.dtype == "bfloat16" and not torch.cuda.is_available() and cpu_ops() is not None:
+        return "bfloat16 linear weights, float32 activations and KV cache (the CPU kernels compute in float32)"
+    return f"{ctx.dtype} (dequantized by the nimblelm loader)"
+
+
 def float_only(ctx: BenchContext) -> None:
     """For a peer without CPU integer kernels (transformers, vLLM's CPU build here): skip it on a quantized run.
 
@@ -231,14 +247,7 @@ class NimbleLMBackend(Backend):
                        enable_prefix_caching=self.prefix_caching)
 
     def info(self) -> dict:
-        q = self.ctx.quantization
-        if q == "gguf":
-            weights = "the GGUF's own linear tensors as stored (int8/int4 formats), fp32 where a layer falls back"
-        elif q:
-            weights = f"{q} linear weights (quantized at load), {self.ctx.dtype} elsewhere"
-        else:
-            weights = f"{self.ctx.dtype} (dequantized by the nimblelm loader)"
-        return {"weights": weights, "quantization": q or "none", "kv_cache_dtype": self.ctx.kv_cache_dtype,
+        return {"weights": nimblelm_weights(self.ctx), "quantization": self.ctx.quantization or "none", "kv_cache_dtype": self.ctx.kv_cache_dtype,
                 "prefix_caching": self.prefix_caching, "weights_nbytes": self.weights_nbytes(),
                 "token_nbytes": self.token_nbytes()}
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from nimblelm.bench import prefix_cache
 from nimblelm.bench.arrivals import arrival_times
-from nimblelm.bench.backends import BackendUnavailable, BenchContext, float_only
+from nimblelm.bench.backends import BackendUnavailable, BenchContext, float_only, nimblelm_weights
 from nimblelm.bench.datasets import BenchRequest, chains
 from nimblelm.bench.metrics import SLO, RequestRecord, serving_metrics
 
@@ -287,7 +287,7 @@ def nimblelm_server(ctx: BenchContext, slots: int, source: str | None = None,
         cmd += ["--no-enable-prefix-caching"]
     srv = ServerProcess("nimblelm" if prefix_caching else "nimblelm-nocache", cmd, port, env=env, cwd=root,
                         prefix_caching=prefix_caching)
-    srv.info = {"checkout": root, "weights": f"{ctx.dtype} (dequantized by the nimblelm loader)",
+    srv.info = {"checkout": root, "weights": nimblelm_weights(ctx),
                 "quantization": ctx.quantization or "none", "kv_cache_dtype": ctx.kv_cache_dtype,
                 "prefix_caching": prefix_caching}
     return srv

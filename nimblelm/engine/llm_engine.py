@@ -16,10 +16,11 @@ from nimblelm.engine.sequence import Request, Sequence
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.structured import StructuredOutputBackend, grammar_bitmask
 from nimblelm.errors import InvalidRequestError
+from nimblelm.kernels import cpu_ops
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nimblelm.platform import resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
-from nimblelm.quantization import GGUF_DIRECT, linear_method, refuse_requantizing
+from nimblelm.quantization import GGUF_DIRECT, formats, linear_method, refuse_requantizing
 from nimblelm.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -48,6 +49,11 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
         method = linear_method(config.quantization)  # a bad name fails before the model loads
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_ops() is not None \
+                and config.quantization in (None, "none"):
+            # The CPU kernels compute in float32: bfloat16 here means bfloat16 weights, widened in
+            # registers (half of float32's bytes per decode step), with float32 activations and KV cache.
+            self.dtype, method = torch.float32, formats.linear_method("bf16")
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
         refuse_requantizing(config.quantization, loaded.quantized)

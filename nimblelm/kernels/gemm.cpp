@@ -23,7 +23,8 @@ constexpr int64_t KC_MAX = 1024; // deepest slice: a slice (64 KiB) and 72 rows 
 
 // w [N, K] -> panels [ceil(N / 16), K, 16]: panel p is w[16p : 16p + 16, :] transposed, zero padded.
 at::Tensor pack_panels(at::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_panels: a float32 matrix only");
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "pack_panels: a float32 or bfloat16 matrix only");
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
   auto padded = w.contiguous();
   if (N % NR) {
@@ -40,37 +41,29 @@ at::Tensor pack_panels(at::Tensor w) {
 // alternated (eight streams were slower, as was a software prefetch of the next panels; 2026-11-29).
 constexpr int SKINNY_PANELS = VPP == 1 ? 4 : 2;
 
-template <int PANELS>
-static int64_t skinny_run(int64_t rows, const float* x, int64_t K, const float* w, int64_t p, int64_t p1, int64_t N,
+template <int PANELS, typename W>
+static int64_t skinny_run(int64_t rows, const float* x, int64_t K, const W* w, int64_t p, int64_t p1, int64_t N,
                           float* y) {
   const int64_t ld = K * NR;
   for (; p + PANELS <= p1; p += PANELS) {
     const int64_t ncols = std::min(PANELS * NR, N - p * NR);
-    if (rows == 1) panel_tile<1, PANELS>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
-    else panel_tile<2, PANELS>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
+    if (rows == 1) panel_tile<1, PANELS, W>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
+    else panel_tile<2, PANELS, W>(x, K, w + p * ld, ld, K, y + p * NR, N, false, ncols, nullptr);
   }
   return p;
 }
 
-static void skinny_panels(int64_t rows, const float* x, int64_t K, const float* w, int64_t p0, int64_t p1, int64_t N,
+template <typename W>
+static void skinny_panels(int64_t rows, const float* x, int64_t K, const W* w, int64_t p0, int64_t p1, int64_t N,
                           float* y) {
   int64_t p = skinny_run<SKINNY_PANELS>(rows, x, K, w, p0, p1, N, y);
   if constexpr (SKINNY_PANELS > 2) p = skinny_run<2>(rows, x, K, w, p, p1, N, y);
   if (p < p1) tile<1>(rows, x, K, w + p * K * NR, K * NR, K, y + p * NR, N, false, std::min(NR, N - p * NR), nullptr);
 }
 
-// y = x @ w.T (+ bias) for x [M, K] and w as pack_panels stored it; N is w's row count before padding.
-at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::optional<at::Tensor> bias) {
-  x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
-  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == NR &&
-                  panels.size(0) == (N + NR - 1) / NR, "packed_linear: shapes do not match");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "packed_linear: float32 only");
-  TORCH_CHECK(panels.is_contiguous(), "packed_linear: contiguous panels only");
-  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
-  auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = panels.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// y = x @ w.T for x [M, K] and w as pack_panels stored it, in float32 or bfloat16 (W).
+template <typename W>
+static void panels_matmul(const float* xp, const W* wp, float* yp, int64_t M, int64_t K, int64_t N, int64_t P) {
   const int64_t slices = (K + KC_MAX - 1) / KC_MAX, KC = (K + slices - 1) / slices;
   // Each thread owns a run of panels; activations are re-read from cache instead.
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
@@ -81,12 +74,12 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::option
         const int64_t m1 = std::min(M, m0 + MC);
         for (int64_t p = p0; p < p1; p += TILE_PANELS) {
           const int64_t panels = std::min<int64_t>(TILE_PANELS, p1 - p);
-          const float* b = wp + (p * K + k0) * NR;
-          const float* next = p + panels + panels <= P ? b + panels * K * NR : nullptr;
+          const W* b = wp + (p * K + k0) * NR;
+          const W* next = p + panels + panels <= P ? b + panels * K * NR : nullptr;
           const int64_t ncols = std::min(panels * NR, N - p * NR);
           for (int64_t m = m0; m < m1; m += MR) {
             const int64_t rows = std::min(MR, m1 - m);
-            const float* pf = m == m0 ? next : nullptr;
+            const W* pf = m == m0 ? next : nullptr;
             if (panels == TILE_PANELS)
               tile<TILE_PANELS>(rows, xp + m * K + k0, K, b, K * NR, kc, yp + m * N + p * NR, N, k0 > 0, ncols, pf);
             else
@@ -96,6 +89,24 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::option
       }
     }
   });
+}
+
+// y = x @ w.T (+ bias) for x [M, K] and w as pack_panels stored it; N is w's row count before padding.
+// bfloat16 panels are widened in registers: half the bytes of float32 to stream, the same float32 FMAs.
+at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::optional<at::Tensor> bias) {
+  x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
+  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == NR &&
+                  panels.size(0) == (N + NR - 1) / NR, "packed_linear: shapes do not match");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "packed_linear: float32 activations only");
+  TORCH_CHECK(panels.scalar_type() == at::kFloat || panels.scalar_type() == at::kBFloat16,
+              "packed_linear: float32 or bfloat16 panels only");
+  TORCH_CHECK(panels.is_contiguous(), "packed_linear: contiguous panels only");
+  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
+  auto y = at::empty({M, N}, x.options());
+  if (panels.scalar_type() == at::kFloat)
+    panels_matmul(x.data_ptr<float>(), panels.data_ptr<float>(), y.data_ptr<float>(), M, K, N, P);
+  else
+    panels_matmul(x.data_ptr<float>(), panels.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, K, N, P);
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N, "packed_linear: bad bias");
     y.add_(*bias);

@@ -2,6 +2,7 @@
 // Q K^T and P V (attention.cpp).
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <cstdint>
 
 #include "simd.h"
@@ -39,17 +40,33 @@ constexpr int VPP = NR / VW;  // registers per panel row
 #else
 constexpr int VPP = 2;
 #endif
+// VW weights of a panel row as floats: float32 as stored, bfloat16 widened (its bits are the top half of
+// the float32 it rounds).
+#if defined(__AVX512F__)
+static inline fvec vload_w(const float* p) { return vload(p); }
+static inline fvec vload_w(const c10::BFloat16* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline fvec vload_w(const float* p) { return vload(p); }
+static inline fvec vload_w(const c10::BFloat16* p) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+#endif
+
 // Panels a many-row tile spans: enough accumulators to keep both FMA units busy (12 of the 16 AVX2
 // registers; with AVX-512's 32 registers and one register per panel row, two panels).
 constexpr int TILE_PANELS = VPP == 1 ? 2 : 1;
 constexpr int64_t MR = VPP == 1 ? 12 : 6;  // activation rows per tile
 
 // c[r, 0:ncols] (+)= sum_k a[r, k] * b[k, 0:ncols] for ROWS rows of a (lda apart) and PANELS consecutive
-// panel slices from b (ldb apart), ncols <= PANELS * NR. prefetch: the panels after these, one cache line
-// of each per step, while these are read from memory the first time.
-template <int ROWS, int PANELS>
-static inline void panel_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
-                              int64_t ldc, bool accumulate, int64_t ncols, const float* prefetch) {
+// panel slices from b (ldb apart), ncols <= PANELS * NR; b is float32 or bfloat16 (W). prefetch: the panels
+// after these, one cache line of each per step, while these are read from memory the first time.
+template <int ROWS, int PANELS, typename W = float>
+static inline void panel_tile(const float* a, int64_t lda, const W* b, int64_t ldb, int64_t kc, float* c,
+                              int64_t ldc, bool accumulate, int64_t ncols, const W* prefetch) {
   constexpr int COLS = PANELS * NR;
   alignas(64) float out[ROWS][COLS];
 #ifdef HAVE_FVEC
@@ -63,7 +80,7 @@ static inline void panel_tile(const float* a, int64_t lda, const float* b, int64
   for (int64_t k = 0; k < kc; ++k) {
     fvec bv[V];
 #pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) bv[j] = vload(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW);
+    for (int j = 0; j < V; ++j) bv[j] = vload_w(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW);
     if (prefetch) {
 #pragma GCC unroll 4
       for (int q = 0; q < PANELS; ++q)
@@ -93,9 +110,9 @@ static inline void panel_tile(const float* a, int64_t lda, const float* b, int64
 #else
   for (int r = 0; r < ROWS; ++r)
     for (int64_t j = 0; j < COLS; ++j) {
-      const float* bq = b + (j / NR) * ldb + j % NR;
+      const W* bq = b + (j / NR) * ldb + j % NR;
       float s = 0.f;
-      for (int64_t k = 0; k < kc; ++k) s += a[r * lda + k] * bq[k * NR];
+      for (int64_t k = 0; k < kc; ++k) s += a[r * lda + k] * float(bq[k * NR]);
       out[r][j] = s;
     }
 #endif
@@ -105,12 +122,17 @@ static inline void panel_tile(const float* a, int64_t lda, const float* b, int64
   }
 }
 
-// Up to R rows against PANELS panels (ldb apart).
-template <int PANELS, int R = MR>
-static void tile(int64_t rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
-                 int64_t ldc, bool accumulate, int64_t ncols, const float* prefetch) {
+template <typename T>
+struct not_deduced {
+  using type = T;
+};
+
+// Up to R rows against PANELS panels (ldb apart); W is deduced from b alone, so prefetch may be nullptr.
+template <int PANELS, int R = MR, typename W = float>
+static void tile(int64_t rows, const float* a, int64_t lda, const W* b, int64_t ldb, int64_t kc, float* c,
+                 int64_t ldc, bool accumulate, int64_t ncols, const typename not_deduced<W>::type* prefetch) {
   if constexpr (R > 1) {
-    if (rows < R) return tile<PANELS, R - 1>(rows, a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
+    if (rows < R) return tile<PANELS, R - 1, W>(rows, a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
   }
-  panel_tile<R, PANELS>(a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
+  panel_tile<R, PANELS, W>(a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
 }

@@ -1,0 +1,52 @@
+"""bfloat16 weights for float32 activations: half the bytes of float32 per decode step, the same float32
+arithmetic. On the CPU the weights live in pack_panels' layout, and the panel kernel widens each bfloat16
+in registers (its bits are the top half of a float32); elsewhere torch multiplies by the widened weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nimblelm.kernels import cpu_ops
+from nimblelm.layers.linear import Linear, LinearMethod
+
+
+class Bf16Weights(LinearMethod):
+    name = "bf16"
+    has_rows = True
+
+    def process(self, layer: Linear) -> None:
+        self._store(layer, layer.weight.detach().to(torch.bfloat16), layer.weight.dtype)
+
+    def adopt(self, layer: Linear, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        weight = tensors["weight"]
+        if weight.shape != (layer.out_features, layer.in_features):
+            raise ValueError(f"bf16 weight of shape {tuple(weight.shape)} for a {layer.in_features} -> "
+                             f"{layer.out_features} layer")
+        self._store(layer, weight.to(torch.bfloat16), dtype)
+
+    def _store(self, layer: Linear, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        layer.weight = None
+        layer.compute_dtype = dtype
+        if weight.device.type == "cpu" and dtype == torch.float32 and cpu_ops() is not None:
+            layer.register_buffer("panels", cpu_ops().pack_panels(weight))
+        else:
+            layer.register_buffer("bf16_weight", weight)
+
+    def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
+        if hasattr(layer, "panels"):
+            p = layer.panels
+            return {"weight": p.transpose(1, 2).reshape(-1, p.shape[1])[: layer.out_features].contiguous()}
+        return {"weight": layer.bf16_weight}
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(layer, "panels"):
+            return cpu_ops().packed_linear(x, layer.panels, layer.out_features, layer.bias)
+        return F.linear(x, layer.bf16_weight.to(x.dtype), layer.bias)
+
+    def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        if hasattr(layer, "panels"):
+            rows = layer.panels[ids // 16, :, ids % 16]  # row n is column n % 16 of panel n // 16
+        else:
+            rows = F.embedding(ids, layer.bf16_weight)
+        return rows.to(layer.compute_dtype)
