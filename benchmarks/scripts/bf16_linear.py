@@ -1,0 +1,55 @@
+"""The linear kernels for bfloat16 weights, by rows per call: nimblelm's panel kernel over float32 and over
+bfloat16 panels (bfloat16 widened in registers, float32 FMAs), and torch's bfloat16 F.linear (oneDNN; AMX
+tiles where the CPU has them, with bfloat16 activations).
+
+60 distinct SmolLM2-shaped layers (1536 x 576), so the weights stream from memory as in a decode step; the
+best of 5 passes. Usage: python benchmarks/scripts/bf16_linear.py [--threads 2]
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nimblelm.bench.machine import cpu_features, cpu_model
+from nimblelm.kernels import cpu_ops
+
+LAYERS, N, K = 60, 1536, 576
+
+
+def gflops(step, rows: int) -> float:
+    x = torch.randn(rows, K)
+    for i in range(3):
+        step(x, i)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for i in range(LAYERS):
+            step(x, i)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * N * K * LAYERS / best / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=2)
+    torch.set_num_threads(p.parse_args().threads)
+    ops = cpu_ops()
+    weights = [torch.randn(N, K) for _ in range(LAYERS)]
+    bf16 = [w.bfloat16() for w in weights]
+    fp32_panels = [ops.pack_panels(w) for w in weights]
+    bf16_panels = [ops.pack_panels(w) for w in bf16]
+    print(f"{cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; GFLOP/s")
+    print("| rows | float32 panels | bfloat16 panels | torch bfloat16 F.linear |\n| ---: | ---: | ---: | ---: |")
+    for rows in (1, 8, 16, 32, 64, 512):
+        cells = [
+            gflops(lambda x, i: ops.packed_linear(x, fp32_panels[i], N, None), rows),
+            gflops(lambda x, i: ops.packed_linear(x, bf16_panels[i], N, None), rows),
+            gflops(lambda x, i: F.linear(x.bfloat16(), bf16[i]).float(), rows),
+        ]
+        print(f"| {rows} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
