@@ -22,13 +22,13 @@ def ops():
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 11, 12, 13, 30, 64, 150])
 @pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200), (40, 2100)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16, torch.float16])
 def test_packed_linear_matches_f_linear(ops, rows, n, k, bias, weights):
     # One and two rows (the two-panel path), row counts around the 6-row tile (AVX2) and the 12-row one
     # (AVX-512, two panels wide) and past the 72-row pass, output sizes that leave a partial panel or an
     # odd panel count (one panel left over from the two-panel tiles), and K deeper than one slice
-    # (2100 = 3 x 700) hit every tail. bfloat16 panels are widened in registers: the oracle multiplies
-    # by the float32 values of the bfloat16 weights.
+    # (2100 = 3 x 700) hit every tail. 16-bit panels are widened in registers: the oracle multiplies
+    # by the float32 values of the 16-bit weights.
     torch.manual_seed(n * k + rows)
     x, w = torch.randn(rows, k), torch.randn(n, k).to(weights)
     b = torch.randn(n) if bias else None

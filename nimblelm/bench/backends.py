@@ -39,8 +39,8 @@ def nimblelm_weights(ctx: BenchContext) -> str:
         return "the GGUF's own linear tensors as stored (int8/int4 formats), fp32 where a layer falls back"
     if q:
         return f"{q} linear weights (quantized at load), {ctx.dtype} elsewhere"
-    if ctx.dtype == "bfloat16" and not torch.cuda.is_available() and cpu_ops() is not None:
-        return "bfloat16 linear weights, float32 activations and KV cache (the CPU kernels compute in float32)"
+    if ctx.dtype in ("bfloat16", "float16") and not torch.cuda.is_available() and cpu_ops() is not None:
+        return f"{ctx.dtype} linear weights, float32 activations and KV cache (the CPU kernels compute in float32)"
     return f"{ctx.dtype} (dequantized by the nimblelm loader)"
 
 

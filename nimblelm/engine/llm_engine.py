@@ -43,17 +43,20 @@ class EngineStats:
         return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
 
 
+HALF_WEIGHTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtype -> its weight format on the CPU kernels
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
         method = linear_method(config.quantization)  # a bad name fails before the model loads
-        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_ops() is not None \
+        if self.dtype in HALF_WEIGHTS and self.device.type == "cpu" and cpu_ops() is not None \
                 and config.quantization in (None, "none"):
-            # The CPU kernels compute in float32: bfloat16 here means bfloat16 weights, widened in
+            # The CPU kernels compute in float32: a 16-bit dtype here means 16-bit weights, widened in
             # registers (half of float32's bytes per decode step), with float32 activations and KV cache.
-            self.dtype, method = torch.float32, formats.linear_method("bf16")
+            self.dtype, method = torch.float32, formats.linear_method(HALF_WEIGHTS[self.dtype])
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
         refuse_requantizing(config.quantization, loaded.quantized)

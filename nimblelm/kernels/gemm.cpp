@@ -23,8 +23,9 @@ constexpr int64_t KC_MAX = 1024; // deepest slice: a slice (64 KiB) and 72 rows 
 
 // w [N, K] -> panels [ceil(N / 16), K, 16]: panel p is w[16p : 16p + 16, :] transposed, zero padded.
 at::Tensor pack_panels(at::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
-              "pack_panels: a float32 or bfloat16 matrix only");
+  const auto type = w.scalar_type();
+  TORCH_CHECK(w.dim() == 2 && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
+              "pack_panels: a float32, bfloat16 or float16 matrix only");
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
   auto padded = w.contiguous();
   if (N % NR) {
@@ -61,7 +62,7 @@ static void skinny_panels(int64_t rows, const float* x, int64_t K, const W* w, i
   if (p < p1) tile<1>(rows, x, K, w + p * K * NR, K * NR, K, y + p * NR, N, false, std::min(NR, N - p * NR), nullptr);
 }
 
-// y = x @ w.T for x [M, K] and w as pack_panels stored it, in float32 or bfloat16 (W).
+// y = x @ w.T for x [M, K] and w as pack_panels stored it, in float32, bfloat16 or float16 (W).
 template <typename W>
 static void panels_matmul(const float* xp, const W* wp, float* yp, int64_t M, int64_t K, int64_t N, int64_t P) {
   const int64_t slices = (K + KC_MAX - 1) / KC_MAX, KC = (K + slices - 1) / slices;
@@ -92,21 +93,24 @@ static void panels_matmul(const float* xp, const W* wp, float* yp, int64_t M, in
 }
 
 // y = x @ w.T (+ bias) for x [M, K] and w as pack_panels stored it; N is w's row count before padding.
-// bfloat16 panels are widened in registers: half the bytes of float32 to stream, the same float32 FMAs.
+// 16-bit panels are widened in registers: half the bytes of float32 to stream, the same float32 FMAs.
 at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::optional<at::Tensor> bias) {
   x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
   TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == NR &&
                   panels.size(0) == (N + NR - 1) / NR, "packed_linear: shapes do not match");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "packed_linear: float32 activations only");
-  TORCH_CHECK(panels.scalar_type() == at::kFloat || panels.scalar_type() == at::kBFloat16,
-              "packed_linear: float32 or bfloat16 panels only");
+  const auto type = panels.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
+              "packed_linear: float32, bfloat16 or float16 panels only");
   TORCH_CHECK(panels.is_contiguous(), "packed_linear: contiguous panels only");
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
   auto y = at::empty({M, N}, x.options());
-  if (panels.scalar_type() == at::kFloat)
+  if (type == at::kFloat)
     panels_matmul(x.data_ptr<float>(), panels.data_ptr<float>(), y.data_ptr<float>(), M, K, N, P);
-  else
+  else if (type == at::kBFloat16)
     panels_matmul(x.data_ptr<float>(), panels.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M, K, N, P);
+  else
+    panels_matmul(x.data_ptr<float>(), panels.data_ptr<at::Half>(), y.data_ptr<float>(), M, K, N, P);
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N, "packed_linear: bad bias");
     y.add_(*bias);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <cstdint>
 
 #include "simd.h"
@@ -41,18 +42,24 @@ constexpr int VPP = NR / VW;  // registers per panel row
 constexpr int VPP = 2;
 #endif
 // VW weights of a panel row as floats: float32 as stored, bfloat16 widened (its bits are the top half of
-// the float32 it rounds).
+// the float32 it rounds), float16 converted (F16C, which every AVX2 CPU has).
 #if defined(__AVX512F__)
 static inline fvec vload_w(const float* p) { return vload(p); }
 static inline fvec vload_w(const c10::BFloat16* p) {
   const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
 }
+static inline fvec vload_w(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 static inline fvec vload_w(const float* p) { return vload(p); }
 static inline fvec vload_w(const c10::BFloat16* p) {
   const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+static inline fvec vload_w(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 #endif
 
@@ -62,7 +69,7 @@ constexpr int TILE_PANELS = VPP == 1 ? 2 : 1;
 constexpr int64_t MR = VPP == 1 ? 12 : 6;  // activation rows per tile
 
 // c[r, 0:ncols] (+)= sum_k a[r, k] * b[k, 0:ncols] for ROWS rows of a (lda apart) and PANELS consecutive
-// panel slices from b (ldb apart), ncols <= PANELS * NR; b is float32 or bfloat16 (W). prefetch: the panels
+// panel slices from b (ldb apart), ncols <= PANELS * NR; b is float32, bfloat16 or float16 (W). prefetch: the panels
 // after these, one cache line of each per step, while these are read from memory the first time.
 template <int ROWS, int PANELS, typename W = float>
 static inline void panel_tile(const float* a, int64_t lda, const W* b, int64_t ldb, int64_t kc, float* c,

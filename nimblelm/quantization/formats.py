@@ -3,20 +3,21 @@ multiplies it. Every way a layer gets quantized names its format here: `quantiza
 the float weights), a saved folder's config (saved.py), a GGUF tensor's type (gguf_direct.py).
 
 A name is a kind, with the group of input channels that share a scale for the weight-only kinds: "none"
-(float), "bf16" (bfloat16 weights, float32 activations), "w8a8" (a scale per output channel), "int8-g16",
-"int4-g128". A weight-only kind without a
+(float), "bf16" and "fp16" (16-bit weights, float32 activations), "w8a8" (a scale per output channel),
+"int8-g16", "int4-g128". A weight-only kind without a
 group ("int8", "int4", as `quantization=` names them) takes 32, llama.cpp's Q8_0/Q4_0 block.
 """
 
 from __future__ import annotations
 
 from nimblelm.layers.linear import LinearMethod, Unquantized
-from nimblelm.quantization.bf16 import Bf16Weights
+from nimblelm.quantization.half import FORMATS as HALF_FORMATS
+from nimblelm.quantization.half import HalfWeights
 from nimblelm.quantization.int4 import Int4WeightOnly
 from nimblelm.quantization.int8 import Int8WeightOnly
 from nimblelm.quantization.w8a8 import W8A8
 
-KINDS = ("none", "bf16", "w8a8", "int8", "int4")
+KINDS = ("none", *HALF_FORMATS, "w8a8", "int8", "int4")
 GROUPED = ("int8", "int4")
 DEFAULT_GROUP = 32
 
@@ -36,6 +37,6 @@ def linear_method(name: str, symmetric: bool = True) -> LinearMethod:
         return Int4WeightOnly(group_size, symmetric)
     if kind == "int8":
         return Int8WeightOnly(group_size)
-    if kind == "bf16":
-        return Bf16Weights()
+    if kind in HALF_FORMATS:
+        return HalfWeights(kind)
     return W8A8() if kind == "w8a8" else Unquantized()

@@ -1,6 +1,7 @@
-"""bfloat16 weights for float32 activations: half the bytes of float32 per decode step, the same float32
-arithmetic. On the CPU the weights live in pack_panels' layout, and the panel kernel widens each bfloat16
-in registers (its bits are the top half of a float32); elsewhere torch multiplies by the widened weight."""
+"""16-bit weights (bfloat16 or float16) for float32 activations: half the bytes of float32 per decode step,
+the same float32 arithmetic. On the CPU the weights live in pack_panels' layout, and the panel kernel
+widens each value in registers (a bfloat16's bits are the top half of a float32; float16 through F16C);
+elsewhere torch multiplies by the widened weight."""
 
 from __future__ import annotations
 
@@ -10,20 +11,24 @@ import torch.nn.functional as F
 from nimblelm.kernels import cpu_ops
 from nimblelm.layers.linear import Linear, LinearMethod
 
+FORMATS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-class Bf16Weights(LinearMethod):
-    name = "bf16"
+
+class HalfWeights(LinearMethod):
     has_rows = True
 
+    def __init__(self, name: str):
+        self.name, self.dtype = name, FORMATS[name]
+
     def process(self, layer: Linear) -> None:
-        self._store(layer, layer.weight.detach().to(torch.bfloat16), layer.weight.dtype)
+        self._store(layer, layer.weight.detach().to(self.dtype), layer.weight.dtype)
 
     def adopt(self, layer: Linear, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         weight = tensors["weight"]
         if weight.shape != (layer.out_features, layer.in_features):
-            raise ValueError(f"bf16 weight of shape {tuple(weight.shape)} for a {layer.in_features} -> "
+            raise ValueError(f"{self.name} weight of shape {tuple(weight.shape)} for a {layer.in_features} -> "
                              f"{layer.out_features} layer")
-        self._store(layer, weight.to(torch.bfloat16), dtype)
+        self._store(layer, weight.to(self.dtype), dtype)
 
     def _store(self, layer: Linear, weight: torch.Tensor, dtype: torch.dtype) -> None:
         layer.weight = None
@@ -31,22 +36,22 @@ class Bf16Weights(LinearMethod):
         if weight.device.type == "cpu" and dtype == torch.float32 and cpu_ops() is not None:
             layer.register_buffer("panels", cpu_ops().pack_panels(weight))
         else:
-            layer.register_buffer("bf16_weight", weight)
+            layer.register_buffer("half_weight", weight)
 
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
         if hasattr(layer, "panels"):
             p = layer.panels
             return {"weight": p.transpose(1, 2).reshape(-1, p.shape[1])[: layer.out_features].contiguous()}
-        return {"weight": layer.bf16_weight}
+        return {"weight": layer.half_weight}
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if hasattr(layer, "panels"):
             return cpu_ops().packed_linear(x, layer.panels, layer.out_features, layer.bias)
-        return F.linear(x, layer.bf16_weight.to(x.dtype), layer.bias)
+        return F.linear(x, layer.half_weight.to(x.dtype), layer.bias)
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         if hasattr(layer, "panels"):
             rows = layer.panels[ids // 16, :, ids % 16]  # row n is column n % 16 of panel n // 16
         else:
-            rows = F.embedding(ids, layer.bf16_weight)
+            rows = F.embedding(ids, layer.half_weight)
         return rows.to(layer.compute_dtype)

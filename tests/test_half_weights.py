@@ -1,0 +1,109 @@
+"""16-bit weights with float32 activations (quantization/half.py) and what `dtype="bfloat16"` and
+`dtype="float16"` mean on the CPU kernels. Oracle: the float32 engine on the same weights rounded to the
+16-bit type, which multiplies by the very same float32 values, so tokens and log-probabilities agree to
+float rounding (1e-5)."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from nimblelm import LLM, SamplingParams
+from nimblelm.kernels import cpu_ops
+from nimblelm.layers.linear import Linear
+from nimblelm.quantization import half
+from nimblelm.quantization.half import HalfWeights
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog", "1 2 3 4"]
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def linear_of(w, fmt, bias=None):
+    layer = Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.prepare(HalfWeights(fmt))
+    return layer
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def kernels(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(half, "cpu_ops", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("fmt", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_the_linear_multiplies_by_the_rounded_weights(kernels, fmt, rows):
+    torch.manual_seed(rows)
+    w, b, x = torch.randn(40, 24), torch.randn(40), torch.randn(rows, 24)
+    layer = linear_of(w, fmt, b)
+    assert hasattr(layer, "panels") == (kernels == "kernels")
+    rounded = w.to(DTYPES[fmt]).float()
+    torch.testing.assert_close(layer(x), F.linear(x, rounded, b), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[0, 15, 16], [39, 7, 32]])
+    assert torch.equal(layer.method.rows(layer, ids), rounded[ids])
+
+
+@pytest.mark.parametrize("fmt", DTYPES)
+def test_stored_weights_adopt_back_unchanged(fmt):
+    torch.manual_seed(0)
+    layer = linear_of(torch.randn(37, 24), fmt)
+    stored = layer.method.stored(layer)["weight"]
+    assert stored.dtype == DTYPES[fmt] and stored.shape == (37, 24)
+    again = Linear(24, 37)
+    again.adopt(HalfWeights(fmt), {"weight": stored}, torch.float32)
+    x = torch.randn(5, 24)
+    assert torch.equal(again(x), layer(x))
+    with pytest.raises(ValueError, match="shape"):
+        Linear(24, 36).adopt(HalfWeights(fmt), {"weight": stored}, torch.float32)
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def rounded_qwen(request, tiny_qwen, tmp_path_factory):
+    """(dtype, the tiny model with every weight rounded to that dtype and stored as float32)."""
+    folder = tmp_path_factory.mktemp(request.param) / "qwen2"
+    shutil.copytree(tiny_qwen, folder)
+    path = folder / "model.safetensors"
+    dtype = getattr(torch, request.param)
+    save_file({name: t.to(dtype).float() for name, t in load_file(path).items()}, path)
+    return request.param, folder
+
+
+def test_16_bit_dtypes_on_the_cpu_kernels_store_weights_in_16_bits_and_compute_in_float32(rounded_qwen):
+    if cpu_ops() is None:
+        pytest.skip("the C++ kernels did not build here")
+    dtype, folder = rounded_qwen
+    llm = LLM(str(folder), dtype=dtype, max_model_len=128)
+    engine = llm.llm_engine
+    assert engine.dtype == torch.float32 and engine.kv_dtype == torch.float32
+    layers = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
+    assert layers and all(isinstance(m.method, HalfWeights) for m in layers)
+    assert {m.panels.dtype for m in layers} == {getattr(torch, dtype)}
+    reference = LLM(str(folder), dtype="float32", max_model_len=128)
+    outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    for out, ref in zip(outs, reference.generate(PROMPTS, PARAMS, use_tqdm=False)):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        for top, ref_top in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
+            assert top.keys() == ref_top.keys()
+            for token, lp in top.items():
+                assert lp.logprob == pytest.approx(ref_top[token].logprob, abs=1e-5)
+
+
+def test_without_the_kernels_a_16_bit_dtype_computes_in_it(rounded_qwen, monkeypatch):
+    dtype, folder = rounded_qwen
+    monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
+    cpu_ops.cache_clear()
+    try:
+        llm = LLM(str(folder), dtype=dtype, max_model_len=128)
+        assert llm.llm_engine.dtype == getattr(torch, dtype)
+        assert len(llm.generate(PROMPTS[:1], PARAMS, use_tqdm=False)[0].outputs[0].token_ids) == 12
+    finally:
+        monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
+        cpu_ops.cache_clear()
