@@ -1,9 +1,9 @@
-"""The linear kernels for bfloat16 weights, by rows per call: nimblelm's panel kernel over float32 and over
-bfloat16 panels (bfloat16 widened in registers, float32 FMAs), and torch's bfloat16 F.linear (oneDNN; AMX
-tiles where the CPU has them, with bfloat16 activations).
+"""The linear kernels for 16-bit weights, by rows per call: nimblelm's panel kernel over float32, bfloat16
+and float16 panels (16-bit weights widened in registers, float32 FMAs), and torch's bfloat16 F.linear
+(oneDNN; AMX tiles where the CPU has them, with bfloat16 activations).
 
 60 distinct SmolLM2-shaped layers (1536 x 576), so the weights stream from memory as in a decode step; the
-best of 5 passes. Usage: python benchmarks/scripts/bf16_linear.py [--threads 2]
+best of 5 passes. Usage: python benchmarks/scripts/half_linear.py [--threads 2]
 """
 
 import argparse
@@ -40,12 +40,15 @@ def main() -> None:
     bf16 = [w.bfloat16() for w in weights]
     fp32_panels = [ops.pack_panels(w) for w in weights]
     bf16_panels = [ops.pack_panels(w) for w in bf16]
+    fp16_panels = [ops.pack_panels(w.half()) for w in weights]
     print(f"{cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; GFLOP/s")
-    print("| rows | float32 panels | bfloat16 panels | torch bfloat16 F.linear |\n| ---: | ---: | ---: | ---: |")
+    print("| rows | float32 panels | bfloat16 panels | float16 panels | torch bfloat16 F.linear |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     for rows in (1, 8, 16, 32, 64, 512):
         cells = [
             gflops(lambda x, i: ops.packed_linear(x, fp32_panels[i], N, None), rows),
             gflops(lambda x, i: ops.packed_linear(x, bf16_panels[i], N, None), rows),
+            gflops(lambda x, i: ops.packed_linear(x, fp16_panels[i], N, None), rows),
             gflops(lambda x, i: F.linear(x.bfloat16(), bf16[i]).float(), rows),
         ]
         print(f"| {rows} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
