@@ -247,9 +247,9 @@ class NimbleLMBackend(Backend):
                        enable_prefix_caching=self.prefix_caching)
 
     def info(self) -> dict:
-        return {"weights": nimblelm_weights(self.ctx), "quantization": self.ctx.quantization or "none", "kv_cache_dtype": self.ctx.kv_cache_dtype,
-                "prefix_caching": self.prefix_caching, "weights_nbytes": self.weights_nbytes(),
-                "token_nbytes": self.token_nbytes()}
+        return {"weights": nimblelm_weights(self.ctx), "quantization": self.ctx.quantization or "none",
+                "kv_cache_dtype": self.ctx.kv_cache_dtype, "prefix_caching": self.prefix_caching,
+                "weights_nbytes": self.weights_nbytes(), "token_nbytes": self.token_nbytes()}
 
     def _cache_counters(self) -> tuple[int, int]:
         stats = self.llm.llm_engine.stats()
