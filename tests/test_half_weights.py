@@ -96,6 +96,20 @@ def test_16_bit_dtypes_on_the_cpu_kernels_store_weights_in_16_bits_and_compute_i
                 assert lp.logprob == pytest.approx(ref_top[token].logprob, abs=1e-5)
 
 
+def test_a_16_bit_dtype_with_quantized_weights_runs_the_float32_kernels(tiny_qwen):
+    """Quantized layers keep their format: the 16-bit dtype only sets the compute to float32, so the run is
+    the float32 one's, kernels and all, rather than torch's slow 16-bit path."""
+    if cpu_ops() is None:
+        pytest.skip("the C++ kernels did not build here")
+    llm = LLM(str(tiny_qwen), dtype="bfloat16", quantization="int8", max_model_len=128)
+    assert llm.llm_engine.dtype == torch.float32 and llm.llm_engine.runner.capture is not None
+    reference = LLM(str(tiny_qwen), dtype="float32", quantization="int8", max_model_len=128)
+    outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    for out, ref in zip(outs, reference.generate(PROMPTS, PARAMS, use_tqdm=False)):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.outputs[0].logprobs == ref.outputs[0].logprobs
+
+
 def test_without_the_kernels_a_16_bit_dtype_computes_in_it(rounded_qwen, monkeypatch):
     dtype, folder = rounded_qwen
     monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")

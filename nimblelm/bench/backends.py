@@ -34,14 +34,19 @@ def nimblelm_weights(ctx: BenchContext) -> str:
 
     from nimblelm.kernels import cpu_ops
 
+    # On the CPU kernels a 16-bit dtype stores the float linear weights in it and computes in float32.
+    half = ctx.dtype in ("bfloat16", "float16") and not torch.cuda.is_available() and cpu_ops() is not None
+    compute = "float32" if half else ctx.dtype
     q = ctx.quantization
     if q == "gguf":
-        return "the GGUF's own linear tensors as stored (int8/int4 formats), fp32 where a layer falls back"
-    if q:
-        return f"{q} linear weights (quantized at load), {ctx.dtype} elsewhere"
-    if ctx.dtype in ("bfloat16", "float16") and not torch.cuda.is_available() and cpu_ops() is not None:
-        return f"{ctx.dtype} linear weights, float32 activations and KV cache (the CPU kernels compute in float32)"
-    return f"{ctx.dtype} (dequantized by the nimblelm loader)"
+        weights = f"the GGUF's own linear tensors as stored (int8/int4 formats), {ctx.dtype} where a layer falls back"
+    elif q:
+        weights = f"{q} linear weights (quantized at load)"
+    elif half:
+        weights = f"{ctx.dtype} linear weights"
+    else:
+        return f"{ctx.dtype} (dequantized by the nimblelm loader)"
+    return f"{weights}, {compute} activations" + (" and KV cache (the CPU kernels compute in float32)" if half else "")
 
 
 def float_only(ctx: BenchContext) -> None:

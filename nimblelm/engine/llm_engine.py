@@ -52,11 +52,13 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
         method = linear_method(config.quantization)  # a bad name fails before the model loads
-        if self.dtype in HALF_WEIGHTS and self.device.type == "cpu" and cpu_ops() is not None \
-                and config.quantization in (None, "none"):
-            # The CPU kernels compute in float32: a 16-bit dtype here means 16-bit weights, widened in
-            # registers (half of float32's bytes per decode step), with float32 activations and KV cache.
-            self.dtype, method = torch.float32, formats.linear_method(HALF_WEIGHTS[self.dtype])
+        if self.dtype in HALF_WEIGHTS and self.device.type == "cpu" and cpu_ops() is not None:
+            # The CPU kernels compute in float32: a 16-bit dtype here means 16-bit storage for the linear
+            # weights that stay in float (widened in registers: half of float32's bytes per decode step),
+            # with float32 activations and KV cache; quantized layers keep their own format.
+            if config.quantization in (None, "none", GGUF_DIRECT):
+                method = formats.linear_method(HALF_WEIGHTS[self.dtype])
+            self.dtype = torch.float32
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
         refuse_requantizing(config.quantization, loaded.quantized)
