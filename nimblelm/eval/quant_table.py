@@ -45,6 +45,9 @@ SETTINGS = {s.name: s for s in (
     Setting("awq-int4", "AWQ int4 g{g}", method="awq", bits=4),
     Setting("smoothquant", "SmoothQuant W8A8", method="smoothquant", bits=8),
     Setting("kv-int8", "KV cache int8", {"kv_cache_dtype": "int8"}),
+    # 16-bit storage of the float weights, float32 compute (the CPU kernels' meaning of these dtypes)
+    Setting("bf16", "bfloat16 weights", {"dtype": "bfloat16"}),
+    Setting("fp16", "float16 weights", {"dtype": "float16"}),
 )}
 # The issue's bounds: (setting, setting it must beat) and (setting, largest perplexity change in %).
 BEATS = (("gptq-int4", "rtn-int4"), ("awq-int4", "rtn-int4"))
@@ -180,7 +183,7 @@ def run_quant_quality(
     with tempfile.TemporaryDirectory(prefix="nimblelm-quality-") as tmp:
         for setting in settings[1:]:
             if setting.method is None:
-                measure(setting, LLM(model=model, **engine, **setting.options), None)
+                measure(setting, LLM(model=model, **{**engine, **setting.options}), None)
                 gc.collect()
                 continue
             group_of = group if setting.bits == 4 else None
