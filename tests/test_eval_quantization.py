@@ -45,7 +45,7 @@ def test_every_setting_on_a_tiny_model(tiny_qwen, tmp_path, capsys):
 
 
 def test_bad_settings_are_one_line(tiny_qwen, capsys):
-    assert main(["eval", "quantization", "--model", str(tiny_qwen), "--settings", "fp32,fp16"]) == 1
-    assert "unknown setting fp16" in capsys.readouterr().err
+    assert main(["eval", "quantization", "--model", str(tiny_qwen), "--settings", "fp32,fp8"]) == 1
+    assert "unknown setting fp8" in capsys.readouterr().err
     assert main(["eval", "quantization", "--model", str(tiny_qwen), "--group-size", "48"]) == 1
     assert "--group-size must be one of" in capsys.readouterr().err
