@@ -201,7 +201,8 @@ def test_too_many_waiting_requests_get_503(server):
 
 
 def test_sigint_with_a_short_timeout_aborts_and_exits_0(tiny_qwen):
-    server = ServerProcess(tiny_qwen, "--max-model-len", str(MAX_MODEL_LEN), "--shutdown-timeout", "0.2")
+    # The whole request takes about 0.2 s on the tiny model (Xeon, 2 threads): the timeout must be far below.
+    server = ServerProcess(tiny_qwen, "--max-model-len", str(MAX_MODEL_LEN), "--shutdown-timeout", "0.02")
     body = {"prompt": "Hello", "max_tokens": 480, "ignore_eos": True, "stream": True, "n": 4}
     with httpx.stream("POST", server.base_url + "/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
