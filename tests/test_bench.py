@@ -494,3 +494,31 @@ def test_bench_commands_on_the_packaged_model(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [r["backend"] for r in data["results"]] == ["nimblelm", "transformers"]
     assert all(r["output_tokens"] == 32 for r in data["results"])
+
+
+def test_llama_cpp_build_takes_extra_cmake_flags_and_records_them(tmp_path, monkeypatch):
+    """NIMBLELM_LLAMA_CPP_CMAKE_FLAGS reaches cmake after the defaults (later -D options win) and the
+    installed tools' VERSION names them, so reports say how the peer was built. No real build."""
+    from nimblelm.bench import llamacpp_build
+
+    monkeypatch.setenv("NIMBLELM_CACHE", str(tmp_path))
+    monkeypatch.setenv("NIMBLELM_LLAMA_CPP_CMAKE_FLAGS", "-DGGML_NATIVE=OFF -DGGML_AVX2=ON")
+    src = tmp_path / "peers" / "llama.cpp" / "src" / "llama.cpp"
+    (src / "ggml").mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text("")
+    monkeypatch.setattr(llamacpp_build.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    commands = []
+
+    def run(cmd, check):
+        commands.append(cmd)
+        if "--build" in cmd:
+            build = Path(cmd[cmd.index("--build") + 1]) / "bin"
+            build.mkdir(parents=True, exist_ok=True)
+            for target in llamacpp_build.TARGETS:
+                (build / target).write_text("")
+
+    monkeypatch.setattr(llamacpp_build.subprocess, "run", run)
+    bins = llamacpp_build.build_llama_cpp(nice=False)
+    configure = commands[0]
+    assert configure[-2:] == ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON"] and "-DGGML_NATIVE=ON" in configure
+    assert (bins / "VERSION").read_text() == f"{llamacpp_build.LLAMA_CPP_SDIST} (cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON)\n"

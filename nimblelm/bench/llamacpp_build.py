@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,12 @@ CMAKE_FLAGS = (
     "-DLLAMA_CURL=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
 )
+
+
+def cmake_flags() -> list[str]:
+    """CMAKE_FLAGS, then NIMBLELM_LLAMA_CPP_CMAKE_FLAGS (later -D options win): e.g. a build without the
+    native ISA where its AMX code crashes (docs: benchmarks/README.md, "Set up the peers")."""
+    return [*CMAKE_FLAGS, *shlex.split(os.environ.get("NIMBLELM_LLAMA_CPP_CMAKE_FLAGS", ""))]
 
 
 def cache_dir() -> Path:
@@ -97,7 +104,8 @@ def build_llama_cpp(force: bool = False, jobs: int | None = None, nice: bool = T
     build = out / "build"
     prefix = ["nice", "-n", "19"] if nice and shutil.which("nice") else []
     _log(f"configuring in {build}")
-    subprocess.run(prefix + ["cmake", "-S", str(src), "-B", str(build), *CMAKE_FLAGS], check=True)
+    flags = cmake_flags()
+    subprocess.run(prefix + ["cmake", "-S", str(src), "-B", str(build), *flags], check=True)
     cmd = prefix + ["cmake", "--build", str(build), "--target", *TARGETS]
     if jobs:
         cmd += ["-j", str(jobs)]
@@ -109,7 +117,8 @@ def build_llama_cpp(force: bool = False, jobs: int | None = None, nice: bool = T
         if not built.is_file():
             raise RuntimeError(f"build finished without {built}")
         shutil.copy2(built, bins / t)
-    (bins / "VERSION").write_text(LLAMA_CPP_SDIST + "\n")
+    extra = flags[len(CMAKE_FLAGS):]
+    (bins / "VERSION").write_text(LLAMA_CPP_SDIST + (f" (cmake {' '.join(extra)})" if extra else "") + "\n")
     _log(f"installed {', '.join(TARGETS)} into {bins}")
     return bins
 
