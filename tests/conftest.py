@@ -44,3 +44,22 @@ def replays(monkeypatch):
 
     monkeypatch.setattr(StepCapture, "__call__", counted)
     return rows
+
+
+@pytest.fixture(params=["panels", "amx"])
+def amx(request):
+    """A bfloat16 test twice: on the panel kernel (AMX off), and on AMX tiles where this machine has them.
+    The fewest rows the tiles take, 0 for off."""
+    from nimblelm.kernels import cpu_ops
+
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("the C++ kernels did not build here")
+    before = ops.amx_rows() > 0
+    rows = ops.set_amx(request.param == "amx")
+    try:
+        if request.param == "amx" and not rows:
+            pytest.skip("no AMX tiles here: the CPU, the kernel build or the OS does not offer them")
+        yield rows
+    finally:
+        ops.set_amx(before)

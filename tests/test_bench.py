@@ -31,6 +31,7 @@ from nimblelm.bench.llamacpp import LlamaCppBackend, parse_batched_bench_jsonl, 
 from nimblelm.bench.runner import interleave
 from nimblelm.bench.throughput import run_throughput
 from nimblelm.errors import InvalidRequestError
+from nimblelm.kernels import kernels_in_use
 
 # ------------------------------------------------------------------------------------------- ShareGPT
 
@@ -188,6 +189,7 @@ def test_machine_info_fields():
     for key in ("cpu_model", "physical_cores", "logical_cpus", "threads", "memory_total_bytes", "torch",
                 "nimblelm_commit", "date", "python"):
         assert key in info
+    assert info["kernels"] == kernels_in_use()  # the variant the CPU's features chose (test_kernels)
     assert info["threads"] == 3
     assert info["physical_cores"] >= 1 and info["logical_cpus"] >= info["physical_cores"]
     assert info["torch"] == torch.__version__
@@ -236,6 +238,7 @@ def test_report_markdown_and_files(tmp_path, kind):
     md = report.to_markdown(rep)
     assert "AMD" in md or machine.cpu_model() in md
     assert "2 threads used" in md and "nimblelm commit" in md
+    assert f"- kernels: {kernels_in_use()}" in md
     assert "llama.cpp: skipped: llama-bench not found" in md
     assert "other processes during its run: 1.5 CPU-s (2.0% of the machine)" in md
     assert "prefix cache over the whole run, warm-up included: 0 of 40 prompt tokens found cached (0.0%)" in md

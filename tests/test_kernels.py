@@ -1,12 +1,17 @@
 """The C++ CPU kernels against torch's own ops on the same inputs."""
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nimblelm import kernels
+from nimblelm.bench.machine import cpu_features
 from nimblelm.kernels import cpu_ops
 from nimblelm.layers.linear import Linear
 from nimblelm.quantization import tiles
@@ -28,14 +33,16 @@ def test_packed_linear_matches_f_linear(ops, rows, n, k, bias, weights):
     # (AVX-512, two panels wide) and past the 72-row pass, output sizes that leave a partial panel or an
     # odd panel count (one panel left over from the two-panel tiles), and K deeper than one slice
     # (2100 = 3 x 700) hit every tail. 16-bit panels are widened in registers: the oracle multiplies
-    # by the float32 values of the 16-bit weights.
+    # by the float32 values of the 16-bit weights. (bfloat16 on AMX tiles: test_amx_linear_...)
     torch.manual_seed(n * k + rows)
     x, w = torch.randn(rows, k), torch.randn(n, k).to(weights)
     b = torch.randn(n) if bias else None
     panels = ops.pack_panels(w)
     assert panels.dtype == weights
     w = w.float()
-    assert panels.shape == (-(-n // 16), k, 16)
+    depth = -(-k // 32) * 32 if weights == torch.bfloat16 else k  # bfloat16: whole AMX tiles deep
+    assert panels.shape == (-(-n // 16), depth, 16)
+    amx_before = ops.set_amx(False)
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -43,6 +50,24 @@ def test_packed_linear_matches_f_linear(ops, rows, n, k, bias, weights):
             assert torch.allclose(ops.packed_linear(x, panels, n, b), F.linear(x, w, b), atol=1e-3, rtol=1e-4)
     finally:
         torch.set_num_threads(before)
+        ops.set_amx(bool(amx_before))
+
+
+@pytest.mark.parametrize("rows", [7, 8, 15, 16, 17, 33, 150])
+@pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200), (40, 2100)])
+def test_amx_linear_multiplies_bfloat16_activations_by_the_weights(ops, amx, rows, n, k):
+    # Row counts around the fewest AMX takes (8), one and two 16-row tiles and their tails, and the shapes
+    # above: partial panels, an odd panel count (one panel left over from the pairs), K not a multiple
+    # of the tile's 32. On tiles the activations are rounded to bfloat16 first; the products of the two
+    # bfloat16 values are exact in float32, so the oracle is F.linear on the rounded activations.
+    torch.manual_seed(n * k + rows)
+    x, w, b = torch.randn(rows, k), torch.randn(n, k).bfloat16(), torch.randn(n)
+    tiles = amx and rows >= amx
+    expected = F.linear(x.bfloat16().float() if tiles else x, w.float(), b)
+    got = ops.packed_linear(x, ops.pack_panels(w), n, b)
+    assert torch.allclose(got, expected, atol=1e-3, rtol=1e-4)
+    if tiles:  # and rounding the activations is what the tiles do: float32 ones differ by far more
+        assert not torch.allclose(got, F.linear(x, w.float(), b), atol=1e-3, rtol=1e-4)
 
 
 def test_write_kv_cache_matches_index_copy(ops):
@@ -258,9 +283,7 @@ def test_row_tiles_round_trip_and_give_rows_back():
     assert tiles.untile(layer, "mins") is None
 
 
-def test_the_build_name_hashes_every_source_and_header(tmp_path):
-    from nimblelm import kernels
-
+def test_the_build_name_hashes_every_source_and_header_and_the_flags(tmp_path):
     for name in ("ops.cpp", "ops.h", "notes.txt"):
         (tmp_path / name).write_text("one")
     first = kernels.build_name(tmp_path)
@@ -271,11 +294,10 @@ def test_the_build_name_hashes_every_source_and_header(tmp_path):
     assert second != first
     (tmp_path / "more.cpp").write_text("")
     assert kernels.build_name(tmp_path) != second
+    assert kernels.build_name(tmp_path, ["-mno-avx"]) != kernels.build_name(tmp_path)
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
-    from nimblelm import kernels
-
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "some_ops" / "lock"
     lock.parent.mkdir()
@@ -287,3 +309,32 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match="interrupted kernel build"):
         kernels._drop_stale_lock("some_ops")
     assert not lock.exists()
+
+
+def test_the_build_is_the_variant_the_cpu_and_the_cap_allow(ops):
+    isa = kernels.kernel_isa_cap()
+    features = set(cpu_features())
+    widest = "AVX-512" if "avx512f" in features else "AVX2" if {"avx2", "fma"} <= features else "scalar"
+    expected = {"native": widest, "avx512": widest, "avx2": "AVX2", "scalar": "scalar"}[isa]
+    assert ops.simd().startswith(expected)
+    assert (ops.amx_rows() > 0) <= (isa == "native" and "amx_bf16" in features)
+    assert kernels.kernels_in_use().startswith(f"C++ kernels, {expected}")
+
+
+VARIANT_TESTS = ["test_kernels.py", "test_attention.py", "test_half_weights.py", "test_quant_methods.py"]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_the_narrower_variants_pass_the_kernel_tests(isa):
+    """The kernels built as for a CPU without AVX-512 (and AMX), or without AVX at all, against the same
+    oracles: each variant runs on some CPU the project meets, and this one can run them all."""
+    if isa == "avx2" and not {"avx2", "fma"} <= set(cpu_features()):
+        pytest.skip("this CPU has no AVX2 with FMA")
+    if os.environ.get("NIMBLELM_KERNEL_ISA", "native") != "native":
+        pytest.skip("already running a narrower variant")
+    here = Path(__file__).parent
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *VARIANT_TESTS],
+                         cwd=here, env=os.environ | {"NIMBLELM_KERNEL_ISA": isa}, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1]

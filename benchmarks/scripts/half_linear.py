@@ -1,6 +1,7 @@
 """The linear kernels for 16-bit weights, by rows per call: nimblelm's panel kernel over float32, bfloat16
-and float16 panels (16-bit weights widened in registers, float32 FMAs), and torch's bfloat16 F.linear
-(oneDNN; AMX tiles where the CPU has them, with bfloat16 activations).
+and float16 panels (16-bit weights widened in registers, float32 FMAs), its AMX tiles for bfloat16 panels
+(bfloat16 activations; where the CPU has AMX), and torch's bfloat16 F.linear (oneDNN; AMX tiles where the
+CPU has them, with bfloat16 activations).
 
 60 distinct SmolLM2-shaped layers (1536 x 576), so the weights stream from memory as in a decode step; the
 best of 5 passes. Usage: python benchmarks/scripts/half_linear.py [--threads 2]
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.bench.machine import cpu_features, cpu_model
-from nimblelm.kernels import cpu_ops
+from nimblelm.kernels import cpu_ops, kernels_in_use
 
 LAYERS, N, K = 60, 1536, 576
 
@@ -41,18 +42,27 @@ def main() -> None:
     fp32_panels = [ops.pack_panels(w) for w in weights]
     bf16_panels = [ops.pack_panels(w) for w in bf16]
     fp16_panels = [ops.pack_panels(w.half()) for w in weights]
-    print(f"{cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; GFLOP/s")
-    print("| rows | float32 panels | bfloat16 panels | float16 panels | torch bfloat16 F.linear |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for rows in (1, 8, 16, 32, 64, 512):
+    amx = ops.set_amx(True) > 0
+    print(f"{cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; {kernels_in_use()}; "
+          "GFLOP/s")
+    print("| rows | float32 panels | bfloat16 panels | bfloat16 on AMX tiles | float16 panels | "
+          "torch bfloat16 F.linear |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def panels(all_panels, rows, use_amx=False):
+        ops.set_amx(use_amx)
+        return gflops(lambda x, i: ops.packed_linear(x, all_panels[i], N, None), rows)
+
+    for rows in (1, 8, 16, 32, 64, 128, 512):
         cells = [
-            gflops(lambda x, i: ops.packed_linear(x, fp32_panels[i], N, None), rows),
-            gflops(lambda x, i: ops.packed_linear(x, bf16_panels[i], N, None), rows),
-            gflops(lambda x, i: ops.packed_linear(x, fp16_panels[i], N, None), rows),
+            panels(fp32_panels, rows),
+            panels(bf16_panels, rows),
+            panels(bf16_panels, rows, use_amx=True) if amx else None,
+            panels(fp16_panels, rows),
             gflops(lambda x, i: F.linear(x.bfloat16(), bf16[i]).float(), rows),
         ]
-        print(f"| {rows} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
-
+        print(f"| {rows} | " + " | ".join("-" if c is None else f"{c:.0f}" for c in cells) + " |")
+    ops.set_amx(amx)
 
 if __name__ == "__main__":
     main()

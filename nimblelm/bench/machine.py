@@ -126,11 +126,14 @@ def machine_info(threads: int | None = None) -> dict:
     """A JSON-able record of the machine and software a benchmark ran on."""
     import torch
 
+    from nimblelm.kernels import kernels_in_use
+
     mem = memory_total_bytes()
     load = load_average()
     return {
         "cpu_model": cpu_model(),
         "cpu_features": cpu_features(),
+        "kernels": kernels_in_use(),
         "physical_cores": physical_cores(),
         "logical_cpus": logical_cpus(),
         "threads": threads if threads is not None else torch.get_num_threads(),

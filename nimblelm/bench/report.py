@@ -42,6 +42,7 @@ def machine_lines(meta: dict) -> list[str]:
          + f", {m.get('physical_cores')} physical cores "
          f"({m.get('logical_cpus')} logical), {m.get('threads')} thread{'' if m.get('threads') == 1 else 's'} used, "
          f"{_gib(m.get('memory_total_bytes'))} RAM; {m.get('os')}"),
+        *([f"- kernels: {m['kernels']}"] if m.get("kernels") else []),
         (f"- software: python {m.get('python')}, torch {m.get('torch')}, "
          f"transformers {m.get('transformers') or '-'}; nimblelm commit {m.get('nimblelm_commit')}"),
         *([(f"- measured: memory bandwidth {m['memory_bandwidth_gbs']:.1f} GB/s (read, "

@@ -1,5 +1,9 @@
-"""C++ kernels compiled on first use with torch's extension builder (gcc, -march=native).
+"""C++ kernels compiled on first use with torch's extension builder (gcc, -march=native): the build targets
+the CPU it runs on, so each machine gets the widest variant its features allow (scalar, AVX2, AVX-512,
+and AMX tiles for bfloat16 weights where the CPU and the OS offer them).
 
+NIMBLELM_KERNEL_ISA caps the variant: "avx512" (no AMX tiles), "avx2" or "scalar" build the kernels as for
+a CPU without the wider features, which is how tests check every narrower variant on a wide CPU.
 If the build is impossible (no compiler), nimblelm says so once and runs on torch's own ops.
 NIMBLELM_DISABLE_KERNELS=1 chooses torch's ops on purpose: the reference path the kernels are tested against.
 """
@@ -32,21 +36,46 @@ def cpu_ops():
     try:
         # -fopenmp: at::parallel_for is an inline OpenMP region, serial unless compiled with it; the
         # library it links is torch's own libgomp (same soname, already loaded), so one thread pool.
-        name = build_name(folder)
+        isa = kernel_isa_cap()
+        flags = ["-O3", "-march=native", *ISA_FLAGS[isa], "-fopenmp"]
+        name = build_name(folder, flags)
         _drop_stale_lock(name)
         load(name=name, sources=[str(p) for p in sorted(folder.glob("*.cpp"))],
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+             extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
+        torch.ops.nimblelm.set_amx(isa == "native")
         return torch.ops.nimblelm
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to torch ops
         warnings.warn(f"nimblelm: C++ kernels unavailable, using torch ops ({e.__class__.__name__}: {e})", stacklevel=2)
         return None
 
 
-def build_name(folder: Path) -> str:
-    """The extension's name, from a hash of every source and header in `folder` (names and contents):
-    checkouts with different kernels (other branches, versions) never load or overwrite each other's
-    build in torch's shared extensions folder."""
-    digest = hashlib.sha256()
+# The compiler flags of each cap on the variant; -mno-avx512f also drops AMX's bfloat16 path, which needs
+# AVX-512 to round activations. "avx512" is the native build with AMX switched off at run time.
+ISA_FLAGS = {"native": [], "avx512": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx"]}
+
+
+def kernel_isa_cap() -> str:
+    isa = os.environ.get("NIMBLELM_KERNEL_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"NIMBLELM_KERNEL_ISA={isa!r}: expected one of {', '.join(ISA_FLAGS)}")
+    return isa
+
+
+def kernels_in_use() -> str:
+    """The kernels this process runs, in words: for benchmark headers and the start-up log."""
+    ops = cpu_ops()
+    if ops is None:
+        return "torch ops (no C++ kernels)"
+    amx_rows = ops.amx_rows()
+    text = f"C++ kernels, {ops.simd()}"
+    return text + (f"; bfloat16 weights on AMX tiles from {amx_rows} rows" if amx_rows else "")
+
+
+def build_name(folder: Path, flags: list[str] = ()) -> str:
+    """The extension's name, from a hash of every source and header in `folder` (names and contents) and
+    of the compiler flags: checkouts with different kernels (other branches, versions) and builds of other
+    variants never load or overwrite each other's build in torch's shared extensions folder."""
+    digest = hashlib.sha256(" ".join(flags).encode())
     for path in sorted(p for p in folder.iterdir() if p.suffix in (".cpp", ".h")):
         data = path.read_bytes()
         digest.update(f"{path.name}\0{len(data)}\0".encode() + data)

@@ -9,6 +9,13 @@
 at::Tensor pack_panels(at::Tensor w);
 at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::optional<at::Tensor> bias);
 
+// amx_gemm.cpp: packed_linear's bfloat16 path on AMX tiles; false (and nothing done) where it does not apply.
+bool amx_linear(const float* x, const at::BFloat16* panels, float* y, int64_t M, int64_t K, int64_t Kp, int64_t N);
+// Whether AMX tiles serve from now on (enable, and the CPU, the build and the OS allow them): the fewest
+// rows they take, 0 for off.
+int64_t set_amx(bool enable);
+int64_t amx_rows();
+
 // quant_gemm.cpp: the int8, W8A8 and int4 linears, and their weights dequantized.
 at::Tensor int8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
                        int64_t group);

@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -41,22 +42,26 @@ constexpr int VPP = NR / VW;  // registers per panel row
 #else
 constexpr int VPP = 2;
 #endif
-// VW weights of a panel row as floats: float32 as stored, bfloat16 widened (its bits are the top half of
-// the float32 it rounds), float16 converted (F16C, which every AVX2 CPU has).
+// VW weights of a panel row as floats: float32 as stored, float16 converted (F16C, which every AVX2 CPU
+// has). bfloat16 panels interleave k-values in pairs (the layout AMX and dot-product instructions read,
+// pack_panels), so one load holds two panel rows: vload_pair widens them, a bfloat16's bits being the
+// top half of the float32 it rounds.
 #if defined(__AVX512F__)
 static inline fvec vload_w(const float* p) { return vload(p); }
-static inline fvec vload_w(const c10::BFloat16* p) {
-  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+static inline void vload_pair(const c10::BFloat16* p, fvec& even, fvec& odd) {
+  const __m512i h = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(int(0xffff0000u))));
 }
 static inline fvec vload_w(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 static inline fvec vload_w(const float* p) { return vload(p); }
-static inline fvec vload_w(const c10::BFloat16* p) {
-  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+static inline void vload_pair(const c10::BFloat16* p, fvec& even, fvec& odd) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(int(0xffff0000u))));
 }
 static inline fvec vload_w(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -67,6 +72,13 @@ static inline fvec vload_w(const c10::Half* p) {
 // registers; with AVX-512's 32 registers and one register per panel row, two panels).
 constexpr int TILE_PANELS = VPP == 1 ? 2 : 1;
 constexpr int64_t MR = VPP == 1 ? 12 : 6;  // activation rows per tile
+
+// Panel row k, column n: where pack_panels put it.
+template <typename W>
+static inline W panel_at(const W* panel, int64_t k, int64_t n) {
+  if constexpr (std::is_same_v<W, c10::BFloat16>) return panel[(k & ~int64_t(1)) * NR + 2 * n + (k & 1)];
+  return panel[k * NR + n];
+}
 
 // c[r, 0:ncols] (+)= sum_k a[r, k] * b[k, 0:ncols] for ROWS rows of a (lda apart) and PANELS consecutive
 // panel slices from b (ldb apart), ncols <= PANELS * NR; b is float32, bfloat16 or float16 (W). prefetch: the panels
@@ -84,20 +96,40 @@ static inline void panel_tile(const float* a, int64_t lda, const W* b, int64_t l
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < V; ++j) acc[r][j] = vzero();
-  for (int64_t k = 0; k < kc; ++k) {
-    fvec bv[V];
+  if constexpr (std::is_same_v<W, c10::BFloat16>) {
+    for (int64_t k = 0; k < kc; k += 2) {
+      fvec even[V], odd[V];
 #pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) bv[j] = vload_w(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW);
-    if (prefetch) {
+      for (int j = 0; j < V; ++j) vload_pair(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW * 2, even[j], odd[j]);
+      if (prefetch) {
 #pragma GCC unroll 4
-      for (int q = 0; q < PANELS; ++q)
-        _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * ldb + k * NR), _MM_HINT_T0);
-    }
+        for (int q = 0; q < PANELS; ++q)
+          _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * ldb + k * NR), _MM_HINT_T0);
+      }
+      const bool pair = k + 1 < kc;  // an odd depth's last row pairs with padding, and a has no k + 1
 #pragma GCC unroll 16
-    for (int r = 0; r < ROWS; ++r) {
-      const fvec av = vbroadcast(a + r * lda + k);
+      for (int r = 0; r < ROWS; ++r) {
+        const fvec a0 = vbroadcast(a + r * lda + k), a1 = pair ? vbroadcast(a + r * lda + k + 1) : vzero();
 #pragma GCC unroll 4
-      for (int j = 0; j < V; ++j) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+        for (int j = 0; j < V; ++j) acc[r][j] = vfma(a1, odd[j], vfma(a0, even[j], acc[r][j]));
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k) {
+      fvec bv[V];
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) bv[j] = vload_w(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW);
+      if (prefetch) {
+#pragma GCC unroll 4
+        for (int q = 0; q < PANELS; ++q)
+          _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * ldb + k * NR), _MM_HINT_T0);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        const fvec av = vbroadcast(a + r * lda + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < V; ++j) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+      }
     }
   }
   if (ncols == COLS) {  // whole tiles go straight to c
@@ -117,9 +149,8 @@ static inline void panel_tile(const float* a, int64_t lda, const W* b, int64_t l
 #else
   for (int r = 0; r < ROWS; ++r)
     for (int64_t j = 0; j < COLS; ++j) {
-      const W* bq = b + (j / NR) * ldb + j % NR;
       float s = 0.f;
-      for (int64_t k = 0; k < kc; ++k) s += a[r * lda + k] * float(bq[k * NR]);
+      for (int64_t k = 0; k < kc; ++k) s += a[r * lda + k] * float(panel_at(b + (j / NR) * ldb, k, j % NR));
       out[r][j] = s;
     }
 #endif

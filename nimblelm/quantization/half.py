@@ -1,7 +1,8 @@
-"""16-bit weights (bfloat16 or float16) for float32 activations: half the bytes of float32 per decode step,
-the same float32 arithmetic. On the CPU the weights live in pack_panels' layout, and the panel kernel
-widens each value in registers (a bfloat16's bits are the top half of a float32; float16 through F16C);
-elsewhere torch multiplies by the widened weight."""
+"""16-bit weights (bfloat16 or float16) for float32 activations: half the bytes of float32 per decode step.
+On the CPU the weights live in pack_panels' layout, and the panel kernel widens each value in registers (a
+bfloat16's bits are the top half of a float32; float16 through F16C) for float32 arithmetic; on a CPU with
+AMX, steps of 8 rows and more multiply bfloat16 weights on tiles, with the activations rounded to
+bfloat16 (kernels/amx_gemm.cpp). Elsewhere torch multiplies by the widened weight."""
 
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ class HalfWeights(LinearMethod):
 
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
         if hasattr(layer, "panels"):
-            p = layer.panels
-            return {"weight": p.transpose(1, 2).reshape(-1, p.shape[1])[: layer.out_features].contiguous()}
+            return {"weight": panel_rows(layer.panels, torch.arange(layer.out_features), layer.in_features)}
         return {"weight": layer.half_weight}
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,16 @@ class HalfWeights(LinearMethod):
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         if hasattr(layer, "panels"):
-            rows = layer.panels[ids // 16, :, ids % 16]  # row n is column n % 16 of panel n // 16
+            rows = panel_rows(layer.panels, ids, layer.in_features)
         else:
             rows = F.embedding(ids, layer.half_weight)
         return rows.to(layer.compute_dtype)
+
+
+def panel_rows(panels: torch.Tensor, ids: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows `ids` of the weight that pack_panels stored: row n is column n % 16 of panel n // 16, and a
+    bfloat16 panel [Kp, 16] holds k-values in pairs, [Kp / 2, 16, 2], with K padded to Kp."""
+    if panels.dtype != torch.bfloat16:
+        return panels[ids // 16, :, ids % 16]
+    pairs = panels.view(panels.shape[0], -1, 16, 2)
+    return pairs[ids // 16, :, ids % 16].flatten(-2)[..., :in_features]
