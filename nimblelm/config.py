@@ -51,7 +51,7 @@ class EngineConfig:
     """Options of one engine; every field is also an `LLM(...)` keyword and a CLI flag."""
 
     model: str
-    dtype: str = "auto"  # auto: float32 on CPU (bf16 matmuls are slow without AVX512-BF16), bfloat16 on CUDA
+    dtype: str = "auto"  # auto: on CPU the checkpoint's 16-bit type as stored, else float32; bfloat16 on CUDA
     device: str = "auto"  # auto: cuda when available, else cpu
     max_model_len: int | None = None  # default: the model's context length
     max_num_seqs: int = 64

@@ -28,14 +28,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype asked for; "auto" is float32 on the CPU until the checkpoint is read (stored_dtype)."""
     if name == "auto":
-        # On CPUs without AVX512-BF16, bf16 GEMMs run ~4x slower than fp32 (docs/architecture.md).
+        # On CPUs without AVX512-BF16, torch's bf16 GEMMs run ~4x slower than fp32 (docs/architecture.md).
         if device.type == "cpu":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name not in _DTYPES:
         raise InvalidRequestError(f"unknown dtype {name!r}: use auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+def stored_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:
+    """dtype="auto" on the CPU kernels: the 16-bit type a checkpoint stores every matrix in, served as
+    stored, which rounds nothing and reads half of float32's bytes per decode step; float32 for anything
+    else (a float32 checkpoint, a GGUF's dequantized values, mixed or quantized storage), which 16 bits
+    would round."""
+    stored = {t.dtype for t in weights.values() if t.dim() == 2}
+    if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16}:
+        return stored.pop()
+    return torch.float32
 
 
 KV_CACHE_DTYPES = {"float16": torch.float16, "int8": torch.int8}

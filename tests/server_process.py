@@ -39,7 +39,7 @@ class ServerProcess:
             except queue.Empty:
                 self.stop(signal.SIGKILL)
                 raise RuntimeError(f"the server did not get ready in {timeout} s:\n{self.errors()}") from None
-            match = re.search(r"on (http://\S+)/v1 \(ready\)", line)
+            match = re.search(r"on (http://\S+)/v1 \(ready", line)
             if match:
                 break
         self.url = match.group(1)

@@ -146,3 +146,29 @@ def test_without_the_kernels_a_16_bit_dtype_computes_in_it(rounded_qwen, monkeyp
     finally:
         monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
         cpu_ops.cache_clear()
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16", "float32", "mixed"])
+def test_auto_serves_a_16_bit_checkpoint_as_stored_and_anything_else_in_float32(tiny_qwen, tmp_path, stored):
+    """dtype="auto" on the CPU kernels: a checkpoint whose matrices are all bfloat16 (or all float16) runs as
+    dtype=that type does, rounding nothing; float32 or mixed storage runs in float32."""
+    if cpu_ops() is None:
+        pytest.skip("the C++ kernels did not build here")
+    folder = tmp_path / "qwen2"
+    shutil.copytree(tiny_qwen, folder)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    if stored == "mixed":
+        save_file({name: t.bfloat16() if "mlp" in name else t for name, t in tensors.items()}, path)
+    else:
+        save_file({name: t.to(getattr(torch, stored)) for name, t in tensors.items()}, path)
+    auto = LLM(str(folder), max_model_len=128)
+    expected = "float32" if stored == "mixed" else stored
+    assert auto.llm_engine.precision.startswith(f"{expected} weights, float32 compute")
+    layers = [m for m in auto.llm_engine.runner.model.modules() if isinstance(m, Linear)]
+    assert {m.panels.dtype for m in layers} == {getattr(torch, expected)}
+    explicit = LLM(str(folder), dtype=expected, max_model_len=128)
+    outs = auto.generate(PROMPTS, PARAMS, use_tqdm=False)
+    for out, ref in zip(outs, explicit.generate(PROMPTS, PARAMS, use_tqdm=False)):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert out.outputs[0].logprobs == ref.outputs[0].logprobs

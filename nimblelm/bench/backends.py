@@ -46,7 +46,11 @@ def nimblelm_weights(ctx: BenchContext) -> str:
         weights = f"{ctx.dtype} linear weights"
     else:
         return f"{ctx.dtype} (dequantized by the nimblelm loader)"
-    return f"{weights}, {compute} activations" + (" and KV cache (the CPU kernels compute in float32)" if half else "")
+    if not half:
+        return f"{weights}, {compute} activations"
+    amx_rows = cpu_ops().amx_rows() if ctx.dtype == "bfloat16" else 0
+    tiles = f"; bfloat16 linears of {amx_rows} rows and more on AMX tiles" if amx_rows else ""
+    return f"{weights}, float32 activations (the CPU kernels compute in float32{tiles})"
 
 
 def float_only(ctx: BenchContext) -> None:

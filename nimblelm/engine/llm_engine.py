@@ -49,10 +49,17 @@ HALF_WEIGHTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtype -> its w
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)  # a bad name fails before the model loads
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
-        method = linear_method(config.quantization)  # a bad name fails before the model loads
-        if self.dtype in HALF_WEIGHTS and self.device.type == "cpu" and cpu_ops() is not None:
+        method = linear_method(config.quantization)
+        resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
+        refuse_requantizing(config.quantization, loaded.quantized)
+        kernels = self.device.type == "cpu" and cpu_ops() is not None
+        if config.dtype == "auto" and kernels:
+            self.dtype = loaded.stored_dtype
+        weights = config.quantization if config.quantization not in (None, "none") else _name(self.dtype)
+        if self.dtype in HALF_WEIGHTS and kernels:
             # The CPU kernels compute in float32: a 16-bit dtype here means 16-bit storage for the linear
             # weights that stay in float (widened in registers: half of float32's bytes per decode step),
             # with float32 activations and KV cache; quantized layers keep their own format.
@@ -60,8 +67,11 @@ class LLMEngine:
                 method = formats.linear_method(HALF_WEIGHTS[self.dtype])
             self.dtype = torch.float32
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
-        refuse_requantizing(config.quantization, loaded.quantized)
+        # What the engine chose, in words, for the server's start line (dtype="auto" decides it here).
+        compute = f"{_name(self.dtype)} compute"
+        if getattr(method, "name", None) == "bf16" and cpu_ops().amx_rows():
+            compute += f" (bfloat16 linears of {cpu_ops().amx_rows()} rows and more on AMX tiles)"
+        self.precision = f"{weights} weights, {compute}, {_name(self.kv_dtype)} KV cache"
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)
@@ -352,3 +362,7 @@ def _complete(config: EngineConfig, model_max_len: int) -> EngineConfig:
     if not config.enable_chunked_prefill and budget < max_len:
         raise InvalidRequestError("without chunked prefill, max_num_batched_tokens must be at least max_model_len")
     return replace(config, max_model_len=max_len, max_num_batched_tokens=budget)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

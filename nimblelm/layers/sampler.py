@@ -113,7 +113,9 @@ class Sampler:
             logits = batch.penalties.apply(logits)
         if batch.bitmask is not None:
             logits = apply_bitmask(logits, batch.bitmask)
-        greedy = logits.argmax(dim=-1)
+        # max's indices, not argmax: the same first maximal index, but torch's CPU argmax takes 2.5x as
+        # long over [32, 49152] logits (1.0 ms against 0.4, 2 threads, 2026-12-04).
+        greedy = logits.max(dim=-1).indices
         if batch.all_greedy:
             sampled = greedy
         else:
@@ -144,7 +146,7 @@ class Sampler:
         for row, g in enumerate(generators):
             if g is not None:
                 noise[row].exponential_(generator=g)
-        return (probs / noise).argmax(dim=-1)
+        return (probs / noise).max(dim=-1).indices
 
 
 

@@ -34,6 +34,7 @@ from nimblelm.errors import InvalidRequestError, ModelFormatError, UnsupportedMo
 from nimblelm.models import gguf_file, registry
 from nimblelm.models.gguf_file import first_line
 from nimblelm.models.hparams import GEMMA3, LAYER_TYPES, Fields, check_attention, sliding_pattern
+from nimblelm.platform import stored_dtype
 from nimblelm.quantization.gguf_direct import module_of, split_direct
 from nimblelm.quantization.saved import read_quantized
 
@@ -65,6 +66,9 @@ class LoadedModel:
     quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
     # A GGUF loaded with gguf_direct: module name -> GGUF types of the parts of each layer that fell back to fp32.
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The 16-bit type the checkpoint stores every matrix in, else float32 (platform.stored_dtype): what
+    # dtype="auto" serves on the CPU kernels. `weights` are float32 whatever it is.
+    stored_dtype: torch.dtype = torch.float32
 
 
 def load_model(model: str, progress: bool = True, gguf_direct: bool = False) -> LoadedModel:
@@ -80,7 +84,7 @@ def load_model(model: str, progress: bool = True, gguf_direct: bool = False) -> 
             f"`pull` can still fetch the file"
         )
     path = registry.resolve(model, progress=progress)
-    quantized, fallbacks = {}, {}
+    quantized, fallbacks, stored = {}, {}, torch.float32
     if gguf_direct:
         if path.is_dir():
             raise InvalidRequestError(
@@ -89,12 +93,12 @@ def load_model(model: str, progress: bool = True, gguf_direct: bool = False) -> 
             )
         config, weights, tokenizer, quantized, fallbacks = load_gguf_direct(path, progress)
     elif path.is_dir():
-        config, weights, tokenizer, quantized = load_hf_folder(path)
+        config, weights, tokenizer, quantized, stored = load_hf_folder(path)
     else:
         config, weights, tokenizer = load_gguf(path, progress, identity=entry.sha256 if entry else None)
     name = model if entry else (path.name if path.is_dir() else path.stem)
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name,
-                       quantized=quantized, fallbacks=fallbacks)
+                       quantized=quantized, fallbacks=fallbacks, stored_dtype=stored)
 
 
 # ---------------------------------------------------------------- weights shared by both formats
@@ -181,19 +185,20 @@ def _arrives_quantized(name: str, config: ModelConfig, weights: dict, quantized:
 # ---------------------------------------------------------------- Hugging Face folders
 
 
-def load_hf_folder(
-    folder: Path,
-) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast, dict[str, tuple[str, dict]]]:
-    """A Hugging Face folder, or one written by `nimblelm quantize` (its linear layers then come in `quantized`)."""
+def load_hf_folder(folder: Path) -> tuple[
+        ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast, dict[str, tuple[str, dict]], torch.dtype]:
+    """A Hugging Face folder, or one written by `nimblelm quantize` (its linear layers then come in
+    `quantized`); also the type it stores its matrices in (LoadedModel.stored_dtype)."""
     config = read_hf_config(folder)
     tokenizer = _hf_tokenizer(folder)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = dataclasses.replace(config, eos_token_ids=(tokenizer.eos_token_id,))
     weights, quantized = _read_safetensors(folder), {}
+    stored = stored_dtype(weights)
     saved = read_quantized(folder, config, weights)
     if saved is not None:
         weights, quantized = saved
-    return config, select_weights(config, weights, folder, quantized), tokenizer, quantized
+    return config, select_weights(config, weights, folder, quantized), tokenizer, quantized, stored
 
 
 def read_hf_config(folder: Path) -> ModelConfig:

@@ -112,7 +112,7 @@ def serve(args, engine_fields: list[str]) -> int:
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
         def ready() -> None:
-            print(f"nimblelm serve: {settings.model_name} on {url}/v1 (ready)", flush=True)
+            print(f"nimblelm serve: {settings.model_name} on {url}/v1 (ready; {llm.llm_engine.precision})", flush=True)
 
         app = build_app(llm.llm_engine, settings, on_ready=ready, engine_thread=engine_thread)
         config = uvicorn.Config(
