@@ -62,7 +62,7 @@ def kernel_isa_cap() -> str:
 
 
 def kernels_in_use() -> str:
-    """The kernels this process runs, in words: for benchmark headers and the start-up log."""
+    """The kernels this process runs, in words, for benchmark headers."""
     ops = cpu_ops()
     if ops is None:
         return "torch ops (no C++ kernels)"
