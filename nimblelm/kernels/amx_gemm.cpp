@@ -25,9 +25,10 @@ static bool amx_permitted() {
   return ok;
 }
 
-// From 8 rows (half a tile) up, tiles beat the panel kernel's float32 FMAs on SmolLM2's layers: 321 against
-// 283 GFLOP/s at 8 rows, 608 against 312 at 16, 1374 against 363 at 512 (1536 x 576, 2 threads, Xeon with
-// AMX, 2026-12-04); at 1-6 rows both stream the weights at the same speed.
+// From 8 rows (half a tile) up, tiles beat the panel kernel's float32 FMAs on SmolLM2's layers: 330 against
+// 294 GFLOP/s at 8 rows, 644 against 339 at 16, 1584 against 408 at 512 (1536 x 576, 2 threads, Xeon with
+// AMX, benchmarks/scripts/half_linear.py, 2026-12-04); at 1-6 rows both stream the weights at the same
+// speed (a run with tiles from 1 row: within 10% either way).
 constexpr int64_t AMX_MIN_ROWS = 8;
 static std::atomic<bool> amx_on{false};
 
