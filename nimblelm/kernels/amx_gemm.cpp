@@ -28,7 +28,7 @@ static bool amx_permitted() {
 // From 8 rows (half a tile) up, tiles beat the panel kernel's float32 FMAs on SmolLM2's layers: 330 against
 // 294 GFLOP/s at 8 rows, 644 against 339 at 16, 1584 against 408 at 512 (1536 x 576, 2 threads, Xeon with
 // AMX, benchmarks/scripts/half_linear.py, 2026-12-04); at 1-6 rows both stream the weights at the same
-// speed (a run with tiles from 1 row: within 10% either way).
+// speed (a run with tiles from 1 row: tiles -9% to +12% against the panel kernel at 1-6 rows).
 constexpr int64_t AMX_MIN_ROWS = 8;
 static std::atomic<bool> amx_on{false};
 
