@@ -53,13 +53,22 @@ static void configure_tiles() {
 }
 
 // c[32][32] = 16 or 32 rows of a (lda values apart) times one or two panels (ldb values apart), kp deep.
+// prefetch: the next two panels, to L2 while these are multiplied (weights that stream from DRAM: 23.0
+// against 22.0 GB/s, 200 SmolLM2-shaped layers, 32 rows, 2 threads, Xeon, 2026-12-04).
 template <bool TWO_ROWS, bool TWO_PANELS>
-static void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b, int64_t ldb, int64_t kp, float* c) {
+static void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b, int64_t ldb, int64_t kp, float* c,
+                       const at::BFloat16* prefetch) {
   _tile_zero(0);
   if constexpr (TWO_PANELS) _tile_zero(1);
   if constexpr (TWO_ROWS) _tile_zero(2);
   if constexpr (TWO_ROWS && TWO_PANELS) _tile_zero(3);
   for (int64_t k = 0; k < kp; k += 32) {
+    if (prefetch) {
+      for (int64_t i = 0; i < 32 * 16; i += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + k * 16 + i), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + ldb + k * 16 + i), _MM_HINT_T1);
+      }
+    }
     _tile_loadd(4, a + k, lda * 2);
     _tile_loadd(6, b + k * 16, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -81,27 +90,28 @@ static void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b
 
 // x [M, K] float32 -> [Mp, Kp] bfloat16 (round to nearest even), zero padded to whole tiles.
 static void round_rows(const float* x, int64_t M, int64_t K, at::BFloat16* xb, int64_t Mp, int64_t Kp) {
-  at::parallel_for(0, Mp, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      __m512i* out = reinterpret_cast<__m512i*>(xb + m * Kp);
-      for (int64_t k = 0; k < Kp; k += 32, ++out) {
-        const int64_t lo = m < M ? std::clamp<int64_t>(K - k, 0, 16) : 0;
-        const int64_t hi = m < M ? std::clamp<int64_t>(K - k - 16, 0, 16) : 0;
-        const __m512 a = _mm512_maskz_loadu_ps(__mmask16((1u << lo) - 1), x + m * K + k);
-        const __m512 b = _mm512_maskz_loadu_ps(__mmask16((1u << hi) - 1), x + m * K + k + 16);
-        _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-      }
+  for (int64_t m = 0; m < Mp; ++m) {
+    __m512i* out = reinterpret_cast<__m512i*>(xb + m * Kp);
+    for (int64_t k = 0; k < Kp; k += 32, ++out) {
+      const int64_t lo = m < M ? std::clamp<int64_t>(K - k, 0, 16) : 0;
+      const int64_t hi = m < M ? std::clamp<int64_t>(K - k - 16, 0, 16) : 0;
+      const __m512 a = _mm512_maskz_loadu_ps(__mmask16((1u << lo) - 1), x + m * K + k);
+      const __m512 b = _mm512_maskz_loadu_ps(__mmask16((1u << hi) - 1), x + m * K + k + 16);
+      _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(b, a));
     }
-  });
+  }
 }
 
 bool amx_linear(const float* x, const at::BFloat16* panels, float* y, int64_t M, int64_t K, int64_t Kp, int64_t N) {
   if (!amx_on || M < AMX_MIN_ROWS) return false;
   const int64_t Mp = (M + 15) / 16 * 16, P = (N + 15) / 16;
-  std::vector<at::BFloat16> xb(Mp * Kp);
-  round_rows(x, M, K, xb.data(), Mp, Kp);
   // Each thread owns a run of panel pairs and runs every row block against it: the weights stream once.
+  // Each rounds all the activations itself, into a buffer it keeps: at 32 rows that is cheaper than a
+  // parallel region of its own and its wait (a 64-column call: 7.0 us against 15.5).
   at::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
+    thread_local std::vector<at::BFloat16> xb;
+    xb.resize(Mp * Kp);
+    round_rows(x, M, K, xb.data(), Mp, Kp);
     configure_tiles();
     alignas(64) float c[32 * 32];
     for (int64_t q = q0; q < q1; ++q) {
@@ -110,10 +120,11 @@ bool amx_linear(const float* x, const at::BFloat16* panels, float* y, int64_t M,
       for (int64_t m = 0; m < Mp; m += 32) {
         const at::BFloat16* a = xb.data() + m * Kp;
         const bool two_rows = m + 16 < Mp, two_panels = cols > 16;
-        if (two_rows && two_panels) tile_block<true, true>(a, Kp, b, Kp * 16, Kp, c);
-        else if (two_rows) tile_block<true, false>(a, Kp, b, Kp * 16, Kp, c);
-        else if (two_panels) tile_block<false, true>(a, Kp, b, Kp * 16, Kp, c);
-        else tile_block<false, false>(a, Kp, b, Kp * 16, Kp, c);
+        const at::BFloat16* next = m == 0 && q + 1 < q1 ? b + 2 * Kp * 16 : nullptr;
+        if (two_rows && two_panels) tile_block<true, true>(a, Kp, b, Kp * 16, Kp, c, next);
+        else if (two_rows) tile_block<true, false>(a, Kp, b, Kp * 16, Kp, c, next);
+        else if (two_panels) tile_block<false, true>(a, Kp, b, Kp * 16, Kp, c, next);
+        else tile_block<false, false>(a, Kp, b, Kp * 16, Kp, c, next);
         for (int64_t r = m; r < std::min(M, m + 32); ++r) std::copy_n(c + (r - m) * 32, cols, y + r * N + p * 16);
       }
     }
