@@ -150,6 +150,23 @@ def test_rope_rotates_the_q_and_k_heads_as_torch_does(ops, tokens, heads, kv_hea
     assert torch.equal(qkv[:, rotated:], before[:, rotated:])  # the v heads are left alone
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 8, 31, 33, 1000, 49152])
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_greedy_tokens_are_torch_max_indices(ops, rows, vocab):
+    # Vocabularies shorter than one vector, with tails after the 32-value maximum pass and the 8-value
+    # scan; small integer logits tie often (the first of equal maxima wins), and -inf rows and tails
+    # (grammar masks) leave index 0 or a maximum at the front.
+    torch.manual_seed(rows * vocab)
+    logits = torch.randint(-3, 3, (rows, vocab)).float()
+    logits[0, vocab // 2:] = float("-inf")
+    if rows > 1:
+        logits[1] = float("-inf")
+        logits[2] = torch.randn(vocab)
+    assert torch.equal(ops.greedy_tokens(logits), logits.max(dim=-1).indices)
+    view = torch.randn(vocab, rows).t()  # not contiguous
+    assert torch.equal(ops.greedy_tokens(view), view.max(dim=-1).indices)
+
+
 def test_pack_module_keeps_values_and_ties():
     from torch import nn
 

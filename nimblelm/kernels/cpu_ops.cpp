@@ -5,7 +5,7 @@
 //   amx_gemm.cpp      its bfloat16 path on AMX tiles (set_amx switches it)
 //   quant_gemm.cpp    int8_linear, w8a8_linear, int4_linear, int8_dequantize, int4_dequantize
 //   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), prefill_attention
-//   elementwise.cpp   rms_norm, add_rms_norm_, rope_, silu_mul
+//   elementwise.cpp   rms_norm, add_rms_norm_, rope_, silu_mul, greedy_tokens
 //   ops.h             their declarations; simd.h, panel_tile.h: helpers shared between the files
 // The schemas mark the tensors an op writes (Tensor(a!)), so that a trace keeps those calls in order.
 #include <torch/library.h>
@@ -43,6 +43,7 @@ TORCH_LIBRARY(nimblelm, m) {
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor w, float eps) -> ()");  // residual += x; x = norm
   m.def("silu_mul(Tensor gate_up) -> Tensor");  // silu(gate) * up of [gate | up]
   m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int heads, int head_dim) -> ()");  // q and k heads, in place
+  m.def("greedy_tokens(Tensor logits) -> Tensor");  // each row's first largest value's index
   m.def("write_kv_cache_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
   // k and v rounded per head to int8 as they are written
   m.def("write_kv_cache_int8_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scales, Tensor(d!) v_scales, "
@@ -67,6 +68,7 @@ TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_", &rope_);
+  m.impl("greedy_tokens", &greedy_tokens);
   m.impl("write_kv_cache_", &write_kv_cache_);
   m.impl("write_kv_cache_int8_", &write_kv_cache_int8_);
   m.impl("paged_decode_attention", &paged_decode_attention);

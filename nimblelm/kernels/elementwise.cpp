@@ -1,4 +1,5 @@
-// The row-wise ops between the linears: RMS norm (with the residual add), rotary embedding, silu * mul.
+// The row-wise ops between the linears: RMS norm (with the residual add), rotary embedding, silu * mul;
+// and after the last one, each row's greedy token.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -102,4 +103,48 @@ void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_
       }
     }
   });
+}
+
+// Each row's index of its largest value, the first of equal ones (as torch's max; NaNs are passed over):
+// the greedy tokens of a step's logits [rows, vocab]. A pass for the maximum (four independent maxima per
+// lane), then a scan for its first position. torch's max(dim=-1) took 0.4 ms over [32, 49152] logits.
+static int64_t first_max(const float* x, int64_t n) {
+  float best = -INFINITY;
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 m[4];
+  for (auto& v : m) v = _mm256_set1_ps(-INFINITY);
+  for (; i + 32 <= n; i += 32) {
+    for (int j = 0; j < 4; ++j) m[j] = _mm256_max_ps(_mm256_loadu_ps(x + i + 8 * j), m[j]);  // a NaN keeps m[j]
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
+  for (float v : lanes) best = std::max(best, v);
+#endif
+  for (; i < n; ++i) best = x[i] > best ? x[i] : best;
+  i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 target = _mm256_set1_ps(best);
+  for (; i + 8 <= n; i += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ));
+    if (hits) return i + __builtin_ctz(hits);
+  }
+#endif
+  for (; i < n; ++i) {
+    if (x[i] == best) return i;
+  }
+  return 0;  // no value above -inf: all -inf or NaN
+}
+
+at::Tensor greedy_tokens(at::Tensor logits) {
+  logits = logits.contiguous();
+  check_rows(logits, "greedy_tokens");
+  const int64_t R = logits.size(0), V = logits.size(1);
+  auto out = at::empty({R}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) op[r] = first_max(lp + r * V, V);
+  });
+  return out;
 }

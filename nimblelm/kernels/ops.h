@@ -26,11 +26,12 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
 at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K,
                            int64_t group);
 
-// elementwise.cpp: norms, rotary embedding, the MLP's activation.
+// elementwise.cpp: norms, rotary embedding, the MLP's activation, greedy tokens.
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
 void add_rms_norm_(at::Tensor x, at::Tensor residual, at::Tensor w, double eps);
 at::Tensor silu_mul(at::Tensor gate_up);
 void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t head_dim);
+at::Tensor greedy_tokens(at::Tensor logits);
 
 // attention.cpp: new K/V into the paged cache, decode attention over it, prefill attention.
 void write_kv_cache_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::Tensor v,
