@@ -46,20 +46,21 @@ def replays(monkeypatch):
     return rows
 
 
-@pytest.fixture(params=["panels", "amx"])
-def amx(request):
-    """A bfloat16 test twice: on the panel kernel (AMX off), and on AMX tiles where this machine has them.
-    The fewest rows the tiles take, 0 for off."""
+@pytest.fixture(params=["off", "dot", "amx"])
+def bf16_products(request):
+    """A bfloat16 test on each path of its linears of several rows: the panel kernel (float32 FMAs), AVX-512
+    BF16 dot products and AMX tiles, the last two where this machine and build offer them. The fewest
+    rows the products take, 0 for off."""
     from nimblelm.kernels import cpu_ops
 
     ops = cpu_ops()
     if ops is None:
         pytest.skip("the C++ kernels did not build here")
-    before = ops.amx_rows() > 0
-    rows = ops.set_amx(request.param == "amx")
+    before = ops.bf16_products()
+    rows = ops.set_bf16_products(request.param)
     try:
-        if request.param == "amx" and not rows:
-            pytest.skip("no AMX tiles here: the CPU, the kernel build or the OS does not offer them")
+        if request.param != "off" and not rows:
+            pytest.skip(f"no {request.param} bfloat16 products here: the CPU, the kernel build or the OS lacks them")
         yield rows
     finally:
-        ops.set_amx(before)
+        ops.set_bf16_products(before)

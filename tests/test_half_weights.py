@@ -46,8 +46,8 @@ def test_the_linear_multiplies_by_the_rounded_weights(kernels, fmt, rows):
     layer = linear_of(w, fmt, b)
     assert hasattr(layer, "panels") == (kernels == "kernels")
     rounded = w.to(DTYPES[fmt]).float()
-    if kernels == "kernels" and fmt == "bf16" and 0 < cpu_ops().amx_rows() <= rows:
-        x = x.bfloat16().float()  # AMX tiles multiply bfloat16 activations (test_kernels tests both paths)
+    if kernels == "kernels" and fmt == "bf16" and 0 < cpu_ops().bf16_product_rows() <= rows:
+        x = x.bfloat16().float()  # bfloat16 products round the activations (test_kernels tests every path)
     torch.testing.assert_close(layer(x), F.linear(x, rounded, b), rtol=1e-5, atol=1e-5)
     ids = torch.tensor([[0, 15, 16], [39, 7, 32]])
     assert torch.equal(layer.method.rows(layer, ids), rounded[ids])
@@ -78,11 +78,12 @@ def rounded_qwen(request, tiny_qwen, tmp_path_factory):
     return request.param, folder
 
 
-def test_16_bit_dtypes_on_the_cpu_kernels_store_weights_in_16_bits_and_compute_in_float32(rounded_qwen, amx):
-    """With AMX off: float32 arithmetic throughout (test_amx_steps_... for the tiles)."""
+def test_16_bit_dtypes_on_the_cpu_kernels_store_weights_in_16_bits_and_compute_in_float32(rounded_qwen,
+                                                                                          bf16_products):
+    """With bfloat16 products off: float32 arithmetic throughout (test_bf16_product_steps_... for them)."""
     dtype, folder = rounded_qwen
-    if amx:
-        pytest.skip("AMX tiles compute in bfloat16: test_amx_steps_multiply_bfloat16_activations")
+    if bf16_products:
+        pytest.skip("bfloat16 products round activations: test_bf16_product_steps_multiply_bfloat16_activations")
     llm = LLM(str(folder), dtype=dtype, max_model_len=128)
     engine = llm.llm_engine
     assert engine.dtype == torch.float32 and engine.kv_dtype == torch.float32
@@ -99,19 +100,20 @@ def test_16_bit_dtypes_on_the_cpu_kernels_store_weights_in_16_bits_and_compute_i
                 assert lp.logprob == pytest.approx(ref_top[token].logprob, abs=1e-5)
 
 
-def test_amx_steps_multiply_bfloat16_activations(rounded_qwen, amx, monkeypatch):
-    """On a CPU with AMX, steps of 8 rows and more (here the batched prefill of the prompts) multiply on
-    tiles with the activations rounded to bfloat16, and nothing else changes. Oracle: the same engine
-    without AMX, rounding the activations of those steps before its float32 panel kernel (the products of
-    two bfloat16 values are exact in float32; the sums differ in order alone)."""
+def test_bf16_product_steps_multiply_bfloat16_activations(rounded_qwen, bf16_products, monkeypatch):
+    """Where the CPU has AMX or AVX-512 BF16, steps of several rows (here the batched prefill of the
+    prompts) multiply bfloat16 weights by activations rounded to bfloat16, and nothing else changes.
+    Oracle: the same engine with the products off, rounding the activations of those steps before its
+    float32 panel kernel (the products of two bfloat16 values are exact in float32; the sums differ in
+    order alone)."""
     dtype, folder = rounded_qwen
-    if dtype != "bfloat16" or not amx:
-        pytest.skip("AMX tiles serve bfloat16 weights, where the machine has them")
+    if dtype != "bfloat16" or not bf16_products:
+        pytest.skip("bfloat16 products serve bfloat16 weights, where the machine has them")
     outs = LLM(str(folder), dtype=dtype, max_model_len=128).generate(PROMPTS, PARAMS, use_tqdm=False)
-    cpu_ops().set_amx(False)
+    cpu_ops().set_bf16_products("off")
     apply = HalfWeights.apply
-    monkeypatch.setattr(HalfWeights, "apply",
-                        lambda self, layer, x: apply(self, layer, x.bfloat16().float() if len(x) >= amx else x))
+    monkeypatch.setattr(HalfWeights, "apply", lambda self, layer, x: apply(
+        self, layer, x.bfloat16().float() if len(x) >= bf16_products else x))
     reference = LLM(str(folder), dtype=dtype, max_model_len=128).generate(PROMPTS, PARAMS, use_tqdm=False)
     for out, ref in zip(outs, reference):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids

@@ -33,7 +33,7 @@ def test_packed_linear_matches_f_linear(ops, rows, n, k, bias, weights):
     # (AVX-512, two panels wide) and past the 72-row pass, output sizes that leave a partial panel or an
     # odd panel count (one panel left over from the two-panel tiles), and K deeper than one slice
     # (2100 = 3 x 700) hit every tail. 16-bit panels are widened in registers: the oracle multiplies
-    # by the float32 values of the 16-bit weights. (bfloat16 on AMX tiles: test_amx_linear_...)
+    # by the float32 values of the 16-bit weights. (bfloat16 products: test_bf16_products_...)
     torch.manual_seed(n * k + rows)
     x, w = torch.randn(rows, k), torch.randn(n, k).to(weights)
     b = torch.randn(n) if bias else None
@@ -42,7 +42,8 @@ def test_packed_linear_matches_f_linear(ops, rows, n, k, bias, weights):
     w = w.float()
     depth = -(-k // 32) * 32 if weights == torch.bfloat16 else k  # bfloat16: whole AMX tiles deep
     assert panels.shape == (-(-n // 16), depth, 16)
-    amx_before = ops.set_amx(False)
+    products = ops.bf16_products()
+    ops.set_bf16_products("off")
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
@@ -50,23 +51,24 @@ def test_packed_linear_matches_f_linear(ops, rows, n, k, bias, weights):
             assert torch.allclose(ops.packed_linear(x, panels, n, b), F.linear(x, w, b), atol=1e-3, rtol=1e-4)
     finally:
         torch.set_num_threads(before)
-        ops.set_amx(bool(amx_before))
+        ops.set_bf16_products(products)
 
 
-@pytest.mark.parametrize("rows", [7, 8, 15, 16, 17, 33, 150])
+@pytest.mark.parametrize("rows", [3, 4, 7, 8, 12, 13, 15, 16, 17, 33, 150])
 @pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200), (40, 2100)])
-def test_amx_linear_multiplies_bfloat16_activations_by_the_weights(ops, amx, rows, n, k):
-    # Row counts around the fewest AMX takes (8), one and two 16-row tiles and their tails, and the shapes
-    # above: partial panels, an odd panel count (one panel left over from the pairs), K not a multiple
-    # of the tile's 32. On tiles the activations are rounded to bfloat16 first; the products of the two
-    # bfloat16 values are exact in float32, so the oracle is F.linear on the rounded activations.
+def test_bf16_products_multiply_bfloat16_activations_by_the_weights(ops, bf16_products, rows, n, k):
+    # Row counts around the fewest the products take (4 dot products, 8 tiles), the 12-row dot tile and
+    # one and two 16-row AMX tiles with their tails, and the shapes above: partial panels, an odd panel
+    # count (one panel left over from the pairs), K not a multiple of the tile's 32 or of a pair. The
+    # products round the activations to bfloat16 first; the products of two bfloat16 values are exact in
+    # float32, so the oracle is F.linear on the rounded activations.
     torch.manual_seed(n * k + rows)
     x, w, b = torch.randn(rows, k), torch.randn(n, k).bfloat16(), torch.randn(n)
-    tiles = amx and rows >= amx
-    expected = F.linear(x.bfloat16().float() if tiles else x, w.float(), b)
+    rounding = bf16_products and rows >= bf16_products
+    expected = F.linear(x.bfloat16().float() if rounding else x, w.float(), b)
     got = ops.packed_linear(x, ops.pack_panels(w), n, b)
     assert torch.allclose(got, expected, atol=1e-3, rtol=1e-4)
-    if tiles:  # and rounding the activations is what the tiles do: float32 ones differ by far more
+    if rounding:  # and rounding the activations is what the products do: float32 ones differ by far more
         assert not torch.allclose(got, F.linear(x, w.float(), b), atol=1e-3, rtol=1e-4)
 
 
@@ -334,7 +336,13 @@ def test_the_build_is_the_variant_the_cpu_and_the_cap_allow(ops):
     widest = "AVX-512" if "avx512f" in features else "AVX2" if {"avx2", "fma"} <= features else "scalar"
     expected = {"native": widest, "avx512": widest, "avx2": "AVX2", "scalar": "scalar"}[isa]
     assert ops.simd().startswith(expected)
-    assert (ops.amx_rows() > 0) <= (isa == "native" and "amx_bf16" in features)
+    # bfloat16 products only of a kind the CPU has and the cap allows (which one: choose_bf16_products)
+    offered = {"off"}
+    if isa in ("native", "avx512") and "avx512_bf16" in features:
+        offered.add("dot")
+    if isa == "native" and "amx_bf16" in features:
+        offered.add("amx")
+    assert ops.bf16_products() in offered
     assert kernels.kernels_in_use().startswith(f"C++ kernels, {expected}")
 
 

@@ -1,7 +1,7 @@
 """The linear kernels for 16-bit weights, by rows per call: nimblelm's panel kernel over float32, bfloat16
-and float16 panels (16-bit weights widened in registers, float32 FMAs), its AMX tiles for bfloat16 panels
-(bfloat16 activations; where the CPU has AMX), and torch's bfloat16 F.linear (oneDNN; AMX tiles where the
-CPU has them, with bfloat16 activations).
+and float16 panels (16-bit weights widened in registers, float32 FMAs), its bfloat16 products for bfloat16
+panels (bfloat16 activations: AVX-512 BF16 dot products and AMX tiles, where the CPU has them), and torch's
+bfloat16 F.linear (oneDNN; AMX tiles where the CPU has them, with bfloat16 activations).
 
 60 distinct SmolLM2-shaped layers (1536 x 576), so the weights stream from memory as in a decode step; the
 best of 5 passes. Usage: python benchmarks/scripts/half_linear.py [--threads 2]
@@ -42,27 +42,33 @@ def main() -> None:
     fp32_panels = [ops.pack_panels(w) for w in weights]
     bf16_panels = [ops.pack_panels(w) for w in bf16]
     fp16_panels = [ops.pack_panels(w.half()) for w in weights]
-    amx = ops.set_amx(True) > 0
     print(f"{cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; {kernels_in_use()}; "
           "GFLOP/s")
-    print("| rows | float32 panels | bfloat16 panels | bfloat16 on AMX tiles | float16 panels | "
-          "torch bfloat16 F.linear |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| rows | float32 panels | bfloat16 panels | bfloat16 dot products | bfloat16 on AMX tiles | "
+          "float16 panels | torch bfloat16 F.linear |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
-    def panels(all_panels, rows, use_amx=False):
-        ops.set_amx(use_amx)
+    before = ops.bf16_products()
+    kinds = [kind for kind in ("dot", "amx") if ops.set_bf16_products(kind)]
+
+    def panels(all_panels, rows, products="off"):
+        if products != "off" and products not in kinds:
+            return None
+        ops.set_bf16_products(products)
         return gflops(lambda x, i: ops.packed_linear(x, all_panels[i], N, None), rows)
 
-    for rows in (1, 8, 16, 32, 64, 128, 512):
+    for rows in (1, 2, 4, 8, 16, 32, 64, 128, 512):
         cells = [
             panels(fp32_panels, rows),
             panels(bf16_panels, rows),
-            panels(bf16_panels, rows, use_amx=True) if amx else None,
+            panels(bf16_panels, rows, "dot"),
+            panels(bf16_panels, rows, "amx"),
             panels(fp16_panels, rows),
             gflops(lambda x, i: F.linear(x.bfloat16(), bf16[i]).float(), rows),
         ]
         print(f"| {rows} | " + " | ".join("-" if c is None else f"{c:.0f}" for c in cells) + " |")
-    ops.set_amx(amx)
+    ops.set_bf16_products(before)
+
 
 if __name__ == "__main__":
     main()

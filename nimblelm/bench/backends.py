@@ -32,7 +32,7 @@ def nimblelm_weights(ctx: BenchContext) -> str:
     """How nimblelm holds the linear weights under the run's options, for the report."""
     import torch
 
-    from nimblelm.kernels import cpu_ops
+    from nimblelm.kernels import bf16_products_in_words, cpu_ops
 
     # On the CPU kernels a 16-bit dtype stores the float linear weights in it and computes in float32.
     half = ctx.dtype in ("bfloat16", "float16") and not torch.cuda.is_available() and cpu_ops() is not None
@@ -48,9 +48,9 @@ def nimblelm_weights(ctx: BenchContext) -> str:
         return f"{ctx.dtype} (dequantized by the nimblelm loader)"
     if not half:
         return f"{weights}, {compute} activations"
-    amx_rows = cpu_ops().amx_rows() if ctx.dtype == "bfloat16" else 0
-    tiles = f"; bfloat16 linears of {amx_rows} rows and more on AMX tiles" if amx_rows else ""
-    return f"{weights}, float32 activations (the CPU kernels compute in float32{tiles})"
+    products = bf16_products_in_words() if ctx.dtype == "bfloat16" else ""
+    products = f"; bfloat16 linears {products}" if products else ""
+    return f"{weights}, float32 activations (the CPU kernels compute in float32{products})"
 
 
 def float_only(ctx: BenchContext) -> None:

@@ -16,7 +16,7 @@ from nimblelm.engine.sequence import Request, Sequence
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.structured import StructuredOutputBackend, grammar_bitmask
 from nimblelm.errors import InvalidRequestError
-from nimblelm.kernels import cpu_ops
+from nimblelm.kernels import bf16_products_in_words, cpu_ops
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nimblelm.platform import resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
@@ -69,8 +69,8 @@ class LLMEngine:
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         # What the engine chose, in words, for the server's start line (dtype="auto" decides it here).
         compute = f"{_name(self.dtype)} compute"
-        if getattr(method, "name", None) == "bf16" and cpu_ops().amx_rows():
-            compute += f" (bfloat16 linears of {cpu_ops().amx_rows()} rows and more on AMX tiles)"
+        if getattr(method, "name", None) == "bf16" and bf16_products_in_words():
+            compute += f" (bfloat16 linears {bf16_products_in_words()})"
         self.precision = f"{weights} weights, {compute}, {_name(self.kv_dtype)} KV cache"
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

@@ -1,6 +1,7 @@
 """C++ kernels compiled on first use with torch's extension builder (gcc, -march=native): the build targets
-the CPU it runs on, so each machine gets the widest variant its features allow (scalar, AVX2, AVX-512,
-and AMX tiles for bfloat16 weights where the CPU and the OS offer them).
+the CPU it runs on, so each machine gets the widest variant its features allow (scalar, AVX2, AVX-512),
+and bfloat16 weights at several rows multiply on AMX tiles or by AVX-512 BF16 dot products where the CPU
+and the OS offer them and they are faster (choose_bf16_products).
 
 NIMBLELM_KERNEL_ISA caps the variant: "avx512" (no AMX tiles), "avx2" or "scalar" build the kernels as for
 a CPU without the wider features, which is how tests check every narrower variant on a wide CPU.
@@ -42,16 +43,43 @@ def cpu_ops():
         _drop_stale_lock(name)
         load(name=name, sources=[str(p) for p in sorted(folder.glob("*.cpp"))],
              extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
-        torch.ops.nimblelm.set_amx(isa == "native")
-        return torch.ops.nimblelm
+        ops = torch.ops.nimblelm
+        choose_bf16_products(ops, isa)
+        return ops
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to torch ops
         warnings.warn(f"nimblelm: C++ kernels unavailable, using torch ops ({e.__class__.__name__}: {e})", stacklevel=2)
         return None
 
 
-# The compiler flags of each cap on the variant; -mno-avx512f also drops AMX's bfloat16 path, which needs
-# AVX-512 to round activations. "avx512" is the native build with AMX switched off at run time.
+# The compiler flags of each cap on the variant; -mno-avx512f also drops the bfloat16 products (AMX tiles,
+# AVX-512 BF16), which need AVX-512 to round activations. "avx512" is the native build with AMX switched off
+# at run time (AVX-512 BF16 dot products instead, where the CPU has them).
 ISA_FLAGS = {"native": [], "avx512": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx"]}
+
+
+def choose_bf16_products(ops, isa: str) -> None:
+    """Switch on the bfloat16 products that multiply fastest here. AMX tiles where offered (the avx512 cap
+    leaves them out): 2-4x the panel kernel from 16 rows. AVX-512 BF16 dot products only where a start-up
+    probe (32 rows of a SmolLM2-sized layer, best of 5 each) finds them at least 1.2x the panel kernel: their
+    throughput differs by CPU (0.6x on the Xeon of 2026-12-04), and the margin keeps a close call from
+    flipping between runs, which would change how activations are rounded."""
+    if isa == "native" and ops.set_bf16_products("amx"):
+        return
+    if not ops.set_bf16_products("dot"):
+        ops.set_bf16_products("off")
+        return
+    panels, x = ops.pack_panels(torch.randn(1536, 576).bfloat16()), torch.randn(32, 576)
+
+    def best_time(kind: str) -> float:
+        ops.set_bf16_products(kind)
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            ops.packed_linear(x, panels, 1536, None)
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    ops.set_bf16_products("dot" if 1.2 * best_time("dot") <= best_time("off") else "off")
 
 
 def kernel_isa_cap() -> str:
@@ -66,9 +94,21 @@ def kernels_in_use() -> str:
     ops = cpu_ops()
     if ops is None:
         return "torch ops (no C++ kernels)"
-    amx_rows = ops.amx_rows()
     text = f"C++ kernels, {ops.simd()}"
-    return text + (f"; bfloat16 weights on AMX tiles from {amx_rows} rows" if amx_rows else "")
+    products = bf16_products_in_words()
+    return text + (f"; bfloat16 weights {products}" if products else "")
+
+
+BF16_PRODUCTS = {"amx": "on AMX tiles", "dot": "by AVX-512 BF16 dot products"}
+
+
+def bf16_products_in_words() -> str:
+    """How bfloat16 linears of several rows multiply, e.g. "on AMX tiles from 8 rows"; "" for the panel
+    kernel's float32 FMAs throughout."""
+    ops = cpu_ops()
+    if ops is None or not ops.bf16_product_rows():
+        return ""
+    return f"{BF16_PRODUCTS[ops.bf16_products()]} from {ops.bf16_product_rows()} rows"
 
 
 def build_name(folder: Path, flags: list[str] = ()) -> str:

@@ -2,7 +2,7 @@
 // kernels tuned for other shapes. This file registers them as torch custom ops, torch.ops.nimblelm.*, so
 // that a traced decode step (engine/step_capture.py) can call them from TorchScript; they live by topic:
 //   gemm.cpp          packed_linear, the float32 linear over weights packed in panels (pack_panels)
-//   amx_gemm.cpp      its bfloat16 path on AMX tiles (set_amx switches it)
+//   bf16_gemm.cpp     its bfloat16 path for several rows: AMX tiles or AVX-512 BF16 dot products
 //   quant_gemm.cpp    int8_linear, w8a8_linear, int4_linear, int8_dequantize, int4_dequantize
 //   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), prefill_attention
 //   elementwise.cpp   rms_norm, add_rms_norm_, rope_, silu_mul, greedy_tokens
@@ -26,10 +26,12 @@ static std::string simd() {
 TORCH_LIBRARY(nimblelm, m) {
   m.def("pack_panels(Tensor w) -> Tensor");  // w [N, K] as panels of 16 output columns, [ceil(N / 16), Kp, 16]
   m.def("packed_linear(Tensor x, Tensor panels, int N, Tensor? bias) -> Tensor");  // w as pack_panels stored it
-  // AMX tiles for bfloat16 panels from now on, where allowed: the fewest rows they take, 0 for off. No
-  // tensor to dispatch on, so registered with its function, for every backend.
-  m.def("set_amx(bool enable) -> int", &set_amx);
-  m.def("amx_rows() -> int", &amx_rows);  // the same, without switching
+  // bfloat16 products for bfloat16 panels from now on ("amx", "dot" or "off"), where offered: the fewest
+  // rows they take, 0 for off. No tensor to dispatch on, so registered with their functions, for every
+  // backend.
+  m.def("set_bf16_products(str kind) -> int", &set_bf16_products);
+  m.def("bf16_products() -> str", &bf16_products);  // the kind serving
+  m.def("bf16_product_rows() -> int", &bf16_product_rows);  // the fewest rows it takes, 0 for off
   m.def("simd() -> str", &simd);  // the vector instructions this build's kernels use, in words
   // x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias, int group) -> Tensor");

@@ -67,14 +67,16 @@ static void skinny_panels(int64_t rows, const float* x, int64_t K, const W* w, i
 }
 
 // y = x @ w.T for x [M, K] and w as pack_panels stored it, Kp deep, in float32, bfloat16 or float16 (W).
+// With bfloat16 panels, pairs may hold x rounded to bfloat16 pairs [M, Kp / 2] (dot_pairs): then the tiles
+// are AVX-512 BF16 dot products.
 template <typename W>
 static void panels_matmul(const float* xp, const W* wp, float* yp, int64_t M, int64_t K, int64_t Kp, int64_t N,
-                          int64_t P) {
+                          int64_t P, const int32_t* pairs = nullptr) {
   const int64_t slices = (K + KC_MAX - 1) / KC_MAX, KC = ((K + slices - 1) / slices + 1) & ~int64_t(1);  // even: whole bfloat16 pairs
   const int64_t ld = Kp * NR;
   // Each thread owns a run of panels; activations are re-read from cache instead.
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    if (M <= 2) return skinny_panels(M, xp, K, wp, ld, p0, p1, N, yp);
+    if (M <= 2 && !pairs) return skinny_panels(M, xp, K, wp, ld, p0, p1, N, yp);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
@@ -87,6 +89,18 @@ static void panels_matmul(const float* xp, const W* wp, float* yp, int64_t M, in
           for (int64_t m = m0; m < m1; m += MR) {
             const int64_t rows = std::min(MR, m1 - m);
             const W* pf = m == m0 ? next : nullptr;
+#if defined(__AVX512BF16__)
+            if constexpr (std::is_same_v<W, at::BFloat16>) {
+              if (pairs) {
+                const int32_t* a = pairs + m * (Kp / 2) + k0 / 2;
+                if (panels == TILE_PANELS)
+                  dot_rows<TILE_PANELS>(rows, a, Kp / 2, b, ld, (kc + 1) / 2, yp + m * N + p * NR, N, k0 > 0, ncols, pf);
+                else
+                  dot_rows<1>(rows, a, Kp / 2, b, ld, (kc + 1) / 2, yp + m * N + p * NR, N, k0 > 0, ncols, pf);
+                continue;
+              }
+            }
+#endif
             if (panels == TILE_PANELS)
               tile<TILE_PANELS>(rows, xp + m * K + k0, K, b, ld, kc, yp + m * N + p * NR, N, k0 > 0, ncols, pf);
             else
@@ -116,7 +130,8 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::option
     panels_matmul(x.data_ptr<float>(), panels.data_ptr<float>(), yp, M, K, Kp, N, P);
   else if (type == at::kBFloat16) {
     const auto* wp = panels.data_ptr<at::BFloat16>();
-    if (!amx_linear(x.data_ptr<float>(), wp, yp, M, K, Kp, N)) panels_matmul(x.data_ptr<float>(), wp, yp, M, K, Kp, N, P);
+    if (!amx_linear(x.data_ptr<float>(), wp, yp, M, K, Kp, N))
+      panels_matmul(x.data_ptr<float>(), wp, yp, M, K, Kp, N, P, dot_pairs(x.data_ptr<float>(), M, K, Kp));
   } else
     panels_matmul(x.data_ptr<float>(), panels.data_ptr<at::Half>(), yp, M, K, Kp, N, P);
   if (bias.has_value()) {

@@ -4,17 +4,24 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 
 // gemm.cpp: the float32 linear over weights packed in panels.
 at::Tensor pack_panels(at::Tensor w);
 at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::optional<at::Tensor> bias);
 
-// amx_gemm.cpp: packed_linear's bfloat16 path on AMX tiles; false (and nothing done) where it does not apply.
+// bf16_gemm.cpp: bfloat16 panels at several rows, with the activations rounded to bfloat16. amx_linear:
+// packed_linear on AMX tiles, false (nothing done) where they do not serve M rows. dot_pairs: x rounded to
+// bfloat16 pairs [M, Kp / 2] for the dot-product tiles (this thread's buffer, until its next call), nullptr
+// where they do not serve M rows.
 bool amx_linear(const float* x, const at::BFloat16* panels, float* y, int64_t M, int64_t K, int64_t Kp, int64_t N);
-// Whether AMX tiles serve from now on (enable, and the CPU, the build and the OS allow them): the fewest
-// rows they take, 0 for off.
-int64_t set_amx(bool enable);
-int64_t amx_rows();
+const int32_t* dot_pairs(const float* x, int64_t M, int64_t K, int64_t Kp);
+// Which bfloat16 products serve from now on: "amx" (tiles), "dot" (AVX-512 BF16) or "off" (the panel
+// kernel); a kind the CPU, the build or the OS lacks turns them off. Returns the fewest rows they take, 0
+// for off.
+int64_t set_bf16_products(const std::string& kind);
+std::string bf16_products();
+int64_t bf16_product_rows();
 
 // quant_gemm.cpp: the int8, W8A8 and int4 linears, and their weights dequantized.
 at::Tensor int8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,

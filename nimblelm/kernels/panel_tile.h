@@ -4,6 +4,7 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -174,3 +175,53 @@ static void tile(int64_t rows, const float* a, int64_t lda, const W* b, int64_t 
   }
   panel_tile<R, PANELS, W>(a, lda, b, ldb, kc, c, ldc, accumulate, ncols, prefetch);
 }
+
+#if defined(__AVX512BF16__)
+// The tile with AVX-512 BF16 dot products, for bfloat16 panels and activations rounded to bfloat16 pairs
+// (int32 each, lda pairs apart): c[r, 0:ncols] (+)= a[r] . b for ROWS rows and PANELS panels (ldb values
+// apart), `pairs` k-pairs deep. One VDPBF16PS multiplies a broadcast pair by a panel's 16 columns x 2
+// k-values, one 64-byte load of the pair layout, and adds both products: twice a float32 FMA's work.
+template <int ROWS, int PANELS>
+static inline void dot_tile(const int32_t* a, int64_t lda, const c10::BFloat16* b, int64_t ldb, int64_t pairs, float* c,
+                            int64_t ldc, bool accumulate, int64_t ncols, const c10::BFloat16* prefetch) {
+  __m512 acc[ROWS][PANELS];
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < PANELS; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < pairs; ++kk) {
+    __m512bh bv[PANELS];
+#pragma GCC unroll 2
+    for (int j = 0; j < PANELS; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + j * ldb + kk * 2 * NR);
+    if (prefetch) {
+#pragma GCC unroll 2
+      for (int j = 0; j < PANELS; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * ldb + kk * 2 * NR), _MM_HINT_T0);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a[r * lda + kk]);
+#pragma GCC unroll 2
+      for (int j = 0; j < PANELS; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int j = 0; j < PANELS; ++j) {
+    const __mmask16 keep = __mmask16((1u << std::min<int64_t>(std::max<int64_t>(ncols - NR * j, 0), NR)) - 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) {
+      float* cj = c + r * ldc + NR * j;
+      _mm512_mask_storeu_ps(cj, keep, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(keep, cj), acc[r][j]) : acc[r][j]);
+    }
+  }
+}
+
+// Up to R rows: dot_tile with the row count as a constant.
+template <int PANELS, int R = MR>
+static void dot_rows(int64_t rows, const int32_t* a, int64_t lda, const c10::BFloat16* b, int64_t ldb, int64_t pairs,
+                     float* c, int64_t ldc, bool accumulate, int64_t ncols, const c10::BFloat16* prefetch) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_rows<PANELS, R - 1>(rows, a, lda, b, ldb, pairs, c, ldc, accumulate, ncols, prefetch);
+  }
+  dot_tile<R, PANELS>(a, lda, b, ldb, pairs, c, ldc, accumulate, ncols, prefetch);
+}
+#endif

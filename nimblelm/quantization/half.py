@@ -1,8 +1,8 @@
 """16-bit weights (bfloat16 or float16) for float32 activations: half the bytes of float32 per decode step.
 On the CPU the weights live in pack_panels' layout, and the panel kernel widens each value in registers (a
 bfloat16's bits are the top half of a float32; float16 through F16C) for float32 arithmetic; on a CPU with
-AMX, steps of 8 rows and more multiply bfloat16 weights on tiles, with the activations rounded to
-bfloat16 (kernels/amx_gemm.cpp). Elsewhere torch multiplies by the widened weight."""
+AMX (or AVX-512 BF16, where faster), steps of 8 rows and more multiply bfloat16 weights by the activations
+rounded to bfloat16 (kernels/bf16_gemm.cpp). Elsewhere torch multiplies by the widened weight."""
 
 from __future__ import annotations
 

@@ -1,0 +1,183 @@
+// bf16_linear: packed_linear for bfloat16 panels at several rows, where float32 FMAs bound the panel
+// kernel: the activations are rounded to bfloat16 once per call and multiplied by the panels as stored, on
+// AMX tiles (Intel Sapphire Rapids and later) or by AVX-512 BF16 dot products (AMD Zen 4 and later, Intel
+// Cooper Lake and later), accumulating in float32. pack_panels interleaves a bfloat16 panel's k-values in
+// pairs, [ceil(N / 16), Kp / 2, 16, 2], the layout both read:
+// - a tile instruction (TDPBF16PS) multiplies 16 rows by 32 k-values by 16 columns, 16 times the work of
+//   one float32 FMA register; a panel's 32 k-values are one 1 KiB B tile, loaded as stored. Four
+//   accumulator tiles hold 32 rows by two panels; each step of 32 k-values loads two A and two B tiles for
+//   four products.
+// - VDPBF16PS multiplies one broadcast pair of activations by a panel's 16 columns x 2 k-values (one
+//   64-byte load) and adds both products to 16 float32 accumulators: twice a float32 FMA's work, for half
+//   the broadcasts. A tile is 12 rows by two panels, as the panel kernel's.
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "ops.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// x [M, K] float32 -> [Mp, Kp] bfloat16 (round to nearest even), zero padded to whole tiles.
+static void round_rows(const float* x, int64_t M, int64_t K, at::BFloat16* xb, int64_t Mp, int64_t Kp) {
+  for (int64_t m = 0; m < Mp; ++m) {
+    __m512i* out = reinterpret_cast<__m512i*>(xb + m * Kp);
+    for (int64_t k = 0; k < Kp; k += 32, ++out) {
+      const int64_t lo = m < M ? std::clamp<int64_t>(K - k, 0, 16) : 0;
+      const int64_t hi = m < M ? std::clamp<int64_t>(K - k - 16, 0, 16) : 0;
+      const __m512 a = _mm512_maskz_loadu_ps(__mmask16((1u << lo) - 1), x + m * K + k);
+      const __m512 b = _mm512_maskz_loadu_ps(__mmask16((1u << hi) - 1), x + m * K + k + 16);
+      _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+  }
+}
+
+// Each thread's copy of the rounded activations, kept between calls: every thread rounds all rows itself,
+// which at 32 rows is cheaper than a parallel region of its own and its wait (a 64-column call on AMX:
+// 7.0 us against 15.5).
+static const at::BFloat16* rounded(const float* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp) {
+  thread_local std::vector<at::BFloat16> xb;
+  xb.resize(Mp * Kp);
+  round_rows(x, M, K, xb.data(), Mp, Kp);
+  return xb.data();
+}
+
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// Linux hands out the 8 KiB of tile state only to a process that asks (arch_prctl, XTILEDATA); a VM or
+// kernel may refuse, and then AMX is not offered.
+static bool amx_permitted() {
+  constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: float32 accumulators (rows 0-15 and 16-31, by panels p and p + 1); 4-5: activations; 6-7: panels.
+static void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+  _tile_loadconfig(&config);
+}
+
+// c[32][32] = 16 or 32 rows of a (lda values apart) times one or two panels (ldb values apart), kp deep.
+// prefetch: two panels further on, to L2 while these are multiplied (weights streaming from DRAM, 200
+// SmolLM2-shaped layers, 32 rows, 2 threads, Xeon, 2026-12-04: 24.2 GB/s against 22.0 without; the
+// next pair of panels instead: 23.0, four pairs on: 22.6).
+template <bool TWO_ROWS, bool TWO_PANELS>
+static void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b, int64_t ldb, int64_t kp, float* c,
+                       const at::BFloat16* prefetch) {
+  _tile_zero(0);
+  if constexpr (TWO_PANELS) _tile_zero(1);
+  if constexpr (TWO_ROWS) _tile_zero(2);
+  if constexpr (TWO_ROWS && TWO_PANELS) _tile_zero(3);
+  for (int64_t k = 0; k < kp; k += 32) {
+    if (prefetch) {
+      for (int64_t i = 0; i < 32 * 16; i += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + k * 16 + i), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + ldb + k * 16 + i), _MM_HINT_T1);
+      }
+    }
+    _tile_loadd(4, a + k, lda * 2);
+    _tile_loadd(6, b + k * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (TWO_PANELS) {
+      _tile_loadd(7, b + ldb + k * 16, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (TWO_ROWS) {
+      _tile_loadd(5, a + 16 * lda + k, lda * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (TWO_PANELS) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 32 * 4);
+  if constexpr (TWO_PANELS) _tile_stored(1, c + 16, 32 * 4);
+  if constexpr (TWO_ROWS) _tile_stored(2, c + 16 * 32, 32 * 4);
+  if constexpr (TWO_ROWS && TWO_PANELS) _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+}
+
+static void amx_tiles(const float* x, const at::BFloat16* panels, float* y, int64_t M, int64_t K, int64_t Kp,
+                      int64_t N) {
+  const int64_t Mp = (M + 15) / 16 * 16, P = (N + 15) / 16;
+  // Each thread owns a run of panel pairs and runs every row block against it: the weights stream once.
+  at::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
+    const at::BFloat16* xb = rounded(x, M, K, Mp, Kp);
+    configure_tiles();
+    alignas(64) float c[32 * 32];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t p = 2 * q, cols = std::min<int64_t>(32, N - p * 16);
+      const at::BFloat16* b = panels + p * Kp * 16;
+      for (int64_t m = 0; m < Mp; m += 32) {
+        const at::BFloat16* a = xb + m * Kp;
+        const bool two_rows = m + 16 < Mp, two_panels = cols > 16;
+        const at::BFloat16* next = m == 0 && q + 2 < q1 ? b + 4 * Kp * 16 : nullptr;
+        if (two_rows && two_panels) tile_block<true, true>(a, Kp, b, Kp * 16, Kp, c, next);
+        else if (two_rows) tile_block<true, false>(a, Kp, b, Kp * 16, Kp, c, next);
+        else if (two_panels) tile_block<false, true>(a, Kp, b, Kp * 16, Kp, c, next);
+        else tile_block<false, false>(a, Kp, b, Kp * 16, Kp, c, next);
+        for (int64_t r = m; r < std::min(M, m + 32); ++r) std::copy_n(c + (r - m) * 32, cols, y + r * N + p * 16);
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+// Which products serve, and from how many rows. Tiles from 8 rows (half a tile) beat the panel kernel's
+// float32 FMAs on SmolLM2's layers: 337 against 258 GFLOP/s at 8 rows, 668 against 297 at 16, 1549
+// against 354 at 512 (1536 x 576, 2 threads, Xeon with AMX, benchmarks/scripts/half_linear.py,
+// 2026-12-04); at 1-4 rows every path streams the weights at the same speed from memory. Dot products take
+// the same 8 rows, untimed where they could win (AMD Zen 4): on that Xeon they reach 201-225 GFLOP/s, under
+// the panel kernel, which is why kernels/__init__.py switches them on only where a start-up probe finds
+// them faster.
+enum Products { OFF, DOT, AMX };
+constexpr int64_t MIN_ROWS[] = {0, 8, 8};
+static std::atomic<int> products{OFF};
+
+static bool offered(Products kind) {
+  switch (kind) {
+#if defined(__AVX512BF16__)
+    case DOT: return true;
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    case AMX: return amx_permitted();
+#endif
+    default: return kind == OFF;
+  }
+}
+
+int64_t set_bf16_products(const std::string& kind) {
+  const Products want = kind == "amx" ? AMX : kind == "dot" ? DOT : OFF;
+  TORCH_CHECK(want != OFF || kind == "off", "set_bf16_products: \"amx\", \"dot\" or \"off\", not \"", kind, "\"");
+  products = offered(want) ? want : OFF;
+  return bf16_product_rows();
+}
+
+std::string bf16_products() { return products == AMX ? "amx" : products == DOT ? "dot" : "off"; }
+
+int64_t bf16_product_rows() { return MIN_ROWS[products]; }
+
+bool amx_linear(const float* x, const at::BFloat16* panels, float* y, int64_t M, int64_t K, int64_t Kp, int64_t N) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  if (products == AMX && M >= MIN_ROWS[AMX]) return amx_tiles(x, panels, y, M, K, Kp, N), true;
+#endif
+  return false;
+}
+
+const int32_t* dot_pairs(const float* x, int64_t M, int64_t K, int64_t Kp) {
+#if defined(__AVX512BF16__)
+  if (products == DOT && M >= MIN_ROWS[DOT]) return reinterpret_cast<const int32_t*>(rounded(x, M, K, M, Kp));
+#endif
+  return nullptr;
+}
