@@ -146,7 +146,11 @@ def test_direct_layers_hold_exactly_the_dequantized_weights(mixed_gguf):
     assert set(direct.fallbacks) == {"layers.1.self_attn.qkv_proj", "layers.1.mlp.gate_up_proj",
                                      "layers.1.self_attn.o_proj"}
     fp32 = LLM(str(mixed_gguf), max_model_len=64).llm_engine.runner.model
-    model = LLM(str(mixed_gguf), max_model_len=64, quantization="gguf").llm_engine.runner.model
+    said = r"3 linear layers dequantized to float, their fused GGUF parts \(.*Q8_0 \+ Q8_0 \+ Q4_0"
+    with pytest.warns(UserWarning, match=said):
+        engine = LLM(str(mixed_gguf), max_model_len=64, quantization="gguf").llm_engine
+    assert "3 linear layers dequantized" in engine.precision  # and the server's ready line says it
+    model = engine.runner.model
     kinds = {}
     for name, module in model.named_modules():
         if isinstance(module, Linear):

@@ -360,6 +360,6 @@ def test_the_narrower_variants_pass_the_kernel_tests(isa):
     here = Path(__file__).parent
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *VARIANT_TESTS],
                          cwd=here, env=os.environ | {"NIMBLELM_KERNEL_ISA": isa}, capture_output=True, text=True,
-                         timeout=1200)
+                         timeout=1200, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,6 +60,13 @@ class LLMEngine:
         if config.dtype == "auto" and kernels:
             self.dtype = loaded.stored_dtype
         weights = config.quantization if config.quantization not in (None, "none") else _name(self.dtype)
+        if loaded.fallbacks:
+            # Said once, at start: these layers read several times the bytes of the file's own types.
+            kinds = ", ".join(sorted({" + ".join(parts) for parts in loaded.fallbacks.values()}))
+            fallback = (f"{len(loaded.fallbacks)} linear layers dequantized to float, their fused GGUF parts "
+                        f"({kinds}) sharing no integer format")
+            warnings.warn(f"nimblelm: {fallback}", stacklevel=3)
+            weights += f" ({fallback})"
         if self.dtype in HALF_WEIGHTS and kernels:
             # The CPU kernels compute in float32: a 16-bit dtype here means 16-bit storage for the linear
             # weights that stay in float (widened in registers: half of float32's bytes per decode step),
