@@ -219,6 +219,8 @@ def test_prompt_gen_test_on_the_tiny_model(tiny_llama, tmp_path, monkeypatch):
 
 def test_cli_smoke_latency_throughput_roofline(tiny_llama, tmp_path, monkeypatch):
     from nimblelm.bench.cli import main
+    from nimblelm.bench.roofline import matmul_weights_per_token
+    from nimblelm.models.loader import load_model
 
     monkeypatch.setenv("NIMBLELM_LLAMA_CPP_BIN", str(tmp_path / "nobin"))
     monkeypatch.setenv("NIMBLELM_VLLM_VENV", str(tmp_path / "novenv"))
@@ -228,8 +230,12 @@ def test_cli_smoke_latency_throughput_roofline(tiny_llama, tmp_path, monkeypatch
     lat = json.loads((tmp_path / "lat" / "results.json").read_text())
     assert [r["test"] for r in lat["results"]] == ["pp8", "tg4", "pg8+4"]
     assert lat["machine"]["memory_bandwidth_gbs"] > 0 and lat["machine"]["matmul_peak_gflops"]["float32"] > 0
-    tg = lat["results"][1]
+    pp, tg = lat["results"][:2]
     assert 0 < tg["pct_of_bw_limit"] and tg["bw_limit_ts"] > 0
+    peak = lat["machine"]["matmul_peak_gflops"]["float32"]
+    assert pp["peak_gflops"] == peak and pp["pct_of_peak"] == pytest.approx(100 * pp["gflops"] / peak)
+    assert pp["gflops"] == pytest.approx(2 * matmul_weights_per_token(load_model(model, progress=False).config) * pp["mean_ts"] / 1e9)
+    assert "pct_of_peak" not in tg and f"% of {peak:.0f})" in (tmp_path / "lat" / "report.md").read_text()
     assert lat["backends"]["vllm"]["status"] == "skipped" and lat["backends"]["llama.cpp"]["status"] == "skipped"
     assert (tmp_path / "lat" / "latency.png").is_file()
 

@@ -235,7 +235,8 @@ def _prepare(args):
     if not getattr(args, "no_measure", False):
         from nimblelm.bench.roofline import quick_measure
 
-        machine.update(quick_measure(threads))
+        # bfloat16 runs multiply in bfloat16 (AMX tiles, oneDNN): their peak is that dtype's
+        machine.update(quick_measure(threads, ("float32", "bfloat16") if args.dtype == "bfloat16" else ("float32",)))
     return ctx, backends, opts, machine
 
 
@@ -307,7 +308,8 @@ def run_latency_command(args) -> dict:
     _check_context(ctx)
     ctx.max_num_seqs = max(ctx.max_num_seqs, max(b))
     out = run_latency(ctx, backends, tests, repeat=args.repeat, warmup=args.warmup, backend_opts=opts,
-                      progress=not args.no_progress, bandwidth_gbs=machine.get("memory_bandwidth_gbs"))
+                      progress=not args.no_progress, bandwidth_gbs=machine.get("memory_bandwidth_gbs"),
+                      peak_gflops=_peak_gflops(machine, args.dtype))
     config = {"model": args.model, "dtype": args.dtype, "backends": backends, "n_prompt": p, "n_gen": n,
               "batch": b, "prompt_gen": pg, "repeat": args.repeat, "warmup": args.warmup, "threads": ctx.threads,
               "seed": args.seed, "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs,
@@ -378,6 +380,13 @@ def build_workload(args, ctx, pass_index: int = 0) -> list:
                                     max_total_len=limit)[k * n:]
 
 
+def _peak_gflops(machine: dict, dtype: str) -> float | None:
+    """The measured matmul peak a run's prefill compares with: its dtype's, float32's for runs computing in
+    float32 (float32 and quantized weights, which prefill as float32 GEMMs)."""
+    peaks = machine.get("matmul_peak_gflops") or {}
+    return peaks.get(dtype) or peaks.get("float32")
+
+
 def run_throughput_command(args) -> dict:
     from nimblelm.bench.throughput import run_throughput
 
@@ -395,7 +404,7 @@ def run_throughput_command(args) -> dict:
     _fit_context(ctx, workloads)
     out = run_throughput(ctx, backends, workloads, warmup=args.warmup, backend_opts=opts,
                          progress=not args.no_progress,
-                         peak_gflops=(machine.get("matmul_peak_gflops") or {}).get(args.dtype))
+                         peak_gflops=_peak_gflops(machine, args.dtype))
     config = {"model": args.model, "dtype": args.dtype, "backends": backends, "dataset": args.dataset,
               "num_prompts": args.num_prompts, "seed": args.seed, "repeat": args.repeat, "warmup": args.warmup,
               "threads": ctx.threads, "max_model_len": ctx.max_model_len, "max_num_seqs": ctx.max_num_seqs,

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from nimblelm.bench.backends import BenchContext, LatencyTest, mean_std
+from nimblelm.bench.roofline import matmul_weights_per_token
 from nimblelm.bench.runner import interleave, log
 from nimblelm.errors import InvalidRequestError
 
@@ -32,13 +33,15 @@ def make_tests(n_prompt: Sequence[int], n_gen: Sequence[int], batch: Sequence[in
 
 def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[LatencyTest], *, repeat: int = 5,
                 warmup: int = 1, backend_opts: dict | None = None, progress: bool = True,
-                logger: Callable[[str], None] = log, bandwidth_gbs: float | None = None) -> dict:
+                logger: Callable[[str], None] = log, bandwidth_gbs: float | None = None,
+                peak_gflops: float | None = None) -> dict:
     """Measure every test on every backend. Returns {"results": [...], "backends": {...}}.
 
     Repetitions are interleaved: each one runs on every backend in turn (the first after `warmup` untimed
     runs), so that the machine's drift does not land in the ratios between backends.
     With the machine's measured bandwidth, batch-1 tg rows also get the decode limit it implies for that
-    backend's weight bytes (bandwidth / bytes per token) and the share of it reached.
+    backend's weight bytes (bandwidth / bytes per token) and the share of it reached; with its matmul peak,
+    pp rows get their GFLOP/s (2 FLOPs per weight per token, attention left out) and the share of the peak.
     """
     if repeat < 1:
         raise InvalidRequestError(f"--repeat must be >= 1, got {repeat}")
@@ -90,5 +93,9 @@ def run_latency(ctx: BenchContext, backends: Sequence[str], tests: Sequence[Late
                 if bandwidth_gbs:
                     row["bw_limit_ts"] = bandwidth_gbs * 1e9 / nbytes
                     row["pct_of_bw_limit"] = 100.0 * row["mean_gbps"] / bandwidth_gbs
+            if test.kind == "pp" and peak_gflops:
+                row["gflops"] = 2.0 * matmul_weights_per_token(ctx.config) * m / 1e9
+                row["peak_gflops"] = peak_gflops
+                row["pct_of_peak"] = 100.0 * row["gflops"] / peak_gflops
             results.append(row)
     return {"results": results, "backends": statuses}

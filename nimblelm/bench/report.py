@@ -97,8 +97,8 @@ def backend_lines(statuses: dict) -> list[str]:
 def latency_markdown(report: dict) -> str:
     out = ["## nimblelm bench latency", ""]
     out += machine_lines(report) + backend_lines(report["backends"]) + [""]
-    out.append("| backend | test | batch | threads | t/s | GB/s | % of bandwidth limit |")
-    out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    out.append("| backend | test | batch | threads | t/s | GB/s | % of bandwidth limit | GFLOP/s (% of matmul peak) |")
+    out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in report["results"]:
         gbps = fmt_mean_std(r["mean_gbps"], r["std_gbps"]) if "mean_gbps" in r else ""
         one = len(r.get("samples_ts", [])) == 1
@@ -106,7 +106,8 @@ def latency_markdown(report: dict) -> str:
             gbps = fmt_mean_std(r["mean_gbps"])
         out.append(f"| {r['backend']} | {r['test']} | {r['batch']} | {r['threads']} | "
                    f"{fmt_mean_std(r['mean_ts'], None if one else r['std_ts'])} | {gbps} | "
-                   + (f"{r['pct_of_bw_limit']:.0f}% of {r['bw_limit_ts']:.1f} |" if "pct_of_bw_limit" in r else " |"))
+                   + (f"{r['pct_of_bw_limit']:.0f}% of {r['bw_limit_ts']:.1f} |" if "pct_of_bw_limit" in r else " |")
+                   + (f" {r['gflops']:.1f} ({r['pct_of_peak']:.0f}% of {r['peak_gflops']:.0f}) |" if "gflops" in r else " |"))
     reps = report["config"].get("repeat")
     note = (f"t/s: mean ± std over {reps} repetitions (after {report['config'].get('warmup')} warm-up). "
             "pp: batch × prompt tokens / time to the first token. tg: batch × decoded tokens / decode time "
@@ -114,7 +115,9 @@ def latency_markdown(report: dict) -> str:
             "llama.cpp: as llama-bench and llama-batched-bench count them). "
             "pg: generated tokens / end-to-end time of a prompt then its generation (the survey's batch-1 "
             "inference figure). GB/s (tg, batch 1): bytes of weights read per token × t/s; its limit is the "
-            "machine's measured read bandwidth / those bytes.")
+            "machine's measured read bandwidth / those bytes. GFLOP/s (pp): 2 × weights per token × t/s "
+            "(attention left out), against the measured torch.matmul peak of the run's dtype (float32 for "
+            "float32 and quantized weights).")
     out += ["", note]
     return "\n".join(out) + "\n"
 

@@ -97,14 +97,16 @@ def prefill_limit(cfg, gflops: float) -> float:
     return gflops * 1e9 / (2.0 * matmul_weights_per_token(cfg))
 
 
-def quick_measure(threads: int | None = None) -> dict:
-    """About a second of measurement for every run's machine record: DRAM bandwidth and fp32 matmul peak."""
+def quick_measure(threads: int | None = None, dtypes: Sequence[str] = ("float32",)) -> dict:
+    """About a second of measurement for every run's machine record: DRAM bandwidth and the matmul peak of
+    each dtype (float32, and the run's 16-bit dtype where it computes in one)."""
     bw = measure_bandwidth(256 << 20, repeats=5, threads=threads)
-    mm = measure_matmul("float32", MATMUL_SHAPES[0], budget_s=0.5)
+    mm = {dt: measure_matmul(dt, MATMUL_SHAPES[0], budget_s=0.5) for dt in dtypes}
     return {"memory_bandwidth_gbs": round(bw["best_gbs"], 2),
             "memory_bandwidth_median_gbs": round(bw["median_gbs"], 2),
             "bandwidth_working_set_bytes": bw["bytes"],
-            "matmul_peak_gflops": {"float32": round(mm["best_gflops"], 1)}, "matmul_shape": mm["shape"]}
+            "matmul_peak_gflops": {dt: round(m["best_gflops"], 1) for dt, m in mm.items()},
+            "matmul_shape": MATMUL_SHAPES[0]}
 
 
 def run_roofline(cfg, threads: int, dtypes: Sequence[str] = ("float32", "bfloat16", "float16"),
