@@ -46,9 +46,9 @@ def machine_lines(meta: dict) -> list[str]:
         (f"- software: python {m.get('python')}, torch {m.get('torch')}, "
          f"transformers {m.get('transformers') or '-'}; nimblelm commit {m.get('nimblelm_commit')}"),
         *([(f"- measured: memory bandwidth {m['memory_bandwidth_gbs']:.1f} GB/s (read, "
-            f"{_mib(m.get('bandwidth_working_set_bytes'))} working set), fp32 matmul peak "
-            f"{(m.get('matmul_peak_gflops') or {}).get('float32', float('nan')):.0f} GFLOP/s "
-            f"(`nimblelm bench roofline` for the full measurement)")] if m.get("memory_bandwidth_gbs") else []),
+            f"{_mib(m.get('bandwidth_working_set_bytes'))} working set), matmul peak "
+            + ", ".join(f"{dt} {g:.0f}" for dt, g in (m.get("matmul_peak_gflops") or {}).items())
+            + " GFLOP/s (`nimblelm bench roofline` for the full measurement)")] if m.get("memory_bandwidth_gbs") else []),
         *([(f"- threads: chosen at the start: other processes kept {m['threads_choice']['busy_cpus_at_start']:.1f} "
             f"CPUs busy, so {m.get('threads')} of {m['threads_choice']['physical_cores']} cores were used")]
           if m.get("threads_choice") else []),
@@ -156,7 +156,8 @@ def throughput_markdown(report: dict) -> str:
             "(not padding, nor the extra tokens a static batch makes its shorter requests compute); "
             f"mean ± std over {cfg.get('repeat')} pass(es) after {cfg.get('warmup')} warm-up. "
             "GFLOP/s: 2 × weights per token × (prompt + output tokens) / wall time (attention left out), "
-            "against the machine's measured fp32 matmul peak. Conversations run in rounds: the t-th turn of "
+            "against the machine's measured matmul peak of the run's dtype (float32 for float32 and quantized "
+            "weights). Conversations run in rounds: the t-th turn of "
             "every conversation once all (t-1)-th turns finished. "
             + prefix_cache.PASSES_NOTE + " " + prefix_cache.NOTE)
     out += ["", note]
