@@ -77,7 +77,10 @@ def test_int4_rejects_bad_group_sizes():
         quantize_int4(torch.randn(4, 96), 64)
 
 
-@pytest.mark.parametrize("rows", [5, Int4WeightOnly.KERNEL_MAX_ROWS, Int4WeightOnly.KERNEL_MAX_ROWS + 1])
+LIMITS_4 = (Int4WeightOnly.KERNEL_MAX_ROWS, Int4WeightOnly.SLICED_MAX_ROWS)
+
+
+@pytest.mark.parametrize("rows", [5, LIMITS_4[0], LIMITS_4[0] + 1, LIMITS_4[1], LIMITS_4[1] + 1])
 def test_int4_linear_matches_its_reference(rows):
     torch.manual_seed(1)
     w, x = torch.randn(48, 128), torch.randn(rows, 128)
@@ -85,13 +88,17 @@ def test_int4_linear_matches_its_reference(rows):
     assert layer.weight is None and layer.qweight.shape == (12, 256)  # in row tiles
     ref = F.linear(x, dequantize_int4(*layer.method.stored(layer).values()))
     # Up to KERNEL_MAX_ROWS the C++ kernel, which rounds activations to int8 per block of 32 (test_kernels
-    # checks it exactly on the rounded activations); above, the float GEMM of the layer dequantized, the
-    # same bits as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
-    assert torch.equal(layer(x), ref) == (rows > Int4WeightOnly.KERNEL_MAX_ROWS)
-    assert (layer(x) - ref).norm() < 0.01 * ref.norm()
+    # checks it exactly on the rounded activations); then the sliced float GEMM, on the same dequantized
+    # values in another order; above SLICED_MAX_ROWS the float GEMM of the layer dequantized, the same bits
+    # as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
+    y = layer(x)
+    if rows > LIMITS_4[1]:
+        assert torch.equal(y, ref)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5) == (rows > LIMITS_4[0])
+    assert (y - ref).norm() < 0.01 * ref.norm()
     # Against fp32: 4-bit rounding of Gaussian weights moves outputs by ~10% in relative norm.
     exact = F.linear(x, w)
-    assert (layer(x) - exact).norm() < 0.15 * exact.norm()
+    assert (y - exact).norm() < 0.15 * exact.norm()
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

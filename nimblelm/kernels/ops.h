@@ -32,6 +32,11 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
                        c10::optional<at::Tensor> bias, int64_t group);
 at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K,
                            int64_t group);
+// Prefill: x @ w.T (+ bias) in float32 on the dequantized values, a slice at a time.
+at::Tensor int8_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
+                               int64_t group);
+at::Tensor int4_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
+                               c10::optional<at::Tensor> bias, int64_t group);
 
 // elementwise.cpp: norms, rotary embedding, the MLP's activation, greedy tokens.
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);

@@ -97,15 +97,17 @@ class Int4WeightOnly(LinearMethod):
     """An eighth of the fp32 bytes, plus a scale per group and, unless the layer is symmetric, a minimum.
 
     Up to KERNEL_MAX_ROWS activation rows the C++ kernel multiplies the packed values as stored, with
-    activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches
-    (prefills) and other devices dequantize the layer and use the float GEMM.
+    activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); up to SLICED_MAX_ROWS
+    (prefills) a float GEMM dequantizes the weights a slice at a time (int4_dequant_linear); beyond that,
+    and on other devices, the layer is dequantized for torch's GEMM.
     """
 
     name = "int4"
-    # Where dequantizing (C++ int4_dequantize) for torch's float GEMM catches up: Qwen2.5-Coder-1.5B's
-    # four layer shapes, 2 threads, AVX-512 Xeon, medians of 6 alternated (2026-11-29): 144 ms in the
-    # kernel against 160 dequantized at 128 rows, 238 against 183 at 256, 474 against 282 at 512.
-    KERNEL_MAX_ROWS = 128
+    # Qwen2.5-Coder-1.5B's four layer shapes, 2 threads, Xeon with AMX, best of 3 (2026-12-04), ms: the
+    # integer kernel 34.4 at 64 rows, 52.2 at 96, 69.7 at 128; a slice at a time 40.0, 49.6, 58.5, and 204.2
+    # at 512 against 219.8 dequantized whole for torch's GEMM, which wins from 700 rows (284.7 against 302.8).
+    KERNEL_MAX_ROWS = 80
+    SLICED_MAX_ROWS = 512
 
     def __init__(self, group_size: int = 32, symmetric: bool = True):
         self.group_size = group_size
@@ -143,6 +145,8 @@ class Int4WeightOnly(LinearMethod):
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= self.KERNEL_MAX_ROWS:
             return ops.int4_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
+        if ops is not None and x.shape[0] <= self.SLICED_MAX_ROWS:
+            return ops.int4_dequant_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
         if ops is not None:
             w = ops.int4_dequantize(layer.qweight, layer.scales, layer.mins, layer.in_features, self.group_size)
             return F.linear(x, w, layer.bias)

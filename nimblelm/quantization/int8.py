@@ -33,15 +33,18 @@ class Int8WeightOnly(LinearMethod):
     """About a quarter of the fp32 bytes per decode step.
 
     Up to KERNEL_MAX_ROWS activation rows, the C++ kernel multiplies int8 weights by activations it
-    quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (prefills) and
-    other devices dequantize the layer and use the float GEMM, keeping activations unquantized.
+    quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (batched decode,
+    prefills) run a float GEMM that dequantizes the weights a slice at a time (int8_dequant_linear), up to
+    SLICED_MAX_ROWS; beyond that, and on other devices, the layer is dequantized for torch's GEMM. The
+    float paths keep activations unquantized.
     """
 
     name = "int8"
-    # Where dequantizing (C++ int8_dequantize) for torch's float GEMM catches up: Qwen2.5-Coder-1.5B's
-    # four layer shapes, 2 threads, AVX-512 Xeon, medians of 6 alternated (2026-11-29): 76 ms in the
-    # kernel against 98 dequantized at 64 rows, 151 against 111 at 128, 458 against 235 at 512.
-    KERNEL_MAX_ROWS = 64
+    # Qwen2.5-Coder-1.5B's four layer shapes, 2 threads, Xeon with AMX, best of 3 (2026-12-04), ms: the
+    # integer kernel 12.1 at 16 rows, 23.5 at 32, 45.2 at 64; a slice at a time 15.2, 20.0, 28.2, and 176.2
+    # at 512 against 221.9 dequantized whole for torch's GEMM, which wins at 2048 rows (701.7 against 774.8).
+    KERNEL_MAX_ROWS = 24
+    SLICED_MAX_ROWS = 512
 
     def __init__(self, group_size: int = 32):
         self.group_size = group_size
@@ -78,6 +81,8 @@ class Int8WeightOnly(LinearMethod):
         if ops is not None and self._kernel_group():
             if x.shape[0] <= self.KERNEL_MAX_ROWS:
                 return ops.int8_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
+            if x.shape[0] <= self.SLICED_MAX_ROWS:
+                return ops.int8_dequant_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
             w = ops.int8_dequantize(layer.qweight, layer.scales, layer.in_features, self.group_size)
             return F.linear(x, w, layer.bias)
         w = dequantize_int8(*(tiles.untile(layer, key) for key in ("qweight", "scales")))
