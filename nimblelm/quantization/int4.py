@@ -104,9 +104,9 @@ class Int4WeightOnly(LinearMethod):
 
     name = "int4"
     # Qwen2.5-Coder-1.5B's four layer shapes, 2 threads, Xeon with AMX, best of 3 (2026-12-04), ms: the
-    # integer kernel 34.4 at 64 rows, 52.2 at 96, 69.7 at 128; a slice at a time 40.0, 49.6, 58.5, and 204.2
-    # at 512 against 219.8 dequantized whole for torch's GEMM, which wins from 700 rows (284.7 against 302.8).
-    KERNEL_MAX_ROWS = 80
+    # integer kernel 17.3 at 32 rows, 26.1 at 48, 71.9 at 128; a slice at a time 18.1, 23.8, 51.4, and 175.4
+    # at 512 against 202.2 dequantized whole for torch's GEMM, which wins from 700 rows (284.7 against 302.8).
+    KERNEL_MAX_ROWS = 40
     SLICED_MAX_ROWS = 512
 
     def __init__(self, group_size: int = 32, symmetric: bool = True):

@@ -41,8 +41,8 @@ class Int8WeightOnly(LinearMethod):
 
     name = "int8"
     # Qwen2.5-Coder-1.5B's four layer shapes, 2 threads, Xeon with AMX, best of 3 (2026-12-04), ms: the
-    # integer kernel 12.1 at 16 rows, 23.5 at 32, 45.2 at 64; a slice at a time 15.2, 20.0, 28.2, and 176.2
-    # at 512 against 221.9 dequantized whole for torch's GEMM, which wins at 2048 rows (701.7 against 774.8).
+    # integer kernel 12.8 at 16 rows, 18.2 at 24, 23.7 at 32; a slice at a time 14.4, 17.3, 17.9, and 181.8
+    # at 512 against 213.2 dequantized whole for torch's GEMM, which wins at 2048 rows (701.7 against 774.8).
     KERNEL_MAX_ROWS = 24
     SLICED_MAX_ROWS = 512
 
