@@ -10,7 +10,7 @@ from tiny_models import TRAINING_TEXT
 from nimblelm import LLM, SamplingParams
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
-from nimblelm.quantization import awq, tiles
+from nimblelm.quantization import awq, int8, tiles
 from nimblelm.quantization.calibration import calibration_samples, capture_inputs
 from nimblelm.quantization.gptq import gptq_quantize
 from nimblelm.quantization.int4 import (
@@ -77,11 +77,14 @@ def test_int4_rejects_bad_group_sizes():
         quantize_int4(torch.randn(4, 96), 64)
 
 
-LIMITS_4 = (Int4WeightOnly.KERNEL_MAX_ROWS, Int4WeightOnly.SLICED_MAX_ROWS)
+LIMITS_4 = (Int4WeightOnly.KERNEL_MAX_ROWS, int8.SLICED_MAX_ROWS)
 
 
 @pytest.mark.parametrize("rows", [5, LIMITS_4[0], LIMITS_4[0] + 1, LIMITS_4[1], LIMITS_4[1] + 1])
-def test_int4_linear_matches_its_reference(rows):
+@pytest.mark.parametrize("large", [False, True])
+def test_int4_linear_matches_its_reference(rows, large, monkeypatch):
+    if large:  # the layer counts as large enough for the sliced GEMM
+        monkeypatch.setattr(int8, "SLICED_MIN_WEIGHTS", 0)
     torch.manual_seed(1)
     w, x = torch.randn(48, 128), torch.randn(rows, 128)
     layer = linear_of(w, Int4WeightOnly(group_size=32))
@@ -89,11 +92,11 @@ def test_int4_linear_matches_its_reference(rows):
     ref = F.linear(x, dequantize_int4(*layer.method.stored(layer).values()))
     # Up to KERNEL_MAX_ROWS the C++ kernel, which rounds activations to int8 per block of 32 (test_kernels
     # checks it exactly on the rounded activations); then the sliced float GEMM, on the same dequantized
-    # values in another order; above SLICED_MAX_ROWS the float GEMM of the layer dequantized, the same bits
-    # as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
+    # values in another order (large layers); otherwise the float GEMM of the layer dequantized, the same
+    # bits as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
     y = layer(x)
-    if rows > LIMITS_4[1]:
-        assert torch.equal(y, ref)
+    if rows > LIMITS_4[1] or not large:
+        assert torch.equal(y, ref) == (rows > LIMITS_4[0])
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5) == (rows > LIMITS_4[0])
     assert (y - ref).norm() < 0.01 * ref.norm()
     # Against fp32: 4-bit rounding of Gaussian weights moves outputs by ~10% in relative norm.

@@ -499,14 +499,14 @@ at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Te
 // MR rows at a time are dequantized and run against every panel, accumulating into the chunk's transpose,
 // which is written into y's columns at the end. Each weight is read and dequantized once per call.
 // Qwen2.5-Coder-1.5B's four layer shapes, 2 threads, Xeon with AMX (2026-12-04), ms at 64 / 128 / 512
-// rows: int8 here 27.9 / 47.6 / 181.8 against 45.9 / 91.9 / 394.3 on int8_linear's integer dot products
-// and 70.9 / 89.6 / 213.2 dequantized for torch's GEMM; int4 26.3 / 51.4 / 175.4 against 33.6 / 71.9 / 295.3
-// and 67.6 / 90.4 / 202.2.
+// rows: int8 here 25.0 / 44.9 / 164.0 against 45.2 / 88.7 / 378.5 on int8_linear's integer dot products
+// and 67.0 / 85.3 / 199.0 dequantized for torch's GEMM; int4 25.6 / 44.4 / 177.8 against 33.9 / 71.4 / 290.2
+// and 68.1 / 82.9 / 196.4.
 constexpr int64_t DEQUANT_KC = 256;  // a slice of 512 rows' panels: 512 KiB
 constexpr int64_t DEQUANT_NB = 32;   // MR-row blocks a chunk holds: 384 rows' transpose at 512 rows, 768 KiB
 
-// Rows of one pass: beyond 512 a slice's panels outgrow L2 (2048 rows at once: 829 ms above, against 679
-// for torch's GEMM on the dequantized matrix); more rows take several passes, each weight dequantized again.
+// Rows of one pass: beyond 512 a slice's panels outgrow L2; more rows take several passes, each weight
+// dequantized again (2048 rows, int8, above: 717.7 ms in four passes, 674.6 dequantized for torch's GEMM).
 constexpr int64_t DEQUANT_M = 512;
 
 template <typename Row>
@@ -538,11 +538,13 @@ static void dequant_pass(const float* xp, int64_t M, int64_t N, const float* bia
             tile<1>(rows, wrows.data(), kc, pp + (p * K + k0) * NR, K * NR, kc, out + p * NR, Mp, k0 > 0, NR, nullptr);
         }
       }
+      // The chunk's transpose into y, 16 x 16 at a time: both sides stay within a few cache lines.
       const int64_t n_begin = c0 * MR, n_end = std::min(N, c1 * MR);
-      for (int64_t m = 0; m < M; ++m) {
-        float* ym = yp + m * N;
-        for (int64_t n = n_begin; n < n_end; ++n) ym[n] = yt[(n - n_begin) * Mp + m] + (bias ? bias[n] : 0.f);
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += 16)
+        for (int64_t nb = n_begin; nb < n_end; nb += 16)
+          for (int64_t m = m0; m < std::min(M, m0 + 16); ++m)
+            for (int64_t n = nb; n < std::min(n_end, nb + 16); ++n)
+              yp[m * N + n] = yt[(n - n_begin) * Mp + m] + (bias ? bias[n] : 0.f);
     }
   });
 }

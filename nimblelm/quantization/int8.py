@@ -29,22 +29,33 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q.reshape(n, scales.shape[1], -1).float() * scales[..., None]).reshape(n, k)
 
 
+# The sliced float GEMM (int8_dequant_linear, int4_dequant_linear) against dequantizing a layer whole for
+# torch's GEMM: it saves writing and reading the float matrix, which pays where that matrix outgrows the
+# caches, and torch's GEMM wins on many rows. 2 threads, Xeon with AMX, best of 3-5 (2026-12-04), int8, ms:
+# Qwen2.5-Coder-1.5B's four layer shapes (2.4-27.5 M weights) at 512 rows 164.0 sliced against 199.0
+# whole, at 2048 rows 717.7 against 674.6; SmolLM2's (0.3-1.8 M weights) at 512 rows 11.9 against 9.8.
+SLICED_MAX_ROWS = 512
+SLICED_MIN_WEIGHTS = 2_000_000
+
+
+def takes_sliced_gemm(layer: Linear, rows: int) -> bool:
+    return rows <= SLICED_MAX_ROWS and layer.in_features * layer.out_features >= SLICED_MIN_WEIGHTS
+
+
 class Int8WeightOnly(LinearMethod):
     """About a quarter of the fp32 bytes per decode step.
 
     Up to KERNEL_MAX_ROWS activation rows, the C++ kernel multiplies int8 weights by activations it
     quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (batched decode,
-    prefills) run a float GEMM that dequantizes the weights a slice at a time (int8_dequant_linear), up to
-    SLICED_MAX_ROWS; beyond that, and on other devices, the layer is dequantized for torch's GEMM. The
-    float paths keep activations unquantized.
+    prefills) of large layers run a float GEMM that dequantizes the weights a slice at a time
+    (int8_dequant_linear; takes_sliced_gemm); otherwise, and on other devices, the layer is dequantized for
+    torch's GEMM. The float paths keep activations unquantized.
     """
 
     name = "int8"
     # Qwen2.5-Coder-1.5B's four layer shapes, 2 threads, Xeon with AMX, best of 3 (2026-12-04), ms: the
-    # integer kernel 12.8 at 16 rows, 18.2 at 24, 23.7 at 32; a slice at a time 14.4, 17.3, 17.9, and 181.8
-    # at 512 against 213.2 dequantized whole for torch's GEMM, which wins at 2048 rows (701.7 against 774.8).
+    # integer kernel 12.8 at 16 rows, 18.2 at 24, 23.7 at 32; a slice at a time 14.4, 17.3, 17.9.
     KERNEL_MAX_ROWS = 24
-    SLICED_MAX_ROWS = 512
 
     def __init__(self, group_size: int = 32):
         self.group_size = group_size
@@ -81,7 +92,7 @@ class Int8WeightOnly(LinearMethod):
         if ops is not None and self._kernel_group():
             if x.shape[0] <= self.KERNEL_MAX_ROWS:
                 return ops.int8_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
-            if x.shape[0] <= self.SLICED_MAX_ROWS:
+            if takes_sliced_gemm(layer, x.shape[0]):
                 return ops.int8_dequant_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
             w = ops.int8_dequantize(layer.qweight, layer.scales, layer.in_features, self.group_size)
             return F.linear(x, w, layer.bias)
