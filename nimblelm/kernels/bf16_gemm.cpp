@@ -1,5 +1,5 @@
-// bf16_linear: packed_linear for bfloat16 panels at several rows, where float32 FMAs bound the panel
-// kernel: the activations are rounded to bfloat16 once per call and multiplied by the panels as stored, on
+// packed_linear's bfloat16 products, for bfloat16 panels at several rows, where float32 FMAs bound the
+// panel kernel: the activations are rounded to bfloat16 once per call and multiplied by the panels as stored, on
 // AMX tiles (Intel Sapphire Rapids and later) or by AVX-512 BF16 dot products (AMD Zen 4 and later, Intel
 // Cooper Lake and later), accumulating in float32. pack_panels interleaves a bfloat16 panel's k-values in
 // pairs, [ceil(N / 16), Kp / 2, 16, 2], the layout both read:
@@ -19,8 +19,6 @@
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 // x [M, K] float32 -> [Mp, Kp] bfloat16 (round to nearest even), zero padded to whole tiles.
 static void round_rows(const float* x, int64_t M, int64_t K, at::BFloat16* xb, int64_t Mp, int64_t Kp) {
@@ -49,6 +47,9 @@ static const at::BFloat16* rounded(const float* x, int64_t M, int64_t K, int64_t
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
 // Linux hands out the 8 KiB of tile state only to a process that asks (arch_prctl, XTILEDATA); a VM or
 // kernel may refuse, and then AMX is not offered.
 static bool amx_permitted() {
