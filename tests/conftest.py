@@ -46,6 +46,27 @@ def replays(monkeypatch):
     return rows
 
 
+@pytest.fixture
+def record_ops(monkeypatch):
+    """record_ops(module): the list of the compiled ops that module's layers call from then on, by name."""
+
+    def record(module) -> list[str]:
+        called, ops_for = [], module.ops_for
+
+        class Recorder:
+            def __init__(self, ops):
+                self.ops = ops
+
+            def __getattr__(self, name):
+                called.append(name)
+                return getattr(self.ops, name)
+
+        monkeypatch.setattr(module, "ops_for", lambda x: None if ops_for(x) is None else Recorder(ops_for(x)))
+        return called
+
+    return record
+
+
 @pytest.fixture(params=["off", "dot", "amx"])
 def bf16_products(request):
     """A bfloat16 test on each path of its linears of several rows: the panel kernel (float32 FMAs), AVX-512

@@ -10,7 +10,7 @@ from tiny_models import TRAINING_TEXT
 from nimblelm import LLM, SamplingParams
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
-from nimblelm.quantization import awq, int8, tiles
+from nimblelm.quantization import awq, int4, int8, tiles
 from nimblelm.quantization.calibration import calibration_samples, capture_inputs
 from nimblelm.quantization.gptq import gptq_quantize
 from nimblelm.quantization.int4 import (
@@ -77,14 +77,15 @@ def test_int4_rejects_bad_group_sizes():
         quantize_int4(torch.randn(4, 96), 64)
 
 
-LIMITS_4 = (Int4WeightOnly.KERNEL_MAX_ROWS, int8.SLICED_MAX_ROWS)
+LIMITS_4 = (Int4WeightOnly.KERNEL_MAX_ROWS, int8.SLICED_SMALL_MAX_ROWS, int8.SLICED_MAX_ROWS)
 
 
-@pytest.mark.parametrize("rows", [5, LIMITS_4[0], LIMITS_4[0] + 1, LIMITS_4[1], LIMITS_4[1] + 1])
+@pytest.mark.parametrize("rows", [5] + [limit + extra for limit in LIMITS_4 for extra in (0, 1)])
 @pytest.mark.parametrize("large", [False, True])
-def test_int4_linear_matches_its_reference(rows, large, monkeypatch):
+def test_int4_linear_matches_its_reference(rows, large, monkeypatch, record_ops):
     if large:  # the layer counts as large enough for the sliced GEMM
         monkeypatch.setattr(int8, "SLICED_MIN_WEIGHTS", 0)
+    called = record_ops(int4)
     torch.manual_seed(1)
     w, x = torch.randn(48, 128), torch.randn(rows, 128)
     layer = linear_of(w, Int4WeightOnly(group_size=32))
@@ -92,11 +93,13 @@ def test_int4_linear_matches_its_reference(rows, large, monkeypatch):
     ref = F.linear(x, dequantize_int4(*layer.method.stored(layer).values()))
     # Up to KERNEL_MAX_ROWS the C++ kernel, which rounds activations to int8 per block of 32 (test_kernels
     # checks it exactly on the rounded activations); then the sliced float GEMM, on the same dequantized
-    # values in another order (large layers); otherwise the float GEMM of the layer dequantized, the same
-    # bits as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
+    # values in another order, up to 128 rows (512 for large layers); beyond, the float GEMM of the layer
+    # dequantized, the same bits as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
     y = layer(x)
-    if rows > LIMITS_4[1] or not large:
-        assert torch.equal(y, ref) == (rows > LIMITS_4[0])
+    sliced = LIMITS_4[0] < rows <= (LIMITS_4[2] if large else LIMITS_4[1])
+    assert ("int4_dequant_linear" in called) == sliced and ("int4_linear" in called) == (rows <= LIMITS_4[0])
+    if rows > LIMITS_4[0] and not sliced:
+        assert torch.equal(y, ref)
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5) == (rows > LIMITS_4[0])
     assert (y - ref).norm() < 0.01 * ref.norm()
     # Against fp32: 4-bit rounding of Gaussian weights moves outputs by ~10% in relative norm.

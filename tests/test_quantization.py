@@ -58,18 +58,20 @@ def test_int8_kernel_matches_its_emulation_and_stays_near_fp32(rows, n, k, group
     assert (y - exact).abs().max() < 0.01 * exact.abs().mean() * 10
 
 
-LIMITS_8 = (Int8WeightOnly.KERNEL_MAX_ROWS, int8.SLICED_MAX_ROWS)
+LIMITS_8 = (Int8WeightOnly.KERNEL_MAX_ROWS, int8.SLICED_SMALL_MAX_ROWS, int8.SLICED_MAX_ROWS)
 
 
-@pytest.mark.parametrize("rows", [LIMITS_8[0], LIMITS_8[0] + 1, LIMITS_8[1], LIMITS_8[1] + 1])
+@pytest.mark.parametrize("rows", [limit + extra for limit in LIMITS_8 for extra in (0, 1)])
 @pytest.mark.parametrize("large", [False, True])
-def test_int8_layers_take_the_kernel_then_the_sliced_float_gemm_up_to_their_row_limits(rows, large, monkeypatch):
+def test_int8_layers_take_the_kernel_then_the_sliced_float_gemm_up_to_their_row_limits(rows, large, monkeypatch,
+                                                                                        record_ops):
     # The integer kernel rounds activations to int8 (under 1% off the float GEMM); the sliced GEMM multiplies
-    # the same dequantized values in float32, in another order; torch's GEMM on the layer dequantized whole
-    # gives the reference's bits, beyond the sliced GEMM's rows and for layers under its size (large: this
-    # layer counts as large enough).
+    # the same dequantized values in float32, in another order, up to 128 rows (512 for large layers: this
+    # one counts as large when `large`); beyond, torch's GEMM on the layer dequantized whole gives the
+    # reference's bits. The ops the layer calls are recorded.
     if large:
         monkeypatch.setattr(int8, "SLICED_MIN_WEIGHTS", 0)
+    called = record_ops(int8)
     torch.manual_seed(3)
     w, x = torch.randn(40, 64), torch.randn(rows, 64)
     layer = Linear(64, 40, bias=False)
@@ -78,8 +80,10 @@ def test_int8_layers_take_the_kernel_then_the_sliced_float_gemm_up_to_their_row_
     layer.prepare(Int8WeightOnly(group_size=32))
     ref = F.linear(x, dequantize_int8(*layer.method.stored(layer).values()))  # the float path, exactly
     y = layer(x)
-    if rows > LIMITS_8[1] or not large:
-        assert torch.equal(y, ref) == (rows > LIMITS_8[0])
+    sliced = LIMITS_8[0] < rows <= (LIMITS_8[2] if large else LIMITS_8[1])
+    assert ("int8_dequant_linear" in called) == sliced and ("int8_linear" in called) == (rows <= LIMITS_8[0])
+    if rows > LIMITS_8[0] and not sliced:
+        assert torch.equal(y, ref)
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5) == (rows > LIMITS_8[0])
     assert (y - ref).norm() < 0.01 * ref.norm()
 

@@ -98,9 +98,9 @@ class Int4WeightOnly(LinearMethod):
     """An eighth of the fp32 bytes, plus a scale per group and, unless the layer is symmetric, a minimum.
 
     Up to KERNEL_MAX_ROWS activation rows the C++ kernel multiplies the packed values as stored, with
-    activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches of
-    large layers run a float GEMM that dequantizes the weights a slice at a time (int4_dequant_linear;
-    takes_sliced_gemm); otherwise, and on other devices, the layer is dequantized for torch's GEMM.
+    activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches run a
+    float GEMM that dequantizes the weights a slice at a time (int4_dequant_linear) up to the rows
+    takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's GEMM.
     """
 
     name = "int4"

@@ -30,16 +30,19 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 # The sliced float GEMM (int8_dequant_linear, int4_dequant_linear) against dequantizing a layer whole for
-# torch's GEMM: it saves writing and reading the float matrix, which pays where that matrix outgrows the
-# caches, and torch's GEMM wins on many rows. 2 threads, Xeon with AMX, best of 3-5 (2026-12-04), int8, ms:
-# Qwen2.5-Coder-1.5B's four layer shapes (2.4-27.5 M weights) at 512 rows 164.0 sliced against 199.0
-# whole, at 2048 rows 717.7 against 674.6; SmolLM2's (0.3-1.8 M weights) at 512 rows 11.9 against 9.8.
+# torch's GEMM: it saves writing and reading the float matrix, which pays on few rows and where that matrix
+# outgrows the caches; torch's GEMM wins on many rows of small layers. 2 threads, Xeon with AMX (2026-12-04),
+# int8, ms: SmolLM2's four layer shapes (0.3-1.8 M weights) at 32 rows 0.87 sliced against 1.28 whole, at 128
+# rows 3.11 against 2.93, at 512 11.9 against 9.8; Qwen2.5-Coder-1.5B's (2.4-27.5 M weights) at 512 rows
+# 164.0 against 199.0, at 2048 rows 717.7 against 674.6.
 SLICED_MAX_ROWS = 512
+SLICED_SMALL_MAX_ROWS = 128  # for layers under SLICED_MIN_WEIGHTS
 SLICED_MIN_WEIGHTS = 2_000_000
 
 
 def takes_sliced_gemm(layer: Linear, rows: int) -> bool:
-    return rows <= SLICED_MAX_ROWS and layer.in_features * layer.out_features >= SLICED_MIN_WEIGHTS
+    large = layer.in_features * layer.out_features >= SLICED_MIN_WEIGHTS
+    return rows <= (SLICED_MAX_ROWS if large else SLICED_SMALL_MAX_ROWS)
 
 
 class Int8WeightOnly(LinearMethod):
@@ -47,9 +50,9 @@ class Int8WeightOnly(LinearMethod):
 
     Up to KERNEL_MAX_ROWS activation rows, the C++ kernel multiplies int8 weights by activations it
     quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (batched decode,
-    prefills) of large layers run a float GEMM that dequantizes the weights a slice at a time
-    (int8_dequant_linear; takes_sliced_gemm); otherwise, and on other devices, the layer is dequantized for
-    torch's GEMM. The float paths keep activations unquantized.
+    prefills) run a float GEMM that dequantizes the weights a slice at a time (int8_dequant_linear) up to
+    the rows takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's
+    GEMM. The float paths keep activations unquantized.
     """
 
     name = "int8"
