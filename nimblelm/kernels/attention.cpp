@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -225,6 +226,19 @@ static void weighted_heads(const float* p, int64_t ldp, const T* v, int64_t ld, 
 }
 #endif
 
+// f(heads, g) for G query heads in groups of up to four, heads a compile-time count, g the group's first.
+template <typename F>
+static void in_head_groups(int64_t G, F&& f) {
+  for (int64_t g = 0; g < G; g += 4) {
+    switch (std::min<int64_t>(4, G - g)) {
+      case 4: f(std::integral_constant<int, 4>{}, g); break;
+      case 3: f(std::integral_constant<int, 3>{}, g); break;
+      case 2: f(std::integral_constant<int, 2>{}, g); break;
+      default: f(std::integral_constant<int, 1>{}, g);
+    }
+  }
+}
+
 // The two row kernels for G query heads of one KV head, in groups of up to four (or one at a time,
 // scalar, where D is not a whole number of registers).
 template <typename T>
@@ -232,17 +246,9 @@ static void scores_run(const float* q, int64_t G, int64_t D, const T* k, int64_t
                        const float* row_scales, int64_t rs, float* s, int64_t lds) {
 #ifdef HAVE_FVEC
   if (D % VW == 0) {
-    for (int64_t g = 0; g < G; g += 4) {
-      const float* qg = q + g * D;
-      float* sg = s + g * lds;
-      switch (std::min<int64_t>(4, G - g)) {
-        case 4: scores_heads<4>(qg, D, k, ld, m, row_scales, rs, sg, lds); break;
-        case 3: scores_heads<3>(qg, D, k, ld, m, row_scales, rs, sg, lds); break;
-        case 2: scores_heads<2>(qg, D, k, ld, m, row_scales, rs, sg, lds); break;
-        default: scores_heads<1>(qg, D, k, ld, m, row_scales, rs, sg, lds);
-      }
-    }
-    return;
+    return in_head_groups(G, [&](auto heads, int64_t g) {
+      scores_heads<heads>(q + g * D, D, k, ld, m, row_scales, rs, s + g * lds, lds);
+    });
   }
 #endif
   for (int64_t g = 0; g < G; ++g)
@@ -258,17 +264,9 @@ static void weighted_run(const float* p, int64_t ldp, int64_t G, const T* v, int
                          float* o) {
 #ifdef HAVE_FVEC
   if (D % VW == 0) {
-    for (int64_t g = 0; g < G; g += 4) {
-      const float* pg = p + g * ldp;
-      float* og = o + g * D;
-      switch (std::min<int64_t>(4, G - g)) {
-        case 4: weighted_heads<4>(pg, ldp, v, ld, m, D, og); break;
-        case 3: weighted_heads<3>(pg, ldp, v, ld, m, D, og); break;
-        case 2: weighted_heads<2>(pg, ldp, v, ld, m, D, og); break;
-        default: weighted_heads<1>(pg, ldp, v, ld, m, D, og);
-      }
-    }
-    return;
+    return in_head_groups(G, [&](auto heads, int64_t g) {
+      weighted_heads<heads>(p + g * ldp, ldp, v, ld, m, D, o + g * D);
+    });
   }
 #endif
   for (int64_t g = 0; g < G; ++g)
