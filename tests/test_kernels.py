@@ -365,6 +365,8 @@ def test_the_build_is_the_variant_the_cpu_and_the_cap_allow(ops):
     widest = "AVX-512" if "avx512f" in features else "AVX2" if {"avx2", "fma"} <= features else "scalar"
     expected = {"native": widest, "avx512": widest, "avx2": "AVX2", "scalar": "scalar"}[isa]
     assert ops.simd().startswith(expected)
+    vnni = "avx_vnni" in features or (isa in ("native", "avx512") and "avx512_vnni" in features)
+    assert ("VNNI" in ops.simd()) == (vnni and expected != "scalar")
     # bfloat16 products only of a kind the CPU has and the cap allows (which one: choose_bf16_products)
     offered = {"off"}
     if isa in ("native", "avx512") and "avx512_bf16" in features:

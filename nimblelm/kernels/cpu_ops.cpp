@@ -15,10 +15,15 @@
 #include "panel_tile.h"
 
 static std::string simd() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+  const std::string vnni = ", VNNI int8 dot products";
+#else
+  const std::string vnni;
+#endif
 #if defined(__AVX512F__)
-  return "AVX-512 (16-float registers)";
+  return "AVX-512 (16-float registers)" + vnni;
 #elif defined(HAVE_FVEC)
-  return "AVX2 with FMA (8-float registers)";
+  return "AVX2 with FMA (8-float registers)" + vnni;
 #else
   return "scalar (no AVX2: loops the compiler vectorizes as it can)";
 #endif
