@@ -39,6 +39,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None,
                    help="int8, int4 or w8a8: quantize the linear weights at load (RTN; a folder written by "
                         "`nimblelm quantize` needs no flag); gguf: a .gguf file's quantized weights as stored")
+    g.add_argument("--speculative-config", type=_json_object, default=None,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 _ENGINE_FIELDS = [
@@ -56,6 +70,7 @@ _ENGINE_FIELDS = [
     "seed",
     "num_threads",
     "quantization",
+    "speculative_config",
 ]
 
 

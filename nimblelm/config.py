@@ -73,3 +73,6 @@ class EngineConfig:
     # "int8", "int4", "w8a8": linear weights quantized at load (RTN, see quantization); "gguf": a .gguf
     # file's quantized linear tensors served as stored
     quantization: str | None = None
+    # Speculative decoding, as vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...}
+    # (speculative/config.py); None decodes a token per step.
+    speculative_config: dict | None = None

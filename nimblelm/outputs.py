@@ -33,6 +33,36 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    spec: SpecDecodeStats | None = None  # with speculative decoding
+
+
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding of one request (or of the engine so far): steps that verified drafts, the draft
+    tokens they verified and those kept, and per draft position how often it was kept."""
+
+    num_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def add(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_steps += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        grow = num_accepted - len(self.accepted_per_position)
+        self.accepted_per_position += [0] * max(0, grow)
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per verifying step: the kept drafts plus the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
 
 
 @dataclass

@@ -200,7 +200,7 @@ def test_tokens_after_the_prompt_computed_at_once_equal_their_prefill(tiny_qwen,
         new_requests=[NewRequest(0, prompt, [], params, None, [list(range(1, blocks + 1))], [0], 0)],
         num_scheduled_tokens={0: len(prompt)},
     ))
-    k_tokens = [first.sampled_token_ids[0], 5, 9, 13]  # the sampled token, then three drafts
+    k_tokens = [first.sampled_token_ids[0][0], 5, 9, 13]  # the sampled token, then three drafts
     verified = runner.execute(SchedulerOutput(
         running_requests=[RunningRequest(0, k_tokens, [[]], [0], len(prompt))], num_scheduled_tokens={0: len(k_tokens)},
     ))
@@ -213,6 +213,6 @@ def test_tokens_after_the_prompt_computed_at_once_equal_their_prefill(tiny_qwen,
     # One sequence at most: the engine traced steps of 1 row when it started, the k-token step traced 4.
     assert (runner.capture is None) if enforce_eager else (sorted(runner.capture.traces) == [1, 4])
     assert verified.sampled_token_ids == reference.sampled_token_ids
-    (lp, rank, ids, lps), (ref_lp, ref_rank, ref_ids, ref_lps) = verified.logprobs[0], reference.logprobs[0]
+    (lp, rank, ids, lps), (ref_lp, ref_rank, ref_ids, ref_lps) = verified.logprobs[0][0], reference.logprobs[0][0]
     assert ids == ref_ids and rank == ref_rank
     assert abs(lp - ref_lp) < 1e-5 and max(abs(a - b) for a, b in zip(lps, ref_lps)) < 1e-5

@@ -19,10 +19,11 @@ from nimblelm.engine.structured import StructuredOutputBackend, grammar_bitmask
 from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import bf16_products_in_words, cpu_ops
 from nimblelm.models.loader import load_model
-from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SpecDecodeStats
 from nimblelm.platform import resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
 from nimblelm.quantization import GGUF_DIRECT, formats, linear_method, refuse_requantizing
 from nimblelm.sampling_params import SamplingParams
+from nimblelm.speculative import SpeculativeConfig
 
 Prompt = str | list[int] | dict
 
@@ -38,6 +39,7 @@ class EngineStats:
     num_preemptions: int  # since the engine started
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache, since the engine started
     prefix_cache_hits: int  # of those, tokens whose K/V were found cached
+    spec: SpecDecodeStats | None = None  # with speculative decoding, since the engine started
 
     @property
     def kv_usage(self) -> float:
@@ -52,6 +54,7 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)  # a bad name fails before the model loads
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
+        speculative = SpeculativeConfig.from_dict(config.speculative_config) if config.speculative_config else None
         method = linear_method(config.quantization)
         resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
@@ -95,6 +98,7 @@ class LLMEngine:
             kv_cache_dtype=self.kv_dtype,
             enforce_eager=config.enforce_eager,
             quantized=loaded.quantized,
+            speculative=speculative,
         )
         del loaded
         num_blocks = self._num_blocks(config)
@@ -112,6 +116,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._structured: StructuredOutputBackend | None = None  # built by the first structured request
+        self.spec_stats = SpecDecodeStats() if speculative is not None else None  # since the engine started
 
     def _num_blocks(self, config: EngineConfig) -> int:
         bs = config.block_size
@@ -222,6 +227,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=kv.num_queried_tokens,
             prefix_cache_hits=kv.num_hit_tokens,
+            spec=replace(self.spec_stats, accepted_per_position=list(self.spec_stats.accepted_per_position))
+            if self.spec_stats is not None else None,
         )
 
     # -- the loop -----------------------------------------------------------------------------
@@ -238,7 +245,11 @@ class LLMEngine:
                 metrics.first_scheduled_time = now
         self._add_grammar_bitmask(sched)
         out = self.runner.execute(sched)
-        self.scheduler.update(sched)
+        rejected = {
+            seq_id: len(sched.spec_token_ids[seq_id]) - (len(tokens) - 1)
+            for seq_id, tokens in zip(out.req_ids, out.sampled_token_ids) if seq_id in sched.spec_token_ids
+        }
+        self.scheduler.update(sched, rejected)
         return self._postprocess(sched, out)
 
     def _add_grammar_bitmask(self, sched: SchedulerOutput) -> None:
@@ -266,26 +277,31 @@ class LLMEngine:
                     for t, e in zip(seq.token_ids[start + 1 :], entries)
                 ]
         touched: dict[str, Request] = {}
-        for row, (seq_id, token) in enumerate(zip(out.req_ids, out.sampled_token_ids)):
+        for row, (seq_id, tokens) in enumerate(zip(out.req_ids, out.sampled_token_ids)):
             seq = self.scheduler.seqs[seq_id]
+            request = self.requests[seq.request_id]
+            touched[request.request_id] = request
             if seq.params.max_tokens == 0:  # the prompt was all it asked for
                 self.scheduler.finish(seq, "length")
-                touched[seq.request_id] = self.requests[seq.request_id]
                 continue
-            seq.token_ids.append(token)
-            if seq.logprobs is not None:
-                seq.logprobs.append(self._logprob_entry(token, out.logprobs[row], seq.params.logprobs))
-            if seq.matcher is not None:
-                seq.matcher.accept(token)
-            delta = self._detokenizers[seq.seq_id].step(seq.token_ids)
-            seq.text += delta
-            self._check_stop(seq, token, len(delta))
-            if seq.is_finished and seq.stop_reason is None:
-                seq.text += self._detokenizers[seq.seq_id].step(seq.token_ids, final=True)
-            request = self.requests[seq.request_id]
+            if seq_id in sched.spec_token_ids:
+                self._count_drafts(request, len(sched.spec_token_ids[seq_id]), len(tokens) - 1)
+            for i, token in enumerate(tokens):
+                seq.token_ids.append(token)
+                if seq.logprobs is not None:
+                    seq.logprobs.append(self._logprob_entry(token, out.logprobs[row][i], seq.params.logprobs))
+                if seq.matcher is not None:
+                    seq.matcher.accept(token)
+                delta = self._detokenizers[seq.seq_id].step(seq.token_ids)
+                seq.text += delta
+                self._check_stop(seq, token, len(delta))
+                if seq.is_finished:  # tokens kept after a stop are dropped
+                    if seq.stop_reason is None:
+                        seq.text += self._detokenizers[seq.seq_id].step(seq.token_ids, final=True)
+                    break
+            seq.spec_token_ids = [] if seq.is_finished else out.draft_token_ids.get(seq_id, [])
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
-            touched[request.request_id] = request
         outputs = []
         for request in touched.values():
             if request.is_finished:
@@ -295,6 +311,12 @@ class LLMEngine:
                     self._release(seq)
             outputs.append(self._output(request))
         return outputs
+
+    def _count_drafts(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        if request.metrics.spec is None:
+            request.metrics.spec = SpecDecodeStats()
+        request.metrics.spec.add(num_drafts, num_accepted)
+        self.spec_stats.add(num_drafts, num_accepted)
 
     def _check_stop(self, seq: Sequence, token: int, delta_len: int) -> None:
         params = seq.params

@@ -26,6 +26,8 @@ from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
 from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.sampling_params import SamplingParams
+from nimblelm.speculative import SpeculativeConfig, make_proposer, speculates
+from nimblelm.speculative.verifier import verify
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ModelRunner:
         kv_cache_dtype: torch.dtype,
         enforce_eager: bool = False,
         quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         """Builds the model: the layers in `quantized` (module name -> (format name, tensors), as the loader
         gives them) adopt their tensors, the others load from `weights` and take `linear_method`. The KV
@@ -91,6 +94,8 @@ class ModelRunner:
         self.capturing = not enforce_eager and self.kernels
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
+        self.max_model_len = max_model_len
+        self.proposer = make_proposer(speculative) if speculative is not None else None
         self.seqs: dict[int, _SeqState] = {}
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)
@@ -140,6 +145,7 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput([], [])
         input_ids, positions, group_metas, sample_rows, sample_ids, prompt_rows = self._prepare(sched)
+        drafts = [sched.spec_token_ids.get(i, []) for i in sample_ids]
         if self.capture is not None and self.capture.applies(len(input_ids), group_metas):
             hidden = self.capture(input_ids, positions, group_metas)
         else:
@@ -149,18 +155,44 @@ class ModelRunner:
         if not sample_ids:
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_rows])
-        states = [self.seqs[i] for i in sample_ids]
+        # One sampling row per logits row: a sequence with drafts has one for its last token and each draft.
+        row_ids = [i for i, d in zip(sample_ids, drafts) for _ in range(len(d) + 1)]
+        states = [self.seqs[i] for i in row_ids]
         sampling = SamplingBatch.build(
             [s.params for s in states],
             [s.token_ids for s in states],
             [s.num_prompt_tokens for s in states],
-            [self.generators.get(i) for i in sample_ids],
+            [self.generators.get(i) for i in row_ids],
             self.config.vocab_size,
             self.device,
-            _bitmask_rows(sched, sample_ids),
+            _bitmask_rows(sched, row_ids),
         )
-        sampled = self.sampler(logits, sampling)
-        return ModelRunnerOutput(sample_ids, sampled.token_ids, sampled.logprobs, prompt_logprobs)
+        if any(drafts):
+            verified = verify(self.sampler, logits, sampling, drafts)
+            tokens, logprobs = verified.token_ids, verified.logprobs
+        else:
+            sampled = self.sampler(logits, sampling)
+            tokens = [[t] for t in sampled.token_ids]
+            logprobs = None if sampled.logprobs is None else [[entry] for entry in sampled.logprobs]
+        proposals = self._propose(sample_ids, tokens) if self.proposer is not None else {}
+        return ModelRunnerOutput(sample_ids, tokens, logprobs, prompt_logprobs, proposals)
+
+    def _propose(self, sample_ids: list[int], tokens: list[list[int]]) -> dict[int, list[int]]:
+        """Drafts to follow each sampled sequence's new tokens, within its token and context limits."""
+        proposals = {}
+        for req_id, new in zip(sample_ids, tokens):
+            state = self.seqs[req_id]
+            if not speculates(state.params):
+                continue
+            num_tokens = len(state.token_ids) + len(new)
+            # The next step emits up to k + 1 tokens: room for them all in max_tokens and the context.
+            room = self.max_model_len - num_tokens - 1
+            if state.params.max_tokens is not None:
+                room = min(room, state.params.max_tokens - (num_tokens - state.num_prompt_tokens) - 1)
+            drafts = self.proposer.propose(state.token_ids + new, room)
+            if drafts:
+                proposals[req_id] = drafts
+        return proposals
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int]]]):
         """Per sequence: the entries of the prompt tokens that this step's rows predict."""
@@ -217,9 +249,10 @@ class ModelRunner:
         slots: list[list[int]] = [[] for _ in range(num_groups)]
         decode_contexts: list[list[int]] = [[] for _ in range(num_groups)]  # per decode row, as it attends
         decode_seqs: list[_SeqState] = []  # per decode row, its sequence
-        for seq, n, _ in decodes:
+        for seq, n, req_id in decodes:
             start = seq.num_computed_tokens
-            tokens.extend(seq.token_ids[start : start + n])
+            drafts = sched.spec_token_ids.get(req_id, [])
+            tokens.extend(seq.token_ids[start : start + n - len(drafts)] + drafts)
             positions.extend(range(start, start + n))
             decode_seqs.extend([seq] * n)
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
@@ -247,8 +280,9 @@ class ModelRunner:
                 end = min(start + n, seq.num_prompt_tokens - 1)
                 prompt_rows.append((req_id, list(range(row, row + end - start)), seq.token_ids[start + 1 : end + 1]))
             row += n
-            if start + n == len(seq.token_ids):
-                sample_rows.append(row - 1)
+            num_drafts = len(sched.spec_token_ids.get(req_id, []))
+            if start + n - num_drafts == len(seq.token_ids):  # its last token's row, then its drafts'
+                sample_rows.extend(range(row - 1 - num_drafts, row))
                 sample_ids.append(req_id)
 
         device = self.device

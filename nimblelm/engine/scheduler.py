@@ -56,7 +56,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts = seq.spec_token_ids
+            n = min(seq.num_tokens - seq.num_computed_tokens + len(drafts), budget)
             new_ids = self.kv.allocate_slots(seq, n)
             while new_ids is None:
                 victim = self.running.pop()
@@ -72,7 +73,10 @@ class Scheduler:
                 RunningRequest(seq.seq_id, seq.token_ids[sent:], new_ids, self.kv.dropped_blocks(seq),
                                seq.num_computed_tokens)
             )
-            filling.update(self.kv.blocks_filled(seq, seq.num_computed_tokens, n))
+            num_drafts = max(0, n - (seq.num_tokens - seq.num_computed_tokens))
+            if num_drafts:
+                out.spec_token_ids[seq.seq_id] = drafts[:num_drafts]
+            filling.update(self.kv.blocks_filled(seq, seq.num_computed_tokens, n - num_drafts))
             self._schedule(out, seq, n)
             budget -= n
             i += 1
@@ -115,16 +119,19 @@ class Scheduler:
         out.num_scheduled_tokens[seq.seq_id] = n
         self._num_sent[seq.seq_id] = seq.num_tokens
 
-    def update(self, out: SchedulerOutput) -> None:
-        """The step ran: the scheduled tokens' K/V are in the cache, and their full blocks can be cached."""
+    def update(self, out: SchedulerOutput, num_rejected: dict[int, int] | None = None) -> None:
+        """The step ran: the scheduled tokens' K/V are in the cache, but for the num_rejected drafts at the end
+        of a sequence's (their slots are written again by the tokens that take their places); full blocks of
+        computed tokens can be cached."""
         for seq_id, n in out.num_scheduled_tokens.items():
             seq = self.seqs[seq_id]
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - (num_rejected or {}).get(seq_id, 0)
             self.kv.cache_computed(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -50,6 +50,9 @@ class SchedulerOutput:
     # reach the end of its tokens.
     num_scheduled_tokens: dict[int, int] = field(default_factory=dict)
     finished_req_ids: list[int] = field(default_factory=list)  # the runner forgets these
+    # Speculative decoding: per sequence, the draft tokens that follow its tokens this step (counted in
+    # num_scheduled_tokens); the runner verifies them and returns the ones the target keeps.
+    spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
     # Structured output: for the sequences in grammar_req_ids, the allowed next tokens as an int32
     # bitmask [len(grammar_req_ids), ceil(vocab / 32)], computed on the engine side.
     grammar_req_ids: list[int] = field(default_factory=list)
@@ -66,10 +69,14 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    req_ids: list[int]  # the sequences that sampled a token this step
-    sampled_token_ids: list[int]
-    # Per sampled sequence, when logprobs were asked for: (sampled logprob, its rank, top ids, top logprobs).
-    logprobs: list[tuple[float, int, list[int], list[float]]] | None = None
+    req_ids: list[int]  # the sequences that sampled this step
+    # Per sampled sequence, its new tokens: one, or with drafts the ones the target kept and one more.
+    sampled_token_ids: list[list[int]]
+    # Per sampled sequence, when logprobs were asked for, per new token: (its logprob, its rank, top ids,
+    # top logprobs).
+    logprobs: list[list[tuple[float, int, list[int], list[float]]]] | None = None
     # For sequences with prompt_logprobs whose prompt this step computed part of: the entries (as above) of
     # the prompt tokens after the computed positions, in order.
     prompt_logprobs: dict[int, list[tuple[float, int, list[int], list[float]]]] = field(default_factory=dict)
+    # Speculative decoding: per sampled sequence that may go on, the drafts proposed to follow its new tokens.
+    draft_token_ids: dict[int, list[int]] = field(default_factory=dict)

@@ -144,7 +144,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         held = self._held[seq.seq_id]
-        full = seq.num_computed_tokens // self.block_size
+        # Kept drafts count as computed before they join the tokens: their blocks are cached a step later.
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if full <= held.num_cached:
             return
         hashes = self._hashes(seq)

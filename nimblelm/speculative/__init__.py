@@ -1,0 +1,25 @@
+"""Speculative decoding: proposers draft tokens, the target verifies them all in one step (verifier.py).
+
+A proposer runs in the model runner after each step's sampling and returns, per sequence, the drafts that
+follow its new tokens; the engine hands them to the scheduler, which schedules them with the sequence's
+next token; the runner verifies them as decode rows; the scheduler rolls back the rejected ones' slots.
+"""
+
+from __future__ import annotations
+
+from nimblelm.sampling_params import SamplingParams
+from nimblelm.speculative.config import SpeculativeConfig
+from nimblelm.speculative.ngram import NgramProposer
+
+
+def make_proposer(config: SpeculativeConfig) -> NgramProposer:
+    return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+
+
+def speculates(params: SamplingParams) -> bool:
+    """Whether a sequence takes drafts. Penalties and grammars depend on every token before the one they
+    shape, which a step's draft rows do not see yet: such sequences decode a token at a time."""
+    return not params.has_penalties and params.structured_output is None
+
+
+__all__ = ["SpeculativeConfig", "make_proposer", "speculates"]

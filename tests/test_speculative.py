@@ -1,0 +1,174 @@
+"""Speculative decoding: the n-gram proposer, the lossless verifier (exact for greedy, the target's
+distribution for sampling), and the engine with drafts inside continuous batching against plain decoding."""
+
+import pytest
+import torch
+
+from nimblelm import LLM, InvalidRequestError, SamplingParams
+from nimblelm.layers.sampler import Sampler, SamplingBatch
+from nimblelm.speculative import SpeculativeConfig
+from nimblelm.speculative.ngram import NgramProposer
+from nimblelm.speculative.verifier import verify
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
+CHI2_5_DOF_AT_0_001 = 20.515  # chi-square with 5 degrees of freedom: exceeded with probability 0.001
+# Prompts that repeat themselves, so that prompt lookup finds drafts and some of them are kept.
+PROMPTS = [
+    "one two three four five six one two three four five six one two three",
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(",
+    "The cat sat on the mat. The cat sat on the mat. The cat sat",
+    "Rivers",
+]
+
+
+def test_ngram_proposes_what_followed_the_latest_match_longest_first():
+    p = NgramProposer(3, lookup_min=1, lookup_max=3)
+    assert p.propose([1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3]) == [5, 6, 2]  # "2 3" last followed by 5
+    assert p.propose([7, 1, 2, 3, 8, 8, 5, 1, 2, 3]) == [8, 8, 5]  # the 3-gram "1 2 3"
+    assert p.propose([1, 2, 3, 4]) == []  # nothing recurs
+    assert p.propose([5, 6, 5, 6], max_tokens=1) == [5]
+    assert p.propose([5, 6, 5, 6], max_tokens=0) == []
+    assert NgramProposer(4, 2, 2).propose([1, 2, 1, 3, 1]) == []  # 1-grams recur, 2-grams do not
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "medusa9", "num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 16}, "num_speculative_tokens"),
+    ({"method": "ngram"}, "needs"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "draft": 1}, "unknown"),
+    ("ngram", "dict"),
+])
+def test_bad_configs_are_refused_with_what_is_wrong(options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        SpeculativeConfig.from_dict(options)
+
+
+def _batch(rows: int, temperature: float, vocab: int, generator=None) -> SamplingBatch:
+    params = [SamplingParams(temperature=temperature)] * rows
+    return SamplingBatch.build(params, [[0]] * rows, [1] * rows, [generator] * rows, vocab, torch.device("cpu"))
+
+
+def test_greedy_verification_keeps_drafts_up_to_the_first_mismatch():
+    vocab = 10
+    targets = [[3, 4, 5, 6], [7], [1, 2, 3]]  # each row's greedy token
+    logits = torch.full((8, vocab), -5.0)
+    for row, t in enumerate(t for seq in targets for t in seq):
+        logits[row, t] = 5.0
+    drafts = [[3, 4, 9], [], [1, 8]]  # the first keeps two, the second has none, the third keeps one
+    out = verify(Sampler(), logits, _batch(8, 0.0, vocab), drafts)
+    assert out.token_ids == [[3, 4, 5], [7], [1, 2]]
+    all_kept = verify(Sampler(), logits, _batch(8, 0.0, vocab), [[3, 4, 5], [], [1, 2]])
+    assert all_kept.token_ids == [[3, 4, 5, 6], [7], [1, 2, 3]]  # the bonus token after the last draft
+
+
+@pytest.mark.parametrize("draft_kind", ["one-hot", "distribution"])
+def test_sampled_verification_emits_the_targets_distribution(draft_kind):
+    """The first token a step emits, over many trials, is distributed as the target's p whatever the drafts
+    (chi-square goodness of fit, significance level 0.001), and drafts that p favours are mostly kept."""
+    vocab, trials = 6, 4000
+    g = torch.Generator().manual_seed(0)
+    p_logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 0.3])
+    p = p_logits.softmax(-1)
+    q = torch.tensor([0.05, 0.05, 0.4, 0.3, 0.1, 0.1])  # a poor drafter: far from p
+    logits = p_logits.repeat(2 * trials, 1)  # per trial: the draft's row and the bonus row
+    if draft_kind == "one-hot":
+        drafts = [[int(torch.multinomial(q, 1, generator=g))] for _ in range(trials)]
+        draft_probs = None
+    else:
+        drafts = [[int(torch.multinomial(q, 1, generator=g))] for _ in range(trials)]
+        draft_probs = q.repeat(trials, 1)
+    out = verify(Sampler(), logits, _batch(2 * trials, 1.0, vocab, g), drafts, draft_probs)
+    first = torch.tensor([ids[0] for ids in out.token_ids])
+    counts = torch.bincount(first, minlength=vocab).double()
+    expected = p.double() * trials
+    assert ((counts - expected) ** 2 / expected).sum() < CHI2_5_DOF_AT_0_001
+    kept = sum(len(ids) - 1 for ids in out.token_ids) / trials
+    expected_kept = (torch.minimum(p, q).sum() if draft_probs is not None else (q * p).sum()).item()
+    assert kept == pytest.approx(expected_kept, abs=0.04)
+
+
+@pytest.fixture(scope="module")
+def plain_and_spec(tiny_qwen):
+    plain = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8)
+    spec = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8, speculative_config=NGRAM)
+    return plain, spec
+
+
+def test_greedy_output_is_identical_with_drafts_in_a_batch(plain_and_spec):
+    plain, spec = plain_and_spec
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    ref = plain.generate(PROMPTS, params, use_tqdm=False)
+    out = spec.generate(PROMPTS, params, use_tqdm=False)
+    for r, o in zip(ref, out):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        assert o.outputs[0].text == r.outputs[0].text
+        for a, b in zip(o.outputs[0].logprobs, r.outputs[0].logprobs):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    stats = spec.llm_engine.stats().spec
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    assert 1 < stats.mean_acceptance_length <= 1 + NGRAM["num_speculative_tokens"]
+    assert sum(o.metrics.spec.num_accepted_tokens for o in out if o.metrics.spec) == stats.num_accepted_tokens
+    assert stats.accepted_per_position[0] >= stats.accepted_per_position[-1]
+
+
+def test_limits_stops_n_and_penalties_hold_with_drafts(plain_and_spec):
+    plain, spec = plain_and_spec
+    cases = [
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),  # max_tokens inside a draft run
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=["three", "mat"]),
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3),  # no drafts
+        SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True),
+    ]
+    for params in cases:
+        ref = plain.generate(PROMPTS, params, use_tqdm=False)
+        out = spec.generate(PROMPTS, params, use_tqdm=False)
+        for r, o in zip(ref, out):
+            assert [c.token_ids for c in o.outputs] == [c.token_ids for c in r.outputs]
+            assert [(c.text, c.finish_reason, c.stop_reason) for c in o.outputs] == \
+                [(c.text, c.finish_reason, c.stop_reason) for c in r.outputs]
+
+
+def test_greedy_output_survives_preemption_and_the_context_limit(tiny_qwen):
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    # Few blocks: sequences are preempted and recomputed while they hold drafts.
+    tight = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=4, num_kv_blocks=12, block_size=8,
+                speculative_config=NGRAM)
+    ref = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=4).generate(PROMPTS, params, use_tqdm=False)
+    out = tight.generate(PROMPTS, params, use_tqdm=False)
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    for r, o in zip(ref, out):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        assert len(o.prompt_token_ids) + len(o.outputs[0].token_ids) == 64
+    assert tight.llm_engine.kv_cache_manager.num_free_blocks == 12
+
+
+def test_seeded_sampling_with_drafts_is_reproducible(plain_and_spec):
+    _, spec = plain_and_spec
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=30, seed=7, ignore_eos=True)
+    a = spec.generate(PROMPTS, params, use_tqdm=False)
+    b = spec.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_model_greedy_output_is_identical_with_prompt_lookup(dtype):
+    """SmolLM2 on chat prompts that invite copying: the same tokens and text as plain decoding, with
+    drafts kept. A verifying step runs the drafts as extra rows of the same kernels (bfloat16 included)."""
+    questions = [
+        "Repeat this list exactly, then add one more item: apples, pears, plums, cherries, grapes.",
+        "Rewrite this function with type hints:\ndef area(width, height):\n    return width * height",
+        "What is the capital of France? Answer in one word.",
+    ]
+    plain = LLM("smollm2-135m", max_model_len=1024, dtype=dtype)
+    spec = LLM("smollm2-135m", max_model_len=1024, dtype=dtype, speculative_config=NGRAM)
+    prompts = [plain.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    for prompt in prompts:  # one at a time: batch 1 on both sides, so only the drafts differ
+        ref = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        out = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == ref.token_ids and out.text == ref.text
+    assert spec.llm_engine.stats().spec.acceptance_rate > 0.3
