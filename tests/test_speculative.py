@@ -7,6 +7,7 @@ import torch
 from nimblelm import LLM, InvalidRequestError, SamplingParams
 from nimblelm.layers.sampler import Sampler, SamplingBatch
 from nimblelm.speculative import SpeculativeConfig
+from nimblelm.speculative.budget import Acceptance, StepCost, draft_budget
 from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.verifier import verify
 
@@ -89,10 +90,44 @@ def test_sampled_verification_emits_the_targets_distribution(draft_kind):
     assert kept == pytest.approx(expected_kept, abs=0.04)
 
 
+def test_acceptance_counts_trials_up_to_the_first_rejection():
+    a = Acceptance()
+    assert a.rate == 0.5  # the prior
+    a.update(num_drafts=4, num_kept=4)  # four trials, all kept
+    assert a.rate == pytest.approx(5 / 6)
+    a.update(num_drafts=4, num_kept=1)  # two trials: one kept, one rejected
+    assert a.rate == pytest.approx((0.8 * 4 + 1 + 1) / (0.8 * 4 + 2 + 2))
+
+
+def test_step_cost_is_the_bucket_that_holds_the_rows_and_extrapolates_past_the_last():
+    cost = StepCost({1: 10.0, 2: 11.0, 4: 12.0, 8: 16.0})
+    assert [cost(r) for r in (1, 2, 3, 4, 5, 8)] == [10.0, 11.0, 12.0, 12.0, 16.0, 16.0]
+    assert cost(12) == pytest.approx(20.0)
+
+
+def test_draft_budget_keeps_the_rows_that_pay_for_themselves():
+    drafts = {0: [5, 6, 7, 8], 1: [9, 9, 9, 9]}
+    free = StepCost({1: 1.0, 64: 1.0})
+    assert draft_budget(drafts, {0: 0.1, 1: 0.9}, 2, free) == drafts  # rows cost nothing: all of them
+    linear = StepCost({1: 1.0, 2: 2.0})  # each row costs a whole step: no draft pays
+    assert draft_budget(drafts, {0: 0.99, 1: 0.99}, 2, linear) == {}
+    gentle = StepCost({r: 1.0 + 0.1 * r for r in range(1, 65)})
+    # At 10% of a step per row, drafts kept 90% of the time pay until 0.9^j falls under about (T) 0.1 / 1.x;
+    # those kept 10% of the time never do.
+    kept = draft_budget(drafts, {0: 0.1, 1: 0.9}, 2, gentle)
+    assert 0 not in kept and 1 <= len(kept[1]) <= 4 and kept[1] == drafts[1][: len(kept[1])]
+    # The same drafts in a batch of 32 pay less: each row's cost is measured against 32 tokens.
+    busy = draft_budget({0: drafts[1]}, {0: 0.9}, 32, gentle)
+    assert len(busy.get(0, [])) < len(draft_budget({0: drafts[1]}, {0: 0.9}, 1, gentle)[0])
+
+
 @pytest.fixture(scope="module")
 def plain_and_spec(tiny_qwen):
     plain = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8)
     spec = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8, speculative_config=NGRAM)
+    # On the tiny model a row costs nearly a step's share, and the draft budget would cut most drafts: these
+    # tests verify every draft proposed (test_draft_budget_* covers the budget).
+    spec.llm_engine.runner.step_cost = None
     return plain, spec
 
 
@@ -136,6 +171,7 @@ def test_greedy_output_survives_preemption_and_the_context_limit(tiny_qwen):
     # Few blocks: sequences are preempted and recomputed while they hold drafts.
     tight = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=4, num_kv_blocks=12, block_size=8,
                 speculative_config=NGRAM)
+    tight.llm_engine.runner.step_cost = None  # every draft verified, as in plain_and_spec
     ref = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=4).generate(PROMPTS, params, use_tqdm=False)
     out = tight.generate(PROMPTS, params, use_tqdm=False)
     assert tight.llm_engine.scheduler.num_preemptions > 0
@@ -172,3 +208,41 @@ def test_real_model_greedy_output_is_identical_with_prompt_lookup(dtype):
         out = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         assert out.token_ids == ref.token_ids and out.text == ref.text
     assert spec.llm_engine.stats().spec.acceptance_rate > 0.3
+
+
+def test_server_with_drafts_answers_as_plain_decoding_and_counts_them(tiny_qwen, plain_and_spec):
+    import json
+
+    import openai
+    from server_process import ServerProcess
+
+    plain, _ = plain_and_spec
+    server = ServerProcess(tiny_qwen, "--max-model-len", "256", "--speculative-config", json.dumps(NGRAM))
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+        refs = plain.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+        for prompt, ref in zip(PROMPTS, refs):
+            reply = client.completions.create(model=str(tiny_qwen), prompt=prompt, max_tokens=40, temperature=0,
+                                              extra_body={"ignore_eos": True})
+            assert reply.choices[0].text == ref.outputs[0].text
+        metrics = server.wait_idle()
+        assert metrics["nimblelm_spec_decode_num_draft_tokens_total"] > 0
+        accepted = metrics["nimblelm_spec_decode_num_accepted_tokens_total"]
+        assert 0 < accepted == sum(v for k, v in metrics.items() if "accepted_tokens_per_pos_total{" in k)
+    finally:
+        server.stop()
+
+
+def test_cli_refuses_a_bad_speculative_config_in_one_line(tiny_qwen):
+    import subprocess
+    import sys
+
+    def run(config: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nimblelm", "generate", "--model", str(tiny_qwen),
+                               "--speculative-config", config, "hi"], capture_output=True, text=True, check=False)
+
+    malformed = run("{not json")  # argparse's usage error: exit 2, its last line says what is wrong
+    assert malformed.returncode == 2 and "--speculative-config: not valid JSON" in malformed.stderr.splitlines()[-1]
+    unknown = run('{"method": "nope", "num_speculative_tokens": 2}')
+    assert unknown.returncode == 1 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+    assert "speculative_config: method 'nope'" in unknown.stderr

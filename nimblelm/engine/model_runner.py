@@ -9,7 +9,7 @@ forward pass, and samples the sequences whose tokens are all computed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative import SpeculativeConfig, make_proposer, speculates
+from nimblelm.speculative.budget import Acceptance, StepCost, draft_budget
 from nimblelm.speculative.verifier import verify
 
 
@@ -38,6 +39,7 @@ class _SeqState:
     block_ids: list[list[int]]  # per KV group
     kv_offsets: list[int]  # per KV group, position minus KV entry (the tokens dropped from the table's front)
     num_computed_tokens: int
+    acceptance: Acceptance = field(default_factory=Acceptance)  # of its drafts, with speculative decoding
 
 
 class ModelRunner:
@@ -96,6 +98,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.max_model_len = max_model_len
         self.proposer = make_proposer(speculative) if speculative is not None else None
+        self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.seqs: dict[int, _SeqState] = {}
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)
@@ -132,6 +135,8 @@ class ModelRunner:
             self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
                                        self.block_size)
             self.capture.warm_up(max_num_seqs)
+            if self.proposer is not None:
+                self.step_cost = StepCost(self.capture.seconds_by_rows())
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.config
@@ -174,14 +179,17 @@ class ModelRunner:
             sampled = self.sampler(logits, sampling)
             tokens = [[t] for t in sampled.token_ids]
             logprobs = None if sampled.logprobs is None else [[entry] for entry in sampled.logprobs]
-        proposals = self._propose(sample_ids, tokens) if self.proposer is not None else {}
+        proposals = self._propose(sample_ids, drafts, tokens) if self.proposer is not None else {}
         return ModelRunnerOutput(sample_ids, tokens, logprobs, prompt_logprobs, proposals)
 
-    def _propose(self, sample_ids: list[int], tokens: list[list[int]]) -> dict[int, list[int]]:
-        """Drafts to follow each sampled sequence's new tokens, within its token and context limits."""
+    def _propose(self, sample_ids: list[int], drafts: list[list[int]], tokens: list[list[int]]) -> dict[int, list[int]]:
+        """Drafts to follow each sampled sequence's new tokens, within its token and context limits, cut to
+        what pays for its rows (speculative/budget.py) where decode steps are timed."""
         proposals = {}
-        for req_id, new in zip(sample_ids, tokens):
+        for req_id, verified, new in zip(sample_ids, drafts, tokens):
             state = self.seqs[req_id]
+            if verified:
+                state.acceptance.update(len(verified), len(new) - 1)
             if not speculates(state.params):
                 continue
             num_tokens = len(state.token_ids) + len(new)
@@ -189,10 +197,13 @@ class ModelRunner:
             room = self.max_model_len - num_tokens - 1
             if state.params.max_tokens is not None:
                 room = min(room, state.params.max_tokens - (num_tokens - state.num_prompt_tokens) - 1)
-            drafts = self.proposer.propose(state.token_ids + new, room)
-            if drafts:
-                proposals[req_id] = drafts
-        return proposals
+            proposed = self.proposer.propose(state.token_ids + new, room)
+            if proposed:
+                proposals[req_id] = proposed
+        if self.step_cost is None or not proposals:
+            return proposals
+        rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in proposals}
+        return draft_budget(proposals, rates, len(sample_ids), self.step_cost)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int]]]):
         """Per sequence: the entries of the prompt tokens that this step's rows predict."""

@@ -21,6 +21,7 @@ batch-1 SmolLM2-135M step as fast as a hand-written C++ stack of the same kernel
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -62,6 +63,24 @@ class StepCapture:
         for bucket in BUCKETS[: BUCKETS.index(_bucket(min(max_rows, BUCKETS[-1]))) + 1]:
             if bucket not in self.traces:
                 self.traces[bucket] = self._trace(self._padded(ids, ids, [empty] * len(self.windows), bucket))
+
+    @torch.inference_mode()
+    def seconds_by_rows(self) -> dict[int, float]:
+        """Each traced bucket's replay time (the better of two), on padding rows that attend to one slot:
+        what a step's weights and per-row work cost, with little attention."""
+        ids = torch.zeros(0, dtype=torch.long, device=self.kv_caches[0].values.device)
+        empty = AttentionMetadata.decodes(ids, ids.view(0, 1), ids, None)
+        seconds = {}
+        for bucket, trace in sorted(self.traces.items()):
+            inputs = _flat(self._padded(ids, ids, [empty] * len(self.windows), bucket))
+            times = []
+            with torch.jit.optimized_execution(False):
+                for _ in range(2):
+                    start = time.perf_counter()
+                    trace(*inputs)
+                    times.append(time.perf_counter() - start)
+            seconds[bucket] = min(times)
+        return seconds
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  group_metas: list[AttentionMetadata]) -> torch.Tensor:

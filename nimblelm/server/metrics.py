@@ -68,7 +68,24 @@ class ServerMetrics:
             "nimblelm_requests_rejected", "Requests refused before reaching the engine, by HTTP status.",
             ["model_name", "status"], registry=registry,
         )
-        self._last = {"preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
+        self.spec_decode_num_drafts = counter(
+            "nimblelm_spec_decode_num_drafts", "Speculative decoding: sequence steps that verified drafts."
+        )
+        self.spec_decode_num_draft_tokens = counter(
+            "nimblelm_spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified."
+        )
+        self.spec_decode_num_accepted_tokens = counter(
+            "nimblelm_spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens the target kept."
+        )
+        self._accepted_per_pos = Counter(
+            "nimblelm_spec_decode_num_accepted_tokens_per_pos",
+            "Speculative decoding: draft tokens kept, by position in their draft (0 = first).",
+            ["model_name", "position"], registry=registry,
+        )
+        self._last = {"preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0,
+                      "spec_decode_num_drafts": 0, "spec_decode_num_draft_tokens": 0,
+                      "spec_decode_num_accepted_tokens": 0}
+        self._last_per_pos: list[int] = []
 
     def finished(self, reason: str, count: int = 1) -> None:
         self._finished.labels(model_name=self._model_name, reason=reason).inc(count)
@@ -87,6 +104,17 @@ class ServerMetrics:
                             ("prefix_cache_hits", stats.prefix_cache_hits)):
             getattr(self, name).inc(total - self._last[name])
             self._last[name] = total
+        if stats.spec is not None:
+            spec = stats.spec
+            for name, total in (("spec_decode_num_drafts", spec.num_steps),
+                                ("spec_decode_num_draft_tokens", spec.num_draft_tokens),
+                                ("spec_decode_num_accepted_tokens", spec.num_accepted_tokens)):
+                getattr(self, name).inc(total - self._last[name])
+                self._last[name] = total
+            last = self._last_per_pos + [0] * (len(spec.accepted_per_position) - len(self._last_per_pos))
+            for pos, (total, before) in enumerate(zip(spec.accepted_per_position, last)):
+                self._accepted_per_pos.labels(model_name=self._model_name, position=str(pos)).inc(total - before)
+            self._last_per_pos = list(spec.accepted_per_position)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,71 @@
+"""How many of its drafts each sequence verifies next step: as many as pay for the rows they add.
+
+A draft at position j (1 = first) of a sequence whose drafts are kept with probability a adds a^j tokens in
+expectation, and one row to the step. With T tokens expected from a step of R rows taking t(R) seconds,
+the row pays when (T + a^j) / t(R + 1) > T / t(R). Rows are taken best first, over every sequence at once,
+so a large batch (where a row costs more of the step) and a low acceptance both turn speculation down,
+to none. t is measured: the model runner times its decode-step traces when it starts.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+
+@dataclass
+class Acceptance:
+    """A sequence's recent record of kept drafts: each draft tried up to the first rejection is a trial.
+    Older steps weigh less (DECAY per step); PRIOR_KEPT of PRIOR_TRIED start it at an even chance."""
+
+    kept: float = 0.0
+    tried: float = 0.0
+
+    DECAY = 0.8
+    PRIOR_KEPT, PRIOR_TRIED = 1.0, 2.0
+
+    def update(self, num_drafts: int, num_kept: int) -> None:
+        self.kept = self.DECAY * self.kept + num_kept
+        self.tried = self.DECAY * self.tried + num_kept + (num_kept < num_drafts)
+
+    @property
+    def rate(self) -> float:
+        return (self.kept + self.PRIOR_KEPT) / (self.tried + self.PRIOR_TRIED)
+
+
+class StepCost:
+    """Seconds of a decode step by rows: a step runs the trace of the first measured row count that holds
+    its rows (padded up to it); past the last one, the slope of the last two continues."""
+
+    def __init__(self, seconds_by_rows: dict[int, float]):
+        self.rows = sorted(seconds_by_rows)
+        self.seconds = [seconds_by_rows[r] for r in self.rows]
+
+    def __call__(self, rows: int) -> float:
+        i = bisect.bisect_left(self.rows, rows)
+        if i < len(self.rows):
+            return self.seconds[i]
+        if len(self.rows) == 1:
+            return self.seconds[0] * rows / self.rows[0]
+        (r0, r1), (s0, s1) = self.rows[-2:], self.seconds[-2:]
+        return s1 + (s1 - s0) * (rows - r1) / (r1 - r0)
+
+
+def draft_budget(proposals: dict[int, list[int]], rates: dict[int, float], base_rows: int,
+                 cost: StepCost) -> dict[int, list[int]]:
+    """Each proposal cut to the drafts worth verifying in a step of base_rows rows before them."""
+    candidates = sorted(
+        ((rates[s] ** j, s, j) for s, drafts in proposals.items() for j in range(1, len(drafts) + 1)),
+        key=lambda c: (-c[0], c[2]),
+    )
+    tokens, rows = float(base_rows), base_rows
+    keep: dict[int, int] = {}
+    for gain, s, j in candidates:
+        if keep.get(s, 0) != j - 1:  # a sequence's drafts are kept in order (gains fall with j)
+            continue
+        if (tokens + gain) * cost(rows) <= tokens * cost(rows + 1):
+            break
+        keep[s] = j
+        tokens += gain
+        rows += 1
+    return {s: proposals[s][:j] for s, j in keep.items()}
