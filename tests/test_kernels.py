@@ -248,6 +248,28 @@ def test_int4_linear_matches_the_dequantized_matmul(ops, rows, n, k, group, bias
         assert tiles.tile(plain) is plain
 
 
+@pytest.mark.parametrize(("n", "k"), [(5, 64), (40, 96), (140, 1056)])
+def test_bf16_panels_are_the_dequantized_weights_packed_in_bfloat16(ops, n, k):
+    # In rows and in row tiles, int8 with groups of 16 and 32, int4 with and without minimums: the panels
+    # pack_panels makes of the dequantized weights rounded to bfloat16, bit for bit.
+    torch.manual_seed(n + k)
+
+    def check(got, w):
+        assert torch.equal(got, ops.pack_panels(w.bfloat16()))
+
+    for group in (16, 32):
+        q, scales = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // group) * 0.1
+        for t in ({"qweight": q, "scales": scales}, tiles.tile({"qweight": q, "scales": scales})):
+            check(ops.int8_bf16_panels(t["qweight"], t["scales"], k, group),
+                  ops.int8_dequantize(t["qweight"], t["scales"], k, group))
+    q = _pack_int4_reference(torch.randint(0, 16, (n, k)))
+    scales, mins = torch.rand(n, k // 32) * 0.1, torch.randn(n, k // 32) * 0.2
+    for m in (mins, None):
+        for t in ({"qweight": q, "scales": scales, "mins": m}, tiles.tile({"qweight": q, "scales": scales, "mins": m})):
+            check(ops.int4_bf16_panels(t["qweight"], t["scales"], t["mins"], k, 32),
+                  ops.int4_dequantize(t["qweight"], t["scales"], t["mins"], k, 32))
+
+
 @pytest.mark.parametrize("rows", [1, 13, 33, 100, 600])
 @pytest.mark.parametrize(("n", "k"), [(5, 64), (40, 96), (140, 1056)])
 @pytest.mark.parametrize("bias", [False, True])

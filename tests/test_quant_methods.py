@@ -82,7 +82,7 @@ LIMITS_4 = (Int4WeightOnly.KERNEL_MAX_ROWS, int8.SLICED_SMALL_MAX_ROWS, int8.SLI
 
 @pytest.mark.parametrize("rows", [5] + [limit + extra for limit in LIMITS_4 for extra in (0, 1)])
 @pytest.mark.parametrize("large", [False, True])
-def test_int4_linear_matches_its_reference(rows, large, monkeypatch, record_ops):
+def test_int4_linear_matches_its_reference(rows, large, monkeypatch, record_ops, bf16_products):
     if large:  # the layer counts as large enough for the sliced GEMM
         monkeypatch.setattr(int8, "SLICED_MIN_WEIGHTS", 0)
     called = record_ops(int4)
@@ -95,12 +95,16 @@ def test_int4_linear_matches_its_reference(rows, large, monkeypatch, record_ops)
     # checks it exactly on the rounded activations); then the sliced float GEMM, on the same dequantized
     # values in another order, up to 128 rows (512 for large layers); beyond, the float GEMM of the layer
     # dequantized, the same bits as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
+    # With bfloat16 products (dot or amx), prefills from 128 rows take them on bfloat16 panels.
     y = layer(x)
-    sliced = LIMITS_4[0] < rows <= (LIMITS_4[2] if large else LIMITS_4[1])
+    panels = bool(bf16_products) and rows >= int8.BF16_PANELS_MIN_ROWS
+    sliced = not panels and LIMITS_4[0] < rows <= (LIMITS_4[2] if large else LIMITS_4[1])
+    assert ("int4_bf16_panels" in called) == panels
     assert ("int4_dequant_linear" in called) == sliced and ("int4_linear" in called) == (rows <= LIMITS_4[0])
-    if rows > LIMITS_4[0] and not sliced:
+    if rows > LIMITS_4[0] and not sliced and not panels:
         assert torch.equal(y, ref)
-    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5) == (rows > LIMITS_4[0])
+    if not panels:
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5) == (rows > LIMITS_4[0])
     assert (y - ref).norm() < 0.01 * ref.norm()
     # Against fp32: 4-bit rounding of Gaussian weights moves outputs by ~10% in relative norm.
     exact = F.linear(x, w)

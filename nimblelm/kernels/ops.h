@@ -37,6 +37,8 @@ at::Tensor int8_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c1
                                int64_t group);
 at::Tensor int4_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
                                c10::optional<at::Tensor> bias, int64_t group);
+at::Tensor int8_bf16_panels(at::Tensor q, at::Tensor scales, int64_t K, int64_t group);
+at::Tensor int4_bf16_panels(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K, int64_t group);
 
 // elementwise.cpp: norms, rotary embedding, the MLP's activation, greedy tokens.
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);

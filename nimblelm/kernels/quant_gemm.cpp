@@ -593,3 +593,38 @@ at::Tensor int4_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c1
   return dequant_matmul(x, N, bias_ptr(bias, N, "int4_dequant_linear"), w, int4_row);
 }
 
+
+// Prefill where the CPU multiplies bfloat16 fast (AMX tiles, AVX-512 BF16 dot products): the weight
+// dequantized straight into bfloat16 panels, as pack_panels lays them out ([ceil(N / 16), K, 16], k-values
+// interleaved in pairs; K is a multiple of 32, so no padding), for packed_linear. Each value is rounded
+// once more, from the float32 that int8_row / int4_row give to bfloat16 (8 bits of mantissa).
+template <typename Row>
+static at::Tensor bf16_panels(const QuantWeight& w, int64_t N, Row row) {
+  const int64_t K = w.K, P = (N + NR - 1) / NR;
+  auto out = at::zeros({P, K, NR}, at::TensorOptions().dtype(at::kBFloat16));
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> values(K);
+    for (int64_t p = p0; p < p1; ++p) {
+      at::BFloat16* panel = op + p * K * NR;
+      for (int64_t j = 0; j < std::min(NR, N - p * NR); ++j) {
+        row(w, p * NR + j, 0, K, values.data());
+        for (int64_t k = 0; k < K; k += 2) {
+          panel[k * NR + 2 * j] = at::BFloat16(values[k]);
+          panel[k * NR + 2 * j + 1] = at::BFloat16(values[k + 1]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor int8_bf16_panels(at::Tensor q, at::Tensor scales, int64_t K, int64_t group) {
+  const QuantWeight w = int8_weight(q, scales, K, group, "int8_bf16_panels");
+  return bf16_panels(w, q.size(0) * q.size(1) / K, int8_row);
+}
+
+at::Tensor int4_bf16_panels(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K, int64_t group) {
+  const QuantWeight w = int4_weight(q, scales, mins, K, group, "int4_bf16_panels");
+  return bf16_panels(w, q.size(0) * q.size(1) * 2 / K, int4_row);
+}

@@ -26,7 +26,7 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.linear import Linear, LinearMethod
 from nimblelm.quantization import tiles
-from nimblelm.quantization.int8 import takes_sliced_gemm
+from nimblelm.quantization.int8 import takes_bf16_panels, takes_sliced_gemm
 
 BLOCK = 32
 GROUP_SIZES = (32, 64, 128)
@@ -100,7 +100,9 @@ class Int4WeightOnly(LinearMethod):
     Up to KERNEL_MAX_ROWS activation rows the C++ kernel multiplies the packed values as stored, with
     activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches run a
     float GEMM that dequantizes the weights a slice at a time (int4_dequant_linear) up to the rows
-    takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's GEMM.
+    takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's GEMM. Where
+    the CPU multiplies bfloat16 fast (AMX, AVX-512 BF16), prefills of 128 rows and more dequantize into
+    bfloat16 panels for those products instead (int8.takes_bf16_panels).
     """
 
     name = "int4"
@@ -144,6 +146,9 @@ class Int4WeightOnly(LinearMethod):
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= self.KERNEL_MAX_ROWS:
             return ops.int4_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
+        if ops is not None and takes_bf16_panels(ops, x.shape[0]):
+            panels = ops.int4_bf16_panels(layer.qweight, layer.scales, layer.mins, layer.in_features, self.group_size)
+            return ops.packed_linear(x, panels, layer.out_features, layer.bias)
         if ops is not None and takes_sliced_gemm(layer, x.shape[0]):
             return ops.int4_dequant_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
         if ops is not None:
