@@ -246,3 +246,37 @@ def test_cli_refuses_a_bad_speculative_config_in_one_line(tiny_qwen):
     unknown = run('{"method": "nope", "num_speculative_tokens": 2}')
     assert unknown.returncode == 1 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
     assert "speculative_config: method 'nope'" in unknown.stderr
+
+
+@pytest.mark.parametrize("drafter", ["tiny_qwen", "tiny_llama"])
+def test_draft_model_output_is_identical_and_a_copy_of_the_target_keeps_every_draft(drafter, request, tiny_qwen,
+                                                                                      plain_and_spec):
+    """The target's own weights as the drafter keep every greedy draft; another model with the same tokenizer
+    keeps fewer; the output is plain decoding's either way, in a batch."""
+    plain, _ = plain_and_spec
+    config = {"method": "draft_model", "model": str(request.getfixturevalue(drafter)), "num_speculative_tokens": 3}
+    spec = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8, speculative_config=config)
+    spec.llm_engine.runner.step_cost = None  # every draft verified, as in plain_and_spec
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = plain.generate(PROMPTS, params, use_tqdm=False)
+    out = spec.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref]
+    stats = spec.llm_engine.stats().spec
+    assert stats.num_draft_tokens > 0
+    if drafter == "tiny_qwen":
+        assert stats.acceptance_rate == 1.0
+    # The drafter forgets a sequence when the runner does (the step after it finished), blocks and all.
+    spec.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    runner = spec.llm_engine.runner
+    assert set(runner.proposer.seqs) <= set(runner.seqs) and len(runner.seqs) == 1
+    held = runner.proposer.kv.num_blocks - runner.proposer.kv.num_free_blocks
+    assert held == sum(len(runner.proposer.kv.block_ids(seq)[0]) for seq in runner.proposer.seqs.values())
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny_qwen, tmp_path):
+    from tiny_models import make_tiny_hf_model
+
+    other = make_tiny_hf_model(tmp_path / "other", arch="qwen2", vocab_size=300)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        LLM(str(tiny_qwen), max_model_len=128,
+            speculative_config={"method": "draft_model", "model": str(other), "num_speculative_tokens": 2})

@@ -97,7 +97,8 @@ class ModelRunner:
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
         self.max_model_len = max_model_len
-        self.proposer = make_proposer(speculative) if speculative is not None else None
+        self.speculative = speculative
+        self.proposer = None  # made with the KV cache (a draft model sizes its own after the target's)
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.seqs: dict[int, _SeqState] = {}
         self.generators: dict[int, torch.Generator] = {}
@@ -130,6 +131,11 @@ class ModelRunner:
             tensors.append(KVCache(values, scales))
         self.num_blocks = num_blocks
         self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
+        if self.speculative is not None:
+            self.proposer = make_proposer(
+                self.speculative, vocab_size=self.config.vocab_size, device=self.device, dtype=self.dtype,
+                max_model_len=self.max_model_len, block_size=self.block_size, num_blocks=num_blocks,
+                max_num_seqs=max_num_seqs)
         if self.capturing:
             windows = [group.window for group in self.kv_groups]
             self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
@@ -185,7 +191,7 @@ class ModelRunner:
     def _propose(self, sample_ids: list[int], drafts: list[list[int]], tokens: list[list[int]]) -> dict[int, list[int]]:
         """Drafts to follow each sampled sequence's new tokens, within its token and context limits, cut to
         what pays for its rows (speculative/budget.py) where decode steps are timed."""
-        proposals = {}
+        requests = {}
         for req_id, verified, new in zip(sample_ids, drafts, tokens):
             state = self.seqs[req_id]
             if verified:
@@ -197,9 +203,8 @@ class ModelRunner:
             room = self.max_model_len - num_tokens - 1
             if state.params.max_tokens is not None:
                 room = min(room, state.params.max_tokens - (num_tokens - state.num_prompt_tokens) - 1)
-            proposed = self.proposer.propose(state.token_ids + new, room)
-            if proposed:
-                proposals[req_id] = proposed
+            requests[req_id] = (state.token_ids + new, state.num_prompt_tokens, room)
+        proposals = self.proposer.propose_all(requests)
         if self.step_cost is None or not proposals:
             return proposals
         rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in proposals}
@@ -224,6 +229,8 @@ class ModelRunner:
         for req_id in sched.finished_req_ids:
             self.seqs.pop(req_id, None)
             self.generators.pop(req_id, None)
+        if self.proposer is not None:
+            self.proposer.forget(sched.finished_req_ids)
         for new in sched.new_requests:
             self.seqs[new.req_id] = _SeqState(
                 new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids), new.params,

@@ -1,4 +1,5 @@
-"""Speculative decoding: proposers draft tokens, the target verifies them all in one step (verifier.py).
+"""Speculative decoding: proposers (prompt lookup, a draft model) draft tokens, the target verifies them all in
+one step (verifier.py).
 
 A proposer runs in the model runner after each step's sampling and returns, per sequence, the drafts that
 follow its new tokens; the engine hands them to the scheduler, which schedules them with the sequence's
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative.config import SpeculativeConfig
+from nimblelm.speculative.draft_model import DraftModelProposer
 from nimblelm.speculative.ngram import NgramProposer
 
 
-def make_proposer(config: SpeculativeConfig) -> NgramProposer:
+def make_proposer(config: SpeculativeConfig, **target) -> NgramProposer | DraftModelProposer:
+    """The proposer of config.method; `target` says what a draft model must fit (DraftModelProposer's
+    keyword arguments: vocabulary, device, dtype, lengths and KV cache size)."""
+    if config.method == "draft_model":
+        return DraftModelProposer(config.model, config.num_speculative_tokens, quantization=config.quantization,
+                                  **target)
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
 
 

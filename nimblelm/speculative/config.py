@@ -7,7 +7,7 @@ from typing import Any
 
 from nimblelm.errors import InvalidRequestError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # A step verifies a sequence's drafts and the token before them as decode rows; the model runner takes up to
 # 16 such rows per sequence (MAX_DECODE_QUERY).
 MAX_SPECULATIVE_TOKENS = 15
@@ -20,6 +20,10 @@ class SpeculativeConfig:
     # ngram (prompt lookup): the longest and shortest suffix of the tokens so far searched for earlier in them.
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    # draft_model: the drafter (an alias, folder or .gguf with the target's tokenizer) and its own
+    # quantization (None: unquantized, in the target's compute dtype).
+    model: str | None = None
+    quantization: str | None = None
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | SpeculativeConfig) -> SpeculativeConfig:
@@ -47,6 +51,10 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise bad(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise bad("'model' names the drafter of method draft_model, and only of it")
+        if self.quantization is not None and self.method != "draft_model":
+            raise bad("'quantization' applies to a draft model only")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise bad(f"need integers 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} and {hi!r}")

@@ -28,3 +28,11 @@ class NgramProposer:
                 follow = starts[-1] + n
                 return tokens[follow : follow + k].tolist()
         return []
+
+    def propose_all(self, requests: dict[int, tuple[list[int], int, int]]) -> dict[int, list[int]]:
+        """Per sequence (its tokens, prompt length, room for drafts), its drafts where it has any."""
+        drafts = {req_id: self.propose(tokens, room) for req_id, (tokens, _, room) in requests.items()}
+        return {req_id: d for req_id, d in drafts.items() if d}
+
+    def forget(self, req_ids: list[int]) -> None:
+        """Nothing is kept per sequence."""
