@@ -280,3 +280,18 @@ def test_a_draft_model_with_another_vocabulary_is_refused(tiny_qwen, tmp_path):
     with pytest.raises(InvalidRequestError, match="vocabulary"):
         LLM(str(tiny_qwen), max_model_len=128,
             speculative_config={"method": "draft_model", "model": str(other), "num_speculative_tokens": 2})
+
+
+@pytest.mark.integration
+def test_qwen_coder_0_5b_drafting_for_1_5b_gives_the_same_greedy_code():
+    """The pairing the survey's Table 5 uses here: both models' GGUF weights as stored, batch 1."""
+    prompts = ["def fibonacci(n):\n    ", "# Return the sum of the squares of a list of numbers\ndef sum_squares(xs):\n"]
+    plain = LLM("qwen2.5-coder-1.5b", quantization="gguf", max_model_len=512, max_num_seqs=2)
+    spec = LLM("qwen2.5-coder-1.5b", quantization="gguf", max_model_len=512, max_num_seqs=2, speculative_config={
+        "method": "draft_model", "model": "qwen2.5-coder-0.5b", "quantization": "gguf", "num_speculative_tokens": 4})
+    params = SamplingParams(temperature=0, max_tokens=48)
+    for prompt in prompts:
+        ref = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        out = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == ref.token_ids
+    assert spec.llm_engine.stats().spec.acceptance_rate > 0.3

@@ -20,7 +20,7 @@ from nimblelm.engine.step import NewRequest, RunningRequest, SchedulerOutput
 from nimblelm.errors import InvalidRequestError
 from nimblelm.models.loader import load_model
 from nimblelm.platform import resolve_kv_cache_dtype
-from nimblelm.quantization import linear_method
+from nimblelm.quantization import GGUF_DIRECT, linear_method, refuse_requantizing
 from nimblelm.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=None)
@@ -43,7 +43,8 @@ class DraftModelProposer:
                  quantization: str | None = None):
         from nimblelm.engine.model_runner import ModelRunner  # the runner builds its proposer: import late
 
-        loaded = load_model(model, progress=False)
+        loaded = load_model(model, progress=False, gguf_direct=quantization == GGUF_DIRECT)
+        refuse_requantizing(quantization, loaded.quantized)
         if loaded.config.vocab_size != vocab_size:
             raise InvalidRequestError(
                 f"speculative_config: the draft model {model} has a vocabulary of {loaded.config.vocab_size} tokens, "
