@@ -140,8 +140,10 @@ class ModelRunner:
             windows = [group.window for group in self.kv_groups]
             self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
                                        self.block_size)
-            self.capture.warm_up(max_num_seqs)
-            if self.proposer is not None:
+            if self.proposer is None:
+                self.capture.warm_up(max_num_seqs)
+            else:  # a sequence verifying k drafts takes k + 1 rows
+                self.capture.warm_up(max_num_seqs * (1 + self.speculative.num_speculative_tokens))
                 self.step_cost = StepCost(self.capture.seconds_by_rows())
 
     def kv_bytes_per_block(self) -> int:
