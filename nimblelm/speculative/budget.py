@@ -54,15 +54,15 @@ class StepCost:
 def draft_budget(proposals: dict[int, list[int]], rates: dict[int, float], base_rows: int,
                  cost: StepCost) -> dict[int, list[int]]:
     """Each proposal cut to the drafts worth verifying in a step of base_rows rows before them."""
+    # Rates are below 1 (Acceptance's prior), so a sequence's gains fall with j: best first keeps its
+    # drafts in order.
     candidates = sorted(
         ((rates[s] ** j, s, j) for s, drafts in proposals.items() for j in range(1, len(drafts) + 1)),
-        key=lambda c: (-c[0], c[2]),
+        key=lambda c: -c[0],
     )
     tokens, rows = float(base_rows), base_rows
     keep: dict[int, int] = {}
     for gain, s, j in candidates:
-        if keep.get(s, 0) != j - 1:  # a sequence's drafts are kept in order (gains fall with j)
-            continue
         if (tokens + gain) * cost(rows) <= tokens * cost(rows + 1):
             break
         keep[s] = j
