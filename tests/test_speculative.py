@@ -225,10 +225,14 @@ def test_server_with_drafts_answers_as_plain_decoding_and_counts_them(tiny_qwen,
             reply = client.completions.create(model=str(tiny_qwen), prompt=prompt, max_tokens=40, temperature=0,
                                               extra_body={"ignore_eos": True})
             assert reply.choices[0].text == ref.outputs[0].text
+        # The server's draft budget decides how many drafts the tiny model verifies (from timings taken at
+        # start), so only the counters' consistency is fixed here; what is kept is counted offline above.
         metrics = server.wait_idle()
-        assert metrics["nimblelm_spec_decode_num_draft_tokens_total"] > 0
+        drafts = metrics["nimblelm_spec_decode_num_draft_tokens_total"]
         accepted = metrics["nimblelm_spec_decode_num_accepted_tokens_total"]
-        assert 0 < accepted == sum(v for k, v in metrics.items() if "accepted_tokens_per_pos_total{" in k)
+        assert metrics["nimblelm_spec_decode_num_drafts_total"] > 0 and drafts > 0
+        assert accepted <= drafts
+        assert accepted == sum(v for k, v in metrics.items() if "accepted_tokens_per_pos_total{" in k)
     finally:
         server.stop()
 
