@@ -13,6 +13,7 @@ from nimblelm.errors import InvalidRequestError, NimbleLMError
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_BACKENDS = "nimblelm,transformers,llama.cpp"
 DEFAULT_QUANT_METHODS = ("int4", "int8", "w8a8")  # survey quantization: W4A16, W8A16, W8A8
+SPEC_WORKLOADS = ("humaneval", "chat", "edit")  # survey speculative
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -147,11 +148,16 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                          description="Rerun one of the survey's experiments: `engines` is its Table 6, "
                                      "`quantization` its Table 4 (prefill, decode and end-to-end speedup of "
                                      "each --methods over the unquantized model, per --batch-sizes × "
-                                     "--input-lens, each generating --output-len tokens; nimblelm only).")
-    sur.add_argument("experiment", choices=("engines", "quantization"))
+                                     "--input-lens, each generating --output-len tokens; nimblelm only), "
+                                     "`speculative` its Table 5 (speedup and tokens per step of each speculative "
+                                     "--methods over plain decoding at batch 1 on --workloads, beside "
+                                     "transformers' assisted generation and llama.cpp's speculative modes, then "
+                                     "nimblelm at --batch-sizes).")
+    sur.add_argument("experiment", choices=("engines", "quantization", "speculative"))
     sur.add_argument("--models", default=None, help="comma list of models (default: --model)")
     sur.add_argument("--prompt-len", type=int, default=1024, help="(a) prompt tokens (default 1024)")
-    sur.add_argument("--gen-len", type=int, default=128, help="(a) generated tokens (default 128)")
+    sur.add_argument("--gen-len", type=int, default=128,
+                     help="(a) generated tokens; speculative: each request's max_tokens (default 128)")
     sur.add_argument("-r", "--repeat", type=int, default=3, help="(a) timed repetitions (default 3)")
     sur.add_argument("--tpot-slo", type=float, default=0.2,
                      help="(b) p99 TPOT bound in seconds for the sustained rate (default 0.2)")
@@ -159,10 +165,26 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                      help="(b) offered rates as fractions of the maximum req/s (default 0.5,0.8)")
     sur.add_argument("--nimblelm-source", default=None,
                      help="run `nimblelm serve` from this checkout (PYTHONPATH), e.g. one where issue #3 landed")
-    sur.add_argument("--methods", default=",".join(DEFAULT_QUANT_METHODS),
+    sur.add_argument("--methods", default=None,
                      help="quantization: methods against the unquantized model (default int4,int8,w8a8 = "
-                          "W4A16, W8A16, W8A8); one the engine cannot load is skipped with its reason")
-    sur.add_argument("--batch-sizes", default="1,2,4,8,16", help="quantization: comma list (default 1,2,4,8,16)")
+                          "W4A16, W8A16, W8A8); one the engine cannot load is skipped with its reason. "
+                          "speculative: speculative_config methods against plain decoding (default ngram, and "
+                          "draft_model with --draft-model)")
+    sur.add_argument("--batch-sizes", default=None,
+                     help="quantization: comma list (default 1,2,4,8,16); speculative: requests at once under "
+                          "load (default 1,8,32)")
+    sur.add_argument("--draft-model", default=None, help="speculative: the drafter of method draft_model")
+    sur.add_argument("--draft-quantization", default=None, help="speculative: the drafter's quantization")
+    sur.add_argument("--num-speculative-tokens", type=int, default=4,
+                     help="speculative: draft tokens per step at most, for every method (default 4)")
+    sur.add_argument("--prompt-lookup-max", type=int, default=3,
+                     help="speculative: the ngram method's longest n-gram (default 3)")
+    sur.add_argument("--workloads", default=",".join(SPEC_WORKLOADS),
+                     help="speculative: comma list of humaneval (code completion), chat (ShareGPT questions), "
+                          "edit (add type hints to a HumanEval function: the answer repeats the prompt)")
+    sur.add_argument("--humaneval-path", default=None,
+                     help="speculative: HumanEval jsonl(.gz) file (default: fetched once into the nimblelm cache); "
+                          "--dataset-path is the ShareGPT file")
     sur.add_argument("--input-lens", default="128,256,512,1024,2048",
                      help="quantization: prompt lengths, comma list (default 128,256,512,1024,2048); "
                           "--output-len (default 128) is the generated length of every cell")
@@ -172,7 +194,8 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                           "cell, so an interrupted run loses at most one cell")
     _workload_args(sur)
     _common(sur)
-    sur.set_defaults(backends="nimblelm,transformers,llama.cpp,vllm", max_num_seqs=32)
+    # --num-prompts None: 32 requests for engines, 8 per workload for speculative (each runs alone there)
+    sur.set_defaults(backends="nimblelm,transformers,llama.cpp,vllm", max_num_seqs=32, num_prompts=None)
 
     roof = sub.add_parser("roofline", help="memory bandwidth, matmul peak, and the decode/prefill limits they imply",
                           description="Measure this machine's read bandwidth and matmul GFLOP/s per dtype, and "
@@ -481,7 +504,7 @@ def run_serve_command(args) -> dict:
 def run_survey_quantization_command(args) -> dict:
     from nimblelm.bench.survey_quant import earlier_report, run_survey_quantization
 
-    batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes")
+    batch_sizes = parse_int_list(args.batch_sizes or "1,2,4,8,16", "--batch-sizes")
     input_lens = parse_int_list(args.input_lens, "--input-lens")
     if min(batch_sizes) < 1 or min(input_lens) < 1:
         raise InvalidRequestError("--batch-sizes and --input-lens values must be >= 1")
@@ -493,7 +516,8 @@ def run_survey_quantization_command(args) -> dict:
     if args.quantization != "none":
         raise InvalidRequestError("survey quantization compares --methods with the unquantized model: "
                                   "drop --quantization")
-    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    methods = list(dict.fromkeys(m.strip() for m in (args.methods or ",".join(DEFAULT_QUANT_METHODS)).split(",")
+                                 if m.strip()))
     if not methods or "none" in methods:
         raise InvalidRequestError("--methods: give one or more quantization methods (the unquantized model "
                                   "is always measured as the baseline)")
@@ -544,6 +568,8 @@ def run_survey_command(args) -> dict:
         raise InvalidRequestError(f"--repeat must be >= 1, got {args.repeat}")
     if args.prompt_len <= 0 or args.gen_len < 2:
         raise InvalidRequestError("--prompt-len must be > 0 and --gen-len >= 2")
+    if args.num_prompts is None:
+        args.num_prompts = 32
     if not args.tpot_slo > 0:
         raise InvalidRequestError(f"--tpot-slo must be > 0, got {args.tpot_slo}")
     try:
@@ -571,6 +597,86 @@ def run_survey_command(args) -> dict:
               "num_prompts": args.num_prompts, "max_num_seqs": args.max_num_seqs, "tpot_slo_s": args.tpot_slo,
               "rate_fractions": fractions, **_precision_config(args), **_workload_config(args)}
     return {"kind": "survey-engines", "command": _command_line(), "config": config, "machine": machine, **out}
+
+
+def _spec_methods(args) -> dict[str, dict]:
+    """speculative_config per --methods name, each checked by the engine's own SpeculativeConfig."""
+    from nimblelm.speculative import SpeculativeConfig
+
+    names = list(dict.fromkeys(m.strip() for m in (args.methods or "ngram" + (",draft_model" if args.draft_model
+                                                                             else "")).split(",") if m.strip()))
+    if not names or "plain" in names:
+        raise InvalidRequestError("--methods: give one or more speculative methods (plain decoding is always "
+                                  "measured as the baseline)")
+    if "draft_model" not in names and (args.draft_model or args.draft_quantization):
+        raise InvalidRequestError("--draft-model and --draft-quantization belong to method draft_model: add it to "
+                                  "--methods")
+    configs = {}
+    for name in names:
+        config = {"method": name, "num_speculative_tokens": args.num_speculative_tokens}
+        if name == "ngram":
+            config["prompt_lookup_max"] = args.prompt_lookup_max
+        if name == "draft_model":
+            if not args.draft_model:
+                raise InvalidRequestError("method draft_model needs --draft-model")
+            from nimblelm.models.registry import resolve
+
+            resolve(args.draft_model)  # a wrong name fails here, not after the plain runs
+            config |= {"model": args.draft_model, "quantization": args.draft_quantization}
+        SpeculativeConfig.from_dict(config)
+        configs[name] = config
+    return configs
+
+
+def run_survey_speculative_command(args) -> dict:
+    from nimblelm import corpora
+    from nimblelm.bench import datasets
+    from nimblelm.bench.backends import BenchContext
+    from nimblelm.bench.runner import log
+    from nimblelm.bench.survey_spec import run_survey_speculative
+
+    if args.resume:
+        raise InvalidRequestError("--resume continues a survey quantization run; survey speculative always runs whole")
+    n = 8 if args.num_prompts is None else args.num_prompts
+    if n < 1 or args.gen_len < 1:
+        raise InvalidRequestError("--num-prompts and --gen-len must be >= 1")
+    workloads = list(dict.fromkeys(w.strip() for w in args.workloads.split(",") if w.strip()))
+    unknown = [w for w in workloads if w not in SPEC_WORKLOADS]
+    if not workloads or unknown:
+        raise InvalidRequestError(f"--workloads: comma list of {', '.join(SPEC_WORKLOADS)}"
+                                  + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    batch_sizes = sorted(set(parse_int_list(args.batch_sizes or "1,8,32", "--batch-sizes")))
+    if batch_sizes[0] < 1:
+        raise InvalidRequestError("--batch-sizes values must be >= 1")
+    methods = _spec_methods(args)
+    ctx, backends, _, machine = _prepare(args)
+    limit = min(2048, ctx.config.max_position_embeddings)
+    tok, seed, gen = ctx.tokenizer, args.seed, args.gen_len
+    chat = datasets.chat_requests(corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path(args.dataset_path))),
+                                  tok, n + sum(batch_sizes), seed=seed, max_output_len=gen, max_total_len=limit)
+    problems = (corpora.load_humaneval(corpora.humaneval_path(args.humaneval_path))
+                if {"humaneval", "edit"} & set(workloads) else [])
+    sets = {"chat": chat[:n],
+            "humaneval": lambda: [datasets.BenchRequest(r.prompt_token_ids, gen) for r in datasets.humaneval_requests(
+                problems, tok, n, seed=seed, max_total_len=limit - gen)],
+            "edit": lambda: datasets.edit_requests(problems, tok, n, seed=seed, max_output_len=gen, max_total_len=limit)}
+    chosen = {w: sets[w]() if callable(sets[w]) else sets[w] for w in workloads}
+    load_sets, start = {}, n
+    for b in batch_sizes:  # requests no batch-1 run sent: none finds its prompt in the prefix cache
+        load_sets[b], start = chat[start:start + b], start + b
+    _fit_context(ctx, [*chosen.values(), *load_sets.values()])
+    draft = None
+    if args.draft_model:
+        draft = BenchContext(model=args.draft_model, dtype=ctx.dtype, threads=ctx.threads,
+                             max_model_len=ctx.max_model_len, seed=ctx.seed, quantization=args.draft_quantization)
+    out = run_survey_speculative(ctx, methods, draft=draft, workloads=chosen, load_sets=load_sets, backends=backends,
+                                 logger=log)
+    config = {"experiment": args.experiment, "model": args.model, "dtype": args.dtype, "backends": backends,
+              "methods": methods, "draft_model": args.draft_model, "draft_quantization": args.draft_quantization,
+              "num_speculative_tokens": args.num_speculative_tokens, "workloads": workloads, "num_prompts": n,
+              "gen_len": gen, "batch_sizes": batch_sizes, "threads": ctx.threads, "seed": seed,
+              **_precision_config(args)}
+    return {"kind": "survey-speculative", "command": _command_line(), "config": config, "machine": machine, **out}
 
 
 def run_roofline_command(args) -> dict:
@@ -635,6 +741,8 @@ def run(args) -> int:
         report = run_serve_command(args)
     elif cmd == "survey" and args.experiment == "quantization":
         report = run_survey_quantization_command(args)
+    elif cmd == "survey" and args.experiment == "speculative":
+        report = run_survey_speculative_command(args)
     elif cmd == "survey":
         report = run_survey_command(args)
     elif cmd == "roofline":

@@ -1,8 +1,9 @@
 """Benchmark workloads: requests sampled from ShareGPT and HumanEval (read by nimblelm/corpora.py), random
 token ids, random token ids behind one shared prefix, ShareGPT questions behind one shared system prompt,
-and ShareGPT conversations replayed turn by turn.
+ShareGPT conversations replayed turn by turn, ShareGPT questions alone as chat prompts, and an editing
+workload built from HumanEval (the speculative-decoding survey's).
 
-The last two are chat workloads: their prompts are the model's chat template rendered here and tokenized
+The last four are chat workloads: their prompts are the model's chat template rendered here and tokenized
 once, so every backend gets the very same token ids (what a chat endpoint would have rendered).
 """
 
@@ -259,6 +260,65 @@ def multiturn_requests(dialogues: Sequence[Sequence[tuple[str, str]]], tokenizer
                 return out
     raise InvalidRequestError(f"only {conversations} ShareGPT conversations keep two turns within "
                               f"{max_total_len} tokens, fewer than the {num_conversations} requested")
+
+
+def chat_requests(pairs: Sequence[tuple[str, str]], tokenizer, num_requests: int, *, seed: int = 0,
+                  max_output_len: int = 128, max_total_len: int = 2048) -> list[BenchRequest]:
+    """ShareGPT first questions as chat prompts (the model's template, generation prompt on), in
+    sample_sharegpt's seeded order and filter; each request may generate up to max_output_len tokens (its
+    own answer, which may end sooner), where it fits max_total_len."""
+    if num_requests <= 0:
+        raise InvalidRequestError(f"number of prompts must be > 0, got {num_requests}")
+    out: list[BenchRequest] = []
+    for i, _, _ in _filtered_pairs(pairs, tokenizer, seed, None, 4, 1024, max_total_len):
+        ids = _chat_ids(tokenizer, chat_text(tokenizer, [{"role": "user", "content": pairs[i][0]}]))
+        if len(ids) + max_output_len <= max_total_len:
+            out.append(BenchRequest(tuple(ids), max_output_len))
+            if len(out) == num_requests:
+                return out
+    raise InvalidRequestError(f"only {len(out)} ShareGPT questions fit {max_total_len} tokens with "
+                              f"{max_output_len} to generate, fewer than the {num_requests} requested")
+
+
+EDIT_INSTRUCTION = ("Add type hints to every argument and to the return value of this Python function. Change "
+                    "nothing else, and reply with the whole function in one code block.")
+
+
+def _without_type_hints(source: str) -> str:
+    """The code with its annotations removed (ast round trip, so the layout is ast.unparse's)."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+            args = node.args
+            for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
+    return ast.unparse(tree)
+
+
+def edit_requests(problems: Sequence[dict], tokenizer, num_requests: int, *, seed: int = 0,
+                  max_output_len: int = 256, max_total_len: int = 2048) -> list[BenchRequest]:
+    """An editing workload, where the answer mostly repeats the prompt (what prompt lookup is for): HumanEval
+    solutions with their type hints removed, and the chat request to add them back (EDIT_INSTRUCTION). A
+    seeded order of the problems; each request may generate up to max_output_len tokens."""
+    if num_requests <= 0:
+        raise InvalidRequestError(f"number of prompts must be > 0, got {num_requests}")
+    order = list(range(len(problems)))
+    random.Random(seed).shuffle(order)
+    out: list[BenchRequest] = []
+    for i in order:
+        code = _without_type_hints(problems[i]["prompt"] + (problems[i].get("canonical_solution") or ""))
+        text = chat_text(tokenizer, [{"role": "user", "content": f"{EDIT_INSTRUCTION}\n\n```python\n{code}\n```"}])
+        ids = _chat_ids(tokenizer, text)
+        if len(ids) + max_output_len <= max_total_len:
+            out.append(BenchRequest(tuple(ids), max_output_len))
+            if len(out) == num_requests:
+                return out
+    raise InvalidRequestError(f"only {len(out)} HumanEval problems fit {max_total_len} tokens with "
+                              f"{max_output_len} to generate, fewer than the {num_requests} requested")
 
 
 def chains(requests: Sequence[BenchRequest]) -> list[list[int]]:

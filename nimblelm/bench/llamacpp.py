@@ -105,6 +105,7 @@ class LlamaCppBackend(Backend):
         self._server_log = None
         self._server_url = ""
         self._server_slots = 0
+        self.server_args: list[str] = []  # more llama-server options (speculative decoding: survey_spec.py)
         self.build_commit: str | None = None
 
     # ------------------------------------------------------------------------------------ setup
@@ -228,16 +229,16 @@ class LlamaCppBackend(Backend):
 
     # ------------------------------------------------------------------------------- throughput
 
-    def _start_server(self, slots: int) -> None:
+    def start_server(self, slots: int) -> None:
         if self._server is not None and self._server_slots >= slots:
             return
-        self._stop_server()
+        self.stop_server()
         port = _free_port()
         t = str(self.ctx.threads)
         cmd = [str(find_binary("llama-server")), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
                "-t", t, "-tb", t, "-np", str(slots), "-c", str(slots * self.ctx.max_model_len), "-cb",
-               "--cache-ram", "0", "--no-webui", "-ngl", "0", *self.kv_args()]
-        self._server_log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in _stop_server)
+               "--cache-ram", "0", "--no-webui", "-ngl", "0", *self.kv_args(), *self.server_args]
+        self._server_log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop_server)
         self._server = subprocess.Popen(cmd, stdout=self._server_log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
         self._server_slots = slots
@@ -256,10 +257,10 @@ class LlamaCppBackend(Backend):
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.5)
-        self._stop_server()
+        self.stop_server()
         raise RuntimeError("llama-server did not become healthy within 600 s")
 
-    def _stop_server(self) -> None:
+    def stop_server(self) -> None:
         srv, self._server = self._server, None
         if srv is not None and srv.poll() is None:
             srv.terminate()
@@ -272,11 +273,12 @@ class LlamaCppBackend(Backend):
             self._server_log.close()
             self._server_log = None
 
-    def _complete(self, req: BenchRequest) -> dict:
+    def complete(self, req: BenchRequest, ignore_eos: bool = True) -> dict:
+        """llama-server's /completion response to one greedy request (its timings, and its token ids)."""
         # cache_prompt: the slot reuses the K/V of its previous prompt's common start (llama-server's default)
         body = json.dumps({"prompt": list(req.prompt_token_ids), "n_predict": req.output_len,
-                           "ignore_eos": True, "temperature": 0.0, "cache_prompt": True,
-                           "stream": False}).encode()
+                           "ignore_eos": ignore_eos, "temperature": 0.0, "cache_prompt": True,
+                           "return_tokens": True, "stream": False}).encode()
         r = urllib.request.Request(self._server_url + "/completion", data=body,
                                    headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(r, timeout=3600) as resp:
@@ -284,10 +286,10 @@ class LlamaCppBackend(Backend):
 
     def _send_all(self, requests: Sequence[BenchRequest]) -> list[dict]:
         with ThreadPoolExecutor(max_workers=max(1, min(len(requests), self._server_slots))) as pool:
-            return list(pool.map(self._complete, requests))
+            return list(pool.map(self.complete, requests))
 
     def warmup_throughput(self, concurrency: int) -> None:
-        self._start_server(concurrency)
+        self.start_server(concurrency)
         reqs = [BenchRequest(tuple(self.ctx.prompt(16, 10_000 + i)), 4) for i in range(2)]
         self._send_all(reqs)
 
@@ -296,7 +298,7 @@ class LlamaCppBackend(Backend):
 
         Counted: each request's own prompt tokens and the tokens the server reports it generated.
         """
-        self._start_server(min(len(requests), self.ctx.max_num_seqs))
+        self.start_server(min(len(requests), self.ctx.max_num_seqs))
         t0 = time.perf_counter()
         results = self._send_all(requests)
         elapsed = time.perf_counter() - t0
@@ -313,7 +315,7 @@ class LlamaCppBackend(Backend):
         return ThroughputRun(elapsed, sum(q.prompt_len for q in requests), out_tokens, len(requests), extra)
 
     def close(self) -> None:
-        self._stop_server()
+        self.stop_server()
         super().close()
 
 

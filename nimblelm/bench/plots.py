@@ -6,6 +6,7 @@
 - roofline: read bandwidth against working-set size
 - survey engines: batch-1 tokens/s and serving req/s per backend
 - survey quantization: a heatmap per phase (prefill, decode, end to end) of each method's speedup
+- survey speculative: batch-1 speedup per backend, method and workload; speedup against batch size per method
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     kind = report.get("kind")
     fn = {"latency": _latency, "throughput": _throughput, "serve": _serve, "roofline": _roofline,
-          "survey-engines": _survey, "survey-quantization": _survey_quant}.get(kind)
+          "survey-engines": _survey, "survey-quantization": _survey_quant, "survey-speculative": _survey_spec}.get(kind)
     if fn is None or not (report.get("results") or report.get("roofline")):
         return []
     try:
@@ -233,3 +234,32 @@ def _survey_quant(plt, report: dict, out: Path) -> list[Path]:
         paths.append(out / f"survey_quant_{phase}.png")
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     return paths
+
+
+def _survey_spec(plt, report: dict, out: Path) -> list[Path]:
+    rows = [r for r in report["results"] if r["method"] != "plain"]
+    workloads = list(dict.fromkeys(r["workload"] for r in report["results"]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    series = {}
+    for r in rows:
+        series.setdefault(f"{r['backend']}: {r['method']}", [float("nan")] * len(workloads))
+        series[f"{r['backend']}: {r['method']}"][workloads.index(r["workload"])] = r["speedup"]
+    _bars(axes[0], workloads, series, "speedup over plain decoding (batch 1)")
+    axes[0].axhline(1.0, color="black", linewidth=0.8)
+    axes[0].legend(fontsize=7)
+    load = [r for r in report["load"] if r["method"] != "plain"]
+    for method in dict.fromkeys(r["method"] for r in load):
+        pts = sorted((r["batch"], r["speedup"]) for r in load if r["method"] == method)
+        axes[1].plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=method)
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("requests at once (ShareGPT chat)")
+    axes[1].set_ylabel("output tokens/s over plain decoding")
+    axes[1].grid(alpha=0.3)
+    if load:
+        axes[1].legend()
+    fig.suptitle(f"bench survey speculative: {report['config']['model']} (this machine)")
+    fig.tight_layout()
+    p = out / "survey_speculative.png"
+    fig.savefig(p, dpi=110)
+    return [p]

@@ -184,6 +184,10 @@ def to_markdown(report: dict) -> str:
         from nimblelm.eval.quant_table import quant_quality_markdown
 
         return quant_quality_markdown(report)
+    if kind == "survey-speculative":
+        from nimblelm.bench.survey_spec import survey_spec_markdown
+
+        return survey_spec_markdown(report)
     if kind == "survey-engines":
         from nimblelm.bench.survey import survey_markdown
 
