@@ -650,6 +650,18 @@ def run_survey_speculative_command(args) -> dict:
         raise InvalidRequestError("--batch-sizes values must be >= 1")
     methods = _spec_methods(args)
     ctx, backends, _, machine = _prepare(args)
+    datastore = None
+    if "suffix" in methods:  # built here, so that its cost (Table 5's extra cost) is measured in this run
+        import tempfile
+
+        from nimblelm.speculative import datastore as store
+
+        folder = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="nimblelm-spec-"))
+        log(f"suffix: building its ShareGPT datastore for {args.model}")
+        path, datastore = store.build(args.model, corpus=args.dataset_path or store.SHAREGPT,
+                                      output=folder / "datastore.npz", progress=not args.no_progress)
+        datastore = {"path": str(path), **datastore}
+        methods["suffix"]["datastore"] = str(path)
     limit = min(2048, ctx.config.max_position_embeddings)
     tok, seed, gen = ctx.tokenizer, args.seed, args.gen_len
     chat = datasets.chat_requests(corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path(args.dataset_path))),
@@ -676,7 +688,8 @@ def run_survey_speculative_command(args) -> dict:
               "num_speculative_tokens": args.num_speculative_tokens, "workloads": workloads, "num_prompts": n,
               "gen_len": gen, "batch_sizes": batch_sizes, "threads": ctx.threads, "seed": seed,
               **_precision_config(args)}
-    return {"kind": "survey-speculative", "command": _command_line(), "config": config, "machine": machine, **out}
+    return {"kind": "survey-speculative", "command": _command_line(), "config": config, "machine": machine,
+            "datastore": datastore, **out}
 
 
 def run_roofline_command(args) -> dict:

@@ -368,8 +368,13 @@ def survey_spec_markdown(report: dict) -> str:
             "Identical: outputs equal to plain decoding's."), "",
             "| backend | method | extra cost | workload | tokens/s | speedup | tokens per step | kept | drafting | identical |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    costs = dict(EXTRA_COST)
+    if report.get("datastore"):
+        d = report["datastore"]
+        costs["suffix"] = (f"datastore: {d['tokens'] / 1e6:.1f}M tokens in {d['tokenize_s'] + d['sort_s']:.0f} s "
+                           f"({d['bytes'] / 2**20:.0f} MiB)")
     for r in report["results"]:
-        out.append(f"| {r['backend']} | {r['method']} | {EXTRA_COST.get(r['method'], 'none')} | {r['workload']} | "
+        out.append(f"| {r['backend']} | {r['method']} | {costs.get(r['method'], 'none')} | {r['workload']} | "
                    f"{r['tok_s']:.2f} | {r['speedup']:.2f}× | {_f(r.get('tokens_per_step'))} | "
                    f"{_pct(r.get('draft_acceptance'))} | {_pct(r.get('drafting_share'))} | "
                    f"{r['identical']}/{r['requests']} |")
