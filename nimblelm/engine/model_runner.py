@@ -191,9 +191,10 @@ class ModelRunner:
         return ModelRunnerOutput(sample_ids, tokens, logprobs, prompt_logprobs, proposals)
 
     def _propose(self, sample_ids: list[int], drafts: list[list[int]], tokens: list[list[int]]) -> dict[int, list[int]]:
-        """Drafts to follow each sampled sequence's new tokens, within its token and context limits, cut to
-        what pays for its rows (speculative/budget.py) where decode steps are timed."""
-        requests = {}
+        """Drafts to follow each sampled sequence's new tokens, within its token and context limits and, where
+        decode steps are timed, what pays for its rows (speculative/budget.py): the budget is drawn first,
+        so that a large batch, where few drafts pay, spends no time drafting the rest."""
+        room = {}
         for req_id, verified, new in zip(sample_ids, drafts, tokens):
             state = self.seqs[req_id]
             if verified:
@@ -202,15 +203,18 @@ class ModelRunner:
                 continue
             num_tokens = len(state.token_ids) + len(new)
             # The next step emits up to k + 1 tokens: room for them all in max_tokens and the context.
-            room = self.max_model_len - num_tokens - 1
+            n = min(self.speculative.num_speculative_tokens, self.max_model_len - num_tokens - 1)
             if state.params.max_tokens is not None:
-                room = min(room, state.params.max_tokens - (num_tokens - state.num_prompt_tokens) - 1)
-            requests[req_id] = (state.token_ids + new, state.num_prompt_tokens, room)
-        proposals = self.proposer.propose_all(requests)
-        if self.step_cost is None or not proposals:
-            return proposals
-        rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in proposals}
-        return draft_budget(proposals, rates, len(sample_ids), self.step_cost)
+                n = min(n, state.params.max_tokens - (num_tokens - state.num_prompt_tokens) - 1)
+            if n > 0:
+                room[req_id] = n
+        if self.step_cost is not None and room:
+            rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in room}
+            room = draft_budget(room, rates, len(sample_ids), self.step_cost)
+        new_tokens = dict(zip(sample_ids, tokens))
+        return self.proposer.propose_all({
+            req_id: (self.seqs[req_id].token_ids + new_tokens[req_id], self.seqs[req_id].num_prompt_tokens, n)
+            for req_id, n in room.items()})
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int]]]):
         """Per sequence: the entries of the prompt tokens that this step's rows predict."""

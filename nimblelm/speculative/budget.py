@@ -35,11 +35,14 @@ class Acceptance:
 
 class StepCost:
     """Seconds of a decode step by rows: a step runs the trace of the first measured row count that holds
-    its rows (padded up to it); past the last one, the slope of the last two continues."""
+    its rows (padded up to it); past the last one, the slope of the last two continues.
+
+    The measured times are made to rise with the rows (_rising): timing noise can make a bucket look as
+    cheap as a smaller one, or cheaper, and a row that looks free invites drafts no step can afford."""
 
     def __init__(self, seconds_by_rows: dict[int, float]):
         self.rows = sorted(seconds_by_rows)
-        self.seconds = [seconds_by_rows[r] for r in self.rows]
+        self.seconds = _rising(self.rows, [seconds_by_rows[r] for r in self.rows])
 
     def __call__(self, rows: int) -> float:
         i = bisect.bisect_left(self.rows, rows)
@@ -51,15 +54,31 @@ class StepCost:
         return s1 + (s1 - s0) * (rows - r1) / (r1 - r0)
 
 
-def draft_budget(proposals: dict[int, list[int]], rates: dict[int, float], base_rows: int,
-                 cost: StepCost) -> dict[int, list[int]]:
-    """Each proposal cut to the drafts worth verifying in a step of base_rows rows before them."""
+def _rising(rows: list[int], seconds: list[float]) -> list[float]:
+    """The closest non-decreasing fit (pooling adjacent violators into their mean), then at least half the
+    average cost of a row for every row added: more rows never cost less, nor nothing, unless every
+    measurement says so."""
+    blocks: list[list[float]] = []  # [sum of seconds, count] of pooled neighbours
+    for t in seconds:
+        blocks.append([t, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fit = [total / count for total, count in blocks for _ in range(int(count))]
+    floor = 0.5 * (fit[-1] - fit[0]) / (rows[-1] - rows[0]) if len(rows) > 1 else 0.0
+    for i in range(1, len(fit)):
+        fit[i] = max(fit[i], fit[i - 1] + floor * (rows[i] - rows[i - 1]))
+    return fit
+
+
+def draft_budget(room: dict[int, int], rates: dict[int, float], base_rows: int, cost: StepCost) -> dict[int, int]:
+    """How many drafts each sequence (room: at most how many it may take) verifies in a step of base_rows
+    rows before them: the ones worth their rows; sequences worth none are left out."""
     # Rates are below 1 (Acceptance's prior), so a sequence's gains fall with j: best first keeps its
     # drafts in order.
-    candidates = sorted(
-        ((rates[s] ** j, s, j) for s, drafts in proposals.items() for j in range(1, len(drafts) + 1)),
-        key=lambda c: -c[0],
-    )
+    candidates = sorted(((rates[s] ** j, s, j) for s, n in room.items() for j in range(1, n + 1)),
+                        key=lambda c: -c[0])
     tokens, rows = float(base_rows), base_rows
     keep: dict[int, int] = {}
     for gain, s, j in candidates:
@@ -68,4 +87,4 @@ def draft_budget(proposals: dict[int, list[int]], rates: dict[int, float], base_
         keep[s] = j
         tokens += gain
         rows += 1
-    return {s: proposals[s][:j] for s, j in keep.items()}
+    return keep
