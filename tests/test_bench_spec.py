@@ -129,8 +129,8 @@ def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, c
     assert data["backends"]["llama.cpp"]["status"] == "skipped"
     assert "does not run speculative decoding" in data["backends"]["vllm"]["reason"]
     md = (out / "report.md").read_text()
-    assert data["datastore"]["tokens"] > 0 and (out / "datastore.npz").is_file()
-    assert data["config"]["methods"]["suffix"]["datastore"] == str(out / "datastore.npz")
+    assert data["datastore"]["tokens"] > 0 and not list(out.glob("*.npz"))  # the run's own, removed after it
+    assert data["config"]["methods"]["suffix"]["datastore"].startswith("built in the run from ")
     assert "| nimblelm | suffix | datastore: 0.0M tokens in " in md
     assert "## The survey's Table 5 (theirs" in md and "| Eagle | one Transformer Layer |" in md
     assert "| batch 1 | batch 3 |" in md and "ngram on the editing workload" in md

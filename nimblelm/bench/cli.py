@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from nimblelm.errors import InvalidRequestError, NimbleLMError
@@ -650,18 +651,6 @@ def run_survey_speculative_command(args) -> dict:
         raise InvalidRequestError("--batch-sizes values must be >= 1")
     methods = _spec_methods(args)
     ctx, backends, _, machine = _prepare(args)
-    datastore = None
-    if "suffix" in methods:  # built here, so that its cost (Table 5's extra cost) is measured in this run
-        import tempfile
-
-        from nimblelm.speculative import datastore as store
-
-        folder = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="nimblelm-spec-"))
-        log(f"suffix: building its ShareGPT datastore for {args.model}")
-        path, datastore = store.build(args.model, corpus=args.dataset_path or store.SHAREGPT,
-                                      output=folder / "datastore.npz", progress=not args.no_progress)
-        datastore = {"path": str(path), **datastore}
-        methods["suffix"]["datastore"] = str(path)
     limit = min(2048, ctx.config.max_position_embeddings)
     tok, seed, gen = ctx.tokenizer, args.seed, args.gen_len
     chat = datasets.chat_requests(corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path(args.dataset_path))),
@@ -681,8 +670,19 @@ def run_survey_speculative_command(args) -> dict:
     if args.draft_model:
         draft = BenchContext(model=args.draft_model, dtype=ctx.dtype, threads=ctx.threads,
                              max_model_len=ctx.max_model_len, seed=ctx.seed, quantization=args.draft_quantization)
-    out = run_survey_speculative(ctx, methods, draft=draft, workloads=chosen, load_sets=load_sets, backends=backends,
-                                 logger=log)
+    with tempfile.TemporaryDirectory(prefix="nimblelm-spec-") as folder:
+        datastore = None
+        if "suffix" in methods:  # built here, so that its cost (Table 5's extra cost) is measured in this run
+            from nimblelm.speculative import datastore as store
+
+            log(f"suffix: building its ShareGPT datastore for {args.model}")
+            path, datastore = store.build(args.model, corpus=args.dataset_path or store.SHAREGPT,
+                                          output=Path(folder) / "datastore.npz", progress=not args.no_progress)
+            methods["suffix"]["datastore"] = str(path)
+        out = run_survey_speculative(ctx, methods, draft=draft, workloads=chosen, load_sets=load_sets,
+                                     backends=backends, logger=log)
+    if datastore is not None:  # the file was the run's own (tens of MB): the report says what it held
+        methods["suffix"]["datastore"] = "built in the run from " + (args.dataset_path or "ShareGPT")
     config = {"experiment": args.experiment, "model": args.model, "dtype": args.dtype, "backends": backends,
               "methods": methods, "draft_model": args.draft_model, "draft_quantization": args.draft_quantization,
               "num_speculative_tokens": args.num_speculative_tokens, "workloads": workloads, "num_prompts": n,
