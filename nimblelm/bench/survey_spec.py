@@ -179,7 +179,9 @@ def _llamacpp(ctx: BenchContext, draft: BenchContext | None, k: int, workloads: 
     if draft is not None:
         drafter = LlamaCppBackend(draft)
         drafter.load()
-        modes["draft model"] = ["-md", str(drafter.gguf), "--spec-draft-n-max", str(k), "-td", t, "-tbd", t]
+        # -md alone loads the drafter but drafts nothing: the type turns it on
+        modes["draft model"] = ["--spec-type", "draft-simple", "-md", str(drafter.gguf), "--spec-draft-n-max", str(k),
+                                "-td", t, "-tbd", t]
     out: dict[str, dict] = {}
     try:
         for mode, args in modes.items():
