@@ -64,10 +64,10 @@ class _DraftClock:
         self._propose = proposer.propose_all
         proposer.propose_all = self
 
-    def __call__(self, requests):
+    def __call__(self, *args):
         t0 = time.perf_counter()
         try:
-            return self._propose(requests)
+            return self._propose(*args)
         finally:
             self.seconds += time.perf_counter() - t0
 

@@ -132,10 +132,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
         if self.speculative is not None:
-            self.proposer = make_proposer(
-                self.speculative, vocab_size=self.config.vocab_size, device=self.device, dtype=self.dtype,
-                max_model_len=self.max_model_len, block_size=self.block_size, num_blocks=num_blocks,
-                max_num_seqs=max_num_seqs)
+            self.proposer = make_proposer(self.speculative, self, num_blocks, max_num_seqs)
         if self.capturing:
             windows = [group.window for group in self.kv_groups]
             self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
@@ -187,10 +184,21 @@ class ModelRunner:
             sampled = self.sampler(logits, sampling)
             tokens = [[t] for t in sampled.token_ids]
             logprobs = None if sampled.logprobs is None else [[entry] for entry in sampled.logprobs]
-        proposals = self._propose(sample_ids, drafts, tokens) if self.proposer is not None else {}
+        proposals = {}
+        if self.proposer is not None:
+            # The hidden state of each sequence's last kept row: the one that chose its newest token.
+            hidden_rows = None
+            if self.proposer.uses_hidden:
+                last, row = [], 0
+                for d, t in zip(drafts, tokens):
+                    last.append(row + len(t) - 1)
+                    row += len(d) + 1
+                hidden_rows = hidden[sample_rows[last]]
+            proposals = self._propose(sample_ids, drafts, tokens, hidden_rows)
         return ModelRunnerOutput(sample_ids, tokens, logprobs, prompt_logprobs, proposals)
 
-    def _propose(self, sample_ids: list[int], drafts: list[list[int]], tokens: list[list[int]]) -> dict[int, list[int]]:
+    def _propose(self, sample_ids: list[int], drafts: list[list[int]], tokens: list[list[int]],
+                 hidden_rows: torch.Tensor | None) -> dict[int, list[int]]:
         """Drafts to follow each sampled sequence's new tokens, within its token and context limits and, where
         decode steps are timed, what pays for its rows (speculative/budget.py): the budget is drawn first,
         so that a large batch, where few drafts pay, spends no time drafting the rest."""
@@ -212,9 +220,12 @@ class ModelRunner:
             rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in room}
             room = draft_budget(room, rates, len(sample_ids), self.step_cost)
         new_tokens = dict(zip(sample_ids, tokens))
-        return self.proposer.propose_all({
-            req_id: (self.seqs[req_id].token_ids + new_tokens[req_id], self.seqs[req_id].num_prompt_tokens, n)
-            for req_id, n in room.items()})
+        requests = {req_id: (self.seqs[req_id].token_ids + new_tokens[req_id], self.seqs[req_id].num_prompt_tokens, n)
+                    for req_id, n in room.items()}
+        if hidden_rows is None:
+            return self.proposer.propose_all(requests)
+        row_of = {req_id: i for i, req_id in enumerate(sample_ids)}
+        return self.proposer.propose_all(requests, hidden_rows[[row_of[r] for r in requests]])
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int]]]):
         """Per sequence: the entries of the prompt tokens that this step's rows predict."""

@@ -16,18 +16,27 @@ from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.suffix import SuffixProposer
 
 
-def make_proposer(config: SpeculativeConfig, **target) -> NgramProposer | DraftModelProposer | SuffixProposer:
-    """The proposer of config.method; `target` says what a draft model must fit (DraftModelProposer's
-    keyword arguments: vocabulary, device, dtype, lengths and KV cache size) and a datastore must match
-    (the vocabulary)."""
+def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_seqs: int) -> Proposer:
+    """The proposer of config.method for the target's model runner, whose KV cache holds num_blocks blocks
+    for up to max_num_seqs sequences (a draft model sizes its own cache the same).
+
+    A proposer's propose_all takes, per sequence, (its tokens, prompt length, room for drafts), and, when its
+    class sets uses_hidden, the target's last hidden state of each of those sequences (rows in that order);
+    it returns the drafts of the sequences that have any. forget drops what it keeps of finished ones."""
     if config.method == "draft_model":
-        return DraftModelProposer(config.model, config.num_speculative_tokens, quantization=config.quantization,
-                                  **target)
+        return DraftModelProposer(
+            config.model, config.num_speculative_tokens, quantization=config.quantization,
+            vocab_size=runner.config.vocab_size, device=runner.device, dtype=runner.dtype,
+            max_model_len=runner.max_model_len, block_size=runner.block_size, num_blocks=num_blocks,
+            max_num_seqs=max_num_seqs)
     if config.method == "suffix":
-        store = open_for_target(config.datastore, target["vocab_size"])
+        store = open_for_target(config.datastore, runner.config.vocab_size)
         return SuffixProposer(store, config.num_speculative_tokens, config.prompt_lookup_min,
                               config.prompt_lookup_max)
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+
+
+Proposer = NgramProposer | DraftModelProposer | SuffixProposer
 
 
 def speculates(params: SamplingParams) -> bool:

@@ -9,6 +9,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 
 class NgramProposer:
+    uses_hidden = False
+
     def __init__(self, num_speculative_tokens: int, lookup_min: int, lookup_max: int):
         self.k = num_speculative_tokens
         self.lookup_min = lookup_min

@@ -23,6 +23,8 @@ MAX_OCCURRENCES = 64
 
 
 class SuffixProposer:
+    uses_hidden = False
+
     def __init__(self, store: Datastore, num_speculative_tokens: int, match_min: int, match_max: int):
         self.store = store
         self.k = num_speculative_tokens
