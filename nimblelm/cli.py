@@ -173,6 +173,18 @@ def cmd_build_datastore(args) -> int:
     return 0
 
 
+def cmd_search_layers(args) -> int:
+    from nimblelm.speculative import layer_skip
+
+    path, found = layer_skip.search(args.model, num_speculative_tokens=args.num_speculative_tokens,
+                                    corpus=args.corpus, tokens=args.tokens, threads=args.threads, output=args.output)
+    best = next((p for p in found["path"] if p.get("skip_layers") == found["skip_layers"]), found["path"][0])
+    print(f"wrote {path}: skip {len(found['skip_layers'])} of {found['num_layers']} layers {found['skip_layers']}, "
+          f"greedy agreement {best['agreement']:.1%}, modeled speedup {found['modeled_speedup']}x at k="
+          f"{found['num_speculative_tokens']} ({found['search_seconds']} s on {found['threads']} threads)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nimblelm", description="Efficient LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", "-o", default=None,
                        help="default: the nimblelm cache's datastores/MODEL.CORPUS.npz, where method suffix looks")
     build.set_defaults(func=cmd_build_datastore)
+    search = ssub.add_parser("search-layers", help="the layers method layer_skip's drafting pass skips")
+    search.add_argument("--model", "-m", required=True, help="alias, Hugging Face folder or .gguf file")
+    search.add_argument("--num-speculative-tokens", type=int, default=4, help="the k the search models")
+    search.add_argument("--corpus", default="sharegpt", help="calibration text, as build-datastore's --corpus")
+    search.add_argument("--tokens", type=int, default=512, help="calibration tokens")
+    search.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    search.add_argument("--output", "-o", default=None, help="default: layer_skip.json in the model's folder, "
+                        "where method layer_skip looks")
+    search.set_defaults(func=cmd_search_layers)
 
     from nimblelm.bench.cli import add_bench_subparser
 

@@ -24,6 +24,7 @@ from nimblelm.platform import resolve_device, resolve_dtype, resolve_kv_cache_dt
 from nimblelm.quantization import GGUF_DIRECT, formats, linear_method, refuse_requantizing
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative import SpeculativeConfig
+from nimblelm.speculative.layer_skip import saved_skip_layers
 
 Prompt = str | list[int] | dict
 
@@ -55,6 +56,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)  # a bad name fails before the model loads
         self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
         speculative = SpeculativeConfig.from_dict(config.speculative_config) if config.speculative_config else None
+        if speculative is not None and speculative.method == "layer_skip" and speculative.skip_layers is None:
+            speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
         method = linear_method(config.quantization)
         resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)

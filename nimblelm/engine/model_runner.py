@@ -26,7 +26,7 @@ from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
 from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.sampling_params import SamplingParams
-from nimblelm.speculative import SpeculativeConfig, make_proposer, speculates
+from nimblelm.speculative import SpeculativeConfig, make_proposer, scratch_blocks, speculates
 from nimblelm.speculative.budget import Acceptance, StepCost, draft_budget
 from nimblelm.speculative.verifier import verify
 
@@ -108,8 +108,10 @@ class ModelRunner:
         """Every tensor's K/V (and int8 scales) as views of one buffer, on CPU one of huge pages; then the
         traces of decode steps of up to max_num_seqs rows, when steps are replayed."""
         cfg = self.config
-        # Block num_blocks, beyond those the KV cache manager hands out, is scratch for padding rows.
-        shape = (2, num_blocks + 1, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Block num_blocks, beyond those the KV cache manager hands out, is scratch for padding rows; a
+        # proposer that drafts with the target's own layers writes past it.
+        drafting = scratch_blocks(self.speculative, self.block_size, len(self.kv_groups))
+        shape = (2, num_blocks + 1 + drafting, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         offsets, nbytes = [], 0
         for kv_dtype in self.kv_dtypes:
             values_at = nbytes

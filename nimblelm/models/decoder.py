@@ -236,13 +236,15 @@ class DecoderLM(nn.Module):
         return self.eval()
 
     def forward(
-        self, input_ids, positions, kv_caches: list[KVCache], metas: list[AttentionMetadata]
+        self, input_ids, positions, kv_caches: list[KVCache], metas: list[AttentionMetadata],
+        layers: list[int] | None = None,
     ) -> torch.Tensor:
-        """metas: each layer's attention metadata (layers with the same window share one)."""
+        """metas: each layer's attention metadata (layers with the same window share one). layers: the
+        indices of the layers to run, in order (default all); the others pass the residual stream on."""
         x, residual = self.embed(input_ids), None
         ropes = self.rotary(positions)
-        for layer, kv_cache, layer_meta in zip(self.layers, kv_caches, metas):
-            x, residual = layer(x, residual, ropes, kv_cache, layer_meta)
+        for i in range(len(self.layers)) if layers is None else layers:
+            x, residual = self.layers[i](x, residual, ropes, kv_caches[i], metas[i])
         return x + residual
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative.config import SpeculativeConfig
 from nimblelm.speculative.datastore import open_for_target
 from nimblelm.speculative.draft_model import DraftModelProposer
+from nimblelm.speculative.layer_skip import LayerSkipProposer
+from nimblelm.speculative.layer_skip import scratch_blocks as layer_skip_scratch
 from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.suffix import SuffixProposer
 
@@ -29,6 +31,8 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
             vocab_size=runner.config.vocab_size, device=runner.device, dtype=runner.dtype,
             max_model_len=runner.max_model_len, block_size=runner.block_size, num_blocks=num_blocks,
             max_num_seqs=max_num_seqs)
+    if config.method == "layer_skip":  # its drafts' K/V go to the blocks past the pad block
+        return LayerSkipProposer(runner, config.skip_layers, config.num_speculative_tokens, num_blocks + 1)
     if config.method == "suffix":
         store = open_for_target(config.datastore, runner.config.vocab_size)
         return SuffixProposer(store, config.num_speculative_tokens, config.prompt_lookup_min,
@@ -36,7 +40,14 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
 
 
-Proposer = NgramProposer | DraftModelProposer | SuffixProposer
+Proposer = NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipProposer
+
+
+def scratch_blocks(config: SpeculativeConfig | None, block_size: int, num_kv_groups: int) -> int:
+    """KV blocks the target's runner reserves past its own for the proposer's drafts (layer_skip's)."""
+    if config is None or config.method != "layer_skip":
+        return 0
+    return layer_skip_scratch(config.num_speculative_tokens, block_size, num_kv_groups)
 
 
 def speculates(params: SamplingParams) -> bool:
@@ -45,4 +56,4 @@ def speculates(params: SamplingParams) -> bool:
     return not params.has_penalties and params.structured_output is None
 
 
-__all__ = ["SpeculativeConfig", "make_proposer", "speculates"]
+__all__ = ["SpeculativeConfig", "make_proposer", "scratch_blocks", "speculates"]

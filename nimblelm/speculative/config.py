@@ -8,7 +8,7 @@ from typing import Any
 
 from nimblelm.errors import InvalidRequestError
 
-METHODS = ("ngram", "draft_model", "suffix")
+METHODS = ("ngram", "draft_model", "suffix", "layer_skip")
 # (prompt_lookup_min, prompt_lookup_max) of the methods that look suffixes up, when not given. Suffix's are
 # measured (SmolLM2-135M's greedy answers to 24 ShareGPT questions, 8M-token datastore, k = 4): a minimum of
 # 1 proposes 10% more drafts for 2% more tokens per step, 3 loses 9% of them; maxima 8 and 16 draft the same.
@@ -32,6 +32,9 @@ class SpeculativeConfig:
     quantization: str | None = None
     # suffix: a file of `nimblelm spec build-datastore` (None: the ShareGPT one built for the target's tokenizer).
     datastore: str | None = None
+    # layer_skip: the target's layers (0-based) its drafting pass skips (None: those `nimblelm spec
+    # search-layers` saved beside the model).
+    skip_layers: list[int] | None = None
 
     def __post_init__(self):
         lo, hi = LOOKUP_DEFAULTS.get(self.method, (None, None))
@@ -74,6 +77,12 @@ class SpeculativeConfig:
             raise bad("'datastore' applies to method suffix only")
         if self.datastore is not None and not Path(self.datastore).expanduser().is_file():
             raise bad(f"datastore not found: {self.datastore}")
+        if self.skip_layers is not None:
+            if self.method != "layer_skip":
+                raise bad("'skip_layers' applies to method layer_skip only")
+            if not (isinstance(self.skip_layers, list) and self.skip_layers
+                    and all(isinstance(i, int) and i >= 0 for i in self.skip_layers)):
+                raise bad(f"'skip_layers' must be a non-empty list of layer indices, got {self.skip_layers!r}")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if self.method not in LOOKUP_DEFAULTS:
             if lo is not None or hi is not None:
