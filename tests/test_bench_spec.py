@@ -97,7 +97,7 @@ def test_survey_speculative_options_fail_in_one_line(argv, message, capsys):
 
 def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, capsys):
     """Every workload and method on nimblelm and transformers; the drafter is the target itself, so every
-    draft is kept; suffix's datastore is built from the ShareGPT file in the run; llama.cpp (not built here)
+    draft is kept; suffix's datastore and layer_skip's layers come from the ShareGPT file in the run; llama.cpp (not built here)
     and vLLM are skipped with their reasons."""
     from nimblelm.engine import model_runner
 
@@ -106,13 +106,13 @@ def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, c
     monkeypatch.setattr(model_runner, "StepCost", lambda seconds_by_rows: None)
     out = tmp_path / "spec"
     rc = main(["survey", "speculative", "--model", str(tiny_llama), "--draft-model", str(tiny_llama),
-               "--methods", "ngram,draft_model,suffix", "--num-prompts", "2", "--gen-len", "6", "--batch-sizes", "1,3", "-t", "1", "--no-measure",
+               "--methods", "ngram,draft_model,suffix,layer_skip", "--num-prompts", "2", "--gen-len", "6", "--batch-sizes", "1,3", "-t", "1", "--no-measure",
                "--no-progress", "--dataset-path", str(_sharegpt_file(tmp_path / "s.json")),
                "--humaneval-path", str(_humaneval_file(tmp_path / "h.jsonl.gz")), "--output", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     got = {(r["backend"], r["method"], r["workload"]): r for r in data["results"]}
-    methods = {"nimblelm": ("plain", "ngram", "draft_model", "suffix"),
+    methods = {"nimblelm": ("plain", "ngram", "draft_model", "suffix", "layer_skip"),
                "transformers": ("plain", "prompt lookup", "assisted generation")}
     assert set(got) == {(b, m, w) for b, ms in methods.items() for m in ms for w in ("humaneval", "chat", "edit")}
     for (backend, method, _), r in got.items():
@@ -124,7 +124,7 @@ def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, c
         assert dm["draft_acceptance"] == pytest.approx(1.0) and dm["tokens_per_step"] > 1
         assert 0 < dm["drafting_share"] < 1
     assert [(r["method"], r["batch"], r["requests"]) for r in data["load"]] == [
-        (m, b, b) for m in ("plain", "ngram", "draft_model", "suffix") for b in (1, 3)]
+        (m, b, b) for m in ("plain", "ngram", "draft_model", "suffix", "layer_skip") for b in (1, 3)]
     assert all(r["identical"] == r["requests"] for r in data["load"])
     assert data["backends"]["llama.cpp"]["status"] == "skipped"
     assert "does not run speculative decoding" in data["backends"]["vllm"]["reason"]
@@ -132,6 +132,9 @@ def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, c
     assert data["datastore"]["tokens"] > 0 and not list(out.glob("*.npz"))  # the run's own, removed after it
     assert data["config"]["methods"]["suffix"]["datastore"].startswith("built in the run from ")
     assert "| nimblelm | suffix | datastore: 0.0M tokens in " in md
+    # The tiny model's two layers: the search takes one out, and the run drafts with the other.
+    assert data["layer_search"]["path"][1]["kept"] == 1 and len(data["config"]["methods"]["layer_skip"]["skip_layers"]) == 1
+    assert "| nimblelm | layer_skip | layer search: " in md and "## layer_skip's search" in md
     assert "## The survey's Table 5 (theirs" in md and "| Eagle | one Transformer Layer |" in md
     assert "| batch 1 | batch 3 |" in md and "ngram on the editing workload" in md
     assert (out / "survey_speculative.png").is_file()

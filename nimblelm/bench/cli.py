@@ -679,6 +679,19 @@ def run_survey_speculative_command(args) -> dict:
             path, datastore = store.build(args.model, corpus=args.dataset_path or store.SHAREGPT,
                                           output=Path(folder) / "datastore.npz", progress=not args.no_progress)
             methods["suffix"]["datastore"] = str(path)
+        layer_search = None
+        if "layer_skip" in methods:  # searched here too: its cost is the method's extra cost
+            from nimblelm.speculative import layer_skip
+
+            log(f"layer_skip: searching the layers of {args.model} to skip")
+            _, layer_search = layer_skip.search(
+                args.model, num_speculative_tokens=args.num_speculative_tokens, threads=ctx.threads,
+                corpus=args.dataset_path or "sharegpt", output=Path(folder) / "layer_skip.json",
+                progress=not args.no_progress)
+            # Where no subset models a gain, the first one tried (the fewest layers skipped) still runs: the
+            # row shows what drafting with it costs and how much of it the draft budget keeps.
+            tried = [p["skip_layers"] for p in layer_search["path"][1:2]]
+            methods["layer_skip"]["skip_layers"] = layer_search["skip_layers"] or tried[0]
         out = run_survey_speculative(ctx, methods, draft=draft, workloads=chosen, load_sets=load_sets,
                                      backends=backends, logger=log)
     if datastore is not None:  # the file was the run's own (tens of MB): the report says what it held
@@ -689,7 +702,7 @@ def run_survey_speculative_command(args) -> dict:
               "gen_len": gen, "batch_sizes": batch_sizes, "threads": ctx.threads, "seed": seed,
               **_precision_config(args)}
     return {"kind": "survey-speculative", "command": _command_line(), "config": config, "machine": machine,
-            "datastore": datastore, **out}
+            "datastore": datastore, "layer_search": layer_search, **out}
 
 
 def run_roofline_command(args) -> dict:

@@ -379,6 +379,12 @@ def survey_spec_markdown(report: dict) -> str:
         d = report["datastore"]
         costs["suffix"] = (f"datastore: {d['tokens'] / 1e6:.1f}M tokens in {d['tokenize_s'] + d['sort_s']:.0f} s "
                            f"({d['bytes'] / 2**20:.0f} MiB)")
+    if report.get("layer_search"):
+        f = report["layer_search"]
+        skipped = report["config"]["methods"]["layer_skip"]["skip_layers"]
+        costs["layer_skip"] = (f"layer search: {f['search_seconds']:.0f} s on {f['calibration_tokens']} tokens; "
+                               f"skips {len(skipped)} of {f['num_layers']} layers"
+                               + ("" if f["skip_layers"] else " (no subset modeled a gain: the first tried)"))
     for r in report["results"]:
         out.append(f"| {r['backend']} | {r['method']} | {costs.get(r['method'], 'none')} | {r['workload']} | "
                    f"{r['tok_s']:.2f} | {r['speedup']:.2f}× | {_f(r.get('tokens_per_step'))} | "
@@ -394,6 +400,16 @@ def survey_spec_markdown(report: dict) -> str:
             cells = {r["batch"]: r for r in report["load"] if r["method"] == method}
             out.append(f"| {method} | " + " | ".join(
                 f"{cells[b]['tok_s']:.1f} ({cells[b]['speedup']:.2f}×)" if b in cells else "-" for b in batches) + " |")
+    if report.get("layer_search"):
+        f = report["layer_search"]
+        out += ["", "## layer_skip's search", "",
+                (f"Greedy next-token agreement with the whole model, teacher forced on {f['calibration_tokens']} "
+                 f"calibration tokens, as the search took layers out two at a time, and the speedup it models at "
+                 f"k={f['num_speculative_tokens']} (tokens per step over 1 + k × the drafting pass's share of the "
+                 "weights)."), "",
+                "| layers kept | skipped | agreement | modeled speedup |", "| ---: | --- | ---: | ---: |"]
+        out += [f"| {p['kept']} | {p.get('skip_layers', [])} | {_pct(p['agreement'])} | {p['modeled_speedup']:.2f}× |"
+                for p in f["path"]]
     out += ["", "## Targets", "", *(f"- {t}" for t in _targets(report)), "",
             "## The survey's Table 5 (theirs: 7B-33B targets on a GPU, Vicuna-80; not comparable with the rows above)",
             "", "| method | draft model | draft construction | verifier | extra cost (GPU hours) | acceptance rate | speedup |",

@@ -220,7 +220,7 @@ class ModelRunner:
                 room[req_id] = n
         if self.step_cost is not None and room:
             rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in room}
-            room = draft_budget(room, rates, len(sample_ids), self.step_cost)
+            room = draft_budget(room, rates, len(sample_ids), self.step_cost, self.proposer.pass_seconds)
         new_tokens = dict(zip(sample_ids, tokens))
         requests = {req_id: (self.seqs[req_id].token_ids + new_tokens[req_id], self.seqs[req_id].num_prompt_tokens, n)
                     for req_id, n in room.items()}

@@ -24,7 +24,9 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
 
     A proposer's propose_all takes, per sequence, (its tokens, prompt length, room for drafts), and, when its
     class sets uses_hidden, the target's last hidden state of each of those sequences (rows in that order);
-    it returns the drafts of the sequences that have any. forget drops what it keeps of finished ones."""
+    it returns the drafts of the sequences that have any. forget drops what it keeps of finished ones.
+    pass_seconds: what one of its drafting passes costs, for those that draft a position per batched pass
+    (the draft budget weighs it); 0 for lookups."""
     if config.method == "draft_model":
         return DraftModelProposer(
             config.model, config.num_speculative_tokens, quantization=config.quantization,

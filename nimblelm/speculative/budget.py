@@ -72,9 +72,31 @@ def _rising(rows: list[int], seconds: list[float]) -> list[float]:
     return fit
 
 
-def draft_budget(room: dict[int, int], rates: dict[int, float], base_rows: int, cost: StepCost) -> dict[int, int]:
+def draft_budget(room: dict[int, int], rates: dict[int, float], base_rows: int, cost: StepCost,
+                 draft_pass: float = 0.0) -> dict[int, int]:
     """How many drafts each sequence (room: at most how many it may take) verifies in a step of base_rows
-    rows before them: the ones worth their rows; sequences worth none are left out."""
+    rows before them: the ones worth their rows; sequences worth none are left out.
+
+    draft_pass: seconds a proposer that drafts one position per pass (a draft model, the target's own
+    layers) spends on each pass, whatever the sequences in it: drafting to depth d costs d passes. Each
+    depth cap is tried, and the one with the most tokens per second of drafting and verifying wins."""
+    if draft_pass <= 0:
+        return _rows_that_pay(room, rates, base_rows, cost, 0.0)
+    best, best_rate = {}, base_rows / cost(base_rows)
+    for depth in range(1, max(room.values(), default=0) + 1):
+        capped = {s: min(n, depth) for s, n in room.items()}
+        keep = _rows_that_pay(capped, rates, base_rows, cost, depth * draft_pass)
+        if keep:
+            tokens = base_rows + sum(rates[s] ** j for s, n in keep.items() for j in range(1, n + 1))
+            rate = tokens / (cost(base_rows + sum(keep.values())) + max(keep.values()) * draft_pass)
+            if rate > best_rate:
+                best, best_rate = keep, rate
+    return best
+
+
+def _rows_that_pay(room: dict[int, int], rates: dict[int, float], base_rows: int, cost: StepCost,
+                   fixed: float) -> dict[int, int]:
+    """The rows, best first, that raise tokens per second of a step whose time is cost(rows) + fixed."""
     # Rates are below 1 (Acceptance's prior), so a sequence's gains fall with j: best first keeps its
     # drafts in order.
     candidates = sorted(((rates[s] ** j, s, j) for s, n in room.items() for j in range(1, n + 1)),
@@ -82,9 +104,21 @@ def draft_budget(room: dict[int, int], rates: dict[int, float], base_rows: int, 
     tokens, rows = float(base_rows), base_rows
     keep: dict[int, int] = {}
     for gain, s, j in candidates:
-        if (tokens + gain) * cost(rows) <= tokens * cost(rows + 1):
+        if (tokens + gain) * (cost(rows) + fixed) <= tokens * (cost(rows + 1) + fixed):
             break
         keep[s] = j
         tokens += gain
         rows += 1
     return keep
+
+
+class PassTime:
+    """Seconds of a proposer's drafting pass: a moving average of the passes it timed."""
+
+    DECAY = 0.9
+
+    def __init__(self):
+        self.seconds = 0.0  # until the first pass is timed, drafting looks free: the first steps draft
+
+    def add(self, seconds: float) -> None:
+        self.seconds = seconds if self.seconds == 0.0 else self.DECAY * self.seconds + (1 - self.DECAY) * seconds

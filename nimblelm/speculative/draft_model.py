@@ -11,6 +11,7 @@ requests and keeps the target's distribution for sampled ones (speculative/verif
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from nimblelm.models.loader import load_model
 from nimblelm.platform import resolve_kv_cache_dtype
 from nimblelm.quantization import GGUF_DIRECT, linear_method, refuse_requantizing
 from nimblelm.sampling_params import SamplingParams
+from nimblelm.speculative.budget import PassTime
 
 GREEDY = SamplingParams(temperature=0, max_tokens=None)
 
@@ -66,6 +68,11 @@ class DraftModelProposer:
         self.kv = KVCacheManager(num_blocks, block_size, [g.window for g in self.runner.kv_groups], False)
         self.seqs: dict[int, _Draft] = {}
         self._forgotten: list[int] = []
+        self._pass_time = PassTime()
+
+    @property
+    def pass_seconds(self) -> float:
+        return self._pass_time.seconds
 
     def forget(self, req_ids: list[int]) -> None:
         for req_id in req_ids:
@@ -96,7 +103,10 @@ class DraftModelProposer:
             sched = self._schedule(active, first=step == 0)
             if sched is None:  # the drafter's cache is full: propose what there is
                 break
+            t0 = time.perf_counter()
             out = self.runner.execute(sched)
+            if step > 0:  # a one-token pass; the first may also catch up on a new sequence's prompt
+                self._pass_time.add(time.perf_counter() - t0)
             for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
                 seq = self.seqs[req_id]
                 seq.num_computed_tokens += sched.num_scheduled_tokens[req_id]

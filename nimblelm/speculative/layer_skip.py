@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.attention import AttentionMetadata
+from nimblelm.speculative.budget import PassTime
 
 # Sequences drafted in one pass; the scratch blocks reserved hold this many sequences' drafts at once.
 DRAFT_CHUNK = 32
@@ -51,6 +52,11 @@ class LayerSkipProposer:
         self.layers = [i for i in range(runner.config.num_layers) if i not in skipped]
         self.first_scratch = first_scratch
         self.per_seq = (runner.block_size - 1 + self.k - 1) // runner.block_size + 1
+        self._pass_time = PassTime()
+
+    @property
+    def pass_seconds(self) -> float:
+        return self._pass_time.seconds
 
     def forget(self, req_ids: list[int]) -> None:
         """Nothing is kept per sequence."""
@@ -100,8 +106,11 @@ class LayerSkipProposer:
                 group_metas.append(AttentionMetadata.decodes(slots, block_tables, contexts, window, mask))
             ids = torch.tensor([last[items[n][0]] for n in rows], device=device)
             metas = [group_metas[g] for g in runner.group_of_layer]
+            t0 = time.perf_counter()
             hidden = runner.model(ids, torch.tensor(positions, device=device), runner.kv_caches, metas, self.layers)
-            for n, token in zip(rows, runner.model.compute_logits(hidden).argmax(-1).tolist()):
+            chosen = runner.model.compute_logits(hidden).argmax(-1).tolist()
+            self._pass_time.add(time.perf_counter() - t0)
+            for n, token in zip(rows, chosen):
                 req_id = items[n][0]
                 out[req_id].append(token)
                 last[req_id] = token
@@ -218,10 +227,10 @@ def search(model: str, *, num_speculative_tokens: int = 4, corpus: str = "shareg
 
         k = num_speculative_tokens
         path = [{"kept": num_layers, "agreement": 1.0, "modeled_speedup": (k + 1) / (1 + k)}]
-        rounds = tqdm(total=num_layers - 2, desc="searching layers", unit="layer", disable=not progress)
+        rounds = tqdm(total=num_layers - 1, desc="searching layers", unit="layer", disable=not progress)
         best = (path[0]["modeled_speedup"], [])
         ranking = list(kept)  # the layers by how little taking them out cost when last scored, least first
-        while len(kept) > 2:
+        while len(kept) > 1:
             # Scores change little from round to round: the first round scores every layer, later ones
             # only the RESCORED best of the last ranking.
             candidates = ranking if len(ranking) == num_layers else ranking[:RESCORED]
@@ -230,7 +239,7 @@ def search(model: str, *, num_speculative_tokens: int = 4, corpus: str = "shareg
                 states = [next((x, r) for j, x, r in seen if j == i) for seen in entering]
                 scores[i] = agreement(run([j for j in kept if j != i], states, i)[1])
             ranking = sorted(candidates, key=scores.get, reverse=True) + ranking[len(candidates):]
-            for i in ranking[: min(2, len(kept) - 2)]:
+            for i in ranking[: min(2, len(kept) - 1)]:
                 kept.remove(i)
                 rounds.update()
             ranking = [i for i in ranking if i in kept]
