@@ -46,6 +46,27 @@ def test_the_edit_workload_asks_to_put_back_the_type_hints_it_removed(tiny_qwen)
         datasets.edit_requests(PROBLEMS, tok, 1, max_output_len=32, max_total_len=40)
 
 
+def test_mt_questions_are_two_turn_chats_fixed_by_the_seed(tiny_qwen):
+    from nimblelm.bench import mt_questions
+    from nimblelm.models.loader import load_model
+
+    chats = mt_questions.conversations(10, seed=2)
+    assert [c[0] for c in chats[:8]] == list(mt_questions.CATEGORIES) and chats == mt_questions.conversations(10, 2)
+    assert chats != mt_questions.conversations(10, 3) and all(q and follow for _, q, follow in chats)
+    tok = load_model(str(tiny_qwen)).tokenizer
+    asked = []
+
+    def answer(prompts):  # the model's first answers, as the bench's plain engine would give them
+        asked.extend(prompts)
+        return [f"answer number {i}" for i in range(len(prompts))]
+
+    reqs = datasets.mt_requests(tok, 5, answer, seed=2, max_output_len=16)
+    assert len(reqs) == 5 and len(asked) == 3 and {r.output_len for r in reqs} == {16}
+    assert [list(r.prompt_token_ids) for r in reqs[0::2]] == asked  # turn 1 of each, then its turn 2
+    second = tok.decode(list(reqs[1].prompt_token_ids))
+    assert chats[0][1] in second and "answer number 0" in second and chats[0][2] in second
+
+
 def test_chat_requests_render_the_question_alone_in_the_chat_template(tiny_qwen, tmp_path):
     from nimblelm import corpora
     from nimblelm.models.loader import load_model
@@ -114,12 +135,12 @@ def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, c
     got = {(r["backend"], r["method"], r["workload"]): r for r in data["results"]}
     methods = {"nimblelm": ("plain", "ngram", "draft_model", "suffix", "layer_skip"),
                "transformers": ("plain", "prompt lookup", "assisted generation")}
-    assert set(got) == {(b, m, w) for b, ms in methods.items() for m in ms for w in ("humaneval", "chat", "edit")}
+    assert set(got) == {(b, m, w) for b, ms in methods.items() for m in ms for w in ("humaneval", "chat", "mt", "edit")}
     for (backend, method, _), r in got.items():
         assert r["requests"] == 2 and r["identical"] == 2 and r["tok_s"] > 0
         if method == "plain":
             assert r["speedup"] == pytest.approx(1.0)
-    for w in ("humaneval", "chat", "edit"):
+    for w in ("humaneval", "chat", "mt", "edit"):
         dm = got["nimblelm", "draft_model", w]
         assert dm["draft_acceptance"] == pytest.approx(1.0) and dm["tokens_per_step"] > 1
         assert 0 < dm["drafting_share"] < 1

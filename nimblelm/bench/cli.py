@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from nimblelm.errors import InvalidRequestError, NimbleLMError
@@ -14,7 +15,7 @@ from nimblelm.errors import InvalidRequestError, NimbleLMError
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_BACKENDS = "nimblelm,transformers,llama.cpp"
 DEFAULT_QUANT_METHODS = ("int4", "int8", "w8a8")  # survey quantization: W4A16, W8A16, W8A8
-SPEC_WORKLOADS = ("humaneval", "chat", "edit")  # survey speculative
+SPEC_WORKLOADS = ("humaneval", "chat", "mt", "edit")  # survey speculative
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -182,7 +183,9 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                      help="speculative: the ngram method's longest n-gram (default 3)")
     sur.add_argument("--workloads", default=",".join(SPEC_WORKLOADS),
                      help="speculative: comma list of humaneval (code completion), chat (ShareGPT questions), "
-                          "edit (add type hints to a HumanEval function: the answer repeats the prompt)")
+                          "mt (held-out two-turn chats in MT-bench's style, the second turn after the model's own "
+                          "greedy answer), edit (add type hints to a HumanEval function: the answer repeats the "
+                          "prompt)")
     sur.add_argument("--humaneval-path", default=None,
                      help="speculative: HumanEval jsonl(.gz) file (default: fetched once into the nimblelm cache); "
                           "--dataset-path is the ShareGPT file")
@@ -629,6 +632,16 @@ def _spec_methods(args) -> dict[str, dict]:
     return configs
 
 
+def _greedy_answers(ctx, max_tokens: int, max_model_len: int, prompts: list[list[int]]) -> list[str]:
+    """The target's own greedy answers (plain decoding, the run's engine settings) to prompts."""
+    from nimblelm import LLM, SamplingParams
+
+    llm = LLM(model=ctx.model, dtype=ctx.dtype, max_model_len=max_model_len, num_threads=ctx.threads,
+              quantization=ctx.quantization, kv_cache_dtype=ctx.kv_cache_dtype)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    return [o.outputs[0].text for o in outs]
+
+
 def run_survey_speculative_command(args) -> dict:
     from nimblelm import corpora
     from nimblelm.bench import datasets
@@ -660,7 +673,8 @@ def run_survey_speculative_command(args) -> dict:
     sets = {"chat": chat[:n],
             "humaneval": lambda: [datasets.BenchRequest(r.prompt_token_ids, gen) for r in datasets.humaneval_requests(
                 problems, tok, n, seed=seed, max_total_len=limit - gen)],
-            "edit": lambda: datasets.edit_requests(problems, tok, n, seed=seed, max_output_len=gen, max_total_len=limit)}
+            "edit": lambda: datasets.edit_requests(problems, tok, n, seed=seed, max_output_len=gen, max_total_len=limit),
+            "mt": lambda: datasets.mt_requests(tok, n, partial(_greedy_answers, ctx, gen, limit), seed=seed, max_output_len=gen)}
     chosen = {w: sets[w]() if callable(sets[w]) else sets[w] for w in workloads}
     load_sets, start = {}, n
     for b in batch_sizes:  # requests no batch-1 run sent: none finds its prompt in the prefix cache

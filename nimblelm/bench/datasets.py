@@ -1,16 +1,17 @@
 """Benchmark workloads: requests sampled from ShareGPT and HumanEval (read by nimblelm/corpora.py), random
 token ids, random token ids behind one shared prefix, ShareGPT questions behind one shared system prompt,
-ShareGPT conversations replayed turn by turn, ShareGPT questions alone as chat prompts, and an editing
-workload built from HumanEval (the speculative-decoding survey's).
+ShareGPT conversations replayed turn by turn, ShareGPT questions alone as chat prompts, held-out two-turn
+chats in the style of MT-bench, and an editing workload built from HumanEval (the speculative-decoding
+survey's).
 
-The last four are chat workloads: their prompts are the model's chat template rendered here and tokenized
+The last five are chat workloads: their prompts are the model's chat template rendered here and tokenized
 once, so every backend gets the very same token ids (what a chat endpoint would have rendered).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from nimblelm.errors import InvalidRequestError
@@ -278,6 +279,26 @@ def chat_requests(pairs: Sequence[tuple[str, str]], tokenizer, num_requests: int
                 return out
     raise InvalidRequestError(f"only {len(out)} ShareGPT questions fit {max_total_len} tokens with "
                               f"{max_output_len} to generate, fewer than the {num_requests} requested")
+
+
+def mt_requests(tokenizer, num_requests: int, answer: Callable[[list[list[int]]], list[str]], *, seed: int = 0,
+                max_output_len: int = 128) -> list[BenchRequest]:
+    """Held-out two-turn chats (mt_questions): each conversation's first question, then its follow-up after
+    the model's own answer to the first (answer: first-turn prompts' ids -> the answers' texts, as
+    MT-bench's second turn is), num_requests prompts in all, turn by turn."""
+    from nimblelm.bench import mt_questions
+
+    if num_requests <= 0:
+        raise InvalidRequestError(f"number of prompts must be > 0, got {num_requests}")
+    chats = mt_questions.conversations(-(-num_requests // 2), seed)
+    firsts = [_chat_ids(tokenizer, chat_text(tokenizer, [{"role": "user", "content": q}])) for _, q, _ in chats]
+    out = []
+    for (_, question, follow_up), first, reply in zip(chats, firsts, answer(firsts)):
+        second = chat_text(tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": reply},
+                                       {"role": "user", "content": follow_up}])
+        out += [BenchRequest(tuple(first), max_output_len), BenchRequest(tuple(_chat_ids(tokenizer, second)),
+                                                                          max_output_len)]
+    return out[:num_requests]
 
 
 EDIT_INSTRUCTION = ("Add type hints to every argument and to the return value of this Python function. Change "
