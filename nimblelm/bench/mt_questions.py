@@ -41,9 +41,9 @@ def _roleplay(r: random.Random) -> tuple[str, str]:
 def _reasoning(r: random.Random) -> tuple[str, str]:
     a, b = r.sample(NAMES, 2)
     start, given = r.randint(12, 40), r.randint(2, 9)
-    return (f"{a} has {start} marbles and gives {given} to {b}, who already had {given + 3}. Then {b} gives half "
-            f"of hers back. How many marbles does each of them have now? Explain step by step.",
-            f"What would the answer be if {a} had started with {start + 10} marbles?")
+    question = (f"{a} has {start} marbles and gives {given} to {b}, who already had {given + 3}. Then {b} gives "
+                "half of hers back. How many marbles does each of them have now? Explain step by step.")
+    return question, f"What would the answer be if {a} had started with {start + 10} marbles?"
 
 
 def _math(r: random.Random) -> tuple[str, str]:
