@@ -108,6 +108,8 @@ def test_summary_speedup_is_tokens_per_second_over_plain_and_steps_count_decode_
     (["--num-speculative-tokens", "99"], "num_speculative_tokens must be an integer in"),
     (["--workloads", "chat,poems"], "unknown: poems"),
     (["--batch-sizes", "0,4"], "--batch-sizes values must be >= 1"),
+    (["--request-rates", "0"], "--request-rates: request rate must be > 0"),
+    (["--request-rates", "1,inf"], "--request-rates: give finite rates"),
     (["--resume"], "survey speculative always runs whole"),
 ])
 def test_survey_speculative_options_fail_in_one_line(argv, message, capsys):
@@ -127,7 +129,8 @@ def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, c
     monkeypatch.setattr(model_runner, "StepCost", lambda seconds_by_rows: None)
     out = tmp_path / "spec"
     rc = main(["survey", "speculative", "--model", str(tiny_llama), "--draft-model", str(tiny_llama),
-               "--methods", "ngram,draft_model,suffix,layer_skip", "--num-prompts", "2", "--gen-len", "6", "--batch-sizes", "1,3", "-t", "1", "--no-measure",
+               "--methods", "ngram,draft_model,suffix,layer_skip", "--num-prompts", "2", "--gen-len", "6",
+               "--batch-sizes", "1,3", "--request-rates", "50", "-t", "1", "--no-measure",
                "--no-progress", "--dataset-path", str(_sharegpt_file(tmp_path / "s.json")),
                "--humaneval-path", str(_humaneval_file(tmp_path / "h.jsonl.gz")), "--output", str(out)])
     assert rc == 0
@@ -147,6 +150,10 @@ def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, c
     assert [(r["method"], r["batch"], r["requests"]) for r in data["load"]] == [
         (m, b, b) for m in ("plain", "ngram", "draft_model", "suffix", "layer_skip") for b in (1, 3)]
     assert all(r["identical"] == r["requests"] for r in data["load"])
+    # Two requests per prompt count at the rate, every one answered as plain decoding at that rate answers it.
+    assert [(r["method"], r["rate"], r["requests"]) for r in data["rates"]] == [
+        (m, 50.0, 4) for m in ("plain", "ngram", "draft_model", "suffix", "layer_skip")]
+    assert all(r["identical"] == 4 and r["mean_latency_s"] > 0 for r in data["rates"])
     assert data["backends"]["llama.cpp"]["status"] == "skipped"
     assert "does not run speculative decoding" in data["backends"]["vllm"]["reason"]
     md = (out / "report.md").read_text()
@@ -157,6 +164,6 @@ def test_survey_speculative_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, c
     assert data["layer_search"]["path"][1]["kept"] == 1 and len(data["config"]["methods"]["layer_skip"]["skip_layers"]) == 1
     assert "| nimblelm | layer_skip | layer search: " in md and "## layer_skip's search" in md
     assert "## The survey's Table 5 (theirs" in md and "| Eagle | one Transformer Layer |" in md
-    assert "| batch 1 | batch 3 |" in md and "ngram on the editing workload" in md
+    assert "| batch 1 | batch 3 |" in md and "| 50 req/s |" in md and "ngram on the editing workload" in md
     assert (out / "survey_speculative.png").is_file()
     assert capsys.readouterr().out.startswith("# bench survey speculative")

@@ -175,6 +175,9 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     sur.add_argument("--batch-sizes", default=None,
                      help="quantization: comma list (default 1,2,4,8,16); speculative: requests at once under "
                           "load (default 1,8,32)")
+    sur.add_argument("--request-rates", default="0.5,2",
+                     help="speculative: ShareGPT chat requests arriving at these Poisson rates (req/s, comma list; "
+                          "2 x --num-prompts requests per rate; default 0.5,2), or none")
     sur.add_argument("--draft-model", default=None, help="speculative: the drafter of method draft_model")
     sur.add_argument("--draft-quantization", default=None, help="speculative: the drafter's quantization")
     sur.add_argument("--num-speculative-tokens", type=int, default=4,
@@ -643,8 +646,11 @@ def _greedy_answers(ctx, max_tokens: int, max_model_len: int, prompts: list[list
 
 
 def run_survey_speculative_command(args) -> dict:
+    import math
+
     from nimblelm import corpora
     from nimblelm.bench import datasets
+    from nimblelm.bench.arrivals import parse_rates
     from nimblelm.bench.backends import BenchContext
     from nimblelm.bench.runner import log
     from nimblelm.bench.survey_spec import run_survey_speculative
@@ -662,12 +668,19 @@ def run_survey_speculative_command(args) -> dict:
     batch_sizes = sorted(set(parse_int_list(args.batch_sizes or "1,8,32", "--batch-sizes")))
     if batch_sizes[0] < 1:
         raise InvalidRequestError("--batch-sizes values must be >= 1")
+    try:
+        rates = [] if args.request_rates.strip().lower() == "none" else parse_rates(args.request_rates)
+    except ValueError as e:
+        raise InvalidRequestError(f"--request-rates: {e}") from None
+    if any(math.isinf(r) for r in rates):
+        raise InvalidRequestError("--request-rates: give finite rates (--batch-sizes sends requests at once)")
     methods = _spec_methods(args)
     ctx, backends, _, machine = _prepare(args)
     limit = min(2048, ctx.config.max_position_embeddings)
     tok, seed, gen = ctx.tokenizer, args.seed, args.gen_len
     chat = datasets.chat_requests(corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path(args.dataset_path))),
-                                  tok, n + sum(batch_sizes), seed=seed, max_output_len=gen, max_total_len=limit)
+                                  tok, n + sum(batch_sizes) + 2 * n * len(rates), seed=seed, max_output_len=gen,
+                                  max_total_len=limit)
     problems = (corpora.load_humaneval(corpora.humaneval_path(args.humaneval_path))
                 if {"humaneval", "edit"} & set(workloads) else [])
     sets = {"chat": chat[:n],
@@ -679,7 +692,10 @@ def run_survey_speculative_command(args) -> dict:
     load_sets, start = {}, n
     for b in batch_sizes:  # requests no batch-1 run sent: none finds its prompt in the prefix cache
         load_sets[b], start = chat[start:start + b], start + b
-    _fit_context(ctx, [*chosen.values(), *load_sets.values()])
+    rate_sets = {}
+    for rate in rates:
+        rate_sets[rate], start = chat[start:start + 2 * n], start + 2 * n
+    _fit_context(ctx, [*chosen.values(), *load_sets.values(), *rate_sets.values()])
     draft = None
     if args.draft_model:
         draft = BenchContext(model=args.draft_model, dtype=ctx.dtype, threads=ctx.threads,
@@ -707,13 +723,13 @@ def run_survey_speculative_command(args) -> dict:
             tried = [p["skip_layers"] for p in layer_search["path"][1:2]]
             methods["layer_skip"]["skip_layers"] = layer_search["skip_layers"] or tried[0]
         out = run_survey_speculative(ctx, methods, draft=draft, workloads=chosen, load_sets=load_sets,
-                                     backends=backends, logger=log)
+                                     rate_sets=rate_sets, backends=backends, logger=log)
     if datastore is not None:  # the file was the run's own (tens of MB): the report says what it held
         methods["suffix"]["datastore"] = "built in the run from " + (args.dataset_path or "ShareGPT")
     config = {"experiment": args.experiment, "model": args.model, "dtype": args.dtype, "backends": backends,
               "methods": methods, "draft_model": args.draft_model, "draft_quantization": args.draft_quantization,
               "num_speculative_tokens": args.num_speculative_tokens, "workloads": workloads, "num_prompts": n,
-              "gen_len": gen, "batch_sizes": batch_sizes, "threads": ctx.threads, "seed": seed,
+              "gen_len": gen, "batch_sizes": batch_sizes, "request_rates": rates, "threads": ctx.threads, "seed": seed,
               **_precision_config(args)}
     return {"kind": "survey-speculative", "command": _command_line(), "config": config, "machine": machine,
             "datastore": datastore, "layer_search": layer_search, **out}

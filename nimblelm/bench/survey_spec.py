@@ -10,6 +10,8 @@ server with the draft model and with its n-gram modes against its plain decoding
 
 Under load: for each batch size b, b ShareGPT chat requests at once (nimblelm only; its max_num_seqs is the
 largest b): output tokens/s of each method over plain decoding's, speculation inside continuous batching.
+And for each request rate, 2 x num_prompts more of them arriving at Poisson times: output tokens/s and mean
+latency from arrival to the last token, against plain decoding's at the same rate.
 
 The report puts the survey's own numbers (7B-33B models on a GPU) beside ours, labelled as theirs.
 """
@@ -17,6 +19,7 @@ The report puts the survey's own numbers (7B-33B models on a GPU) beside ours, l
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -72,10 +75,38 @@ class _DraftClock:
             self.seconds += time.perf_counter() - t0
 
 
+def _arriving(llm, requests: Sequence[BenchRequest], rate: float, seed: int, params) -> dict:
+    """The requests sent to the engine at Poisson arrival times of the rate: the run's seconds, output tokens,
+    each request's tokens and its latency from arrival to its last token."""
+    from nimblelm.bench.arrivals import arrival_times
+
+    engine = llm.llm_engine
+    times = arrival_times(len(requests), rate, seed=seed)
+    done: dict[int, tuple[list[int], float]] = {}
+    sent, t0 = 0, time.perf_counter()
+    while len(done) < len(requests):
+        now = time.perf_counter() - t0
+        while sent < len(requests) and times[sent] <= now:
+            engine.add_request(f"arrival-{sent}", list(requests[sent].prompt_token_ids), params(requests[sent]))
+            sent += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, times[sent] - now))
+            continue
+        for out in engine.step():
+            if out.finished:
+                i = int(out.request_id.removeprefix("arrival-"))
+                done[i] = (list(out.outputs[0].token_ids), time.perf_counter() - t0 - times[i])
+    tokens = [done[i][0] for i in range(len(requests))]
+    return {"seconds": time.perf_counter() - t0, "output_tokens": sum(map(len, tokens)), "tokens": tokens,
+            "latencies": [done[i][1] for i in range(len(requests))]}
+
+
 def _nimblelm(ctx: BenchContext, config: dict | None, workloads: dict[str, list[BenchRequest]],
-              load_sets: dict[int, list[BenchRequest]], max_num_seqs: int, warm: BenchRequest) -> tuple[dict, dict, dict]:
+              load_sets: dict[int, list[BenchRequest]], rate_sets: dict[float, list[BenchRequest]],
+              max_num_seqs: int, warm: BenchRequest) -> tuple[dict, dict, dict, dict]:
     """One engine with speculative_config=config: (batch-1 records per workload, load records per batch size,
-    the engine's measured costs: seconds of a decode step by rows, as its draft budget sees them)."""
+    records per request rate, the engine's measured costs: seconds of a decode step by rows, as its draft
+    budget sees them)."""
     from nimblelm import LLM, SamplingParams
 
     llm = LLM(model=ctx.model, dtype=ctx.dtype, max_model_len=ctx.max_model_len, max_num_seqs=max_num_seqs,
@@ -115,9 +146,10 @@ def _nimblelm(ctx: BenchContext, config: dict | None, workloads: dict[str, list[
             load[b] = {"seconds": time.perf_counter() - t0,
                        "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
                        "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+        rates = {rate: _arriving(llm, requests, rate, ctx.seed, params) for rate, requests in rate_sets.items()}
         cost = runner.step_cost
         costs = {"decode_step_s_by_rows": dict(zip(cost.rows, cost.seconds))} if cost is not None else {}
-        return batch1, load, costs
+        return batch1, load, rates, costs
     finally:
         del llm
         gc.collect()
@@ -240,7 +272,8 @@ def _rows(backend: str, by_mode: dict[str, dict], plain_mode: str = "plain") -> 
 
 def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft: BenchContext | None,
                            workloads: dict[str, list[BenchRequest]], load_sets: dict[int, list[BenchRequest]],
-                           backends: Sequence[str], logger: Callable[[str], None]) -> dict:
+                           rate_sets: dict[float, list[BenchRequest]], backends: Sequence[str],
+                           logger: Callable[[str], None]) -> dict:
     """Every method of every backend; methods: nimblelm's speculative_config per method name."""
     k = max((c["num_speculative_tokens"] for c in methods.values()), default=4)
     lookup_max = next((c.get("prompt_lookup_max", 3) for c in methods.values() if c["method"] == "ngram"), 3)
@@ -254,12 +287,14 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
     load_rows: list[dict] = []
     records: dict[str, dict] = {}
     load: dict[str, dict] = {}
+    arrivals: dict[str, dict] = {}
     monitor = CpuMonitor()
     for method, config in {"plain": None, **methods}.items():
         logger(f"nimblelm {method}: {sum(map(len, workloads.values()))} requests at batch 1, then batch sizes "
-               f"{', '.join(map(str, load_sets)) or 'none'}")
+               f"{', '.join(map(str, load_sets)) or 'none'}, then request rates {', '.join(map(str, rate_sets)) or 'none'}")
         try:
-            records[method], load[method], costs = _nimblelm(ctx, config, workloads, load_sets, max_num_seqs, warm)
+            records[method], load[method], arrivals[method], costs = _nimblelm(
+                ctx, config, workloads, load_sets, rate_sets, max_num_seqs, warm)
         except Exception as e:  # a method that cannot run is reported; the others still run
             if method == "plain":
                 raise
@@ -279,6 +314,16 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
                               "speedup": rate / (base["output_tokens"] / base["seconds"]),
                               "identical": sum(a == p for a, p in zip(run["tokens"], base["tokens"])),
                               "requests": len(run["tokens"])})
+    rate_rows = []
+    for method, by_rate in arrivals.items():
+        for rate, run in by_rate.items():
+            base = arrivals["plain"][rate]
+            latency, base_latency = statistics.mean(run["latencies"]), statistics.mean(base["latencies"])
+            rate_rows.append({"backend": "nimblelm", "method": method, "rate": rate, "requests": len(run["tokens"]),
+                              "output_tokens": run["output_tokens"], "seconds": round(run["seconds"], 3),
+                              "tok_s": run["output_tokens"] / run["seconds"], "mean_latency_s": latency,
+                              "latency_speedup": base_latency / latency,
+                              "identical": sum(a == p for a, p in zip(run["tokens"], base["tokens"]))})
     peers = {"transformers": lambda: _transformers(ctx, draft, k, lookup_max, workloads, warm),
              "llama.cpp": lambda: _llamacpp(ctx, draft, k, workloads, warm)}
     for name in backends:
@@ -304,7 +349,7 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
             gc.collect()
         statuses[name] = {"status": "ok", **info, "other_activity": monitor.stop()}
         rows += _rows(name, by_mode)
-    return {"results": rows, "load": load_rows, "backends": statuses}
+    return {"results": rows, "load": load_rows, "rates": rate_rows, "backends": statuses}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -400,6 +445,18 @@ def survey_spec_markdown(report: dict) -> str:
             cells = {r["batch"]: r for r in report["load"] if r["method"] == method}
             out.append(f"| {method} | " + " | ".join(
                 f"{cells[b]['tok_s']:.1f} ({cells[b]['speedup']:.2f}×)" if b in cells else "-" for b in batches) + " |")
+    if report.get("rates"):
+        rates = sorted({r["rate"] for r in report["rates"]})
+        out += ["", "## Under load: ShareGPT chat requests arriving at Poisson rates (nimblelm)", "",
+                ("Output tokens/s, mean latency from a request's arrival to its last token, and in brackets the "
+                 "latency of plain decoding over the method's at the same rate."), "",
+                "| method | " + " | ".join(f"{r:g} req/s" for r in rates) + " |",
+                "| --- | " + " | ".join("---:" for _ in rates) + " |"]
+        for method in dict.fromkeys(r["method"] for r in report["rates"]):
+            cells = {r["rate"]: r for r in report["rates"] if r["method"] == method}
+            out.append(f"| {method} | " + " | ".join(
+                f"{cells[r]['tok_s']:.1f} tok/s, {cells[r]['mean_latency_s']:.2f} s ({cells[r]['latency_speedup']:.2f}×)"
+                if r in cells else "-" for r in rates) + " |")
     if report.get("layer_search"):
         f = report["layer_search"]
         out += ["", "## layer_skip's search", "",
