@@ -256,15 +256,18 @@ class LLMEngine:
         return self._postprocess(sched, out)
 
     def _add_grammar_bitmask(self, sched: SchedulerOutput) -> None:
-        """The allowed next tokens of the structured sequences that will sample this step."""
+        """The allowed next tokens of the structured sequences that will sample this step, at each draft."""
         seqs = [self.scheduler.seqs[i] for i in sched.num_scheduled_tokens]
+        drafts = {s.seq_id: sched.spec_token_ids.get(s.seq_id, []) for s in seqs}
         structured = [
-            s for s in seqs
-            if s.matcher is not None and s.num_computed_tokens + sched.num_scheduled_tokens[s.seq_id] == s.num_tokens
+            s for s in seqs if s.matcher is not None
+            and s.num_computed_tokens + sched.num_scheduled_tokens[s.seq_id] - len(drafts[s.seq_id]) == s.num_tokens
         ]
         if structured:
             sched.grammar_req_ids = [s.seq_id for s in structured]
-            sched.grammar_bitmask = grammar_bitmask([s.matcher for s in structured], self.model_config.vocab_size)
+            sched.grammar_bitmask = grammar_bitmask([s.matcher for s in structured],
+                                                    [drafts[s.seq_id] for s in structured],
+                                                    self.model_config.vocab_size)
 
     def _postprocess(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
         now = time.perf_counter()

@@ -370,15 +370,21 @@ def _is_decode(seq: _SeqState, num_tokens: int) -> bool:
     return num_tokens == 1 or (num_tokens <= MAX_DECODE_QUERY and seq.num_computed_tokens >= seq.num_prompt_tokens)
 
 
-def _bitmask_rows(sched: SchedulerOutput, sample_ids: list[int]) -> torch.Tensor | None:
-    """The grammar bitmask rows of the sampled sequences in sampling order; all ones for those without."""
+def _bitmask_rows(sched: SchedulerOutput, row_ids: list[int]) -> torch.Tensor | None:
+    """The grammar bitmask rows of the sampling rows (each sequence's rows in turn: its last token's, then its
+    drafts'); all ones for sequences without a grammar."""
     if sched.grammar_bitmask is None:
         return None
-    row_of = {req_id: row for row, req_id in enumerate(sched.grammar_req_ids)}
-    words = torch.full((len(sample_ids), sched.grammar_bitmask.shape[1]), -1, dtype=torch.int32)
-    for row, req_id in enumerate(sample_ids):
-        if req_id in row_of:
-            words[row] = sched.grammar_bitmask[row_of[req_id]]
+    first_row, at = {}, 0
+    for req_id in sched.grammar_req_ids:
+        first_row[req_id] = at
+        at += 1 + len(sched.spec_token_ids.get(req_id, []))
+    words = torch.full((len(row_ids), sched.grammar_bitmask.shape[1]), -1, dtype=torch.int32)
+    seen: dict[int, int] = {}
+    for row, req_id in enumerate(row_ids):
+        if req_id in first_row:
+            words[row] = sched.grammar_bitmask[first_row[req_id] + seen.get(req_id, 0)]
+            seen[req_id] = seen.get(req_id, 0) + 1
     return words
 
 

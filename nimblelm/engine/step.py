@@ -54,7 +54,8 @@ class SchedulerOutput:
     # num_scheduled_tokens); the runner verifies them and returns the ones the target keeps.
     spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
     # Structured output: for the sequences in grammar_req_ids, the allowed next tokens as an int32
-    # bitmask [len(grammar_req_ids), ceil(vocab / 32)], computed on the engine side.
+    # bitmask [rows, ceil(vocab / 32)], computed on the engine side: per sequence in turn, a row for its next
+    # token, then one after each of its drafts (the rows its drafts are verified at).
     grammar_req_ids: list[int] = field(default_factory=list)
     grammar_bitmask: Any = None
 

@@ -58,6 +58,20 @@ class GrammarMatcher:
         """Write the allowed next tokens into `words`, a contiguous int32 CPU row of ceil(vocab / 32)."""
         self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
 
+    def fill_draft_bitmasks(self, drafts: list[int], words: torch.Tensor) -> None:
+        """Rows 0..len(drafts) of `words`: the tokens allowed next after the sequence's tokens and its first j
+        drafts. Rows after a draft the grammar refuses allow every token: the verifier, masked by the row
+        before, rejects that draft, and the rows after it are never used. The state is left as it was."""
+        self.fill_bitmask(words[0])
+        consumed = 0
+        for j, token in enumerate(drafts, 1):
+            if self._matcher.try_consume_tokens([token]) == 0:
+                words[j:] = -1
+                break
+            consumed += 1
+            self.fill_bitmask(words[j])
+        self._matcher.rollback(consumed)
+
     def accept(self, token: int) -> bool:
         """Advance by the sampled token; False if the grammar did not allow it (the sampler masks, so
         only a bug or a token forced past the mask gets here)."""
@@ -69,11 +83,17 @@ class GrammarMatcher:
         return self._matcher.is_stopped() or self._matcher.is_error()
 
 
-def grammar_bitmask(matchers: list[GrammarMatcher], vocab_size: int) -> torch.Tensor:
-    """Per matcher, the tokens its grammar allows next: int32 [len(matchers), ceil(vocab / 32)]."""
-    words = torch.empty((len(matchers), (vocab_size + 31) // 32), dtype=torch.int32)
-    for row, matcher in enumerate(matchers):
-        matcher.fill_bitmask(words[row])
+def grammar_bitmask(matchers: list[GrammarMatcher], drafts: list[list[int]], vocab_size: int) -> torch.Tensor:
+    """Per matcher, the tokens its grammar allows next, then after each of its sequence's drafts in turn:
+    int32 [sum of 1 + len(drafts), ceil(vocab / 32)]."""
+    words = torch.empty((sum(1 + len(d) for d in drafts), (vocab_size + 31) // 32), dtype=torch.int32)
+    row = 0
+    for matcher, d in zip(matchers, drafts):
+        if d:
+            matcher.fill_draft_bitmasks(d, words[row : row + 1 + len(d)])
+        else:
+            matcher.fill_bitmask(words[row])
+        row += 1 + len(d)
     return words
 
 

@@ -53,9 +53,10 @@ def scratch_blocks(config: SpeculativeConfig | None, block_size: int, num_kv_gro
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a sequence takes drafts. Penalties and grammars depend on every token before the one they
-    shape, which a step's draft rows do not see yet: such sequences decode a token at a time."""
-    return not params.has_penalties and params.structured_output is None
+    """Whether a sequence takes drafts. Penalties depend on every token before the one they shape, which a
+    step's draft rows do not see yet: such sequences decode a token at a time. A grammar does not stop
+    drafts: the engine gives each draft row the mask of the grammar advanced over the drafts before it."""
+    return not params.has_penalties
 
 
 __all__ = ["SpeculativeConfig", "make_proposer", "scratch_blocks", "speculates"]
