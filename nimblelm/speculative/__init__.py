@@ -12,6 +12,7 @@ from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative.config import SpeculativeConfig
 from nimblelm.speculative.datastore import open_for_target
 from nimblelm.speculative.draft_model import DraftModelProposer
+from nimblelm.speculative.medusa import MedusaProposer
 from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.suffix import SuffixProposer
 
@@ -29,6 +30,8 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
             vocab_size=runner.config.vocab_size, device=runner.device, dtype=runner.dtype,
             max_model_len=runner.max_model_len, block_size=runner.block_size, num_blocks=num_blocks,
             max_num_seqs=max_num_seqs)
+    if config.method == "medusa":
+        return MedusaProposer(config.model, config.num_speculative_tokens, runner)
     if config.method == "suffix":
         store = open_for_target(config.datastore, runner.config.vocab_size)
         return SuffixProposer(store, config.num_speculative_tokens, config.prompt_lookup_min,
@@ -36,7 +39,7 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
 
 
-Proposer = NgramProposer | DraftModelProposer | SuffixProposer
+Proposer = NgramProposer | DraftModelProposer | SuffixProposer | MedusaProposer
 
 
 def speculates(params: SamplingParams) -> bool:
