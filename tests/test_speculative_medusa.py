@@ -262,3 +262,33 @@ def test_real_model_greedy_output_is_identical_with_medusa_drafts(tmp_path):
         out = spec.generate([list(request.prompt_token_ids)], params, use_tqdm=False)[0].outputs[0]
         assert out.token_ids == ref.token_ids and out.text == ref.text
     assert spec.llm_engine.stats().spec.num_accepted_tokens > 0
+
+
+def test_survey_speculative_reports_the_heads_training_cost_or_that_there_are_none(tiny_qwen, trained, tmp_path,
+                                                                                    monkeypatch):
+    """The bench never trains: without heads the medusa row fails with the reason, with the cached ones its
+    extra cost is their training's CPU-hours, from the file."""
+    from nimblelm.bench.cli import main as bench_main
+    from nimblelm.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "StepCost", lambda seconds_by_rows: None)  # every draft verified
+    monkeypatch.setenv("NIMBLELM_CACHE", str(tmp_path / "cache"))
+    data = _sharegpt_file(tmp_path / "s.json", 40)
+
+    def run(out):
+        assert bench_main(["survey", "speculative", "--model", str(tiny_qwen), "--methods", "medusa", "--backends",
+                           "nimblelm", "--workloads", "chat", "--num-prompts", "2", "--gen-len", "8", "--batch-sizes",
+                           "1", "-t", "1", "--no-measure", "--no-progress", "--dataset-path", str(data), "--output",
+                           str(out)]) == 0
+        return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+    report, _ = run(tmp_path / "none")
+    status = report["backends"]["nimblelm medusa"]
+    assert status["status"] == "failed" and "nimblelm spec train --method medusa" in status["reason"]
+    medusa.heads_dir().mkdir(parents=True)
+    shutil.copy(trained, medusa.default_path(str(tiny_qwen)))
+    report, md = run(tmp_path / "heads")
+    row = next(r for r in report["results"] if r["method"] == "medusa")
+    assert row["identical"] == row["requests"] == 2
+    cost = report["backends"]["nimblelm medusa"]["heads"]["cost"]
+    assert f"| nimblelm | medusa | heads: {cost['cpu_hours']:.2f} CPU-hours (" in md
