@@ -149,7 +149,7 @@ def test_bad_medusa_configs_are_refused_in_one_clear_line(tiny_qwen, tiny_norm, 
         assert "\n" not in str(e.value)
         return str(e.value)
 
-    assert "more than the 4 Medusa heads" in refused(trained, k=5)
+    assert "guess 4 tokens: ask for at most 4" in refused(trained, k=5)
     assert "tokenizer of 300 tokens" in refused(_write(tmp_path / "a.medusa.safetensors", 2, tiny_norm, vocab_size=300))
     assert "2 layers of 32" in refused(_write(tmp_path / "b.medusa.safetensors", 2, tiny_norm, hidden_size=32))
     assert "another model with the target's shapes" in refused(

@@ -143,8 +143,9 @@ class MedusaProposer:
         num_heads = len(tensors["resblock.weight"])
         if num_speculative_tokens > num_heads:
             raise InvalidRequestError(
-                f"speculative_config: num_speculative_tokens={num_speculative_tokens} is more than the "
-                f"{num_heads} Medusa heads of {path or 'the cached heads'} guess")
+                f"speculative_config: num_speculative_tokens={num_speculative_tokens}, but the Medusa heads "
+                f"{path or 'found for the target'} guess {num_heads} tokens: ask for at most {num_heads}, or train "
+                f"more with --num-heads")
         self.k = num_speculative_tokens
         device = runner.device
         self.weight = tensors["resblock.weight"][: self.k].float().to(device)
