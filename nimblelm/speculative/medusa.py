@@ -71,7 +71,8 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise InvalidRequestError(f"speculative_config: Medusa heads not found: {path}")
     try:
-        meta = read_metadata(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[METADATA_KEY])
         tensors = load_file(str(path))
         if meta.get("method") != "medusa" or "resblock.weight" not in tensors:
             raise ValueError("no Medusa heads in it")
@@ -79,12 +80,6 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         raise InvalidRequestError(
             f"speculative_config: {path} is not a heads file of `nimblelm spec train --method medusa` ({e})") from None
     return tensors, meta
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata alone (the bench reports the training cost from it)."""
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {})[METADATA_KEY])
 
 
 def _fits(meta: dict, tensors: dict[str, torch.Tensor], config, norm_weight: torch.Tensor) -> str | None:
