@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", "-o", default=None,
                        help="default: the nimblelm cache's datastores/MODEL.CORPUS.npz, where method suffix looks")
     build.set_defaults(func=cmd_build_datastore)
+
     from nimblelm.speculative import medusa_train
 
     train = ssub.add_parser("train", help="heads on the target that draft for it (method medusa), by self-distillation")
