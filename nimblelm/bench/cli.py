@@ -171,7 +171,7 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                      help="quantization: methods against the unquantized model (default int4,int8,w8a8 = "
                           "W4A16, W8A16, W8A8); one the engine cannot load is skipped with its reason. "
                           "speculative: speculative_config methods against plain decoding (default ngram, and "
-                          "draft_model with --draft-model)")
+                          "draft_model with --draft-model; medusa uses the heads `nimblelm spec train` cached)")
     sur.add_argument("--batch-sizes", default=None,
                      help="quantization: comma list (default 1,2,4,8,16); speculative: requests at once under "
                           "load (default 1,8,32)")

@@ -149,6 +149,8 @@ def _nimblelm(ctx: BenchContext, config: dict | None, workloads: dict[str, list[
         rates = {rate: _arriving(llm, requests, rate, ctx.seed, params) for rate, requests in rate_sets.items()}
         cost = runner.step_cost
         costs = {"decode_step_s_by_rows": dict(zip(cost.rows, cost.seconds))} if cost is not None else {}
+        if config is not None and config["method"] == "medusa":  # what the heads it drafted with cost to train
+            costs["heads"] = runner.proposer.meta
         return batch1, load, rates, costs
     finally:
         del llm
@@ -420,6 +422,11 @@ def survey_spec_markdown(report: dict) -> str:
             "| backend | method | extra cost | workload | tokens/s | speedup | tokens per step | kept | drafting | identical |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     costs = dict(EXTRA_COST)
+    heads = report["backends"].get("nimblelm medusa", {}).get("heads")
+    if heads:
+        c = heads["cost"]
+        costs["medusa"] = (f"heads: {c['cpu_hours']:.2f} CPU-hours ({c['wall_s'] / 60:.0f} min × {c['threads']} "
+                           f"threads: {heads['prompts']} answers distilled, {heads['epochs']} epochs)")
     if report.get("datastore"):
         d = report["datastore"]
         costs["suffix"] = (f"datastore: {d['tokens'] / 1e6:.1f}M tokens in {d['tokenize_s'] + d['sort_s']:.0f} s "

@@ -14,6 +14,7 @@ from nimblelm.speculative.datastore import open_for_target
 from nimblelm.speculative.draft_model import DraftModelProposer
 from nimblelm.speculative.layer_skip import LayerSkipProposer
 from nimblelm.speculative.layer_skip import scratch_blocks as layer_skip_scratch
+from nimblelm.speculative.medusa import MedusaProposer
 from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.suffix import SuffixProposer
 
@@ -35,6 +36,8 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
             max_num_seqs=max_num_seqs)
     if config.method == "layer_skip":  # its drafts' K/V go to the blocks past the pad block
         return LayerSkipProposer(runner, config.skip_layers, config.num_speculative_tokens, num_blocks + 1)
+    if config.method == "medusa":
+        return MedusaProposer(config.model, config.num_speculative_tokens, runner)
     if config.method == "suffix":
         store = open_for_target(config.datastore, runner.config.vocab_size)
         return SuffixProposer(store, config.num_speculative_tokens, config.prompt_lookup_min,
@@ -42,7 +45,7 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
 
 
-Proposer = NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipProposer
+Proposer = NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipProposer | MedusaProposer
 
 
 def scratch_blocks(config: SpeculativeConfig | None, block_size: int, num_kv_groups: int) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 from nimblelm.errors import InvalidRequestError
 
-METHODS = ("ngram", "draft_model", "suffix", "layer_skip")
+METHODS = ("ngram", "draft_model", "suffix", "layer_skip", "medusa")
 # (prompt_lookup_min, prompt_lookup_max) of the methods that look suffixes up, when not given. Suffix's are
 # measured (SmolLM2-135M's greedy answers to 24 ShareGPT questions, 8M-token datastore, k = 4): a minimum of
 # 1 proposes 10% more drafts for 2% more tokens per step, 3 loses 9% of them; maxima 8 and 16 draft the same.
@@ -27,7 +27,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     # draft_model: the drafter (an alias, folder or .gguf with the target's tokenizer) and its own
-    # quantization (None: unquantized, in the target's compute dtype).
+    # quantization (None: unquantized, in the target's compute dtype). medusa: a heads file of `nimblelm spec
+    # train --method medusa` (None: the newest in the cache trained on the target).
     model: str | None = None
     quantization: str | None = None
     # suffix: a file of `nimblelm spec build-datastore` (None: the ShareGPT one built for the target's tokenizer).
@@ -69,8 +70,10 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise bad(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
-        if (self.method == "draft_model") != (self.model is not None):
-            raise bad("'model' names the drafter of method draft_model, and only of it")
+        if (self.method == "draft_model") != (self.model is not None) and self.method != "medusa":
+            raise bad("'model' names the drafter of method draft_model (or medusa's heads), and only of them")
+        if self.method == "medusa" and self.model is not None and not Path(self.model).expanduser().is_file():
+            raise bad(f"Medusa heads not found: {self.model}")
         if self.quantization is not None and self.method != "draft_model":
             raise bad("'quantization' applies to a draft model only")
         if self.datastore is not None and self.method != "suffix":

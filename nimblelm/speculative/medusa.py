@@ -1,0 +1,180 @@
+"""Medusa heads (Cai et al. 2024, Medusa-1): extra heads on the target's last hidden state, head i guessing the
+token i + 1 places after the one that hidden state chose; each head's top-1 is a draft, a chain of k.
+
+A head is a residual block, h + SiLU(W h + b), then the target's own final norm and output layer, frozen:
+only the blocks are trained (medusa_train.py, `nimblelm spec train --method medusa`). The output layer may be
+cut to the V tokens the target's answers use most (FR-Spec, Zhao et al. 2025): the heads then read V rows of
+the 49k-row output matrix instead of all of them, for drafts that can only be among those V.
+
+A heads file is safetensors: "resblock.weight" [heads, hidden, hidden], "resblock.bias" [heads, hidden],
+"norm.weight" (the target's final norm, which identifies the target) and, for a cut vocabulary, "vocab_ids"
+(the draft vocabulary's token ids); its metadata key METADATA_KEY holds a JSON object: the target, the
+tokenizer's digest, the training cost and the heads' held-out accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from nimblelm.errors import InvalidRequestError
+from nimblelm.layers.linear import Linear
+
+METADATA_KEY = "nimblelm"
+SUFFIX = ".medusa.safetensors"
+# The target's final norm weights, relative to their size, may differ by this much from the file's and still
+# be the same model: a bfloat16 checkpoint run in float32, or the same model quantized (norms stay in float).
+NORM_TOLERANCE = 1e-2
+
+
+def heads_dir() -> Path:
+    from nimblelm.models.registry import cache_dir
+
+    return cache_dir() / "spec_heads"
+
+
+def default_path(model: str) -> Path:
+    """Where `nimblelm spec train --method medusa` writes by default: one file per model (a file's stem for a
+    .gguf, a folder's name, an alias as it is), as datastore.default_path names datastores."""
+    name = Path(model).stem if model.endswith(".gguf") else Path(model).name
+    return heads_dir() / f"{name}{SUFFIX}"
+
+
+def residual_blocks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """h [rows, hidden] through each head's block: [heads, rows, hidden]."""
+    return h + F.silu(torch.baddbmm(bias[:, None, :], h.expand(len(weight), *h.shape), weight.transpose(1, 2)))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def output_rows(lm_head: Linear, vocab_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output layer's weight rows of vocab_ids, float32 [len(vocab_ids), hidden]: read back from its
+    storage where its format can, else the layer applied to the identity (exact: one-hot products)."""
+    if lm_head.method.has_rows:
+        return lm_head.method.rows(lm_head, vocab_ids).float().contiguous()
+    with torch.inference_mode():
+        weight = lm_head(torch.eye(lm_head.in_features, dtype=dtype, device=vocab_ids.device)).float()
+    return weight[:, vocab_ids].T.contiguous()
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """A heads file's tensors and metadata; one clear error for a missing or foreign file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidRequestError(f"speculative_config: Medusa heads not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[METADATA_KEY])
+        tensors = load_file(str(path))
+        if meta.get("method") != "medusa" or "resblock.weight" not in tensors:
+            raise ValueError("no Medusa heads in it")
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise InvalidRequestError(
+            f"speculative_config: {path} is not a heads file of `nimblelm spec train --method medusa` ({e})") from None
+    return tensors, meta
+
+
+def _fits(meta: dict, tensors: dict[str, torch.Tensor], config, norm_weight: torch.Tensor) -> str | None:
+    """Why heads do not fit the target (None when they do)."""
+    if meta["vocab_size"] != config.vocab_size:
+        return (f"were trained on {meta['model']} (tokenizer of {meta['vocab_size']} tokens), the target's "
+                f"vocabulary has {config.vocab_size}")
+    if meta["hidden_size"] != config.hidden_size or meta["num_layers"] != config.num_layers:
+        return (f"were trained on {meta['model']} ({meta['num_layers']} layers of {meta['hidden_size']}), the "
+                f"target has {config.num_layers} of {config.hidden_size}")
+    stored, own = tensors["norm.weight"].float(), norm_weight.detach().float().cpu()
+    if (stored - own).norm() > NORM_TOLERANCE * own.norm():
+        return f"were trained on {meta['model']}, another model with the target's shapes"
+    return None
+
+
+def _train_hint() -> str:
+    return "train them with `nimblelm spec train --method medusa --model MODEL` (MODEL as you gave it here)"
+
+
+def open_for_target(path: str | None, config, norm_weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """The heads at path, or (None) the newest in the cache that fit the target, checked against it.
+
+    The proposer is told the target's config and weights, not its name, so the default is found by them: the
+    vocabulary, hidden size, layers and final norm weights the heads were trained with."""
+    if path is not None:
+        tensors, meta = read(path)
+        why = _fits(meta, tensors, config, norm_weight)
+        if why is not None:
+            raise InvalidRequestError(f"speculative_config: the Medusa heads {path} {why}: {_train_hint()}")
+        return tensors, meta
+    found = []
+    for candidate in heads_dir().glob(f"*{SUFFIX}"):
+        try:
+            tensors, meta = read(candidate)
+        except InvalidRequestError:
+            continue
+        if _fits(meta, tensors, config, norm_weight) is None:
+            found.append((candidate.stat().st_mtime, tensors, meta))
+    if not found:
+        raise InvalidRequestError(f"speculative_config: method medusa found no heads trained for this model in "
+                                  f"{heads_dir()}: {_train_hint()}, or give 'model' (a heads file)")
+    _, tensors, meta = max(found, key=lambda f: f[0])
+    return tensors, meta
+
+
+class MedusaProposer:
+    """Chain drafts from the heads: for every speculating sequence at once, the top-1 of heads 1..k on the
+    hidden state of its last kept row. No state per sequence: the hidden state carries it all."""
+
+    uses_hidden = True
+    # One batched pass drafts every depth at once, a few percent of a step (SmolLM2-135M: 2.1 ms): the draft
+    # budget prices rows only.
+    pass_seconds = 0.0
+
+    def __init__(self, path: str | None, num_speculative_tokens: int, runner):
+        model = runner.model
+        tensors, self.meta = open_for_target(path, runner.config, model.norm.weight)
+        num_heads = len(tensors["resblock.weight"])
+        if num_speculative_tokens > num_heads:
+            raise InvalidRequestError(
+                f"speculative_config: num_speculative_tokens={num_speculative_tokens}, but the Medusa heads "
+                f"{path or 'found for the target'} guess {num_heads} tokens: ask for at most {num_heads}, or train "
+                f"more with --num-heads")
+        self.k = num_speculative_tokens
+        device = runner.device
+        self.weight = tensors["resblock.weight"][: self.k].float().to(device)
+        self.bias = tensors["resblock.bias"][: self.k].float().to(device)
+        self.norm_weight = model.norm.weight.detach().float()
+        self.eps = runner.config.rms_norm_eps
+        vocab_ids = tensors.get("vocab_ids")
+        if vocab_ids is None:  # the target's own output layer, in its own storage format
+            self.vocab_ids, self.output, self.dtype = None, model.lm_head, runner.dtype
+        else:  # its draft-vocabulary rows as a float32 layer of their own, on the same kernels
+            self.vocab_ids, self.dtype = vocab_ids.to(device), torch.float32
+            self.output = Linear(runner.config.hidden_size, len(vocab_ids))
+            self.output.weight = torch.nn.Parameter(output_rows(model.lm_head, self.vocab_ids, runner.dtype),
+                                                    requires_grad=False)
+            self.output.prepare()
+
+    @torch.inference_mode()
+    def propose_all(self, requests: dict[int, tuple[list[int], int, int]], hidden: torch.Tensor) -> dict[int, list[int]]:
+        """Per sequence (its tokens, prompt length, room for drafts) and its hidden state (rows in that order),
+        up to min(k, room) drafts."""
+        if not requests:
+            return {}
+        rooms = [room for _, _, room in requests.values()]
+        k = min(self.k, max(rooms))
+        blocks = residual_blocks(hidden.float(), self.weight[:k], self.bias[:k])
+        normed = rms_norm(blocks, self.norm_weight, self.eps).reshape(-1, hidden.shape[1])
+        best = self.output(normed.to(self.dtype)).argmax(-1)
+        if self.vocab_ids is not None:
+            best = self.vocab_ids[best]
+        drafts = best.view(k, len(rooms)).T.tolist()
+        return {req_id: row[:room] for req_id, row, room in zip(requests, drafts, rooms) if room > 0}
+
+    def forget(self, req_ids: list[int]) -> None:
+        """Nothing is kept per sequence."""
