@@ -1,5 +1,5 @@
-"""Speculative decoding: proposers (prompt lookup, a draft model, retrieval from a datastore) draft tokens, the target verifies them all in
-one step (verifier.py).
+"""Speculative decoding: proposers (prompt lookup, a draft model, retrieval from a datastore, the target's own
+layers, Medusa heads on its hidden state) draft tokens, the target verifies them all in one step (verifier.py).
 
 A proposer runs in the model runner after each step's sampling and returns, per sequence, the drafts that
 follow its new tokens; the engine hands them to the scheduler, which schedules them with the sequence's

@@ -68,11 +68,12 @@ def training_questions(pairs: list[tuple[str, str]]) -> Iterator[str]:
 def chat_prompts(questions: Iterator[str], tokenizer, num: int, longest: int) -> list[list[int]]:
     """The first num questions whose chat prompt (the model's template, generation prompt on) has at most
     longest tokens, as token ids."""
-    from nimblelm.bench.datasets import chat_text
-
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("spec train: the model's tokenizer has no chat template to put questions in")
     prompts = []
     for question in questions:
-        text = chat_text(tokenizer, [{"role": "user", "content": question}])
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
         if len(ids) <= longest:
             prompts.append(ids)
