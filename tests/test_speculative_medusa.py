@@ -12,6 +12,7 @@ from nimblelm import LLM, InvalidRequestError, SamplingParams
 from nimblelm.cli import main
 from nimblelm.speculative import SpeculativeConfig, medusa
 from nimblelm.speculative import medusa_train as mt
+from nimblelm.speculative.hidden import Seen
 
 PROMPTS = ["one two three four", "The cat sat on the mat. The cat", "Rivers", "def add(a, b):\n    return"]
 
@@ -128,9 +129,10 @@ def test_zero_heads_guess_the_targets_own_next_token_in_any_vocabulary(tiny_qwen
         with torch.inference_mode():
             logits = runner.model.compute_logits(h)
         best = logits.argmax(-1) if vocab_ids is None else vocab_ids[logits[:, vocab_ids].argmax(-1)]
-        drafts = runner.proposer.propose_all({7: ([1], 1, 3), 8: ([1], 1, 1), 9: ([1], 1, 2)}, h)
+        runner.proposer.observe({7: Seen(0, h[:1], [1]), 8: Seen(0, h[:2], [1, 1]), 9: Seen(0, h[2:], [1])})
+        drafts = runner.proposer.propose_all({7: ([1], 1, 3), 8: ([1], 1, 1), 9: ([1], 1, 2)})
         assert drafts == {7: [best[0].item()] * 3, 8: [best[1].item()], 9: [best[2].item()] * 2}
-        assert runner.proposer.propose_all({}, h[:0]) == {}
+        assert runner.proposer.propose_all({}) == {}
 
 
 def test_bad_medusa_configs_are_refused_in_one_clear_line(tiny_qwen, tiny_norm, trained, tmp_path, monkeypatch):

@@ -306,6 +306,7 @@ class LLMEngine:
                         seq.text += self._detokenizers[seq.seq_id].step(seq.token_ids, final=True)
                     break
             seq.spec_token_ids = [] if seq.is_finished else out.draft_token_ids.get(seq_id, [])
+            seq.spec_parents = None if seq.is_finished else out.draft_parents.get(seq_id)
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
         outputs = []

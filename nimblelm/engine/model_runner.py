@@ -26,8 +26,10 @@ from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
 from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.sampling_params import SamplingParams
-from nimblelm.speculative import SpeculativeConfig, make_proposer, scratch_blocks, speculates
+from nimblelm.speculative import SpeculativeConfig, make_proposer, scratch_blocks, speculates, tree_branches
 from nimblelm.speculative.budget import Acceptance, StepCost, draft_budget
+from nimblelm.speculative.hidden import Seen
+from nimblelm.speculative.tree import DraftTree, as_tree, blocks_per_branch
 from nimblelm.speculative.verifier import verify
 
 
@@ -40,6 +42,32 @@ class _SeqState:
     kv_offsets: list[int]  # per KV group, position minus KV entry (the tokens dropped from the table's front)
     num_computed_tokens: int
     acceptance: Acceptance = field(default_factory=Acceptance)  # of its drafts, with speculative decoding
+
+
+@dataclass
+class _TreeLayout:
+    """Where a sequence's token tree is in a step (ModelRunner._lay_out_tree)."""
+
+    tree: DraftTree
+    start: int  # the position of the step's first row
+    base: int  # rows before the nodes: the sequence's uncomputed tokens
+    # per KV group: the sequence's table, its offset, and each branch's table
+    tables: list[tuple[list[int], int, list[list[int]]]] = field(default_factory=list)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (group, block, scratch block) before the step
+
+
+@dataclass
+class _Batch:
+    """A step as flat tensors (ModelRunner._prepare)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    group_metas: list[AttentionMetadata]
+    sample_rows: torch.Tensor  # the rows whose logits are sampled
+    sample_ids: list[int]  # the sequences sampled, in order
+    prompt_rows: list[tuple[int, list[int], list[int]]]
+    spans: dict[int, tuple[int, int, int]]  # per sequence: its first row, that row's position, its rows
+    trees: dict[int, _TreeLayout]  # of the sequences that verify a token tree
 
 
 class ModelRunner:
@@ -109,8 +137,11 @@ class ModelRunner:
         traces of decode steps of up to max_num_seqs rows, when steps are replayed."""
         cfg = self.config
         # Block num_blocks, beyond those the KV cache manager hands out, is scratch for padding rows; a
-        # proposer that drafts with the target's own layers writes past it.
+        # proposer that drafts with the target's own layers, or the branches of token trees, write past it.
         drafting = scratch_blocks(self.speculative, self.block_size, len(self.kv_groups))
+        self.tree_branches = tree_branches(self.speculative)
+        self.tree_blocks_per_branch = blocks_per_branch(self.block_size)
+        self.tree_scratch = drafting if self.tree_branches else 0
         shape = (2, num_blocks + 1 + drafting, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         offsets, nbytes = [], 0
         for kv_dtype in self.kv_dtypes:
@@ -156,19 +187,26 @@ class ModelRunner:
         self._update(sched)
         if sched.is_empty:
             return ModelRunnerOutput([], [])
-        input_ids, positions, group_metas, sample_rows, sample_ids, prompt_rows = self._prepare(sched)
-        drafts = [sched.spec_token_ids.get(i, []) for i in sample_ids]
+        batch = self._prepare(sched)
+        for layout in batch.trees.values():
+            for g, src, dst in layout.copies:
+                self._copy_kv(g, [src], [dst], whole_blocks=True)
+        input_ids, group_metas, sample_ids = batch.input_ids, batch.group_metas, batch.sample_ids
         if self.capture is not None and self.capture.applies(len(input_ids), group_metas):
-            hidden = self.capture(input_ids, positions, group_metas)
+            hidden = self.capture(input_ids, batch.positions, group_metas)
         else:
             metas = [group_metas[g] for g in self.group_of_layer]
-            hidden = self.model(input_ids, positions, self.kv_caches, metas)
-        prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
+            hidden = self.model(input_ids, batch.positions, self.kv_caches, metas)
+        prompt_logprobs = self._prompt_logprobs(hidden, batch.prompt_rows) if batch.prompt_rows else {}
         if not sample_ids:
+            if self.proposer is not None and self.proposer.uses_hidden:
+                self.proposer.observe(self._seen(batch, hidden, {}))
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden[sample_rows])
+        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        trees = [batch.trees[i].tree if i in batch.trees else as_tree(sched.spec_token_ids.get(i, []))
+                 for i in sample_ids]
         # One sampling row per logits row: a sequence with drafts has one for its last token and each draft.
-        row_ids = [i for i, d in zip(sample_ids, drafts) for _ in range(len(d) + 1)]
+        row_ids = [i for i, tree in zip(sample_ids, trees) for _ in range(len(tree) + 1)]
         states = [self.seqs[i] for i in row_ids]
         sampling = SamplingBatch.build(
             [s.params for s in states],
@@ -179,55 +217,111 @@ class ModelRunner:
             self.device,
             _bitmask_rows(sched, row_ids),
         )
-        if any(drafts):
-            verified = verify(self.sampler, logits, sampling, drafts)
+        paths = {}
+        if any(trees):
+            verified = verify(self.sampler, logits, sampling, trees)
             tokens, logprobs = verified.token_ids, verified.logprobs
+            paths = dict(zip(sample_ids, verified.paths))
+            for req_id, layout in batch.trees.items():
+                self._keep_branch(layout, paths[req_id])
         else:
             sampled = self.sampler(logits, sampling)
             tokens = [[t] for t in sampled.token_ids]
             logprobs = None if sampled.logprobs is None else [[entry] for entry in sampled.logprobs]
+        new_tokens = dict(zip(sample_ids, tokens))
         proposals = {}
         if self.proposer is not None:
-            # The hidden state of each sequence's last kept row: the one that chose its newest token.
-            hidden_rows = None
             if self.proposer.uses_hidden:
-                last, row = [], 0
-                for d, t in zip(drafts, tokens):
-                    last.append(row + len(t) - 1)
-                    row += len(d) + 1
-                hidden_rows = hidden[sample_rows[last]]
-            proposals = self._propose(sample_ids, drafts, tokens, hidden_rows)
-        return ModelRunnerOutput(sample_ids, tokens, logprobs, prompt_logprobs, proposals)
+                self.proposer.observe(self._seen(batch, hidden, new_tokens, paths))
+            proposals = self._propose(sample_ids, trees, tokens)
+        return ModelRunnerOutput(
+            sample_ids, tokens, logprobs, prompt_logprobs,
+            {req_id: list(d.tokens) if isinstance(d, DraftTree) else d for req_id, d in proposals.items()},
+            {req_id: d.parents for req_id, d in proposals.items() if isinstance(d, DraftTree)},
+        )
 
-    def _propose(self, sample_ids: list[int], drafts: list[list[int]], tokens: list[list[int]],
-                 hidden_rows: torch.Tensor | None) -> dict[int, list[int]]:
+    def _seen(self, batch: _Batch, hidden: torch.Tensor, new_tokens: dict[int, list[int]],
+              paths: dict[int, list[int]] | None = None) -> dict[int, Seen]:
+        """Per sequence the step computed: the hidden states of its rows whose next token is now known (for a
+        sequence with drafts, its tokens and the kept ones), with those tokens."""
+        seen = {}
+        for req_id, (row, start, n) in batch.spans.items():
+            state = self.seqs[req_id]
+            new = new_tokens.get(req_id, [])
+            known = state.token_ids + new
+            if req_id in new_tokens:  # its uncomputed tokens, then the drafts it kept (the nodes of a tree's path)
+                base = len(state.token_ids) - start
+                kept = (paths or {}).get(req_id, list(range(len(new) - 1)))
+                rows = list(range(row, row + base)) + [row + base + node for node in kept]
+            else:  # a prompt chunk that samples nothing
+                rows = list(range(row, row + n))
+            seen[req_id] = Seen(start, hidden[rows], known[start + 1 : start + 1 + len(rows)])
+        return seen
+
+    def _keep_branch(self, layout: _TreeLayout, path: list[int]) -> None:
+        """A tree's kept nodes into the sequence's own slots, when they leave the primary chain (whose nodes are
+        there already)."""
+        if not path or path[-1] < layout.tree.chain_length():
+            return
+        branch = next(b for b, nodes in enumerate(layout.tree.branches()) if path[-1] in nodes)
+        bs = self.block_size
+        for g, (table, offset, tables) in enumerate(layout.tables):
+            entries = [layout.start + layout.base + i - offset for i in range(len(path))]
+            src = [tables[branch][e // bs] * bs + e % bs for e in entries]
+            dst = [table[e // bs] * bs + e % bs for e in entries]
+            self._copy_kv(g, src, dst)
+
+    def _copy_kv(self, group: int, src: list[int], dst: list[int], whole_blocks: bool = False) -> None:
+        """The K/V (and int8 scales) of the group's layers at slots src into slots dst (blocks, whole_blocks)."""
+        for layer, g in enumerate(self.group_of_layer):
+            if g != group:
+                continue
+            cache = self.kv_caches[layer]
+            values = cache.values if whole_blocks else cache.values.flatten(1, 2)
+            values[:, dst] = values[:, src]
+            if cache.scales is not None:
+                scales = cache.scales if whole_blocks else cache.scales.flatten(1, 2)
+                scales[:, dst] = scales[:, src]
+
+    def _propose(self, sample_ids: list[int], trees: list[DraftTree],
+                 tokens: list[list[int]]) -> dict[int, list[int] | DraftTree]:
         """Drafts to follow each sampled sequence's new tokens, within its token and context limits and, where
         decode steps are timed, what pays for its rows (speculative/budget.py): the budget is drawn first,
-        so that a large batch, where few drafts pay, spends no time drafting the rest."""
-        room = {}
-        for req_id, verified, new in zip(sample_ids, drafts, tokens):
+        so that a large batch, where few drafts pay, spends no time drafting the rest. A tree is cut to the
+        nodes its room allows; to its primary chain for a sequence with a grammar (whose masks follow a
+        chain), and beyond the branches the step's scratch blocks hold."""
+        room, depth = {}, {}
+        for req_id, verified, new in zip(sample_ids, trees, tokens):
             state = self.seqs[req_id]
             if verified:
-                state.acceptance.update(len(verified), len(new) - 1)
+                state.acceptance.update(max(verified.depths()), len(new) - 1)
             if not speculates(state.params):
                 continue
             num_tokens = len(state.token_ids) + len(new)
-            # The next step emits up to k + 1 tokens: room for them all in max_tokens and the context.
-            n = min(self.speculative.num_speculative_tokens, self.max_model_len - num_tokens - 1)
+            # The next step emits up to depth + 1 tokens: room for them all in max_tokens and the context.
+            d = min(self.speculative.num_speculative_tokens, self.max_model_len - num_tokens - 1)
             if state.params.max_tokens is not None:
-                n = min(n, state.params.max_tokens - (num_tokens - state.num_prompt_tokens) - 1)
-            if n > 0:
-                room[req_id] = n
+                d = min(d, state.params.max_tokens - (num_tokens - state.num_prompt_tokens) - 1)
+            if d > 0:
+                depth[req_id] = d
+                room[req_id] = self.speculative.max_draft_nodes if self.speculative.proposes_trees else d
         if self.step_cost is not None and room:
             rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in room}
             room = draft_budget(room, rates, len(sample_ids), self.step_cost, self.proposer.pass_seconds)
         new_tokens = dict(zip(sample_ids, tokens))
         requests = {req_id: (self.seqs[req_id].token_ids + new_tokens[req_id], self.seqs[req_id].num_prompt_tokens, n)
                     for req_id, n in room.items()}
-        if hidden_rows is None:
-            return self.proposer.propose_all(requests)
-        row_of = {req_id: i for i, req_id in enumerate(sample_ids)}
-        return self.proposer.propose_all(requests, hidden_rows[[row_of[r] for r in requests]])
+        proposals = self.proposer.propose_all(requests)
+        branches = 0
+        for req_id, drafts in proposals.items():
+            if isinstance(drafts, DraftTree):
+                tree = drafts.limited(room[req_id], depth[req_id])
+                too_many = branches + len(tree.branches()) > self.tree_branches
+                if too_many or self.seqs[req_id].params.structured_output is not None:
+                    tree = tree.truncated(tree.chain_length())
+                branches += len(tree.branches())
+                proposals[req_id] = tree if tree.branches() else tree.tokens
+        return {req_id: d for req_id, d in proposals.items() if len(d)}
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int]]]):
         """Per sequence: the entries of the prompt tokens that this step's rows predict."""
@@ -271,7 +365,7 @@ class ModelRunner:
                 state.kv_offsets[g] = offset
             state.num_computed_tokens = running.num_computed_tokens
 
-    def _prepare(self, sched: SchedulerOutput):
+    def _prepare(self, sched: SchedulerOutput) -> _Batch:
         # Decode rows go first, in one batched attention call: a sequence's single new token, or the few
         # tokens after its prompt that a step computes at once (speculative verification), each row
         # attending over the cache up to itself. Longer runs of tokens are prefill chunks.
@@ -285,17 +379,27 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[list[int]] = [[] for _ in range(num_groups)]
         decode_contexts: list[list[int]] = [[] for _ in range(num_groups)]  # per decode row, as it attends
-        decode_seqs: list[_SeqState] = []  # per decode row, its sequence
+        decode_tables: list[list[list[int]]] = [[] for _ in range(num_groups)]  # per decode row, its blocks
+        extra_writes: list[list[tuple[int, int]]] = [[] for _ in range(num_groups)]  # (row, slot), for trees
+        trees: dict[int, _TreeLayout] = {}
+        scratch = iter(range(self.num_blocks + 1, self.num_blocks + 1 + self.tree_scratch))
         for seq, n, req_id in decodes:
             start = seq.num_computed_tokens
             drafts = sched.spec_token_ids.get(req_id, [])
+            row0 = len(tokens)
             tokens.extend(seq.token_ids[start : start + n - len(drafts)] + drafts)
+            parents = sched.spec_parents.get(req_id)
+            if parents is not None:
+                trees[req_id] = self._lay_out_tree(seq, start, n - len(drafts), DraftTree(drafts, parents), row0,
+                                                   scratch, positions, slots, decode_contexts, decode_tables,
+                                                   extra_writes)
+                continue
             positions.extend(range(start, start + n))
-            decode_seqs.extend([seq] * n)
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 for i in range(start - offset, start + n - offset):  # each row's KV entry
                     slots[g].append(table[i // bs] * bs + i % bs)
                     decode_contexts[g].append(i + 1)  # each row sees up to itself
+                    decode_tables[g].append(table)
         prefill_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
         prefill_contexts: list[list[int]] = [[] for _ in range(num_groups)]
         for seq, n, _ in prefills:
@@ -309,10 +413,12 @@ class ModelRunner:
                 prefill_contexts[g].append(start + n - offset)
         sample_rows: list[int] = []
         sample_ids: list[int] = []
+        spans: dict[int, tuple[int, int, int]] = {}
         prompt_rows = []  # (req_id, rows, the prompt tokens they predict) of sequences with prompt_logprobs
         row = 0
         for seq, n, req_id in decodes + prefills:
             start = seq.num_computed_tokens
+            spans[req_id] = (row, start, n)
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 end = min(start + n, seq.num_prompt_tokens - 1)
                 prompt_rows.append((req_id, list(range(row, row + end - start)), seq.token_ids[start + 1 : end + 1]))
@@ -323,15 +429,16 @@ class ModelRunner:
                 sample_ids.append(req_id)
 
         device = self.device
-        num_rows = len(decode_seqs)
+        num_rows = len(decode_contexts[0]) if num_groups else 0
         query_lens = [n for _, n, _ in prefills]
 
         def metadata(g: int) -> AttentionMetadata:
             window = self.kv_groups[g].window
-            tables = np.zeros((num_rows, max((len(s.block_ids[g]) for s in decode_seqs), default=0)), dtype=np.int64)
-            for i, seq in enumerate(decode_seqs):
-                tables[i, : len(seq.block_ids[g])] = seq.block_ids[g]
+            tables = np.zeros((num_rows, max(map(len, decode_tables[g]), default=0)), dtype=np.int64)
+            for i, table in enumerate(decode_tables[g]):
+                tables[i, : len(table)] = table
             contexts = torch.tensor(decode_contexts[g], dtype=torch.long, device=device)
+            extra = torch.tensor(extra_writes[g], dtype=torch.long, device=device).view(-1, 2)
             return AttentionMetadata(
                 slot_mapping=torch.tensor(slots[g], dtype=torch.long, device=device),
                 num_decodes=num_rows,
@@ -349,17 +456,64 @@ class ModelRunner:
                     for q, c in zip(query_lens, prefill_contexts[g])
                 ],
                 sliding_window=window,
+                extra_write_rows=extra[:, 0] if trees else None,
+                extra_write_slots=extra[:, 1] if trees else None,
             )
 
-        return (
+        return _Batch(
             torch.tensor(tokens, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
             [metadata(g) for g in range(num_groups)],
             torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_ids,
             prompt_rows,
+            spans,
+            trees,
         )
 
+    def _lay_out_tree(self, seq: _SeqState, start: int, base: int, tree: DraftTree, row0: int, scratch, positions,
+                      slots, decode_contexts, decode_tables, extra_writes) -> _TreeLayout:
+        """A token tree's rows (its sequence's base uncomputed tokens, then the nodes; the first is row row0),
+        appended to the step's lists.
+
+        The tokens and the primary chain's nodes are laid out as a chain's are, in the sequence's own slots.
+        Each further branch (a leaf off the chain with its ancestors) reads a table of its own: the sequence's
+        blocks before the step's first position, then scratch blocks, the first a copy of the sequence's block
+        there. A node off the chain is computed once, its K/V written into every branch table that holds it;
+        the tokens and chain nodes that a branch reads are written into its blocks too."""
+        bs = self.block_size
+        chain = tree.chain_length()
+        branches = tree.branches()
+        holders: list[list[int]] = [[] for _ in tree.tokens]  # per node, the branches that read it
+        for b, path in enumerate(branches):
+            for node in path:
+                holders[node].append(b)
+        row_positions = list(range(start, start + base)) + [start + base - 1 + d for d in tree.depths()]
+        positions.extend(row_positions)
+        layout = _TreeLayout(tree, start, base)
+        for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
+            first = (start - offset) // bs  # the block of the step's first position
+            tables = []
+            for _ in branches:
+                blocks = [next(scratch) for _ in range(self.tree_blocks_per_branch)]
+                if first < len(table):
+                    layout.copies.append((g, table[first], blocks[0]))
+                tables.append(table[:first] + blocks)
+            layout.tables.append((table, offset, tables))
+            for r, pos in enumerate(row_positions):
+                entry, node = pos - offset, r - base
+                if node < 0:  # a token before the drafts: every branch reads it
+                    home, others = table, range(len(branches))
+                elif node < chain:
+                    home, others = table, holders[node]
+                else:
+                    home, others = tables[holders[node][0]], holders[node][1:]
+                slots[g].append(home[entry // bs] * bs + entry % bs)
+                decode_contexts[g].append(entry + 1)
+                decode_tables[g].append(home)
+                for b in others:
+                    extra_writes[g].append((row0 + r, tables[b][entry // bs] * bs + entry % bs))
+        return layout
 
 # Tokens after the prompt that a step may compute as decode rows (a speculative step verifies its draft
 # tokens and the next one at once); beyond, attending row by row reads the cache once per row too often.

@@ -76,6 +76,8 @@ class Scheduler:
             num_drafts = max(0, n - (seq.num_tokens - seq.num_computed_tokens))
             if num_drafts:
                 out.spec_token_ids[seq.seq_id] = drafts[:num_drafts]
+                if seq.spec_parents is not None:  # a tree's first nodes are a tree: parents come first
+                    out.spec_parents[seq.seq_id] = seq.spec_parents[:num_drafts]
             filling.update(self.kv.blocks_filled(seq, seq.num_computed_tokens, n - num_drafts))
             self._schedule(out, seq, n)
             budget -= n
@@ -132,6 +134,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.spec_token_ids = []
+        seq.spec_parents = None
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

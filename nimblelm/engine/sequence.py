@@ -34,6 +34,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # of its full blocks, for the prefix cache (kv_cache/manager.py)
         self.matcher = None  # its grammar state (engine/structured.py) when the output is structured
         self.spec_token_ids: list[int] = []  # drafts proposed to follow its tokens, verified when next scheduled
+        self.spec_parents: list[int] | None = None  # the drafts' parents when they are a tree, else None
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

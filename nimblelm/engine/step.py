@@ -53,6 +53,9 @@ class SchedulerOutput:
     # Speculative decoding: per sequence, the draft tokens that follow its tokens this step (counted in
     # num_scheduled_tokens); the runner verifies them and returns the ones the target keeps.
     spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
+    # Of the sequences whose drafts are a token tree (speculative/tree.py): each draft's parent (-1: the
+    # sequence's last token); drafts without an entry here are a chain.
+    spec_parents: dict[int, list[int]] = field(default_factory=dict)
     # Structured output: for the sequences in grammar_req_ids, the allowed next tokens as an int32
     # bitmask [rows, ceil(vocab / 32)], computed on the engine side: per sequence in turn, a row for its next
     # token, then one after each of its drafts (the rows its drafts are verified at).
@@ -81,3 +84,4 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[int, list[tuple[float, int, list[int], list[float]]]] = field(default_factory=dict)
     # Speculative decoding: per sampled sequence that may go on, the drafts proposed to follow its new tokens.
     draft_token_ids: dict[int, list[int]] = field(default_factory=dict)
+    draft_parents: dict[int, list[int]] = field(default_factory=dict)  # of the drafts that are a tree

@@ -53,7 +53,10 @@ class StepCapture:
 
     @staticmethod
     def applies(num_rows: int, group_metas: list[AttentionMetadata]) -> bool:
-        return num_rows <= BUCKETS[-1] and group_metas[0].num_decodes == num_rows
+        # A token tree's step writes some K/V twice (AttentionMetadata.extra_write_rows), which no trace
+        # records: it runs eagerly.
+        return (num_rows <= BUCKETS[-1] and group_metas[0].num_decodes == num_rows
+                and group_metas[0].extra_write_rows is None)
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> None:

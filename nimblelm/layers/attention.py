@@ -35,6 +35,10 @@ class AttentionMetadata:
     prefill_block_tables: list[torch.Tensor]  # per prefill chunk: its block ids
     prefill_masks: list[torch.Tensor | None]  # per chunk: [query, context] bool, None for plain causal
     sliding_window: int | None = None
+    # Token trees (speculative/tree.py): rows whose K/V are written a second time, into the blocks of each
+    # further branch that reads them; None in every other step.
+    extra_write_rows: torch.Tensor | None = None
+    extra_write_slots: torch.Tensor | None = None
 
     @staticmethod
     def decode_mask_for(context_lens: torch.Tensor, max_context: int, sliding_window: int | None) -> torch.Tensor:
@@ -140,6 +144,9 @@ class PagedAttention(torch.nn.Module):
     ) -> torch.Tensor:
         ops = ops_for(q)
         self._write(k, v, kv_cache, meta.slot_mapping, ops)
+        if meta.extra_write_rows is not None:
+            rows = meta.extra_write_rows
+            self._write(k[rows], v[rows], kv_cache, meta.extra_write_slots, ops)
         out = torch.empty_like(q)
         d = meta.num_decodes
         if d == len(q):  # decode rows only (every replayed step): no views to make

@@ -17,15 +17,18 @@ from nimblelm.speculative.layer_skip import scratch_blocks as layer_skip_scratch
 from nimblelm.speculative.medusa import MedusaProposer
 from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.suffix import SuffixProposer
+from nimblelm.speculative.tree import MAX_BRANCHES, DraftTree, blocks_per_branch
 
 
 def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_seqs: int) -> Proposer:
     """The proposer of config.method for the target's model runner, whose KV cache holds num_blocks blocks
     for up to max_num_seqs sequences (a draft model sizes its own cache the same).
 
-    A proposer's propose_all takes, per sequence, (its tokens, prompt length, room for drafts), and, when its
-    class sets uses_hidden, the target's last hidden state of each of those sequences (rows in that order);
-    it returns the drafts of the sequences that have any. forget drops what it keeps of finished ones.
+    A proposer's propose_all takes, per sequence, (its tokens, prompt length, room for drafts) and returns the
+    drafts of the sequences that have any: a chain (list of tokens), or a token tree (tree.DraftTree) whose
+    nodes the model runner cuts to the room. A proposer whose class sets uses_hidden is first shown, by
+    observe, the hidden states of every sequence's rows the step computed (hidden.Seen). forget drops what it
+    keeps of finished ones.
     pass_seconds: what one of its drafting passes costs, for those that draft a position per batched pass
     (the draft budget weighs it); 0 for lookups."""
     if config.method == "draft_model":
@@ -37,7 +40,7 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
     if config.method == "layer_skip":  # its drafts' K/V go to the blocks past the pad block
         return LayerSkipProposer(runner, config.skip_layers, config.num_speculative_tokens, num_blocks + 1)
     if config.method == "medusa":
-        return MedusaProposer(config.model, config.num_speculative_tokens, runner)
+        return MedusaProposer(config.model, config.num_speculative_tokens, runner, config.speculative_token_tree)
     if config.method == "suffix":
         store = open_for_target(config.datastore, runner.config.vocab_size)
         return SuffixProposer(store, config.num_speculative_tokens, config.prompt_lookup_min,
@@ -49,10 +52,18 @@ Proposer = NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipPropos
 
 
 def scratch_blocks(config: SpeculativeConfig | None, block_size: int, num_kv_groups: int) -> int:
-    """KV blocks the target's runner reserves past its own for the proposer's drafts (layer_skip's)."""
-    if config is None or config.method != "layer_skip":
+    """KV blocks the target's runner reserves past its own: for the proposer's drafts (layer_skip's), or for
+    the branches of token trees (the first tree_branches(config) * num_kv_groups * blocks_per_branch)."""
+    if config is None:
         return 0
-    return layer_skip_scratch(config.num_speculative_tokens, block_size, num_kv_groups)
+    if config.method == "layer_skip":
+        return layer_skip_scratch(config.num_speculative_tokens, block_size, num_kv_groups)
+    return tree_branches(config) * num_kv_groups * blocks_per_branch(block_size)
+
+
+def tree_branches(config: SpeculativeConfig | None) -> int:
+    """Branches of token trees a step may verify."""
+    return MAX_BRANCHES if config is not None and config.proposes_trees else 0
 
 
 def speculates(params: SamplingParams) -> bool:
@@ -62,4 +73,4 @@ def speculates(params: SamplingParams) -> bool:
     return not params.has_penalties
 
 
-__all__ = ["SpeculativeConfig", "make_proposer", "scratch_blocks", "speculates"]
+__all__ = ["DraftTree", "SpeculativeConfig", "make_proposer", "scratch_blocks", "speculates", "tree_branches"]

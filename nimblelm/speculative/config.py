@@ -9,6 +9,8 @@ from typing import Any
 from nimblelm.errors import InvalidRequestError
 
 METHODS = ("ngram", "draft_model", "suffix", "layer_skip", "medusa")
+# The methods that may propose token trees (speculative/tree.py).
+TREE_METHODS = ("medusa",)
 # (prompt_lookup_min, prompt_lookup_max) of the methods that look suffixes up, when not given. Suffix's are
 # measured (SmolLM2-135M's greedy answers to 24 ShareGPT questions, 8M-token datastore, k = 4): a minimum of
 # 1 proposes 10% more drafts for 2% more tokens per step, 3 loses 9% of them; maxima 8 and 16 draft the same.
@@ -36,6 +38,10 @@ class SpeculativeConfig:
     # layer_skip: the target's layers (0-based) its drafting pass skips (None: those `nimblelm spec
     # search-layers` saved beside the model).
     skip_layers: list[int] | None = None
+    # medusa: a token tree (vLLM's speculative_token_tree, Medusa's "choices"): each node as the path of
+    # candidate ranks that reaches it, e.g. [[0], [1], [0, 0]] for the top two of the first head and the top
+    # one of the second after the first's best. Its depth is num_speculative_tokens; None: a chain.
+    speculative_token_tree: list[list[int]] | None = None
 
     def __post_init__(self):
         lo, hi = LOOKUP_DEFAULTS.get(self.method, (None, None))
@@ -86,9 +92,37 @@ class SpeculativeConfig:
             if not (isinstance(self.skip_layers, list) and self.skip_layers
                     and all(isinstance(i, int) and i >= 0 for i in self.skip_layers)):
                 raise bad(f"'skip_layers' must be a non-empty list of layer indices, got {self.skip_layers!r}")
+        if self.speculative_token_tree is not None:
+            self._validate_tree(bad)
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if self.method not in LOOKUP_DEFAULTS:
             if lo is not None or hi is not None:
                 raise bad(f"'prompt_lookup_min' and 'prompt_lookup_max' apply to {' and '.join(LOOKUP_DEFAULTS)} only")
         elif not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise bad(f"need integers 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} and {hi!r}")
+
+    def _validate_tree(self, bad) -> None:
+        tree = self.speculative_token_tree
+        if self.method not in TREE_METHODS:
+            raise bad(f"'speculative_token_tree' applies to {' and '.join(TREE_METHODS)} only")
+        paths = [tuple(p) for p in tree] if isinstance(tree, list) and all(isinstance(p, (list, tuple)) for p in tree) else None
+        if not paths or not all(p and all(isinstance(r, int) and r >= 0 for r in p) for p in paths):
+            raise bad(f"'speculative_token_tree' must be a non-empty list of rank paths such as [[0], [1], [0, 0]], "
+                      f"got {tree!r}")
+        if len(set(paths)) != len(paths) or any(p[:-1] and p[:-1] not in set(paths) for p in paths):
+            raise bad("'speculative_token_tree' must list each node once, and every node's parent path too")
+        if len(paths) > MAX_SPECULATIVE_TOKENS:
+            raise bad(f"'speculative_token_tree' has {len(paths)} nodes; a step verifies at most {MAX_SPECULATIVE_TOKENS}")
+        depth = max(map(len, paths))
+        if depth != self.num_speculative_tokens:
+            raise bad(f"'speculative_token_tree' is {depth} deep: set num_speculative_tokens to {depth}")
+
+    @property
+    def proposes_trees(self) -> bool:
+        return self.speculative_token_tree is not None
+
+    @property
+    def max_draft_nodes(self) -> int:
+        """The most draft tokens a sequence verifies in a step: the tree's nodes, or the chain's length."""
+        tree = self.speculative_token_tree
+        return self.num_speculative_tokens if tree is None else len(tree)

@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
+from nimblelm.speculative.hidden import Seen
+from nimblelm.speculative.tree import DraftTree
 
 METADATA_KEY = "nimblelm"
 SUFFIX = ".medusa.safetensors"
@@ -127,15 +129,18 @@ def open_for_target(path: str | None, config, norm_weight: torch.Tensor) -> tupl
 
 
 class MedusaProposer:
-    """Chain drafts from the heads: for every speculating sequence at once, the top-1 of heads 1..k on the
-    hidden state of its last kept row. No state per sequence: the hidden state carries it all."""
+    """Drafts from the heads, for every speculating sequence at once, on the hidden state of its last kept row:
+    a chain of heads 1..k's top-1, or with a token tree (rank paths, vLLM's speculative_token_tree) each node's
+    token the head of its depth's candidate of its rank. Heads read the hidden state only, so a depth's
+    candidates are the same under every parent."""
 
     uses_hidden = True
     # One batched pass drafts every depth at once, a few percent of a step (SmolLM2-135M: 2.1 ms): the draft
     # budget prices rows only.
     pass_seconds = 0.0
 
-    def __init__(self, path: str | None, num_speculative_tokens: int, runner):
+    def __init__(self, path: str | None, num_speculative_tokens: int, runner,
+                 token_tree: list[list[int]] | None = None):
         model = runner.model
         tensors, self.meta = open_for_target(path, runner.config, model.norm.weight)
         num_heads = len(tensors["resblock.weight"])
@@ -145,6 +150,7 @@ class MedusaProposer:
                 f"{path or 'found for the target'} guess {num_heads} tokens: ask for at most {num_heads}, or train "
                 f"more with --num-heads")
         self.k = num_speculative_tokens
+        self.tree = None if token_tree is None else _primary_first([tuple(p) for p in token_tree])
         device = runner.device
         self.weight = tensors["resblock.weight"][: self.k].float().to(device)
         self.bias = tensors["resblock.bias"][: self.k].float().to(device)
@@ -159,22 +165,52 @@ class MedusaProposer:
             self.output.weight = torch.nn.Parameter(output_rows(model.lm_head, self.vocab_ids, runner.dtype),
                                                     requires_grad=False)
             self.output.prepare()
+        self.hidden: dict[int, torch.Tensor] = {}  # per sequence, the hidden state of its last kept row
+
+    def observe(self, seen: dict[int, Seen]) -> None:
+        for req_id, s in seen.items():
+            self.hidden[req_id] = s.hidden[-1]
 
     @torch.inference_mode()
-    def propose_all(self, requests: dict[int, tuple[list[int], int, int]], hidden: torch.Tensor) -> dict[int, list[int]]:
-        """Per sequence (its tokens, prompt length, room for drafts) and its hidden state (rows in that order),
-        up to min(k, room) drafts."""
+    def propose_all(self, requests: dict[int, tuple[list[int], int, int]]) -> dict[int, list[int] | DraftTree]:
+        """Per sequence (its tokens, prompt length, room for drafts), up to min(k, room) drafts deep: a chain,
+        or the tree (the model runner cuts it to the room)."""
         if not requests:
             return {}
         rooms = [room for _, _, room in requests.values()]
-        k = min(self.k, max(rooms))
-        blocks = residual_blocks(hidden.float(), self.weight[:k], self.bias[:k])
+        k = self.k if self.tree is not None else min(self.k, max(rooms))
+        hidden = torch.stack([self.hidden[req_id] for req_id in requests]).float()
+        blocks = residual_blocks(hidden, self.weight[:k], self.bias[:k])
         normed = rms_norm(blocks, self.norm_weight, self.eps).reshape(-1, hidden.shape[1])
-        best = self.output(normed.to(self.dtype)).argmax(-1)
+        logits = self.output(normed.to(self.dtype)).view(k, len(rooms), -1)
+        if self.tree is None:
+            best = logits.argmax(-1)
+            if self.vocab_ids is not None:
+                best = self.vocab_ids[best]
+            return {req_id: row[:room] for req_id, row, room in zip(requests, best.T.tolist(), rooms) if room > 0}
+        ranks = 1 + max(r for path in self.tree for r in path)
+        top = logits.topk(ranks, dim=-1).indices  # [depth, sequences, ranks]
         if self.vocab_ids is not None:
-            best = self.vocab_ids[best]
-        drafts = best.view(k, len(rooms)).T.tolist()
-        return {req_id: row[:room] for req_id, row, room in zip(requests, drafts, rooms) if room > 0}
+            top = self.vocab_ids[top]
+        top = top.tolist()
+        out = {}
+        for i, req_id in enumerate(requests):
+            index = {(): -1}
+            tokens, parents = [], []
+            for path in self.tree:
+                index[path] = len(tokens)
+                tokens.append(top[len(path) - 1][i][path[-1]])
+                parents.append(index[path[:-1]])
+            out[req_id] = DraftTree(tokens, parents)
+        return out
 
     def forget(self, req_ids: list[int]) -> None:
-        """Nothing is kept per sequence."""
+        for req_id in req_ids:
+            self.hidden.pop(req_id, None)
+
+
+def _primary_first(paths: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """A tree's rank paths with the top-1 chain first (the model runner keeps a tree's first nodes when
+    there is room for only some), then the rest by depth, in the order given."""
+    chain = sorted((p for p in paths if not any(p)), key=len)
+    return chain + sorted((p for p in paths if any(p)), key=len)
