@@ -12,7 +12,7 @@ from nimblelm import LLM, InvalidRequestError, SamplingParams
 from nimblelm.cli import main
 from nimblelm.speculative import SpeculativeConfig, medusa
 from nimblelm.speculative import medusa_train as mt
-from nimblelm.speculative.hidden import Seen
+from nimblelm.speculative.seen import Seen
 
 PROMPTS = ["one two three four", "The cat sat on the mat. The cat", "Rivers", "def add(a, b):\n    return"]
 

@@ -67,7 +67,7 @@ class _Oracle:
     """A tree proposer that knows the plain greedy answers: each step's tree mixes them with wrong tokens so
     that in turn the primary chain, a branch off its first node, and a branch off the root are the ones kept."""
 
-    uses_hidden = False
+    observes = False
     pass_seconds = 0.0
 
     def __init__(self, answers: dict[tuple[int, ...], list[int]], vocab: int):
@@ -101,6 +101,7 @@ PROMPTS = ["one two three four", "The cat sat on the mat. The cat", "Rivers", "d
 @pytest.fixture(scope="module")
 def medusa_heads(tiny_qwen, tmp_path_factory):
     from test_speculative_medusa import _write
+
     from nimblelm.models.loader import load_model
 
     norm = load_model(str(tiny_qwen)).weights["model.norm.weight"].float()

@@ -171,7 +171,8 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                      help="quantization: methods against the unquantized model (default int4,int8,w8a8 = "
                           "W4A16, W8A16, W8A8); one the engine cannot load is skipped with its reason. "
                           "speculative: speculative_config methods against plain decoding (default ngram, and "
-                          "draft_model with --draft-model; medusa uses the heads `nimblelm spec train` cached)")
+                          "draft_model with --draft-model; medusa uses the heads `nimblelm spec train` cached, "
+                          "medusa_tree the same heads on a token tree; lookahead needs nothing)")
     sur.add_argument("--batch-sizes", default=None,
                      help="quantization: comma list (default 1,2,4,8,16); speculative: requests at once under "
                           "load (default 1,8,32)")
@@ -621,6 +622,8 @@ def _spec_methods(args) -> dict[str, dict]:
     configs = {}
     for name in names:
         config = {"method": name, "num_speculative_tokens": args.num_speculative_tokens}
+        if name == "medusa_tree":  # Medusa on a token tree: the chain of top-1s and a few second guesses
+            config |= {"method": "medusa", "speculative_token_tree": medusa_tree(args.num_speculative_tokens)}
         if name == "ngram":
             config["prompt_lookup_max"] = args.prompt_lookup_max
         if name == "draft_model":
@@ -633,6 +636,14 @@ def _spec_methods(args) -> dict[str, dict]:
         SpeculativeConfig.from_dict(config)
         configs[name] = config
     return configs
+
+
+def medusa_tree(depth: int) -> list[list[int]]:
+    """The bench's Medusa tree, depth deep: every head's top-1 after the heads before's, plus the second and
+    third guesses near the root, where the heads guess best."""
+    extra = [(1,), (2,), (0, 1), (1, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
+    paths = [(0,) * d for d in range(1, depth + 1)] + [p for p in extra if len(p) <= depth]
+    return [list(p) for p in paths]
 
 
 def _greedy_answers(ctx, max_tokens: int, max_model_len: int, prompts: list[list[int]]) -> list[str]:

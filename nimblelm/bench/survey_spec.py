@@ -47,7 +47,7 @@ SURVEY_TABLE5 = [
 ]
 
 #: What each of our methods costs before it can run, in the survey's "additional overhead" column.
-EXTRA_COST = {"plain": "-", "ngram": "none", "draft_model": "none here (a released smaller model, same tokenizer)",
+EXTRA_COST = {"plain": "-", "ngram": "none", "lookahead": "none", "draft_model": "none here (a released smaller model, same tokenizer)",
               "prompt lookup": "none", "assisted generation": "none here (the same drafter)"}
 #: llama.cpp's speculative modes (llama-server --spec-type), each with its own defaults but the draft length.
 LLAMACPP_NGRAM_MODES = ("ngram-simple", "ngram-mod")

@@ -28,7 +28,7 @@ from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative import SpeculativeConfig, make_proposer, scratch_blocks, speculates, tree_branches
 from nimblelm.speculative.budget import Acceptance, StepCost, draft_budget
-from nimblelm.speculative.hidden import Seen
+from nimblelm.speculative.seen import Seen
 from nimblelm.speculative.tree import DraftTree, as_tree, blocks_per_branch
 from nimblelm.speculative.verifier import verify
 
@@ -199,7 +199,7 @@ class ModelRunner:
             hidden = self.model(input_ids, batch.positions, self.kv_caches, metas)
         prompt_logprobs = self._prompt_logprobs(hidden, batch.prompt_rows) if batch.prompt_rows else {}
         if not sample_ids:
-            if self.proposer is not None and self.proposer.uses_hidden:
+            if self.proposer is not None and self.proposer.observes:
                 self.proposer.observe(self._seen(batch, hidden, {}))
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[batch.sample_rows])
@@ -217,22 +217,21 @@ class ModelRunner:
             self.device,
             _bitmask_rows(sched, row_ids),
         )
-        paths = {}
         if any(trees):
             verified = verify(self.sampler, logits, sampling, trees)
             tokens, logprobs = verified.token_ids, verified.logprobs
-            paths = dict(zip(sample_ids, verified.paths))
+            paths, outputs = verified.paths, verified.outputs
             for req_id, layout in batch.trees.items():
-                self._keep_branch(layout, paths[req_id])
+                self._keep_branch(layout, paths[sample_ids.index(req_id)])
         else:
             sampled = self.sampler(logits, sampling)
             tokens = [[t] for t in sampled.token_ids]
             logprobs = None if sampled.logprobs is None else [[entry] for entry in sampled.logprobs]
-        new_tokens = dict(zip(sample_ids, tokens))
+            paths = outputs = [None] * len(sample_ids)
         proposals = {}
         if self.proposer is not None:
-            if self.proposer.uses_hidden:
-                self.proposer.observe(self._seen(batch, hidden, new_tokens, paths))
+            if self.proposer.observes:
+                self.proposer.observe(self._seen(batch, hidden, dict(zip(sample_ids, zip(tokens, trees, paths, outputs)))))
             proposals = self._propose(sample_ids, trees, tokens)
         return ModelRunnerOutput(
             sample_ids, tokens, logprobs, prompt_logprobs,
@@ -240,22 +239,22 @@ class ModelRunner:
             {req_id: d.parents for req_id, d in proposals.items() if isinstance(d, DraftTree)},
         )
 
-    def _seen(self, batch: _Batch, hidden: torch.Tensor, new_tokens: dict[int, list[int]],
-              paths: dict[int, list[int]] | None = None) -> dict[int, Seen]:
+    def _seen(self, batch: _Batch, hidden: torch.Tensor, sampled: dict[int, tuple]) -> dict[int, Seen]:
         """Per sequence the step computed: the hidden states of its rows whose next token is now known (for a
-        sequence with drafts, its tokens and the kept ones), with those tokens."""
+        sampled sequence, its uncomputed tokens and the drafts it kept), with those tokens. sampled: per sampled
+        sequence, its new tokens, the drafts it verified, the nodes it kept and the target's token at each row
+        (the last two None without drafts)."""
         seen = {}
         for req_id, (row, start, n) in batch.spans.items():
             state = self.seqs[req_id]
-            new = new_tokens.get(req_id, [])
-            known = state.token_ids + new
-            if req_id in new_tokens:  # its uncomputed tokens, then the drafts it kept (the nodes of a tree's path)
+            if req_id in sampled:
+                new, tree, path, outputs = sampled[req_id]
                 base = len(state.token_ids) - start
-                kept = (paths or {}).get(req_id, list(range(len(new) - 1)))
-                rows = list(range(row, row + base)) + [row + base + node for node in kept]
+                rows = list(range(row, row + base)) + [row + base + node for node in path or []]
+                seen[req_id] = Seen(start, hidden[rows], (state.token_ids + new)[start + 1 : start + 1 + len(rows)],
+                                    tree or None, outputs)
             else:  # a prompt chunk that samples nothing
-                rows = list(range(row, row + n))
-            seen[req_id] = Seen(start, hidden[rows], known[start + 1 : start + 1 + len(rows)])
+                seen[req_id] = Seen(start, hidden[row : row + n], state.token_ids[start + 1 : start + 1 + n])
         return seen
 
     def _keep_branch(self, layout: _TreeLayout, path: list[int]) -> None:

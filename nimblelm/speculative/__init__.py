@@ -1,5 +1,6 @@
 """Speculative decoding: proposers (prompt lookup, a draft model, retrieval from a datastore, the target's own
-layers, Medusa heads on its hidden state) draft tokens, the target verifies them all in one step (verifier.py).
+layers, Medusa heads on its hidden state, lookahead's Jacobi window and n-gram pool) draft tokens, as a chain
+or a token tree (tree.py); the target verifies them all in one step (verifier.py).
 
 A proposer runs in the model runner after each step's sampling and returns, per sequence, the drafts that
 follow its new tokens; the engine hands them to the scheduler, which schedules them with the sequence's
@@ -14,6 +15,7 @@ from nimblelm.speculative.datastore import open_for_target
 from nimblelm.speculative.draft_model import DraftModelProposer
 from nimblelm.speculative.layer_skip import LayerSkipProposer
 from nimblelm.speculative.layer_skip import scratch_blocks as layer_skip_scratch
+from nimblelm.speculative.lookahead import LookaheadProposer
 from nimblelm.speculative.medusa import MedusaProposer
 from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.suffix import SuffixProposer
@@ -26,8 +28,9 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
 
     A proposer's propose_all takes, per sequence, (its tokens, prompt length, room for drafts) and returns the
     drafts of the sequences that have any: a chain (list of tokens), or a token tree (tree.DraftTree) whose
-    nodes the model runner cuts to the room. A proposer whose class sets uses_hidden is first shown, by
-    observe, the hidden states of every sequence's rows the step computed (hidden.Seen). forget drops what it
+    nodes the model runner cuts to the room. A proposer whose class sets observes is first shown, by
+    observe, every sequence's rows the step computed: their hidden states, and the drafts verified with the
+    target's token at each (seen.Seen). forget drops what it
     keeps of finished ones.
     pass_seconds: what one of its drafting passes costs, for those that draft a position per batched pass
     (the draft budget weighs it); 0 for lookups."""
@@ -39,6 +42,8 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
             max_num_seqs=max_num_seqs)
     if config.method == "layer_skip":  # its drafts' K/V go to the blocks past the pad block
         return LayerSkipProposer(runner, config.skip_layers, config.num_speculative_tokens, num_blocks + 1)
+    if config.method == "lookahead":
+        return LookaheadProposer(config.num_speculative_tokens)
     if config.method == "medusa":
         return MedusaProposer(config.model, config.num_speculative_tokens, runner, config.speculative_token_tree)
     if config.method == "suffix":
@@ -48,7 +53,8 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
 
 
-Proposer = NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipProposer | MedusaProposer
+Proposer = (NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipProposer | MedusaProposer
+            | LookaheadProposer)
 
 
 def scratch_blocks(config: SpeculativeConfig | None, block_size: int, num_kv_groups: int) -> int:

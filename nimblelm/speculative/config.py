@@ -8,13 +8,15 @@ from typing import Any
 
 from nimblelm.errors import InvalidRequestError
 
-METHODS = ("ngram", "draft_model", "suffix", "layer_skip", "medusa")
+METHODS = ("ngram", "draft_model", "suffix", "layer_skip", "medusa", "lookahead")
 # The methods that may propose token trees (speculative/tree.py).
 TREE_METHODS = ("medusa",)
 # (prompt_lookup_min, prompt_lookup_max) of the methods that look suffixes up, when not given. Suffix's are
 # measured (SmolLM2-135M's greedy answers to 24 ShareGPT questions, 8M-token datastore, k = 4): a minimum of
 # 1 proposes 10% more drafts for 2% more tokens per step, 3 loses 9% of them; maxima 8 and 16 draft the same.
 LOOKUP_DEFAULTS = {"ngram": (1, 3), "suffix": (2, 16)}
+# lookahead: the pooled n-grams verified with the window in a step, at most.
+LOOKAHEAD_CANDIDATES = 2
 # A step verifies a sequence's drafts and the token before them as decode rows; the model runner takes up to
 # 16 such rows per sequence (MAX_DECODE_QUERY).
 MAX_SPECULATIVE_TOKENS = 15
@@ -119,10 +121,12 @@ class SpeculativeConfig:
 
     @property
     def proposes_trees(self) -> bool:
-        return self.speculative_token_tree is not None
+        return self.speculative_token_tree is not None or self.method == "lookahead"
 
     @property
     def max_draft_nodes(self) -> int:
         """The most draft tokens a sequence verifies in a step: the tree's nodes, or the chain's length."""
+        if self.method == "lookahead":  # its window and LOOKAHEAD_CANDIDATES n-grams, k tokens each
+            return min(MAX_SPECULATIVE_TOKENS, (1 + LOOKAHEAD_CANDIDATES) * self.num_speculative_tokens)
         tree = self.speculative_token_tree
         return self.num_speculative_tokens if tree is None else len(tree)

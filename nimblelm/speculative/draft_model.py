@@ -40,7 +40,7 @@ class _Draft:
 
 
 class DraftModelProposer:
-    uses_hidden = False
+    observes = False
 
     def __init__(self, model: str, num_speculative_tokens: int, *, vocab_size: int, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, block_size: int, num_blocks: int, max_num_seqs: int,

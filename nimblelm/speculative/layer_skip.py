@@ -38,7 +38,7 @@ def scratch_blocks(num_speculative_tokens: int, block_size: int, num_kv_groups: 
 
 
 class LayerSkipProposer:
-    uses_hidden = False
+    observes = False
 
     def __init__(self, runner, skip_layers: list[int], num_speculative_tokens: int, first_scratch: int):
         """runner: the target's ModelRunner, whose KV blocks from first_scratch on are this proposer's."""

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.linear import Linear
-from nimblelm.speculative.hidden import Seen
+from nimblelm.speculative.seen import Seen
 from nimblelm.speculative.tree import DraftTree
 
 METADATA_KEY = "nimblelm"
@@ -134,7 +134,7 @@ class MedusaProposer:
     token the head of its depth's candidate of its rank. Heads read the hidden state only, so a depth's
     candidates are the same under every parent."""
 
-    uses_hidden = True
+    observes = True
     # One batched pass drafts every depth at once, a few percent of a step (SmolLM2-135M: 2.1 ms): the draft
     # budget prices rows only.
     pass_seconds = 0.0

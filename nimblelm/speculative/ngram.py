@@ -9,7 +9,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 
 class NgramProposer:
-    uses_hidden = False
+    observes = False
     pass_seconds = 0.0  # a lookup per sequence, no batched pass
 
     def __init__(self, num_speculative_tokens: int, lookup_min: int, lookup_max: int):

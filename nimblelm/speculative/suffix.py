@@ -23,7 +23,7 @@ MAX_OCCURRENCES = 64
 
 
 class SuffixProposer:
-    uses_hidden = False
+    observes = False
     pass_seconds = 0.0  # a lookup per sequence, no batched pass
 
     def __init__(self, store: Datastore, num_speculative_tokens: int, match_min: int, match_max: int):

@@ -25,6 +25,7 @@ from nimblelm.speculative.tree import DraftTree, as_tree
 class Verified:
     token_ids: list[list[int]]  # per sequence: the drafts it kept, then one token of the target's
     paths: list[list[int]]  # per sequence: the nodes it kept, in order (a chain's: 0, 1, ...)
+    outputs: list[list[int]]  # per sequence: the target's first maximal token at each of its rows
     # per sequence, when logprobs were asked for: one entry (as token_logprobs gives) per token above
     logprobs: list[list[tuple[float, int, list[int], list[float]]]] | None
 
@@ -109,7 +110,11 @@ def verify(
         for ids in token_ids:
             logprobs.append(entries[at : at + len(ids)])
             at += len(ids)
-    return Verified(token_ids, paths, logprobs)
+    outputs, start = [], 0
+    for tree in trees:
+        outputs.append(greedy_tokens[start : start + len(tree) + 1])
+        start += len(tree) + 1
+    return Verified(token_ids, paths, outputs, logprobs)
 
 
 def _uniform(generator: torch.Generator | None, device: torch.device) -> float:
