@@ -293,4 +293,4 @@ def test_survey_speculative_reports_the_heads_training_cost_or_that_there_are_no
     row = next(r for r in report["results"] if r["method"] == "medusa")
     assert row["identical"] == row["requests"] == 2
     cost = report["backends"]["nimblelm medusa"]["heads"]["cost"]
-    assert f"| nimblelm | medusa | heads: {cost['cpu_hours']:.2f} CPU-hours (" in md
+    assert f"| nimblelm | medusa | medusa heads: {cost['cpu_hours']:.2f} CPU-hours (" in md

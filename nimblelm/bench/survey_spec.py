@@ -49,6 +49,8 @@ SURVEY_TABLE5 = [
 #: What each of our methods costs before it can run, in the survey's "additional overhead" column.
 EXTRA_COST = {"plain": "-", "ngram": "none", "lookahead": "none", "draft_model": "none here (a released smaller model, same tokenizer)",
               "prompt lookup": "none", "assisted generation": "none here (the same drafter)"}
+#: Methods that draft with heads trained here (`nimblelm spec train`); their cost is read from the heads file.
+TRAINED = ("medusa", "eagle")
 #: llama.cpp's speculative modes (llama-server --spec-type), each with its own defaults but the draft length.
 LLAMACPP_NGRAM_MODES = ("ngram-simple", "ngram-mod")
 
@@ -149,7 +151,7 @@ def _nimblelm(ctx: BenchContext, config: dict | None, workloads: dict[str, list[
         rates = {rate: _arriving(llm, requests, rate, ctx.seed, params) for rate, requests in rate_sets.items()}
         cost = runner.step_cost
         costs = {"decode_step_s_by_rows": dict(zip(cost.rows, cost.seconds))} if cost is not None else {}
-        if config is not None and config["method"] == "medusa":  # what the heads it drafted with cost to train
+        if config is not None and config["method"] in TRAINED:  # what the heads it drafted with cost to train
             costs["heads"] = runner.proposer.meta
         return batch1, load, rates, costs
     finally:
@@ -422,11 +424,13 @@ def survey_spec_markdown(report: dict) -> str:
             "| backend | method | extra cost | workload | tokens/s | speedup | tokens per step | kept | drafting | identical |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     costs = dict(EXTRA_COST)
-    heads = report["backends"].get("nimblelm medusa", {}).get("heads")
-    if heads:
-        c = heads["cost"]
-        costs["medusa"] = (f"heads: {c['cpu_hours']:.2f} CPU-hours ({c['wall_s'] / 60:.0f} min × {c['threads']} "
-                           f"threads: {heads['prompts']} answers distilled, {heads['epochs']} epochs)")
+    for name, backend in report["backends"].items():
+        heads = backend.get("heads")
+        if heads and name.startswith("nimblelm "):
+            c = heads["cost"]
+            costs[name.removeprefix("nimblelm ")] = (
+                f"{heads['method']} heads: {c['cpu_hours']:.2f} CPU-hours ({c['wall_s'] / 60:.0f} min × "
+                f"{c['threads']} threads: {heads['prompts']} answers distilled, {heads['epochs']} epochs)")
     if report.get("datastore"):
         d = report["datastore"]
         costs["suffix"] = (f"datastore: {d['tokens'] / 1e6:.1f}M tokens in {d['tokenize_s'] + d['sort_s']:.0f} s "
