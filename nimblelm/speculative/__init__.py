@@ -1,5 +1,6 @@
 """Speculative decoding: proposers (prompt lookup, a draft model, retrieval from a datastore, the target's own
-layers, Medusa heads on its hidden state) draft tokens, the target verifies them all in one step (verifier.py).
+layers, Medusa heads on its hidden state, an EAGLE draft layer on its features) draft tokens, the target
+verifies them all in one step (verifier.py).
 
 A proposer runs in the model runner after each step's sampling and returns, per sequence, the drafts that
 follow its new tokens; the engine hands them to the scheduler, which schedules them with the sequence's
@@ -12,6 +13,7 @@ from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative.config import SpeculativeConfig
 from nimblelm.speculative.datastore import open_for_target
 from nimblelm.speculative.draft_model import DraftModelProposer
+from nimblelm.speculative.eagle import EagleProposer
 from nimblelm.speculative.layer_skip import LayerSkipProposer
 from nimblelm.speculative.layer_skip import scratch_blocks as layer_skip_scratch
 from nimblelm.speculative.medusa import MedusaProposer
@@ -41,6 +43,8 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
         return LayerSkipProposer(runner, config.skip_layers, config.num_speculative_tokens, num_blocks + 1)
     if config.method == "medusa":
         return MedusaProposer(config.model, config.num_speculative_tokens, runner, config.speculative_token_tree)
+    if config.method == "eagle":
+        return EagleProposer(config.model, config.num_speculative_tokens, runner, config.speculative_token_tree)
     if config.method == "suffix":
         store = open_for_target(config.datastore, runner.config.vocab_size)
         return SuffixProposer(store, config.num_speculative_tokens, config.prompt_lookup_min,
@@ -48,7 +52,7 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
     return NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
 
 
-Proposer = NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipProposer | MedusaProposer
+Proposer = NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipProposer | MedusaProposer | EagleProposer
 
 
 def scratch_blocks(config: SpeculativeConfig | None, block_size: int, num_kv_groups: int) -> int:
