@@ -188,6 +188,12 @@ def cmd_search_layers(args) -> int:
 def cmd_train_heads(args) -> int:
     from nimblelm.speculative.medusa_train import train_medusa
 
+    if args.method == "eagle":
+        return _train_eagle(args)
+    if args.epochs is None:
+        from nimblelm.speculative.medusa_train import DEFAULT_EPOCHS
+
+        args.epochs = DEFAULT_EPOCHS
     path, meta = train_medusa(args.model, num_heads=args.num_heads, num_prompts=args.prompts,
                               max_new_tokens=args.max_new_tokens, epochs=args.epochs, vocab_size=args.vocab_size,
                               threads=args.threads, output=args.output, dataset_path=args.dataset_path)
@@ -198,6 +204,22 @@ def cmd_train_heads(args) -> int:
           f"{cost['threads']} threads = {cost['cpu_hours']:.3f} CPU-hours (generating {cost['generate_s']:.0f} s, "
           f"hidden states {cost['features_s']:.0f} s, training {cost['train_s']:.0f} s); held-out top-1 "
           f"accuracy by head: {accuracies}")
+    return 0
+
+
+def _train_eagle(args) -> int:
+    from nimblelm.speculative.eagle_train import DEFAULT_EPOCHS, train_eagle
+
+    epochs = DEFAULT_EPOCHS if args.epochs is None else args.epochs
+    path, meta = train_eagle(args.model, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, epochs=epochs,
+                             vocab_size=args.vocab_size, threads=args.threads, output=args.output,
+                             dataset_path=args.dataset_path)
+    cost = meta["cost"]
+    print(f"wrote {path}: an EAGLE draft layer over {meta['draft_vocab_size']:,} tokens, trained on "
+          f"{meta['train_tokens']:,} positions of {meta['prompts']} answers in {cost['wall_s']:.0f} s with "
+          f"{cost['threads']} threads = {cost['cpu_hours']:.3f} CPU-hours (generating {cost['generate_s']:.0f} s, "
+          f"hidden states {cost['features_s']:.0f} s, training {cost['train_s']:.0f} s); held-out top-1 "
+          f"accuracy of the first draft: {100 * meta['held_out_accuracy']:.1f}%")
     return 0
 
 
@@ -266,28 +288,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "where method layer_skip looks")
     search.set_defaults(func=cmd_search_layers)
 
-    from nimblelm.speculative import medusa_train
+    from nimblelm.speculative import eagle_train, medusa_train
 
-    train = ssub.add_parser("train", help="heads on the target that draft for it (method medusa), by self-distillation")
-    train.add_argument("--method", choices=("medusa",), required=True)
+    train = ssub.add_parser("train", help="heads on the target that draft for it (method medusa), or a draft layer "
+                            "on its features (eagle), by self-distillation")
+    train.add_argument("--method", choices=("medusa", "eagle"), required=True)
     train.add_argument("--model", "-m", required=True, help="alias, Hugging Face folder or .gguf file: the target")
     train.add_argument("--num-heads", type=int, default=medusa_train.DEFAULT_NUM_HEADS,
-                       help=f"draft tokens the heads guess, at most (default {medusa_train.DEFAULT_NUM_HEADS})")
+                       help=f"medusa: draft tokens the heads guess, at most (default {medusa_train.DEFAULT_NUM_HEADS})")
     train.add_argument("--prompts", type=int, default=medusa_train.DEFAULT_PROMPTS,
                        help=f"ShareGPT questions the target answers to train on, a tenth held out (default "
                             f"{medusa_train.DEFAULT_PROMPTS}); none of those the benchmarks ask")
     train.add_argument("--max-new-tokens", type=int, default=medusa_train.DEFAULT_MAX_NEW_TOKENS,
                        help=f"the longest answer (default {medusa_train.DEFAULT_MAX_NEW_TOKENS})")
-    train.add_argument("--epochs", type=int, default=medusa_train.DEFAULT_EPOCHS,
-                       help=f"passes over the answers (default {medusa_train.DEFAULT_EPOCHS})")
+    train.add_argument("--epochs", type=int, default=None,
+                       help=f"passes over the answers (default {medusa_train.DEFAULT_EPOCHS} for medusa, "
+                            f"{eagle_train.DEFAULT_EPOCHS} for eagle)")
     train.add_argument("--vocab-size", type=int, default=medusa_train.DEFAULT_VOCAB,
                        help=f"the heads guess among the answers' most frequent tokens, this many (default "
                             f"{medusa_train.DEFAULT_VOCAB}; 0: the whole vocabulary)")
     train.add_argument("--threads", type=int, default=None, help="default: physical cores")
     train.add_argument("--dataset-path", default=None, help="the ShareGPT file (default: the nimblelm cache's)")
     train.add_argument("--output", "-o", default=None,
-                       help="default: the nimblelm cache's spec_heads/MODEL.medusa.safetensors, where method medusa "
-                            "looks")
+                       help="default: the nimblelm cache's spec_heads/MODEL.medusa.safetensors (.eagle.safetensors), "
+                            "where method medusa (eagle) looks")
     train.set_defaults(func=cmd_train_heads)
 
     from nimblelm.bench.cli import add_bench_subparser

@@ -236,7 +236,7 @@ def test_spec_train_refuses_bad_options_in_one_line(args, message, tiny_qwen, tm
 
 def test_spec_train_usage_errors_exit_2(tiny_qwen):
     with pytest.raises(SystemExit) as e:
-        main(["spec", "train", "--method", "eagle", "--model", str(tiny_qwen)])
+        main(["spec", "train", "--method", "hydra", "--model", str(tiny_qwen)])
     assert e.value.code == 2
 
 

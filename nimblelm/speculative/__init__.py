@@ -1,6 +1,7 @@
 """Speculative decoding: proposers (prompt lookup, a draft model, retrieval from a datastore, the target's own
-layers, Medusa heads on its hidden state, lookahead's Jacobi window and n-gram pool) draft tokens, as a chain
-or a token tree (tree.py); the target verifies them all in one step (verifier.py).
+layers, Medusa heads on its hidden state, an EAGLE draft layer on its features, lookahead's Jacobi window and
+n-gram pool) draft tokens, as a chain or a token tree (tree.py); the target verifies them all in one step
+(verifier.py).
 
 A proposer runs in the model runner after each step's sampling and returns, per sequence, the drafts that
 follow its new tokens; the engine hands them to the scheduler, which schedules them with the sequence's
@@ -13,6 +14,7 @@ from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative.config import SpeculativeConfig
 from nimblelm.speculative.datastore import open_for_target
 from nimblelm.speculative.draft_model import DraftModelProposer
+from nimblelm.speculative.eagle import EagleProposer
 from nimblelm.speculative.layer_skip import LayerSkipProposer
 from nimblelm.speculative.layer_skip import scratch_blocks as layer_skip_scratch
 from nimblelm.speculative.lookahead import LookaheadProposer
@@ -46,6 +48,8 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
         return LookaheadProposer(config.num_speculative_tokens)
     if config.method == "medusa":
         return MedusaProposer(config.model, config.num_speculative_tokens, runner, config.speculative_token_tree)
+    if config.method == "eagle":
+        return EagleProposer(config.model, config.num_speculative_tokens, runner, config.speculative_token_tree)
     if config.method == "suffix":
         store = open_for_target(config.datastore, runner.config.vocab_size)
         return SuffixProposer(store, config.num_speculative_tokens, config.prompt_lookup_min,
@@ -54,7 +58,7 @@ def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_se
 
 
 Proposer = (NgramProposer | DraftModelProposer | SuffixProposer | LayerSkipProposer | MedusaProposer
-            | LookaheadProposer)
+            | EagleProposer | LookaheadProposer)
 
 
 def scratch_blocks(config: SpeculativeConfig | None, block_size: int, num_kv_groups: int) -> int:

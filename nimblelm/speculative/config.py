@@ -8,9 +8,9 @@ from typing import Any
 
 from nimblelm.errors import InvalidRequestError
 
-METHODS = ("ngram", "draft_model", "suffix", "layer_skip", "medusa", "lookahead")
+METHODS = ("ngram", "draft_model", "suffix", "layer_skip", "medusa", "eagle", "lookahead")
 # The methods that may propose token trees (speculative/tree.py).
-TREE_METHODS = ("medusa",)
+TREE_METHODS = ("medusa", "eagle")
 # (prompt_lookup_min, prompt_lookup_max) of the methods that look suffixes up, when not given. Suffix's are
 # measured (SmolLM2-135M's greedy answers to 24 ShareGPT questions, 8M-token datastore, k = 4): a minimum of
 # 1 proposes 10% more drafts for 2% more tokens per step, 3 loses 9% of them; maxima 8 and 16 draft the same.
@@ -31,8 +31,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     # draft_model: the drafter (an alias, folder or .gguf with the target's tokenizer) and its own
-    # quantization (None: unquantized, in the target's compute dtype). medusa: a heads file of `nimblelm spec
-    # train --method medusa` (None: the newest in the cache trained on the target).
+    # quantization (None: unquantized, in the target's compute dtype). medusa (eagle): a heads file of `nimblelm
+    # spec train --method medusa` (eagle) (None: the newest in the cache trained on the target).
     model: str | None = None
     quantization: str | None = None
     # suffix: a file of `nimblelm spec build-datastore` (None: the ShareGPT one built for the target's tokenizer).
@@ -42,7 +42,8 @@ class SpeculativeConfig:
     skip_layers: list[int] | None = None
     # medusa: a token tree (vLLM's speculative_token_tree, Medusa's "choices"): each node as the path of
     # candidate ranks that reaches it, e.g. [[0], [1], [0, 0]] for the top two of the first head and the top
-    # one of the second after the first's best. Its depth is num_speculative_tokens; None: a chain.
+    # one of the second after the first's best. Its depth is num_speculative_tokens; None: a chain. eagle: one
+    # whose nodes off the primary chain are leaves, zeros and then one rank ([0, 1]: the second-best second draft).
     speculative_token_tree: list[list[int]] | None = None
 
     def __post_init__(self):
@@ -78,10 +79,12 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise bad(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
-        if (self.method == "draft_model") != (self.model is not None) and self.method != "medusa":
-            raise bad("'model' names the drafter of method draft_model (or medusa's heads), and only of them")
-        if self.method == "medusa" and self.model is not None and not Path(self.model).expanduser().is_file():
-            raise bad(f"Medusa heads not found: {self.model}")
+        trained = self.method in ("medusa", "eagle")
+        if (self.method == "draft_model") != (self.model is not None) and not trained:
+            raise bad("'model' names the drafter of method draft_model (or medusa's heads, eagle's layer), and only "
+                      "of them")
+        if trained and self.model is not None and not Path(self.model).expanduser().is_file():
+            raise bad(f"{'Medusa heads' if self.method == 'medusa' else 'EAGLE draft layer'} not found: {self.model}")
         if self.quantization is not None and self.method != "draft_model":
             raise bad("'quantization' applies to a draft model only")
         if self.datastore is not None and self.method != "suffix":
@@ -113,6 +116,9 @@ class SpeculativeConfig:
                       f"got {tree!r}")
         if len(set(paths)) != len(paths) or any(p[:-1] and p[:-1] not in set(paths) for p in paths):
             raise bad("'speculative_token_tree' must list each node once, and every node's parent path too")
+        if self.method == "eagle" and any(any(p[:-1]) for p in paths):
+            raise bad("eagle's trees branch off the primary chain only: each path is zeros and then one rank, "
+                      "e.g. [[0], [1], [0, 0], [0, 1]]")
         if len(paths) > MAX_SPECULATIVE_TOKENS:
             raise bad(f"'speculative_token_tree' has {len(paths)} nodes; a step verifies at most {MAX_SPECULATIVE_TOKENS}")
         depth = max(map(len, paths))

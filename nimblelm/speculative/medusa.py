@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,17 +36,35 @@ SUFFIX = ".medusa.safetensors"
 NORM_TOLERANCE = 1e-2
 
 
+@dataclass(frozen=True)
+class HeadsKind:
+    """What tells one trained method's files apart: the methods whose drafters `nimblelm spec train` writes
+    (medusa; eagle.py's EAGLE) share the cache folder, the checks against the target and the errors."""
+
+    method: str
+    suffix: str
+    what: str  # in messages: "Medusa heads"
+    tensor: str  # one tensor every such file holds
+
+    def hint(self) -> str:
+        return (f"train them with `nimblelm spec train --method {self.method} --model MODEL` (MODEL as you gave "
+                f"it here)")
+
+
+MEDUSA = HeadsKind("medusa", SUFFIX, "Medusa heads", "resblock.weight")
+
+
 def heads_dir() -> Path:
     from nimblelm.models.registry import cache_dir
 
     return cache_dir() / "spec_heads"
 
 
-def default_path(model: str) -> Path:
-    """Where `nimblelm spec train --method medusa` writes by default: one file per model (a file's stem for a
-    .gguf, a folder's name, an alias as it is), as datastore.default_path names datastores."""
+def default_path(model: str, kind: HeadsKind = MEDUSA) -> Path:
+    """Where `nimblelm spec train --method medusa` (or kind's method) writes by default: one file per model (a
+    file's stem for a .gguf, a folder's name, an alias as it is), as datastore.default_path names datastores."""
     name = Path(model).stem if model.endswith(".gguf") else Path(model).name
-    return heads_dir() / f"{name}{SUFFIX}"
+    return heads_dir() / f"{name}{kind.suffix}"
 
 
 def residual_blocks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -67,20 +86,20 @@ def output_rows(lm_head: Linear, vocab_ids: torch.Tensor, dtype: torch.dtype) ->
     return weight[:, vocab_ids].T.contiguous()
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def read(path: str | os.PathLike, kind: HeadsKind = MEDUSA) -> tuple[dict[str, torch.Tensor], dict]:
     """A heads file's tensors and metadata; one clear error for a missing or foreign file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise InvalidRequestError(f"speculative_config: Medusa heads not found: {path}")
+        raise InvalidRequestError(f"speculative_config: {kind.what} not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[METADATA_KEY])
         tensors = load_file(str(path))
-        if meta.get("method") != "medusa" or "resblock.weight" not in tensors:
-            raise ValueError("no Medusa heads in it")
+        if meta.get("method") != kind.method or kind.tensor not in tensors:
+            raise ValueError(f"no {kind.what} in it")
     except (OSError, KeyError, ValueError, SafetensorError) as e:
-        raise InvalidRequestError(
-            f"speculative_config: {path} is not a heads file of `nimblelm spec train --method medusa` ({e})") from None
+        raise InvalidRequestError(f"speculative_config: {path} is not a heads file of `nimblelm spec train --method "
+                                  f"{kind.method}` ({e})") from None
     return tensors, meta
 
 
@@ -98,32 +117,29 @@ def _fits(meta: dict, tensors: dict[str, torch.Tensor], config, norm_weight: tor
     return None
 
 
-def _train_hint() -> str:
-    return "train them with `nimblelm spec train --method medusa --model MODEL` (MODEL as you gave it here)"
-
-
-def open_for_target(path: str | None, config, norm_weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+def open_for_target(path: str | None, config, norm_weight: torch.Tensor,
+                    kind: HeadsKind = MEDUSA) -> tuple[dict[str, torch.Tensor], dict]:
     """The heads at path, or (None) the newest in the cache that fit the target, checked against it.
 
     The proposer is told the target's config and weights, not its name, so the default is found by them: the
     vocabulary, hidden size, layers and final norm weights the heads were trained with."""
     if path is not None:
-        tensors, meta = read(path)
+        tensors, meta = read(path, kind)
         why = _fits(meta, tensors, config, norm_weight)
         if why is not None:
-            raise InvalidRequestError(f"speculative_config: the Medusa heads {path} {why}: {_train_hint()}")
+            raise InvalidRequestError(f"speculative_config: the {kind.what} {path} {why}: {kind.hint()}")
         return tensors, meta
     found = []
-    for candidate in heads_dir().glob(f"*{SUFFIX}"):
+    for candidate in heads_dir().glob(f"*{kind.suffix}"):
         try:
-            tensors, meta = read(candidate)
+            tensors, meta = read(candidate, kind)
         except InvalidRequestError:
             continue
         if _fits(meta, tensors, config, norm_weight) is None:
             found.append((candidate.stat().st_mtime, tensors, meta))
     if not found:
-        raise InvalidRequestError(f"speculative_config: method medusa found no heads trained for this model in "
-                                  f"{heads_dir()}: {_train_hint()}, or give 'model' (a heads file)")
+        raise InvalidRequestError(f"speculative_config: method {kind.method} found no {kind.what} trained for this "
+                                  f"model in {heads_dir()}: {kind.hint()}, or give 'model' (a heads file)")
     _, tensors, meta = max(found, key=lambda f: f[0])
     return tensors, meta
 

@@ -288,8 +288,13 @@ def train_medusa(model: str, *, num_heads: int = DEFAULT_NUM_HEADS, num_prompts:
 def write_heads(path: Path, heads: _Heads, vocab_ids: torch.Tensor | None, meta: dict) -> None:
     tensors = {"resblock.weight": heads.weight.detach().contiguous(), "resblock.bias": heads.bias.detach().contiguous(),
                "norm.weight": heads.norm_weight}
+    write_file(path, tensors, vocab_ids, meta)
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor | None, meta: dict) -> None:
+    """A trained drafter's tensors (and the draft vocabulary's ids) with its metadata, written whole."""
     if vocab_ids is not None:
-        tensors["vocab_ids"] = vocab_ids
+        tensors = {**tensors, "vocab_ids": vocab_ids}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
