@@ -104,7 +104,7 @@ def test_summary_speedup_is_tokens_per_second_over_plain_and_steps_count_decode_
     (["--methods", "draft_model"], "method draft_model needs --draft-model"),
     (["--methods", "ngram", "--draft-model", "x"], "belong to method draft_model"),
     (["--draft-model", "no/such/model"], "'no/such/model' is neither a known alias"),
-    (["--methods", "eagle"], "method 'eagle' is not one of"),
+    (["--methods", "hydra"], "method 'hydra' is not one of"),
     (["--num-speculative-tokens", "99"], "num_speculative_tokens must be an integer in"),
     (["--workloads", "chat,poems"], "unknown: poems"),
     (["--batch-sizes", "0,4"], "--batch-sizes values must be >= 1"),

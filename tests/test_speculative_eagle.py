@@ -250,3 +250,26 @@ def test_spec_train_eagle_refuses_bad_options_in_one_line(args, message, tiny_qw
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x.eagle.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_real_model_greedy_output_is_identical_with_eagle_drafts(tmp_path):
+    """SmolLM2 (its Q4_1 weights, the C++ kernels) with a draft layer trained for 2 epochs on its answers to 16
+    ShareGPT questions: the same tokens as plain decoding at batch 1, with drafts kept."""
+    from nimblelm import corpora
+    from nimblelm.bench import datasets
+
+    path = tmp_path / "smollm2.eagle.safetensors"
+    assert main(["spec", "train", "--method", "eagle", "--model", "smollm2-135m", "--prompts", "16",
+                 "--max-new-tokens", "64", "--epochs", "2", "--threads", "1", "--output", str(path)]) == 0
+    plain = LLM("smollm2-135m", max_model_len=1024)
+    spec = LLM("smollm2-135m", max_model_len=1024, speculative_config={
+        "method": "eagle", "num_speculative_tokens": 3, "model": str(path)})
+    spec.llm_engine.runner.step_cost = None  # every draft verified
+    pairs = corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path()))
+    params = SamplingParams(temperature=0, max_tokens=48)
+    for request in datasets.chat_requests(pairs, plain.tokenizer, 3, seed=0):  # batch 1: only the drafts differ
+        ref = plain.generate([list(request.prompt_token_ids)], params, use_tqdm=False)[0].outputs[0]
+        out = spec.generate([list(request.prompt_token_ids)], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == ref.token_ids and out.text == ref.text
+    assert spec.llm_engine.stats().spec.num_accepted_tokens > 0
