@@ -68,3 +68,25 @@ def test_lookahead_sampling_is_reproducible_by_seed(tiny_qwen):
     params = SamplingParams(temperature=0.9, max_tokens=32, seed=11, ignore_eos=True)
     first, again = (llm.generate(PROMPTS, params, use_tqdm=False) for _ in range(2))
     assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
+
+
+@pytest.mark.integration
+def test_real_model_greedy_output_is_identical_with_lookahead_trees():
+    """SmolLM2 with every node of each step's tree verified (window and pooled n-grams as branches): the same
+    tokens as plain decoding at batch 1, with drafts kept off the primary chain too."""
+    plain = LLM("smollm2-135m", max_model_len=1024)
+    spec = LLM("smollm2-135m", max_model_len=1024,
+               speculative_config={"method": "lookahead", "num_speculative_tokens": 4})
+    runner = spec.llm_engine.runner
+    runner.step_cost = None  # every node verified
+    off_chain = []
+    keep = runner._keep_branch
+    runner._keep_branch = lambda layout, path: (
+        off_chain.append(bool(path) and path[-1] >= layout.tree.chain_length()), keep(layout, path))
+    params = SamplingParams(temperature=0, max_tokens=96)
+    for q in ["List the planets of the solar system, one per line.", "Explain what a hash table is."]:
+        prompt = plain.apply_chat_template([{"role": "user", "content": q}])
+        ref = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        out = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == ref.token_ids and out.text == ref.text
+    assert spec.llm_engine.stats().spec.num_accepted_tokens > 0 and any(off_chain)
