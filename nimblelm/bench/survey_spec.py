@@ -8,6 +8,12 @@ plain decoding's. The backends, in the same run and on the same weights: nimblel
 assisted generation (`assistant_model=`, `prompt_lookup_num_tokens=`) against its own `generate`; llama.cpp's
 server with the draft model and with its n-gram modes against its plain decoding.
 
+Plain decoding runs in turn with each method, request by request, the first of the two rotating: a shared
+machine's speed drifts (on the 2-core guest of 2026-12-04, the same plain engine decoded HumanEval at 47.9
+and at 65.7 tokens/s in runs minutes apart, nothing else running in the guest), which a method measured
+minutes after plain decoding would read as its own speedup. nimblelm keeps its plain engine up beside
+each method's; llama.cpp runs one server per mode, transformers one model for all its modes.
+
 Under load: for each batch size b, b ShareGPT chat requests at once (nimblelm only; its max_num_seqs is the
 largest b): output tokens/s of each method over plain decoding's, speculation inside continuous batching.
 And for each request rate, 2 x num_prompts more of them arriving at Poisson times: output tokens/s and mean
@@ -77,86 +83,115 @@ class _DraftClock:
             self.seconds += time.perf_counter() - t0
 
 
-def _arriving(llm, requests: Sequence[BenchRequest], rate: float, seed: int, params) -> dict:
-    """The requests sent to the engine at Poisson arrival times of the rate: the run's seconds, output tokens,
-    each request's tokens and its latency from arrival to its last token."""
-    from nimblelm.bench.arrivals import arrival_times
+class _Engine:
+    """One nimblelm engine with speculative_config=config, warmed up: batch-1 requests, batches at once and
+    Poisson arrivals, each measured alone; and the engine's measured costs."""
 
-    engine = llm.llm_engine
-    times = arrival_times(len(requests), rate, seed=seed)
-    done: dict[int, tuple[list[int], float]] = {}
-    sent, t0 = 0, time.perf_counter()
-    while len(done) < len(requests):
-        now = time.perf_counter() - t0
-        while sent < len(requests) and times[sent] <= now:
-            engine.add_request(f"arrival-{sent}", list(requests[sent].prompt_token_ids), params(requests[sent]))
-            sent += 1
-        if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, times[sent] - now))
-            continue
-        for out in engine.step():
-            if out.finished:
-                i = int(out.request_id.removeprefix("arrival-"))
-                done[i] = (list(out.outputs[0].token_ids), time.perf_counter() - t0 - times[i])
-    tokens = [done[i][0] for i in range(len(requests))]
-    return {"seconds": time.perf_counter() - t0, "output_tokens": sum(map(len, tokens)), "tokens": tokens,
-            "latencies": [done[i][1] for i in range(len(requests))]}
+    def __init__(self, ctx: BenchContext, config: dict | None, max_num_seqs: int, warm: BenchRequest,
+                 warm_batch: int):
+        from nimblelm import LLM, SamplingParams
 
+        self.config = config
+        self.llm = LLM(model=ctx.model, dtype=ctx.dtype, max_model_len=ctx.max_model_len, max_num_seqs=max_num_seqs,
+                       num_threads=ctx.threads, quantization=ctx.quantization, kv_cache_dtype=ctx.kv_cache_dtype,
+                       speculative_config=config)
+        self.runner = self.llm.llm_engine.runner
+        self.clock = _DraftClock(self.runner.proposer) if self.runner.proposer is not None else None
+        self.seed = ctx.seed
+        self.llm.generate([list(warm.prompt_token_ids)], self.params(warm), use_tqdm=False)
+        if warm_batch > 1:  # the first steps of the largest batch pay one-off costs (its KV blocks' first touch)
+            self.llm.generate([ctx.prompt(warm.prompt_len, 20_000 + i) for i in range(warm_batch)],
+                              SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
 
-def _nimblelm(ctx: BenchContext, config: dict | None, workloads: dict[str, list[BenchRequest]],
-              load_sets: dict[int, list[BenchRequest]], rate_sets: dict[float, list[BenchRequest]],
-              max_num_seqs: int, warm: BenchRequest) -> tuple[dict, dict, dict, dict]:
-    """One engine with speculative_config=config: (batch-1 records per workload, load records per batch size,
-    records per request rate, the engine's measured costs: seconds of a decode step by rows, as its draft
-    budget sees them)."""
-    from nimblelm import LLM, SamplingParams
+    @staticmethod
+    def params(r: BenchRequest):
+        from nimblelm import SamplingParams
 
-    llm = LLM(model=ctx.model, dtype=ctx.dtype, max_model_len=ctx.max_model_len, max_num_seqs=max_num_seqs,
-              num_threads=ctx.threads, quantization=ctx.quantization, kv_cache_dtype=ctx.kv_cache_dtype,
-              speculative_config=config)
-    try:
-        def params(r: BenchRequest):
-            return SamplingParams(temperature=0.0, max_tokens=r.output_len)
+        return SamplingParams(temperature=0.0, max_tokens=r.output_len)
 
-        runner = llm.llm_engine.runner
-        clock = _DraftClock(runner.proposer) if runner.proposer is not None else None
-        llm.generate([list(warm.prompt_token_ids)], params(warm), use_tqdm=False)
-        batch1 = {}
-        for name, requests in workloads.items():
-            records = []
-            for r in requests:
-                drafting = clock.seconds if clock else 0.0
-                t0 = time.perf_counter()
-                out = llm.generate([list(r.prompt_token_ids)], params(r), use_tqdm=False)[0]
-                seconds = time.perf_counter() - t0
-                spec = out.metrics.spec
-                if config is None:
-                    records.append(_record(out.outputs[0].token_ids, seconds))
-                else:  # a request that never took drafts has no spec stats
-                    records.append(_record(out.outputs[0].token_ids, seconds, spec.num_accepted_tokens if spec else 0,
-                                           spec.num_draft_tokens if spec else 0, clock.seconds - drafting))
-            batch1[name] = records
-        load = {}
-        if load_sets:  # the first steps of the largest batch pay one-off costs (its KV blocks' first touch)
-            top = max(load_sets)
-            llm.generate([ctx.prompt(warm.prompt_len, 20_000 + i) for i in range(top)],
-                         SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
-        for b, requests in load_sets.items():
-            t0 = time.perf_counter()
-            outs = llm.generate([list(r.prompt_token_ids) for r in requests], [params(r) for r in requests],
-                                use_tqdm=False)
-            load[b] = {"seconds": time.perf_counter() - t0,
-                       "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-                       "tokens": [list(o.outputs[0].token_ids) for o in outs]}
-        rates = {rate: _arriving(llm, requests, rate, ctx.seed, params) for rate, requests in rate_sets.items()}
-        cost = runner.step_cost
+    def one(self, r: BenchRequest) -> dict:
+        drafting = self.clock.seconds if self.clock else 0.0
+        t0 = time.perf_counter()
+        out = self.llm.generate([list(r.prompt_token_ids)], self.params(r), use_tqdm=False)[0]
+        seconds = time.perf_counter() - t0
+        if self.config is None:
+            return _record(out.outputs[0].token_ids, seconds)
+        spec = out.metrics.spec  # a request that never took drafts has no spec stats
+        return _record(out.outputs[0].token_ids, seconds, spec.num_accepted_tokens if spec else 0,
+                       spec.num_draft_tokens if spec else 0, self.clock.seconds - drafting)
+
+    def at_once(self, requests: Sequence[BenchRequest]) -> dict:
+        t0 = time.perf_counter()
+        outs = self.llm.generate([list(r.prompt_token_ids) for r in requests], [self.params(r) for r in requests],
+                                 use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        return {"seconds": time.perf_counter() - t0, "output_tokens": sum(map(len, tokens)), "tokens": tokens}
+
+    def arriving(self, requests: Sequence[BenchRequest], rate: float) -> dict:
+        """The requests sent at Poisson arrival times of the rate: the run's seconds, output tokens, each
+        request's tokens and its latency from arrival to its last token."""
+        from nimblelm.bench.arrivals import arrival_times
+
+        engine = self.llm.llm_engine
+        times = arrival_times(len(requests), rate, seed=self.seed)
+        done: dict[int, tuple[list[int], float]] = {}
+        sent, t0 = 0, time.perf_counter()
+        while len(done) < len(requests):
+            now = time.perf_counter() - t0
+            while sent < len(requests) and times[sent] <= now:
+                engine.add_request(f"arrival-{sent}", list(requests[sent].prompt_token_ids), self.params(requests[sent]))
+                sent += 1
+            if not engine.has_unfinished_requests():
+                time.sleep(max(0.0, times[sent] - now))
+                continue
+            for out in engine.step():
+                if out.finished:
+                    i = int(out.request_id.removeprefix("arrival-"))
+                    done[i] = (list(out.outputs[0].token_ids), time.perf_counter() - t0 - times[i])
+        tokens = [done[i][0] for i in range(len(requests))]
+        return {"seconds": time.perf_counter() - t0, "output_tokens": sum(map(len, tokens)), "tokens": tokens,
+                "latencies": [done[i][1] for i in range(len(requests))]}
+
+    def costs(self) -> dict:
+        """The seconds of a decode step by rows, as the draft budget sees them, and what trained heads cost."""
+        cost = self.runner.step_cost
         costs = {"decode_step_s_by_rows": dict(zip(cost.rows, cost.seconds))} if cost is not None else {}
-        if config is not None and config["method"] in TRAINED:  # what the heads it drafted with cost to train
-            costs["heads"] = runner.proposer.meta
-        return batch1, load, rates, costs
-    finally:
-        del llm
+        if self.config is not None and self.config["method"] in TRAINED:
+            costs["heads"] = self.runner.proposer.meta
+        return costs
+
+    def close(self) -> None:
+        del self.llm, self.runner, self.clock
         gc.collect()
+
+
+def _in_turn(runs: dict[str, Callable], items: Sequence) -> dict[str, list]:
+    """Every item run by each of runs in turn, the first run of the turn rotating from item to item: the
+    machine's speed drifts over minutes (other guests share its memory bandwidth), which a method measured
+    after another would read as its own speed."""
+    names = list(runs)
+    out: dict[str, list] = {name: [] for name in names}
+    for i, item in enumerate(items):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            out[name].append(runs[name](item))
+    return out
+
+
+def _beside(plain: _Engine, engine: _Engine, workloads: dict[str, list[BenchRequest]],
+            load_sets: dict[int, list[BenchRequest]], rate_sets: dict[float, list[BenchRequest]]) -> dict[str, dict]:
+    """The method's engine and the plain one in turn on every batch-1 request, batch and arrival run:
+    {"method" | "plain": {"batch1": records per workload, "load": run per batch size, "rates": run per rate}}."""
+    runs = {"method": engine, "plain": plain}
+    out = {name: {"batch1": {}, "load": {}, "rates": {}} for name in runs}
+    for workload, requests in workloads.items():
+        for name, records in _in_turn({n: e.one for n, e in runs.items()}, requests).items():
+            out[name]["batch1"][workload] = records
+    for name, by_b in _in_turn({n: e.at_once for n, e in runs.items()}, list(load_sets.values())).items():
+        out[name]["load"] = dict(zip(load_sets, by_b))
+    arrivals = {n: (lambda item, e=e: e.arriving(*item)) for n, e in runs.items()}
+    for name, by_rate in _in_turn(arrivals, [(rs, rate) for rate, rs in rate_sets.items()]).items():
+        out[name]["rates"] = dict(zip(rate_sets, by_rate))
+    return out
 
 
 def _transformers(ctx: BenchContext, draft: BenchContext | None, k: int, lookup_max: int,
@@ -187,10 +222,13 @@ def _transformers(ctx: BenchContext, draft: BenchContext | None, k: int, lookup_
                                  pad_token_id=eos[0], **extra)
         return _record(gen[0, ids.shape[1]:].tolist(), time.perf_counter() - t0)
 
-    out: dict[str, dict] = {}
-    for mode, extra in modes.items():
-        generate(warm, extra)
-        out[mode] = {name: [generate(r, extra) for r in requests] for name, requests in workloads.items()}
+    runs = {mode: (lambda r, extra=extra: generate(r, extra)) for mode, extra in modes.items()}
+    for run in runs.values():
+        run(warm)
+    out: dict[str, dict] = {mode: {} for mode in modes}
+    for name, requests in workloads.items():
+        for mode, records in _in_turn(runs, requests).items():
+            out[mode][name] = records
     info = {"version": transformers.__version__, "weights": f"{ctx.dtype} (the nimblelm loader's tensors)",
             "prompt lookup": f"prompt_lookup_num_tokens={k}, max_matching_ngram_size={lookup_max}"}
     if draft is not None:  # assisted generation with its own defaults for how many tokens to draft
@@ -203,13 +241,11 @@ def _transformers(ctx: BenchContext, draft: BenchContext | None, k: int, lookup_
 
 def _llamacpp(ctx: BenchContext, draft: BenchContext | None, k: int, workloads: dict[str, list[BenchRequest]],
               warm: BenchRequest) -> tuple[dict[str, dict], dict]:
-    """Batch-1 records per mode and workload from llama-server (one slot): plain, each n-gram mode, and the
-    draft model (--spec-draft-n-max k); and the peer's info."""
+    """Batch-1 records per mode and workload from llama-server (one slot, one server per mode, asked in
+    turn): plain, each n-gram mode, and the draft model (--spec-draft-n-max k); and the peer's info."""
     from nimblelm.bench.llamacpp import LlamaCppBackend
 
-    target = LlamaCppBackend(ctx)
-    target.check()
-    target.load()
+    LlamaCppBackend(ctx).check()
     t = str(ctx.threads)
     modes = {"plain": [], **{m: ["--spec-type", m] for m in LLAMACPP_NGRAM_MODES}}
     if draft is not None:
@@ -218,30 +254,34 @@ def _llamacpp(ctx: BenchContext, draft: BenchContext | None, k: int, workloads: 
         # -md alone loads the drafter but drafts nothing: the type turns it on
         modes["draft model"] = ["--spec-type", "draft-simple", "-md", str(drafter.gguf), "--spec-draft-n-max", str(k),
                                 "-td", t, "-tbd", t]
-    out: dict[str, dict] = {}
+    servers = {mode: LlamaCppBackend(ctx) for mode in modes}  # one server per mode, all up: asked in turn
     try:
-        for mode, args in modes.items():
-            target.stop_server()
-            target.server_args = args
-            target.start_server(1)
-            target.complete(warm)
-            out[mode] = {}
-            for name, requests in workloads.items():
-                records = []
-                for r in requests:
-                    t0 = time.perf_counter()
-                    resp = target.complete(r, ignore_eos=False)
-                    seconds = time.perf_counter() - t0
-                    if mode == "plain":
-                        records.append(_record(resp.get("tokens") or [], seconds))
-                        continue
-                    timings = resp.get("timings") or {}  # without draft_n where no drafts were made
-                    records.append(_record(resp.get("tokens") or [], seconds, timings.get("draft_n_accepted", 0),
-                                           timings.get("draft_n", 0)))
+        for mode, server in servers.items():
+            server.load()
+            server.server_args = modes[mode]
+            server.start_server(1)
+            server.complete(warm)
+
+        def run(mode: str):
+            def one(r: BenchRequest) -> dict:
+                t0 = time.perf_counter()
+                resp = servers[mode].complete(r, ignore_eos=False)
+                seconds = time.perf_counter() - t0
+                if mode == "plain":
+                    return _record(resp.get("tokens") or [], seconds)
+                timings = resp.get("timings") or {}  # without draft_n where no drafts were made
+                return _record(resp.get("tokens") or [], seconds, timings.get("draft_n_accepted", 0),
+                               timings.get("draft_n", 0))
+            return one
+
+        out: dict[str, dict] = {mode: {} for mode in modes}
+        for name, requests in workloads.items():
+            for mode, records in _in_turn({mode: run(mode) for mode in modes}, requests).items():
                 out[mode][name] = records
-        return out, target.info()
+        return out, servers["plain"].info()
     finally:
-        target.close()
+        for server in servers.values():
+            server.close()
 
 
 def _summary(records: Sequence[dict], plain: Sequence[dict]) -> dict:
@@ -263,22 +303,50 @@ def _summary(records: Sequence[dict], plain: Sequence[dict]) -> dict:
     return row
 
 
-def _rows(backend: str, by_mode: dict[str, dict], plain_mode: str = "plain") -> list[dict]:
+def _rows(backend: str, by_mode: dict[str, dict], beside: dict[str, dict]) -> list[dict]:
+    """Each mode's row per workload, its speedup over the plain records measured beside it (beside[mode]);
+    plain's own row from by_mode["plain"], its identical count against its first run of each request."""
     rows = []
     for mode, by_workload in by_mode.items():
         for workload, records in by_workload.items():
-            summary = _summary(records, by_mode[plain_mode][workload])
-            if mode == plain_mode:
-                summary["tokens_per_step"] = 1.0
+            if mode == "plain":
+                first = next(iter(beside.values()))[workload]
+                summary = {**_summary(records, records), "tokens_per_step": 1.0,
+                           "identical": sum(r["tokens"] == first[i % len(first)]["tokens"] for i, r in enumerate(records))}
+            else:
+                summary = _summary(records, beside[mode][workload])
             rows.append({"backend": backend, "method": mode, "workload": workload, **summary})
     return rows
+
+
+def _pooled(runs: Sequence[dict]) -> dict:
+    """Runs of the same requests as one: seconds and tokens summed, each request's tokens and latencies listed."""
+    out = {"seconds": sum(r["seconds"] for r in runs), "output_tokens": sum(r["output_tokens"] for r in runs),
+           "tokens": [t for r in runs for t in r["tokens"]]}
+    if all("latencies" in r for r in runs):
+        out["latencies"] = [x for r in runs for x in r["latencies"]]
+    return out
+
+
+def _run_row(run: dict, base: dict, reference: dict) -> dict:
+    """A batch or arrival run: output tokens/s, its speedup over base's (and base's mean latency over its
+    own), and how many of its outputs are reference's."""
+    rate = run["output_tokens"] / run["seconds"]
+    row = {"requests": len(run["tokens"]), "output_tokens": run["output_tokens"], "seconds": round(run["seconds"], 3),
+           "tok_s": rate, "speedup": rate / (base["output_tokens"] / base["seconds"]),
+           "identical": sum(a == reference["tokens"][i % len(reference["tokens"])] for i, a in enumerate(run["tokens"]))}
+    if "latencies" in run:
+        row["mean_latency_s"] = statistics.mean(run["latencies"])
+        row["latency_speedup"] = statistics.mean(base["latencies"]) / row["mean_latency_s"]
+    return row
 
 
 def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft: BenchContext | None,
                            workloads: dict[str, list[BenchRequest]], load_sets: dict[int, list[BenchRequest]],
                            rate_sets: dict[float, list[BenchRequest]], backends: Sequence[str],
                            logger: Callable[[str], None]) -> dict:
-    """Every method of every backend; methods: nimblelm's speculative_config per method name."""
+    """Every method of every backend; methods: nimblelm's speculative_config per method name. nimblelm's
+    plain engine stays up and runs beside each method's, in turn, request by request."""
     k = max((c["num_speculative_tokens"] for c in methods.values()), default=4)
     lookup_max = next((c.get("prompt_lookup_max", 3) for c in methods.values() if c["method"] == "ngram"), 3)
     max_num_seqs = max([1, *load_sets])
@@ -286,48 +354,51 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
     # the first prefill of a length pays one-off costs (allocations, kernel set-up) no run should carry.
     longest = max(r.prompt_len for rs in workloads.values() for r in rs)
     warm = BenchRequest(tuple(ctx.prompt(min(256, longest), 10_000)), 8)
+    warm_batch = max(load_sets, default=0)
     statuses: dict[str, dict] = {}
+    measured: dict[str, dict] = {}  # method -> _beside's runs of it and of plain decoding
+    monitor = CpuMonitor()
+    plain = _Engine(ctx, None, max_num_seqs, warm, warm_batch)
+    statuses["nimblelm plain"] = {"status": "ok", "speculative_config": None, "max_num_seqs": max_num_seqs,
+                                  **plain.costs()}
+    try:
+        for method, config in methods.items():
+            logger(f"nimblelm {method} and plain decoding in turn: {sum(map(len, workloads.values()))} requests "
+                   f"at batch 1, then batch sizes {', '.join(map(str, load_sets)) or 'none'}, then request rates "
+                   f"{', '.join(map(str, rate_sets)) or 'none'}")
+            try:
+                engine = _Engine(ctx, config, max_num_seqs, warm, warm_batch)
+                try:
+                    measured[method] = _beside(plain, engine, workloads, load_sets, rate_sets)
+                    costs = engine.costs()
+                finally:
+                    engine.close()
+            except Exception as e:  # noqa: BLE001 - a method that cannot run is reported; the others still run
+                logger(f"nimblelm {method} failed: {one_line(e)}")
+                statuses[f"nimblelm {method}"] = {"status": "failed", "reason": one_line(e)}
+                continue
+            statuses[f"nimblelm {method}"] = {"status": "ok", "speculative_config": config,
+                                              "max_num_seqs": max_num_seqs, **costs}
+    finally:
+        plain.close()
+    statuses["nimblelm"] = {"status": "ok", "other_activity": monitor.stop()}
     rows: list[dict] = []
     load_rows: list[dict] = []
-    records: dict[str, dict] = {}
-    load: dict[str, dict] = {}
-    arrivals: dict[str, dict] = {}
-    monitor = CpuMonitor()
-    for method, config in {"plain": None, **methods}.items():
-        logger(f"nimblelm {method}: {sum(map(len, workloads.values()))} requests at batch 1, then batch sizes "
-               f"{', '.join(map(str, load_sets)) or 'none'}, then request rates {', '.join(map(str, rate_sets)) or 'none'}")
-        try:
-            records[method], load[method], arrivals[method], costs = _nimblelm(
-                ctx, config, workloads, load_sets, rate_sets, max_num_seqs, warm)
-        except Exception as e:  # a method that cannot run is reported; the others still run
-            if method == "plain":
-                raise
-            logger(f"nimblelm {method} failed: {one_line(e)}")
-            statuses[f"nimblelm {method}"] = {"status": "failed", "reason": one_line(e)}
-            continue
-        statuses[f"nimblelm {method}"] = {"status": "ok", "speculative_config": config, "max_num_seqs": max_num_seqs,
-                                          **costs}
-    statuses["nimblelm"] = {"status": "ok", "other_activity": monitor.stop()}
-    rows += _rows("nimblelm", records)
-    for method, by_batch in load.items():
-        for b, run in by_batch.items():
-            base = load["plain"][b]
-            rate = run["output_tokens"] / run["seconds"]
-            load_rows.append({"backend": "nimblelm", "method": method, "batch": b, "output_tokens": run["output_tokens"],
-                              "seconds": round(run["seconds"], 3), "tok_s": rate,
-                              "speedup": rate / (base["output_tokens"] / base["seconds"]),
-                              "identical": sum(a == p for a, p in zip(run["tokens"], base["tokens"])),
-                              "requests": len(run["tokens"])})
-    rate_rows = []
-    for method, by_rate in arrivals.items():
-        for rate, run in by_rate.items():
-            base = arrivals["plain"][rate]
-            latency, base_latency = statistics.mean(run["latencies"]), statistics.mean(base["latencies"])
-            rate_rows.append({"backend": "nimblelm", "method": method, "rate": rate, "requests": len(run["tokens"]),
-                              "output_tokens": run["output_tokens"], "seconds": round(run["seconds"], 3),
-                              "tok_s": run["output_tokens"] / run["seconds"], "mean_latency_s": latency,
-                              "latency_speedup": base_latency / latency,
-                              "identical": sum(a == p for a, p in zip(run["tokens"], base["tokens"]))})
+    rate_rows: list[dict] = []
+    if measured:
+        beside = {m: runs["plain"]["batch1"] for m, runs in measured.items()}
+        by_mode = {"plain": {w: [r for b in beside.values() for r in b[w]] for w in workloads},
+                   **{m: runs["method"]["batch1"] for m, runs in measured.items()}}
+        rows += _rows("nimblelm", by_mode, beside)
+        for kind, out, key in (("load", load_rows, "batch"), ("rates", rate_rows, "rate")):
+            items = load_sets if kind == "load" else rate_sets
+            for item in items:  # plain's row: its runs beside every method as one
+                plains = [runs["plain"][kind][item] for runs in measured.values()]
+                pooled = _pooled(plains)
+                out.append({"backend": "nimblelm", "method": "plain", key: item, **_run_row(pooled, pooled, plains[0])})
+            out += [{"backend": "nimblelm", "method": m, key: item,
+                     **_run_row(runs["method"][kind][item], runs["plain"][kind][item], runs["plain"][kind][item])}
+                    for m, runs in measured.items() for item in items]
     peers = {"transformers": lambda: _transformers(ctx, draft, k, lookup_max, workloads, warm),
              "llama.cpp": lambda: _llamacpp(ctx, draft, k, workloads, warm)}
     for name in backends:
@@ -352,7 +423,7 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
         finally:
             gc.collect()
         statuses[name] = {"status": "ok", **info, "other_activity": monitor.stop()}
-        rows += _rows(name, by_mode)
+        rows += _rows(name, by_mode, {mode: by_mode["plain"] for mode in by_mode})
     return {"results": rows, "load": load_rows, "rates": rate_rows, "backends": statuses}
 
 
@@ -417,7 +488,9 @@ def survey_spec_markdown(report: dict) -> str:
             steps = ", ".join(f"{rows}: {1e3 * sec:.1f}" for rows, sec in s["decode_step_s_by_rows"].items())
             out.append(f"- {name}: decode step milliseconds by rows (measured at start, the draft budget's costs): {steps}")
     out += ["", "## Batch 1", "",
-            ("Speedup: output tokens/s over the same backend's plain decoding of the same requests. Tokens per "
+            ("Speedup: output tokens/s over the same backend's plain decoding of the same requests, the two run "
+             "in turn request by request (the machine's speed drifts over minutes); nimblelm's plain row pools its "
+             "runs beside every method. Tokens per "
             "step: generated tokens / target decode steps (the survey's \"acceptance rate\"). Kept: the share "
             "of draft tokens the target accepted. Drafting: the share of the time nimblelm's proposer took. "
             "Identical: outputs equal to plain decoding's."), "",
@@ -449,7 +522,7 @@ def survey_spec_markdown(report: dict) -> str:
     if report["load"]:
         batches = sorted({r["batch"] for r in report["load"]})
         out += ["", "## Under load: ShareGPT chat, b requests at once (nimblelm)", "",
-                "Output tokens/s, and the speedup over plain decoding at the same batch size.", "",
+                "Output tokens/s, and the speedup over plain decoding at the same batch size, run in turn with it.", "",
                 "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
                 "| --- | " + " | ".join("---:" for _ in batches) + " |"]
         for method in dict.fromkeys(r["method"] for r in report["load"]):
