@@ -1,4 +1,4 @@
-"""`nimblelm generate | chat | serve | quantize | models | spec | bench | eval`: a thin layer over the Python API.
+"""`nimblelm generate | chat | compress-prompt | serve | quantize | models | spec | bench | eval`: a thin layer over the Python API.
 
 Every user error ends as one line on stderr and exit status 1; argparse's own usage errors exit 2.
 """
@@ -118,12 +118,65 @@ def _sampling_params(args):
 def cmd_generate(args) -> int:
     params = _sampling_params(args)  # bad sampling values fail before the model loads
     llm = _make_llm(args)
+    compression = _prompt_compression(args.prompt_compression)
+    if compression is not None and args.chat:
+        raise NimbleLMError("--prompt-compression compresses a plain prompt; leave out --chat")
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    output = llm.generate(prompt, params, use_tqdm=False)[0]
+    output = llm.generate(prompt, params, use_tqdm=False, prompt_compression=compression)[0]
+    if compression is not None:
+        print(_compression_line(output.prompt_compression, compression.method), file=sys.stderr)
     for completion in output.outputs:
         if len(output.outputs) > 1:
             print(f"--- completion {completion.index} ({completion.finish_reason})")
         print(completion.text)
+    return 0
+
+
+def _prompt_compression(options: dict | None):
+    """A PromptCompression from the JSON object of --prompt-compression (its fields by name)."""
+    from nimblelm.errors import InvalidRequestError
+    from nimblelm.prompting import PromptCompression
+
+    if options is None:
+        return None
+    unknown = set(options) - set(PromptCompression.__dataclass_fields__)
+    if unknown:
+        raise InvalidRequestError(f"unknown prompt compression field(s): {', '.join(sorted(unknown))}")
+    if isinstance(options.get("keep"), str):
+        options = {**options, "keep": [options["keep"]]}
+    return PromptCompression(**{k: tuple(v) if k == "keep" else v for k, v in options.items()})
+
+
+def _compression_line(c, method: str) -> str:
+    return (f"prompt compression ({method}): {c.original_tokens} -> {c.compressed_tokens} scorer tokens "
+            f"({c.ratio:.2f}x) in {c.seconds:.2f} s")
+
+
+def cmd_compress_prompt(args) -> int:
+    from pathlib import Path
+
+    from nimblelm.errors import InvalidRequestError
+    from nimblelm.prompting import compress
+    from nimblelm.prompting.scorer import SCORER_MODEL, Scorer
+
+    if (args.prompt is None) == (args.file is None):
+        raise InvalidRequestError("give the prompt or --file PATH (- reads stdin), not both")
+    if args.file == "-":
+        text = sys.stdin.read()
+    elif args.file is not None:
+        try:
+            text = Path(args.file).read_text()
+        except OSError as e:
+            raise InvalidRequestError(f"cannot read --file {args.file}: {e.strerror}") from None
+    else:
+        text = args.prompt
+    config = _prompt_compression({
+        "method": args.method, "rate": args.rate, "target_tokens": args.target_tokens, "keep": args.keep or [],
+        "question": args.question, "unit": args.unit, "segment_tokens": args.segment_tokens, "scorer": args.scorer})
+    scorer = Scorer(config.scorer or SCORER_MODEL, max_model_len=args.scorer_window, num_threads=args.num_threads)
+    out = compress(text, config, scorer)
+    print(out.text)
+    print(_compression_line(out, config.method), file=sys.stderr)
     return 0
 
 
@@ -230,9 +283,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete one prompt and print the result")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--prompt-compression", type=_json_object, default=None,
+                   help='compress the prompt first, as JSON, e.g. \'{"method": "llmlingua", "rate": 0.5}\' '
+                        "(fields of nimblelm.prompting.PromptCompression)")
     _engine_args(p)
     _sampling_args(p, temperature=0.0, max_tokens=128)
     p.set_defaults(func=cmd_generate)
+
+    from nimblelm.prompting.compression import METHODS, UNITS
+    from nimblelm.prompting.scorer import SCORER_MODEL
+
+    p = sub.add_parser("compress-prompt", help="compress a prompt with a small scorer LM; print it and its statistics")
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--file", default=None, help="read the prompt from a file (- for stdin)")
+    p.add_argument("--method", default="llmlingua", choices=METHODS)
+    p.add_argument("--rate", type=float, default=0.5, help="tokens kept / tokens given, in (0, 1]")
+    p.add_argument("--target-tokens", type=int, default=None, help="tokens kept (instead of --rate)")
+    p.add_argument("--keep", action="append", default=None, help="text kept verbatim wherever it occurs (repeatable)")
+    p.add_argument("--question", default=None, help="longllmlingua: what the prompt should answer")
+    p.add_argument("--unit", default="word", choices=UNITS, help="selective_context: what is dropped whole")
+    p.add_argument("--segment-tokens", type=int, default=100, help="llmlingua: tokens per iterative segment")
+    p.add_argument("--scorer", default=None, help=f"the scoring model (default: {SCORER_MODEL})")
+    p.add_argument("--scorer-window", type=int, default=2048, help="the scorer's max_model_len")
+    p.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
+    p.set_defaults(func=cmd_compress_prompt)
 
     p = sub.add_parser("chat", help="interactive chat, streaming tokens as they come")
     p.add_argument("--system", default=None, help="system prompt")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -12,7 +13,11 @@ from nimblelm.engine.llm_engine import LLMEngine, Prompt
 from nimblelm.errors import InvalidRequestError
 from nimblelm.models.registry import DEFAULT_MODEL
 from nimblelm.outputs import RequestOutput
+from nimblelm.prompting.compression import CompressedPrompt, PromptCompression
 from nimblelm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nimblelm.prompting.scorer import Scorer
 
 Message = dict[str, str]
 
@@ -24,6 +29,7 @@ class LLM:
             raise InvalidRequestError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
         self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
+        self._scorers: dict[str, Scorer] = {}
 
     @property
     def tokenizer(self):
@@ -45,11 +51,16 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        prompt_compression: PromptCompression | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of the prompts."""
+        """Run every prompt to completion; outputs come back in the order of the prompts. With
+        prompt_compression, each text prompt is compressed first (RequestOutput.prompt_compression says how)."""
         if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt: a string, a token-id list, a dict (or something invalid)
         prompts = list(prompts)
+        compressed = self._compress(prompts, prompt_compression) if prompt_compression is not None else None
+        if compressed is not None:
+            prompts = [c.text for c in compressed]
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -60,10 +71,27 @@ class LLM:
         try:
             for request_id, prompt, p in zip(ids, prompts, params):
                 engine.add_request(request_id, prompt, p)
-            return self._run(ids, use_tqdm)
+            outputs = self._run(ids, use_tqdm)
         finally:
             for request_id in ids:  # whatever an error left behind must not stay in the engine
                 engine.abort_request(request_id)
+        for output, c in zip(outputs, compressed or ()):
+            output.prompt_compression = c
+        return outputs
+
+    def _compress(self, prompts: list, config: PromptCompression) -> list[CompressedPrompt]:
+        from nimblelm.prompting import compress
+        from nimblelm.prompting.scorer import SCORER_MODEL, Scorer
+
+        if not isinstance(config, PromptCompression):
+            raise InvalidRequestError("prompt_compression takes a nimblelm.prompting.PromptCompression")
+        if not all(isinstance(p, str) for p in prompts):
+            raise InvalidRequestError("prompt compression needs text prompts (it keeps the prompt's own text)")
+        name = config.scorer or SCORER_MODEL
+        if name not in self._scorers:  # the engine's own model scores in the engine itself
+            self._scorers[name] = (Scorer(llm=self) if name == self.llm_engine.config.model else
+                                   Scorer(name, num_threads=self.llm_engine.config.num_threads))
+        return [compress(p, config, self._scorers[name]) for p in prompts]
 
     def chat(
         self,

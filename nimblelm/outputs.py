@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nimblelm.prompting.compression import CompressedPrompt
 
 
 @dataclass
@@ -76,3 +80,5 @@ class RequestOutput:
     # the first token, which nothing predicts.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     metrics: RequestMetrics = field(repr=False, default=None)  # type: ignore[assignment]
+    # With prompt compression (LLM.generate's prompt_compression): the prompt sent, its tokens before and after.
+    prompt_compression: CompressedPrompt | None = None

@@ -1,0 +1,5 @@
+"""The data level: prompt compression (`compression.py`, scored by `scorer.py`)."""
+
+from nimblelm.prompting.compression import CompressedPrompt, PromptCompression, compress
+
+__all__ = ["CompressedPrompt", "PromptCompression", "compress"]

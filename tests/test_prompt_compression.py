@@ -1,0 +1,250 @@
+"""Prompt compression (nimblelm/prompting): each method on a tiny model against a slow reference of its rule,
+scored by transformers on the same weights; kept text round-trips; budgets; errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import pytest
+import torch
+
+from nimblelm.errors import InvalidRequestError
+from nimblelm.prompting import PromptCompression, compress
+from nimblelm.prompting.scorer import Scorer
+
+PARAGRAPHS = [
+    "The harbor town kept its lighthouse lit through every winter storm.",
+    "Fishermen traded cod and herring at the market each morning before dawn.",
+    "A railway reached the town in 1881, and tourists came with it.",
+    "The old lighthouse keeper, Maren, wrote down the weather twice a day.",
+]
+PROMPT = "\n\n".join(PARAGRAPHS) + "\n\nQuestion: who kept the weather log?"
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_llama):
+    return Scorer(str(tiny_llama), max_model_len=256)
+
+
+class OracleScorer:
+    """The reference's scores: transformers' model on the same weights, one sequence at a time."""
+
+    def __init__(self, model: str, window: int):
+        from nimblelm.bench.backends import hf_model_from
+        from nimblelm.models.loader import load_model
+
+        lm = load_model(model)
+        self.model = hf_model_from(lm.config, lm.weights, "float32")
+        self.tokenizer = lm.tokenizer
+        self.window = window
+
+    def tokenize(self, text):
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
+
+    def surprisal(self, context, tokens):
+        ids = list(context) + list(tokens)
+        with torch.inference_mode():
+            logp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].double(), -1)
+        return [math.inf if i == 0 else -logp[i - 1, ids[i]].item() for i in range(len(context), len(ids))]
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_llama):
+    return OracleScorer(str(tiny_llama), 256)
+
+
+def _owned(text, starts):
+    bounds = [0, *starts[1:], len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def reference_selective_context(text, rate, oracle):
+    ids, starts = oracle.tokenize(text)
+    s, owned = oracle.surprisal([], ids), _owned(text, starts)
+    words = []
+    for i, piece in enumerate(owned):
+        if i == 0 or piece[:1].isspace():
+            words.append([])
+        words[-1].append(i)
+    keep, budget = set(range(len(ids))), math.ceil(rate * len(ids))
+    for word in sorted(words, key=lambda w: (sum(s[i] for i in w), w[0])):
+        if len(keep) <= budget:
+            break
+        if all(math.isfinite(s[i]) for i in word):
+            keep -= set(word)
+    return "".join(owned[i] for i in sorted(keep))
+
+
+def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_factor=2.0):
+    ids, starts = oracle.tokenize(text)
+    owned = _owned(text, starts)
+    budget = math.ceil(rate * len(ids))
+    # coarse: paragraphs (ending after blank lines) by their perplexity (or the question's surprisal given
+    # them), kept up to 2x budget
+    breaks = [m.end() for m in re.finditer(r"\n\s*\n", text)]
+    paragraphs = [[]]
+    for i in range(len(ids)):
+        start = 0 if i == 0 else starts[i]
+        if i and any(starts[i - 1] < b <= start for b in breaks):
+            paragraphs.append([])
+        paragraphs[-1].append(i)
+    order = list(range(len(ids)))
+    if len(ids) > coarse_factor * budget:
+        if question:
+            q = oracle.tokenize(question)[0]
+            rank = [sum(oracle.surprisal([ids[i] for i in p], q)) / len(q) for p in paragraphs]
+        else:
+            rank = []
+            for p in paragraphs:
+                r = oracle.surprisal([], [ids[i] for i in p])
+                rank.append(-sum(r[1:]) / max(1, len(r) - 1))
+        kept, total = [], 0
+        for j in sorted(range(len(paragraphs)), key=lambda j: (rank[j], j)):
+            if total + len(paragraphs[j]) <= coarse_factor * budget or not kept:
+                kept += paragraphs[j]
+                total += len(paragraphs[j])
+        order = sorted(kept)
+    if budget >= len(order):
+        return "".join(owned[i] for i in order)
+    q = oracle.tokenize(question)[0] if question else []
+    out, seen = [], 0
+    for a in range(0, len(order), segment):
+        seg = order[a:a + segment]
+        context = [ids[i] for i in out]
+        plain = oracle.surprisal(context, [ids[i] for i in seg])
+        if q:
+            asked = oracle.surprisal(q + context, [ids[i] for i in seg])
+            plain = [x - y if math.isfinite(x) else math.inf for x, y in zip(plain, asked)]
+        seen += len(seg)
+        k = round(budget * seen / len(order)) - len(out)
+        best = sorted(range(len(seg)), key=lambda j: (-plain[j], j))[:max(0, k)]
+        out += [seg[j] for j in sorted(best)]
+    return "".join(owned[i] for i in out)
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.5, 0.8])
+def test_selective_context_matches_the_reference(scorer, oracle, rate):
+    got = compress(PROMPT, PromptCompression(method="selective_context", rate=rate), scorer)
+    assert got.text == reference_selective_context(PROMPT, rate, oracle)
+    assert got.compressed_tokens <= math.ceil(rate * got.original_tokens)
+
+
+@pytest.mark.parametrize("rate, segment", [(0.5, 16), (0.3, 7), (0.2, 100)])
+def test_llmlingua_matches_the_reference(scorer, oracle, rate, segment):
+    got = compress(PROMPT, PromptCompression(method="llmlingua", rate=rate, segment_tokens=segment), scorer)
+    assert got.text == reference_llmlingua(PROMPT, rate, oracle, segment)
+    assert got.compressed_tokens == math.ceil(rate * got.original_tokens) or rate == 0.2
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.25])
+def test_longllmlingua_matches_the_reference(scorer, oracle, rate):
+    question = "who kept the weather log?"
+    config = PromptCompression(method="longllmlingua", rate=rate, segment_tokens=12, question=question)
+    got = compress(PROMPT, config, scorer)
+    assert got.text == reference_llmlingua(PROMPT, rate, oracle, 12, question=question)
+
+
+def test_the_coarse_stage_keeps_whole_paragraphs(scorer):
+    """At a budget whose double holds some paragraphs but not all, the coarse stage keeps whole ones."""
+    from nimblelm.prompting.compression import _coarse, _Prompt
+
+    ids, starts = scorer.tokenize(PROMPT)
+    p = _Prompt(PROMPT, ids, starts, ())
+    kept = set(_coarse(p, PromptCompression(rate=0.2), scorer, budget=math.ceil(0.2 * len(p))))
+    paragraphs = {}
+    for i in range(len(p)):
+        paragraphs.setdefault(p.paragraph[i], set()).add(i)
+    assert len(paragraphs) == 5
+    whole = [j for j, tokens in paragraphs.items() if tokens <= kept]
+    assert 1 <= len(whole) < 5 and kept == set().union(*(paragraphs[j] for j in whole))
+    assert len(kept) <= 2 * math.ceil(0.2 * len(p))
+
+
+@pytest.mark.parametrize("method", ["selective_context", "llmlingua", "longllmlingua"])
+def test_rate_one_gives_the_prompt_back_and_kept_spans_survive(scorer, method):
+    question = "who kept the weather log?"
+    whole = compress(PROMPT, PromptCompression(method=method, rate=1.0, question=question), scorer)
+    assert whole.text == PROMPT and whole.ratio == 1.0
+    keep = ("Question: who kept the weather log?", "in 1881")
+    got = compress(PROMPT, PromptCompression(method=method, rate=0.3, keep=keep, question=question,
+                                             segment_tokens=10), scorer)
+    assert all(k in got.text for k in keep)
+    assert got.compressed_tokens < whole.compressed_tokens
+    # what is kept is the prompt's own text: a subsequence of its characters
+    it = iter(PROMPT)
+    assert all(c in it for c in got.text)
+
+
+def test_target_tokens_and_an_empty_prompt(scorer):
+    # 2 x 10 tokens hold no paragraph: the first ranked one stays, and token pruning cuts it to 10
+    got = compress(PROMPT, PromptCompression(method="llmlingua", rate=None, target_tokens=10), scorer)
+    assert got.compressed_tokens == 10 and got.text.strip()
+    empty = compress("", PromptCompression(), scorer)
+    assert empty.text == "" and empty.original_tokens == 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "gist"}, "is not one of selective_context, llmlingua, longllmlingua"),
+    ({"rate": 0}, "rate must be in (0, 1]"),
+    ({"rate": 1.5}, "rate must be in (0, 1]"),
+    ({"target_tokens": 0}, "target_tokens must be >= 1"),
+    ({"unit": "phrase"}, "unit 'phrase' is not one of token, word, sentence"),
+    ({"method": "longllmlingua"}, "needs the question"),
+])
+def test_impossible_options_are_one_clear_error(options, message):
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PromptCompression(**options)
+
+
+def test_generate_compresses_text_prompts_with_the_engine_as_its_own_scorer(tiny_llama):
+    from nimblelm import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama), max_model_len=256)
+    config = PromptCompression(method="selective_context", rate=0.5, scorer=str(tiny_llama))
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False, prompt_compression=config)[0]
+    c = out.prompt_compression
+    assert c.original_tokens > c.compressed_tokens and out.prompt == c.text
+    assert out.prompt_token_ids == llm.tokenizer.encode(c.text)
+    assert llm._scorers[str(tiny_llama)].llm is llm
+    with pytest.raises(InvalidRequestError, match="needs text prompts"):
+        llm.generate([[1, 2, 3]], prompt_compression=config)
+
+
+def test_compress_prompt_prints_the_prompt_and_its_statistics(tiny_llama, tmp_path, capsys):
+    from nimblelm.cli import main
+
+    path = tmp_path / "prompt.txt"
+    path.write_text(PROMPT)
+    assert main(["compress-prompt", "--file", str(path), "--scorer", str(tiny_llama), "--scorer-window", "256",
+                 "--rate", "0.5", "--keep", "Question:", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "Question:" in out and len(out) < len(PROMPT)
+    assert err.startswith("prompt compression (llmlingua): ") and " scorer tokens (" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rate", "2", "x"], "rate must be in (0, 1]"),
+    (["--file", "/no/such/file"], "cannot read --file /no/such/file"),
+    ([], "give the prompt or --file PATH"),
+    (["--method", "longllmlingua", "x"], "needs the question"),
+])
+def test_compress_prompt_errors_are_one_line(argv, message, capsys):
+    from nimblelm.cli import main
+
+    assert main(["compress-prompt", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_generate_with_prompt_compression_says_what_it_kept(tiny_llama, capsys):
+    from nimblelm.cli import main
+
+    config = f'{{"method": "selective_context", "rate": 0.4, "scorer": "{tiny_llama}", "keep": "Question:"}}'
+    assert main(["generate", "--model", str(tiny_llama), "--max-model-len", "256", "--max-tokens", "3",
+                 "--threads", "1", "--prompt-compression", config, PROMPT]) == 0
+    assert "prompt compression (selective_context): " in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_llama), "--prompt-compression", '{"ratio": 2}', "x"]) == 1
+    assert "unknown prompt compression field(s): ratio" in capsys.readouterr().err
