@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", default="word", choices=UNITS, help="selective_context: what is dropped whole")
     p.add_argument("--segment-tokens", type=int, default=100, help="llmlingua: tokens per iterative segment")
     p.add_argument("--scorer", default=None, help=f"the scoring model (default: {SCORER_MODEL})")
-    p.add_argument("--scorer-window", type=int, default=2048, help="the scorer's max_model_len")
+    p.add_argument("--scorer-window", type=int, default=None, help="the scorer's max_model_len (default: its context)")
     p.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
     p.set_defaults(func=cmd_compress_prompt)
 

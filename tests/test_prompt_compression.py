@@ -248,3 +248,42 @@ def test_generate_with_prompt_compression_says_what_it_kept(tiny_llama, capsys):
     assert "prompt compression (selective_context): " in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_llama), "--prompt-compression", '{"ratio": 2}', "x"]) == 1
     assert "unknown prompt compression field(s): ratio" in capsys.readouterr().err
+
+
+def test_the_server_compresses_prompts_asked_to_and_says_so_in_usage(tiny_server, tiny_qwen, tiny_llm):
+    """`prompt_compression` through the openai client's extra_body: the answer is the engine's answer to
+    the prompt compressed as compress() compresses it with the same scorer."""
+    import openai
+
+    from nimblelm import SamplingParams
+
+    client = openai.OpenAI(base_url=tiny_server.base_url, api_key="unused", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    prompt = PARAGRAPHS[0] + " " + PARAGRAPHS[1]
+    options = {"method": "selective_context", "rate": 0.5}
+    got = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"prompt_compression": options})
+    short = compress(prompt, PromptCompression(**options), Scorer(str(tiny_qwen), max_model_len=128)).text
+    expected = tiny_llm.generate(short, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    assert got.choices[0].text == expected.outputs[0].text
+    assert got.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert got.usage.prompt_tokens_before_compression == len(tiny_llm.tokenizer.encode(prompt))
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0,
+                                          extra_body={"prompt_compression": options})
+    assert chat.usage.prompt_tokens < chat.usage.prompt_tokens_before_compression
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=1)
+    assert "prompt_tokens_before_compression" not in plain.usage.model_dump(exclude_unset=True)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": "x y z", "prompt_compression": {"method": "gist"}}, "is not one of"),
+    ({"prompt": "x y z", "prompt_compression": {"rate": 3}}, "rate must be in (0, 1]"),
+    ({"prompt": [1, 2, 3], "prompt_compression": {}}, "needs text prompts"),
+    ({"prompt": "x y z", "prompt_compression": {"method": "longllmlingua"}}, "needs the question"),
+])
+def test_the_servers_prompt_compression_errors_are_clear_400s(tiny_server, body, message):
+    import httpx2 as httpx
+
+    r = httpx.post(f"{tiny_server.base_url}/completions", json={"max_tokens": 2, **body}, timeout=60)
+    assert r.status_code == 400 and message in r.json()["error"]["message"]

@@ -15,9 +15,9 @@ SCORER_MODEL = DEFAULT_MODEL
 
 
 class Scorer:
-    def __init__(self, model: str = SCORER_MODEL, *, max_model_len: int = 2048, num_threads: int | None = None,
+    def __init__(self, model: str = SCORER_MODEL, *, max_model_len: int | None = None, num_threads: int | None = None,
                  llm=None):
-        """Loads `model`, or scores through an `llm` already loaded."""
+        """Loads `model` (its whole context the window by default), or scores through an `llm` already loaded."""
         if llm is None:
             from nimblelm import LLM
 

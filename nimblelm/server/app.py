@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from nimblelm.engine.llm_engine import LLMEngine
+from nimblelm.prompting.scorer import SCORER_MODEL
 from nimblelm.server import errors
 from nimblelm.server.async_engine import AsyncEngine, EngineThread
 from nimblelm.server.errors import APIError
@@ -53,6 +54,7 @@ class ServerSettings:
     max_request_bytes: int = 4 << 20
     max_waiting_requests: int = 256
     shutdown_timeout: float = 10.0
+    prompt_compression_scorer: str = SCORER_MODEL  # the model requests' prompt_compression scores with
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[], None] | None = None,
@@ -60,7 +62,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[]
     """`engine_thread`: the thread that built `engine` (its loop then runs there too)."""
     metrics = ServerMetrics(settings.model_name)
     async_engine = AsyncEngine(engine, metrics, settings.max_waiting_requests, engine_thread)
-    serving = OpenAIServing(async_engine, settings.model_name)
+    serving = OpenAIServing(async_engine, settings.model_name, settings.prompt_compression_scorer)
     created = int(time.time())
 
     @asynccontextmanager
@@ -147,6 +149,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[]
 
     @app.post("/v1/completions", response_model=Completion, responses=error_responses | sse)
     async def completions(body: CompletionRequest, request: Request):
+        body = await serving.compressed(body)
         request_id, streams, params = serving.completion_streams(body)
         if body.stream:
             return _EventStream(serving.completion_stream(body, request_id, streams, params))
@@ -154,6 +157,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[]
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=error_responses | sse)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        body = await serving.compressed(body)
         request_id, streams, params = serving.chat_streams(body)
         if body.stream:
             return _EventStream(serving.chat_stream(body, request_id, streams, params))

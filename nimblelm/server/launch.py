@@ -14,6 +14,7 @@ import socket
 import sys
 
 from nimblelm.errors import InvalidRequestError, NimbleLMError
+from nimblelm.prompting.scorer import SCORER_MODEL
 
 ENV_PREFIX = "NIMBLELM_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
@@ -37,6 +38,9 @@ def add_serve_subparser(sub, engine_args, engine_fields: list[str]) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--prompt-compression-scorer", default=SCORER_MODEL,
+                   help="the small model that scores prompts for requests with prompt_compression (loaded on "
+                        "the first such request)")
     engine_args(p)
     _defaults_from_env(p)
     p.set_defaults(func=lambda args: serve(args, engine_fields))
@@ -108,6 +112,7 @@ def serve(args, engine_fields: list[str]) -> int:
             max_request_bytes=args.max_request_bytes,
             max_waiting_requests=args.max_waiting_requests,
             shutdown_timeout=args.shutdown_timeout,
+            prompt_compression_scorer=args.prompt_compression_scorer,
         )
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 

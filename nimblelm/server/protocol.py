@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from nimblelm.errors import InvalidRequestError
+from nimblelm.prompting.compression import PromptCompression
 from nimblelm.sampling_params import SamplingParams, StructuredOutputParams
 
 MAX_N = 64  # completions per request; each is a sequence with its own KV blocks
@@ -50,6 +51,22 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaFormat | None = None
 
 
+class PromptCompressionOptions(_Request):
+    """nimblelm's request field `prompt_compression` (extra_body with the openai client): the prompt's text
+    compressed by the server's scorer model before it is served (nimblelm.prompting.PromptCompression)."""
+
+    method: str = "llmlingua"
+    rate: float | None = 0.5
+    target_tokens: Int | None = None
+    keep: list[str] = []
+    question: str | None = None
+    unit: str = "word"
+    segment_tokens: Int = 100
+
+    def config(self, scorer: str) -> PromptCompression:
+        return PromptCompression(**{**self.model_dump(), "keep": tuple(self.keep)}, scorer=scorer)
+
+
 class _SamplingRequest(_Request):
     """Fields that completions and chat share."""
 
@@ -72,6 +89,9 @@ class _SamplingRequest(_Request):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    prompt_compression: PromptCompressionOptions | None = None
+    # Set by the server once it compressed the prompt: the served model's tokens of the prompt as sent.
+    _prompt_tokens_before_compression: int | None = PrivateAttr(None)
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
@@ -190,6 +210,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # With prompt_compression: the prompt's tokens as the client sent it (prompt_tokens: as served).
+    prompt_tokens_before_compression: int | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionLogprobs(BaseModel):

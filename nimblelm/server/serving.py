@@ -11,6 +11,7 @@ import asyncio
 import copy
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,8 +21,10 @@ from functools import lru_cache
 from jinja2 import TemplateError
 
 from nimblelm.engine.structured import StructuredOutputBackend
-from nimblelm.errors import InvalidRequestError
+from nimblelm.errors import InvalidRequestError, NimbleLMError
 from nimblelm.outputs import CompletionOutput, Logprob, RequestOutput
+from nimblelm.prompting.compression import compress
+from nimblelm.prompting.scorer import SCORER_MODEL, Scorer
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.server.async_engine import AsyncEngine, RequestStream
 from nimblelm.server.errors import APIError, as_api_error
@@ -54,10 +57,13 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, scorer_model: str = SCORER_MODEL):
         llm_engine = engine.engine
         self.engine = engine
         self.model_name = model_name
+        self.scorer_model = scorer_model  # prompt compression's scorer, loaded on the first request for it
+        self._scorer: Scorer | None = None
+        self._scorer_lock = threading.Lock()
         self.max_model_len = llm_engine.config.max_model_len
         self.vocab_size = llm_engine.model_config.vocab_size
         self.tokenizer = copy.deepcopy(llm_engine.tokenizer)
@@ -112,6 +118,44 @@ class OpenAIServing:
             raise
         return streams
 
+    # -- prompt compression ---------------------------------------------------------------------
+
+    async def compressed(self, req: CompletionRequest | ChatCompletionRequest):
+        """req with its prompt text (completions) or its user messages (chat) compressed by the server's
+        scorer, off the event loop; req itself without prompt_compression."""
+        if req.prompt_compression is None:
+            return req
+        try:
+            config = req.prompt_compression.config(self.scorer_model)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="prompt_compression") from None
+        if isinstance(req, CompletionRequest):
+            texts = req.prompts()
+            if not all(isinstance(t, str) for t in texts):
+                raise APIError(400, "prompt_compression needs text prompts, not token ids", param="prompt")
+            before = sum(len(self.tokenizer.encode(t)) for t in texts)
+        else:
+            texts = [m.to_template()["content"] for m in req.messages if m.role == "user"]
+            before = len(self.tokenizer.encode(self._chat_text(req), add_special_tokens=False))
+        shorter = iter([c.text for c in await asyncio.to_thread(self._compress, texts, config)])
+        if isinstance(req, CompletionRequest):
+            out = req.model_copy(update={"prompt": list(shorter)})
+        else:
+            out = req.model_copy(update={"messages": [m.model_copy(update={"content": next(shorter)})
+                                                      if m.role == "user" else m for m in req.messages]})
+        out._prompt_tokens_before_compression = before
+        return out
+
+    def _compress(self, texts: list[str], config) -> list:
+        with self._scorer_lock:  # one scorer engine, driven by one request at a time
+            if self._scorer is None:
+                try:
+                    self._scorer = Scorer(self.scorer_model)
+                except NimbleLMError as e:  # the server's setting, not the request, is at fault
+                    raise APIError(500, f"prompt compression's scorer {self.scorer_model!r} did not load: {e}",
+                                   "server_error") from None
+            return [compress(t, config, self._scorer) for t in texts]
+
     # -- tokenizer ------------------------------------------------------------------------------
 
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
@@ -165,7 +209,7 @@ class OpenAIServing:
                 choices.append(CompletionChoice(index=p * req.n + c.index, text=text, logprobs=logprobs,
                                                 finish_reason=_finish(c)))
         return Completion(id=request_id, created=int(time.time()), model=self.model_name, choices=choices,
-                          usage=_usage(finals))
+                          usage=_usage(finals, req))
 
     async def completion_stream(
         self, req: CompletionRequest, request_id: str, streams: list[RequestStream], params: SamplingParams
@@ -204,7 +248,7 @@ class OpenAIServing:
                         finish = _finish(c) if state.finished else None
                         yield chunk(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish))
             if req.include_usage:
-                usage = _usage([finals[p] for p in sorted(finals)])
+                usage = _usage([finals[p] for p in sorted(finals)], req)
                 body = Completion(id=request_id, created=created, model=self.model_name, choices=[], usage=usage)
                 yield _sse(body.model_dump_json())
         except Exception as e:  # noqa: BLE001 - headers are sent: the error can only go in the stream
@@ -232,15 +276,7 @@ class OpenAIServing:
     def chat_streams(self, req: ChatCompletionRequest) -> tuple[str, list[RequestStream], SamplingParams]:
         self.check_model(req.model)
         params = req.sampling_params(req.requested_max_tokens, req.num_logprobs())
-        conversation = req.conversation()
-        if not self.tokenizer.chat_template:
-            raise APIError(400, "this model has no chat template: use /v1/completions")
-        try:
-            text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=req.add_generation_prompt
-            )
-        except (TemplateError, ValueError) as e:  # the template's own checks, e.g. roles that must alternate
-            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+        text = self._chat_text(req)
         # The template already wrote the special tokens; encoding must not add a second BOS (as LLM.chat).
         token_ids = self.tokenizer.encode(text, add_special_tokens=False)
         self.check_prompt(token_ids, params.max_tokens, "messages")
@@ -248,6 +284,17 @@ class OpenAIServing:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self._add(request_id, [{"prompt": text, "prompt_token_ids": token_ids}], params)
         return request_id, streams, params
+
+    def _chat_text(self, req: ChatCompletionRequest) -> str:
+        conversation = req.conversation()
+        if not self.tokenizer.chat_template:
+            raise APIError(400, "this model has no chat template: use /v1/completions")
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=req.add_generation_prompt
+            )
+        except (TemplateError, ValueError) as e:  # the template's own checks, e.g. roles that must alternate
+            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
 
     async def chat(self, req: ChatCompletionRequest, request_id: str, streams: list[RequestStream]) -> ChatCompletion:
         (output,) = await _finals(streams)
@@ -259,7 +306,7 @@ class OpenAIServing:
             choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
                                       finish_reason=_finish(c)))
         return ChatCompletion(id=request_id, created=int(time.time()), model=self.model_name, choices=choices,
-                              usage=_usage([output]))
+                              usage=_usage([output], req))
 
     async def chat_stream(
         self, req: ChatCompletionRequest, request_id: str, streams: list[RequestStream], params: SamplingParams
@@ -292,7 +339,7 @@ class OpenAIServing:
                         yield chunk(c.index, ChatDelta(), finish=_finish(c))
             if req.include_usage and output is not None:
                 body = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[],
-                                           usage=_usage([output]))
+                                           usage=_usage([output], req))
                 yield _sse(body.model_dump_json())
         except Exception as e:  # noqa: BLE001 - headers are sent: the error can only go in the stream
             yield _sse(json.dumps(as_api_error(e).body()))
@@ -389,10 +436,11 @@ def _finish(c: CompletionOutput) -> str | None:
     return "length" if c.finish_reason == "length" else "stop"
 
 
-def _usage(outputs: list[RequestOutput]) -> Usage:
+def _usage(outputs: list[RequestOutput], req: CompletionRequest | ChatCompletionRequest) -> Usage:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_before_compression=req._prompt_tokens_before_compression)
 
 
 def _sse(data: str) -> str:
