@@ -40,6 +40,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives per token, besides the sampled one
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (as vLLM)
+    # Prompt logprobs wanted from this prompt position on only: the tokens before it may come from the
+    # prefix cache, and their entries are then None (a scorer that extends a context it scored before).
+    prompt_logprobs_start: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -83,6 +86,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise bad(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.prompt_logprobs_start, int) or self.prompt_logprobs_start < 0:
+            raise bad(f"prompt_logprobs_start must be an integer >= 0, got {self.prompt_logprobs_start!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -54,6 +54,30 @@ def test_a_cached_prefix_does_not_skip_prompt_logprobs(tiny_llm):
     assert len(first.prompt_logprobs) == len(ids)
 
 
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_prompt_logprobs_from_a_start_reuse_the_cached_context(tiny_qwen, reference, block_size):
+    """prompt_logprobs_start=s: the blocks before row s-1 come from the prefix cache (counted as hits),
+    the entries before s are None, and those from s on are transformers' values."""
+    llm = LLM(str(tiny_qwen), max_model_len=128, block_size=block_size)
+    context = llm.tokenizer.encode(TEXTS[0] * 2)
+    ids = context + llm.tokenizer.encode(TEXTS[1])
+    llm.generate([context], SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=False)  # scores, caches
+    hits = llm.llm_engine.stats().prefix_cache_hits
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_start=len(context))
+    out = llm.generate([ids], params, use_tqdm=False)[0]
+    reused = llm.llm_engine.stats().prefix_cache_hits - hits
+    assert reused == (len(context) - 1) // block_size * block_size > 0
+    ref = reference(ids)
+    assert len(out.prompt_logprobs) == len(ids) and all(e is None for e in out.prompt_logprobs[:reused + 1])
+    for i in range(len(context), len(ids)):
+        assert out.prompt_logprobs[i][ids[i]].logprob == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+
+
+def test_bad_prompt_logprobs_start_is_one_clear_error():
+    with pytest.raises(InvalidRequestError, match="prompt_logprobs_start must be an integer >= 0"):
+        SamplingParams(prompt_logprobs=0, prompt_logprobs_start=-2)
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, "2"])
 def test_bad_prompt_logprobs_is_one_clear_error(value):
     with pytest.raises(InvalidRequestError, match="prompt_logprobs must be an integer >= 0"):

@@ -276,7 +276,10 @@ class LLMEngine:
             request = self.requests[seq.request_id]
             start = seq.num_computed_tokens - sched.num_scheduled_tokens[seq_id]  # the step's first position
             # Every sequence of the request computes the prompt, a preempted one again: only entries that
-            # continue the request's list are new.
+            # continue the request's list are new. Tokens before a prefix-cache hit (prompt_logprobs_start)
+            # were scored by no one: None.
+            if start + 1 > len(request.prompt_logprobs):
+                request.prompt_logprobs += [None] * (start + 1 - len(request.prompt_logprobs))
             if start + 1 == len(request.prompt_logprobs):
                 request.prompt_logprobs += [
                     self._logprob_entry(t, e, request.params.prompt_logprobs)

@@ -90,9 +90,13 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
-            # Prompt logprobs need the logits of every prompt position: nothing of the prompt is skipped.
-            uses_cache = seq.params.prompt_logprobs is None
+            # Prompt logprobs need the logits of every prompt position they score (from the row before the
+            # first): the cache may supply only what comes before that row.
+            params = seq.params
+            uses_cache = params.prompt_logprobs is None or params.prompt_logprobs_start > 1
             cached = self.kv.cached_prefix(seq) if uses_cache else 0
+            if uses_cache and params.prompt_logprobs is not None:
+                cached = min(cached, (params.prompt_logprobs_start - 1) // self.kv.block_size * self.kv.block_size)
             if uses_cache and not filling.isdisjoint(self.kv.blocks_filled(seq, cached, self.kv.block_size)):
                 deferred.append(seq)
                 continue
@@ -105,7 +109,6 @@ class Scheduler:
             seq.num_computed_tokens = cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            params = seq.params
             out.new_requests.append(NewRequest(
                 seq.seq_id, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, params,
                 None if params.seed is None else params.seed + seq.index, self.kv.block_ids(seq),

@@ -35,14 +35,16 @@ class Scorer:
     def surprisals(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
         """For each (context, tokens): -log p of every token given the context and the tokens before it, in
         one batch. A token with nothing before it has no probability: inf (every method keeps it)."""
-        prompts, spans = [], []
+        prompts, spans, params = [], [], []
         for context, tokens in requests:
             ids = list(context) + list(tokens)
             if len(ids) > self.window:
                 raise ValueError(f"{len(ids)} tokens to score in a window of {self.window}")
             prompts.append(ids)
             spans.append((len(context), len(ids)))
-        outs = self.llm.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=False)
+            # A context scored before (the text a method kept so far) comes back from the prefix cache.
+            params.append(SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_start=len(context)))
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         result = []
         for ids, (start, end), out in zip(prompts, spans, outs):
             entries = out.prompt_logprobs
