@@ -119,10 +119,16 @@ def cmd_generate(args) -> int:
     params = _sampling_params(args)  # bad sampling values fail before the model loads
     llm = _make_llm(args)
     compression = _prompt_compression(args.prompt_compression)
-    if compression is not None and args.chat:
-        raise NimbleLMError("--prompt-compression compresses a plain prompt; leave out --chat")
+    if args.chat and (compression is not None or args.sot):
+        raise NimbleLMError("--prompt-compression and --sot take the plain prompt (--sot applies the chat "
+                            "template itself); leave out --chat")
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    output = llm.generate(prompt, params, use_tqdm=False, prompt_compression=compression)[0]
+    output = llm.generate(prompt, params, use_tqdm=False, prompt_compression=compression,
+                          output_organization="skeleton" if args.sot else None, skeleton_router=args.sot_router)[0]
+    if args.sot:
+        s = output.skeleton
+        print(f"skeleton-of-thought: {f'{len(s.points)} points' if s.routed else 'not used (plain decoding)'}",
+              file=sys.stderr)
     if compression is not None:
         print(_compression_line(output.prompt_compression, compression.method), file=sys.stderr)
     for completion in output.outputs:
@@ -283,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete one prompt and print the result")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sot", action="store_true",
+                   help="Skeleton-of-Thought: an outline first, then its points expanded at once as one batch "
+                        "(for questions the router finds suited; the others are answered as usual)")
+    p.add_argument("--sot-router", default="rule", choices=["rule", "model", "always"],
+                   help="which questions --sot answers point by point: by cue words, by asking the model, or all")
     p.add_argument("--prompt-compression", type=_json_object, default=None,
                    help='compress the prompt first, as JSON, e.g. \'{"method": "llmlingua", "rate": 0.5}\' '
                         "(fields of nimblelm.prompting.PromptCompression)")

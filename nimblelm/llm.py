@@ -52,15 +52,21 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         prompt_compression: PromptCompression | None = None,
+        output_organization: str | None = None,
+        skeleton_router: str = "rule",
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts. With
-        prompt_compression, each text prompt is compressed first (RequestOutput.prompt_compression says how)."""
+        prompt_compression, each text prompt is compressed first (RequestOutput.prompt_compression says how).
+        With output_organization="skeleton", each prompt is a question answered by Skeleton-of-Thought where
+        skeleton_router ("rule", "model" or "always") finds it suits (RequestOutput.skeleton says how)."""
         if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt: a string, a token-id list, a dict (or something invalid)
         prompts = list(prompts)
         compressed = self._compress(prompts, prompt_compression) if prompt_compression is not None else None
         if compressed is not None:
             prompts = [c.text for c in compressed]
+        if output_organization is not None:
+            return self._organized(prompts, sampling_params, output_organization, skeleton_router, compressed)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -75,6 +81,19 @@ class LLM:
         finally:
             for request_id in ids:  # whatever an error left behind must not stay in the engine
                 engine.abort_request(request_id)
+        for output, c in zip(outputs, compressed or ()):
+            output.prompt_compression = c
+        return outputs
+
+    def _organized(self, questions: list, params, organization: str, router: str,
+                   compressed: list[CompressedPrompt] | None) -> list[RequestOutput]:
+        from nimblelm.prompting import skeleton
+
+        if organization != "skeleton":
+            raise InvalidRequestError(f"output_organization {organization!r}: the one organization is 'skeleton'")
+        if params is not None and not isinstance(params, SamplingParams):
+            raise InvalidRequestError("Skeleton-of-Thought takes one SamplingParams for all its questions")
+        outputs = skeleton.generate(self, questions, params or SamplingParams(), router)
         for output, c in zip(outputs, compressed or ()):
             output.prompt_compression = c
         return outputs

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nimblelm.prompting.compression import CompressedPrompt
+    from nimblelm.prompting.skeleton import SkeletonInfo
 
 
 @dataclass
@@ -82,3 +83,5 @@ class RequestOutput:
     metrics: RequestMetrics = field(repr=False, default=None)  # type: ignore[assignment]
     # With prompt compression (LLM.generate's prompt_compression): the prompt sent, its tokens before and after.
     prompt_compression: CompressedPrompt | None = None
+    # With output_organization="skeleton": whether Skeleton-of-Thought answered, its points, its stages' times.
+    skeleton: SkeletonInfo | None = None

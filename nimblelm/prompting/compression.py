@@ -9,8 +9,9 @@ compressed prompt is the kept tokens' characters in order, so kept spans come ba
   (tokens, words or sentences) scored by the sum over their tokens, the least informative dropped first.
 - `llmlingua` (Jiang et al., 2023): a budget controller first drops whole paragraphs (the prompt's parts
   between blank lines: demonstrations, documents), the lowest-perplexity ones, down to `coarse_factor` times
-  the budget (the highest ranked one stays whatever its length); then iterative token-level compression walks the rest in segments, each scored given the
-  compressed text before it, keeping the most surprising tokens of each segment in proportion.
+  the budget (the highest ranked one stays whatever its length); then iterative token-level compression
+  walks the rest in segments, each scored given the compressed text before it, keeping the most
+  surprising tokens of each segment in proportion.
 - `longllmlingua` (Jiang et al., 2024): question-aware. Paragraphs ranked by how likely they make the
   question (its mean surprisal given the paragraph), then tokens by contrastive surprisal: how much less
   surprising the question makes them.
@@ -201,7 +202,8 @@ def _iterative(p: _Prompt, config: PromptCompression, scorer, order: list[int], 
 def compress(prompt: str, config: PromptCompression, scorer) -> CompressedPrompt:
     """The prompt compressed by config's method, its scorer tokens before and after."""
     start = time.perf_counter()
-    if config.method == "longllmlingua" and len(scorer.tokenize(config.question)[0]) + config.segment_tokens >= scorer.window:
+    question = len(scorer.tokenize(config.question)[0]) if config.method == "longllmlingua" else 0
+    if question and question + config.segment_tokens >= scorer.window:
         raise InvalidRequestError(f"the question and a segment of {config.segment_tokens} tokens do not fit the "
                                   f"scorer's window of {scorer.window} tokens")
     ids, starts = scorer.tokenize(prompt)
