@@ -35,7 +35,7 @@ def test_parse_points_follows_the_numbering_from_one(text, points):
     ("", ""),
 ])
 def test_an_expansion_is_its_first_paragraph_before_the_next_point(text, part):
-    assert skeleton._own_part(text, 1) == part
+    assert skeleton.own_part(text, 1) == part
 
 
 @pytest.mark.parametrize("question, suits", [
@@ -50,28 +50,31 @@ def test_the_rule_router(question, suits):
     assert skeleton.suits_skeleton(question) is suits
 
 
-def test_expansion_is_one_batch_equal_to_each_point_alone_and_shares_its_prefix(llm):
+def test_points_expand_in_one_batch_equal_to_each_alone_sharing_their_prefix(llm, monkeypatch):
     points = ["Keep a schedule", "Dim the lights", "Skip late coffee"]
+    monkeypatch.setattr(skeleton, "parse_points", lambda text: points)
     params = SamplingParams(temperature=0, max_tokens=12)
+    calls = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda prompts, *a, **k: calls.append(len(prompts)) or generate(prompts, *a, **k))
     hits = llm.llm_engine.stats().prefix_cache_hits
-    ((text, outs),) = skeleton.expand(llm, [(LIST_QUESTION, points)], params)
+    out = skeleton.generate(llm, [LIST_QUESTION], params, router="always")[0]
+    assert calls == [1, 3]  # the skeleton, then every point at once
     # The points' prompts differ only at their ends: the later ones find the shared start cached.
     assert llm.llm_engine.stats().prefix_cache_hits - hits >= 2 * 16
-    alone = [llm.generate(skeleton.point_prompt(llm, LIST_QUESTION, points, i), params, use_tqdm=False)[0]
+    alone = [generate(skeleton.point_prompt(llm.tokenizer, LIST_QUESTION, points, i), params, use_tqdm=False)[0]
              for i in (1, 2, 3)]
-    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in alone]
-    lines = text.split("\n")
-    for i, point in enumerate(points, start=1):
-        assert any(line.startswith(f"{i}. {point}") for line in lines)
-    assert [line[:2] for line in lines if line[:1].isdigit()] == ["1.", "2.", "3."]
+    assert out.outputs[0].text == "\n".join(skeleton.point_line(points, i, o) for i, o in enumerate(alone, start=1))
+    assert [line[:2] for line in out.outputs[0].text.split("\n") if line[:1].isdigit()] == ["1.", "2.", "3."]
+    assert out.prompt_token_ids == skeleton.skeleton_prompt(llm.tokenizer, LIST_QUESTION)["prompt_token_ids"]
 
 
 def test_a_question_the_router_refuses_is_plain_decoding(llm):
     params = SamplingParams(temperature=0, max_tokens=10)
     out = llm.generate(["Who wrote Hamlet?"], params, use_tqdm=False, output_organization="skeleton")[0]
-    plain = llm.generate(skeleton._chat(llm, "Who wrote Hamlet?", ""), params, use_tqdm=False)[0]
+    plain = llm.generate(skeleton._chat(llm.tokenizer, "Who wrote Hamlet?", ""), params, use_tqdm=False)[0]
     assert out.skeleton.routed is False and out.outputs[0].text == plain.outputs[0].text
-    assert out.prompt == "Who wrote Hamlet?"
+    assert out.prompt == "Who wrote Hamlet?" and out.prompt_token_ids == plain.prompt_token_ids
 
 
 def test_a_skeleton_of_fewer_than_two_points_falls_back(llm, monkeypatch):
@@ -79,7 +82,7 @@ def test_a_skeleton_of_fewer_than_two_points_falls_back(llm, monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=10)
     out = llm.generate([LIST_QUESTION], params, use_tqdm=False, output_organization="skeleton",
                        skeleton_router="always")[0]
-    plain = llm.generate(skeleton._chat(llm, LIST_QUESTION, ""), params, use_tqdm=False)[0]
+    plain = llm.generate(skeleton._chat(llm.tokenizer, LIST_QUESTION, ""), params, use_tqdm=False)[0]
     assert out.skeleton.routed is False and out.outputs[0].text == plain.outputs[0].text
 
 
@@ -126,3 +129,69 @@ def test_generate_sot_on_the_command_line(tiny_qwen, capsys):
     assert "skeleton-of-thought: not used (plain decoding)" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_qwen), "--sot", "--chat", "x"]) == 1
     assert "leave out --chat" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sot_server(tiny_qwen):
+    from server_process import ServerProcess
+
+    server = ServerProcess(tiny_qwen, "--max-model-len", "512", "--max-num-seqs", "16")
+    yield server
+    server.stop()
+
+
+def _client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_the_server_answers_as_the_offline_api_streamed_or_not(sot_server, llm):
+    client = _client(sot_server)
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": LIST_QUESTION}]
+    extra = {"output_organization": "skeleton", "skeleton_router": "always"}
+    got = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, extra_body=extra)
+    expected = skeleton.generate(llm, [LIST_QUESTION], SamplingParams(temperature=0, max_tokens=8), "always")[0]
+    assert got.choices[0].message.content == expected.outputs[0].text
+    assert got.choices[0].finish_reason == expected.outputs[0].finish_reason
+    assert got.usage.completion_tokens >= len(expected.outputs[0].token_ids) > 0
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                                 extra_body=extra, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.outputs[0].text
+    assert chunks[-1].usage.total_tokens == got.usage.total_tokens
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}]}, "answers one user message"),
+    ({"n": 2}, "n=1"),
+    ({"logprobs": True}, "logprobs are not given"),
+    ({"skeleton_router": "coin"}, "skeleton_router"),
+])
+def test_the_servers_skeleton_errors_are_clear_400s(sot_server, body, message):
+    import httpx2 as httpx
+
+    request = {"messages": [{"role": "user", "content": LIST_QUESTION}], "output_organization": "skeleton",
+               "max_tokens": 4, **body}
+    r = httpx.post(f"{sot_server.base_url}/chat/completions", json=request, timeout=60)
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
+
+
+@pytest.mark.integration
+def test_smollm2_server_streams_each_point_whole_and_in_order():
+    from server_process import ServerProcess
+
+    server = ServerProcess("smollm2-135m", "--max-model-len", "2048")
+    try:
+        client = _client(server)
+        chunks = list(client.chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": LIST_QUESTION}], max_tokens=48,
+            temperature=0, stream=True, extra_body={"output_organization": "skeleton"}))
+    finally:
+        server.stop()
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    offline = LLM("smollm2-135m", max_model_len=2048).generate(
+        [LIST_QUESTION], SamplingParams(temperature=0, max_tokens=48), use_tqdm=False, output_organization="skeleton")[0]
+    assert "".join(pieces) == offline.outputs[0].text
+    assert [p.lstrip("\n").split(". ")[0] for p in pieces] == [str(i) for i in range(1, len(offline.skeleton.points) + 1)]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field, replace
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.outputs import CompletionOutput, RequestOutput
@@ -68,56 +68,59 @@ def parse_points(text: str) -> list[str]:
     return points
 
 
-def _chat(llm, user: str, reply_start: str) -> str:
-    """The prompt text that has the model answer `user`, its reply already begun with reply_start."""
-    if llm.tokenizer.chat_template:
-        head = llm.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return head + reply_start
-    return f"{user}\n\nAnswer:\n{reply_start}"
+@dataclass
+class Stage:
+    """Requests a plan needs run before it goes on: one per prompt (a {"prompt", "prompt_token_ids"} dict)."""
+
+    name: str  # "route", "skeleton", "points" or "plain"
+    prompts: list[dict]
+    params: SamplingParams
+    points: list[str] = field(default_factory=list)  # the points stage's points, in order
 
 
-def skeleton_prompt(llm, question: str) -> str:
-    return _chat(llm, (
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str
+    routed: bool
+    points: list[str]
+    outputs: list[RequestOutput]  # every request the plan ran, in order
+
+
+def _chat(tokenizer, user: str, reply_start: str, system: str | None = None) -> dict:
+    """The prompt that has the model answer `user` (after `system`), its reply already begun with reply_start."""
+    if tokenizer.chat_template:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + reply_start
+        # The template wrote the special tokens: encoding must not add a second BOS.
+        return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    text = (f"{system}\n\n" if system else "") + f"{user}\n\nAnswer:\n{reply_start}"
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text)}
+
+
+def skeleton_prompt(tokenizer, question: str, system: str | None = None) -> dict:
+    return _chat(tokenizer, (
         "You organize answers; you do not write them. Give only the skeleton of an answer to the question "
         "below: a numbered list (1., 2., 3., ...) of 3 to 10 points, each a phrase of 3 to 5 words, no full "
-        f"sentences.\n\nQuestion: {question}"), "1.")
+        f"sentences.\n\nQuestion: {question}"), "1.", system)
 
 
-def point_prompt(llm, question: str, points: Sequence[str], i: int) -> str:
+def point_prompt(tokenizer, question: str, points: Sequence[str], i: int, system: str | None = None) -> dict:
     """The prompt that expands point i (from 1); every point's starts with the same question and skeleton."""
     skeleton = "\n".join(f"{j}. {p}" for j, p in enumerate(points, start=1))
-    return _chat(llm, (
+    return _chat(tokenizer, (
         f"Here is a question and the skeleton of its answer.\n\nQuestion: {question}\n\nSkeleton:\n{skeleton}\n\n"
         f"Write point {i} only, in one or two short sentences, and do not go on to the other points."),
-        f"{i}. {points[i - 1]}")
+        f"{i}. {points[i - 1]}", system)
 
 
-def router_prompt(llm, question: str) -> str:
-    return _chat(llm, (
+def router_prompt(tokenizer, question: str) -> dict:
+    return _chat(tokenizer, (
         "Could the answer to the question below be written as a list of independent points, each of which "
         f"could be written without seeing the others? Answer yes or no.\n\nQuestion: {question}"), "")
 
 
-def _route(llm, questions: list[str], router: str) -> list[bool]:
-    if router == "always":
-        return [True] * len(questions)
-    if router == "rule":
-        return [suits_skeleton(q) for q in questions]
-    outs = llm.generate([router_prompt(llm, q) for q in questions], SamplingParams(temperature=0, max_tokens=3),
-                        use_tqdm=False)
-    return [o.outputs[0].text.strip().lower().startswith("yes") for o in outs]
-
-
-def _answer(question: str, prompt_ids: list[int], text: str, token_ids: list[int], finish: str,
-            info: SkeletonInfo) -> RequestOutput:
-    out = RequestOutput(request_id="", prompt=question, prompt_token_ids=prompt_ids,
-                        outputs=[CompletionOutput(0, text, token_ids, finish)], finished=True)
-    out.skeleton = info
-    return out
-
-
-def _own_part(text: str, i: int) -> str:
+def own_part(text: str, i: int) -> str:
     """Point i's expansion: its first paragraph, up to where the model starts on point i + 1."""
     body = text.split(f"\n{i + 1}.")[0]
     if body.startswith("\n\n"):  # the model left the point: what follows a blank line is something else
@@ -126,59 +129,78 @@ def _own_part(text: str, i: int) -> str:
     return (body[:lead] + body[lead:].split("\n\n")[0]).rstrip()
 
 
-def expand(llm, answers: Sequence[tuple[str, list[str]]],
-           params: SamplingParams) -> list[tuple[str, list[RequestOutput]]]:
-    """Every point of every (question, points) expanded in one batch; per question, its points joined in
-    order into the answer text, and each point's output."""
-    prompts = [point_prompt(llm, q, points, i) for q, points in answers for i in range(1, len(points) + 1)]
-    outs = iter(llm.generate(prompts, params, use_tqdm=False))
-    joined = []
-    for _, points in answers:
-        mine = [next(outs) for _ in points]
-        lines = [f"{i}. {p}{_own_part(o.outputs[0].text, i)}" for i, (p, o) in enumerate(zip(points, mine), start=1)]
-        joined.append(("\n".join(lines), mine))
-    return joined
+def point_line(points: Sequence[str], i: int, output: RequestOutput) -> str:
+    """Point i's line of the answer: the point and its expansion."""
+    return f"{i}. {points[i - 1]}{own_part(output.outputs[0].text, i)}"
+
+
+def check(params: SamplingParams, router: str) -> None:
+    if router not in ROUTERS:
+        raise InvalidRequestError(f"skeleton router {router!r} is not one of {', '.join(ROUTERS)}")
+    if params.n != 1 or params.structured_output is not None:
+        raise InvalidRequestError("Skeleton-of-Thought gives one free-text answer per question (n=1, no "
+                                  "structured output)")
+
+
+def plan(tokenizer, question: str, params: SamplingParams, router: str = "rule",
+         system: str | None = None) -> Generator[Stage, list[RequestOutput], Answer]:
+    """One question's answer as the stages it needs run (each sent back its outputs, in order): the route
+    (router "model"), the skeleton, then its points, or plain decoding where the router or the skeleton
+    says no. Driven by `generate` (the offline API) and by the server."""
+    outputs: list[RequestOutput] = []
+    routed = router == "always" or (router == "rule" and suits_skeleton(question))
+    if router == "model":
+        outs = yield Stage("route", [router_prompt(tokenizer, question)], SamplingParams(temperature=0, max_tokens=3))
+        outputs += outs
+        routed = outs[0].outputs[0].text.strip().lower().startswith("yes")
+    points: list[str] = []
+    if routed:
+        sketch = replace(params, max_tokens=SKELETON_MAX_TOKENS, stop=None)
+        outs = yield Stage("skeleton", [skeleton_prompt(tokenizer, question, system)], sketch)
+        outputs += outs
+        points = parse_points("1." + outs[0].outputs[0].text)
+    if len(points) < 2:
+        outs = yield Stage("plain", [_chat(tokenizer, question, "", system)], params)
+        c = outs[0].outputs[0]
+        return Answer(c.text, c.finish_reason, False, [], outputs + outs)
+    outs = yield Stage("points", [point_prompt(tokenizer, question, points, i, system)
+                                  for i in range(1, len(points) + 1)], params, points)
+    text = "\n".join(point_line(points, i, o) for i, o in enumerate(outs, start=1))
+    finish = "length" if any(o.outputs[0].finish_reason == "length" for o in outs) else "stop"
+    return Answer(text, finish, True, points, outputs + outs)
 
 
 def generate(llm, questions: list[str], params: SamplingParams, router: str = "rule") -> list[RequestOutput]:
     """Answers to questions (plain text), each by Skeleton-of-Thought where the router sends it and its
     skeleton has two points or more, else by plain decoding of the question (in the chat template where
-    the model has one)."""
-    if router not in ROUTERS:
-        raise InvalidRequestError(f"skeleton router {router!r} is not one of {', '.join(ROUTERS)}")
+    the model has one). Every question's current stage runs in one batch with the others'."""
+    check(params, router)
     if not all(isinstance(q, str) and q.strip() for q in questions):
         raise InvalidRequestError("Skeleton-of-Thought answers text questions")
-    if params.n != 1 or params.structured_output is not None:
-        raise InvalidRequestError("Skeleton-of-Thought gives one free-text answer per question (n=1, no "
-                                  "structured output)")
-    routed = _route(llm, questions, router)
-    points: dict[int, list[str]] = {}
-    skeleton_seconds = 0.0
-    if any(routed):
+    plans = [plan(llm.tokenizer, q, params, router) for q in questions]
+    stages = {i: next(p) for i, p in enumerate(plans)}
+    seconds = [dict.fromkeys(("skeleton", "points"), 0.0) for _ in questions]
+    answers: dict[int, Answer] = {}
+    while stages:
+        batch = [(i, prompt, stage.params) for i, stage in stages.items() for prompt in stage.prompts]
         start = time.perf_counter()
-        asked = [i for i, r in enumerate(routed) if r]
-        sketch = replace(params, max_tokens=SKELETON_MAX_TOKENS, stop=None)
-        outs = llm.generate([skeleton_prompt(llm, questions[i]) for i in asked], sketch, use_tqdm=False)
-        skeleton_seconds = time.perf_counter() - start
-        for i, out in zip(asked, outs):
-            found = parse_points("1." + out.outputs[0].text)
-            if len(found) >= 2:
-                points[i] = found
-    answers: dict[int, RequestOutput] = {}
-    plain = [i for i in range(len(questions)) if i not in points]
-    if plain:
-        prompts = [_chat(llm, questions[i], "") for i in plain]
-        for i, out in zip(plain, llm.generate(prompts, params, use_tqdm=False)):
-            c = out.outputs[0]
-            answers[i] = _answer(questions[i], out.prompt_token_ids, c.text, c.token_ids, c.finish_reason,
-                                 SkeletonInfo(False, []))
-    if points:
-        start = time.perf_counter()
-        expanded = expand(llm, [(questions[i], found) for i, found in points.items()], params)
-        seconds = time.perf_counter() - start
-        for (i, found), (text, outs) in zip(points.items(), expanded):
-            finish = "length" if any(o.outputs[0].finish_reason == "length" for o in outs) else "stop"
-            answers[i] = _answer(questions[i], outs[0].prompt_token_ids, text,
-                                 llm.tokenizer.encode(text, add_special_tokens=False), finish,
-                                 SkeletonInfo(True, found, skeleton_seconds, seconds))
-    return [answers[i] for i in range(len(questions))]
+        outs = iter(llm.generate([b[1] for b in batch], [b[2] for b in batch], use_tqdm=False))
+        took = time.perf_counter() - start
+        for i, stage in list(stages.items()):
+            if stage.name in seconds[i]:
+                seconds[i][stage.name] = took
+            try:
+                stages[i] = plans[i].send([next(outs) for _ in stage.prompts])
+            except StopIteration as done:
+                answers[i] = done.value
+                del stages[i]
+    results = []
+    for i, question in enumerate(questions):
+        a = answers[i]
+        first = a.outputs[-1 - len(a.points)] if a.routed else a.outputs[-1]  # the skeleton's, or plain's
+        out = RequestOutput(request_id="", prompt=question, prompt_token_ids=first.prompt_token_ids,
+                            outputs=[CompletionOutput(0, a.text, llm.tokenizer.encode(a.text, add_special_tokens=False),
+                                                      a.finish_reason)], finished=True)
+        out.skeleton = SkeletonInfo(a.routed, a.points, seconds[i]["skeleton"], seconds[i]["points"])
+        results.append(out)
+    return results

@@ -158,6 +158,11 @@ def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[]
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=error_responses | sse)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body = await serving.compressed(body)
+        if body.output_organization == "skeleton":
+            plan = serving.skeleton_plan(body)
+            if body.stream:
+                return _EventStream(serving.skeleton_chat_stream(body, plan))
+            return await _unless_disconnected(request, serving.skeleton_chat(body, plan))
         request_id, streams, params = serving.chat_streams(body)
         if body.stream:
             return _EventStream(serving.chat_stream(body, request_id, streams, params))

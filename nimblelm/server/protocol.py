@@ -184,6 +184,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM's extra: False continues the last assistant message
+    # nimblelm's extras: Skeleton-of-Thought (nimblelm.prompting.skeleton) and the questions it takes.
+    output_organization: Literal["skeleton"] | None = None
+    skeleton_router: Literal["rule", "model", "always"] = "rule"
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None

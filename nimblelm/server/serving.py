@@ -23,6 +23,7 @@ from jinja2 import TemplateError
 from nimblelm.engine.structured import StructuredOutputBackend
 from nimblelm.errors import InvalidRequestError, NimbleLMError
 from nimblelm.outputs import CompletionOutput, Logprob, RequestOutput
+from nimblelm.prompting import skeleton
 from nimblelm.prompting.compression import compress
 from nimblelm.prompting.scorer import SCORER_MODEL, Scorer
 from nimblelm.sampling_params import SamplingParams
@@ -284,6 +285,96 @@ class OpenAIServing:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self._add(request_id, [{"prompt": text, "prompt_token_ids": token_ids}], params)
         return request_id, streams, params
+
+    # -- Skeleton-of-Thought ----------------------------------------------------------------------
+
+    def skeleton_plan(self, req: ChatCompletionRequest):
+        """The plan of a chat request with output_organization "skeleton": its one question (after an
+        optional system message), the sampling parameters, and its stages to run."""
+        self.check_model(req.model)
+        params = req.sampling_params(req.requested_max_tokens, req.num_logprobs())
+        turns = req.conversation()
+        system = turns[0]["content"] if turns[0]["role"] == "system" else None
+        asked = turns[1:] if system is not None else turns
+        if len(asked) != 1 or asked[0]["role"] != "user" or not req.add_generation_prompt:
+            raise APIError(400, "Skeleton-of-Thought answers one user message (after an optional system one)",
+                           param="messages")
+        if params.logprobs is not None:
+            raise APIError(400, "logprobs are not given with Skeleton-of-Thought", param="logprobs")
+        try:
+            skeleton.check(params, req.skeleton_router)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="output_organization") from None
+        return skeleton.plan(self.tokenizer, asked[0]["content"], params, req.skeleton_router, system)
+
+    async def skeleton_stages(self, plan, request_id: str) -> AsyncIterator[tuple[skeleton.Stage, list[RequestStream]]]:
+        """Each stage of the plan with its requests' streams, queued; the caller reads the streams and the
+        plan goes on with their final outputs. Ends with the plan's Answer as the last item's stage."""
+        stage, k = next(plan), 0
+        while True:
+            for prompt in stage.prompts:
+                self.check_prompt(prompt["prompt_token_ids"], stage.params.max_tokens, "messages")
+            streams = self._add(f"{request_id}-{k}", stage.prompts, stage.params)
+            outs = yield stage, streams
+            try:
+                stage, k = plan.send(outs), k + 1
+            except StopIteration as done:
+                yield done.value, []
+                return
+
+    async def skeleton_chat(self, req: ChatCompletionRequest, plan) -> ChatCompletion:
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stages = self.skeleton_stages(plan, request_id)
+        stage, streams = await anext(stages)
+        while not isinstance(stage, skeleton.Answer):
+            stage, streams = await stages.asend(await _finals(streams))
+        answer = stage
+        choice = ChatChoice(index=0, message=ChatMessageOut(content=answer.text), finish_reason=answer.finish_reason)
+        return ChatCompletion(id=request_id, created=int(time.time()), model=self.model_name, choices=[choice],
+                              usage=_usage(answer.outputs, req))
+
+    async def skeleton_chat_stream(self, req: ChatCompletionRequest, plan) -> AsyncIterator[str]:
+        """Plain decoding streams token by token; Skeleton-of-Thought's points stream whole, in order, each
+        as soon as it and those before it are done."""
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        exclude = None if req.include_usage else {"usage"}
+
+        def chunk(delta: ChatDelta, finish=None) -> str:
+            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
+            body = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[choice])
+            return _sse(body.model_dump_json(exclude=exclude))
+
+        stages = self.skeleton_stages(plan, request_id)
+        streams: list[RequestStream] = []
+        try:
+            yield chunk(ChatDelta(role="assistant", content=""))
+            stage, streams = await anext(stages)
+            while not isinstance(stage, skeleton.Answer):
+                finals: dict[int, RequestOutput] = {}
+                state, sent = _ChoiceState(), 0
+                async for j, output in _merge(streams):
+                    if output.finished:
+                        finals[j] = output
+                    if stage.name == "plain":
+                        text, _, _ = state.advance(output.outputs[0], stage.params.stop_strings)
+                        if text:
+                            yield chunk(ChatDelta(content=text))
+                    while stage.name == "points" and sent in finals:
+                        line = skeleton.point_line(stage.points, sent + 1, finals[sent])
+                        yield chunk(ChatDelta(content=("\n" if sent else "") + line))
+                        sent += 1
+                stage, streams = await stages.asend([finals[j] for j in range(len(streams))])
+            yield chunk(ChatDelta(), finish=stage.finish_reason)
+            if req.include_usage:
+                body = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[],
+                                           usage=_usage(stage.outputs, req))
+                yield _sse(body.model_dump_json())
+        except Exception as e:  # noqa: BLE001 - headers are sent: the error can only go in the stream
+            yield _sse(json.dumps(as_api_error(e).body()))
+        finally:
+            for stream in streams:
+                stream.close()
+        yield SSE_DONE
 
     def _chat_text(self, req: ChatCompletionRequest) -> str:
         conversation = req.conversation()
