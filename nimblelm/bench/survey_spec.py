@@ -167,8 +167,7 @@ class _Engine:
 
 def _in_turn(runs: dict[str, Callable], items: Sequence) -> dict[str, list]:
     """Every item run by each of runs in turn, the first run of the turn rotating from item to item: the
-    machine's speed drifts over minutes (other guests share its memory bandwidth), which a method measured
-    after another would read as its own speed."""
+    machine's speed drifts over minutes, which a method measured after another would read as its own."""
     names = list(runs)
     out: dict[str, list] = {name: [] for name in names}
     for i, item in enumerate(items):
