@@ -112,6 +112,10 @@ class LLM:
                                    Scorer(name, num_threads=self.llm_engine.config.num_threads))
         return [compress(p, config, self._scorers[name]) for p in prompts]
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix, so the next prompts are computed from their first token."""
+        return self.llm_engine.reset_prefix_cache()
+
     def chat(
         self,
         messages: list[Message] | list[list[Message]],

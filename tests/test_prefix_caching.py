@@ -59,6 +59,23 @@ def test_without_prefix_caching_nothing_is_looked_up(tiny_qwen):
     assert stats.prefix_cache_hits == 0 and stats.prefix_cache_queries == 0
 
 
+def test_reset_prefix_cache_forgets_every_cached_prompt(tiny_qwen):
+    llm = LLM(str(tiny_qwen), max_model_len=256)
+    cold = outputs(llm, [SYSTEM])
+    hits = llm.llm_engine.stats().prefix_cache_hits
+    assert outputs(llm, [SYSTEM]) == cold and llm.llm_engine.stats().prefix_cache_hits > hits
+    assert llm.reset_prefix_cache()
+    hits = llm.llm_engine.stats().prefix_cache_hits
+    assert outputs(llm, [SYSTEM]) == cold and llm.llm_engine.stats().prefix_cache_hits == hits
+    engine = llm.llm_engine
+    engine.add_request("running", SYSTEM, SamplingParams(max_tokens=4))
+    engine.step()  # the request now holds blocks: nothing is forgotten
+    assert not llm.reset_prefix_cache()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert llm.reset_prefix_cache()
+
+
 def _serve_runner(folder: str, conn) -> None:
     """A worker process: its own engine's model runner, driven only by the contracts it receives."""
     runner = LLMEngine(EngineConfig(model=folder, max_model_len=256, num_kv_blocks=64), progress=False).runner

@@ -367,6 +367,9 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
                    f"{', '.join(map(str, rate_sets)) or 'none'}")
             try:
                 engine = _Engine(ctx, config, max_num_seqs, warm, warm_batch)
+                # The plain engine ran these prompts beside the methods before: from its prefix cache they
+                # would skip their prefill, which the method's engine pays.
+                plain.llm.reset_prefix_cache()
                 try:
                     measured[method] = _beside(plain, engine, workloads, load_sets, rate_sets)
                     costs = engine.costs()

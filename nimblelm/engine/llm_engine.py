@@ -218,6 +218,10 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (as vLLM's): False, changing nothing, while requests run."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
     def stats(self) -> EngineStats:
         running = {s.request_id for s in self.scheduler.running}
         waiting = {s.request_id for s in self.scheduler.waiting} - running

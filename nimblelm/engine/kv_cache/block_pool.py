@@ -74,6 +74,15 @@ class BlockPool:
                 if block.cache_key is None:
                     self._free.move_to_end(block.block_id, last=False)
 
+    def reset_cache(self) -> bool:
+        """Forget every cached prefix, where no block is in use (else change nothing and say False)."""
+        if len(self._free) < len(self.blocks):
+            return False
+        for block in self._cached.values():
+            block.cache_key = None
+        self._cached.clear()
+        return True
+
     def cache(self, block: Block, key: Hashable) -> None:
         """Make `block` findable by `key`. If another block already holds the same K/V, keep that one."""
         if block.cache_key is None and key not in self._cached:

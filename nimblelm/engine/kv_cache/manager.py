@@ -75,6 +75,10 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.pool.num_free / self.pool.num_blocks
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False, changing nothing, while a sequence holds blocks."""
+        return self.pool.reset_cache()
+
     def block_ids(self, seq: KVRequest) -> list[list[int]]:
         """Per group, the sequence's block table."""
         held = self._held.get(seq.seq_id)
