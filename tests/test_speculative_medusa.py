@@ -268,8 +268,8 @@ def test_real_model_greedy_output_is_identical_with_medusa_drafts(tmp_path):
 
 def test_survey_speculative_reports_the_heads_training_cost_or_that_there_are_none(tiny_qwen, trained, tmp_path,
                                                                                     monkeypatch):
-    """The bench never trains: without heads the medusa row fails with the reason, with the cached ones its
-    extra cost is their training's CPU-hours, from the file."""
+    """The bench never trains: without heads the medusa row fails with the reason (and the run, with nothing
+    measured), with the cached ones its extra cost is their training's CPU-hours, from the file."""
     from nimblelm.bench.cli import main as bench_main
     from nimblelm.engine import model_runner
 
@@ -277,14 +277,16 @@ def test_survey_speculative_reports_the_heads_training_cost_or_that_there_are_no
     monkeypatch.setenv("NIMBLELM_CACHE", str(tmp_path / "cache"))
     data = _sharegpt_file(tmp_path / "s.json", 40)
 
-    def run(out):
+    def run(out, status=0):
         assert bench_main(["survey", "speculative", "--model", str(tiny_qwen), "--methods", "medusa", "--backends",
                            "nimblelm", "--workloads", "chat", "--num-prompts", "2", "--gen-len", "8", "--batch-sizes",
                            "1", "-t", "1", "--no-measure", "--no-progress", "--dataset-path", str(data), "--output",
-                           str(out)]) == 0
+                           str(out)]) == status
         return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
 
-    report, _ = run(tmp_path / "none")
+    # No method ran, so nothing was measured beside plain decoding: exit status 1, the report says why.
+    report, _ = run(tmp_path / "none", status=1)
+    assert report["results"] == []
     status = report["backends"]["nimblelm medusa"]
     assert status["status"] == "failed" and "nimblelm spec train --method medusa" in status["reason"]
     medusa.heads_dir().mkdir(parents=True)
