@@ -1,4 +1,5 @@
-"""The data level: prompt compression (`compression.py`, scored by `scorer.py`)."""
+"""The data level: prompt compression (`compression.py`, scored by `scorer.py`) and Skeleton-of-Thought
+(`skeleton.py`)."""
 
 from nimblelm.prompting.compression import CompressedPrompt, PromptCompression, compress
 
