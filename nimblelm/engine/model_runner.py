@@ -9,6 +9,7 @@ forward pass, and samples the sequences whose tokens are all computed.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative import SpeculativeConfig, make_proposer, scratch_blocks, speculates, tree_branches
-from nimblelm.speculative.budget import Acceptance, StepCost, draft_budget
+from nimblelm.speculative.budget import Acceptance, PassTime, StepCost, draft_budget
 from nimblelm.speculative.seen import Seen
 from nimblelm.speculative.tree import DraftTree, as_tree, blocks_per_branch
 from nimblelm.speculative.verifier import verify
@@ -128,6 +129,7 @@ class ModelRunner:
         self.speculative = speculative
         self.proposer = None  # made with the KV cache (a draft model sizes its own after the target's)
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
+        self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
         self.seqs: dict[int, _SeqState] = {}
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)
@@ -184,6 +186,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Apply the step's changes, run it, and return the tokens sampled."""
+        start = time.perf_counter()
         self._update(sched)
         if sched.is_empty:
             return ModelRunnerOutput([], [])
@@ -192,8 +195,11 @@ class ModelRunner:
             for g, src, dst in layout.copies:
                 self._copy_kv(g, [src], [dst], whole_blocks=True)
         input_ids, group_metas, sample_ids = batch.input_ids, batch.group_metas, batch.sample_ids
+        traced = None
         if self.capture is not None and self.capture.applies(len(input_ids), group_metas):
+            before = time.perf_counter()
             hidden = self.capture(input_ids, batch.positions, group_metas)
+            traced = time.perf_counter() - before
         else:
             metas = [group_metas[g] for g in self.group_of_layer]
             hidden = self.model(input_ids, batch.positions, self.kv_caches, metas)
@@ -230,6 +236,8 @@ class ModelRunner:
             paths = outputs = [None] * len(sample_ids)
         proposals = {}
         if self.proposer is not None:
+            if traced is not None:
+                self.step_overhead.add(time.perf_counter() - start - traced)
             if self.proposer.observes:
                 self.proposer.observe(self._seen(batch, hidden, dict(zip(sample_ids, zip(tokens, trees, paths, outputs)))))
             proposals = self._propose(sample_ids, trees, tokens)
@@ -306,7 +314,8 @@ class ModelRunner:
                 room[req_id] = self.speculative.max_draft_nodes if self.speculative.proposes_trees else d
         if self.step_cost is not None and room:
             rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in room}
-            room = draft_budget(room, rates, len(sample_ids), self.step_cost, self.proposer.pass_seconds)
+            room = draft_budget(room, rates, len(sample_ids), self.step_cost, self.proposer.pass_seconds,
+                                self.step_overhead.seconds)
         new_tokens = dict(zip(sample_ids, tokens))
         requests = {req_id: (self.seqs[req_id].token_ids + new_tokens[req_id], self.seqs[req_id].num_prompt_tokens, n)
                     for req_id, n in room.items()}

@@ -105,7 +105,8 @@ class DraftModelProposer:
                 break
             t0 = time.perf_counter()
             out = self.runner.execute(sched)
-            if step > 0:  # a one-token pass; the first may also catch up on a new sequence's prompt
+            # A pass of a few tokens per sequence; a first one that catches up on a new prompt is a prefill.
+            if max(sched.num_scheduled_tokens.values()) <= self.k + 1:
                 self._pass_time.add(time.perf_counter() - t0)
             for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
                 seq = self.seqs[req_id]
