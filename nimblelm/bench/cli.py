@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +17,7 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_BACKENDS = "nimblelm,transformers,llama.cpp"
 DEFAULT_QUANT_METHODS = ("int4", "int8", "w8a8")  # survey quantization: W4A16, W8A16, W8A8
 SPEC_WORKLOADS = ("humaneval", "chat", "mt", "edit")  # survey speculative
+DATA_WORKLOADS = ("qa", "needle", "sharegpt", "sot")  # survey data
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -154,8 +156,10 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                                      "`speculative` its Table 5 (speedup and tokens per step of each speculative "
                                      "--methods over plain decoding at batch 1 on --workloads, beside "
                                      "transformers' assisted generation and llama.cpp's speculative modes, then "
-                                     "nimblelm at --batch-sizes).")
-    sur.add_argument("experiment", choices=("engines", "quantization", "speculative"))
+                                     "nimblelm at --batch-sizes), `data` the data level: prompt compression "
+                                     "by each --methods at each --ratios beside the llmlingua package, the "
+                                     "answering --model's accuracy and latency on --workloads.")
+    sur.add_argument("experiment", choices=("engines", "quantization", "speculative", "data"))
     sur.add_argument("--models", default=None, help="comma list of models (default: --model)")
     sur.add_argument("--prompt-len", type=int, default=1024, help="(a) prompt tokens (default 1024)")
     sur.add_argument("--gen-len", type=int, default=128,
@@ -172,7 +176,9 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                           "W4A16, W8A16, W8A8); one the engine cannot load is skipped with its reason. "
                           "speculative: speculative_config methods against plain decoding (default ngram, and "
                           "draft_model with --draft-model; medusa uses the heads `nimblelm spec train` cached, "
-                          "medusa_tree the same heads on a token tree; lookahead needs nothing)")
+                          "medusa_tree the same heads on a token tree; lookahead needs nothing). "
+                          "data: nimblelm's prompt compression methods (default selective_context,llmlingua,"
+                          "longllmlingua)")
     sur.add_argument("--batch-sizes", default=None,
                      help="quantization: comma list (default 1,2,4,8,16); speculative: requests at once under "
                           "load (default 1,8,32)")
@@ -185,11 +191,26 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                      help="speculative: draft tokens per step at most, for every method (default 4)")
     sur.add_argument("--prompt-lookup-max", type=int, default=3,
                      help="speculative: the ngram method's longest n-gram (default 3)")
-    sur.add_argument("--workloads", default=",".join(SPEC_WORKLOADS),
+    sur.add_argument("--workloads", default=None,
                      help="speculative: comma list of humaneval (code completion), chat (ShareGPT questions), "
                           "mt (held-out two-turn chats in MT-bench's style, the second turn after the model's own "
                           "greedy answer), edit (add type hints to a HumanEval function: the answer repeats the "
-                          "prompt)")
+                          "prompt); default all. data: comma list of qa (which function a quoted sentence of "
+                          "Python's documentation describes), needle (a number planted in such a document), "
+                          "sharegpt (ShareGPT's longest prompts), sot (Skeleton-of-Thought against plain decoding "
+                          "on held-out questions, judged by --judge); default all")
+    sur.add_argument("--judge", default=None,
+                     help="data: the model judging SoT's answers against plain decoding's (default: the largest "
+                          "packaged model)")
+    sur.add_argument("--ratios", default="2,3,5,10",
+                     help="data: target compression ratios (context tokens before / after; default 2,3,5,10)")
+    sur.add_argument("--lingua-methods", default="llmlingua,longllmlingua",
+                     help="data: the llmlingua package's methods run beside (default llmlingua,longllmlingua; "
+                          "none to skip the peer)")
+    sur.add_argument("--scorer", default=None,
+                     help="data: the small LM every compressor scores with (default: the smallest packaged model)")
+    sur.add_argument("--context-tokens", default="1000,2000",
+                     help="data: qa and needle documents of these many answerer tokens, in turn (default 1000,2000)")
     sur.add_argument("--humaneval-path", default=None,
                      help="speculative: HumanEval jsonl(.gz) file (default: fetched once into the nimblelm cache); "
                           "--dataset-path is the ShareGPT file")
@@ -669,6 +690,7 @@ def run_survey_speculative_command(args) -> dict:
     if args.resume:
         raise InvalidRequestError("--resume continues a survey quantization run; survey speculative always runs whole")
     n = 8 if args.num_prompts is None else args.num_prompts
+    args.workloads = args.workloads or ",".join(SPEC_WORKLOADS)
     if n < 1 or args.gen_len < 1:
         raise InvalidRequestError("--num-prompts and --gen-len must be >= 1")
     workloads = list(dict.fromkeys(w.strip() for w in args.workloads.split(",") if w.strip()))
@@ -746,6 +768,98 @@ def run_survey_speculative_command(args) -> dict:
             "datastore": datastore, "layer_search": layer_search, **out}
 
 
+def _comma_list(text: str, known: Sequence[str], flag: str, allow_none: bool = False) -> list[str]:
+    names = list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+    if allow_none and names == ["none"]:
+        return []
+    unknown = [w for w in names if w not in known]
+    if not names or unknown:
+        raise InvalidRequestError(f"{flag}: comma list of {', '.join(known)}"
+                                  + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return names
+
+
+def run_survey_data_command(args) -> dict:
+    from nimblelm import LLM, corpora
+    from nimblelm.bench import data_tasks, sot_questions
+    from nimblelm.bench.lingua_peer import METHODS as LINGUA_METHODS
+    from nimblelm.bench.runner import log
+    from nimblelm.bench.survey_data import run_survey_data
+    from nimblelm.bench.survey_sot import run_survey_sot
+    from nimblelm.models.registry import largest_model
+    from nimblelm.prompting.compression import METHODS
+    from nimblelm.prompting.scorer import SCORER_MODEL, Scorer
+
+    if args.resume:
+        raise InvalidRequestError("--resume continues a survey quantization run; survey data always runs whole")
+    n = 6 if args.num_prompts is None else args.num_prompts
+    if n < 1 or args.gen_len < 1:
+        raise InvalidRequestError("--num-prompts and --gen-len must be >= 1")
+    workloads = _comma_list(args.workloads or ",".join(DATA_WORKLOADS), DATA_WORKLOADS, "--workloads")
+    compressing = [w for w in workloads if w != "sot"]
+    methods = _comma_list(args.methods or ",".join(METHODS), METHODS, "--methods", allow_none=True)
+    lingua_methods = _comma_list(args.lingua_methods, LINGUA_METHODS, "--lingua-methods", allow_none=True)
+    if compressing and not methods and not lingua_methods:
+        raise InvalidRequestError("survey data needs a compressor: --methods or --lingua-methods")
+    try:
+        ratios = sorted({float(r) for r in args.ratios.split(",") if r.strip()})
+    except ValueError:
+        raise InvalidRequestError(f"--ratios: comma list of numbers, got {args.ratios!r}") from None
+    if not ratios or ratios[0] <= 1:
+        raise InvalidRequestError("--ratios: compression ratios above 1 (tokens before / after)")
+    lengths = parse_int_list(args.context_tokens, "--context-tokens")
+    if min(lengths) < 16:
+        raise InvalidRequestError("--context-tokens values must be >= 16")
+    scorer_name, judge_name = args.scorer or SCORER_MODEL, args.judge or largest_model()
+    ctx, _, _, machine = _prepare(argparse.Namespace(**{**vars(args), "backends": "nimblelm"}))
+    tok = ctx.tokenizer
+    tasks = []
+    if "qa" in workloads:
+        tasks += data_tasks.doc_qa_tasks(tok, n, lengths, seed=args.seed)
+    if "needle" in workloads:
+        tasks += data_tasks.needle_tasks(tok, n, lengths, seed=args.seed)
+    if "sharegpt" in workloads:
+        pairs = corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path(args.dataset_path)))
+        tasks += data_tasks.sharegpt_tasks(pairs, tok, n, max_prompt_tokens=max(lengths))
+    if tasks:
+        need = max(len(tok.encode(t.prompt(), add_special_tokens=False)) + t.max_tokens for t in tasks) + 64
+        ctx.max_model_len = max(ctx.max_model_len, need)
+        _check_context(ctx)
+    if "sot" in workloads:  # SoT's point prompts and the judge's two answers: up to 2048 positions
+        ctx.max_model_len = max(ctx.max_model_len, min(2048, ctx.config.max_position_embeddings))
+    log(f"loading the answering model {args.model}")
+    answerer = LLM(model=ctx.model, dtype=ctx.dtype, quantization=ctx.quantization, max_model_len=ctx.max_model_len,
+                   num_threads=ctx.threads, kv_cache_dtype=ctx.kv_cache_dtype)
+    out, skipped, lingua = {"results": [], "records": [], "break_even": [], "errors": {}}, {}, None
+    if compressing:
+        log(f"loading the scorer {scorer_name}")
+        scorer = Scorer(scorer_name, num_threads=ctx.threads)
+        if lingua_methods:
+            from nimblelm.bench.backends import BackendUnavailable
+            from nimblelm.bench.lingua_peer import LinguaCompressor
+
+            try:
+                lingua = LinguaCompressor(scorer_name, ctx.threads)
+            except BackendUnavailable as e:
+                skipped["llmlingua"] = str(e)
+                lingua_methods = []
+        out = run_survey_data(answerer, scorer, lingua, tasks, methods=methods, lingua_methods=lingua_methods,
+                              ratios=ratios, logger=log, progress=not args.no_progress)
+    sot = None
+    if "sot" in workloads:
+        judge = answerer if judge_name == args.model else LLM(model=judge_name, num_threads=ctx.threads,
+                                                              max_model_len=ctx.max_model_len)
+        sot = run_survey_sot(answerer, judge, sot_questions.questions(n, seed=args.seed), max_tokens=args.gen_len,
+                             logger=log)
+    config = {"experiment": args.experiment, "model": args.model, "dtype": args.dtype, "scorer": scorer_name,
+              "judge": judge_name if sot else None, "methods": methods, "lingua_methods": lingua_methods,
+              "ratios": ratios, "workloads": workloads, "num_prompts": n, "context_tokens": lengths,
+              "gen_len": args.gen_len, "threads": ctx.threads, "seed": args.seed,
+              "llmlingua_version": lingua.version if lingua else None, **_precision_config(args)}
+    return {"kind": "survey-data", "command": _command_line(), "config": config, "machine": machine,
+            "skipped": skipped, "sot": sot, **out}
+
+
 def run_roofline_command(args) -> dict:
     import torch
 
@@ -810,6 +924,8 @@ def run(args) -> int:
         report = run_survey_quantization_command(args)
     elif cmd == "survey" and args.experiment == "speculative":
         report = run_survey_speculative_command(args)
+    elif cmd == "survey" and args.experiment == "data":
+        report = run_survey_data_command(args)
     elif cmd == "survey":
         report = run_survey_command(args)
     elif cmd == "roofline":
@@ -821,7 +937,7 @@ def run(args) -> int:
     end = load_average()
     report["machine"].setdefault("load_average_at_end", [round(x, 2) for x in end] if end else None)
     _emit(report, args)
-    return 0 if report["results"] or report.get("roofline") else 1
+    return 0 if report["results"] or report.get("roofline") or report.get("sot") else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@
 - survey engines: batch-1 tokens/s and serving req/s per backend
 - survey quantization: a heatmap per phase (prefill, decode, end to end) of each method's speedup
 - survey speculative: batch-1 speedup per backend, method and workload; speedup against batch size per method
+- survey data: accuracy against the compression ratio reached, per workload; compressor plus answer seconds
+  against the prompt's tokens at the smallest ratio, beside the uncompressed answer's
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     kind = report.get("kind")
     fn = {"latency": _latency, "throughput": _throughput, "serve": _serve, "roofline": _roofline,
-          "survey-engines": _survey, "survey-quantization": _survey_quant, "survey-speculative": _survey_spec}.get(kind)
+          "survey-engines": _survey, "survey-quantization": _survey_quant, "survey-speculative": _survey_spec,
+          "survey-data": _survey_data}.get(kind)
     if fn is None or not (report.get("results") or report.get("roofline")):
         return []
     try:
@@ -261,5 +264,43 @@ def _survey_spec(plt, report: dict, out: Path) -> list[Path]:
     fig.suptitle(f"bench survey speculative: {report['config']['model']} (this machine)")
     fig.tight_layout()
     p = out / "survey_speculative.png"
+    fig.savefig(p, dpi=110)
+    return [p]
+
+
+def _survey_data(plt, report: dict, out: Path) -> list[Path]:
+    rows = report["results"]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads) + 1, figsize=(4.6 * (len(workloads) + 1), 4), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        mine = [r for r in rows if r["workload"] == workload]
+        for key in dict.fromkeys((r["backend"], r["method"]) for r in mine if r["method"] != "uncompressed"):
+            pts = sorted((r["achieved_ratio"], r["accuracy"]) for r in mine if (r["backend"], r["method"]) == key)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{key[0]}: {key[1]}")
+        base = [r["accuracy"] for r in mine if r["method"] == "uncompressed"]
+        if base:
+            ax.axhline(base[0], color="black", linewidth=0.8, label="uncompressed")
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio reached")
+        ax.set_ylabel("accuracy" if workload != "sharegpt" else "word F1 with the uncompressed answer")
+        ax.set_title(workload)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    records = report["records"]
+    smallest = min((r["ratio"] for r in records if r["method"] != "uncompressed"), default=None)
+    for key in dict.fromkeys((r["backend"], r["method"]) for r in records if r["method"] != "uncompressed"):
+        pts = sorted((r["context_tokens"], r["compress_s"] + r["e2e_s"]) for r in records
+                     if (r["backend"], r["method"]) == key and r["ratio"] == smallest)
+        ax.scatter([x for x, _ in pts], [y for _, y in pts], s=14, label=f"{key[0]}: {key[1]} at {smallest:g}x")
+    pts = sorted((r["context_tokens"], r["e2e_s"]) for r in records if r["method"] == "uncompressed")
+    ax.scatter([x for x, _ in pts], [y for _, y in pts], s=18, color="black", marker="x", label="uncompressed")
+    ax.set_xlabel("context tokens (scorer)")
+    ax.set_ylabel("compress + answer seconds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"bench survey data: {report['config']['model']} answering (this machine)")
+    fig.tight_layout()
+    p = out / "survey_data.png"
     fig.savefig(p, dpi=110)
     return [p]

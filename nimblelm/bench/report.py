@@ -188,6 +188,10 @@ def to_markdown(report: dict) -> str:
         from nimblelm.bench.survey_spec import survey_spec_markdown
 
         return survey_spec_markdown(report)
+    if kind == "survey-data":
+        from nimblelm.bench.survey_data import survey_data_markdown
+
+        return survey_data_markdown(report)
     if kind == "survey-engines":
         from nimblelm.bench.survey import survey_markdown
 

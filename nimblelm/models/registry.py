@@ -126,6 +126,11 @@ def list_models() -> list[ModelEntry]:
     return list(MODELS.values())
 
 
+def largest_model() -> str:
+    """The alias of the largest packaged model the engine runs (a judge of the others' answers)."""
+    return max((m for m in MODELS.values() if m.supported), key=lambda m: m.size).alias
+
+
 def get_entry(alias: str) -> ModelEntry | None:
     return MODELS.get(alias)
 

@@ -98,6 +98,11 @@ def _chat(tokenizer, user: str, reply_start: str, system: str | None = None) -> 
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text)}
 
 
+def plain_prompt(tokenizer, question: str, system: str | None = None) -> dict:
+    """The prompt of plain decoding: the question as it is, where the router or the skeleton says no."""
+    return _chat(tokenizer, question, "", system)
+
+
 def skeleton_prompt(tokenizer, question: str, system: str | None = None) -> dict:
     return _chat(tokenizer, (
         "You organize answers; you do not write them. Give only the skeleton of an answer to the question "
@@ -160,7 +165,7 @@ def plan(tokenizer, question: str, params: SamplingParams, router: str = "rule",
         outputs += outs
         points = parse_points("1." + outs[0].outputs[0].text)
     if len(points) < 2:
-        outs = yield Stage("plain", [_chat(tokenizer, question, "", system)], params)
+        outs = yield Stage("plain", [plain_prompt(tokenizer, question, system)], params)
         c = outs[0].outputs[0]
         return Answer(c.text, c.finish_reason, False, [], outputs + outs)
     outs = yield Stage("points", [point_prompt(tokenizer, question, points, i, system)

@@ -1,0 +1,152 @@
+"""The Skeleton-of-Thought part of `nimblelm bench survey data`: SoT against plain decoding of the same
+questions on the same engine, and a judge model's pairwise verdict.
+
+Batch 1: each question alone, plain decoding and SoT in turn (the first of the two rotating: the machine's
+speed drifts), the engine's prefix cache emptied before each, so SoT's shared question-and-skeleton prefix is
+the only cache it finds. Under load: every question at once, plain decoding's batch against SoT's (its stages
+batched across the questions). The judge, the largest packaged model by default, reads each routed question's
+two answers in both orders and says which is better or calls a tie.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+JUDGE_VERDICTS = ("sot", "plain", "tie", "unclear")
+
+
+def _judge_prompt(tokenizer, question: str, first: str, second: str) -> list[int]:
+    from nimblelm.bench.datasets import chat_text
+
+    text = (f"Compare two answers to a question.\n\nQuestion: {question}\n\nAnswer A:\n{first}\n\nAnswer B:\n"
+            f"{second}\n\nWhich answer is more helpful, relevant, accurate and detailed? Reply with one word: "
+            "A, B, or tie.")
+    return tokenizer.encode(chat_text(tokenizer, [{"role": "user", "content": text}]), add_special_tokens=False)
+
+
+def verdict(reply: str) -> str:
+    """'A', 'B' or 'tie' from the judge's reply; 'unclear' for anything else."""
+    word = reply.strip().strip(".*:\"'").lower()
+    if word.startswith("tie"):
+        return "tie"
+    if word[:1] in ("a", "b") and (len(word) == 1 or not word[1].isalpha()):
+        return word[0].upper()
+    for name in ("answer a", "answer b"):
+        if word.startswith(name):
+            return name[-1].upper()
+    return "unclear"
+
+
+def _plain(llm, questions: Sequence[str], params) -> list:
+    from nimblelm.prompting.skeleton import plain_prompt
+
+    return llm.generate([plain_prompt(llm.tokenizer, q) for q in questions], params, use_tqdm=False)
+
+
+def run_survey_sot(llm, judge, questions: Sequence[tuple[str, str]], *, max_tokens: int, router: str = "rule",
+                   logger: Callable[[str], None] = lambda m: None) -> dict:
+    from nimblelm import SamplingParams
+    from nimblelm.prompting import skeleton
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    texts = [q for _, q in questions]
+    rows = []
+    for i, (category, question) in enumerate(questions):
+        runs = {}
+        for mode in (("plain", "sot") if i % 2 == 0 else ("sot", "plain")):
+            llm.reset_prefix_cache()
+            start = time.perf_counter()
+            out = (_plain(llm, [question], params) if mode == "plain"
+                   else skeleton.generate(llm, [question], params, router))[0]
+            runs[mode] = (out, time.perf_counter() - start)
+        sot = runs["sot"][0]
+        rows.append({"category": category, "question": question, "routed": sot.skeleton.routed,
+                     "points": len(sot.skeleton.points), "plain_s": runs["plain"][1], "sot_s": runs["sot"][1],
+                     "skeleton_s": sot.skeleton.skeleton_seconds, "expansion_s": sot.skeleton.expansion_seconds,
+                     "plain_text": runs["plain"][0].outputs[0].text, "sot_text": sot.outputs[0].text})
+        logger(f"sot {category}: routed {sot.skeleton.routed}, plain {runs['plain'][1]:.1f} s, "
+               f"SoT {runs['sot'][1]:.1f} s")
+    load = {}
+    for mode in ("plain", "sot"):
+        llm.reset_prefix_cache()
+        start = time.perf_counter()
+        outs = _plain(llm, texts, params) if mode == "plain" else skeleton.generate(llm, texts, params, router)
+        load[mode] = {"seconds": time.perf_counter() - start,
+                      "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+    for r in rows:
+        r["verdicts"] = _judge(judge, r) if r["routed"] else []
+    return {"questions": rows, "load": load, "router": router, "max_tokens": max_tokens}
+
+
+def _judge(judge, row: dict) -> list[str]:
+    """The judge's verdicts with SoT's answer first, then second, as 'sot', 'plain', 'tie' or 'unclear'."""
+    from nimblelm import SamplingParams
+
+    tok = judge.tokenizer
+    q, sot, plain = row["question"], row["sot_text"], row["plain_text"]
+    prompts = [{"prompt_token_ids": _judge_prompt(tok, q, sot, plain)},
+               {"prompt_token_ids": _judge_prompt(tok, q, plain, sot)}]
+    outs = judge.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    named = [{"A": "sot", "B": "plain"}, {"A": "plain", "B": "sot"}]
+    return [names.get(v, v) for names, v in zip(named, (verdict(o.outputs[0].text) for o in outs))]
+
+
+def summarize_sot(sot: dict) -> dict:
+    rows = sot["questions"]
+    routed = [r for r in rows if r["routed"]]
+    verdicts = [v for r in routed for v in r["verdicts"]]
+
+    def speedup(rs):
+        return sum(r["plain_s"] for r in rs) / sum(r["sot_s"] for r in rs) if rs else None
+
+    def words(rs, key):
+        return statistics.fmean(len(r[key].split()) for r in rs) if rs else None
+
+    return {"questions": len(rows), "routed": len(routed), "speedup_routed": speedup(routed),
+            "speedup_all": speedup(rows), "load_speedup": sot["load"]["plain"]["seconds"] / sot["load"]["sot"]["seconds"],
+            "verdicts": {v: verdicts.count(v) for v in JUDGE_VERDICTS},
+            "sot_or_tie": (verdicts.count("sot") + verdicts.count("tie")) / len(verdicts) if verdicts else None,
+            "words_plain": words(routed, "plain_text"), "words_sot": words(routed, "sot_text")}
+
+
+def sot_markdown(report: dict) -> list[str]:
+    sot = report["sot"]
+    s = summarize_sot(sot)
+    cfg = report["config"]
+    out = ["", "## Skeleton-of-Thought", "",
+           (f"{s['questions']} held-out questions (generic, knowledge, roleplay, writing, math, coding in turn), "
+            f"{cfg['model']} answering greedy up to {sot['max_tokens']} tokens per answer (SoT: per point), router "
+            f"{sot['router']}; judge {cfg.get('judge')}, both orders."), "",
+           "| category | question | routed | points | plain s | SoT s | speedup | plain words | SoT words | verdicts |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in sot["questions"]:
+        out.append(f"| {r['category']} | {r['question']} | {'yes' if r['routed'] else 'no'} | {r['points']} | "
+                   f"{r['plain_s']:.1f} | {r['sot_s']:.1f} | {r['plain_s'] / r['sot_s']:.2f}× | "
+                   f"{len(r['plain_text'].split())} | {len(r['sot_text'].split())} | {', '.join(r['verdicts']) or '-'} |")
+    load = sot["load"]
+    out += ["", (f"Batch 1, routed questions: {_x(s['speedup_routed'])} end to end ({s['routed']} of "
+                 f"{s['questions']} routed); all questions: {_x(s['speedup_all'])}. Under load (every question at "
+                 f"once): plain {load['plain']['seconds']:.1f} s, SoT {load['sot']['seconds']:.1f} s "
+                 f"({_x(s['load_speedup'])}). Judge verdicts over the routed questions' pairs, both orders: "
+                 + ", ".join(f"{k} {v}" for k, v in s["verdicts"].items())
+                 + (f"; SoT preferred or tied in {100 * s['sot_or_tie']:.0f}%" if s["sot_or_tie"] is not None else "")
+                 + (f". Mean answer length, routed: plain {s['words_plain']:.0f} words, SoT {s['words_sot']:.0f}."
+                    if s["words_plain"] is not None else "."))]
+    return out
+
+
+def sot_targets(report: dict) -> list[str]:
+    s = summarize_sot(report["sot"])
+    if not s["routed"]:
+        return ["SoT: the router accepted no question: no target measured"]
+    return [(f"SoT at batch 1 on routed questions at least 1.5×: {_x(s['speedup_routed'])} "
+            f"({'met' if s['speedup_routed'] >= 1.5 else 'missed'})"),
+            "judge prefers SoT or ties in at least 45% of pairs: "
+            + (f"{100 * s['sot_or_tie']:.0f}% ({'met' if s['sot_or_tie'] >= 0.45 else 'missed'})"
+               if s["sot_or_tie"] is not None else "no verdicts")]
+
+
+def _x(v) -> str:
+    return f"{v:.2f}×" if v is not None else "-"
