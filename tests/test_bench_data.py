@@ -188,3 +188,23 @@ def test_a_sot_run_on_a_tiny_model(tiny_qwen, tmp_path):
             assert r["sot_text"] == r["plain_text"]
     assert report["sot"]["load"]["sot"]["output_tokens"] > 0
     assert "## Skeleton-of-Thought" in (out / "report.md").read_text()
+
+
+def test_llmlingua_gets_its_kv_cache_as_pairs_per_layer(tiny_qwen):
+    """llmlingua 0.2.2 passes and trims past_key_values as (key, value) pairs (transformers 4's format)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nimblelm.bench.lingua_peer import _PairsCache
+
+    model = _PairsCache(AutoModelForCausalLM.from_pretrained(tiny_qwen).eval())
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 8, 61]])
+    with torch.no_grad():
+        whole = model(ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        first = model(ids[:, :5], attention_mask=torch.ones_like(ids[:, :5]), use_cache=True)
+        pairs = first.past_key_values
+        assert isinstance(pairs, list) and all(len(p) == 2 for p in pairs)
+        trimmed = [(k[..., :4, :], v[..., :4, :]) for k, v in pairs]  # as llmlingua trims a cache
+        rest = model(ids[:, 4:], attention_mask=torch.ones_like(ids), past_key_values=trimmed, use_cache=True)
+    torch.testing.assert_close(rest.logits, whole.logits[:, 4:], rtol=1e-4, atol=1e-4)
+    assert rest.past_key_values[0][0].shape[2] == 8

@@ -3,7 +3,9 @@
 It scores with transformers on the same weights as nimblelm's scorer: the nimblelm loader's tensors in a
 transformers model, saved to a temporary folder that `PromptCompressor` loads on the CPU. llmlingua counts
 its budgets in tiktoken's gpt-3.5-turbo tokens, a file it would download; here it counts in the scorer's own
-tokens instead, the unit nimblelm's budgets use, so a rate means the same to both.
+tokens instead, the unit nimblelm's budgets use, so a rate means the same to both. And it reads and trims
+the KV cache as transformers 4 returned it, a (key, value) pair per layer, where transformers 5 returns a
+Cache object: `_PairsCache` converts between the two around each forward.
 """
 
 from __future__ import annotations
@@ -27,6 +29,27 @@ class _ScorerTokens:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 
+class _PairsCache:
+    """The model as llmlingua 0.2.2 calls it: past_key_values in and out as (key, value) pairs per layer."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, past_key_values=None, **kwargs):
+        from transformers.cache_utils import DynamicCache
+
+        if past_key_values is not None:
+            past_key_values = DynamicCache(ddp_cache_data=[(k, v) for k, v in past_key_values],
+                                           config=self.model.config)
+        out = self.model(*args, past_key_values=past_key_values, **kwargs)
+        if out.past_key_values is not None:
+            out.past_key_values = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 class LinguaCompressor:
     def __init__(self, scorer: str, threads: int):
         try:
@@ -44,6 +67,7 @@ class LinguaCompressor:
             with mock.patch("tiktoken.encoding_for_model", return_value=counter):
                 self.compressor = llmlingua.PromptCompressor(folder, device_map="cpu")
         counter.tokenizer = self.compressor.tokenizer
+        self.compressor.model = _PairsCache(self.compressor.model)
         self.version = getattr(llmlingua, "__version__", None) or _version()
 
     def compress(self, method: str, paragraphs: list[str], question: str, target_tokens: int) -> tuple[str, float]:
