@@ -103,7 +103,7 @@ def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_facto
                 rank.append(-sum(r[1:]) / max(1, len(r) - 1))
         kept, total = [], 0
         for j in sorted(range(len(paragraphs)), key=lambda j: (rank[j], j)):
-            if total + len(paragraphs[j]) <= coarse_factor * budget or not kept:
+            if total + len(paragraphs[j]) <= coarse_factor * budget or total < budget:
                 kept += paragraphs[j]
                 total += len(paragraphs[j])
         order = sorted(kept)
@@ -161,6 +161,15 @@ def test_the_coarse_stage_keeps_whole_paragraphs(scorer):
     whole = [j for j, tokens in paragraphs.items() if tokens <= kept]
     assert 1 <= len(whole) < 5 and kept == set().union(*(paragraphs[j] for j in whole))
     assert len(kept) <= 2 * math.ceil(0.2 * len(p))
+
+
+def test_the_coarse_stage_keeps_at_least_the_budget(scorer):
+    """A short paragraph and a long one that does not fit under twice the budget: whichever ranks first, the
+    kept paragraphs hold the budget, so the prompt is compressed to it and not past it."""
+    text = "Zebra quartz fjord, vexing plumb jackdaws.\n\n" + " ".join(
+        f"The weather log for day {i} says it rained in the morning and cleared by noon." for i in range(14))
+    out = compress(text, PromptCompression(method="llmlingua", rate=0.3), scorer)
+    assert out.compressed_tokens == math.ceil(0.3 * out.original_tokens)
 
 
 @pytest.mark.parametrize("method", ["selective_context", "llmlingua", "longllmlingua"])

@@ -9,7 +9,7 @@ compressed prompt is the kept tokens' characters in order, so kept spans come ba
   (tokens, words or sentences) scored by the sum over their tokens, the least informative dropped first.
 - `llmlingua` (Jiang et al., 2023): a budget controller first drops whole paragraphs (the prompt's parts
   between blank lines: demonstrations, documents), the lowest-perplexity ones, down to `coarse_factor` times
-  the budget (the highest ranked one stays whatever its length); then iterative token-level compression
+  the budget (while the kept ones hold fewer tokens than the budget, the next ranked stays whatever its length); then iterative token-level compression
   walks the rest in segments, each scored given the compressed text before it, keeping the most
   surprising tokens of each segment in proportion.
 - `longllmlingua` (Jiang et al., 2024): question-aware. Paragraphs ranked by how likely they make the
@@ -162,9 +162,11 @@ def _coarse(p: _Prompt, config: PromptCompression, scorer, budget: int) -> list[
     else:  # the paragraph's own perplexity: higher ranks first
         rows = scorer.surprisals([((), [p.ids[i] for i in item][:scorer.window]) for item in items])
         rank = [-sum(x for x in r if math.isfinite(x)) / max(1, len(r) - 1) for r in rows]
-    kept, total = set(forced), 0
+    kept, total, room = set(forced), 0, max(1, budget - len(forced))
     for j in sorted(range(len(items)), key=lambda j: (rank[j], j)):
-        if total + len(items[j]) <= limit or not total:  # the first ranked always: token pruning cuts it down
+        # Short of the budget, the next ranked always (token pruning cuts it down): else a short first paragraph
+        # and long others would leave fewer tokens than the budget.
+        if total + len(items[j]) <= limit or total < room:
             kept.update(items[j])
             total += len(items[j])
     return sorted(kept)
