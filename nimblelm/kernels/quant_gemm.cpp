@@ -62,6 +62,17 @@ static void quantize_row_q8(const float* x, int64_t K, int8_t* q, float* d, int6
   }
 }
 
+// Activation rows an int4 or int8 call multiplies against each weight tile at once: the tile's four rows
+// are loaded and unpacked once for all of them. 4 x XROWS accumulators stay in registers: AVX-512's 32
+// vector registers hold XROWS = 4, AVX2's 16 hold 2.
+#if defined(__AVX512VL__)
+constexpr int XROWS = 4;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int XROWS = 2;
+#else
+constexpr int XROWS = 1;
+#endif
+
 // Rows ahead to prefetch: without it the int8 rows streamed at ~4 GB/s, a third of what fp32 rows
 // reach, as the integer arithmetic leaves fewer loads in flight.
 constexpr int64_t PREFETCH_ROWS = 16;
@@ -82,52 +93,53 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-// Sum over the 32 int8 pairs of a and b as 8 int32 lanes. The products take unsigned x signed, so a's
-// sign moves onto b.
-static inline __m256i dot32_i8(__m256i a, __m256i b) {
-  return dot_u8s8(_mm256_setzero_si256(), _mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-}
-
-// Four weight rows (from q and s, laid out as t says) against one quantized activation row. TILED
-// makes the tile's strides constants, which the loop's address arithmetic then folds.
-template <bool TILED>
-static inline void int8_dot4_(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
-                              int64_t group, const RowTile& layout, float* out) {
+// Four weight rows (from q and s, laid out as t says) against R quantized activation rows (xs values and
+// ds block scales apart). out[m][r] is activation row m's sum for weight row r. The products take unsigned
+// x signed bytes, so each weight's sign moves onto the activation it multiplies. TILED makes the tile's
+// strides constants, which the loop's address arithmetic then folds.
+template <bool TILED, int R>
+static inline void int8_dot4_(const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
+                              const float* s, int64_t K, int64_t group, const RowTile& layout, float (*out)[4]) {
   const RowTile t = TILED ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const int64_t ahead = PREFETCH_ROWS * K;
-  auto block = [&](int64_t k, int r, __m256i xv, __m256 d) {
-    const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit;
-    _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(xv, wv)), d, acc[r]);
-  };
-  if (group == 16) {
-    // Two groups per block of 32 (Q6_K's scales): dot32_i8's lanes 0-3 sum bytes 0-15 and lanes 4-7
-    // bytes 16-31, so one vector of two scales, each in four lanes, scales both halves at once.
-    for (int64_t k = 0; k < K; k += QBLOCK) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-      const float dx = xd[k / QBLOCK];
-      for (int r = 0; r < 4; ++r) {
-        const float* sr = s + r * t.s_row + k / 16 * t.s_group;
-        block(k, r, xv, _mm256_set_m128(_mm_set1_ps(dx * sr[t.s_group]), _mm_set1_ps(dx * sr[0])));
-      }
+  __m256 acc[4][R];
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < R; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t ahead = PREFETCH_ROWS * K, span = std::max(group, QBLOCK);
+  for (int64_t j = 0; j < K / span; ++j) {  // spans outside, blocks inside: no division in the loop
+    __m256 sv[4];
+    for (int r = 0; r < 4; ++r) {
+      const float* sr = s + r * t.s_row;
+      // Groups of 16 (Q6_K's scales): the products' lanes 0-3 sum bytes 0-15 and lanes 4-7 bytes 16-31,
+      // so one vector of two scales, each in four lanes, scales both halves at once.
+      sv[r] = group == 16 ? _mm256_set_m128(_mm_set1_ps(sr[(2 * j + 1) * t.s_group]), _mm_set1_ps(sr[2 * j * t.s_group]))
+                          : _mm256_set1_ps(sr[j * t.s_group]);
     }
-  } else {
-    for (int64_t j = 0; j < K / group; ++j) {  // groups outside, blocks inside: no division in the loop
-      for (int64_t k = j * group; k < (j + 1) * group; k += QBLOCK) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-        const float dx = xd[k / QBLOCK];
-        for (int r = 0; r < 4; ++r) block(k, r, xv, _mm256_set1_ps(dx * s[r * t.s_row + j * t.s_group]));
+    for (int64_t k = j * span; k < (j + 1) * span; k += QBLOCK) {
+      for (int r = 0; r < 4; ++r) {
+        const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit;
+        _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), wabs = _mm256_sign_epi8(wv, wv);
+        for (int m = 0; m < R; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * xs + k));
+          const __m256i dot = dot_u8s8(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(xv, wv));
+          const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(xd + m * ds + k / QBLOCK));
+          acc[r][m] = _mm256_fmadd_ps(scaled, sv[r], acc[r][m]);
+        }
       }
     }
   }
-  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+  for (int m = 0; m < R; ++m)
+    for (int r = 0; r < 4; ++r) out[m][r] = hsum(acc[r][m]);
 }
 
-static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
-                             int64_t group, const RowTile& t, float* out) {
-  (t.q_row == QBLOCK ? int8_dot4_<true> : int8_dot4_<false>)(xq, xd, q, s, K, group, t, out);
+// R (at most XROWS) activation rows against four weight rows: the template instance for R and the layout.
+template <int R = XROWS>
+static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
+                             const float* s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
+  if constexpr (R > 1) {
+    if (rows < R) return int8_dot4<R - 1>(rows, xq, xd, xs, ds, q, s, K, group, t, out);
+  }
+  (t.q_row == QBLOCK ? int8_dot4_<true, R> : int8_dot4_<false, R>)(xq, xd, xs, ds, q, s, K, group, t, out);
 }
 
 // Blocks 2i and 2i + 1 of a row are 32 consecutive bytes: their low nibbles are the first halves of the
@@ -139,8 +151,10 @@ static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q,
 constexpr int64_t QPAIR = 2 * QBLOCK;
 
 // pair_x's layout of one quantized activation row, plus per pair: the blocks' scales (dxv) and sums
-// (xbv), each in the four lanes of its block; xbv holds a quarter of the sum, as the lanes add up again.
-static void pair_x(const int8_t* xq, const float* xd, int64_t K, int8_t* xp, float* dxv, float* xbv) {
+// (xbv), each in the four lanes of its block. xbv holds a quarter of the sum, as the lanes add up again,
+// times the weights' minimum in units of their scale where that is fixed (symmetric: -8), else times 1.
+static void pair_x(const int8_t* xq, const float* xd, int64_t K, float min_in_scales, int8_t* xp, float* dxv,
+                   float* xbv) {
   for (int64_t i = 0; i < K / QPAIR; ++i) {
     const int8_t* a = xq + i * QPAIR;
     int8_t* o = xp + i * QPAIR;
@@ -153,16 +167,14 @@ static void pair_x(const int8_t* xq, const float* xd, int64_t K, int8_t* xp, flo
       for (int64_t k = 0; k < QBLOCK; ++k) total += a[h * QBLOCK + k];
       const float d = xd[2 * i + h];
       std::fill(dxv + 8 * i + 4 * h, dxv + 8 * i + 4 * h + 4, d);
-      std::fill(xbv + 8 * i + 4 * h, xbv + 8 * i + 4 * h + 4, 0.25f * float(total) * d);
+      std::fill(xbv + 8 * i + 4 * h, xbv + 8 * i + 4 * h + 4, 0.25f * min_in_scales * float(total) * d);
     }
   }
 }
 
-// Sums of a pair of blocks against pair_x's layout: lanes 0-3 add up to block 2i's, lanes 4-7 to 2i+1's.
-static inline __m256 int4_pair_sums(__m256i xlo, __m256i xhi, const uint8_t* packed) {
-  const __m256i nibble = _mm256_set1_epi8(15);
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed));
-  const __m256i lo = _mm256_and_si256(bytes, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+// Sums of a pair of blocks against pair_x's layout, the weights' nibbles unpacked (lo, hi): lanes 0-3 add up
+// to block 2i's, lanes 4-7 to 2i+1's.
+static inline __m256 int4_pair_sums(__m256i lo, __m256i hi, __m256i xlo, __m256i xhi) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
   return _mm256_cvtepi32_ps(dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo, xlo), hi, xhi));
 #else
@@ -178,22 +190,21 @@ static inline __m256 group_pair(const float* v, int r, int64_t g, int64_t g2, co
   return _mm256_set_m128(_mm_broadcast_ss(vr + g2 * t.s_group), _mm_broadcast_ss(vr + g * t.s_group));
 }
 
-// Four weight rows (K a multiple of 64) against one activation row from pair_x, the minimums included:
-// sum_k x[k] * (scale q[k] + min) = scale (q . x) + min sum(x) per group; without stored minimums
-// (symmetric, min = -8 scale) that is scale (q . x - 8 sum(x)), one multiply-add fewer. The variants are
-// templates so that the loop holds no branch and few enough vectors to stay in registers (with many
-// activation rows the weights sit in L1 and the loop's arithmetic is what counts).
-template <bool MINS, bool PACKED8>
-static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
-                                    const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
-                                    float* out) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+// Four weight rows (K a multiple of 64) against R activation rows from pair_x (x rows xs bytes apart,
+// their dxv and xbv vs floats apart), the minimums included: sum_k x[k] * (scale q[k] + min) =
+// scale (q . x) + min sum(x) per group; without stored minimums (symmetric, min = -8 scale) that is
+// scale (q . x - 8 sum(x)), one multiply-add fewer, and pair_x stored -8 sum(x) in xbv. out[m][r] is
+// activation row m's sum for weight row r. The variants are templates so that the loop holds no branch
+// and few enough vectors to stay in registers.
+template <bool MINS, bool PACKED8, int R>
+static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const float* xbv, int64_t xs, int64_t vs,
+                                    const uint8_t* q, const float* s, const float* mins, int64_t K, int64_t group,
+                                    const RowTile& t, float (*out)[4]) {
+  __m256 acc[4][R];
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < R; ++m) acc[r][m] = _mm256_setzero_ps();
   const int64_t ahead = PREFETCH_ROWS * K / 2, pairs_per_group = std::max<int64_t>(group / QPAIR, 1);
   for (int64_t i = 0; i < K / QPAIR; ++i) {
-    const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR));
-    const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * QPAIR + 32));
-    const __m256 dx = _mm256_loadu_ps(dxv + 8 * i), xb = _mm256_loadu_ps(xbv + 8 * i);
-    const __m256 xb8 = _mm256_mul_ps(_mm256_set1_ps(-8.f), xb);
     const int64_t g = group == QBLOCK ? 2 * i : i / pairs_per_group, g2 = group == QBLOCK ? g + 1 : g;
     // PACKED8 (tiles, groups of 32): the pair's scales of the four rows are 8 floats in a row.
     const __m256 s8 = PACKED8 ? _mm256_loadu_ps(s + 8 * i) : _mm256_setzero_ps();
@@ -204,44 +215,65 @@ static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const fl
     } else {
       for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * t.q_row + i * t.q_unit + ahead), _MM_HINT_T0);
     }
-    for (int r = 0; r < 4; ++r) {
-      const __m256i lane = _mm256_setr_epi32(r, r, r, r, r + 4, r + 4, r + 4, r + 4);
-      const __m256 sv = PACKED8 ? _mm256_permutevar8x32_ps(s8, lane) : group_pair(s, r, g, g2, t);
-      const __m256 sums = int4_pair_sums(xlo, xhi, q + r * t.q_row + i * t.q_unit);
-      if constexpr (MINS) {
-        const __m256 mv = PACKED8 ? _mm256_permutevar8x32_ps(m8, lane) : group_pair(mins, r, g, g2, t);
-        acc[r] = _mm256_fmadd_ps(mv, xb, _mm256_fmadd_ps(sums, _mm256_mul_ps(dx, sv), acc[r]));
-      } else {
-        acc[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(sums, dx, xb8), sv, acc[r]);
+    // Row r's scale of each block in its four lanes: s8's 128-bit halves hold the two blocks' scales of the
+    // four rows, so an in-lane permute by an immediate picks them (no index vectors held in registers).
+    const auto row_of = [](__m256 v8, auto r) { return _mm256_permute_ps(v8, decltype(r)::value * 0x55); };
+    const auto each_row = [](auto&& f) {
+      f(std::integral_constant<int, 0>{}), f(std::integral_constant<int, 1>{}), f(std::integral_constant<int, 2>{}),
+          f(std::integral_constant<int, 3>{});
+    };
+    each_row([&](auto rc) {
+      constexpr int r = decltype(rc)::value;
+      const __m256 sv = PACKED8 ? row_of(s8, rc) : group_pair(s, r, g, g2, t);
+      const __m256 mv = !MINS ? sv : PACKED8 ? row_of(m8, rc) : group_pair(mins, r, g, g2, t);
+      const __m256i nibble = _mm256_set1_epi8(15);
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * t.q_row + i * t.q_unit));
+      const __m256i lo = _mm256_and_si256(bytes, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+      for (int m = 0; m < R; ++m) {
+        const int8_t* x = xp + m * xs + i * QPAIR;
+        const __m256 sums = int4_pair_sums(lo, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
+                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        const __m256 dx = _mm256_loadu_ps(dxv + m * vs + 8 * i), xb = _mm256_loadu_ps(xbv + m * vs + 8 * i);
+        if constexpr (MINS) {
+          acc[r][m] = _mm256_fmadd_ps(mv, xb, _mm256_fmadd_ps(sums, _mm256_mul_ps(dx, sv), acc[r][m]));
+        } else {
+          acc[r][m] = _mm256_fmadd_ps(_mm256_fmadd_ps(sums, dx, xb), sv, acc[r][m]);
+        }
       }
-    }
+    });
   }
-  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+  for (int m = 0; m < R; ++m)
+    for (int r = 0; r < 4; ++r) out[m][r] = hsum(acc[r][m]);
 }
 
-static inline void int4_dot4_pairs(const int8_t* xp, const float* dxv, const float* xbv, const uint8_t* q,
-                                   const float* s, const float* mins, int64_t K, int64_t group, const RowTile& t,
-                                   float* out) {
-  const bool packed8 = t.s_row == 1 && group == QBLOCK;
-  if (mins) {
-    (packed8 ? int4_dot4_pairs_<true, true> : int4_dot4_pairs_<true, false>)(xp, dxv, xbv, q, s, mins, K, group, t, out);
-  } else {
-    (packed8 ? int4_dot4_pairs_<false, true> : int4_dot4_pairs_<false, false>)(xp, dxv, xbv, q, s, mins, K, group, t, out);
+// R (at most XROWS) activation rows against four weight rows: the template instance for R and the layout.
+template <int R = XROWS>
+static inline void int4_dot4_pairs(int rows, const int8_t* xp, const float* dxv, const float* xbv, int64_t xs,
+                                   int64_t vs, const uint8_t* q, const float* s, const float* mins, int64_t K,
+                                   int64_t group, const RowTile& t, float (*out)[4]) {
+  if constexpr (R > 1) {
+    if (rows < R) return int4_dot4_pairs<R - 1>(rows, xp, dxv, xbv, xs, vs, q, s, mins, K, group, t, out);
   }
+  const bool packed8 = t.s_row == 1 && group == QBLOCK;
+  auto f = mins ? (packed8 ? int4_dot4_pairs_<true, true, R> : int4_dot4_pairs_<true, false, R>)
+                : (packed8 ? int4_dot4_pairs_<false, true, R> : int4_dot4_pairs_<false, false, R>);
+  f(xp, dxv, xbv, xs, vs, q, s, mins, K, group, t, out);
 }
 #else
-static inline void int8_dot4(const int8_t* xq, const float* xd, const int8_t* q, const float* s, int64_t K,
-                             int64_t group, const RowTile& t, float* out) {
+static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
+                             const float* s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
   const int64_t step = std::min(group, QBLOCK);  // one scale per step of values (group 16: half a block)
-  for (int r = 0; r < 4; ++r) {
-    float total = 0.f;
-    for (int64_t k = 0; k < K; k += step) {
-      const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit + k % QBLOCK;
-      int32_t dot = 0;
-      for (int64_t i = 0; i < step; ++i) dot += int32_t(xq[k + i]) * int32_t(w[i]);
-      total += float(dot) * xd[k / QBLOCK] * s[r * t.s_row + k / group * t.s_group];
+  for (int m = 0; m < rows; ++m) {
+    for (int r = 0; r < 4; ++r) {
+      float total = 0.f;
+      for (int64_t k = 0; k < K; k += step) {
+        const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit + k % QBLOCK;
+        int32_t dot = 0;
+        for (int64_t i = 0; i < step; ++i) dot += int32_t(xq[m * xs + k + i]) * int32_t(w[i]);
+        total += float(dot) * xd[m * ds + k / QBLOCK] * s[r * t.s_row + k / group * t.s_group];
+      }
+      out[m][r] = total;
     }
-    out[r] = total;
   }
 }
 #endif
@@ -270,28 +302,32 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
   std::vector<float> xd(M * K / QBLOCK);
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK, per_token ? K : QBLOCK);
-  // Tiles of four weight rows; each tile's int8 rows stay in L1 across activation rows.
+  // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
-    float out[4];
+    float out[XROWS][4];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * 4;
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xr = xq.data() + m * K;
-        const float* dr = xd.data() + m * K / QBLOCK;
+      for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+        const int64_t xrows = std::min<int64_t>(XROWS, M - m0);
+        const int8_t* xr = xq.data() + m0 * K;
+        const float* dr = xd.data() + m0 * K / QBLOCK;
         if (n + 4 <= N) {
-          int8_dot4(xr, dr, qp + n * K, sp + n * groups, K, group, t, out);
-          for (int r = 0; r < 4; ++r) yp[m * N + n + r] = out[r] + (bp ? bp[n + r] : 0.f);
+          int8_dot4(int(xrows), xr, dr, K, K / QBLOCK, qp + n * K, sp + n * groups, K, group, t, out);
+          for (int64_t m = 0; m < xrows; ++m)
+            for (int r = 0; r < 4; ++r) yp[(m0 + m) * N + n + r] = out[m][r] + (bp ? bp[n + r] : 0.f);
           continue;
         }
-        for (int64_t r = n; r < N; ++r) {  // the last rows of a layout in rows, fewer than four: scalar
-          float total = 0.f;
-          const int64_t step = std::min(group, QBLOCK);
-          for (int64_t k = 0; k < K; k += step) {
-            int32_t dot = 0;
-            for (int64_t i = k; i < k + step; ++i) dot += int32_t(xr[i]) * int32_t(qp[r * K + i]);
-            total += float(dot) * dr[k / QBLOCK] * sp[r * groups + k / group];
+        for (int64_t m = 0; m < xrows; ++m) {
+          for (int64_t r = n; r < N; ++r) {  // the last rows of a layout in rows, fewer than four: scalar
+            float total = 0.f;
+            const int64_t step = std::min(group, QBLOCK);
+            for (int64_t k = 0; k < K; k += step) {
+              int32_t dot = 0;
+              for (int64_t i = k; i < k + step; ++i) dot += int32_t(xr[m * K + i]) * int32_t(qp[r * K + i]);
+              total += float(dot) * dr[m * K / QBLOCK + k / QBLOCK] * sp[r * groups + k / group];
+            }
+            yp[(m0 + m) * N + r] = total + (bp ? bp[r] : 0.f);
           }
-          yp[m * N + r] = total + (bp ? bp[r] : 0.f);
         }
       }
     }
@@ -428,29 +464,35 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
   const bool pairs = K % QPAIR == 0;
   std::vector<int8_t> xpairs(pairs ? M * K : 0);
   std::vector<float> dxv(pairs ? M * K / QPAIR * 8 : 0), xbv(dxv.size());
+  const int64_t vs = K / QPAIR * 8;
   for (int64_t m = 0; pairs && m < M; ++m)
-    pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, xpairs.data() + m * K,
-           dxv.data() + m * K / QPAIR * 8, xbv.data() + m * K / QPAIR * 8);
+    pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, mp ? 1.f : -8.f, xpairs.data() + m * K,
+           dxv.data() + m * vs, xbv.data() + m * vs);
 #endif
+  // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
-    float out[4];
+    float out[XROWS][4];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * 4, rows = std::min<int64_t>(4, N - n);
       const uint8_t* qt = qp + n * K / 2;
       const float* st = sp + n * groups;
       const float* mt = mp ? mp + n * groups : nullptr;
-      for (int64_t m = 0; m < M; ++m) {
+      for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+        const int64_t xrows = std::min<int64_t>(XROWS, M - m0);
 #if defined(__AVX2__) && defined(__FMA__)
         if (pairs && rows == 4) {
-          const int64_t v = m * K / QPAIR * 8;
-          int4_dot4_pairs(xpairs.data() + m * K, dxv.data() + v, xbv.data() + v, qt, st, mt, K, group, t, out);
+          int4_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs, xbv.data() + m0 * vs, K, vs, qt,
+                          st, mt, K, group, t, out);
         } else
 #endif
         {
-          for (int64_t r = 0; r < rows; ++r)
-            out[r] = int4_dot1(xq.data() + m * K, xd.data() + m * K / QBLOCK, qt, st, mt, K, group, t, int(r));
+          for (int64_t m = 0; m < xrows; ++m)
+            for (int64_t r = 0; r < rows; ++r)
+              out[m][r] = int4_dot1(xq.data() + (m0 + m) * K, xd.data() + (m0 + m) * K / QBLOCK, qt, st, mt, K, group,
+                                    t, int(r));
         }
-        for (int64_t r = 0; r < rows; ++r) yp[m * N + n + r] = out[r] + (bp ? bp[n + r] : 0.f);
+        for (int64_t m = 0; m < xrows; ++m)
+          for (int64_t r = 0; r < rows; ++r) yp[(m0 + m) * N + n + r] = out[m][r] + (bp ? bp[n + r] : 0.f);
       }
     }
   });

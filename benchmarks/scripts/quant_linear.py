@@ -1,0 +1,77 @@
+"""The weight-only int8 and int4 linears (int8_linear, int4_linear: integer dot products on the weights as
+stored) by activation rows per call, on a model's four layer shapes (qkv, o, gate_up, down), one set per
+decoder layer of the model so that the weights stream from memory as in a step; best of 5 passes. Prints ms
+per decoder layer, the weight bytes read per second and GFLOP/s.
+
+Usage: python benchmarks/scripts/quant_linear.py [--model qwen2.5-coder-1.5b|smollm2-135m] [--threads 2]
+       [--rows 1,2,3,4,6,8,16,32,40]
+"""
+
+import argparse
+import time
+
+import torch
+
+from nimblelm.bench.machine import cpu_features, cpu_model
+from nimblelm.kernels import cpu_ops, kernels_in_use
+from nimblelm.quantization import tiles
+from nimblelm.quantization.int4 import pack_int4, quantize_int4
+
+MODELS = {  # decoder layers, and the four layer shapes (N, K)
+    "qwen2.5-coder-1.5b": (28, [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)]),
+    "smollm2-135m": (30, [(960, 576), (576, 576), (3072, 576), (576, 1536)]),
+}
+GROUP = 32
+
+
+def int8_layer(n: int, k: int) -> dict:
+    w = torch.randn(n, k)
+    scales = w.reshape(n, k // GROUP, GROUP).abs().amax(-1) / 127
+    q = (w.reshape(n, k // GROUP, GROUP) / scales[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return tiles.tile({"qweight": q, "scales": scales})
+
+
+def int4_layer(n: int, k: int) -> dict:
+    q, scales, _ = quantize_int4(torch.randn(n, k), GROUP, True)
+    return tiles.tile({"qweight": pack_int4(q), "scales": scales, "mins": None})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=MODELS, default="qwen2.5-coder-1.5b")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,2,3,4,6,8,16,32,40")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ops = cpu_ops()
+    layer_count, shapes = MODELS[args.model]
+    print(f"{args.model}, {cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; {kernels_in_use()}")
+    layers = {
+        "int8": [[int8_layer(n, k) for n, k in shapes] for _ in range(layer_count)],
+        "int4": [[int4_layer(n, k) for n, k in shapes] for _ in range(layer_count)],
+    }
+    calls = {
+        "int8": lambda x, t: ops.int8_linear(x, t["qweight"], t["scales"], None, GROUP),
+        "int4": lambda x, t: ops.int4_linear(x, t["qweight"], t["scales"], t["mins"], None, GROUP),
+    }
+    weights = sum(n * k for n, k in shapes)
+    print("| format | rows | ms a layer | weight GB/s | GFLOP/s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for fmt, stack in layers.items():
+        nbytes = sum(t.numel() * t.element_size() for layer in stack[:1] for ts in layer for t in ts.values()
+                     if t is not None)
+        for rows in (int(r) for r in args.rows.split(",")):
+            xs = [torch.randn(rows, k) for _, k in shapes]
+            best = float("inf")
+            for _ in range(6):
+                start = time.perf_counter()
+                for layer in stack:
+                    for x, t in zip(xs, layer):
+                        calls[fmt](x, t)
+                best = min(best, (time.perf_counter() - start) / layer_count)
+            print(f"| {fmt} | {rows} | {best * 1e3:.2f} | {nbytes / best / 1e9:.1f} | "
+                  f"{2 * rows * weights / best / 1e9:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
