@@ -4,7 +4,7 @@ panels (bfloat16 activations: AVX-512 BF16 dot products and AMX tiles, where the
 bfloat16 F.linear (oneDNN; AMX tiles where the CPU has them, with bfloat16 activations).
 
 60 distinct SmolLM2-shaped layers (1536 x 576), so the weights stream from memory as in a decode step; the
-best of 5 passes. Usage: python benchmarks/scripts/half_linear.py [--threads 2]
+best of 5 passes. Usage: python benchmarks/scripts/half_linear.py [--threads 2] [--rows 1,2,4,8]
 """
 
 import argparse
@@ -35,7 +35,9 @@ def gflops(step, rows: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
-    torch.set_num_threads(p.parse_args().threads)
+    p.add_argument("--rows", default="1,2,4,8,16,32,64,128,512")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
     ops = cpu_ops()
     weights = [torch.randn(N, K) for _ in range(LAYERS)]
     bf16 = [w.bfloat16() for w in weights]
@@ -57,7 +59,7 @@ def main() -> None:
         ops.set_bf16_products(products)
         return gflops(lambda x, i: ops.packed_linear(x, all_panels[i], N, None), rows)
 
-    for rows in (1, 2, 4, 8, 16, 32, 64, 128, 512):
+    for rows in (int(r) for r in args.rows.split(",")):
         cells = [
             panels(fp32_panels, rows),
             panels(bf16_panels, rows),
