@@ -3,6 +3,7 @@ engine start."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -80,6 +81,22 @@ def physical_cores() -> int:
         pass
     usable = len(os.sched_getaffinity(0))
     return max(1, min(len(cores) or usable, usable))
+
+
+@functools.cache
+def first_cpu() -> dict[str, str]:
+    """The first processor's entries in /proc/cpuinfo (vendor_id, flags, ...); empty where there is none."""
+    entries: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                entries[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return entries
 
 
 def memory_total_bytes(meminfo: str | None = None) -> int | None:

@@ -77,7 +77,7 @@ def test_int4_rejects_bad_group_sizes():
         quantize_int4(torch.randn(4, 96), 64)
 
 
-LIMITS_4 = (Int4WeightOnly.KERNEL_MAX_ROWS, int8.SLICED_SMALL_MAX_ROWS, int8.SLICED_MAX_ROWS)
+LIMITS_4 = (int8.integer_kernel_max_rows("int4"), int8.SLICED_SMALL_MAX_ROWS, int8.SLICED_MAX_ROWS)
 
 
 @pytest.mark.parametrize("rows", [5] + [limit + extra for limit in LIMITS_4 for extra in (0, 1)])

@@ -58,7 +58,7 @@ def test_int8_kernel_matches_its_emulation_and_stays_near_fp32(rows, n, k, group
     assert (y - exact).abs().max() < 0.01 * exact.abs().mean() * 10
 
 
-LIMITS_8 = (Int8WeightOnly.KERNEL_MAX_ROWS, int8.SLICED_SMALL_MAX_ROWS, int8.SLICED_MAX_ROWS)
+LIMITS_8 = (int8.integer_kernel_max_rows("int8"), int8.SLICED_SMALL_MAX_ROWS, int8.SLICED_MAX_ROWS)
 
 
 @pytest.mark.parametrize("rows", [limit + extra for limit in LIMITS_8 for extra in (0, 1)])

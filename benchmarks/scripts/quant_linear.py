@@ -1,5 +1,6 @@
-"""The weight-only int8 and int4 linears (int8_linear, int4_linear: integer dot products on the weights as
-stored) by activation rows per call, on a model's four layer shapes (qkv, o, gate_up, down), one set per
+"""The weight-only int8 and int4 linears by activation rows per call: the integer kernels on the weights as
+stored (int8_linear, int4_linear) and the float GEMMs that dequantize them a slice at a time
+(int8_dequant_linear, int4_dequant_linear; "sliced"), on a model's four layer shapes (qkv, o, gate_up, down), one set per
 decoder layer of the model so that the weights stream from memory as in a step; best of 5 passes. Prints ms
 per decoder layer, the weight bytes read per second and GFLOP/s.
 
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--model", choices=MODELS, default="qwen2.5-coder-1.5b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,2,3,4,6,8,16,32,40")
+    p.add_argument("--kinds", default="int8,int4", help="comma list of int8, int8 sliced, int4, int4 sliced")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ops = cpu_ops()
@@ -52,12 +54,17 @@ def main() -> None:
     }
     calls = {
         "int8": lambda x, t: ops.int8_linear(x, t["qweight"], t["scales"], None, GROUP),
+        "int8 sliced": lambda x, t: ops.int8_dequant_linear(x, t["qweight"], t["scales"], None, GROUP),
         "int4": lambda x, t: ops.int4_linear(x, t["qweight"], t["scales"], t["mins"], None, GROUP),
+        "int4 sliced": lambda x, t: ops.int4_dequant_linear(x, t["qweight"], t["scales"], t["mins"], None, GROUP),
     }
     weights = sum(n * k for n, k in shapes)
-    print("| format | rows | ms a layer | weight GB/s | GFLOP/s |")
+    print("| kernel | rows | ms a layer | weight GB/s | GFLOP/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for fmt, stack in layers.items():
+    for kind in args.kinds.split(","):
+        call = calls[kind]
+        fmt = kind.split()[0]
+        stack = layers[fmt]
         nbytes = sum(t.numel() * t.element_size() for layer in stack[:1] for ts in layer for t in ts.values()
                      if t is not None)
         for rows in (int(r) for r in args.rows.split(",")):
@@ -67,9 +74,9 @@ def main() -> None:
                 start = time.perf_counter()
                 for layer in stack:
                     for x, t in zip(xs, layer):
-                        calls[fmt](x, t)
+                        call(x, t)
                 best = min(best, (time.perf_counter() - start) / layer_count)
-            print(f"| {fmt} | {rows} | {best * 1e3:.2f} | {nbytes / best / 1e9:.1f} | "
+            print(f"| {kind} | {rows} | {best * 1e3:.2f} | {nbytes / best / 1e9:.1f} | "
                   f"{2 * rows * weights / best / 1e9:.0f} |")
 
 

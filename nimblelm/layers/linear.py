@@ -14,7 +14,7 @@ from nimblelm.kernels import cpu_ops
 
 # Up to this many activation rows the C++ kernels serve a whole decode step (models/decoder.py) and
 # W8A8 weights are multiplied as they are stored rather than dequantized for torch's GEMM (int8 and
-# int4 weight-only layers have their own limits, KERNEL_MAX_ROWS).
+# int4 weight-only layers have their own limits, quantization.int8.integer_kernel_max_rows).
 SKINNY_MAX_ROWS = 64
 
 

@@ -26,7 +26,7 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.linear import Linear, LinearMethod
 from nimblelm.quantization import tiles
-from nimblelm.quantization.int8 import takes_bf16_panels, takes_sliced_gemm
+from nimblelm.quantization.int8 import integer_kernel_max_rows, takes_bf16_panels, takes_sliced_gemm
 
 BLOCK = 32
 GROUP_SIZES = (32, 64, 128)
@@ -97,7 +97,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 class Int4WeightOnly(LinearMethod):
     """An eighth of the fp32 bytes, plus a scale per group and, unless the layer is symmetric, a minimum.
 
-    Up to KERNEL_MAX_ROWS activation rows the C++ kernel multiplies the packed values as stored, with
+    Up to integer_kernel_max_rows activation rows the C++ kernel multiplies the packed values as stored, with
     activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches run a
     float GEMM that dequantizes the weights a slice at a time (int4_dequant_linear) up to the rows
     takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's GEMM. Where
@@ -106,9 +106,6 @@ class Int4WeightOnly(LinearMethod):
     """
 
     name = "int4"
-    # Qwen2.5-Coder-1.5B's four layer shapes, 2 threads, Xeon with AMX, best of 3 (2026-12-04), ms: the
-    # integer kernel 17.3 at 32 rows, 26.1 at 48, 71.9 at 128; a slice at a time 18.1, 23.8, 51.4.
-    KERNEL_MAX_ROWS = 40
 
     def __init__(self, group_size: int = 32, symmetric: bool = True):
         self.group_size = group_size
@@ -144,7 +141,7 @@ class Int4WeightOnly(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
-        if ops is not None and x.shape[0] <= self.KERNEL_MAX_ROWS:
+        if ops is not None and x.shape[0] <= integer_kernel_max_rows("int4"):
             return ops.int4_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
         if ops is not None and takes_bf16_panels(ops, x.shape[0]):
             panels = ops.int4_bf16_panels(layer.qweight, layer.scales, layer.mins, layer.in_features, self.group_size)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.errors import InvalidRequestError
-from nimblelm.kernels import ops_for
+from nimblelm.kernels import kernel_isa_cap, ops_for
 from nimblelm.layers.linear import Linear, LinearMethod
+from nimblelm.platform import first_cpu
 from nimblelm.quantization import tiles
 
 
@@ -55,6 +56,28 @@ def takes_bf16_panels(ops, rows: int) -> bool:
     return rows >= BF16_PANELS_MIN_ROWS and bool(ops.bf16_product_rows())
 
 
+# Activation rows up to which the integer kernels (int8_linear, int4_linear) are faster than the sliced float
+# GEMM, by CPU kind: it turns on how fast each multiplies, which differs by kind, not by features alone.
+# Qwen2.5-Coder-1.5B's four layer shapes (benchmarks/scripts/quant_linear.py), 2 threads, ms:
+# - Xeon with AMX (2026-12-04, before the integer kernels took four activation rows at a time): int8 12.8 at
+#   16 rows, 18.2 at 24, 23.7 at 32 against 14.4, 17.3, 17.9 sliced; int4 17.3 at 32 rows, 26.1 at 48
+#   against 18.1, 23.8 sliced. Kept for every CPU not measured since, AVX2 ones included.
+# - AMD with AVX-512 (EPYC Zen 4, 2026-12-05, `80480f9`): int8 16.9 at 32 rows, 26.2 at 48, 34.5 at 64
+#   against 20.6, 28.6, 35.6 sliced; int4 10.6, 15.0, 22.6 against 21.3, 29.2, 35.7.
+INTEGER_MAX_ROWS = {"int8": 24, "int4": 40}
+INTEGER_MAX_ROWS_AMD_AVX512 = {"int8": 64, "int4": 64}
+
+
+def integer_kernel_max_rows(fmt: str) -> int:
+    """The most activation rows `fmt` ("int8", "int4") multiplies on its integer kernel here. From
+    /proc/cpuinfo and the kernels' variant cap, not from the ops: a decode-step trace calls it."""
+    cpu = first_cpu()
+    if (cpu.get("vendor_id") == "AuthenticAMD" and "avx512f" in cpu.get("flags", "").split()
+            and kernel_isa_cap() in ("native", "avx512")):
+        return INTEGER_MAX_ROWS_AMD_AVX512[fmt]
+    return INTEGER_MAX_ROWS[fmt]
+
+
 def takes_sliced_gemm(layer: Linear, rows: int) -> bool:
     large = layer.in_features * layer.out_features >= SLICED_MIN_WEIGHTS
     return rows <= (SLICED_MAX_ROWS if large else SLICED_SMALL_MAX_ROWS)
@@ -63,7 +86,7 @@ def takes_sliced_gemm(layer: Linear, rows: int) -> bool:
 class Int8WeightOnly(LinearMethod):
     """About a quarter of the fp32 bytes per decode step.
 
-    Up to KERNEL_MAX_ROWS activation rows, the C++ kernel multiplies int8 weights by activations it
+    Up to integer_kernel_max_rows activation rows, the C++ kernel multiplies int8 weights by activations it
     quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (batched decode,
     prefills) run a float GEMM that dequantizes the weights a slice at a time (int8_dequant_linear) up to
     the rows takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's
@@ -72,9 +95,6 @@ class Int8WeightOnly(LinearMethod):
     """
 
     name = "int8"
-    # Qwen2.5-Coder-1.5B's four layer shapes, 2 threads, Xeon with AMX, best of 3 (2026-12-04), ms: the
-    # integer kernel 12.8 at 16 rows, 18.2 at 24, 23.7 at 32; a slice at a time 14.4, 17.3, 17.9.
-    KERNEL_MAX_ROWS = 24
 
     def __init__(self, group_size: int = 32):
         self.group_size = group_size
@@ -109,7 +129,7 @@ class Int8WeightOnly(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
         if ops is not None and self._kernel_group():
-            if x.shape[0] <= self.KERNEL_MAX_ROWS:
+            if x.shape[0] <= integer_kernel_max_rows("int8"):
                 return ops.int8_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
             if takes_bf16_panels(ops, x.shape[0]):
                 panels = ops.int8_bf16_panels(layer.qweight, layer.scales, layer.in_features, self.group_size)
