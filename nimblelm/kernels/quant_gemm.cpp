@@ -151,8 +151,8 @@ static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_
 constexpr int64_t QPAIR = 2 * QBLOCK;
 
 // pair_x's layout of one quantized activation row, plus per pair: the blocks' scales (dxv) and sums
-// (xbv), each in the four lanes of its block. xbv holds a quarter of the sum, as the lanes add up again,
-// times the weights' minimum in units of their scale where that is fixed (symmetric: -8), else times 1.
+// (xbv, where given), each in the four lanes of its block. xbv holds a quarter of the sum, as the lanes add
+// up again, times the weights' minimum in units of their scale where that is fixed (symmetric: -8), else 1.
 static void pair_x(const int8_t* xq, const float* xd, int64_t K, float min_in_scales, int8_t* xp, float* dxv,
                    float* xbv) {
   for (int64_t i = 0; i < K / QPAIR; ++i) {
@@ -167,9 +167,60 @@ static void pair_x(const int8_t* xq, const float* xd, int64_t K, float min_in_sc
       for (int64_t k = 0; k < QBLOCK; ++k) total += a[h * QBLOCK + k];
       const float d = xd[2 * i + h];
       std::fill(dxv + 8 * i + 4 * h, dxv + 8 * i + 4 * h + 4, d);
-      std::fill(xbv + 8 * i + 4 * h, xbv + 8 * i + 4 * h + 4, 0.25f * min_in_scales * float(total) * d);
+      if (xbv) std::fill(xbv + 8 * i + 4 * h, xbv + 8 * i + 4 * h + 4, 0.25f * min_in_scales * float(total) * d);
     }
   }
+}
+
+// int8_dot4_ over pairs of blocks (groups of 32 or more, K a multiple of 64), activations in pair_x's
+// layout: each weight row's two blocks are rearranged in registers to match (first halves of both, then
+// second halves), so two dot products leave block 2i's sum in lanes 0-3 and 2i+1's in lanes 4-7, and one
+// conversion, multiply and multiply-add scale both: about two thirds of the instructions per weight and
+// activation row.
+template <bool TILED, int R>
+static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
+                                    const float* s, int64_t K, int64_t group, const RowTile& layout,
+                                    float (*out)[4]) {
+  const RowTile t = TILED ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
+  __m256 acc[4][R];
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < R; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t ahead = PREFETCH_ROWS * K;
+  for (int64_t i = 0; i < K / QPAIR; ++i) {
+    const int64_t g = 2 * i * QBLOCK / group, g2 = (2 * i + 1) * QBLOCK / group;
+    for (int r = 0; r < 4; ++r) {
+      const int8_t* w = q + r * t.q_row + 2 * i * t.q_unit;
+      _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + t.q_unit + ahead), _MM_HINT_T0);
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t.q_unit));
+      const __m256i a = _mm256_permute2x128_si256(w0, w1, 0x20), b = _mm256_permute2x128_si256(w0, w1, 0x31);
+      const __m256i a_abs = _mm256_sign_epi8(a, a), b_abs = _mm256_sign_epi8(b, b);
+      const float* sr = s + r * t.s_row;
+      const __m256 sv = _mm256_set_m128(_mm_set1_ps(sr[g2 * t.s_group]), _mm_set1_ps(sr[g * t.s_group]));
+      for (int m = 0; m < R; ++m) {
+        const int8_t* x = xp + m * xs + i * QPAIR;
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+        const __m256i dot = dot_u8s8(dot_u8s8(_mm256_setzero_si256(), a_abs, _mm256_sign_epi8(xa, a)), b_abs,
+                                     _mm256_sign_epi8(xb, b));
+        const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_loadu_ps(dxv + m * vs + 8 * i));
+        acc[r][m] = _mm256_fmadd_ps(scaled, sv, acc[r][m]);
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int r = 0; r < 4; ++r) out[m][r] = hsum(acc[r][m]);
+}
+
+template <int R = XROWS>
+static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv, int64_t xs, int64_t vs,
+                                   const int8_t* q, const float* s, int64_t K, int64_t group, const RowTile& t,
+                                   float (*out)[4]) {
+  if constexpr (R > 1) {
+    if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xs, vs, q, s, K, group, t, out);
+  }
+  (t.q_row == QBLOCK ? int8_dot4_pairs_<true, R> : int8_dot4_pairs_<false, R>)(xp, dxv, xs, vs, q, s, K, group, t, out);
 }
 
 // Sums of a pair of blocks against pair_x's layout, the weights' nibbles unpacked (lo, hi): lanes 0-3 add up
@@ -302,6 +353,15 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
   std::vector<float> xd(M * K / QBLOCK);
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK, per_token ? K : QBLOCK);
+#if defined(__AVX2__) && defined(__FMA__)
+  // Pairs of blocks share a conversion and the scales' arithmetic, where no scale covers half a block.
+  const bool pairs = group != 16 && K % QPAIR == 0;
+  const int64_t vs = K / QPAIR * 8;
+  std::vector<int8_t> xpairs(pairs ? M * K : 0);
+  std::vector<float> dxv(pairs ? M * vs : 0);
+  for (int64_t m = 0; pairs && m < M; ++m)
+    pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, 0.f, xpairs.data() + m * K, dxv.data() + m * vs, nullptr);
+#endif
   // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
     float out[XROWS][4];
@@ -312,7 +372,13 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
         const int8_t* xr = xq.data() + m0 * K;
         const float* dr = xd.data() + m0 * K / QBLOCK;
         if (n + 4 <= N) {
-          int8_dot4(int(xrows), xr, dr, K, K / QBLOCK, qp + n * K, sp + n * groups, K, group, t, out);
+#if defined(__AVX2__) && defined(__FMA__)
+          if (pairs)
+            int8_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs, K, vs, qp + n * K,
+                            sp + n * groups, K, group, t, out);
+          else
+#endif
+            int8_dot4(int(xrows), xr, dr, K, K / QBLOCK, qp + n * K, sp + n * groups, K, group, t, out);
           for (int64_t m = 0; m < xrows; ++m)
             for (int r = 0; r < 4; ++r) yp[(m0 + m) * N + n + r] = out[m][r] + (bp ? bp[n + r] : 0.f);
           continue;
