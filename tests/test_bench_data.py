@@ -170,7 +170,23 @@ def test_sot_summary_counts_routed_questions_only():
                        "load": {"plain": {"seconds": 9.0}, "sot": {"seconds": 6.0}}})
     assert s["routed"] == 2 and s["speedup_routed"] == pytest.approx(10 / 6) and s["speedup_all"] == pytest.approx(13 / 9)
     assert s["verdicts"] == {"sot": 1, "plain": 1, "tie": 1, "unclear": 1} and s["sot_or_tie"] == 0.5
+    # Two decisive verdicts, both with SoT's answer shown first: one picks it, one picks plain's; neither
+    # question's two orders agree.
+    assert s["first_picked"] == 0.5 and s["agreed"] == {"sot": 0, "plain": 0, "tie": 0, "split": 2}
+    biased = summarize_sot({"questions": [q(True, 1.0, 1.0, ["sot", "plain"]), q(True, 1.0, 1.0, ["plain", "plain"])],
+                            "load": {"plain": {"seconds": 1.0}, "sot": {"seconds": 1.0}}})
+    assert biased["first_picked"] == 0.75 and biased["agreed"] == {"sot": 0, "plain": 1, "tie": 0, "split": 1}
     assert s["load_speedup"] == 1.5 and s["words_plain"] == 4 and s["words_sot"] == 2
+
+
+@pytest.mark.parametrize(("verdicts", "expected"), [(["sot", "sot"], "sot"), (["plain", "plain"], "plain"),
+                                                    (["tie", "tie"], "tie"), (["sot", "plain"], "split"),
+                                                    (["plain", "sot"], "split"), (["sot", "tie"], "split"),
+                                                    (["unclear", "unclear"], "split")])
+def test_a_questions_verdict_holds_only_when_both_orders_agree(verdicts, expected):
+    from nimblelm.bench.survey_sot import agreed
+
+    assert agreed(verdicts) == expected
 
 
 def test_a_sot_run_on_a_tiny_model(tiny_qwen, tmp_path):

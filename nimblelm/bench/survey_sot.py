@@ -93,10 +93,21 @@ def _judge(judge, row: dict) -> list[str]:
     return [names.get(v, v) for names, v in zip(named, (verdict(o.outputs[0].text) for o in outs))]
 
 
+def agreed(verdicts: list[str]) -> str:
+    """A question's verdict once the order is taken out (verdicts: SoT's answer shown first, then plain's):
+    'sot' or 'plain' when both orders say so, 'tie' when both call one, else 'split' (the order decided)."""
+    first, second = verdicts
+    return first if first == second and first in ("sot", "plain", "tie") else "split"
+
+
 def summarize_sot(sot: dict) -> dict:
     rows = sot["questions"]
     routed = [r for r in rows if r["routed"]]
     verdicts = [v for r in routed for v in r["verdicts"]]
+    # The judge picked the answer it was shown first: SoT's in the first order, plain's in the second.
+    decisive = [v for r in routed for v in r["verdicts"] if v in ("sot", "plain")]
+    first_picked = sum((r["verdicts"][0] == "sot") + (r["verdicts"][1] == "plain") for r in routed)
+    by_question = [agreed(r["verdicts"]) for r in routed]
 
     def speedup(rs):
         return sum(r["plain_s"] for r in rs) / sum(r["sot_s"] for r in rs) if rs else None
@@ -108,6 +119,8 @@ def summarize_sot(sot: dict) -> dict:
             "speedup_all": speedup(rows), "load_speedup": sot["load"]["plain"]["seconds"] / sot["load"]["sot"]["seconds"],
             "verdicts": {v: verdicts.count(v) for v in JUDGE_VERDICTS},
             "sot_or_tie": (verdicts.count("sot") + verdicts.count("tie")) / len(verdicts) if verdicts else None,
+            "first_picked": first_picked / len(decisive) if decisive else None,
+            "agreed": {v: by_question.count(v) for v in ("sot", "plain", "tie", "split")},
             "words_plain": words(routed, "plain_text"), "words_sot": words(routed, "sot_text")}
 
 
@@ -132,6 +145,10 @@ def sot_markdown(report: dict) -> list[str]:
                  f"({_x(s['load_speedup'])}). Judge verdicts over the routed questions' pairs, both orders: "
                  + ", ".join(f"{k} {v}" for k, v in s["verdicts"].items())
                  + (f"; SoT preferred or tied in {100 * s['sot_or_tie']:.0f}%" if s["sot_or_tie"] is not None else "")
+                 + (f"; the answer shown first won {100 * s['first_picked']:.0f}% of the decisive verdicts"
+                    if s["first_picked"] is not None else "")
+                 + ". Per question, both orders together (split: the two orders disagree, so the order decided): "
+                 + ", ".join(f"{k} {v}" for k, v in s["agreed"].items())
                  + (f". Mean answer length, routed: plain {s['words_plain']:.0f} words, SoT {s['words_sot']:.0f}."
                     if s["words_plain"] is not None else "."))]
     return out
