@@ -91,13 +91,13 @@ def test_int4_linear_matches_its_reference(rows, large, monkeypatch, record_ops,
     layer = linear_of(w, Int4WeightOnly(group_size=32))
     assert layer.weight is None and layer.qweight.shape == (12, 256)  # in row tiles
     ref = F.linear(x, dequantize_int4(*layer.method.stored(layer).values()))
-    # Up to KERNEL_MAX_ROWS the C++ kernel, which rounds activations to int8 per block of 32 (test_kernels
+    # Up to integer_kernel_max_rows the C++ kernel, which rounds activations to int8 per block of 32 (test_kernels
     # checks it exactly on the rounded activations); then the sliced float GEMM, on the same dequantized
     # values in another order, up to 128 rows (512 for large layers); beyond, the float GEMM of the layer
     # dequantized, the same bits as the reference's (test_int4_dequantize_kernel_gives_the_reference_bits).
     # With bfloat16 products (dot or amx), prefills from 128 rows take them on bfloat16 panels.
     y = layer(x)
-    panels = bool(bf16_products) and rows >= int8.BF16_PANELS_MIN_ROWS
+    panels = bool(bf16_products) and rows >= int8.BF16_PANELS_MIN_ROWS and rows > LIMITS_4[0]
     sliced = not panels and LIMITS_4[0] < rows <= (LIMITS_4[2] if large else LIMITS_4[1])
     assert ("int4_bf16_panels" in called) == panels
     assert ("int4_dequant_linear" in called) == sliced and ("int4_linear" in called) == (rows <= LIMITS_4[0])

@@ -82,7 +82,7 @@ def test_int8_layers_take_the_kernel_then_the_sliced_float_gemm_up_to_their_row_
     layer.prepare(Int8WeightOnly(group_size=32))
     ref = F.linear(x, dequantize_int8(*layer.method.stored(layer).values()))  # the float path, exactly
     y = layer(x)
-    panels = bool(bf16_products) and rows >= int8.BF16_PANELS_MIN_ROWS
+    panels = bool(bf16_products) and rows >= int8.BF16_PANELS_MIN_ROWS and rows > LIMITS_8[0]
     sliced = not panels and LIMITS_8[0] < rows <= (LIMITS_8[2] if large else LIMITS_8[1])
     assert ("int8_bf16_panels" in called) == panels
     assert ("int8_dequant_linear" in called) == sliced and ("int8_linear" in called) == (rows <= LIMITS_8[0])

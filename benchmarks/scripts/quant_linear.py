@@ -29,12 +29,12 @@ def int8_layer(n: int, k: int) -> dict:
     w = torch.randn(n, k)
     scales = w.reshape(n, k // GROUP, GROUP).abs().amax(-1) / 127
     q = (w.reshape(n, k // GROUP, GROUP) / scales[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
-    return tiles.tile({"qweight": q, "scales": scales})
+    return tiles.tile({"qweight": q, "scales": scales}) | {"n": n}
 
 
 def int4_layer(n: int, k: int) -> dict:
     q, scales, _ = quantize_int4(torch.randn(n, k), GROUP, True)
-    return tiles.tile({"qweight": pack_int4(q), "scales": scales, "mins": None})
+    return tiles.tile({"qweight": pack_int4(q), "scales": scales, "mins": None}) | {"n": n}
 
 
 def main() -> None:
@@ -42,7 +42,9 @@ def main() -> None:
     p.add_argument("--model", choices=MODELS, default="qwen2.5-coder-1.5b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,2,3,4,6,8,16,32,40")
-    p.add_argument("--kinds", default="int8,int4", help="comma list of int8, int8 sliced, int4, int4 sliced")
+    p.add_argument("--kinds", default="int8,int4", help="comma list of int8, int4 (integer kernels), "
+                   "int8 sliced, int4 sliced (float GEMM, a slice dequantized at a time), int8 panels, int4 panels "
+                   "(dequantized into bfloat16 panels for the CPU's bfloat16 products)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ops = cpu_ops()
@@ -57,6 +59,10 @@ def main() -> None:
         "int8 sliced": lambda x, t: ops.int8_dequant_linear(x, t["qweight"], t["scales"], None, GROUP),
         "int4": lambda x, t: ops.int4_linear(x, t["qweight"], t["scales"], t["mins"], None, GROUP),
         "int4 sliced": lambda x, t: ops.int4_dequant_linear(x, t["qweight"], t["scales"], t["mins"], None, GROUP),
+        "int8 panels": lambda x, t: ops.packed_linear(
+            x, ops.int8_bf16_panels(t["qweight"], t["scales"], x.shape[1], GROUP), t["n"], None),
+        "int4 panels": lambda x, t: ops.packed_linear(
+            x, ops.int4_bf16_panels(t["qweight"], t["scales"], t["mins"], x.shape[1], GROUP), t["n"], None),
     }
     weights = sum(n * k for n, k in shapes)
     print("| kernel | rows | ms a layer | weight GB/s | GFLOP/s |")
@@ -66,7 +72,7 @@ def main() -> None:
         fmt = kind.split()[0]
         stack = layers[fmt]
         nbytes = sum(t.numel() * t.element_size() for layer in stack[:1] for ts in layer for t in ts.values()
-                     if t is not None)
+                     if isinstance(t, torch.Tensor))
         for rows in (int(r) for r in args.rows.split(",")):
             xs = [torch.randn(rows, k) for _, k in shapes]
             best = float("inf")

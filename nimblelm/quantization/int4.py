@@ -101,8 +101,8 @@ class Int4WeightOnly(LinearMethod):
     activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches run a
     float GEMM that dequantizes the weights a slice at a time (int4_dequant_linear) up to the rows
     takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's GEMM. Where
-    the CPU multiplies bfloat16 fast (AMX, AVX-512 BF16), prefills of 128 rows and more dequantize into
-    bfloat16 panels for those products instead (int8.takes_bf16_panels).
+    the CPU multiplies bfloat16 fast (AMX, AVX-512 BF16), prefills of 128 rows and more past the integer
+    kernel's rows dequantize into bfloat16 panels for those products instead (int8.takes_bf16_panels).
     """
 
     name = "int4"

@@ -63,9 +63,11 @@ def takes_bf16_panels(ops, rows: int) -> bool:
 #   16 rows, 18.2 at 24, 23.7 at 32 against 14.4, 17.3, 17.9 sliced; int4 17.3 at 32 rows, 26.1 at 48
 #   against 18.1, 23.8 sliced. Kept for every CPU not measured since, AVX2 ones included.
 # - AMD with AVX-512 (EPYC Zen 4, 2026-12-05, `80480f9`): int8 16.9 at 32 rows, 26.2 at 48, 34.5 at 64
-#   against 20.6, 28.6, 35.6 sliced; int4 10.6, 15.0, 22.6 against 21.3, 29.2, 35.7.
+#   against 20.6, 28.6, 35.6 sliced; int4 10.6, 15.0, 22.6 against 21.3, 29.2, 35.7. Against the bfloat16
+#   panels of prefills (`4bdb24e`, int8 in pairs of blocks): int8 54.2 at 128 rows, 110.9 at 256 against
+#   62.5, 93.3; int4 40.3 at 128, 87.5 at 256, 189.7 at 512 against 61.2, 92.1, 167.1.
 INTEGER_MAX_ROWS = {"int8": 24, "int4": 40}
-INTEGER_MAX_ROWS_AMD_AVX512 = {"int8": 64, "int4": 64}
+INTEGER_MAX_ROWS_AMD_AVX512 = {"int8": 128, "int4": 256}
 
 
 def integer_kernel_max_rows(fmt: str) -> int:
@@ -91,7 +93,8 @@ class Int8WeightOnly(LinearMethod):
     prefills) run a float GEMM that dequantizes the weights a slice at a time (int8_dequant_linear) up to
     the rows takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's
     GEMM. The float paths keep activations unquantized. Where the CPU multiplies bfloat16 fast (AMX, AVX-512
-    BF16), prefills of 128 rows and more dequantize into bfloat16 panels for those products instead.
+    BF16), prefills of 128 rows and more past the integer kernel's rows dequantize into bfloat16 panels for
+    those products instead.
     """
 
     name = "int8"
