@@ -233,6 +233,19 @@ def test_seeded_sampling_with_drafts_is_reproducible(plain_and_spec):
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
 
 
+def test_seeded_sampling_drafts_whatever_the_step_timings(tiny_qwen):
+    # Which positions are drafts decides which random draws make a sampled token, so a seeded request drafts
+    # its whole room: with step costs under which no draft pays, and with free rows, one seed gives one output.
+    spec = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8, speculative_config=NGRAM)
+    runner = spec.llm_engine.runner
+    params = SamplingParams(temperature=0.8, max_tokens=30, seed=7, ignore_eos=True)
+    outputs = []
+    for costs in ({1: 1e-3, 2: 1.0}, {1: 1e-3, 2: 1e-3}):
+        runner.step_cost = StepCost(costs)
+        outputs.append([o.outputs[0].token_ids for o in spec.generate(PROMPTS, params, use_tqdm=False)])
+    assert outputs[0] == outputs[1]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_real_model_greedy_output_is_identical_with_prompt_lookup(dtype):

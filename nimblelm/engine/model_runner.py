@@ -313,9 +313,15 @@ class ModelRunner:
                 depth[req_id] = d
                 room[req_id] = self.speculative.max_draft_nodes if self.speculative.proposes_trees else d
         if self.step_cost is not None and room:
-            rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in room}
-            room = draft_budget(room, rates, len(sample_ids), self.step_cost, self.proposer.pass_seconds,
-                                self.step_overhead.seconds)
+            # A seeded sampling request drafts its whole room: which of its positions are drafts decides which
+            # random draws make its tokens, so a budget that follows the machine's timings would give one
+            # seed different outputs from run to run.
+            seeded = {r: n for r, n in room.items() if self.seqs[r].params.seed is not None
+                      and not self.seqs[r].params.greedy}
+            timed = {r: n for r, n in room.items() if r not in seeded}
+            rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in timed}
+            room = seeded | (draft_budget(timed, rates, len(sample_ids) + sum(seeded.values()), self.step_cost,
+                                          self.proposer.pass_seconds, self.step_overhead.seconds) if timed else {})
         new_tokens = dict(zip(sample_ids, tokens))
         requests = {req_id: (self.seqs[req_id].token_ids + new_tokens[req_id], self.seqs[req_id].num_prompt_tokens, n)
                     for req_id, n in room.items()}
