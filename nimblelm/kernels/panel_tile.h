@@ -45,24 +45,27 @@ constexpr int VPP = 2;
 #endif
 // VW weights of a panel row as floats: float32 as stored, float16 converted (F16C, which every AVX2 CPU
 // has). bfloat16 panels interleave k-values in pairs (the layout AMX and dot-product instructions read,
-// pack_panels), so one load holds two panel rows: vload_pair widens them, a bfloat16's bits being the
-// top half of the float32 it rounds.
+// pack_panels), so one load holds two panel rows: vload_even and vload_odd widen one of them each, a
+// bfloat16's bits being the top half of the float32 it rounds.
 #if defined(__AVX512F__)
 static inline fvec vload_w(const float* p) { return vload(p); }
-static inline void vload_pair(const c10::BFloat16* p, fvec& even, fvec& odd) {
-  const __m512i h = _mm512_loadu_si512(p);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(int(0xffff0000u))));
+static inline fvec vload_even(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
+}
+static inline fvec vload_odd(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(int(0xffff0000u))));
 }
 static inline fvec vload_w(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 static inline fvec vload_w(const float* p) { return vload(p); }
-static inline void vload_pair(const c10::BFloat16* p, fvec& even, fvec& odd) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  even = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-  odd = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(int(0xffff0000u))));
+static inline fvec vload_even(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+}
+static inline fvec vload_odd(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi32(int(0xffff0000u))));
 }
 static inline fvec vload_w(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -98,21 +101,31 @@ static inline void panel_tile(const float* a, int64_t lda, const W* b, int64_t l
 #pragma GCC unroll 4
     for (int j = 0; j < V; ++j) acc[r][j] = vzero();
   if constexpr (std::is_same_v<W, c10::BFloat16>) {
+    // The pair's two rows one after the other, each widened only when its FMAs need it: widening both
+    // at once holds twice the weight registers, which AVX2's 16 cannot spare beside 12 accumulators.
     for (int64_t k = 0; k < kc; k += 2) {
-      fvec even[V], odd[V];
+      fvec bv[V];
 #pragma GCC unroll 4
-      for (int j = 0; j < V; ++j) vload_pair(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW * 2, even[j], odd[j]);
+      for (int j = 0; j < V; ++j) bv[j] = vload_even(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW * 2);
       if (prefetch) {
 #pragma GCC unroll 4
         for (int q = 0; q < PANELS; ++q)
           _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * ldb + k * NR), _MM_HINT_T0);
       }
-      const bool pair = k + 1 < kc;  // an odd depth's last row pairs with padding, and a has no k + 1
 #pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r) {
-        const fvec a0 = vbroadcast(a + r * lda + k), a1 = pair ? vbroadcast(a + r * lda + k + 1) : vzero();
+        const fvec av = vbroadcast(a + r * lda + k);
 #pragma GCC unroll 4
-        for (int j = 0; j < V; ++j) acc[r][j] = vfma(a1, odd[j], vfma(a0, even[j], acc[r][j]));
+        for (int j = 0; j < V; ++j) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+      }
+      if (k + 1 == kc) break;  // an odd depth's last row pairs with padding, and a has no k + 1
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) bv[j] = vload_odd(b + (j / VPP) * ldb + k * NR + (j % VPP) * VW * 2);
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        const fvec av = vbroadcast(a + r * lda + k + 1);
+#pragma GCC unroll 4
+        for (int j = 0; j < V; ++j) acc[r][j] = vfma(av, bv[j], acc[r][j]);
       }
     }
   } else {
