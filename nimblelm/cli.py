@@ -17,7 +17,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", "-m", default=DEFAULT_MODEL, help="alias, Hugging Face folder or .gguf file")
     g.add_argument("--dtype", default="auto",
-                   help="auto (on CPU: a bfloat16 or float16 checkpoint as stored, else float32), float32, "
+                   help="auto (on the CPU kernels with AVX2 or AVX-512: a bfloat16 or float16 checkpoint as stored, "
+                        "else bfloat16; float32 elsewhere), float32, "
                         "bfloat16, float16 (16-bit types on the CPU kernels: 16-bit weights, float32 compute; "
                         "bfloat16 linears of 8 rows and more on AMX tiles where the CPU has them)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -29,7 +29,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype asked for; "auto" is float32 on the CPU until the checkpoint is read (stored_dtype)."""
+    """The dtype asked for; "auto" is float32 on the CPU until the checkpoint is read (auto_cpu_dtype)."""
     if name == "auto":
         # On CPUs without AVX512-BF16, torch's bf16 GEMMs run ~4x slower than fp32 (docs/architecture.md).
         if device.type == "cpu":
@@ -41,14 +41,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def stored_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:
-    """dtype="auto" on the CPU kernels: the 16-bit type a checkpoint stores every matrix in, served as
-    stored, which rounds nothing and reads half of float32's bytes per decode step; float32 for anything
-    else (a float32 checkpoint, a GGUF's dequantized values, mixed or quantized storage), which 16 bits
-    would round."""
+    """The 16-bit type a checkpoint stores every matrix in; float32 for anything else (a float32
+    checkpoint, a GGUF's dequantized values, mixed or quantized storage)."""
     stored = {t.dtype for t in weights.values() if t.dim() == 2}
     if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16}:
         return stored.pop()
     return torch.float32
+
+
+def auto_cpu_dtype(stored: torch.dtype, simd: bool) -> torch.dtype:
+    """dtype="auto" on the CPU kernels: 16-bit weights where the kernels widen them in vector registers
+    (AVX2, AVX-512), which read half of float32's bytes per decode step and multiply at least as fast at
+    every row count (benchmarks/README.md, 16-bit weights). The checkpoint's own 16-bit type where it
+    stores every matrix in one, which rounds nothing; else bfloat16, which rounds float32's weights, as
+    vLLM's auto does on a CPU (its perplexity cost: `nimblelm eval quantization`). float32 on the scalar
+    build, where widening costs more than the bytes it saves."""
+    if stored in (torch.bfloat16, torch.float16):
+        return stored
+    return torch.bfloat16 if simd else torch.float32
 
 
 KV_CACHE_DTYPES = {"float16": torch.float16, "int8": torch.int8}

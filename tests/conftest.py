@@ -17,7 +17,7 @@ def tiny_llama(tmp_path_factory):
 def tiny_llm(tiny_qwen):
     from nimblelm import LLM
 
-    return LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16)
+    return LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=16)
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def tiny_server(tiny_qwen):
     """`nimblelm serve` on the tiny model, in its own process on a free loopback port."""
     from server_process import ServerProcess
 
-    server = ServerProcess(tiny_qwen, "--max-model-len", "128", "--max-num-seqs", "16",
+    server = ServerProcess(tiny_qwen, "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "16",
                            "--prompt-compression-scorer", str(tiny_qwen))
     yield server
     server.stop()

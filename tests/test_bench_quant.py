@@ -151,7 +151,7 @@ def test_int8_latency_reports_gbps_from_the_quantized_weight_bytes(tiny_llama, t
     monkeypatch.setenv("NIMBLELM_LLAMA_CPP_BIN", str(tmp_path))  # llama.cpp skipped, whatever is installed
     from nimblelm import LLM
 
-    fp32_bytes = LLM(str(tiny_llama), max_model_len=64, max_num_seqs=2).weights_nbytes
+    fp32_bytes = LLM(str(tiny_llama), dtype="float32", max_model_len=64, max_num_seqs=2).weights_nbytes
     ctx = BenchContext(model=str(tiny_llama), threads=torch.get_num_threads(), max_model_len=64, max_num_seqs=2,
                        quantization="int8", kv_cache_dtype="int8")
     out = run_latency(ctx, ["nimblelm", "transformers"], make_tests([8], [6], [1]), repeat=1, warmup=0,
@@ -170,7 +170,7 @@ def test_int8_latency_reports_gbps_from_the_quantized_weight_bytes(tiny_llama, t
 def test_a_decode_step_reads_an_untied_token_table_one_row_at_a_time(tiny_qwen):
     from nimblelm import LLM
 
-    runner = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=2).llm_engine.runner
+    runner = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, max_num_seqs=2).llm_engine.runner
     table = runner.model.embed_tokens.weight
     assert runner.token_nbytes == runner.weights_nbytes - table.nbytes
     ctx = BenchContext(model=str(tiny_qwen), threads=1, max_model_len=64, max_num_seqs=2)

@@ -30,7 +30,7 @@ def hf_greedy(folder, token_ids, n):
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen"])
 def test_greedy_and_logits_match_transformers(arch, request):
     folder = request.getfixturevalue(arch)
-    llm = LLM(str(folder), max_model_len=256)
+    llm = LLM(str(folder), dtype="float32", max_model_len=256)
     ids = llm.tokenizer.encode(PROMPTS[3])
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5), use_tqdm=False)
     assert out[0].outputs[0].token_ids == hf_greedy(folder, ids, 32)
@@ -45,19 +45,19 @@ def test_greedy_and_logits_match_transformers(arch, request):
 
 def test_batch_chunking_and_preemption_do_not_change_greedy_output(tiny_qwen):
     prompts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(16)]
-    alone = [LLM(str(tiny_qwen), max_model_len=256).generate(p, GREEDY, use_tqdm=False)[0] for p in prompts[:3]]
+    alone = [LLM(str(tiny_qwen), dtype="float32", max_model_len=256).generate(p, GREEDY, use_tqdm=False)[0] for p in prompts[:3]]
     alone_ids = [o.outputs[0].token_ids for o in alone]
 
-    batched = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16).generate(prompts, GREEDY, use_tqdm=False)
+    batched = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=16).generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in batched[:3]] == alone_ids
 
     # A 16-token step budget splits every long prompt into chunks that share steps with decodes.
-    chunked_llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, max_num_batched_tokens=16, block_size=4)
+    chunked_llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=16, max_num_batched_tokens=16, block_size=4)
     chunked = chunked_llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in chunked] == [o.outputs[0].token_ids for o in batched]
 
     # 70 blocks of 4 tokens cannot hold 16 sequences of ~40-100 tokens: requests get preempted and resumed.
-    tight = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, block_size=4, num_kv_blocks=70)
+    tight = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=16, block_size=4, num_kv_blocks=70)
     preempted = tight.generate(prompts, GREEDY, use_tqdm=False)
     assert tight.llm_engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in preempted] == [o.outputs[0].token_ids for o in batched]
@@ -188,12 +188,12 @@ def test_cpu_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatch):
 
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
     prompts = PROMPTS[:4]
-    fast = LLM(str(tiny_qwen), max_model_len=256).generate(prompts, params, use_tqdm=False)
+    fast = LLM(str(tiny_qwen), dtype="float32", max_model_len=256).generate(prompts, params, use_tqdm=False)
     assert cpu_ops() is not None, "the C++ kernels did not build"
     monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
     cpu_ops.cache_clear()
     try:
-        reference = LLM(str(tiny_qwen), max_model_len=256).generate(prompts, params, use_tqdm=False)
+        reference = LLM(str(tiny_qwen), dtype="float32", max_model_len=256).generate(prompts, params, use_tqdm=False)
     finally:
         monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
         cpu_ops.cache_clear()
@@ -209,7 +209,7 @@ def test_replayed_decode_steps_match_the_layer_by_layer_path(tiny_qwen, quantiza
     # Decode-only steps replay a trace of the model (engine/step_capture.py); the same model run layer by
     # layer from Python (as mixed and prefill steps are) is its oracle, on single and batched decodes.
     # Without prefix caching, so that the second run's first tokens come from the same prefill as the first's.
-    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, quantization=quantization,
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=16, quantization=quantization,
               enable_prefix_caching=False)
     runner = llm.llm_engine.runner
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)

@@ -103,14 +103,14 @@ def test_config_of_the_tiny_model(tiny_gemma):
 
 
 def test_greedy_and_logprobs_match_transformers(tiny_gemma, kernels):
-    llm = LLM(str(tiny_gemma), max_model_len=256)
+    llm = LLM(str(tiny_gemma), dtype="float32", max_model_len=256)
     check_against_reference(llm, tiny_gemma, PROMPTS[:1])
 
 
 def test_chunked_prefill_batches_and_small_blocks(tiny_gemma):
     """Prompts cut into chunks of 8 tokens that share steps with other sequences' decodes, blocks of 4: the
     sliding layers' masks must hold for every chunk and decode."""
-    llm = LLM(str(tiny_gemma), max_model_len=256, max_num_batched_tokens=8, block_size=4, max_num_seqs=4)
+    llm = LLM(str(tiny_gemma), dtype="float32", max_model_len=256, max_num_batched_tokens=8, block_size=4, max_num_seqs=4)
     check_against_reference(llm, tiny_gemma, PROMPTS)
 
 
@@ -118,7 +118,7 @@ def test_sliding_tables_hold_only_the_window(tiny_gemma, kernels, monkeypatch):
     """A sliding group's table drops the blocks behind its window, so its K/V entries are no longer at
     their positions: before every step, every block no table holds is filled with NaN, and the output
     still matches transformers, while no decoding sequence's sliding table exceeds the window's blocks."""
-    llm = LLM(str(tiny_gemma), max_model_len=256, block_size=4, enable_prefix_caching=False)
+    llm = LLM(str(tiny_gemma), dtype="float32", max_model_len=256, block_size=4, enable_prefix_caching=False)
     runner = llm.llm_engine.runner
     window_blocks = [-(-g.window // 4) + 1 if g.window else None for g in runner.kv_groups]
     longest = [0] * len(window_blocks)
@@ -144,7 +144,7 @@ def test_sliding_tables_hold_only_the_window(tiny_gemma, kernels, monkeypatch):
 
 
 def test_all_global_layers(tiny_global_gemma):
-    llm = LLM(str(tiny_global_gemma), max_model_len=256)
+    llm = LLM(str(tiny_global_gemma), dtype="float32", max_model_len=256)
     assert set(llm.model_config.layer_windows) == {None}
     check_against_reference(llm, tiny_global_gemma, PROMPTS[:1])
 
@@ -152,7 +152,7 @@ def test_all_global_layers(tiny_global_gemma):
 def test_decode_steps_replay_from_their_traces(tiny_gemma, replays):
     """The decode steps that check_against_reference compares to transformers are replayed from traces of
     the Python layers, sliding and global ones alike."""
-    llm = LLM(str(tiny_gemma), max_model_len=256)
+    llm = LLM(str(tiny_gemma), dtype="float32", max_model_len=256)
     check_against_reference(llm, tiny_gemma, PROMPTS[:2])
     assert len(replays) == NEW_TOKENS - 1  # every step after the prompt's
 
@@ -162,7 +162,7 @@ def test_rope_scaling_applies_to_the_global_layers_only(tmp_path):
     rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
     folder = make_tiny_hf_model(tmp_path / "hf", "gemma3", initializer_range=0.05, rope_parameters=rope)
-    llm = LLM(str(folder), max_model_len=256)
+    llm = LLM(str(folder), dtype="float32", max_model_len=256)
     config = llm.model_config
     assert config.rope_scaling == {"rope_type": "linear", "factor": 8.0} and config.sliding_rope_theta == 100.0
     check_against_reference(llm, folder, PROMPTS[:1])
@@ -210,8 +210,8 @@ def test_gguf_served_as_stored(tmp_path):
     folder = make_tiny_hf_model(tmp_path / "hf", "gemma3", initializer_range=0.05)
     path = make_tiny_gguf(tmp_path / "tiny-q8.gguf", folder, quant="Q8_0")
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=5)
-    ref = LLM(str(folder), max_model_len=256).generate(PROMPTS, params, use_tqdm=False)
-    out = LLM(str(path), max_model_len=256, quantization="gguf").generate(PROMPTS, params, use_tqdm=False)
+    ref = LLM(str(folder), dtype="float32", max_model_len=256).generate(PROMPTS, params, use_tqdm=False)
+    out = LLM(str(path), dtype="float32", max_model_len=256, quantization="gguf").generate(PROMPTS, params, use_tqdm=False)
     assert_first_tokens_close(ref, out)
 
 
@@ -220,7 +220,7 @@ def test_a_base_model_cannot_chat(tmp_path):
     clear error (the CLI prints a NimbleLMError as one line)."""
     folder = make_tiny_hf_model(tmp_path / "hf", "gemma3")
     (folder / "chat_template.jinja").unlink()
-    llm = LLM(str(folder), max_model_len=64)
+    llm = LLM(str(folder), dtype="float32", max_model_len=64)
     with pytest.raises(InvalidRequestError, match="no chat template"):
         llm.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(InvalidRequestError, match="no chat template"):

@@ -145,10 +145,10 @@ def test_direct_layers_hold_exactly_the_dequantized_weights(mixed_gguf):
     direct = load_model(str(mixed_gguf), progress=False, gguf_direct=True)
     assert set(direct.fallbacks) == {"layers.1.self_attn.qkv_proj", "layers.1.mlp.gate_up_proj",
                                      "layers.1.self_attn.o_proj"}
-    fp32 = LLM(str(mixed_gguf), max_model_len=64).llm_engine.runner.model
+    fp32 = LLM(str(mixed_gguf), dtype="float32", max_model_len=64).llm_engine.runner.model
     said = r"3 linear layers dequantized to float, their fused GGUF parts \(.*Q8_0 \+ Q8_0 \+ Q4_0"
     with pytest.warns(UserWarning, match=said):
-        engine = LLM(str(mixed_gguf), max_model_len=64, quantization="gguf").llm_engine
+        engine = LLM(str(mixed_gguf), dtype="float32", max_model_len=64, quantization="gguf").llm_engine
     assert "3 linear layers dequantized" in engine.precision  # and the server's ready line says it
     model = engine.runner.model
     kinds = {}
@@ -183,20 +183,20 @@ def test_direct_model_generates_close_to_the_fp32_model(mixed_gguf):
     exact greedy agreement over 32 tokens is checked on the real SmolLM2 below."""
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
     prompts = ["Hello world", "The quick brown fox", "1 2 3 4"]
-    fp32 = LLM(str(mixed_gguf), max_model_len=128).generate(prompts, params, use_tqdm=False)
+    fp32 = LLM(str(mixed_gguf), dtype="float32", max_model_len=128).generate(prompts, params, use_tqdm=False)
     with pytest.warns(UserWarning, match="3 linear layers dequantized to float"):
-        direct = LLM(str(mixed_gguf), max_model_len=128, quantization="gguf")
+        direct = LLM(str(mixed_gguf), dtype="float32", max_model_len=128, quantization="gguf")
     assert_first_tokens_close(fp32, direct.generate(prompts, params, use_tqdm=False))
 
 
 def test_gguf_quantization_needs_a_gguf_file(tiny_qwen, tmp_path):
     with pytest.raises(InvalidRequestError, match=r"\.gguf file"):
-        LLM(str(tiny_qwen), quantization="gguf")
+        LLM(str(tiny_qwen), dtype="float32", quantization="gguf")
     from nimblelm.quantization.quantize import quantize_model
 
     quantize_model(str(tiny_qwen), "rtn", 8, tmp_path / "rtn8", group_size=32, progress=False)
     with pytest.raises(InvalidRequestError, match=r"\.gguf file"):
-        LLM(str(tmp_path / "rtn8"), quantization="gguf")
+        LLM(str(tmp_path / "rtn8"), dtype="float32", quantization="gguf")
 
 
 SMOLLM2_SCRIPT = """

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nimblelm import LLM, SamplingParams
-from nimblelm.kernels import cpu_ops
+from nimblelm.kernels import cpu_ops, widens_in_registers
 from nimblelm.layers.linear import Linear
 from nimblelm.quantization import half
 from nimblelm.quantization.half import HalfWeights
@@ -151,9 +151,10 @@ def test_without_the_kernels_a_16_bit_dtype_computes_in_it(rounded_qwen, monkeyp
 
 
 @pytest.mark.parametrize("stored", ["bfloat16", "float16", "float32", "mixed"])
-def test_auto_serves_a_16_bit_checkpoint_as_stored_and_anything_else_in_float32(tiny_qwen, tmp_path, stored):
+def test_auto_serves_a_16_bit_checkpoint_as_stored_and_rounds_anything_else_to_bfloat16(tiny_qwen, tmp_path, stored):
     """dtype="auto" on the CPU kernels: a checkpoint whose matrices are all bfloat16 (or all float16) runs as
-    dtype=that type does, rounding nothing; float32 or mixed storage runs in float32."""
+    dtype=that type does, rounding nothing; float32 or mixed storage runs as dtype="bfloat16" where the
+    kernels widen 16-bit weights in vector registers, and in float32 on the scalar build, and says so."""
     if cpu_ops() is None:
         pytest.skip("the C++ kernels did not build here")
     folder = tmp_path / "qwen2"
@@ -165,8 +166,10 @@ def test_auto_serves_a_16_bit_checkpoint_as_stored_and_anything_else_in_float32(
     else:
         save_file({name: t.to(getattr(torch, stored)) for name, t in tensors.items()}, path)
     auto = LLM(str(folder), max_model_len=128)
-    expected = "float32" if stored == "mixed" else stored
-    assert auto.llm_engine.precision.startswith(f"{expected} weights, float32 compute")
+    as_stored = stored in ("bfloat16", "float16")
+    expected = stored if as_stored else "bfloat16" if widens_in_registers() else "float32"
+    rounded = "" if as_stored or expected == "float32" else " (auto: the checkpoint's float32 rounded)"
+    assert auto.llm_engine.precision.startswith(f"{expected} weights{rounded}, float32 compute")
     layers = [m for m in auto.llm_engine.runner.model.modules() if isinstance(m, Linear)]
     assert {m.panels.dtype for m in layers} == {getattr(torch, expected)}
     explicit = LLM(str(folder), dtype=expected, max_model_len=128)

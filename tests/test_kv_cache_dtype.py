@@ -108,7 +108,7 @@ def test_rounded_kv_greedy_output_does_not_depend_on_batching_chunking_or_preemp
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
     def run(prompts, **options):
-        llm = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype=kv, **options)
+        llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype=kv, **options)
         return llm, _token_ids(llm.generate(prompts, params, use_tqdm=False))
 
     alone = [run(p)[1][0] for p in prompts[:3]]
@@ -135,12 +135,12 @@ def test_rounded_kv_kernels_match_the_torch_reference_path(tiny_qwen, monkeypatc
     # Both paths round alike (bit for bit, above), but their K/V come from different kernels a rounding
     # error apart, which can put a value on either side of a rounding boundary: one int8 step, ~1% of the
     # head's largest value. Such flips moved logprobs by up to 0.01 here (fp32 KV: 2e-5).
-    fast = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype=kv).generate(PROMPTS[:4], GREEDY, use_tqdm=False)
+    fast = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype=kv).generate(PROMPTS[:4], GREEDY, use_tqdm=False)
     assert cpu_ops() is not None, "the C++ kernels did not build"
     monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
     cpu_ops.cache_clear()
     try:
-        llm = LLM(str(tiny_qwen), max_model_len=256, kv_cache_dtype=kv)
+        llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype=kv)
         reference_outputs = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
     finally:
         monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
@@ -153,7 +153,7 @@ def test_replayed_decodes_with_rounded_kv_match_the_layer_by_layer_path(tiny_qwe
     # Without the prefix cache both passes compute each prompt in the same steps: a quantized prefill's
     # numbers depend on its rows (from 128, bfloat16 products where the CPU has them), and the second pass
     # would otherwise reuse blocks the first computed in a larger step.
-    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=16, kv_cache_dtype=kv, quantization=quantization,
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=16, kv_cache_dtype=kv, quantization=quantization,
               enable_prefix_caching=False)
     runner = llm.llm_engine.runner
     for prompts in (PROMPTS[:1], PROMPTS):
@@ -172,7 +172,7 @@ def test_rounded_kv_holds_more_blocks_in_the_same_memory(tiny_qwen):
     budget = 256 << 10  # below the ceiling of max_num_seqs full-length sequences, so the budget decides
     blocks = {}
     for kv in ("auto", "float16", "int8"):
-        llm = LLM(str(tiny_qwen), max_model_len=64, kv_cache_memory_bytes=budget, kv_cache_dtype=kv)
+        llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, kv_cache_memory_bytes=budget, kv_cache_dtype=kv)
         blocks[kv] = llm.llm_engine.kv_cache_manager.num_blocks
         cfg = llm.model_config
     # Per token, layer and KV head: K and V of head_dim float32 or float16 values, or of head_dim int8 values
@@ -185,7 +185,7 @@ def test_rounded_kv_holds_more_blocks_in_the_same_memory(tiny_qwen):
 
 def test_bad_kv_cache_dtype_is_one_clear_error(tiny_qwen):
     with pytest.raises(InvalidRequestError, match="unknown kv_cache_dtype 'fp8': use auto, float16, int8"):
-        LLM(str(tiny_qwen), kv_cache_dtype="fp8")
+        LLM(str(tiny_qwen), dtype="float32", kv_cache_dtype="fp8")
     result = subprocess.run([sys.executable, "-m", "nimblelm", "generate", "--model", str(tiny_qwen),
                              "--kv-cache-dtype", "int4", "hi"], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
@@ -232,7 +232,7 @@ def test_int8_cache_keeps_the_layers_it_would_distort_in_float(qwen_with_huge_lo
     from nimblelm.eval.ppl import perplexity
     from nimblelm.quantization import kv_int8
 
-    llm = LLM(str(qwen_with_huge_logits), max_model_len=64, kv_cache_memory_bytes=256 << 10, kv_cache_dtype="int8")
+    llm = LLM(str(qwen_with_huge_logits), dtype="float32", max_model_len=64, kv_cache_memory_bytes=256 << 10, kv_cache_dtype="int8")
     runner = llm.llm_engine.runner
     errors = runner.int8_kv_errors
     assert errors[0] < kv_int8.MAX_ERROR < errors[1]

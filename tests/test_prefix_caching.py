@@ -29,8 +29,8 @@ def outputs(llm, prompts, params=GREEDY):
 def test_greedy_output_is_the_same_cold_warm_and_partially_warm(tiny_qwen, kv, options):
     prompts = [SYSTEM + q for q in QUESTIONS]
     options = {"max_model_len": 256, "max_num_seqs": 16, "kv_cache_dtype": kv} | options
-    oracle = outputs(LLM(str(tiny_qwen), enable_prefix_caching=False, **options), prompts)
-    llm = LLM(str(tiny_qwen), **options)
+    oracle = outputs(LLM(str(tiny_qwen), dtype="float32", enable_prefix_caching=False, **options), prompts)
+    llm = LLM(str(tiny_qwen), dtype="float32", **options)
     cold = outputs(llm, prompts[:1])  # nothing cached
     partial = outputs(llm, prompts)  # the shared system prompt cached, the questions not
     warm = outputs(llm, prompts)  # every prompt cached but its last block (or token)
@@ -43,7 +43,7 @@ def test_greedy_output_is_the_same_cold_warm_and_partially_warm(tiny_qwen, kv, o
 
 
 def test_identical_prompts_in_one_batch_and_n_completions(tiny_qwen):
-    llm = LLM(str(tiny_qwen), max_model_len=256)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256)
     alone = outputs(llm, [SYSTEM])
     assert outputs(llm, [SYSTEM] * 3) == alone * 3
     params = SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=8)
@@ -53,14 +53,14 @@ def test_identical_prompts_in_one_batch_and_n_completions(tiny_qwen):
 
 
 def test_without_prefix_caching_nothing_is_looked_up(tiny_qwen):
-    llm = LLM(str(tiny_qwen), max_model_len=256, enable_prefix_caching=False)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, enable_prefix_caching=False)
     outputs(llm, [SYSTEM, SYSTEM])
     stats = llm.llm_engine.stats()
     assert stats.prefix_cache_hits == 0 and stats.prefix_cache_queries == 0
 
 
 def test_reset_prefix_cache_forgets_every_cached_prompt(tiny_qwen):
-    llm = LLM(str(tiny_qwen), max_model_len=256)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256)
     cold = outputs(llm, [SYSTEM])
     hits = llm.llm_engine.stats().prefix_cache_hits
     assert outputs(llm, [SYSTEM]) == cold and llm.llm_engine.stats().prefix_cache_hits > hits
@@ -78,7 +78,7 @@ def test_reset_prefix_cache_forgets_every_cached_prompt(tiny_qwen):
 
 def _serve_runner(folder: str, conn) -> None:
     """A worker process: its own engine's model runner, driven only by the contracts it receives."""
-    runner = LLMEngine(EngineConfig(model=folder, max_model_len=256, num_kv_blocks=64), progress=False).runner
+    runner = LLMEngine(EngineConfig(dtype="float32", model=folder, max_model_len=256, num_kv_blocks=64), progress=False).runner
     while (sched := conn.recv()) is not None:
         conn.send(runner.execute(sched))
 
@@ -97,7 +97,7 @@ class _RemoteRunner:
 def test_a_model_runner_in_another_process_runs_from_the_contract(tiny_qwen):
     prompts = [SYSTEM + q for q in QUESTIONS[:3]] + [SYSTEM + QUESTIONS[0]]
     sampled = SamplingParams(temperature=0.9, seed=11, max_tokens=10, ignore_eos=True)
-    local = LLM(str(tiny_qwen), max_model_len=256, num_kv_blocks=64)
+    local = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, num_kv_blocks=64)
     expected = outputs(local, prompts) + outputs(local, prompts, sampled)
 
     ctx = multiprocessing.get_context("spawn")
@@ -105,7 +105,7 @@ def test_a_model_runner_in_another_process_runs_from_the_contract(tiny_qwen):
     worker = ctx.Process(target=_serve_runner, args=(str(tiny_qwen), there), daemon=True)
     worker.start()
     try:
-        remote = LLM(str(tiny_qwen), max_model_len=256, num_kv_blocks=64)
+        remote = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, num_kv_blocks=64)
         remote.llm_engine.runner = _RemoteRunner(here)
         assert outputs(remote, prompts) + outputs(remote, prompts, sampled) == expected
     finally:

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from nimblelm import LLM
 from nimblelm.errors import InvalidRequestError
 from nimblelm.prompting import PromptCompression, compress
 from nimblelm.prompting.scorer import Scorer
@@ -25,7 +26,7 @@ PROMPT = "\n\n".join(PARAGRAPHS) + "\n\nQuestion: who kept the weather log?"
 
 @pytest.fixture(scope="module")
 def scorer(tiny_llama):
-    return Scorer(str(tiny_llama), max_model_len=256)
+    return Scorer(llm=LLM(str(tiny_llama), dtype="float32", max_model_len=256))  # the oracle's precision
 
 
 class OracleScorer:
@@ -209,9 +210,9 @@ def test_impossible_options_are_one_clear_error(options, message):
 
 
 def test_generate_compresses_text_prompts_with_the_engine_as_its_own_scorer(tiny_llama):
-    from nimblelm import LLM, SamplingParams
+    from nimblelm import SamplingParams
 
-    llm = LLM(str(tiny_llama), max_model_len=256)
+    llm = LLM(str(tiny_llama), dtype="float32", max_model_len=256)
     config = PromptCompression(method="selective_context", rate=0.5, scorer=str(tiny_llama))
     out = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False, prompt_compression=config)[0]
     c = out.prompt_compression

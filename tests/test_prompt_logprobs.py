@@ -26,7 +26,7 @@ def reference(tiny_qwen):
     ids=["whole", "chunked", "preempting"],
 )
 def test_prompt_logprobs_match_transformers(tiny_qwen, reference, options):
-    llm = LLM(str(tiny_qwen), max_model_len=64, **options)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, **options)
     prompts = [llm.tokenizer.encode(t) for t in TEXTS]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=3, n=2)
     for ids, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
@@ -58,7 +58,7 @@ def test_a_cached_prefix_does_not_skip_prompt_logprobs(tiny_llm):
 def test_prompt_logprobs_from_a_start_reuse_the_cached_context(tiny_qwen, reference, block_size):
     """prompt_logprobs_start=s: the blocks before row s-1 come from the prefix cache (counted as hits),
     the entries before s are None, and those from s on are transformers' values."""
-    llm = LLM(str(tiny_qwen), max_model_len=128, block_size=block_size)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=128, block_size=block_size)
     context = llm.tokenizer.encode(TEXTS[0] * 2)
     ids = context + llm.tokenizer.encode(TEXTS[1])
     llm.generate([context], SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=False)  # scores, caches

@@ -173,7 +173,7 @@ def logits_of(llm, prompt_ids):
 
 def test_scale_folding_is_exact(tiny_qwen):
     """Every fold (norms, v rows with GQA ties and their bias, up rows, the tied head) keeps the function."""
-    llm = LLM(str(tiny_qwen), max_model_len=64)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=64)
     model = llm.llm_engine.runner.model
     dense_weights(model)  # plain fp32 matrices to rescale, as quantize_model does
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog")
@@ -188,11 +188,11 @@ def test_scale_folding_is_exact(tiny_qwen):
 
 
 def test_on_the_fly_int4_equals_a_saved_rtn_folder(tiny_qwen, tmp_path):
-    fly = LLM(str(tiny_qwen), max_model_len=128, quantization="int4")
-    fp32 = LLM(str(tiny_qwen), max_model_len=128)
+    fly = LLM(str(tiny_qwen), dtype="float32", max_model_len=128, quantization="int4")
+    fp32 = LLM(str(tiny_qwen), dtype="float32", max_model_len=128)
     assert fly.weights_nbytes < 0.5 * fp32.weights_nbytes
     quantize_model(str(tiny_qwen), "rtn", 4, tmp_path / "rtn4", group_size=32, progress=False)
-    saved = LLM(str(tmp_path / "rtn4"), max_model_len=128)
+    saved = LLM(str(tmp_path / "rtn4"), dtype="float32", max_model_len=128)
     assert saved.weights_nbytes == fly.weights_nbytes
     a, b = (m.generate(PROMPTS, GREEDY, use_tqdm=False) for m in (fly, saved))
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
@@ -204,7 +204,7 @@ def test_on_the_fly_int4_equals_a_saved_rtn_folder(tiny_qwen, tmp_path):
 def test_saved_folder_generates_what_the_in_memory_model_does(tiny_qwen, tmp_path, method, bits, group):
     llm, qconfig = quantize_model(str(tiny_qwen), method, bits, tmp_path / "q", group_size=group, calib_samples=4,
                                   calib_seq_len=64, texts=CALIB_TEXTS, progress=False)
-    saved = LLM(str(tmp_path / "q"))
+    saved = LLM(str(tmp_path / "q"), dtype="float32")
     assert saved.llm_engine.runner.model.lm_head.method.name == qconfig.linear_format
     if bits == 4:
         # Symmetric GPTQ keeps no minimums in memory, only its folder does (as -8 * scales); AWQ's zero

@@ -74,8 +74,8 @@ def test_smollm2_int8_stays_close_to_fp32():
     0.46 nats apart in fp32, 0.02 in int8)."""
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=2)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    fp32 = LLM("smollm2-135m", max_model_len=1024)
-    int8 = LLM("smollm2-135m", max_model_len=1024, quantization="int8")
+    fp32 = LLM("smollm2-135m", dtype="float32", max_model_len=1024)
+    int8 = LLM("smollm2-135m", dtype="float32", max_model_len=1024, quantization="int8")
     assert int8.weights_nbytes < 0.5 * fp32.weights_nbytes
     ref = fp32.chat(conversations, params, use_tqdm=False)
     out = int8.chat(conversations, params, use_tqdm=False)
@@ -94,8 +94,8 @@ def test_smollm2_float16_kv_follows_fp32():
     log-probabilities of these answers by at most 0.008 when this test was written."""
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=2)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    fp32 = LLM("smollm2-135m", max_model_len=1024)
-    fp16 = LLM("smollm2-135m", max_model_len=1024, kv_cache_dtype="float16")
+    fp32 = LLM("smollm2-135m", dtype="float32", max_model_len=1024)
+    fp16 = LLM("smollm2-135m", dtype="float32", max_model_len=1024, kv_cache_dtype="float16")
     assert fp16.llm_engine.runner.kv_bytes_per_block() * 2 == fp32.llm_engine.runner.kv_bytes_per_block()
     for r, o in zip(fp32.chat(conversations, params, use_tqdm=False), fp16.chat(conversations, params, use_tqdm=False)):
         want, got = r.outputs[0].token_ids, o.outputs[0].token_ids

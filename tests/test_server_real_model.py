@@ -24,7 +24,7 @@ PERSON = {
 
 @pytest.fixture(scope="module")
 def server():
-    server = ServerProcess(MODEL, "--max-model-len", "1024", "--max-num-seqs", "8")
+    server = ServerProcess(MODEL, "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8")
     yield server
     server.stop()
 
@@ -35,7 +35,7 @@ def client(server):
 
 
 def test_greedy_chat_equals_llm_chat(client):
-    llm = LLM(MODEL, max_model_len=1024, max_num_seqs=8)
+    llm = LLM(MODEL, dtype="float32", max_model_len=1024, max_num_seqs=8)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     expected = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
     for conversation, want in zip(conversations, expected):

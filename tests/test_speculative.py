@@ -167,8 +167,8 @@ def test_draft_budget_weighs_a_drafting_pass_against_what_it_serves():
 
 @pytest.fixture(scope="module")
 def plain_and_spec(tiny_qwen):
-    plain = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8)
-    spec = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8, speculative_config=NGRAM)
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8)
+    spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, speculative_config=NGRAM)
     # On the tiny model a row costs nearly a step's share, and the draft budget would cut most drafts: these
     # tests verify every draft proposed (test_draft_budget_* covers the budget).
     spec.llm_engine.runner.step_cost = None
@@ -213,10 +213,10 @@ def test_limits_stops_n_and_penalties_hold_with_drafts(plain_and_spec):
 def test_greedy_output_survives_preemption_and_the_context_limit(tiny_qwen):
     params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
     # Few blocks: sequences are preempted and recomputed while they hold drafts.
-    tight = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=4, num_kv_blocks=12, block_size=8,
+    tight = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, max_num_seqs=4, num_kv_blocks=12, block_size=8,
                 speculative_config=NGRAM)
     tight.llm_engine.runner.step_cost = None  # every draft verified, as in plain_and_spec
-    ref = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=4).generate(PROMPTS, params, use_tqdm=False)
+    ref = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, max_num_seqs=4).generate(PROMPTS, params, use_tqdm=False)
     out = tight.generate(PROMPTS, params, use_tqdm=False)
     assert tight.llm_engine.scheduler.num_preemptions > 0
     for r, o in zip(ref, out):
@@ -236,7 +236,7 @@ def test_seeded_sampling_with_drafts_is_reproducible(plain_and_spec):
 def test_seeded_sampling_drafts_whatever_the_step_timings(tiny_qwen):
     # Which positions are drafts decides which random draws make a sampled token, so a seeded request drafts
     # its whole room: with step costs under which no draft pays, and with free rows, one seed gives one output.
-    spec = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8, speculative_config=NGRAM)
+    spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, speculative_config=NGRAM)
     runner = spec.llm_engine.runner
     params = SamplingParams(temperature=0.8, max_tokens=30, seed=7, ignore_eos=True)
     outputs = []
@@ -274,7 +274,8 @@ def test_server_with_drafts_answers_as_plain_decoding_and_counts_them(tiny_qwen,
     from server_process import ServerProcess
 
     plain, _ = plain_and_spec
-    server = ServerProcess(tiny_qwen, "--max-model-len", "256", "--speculative-config", json.dumps(NGRAM))
+    server = ServerProcess(tiny_qwen, "--dtype", "float32", "--max-model-len", "256", "--speculative-config",
+                           json.dumps(NGRAM))
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
         refs = plain.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
@@ -316,7 +317,7 @@ def test_draft_model_output_is_identical_and_a_copy_of_the_target_keeps_every_dr
     keeps fewer; the output is plain decoding's either way, in a batch."""
     plain, _ = plain_and_spec
     config = {"method": "draft_model", "model": str(request.getfixturevalue(drafter)), "num_speculative_tokens": 3}
-    spec = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8, speculative_config=config)
+    spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, speculative_config=config)
     spec.llm_engine.runner.step_cost = None  # every draft verified, as in plain_and_spec
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     ref = plain.generate(PROMPTS, params, use_tqdm=False)
@@ -339,7 +340,7 @@ def test_a_draft_model_with_another_vocabulary_is_refused(tiny_qwen, tmp_path):
 
     other = make_tiny_hf_model(tmp_path / "other", arch="qwen2", vocab_size=300)
     with pytest.raises(InvalidRequestError, match="vocabulary"):
-        LLM(str(tiny_qwen), max_model_len=128,
+        LLM(str(tiny_qwen), dtype="float32", max_model_len=128,
             speculative_config={"method": "draft_model", "model": str(other), "num_speculative_tokens": 2})
 
 
@@ -352,10 +353,10 @@ def test_qwen_coder_0_5b_drafting_for_1_5b_gives_the_same_greedy_code():
     size already may."""
     prompts = ["def fibonacci(n):\n    ", "# Return the sum of the squares of a list of numbers\ndef sum_squares(xs):\n"]
     params = SamplingParams(temperature=0, max_tokens=48)
-    plain = LLM("qwen2.5-coder-1.5b", max_model_len=512, max_num_seqs=1)
+    plain = LLM("qwen2.5-coder-1.5b", dtype="float32", max_model_len=512, max_num_seqs=1)
     refs = [plain.generate([prompt], params, use_tqdm=False)[0].outputs[0] for prompt in prompts]
     del plain
-    spec = LLM("qwen2.5-coder-1.5b", max_model_len=512, max_num_seqs=1, speculative_config={
+    spec = LLM("qwen2.5-coder-1.5b", dtype="float32", max_model_len=512, max_num_seqs=1, speculative_config={
         "method": "draft_model", "model": "qwen2.5-coder-0.5b", "quantization": "int4", "num_speculative_tokens": 4})
     for prompt, ref in zip(prompts, refs):
         assert spec.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == ref.token_ids

@@ -53,14 +53,14 @@ def test_spec_train_writes_a_draft_layer_and_what_it_cost(trained, tiny_qwen, ca
 
 @pytest.fixture(scope="module")
 def plain(tiny_qwen):
-    return LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8)
+    return LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8)
 
 
 def _spec(tiny_qwen, path, k: int, speculative_token_tree=None, **options) -> LLM:
     config = {"method": "eagle", "num_speculative_tokens": k, "model": str(path)}
     if speculative_token_tree is not None:
         config["speculative_token_tree"] = speculative_token_tree
-    llm = LLM(str(tiny_qwen), **{"max_model_len": 256, "max_num_seqs": 8, **options}, speculative_config=config)
+    llm = LLM(str(tiny_qwen), dtype="float32", **{"max_model_len": 256, "max_num_seqs": 8, **options}, speculative_config=config)
     llm.llm_engine.runner.step_cost = None  # every draft verified, as in test_speculative.py
     return llm
 
@@ -137,10 +137,10 @@ def test_greedy_output_is_identical_with_eagle_trees(tiny_qwen, trained, plain):
 def test_greedy_output_survives_preemption(tiny_qwen, trained):
     params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
     # Few blocks: sequences are preempted and recomputed while they hold drafts (and draft K/V).
-    tight = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=4, num_kv_blocks=12, block_size=8,
+    tight = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, max_num_seqs=4, num_kv_blocks=12, block_size=8,
                 speculative_config={"method": "eagle", "num_speculative_tokens": 3, "model": str(trained)})
     tight.llm_engine.runner.step_cost = None
-    ref = LLM(str(tiny_qwen), max_model_len=64, max_num_seqs=4).generate(PROMPTS, params, use_tqdm=False)
+    ref = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, max_num_seqs=4).generate(PROMPTS, params, use_tqdm=False)
     out = tight.generate(PROMPTS, params, use_tqdm=False)
     assert tight.llm_engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref]
@@ -211,7 +211,7 @@ def test_bad_eagle_configs_are_refused_in_one_clear_line(tiny_qwen, tiny_llama, 
 
     def refused(model, path) -> str:
         with pytest.raises(InvalidRequestError) as e:
-            LLM(str(model), max_model_len=64,
+            LLM(str(model), dtype="float32", max_model_len=64,
                 speculative_config={"method": "eagle", "num_speculative_tokens": 2, "model": str(path)})
         assert "\n" not in str(e.value)
         return str(e.value)
@@ -226,13 +226,13 @@ def test_bad_eagle_configs_are_refused_in_one_clear_line(tiny_qwen, tiny_llama, 
     # Nothing given and nothing trained for this model in the cache: how to train one.
     monkeypatch.setenv("NIMBLELM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(InvalidRequestError, match="nimblelm spec train --method eagle --model MODEL"):
-        LLM(str(tiny_qwen), max_model_len=64, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+        LLM(str(tiny_qwen), dtype="float32", max_model_len=64, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
     # The trained layer, where spec train writes it by default, is found by the target.
     default = medusa.default_path(str(tiny_qwen), eagle.EAGLE)
     assert default == medusa.heads_dir() / f"{tiny_qwen.name}.eagle.safetensors"
     default.parent.mkdir(parents=True)
     shutil.copy(trained, default)
-    llm = LLM(str(tiny_qwen), max_model_len=64, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
     assert llm.llm_engine.runner.proposer.meta["model"] == str(tiny_qwen)
 
 
@@ -262,8 +262,8 @@ def test_real_model_greedy_output_is_identical_with_eagle_drafts(tmp_path):
     path = tmp_path / "smollm2.eagle.safetensors"
     assert main(["spec", "train", "--method", "eagle", "--model", "smollm2-135m", "--prompts", "16",
                  "--max-new-tokens", "64", "--epochs", "2", "--threads", "1", "--output", str(path)]) == 0
-    plain = LLM("smollm2-135m", max_model_len=1024)
-    spec = LLM("smollm2-135m", max_model_len=1024, speculative_config={
+    plain = LLM("smollm2-135m", dtype="float32", max_model_len=1024)
+    spec = LLM("smollm2-135m", dtype="float32", max_model_len=1024, speculative_config={
         "method": "eagle", "num_speculative_tokens": 3, "model": str(path)})
     spec.llm_engine.runner.step_cost = None  # every draft verified
     pairs = corpora.sharegpt_pairs(corpora.load_sharegpt(corpora.sharegpt_path()))

@@ -39,7 +39,7 @@ def _layer_skip(model, skip_layers=None, k=3, **engine):
     config = {"method": "layer_skip", "num_speculative_tokens": k}
     if skip_layers is not None:
         config["skip_layers"] = skip_layers
-    llm = LLM(str(model), max_model_len=256, max_num_seqs=8, speculative_config=config, **engine)
+    llm = LLM(str(model), dtype="float32", max_model_len=256, max_num_seqs=8, speculative_config=config, **engine)
     llm.llm_engine.runner.step_cost = None  # every draft verified, whatever a step costs
     return llm
 
@@ -48,7 +48,7 @@ def _layer_skip(model, skip_layers=None, k=3, **engine):
 def test_skipping_layers_that_add_nothing_keeps_every_draft(hollow_qwen, block_size):
     """Drafts cross block boundaries into scratch blocks (block size 4, k = 3) or start mid-block in a copy
     of the sequence's own: any K/V misplaced would change a draft, and every one is kept."""
-    ref = LLM(str(hollow_qwen), max_model_len=256).generate(PROMPTS, GREEDY, use_tqdm=False)
+    ref = LLM(str(hollow_qwen), dtype="float32", max_model_len=256).generate(PROMPTS, GREEDY, use_tqdm=False)
     spec = _layer_skip(hollow_qwen, [1, 2], block_size=block_size)
     out = spec.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref]
@@ -57,7 +57,7 @@ def test_skipping_layers_that_add_nothing_keeps_every_draft(hollow_qwen, block_s
 
 
 def test_greedy_output_is_identical_and_sampling_runs_with_real_skipping(tiny_qwen):
-    plain = LLM(str(tiny_qwen), max_model_len=256)
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=256)
     spec = _layer_skip(tiny_qwen, [1], block_size=4)
     ref = plain.generate(PROMPTS, GREEDY, use_tqdm=False)
     out = spec.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -127,8 +127,8 @@ def test_search_layers_cli_reports_in_one_line(hollow_qwen, tmp_path, capsys):
 def test_real_model_greedy_output_is_identical_with_layer_skip():
     questions = ["What is the capital of France? Answer in one word.",
                  "Write a Python function that returns the square of a number."]
-    plain = LLM("smollm2-135m", max_model_len=512)
-    spec = LLM("smollm2-135m", max_model_len=512, speculative_config={
+    plain = LLM("smollm2-135m", dtype="float32", max_model_len=512)
+    spec = LLM("smollm2-135m", dtype="float32", max_model_len=512, speculative_config={
         "method": "layer_skip", "num_speculative_tokens": 3, "skip_layers": [20, 22, 24, 26]})
     spec.llm_engine.runner.step_cost = None  # every draft verified: the budget would turn these off
     prompts = [plain.apply_chat_template([{"role": "user", "content": q}]) for q in questions]

@@ -51,8 +51,8 @@ def test_the_window_follows_the_jacobi_iterate_and_the_pool_learns_the_targets_n
 @pytest.mark.parametrize("block_size,eager", [(4, True), (16, False)])
 def test_lookahead_keeps_greedy_output_identical(tiny_qwen, block_size, eager):
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    plain = LLM(str(tiny_qwen), max_model_len=256, block_size=block_size, enforce_eager=eager)
-    llm = LLM(str(tiny_qwen), max_model_len=256, block_size=block_size, enforce_eager=eager,
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, block_size=block_size, enforce_eager=eager)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, block_size=block_size, enforce_eager=eager,
               speculative_config={"method": "lookahead", "num_speculative_tokens": 4})
     llm.llm_engine.runner.step_cost = None  # every tree whole, whatever the start-up timings
     out = llm.generate(PROMPTS, params, use_tqdm=False)
@@ -64,7 +64,7 @@ def test_lookahead_keeps_greedy_output_identical(tiny_qwen, block_size, eager):
 
 
 def test_lookahead_sampling_is_reproducible_by_seed(tiny_qwen):
-    llm = LLM(str(tiny_qwen), max_model_len=256, speculative_config={"method": "lookahead", "num_speculative_tokens": 3})
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, speculative_config={"method": "lookahead", "num_speculative_tokens": 3})
     params = SamplingParams(temperature=0.9, max_tokens=32, seed=11, ignore_eos=True)
     first, again = (llm.generate(PROMPTS, params, use_tqdm=False) for _ in range(2))
     assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
@@ -74,8 +74,8 @@ def test_lookahead_sampling_is_reproducible_by_seed(tiny_qwen):
 def test_real_model_greedy_output_is_identical_with_lookahead_trees():
     """SmolLM2 with every node of each step's tree verified (window and pooled n-grams as branches): the same
     tokens as plain decoding at batch 1, with drafts kept off the primary chain too."""
-    plain = LLM("smollm2-135m", max_model_len=1024)
-    spec = LLM("smollm2-135m", max_model_len=1024,
+    plain = LLM("smollm2-135m", dtype="float32", max_model_len=1024)
+    spec = LLM("smollm2-135m", dtype="float32", max_model_len=1024,
                speculative_config={"method": "lookahead", "num_speculative_tokens": 4})
     runner = spec.llm_engine.runner
     runner.step_cost = None  # every node verified

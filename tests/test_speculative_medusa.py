@@ -123,7 +123,7 @@ def test_zero_heads_guess_the_targets_own_next_token_in_any_vocabulary(tiny_qwen
     subset = torch.arange(0, 384, 3)
     for vocab_ids in (None, subset):
         path = _write(tmp_path / "zero.medusa.safetensors", 3, tiny_norm, vocab_ids=vocab_ids)
-        llm = LLM(str(tiny_qwen), max_model_len=64, speculative_config={
+        llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, speculative_config={
             "method": "medusa", "num_speculative_tokens": 3, "model": str(path)})
         runner = llm.llm_engine.runner
         with torch.inference_mode():
@@ -146,7 +146,7 @@ def test_bad_medusa_configs_are_refused_in_one_clear_line(tiny_qwen, tiny_norm, 
 
     def refused(path, k: int = 2) -> str:
         with pytest.raises(InvalidRequestError) as e:
-            LLM(str(tiny_qwen), max_model_len=64,
+            LLM(str(tiny_qwen), dtype="float32", max_model_len=64,
                 speculative_config={"method": "medusa", "num_speculative_tokens": k, "model": str(path)})
         assert "\n" not in str(e.value)
         return str(e.value)
@@ -164,22 +164,22 @@ def test_bad_medusa_configs_are_refused_in_one_clear_line(tiny_qwen, tiny_norm, 
     medusa.heads_dir().mkdir(parents=True)
     shutil.copy(tmp_path / "a.medusa.safetensors", medusa.heads_dir())
     with pytest.raises(InvalidRequestError, match="nimblelm spec train --method medusa --model MODEL"):
-        LLM(str(tiny_qwen), max_model_len=64, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
+        LLM(str(tiny_qwen), dtype="float32", max_model_len=64, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
     # The trained heads, where spec train writes them by default, are found by the target.
     default = medusa.default_path(str(tiny_qwen))
     assert default == medusa.heads_dir() / f"{tiny_qwen.name}.medusa.safetensors"
     shutil.copy(trained, default)
-    llm = LLM(str(tiny_qwen), max_model_len=64, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, speculative_config={"method": "medusa", "num_speculative_tokens": 2})
     assert llm.llm_engine.runner.proposer.meta["model"] == str(tiny_qwen)
 
 
 @pytest.fixture(scope="module")
 def plain(tiny_qwen):
-    return LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8)
+    return LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8)
 
 
 def _spec(tiny_qwen, path, k: int) -> LLM:
-    llm = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8,
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8,
               speculative_config={"method": "medusa", "num_speculative_tokens": k, "model": str(path)})
     llm.llm_engine.runner.step_cost = None  # every draft verified, as in test_speculative.py
     return llm
@@ -251,12 +251,12 @@ def test_real_model_greedy_output_is_identical_with_medusa_drafts(tmp_path):
     path = tmp_path / "smollm2.medusa.safetensors"
     assert main(["spec", "train", "--method", "medusa", "--model", "smollm2-135m", "--prompts", "24",
                  "--max-new-tokens", "64", "--epochs", "2", "--threads", "1", "--output", str(path)]) == 0
-    plain = LLM("smollm2-135m", max_model_len=1024)
+    plain = LLM("smollm2-135m", dtype="float32", max_model_len=1024)
     bench = datasets.chat_requests(pairs, plain.tokenizer, 8 + 1 + 8 + 32, seed=0)  # the survey's defaults
     trained = mt.chat_prompts(mt.training_questions(pairs), plain.tokenizer, mt.DEFAULT_PROMPTS, mt.MAX_PROMPT_TOKENS)
     assert not {tuple(p) for p in trained} & {r.prompt_token_ids for r in bench}
 
-    spec = LLM("smollm2-135m", max_model_len=1024, speculative_config={
+    spec = LLM("smollm2-135m", dtype="float32", max_model_len=1024, speculative_config={
         "method": "medusa", "num_speculative_tokens": 4, "model": str(path)})
     params = SamplingParams(temperature=0, max_tokens=64)
     for request in bench[:3]:  # one at a time: batch 1 on both sides, so only the drafts differ

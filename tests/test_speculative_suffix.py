@@ -102,7 +102,7 @@ def tiny_store(tiny_qwen, tmp_path_factory):
     must retrieve, as the prompts hold none of it."""
     import json
 
-    plain = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8)
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8)
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     outs = plain.generate(SHORT_PROMPTS, params, use_tqdm=False)
     folder = tmp_path_factory.mktemp("datastore")
@@ -162,17 +162,17 @@ def test_bad_suffix_configs_are_refused(tiny_qwen, tiny_store, tmp_path, monkeyp
     # No datastore given and none in the cache: the error says how to build one.
     monkeypatch.setenv("NIMBLELM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(InvalidRequestError, match="nimblelm spec build-datastore --model"):
-        LLM(str(tiny_qwen), max_model_len=64, speculative_config={"method": "suffix", "num_speculative_tokens": 2})
+        LLM(str(tiny_qwen), dtype="float32", max_model_len=64, speculative_config={"method": "suffix", "num_speculative_tokens": 2})
     # A datastore of another tokenizer is refused, whether given or found by default.
     other = tmp_path / "cache" / "datastores" / "other.sharegpt.npz"
     other.parent.mkdir(parents=True)
     np.savez(other, tokens=np.zeros(1, np.int32), suffix_array=np.zeros(1, np.int32), vocab_size=7,
              tokenizer_digest="d", model="other", corpus="sharegpt")
     with pytest.raises(InvalidRequestError, match="7 tokens"):
-        LLM(str(tiny_qwen), max_model_len=64,
+        LLM(str(tiny_qwen), dtype="float32", max_model_len=64,
             speculative_config={"method": "suffix", "num_speculative_tokens": 2, "datastore": str(other)})
     with pytest.raises(InvalidRequestError, match="found no ShareGPT datastore"):
-        LLM(str(tiny_qwen), max_model_len=64, speculative_config={"method": "suffix", "num_speculative_tokens": 2})
+        LLM(str(tiny_qwen), dtype="float32", max_model_len=64, speculative_config={"method": "suffix", "num_speculative_tokens": 2})
 
 
 def test_the_default_datastore_is_found_by_the_targets_vocabulary(tiny_qwen, tiny_store, tmp_path, monkeypatch):
@@ -186,13 +186,13 @@ def test_the_default_datastore_is_found_by_the_targets_vocabulary(tiny_qwen, tin
     assert default.name == f"{tiny_qwen.name}.sharegpt.npz"
     default.parent.mkdir(parents=True)
     shutil.copy(path, default)
-    llm = LLM(str(tiny_qwen), max_model_len=64, speculative_config={"method": "suffix", "num_speculative_tokens": 2})
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=64, speculative_config={"method": "suffix", "num_speculative_tokens": 2})
     assert len(llm.llm_engine.runner.proposer.store.tokens) == len(np.load(path)["tokens"])
 
 
 def test_greedy_output_is_identical_with_retrieved_drafts(tiny_qwen, tiny_store):
     plain, path = tiny_store
-    spec = LLM(str(tiny_qwen), max_model_len=256, max_num_seqs=8, speculative_config={
+    spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, speculative_config={
         "method": "suffix", "num_speculative_tokens": 4, "datastore": str(path)})
     spec.llm_engine.runner.step_cost = None  # every draft verified, as in test_speculative.py
     for params in [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
@@ -212,8 +212,8 @@ def test_real_model_greedy_output_is_identical_with_a_sharegpt_datastore(tmp_pat
     assert main(["spec", "build-datastore", "--model", "smollm2-135m", "--max-tokens", "300000",
                  "--output", str(path)]) == 0
     questions = ["Explain what a hash table is.", "Write a Python function that reverses a string."]
-    plain = LLM("smollm2-135m", max_model_len=1024)
-    spec = LLM("smollm2-135m", max_model_len=1024, speculative_config={
+    plain = LLM("smollm2-135m", dtype="float32", max_model_len=1024)
+    spec = LLM("smollm2-135m", dtype="float32", max_model_len=1024, speculative_config={
         "method": "suffix", "num_speculative_tokens": 4, "datastore": str(path)})
     params = SamplingParams(temperature=0, max_tokens=64)
     for q in questions:  # one at a time: batch 1 on both sides, so only the drafts differ

@@ -114,10 +114,10 @@ def test_trees_keep_greedy_output_identical_whichever_branch_is_kept(tiny_qwen, 
     """Kept branches off the chain are copied into the sequence's own slots: the tokens after them, computed
     on those K/V, are plain decoding's. Block size 4 puts a step's rows across several blocks."""
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    plain = LLM(str(tiny_qwen), max_model_len=256, block_size=block_size, enforce_eager=eager)
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, block_size=block_size, enforce_eager=eager)
     ref = plain.generate(PROMPTS, params, use_tqdm=False)
     tree = [[0], [0, 0], [0, 0, 0], [1], [1, 0], [1, 0, 0], [2]]
-    llm = LLM(str(tiny_qwen), max_model_len=256, block_size=block_size, enforce_eager=eager, speculative_config={
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, block_size=block_size, enforce_eager=eager, speculative_config={
         "method": "medusa", "num_speculative_tokens": 3, "model": str(medusa_heads), "speculative_token_tree": tree})
     runner = llm.llm_engine.runner
     answers = {tuple(o.prompt_token_ids): list(o.outputs[0].token_ids) for o in ref}
@@ -136,9 +136,9 @@ def test_trees_keep_greedy_output_identical_whichever_branch_is_kept(tiny_qwen, 
 
 def test_medusa_trees_are_lossless_and_reproducible_when_sampled(tiny_qwen, medusa_heads):
     tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
-    llm = LLM(str(tiny_qwen), max_model_len=256, speculative_config={
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, speculative_config={
         "method": "medusa", "num_speculative_tokens": 3, "model": str(medusa_heads), "speculative_token_tree": tree})
-    plain = LLM(str(tiny_qwen), max_model_len=256)
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=256)
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     assert ([o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
             == [o.outputs[0].token_ids for o in plain.generate(PROMPTS, greedy, use_tqdm=False)])

@@ -191,7 +191,7 @@ def test_tokens_after_the_prompt_computed_at_once_equal_their_prefill(tiny_qwen,
     """A step of k tokens after a prompt (as speculative verification sends: the sampled token and drafts)
     runs as k decode rows, replayed from a trace; its last token's log-probabilities equal those of the
     same tokens computed as one prompt."""
-    llm = LLM(str(tiny_qwen), max_model_len=128, max_num_seqs=1, enforce_eager=enforce_eager)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=128, max_num_seqs=1, enforce_eager=enforce_eager)
     runner = llm.llm_engine.runner
     prompt = llm.get_tokenizer().encode(PROMPT)
     params = SamplingParams(temperature=0, logprobs=5)

@@ -17,10 +17,10 @@ from nimblelm.engine.sequence import Request, Sequence
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.structured import StructuredOutputBackend, grammar_bitmask
 from nimblelm.errors import InvalidRequestError
-from nimblelm.kernels import bf16_products_in_words, cpu_ops
+from nimblelm.kernels import bf16_products_in_words, cpu_ops, widens_in_registers
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SpecDecodeStats
-from nimblelm.platform import resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
+from nimblelm.platform import auto_cpu_dtype, resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
 from nimblelm.quantization import GGUF_DIRECT, formats, linear_method, refuse_requantizing
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative import SpeculativeConfig
@@ -64,8 +64,10 @@ class LLMEngine:
         refuse_requantizing(config.quantization, loaded.quantized)
         kernels = self.device.type == "cpu" and cpu_ops() is not None
         if config.dtype == "auto" and kernels:
-            self.dtype = loaded.stored_dtype
-        weights = config.quantization if config.quantization not in (None, "none") else _name(self.dtype)
+            self.dtype = auto_cpu_dtype(loaded.stored_dtype, widens_in_registers())
+        weights = (config.quantization if config.quantization not in (None, "none") else _name(self.dtype)) + " weights"
+        if config.dtype == "auto" and self.dtype != loaded.stored_dtype and config.quantization in (None, "none"):
+            weights += f" (auto: the checkpoint's {_name(loaded.stored_dtype)} rounded)"
         if loaded.fallbacks:
             # Said once, at start: these layers read several times the bytes of the file's own types.
             kinds = ", ".join(sorted({" + ".join(parts) for parts in loaded.fallbacks.values()}))
@@ -85,7 +87,7 @@ class LLMEngine:
         compute = f"{_name(self.dtype)} compute"
         if getattr(method, "name", None) == "bf16" and bf16_products_in_words():
             compute += f" (bfloat16 linears {bf16_products_in_words()})"
-        self.precision = f"{weights} weights, {compute}, {_name(self.kv_dtype)} KV cache"
+        self.precision = f"{weights}, {compute}, {_name(self.kv_dtype)} KV cache"
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)

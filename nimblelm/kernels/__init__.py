@@ -111,6 +111,13 @@ def bf16_products_in_words() -> str:
     return f"{BF16_PRODUCTS[ops.bf16_products()]} from {ops.bf16_product_rows()} rows"
 
 
+def widens_in_registers() -> bool:
+    """Whether these kernels widen 16-bit weights in vector registers (AVX2, AVX-512): there 16-bit panels
+    run at least as fast as float32's; the scalar build's run at half their speed."""
+    ops = cpu_ops()
+    return ops is not None and not ops.simd().startswith("scalar")
+
+
 def build_name(folder: Path, flags: list[str] = ()) -> str:
     """The extension's name, from a hash of every source and header in `folder` (names and contents) and
     of the compiler flags: checkouts with different kernels (other branches, versions) and builds of other

@@ -66,8 +66,8 @@ class LoadedModel:
     quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
     # A GGUF loaded with gguf_direct: module name -> GGUF types of the parts of each layer that fell back to fp32.
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # The 16-bit type the checkpoint stores every matrix in, else float32 (platform.stored_dtype): what
-    # dtype="auto" serves on the CPU kernels. `weights` are float32 whatever it is.
+    # The 16-bit type the checkpoint stores every matrix in, else float32 (platform.stored_dtype): where
+    # dtype="auto" starts on the CPU kernels (platform.auto_cpu_dtype). `weights` are float32 whatever it is.
     stored_dtype: torch.dtype = torch.float32
 
 
