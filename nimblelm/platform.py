@@ -41,8 +41,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def stored_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:
-    """The 16-bit type a checkpoint stores every matrix in; float32 for anything else (a float32
-    checkpoint, a GGUF's dequantized values, mixed or quantized storage)."""
+    """The 16-bit type a folder's checkpoint stores every matrix in (a GGUF's: gguf_file.stored_dtype);
+    float32 for anything else (a float32 checkpoint, mixed or quantized storage)."""
     stored = {t.dtype for t in weights.values() if t.dim() == 2}
     if len(stored) == 1 and stored <= {torch.bfloat16, torch.float16}:
         return stored.pop()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny_models import make_tiny_gguf
 
 from nimblelm import LLM, SamplingParams
 from nimblelm.kernels import cpu_ops, widens_in_registers
@@ -177,3 +178,18 @@ def test_auto_serves_a_16_bit_checkpoint_as_stored_and_rounds_anything_else_to_b
     for out, ref in zip(outs, explicit.generate(PROMPTS, PARAMS, use_tqdm=False)):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         assert out.outputs[0].logprobs == ref.outputs[0].logprobs
+
+
+@pytest.mark.parametrize("quant, expected", [("F16", "float16"), ("BF16", "bfloat16")])
+def test_auto_serves_a_16_bit_gguf_as_stored(tiny_qwen, tmp_path, quant, expected):
+    """An F16 (or BF16) GGUF dequantizes to float32 values its type holds exactly: auto keeps that type
+    rather than rounding float16's values to bfloat16."""
+    if cpu_ops() is None:
+        pytest.skip("the C++ kernels did not build here")
+    path = make_tiny_gguf(tmp_path / f"tiny-{quant}.gguf", tiny_qwen, quant=quant)
+    auto = LLM(str(path), max_model_len=64)
+    assert auto.llm_engine.precision.startswith(f"{expected} weights, float32 compute")
+    explicit = LLM(str(path), dtype=expected, max_model_len=64)
+    for out, ref in zip(auto.generate(PROMPTS, PARAMS, use_tqdm=False),
+                        explicit.generate(PROMPTS, PARAMS, use_tqdm=False)):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids

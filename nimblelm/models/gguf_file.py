@@ -51,6 +51,18 @@ _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.nor
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
+_HALF_TYPES = {gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantizationType.BF16: torch.bfloat16}
+
+
+def stored_dtype(model_file: GGUFFile) -> torch.dtype:
+    """The 16-bit type every matrix of the file is stored in (an F16 or BF16 GGUF), else float32: what
+    platform.stored_dtype tells of a folder's safetensors."""
+    types = {t.qtype for t in model_file.tensors if len(t.shape) > 1}
+    if len(types) == 1 and (only := types.pop()) in _HALF_TYPES:
+        return _HALF_TYPES[only]
+    return torch.float32
+
+
 def first_line(exc: BaseException) -> str:
     """A library's error message cut to its first line, since ours must stay one line."""
     lines = str(exc).strip().splitlines()

@@ -96,6 +96,7 @@ def load_model(model: str, progress: bool = True, gguf_direct: bool = False) -> 
         config, weights, tokenizer, quantized, stored = load_hf_folder(path)
     else:
         config, weights, tokenizer = load_gguf(path, progress, identity=entry.sha256 if entry else None)
+        stored = gguf_file.stored_dtype(gguf_file.open_gguf(path))
     name = model if entry else (path.name if path.is_dir() else path.stem)
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source=path, name=name,
                        quantized=quantized, fallbacks=fallbacks, stored_dtype=stored)
