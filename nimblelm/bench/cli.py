@@ -852,6 +852,7 @@ def run_survey_data_command(args) -> dict:
         sot = run_survey_sot(answerer, judge, sot_questions.questions(n, seed=args.seed), max_tokens=args.gen_len,
                              logger=log)
     config = {"experiment": args.experiment, "model": args.model, "dtype": args.dtype, "scorer": scorer_name,
+              "scorer_precision": scorer.llm.llm_engine.precision if compressing else None,
               "judge": judge_name if sot else None, "methods": methods, "lingua_methods": lingua_methods,
               "ratios": ratios, "workloads": workloads, "num_prompts": n, "context_tokens": lengths,
               "gen_len": args.gen_len, "threads": ctx.threads, "seed": args.seed,

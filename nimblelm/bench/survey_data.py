@@ -270,10 +270,11 @@ def survey_data_markdown(report: dict) -> str:
 
 def _compression_markdown(report: dict) -> list[str]:
     cfg = report["config"]
-    out = [(f"- prompt compression: scorer {cfg['scorer']} (nimblelm's engine; llmlingua "
-            f"{cfg.get('llmlingua_version') or '-'} on transformers, the same weights); qa and needle contexts of "
-            f"{', '.join(map(str, cfg['context_tokens']))} answerer tokens in turn; the answerer's prefix cache "
-            "emptied before each prompt")]
+    precision = f": {cfg['scorer_precision']}" if cfg.get("scorer_precision") else ""
+    out = [(f"- prompt compression: scorer {cfg['scorer']} (nimblelm's engine{precision}; llmlingua "
+            f"{cfg.get('llmlingua_version') or '-'} on transformers, the same weights in float32); qa and needle "
+            f"contexts of {', '.join(map(str, cfg['context_tokens']))} answerer tokens in turn; the answerer's "
+            "prefix cache emptied before each prompt")]
     for name, reason in (report.get("errors") or {}).items():
         out.append(f"- {name}: failed ({reason})")
     for name, reason in (report.get("skipped") or {}).items():
