@@ -51,7 +51,7 @@ def stored_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:
 
 def auto_cpu_dtype(stored: torch.dtype, simd: bool) -> torch.dtype:
     """dtype="auto" on the CPU kernels: 16-bit weights where the kernels widen them in vector registers
-    (AVX2, AVX-512), which read half of float32's bytes per decode step and multiply at least as fast at
+    (AVX2, AVX-512), which read half of float32's bytes per decode step and multiply as fast or faster at
     every row count (benchmarks/README.md, 16-bit weights). The checkpoint's own 16-bit type where it
     stores every matrix in one, which rounds nothing; else bfloat16, which rounds float32's weights, as
     vLLM's auto does on a CPU (its perplexity cost: `nimblelm eval quantization`). float32 on the scalar

@@ -113,7 +113,7 @@ def bf16_products_in_words() -> str:
 
 def widens_in_registers() -> bool:
     """Whether these kernels widen 16-bit weights in vector registers (AVX2, AVX-512): there 16-bit panels
-    run at least as fast as float32's; the scalar build's run at half their speed."""
+    run as fast as float32's or faster; the scalar build's run at half their speed."""
     ops = cpu_ops()
     return ops is not None and not ops.simd().startswith("scalar")
 
