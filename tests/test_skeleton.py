@@ -11,7 +11,7 @@ LIST_QUESTION = "What are some tips for sleeping better?"
 
 @pytest.fixture(scope="module")
 def llm(tiny_qwen):
-    return LLM(str(tiny_qwen), max_model_len=512)
+    return LLM(str(tiny_qwen), dtype="float32", max_model_len=512)  # rows alone and batched compute alike
 
 
 @pytest.mark.parametrize("text, points", [
@@ -69,6 +69,13 @@ def test_points_expand_in_one_batch_equal_to_each_alone_sharing_their_prefix(llm
     assert out.prompt_token_ids == skeleton.skeleton_prompt(llm.tokenizer, LIST_QUESTION)["prompt_token_ids"]
 
 
+def test_an_expansion_stops_where_its_point_ends_and_keeps_the_callers_stops():
+    """own_part keeps a point's text up to a blank line or the next point's number: decoding stops there."""
+    params = SamplingParams(temperature=0, max_tokens=64, stop="THE END")
+    assert skeleton.point_params(params, 2).stop_strings == ("THE END", "\n\n", "\n3.")
+    assert skeleton.point_params(params, 2).max_tokens == 64
+
+
 def test_a_question_the_router_refuses_is_plain_decoding(llm):
     params = SamplingParams(temperature=0, max_tokens=10)
     out = llm.generate(["Who wrote Hamlet?"], params, use_tqdm=False, output_organization="skeleton")[0]
@@ -112,13 +119,18 @@ def test_impossible_options_are_one_clear_error(llm, kwargs, message):
 
 @pytest.mark.integration
 def test_smollm2_answers_a_list_question_point_by_point():
-    llm = LLM("smollm2-135m", max_model_len=2048)
-    out = llm.generate([LIST_QUESTION], SamplingParams(temperature=0, max_tokens=48), use_tqdm=False,
-                       output_organization="skeleton")[0]
+    llm = LLM("smollm2-135m", dtype="float32", max_model_len=2048)
+    params = SamplingParams(temperature=0, max_tokens=48)
+    out = llm.generate([LIST_QUESTION], params, use_tqdm=False, output_organization="skeleton")[0]
     points = out.skeleton.points
     assert out.skeleton.routed and 2 <= len(points) <= skeleton.MAX_POINTS
     starts = [out.outputs[0].text.index(f"{i}. {p}") for i, p in enumerate(points, start=1)]
     assert starts == sorted(starts) and starts[0] == 0
+    # Points stop decoding where their own part ends: the answer of expansions decoded to max_tokens, then cut.
+    whole = llm.generate([skeleton.point_prompt(llm.tokenizer, LIST_QUESTION, points, i)
+                          for i in range(1, len(points) + 1)], params, use_tqdm=False)
+    assert out.outputs[0].text == "\n".join(skeleton.point_line(points, i, o) for i, o in enumerate(whole, start=1))
+    assert any("\n\n" in o.outputs[0].text or f"\n{i + 1}." in o.outputs[0].text for i, o in enumerate(whole, 1))
 
 
 def test_generate_sot_on_the_command_line(tiny_qwen, capsys):
@@ -135,7 +147,7 @@ def test_generate_sot_on_the_command_line(tiny_qwen, capsys):
 def sot_server(tiny_qwen):
     from server_process import ServerProcess
 
-    server = ServerProcess(tiny_qwen, "--max-model-len", "512", "--max-num-seqs", "16")
+    server = ServerProcess(tiny_qwen, "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16")
     yield server
     server.stop()
 

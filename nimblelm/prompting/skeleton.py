@@ -74,7 +74,7 @@ class Stage:
 
     name: str  # "route", "skeleton", "points" or "plain"
     prompts: list[dict]
-    params: SamplingParams
+    params: list[SamplingParams]  # one per prompt
     points: list[str] = field(default_factory=list)  # the points stage's points, in order
 
 
@@ -134,6 +134,12 @@ def own_part(text: str, i: int) -> str:
     return (body[:lead] + body[lead:].split("\n\n")[0]).rstrip()
 
 
+def point_params(params: SamplingParams, i: int) -> SamplingParams:
+    """Point i's expansion stops where own_part cuts it, at a blank line or at point i + 1's number: no
+    step decodes text the answer leaves out."""
+    return replace(params, stop=[*params.stop_strings, "\n\n", f"\n{i + 1}."])
+
+
 def point_line(points: Sequence[str], i: int, output: RequestOutput) -> str:
     """Point i's line of the answer: the point and its expansion."""
     return f"{i}. {points[i - 1]}{own_part(output.outputs[0].text, i)}"
@@ -155,21 +161,22 @@ def plan(tokenizer, question: str, params: SamplingParams, router: str = "rule",
     outputs: list[RequestOutput] = []
     routed = router == "always" or (router == "rule" and suits_skeleton(question))
     if router == "model":
-        outs = yield Stage("route", [router_prompt(tokenizer, question)], SamplingParams(temperature=0, max_tokens=3))
+        outs = yield Stage("route", [router_prompt(tokenizer, question)], [SamplingParams(temperature=0, max_tokens=3)])
         outputs += outs
         routed = outs[0].outputs[0].text.strip().lower().startswith("yes")
     points: list[str] = []
     if routed:
         sketch = replace(params, max_tokens=SKELETON_MAX_TOKENS, stop=None)
-        outs = yield Stage("skeleton", [skeleton_prompt(tokenizer, question, system)], sketch)
+        outs = yield Stage("skeleton", [skeleton_prompt(tokenizer, question, system)], [sketch])
         outputs += outs
         points = parse_points("1." + outs[0].outputs[0].text)
     if len(points) < 2:
-        outs = yield Stage("plain", [plain_prompt(tokenizer, question, system)], params)
+        outs = yield Stage("plain", [plain_prompt(tokenizer, question, system)], [params])
         c = outs[0].outputs[0]
         return Answer(c.text, c.finish_reason, False, [], outputs + outs)
-    outs = yield Stage("points", [point_prompt(tokenizer, question, points, i, system)
-                                  for i in range(1, len(points) + 1)], params, points)
+    numbers = range(1, len(points) + 1)
+    outs = yield Stage("points", [point_prompt(tokenizer, question, points, i, system) for i in numbers],
+                       [point_params(params, i) for i in numbers], points)
     text = "\n".join(point_line(points, i, o) for i, o in enumerate(outs, start=1))
     finish = "length" if any(o.outputs[0].finish_reason == "length" for o in outs) else "stop"
     return Answer(text, finish, True, points, outputs + outs)
@@ -187,7 +194,7 @@ def generate(llm, questions: list[str], params: SamplingParams, router: str = "r
     seconds = [dict.fromkeys(("skeleton", "points"), 0.0) for _ in questions]
     answers: dict[int, Answer] = {}
     while stages:
-        batch = [(i, prompt, stage.params) for i, stage in stages.items() for prompt in stage.prompts]
+        batch = [(i, prompt, p) for i, stage in stages.items() for prompt, p in zip(stage.prompts, stage.params)]
         start = time.perf_counter()
         outs = iter(llm.generate([b[1] for b in batch], [b[2] for b in batch], use_tqdm=False))
         took = time.perf_counter() - start

@@ -108,11 +108,12 @@ class OpenAIServing:
         except InvalidRequestError as e:
             raise APIError(400, str(e), param="response_format", code="invalid_json_schema") from None
 
-    def _add(self, request_id: str, prompts: list[dict], params: SamplingParams) -> list[RequestStream]:
+    def _add(self, request_id: str, prompts: list[dict], params: list[SamplingParams]) -> list[RequestStream]:
+        """One request per prompt, with its params."""
         streams: list[RequestStream] = []
         try:
-            for i, prompt in enumerate(prompts):
-                streams.append(self.engine.add_request(f"{request_id}-{i}", prompt, params))
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                streams.append(self.engine.add_request(f"{request_id}-{i}", prompt, p))
         except BaseException:
             for stream in streams:
                 stream.close()
@@ -192,7 +193,7 @@ class OpenAIServing:
             self.check_prompt(token_ids, params.max_tokens, "prompt")
         self.check_structured(params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        return request_id, self._add(request_id, prompts, params), params
+        return request_id, self._add(request_id, prompts, [params] * len(prompts)), params
 
     async def completion(self, req: CompletionRequest, request_id: str, streams: list[RequestStream]) -> Completion:
         finals = await _finals(streams)
@@ -283,7 +284,7 @@ class OpenAIServing:
         self.check_prompt(token_ids, params.max_tokens, "messages")
         self.check_structured(params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._add(request_id, [{"prompt": text, "prompt_token_ids": token_ids}], params)
+        streams = self._add(request_id, [{"prompt": text, "prompt_token_ids": token_ids}], [params])
         return request_id, streams, params
 
     # -- Skeleton-of-Thought ----------------------------------------------------------------------
@@ -312,8 +313,8 @@ class OpenAIServing:
         plan goes on with their final outputs. Ends with the plan's Answer as the last item's stage."""
         stage, k = next(plan), 0
         while True:
-            for prompt in stage.prompts:
-                self.check_prompt(prompt["prompt_token_ids"], stage.params.max_tokens, "messages")
+            for prompt, params in zip(stage.prompts, stage.params):
+                self.check_prompt(prompt["prompt_token_ids"], params.max_tokens, "messages")
             streams = self._add(f"{request_id}-{k}", stage.prompts, stage.params)
             outs = yield stage, streams
             try:
@@ -356,7 +357,7 @@ class OpenAIServing:
                     if output.finished:
                         finals[j] = output
                     if stage.name == "plain":
-                        text, _, _ = state.advance(output.outputs[0], stage.params.stop_strings)
+                        text, _, _ = state.advance(output.outputs[0], stage.params[0].stop_strings)
                         if text:
                             yield chunk(ChatDelta(content=text))
                     while stage.name == "points" and sent in finals:
