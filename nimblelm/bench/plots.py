@@ -269,14 +269,17 @@ def _survey_spec(plt, report: dict, out: Path) -> list[Path]:
 
 
 def _survey_data(plt, report: dict, out: Path) -> list[Path]:
-    rows = report["results"]
+    rows, records = report["results"], report["records"]
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    # One colour per method in every panel, whichever methods a panel lacks.
+    keys = dict.fromkeys((r["backend"], r["method"]) for r in rows + records if r["method"] != "uncompressed")
+    color = {key: f"C{k}" for k, key in enumerate(keys)}
     fig, axes = plt.subplots(1, len(workloads) + 1, figsize=(4.6 * (len(workloads) + 1), 4), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
         mine = [r for r in rows if r["workload"] == workload]
         for key in dict.fromkeys((r["backend"], r["method"]) for r in mine if r["method"] != "uncompressed"):
             pts = sorted((r["achieved_ratio"], r["accuracy"]) for r in mine if (r["backend"], r["method"]) == key)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{key[0]}: {key[1]}")
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=color[key], label=f"{key[0]}: {key[1]}")
         base = [r["accuracy"] for r in mine if r["method"] == "uncompressed"]
         if base:
             ax.axhline(base[0], color="black", linewidth=0.8, label="uncompressed")
@@ -287,12 +290,12 @@ def _survey_data(plt, report: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax = axes[0][-1]
-    records = report["records"]
     smallest = min((r["ratio"] for r in records if r["method"] != "uncompressed"), default=None)
     for key in dict.fromkeys((r["backend"], r["method"]) for r in records if r["method"] != "uncompressed"):
         pts = sorted((r["context_tokens"], r["compress_s"] + r["e2e_s"]) for r in records
                      if (r["backend"], r["method"]) == key and r["ratio"] == smallest)
-        ax.scatter([x for x, _ in pts], [y for _, y in pts], s=14, label=f"{key[0]}: {key[1]} at {smallest:g}x")
+        ax.scatter([x for x, _ in pts], [y for _, y in pts], s=14, color=color[key],
+                   label=f"{key[0]}: {key[1]} at {smallest:g}x")
     pts = sorted((r["context_tokens"], r["e2e_s"]) for r in records if r["method"] == "uncompressed")
     ax.scatter([x for x, _ in pts], [y for _, y in pts], s=18, color="black", marker="x", label="uncompressed")
     ax.set_xlabel("context tokens (scorer)")
