@@ -42,6 +42,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "`nimblelm quantize` needs no flag); gguf: a .gguf file's quantized weights as stored")
     g.add_argument("--speculative-config", type=_json_object, default=None,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    g.add_argument("--kv-policy", type=_json_object, default=None,
+                   help='a KV cache policy as JSON: \'{"method": "snapkv", "ratio": 0.2}\' or '
+                        '\'{"method": "streaming", "budget": 1024, "num_sinks": 4}\'')
 
 
 def _json_object(text: str) -> dict:
@@ -72,6 +75,7 @@ _ENGINE_FIELDS = [
     "num_threads",
     "quantization",
     "speculative_config",
+    "kv_policy",
 ]
 
 

@@ -76,3 +76,6 @@ class EngineConfig:
     # Speculative decoding, as vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...}
     # (speculative/config.py); None decodes a token per step.
     speculative_config: dict | None = None
+    # A KV cache policy: {"method": "streaming" | "snapkv", "budget": entries or "ratio": kept fraction, ...}
+    # (engine/kv_cache/policy.py); None keeps every entry.
+    kv_policy: dict | None = None

@@ -31,6 +31,20 @@ def tiny_server(tiny_qwen):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The packaged SmolLM2-135M's float32 weights as a Hugging Face folder (for peers that load only those),
+    and 400 tokens of counting text in its tokenizer."""
+    from nimblelm.bench.backends import BenchContext
+    from nimblelm.bench.vllm_peer import ensure_hf_folder
+
+    ctx = BenchContext(model="smollm2-135m")
+    text = " ".join(f"Crate {i} holds {i * 7 % 13} red and {i * 5 % 11} blue marbles." for i in range(100))
+    ids = ctx.tokenizer.encode(text, add_special_tokens=False)[:400]
+    assert len(ids) == 400
+    return ensure_hf_folder(ctx), ids
+
+
 @pytest.fixture
 def replays(monkeypatch):
     """The row counts of the decode steps replayed from traces (engine/step_capture.py), as they happen."""

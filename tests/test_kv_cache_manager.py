@@ -169,3 +169,40 @@ def test_every_block_comes_back(windows):
     for s in seqs:
         kv.free(s)
     assert kv.num_free_blocks == 40 and all(r == 0 for r in refs(kv))
+
+
+def test_compaction_swaps_in_fresh_blocks_after_the_step_and_never_caches_them():
+    """A KV policy's compaction: the kept entries' blocks come from the pool at schedule time; after the step the
+    old table (whose full blocks were offered to the prefix cache first) is released, and the sequence's later
+    tokens continue in the new table as after dropped blocks. Its blocks hold a selection: never cached."""
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    seq = Seq(range(20))
+    kv.allocate_slots(seq, 20)
+    assert kv.num_entries(seq, 20) == 20
+    plan = kv.plan_compaction(seq, 20, keep=8)
+    assert plan == [([5, 6], 3)] and kv.num_free_blocks == 9
+    seq.num_computed_tokens = 20
+    kv.cache_computed(seq)
+    kv.finish_compaction(seq)
+    assert kv.block_ids(seq) == [[5, 6]] and kv.dropped_blocks(seq) == [3] and kv.num_free_blocks == 14
+    assert kv.num_entries(seq, 21) == 9
+    seq.token_ids += [1, 2, 3, 4]
+    assert compute(kv, seq, 4) == [[7]]
+    assert kv.block_ids(seq) == [[5, 6, 7]]
+    assert len(kv.pool._cached) == 5  # the prompt's 5 full blocks, none of the compacted ones
+    assert kv.cached_prefix(Seq(list(range(20)) + [9])) == 20
+    kv.free(seq)
+    assert kv.num_free_blocks == 16
+
+
+def test_a_compaction_waits_for_room_and_a_freed_plan_returns_its_blocks():
+    kv = KVCacheManager(num_blocks=6, block_size=4)
+    seq = Seq(range(20))
+    kv.allocate_slots(seq, 20)
+    assert kv.plan_compaction(seq, 20, keep=8) is None and kv.num_free_blocks == 1  # needs 2
+    kv = KVCacheManager(num_blocks=8, block_size=4, group_windows=[None, 4])
+    seq = Seq(range(12))
+    kv.allocate_slots(seq, 12)
+    assert kv.plan_compaction(seq, 12, keep=4) == [([6], 2), None]  # the sliding group is left alone
+    kv.free(seq)
+    assert kv.num_free_blocks == 8

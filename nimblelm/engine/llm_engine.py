@@ -11,6 +11,7 @@ import torch
 from nimblelm.config import EngineConfig
 from nimblelm.engine.detokenizer import IncrementalDetokenizer
 from nimblelm.engine.kv_cache.manager import KVCacheManager
+from nimblelm.engine.kv_cache.policy import KVPolicy
 from nimblelm.engine.model_runner import ModelRunner
 from nimblelm.engine.scheduler import Scheduler, SchedulerConfig
 from nimblelm.engine.sequence import Request, Sequence
@@ -58,6 +59,9 @@ class LLMEngine:
         speculative = SpeculativeConfig.from_dict(config.speculative_config) if config.speculative_config else None
         if speculative is not None and speculative.method == "layer_skip" and speculative.skip_layers is None:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
+        kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
+        if kv_policy is not None and speculative is not None:
+            raise InvalidRequestError("kv_policy and speculative_config cannot be combined yet")
         method = linear_method(config.quantization)
         resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
@@ -88,6 +92,8 @@ class LLMEngine:
         if getattr(method, "name", None) == "bf16" and bf16_products_in_words():
             compute += f" (bfloat16 linears {bf16_products_in_words()})"
         self.precision = f"{weights}, {compute}, {_name(self.kv_dtype)} KV cache"
+        if kv_policy is not None and all(w is not None for w in loaded.config.layer_windows):
+            raise InvalidRequestError("kv_policy: every layer of this model attends within a sliding window already")
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)
@@ -104,6 +110,7 @@ class LLMEngine:
             enforce_eager=config.enforce_eager,
             quantized=loaded.quantized,
             speculative=speculative,
+            kv_policy=kv_policy,
         )
         del loaded
         num_blocks = self._num_blocks(config)
@@ -117,6 +124,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
             self.kv_cache_manager,
+            kv_policy,
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}

@@ -18,6 +18,7 @@ import torch
 from nimblelm import hugepages
 from nimblelm.config import ModelConfig
 from nimblelm.engine.kv_cache.manager import kv_groups
+from nimblelm.engine.kv_cache.policy import KVPolicy
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.step_capture import StepCapture
 from nimblelm.kernels import ops_for
@@ -69,6 +70,7 @@ class _Batch:
     prompt_rows: list[tuple[int, list[int], list[int]]]
     spans: dict[int, tuple[int, int, int]]  # per sequence: its first row, that row's position, its rows
     trees: dict[int, _TreeLayout]  # of the sequences that verify a token tree
+    voters: list[int]  # the sequences whose compaction votes, in the order of their prefill chunks
 
 
 class ModelRunner:
@@ -87,6 +89,7 @@ class ModelRunner:
         enforce_eager: bool = False,
         quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None,
         speculative: SpeculativeConfig | None = None,
+        kv_policy: KVPolicy | None = None,
     ):
         """Builds the model: the layers in `quantized` (module name -> (format name, tensors), as the loader
         gives them) adopt their tensors, the others load from `weights` and take `linear_method`. The KV
@@ -127,6 +130,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.max_model_len = max_model_len
         self.speculative = speculative
+        self.kv_policy = kv_policy
         self.proposer = None  # made with the KV cache (a draft model sizes its own after the target's)
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
@@ -203,6 +207,8 @@ class ModelRunner:
         else:
             metas = [group_metas[g] for g in self.group_of_layer]
             hidden = self.model(input_ids, batch.positions, self.kv_caches, metas)
+        for req_id, plan in sched.compactions.items():
+            self._compact(req_id, sched.num_scheduled_tokens[req_id], plan, batch)
         prompt_logprobs = self._prompt_logprobs(hidden, batch.prompt_rows) if batch.prompt_rows else {}
         if not sample_ids:
             if self.proposer is not None and self.proposer.observes:
@@ -277,6 +283,38 @@ class ModelRunner:
             src = [tables[branch][e // bs] * bs + e % bs for e in entries]
             dst = [table[e // bs] * bs + e % bs for e in entries]
             self._copy_kv(g, src, dst)
+
+    def _compact(self, req_id: int, n: int, plan: list[tuple[list[int], int] | None], batch: _Batch) -> None:
+        """Gather the entries the sequence keeps (its policy picks them per layer and KV head) into the new
+        blocks of its plan, which become its tables."""
+        state, bs = self.seqs[req_id], self.block_size
+        end = state.num_computed_tokens + n
+        for g, step in enumerate(plan):
+            if step is None:
+                continue
+            new_table, dropped = step
+            table = torch.tensor(state.block_ids[g], device=self.device)
+            num_entries, keep = end - state.kv_offsets[g], end - dropped * bs
+            entries = torch.arange(max(num_entries, keep), device=self.device)
+            old_slots = (table[entries[:num_entries] // bs] * bs + entries[:num_entries] % bs)
+            new_slots = torch.tensor(new_table, device=self.device)[entries[:keep] // bs] * bs + entries[:keep] % bs
+            meta = batch.group_metas[g]
+            # Layer by layer, each layer's votes of every voting chunk in turn.
+            votes = meta.votes[batch.voters.index(req_id) :: len(batch.voters)] if meta.votes else None
+            kept = None
+            for i, layer in enumerate(self.kv_groups[g].layers):
+                if kept is None or votes is not None:  # a policy without votes keeps the same entries in every layer
+                    kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads,
+                                                 None if votes is None else votes[i]).to(self.device)
+                src = old_slots[kept].T  # [keep, kv_heads]
+                heads = torch.arange(self.config.num_kv_heads, device=self.device)
+                cache = self.kv_caches[layer]
+                for x in (cache.values, cache.scales):
+                    if x is not None:
+                        flat = x.flatten(1, 2)  # [2, slots, kv_heads, ...]
+                        flat[:, new_slots] = flat[:, src, heads]
+            state.block_ids[g] = list(new_table)
+            state.kv_offsets[g] = dropped * bs
 
     def _copy_kv(self, group: int, src: list[int], dst: list[int], whole_blocks: bool = False) -> None:
         """The K/V (and int8 scales) of the group's layers at slots src into slots dst (blocks, whole_blocks)."""
@@ -384,8 +422,10 @@ class ModelRunner:
         # tokens after its prompt that a step computes at once (speculative verification), each row
         # attending over the cache up to itself. Longer runs of tokens are prefill chunks.
         scheduled = [(self.seqs[i], n, i) for i, n in sched.num_scheduled_tokens.items()]
-        decodes = [x for x in scheduled if _is_decode(*x[:2])]
-        prefills = [x for x in scheduled if not _is_decode(*x[:2])]
+        # A sequence whose compaction votes is a prefill chunk: its last rows' attention weights are taken there.
+        voting = set(sched.compactions) if self.kv_policy is not None and self.kv_policy.needs_votes else set()
+        decodes = [x for x in scheduled if _is_decode(*x[:2]) and x[2] not in voting]
+        prefills = [x for x in scheduled if not _is_decode(*x[:2]) or x[2] in voting]
         bs = self.block_size
         num_groups = len(self.kv_groups)
 
@@ -472,7 +512,11 @@ class ModelRunner:
                 sliding_window=window,
                 extra_write_rows=extra[:, 0] if trees else None,
                 extra_write_slots=extra[:, 1] if trees else None,
+                vote_rows=vote_rows if voting and window is None else None,
+                votes=[] if voting and window is None else None,
             )
+
+        vote_rows = [min(self.kv_policy.window_size, n) if req_id in voting else 0 for _, n, req_id in prefills]
 
         return _Batch(
             torch.tensor(tokens, dtype=torch.long, device=device),
@@ -483,6 +527,7 @@ class ModelRunner:
             prompt_rows,
             spans,
             trees,
+            [req_id for _, _, req_id in prefills if req_id in voting],
         )
 
     def _lay_out_tree(self, seq: _SeqState, start: int, base: int, tree: DraftTree, row0: int, scratch, positions,

@@ -7,6 +7,11 @@ start is in the prefix cache begins after it. When blocks run out, the most rece
 is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
 (prompt and output so far, from whatever of it is still cached) when room returns.
 
+With a KV policy (kv_cache/policy.py), a step that leaves a sequence over its budget also compacts it:
+the step carries the fresh blocks its kept entries move to, and the old ones are freed after it. A
+preempted sequence is recomputed whole and compacted again. SnapKV votes with the attention of the prompt's
+last window_size tokens, so a prompt's last chunk holds at least those.
+
 Each step's decisions go out as a SchedulerOutput (engine/step.py): plain data, the model runner's only
 input.
 """
@@ -17,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nimblelm.engine.kv_cache.manager import KVCacheManager
+from nimblelm.engine.kv_cache.policy import KVPolicy
 from nimblelm.engine.sequence import Sequence, SequenceStatus
 from nimblelm.engine.step import NewRequest, RunningRequest, SchedulerOutput
 
@@ -29,9 +35,10 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, kv_policy: KVPolicy | None = None):
         self.config = config
         self.kv = kv_cache_manager
+        self.kv_policy = kv_policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.seqs: dict[int, Sequence] = {}  # every unfinished sequence, by seq_id
@@ -57,7 +64,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             drafts = seq.spec_token_ids
-            n = min(seq.num_tokens - seq.num_computed_tokens + len(drafts), budget)
+            n = self._chunk(seq, seq.num_tokens - seq.num_computed_tokens + len(drafts), budget)
+            if not n:
+                i += 1
+                continue
             new_ids = self.kv.allocate_slots(seq, n)
             while new_ids is None:
                 victim = self.running.pop()
@@ -80,6 +90,7 @@ class Scheduler:
                     out.spec_parents[seq.seq_id] = seq.spec_parents[:num_drafts]
             filling.update(self.kv.blocks_filled(seq, seq.num_computed_tokens, n - num_drafts))
             self._schedule(out, seq, n)
+            self._compact(out, seq, n)
             budget -= n
             i += 1
 
@@ -97,13 +108,16 @@ class Scheduler:
             cached = self.kv.cached_prefix(seq) if uses_cache else 0
             if uses_cache and params.prompt_logprobs is not None:
                 cached = min(cached, (params.prompt_logprobs_start - 1) // self.kv.block_size * self.kv.block_size)
+            if self.kv_policy is not None and self.kv_policy.needs_votes:  # the window's rows are computed
+                cached = min(cached, max(0, seq.num_tokens - self.kv_policy.window_size) // self.kv.block_size
+                             * self.kv.block_size)
             if uses_cache and not filling.isdisjoint(self.kv.blocks_filled(seq, cached, self.kv.block_size)):
                 deferred.append(seq)
                 continue
             remaining = seq.num_tokens - cached
-            n = min(remaining, budget)
+            n = self._chunk(seq, remaining, budget)
             chunk_refused = n < remaining and not self.config.enable_chunked_prefill
-            if chunk_refused or self.kv.allocate_slots(seq, n, cached) is None:
+            if not n or chunk_refused or self.kv.allocate_slots(seq, n, cached) is None:
                 self.waiting.appendleft(seq)
                 break
             seq.num_computed_tokens = cached
@@ -116,9 +130,30 @@ class Scheduler:
             ))
             filling.update(self.kv.blocks_filled(seq, cached, n))
             self._schedule(out, seq, n)
+            self._compact(out, seq, n)
             budget -= n
         self.waiting.extendleft(reversed(deferred))
         return out
+
+    def _chunk(self, seq: Sequence, remaining: int, budget: int) -> int:
+        """How many of seq's remaining tokens this step computes: as many as the budget allows, but a chunk
+        that stops short of the end leaves the whole of a voting window to the last one (0: none this step)."""
+        n = min(remaining, budget)
+        policy = self.kv_policy
+        if policy is not None and policy.needs_votes and n < remaining < n + policy.window_size:
+            n = max(0, remaining - policy.window_size)
+        return n
+
+    def _compact(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        """Plan seq's compaction after this step, where its policy asks for one and blocks allow."""
+        if self.kv_policy is None:
+            return
+        end = seq.num_computed_tokens + n
+        keep = self.kv_policy.kept_entries(seq.num_prompt_tokens, self.kv.num_entries(seq, end), n,
+                                           end == seq.num_tokens, self.kv.block_size)
+        plan = None if keep is None else self.kv.plan_compaction(seq, end, keep)
+        if plan is not None:
+            out.compactions[seq.seq_id] = plan
 
     def _schedule(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         out.num_scheduled_tokens[seq.seq_id] = n
@@ -132,6 +167,8 @@ class Scheduler:
             seq = self.seqs[seq_id]
             seq.num_computed_tokens += n - (num_rejected or {}).get(seq_id, 0)
             self.kv.cache_computed(seq)
+            if seq_id in out.compactions:
+                self.kv.finish_compaction(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)

@@ -61,6 +61,10 @@ class SchedulerOutput:
     # token, then one after each of its drafts (the rows its drafts are verified at).
     grammar_req_ids: list[int] = field(default_factory=list)
     grammar_bitmask: Any = None
+    # KV policies: the sequences whose KV this step compacts once it has run. Per KV group, None (untouched) or
+    # the blocks of its new table, which the kept entries are gathered into, and the blocks then dropped from
+    # the table's front; the entries kept are those past the dropped blocks' tokens.
+    compactions: dict[int, list[tuple[list[int], int] | None]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -39,6 +39,12 @@ class AttentionMetadata:
     # further branch that reads them; None in every other step.
     extra_write_rows: torch.Tensor | None = None
     extra_write_slots: torch.Tensor | None = None
+    # KV policies that vote (engine/kv_cache/policy.py): per prefill chunk, how many of its last rows vote on
+    # the entries its sequence keeps (0: none). Each layer appends, per voting chunk in order, the votes
+    # [kv_heads, context]: each entry's attention weight averaged over the voting rows and each KV head's
+    # query heads. None in every other step.
+    vote_rows: list[int] | None = None
+    votes: list[torch.Tensor] | None = None
 
     @staticmethod
     def decode_mask_for(context_lens: torch.Tensor, max_context: int, sliding_window: int | None) -> torch.Tensor:
@@ -154,8 +160,9 @@ class PagedAttention(torch.nn.Module):
         elif d:
             self._decode(q[:d], kv_cache, meta, ops, out[:d])
         start = d
-        chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks)
-        for q_len, ctx, blocks, mask in chunks:
+        chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks,
+                     meta.vote_rows or [0] * len(meta.prefill_query_lens))
+        for q_len, ctx, blocks, mask, voters in chunks:
             end = start + q_len
             if ctx == q_len and kv_cache.values.dtype == q.dtype:  # a whole prompt in one chunk: K/V at hand
                 k_ctx, v_ctx = k[start:end], v[start:end]
@@ -172,8 +179,21 @@ class PagedAttention(torch.nn.Module):
                     qt, kt, vt, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
                 )
                 out[start:end] = o[0].transpose(0, 1)
+            if voters:
+                meta.votes.append(self._votes(q[end - voters : end], k_ctx))
             start = end
         return out
+
+    def _votes(self, q: torch.Tensor, k_ctx: torch.Tensor) -> torch.Tensor:
+        """The attention weights of the last rows of a chunk (q) over its context, averaged over the rows and
+        the query heads of each KV head: [kv_heads, context]. A second, small pass beside the fused prefill,
+        whose kernel keeps no weights: rows x context per head, against the chunk's rows x context."""
+        rows, ctx = q.shape[0], k_ctx.shape[0]
+        qg = q.float().view(rows, self.num_kv_heads, -1, self.head_dim).permute(1, 2, 0, 3)  # [kv, group, rows, d]
+        logits = qg @ k_ctx.float().transpose(0, 1)[:, None].transpose(-1, -2) * self.scale  # [kv, group, rows, ctx]
+        q_pos = torch.arange(ctx - rows, ctx, device=q.device)[:, None]
+        logits.masked_fill_(torch.arange(ctx, device=q.device)[None, :] > q_pos, float("-inf"))
+        return logits.softmax(-1).mean((1, 2))
 
     def _write(self, k, v, kv_cache: KVCache, slots: torch.Tensor, ops) -> None:
         """Store the new tokens' K/V in their cache slots, rounded to the cache's dtype."""

@@ -14,6 +14,13 @@ tokens are computed it is cached under (group, hash); when its sequence ends, it
 list until an allocation needs it (least recently freed first). A new sequence starts from the longest
 prefix whose blocks every group still has, but never its whole prompt: the last token is recomputed to
 give the logits.
+
+Compaction (KV policies, kv_cache/policy.py): a sequence's entries in its full-attention groups are
+gathered into fresh blocks by the model runner during a step, and its old blocks are released after it.
+The kept count leaves the sequence's next position on a block boundary of its new table, so its later
+tokens are found as in a table that dropped blocks from its front. A compacted sequence's blocks hold a
+selection, not a prefix: they are never offered to the prefix cache (its prompt's full blocks were, before
+the compaction released them).
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class _Held:
     tables: list[list[Block]]
     dropped: list[int]
     num_cached: int  # leading blocks already offered to the prefix cache
+    compacted: bool = False
+    pending: dict[int, tuple[list[Block], int]] | None = None  # per group, a compaction's new table and dropped
 
 
 class KVCacheManager:
@@ -145,9 +154,9 @@ class KVCacheManager:
 
     def cache_computed(self, seq: KVRequest) -> None:
         """Offer seq's computed full blocks to the prefix cache (after the step that computed them)."""
-        if not self.enable_prefix_caching:
-            return
         held = self._held[seq.seq_id]
+        if not self.enable_prefix_caching or held.compacted:
+            return
         # Kept drafts count as computed before they join the tokens: their blocks are cached a step later.
         full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if full <= held.num_cached:
@@ -214,12 +223,45 @@ class KVCacheManager:
                 del table[:dead]
                 held.dropped[g] += dead
 
+    # -- compaction -----------------------------------------------------------------------------
+
+    def num_entries(self, seq: KVRequest, num_tokens: int) -> int:
+        """The entries seq's full-attention tables hold once its first num_tokens tokens are computed."""
+        held = self._held[seq.seq_id]
+        return num_tokens - self.block_size * max(d for d, w in zip(held.dropped, self.windows) if w is None)
+
+    def plan_compaction(self, seq: KVRequest, num_tokens: int, keep: int) -> list[tuple[list[int], int] | None] | None:
+        """Fresh blocks for the `keep` entries that seq's full-attention groups keep once its first num_tokens
+        tokens are computed: per group, (their ids, the blocks then dropped from the table's front), None for
+        sliding groups. None, changing nothing, when the pool cannot supply them."""
+        held = self._held[seq.seq_id]
+        groups = [g for g, w in enumerate(self.windows) if w is None]
+        n = self.blocks_for(keep)
+        if not groups or n * len(groups) > self.pool.num_free:
+            return None
+        dropped = (num_tokens - keep) // self.block_size
+        held.pending = {g: (self.pool.take(n), dropped) for g in groups}
+        return [([b.block_id for b in held.pending[g][0]], dropped) if g in held.pending else None
+                for g in range(len(self.windows))]
+
+    def finish_compaction(self, seq: KVRequest) -> None:
+        """After the step that gathered seq's kept entries: its new tables replace the old, which are released."""
+        held = self._held[seq.seq_id]
+        for g, (blocks, dropped) in held.pending.items():
+            self.pool.release(held.tables[g][::-1])
+            held.tables[g] = blocks
+            held.dropped[g] = dropped
+        held.pending = None
+        held.compacted = True
+
     def free(self, seq: KVRequest) -> None:
         """Release all of seq's blocks: the cached ones stay findable until reused, its last blocks
         evicted first."""
         held = self._held.pop(seq.seq_id, None)
         for table in held.tables if held else []:
             self.pool.release(table[::-1])
+        for blocks, _ in (held.pending or {}).values() if held else []:
+            self.pool.release(blocks)
 
     def truncate(self, seq: KVRequest, num_tokens: int) -> None:
         """Keep only the blocks of seq's first num_tokens tokens (rolling back tokens that will not stay,

@@ -1,0 +1,115 @@
+"""KV cache policies: which of a sequence's KV entries stay once it holds more than a budget of them.
+
+- streaming (StreamingLLM): the first num_sinks entries (attention sinks) and the most recent ones; applied
+  when the whole prompt is in and again whenever the sequence has grown a block past its budget.
+- snapkv (SnapKV): once, when the whole prompt is in. Each KV head keeps the prompt positions that its query
+  heads, at the prompt's last window_size tokens, attend to most (averaged over kernel_size neighbours);
+  the window itself always stays. Later tokens are all kept.
+
+Who does what: the scheduler decides when a sequence is compacted and how many entries it keeps
+(`kept_entries`); the attention layers of that step provide the window's votes (layers/attention.py); the
+model runner picks the entries (`select`) and gathers them into fresh blocks; the KV cache manager then
+frees the old ones. Only layers that attend to the whole context take part: a sliding window already
+bounds the others.
+
+The kept count is rounded up (by less than a block) so that the sequence's later tokens land where the
+manager expects them: entry p - d * block_size after d blocks dropped from the table's front, the
+arrangement sliding windows use. Keys carry their rotary positions from when they were written, so kept
+entries keep their original positions (as kvpress does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from nimblelm.errors import InvalidRequestError
+
+METHODS = ("streaming", "snapkv")
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    method: str
+    budget: int | None = None  # KV entries a sequence keeps; or
+    ratio: float | None = None  # the fraction of its prompt's entries it keeps (kvpress: 1 - compression_ratio)
+    num_sinks: int = 4  # streaming: the first entries, always kept
+    window_size: int = 64  # snapkv: the last prompt tokens whose attention votes; always kept
+    kernel_size: int = 5  # snapkv: votes are averaged over this many neighbouring positions
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | KVPolicy) -> KVPolicy:
+        """A policy from options such as {"method": "snapkv", "ratio": 0.2}, or one clear error."""
+        if isinstance(options, KVPolicy):
+            return options
+        if not isinstance(options, dict):
+            raise InvalidRequestError(f"kv_policy must be a dict, got {type(options).__name__}")
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InvalidRequestError(f"kv_policy: unknown option(s) {', '.join(unknown)}")
+        if "method" not in options:
+            raise InvalidRequestError(f"kv_policy needs a 'method': one of {', '.join(METHODS)}")
+        policy = cls(**options)
+        policy._validate()
+        return policy
+
+    def _validate(self) -> None:
+        def bad(msg: str) -> InvalidRequestError:
+            return InvalidRequestError(f"kv_policy: {msg}")
+
+        if self.method not in METHODS:
+            raise bad(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if (self.budget is None) == (self.ratio is None):
+            raise bad("give either 'budget' (entries kept) or 'ratio' (the fraction of the prompt kept)")
+        for name in ("num_sinks", "window_size", "kernel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_sinks" else 1):
+                raise bad(f"{name} must be a {'non-negative' if name == 'num_sinks' else 'positive'} integer, "
+                          f"got {value!r}")
+        if self.kernel_size % 2 == 0:
+            raise bad(f"kernel_size must be odd (the pooling is centred), got {self.kernel_size}")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
+            raise bad(f"ratio must be in (0, 1), got {self.ratio!r}")
+        if self.budget is not None:
+            floor = self.num_sinks + 1 if self.method == "streaming" else self.window_size
+            if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < floor:
+                what = "num_sinks + 1" if self.method == "streaming" else "window_size"
+                raise bad(f"budget must be an integer of at least {what} ({floor}), got {self.budget!r}")
+
+    def budget_for(self, num_prompt_tokens: int) -> int:
+        """The entries a sequence with this many prompt tokens keeps: never fewer than the window (snapkv) or
+        the sinks and one recent entry (streaming)."""
+        budget = self.budget if self.budget is not None else int(num_prompt_tokens * self.ratio)
+        return max(budget, self.window_size if self.method == "snapkv" else self.num_sinks + 1)
+
+    @property
+    def needs_votes(self) -> bool:
+        return self.method == "snapkv"
+
+    def kept_entries(self, num_prompt_tokens: int, num_entries: int, num_new: int, completes: bool,
+                     block_size: int) -> int | None:
+        """How many entries a sequence keeps after a step that leaves it num_entries entries, num_new of them
+        computed by the step; None: no compaction. completes: the step computes the sequence's last token.
+        A compaction frees at least a block."""
+        if not completes or (self.method == "snapkv" and num_new < max(self.window_size, 2)):
+            return None  # snapkv compacts the prompt only, voting with its window's rows, computed in this step
+        budget = self.budget_for(num_prompt_tokens)
+        keep = budget + (num_entries - budget) % block_size
+        return keep if num_entries - keep >= block_size else None
+
+    def select(self, keep: int, num_entries: int, num_kv_heads: int, votes=None):
+        """Per KV head, the `keep` entries (of num_entries) that stay, ascending: a LongTensor [kv_heads, keep].
+        votes: snapkv's, [kv_heads, num_entries], each entry's attention from the window averaged over its
+        rows and the head's query heads."""
+        import torch  # here only: the scheduler, which uses the rest of the policy, is torch-free
+        import torch.nn.functional as F
+
+        if self.method == "streaming":
+            sinks = min(self.num_sinks, keep)
+            kept = torch.cat([torch.arange(sinks), torch.arange(num_entries - (keep - sinks), num_entries)])
+            return kept.expand(num_kv_heads, keep)
+        w = min(self.window_size, num_entries)
+        pooled = F.avg_pool1d(votes[:, : num_entries - w].float(), self.kernel_size, stride=1,
+                              padding=self.kernel_size // 2)
+        scores = F.pad(pooled, (0, w), value=pooled.max().item() + 1 if pooled.numel() else 1.0)
+        return scores.topk(keep, dim=-1).indices.sort(dim=-1).values

@@ -1,0 +1,189 @@
+"""KV cache policies (engine/kv_cache/policy.py) against an oracle: Hugging Face transformers with the same
+weights, its cache pruned by the policy's rule after the prompt (and, for streaming, as decoding grows it),
+SnapKV's votes taken from transformers' own attention weights. Greedy output must match token for token.
+The selection is checked against kvpress itself in test_kvpress_peer.py."""
+
+import random
+
+import pytest
+import torch
+from tiny_models import make_tiny_hf_model
+from transformers import AutoModelForCausalLM
+
+from nimblelm import LLM, SamplingParams
+from nimblelm.bench import kvpress_peer
+from nimblelm.engine.kv_cache.policy import KVPolicy
+from nimblelm.errors import InvalidRequestError
+
+BLOCK = 16
+
+
+def _prompt(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 300) for _ in range(n)]
+
+
+def _hf_reference(folder, prompt: list[int], policy: KVPolicy, max_tokens: int) -> list[int]:
+    """Greedy tokens of transformers whose cache keeps, per layer and KV head, what `policy` selects."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    cfg = model.config
+    kv_heads, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    cache_layers = range(cfg.num_hidden_layers)
+
+    full = [t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"] * len(cache_layers)]
+
+    def prune(cache, keep: int, num_entries: int, attentions=None) -> None:
+        for i, layer in enumerate(cache.layers):
+            if not full[i]:  # a sliding window bounds the layer already: the policy leaves it alone
+                continue
+            votes = None
+            if attentions is not None:  # [1, heads, L, L] -> the window's rows, per KV head
+                w = min(policy.window_size, num_entries)
+                votes = attentions[i][0, :, -w:].view(kv_heads, group, w, -1).mean((1, 2))
+            kept = policy.select(keep, num_entries, kv_heads, votes)  # [kv_heads, keep]
+            index = kept[None, :, :, None].expand(1, kv_heads, keep, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True, output_attentions=policy.needs_votes)
+        cache, entries, tokens = out.past_key_values, len(prompt), []
+        keep = policy.kept_entries(len(prompt), entries, len(prompt), True, BLOCK)
+        if keep is not None:
+            prune(cache, keep, entries, out.attentions if policy.needs_votes else None)
+            entries = keep
+        logits = out.logits[0, -1]
+        for position in range(len(prompt), len(prompt) + max_tokens):
+            tokens.append(int(logits.argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+            out = model(ids, cache=cache, position_ids=torch.tensor([[position]]),
+                        cache_position=torch.tensor([position]), use_cache=True)
+            entries += 1
+            keep = policy.kept_entries(len(prompt), entries, 1, True, BLOCK)
+            if keep is not None:
+                prune(cache, keep, entries)
+                entries = keep
+            logits = out.logits[0, -1]
+    return tokens
+
+
+def _generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+POLICIES = [
+    {"method": "streaming", "budget": 64},
+    {"method": "streaming", "ratio": 0.3, "num_sinks": 8},
+    {"method": "snapkv", "ratio": 0.25, "window_size": 32},
+    {"method": "snapkv", "budget": 100, "window_size": 48, "kernel_size": 7},
+]
+
+
+@pytest.mark.parametrize("options", POLICIES, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_greedy_matches_transformers_with_the_same_cache(tiny_qwen, options):
+    prompt = _prompt(300)
+    ref = _hf_reference(tiny_qwen, prompt, KVPolicy.from_dict(options), 40)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options)
+    assert _generate(llm, [prompt], 40) == [ref]
+    full = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512), [prompt], 40)
+    assert full != [ref], "the policy changed nothing: the test cannot tell a kept entry from a dropped one"
+
+
+@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv"])
+def test_gemma3_compacts_its_global_layers_only(tmp_path_factory, options):
+    """Gemma 3's sliding layers keep their window (their groups untouched); the global layer is compacted."""
+    folder = make_tiny_hf_model(tmp_path_factory.mktemp("gemma3") / "hf", "gemma3", initializer_range=0.05)
+    prompt = _prompt(300)
+    ref = _hf_reference(folder, prompt, KVPolicy.from_dict(options), 30)
+    llm = LLM(str(folder), dtype="float32", max_model_len=512, kv_policy=options)
+    assert _generate(llm, [prompt], 30) == [ref]
+    assert _generate(LLM(str(folder), dtype="float32", max_model_len=512), [prompt], 30) != [ref]
+
+
+@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv"])
+def test_chunking_batching_and_prefix_cache_keep_the_output(tiny_qwen, options):
+    """A prompt's chunks (the last keeps snapkv's window whole), a batch of prompts of different lengths, and a
+    prompt whose start another left cached give what one prompt alone gives."""
+    prompts = [_prompt(310, seed=1), _prompt(150, seed=2), _prompt(310, seed=1)[:200] + _prompt(90, seed=3)]
+    alone = [_generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options), [p], 24)[0]
+             for p in prompts]
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options, max_num_batched_tokens=100)
+    assert _generate(llm, prompts[:2], 24) == alone[:2]
+    assert _generate(llm, prompts[2:], 24) == alone[2:]  # its first 192 tokens cached by the first prompt
+    manager = llm.llm_engine.kv_cache_manager
+    assert manager.num_hit_tokens >= 192
+    assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_compaction_frees_blocks_during_the_run(tiny_qwen):
+    """Once the prompt is in, a sequence holds its budget's blocks, not its context's; streaming keeps it there
+    while it decodes."""
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy={"method": "streaming", "budget": 64})
+    engine = llm.llm_engine
+    engine.add_request("a", {"prompt_token_ids": _prompt(400)}, SamplingParams(max_tokens=100, temperature=0,
+                                                                               ignore_eos=True))
+    held = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        seqs = list(engine.scheduler.seqs.values())
+        if seqs and seqs[0].num_computed_tokens >= 400:
+            held.append(len(engine.kv_cache_manager.block_ids(seqs[0])[0]))
+    assert held and max(held) <= -(-(64 + 2 * BLOCK) // BLOCK)  # budget plus a growing block, rounded up
+    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.num_blocks
+
+
+def test_preempted_sequences_finish_and_return_every_block(tiny_qwen):
+    """32 blocks hold one 300-token prompt (19 blocks) and its compaction's 4; compacted, several decode at
+    once until their growth preempts some, which are recomputed whole and compacted again."""
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, num_kv_blocks=32,
+              kv_policy={"method": "snapkv", "budget": 64, "window_size": 32})
+    outs = _generate(llm, [_prompt(300, seed=s) for s in range(4)], 150)
+    assert all(len(o) == 150 for o in outs)
+    engine = llm.llm_engine
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.num_blocks
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "h3o", "ratio": 0.2}, "method 'h3o'"),
+    ({"method": "snapkv"}, "either 'budget'"),
+    ({"method": "snapkv", "budget": 10, "ratio": 0.2}, "either 'budget'"),
+    ({"method": "snapkv", "budget": 10}, "at least window_size"),
+    ({"method": "streaming", "ratio": 1.5}, "ratio must be in (0, 1)"),
+    ({"method": "snapkv", "ratio": 0.2, "kernel_size": 4}, "kernel_size must be odd"),
+    ({"method": "snapkv", "ratio": 0.2, "windows": 4}, "unknown option(s) windows"),
+])
+def test_bad_policies_get_one_clear_error(options, message):
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        KVPolicy.from_dict(options)
+
+
+def test_policy_and_speculative_decoding_are_refused_together(tiny_qwen):
+    with pytest.raises(InvalidRequestError, match="cannot be combined"):
+        LLM(str(tiny_qwen), kv_policy={"method": "streaming", "budget": 64},
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["snapkv", "streaming"])
+def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, method, monkeypatch):
+    """On the packaged SmolLM2-135M (float32), every layer and KV head keeps the very positions kvpress's press
+    keeps, and the greedy tokens match kvpress's up to its end of sequence. 320 tokens at ratio 0.25 keep 80,
+    which leaves the next position on a block boundary: no entries beyond kvpress's count. kvpress compresses
+    the prompt only: streaming's first compaction while decoding (a block past the budget) ends the comparison
+    after 16 tokens."""
+    folder, ids = smollm2_hf
+    prompt = ids[:320]
+    chosen = []
+    select = KVPolicy.select
+    monkeypatch.setattr(KVPolicy, "select", lambda self, *a: chosen.append(select(self, *a)) or chosen[-1])
+    llm = LLM(str(folder), dtype="float32", max_model_len=1024, kv_policy={"method": method, "ratio": 0.25})
+    ours = _generate(llm, [prompt], 24)[0]
+    kept = kvpress_peer.kept_positions(folder, prompt, method, 0.25)
+    assert len(kept) == 30 and len(chosen) == (30 if method == "snapkv" else 2)  # streaming: one choice for all
+    for layer, theirs in enumerate(kept):
+        assert theirs.shape == (3, 80)
+        assert torch.equal(chosen[layer if method == "snapkv" else 0], theirs), f"layer {layer}"
+    theirs = kvpress_peer.generate(folder, [prompt], method, 0.25, 16)[0]["token_ids"]
+    assert len(theirs) >= 8 and ours[: len(theirs)] == theirs
