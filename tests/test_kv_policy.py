@@ -23,14 +23,13 @@ def _prompt(n: int, seed: int = 0) -> list[int]:
     return [rng.randrange(10, 300) for _ in range(n)]
 
 
-def _hf_reference(folder, prompt: list[int], policy: KVPolicy, max_tokens: int) -> list[int]:
-    """Greedy tokens of transformers whose cache keeps, per layer and KV head, what `policy` selects."""
+def _hf_reference(folder, prompt: list[int], policy: KVPolicy, max_tokens: int, chunk: int | None = None) -> list[int]:
+    """Greedy tokens of transformers whose cache keeps, per layer and KV head, what `policy` selects; the prompt
+    goes in chunks of `chunk` tokens (None: at once)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     cfg = model.config
     kv_heads, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    cache_layers = range(cfg.num_hidden_layers)
-
-    full = [t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"] * len(cache_layers)]
+    full = [t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers]
 
     def prune(cache, keep: int, num_entries: int, attentions=None) -> None:
         for i, layer in enumerate(cache.layers):
@@ -45,12 +44,17 @@ def _hf_reference(folder, prompt: list[int], policy: KVPolicy, max_tokens: int) 
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
 
     with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True, output_attentions=policy.needs_votes)
-        cache, entries, tokens = out.past_key_values, len(prompt), []
-        keep = policy.kept_entries(len(prompt), entries, len(prompt), True, BLOCK)
-        if keep is not None:
-            prune(cache, keep, entries, out.attentions if policy.needs_votes else None)
-            entries = keep
+        cache, entries, tokens = None, 0, []
+        for start in range(0, len(prompt), chunk or len(prompt)):
+            ids = prompt[start : start + (chunk or len(prompt))]
+            positions = torch.arange(start, start + len(ids))
+            out = model(torch.tensor([ids]), cache=cache, position_ids=positions[None], cache_position=positions,
+                        use_cache=True, output_attentions=policy.needs_votes)
+            cache, entries = out.past_key_values, entries + len(ids)
+            keep = policy.kept_entries(len(prompt), entries, len(ids), start + len(ids) == len(prompt), BLOCK)
+            if keep is not None:
+                prune(cache, keep, entries, out.attentions if policy.needs_votes else None)
+                entries = keep
         logits = out.logits[0, -1]
         for position in range(len(prompt), len(prompt) + max_tokens):
             tokens.append(int(logits.argmax()))
@@ -88,6 +92,20 @@ def test_greedy_matches_transformers_with_the_same_cache(tiny_qwen, options):
     assert _generate(llm, [prompt], 40) == [ref]
     full = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512), [prompt], 40)
     assert full != [ref], "the policy changed nothing: the test cannot tell a kept entry from a dropped one"
+
+
+@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv"])
+def test_per_chunk_compacts_between_a_prompts_chunks(tiny_qwen, options):
+    """per_chunk: each 64-token chunk of the prompt attends to what the policy kept of those before it, as the
+    reference does when it prunes its cache between the chunks it feeds."""
+    options = options | {"per_chunk": True}
+    prompt = _prompt(300)
+    ref = _hf_reference(tiny_qwen, prompt, KVPolicy.from_dict(options), 24, chunk=64)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options, max_num_batched_tokens=64)
+    assert _generate(llm, [prompt], 24) == [ref]
+    whole = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options | {"per_chunk": False},
+                max_num_batched_tokens=64)
+    assert _generate(whole, [prompt], 24) != [ref]
 
 
 @pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv"])

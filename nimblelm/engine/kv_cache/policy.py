@@ -1,10 +1,11 @@
 """KV cache policies: which of a sequence's KV entries stay once it holds more than a budget of them.
 
 - streaming (StreamingLLM): the first num_sinks entries (attention sinks) and the most recent ones; applied
-  when the whole prompt is in and again whenever the sequence has grown a block past its budget.
-- snapkv (SnapKV): once, when the whole prompt is in. Each KV head keeps the prompt positions that its query
-  heads, at the prompt's last window_size tokens, attend to most (averaged over kernel_size neighbours);
-  the window itself always stays. Later tokens are all kept.
+  when the whole prompt is in (or after each of its chunks, per_chunk) and again whenever the sequence has
+  grown a block past its budget.
+- snapkv (SnapKV): once, when the whole prompt is in (or after each of its chunks, per_chunk). Each KV head
+  keeps the prompt positions that its query heads, at the prompt's last window_size tokens, attend to most
+  (averaged over kernel_size neighbours); the window itself always stays. Later tokens are all kept.
 
 Who does what: the scheduler decides when a sequence is compacted and how many entries it keeps
 (`kept_entries`); the attention layers of that step provide the window's votes (layers/attention.py); the
@@ -36,6 +37,10 @@ class KVPolicy:
     num_sinks: int = 4  # streaming: the first entries, always kept
     window_size: int = 64  # snapkv: the last prompt tokens whose attention votes; always kept
     kernel_size: int = 5  # snapkv: votes are averaged over this many neighbouring positions
+    # Compact after each chunk of a prompt too, not only once it is all in: a text longer than the budget then
+    # streams through it, each chunk attending to what the policy kept of the chunks before (the streaming
+    # setting of StreamingLLM's perplexity runs). False compacts the whole prompt at once, as kvpress does.
+    per_chunk: bool = False
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | KVPolicy) -> KVPolicy:
@@ -66,6 +71,8 @@ class KVPolicy:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_sinks" else 1):
                 raise bad(f"{name} must be a {'non-negative' if name == 'num_sinks' else 'positive'} integer, "
                           f"got {value!r}")
+        if not isinstance(self.per_chunk, bool):
+            raise bad(f"per_chunk must be true or false, got {self.per_chunk!r}")
         if self.kernel_size % 2 == 0:
             raise bad(f"kernel_size must be odd (the pooling is centred), got {self.kernel_size}")
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
@@ -91,8 +98,8 @@ class KVPolicy:
         """How many entries a sequence keeps after a step that leaves it num_entries entries, num_new of them
         computed by the step; None: no compaction. completes: the step computes the sequence's last token.
         A compaction frees at least a block."""
-        if not completes or (self.method == "snapkv" and num_new < max(self.window_size, 2)):
-            return None  # snapkv compacts the prompt only, voting with its window's rows, computed in this step
+        if not (completes or self.per_chunk) or (self.method == "snapkv" and num_new < max(self.window_size, 2)):
+            return None  # snapkv compacts prompts only, voting with its window's rows, computed in this step
         budget = self.budget_for(num_prompt_tokens)
         keep = budget + (num_entries - budget) % block_size
         return keep if num_entries - keep >= block_size else None
