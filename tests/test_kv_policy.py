@@ -205,3 +205,35 @@ def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, method, monkey
         assert torch.equal(chosen[layer if method == "snapkv" else 0], theirs), f"layer {layer}"
     theirs = kvpress_peer.generate(folder, [prompt], method, 0.25, 16)[0]["token_ids"]
     assert len(theirs) >= 8 and ours[: len(theirs)] == theirs
+
+
+def test_cli_and_server_take_a_policy(tiny_qwen):
+    """--kv-policy reaches the engine from `generate` and `serve`: both give the API's greedy tokens for a prompt
+    the policy compacts; a bad policy is one line and exit status 1."""
+    import json
+    import subprocess
+    import sys
+
+    from server_process import ServerProcess
+
+    options = POLICIES[2]
+    prompt = _prompt(300)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].text
+    full = LLM(str(tiny_qwen), dtype="float32", max_model_len=512).generate([{"prompt_token_ids": prompt}], params,
+                                                                           use_tqdm=False)[0].outputs[0].text
+    assert want != full
+    server = ServerProcess(tiny_qwen, "--dtype", "float32", "--max-model-len", "512", "--kv-policy", json.dumps(options))
+    try:
+        reply = server.post("/v1/completions", json={"model": str(tiny_qwen), "prompt": prompt, "max_tokens": 12,
+                                                     "temperature": 0, "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == want
+    finally:
+        server.stop()
+    result = subprocess.run([sys.executable, "-m", "nimblelm", "generate", "--model", str(tiny_qwen), "--kv-policy",
+                             '{"method": "snapkv"}', "hi"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: kv_policy: give either 'budget'")
