@@ -178,14 +178,14 @@ def test_compaction_swaps_in_fresh_blocks_after_the_step_and_never_caches_them()
     kv = KVCacheManager(num_blocks=16, block_size=4)
     seq = Seq(range(20))
     kv.allocate_slots(seq, 20)
-    assert kv.num_entries(seq, 20) == 20
-    plan = kv.plan_compaction(seq, 20, keep=8)
+    assert kv.num_entries(seq, 0, 20) == 20
+    plan = kv.plan_compaction(seq, 20, [8])
     assert plan == [([5, 6], 3)] and kv.num_free_blocks == 9
     seq.num_computed_tokens = 20
     kv.cache_computed(seq)
     kv.finish_compaction(seq)
     assert kv.block_ids(seq) == [[5, 6]] and kv.dropped_blocks(seq) == [3] and kv.num_free_blocks == 14
-    assert kv.num_entries(seq, 21) == 9
+    assert kv.num_entries(seq, 0, 21) == 9
     seq.token_ids += [1, 2, 3, 4]
     assert compute(kv, seq, 4) == [[7]]
     assert kv.block_ids(seq) == [[5, 6, 7]]
@@ -199,10 +199,10 @@ def test_a_compaction_waits_for_room_and_a_freed_plan_returns_its_blocks():
     kv = KVCacheManager(num_blocks=6, block_size=4)
     seq = Seq(range(20))
     kv.allocate_slots(seq, 20)
-    assert kv.plan_compaction(seq, 20, keep=8) is None and kv.num_free_blocks == 1  # needs 2
+    assert kv.plan_compaction(seq, 20, [8]) is None and kv.num_free_blocks == 1  # needs 2
     kv = KVCacheManager(num_blocks=8, block_size=4, group_windows=[None, 4])
     seq = Seq(range(12))
     kv.allocate_slots(seq, 12)
-    assert kv.plan_compaction(seq, 12, keep=4) == [([6], 2), None]  # the sliding group is left alone
+    assert kv.plan_compaction(seq, 12, [4, None]) == [([6], 2), None]  # the sliding group is left alone
     kv.free(seq)
     assert kv.num_free_blocks == 8

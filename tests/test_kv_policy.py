@@ -31,41 +31,43 @@ def _hf_reference(folder, prompt: list[int], policy: KVPolicy, max_tokens: int, 
     kv_heads, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     full = [t == "full_attention" for t in getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers]
 
-    def prune(cache, keep: int, num_entries: int, attentions=None) -> None:
+    depths = [i / max(1, cfg.num_hidden_layers - 1) for i in range(cfg.num_hidden_layers)]
+    entries = [0] * cfg.num_hidden_layers  # per layer, as a layer's budget may be its own (pyramidkv)
+
+    def prune(num_new: int, completes: bool, attentions=None) -> None:
         for i, layer in enumerate(cache.layers):
-            if not full[i]:  # a sliding window bounds the layer already: the policy leaves it alone
+            keep = policy.kept_entries(len(prompt), entries[i], num_new, completes, BLOCK, depths[i])
+            if not full[i] or keep is None:  # a sliding window bounds the layer already: the policy leaves it alone
                 continue
             votes = None
             if attentions is not None:  # [1, heads, L, L] -> the window's rows, per KV head
-                w = min(policy.window_size, num_entries)
+                w = min(policy.window_size, entries[i])
                 votes = attentions[i][0, :, -w:].view(kv_heads, group, w, -1).mean((1, 2))
-            kept = policy.select(keep, num_entries, kv_heads, votes)  # [kv_heads, keep]
+            kept = policy.select(keep, entries[i], kv_heads, votes)  # [kv_heads, keep]
             index = kept[None, :, :, None].expand(1, kv_heads, keep, layer.keys.shape[-1])
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+            entries[i] = keep
 
     with torch.no_grad():
-        cache, entries, tokens = None, 0, []
+        cache, tokens = None, []
         for start in range(0, len(prompt), chunk or len(prompt)):
             ids = prompt[start : start + (chunk or len(prompt))]
             positions = torch.arange(start, start + len(ids))
             out = model(torch.tensor([ids]), cache=cache, position_ids=positions[None], cache_position=positions,
                         use_cache=True, output_attentions=policy.needs_votes)
-            cache, entries = out.past_key_values, entries + len(ids)
-            keep = policy.kept_entries(len(prompt), entries, len(ids), start + len(ids) == len(prompt), BLOCK)
-            if keep is not None:
-                prune(cache, keep, entries, out.attentions if policy.needs_votes else None)
-                entries = keep
+            cache, entries[:] = out.past_key_values, [e + len(ids) for e in entries]
+            prune(len(ids), start + len(ids) == len(prompt), out.attentions if policy.needs_votes else None)
         logits = out.logits[0, -1]
+        # A decode row needs no mask, and SDPA takes none, where layers now hold different numbers of entries
+        # (pyramidkv): transformers sizes one mask for all layers by the first.
+        model.set_attn_implementation("sdpa")
         for position in range(len(prompt), len(prompt) + max_tokens):
             tokens.append(int(logits.argmax()))
             ids = torch.tensor([[tokens[-1]]])
             out = model(ids, cache=cache, position_ids=torch.tensor([[position]]),
                         cache_position=torch.tensor([position]), use_cache=True)
-            entries += 1
-            keep = policy.kept_entries(len(prompt), entries, 1, True, BLOCK)
-            if keep is not None:
-                prune(cache, keep, entries)
-                entries = keep
+            entries[:] = [e + 1 for e in entries]
+            prune(1, True)
             logits = out.logits[0, -1]
     return tokens
 
@@ -81,6 +83,7 @@ POLICIES = [
     {"method": "streaming", "ratio": 0.3, "num_sinks": 8},
     {"method": "snapkv", "ratio": 0.25, "window_size": 32},
     {"method": "snapkv", "budget": 100, "window_size": 48, "kernel_size": 7},
+    {"method": "pyramidkv", "ratio": 0.25, "window_size": 16, "beta": 4},
 ]
 
 
@@ -94,7 +97,7 @@ def test_greedy_matches_transformers_with_the_same_cache(tiny_qwen, options):
     assert full != [ref], "the policy changed nothing: the test cannot tell a kept entry from a dropped one"
 
 
-@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv"])
+@pytest.mark.parametrize("options", POLICIES[:4:2], ids=["streaming", "snapkv"])
 def test_per_chunk_compacts_between_a_prompts_chunks(tiny_qwen, options):
     """per_chunk: each 64-token chunk of the prompt attends to what the policy kept of those before it, as the
     reference does when it prunes its cache between the chunks it feeds."""
@@ -108,7 +111,7 @@ def test_per_chunk_compacts_between_a_prompts_chunks(tiny_qwen, options):
     assert _generate(whole, [prompt], 24) != [ref]
 
 
-@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv"])
+@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv", "pyramidkv"])
 def test_gemma3_compacts_its_global_layers_only(tmp_path_factory, options):
     """Gemma 3's sliding layers keep their window (their groups untouched); the global layer is compacted."""
     folder = make_tiny_hf_model(tmp_path_factory.mktemp("gemma3") / "hf", "gemma3", initializer_range=0.05)
@@ -119,7 +122,7 @@ def test_gemma3_compacts_its_global_layers_only(tmp_path_factory, options):
     assert _generate(LLM(str(folder), dtype="float32", max_model_len=512), [prompt], 30) != [ref]
 
 
-@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv"])
+@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv", "pyramidkv"])
 def test_chunking_batching_and_prefix_cache_keep_the_output(tiny_qwen, options):
     """A prompt's chunks (the last keeps snapkv's window whole), a batch of prompts of different lengths, and a
     prompt whose start another left cached give what one prompt alone gives."""

@@ -125,6 +125,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
             self.kv_cache_manager,
             kv_policy,
+            [g.layers[0] / max(1, self.model_config.num_layers - 1) for g in self.runner.kv_groups],
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}

@@ -103,7 +103,7 @@ class ModelRunner:
         self.model = model.materialize(device, dtype, weights, linear_method, quantized)
         self.weights_nbytes = _weights_nbytes(self.model)
         self.token_nbytes = _weights_nbytes(self.model, per_token=True)
-        self.kv_groups = kv_groups(config.layer_windows)
+        self.kv_groups = kv_groups(config.layer_windows, kv_policy is not None and kv_policy.method == "pyramidkv")
         # Layer i of every group keeps its K/V in tensor i, so a block of any group is the same bytes.
         self.kv_tensor_of_layer = [0] * config.num_layers
         self.group_of_layer = [0] * config.num_layers

@@ -35,10 +35,13 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, kv_policy: KVPolicy | None = None):
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, kv_policy: KVPolicy | None = None,
+                 group_depths: list[float] | None = None):
         self.config = config
         self.kv = kv_cache_manager
         self.kv_policy = kv_policy
+        # Per KV group, its first layer's depth in the model (0 first, 1 last): PyramidKV's budgets follow it.
+        self.group_depths = group_depths or [0.0] * len(kv_cache_manager.windows)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.seqs: dict[int, Sequence] = {}  # every unfinished sequence, by seq_id
@@ -149,9 +152,11 @@ class Scheduler:
         if self.kv_policy is None:
             return
         end = seq.num_computed_tokens + n
-        keep = self.kv_policy.kept_entries(seq.num_prompt_tokens, self.kv.num_entries(seq, end), n,
-                                           end == seq.num_tokens, self.kv.block_size)
-        plan = None if keep is None else self.kv.plan_compaction(seq, end, keep)
+        keep = [None if window is not None else self.kv_policy.kept_entries(
+                    seq.num_prompt_tokens, self.kv.num_entries(seq, g, end), n, end == seq.num_tokens,
+                    self.kv.block_size, self.group_depths[g])
+                for g, window in enumerate(self.kv.windows)]
+        plan = self.kv.plan_compaction(seq, end, keep) if any(k is not None for k in keep) else None
         if plan is not None:
             out.compactions[seq.seq_id] = plan
 

@@ -225,23 +225,21 @@ class KVCacheManager:
 
     # -- compaction -----------------------------------------------------------------------------
 
-    def num_entries(self, seq: KVRequest, num_tokens: int) -> int:
-        """The entries seq's full-attention tables hold once its first num_tokens tokens are computed."""
-        held = self._held[seq.seq_id]
-        return num_tokens - self.block_size * max(d for d, w in zip(held.dropped, self.windows) if w is None)
+    def num_entries(self, seq: KVRequest, group: int, num_tokens: int) -> int:
+        """The entries seq's table in `group` holds once its first num_tokens tokens are computed."""
+        return num_tokens - self.block_size * self._held[seq.seq_id].dropped[group]
 
-    def plan_compaction(self, seq: KVRequest, num_tokens: int, keep: int) -> list[tuple[list[int], int] | None] | None:
-        """Fresh blocks for the `keep` entries that seq's full-attention groups keep once its first num_tokens
-        tokens are computed: per group, (their ids, the blocks then dropped from the table's front), None for
-        sliding groups. None, changing nothing, when the pool cannot supply them."""
+    def plan_compaction(self, seq: KVRequest, num_tokens: int,
+                        keep: list[int | None]) -> list[tuple[list[int], int] | None] | None:
+        """Fresh blocks for the keep[g] entries that seq's table in group g keeps once its first num_tokens tokens
+        are computed: per group, (their ids, the blocks then dropped from the table's front), None where keep[g]
+        is. None, changing nothing, when the pool cannot supply them."""
         held = self._held[seq.seq_id]
-        groups = [g for g, w in enumerate(self.windows) if w is None]
-        n = self.blocks_for(keep)
-        if not groups or n * len(groups) > self.pool.num_free:
+        if sum(self.blocks_for(k) for k in keep if k is not None) > self.pool.num_free:
             return None
-        dropped = (num_tokens - keep) // self.block_size
-        held.pending = {g: (self.pool.take(n), dropped) for g in groups}
-        return [([b.block_id for b in held.pending[g][0]], dropped) if g in held.pending else None
+        held.pending = {g: (self.pool.take(self.blocks_for(k)), (num_tokens - k) // self.block_size)
+                        for g, k in enumerate(keep) if k is not None}
+        return [([b.block_id for b in held.pending[g][0]], held.pending[g][1]) if g in held.pending else None
                 for g in range(len(self.windows))]
 
     def finish_compaction(self, seq: KVRequest) -> None:
@@ -284,17 +282,18 @@ class KVGroup:
     layers: tuple[int, ...]
 
 
-def kv_groups(layer_windows: list[int | None]) -> list[KVGroup]:
+def kv_groups(layer_windows: list[int | None], full_layers_apart: bool = False) -> list[KVGroup]:
     """Layers split into KV groups of one window and one size, so that a block of any group is the same
     bytes: the runner keeps `size` tensors, and layer i of each group stores its K/V in tensor i. With
     one window throughout, one group holds every layer; Gemma 3's 15 sliding and 3 full layers make five
-    sliding groups and one full group of three layers each."""
+    sliding groups and one full group of three layers each. full_layers_apart: each full-attention layer is a
+    group of its own, so that each can keep its own number of entries (PyramidKV's budgets by layer)."""
     by_window: dict[int | None, list[int]] = {}
     for layer, window in enumerate(layer_windows):
-        by_window.setdefault(window, []).append(layer)
+        by_window.setdefault((layer,) if full_layers_apart and window is None else window, []).append(layer)
     size = math.gcd(*(len(layers) for layers in by_window.values()))
     return [
-        KVGroup(window, tuple(layers[i : i + size]))
+        KVGroup(None if isinstance(window, tuple) else window, tuple(layers[i : i + size]))
         for window, layers in by_window.items()
         for i in range(0, len(layers), size)
     ]

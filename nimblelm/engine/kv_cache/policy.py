@@ -6,6 +6,9 @@
 - snapkv (SnapKV): once, when the whole prompt is in (or after each of its chunks, per_chunk). Each KV head
   keeps the prompt positions that its query heads, at the prompt's last window_size tokens, attend to most
   (averaged over kernel_size neighbours); the window itself always stays. Later tokens are all kept.
+- pyramidkv (PyramidKV): SnapKV with a budget per layer, falling linearly from the first layer to the last
+  around the same mean (kvpress's schedule, beta its steepness). Each full-attention layer is then a KV
+  group of its own, with its own table.
 
 Who does what: the scheduler decides when a sequence is compacted and how many entries it keeps
 (`kept_entries`); the attention layers of that step provide the window's votes (layers/attention.py); the
@@ -26,7 +29,7 @@ from typing import Any
 
 from nimblelm.errors import InvalidRequestError
 
-METHODS = ("streaming", "snapkv")
+METHODS = ("streaming", "snapkv", "pyramidkv")
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,9 @@ class KVPolicy:
     budget: int | None = None  # KV entries a sequence keeps; or
     ratio: float | None = None  # the fraction of its prompt's entries it keeps (kvpress: 1 - compression_ratio)
     num_sinks: int = 4  # streaming: the first entries, always kept
-    window_size: int = 64  # snapkv: the last prompt tokens whose attention votes; always kept
-    kernel_size: int = 5  # snapkv: votes are averaged over this many neighbouring positions
+    window_size: int = 64  # snapkv, pyramidkv: the last prompt tokens whose attention votes; always kept
+    kernel_size: int = 5  # snapkv, pyramidkv: votes are averaged over this many neighbouring positions
+    beta: float = 20  # pyramidkv: the last layer's budget is the first's over about 2 * beta - 1
     # Compact after each chunk of a prompt too, not only once it is all in: a text longer than the budget then
     # streams through it, each chunk attending to what the policy kept of the chunks before (the streaming
     # setting of StreamingLLM's perplexity runs). False compacts the whole prompt at once, as kvpress does.
@@ -73,6 +77,8 @@ class KVPolicy:
                           f"got {value!r}")
         if not isinstance(self.per_chunk, bool):
             raise bad(f"per_chunk must be true or false, got {self.per_chunk!r}")
+        if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
+            raise bad(f"beta must be a number of at least 1, got {self.beta!r}")
         if self.kernel_size % 2 == 0:
             raise bad(f"kernel_size must be odd (the pooling is centred), got {self.kernel_size}")
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
@@ -83,24 +89,35 @@ class KVPolicy:
                 what = "num_sinks + 1" if self.method == "streaming" else "window_size"
                 raise bad(f"budget must be an integer of at least {what} ({floor}), got {self.budget!r}")
 
-    def budget_for(self, num_prompt_tokens: int) -> int:
-        """The entries a sequence with this many prompt tokens keeps: never fewer than the window (snapkv) or
-        the sinks and one recent entry (streaming)."""
-        budget = self.budget if self.budget is not None else int(num_prompt_tokens * self.ratio)
-        return max(budget, self.window_size if self.method == "snapkv" else self.num_sinks + 1)
+    def budget_for(self, num_prompt_tokens: int, depth: float = 0.0) -> int:
+        """The entries a sequence with this many prompt tokens keeps in a layer at `depth` (0 first, 1 last):
+        never fewer than the window (snapkv, pyramidkv) or the sinks and one recent entry (streaming)."""
+        mean = self.budget if self.budget is not None else num_prompt_tokens * self.ratio
+        if self.method == "streaming":
+            return max(int(mean), self.num_sinks + 1)
+        budget = int(mean)
+        if self.method == "pyramidkv":  # kvpress's schedule, which keeps SnapKV's budget where it cannot fall
+            w, n = self.window_size, num_prompt_tokens
+            low = mean / self.beta
+            high = 2 * mean - low
+            if high >= n - w:
+                high = n - w
+                low = 2 * mean - high
+            budget = round(high - depth * (high - low)) if n >= high >= low >= w else round(mean)
+        return max(budget, self.window_size)
 
     @property
     def needs_votes(self) -> bool:
-        return self.method == "snapkv"
+        return self.method != "streaming"
 
     def kept_entries(self, num_prompt_tokens: int, num_entries: int, num_new: int, completes: bool,
-                     block_size: int) -> int | None:
-        """How many entries a sequence keeps after a step that leaves it num_entries entries, num_new of them
-        computed by the step; None: no compaction. completes: the step computes the sequence's last token.
-        A compaction frees at least a block."""
-        if not (completes or self.per_chunk) or (self.method == "snapkv" and num_new < max(self.window_size, 2)):
-            return None  # snapkv compacts prompts only, voting with its window's rows, computed in this step
-        budget = self.budget_for(num_prompt_tokens)
+                     block_size: int, depth: float = 0.0) -> int | None:
+        """How many entries a sequence keeps, in a layer at `depth`, after a step that leaves it num_entries
+        entries there, num_new of them computed by the step; None: no compaction. completes: the step computes
+        the sequence's last token. A compaction frees at least a block."""
+        if not (completes or self.per_chunk) or (self.needs_votes and num_new < max(self.window_size, 2)):
+            return None  # a voting policy compacts prompts only, voting with its window's rows, computed now
+        budget = self.budget_for(num_prompt_tokens, depth)
         keep = budget + (num_entries - budget) % block_size
         return keep if num_entries - keep >= block_size else None
 
