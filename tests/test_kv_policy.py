@@ -46,6 +46,12 @@ def _hf_reference(folder, prompt: list[int], policy: KVPolicy, max_tokens: int, 
             kept = policy.select(keep, entries[i], kv_heads, votes)  # [kv_heads, keep]
             index = kept[None, :, :, None].expand(1, kv_heads, keep, layer.keys.shape[-1])
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+            if policy.cache_positions:  # the moved keys rotated back by the distance they moved
+                cos, sin = model.model.rotary_emb(layer.keys, torch.tensor([[entries[i] - keep]]))
+                moved = layer.keys[:, :, policy.num_sinks :]
+                half = moved.shape[-1] // 2
+                layer.keys[:, :, policy.num_sinks :] = moved * cos - torch.cat([-moved[..., half:], moved[..., :half]],
+                                                                               -1) * sin
             entries[i] = keep
 
     with torch.no_grad():
@@ -64,6 +70,8 @@ def _hf_reference(folder, prompt: list[int], policy: KVPolicy, max_tokens: int, 
         for position in range(len(prompt), len(prompt) + max_tokens):
             tokens.append(int(logits.argmax()))
             ids = torch.tensor([[tokens[-1]]])
+            if policy.cache_positions:  # its place in the cache
+                position = entries[0]
             out = model(ids, cache=cache, position_ids=torch.tensor([[position]]),
                         cache_position=torch.tensor([position]), use_cache=True)
             entries[:] = [e + 1 for e in entries]
@@ -95,6 +103,20 @@ def test_greedy_matches_transformers_with_the_same_cache(tiny_qwen, options):
     assert _generate(llm, [prompt], 40) == [ref]
     full = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512), [prompt], 40)
     assert full != [ref], "the policy changed nothing: the test cannot tell a kept entry from a dropped one"
+
+
+def test_streaming_with_cache_positions_generates_past_max_model_len(tiny_qwen):
+    """StreamingLLM's positions: a token's place in the cache. 200 prompt tokens and 300 more run in a 256-position
+    model, as the reference does with keys rotated back where they move."""
+    options = {"method": "streaming", "budget": 64, "cache_positions": True}
+    prompt = _prompt(200)
+    ref = _hf_reference(tiny_qwen, prompt, KVPolicy.from_dict(options), 300)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_policy=options)
+    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and list(out.token_ids) == ref
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_policy=options | {"cache_positions": False})
+    assert len(plain.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids) == 56
 
 
 @pytest.mark.parametrize("options", POLICIES[:4:2], ids=["streaming", "snapkv"])

@@ -94,6 +94,11 @@ class LLMEngine:
         self.precision = f"{weights}, {compute}, {_name(self.kv_dtype)} KV cache"
         if kv_policy is not None and all(w is not None for w in loaded.config.layer_windows):
             raise InvalidRequestError("kv_policy: every layer of this model attends within a sliding window already")
+        if kv_policy is not None and kv_policy.cache_positions:
+            if any(w is not None for w in loaded.config.layer_windows):
+                raise InvalidRequestError("kv_policy: cache_positions needs a model without sliding-window layers")
+            if config.kv_cache_dtype == "int8":
+                raise InvalidRequestError("kv_policy: cache_positions rotates kept keys, which an int8 cache cannot")
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)
@@ -356,9 +361,21 @@ class LLMEngine:
                 return self.scheduler.finish(seq, "stop", stop)
         if seq.matcher is not None and seq.matcher.is_finished:
             return self.scheduler.finish(seq, "stop")  # the JSON value is complete: nothing may follow
-        if seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if seq.num_output_tokens == params.max_tokens or self._context_len(seq) >= self.config.max_model_len:
             return self.scheduler.finish(seq, "length")
         return None
+
+    @property
+    def unbounded_generation(self) -> bool:
+        """Whether a sequence may outgrow max_model_len: its positions are places in a bounded cache."""
+        policy = self.scheduler.kv_policy
+        return policy is not None and policy.cache_positions
+
+    def _context_len(self, seq: Sequence) -> int:
+        """The positions seq's next token needs: its tokens, or with cache positions its cache entries."""
+        if self.unbounded_generation:
+            return self.kv_cache_manager.num_entries(seq, 0, seq.num_tokens)
+        return seq.num_tokens
 
     def _logprob_entry(self, token: int, row, wanted: int) -> dict[int, Logprob]:
         chosen, rank, top_ids, top_lps = row

@@ -24,6 +24,7 @@ from nimblelm.engine.step_capture import StepCapture
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import LinearMethod
+from nimblelm.layers.rotary import apply_rotary
 from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
 from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
@@ -284,6 +285,11 @@ class ModelRunner:
             dst = [table[e // bs] * bs + e % bs for e in entries]
             self._copy_kv(g, src, dst)
 
+    def _shift(self, seq: _SeqState) -> int:
+        """How far seq's rotary positions lag its positions in the text: with cache positions, the tokens its
+        cache dropped (its one KV group's offset)."""
+        return seq.kv_offsets[0] if self.kv_policy is not None and self.kv_policy.cache_positions else 0
+
     def _compact(self, req_id: int, n: int, plan: list[tuple[list[int], int] | None], batch: _Batch) -> None:
         """Gather the entries the sequence keeps (its policy picks them per layer and KV head) into the new
         blocks of its plan, which become its tables."""
@@ -313,8 +319,16 @@ class ModelRunner:
                     if x is not None:
                         flat = x.flatten(1, 2)  # [2, slots, kv_heads, ...]
                         flat[:, new_slots] = flat[:, src, heads]
+                if self.kv_policy.cache_positions:
+                    self._rotate_back(cache, new_slots[self.kv_policy.num_sinks :], num_entries - keep)
             state.block_ids[g] = list(new_table)
             state.kv_offsets[g] = dropped * bs
+
+    def _rotate_back(self, cache: KVCache, slots: torch.Tensor, distance: int) -> None:
+        """Rotate the keys at `slots` back by `distance` positions, where they moved (rotary angles add up)."""
+        cos, sin = self.model.rotary.cos[0][distance], self.model.rotary.sin[0][distance]
+        keys = cache.k.flatten(0, 1)
+        keys[slots] = apply_rotary(keys[slots], cos, -sin).to(keys.dtype)
 
     def _copy_kv(self, group: int, src: list[int], dst: list[int], whole_blocks: bool = False) -> None:
         """The K/V (and int8 scales) of the group's layers at slots src into slots dst (blocks, whole_blocks)."""
@@ -448,7 +462,7 @@ class ModelRunner:
                                                    scratch, positions, slots, decode_contexts, decode_tables,
                                                    extra_writes)
                 continue
-            positions.extend(range(start, start + n))
+            positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 for i in range(start - offset, start + n - offset):  # each row's KV entry
                     slots[g].append(table[i // bs] * bs + i % bs)
@@ -459,7 +473,7 @@ class ModelRunner:
         for seq, n, _ in prefills:
             start = seq.num_computed_tokens
             tokens.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+            positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 entries = np.arange(start - offset, start + n - offset)
                 slots[g].extend((np.asarray(table)[entries // bs] * bs + entries % bs).tolist())

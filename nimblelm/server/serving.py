@@ -66,6 +66,7 @@ class OpenAIServing:
         self._scorer: Scorer | None = None
         self._scorer_lock = threading.Lock()
         self.max_model_len = llm_engine.config.max_model_len
+        self.unbounded_generation = llm_engine.unbounded_generation  # the completion may outgrow the context
         self.vocab_size = llm_engine.model_config.vocab_size
         self.tokenizer = copy.deepcopy(llm_engine.tokenizer)
         self.token_bytes = _token_bytes_function(self.tokenizer)
@@ -93,7 +94,7 @@ class OpenAIServing:
         if n >= limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens, and the prompt has {n}: "
                            "shorten it", param=param, code="context_length_exceeded")
-        if max_tokens is not None and n + max_tokens > limit:
+        if max_tokens is not None and n + max_tokens > limit and not self.unbounded_generation:
             raise APIError(400, f"this model's maximum context length is {limit} tokens, but {n + max_tokens} were "
                            f"requested ({n} in the prompt, {max_tokens} for the completion): lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")

@@ -2,7 +2,9 @@
 
 - streaming (StreamingLLM): the first num_sinks entries (attention sinks) and the most recent ones; applied
   when the whole prompt is in (or after each of its chunks, per_chunk) and again whenever the sequence has
-  grown a block past its budget.
+  grown a block past its budget. With cache_positions, as in the paper, a token's rotary position is its
+  place in the cache, not in the text: kept keys are rotated back as they move, and generation goes on past
+  max_model_len (the cache never holds more than the budget and a block).
 - snapkv (SnapKV): once, when the whole prompt is in (or after each of its chunks, per_chunk). Each KV head
   keeps the prompt positions that its query heads, at the prompt's last window_size tokens, attend to most
   (averaged over kernel_size neighbours); the window itself always stays. Later tokens are all kept.
@@ -19,7 +21,7 @@ bounds the others.
 The kept count is rounded up (by less than a block) so that the sequence's later tokens land where the
 manager expects them: entry p - d * block_size after d blocks dropped from the table's front, the
 arrangement sliding windows use. Keys carry their rotary positions from when they were written, so kept
-entries keep their original positions (as kvpress does).
+entries keep their original positions (as kvpress does), except with streaming's cache_positions.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class KVPolicy:
     # streams through it, each chunk attending to what the policy kept of the chunks before (the streaming
     # setting of StreamingLLM's perplexity runs). False compacts the whole prompt at once, as kvpress does.
     per_chunk: bool = False
+    # streaming: rotary positions are places in the cache (StreamingLLM; kvpress's KeyRerotationPress), so a
+    # sequence can outgrow max_model_len. False: each token keeps its position in the text.
+    cache_positions: bool = False
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | KVPolicy) -> KVPolicy:
@@ -75,8 +80,11 @@ class KVPolicy:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_sinks" else 1):
                 raise bad(f"{name} must be a {'non-negative' if name == 'num_sinks' else 'positive'} integer, "
                           f"got {value!r}")
-        if not isinstance(self.per_chunk, bool):
-            raise bad(f"per_chunk must be true or false, got {self.per_chunk!r}")
+        for name in ("per_chunk", "cache_positions"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.cache_positions and self.method != "streaming":
+            raise bad("cache_positions applies to method streaming only")
         if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
             raise bad(f"beta must be a number of at least 1, got {self.beta!r}")
         if self.kernel_size % 2 == 0:
