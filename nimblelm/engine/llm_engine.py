@@ -123,7 +123,7 @@ class LLMEngine:
         # Cached blocks are only ever reused within this engine; the salt still names what shapes the K/V.
         salt = f"{config.model}|{self.dtype}|{self.kv_dtype}|{config.quantization}".encode()
         self.kv_cache_manager = KVCacheManager(
-            num_blocks, config.block_size, [g.window for g in self.runner.kv_groups], config.enable_prefix_caching,
+            num_blocks, config.block_size, [g.window for g in self.runner.kv_groups], self._prefix_caching(kv_policy),
             salt,
         )
         self.scheduler = Scheduler(
@@ -136,6 +136,14 @@ class LLMEngine:
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._structured: StructuredOutputBackend | None = None  # built by the first structured request
         self.spec_stats = SpecDecodeStats() if speculative is not None else None  # since the engine started
+
+    def _prefix_caching(self, kv_policy: KVPolicy | None) -> bool:
+        if kv_policy is None or kv_policy.method != "h2o" or not self.config.enable_prefix_caching:
+            return self.config.enable_prefix_caching
+        # Its blocks hold the attention their entries received from their own sequence's queries: shared, two
+        # sequences would add into the same sums, and a new one would start from another's.
+        warnings.warn("nimblelm: kv_policy h2o turns prefix caching off", stacklevel=3)
+        return False
 
     def _num_blocks(self, config: EngineConfig) -> int:
         bs = config.block_size

@@ -126,7 +126,8 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = []  # per layer (layers of one tensor share it)
         self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
         # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it.
-        self.capturing = not enforce_eager and self.kernels
+        # H2O's attention layers add up the attention each entry receives, a pass no trace records.
+        self.capturing = not enforce_eager and self.kernels and not (kv_policy is not None and kv_policy.method == "h2o")
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
         self.max_model_len = max_model_len
@@ -168,7 +169,10 @@ class ModelRunner:
             scales = None
             if kv_dtype == torch.int8:
                 scales = buf[scales_at:].narrow(0, 0, math.prod(shape[:-1]) * 4).view(torch.float32).view(shape[:-1])
-            tensors.append(KVCache(values, scales))
+            received = None
+            if self.kv_policy is not None and self.kv_policy.method == "h2o":
+                received = torch.zeros(shape[1:-1], dtype=torch.float32, device=self.device)
+            tensors.append(KVCache(values, scales, received))
         self.num_blocks = num_blocks
         self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
         if self.speculative is not None:
@@ -307,18 +311,24 @@ class ModelRunner:
             meta = batch.group_metas[g]
             # Layer by layer, each layer's votes of every voting chunk in turn.
             votes = meta.votes[batch.voters.index(req_id) :: len(batch.voters)] if meta.votes else None
+            heads = torch.arange(self.config.num_kv_heads, device=self.device)
             kept = None
             for i, layer in enumerate(self.kv_groups[g].layers):
-                if kept is None or votes is not None:  # a policy without votes keeps the same entries in every layer
-                    kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads,
-                                                 None if votes is None else votes[i]).to(self.device)
-                src = old_slots[kept].T  # [keep, kv_heads]
-                heads = torch.arange(self.config.num_kv_heads, device=self.device)
                 cache = self.kv_caches[layer]
+                if cache.received is not None:
+                    votes_i = cache.received.flatten(0, 1)[old_slots].T
+                else:
+                    votes_i = None if votes is None else votes[i]
+                if kept is None or votes_i is not None:  # without votes, every layer keeps the same entries
+                    kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads, votes_i).to(self.device)
+                src = old_slots[kept].T  # [keep, kv_heads]
                 for x in (cache.values, cache.scales):
                     if x is not None:
                         flat = x.flatten(1, 2)  # [2, slots, kv_heads, ...]
                         flat[:, new_slots] = flat[:, src, heads]
+                if cache.received is not None:
+                    received = cache.received.flatten(0, 1)
+                    received[new_slots] = received[src, heads]
                 if self.kv_policy.cache_positions:
                     self._rotate_back(cache, new_slots[self.kv_policy.num_sinks :], num_entries - keep)
             state.block_ids[g] = list(new_table)
@@ -528,6 +538,7 @@ class ModelRunner:
                 extra_write_slots=extra[:, 1] if trees else None,
                 vote_rows=vote_rows if voting and window is None else None,
                 votes=[] if voting and window is None else None,
+                accumulate=window is None and self.kv_policy is not None and self.kv_policy.method == "h2o",
             )
 
         vote_rows = [min(self.kv_policy.window_size, n) if req_id in voting else 0 for _, n, req_id in prefills]

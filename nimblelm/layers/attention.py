@@ -45,6 +45,9 @@ class AttentionMetadata:
     # query heads. None in every other step.
     vote_rows: list[int] | None = None
     votes: list[torch.Tensor] | None = None
+    # H2O: every row's attention weights are added to the attention its entries have received
+    # (KVCache.received), summed over each KV head's query heads.
+    accumulate: bool = False
 
     @staticmethod
     def decode_mask_for(context_lens: torch.Tensor, max_context: int, sliding_window: int | None) -> torch.Tensor:
@@ -99,6 +102,9 @@ class KVCache:
 
     values: torch.Tensor
     scales: torch.Tensor | None = None
+    # H2O: per slot and KV head, the attention weight its entry has received from every query so far, float32
+    # [num_blocks, block_size, kv_heads]; None for other policies.
+    received: torch.Tensor | None = None
     # K's and V's halves of them, as views made once (in a replayed step, a view made per layer is an op).
     k: torch.Tensor = field(init=False)
     v: torch.Tensor = field(init=False)
@@ -132,6 +138,10 @@ def _pages(cache: KVCache, i: int, blocks: torch.Tensor, dtype: torch.dtype) -> 
     return pages.to(dtype) if cache.scales is None else dequantize_kv(pages, cache.scales[i][blocks], dtype)
 
 
+# H2O's prefill pass adds up the weights of this many rows of a chunk at a time.
+RECEIVE_ROWS = 256
+
+
 class PagedAttention(torch.nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -150,6 +160,8 @@ class PagedAttention(torch.nn.Module):
     ) -> torch.Tensor:
         ops = ops_for(q)
         self._write(k, v, kv_cache, meta.slot_mapping, ops)
+        if meta.accumulate:  # a slot's new entry has received nothing yet
+            kv_cache.received.view(-1, self.num_kv_heads)[meta.slot_mapping] = 0
         if meta.extra_write_rows is not None:
             rows = meta.extra_write_rows
             self._write(k[rows], v[rows], kv_cache, meta.extra_write_slots, ops)
@@ -159,6 +171,8 @@ class PagedAttention(torch.nn.Module):
             self._decode(q, kv_cache, meta, ops, out)
         elif d:
             self._decode(q[:d], kv_cache, meta, ops, out[:d])
+        if d and meta.accumulate:
+            self._receive_decodes(q[:d], kv_cache, meta)
         start = d
         chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks,
                      meta.vote_rows or [0] * len(meta.prefill_query_lens))
@@ -181,19 +195,54 @@ class PagedAttention(torch.nn.Module):
                 out[start:end] = o[0].transpose(0, 1)
             if voters:
                 meta.votes.append(self._votes(q[end - voters : end], k_ctx))
+            if meta.accumulate:
+                self._receive_chunk(q[start:end], k_ctx, kv_cache, blocks)
             start = end
         return out
+
+    def _weights(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """Attention weights of queries q [rows, heads, d] at entries q_pos over keys k [ctx, kv_heads, d],
+        causal, summed over each KV head's query heads: [kv_heads, rows, ctx]."""
+        rows, ctx = q.shape[0], k.shape[0]
+        qg = q.float().view(rows, self.num_kv_heads, -1, self.head_dim).permute(1, 2, 0, 3)  # [kv, group, rows, d]
+        logits = qg @ k.float().transpose(0, 1)[:, None].transpose(-1, -2) * self.scale  # [kv, group, rows, ctx]
+        logits.masked_fill_(torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
+        return logits.softmax(-1).sum(1)
+
+    def _receive_chunk(self, q: torch.Tensor, k_ctx: torch.Tensor, kv_cache: KVCache, blocks: torch.Tensor) -> None:
+        """Add what a prefill chunk's rows give each entry of its context (H2O), RECEIVE_ROWS rows at a time to
+        bound the weights held at once: a second pass over the keys, which the fused prefill keeps none of."""
+        ctx, rows = k_ctx.shape[0], q.shape[0]
+        got = torch.zeros(self.num_kv_heads, ctx, device=q.device)
+        for r in range(0, rows, RECEIVE_ROWS):
+            part = q[r : r + RECEIVE_ROWS]
+            got += self._weights(part, k_ctx, torch.arange(ctx - rows + r, ctx - rows + r + len(part),
+                                                           device=q.device)).sum(1)
+        bs = kv_cache.values.shape[2]
+        slots = (blocks[:, None] * bs + torch.arange(bs, device=q.device)).flatten()[:ctx]
+        kv_cache.received.view(-1, self.num_kv_heads).index_add_(0, slots, got.T)
+
+    def _receive_decodes(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> None:
+        """Add what each decode row gives the entries it attends to (H2O): a second pass over their keys."""
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        rows, n, bs = q.shape[0], int(lens.max()), kv_cache.values.shape[2]
+        slots = (tables[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)[:, :n]  # [rows, n]
+        keys = kv_cache.values[0].flatten(0, 1)[slots]
+        if kv_cache.scales is not None:
+            keys = dequantize_kv(keys, kv_cache.scales[0].flatten(0, 1)[slots], torch.float32)
+        qg = q.float().view(rows, self.num_kv_heads, -1, self.head_dim)
+        logits = torch.einsum("rhgd,rnhd->rhgn", qg, keys.float()) * self.scale
+        padding = torch.arange(n, device=q.device)[None, :] >= lens[:, None]  # [rows, n]
+        got = logits.masked_fill_(padding[:, None, None], float("-inf")).softmax(-1).sum(2)  # [rows, kv_heads, n]
+        kv_cache.received.view(-1, self.num_kv_heads).index_add_(0, slots[~padding], got.transpose(1, 2)[~padding])
 
     def _votes(self, q: torch.Tensor, k_ctx: torch.Tensor) -> torch.Tensor:
         """The attention weights of the last rows of a chunk (q) over its context, averaged over the rows and
         the query heads of each KV head: [kv_heads, context]. A second, small pass beside the fused prefill,
         whose kernel keeps no weights: rows x context per head, against the chunk's rows x context."""
         rows, ctx = q.shape[0], k_ctx.shape[0]
-        qg = q.float().view(rows, self.num_kv_heads, -1, self.head_dim).permute(1, 2, 0, 3)  # [kv, group, rows, d]
-        logits = qg @ k_ctx.float().transpose(0, 1)[:, None].transpose(-1, -2) * self.scale  # [kv, group, rows, ctx]
-        q_pos = torch.arange(ctx - rows, ctx, device=q.device)[:, None]
-        logits.masked_fill_(torch.arange(ctx, device=q.device)[None, :] > q_pos, float("-inf"))
-        return logits.softmax(-1).mean((1, 2))
+        weights = self._weights(q, k_ctx, torch.arange(ctx - rows, ctx, device=q.device))
+        return weights.sum(1) / (rows * (self.num_heads // self.num_kv_heads))
 
     def _write(self, k, v, kv_cache: KVCache, slots: torch.Tensor, ops) -> None:
         """Store the new tokens' K/V in their cache slots, rounded to the cache's dtype."""

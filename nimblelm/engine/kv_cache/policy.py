@@ -8,6 +8,9 @@
 - snapkv (SnapKV): once, when the whole prompt is in (or after each of its chunks, per_chunk). Each KV head
   keeps the prompt positions that its query heads, at the prompt's last window_size tokens, attend to most
   (averaged over kernel_size neighbours); the window itself always stays. Later tokens are all kept.
+- h2o (H2O): the heavy hitters, the entries that have received the most attention from every query so far
+  (summed over each KV head's query heads), and the last window_size entries; applied as streaming is, the
+  attention received kept up to date by the attention layers as prompt chunks and decodes run.
 - pyramidkv (PyramidKV): SnapKV with a budget per layer, falling linearly from the first layer to the last
   around the same mean (kvpress's schedule, beta its steepness). Each full-attention layer is then a KV
   group of its own, with its own table.
@@ -31,7 +34,7 @@ from typing import Any
 
 from nimblelm.errors import InvalidRequestError
 
-METHODS = ("streaming", "snapkv", "pyramidkv")
+METHODS = ("streaming", "snapkv", "pyramidkv", "h2o")
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class KVPolicy:
     budget: int | None = None  # KV entries a sequence keeps; or
     ratio: float | None = None  # the fraction of its prompt's entries it keeps (kvpress: 1 - compression_ratio)
     num_sinks: int = 4  # streaming: the first entries, always kept
-    window_size: int = 64  # snapkv, pyramidkv: the last prompt tokens whose attention votes; always kept
+    # snapkv, pyramidkv: the last prompt tokens whose attention votes; h2o: the recent entries. Always kept.
+    window_size: int = 64
     kernel_size: int = 5  # snapkv, pyramidkv: votes are averaged over this many neighbouring positions
     beta: float = 20  # pyramidkv: the last layer's budget is the first's over about 2 * beta - 1
     # Compact after each chunk of a prompt too, not only once it is all in: a text longer than the budget then
@@ -99,7 +103,7 @@ class KVPolicy:
 
     def budget_for(self, num_prompt_tokens: int, depth: float = 0.0) -> int:
         """The entries a sequence with this many prompt tokens keeps in a layer at `depth` (0 first, 1 last):
-        never fewer than the window (snapkv, pyramidkv) or the sinks and one recent entry (streaming)."""
+        never fewer than the window (snapkv, pyramidkv, h2o) or the sinks and one recent entry (streaming)."""
         mean = self.budget if self.budget is not None else num_prompt_tokens * self.ratio
         if self.method == "streaming":
             return max(int(mean), self.num_sinks + 1)
@@ -116,7 +120,9 @@ class KVPolicy:
 
     @property
     def needs_votes(self) -> bool:
-        return self.method != "streaming"
+        """Whether a compaction needs the step's window to vote (else it has what it needs: positions, or H2O's
+        attention received)."""
+        return self.method in ("snapkv", "pyramidkv")
 
     def kept_entries(self, num_prompt_tokens: int, num_entries: int, num_new: int, completes: bool,
                      block_size: int, depth: float = 0.0) -> int | None:
@@ -131,8 +137,8 @@ class KVPolicy:
 
     def select(self, keep: int, num_entries: int, num_kv_heads: int, votes=None):
         """Per KV head, the `keep` entries (of num_entries) that stay, ascending: a LongTensor [kv_heads, keep].
-        votes: snapkv's, [kv_heads, num_entries], each entry's attention from the window averaged over its
-        rows and the head's query heads."""
+        votes: [kv_heads, num_entries], each entry's attention from snapkv's window averaged over its rows and
+        the head's query heads, or h2o's attention received."""
         import torch  # here only: the scheduler, which uses the rest of the policy, is torch-free
         import torch.nn.functional as F
 
@@ -141,7 +147,8 @@ class KVPolicy:
             kept = torch.cat([torch.arange(sinks), torch.arange(num_entries - (keep - sinks), num_entries)])
             return kept.expand(num_kv_heads, keep)
         w = min(self.window_size, num_entries)
-        pooled = F.avg_pool1d(votes[:, : num_entries - w].float(), self.kernel_size, stride=1,
-                              padding=self.kernel_size // 2)
+        pooled = votes[:, : num_entries - w].float()
+        if self.method != "h2o":
+            pooled = F.avg_pool1d(pooled, self.kernel_size, stride=1, padding=self.kernel_size // 2)
         scores = F.pad(pooled, (0, w), value=pooled.max().item() + 1 if pooled.numel() else 1.0)
         return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
