@@ -281,3 +281,30 @@ def test_cli_and_server_take_a_policy(tiny_qwen):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: kv_policy: give either 'budget'")
+
+
+def test_an_int8_cache_keeps_its_scales_with_the_entries(tiny_qwen):
+    """Compaction gathers int8 K/V with their scales: after the prompt's compaction, the first layer's kept
+    entries (its K/V depend on the embeddings alone) read back as the float cache's, within half a rounding
+    step of their own scale. An entry moved without its scale reads back wrong by whole steps."""
+
+    def kept_kv(kv_cache_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=POLICIES[0],
+                  kv_cache_dtype=kv_cache_dtype)
+        engine = llm.llm_engine
+        engine.add_request("a", {"prompt_token_ids": _prompt(300)}, SamplingParams(max_tokens=4, temperature=0))
+        engine.step()  # the prompt, then its compaction
+        seq = next(iter(engine.scheduler.seqs.values()))
+        table = torch.tensor(engine.kv_cache_manager.block_ids(seq)[0])
+        entries = torch.arange(seq.num_computed_tokens - engine.kv_cache_manager.dropped_blocks(seq)[0] * BLOCK)
+        slots = table[entries // BLOCK] * BLOCK + entries % BLOCK
+        cache = engine.runner.kv_caches[0]
+        values = cache.values.flatten(1, 2)[:, slots].float()  # [2, entries, kv_heads, head_dim]
+        scales = None if cache.scales is None else cache.scales.flatten(1, 2)[:, slots]
+        return values, scales
+
+    exact, _ = kept_kv("auto")
+    rounded, scales = kept_kv("int8")
+    assert exact.shape[1] == 64 + (300 - 64) % BLOCK
+    error = (rounded * scales[..., None] - exact).abs()
+    assert (error <= scales[..., None] / 2 + 1e-6).all()
