@@ -195,14 +195,37 @@ def test_compaction_swaps_in_fresh_blocks_after_the_step_and_never_caches_them()
     assert kv.num_free_blocks == 16
 
 
-def test_a_compaction_waits_for_room_and_a_freed_plan_returns_its_blocks():
-    kv = KVCacheManager(num_blocks=6, block_size=4)
-    seq = Seq(range(20))
-    kv.allocate_slots(seq, 20)
-    assert kv.plan_compaction(seq, 20, [8]) is None and kv.num_free_blocks == 1  # needs 2
+def test_a_sliding_group_is_left_alone_and_a_freed_plan_returns_its_blocks():
     kv = KVCacheManager(num_blocks=8, block_size=4, group_windows=[None, 4])
     seq = Seq(range(12))
     kv.allocate_slots(seq, 12)
-    assert kv.plan_compaction(seq, 12, [4, None]) == [([6], 2), None]  # the sliding group is left alone
+    assert kv.plan_compaction(seq, 12, [4, None]) == [([6], 2), None]
     kv.free(seq)
     assert kv.num_free_blocks == 8
+
+
+def test_a_compaction_short_of_free_blocks_overwrites_the_sequences_own():
+    """With the pool short, the kept entries go into the first blocks of the sequence's own table, which leave
+    the prefix cache (their K/V change), and so does everything it computes later; a block another sequence
+    shares cannot be overwritten, and then there is no compaction."""
+    kv = KVCacheManager(num_blocks=6, block_size=4)
+    seq = Seq(range(20))
+    compute(kv, seq, 20)
+    assert len(kv.pool._cached) == 5 and kv.num_free_blocks == 1
+    assert kv.plan_compaction(seq, 20, [8]) == [([0, 1], 3)]
+    assert len(kv.pool._cached) == 3  # blocks 0 and 1 no longer findable
+    kv.finish_compaction(seq)
+    assert kv.block_ids(seq) == [[0, 1]] and kv.num_free_blocks == 4
+    seq.token_ids += [1, 2, 3, 4]
+    compute(kv, seq, 4)
+    assert len(kv.pool._cached) == 3
+    kv.free(seq)
+    assert kv.num_free_blocks == 6
+
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    first, second = Seq(range(9)), Seq(range(9))
+    compute(kv, first, 9)
+    compute(kv, second, 1, cached=kv.cached_prefix(second))  # shares blocks 0 and 1, takes the last free one
+    assert kv.num_free_blocks == 0
+    assert kv.plan_compaction(first, 9, [5]) is None
+    assert len(kv.pool._cached) == 2

@@ -308,3 +308,18 @@ def test_an_int8_cache_keeps_its_scales_with_the_entries(tiny_qwen):
     assert exact.shape[1] == 64 + (300 - 64) % BLOCK
     error = (rounded * scales[..., None] - exact).abs()
     assert (error <= scales[..., None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("options", POLICIES[::2] + POLICIES[5:], ids=["streaming", "snapkv", "pyramidkv", "h2o"])
+def test_a_full_pool_compacts_in_place(tiny_qwen, options):
+    """A pool that holds a 300-token prompt and no room for fresh blocks (20 per group: pyramidkv's layers are a
+    group each), or prefix caching off, which needs none: the kept entries are gathered into the sequence's own
+    first blocks, with the output of a roomy pool, where they are gathered into fresh ones."""
+    prompt = _prompt(300)
+    blocks = 20 * (2 if options["method"] == "pyramidkv" else 1)
+    roomy = LLM(str(tiny_qwen), dtype="float32", max_model_len=320, kv_policy=options)
+    tight = LLM(str(tiny_qwen), dtype="float32", max_model_len=320, kv_policy=options, num_kv_blocks=blocks)
+    uncached = LLM(str(tiny_qwen), dtype="float32", max_model_len=320, kv_policy=options, enable_prefix_caching=False)
+    want = _generate(roomy, [prompt], 16)
+    assert _generate(tight, [prompt], 16) == want and _generate(uncached, [prompt], 16) == want
+    assert tight.llm_engine.kv_cache_manager.num_free_blocks == blocks

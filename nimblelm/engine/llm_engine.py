@@ -159,10 +159,14 @@ class LLMEngine:
             # More than every sequence at full length could ever use is wasted memory.
             ceiling = config.max_num_seqs * -(-config.max_model_len // bs) * len(self.runner.kv_groups)
             num_blocks = min(budget // per_block, ceiling)
-        if num_blocks * bs < config.max_model_len:
+        # One sequence of max_model_len tokens: every group's table, a sliding one holding its window's blocks.
+        full = -(-config.max_model_len // bs)
+        need = sum(full if g.window is None else min(full, -(-g.window // bs) + 1) for g in self.runner.kv_groups)
+        if num_blocks < need:
             raise InvalidRequestError(
-                f"the KV cache holds {num_blocks * bs} tokens, fewer than max_model_len={config.max_model_len}: "
-                "give it more memory (kv_cache_memory_bytes) or lower max_model_len"
+                f"the KV cache holds {num_blocks} blocks, fewer than the {need} that one sequence of max_model_len="
+                f"{config.max_model_len} tokens needs: give it more memory (kv_cache_memory_bytes) or lower "
+                "max_model_len"
             )
         return num_blocks
 

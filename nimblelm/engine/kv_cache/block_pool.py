@@ -83,6 +83,12 @@ class BlockPool:
         self._cached.clear()
         return True
 
+    def uncache(self, block: Block) -> None:
+        """Make `block` unfindable: its K/V are about to change."""
+        if block.cache_key is not None:
+            del self._cached[block.cache_key]
+            block.cache_key = None
+
     def cache(self, block: Block, key: Hashable) -> None:
         """Make `block` findable by `key`. If another block already holds the same K/V, keep that one."""
         if block.cache_key is None and key not in self._cached:

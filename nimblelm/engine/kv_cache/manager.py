@@ -231,22 +231,36 @@ class KVCacheManager:
 
     def plan_compaction(self, seq: KVRequest, num_tokens: int,
                         keep: list[int | None]) -> list[tuple[list[int], int] | None] | None:
-        """Fresh blocks for the keep[g] entries that seq's table in group g keeps once its first num_tokens tokens
-        are computed: per group, (their ids, the blocks then dropped from the table's front), None where keep[g]
-        is. None, changing nothing, when the pool cannot supply them."""
+        """Blocks for the keep[g] entries that seq's table in group g keeps once its first num_tokens tokens are
+        computed: per group, (their ids, the blocks then dropped from the table's front), None where keep[g] is.
+        With prefix caching, fresh blocks where the pool has them, so that the prompt's own blocks can still
+        serve the cache; else the first blocks of the sequence's own tables, overwritten in place, where no
+        other sequence holds them (they leave the prefix cache, and so do the sequence's blocks from then on).
+        None, changing nothing, when neither can be had."""
         held = self._held[seq.seq_id]
-        if sum(self.blocks_for(k) for k in keep if k is not None) > self.pool.num_free:
+        sizes = {g: self.blocks_for(k) for g, k in enumerate(keep) if k is not None}
+        own = {g: held.tables[g][:n] for g, n in sizes.items()}
+        own_ok = all(b.ref_count == 1 for blocks in own.values() for b in blocks)
+        if sum(sizes.values()) <= self.pool.num_free and (self.enable_prefix_caching or not own_ok):
+            new = {g: self.pool.take(n) for g, n in sizes.items()}
+        elif own_ok:
+            new = own
+            for b in (b for blocks in new.values() for b in blocks):
+                self.pool.uncache(b)
+            held.compacted = True
+        else:
             return None
-        held.pending = {g: (self.pool.take(self.blocks_for(k)), (num_tokens - k) // self.block_size)
-                        for g, k in enumerate(keep) if k is not None}
+        held.pending = {g: (blocks, (num_tokens - keep[g]) // self.block_size) for g, blocks in new.items()}
         return [([b.block_id for b in held.pending[g][0]], held.pending[g][1]) if g in held.pending else None
                 for g in range(len(self.windows))]
 
     def finish_compaction(self, seq: KVRequest) -> None:
-        """After the step that gathered seq's kept entries: its new tables replace the old, which are released."""
+        """After the step that gathered seq's kept entries: its new tables replace the old, whose other blocks
+        are released."""
         held = self._held[seq.seq_id]
         for g, (blocks, dropped) in held.pending.items():
-            self.pool.release(held.tables[g][::-1])
+            kept = set(blocks)
+            self.pool.release([b for b in held.tables[g][::-1] if b not in kept])
             held.tables[g] = blocks
             held.dropped[g] = dropped
         held.pending = None
@@ -258,8 +272,8 @@ class KVCacheManager:
         held = self._held.pop(seq.seq_id, None)
         for table in held.tables if held else []:
             self.pool.release(table[::-1])
-        for blocks, _ in (held.pending or {}).values() if held else []:
-            self.pool.release(blocks)
+        for g, (blocks, _) in (held.pending or {}).items() if held else []:
+            self.pool.release([b for b in blocks if b not in set(held.tables[g])])  # fresh ones, not its own
 
     def truncate(self, seq: KVRequest, num_tokens: int) -> None:
         """Keep only the blocks of seq's first num_tokens tokens (rolling back tokens that will not stay,
