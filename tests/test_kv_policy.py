@@ -323,3 +323,17 @@ def test_a_full_pool_compacts_in_place(tiny_qwen, options):
     want = _generate(roomy, [prompt], 16)
     assert _generate(tight, [prompt], 16) == want and _generate(uncached, [prompt], 16) == want
     assert tight.llm_engine.kv_cache_manager.num_free_blocks == blocks
+
+
+def test_prompts_start_when_they_fit_whole(tiny_qwen):
+    """40 blocks hold two 300-token prompts (19 blocks each) until their compaction: chunked prompts start only
+    when all of them fits beside the others still prefilling, so none preempts another; compacted, they decode
+    side by side."""
+    options = {"method": "streaming", "budget": 64}
+    prompts = [_prompt(300, seed=s) for s in range(6)]
+    alone = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options)
+    want = [_generate(alone, [p], 24)[0] for p in prompts]
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options, num_kv_blocks=40,
+              max_num_batched_tokens=128)  # without the rule: 2 preemptions
+    assert _generate(llm, prompts, 24) == want
+    assert llm.llm_engine.scheduler.num_preemptions == 0

@@ -120,7 +120,8 @@ class Scheduler:
             remaining = seq.num_tokens - cached
             n = self._chunk(seq, remaining, budget)
             chunk_refused = n < remaining and not self.config.enable_chunked_prefill
-            if not n or chunk_refused or self.kv.allocate_slots(seq, n, cached) is None:
+            if not n or chunk_refused or not self._room_for_prompt(seq, cached) \
+                    or self.kv.allocate_slots(seq, n, cached) is None:
                 self.waiting.appendleft(seq)
                 break
             seq.num_computed_tokens = cached
@@ -137,6 +138,16 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))
         return out
+
+    def _room_for_prompt(self, seq: Sequence, cached: int) -> bool:
+        """With a KV policy that compacts whole prompts, a prompt starts only when all of it fits beside what the
+        prompts already started still lack and a block for each decoding sequence's next one: each prompt holds
+        its whole context until its compaction, and sequences growing into the same free blocks would preempt
+        one another (and recompute) instead."""
+        if self.kv_policy is None or self.kv_policy.per_chunk or not self.running:
+            return True
+        owed = sum(self.kv.blocks_short(s, s.num_tokens + 1) for s in self.running)
+        return self.kv.blocks_short(seq, seq.num_tokens, cached) <= self.kv.num_free_blocks - owed
 
     def _chunk(self, seq: Sequence, remaining: int, budget: int) -> int:
         """How many of seq's remaining tokens this step computes: as many as the budget allows, but a chunk

@@ -101,6 +101,15 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def blocks_short(self, seq: KVRequest, num_tokens: int, num_cached_tokens: int = 0) -> int:
+        """The blocks seq's tables still lack to hold its first num_tokens tokens (for a sequence not yet holding
+        blocks: beyond the num_cached_tokens it would share), counting every group as whole."""
+        held = self._held.get(seq.seq_id)
+        if held is None:
+            return len(self.windows) * (self.blocks_for(num_tokens) - num_cached_tokens // self.block_size)
+        total = self.blocks_for(num_tokens)
+        return sum(max(0, total - d - len(t)) for t, d in zip(held.tables, held.dropped))
+
     # -- prefix cache ---------------------------------------------------------------------------
 
     def cached_prefix(self, seq: KVRequest) -> int:
@@ -233,15 +242,16 @@ class KVCacheManager:
                         keep: list[int | None]) -> list[tuple[list[int], int] | None] | None:
         """Blocks for the keep[g] entries that seq's table in group g keeps once its first num_tokens tokens are
         computed: per group, (their ids, the blocks then dropped from the table's front), None where keep[g] is.
-        With prefix caching, fresh blocks where the pool has them, so that the prompt's own blocks can still
-        serve the cache; else the first blocks of the sequence's own tables, overwritten in place, where no
+        With prefix caching, and blocks not compacted before, fresh blocks where the pool has them, so that the
+        prompt's own blocks can still serve the cache; else the first blocks of the sequence's own tables, overwritten in place, where no
         other sequence holds them (they leave the prefix cache, and so do the sequence's blocks from then on).
         None, changing nothing, when neither can be had."""
         held = self._held[seq.seq_id]
         sizes = {g: self.blocks_for(k) for g, k in enumerate(keep) if k is not None}
         own = {g: held.tables[g][:n] for g, n in sizes.items()}
         own_ok = all(b.ref_count == 1 for blocks in own.values() for b in blocks)
-        if sum(sizes.values()) <= self.pool.num_free and (self.enable_prefix_caching or not own_ok):
+        cacheable = self.enable_prefix_caching and not held.compacted
+        if sum(sizes.values()) <= self.pool.num_free and (cacheable or not own_ok):
             new = {g: self.pool.take(n) for g, n in sizes.items()}
         elif own_ok:
             new = own
