@@ -251,6 +251,28 @@ def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, method, monkey
     assert len(theirs) >= 8 and ours[: len(theirs)] == theirs
 
 
+@pytest.mark.integration
+def test_pyramidkv_keeps_what_kvpress_keeps_in_every_layer(smollm2_hf, monkeypatch):
+    """PyramidKV on SmolLM2-135M: each layer's budget (140 entries in the first layer down to 20 in the last, with
+    window_size 16 and beta 4 on 320 tokens at ratio 0.25) and its choice per KV head are kvpress's. Ours keeps up
+    to block_size - 1 entries more, the next best by the same scores, so that its next position starts a block."""
+    folder, ids = smollm2_hf
+    prompt, params = ids[:320], {"window_size": 16, "kernel_size": 5, "beta": 4}
+    chosen = []
+    select = KVPolicy.select
+    monkeypatch.setattr(KVPolicy, "select", lambda self, *a: chosen.append(select(self, *a)) or chosen[-1])
+    llm = LLM(str(folder), dtype="float32", max_model_len=1024, kv_policy={"method": "pyramidkv", "ratio": 0.25,
+                                                                             **params})
+    _generate(llm, [prompt], 1)
+    kept = kvpress_peer.kept_positions(folder, prompt, "pyramidkv", 0.25, **params)
+    assert len(chosen) == len(kept) == 30
+    assert kept[0].shape[1] == 140 and kept[-1].shape[1] == 20
+    for layer, (ours, theirs) in enumerate(zip(chosen, kept)):
+        assert 0 <= ours.shape[1] - theirs.shape[1] < BLOCK, f"layer {layer}"
+        for head_ours, head_theirs in zip(ours.tolist(), theirs.tolist()):
+            assert set(head_theirs) <= set(head_ours), f"layer {layer}"
+
+
 def test_cli_and_server_take_a_policy(tiny_qwen):
     """--kv-policy reaches the engine from `generate` and `serve`: both give the API's greedy tokens for a prompt
     the policy compacts; a bad policy is one line and exit status 1."""

@@ -18,6 +18,12 @@ DEFAULT_BACKENDS = "nimblelm,transformers,llama.cpp"
 DEFAULT_QUANT_METHODS = ("int4", "int8", "w8a8")  # survey quantization: W4A16, W8A16, W8A8
 SPEC_WORKLOADS = ("humaneval", "chat", "mt", "edit")  # survey speculative
 DATA_WORKLOADS = ("qa", "needle", "sharegpt", "sot")  # survey data
+# Flags whose meaning and default differ between survey experiments: argparse leaves them None, run() fills in.
+SURVEY_DEFAULTS = {"model": DEFAULT_MODEL, "gen_len": 128, "ratios": "2,3,5,10", "context_tokens": "1000,2000"}
+# survey longctx: shrunk from issue 24's grid so that the whole default run on qwen2.5-coder-0.5b fits 45 minutes
+# on 2 cores (an estimate from timed pieces: kvpress's slower prefill is most of it)
+LONGCTX_DEFAULTS = {"model": "qwen2.5-coder-0.5b", "gen_len": 64, "ratios": "0.1,0.5", "context_tokens": "1024,4096",
+                    "num_prompts": 8}
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -158,12 +164,16 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                                      "transformers' assisted generation and llama.cpp's speculative modes, then "
                                      "nimblelm at --batch-sizes), `data` the data level: prompt compression "
                                      "by each --methods at each --ratios beside the llmlingua package, the "
-                                     "answering --model's accuracy and latency on --workloads.")
-    sur.add_argument("experiment", choices=("engines", "quantization", "speculative", "data"))
+                                     "answering --model's accuracy and latency on --workloads. `longctx`: the "
+                                     "engine's KV cache policies (--methods) on long contexts beside kvpress "
+                                     "(issue 24): needle accuracy, perplexity, speed and served throughput; its "
+                                     "--model defaults to qwen2.5-coder-0.5b.")
+    sur.add_argument("experiment", choices=("engines", "quantization", "speculative", "data", "longctx"))
     sur.add_argument("--models", default=None, help="comma list of models (default: --model)")
     sur.add_argument("--prompt-len", type=int, default=1024, help="(a) prompt tokens (default 1024)")
-    sur.add_argument("--gen-len", type=int, default=128,
-                     help="(a) generated tokens; speculative: each request's max_tokens (default 128)")
+    sur.add_argument("--gen-len", type=int, default=None,
+                     help="(a) generated tokens; speculative: each request's max_tokens (default 128); longctx: "
+                          "tokens each speed and serve request generates (default 64)")
     sur.add_argument("-r", "--repeat", type=int, default=3, help="(a) timed repetitions (default 3)")
     sur.add_argument("--tpot-slo", type=float, default=0.2,
                      help="(b) p99 TPOT bound in seconds for the sustained rate (default 0.2)")
@@ -178,7 +188,8 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                           "draft_model with --draft-model; medusa uses the heads `nimblelm spec train` cached, "
                           "medusa_tree the same heads on a token tree; lookahead needs nothing). "
                           "data: nimblelm's prompt compression methods (default selective_context,llmlingua,"
-                          "longllmlingua)")
+                          "longllmlingua). longctx: KV cache policies (default streaming,snapkv; any the engine "
+                          "knows)")
     sur.add_argument("--batch-sizes", default=None,
                      help="quantization: comma list (default 1,2,4,8,16); speculative: requests at once under "
                           "load (default 1,8,32)")
@@ -198,19 +209,45 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                           "prompt); default all. data: comma list of qa (which function a quoted sentence of "
                           "Python's documentation describes), needle (a number planted in such a document), "
                           "sharegpt (ShareGPT's longest prompts), sot (Skeleton-of-Thought against plain decoding "
-                          "on held-out questions, judged by --judge); default all")
+                          "on held-out questions, judged by --judge); default all. longctx: comma list of needle, "
+                          "ppl, speed, serve; default all")
     sur.add_argument("--judge", default=None,
                      help="data: the model judging SoT's answers against plain decoding's (default: the largest "
                           "packaged model)")
-    sur.add_argument("--ratios", default="2,3,5,10",
-                     help="data: target compression ratios (context tokens before / after; default 2,3,5,10)")
+    sur.add_argument("--ratios", default=None,
+                     help="data: target compression ratios (context tokens before / after; default 2,3,5,10). "
+                          "longctx: needle's kept fractions of the prompt's KV entries (default 0.1,0.5, the "
+                          "issue's 0.1,0.2,0.5 shrunk to fit 45 minutes)")
     sur.add_argument("--lingua-methods", default="llmlingua,longllmlingua",
                      help="data: the llmlingua package's methods run beside (default llmlingua,longllmlingua; "
                           "none to skip the peer)")
     sur.add_argument("--scorer", default=None,
                      help="data: the small LM every compressor scores with (default: the smallest packaged model)")
-    sur.add_argument("--context-tokens", default="1000,2000",
-                     help="data: qa and needle documents of these many answerer tokens, in turn (default 1000,2000)")
+    sur.add_argument("--context-tokens", default=None,
+                     help="data: qa and needle documents of these many answerer tokens, in turn (default 1000,2000). "
+                          "longctx: needle's context lengths in tokens (default 1024,4096, the issue's "
+                          "1024,2048,4096,8192 shrunk to fit 45 minutes)")
+    sur.add_argument("--depths", default="0,50,100",
+                     help="longctx: needle depths, percent of the context before the fact (default 0,50,100, the "
+                          "issue's 0,25,50,75,100 shrunk to fit 45 minutes)")
+    sur.add_argument("--kvpress-methods", default=None,
+                     help="longctx: kvpress's presses beside nimblelm's on needle (default: those of --methods "
+                          "kvpress has; none skips the peer, its full cache too)")
+    sur.add_argument("--ppl-tokens", type=int, default=4096,
+                     help="longctx ppl: tokens of the text scored (default 4096)")
+    sur.add_argument("--ppl-budgets", default="256,512,1024",
+                     help="longctx ppl: KV entries kept, comma list (default 256,512,1024)")
+    sur.add_argument("--chunk", type=int, default=128,
+                     help="longctx ppl: prompt tokens per step, compacted after each (default 128)")
+    sur.add_argument("--speed-contexts", default="1024,2048,4096,8192",
+                     help="longctx speed: context lengths, those beyond the model's limit dropped (default "
+                          "1024,2048,4096,8192: the issue's 16384 left out to fit 45 minutes)")
+    sur.add_argument("--budget", type=int, default=2048, help="longctx speed: KV entries kept (default 2048)")
+    sur.add_argument("--serve-context", type=int, default=2048,
+                     help="longctx serve: tokens of each of --num-prompts requests (default 8) sent at once "
+                          "(default 2048, the issue's 4096 halved to fit 45 minutes)")
+    sur.add_argument("--serve-budget", type=int, default=512,
+                     help="longctx serve: KV entries each request keeps (default 512)")
     sur.add_argument("--humaneval-path", default=None,
                      help="speculative: HumanEval jsonl(.gz) file (default: fetched once into the nimblelm cache); "
                           "--dataset-path is the ShareGPT file")
@@ -224,7 +261,7 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     _workload_args(sur)
     _common(sur)
     # --num-prompts None: 32 requests for engines, 8 per workload for speculative (each runs alone there)
-    sur.set_defaults(backends="nimblelm,transformers,llama.cpp,vllm", max_num_seqs=32, num_prompts=None)
+    sur.set_defaults(backends="nimblelm,transformers,llama.cpp,vllm", max_num_seqs=32, num_prompts=None, model=None)
 
     roof = sub.add_parser("roofline", help="memory bandwidth, matmul peak, and the decode/prefill limits they imply",
                           description="Measure this machine's read bandwidth and matmul GFLOP/s per dtype, and "
@@ -861,6 +898,92 @@ def run_survey_data_command(args) -> dict:
             "skipped": skipped, "sot": sot, **out}
 
 
+def _fractions(text: str, flag: str) -> list[float]:
+    try:
+        values = sorted({float(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise InvalidRequestError(f"{flag}: comma list of numbers, got {text!r}") from None
+    if not values or not 0 < values[0] <= values[-1] < 1:
+        raise InvalidRequestError(f"{flag}: kept fractions in (0, 1)")
+    return values
+
+
+def run_survey_longctx_command(args) -> dict:
+    from nimblelm.bench import kvpress_peer
+    from nimblelm.bench.data_tasks import needle_prompt
+    from nimblelm.bench.runner import log, one_line
+    from nimblelm.bench.survey_longctx import NEEDLE_TOKENS, WORKLOADS, Grid, run_survey_longctx
+    from nimblelm.engine.kv_cache.policy import METHODS, KVPolicy
+
+    if args.resume:
+        raise InvalidRequestError("--resume continues a survey quantization run; survey longctx always runs whole")
+    workloads = _comma_list(args.workloads or ",".join(WORKLOADS), WORKLOADS, "--workloads")
+    methods = _comma_list(args.methods or "streaming,snapkv", METHODS, "--methods")
+    kvpress_methods = _comma_list(args.kvpress_methods or ",".join(m for m in methods if m in kvpress_peer.METHODS)
+                                  or "none", kvpress_peer.METHODS, "--kvpress-methods", allow_none=True)
+    ratios = _fractions(args.ratios, "--ratios")
+    depths = sorted(set(parse_int_list(args.depths, "--depths")))
+    if not 0 <= depths[0] <= depths[-1] <= 100:
+        raise InvalidRequestError("--depths: percentages from 0 to 100")
+    contexts = sorted(set(parse_int_list(args.context_tokens, "--context-tokens")))
+    speed_contexts = sorted(set(parse_int_list(args.speed_contexts, "--speed-contexts")))
+    budgets = sorted(set(parse_int_list(args.ppl_budgets, "--ppl-budgets")))
+    if min(contexts + speed_contexts + [args.ppl_tokens, args.serve_context]) < 64:
+        raise InvalidRequestError("--context-tokens, --speed-contexts, --ppl-tokens and --serve-context must be >= 64")
+    if args.chunk < 1 or args.gen_len < 2 or args.num_prompts < 1:
+        raise InvalidRequestError("--chunk and --num-prompts must be >= 1, --gen-len >= 2")
+    if budgets[-1] >= args.ppl_tokens:
+        raise InvalidRequestError(f"--ppl-budgets must stay below --ppl-tokens ({args.ppl_tokens}): the text must "
+                                  "outgrow the budget")
+    sizes = {"ppl": budgets, "speed": [args.budget], "serve": [args.serve_budget]}
+    for method, workload in ((m, w) for m in methods for w in workloads):  # the engine's own checks, before loading
+        for budget in sizes.get(workload, []):
+            policy = KVPolicy.from_dict({"method": method, "budget": budget, "per_chunk": workload == "ppl"})
+            if workload == "ppl" and policy.needs_votes and args.chunk < policy.window_size:
+                raise InvalidRequestError(f"--chunk must be >= {method}'s window ({policy.window_size}): a shorter "
+                                          "chunk cannot vote, and the text would be compacted once at its end")
+    ctx, _, _, machine = _prepare(argparse.Namespace(**{**vars(args), "backends": "nimblelm"}))
+    limit = ctx.config.max_position_embeddings
+    around = len(needle_prompt(ctx.tokenizer, 64, 0).token_ids) - 64  # the instruction and the question
+    if max(max(contexts) + around + NEEDLE_TOKENS, args.ppl_tokens + 1, args.serve_context + args.gen_len) > limit:
+        raise InvalidRequestError(f"--context-tokens, --ppl-tokens or --serve-context go beyond {args.model}'s "
+                                  f"context length {limit}")
+    dropped = [c for c in speed_contexts if c + args.gen_len > limit]
+    speed_contexts = [c for c in speed_contexts if c + args.gen_len <= limit]
+    if "speed" in workloads and not speed_contexts:
+        raise InvalidRequestError(f"--speed-contexts: none fits {args.model}'s context length {limit}")
+    grid = Grid(methods=tuple(methods), kvpress_methods=tuple(kvpress_methods), ratios=tuple(ratios),
+                contexts=tuple(contexts), depths=tuple(depths), ppl_tokens=args.ppl_tokens,
+                ppl_budgets=tuple(budgets), chunk=args.chunk, speed_contexts=tuple(speed_contexts),
+                budget=args.budget, serve_requests=args.num_prompts, serve_context=args.serve_context,
+                serve_budget=args.serve_budget, gen_len=args.gen_len)
+    skipped, kvpress = {}, None
+    if "needle" in workloads and args.kvpress_methods != "none":
+        if args.dtype != "float32" or ctx.quantization or args.kv_cache_dtype != "auto":
+            skipped["kvpress"] = "it runs float32 weights and cache: run --dtype float32 without quantization"
+        else:
+            try:
+                kvpress_peer.ensure_env()
+                from nimblelm.bench.vllm_peer import ensure_hf_folder
+
+                kvpress = partial(kvpress_peer.generate, ensure_hf_folder(ctx), threads=ctx.threads)
+            except Exception as e:  # noqa: BLE001 - the peer missing must not stop nimblelm's rows
+                skipped["kvpress"] = one_line(e)
+    out = run_survey_longctx(ctx, grid, workloads, kvpress=kvpress, warmup=args.warmup, seed=args.seed, logger=log)
+    pins = dict(line.split("==") for line in kvpress_peer.REQUIREMENTS.read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    config = {"experiment": args.experiment, "model": args.model, "dtype": args.dtype, "workloads": workloads,
+              "methods": methods, "kvpress_methods": kvpress_methods if kvpress else None,
+              "kvpress_version": pins.get("kvpress"), "kvpress_transformers": pins.get("transformers"),
+              "ratios": ratios, "context_tokens": contexts, "depths": depths, "ppl_tokens": args.ppl_tokens,
+              "ppl_budgets": budgets, "chunk": args.chunk, "speed_contexts": speed_contexts,
+              "speed_contexts_dropped": dropped, "budget": args.budget, "serve_requests": args.num_prompts,
+              "serve_context": args.serve_context, "serve_budget": args.serve_budget, "gen_len": args.gen_len,
+              "warmup": args.warmup, "threads": ctx.threads, "seed": args.seed, **_precision_config(args)}
+    return {"kind": "survey-longctx", "command": _command_line(), "config": config, "machine": machine,
+            "skipped": skipped, **out}
+
+
 def run_roofline_command(args) -> dict:
     import torch
 
@@ -909,6 +1032,10 @@ def run(args) -> int:
     Invalid options raise nimblelm.errors.InvalidRequestError (one line) for the caller to print.
     """
     cmd = getattr(args, "bench_command", None)
+    if cmd == "survey":
+        for key, value in (LONGCTX_DEFAULTS if args.experiment == "longctx" else SURVEY_DEFAULTS).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     if cmd == "setup":
         from nimblelm.bench.llamacpp import setup_llama_cpp
 
@@ -927,6 +1054,8 @@ def run(args) -> int:
         report = run_survey_speculative_command(args)
     elif cmd == "survey" and args.experiment == "data":
         report = run_survey_data_command(args)
+    elif cmd == "survey" and args.experiment == "longctx":
+        report = run_survey_longctx_command(args)
     elif cmd == "survey":
         report = run_survey_command(args)
     elif cmd == "roofline":

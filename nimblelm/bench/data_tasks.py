@@ -173,3 +173,73 @@ def grade(task: DataTask, answer: str, reference: str) -> float:
     if task.answer is None:
         return word_f1(answer, reference)
     return float(re.search(rf"(?<!\w){re.escape(task.answer)}(?!\w)", answer) is not None)
+
+
+@dataclass(frozen=True)
+class NeedlePrompt:
+    """A needle-in-a-haystack prompt as token ids: instruction, a context of exactly context_tokens tokens with
+    the needle at `position` in it, then the question."""
+
+    token_ids: list[int]
+    context_start: int  # where the context begins in token_ids
+    context_tokens: int
+    position: int  # the needle's first token, counted from the context's start
+    needle_tokens: int
+    answer: str
+    depth_asked: float  # needle_prompt's depth; `depth` is where the needle landed
+
+    @property
+    def depth(self) -> float:
+        """The share of the haystack before the needle, from 0 (first) to 1 (last)."""
+        room = self.context_tokens - self.needle_tokens
+        return self.position / room if room else 0.0
+
+    def found(self, answer: str) -> bool:
+        """Whether an answer holds the number, as a word (grade's rule)."""
+        return re.search(rf"(?<!\w){self.answer}(?!\w)", answer) is not None
+
+
+def haystack_ids(tokenizer, tokens: int, seed: int = 0) -> list[int]:
+    """Exactly `tokens` token ids of DOC_MODULES' documentation, sections in a seeded order, the pool reshuffled
+    and repeated where one pass is too short (about 30k tokens)."""
+    pool, r, ids = _sections(), random.Random(seed), []
+    while len(ids) < tokens:
+        r.shuffle(pool)
+        for s in pool:
+            ids += tokenizer.encode(s.text + "\n\n", add_special_tokens=False)
+            if len(ids) >= tokens:
+                break
+    return ids[:tokens]
+
+
+def needle_prompt(tokenizer, context_tokens: int, depth: float, seed: int = 0) -> NeedlePrompt:
+    """A fact ("The <subject> code is <number>.") planted at `depth` (0 to 1) of a haystack_ids context of
+    exactly context_tokens tokens, the question after the context and the answer's start after the question.
+
+    Parts are encoded apart and joined as ids, so the counts are exact and every engine gets the same ids. The
+    haystack depends on (seed, context_tokens) alone, so one context's depths differ only in where the needle
+    is. Between the ends the needle moves back to the start of a line (at most 64 tokens) so that it reads as
+    a line of its own; depth reports where it landed."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    r = random.Random(f"{seed}/{context_tokens}/{depth}")
+    subject, number = r.choice(NEEDLE_SUBJECTS), str(r.randrange(1000, 10000))
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    needle = encode(f"\nThe {subject} code is {number}.\n")
+    if context_tokens <= len(needle):
+        raise ValueError(f"a context of {context_tokens} tokens cannot hold the needle ({len(needle)} tokens)")
+    hay = haystack_ids(tokenizer, context_tokens - len(needle), seed=seed + context_tokens)
+    at = round(depth * len(hay))
+    if 0 < at < len(hay):
+        starts = [i for i in range(at, max(0, at - 64), -1) if tokenizer.decode(hay[i - 1:i]).endswith("\n")]
+        at = starts[0] if starts else at
+    head = tokenizer.encode("", add_special_tokens=True)  # a BOS where the model's tokenizer adds one
+    instruction = encode("Below is a long text with one fact hidden in it. Read it, then answer the question "
+                         "after it.\n\n")
+    question = encode(f"\n\nQuestion: what is the {subject} code?\nAnswer: The {subject} code is")
+    start = len(head) + len(instruction)
+    return NeedlePrompt(head + instruction + hay[:at] + needle + hay[at:] + question, start, context_tokens, at,
+                        len(needle), number, depth)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 REQUIREMENTS = Path(__file__).with_name("kvpress-requirements.txt")
 WORKER = Path(__file__).with_name("kvpress_worker.py")
 STAMP = "nimblelm-env.txt"
-METHODS = ("snapkv", "streaming")
+METHODS = ("snapkv", "pyramidkv", "streaming")
 
 
 class KvpressEnvError(RuntimeError):
@@ -95,7 +95,7 @@ def _ask(request: dict) -> dict:
 def kept_positions(model_dir, token_ids: list[int], method: str, keep_ratio: float, **params) -> list[torch.Tensor]:
     """Per decoder layer, a LongTensor [num_kv_heads, n_kept] of the prompt positions that kvpress's press kept
     for each KV head in one prefill of token_ids, ascending. method: "snapkv" (params window_size=64,
-    kernel_size=5) or "streaming" (num_sinks=4); compression_ratio = 1 - keep_ratio, as kvpress counts it."""
+    kernel_size=5), "pyramidkv" (those and beta=20) or "streaming" (num_sinks=4); compression_ratio = 1 - keep_ratio, as kvpress counts it."""
     import torch
 
     if method not in METHODS:
@@ -106,13 +106,14 @@ def kept_positions(model_dir, token_ids: list[int], method: str, keep_ratio: flo
 
 
 def generate(model_dir, prompts: list[list[int]], method: str | None, keep_ratio: float, max_new_tokens: int,
-             **params) -> list[dict]:
+             threads: int | None = None, **params) -> list[dict]:
     """Greedy generation, the press (None: none, the full cache) applied to each prompt's prefill, in one worker
-    that loads the model once. Per prompt: token_ids (stopping early at end-of-sequence), prefill_s (the prompt's
-    forward pass, which yields the first token) and decode_s (the forward passes of the others)."""
+    that loads the model once, on `threads` torch threads (None: torch's default). Per prompt: token_ids
+    (stopping early at end-of-sequence), prefill_s (the prompt's forward pass, which yields the first token) and
+    decode_s (the forward passes of the others)."""
     if method is not None and method not in METHODS:
         raise ValueError(f"unknown method {method!r} ({', '.join(METHODS)}, or None)")
     answer = _ask({"op": "generate", "model": str(Path(model_dir).resolve()), "method": method,
-                   "keep_ratio": keep_ratio, "max_new_tokens": max_new_tokens, "params": params,
+                   "keep_ratio": keep_ratio, "max_new_tokens": max_new_tokens, "params": params, "threads": threads,
                    "prompts": [[int(t) for t in p] for p in prompts]})
     return answer["outputs"]

@@ -3,7 +3,8 @@
 stdin: one JSON request; stdout: the answer, one JSON line prefixed with '@@' (library output may come first).
   {"op": "kept", "model", "token_ids", "method", "keep_ratio", "params"}
       -> {"kept": per layer, per KV head, the prompt positions kvpress kept, ascending}
-  {"op": "generate", "model", "prompts", "method" (null: no press), "keep_ratio", "max_new_tokens", "params"}
+  {"op": "generate", "model", "prompts", "method" (null: no press), "keep_ratio", "max_new_tokens", "params",
+   "threads" (null: torch's default)}
       -> {"outputs": [{"token_ids", "prefill_s", "decode_s"}, ...]}
 The model loads in float32 with sdpa attention, so SnapKV computes its window's attention itself, kvpress's
 path when a layer returns no attention weights. Imports only torch, transformers, kvpress and the standard library.
@@ -55,10 +56,13 @@ def make_press(kvpress, method: str, keep_ratio: float, params: dict):
     if method == "snapkv":
         press = kvpress.SnapKVPress(compression_ratio=1 - keep_ratio, window_size=params.pop("window_size", 64),
                                     kernel_size=params.pop("kernel_size", 5))
+    elif method == "pyramidkv":
+        press = kvpress.PyramidKVPress(compression_ratio=1 - keep_ratio, window_size=params.pop("window_size", 64),
+                                       kernel_size=params.pop("kernel_size", 5), beta=params.pop("beta", 20))
     elif method == "streaming":
         press = kvpress.StreamingLLMPress(compression_ratio=1 - keep_ratio, n_sink=params.pop("num_sinks", 4))
     else:
-        raise ValueError(f"unknown method {method!r} (snapkv, streaming)")
+        raise ValueError(f"unknown method {method!r} (snapkv, pyramidkv, streaming)")
     if params:
         raise ValueError(f"unknown {method} parameters: {sorted(params)}")
     return press
@@ -125,6 +129,8 @@ def generate(model, press, prompts: list[list[int]], max_new_tokens: int) -> lis
 
 def main() -> int:
     req = json.load(sys.stdin)
+    if req.get("threads"):
+        torch.set_num_threads(req["threads"])
     kvpress = import_kvpress()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging

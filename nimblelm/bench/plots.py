@@ -9,6 +9,8 @@
 - survey speculative: batch-1 speedup per backend, method and workload; speedup against batch size per method
 - survey data: accuracy against the compression ratio reached, per workload; compressor plus answer seconds
   against the prompt's tokens at the smallest ratio, beside the uncompressed answer's
+- survey longctx: per engine, a needle heatmap (depth × context) for each method and kept fraction; perplexity
+  against the budget; prefill seconds, decode tokens/s and KV memory while decoding against the context
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
     kind = report.get("kind")
     fn = {"latency": _latency, "throughput": _throughput, "serve": _serve, "roofline": _roofline,
           "survey-engines": _survey, "survey-quantization": _survey_quant, "survey-speculative": _survey_spec,
-          "survey-data": _survey_data}.get(kind)
+          "survey-data": _survey_data, "survey-longctx": _survey_longctx}.get(kind)
     if fn is None or not (report.get("results") or report.get("roofline")):
         return []
     try:
@@ -307,3 +309,87 @@ def _survey_data(plt, report: dict, out: Path) -> list[Path]:
     p = out / "survey_data.png"
     fig.savefig(p, dpi=110)
     return [p]
+
+
+def _survey_longctx(plt, report: dict, out: Path) -> list[Path]:
+    rows, cfg = report["results"], report["config"]
+    model = cfg["model"]
+    paths = []
+    for engine in dict.fromkeys(r["engine"] for r in report["records"]):
+        paths.append(_needle_heatmaps(plt, report, engine, out / f"longctx_needle_{engine}.png"))
+    ppl = [r for r in rows if r["workload"] == "ppl"]
+    if ppl:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k, method in enumerate(dict.fromkeys(r["method"] for r in ppl if r["method"] != "full")):
+            pts = sorted((r["budget"], r["ppl_tail"]) for r in ppl if r["method"] == method)
+            ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", color=f"C{k}", label=method)
+        for r in ppl:
+            if r["method"] == "full":
+                ax.axhline(r["ppl_tail"], color="black", linewidth=0.8, label="full cache")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV entries kept")
+        ax.set_ylabel(f"perplexity past token {ppl[0]['tail_from']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(f"survey longctx: {cfg['ppl_tokens']} tokens, {cfg['chunk']} a step ({model})", fontsize=9)
+        fig.tight_layout()
+        paths.append(out / "longctx_ppl.png")
+        fig.savefig(paths[-1], dpi=110)
+    speed = [r for r in rows if r["workload"] == "speed"]
+    if speed:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        for k, method in enumerate(dict.fromkeys(r["method"] for r in speed)):
+            pts = sorted((r["context"], r) for r in speed if r["method"] == method)
+            for ax, key, scale in ((axes[0], "prefill_s", 1), (axes[1], "decode_tok_s", 1),
+                                   (axes[2], "kv_decode_bytes", 2**-20)):
+                ax.plot([c for c, _ in pts], [r[key] * scale for _, r in pts], marker="o", color=f"C{k}", label=method)
+        for ax, label in zip(axes, ("prefill seconds", "decode tokens/s (batch 1)", "KV MiB while decoding")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context tokens")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"survey longctx: {model}, methods keeping {cfg['budget']} entries (this machine)")
+        fig.tight_layout()
+        paths.append(out / "longctx_speed.png")
+        fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+def _needle_heatmaps(plt, report: dict, engine: str, path: Path) -> Path:
+    """One panel per method and kept fraction: accuracy per depth (rows) and context (columns)."""
+    records = [r for r in report["records"] if r["engine"] == engine]
+    contexts, depths = report["config"]["context_tokens"], report["config"]["depths"]
+    configs = list(dict.fromkeys((r["method"], r["ratio"]) for r in records))
+    cols = min(4, len(configs))
+    rows = -(-len(configs) // cols)
+    width, height = max(2.8, 1.2 + 0.8 * len(contexts)), max(2.2, 1.3 + 0.45 * len(depths))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.0 + width * cols, 0.6 + height * rows), squeeze=False,
+                             sharey=True, layout="constrained")
+    for ax in axes.flat[len(configs):]:
+        ax.axis("off")
+    for ax, (method, ratio) in zip(axes.flat, configs):
+        grid = []
+        for d in depths:
+            row = []
+            for c in contexts:
+                cell = [r["correct"] for r in records if (r["method"], r["ratio"], r["depth"], r["context"])
+                        == (method, ratio, d, c)]
+                row.append(sum(cell) / len(cell) if cell else float("nan"))
+            grid.append(row)
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(contexts)))
+        ax.set_xticklabels(contexts, fontsize=8)
+        ax.set_yticks(range(len(depths)))
+        ax.set_yticklabels([f"{d}%" for d in depths], fontsize=8)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}" if _finite(v) else "–", ha="center", va="center", fontsize=8)
+        ax.set_title("full cache" if method == "full" else f"{method}, keeping {ratio:g}", fontsize=9)
+        ax.set_xlabel("context tokens", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("depth", fontsize=8)
+    fig.colorbar(im, ax=list(axes.flat), label="needle accuracy")
+    fig.suptitle(f"survey longctx needle: {engine}, {report['config']['model']}")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path

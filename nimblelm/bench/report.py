@@ -192,6 +192,10 @@ def to_markdown(report: dict) -> str:
         from nimblelm.bench.survey_data import survey_data_markdown
 
         return survey_data_markdown(report)
+    if kind == "survey-longctx":
+        from nimblelm.bench.survey_longctx import survey_longctx_markdown
+
+        return survey_longctx_markdown(report)
     if kind == "survey-engines":
         from nimblelm.bench.survey import survey_markdown
 
