@@ -501,9 +501,9 @@ def _speed_md(report: dict, rows: list[dict]) -> list[str]:
     out = ["## Speed and KV memory", "",
            (f"Batch 1, {cfg['gen_len']} tokens generated (EOS ignored), each method keeping {cfg['budget']} entries; "
             "a method at a context within its budget would keep everything and is not run. Prefill: seconds to "
-            "the first token (SnapKV's scoring included). Decode: tokens/s after the first. KV decoding: the most "
-            "KV memory in use while decoding; KV peak: the most at all, the whole prompt being in before it is "
-            "compacted, beside the kept entries' copy. The engines take each context in turn, the order rotating.")]
+            "the first token (the policy's scoring included). Decode: tokens/s after the first. KV decoding: the "
+            "most KV memory in use while decoding; KV peak: the most at all, the whole prompt being in before it "
+            "is compacted. The engines take each context in turn, the order rotating.")]
     if cfg.get("speed_contexts_dropped"):
         out.append(f"Contexts beyond the model's limit, dropped: {', '.join(map(str, cfg['speed_contexts_dropped']))}.")
     out += ["", ("| context | method | prefill s | prefill vs full | decode tok/s | decode vs full | KV decoding MiB | "
