@@ -221,6 +221,11 @@ def test_bad_policies_get_one_clear_error(options, message):
         KVPolicy.from_dict(options)
 
 
+def test_a_window_wider_than_a_step_is_refused(tiny_qwen):
+    with pytest.raises(InvalidRequestError, match="window of 64 tokens must fit"):
+        LLM(str(tiny_qwen), kv_policy={"method": "snapkv", "ratio": 0.2}, max_num_batched_tokens=32, max_num_seqs=8)
+
+
 def test_policy_and_speculative_decoding_are_refused_together(tiny_qwen):
     with pytest.raises(InvalidRequestError, match="cannot be combined"):
         LLM(str(tiny_qwen), kv_policy={"method": "streaming", "budget": 64},

@@ -102,6 +102,9 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)
+        if kv_policy is not None and kv_policy.needs_votes and config.max_num_batched_tokens < kv_policy.window_size:
+            raise InvalidRequestError(f"kv_policy: {kv_policy.method}'s window of {kv_policy.window_size} tokens must "
+                                      f"fit a step's max_num_batched_tokens ({config.max_num_batched_tokens})")
         self.runner = ModelRunner(
             loaded.config,
             loaded.weights,

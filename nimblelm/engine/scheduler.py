@@ -8,9 +8,10 @@ is preempted: its blocks are freed and it goes back to the front of the waiting 
 (prompt and output so far, from whatever of it is still cached) when room returns.
 
 With a KV policy (kv_cache/policy.py), a step that leaves a sequence over its budget also compacts it:
-the step carries the fresh blocks its kept entries move to, and the old ones are freed after it. A
-preempted sequence is recomputed whole and compacted again. SnapKV votes with the attention of the prompt's
-last window_size tokens, so a prompt's last chunk holds at least those.
+the step carries the blocks its kept entries move to (fresh ones, or its own first ones), and the rest are
+freed after it. A preempted sequence is recomputed whole and compacted again. SnapKV votes with the attention
+of the prompt's last window_size tokens, so a prompt's last chunk holds at least those; and since a prompt
+holds all its blocks until its compaction, a new one starts only when all of it fits.
 
 Each step's decisions go out as a SchedulerOutput (engine/step.py): plain data, the model runner's only
 input.
