@@ -66,7 +66,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # default 2 GiB on CPU, half the free memory on CUDA
     num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
     # auto: the model's dtype; int8: int8 K/V with a float32 scale per token and KV head, except in the
-    # layers int8 would distort (quantization/kv_int8.py)
+    # layers int8 would distort (quantization/kv_int8.py); int4, int2: KIVI's (layers/kivi.py)
     kv_cache_dtype: str = "auto"
     seed: int = 0
     num_threads: int | None = None  # CPU threads; default: the physical cores

@@ -62,6 +62,9 @@ class LLMEngine:
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
         if kv_policy is not None and speculative is not None:
             raise InvalidRequestError("kv_policy and speculative_config cannot be combined yet")
+        if config.kv_cache_dtype in ("int4", "int2") and (kv_policy is not None or speculative is not None):
+            raise InvalidRequestError(f"kv_cache_dtype {config.kv_cache_dtype} cannot be combined with "
+                                      f"{'kv_policy' if kv_policy is not None else 'speculative_config'} yet")
         method = linear_method(config.quantization)
         resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)
@@ -158,6 +161,7 @@ class LLMEngine:
                 budget = 2 << 30
                 if self.device.type == "cuda":
                     budget = torch.cuda.mem_get_info(self.device)[0] // 2
+            budget -= self.runner.kv_bytes_beside_blocks(config.max_num_seqs)
             per_block = self.runner.kv_bytes_per_block()
             # More than every sequence at full length could ever use is wasted memory.
             ceiling = config.max_num_seqs * -(-config.max_model_len // bs) * len(self.runner.kv_groups)
@@ -452,4 +456,4 @@ def _complete(config: EngineConfig, model_max_len: int) -> EngineConfig:
 
 
 def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return {torch.quint4x2: "int4", torch.quint2x4: "int2"}.get(dtype) or str(dtype).removeprefix("torch.")

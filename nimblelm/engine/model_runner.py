@@ -23,6 +23,7 @@ from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.step_capture import StepCapture
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache
+from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan
 from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.rotary import apply_rotary
 from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
@@ -125,9 +126,12 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_caches: list[KVCache] = []  # per layer (layers of one tensor share it)
         self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
+        self.kv_bits = BITS.get(kv_cache_dtype)  # an int4 or int2 cache (layers/kivi.py)
         # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it.
-        # H2O's attention layers add up the attention each entry receives, a pass no trace records.
-        self.capturing = not enforce_eager and self.kernels and not (kv_policy is not None and kv_policy.method == "h2o")
+        # H2O's attention layers add up the attention each entry receives, a pass no trace records; a low-bit
+        # cache is read by torch ops with shapes that change every step.
+        self.capturing = (not enforce_eager and self.kernels and self.kv_bits is None
+                          and not (kv_policy is not None and kv_policy.method == "h2o"))
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
         self.max_model_len = max_model_len
@@ -137,6 +141,9 @@ class ModelRunner:
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
         self.seqs: dict[int, _SeqState] = {}
+        # A low-bit cache's residual rows (the block each sequence is filling, at full precision), by sequence.
+        self.residual_rows: dict[int, int] = {}
+        self.free_residual_rows: list[int] = []
         self.generators: dict[int, torch.Generator] = {}
         torch.manual_seed(seed)
 
@@ -151,6 +158,9 @@ class ModelRunner:
         self.tree_blocks_per_branch = blocks_per_branch(self.block_size)
         self.tree_scratch = drafting if self.tree_branches else 0
         shape = (2, num_blocks + 1 + drafting, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        if self.kv_bits is not None:
+            self._allocate_lowbit(shape, max_num_seqs)
+            return
         offsets, nbytes = [], 0
         for kv_dtype in self.kv_dtypes:
             values_at = nbytes
@@ -187,8 +197,31 @@ class ModelRunner:
                 self.capture.warm_up(max_num_seqs * (1 + self.speculative.num_speculative_tokens))
                 self.step_cost = StepCost(self.capture.seconds_by_rows())
 
+    def _allocate_lowbit(self, shape: tuple[int, ...], max_num_seqs: int) -> None:
+        """Packed values and LowBitKV per tensor, with a residual row per sequence and KV group for
+        max_num_seqs sequences (more are added when more sequences are held at once)."""
+        packed = (*shape[:-1], shape[-1] * self.kv_bits // 8)
+        rows = max_num_seqs * len(self.kv_groups)
+        tensors = [KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
+                           lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rows, self.dtype, self.device))
+                   for _ in self.kv_dtypes]
+        self.num_blocks = shape[1] - 1
+        self.free_residual_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
+
+    def kv_bytes_beside_blocks(self, max_num_seqs: int) -> int:
+        """Bytes of KV memory that are not blocks: a low-bit cache's residual rows."""
+        if self.kv_bits is None:
+            return 0
+        cfg = self.config
+        row = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        return max_num_seqs * len(self.kv_groups) * len(self.kv_dtypes) * row
+
     def kv_bytes_per_block(self) -> int:
         cfg = self.config
+        if self.kv_bits is not None:
+            return len(self.kv_dtypes) * LowBitKV.bytes_per_block(self.kv_bits, self.block_size, cfg.num_kv_heads,
+                                                                  cfg.head_dim)
         per_head = sum(cfg.head_dim * t.itemsize + (4 if t == torch.int8 else 0) for t in self.kv_dtypes)  # + scale
         return 2 * cfg.num_kv_heads * per_head * self.block_size
 
@@ -418,9 +451,11 @@ class ModelRunner:
         for req_id in sched.finished_req_ids:
             self.seqs.pop(req_id, None)
             self.generators.pop(req_id, None)
+            self._release_residual(req_id)
         if self.proposer is not None:
             self.proposer.forget(sched.finished_req_ids)
         for new in sched.new_requests:
+            self._release_residual(new.req_id)  # a preempted sequence starts again at a block's start
             self.seqs[new.req_id] = _SeqState(
                 new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids), new.params,
                 [list(ids) for ids in new.block_ids], [d * self.block_size for d in new.num_dropped_blocks],
@@ -441,6 +476,21 @@ class ModelRunner:
                 state.kv_offsets[g] = offset
             state.num_computed_tokens = running.num_computed_tokens
 
+    def _release_residual(self, req_id: int) -> None:
+        if req_id in self.residual_rows:
+            self.free_residual_rows.append(self.residual_rows.pop(req_id))
+
+    def _residual_slot(self, req_id: int, group: int) -> int:
+        """The first residual slot of the sequence's row in the KV group, the row taken if it has none."""
+        if req_id not in self.residual_rows:
+            if not self.free_residual_rows:  # more sequences held than max_num_seqs (preempted ones wait)
+                held = len(self.residual_rows)
+                for lowbit in {id(c.lowbit): c.lowbit for c in self.kv_caches}.values():
+                    lowbit.grow(2 * held * len(self.kv_groups), self.block_size)
+                self.free_residual_rows = list(range(2 * held - 1, held - 1, -1))
+            self.residual_rows[req_id] = self.free_residual_rows.pop()
+        return (self.residual_rows[req_id] * len(self.kv_groups) + group) * self.block_size
+
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
         # Decode rows go first, in one batched attention call: a sequence's single new token, or the few
         # tokens after its prompt that a step computes at once (speculative verification), each row
@@ -460,6 +510,7 @@ class ModelRunner:
         decode_tables: list[list[list[int]]] = [[] for _ in range(num_groups)]  # per decode row, its blocks
         extra_writes: list[list[tuple[int, int]]] = [[] for _ in range(num_groups)]  # (row, slot), for trees
         trees: dict[int, _TreeLayout] = {}
+        lowbit_spans: list[list[tuple]] = [[] for _ in range(num_groups)]  # per group: LowBitPlan.build's spans
         scratch = iter(range(self.num_blocks + 1, self.num_blocks + 1 + self.tree_scratch))
         for seq, n, req_id in decodes:
             start = seq.num_computed_tokens
@@ -474,14 +525,19 @@ class ModelRunner:
                 continue
             positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
+                if self.kv_bits is not None:
+                    lowbit_spans[g].append((row0, start - offset, n, table, self._residual_slot(req_id, g)))
                 for i in range(start - offset, start + n - offset):  # each row's KV entry
                     slots[g].append(table[i // bs] * bs + i % bs)
                     decode_contexts[g].append(i + 1)  # each row sees up to itself
                     decode_tables[g].append(table)
         prefill_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
         prefill_contexts: list[list[int]] = [[] for _ in range(num_groups)]
-        for seq, n, _ in prefills:
+        for seq, n, req_id in prefills:
             start = seq.num_computed_tokens
+            if self.kv_bits is not None:
+                for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
+                    lowbit_spans[g].append((len(tokens), start - offset, n, table, self._residual_slot(req_id, g)))
             tokens.extend(seq.token_ids[start : start + n])
             positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
@@ -539,6 +595,7 @@ class ModelRunner:
                 vote_rows=vote_rows if voting and window is None else None,
                 votes=[] if voting and window is None else None,
                 accumulate=window is None and self.kv_policy is not None and self.kv_policy.method == "h2o",
+                lowbit=LowBitPlan.build(lowbit_spans[g], bs, device) if self.kv_bits is not None else None,
             )
 
         vote_rows = [min(self.kv_policy.window_size, n) if req_id in voting else 0 for _, n, req_id in prefills]

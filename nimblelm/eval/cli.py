@@ -29,7 +29,7 @@ def add_eval_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="default: the window (no overlap)")
     p.add_argument("--max-tokens", type=int, default=32768)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--kv-cache-dtype", default="auto", help="nimblelm backend: auto (as --dtype), float16 or int8")
+    p.add_argument("--kv-cache-dtype", default="auto", help="nimblelm backend: auto (as --dtype), float16, int8, int4 or int2")
     p.add_argument("--threads", "-t", type=int, default=None)
     p.add_argument("--output", "-o", default=None, help="write results.json (with every window's NLL) here")
     p.add_argument("--json", action="store_true",

@@ -45,13 +45,15 @@ SETTINGS = {s.name: s for s in (
     Setting("awq-int4", "AWQ int4 g{g}", method="awq", bits=4),
     Setting("smoothquant", "SmoothQuant W8A8", method="smoothquant", bits=8),
     Setting("kv-int8", "KV cache int8", {"kv_cache_dtype": "int8"}),
+    Setting("kv-int4", "KV cache int4 (KIVI)", {"kv_cache_dtype": "int4"}),
+    Setting("kv-int2", "KV cache int2 (KIVI)", {"kv_cache_dtype": "int2"}),
     # 16-bit storage of the float weights, float32 compute (the CPU kernels' meaning of these dtypes)
     Setting("bf16", "bfloat16 weights", {"dtype": "bfloat16"}),
     Setting("fp16", "float16 weights", {"dtype": "float16"}),
 )}
 # The issue's bounds: (setting, setting it must beat) and (setting, largest perplexity change in %).
 BEATS = (("gptq-int4", "rtn-int4"), ("awq-int4", "rtn-int4"))
-MAX_CHANGE_PCT = (("int8", 1.0), ("kv-int8", 1.0), ("smoothquant", 3.0))
+MAX_CHANGE_PCT = (("int8", 1.0), ("kv-int8", 1.0), ("kv-int4", 1.0), ("smoothquant", 3.0))
 PROMPT_TOKENS = 384  # the longest held-out prompt taken
 
 

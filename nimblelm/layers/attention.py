@@ -8,7 +8,7 @@ A layer's cache holds K/V in the model's dtype, in float16 (kv_cache_dtype="floa
 float32 scale per token and KV head (kv_cache_dtype="int8"): new K/V are rounded as they are written,
 decodes read the stored values in the C++ kernel, and prefill chunks attend to their pages widened back
 to the model's dtype. An int8 cache may keep some layers in the model's dtype (quantization/kv_int8.py);
-each layer's KVCache says which it is.
+each layer's KVCache says which it is. An int4 or int2 cache (layers/kivi.py) has a path of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.kernels import ops_for
+from nimblelm.layers import kivi
 
 
 @dataclass
@@ -48,6 +49,8 @@ class AttentionMetadata:
     # H2O: every row's attention weights are added to the attention its entries have received
     # (KVCache.received), summed over each KV head's query heads.
     accumulate: bool = False
+    # An int4 or int2 cache: what the step writes, seals and reads (layers/kivi.py); None otherwise.
+    lowbit: kivi.LowBitPlan | None = None
 
     @staticmethod
     def decode_mask_for(context_lens: torch.Tensor, max_context: int, sliding_window: int | None) -> torch.Tensor:
@@ -105,6 +108,8 @@ class KVCache:
     # H2O: per slot and KV head, the attention weight its entry has received from every query so far, float32
     # [num_blocks, block_size, kv_heads]; None for other policies.
     received: torch.Tensor | None = None
+    # An int4 or int2 cache's scales and residual (values are then packed uint8); None otherwise.
+    lowbit: kivi.LowBitKV | None = None
     # K's and V's halves of them, as views made once (in a replayed step, a view made per layer is an op).
     k: torch.Tensor = field(init=False)
     v: torch.Tensor = field(init=False)
@@ -158,6 +163,8 @@ class PagedAttention(torch.nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if kv_cache.lowbit is not None:
+            return kivi.attend(q, k, v, kv_cache.values, kv_cache.lowbit, meta.lowbit, self.scale, meta.sliding_window)
         ops = ops_for(q)
         self._write(k, v, kv_cache, meta.slot_mapping, ops)
         if meta.accumulate:  # a slot's new entry has received nothing yet

@@ -1,0 +1,194 @@
+"""Low-bit KV cache in the manner of KIVI (Liu et al., 2024): kv_cache_dtype="int4" or "int2".
+
+Keys have outlier channels, so keys are quantized per channel over a group of tokens (one scale and minimum
+per channel), values per token over groups of VALUE_GROUP channels; scales and minimums are float16. A KV
+block is the keys' token group: its keys can be quantized only once all of its tokens are known, so the block
+a sequence is filling lives in a full-precision residual (one row of block_size entries per sequence and KV
+group) and is sealed, quantized into its place in the pool, in the step that writes its last token. Sealed
+blocks never change, so the prefix cache shares them as it shares any full block.
+
+What a query reads: the entries of its own block at full precision (from the residual, or from the step at
+hand), those of earlier blocks quantized. The rule depends on positions only, so chunking, batching and a
+prefix cache hit give every query the same keys, and a reference can apply it in one pass (tests).
+
+Packing: a byte holds 8 // bits values, of channels c, c + n, c + 2n, ... (n = head_dim * bits / 8), the first
+in its lowest bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# kv_cache_dtype names the packed formats by torch's own packed dtypes; storage is uint8.
+BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
+
+
+def value_group(head_dim: int) -> int:
+    """Channels per value scale: KIVI's 32, or what divides head_dim."""
+    return math.gcd(32, head_dim)
+
+
+@dataclass
+class LowBitKV:
+    """A KV tensor's quantization parameters and residual, beside its packed values (KVCache.values, uint8
+    [2, num_blocks, block_size, kv_heads, head_dim * bits / 8])."""
+
+    bits: int
+    k_scale: torch.Tensor  # float16 [num_blocks, kv_heads, head_dim]
+    k_min: torch.Tensor
+    v_scale: torch.Tensor  # float16 [num_blocks, block_size, kv_heads, head_dim / value_group]
+    v_min: torch.Tensor
+    residual: torch.Tensor  # [2, rows * block_size, kv_heads, head_dim] in the model's dtype: K then V
+
+    @classmethod
+    def empty(cls, bits: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, rows: int,
+              dtype: torch.dtype, device) -> LowBitKV:
+        half = {"dtype": torch.float16, "device": device}
+        k_shape = (num_blocks, kv_heads, head_dim)
+        v_shape = (num_blocks, block_size, kv_heads, head_dim // value_group(head_dim))
+        return cls(bits, torch.zeros(k_shape, **half), torch.zeros(k_shape, **half), torch.zeros(v_shape, **half),
+                   torch.zeros(v_shape, **half),
+                   torch.zeros((2, rows * block_size, kv_heads, head_dim), dtype=dtype, device=device))
+
+    @staticmethod
+    def bytes_per_block(bits: int, block_size: int, kv_heads: int, head_dim: int) -> int:
+        packed = block_size * kv_heads * head_dim * bits // 8
+        return 2 * packed + 2 * 2 * kv_heads * head_dim + 2 * 2 * block_size * kv_heads * (head_dim // value_group(head_dim))
+
+    def grow(self, rows: int, block_size: int) -> None:
+        """Room for `rows` residual rows in all (rows already there keep their entries)."""
+        more = rows * block_size - self.residual.shape[1]
+        if more > 0:
+            self.residual = torch.cat([self.residual, self.residual.new_zeros(2, more, *self.residual.shape[2:])], 1)
+
+
+def pack(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    parts = levels.view(*levels.shape[:-1], per, -1)
+    out = parts[..., 0, :].clone()
+    for i in range(1, per):
+        out |= parts[..., i, :] << (bits * i)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], -2).flatten(-2)
+
+
+def quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max over `dim` of float32 x: (levels uint8, scale, minimum), float16, with
+    x ~ levels * scale + minimum; the levels are rounded against the float16 scale and minimum that are kept."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale, low = ((hi - lo) / ((1 << bits) - 1)).half(), lo.half()
+    inv = torch.where(scale > 0, 1 / scale.float(), 0.0)
+    levels = torch.round((x - low.float()) * inv).clamp_(0, (1 << bits) - 1).to(torch.uint8)
+    return levels, scale.squeeze(dim), low.squeeze(dim)
+
+
+def dequantize_blocks(values: torch.Tensor, lowbit: LowBitKV, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of `blocks` as float32 [len(blocks) * block_size, kv_heads, head_dim]."""
+    k = unpack(values[0][blocks], lowbit.bits).float() * lowbit.k_scale[blocks][:, None].float()
+    k += lowbit.k_min[blocks][:, None].float()
+    v = unpack(values[1][blocks], lowbit.bits).float()
+    v = v.unflatten(-1, (lowbit.v_scale.shape[-1], -1)) * lowbit.v_scale[blocks][..., None].float()
+    v = (v + lowbit.v_min[blocks][..., None].float()).flatten(-2)
+    return k.flatten(0, 1), v.flatten(0, 1)
+
+
+@dataclass
+class Segment:
+    """One sequence's rows in a step: rows [row, row + end - start) are its entries [start, end)."""
+
+    row: int
+    start: int
+    end: int
+    fp_at: int  # where its entries from its first row's block on begin in LowBitPlan.fp_index
+    sealed: torch.Tensor  # the blocks of its table before its last row's block: what it reads quantized
+
+
+@dataclass
+class LowBitPlan:
+    """A KV group's low-bit work in one step, for every layer alike. An index into "residual or step" is a
+    residual slot (>= 0) or -1 - a row of the step."""
+
+    segments: list[Segment]
+    fp_index: torch.Tensor  # per segment, its entries from its first row's block to its end
+    seal_blocks: torch.Tensor  # the blocks this step completes
+    seal_index: torch.Tensor  # their entries, block_size per block
+    residual_rows: torch.Tensor  # the rows whose K/V the residual keeps: each sequence's last block's
+    residual_slots: torch.Tensor
+
+    @classmethod
+    def build(cls, spans: list[tuple[int, int, int, list[int], int]], block_size: int, device) -> LowBitPlan:
+        """spans: per sequence in row order, (first row, first entry, rows, its table, its residual row's first slot)."""
+        bs = block_size
+        segments, fp, seal_blocks, seal, rows, slots = [], [], [], [], [], []
+        for row, start, n, table, base in spans:
+            end, own = start + n, start // bs * bs
+            segments.append(Segment(row, start, end, sum(map(len, fp)),
+                                    torch.tensor(table[: (end - 1) // bs], dtype=torch.long, device=device)))
+            # Entries own .. end: those before start are in the residual (own's block), the rest in the step.
+            entries = np.arange(own, end)
+            fp.append(np.where(entries < start, base + entries % bs, -1 - (row + entries - start)))
+            seal_blocks.extend(table[own // bs : end // bs])  # its blocks that are full once the step is done
+            seal.append(fp[-1][: end // bs * bs - own])
+            last = max(start, (end - 1) // bs * bs)
+            rows.append(np.arange(row + last - start, row + n))
+            slots.append(base + np.arange(last, end) % bs)
+
+        def tensor(parts: list[np.ndarray]) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate(parts or [np.zeros(0)]).astype(np.int64)).to(device)
+
+        return cls(segments, tensor(fp), torch.tensor(seal_blocks, dtype=torch.long, device=device), tensor(seal),
+                   tensor(rows), tensor(slots))
+
+
+def _gather(residual: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    out = residual[index.clamp(min=0)]
+    from_step = index < 0
+    out[from_step] = new[-1 - index[from_step]].to(out.dtype)
+    return out
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV,
+           plan: LowBitPlan, scale: float, window: int | None) -> torch.Tensor:
+    """Write the step's K/V (sealing the blocks it completes, keeping each sequence's last block in the residual)
+    and attend: q [rows, heads, head_dim], k and v [rows, kv_heads, head_dim]."""
+    res_k, res_v = lowbit.residual.unbind()
+    fp_k, fp_v = _gather(res_k, k, plan.fp_index), _gather(res_v, v, plan.fp_index)  # before the residual moves on
+    if len(plan.seal_blocks):
+        blocks, bs, bits = plan.seal_blocks, values.shape[2], lowbit.bits
+        keys = _gather(res_k, k, plan.seal_index).float().unflatten(0, (-1, bs))  # [blocks, bs, kv_heads, d]
+        levels, lowbit.k_scale[blocks], lowbit.k_min[blocks] = quantize(keys, 1, bits)
+        values[0][blocks] = pack(levels, bits)
+        vals = _gather(res_v, v, plan.seal_index).float().unflatten(0, (-1, bs))
+        levels, lowbit.v_scale[blocks], lowbit.v_min[blocks] = quantize(
+            vals.unflatten(-1, (lowbit.v_scale.shape[-1], -1)), -1, bits)
+        values[1][blocks] = pack(levels.flatten(-2), bits)
+    res_k[plan.residual_slots] = k[plan.residual_rows].to(res_k.dtype)
+    res_v[plan.residual_slots] = v[plan.residual_rows].to(res_v.dtype)
+    bs = values.shape[2]
+    out = torch.empty_like(q)
+    for seg in plan.segments:
+        own = seg.start // bs * bs
+        kq, vq = dequantize_blocks(values, lowbit, seg.sealed)
+        fp = slice(seg.fp_at, seg.fp_at + seg.end - own)
+        keys, vals = torch.cat([kq, fp_k[fp].float()]), torch.cat([vq, fp_v[fp].float()])
+        pos = torch.arange(seg.start, seg.end, device=q.device)[:, None]
+        quantized = torch.arange(len(kq), device=q.device)[None, :]
+        full = torch.arange(own, seg.end, device=q.device)[None, :]
+        first = pos // bs * bs  # of each query's own block
+        mask = torch.cat([quantized < first, (full >= first) & (full <= pos)], 1)
+        if window is not None:
+            mask &= torch.cat([quantized, full], 1) > pos - window
+        rows = slice(seg.row, seg.row + seg.end - seg.start)
+        o = F.scaled_dot_product_attention(q[rows].float().transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                           vals.transpose(0, 1)[None], attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = o[0].transpose(0, 1).to(out.dtype)
+    return out

@@ -1,0 +1,160 @@
+"""Low-bit KV cache (kv_cache_dtype="int4" / "int2", layers/kivi.py) against an oracle: Hugging Face transformers
+with the same weights, attending in one teacher-forced pass by the rule the cache implements: each query reads
+its own KV block at full precision and earlier blocks quantized (keys per channel over a block, values per token
+over channel groups, float16 scales and minimums). Written here from the rule, not from the module."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import make_tiny_hf_model
+from transformers import AttentionInterface, AutoModelForCausalLM
+
+from nimblelm import LLM, SamplingParams
+from nimblelm.errors import InvalidRequestError
+from nimblelm.layers import kivi
+
+BLOCK = 16
+
+
+def _prompt(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 300) for _ in range(n)]
+
+
+def _fake_quantize(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale, low = ((hi - lo) / (2**bits - 1)).half().float(), lo.half().float()
+    inv = torch.where(scale > 0, 1 / scale, 0.0)
+    return torch.round((x - low) * inv).clamp(0, 2**bits - 1) * scale + low
+
+
+def _oracle_logprobs(folder, ids: list[int], bits: int | None) -> torch.Tensor:
+    """log-softmax of transformers' logits at every position of ids, its attention reading the cache's rule
+    (bits None: plain attention)."""
+
+    def attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+        n, d = k.shape[2:]
+        full = n // BLOCK * BLOCK
+        kq, vq = k.clone(), v.clone()
+        kq[:, :, :full] = _fake_quantize(k[:, :, :full].unflatten(2, (-1, BLOCK)), 3, bits).flatten(2, 3)
+        group = 32 if d % 32 == 0 else 16
+        vq = _fake_quantize(v.unflatten(-1, (-1, group)), -1, bits).flatten(-2)
+        pos = torch.arange(n)
+        visible = pos[None, :] <= pos[:, None]
+        if sliding_window is not None:
+            visible &= pos[None, :] > pos[:, None] - sliding_window
+        same = (pos[None, :] // BLOCK) == (pos[:, None] // BLOCK)
+        mask = torch.cat([visible & ~same, visible & same], 1)
+        o = F.scaled_dot_product_attention(q, torch.cat([kq, k], 2), torch.cat([vq, v], 2), attn_mask=mask,
+                                           scale=scaling, enable_gqa=True)
+        return o.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("kivi_oracle", attention)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 attn_implementation="sdpa" if bits is None else "kivi_oracle")
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+
+def _run(llm: LLM, prompts: list[list[int]], max_tokens: int, logprobs: bool = True) -> list[tuple[list[int], list]]:
+    """Per prompt: greedy tokens and the logprob of every prompt token after the first (with logprobs; a
+    request for them computes its whole prompt, past any prefix cache hit)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                            prompt_logprobs=0 if logprobs else None)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids),
+             [next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]] if logprobs else None) for o in outs]
+
+
+def _check(folder, prompt: list[int], tokens: list[int], prompt_lps: list[float] | None, bits: int) -> None:
+    """Each greedy token is the oracle's choice, and the prompt's logprobs are the oracle's."""
+    ref = _oracle_logprobs(folder, prompt + tokens[:-1], bits)
+    assert ref[len(prompt) - 1 :].argmax(-1).tolist() == tokens
+    if prompt_lps is None:
+        return
+    expected = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    # The engine's K/V differ from transformers' in the last bits, so now and then a value at a level's midpoint
+    # rounds the other way, moving the logprobs after it by a few hundredths: what quantizing moves them by
+    # is an order or more above.
+    diff = (torch.tensor(prompt_lps) - expected).abs()
+    plain = _oracle_logprobs(folder, prompt, None)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    effect = (expected - plain).abs()
+    assert effect.max() > 0.1, "quantization changed nothing: the test cannot tell the rule"
+    assert diff.max() < 0.05 and diff.mean() < 0.1 * effect.mean()
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_greedy_and_prompt_logprobs_match_the_oracle(tiny_qwen, bits):
+    prompt = _prompt(150)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype=f"int{bits}")
+    [(tokens, lps)] = _run(llm, [prompt], 40)
+    _check(tiny_qwen, prompt, tokens, lps, bits)
+
+
+def test_chunks_batches_prefix_hits_and_preemption_keep_every_output(tiny_qwen):
+    """The rule depends on positions only: prompts split into chunks that end mid-block, batched with others,
+    found in the prefix cache, or preempted and recomputed, give the oracle's output."""
+    prompts = [_prompt(n, seed) for seed, n in enumerate([150, 150, 37, 90, 120])]
+    prompts[1] = prompts[0][:100] + prompts[1][100:]  # shares six full blocks with the first
+    chunked = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int4", max_num_seqs=4,
+                  max_num_batched_tokens=40, num_kv_blocks=20)
+    # The second finds the first's blocks in the prefix cache.
+    results = _run(chunked, prompts[:1], 60, logprobs=False) + _run(chunked, prompts[1:2], 60, logprobs=False)
+    results += _run(chunked, prompts[2:], 60)
+    assert chunked.llm_engine.scheduler.kv.num_hit_tokens == 96
+    assert chunked.llm_engine.scheduler.num_preemptions > 0
+    for prompt, (tokens, lps) in zip(prompts, results):
+        _check(tiny_qwen, prompt, tokens, lps, 4)
+
+
+def test_gemma3_sliding_layers_read_their_window_of_quantized_blocks(tmp_path_factory):
+    folder = make_tiny_hf_model(tmp_path_factory.mktemp("gemma3") / "hf", "gemma3", initializer_range=0.05)
+    prompt = _prompt(200)
+    llm = LLM(str(folder), dtype="float32", max_model_len=512, kv_cache_dtype="int4", max_num_seqs=8,
+              max_num_batched_tokens=48)
+    [(tokens, lps)] = _run(llm, [prompt], 30)
+    _check(folder, prompt, tokens, lps, 4)
+
+
+def test_the_same_memory_holds_several_times_the_blocks(tiny_qwen):
+    blocks = {kv: LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype=kv, max_num_seqs=32,
+                      kv_cache_memory_bytes=1 << 20).llm_engine.scheduler.kv.num_blocks for kv in ("auto", "int4", "int2")}
+    # A block of the tiny model's 2 layers (2 KV heads of 16 channels, 16 tokens): float32 2 * 2 * 2 * 16 * 16 * 4
+    # bytes. int4 per layer: K and V packed, 256 bytes each, a float16 scale and minimum per channel for K
+    # (2 * 16 * 4 bytes) and per token and 16 channels for V (16 * 2 * 4): 768. int2: 128 + 128 + 128 + 128. The
+    # residual rows, one float32 block per sequence (32 * 8192 bytes), come off the budget first.
+    assert blocks == {"auto": (1 << 20) // 8192, "int4": (1 << 20) * 3 // 4 // 1536, "int2": (1 << 20) * 3 // 4 // 1024}
+
+
+def test_pack_and_quantize_round_trip():
+    torch.manual_seed(0)
+    for bits in (4, 2):
+        levels = torch.randint(0, 1 << bits, (3, 5, 64), dtype=torch.uint8)
+        packed = kivi.pack(levels, bits)
+        assert packed.shape == (3, 5, 64 * bits // 8)
+        assert torch.equal(kivi.unpack(packed, bits), levels)
+        x = torch.randn(16, 2, 64) * torch.linspace(0.1, 30, 64)  # channels of very different ranges
+        q, scale, low = kivi.quantize(x, 0, bits)
+        back = q.float() * scale.float() + low.float()
+        assert ((back - x).abs() <= scale.float() / 2 + 1e-2 * x.abs().amax(0)).all()
+
+
+def test_residual_rows_grow_keeping_their_entries():
+    lowbit = kivi.LowBitKV.empty(4, 8, BLOCK, 2, 16, rows=2, dtype=torch.float32, device="cpu")
+    lowbit.residual.normal_()
+    before = lowbit.residual.clone()
+    lowbit.grow(5, BLOCK)
+    assert lowbit.residual.shape[1] == 5 * BLOCK and torch.equal(lowbit.residual[:, : 2 * BLOCK], before)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kv_policy": {"method": "streaming", "budget": 64}}, "kv_cache_dtype int4 cannot be combined with kv_policy"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
+     "kv_cache_dtype int4 cannot be combined with speculative_config"),
+])
+def test_what_a_low_bit_cache_cannot_do_yet_is_refused(tiny_qwen, options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int4", **options)
+
