@@ -85,8 +85,11 @@ def _check(folder, prompt: list[int], tokens: list[int], prompt_lps: list[float]
     assert diff.max() < 0.05 and diff.mean() < 0.1 * effect.mean()
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["decode-kernel", "torch"])
 @pytest.mark.parametrize("bits", [4, 2])
-def test_greedy_and_prompt_logprobs_match_the_oracle(tiny_qwen, bits):
+def test_greedy_and_prompt_logprobs_match_the_oracle(tiny_qwen, bits, kernel, monkeypatch):
+    if not kernel:  # decode rows through torch's attention, as prefill chunks go
+        monkeypatch.setattr(kivi, "ops_for", lambda x: None)
     prompt = _prompt(150)
     llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype=f"int{bits}")
     [(tokens, lps)] = _run(llm, [prompt], 40)

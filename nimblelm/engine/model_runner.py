@@ -595,7 +595,7 @@ class ModelRunner:
                 vote_rows=vote_rows if voting and window is None else None,
                 votes=[] if voting and window is None else None,
                 accumulate=window is None and self.kv_policy is not None and self.kv_policy.method == "h2o",
-                lowbit=LowBitPlan.build(lowbit_spans[g], bs, device) if self.kv_bits is not None else None,
+                lowbit=LowBitPlan.build(lowbit_spans[g], num_rows, bs, device) if self.kv_bits is not None else None,
             )
 
         vote_rows = [min(self.kv_policy.window_size, n) if req_id in voting else 0 for _, n, req_id in prefills]

@@ -12,44 +12,6 @@
 #include "panel_tile.h"
 #include "simd.h"
 
-// s[i] *= scale in place; returns their maximum.
-static float scale_max_(float* s, int64_t n, float scale) {
-  int64_t i = 0;
-  float mx = -INFINITY;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 vmx = _mm256_set1_ps(-INFINITY);
-  const __m256 sc = _mm256_set1_ps(scale);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + i), sc);
-    _mm256_storeu_ps(s + i, x);
-    vmx = _mm256_max_ps(vmx, x);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmx);
-  mx = *std::max_element(lanes, lanes + 8);
-#endif
-  for (; i < n; ++i) mx = std::max(mx, s[i] *= scale);
-  return mx;
-}
-
-// s[i] = exp(s[i] - shift) in place; returns their sum.
-static float exp_shifted_(float* s, int64_t n, float shift) {
-  int64_t i = 0;
-  float total = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc = _mm256_setzero_ps();
-  const __m256 sh = _mm256_set1_ps(shift);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), sh));
-    _mm256_storeu_ps(s + i, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  total = hsum(acc);
-#endif
-  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - shift));
-  return total;
-}
-
 // k and v of the new tokens are views into the fused qkv rows: each token's heads are contiguous, tokens strided.
 static void check_new_kv(const char* name, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
   TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.dim() == 3 && v.dim() == 3,
@@ -702,4 +664,131 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
       }
     }
   });
+}
+
+// Decode attention over a low-bit cache (kv_cache_dtype="int4" or "int2", layers/kivi.py). A sealed block
+// holds levels with a float16 scale and minimum per channel for keys and per token and group of channels for
+// values; a work item (one row and KV head) widens each block's rows into a float scratch and runs the
+// float row kernels above on it. The block of the row's own position is read from the float32 residual,
+// as every query reads its own block at full precision.
+
+// levels[c] for the D channels of one packed row: byte j holds channels j, j + D / per, ... from its lowest
+// bits up (kivi.pack). Sixteen bytes at a time are shifted, masked and widened to floats in registers.
+template <int BITS>
+static inline void unpack_row(const uint8_t* p, int64_t D, float* levels) {
+  constexpr int per = 8 / BITS, mask = (1 << BITS) - 1;
+  const int64_t n = D / per;
+  int64_t j0 = 0;
+#if defined(__AVX2__)
+  for (; j0 + 16 <= n; j0 += 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j0));
+    for (int i = 0; i < per; ++i) {
+      const __m128i x = _mm_and_si128(_mm_srli_epi16(bytes, BITS * i), _mm_set1_epi8(char(mask)));
+#if defined(__AVX512F__)
+      _mm512_storeu_ps(levels + i * n + j0, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)));
+#else
+      _mm256_storeu_ps(levels + i * n + j0, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)));
+      _mm256_storeu_ps(levels + i * n + j0 + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(x, 8))));
+#endif
+    }
+  }
+#endif
+  for (int i = 0; i < per; ++i)
+    for (int64_t j = j0; j < n; ++j) levels[i * n + j] = float((p[j] >> (BITS * i)) & mask);
+}
+
+template <int BITS>
+static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const uint8_t* vp, const c10::Half* ks,
+                          const c10::Half* km, const c10::Half* vs, const c10::Half* vm, const float* rk,
+                          const float* rv, const int64_t* bt, const int64_t* lens, const int64_t* res_at, int64_t B,
+                          int64_t H, int64_t D, int64_t NB, int64_t bs, int64_t KVH, int64_t PD, int64_t groups,
+                          int64_t max_blocks, int64_t res_slots, float scale, int64_t window) {
+  const int64_t G = H / KVH, GW = D / groups, ld = KVH * D;
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s, q(G * D), qs(G * D), o(G * D), rows(bs * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / KVH, h = item % KVH, n = lens[b];
+      const int64_t own = (n - 1) / bs * bs, first = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+      const int64_t span = n - first;
+      TORCH_CHECK(n >= 1 && res_at[b] >= 0 && res_at[b] + bs <= res_slots && (n - 1) / bs < max_blocks,
+                  "lowbit_decode_attention: slot out of range");
+      for (int64_t i = 0; i < G * D; ++i) q[i] = qp[(b * H + h * G) * D + i] * scale;
+      s.resize(G * span);
+      // f(first position, their count, block id) for the sealed blocks in the window, in order.
+      const auto each_block = [&](auto&& f) {
+        for (int64_t blk = first / bs; blk < own / bs; ++blk) {
+          const int64_t id = bt[b * max_blocks + blk], t0 = std::max(blk * bs, first);
+          TORCH_CHECK(id >= 0 && id < NB, "lowbit_decode_attention: block out of range");
+          f(t0, blk * bs + bs - t0, id);
+        }
+      };
+      const int64_t r0 = std::max(own, first);  // the residual's positions: r0 .. n - 1
+      const float* res_k = rk + (res_at[b] + r0 - own) * ld + h * D;
+      const float* res_v = rv + (res_at[b] + r0 - own) * ld + h * D;
+      // q . (l * scale + min) = (q * scale) . l + q . min: the block's scales go into the query once, and its
+      // keys are the levels as they unpack.
+      each_block([&](int64_t t0, int64_t m, int64_t id) {
+        const c10::Half* sc = ks + (id * KVH + h) * D;
+        const c10::Half* mn = km + (id * KVH + h) * D;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < D; ++d) qs[g * D + d] = q[g * D + d] * float(sc[d]);
+        for (int64_t r = 0; r < m; ++r) unpack_row<BITS>(kp + ((id * bs + (t0 + r) % bs) * KVH + h) * PD, D, rows.data() + r * D);
+        scores_run(qs.data(), G, D, rows.data(), D, m, nullptr, 0, s.data() + t0 - first, span);
+        for (int64_t g = 0; g < G; ++g) {
+          float bias = 0.f;
+          for (int64_t d = 0; d < D; ++d) bias += q[g * D + d] * float(mn[d]);
+          for (int64_t t = t0; t < t0 + m; ++t) s[g * span + t - first] += bias;
+        }
+      });
+      scores_run(q.data(), G, D, res_k, ld, n - r0, nullptr, 0, s.data() + r0 - first, span);
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = s.data() + g * span;
+        const float sum = exp_shifted_(sg, span, scale_max_(sg, span, 1.f));
+        for (int64_t t = 0; t < span; ++t) sg[t] /= sum;
+      }
+      each_block([&](int64_t t0, int64_t m, int64_t id) {
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t slot = id * bs + (t0 + r) % bs;
+          float* row = rows.data() + r * D;
+          unpack_row<BITS>(vp + (slot * KVH + h) * PD, D, row);
+          for (int64_t gi = 0; gi < groups; ++gi) {
+            const float a = float(vs[(slot * KVH + h) * groups + gi]), c = float(vm[(slot * KVH + h) * groups + gi]);
+            for (int64_t d = gi * GW; d < gi * GW + GW; ++d) row[d] = row[d] * a + c;
+          }
+        }
+        weighted_run(s.data() + t0 - first, span, G, rows.data(), D, m, D, o.data());
+      });
+      weighted_run(s.data() + r0 - first, span, G, res_v, ld, n - r0, D, o.data());
+      std::copy(o.begin(), o.end(), op + (b * H + h * G) * D);
+    }
+  });
+}
+
+void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
+                             at::Tensor v_scale, at::Tensor v_min, at::Tensor residual, at::Tensor block_tables,
+                             at::Tensor context_lens, at::Tensor residual_slots, double scale, int64_t window,
+                             int64_t bits) {
+  q = q.contiguous();
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && out.is_contiguous(), "lowbit_decode_attention: q, out");
+  TORCH_CHECK(bits == 4 || bits == 2, "lowbit_decode_attention: 4 or 2 bits");
+  TORCH_CHECK(values.scalar_type() == at::kByte && values.is_contiguous() && values.dim() == 5,
+              "lowbit_decode_attention: packed uint8 values [2, blocks, block_size, kv_heads, packed]");
+  for (const auto& t : {k_scale, k_min, v_scale, v_min})
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous(), "lowbit_decode_attention: float16 scales");
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous(), "lowbit_decode_attention: float32 residual");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+              residual_slots.scalar_type() == at::kLong, "lowbit_decode_attention: int64 tables");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = values.size(1), bs = values.size(2), KVH = values.size(3), PD = values.size(4);
+  TORCH_CHECK(PD * 8 == D * bits && k_scale.size(2) == D && H % KVH == 0, "lowbit_decode_attention: head_dim");
+  const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
+  const uint8_t* kp = values.data_ptr<uint8_t>();
+  const float* rk = residual.data_ptr<float>();
+  const int64_t res_slots = residual.size(1);
+  const auto run = bits == 4 ? lowbit_decode<4> : lowbit_decode<2>;
+  run(out.data_ptr<float>(), q.data_ptr<float>(), kp, kp + NB * bs * KVH * PD, k_scale.data_ptr<c10::Half>(),
+      k_min.data_ptr<c10::Half>(), v_scale.data_ptr<c10::Half>(), v_min.data_ptr<c10::Half>(), rk,
+      rk + res_slots * KVH * D, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), res.data_ptr<int64_t>(), B, H, D,
+      NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, float(scale), window);
 }

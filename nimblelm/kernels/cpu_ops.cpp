@@ -5,7 +5,8 @@
 //   bf16_gemm.cpp     its bfloat16 path for several rows: AMX tiles or AVX-512 BF16 dot products
 //   quant_gemm.cpp    int8_linear, w8a8_linear, int4_linear, int8_dequantize, int4_dequantize,
 //                     int8_dequant_linear, int4_dequant_linear, int8_bf16_panels, int4_bf16_panels
-//   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), prefill_attention
+//   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), prefill_attention,
+//                     lowbit_decode_attention (an int4 or int2 cache)
 //   elementwise.cpp   rms_norm, add_rms_norm_, rope_, silu_mul, greedy_tokens
 //   ops.h             their declarations; simd.h, panel_tile.h: helpers shared between the files
 // The schemas mark the tensors an op writes (Tensor(a!)), so that a trace keeps those calls in order.
@@ -68,6 +69,10 @@ TORCH_LIBRARY(nimblelm, m) {
         "Tensor v_scales, Tensor block_tables, Tensor context_lens, float scale, int window) -> ()");
   // causal (and sliding-window) attention of a prompt chunk
   m.def("prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, float scale, int window) -> ()");
+  // decode rows over an int4 or int2 cache: sealed blocks as stored, each row's own block from the residual
+  m.def("lowbit_decode_attention(Tensor(a!) out, Tensor q, Tensor values, Tensor k_scale, Tensor k_min, "
+        "Tensor v_scale, Tensor v_min, Tensor residual, Tensor block_tables, Tensor context_lens, "
+        "Tensor residual_slots, float scale, int window, int bits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
@@ -92,4 +97,5 @@ TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("paged_decode_attention_int8", &paged_decode_attention_int8);
   m.impl("prefill_attention", &prefill_attention);
+  m.impl("lowbit_decode_attention", &lowbit_decode_attention);
 }

@@ -59,3 +59,7 @@ void paged_decode_attention_int8(at::Tensor out, at::Tensor q, at::Tensor k_cach
                                  at::Tensor context_lens, double scale, int64_t window);
 void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale,
                        int64_t window);
+void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
+                             at::Tensor v_scale, at::Tensor v_min, at::Tensor residual, at::Tensor block_tables,
+                             at::Tensor context_lens, at::Tensor residual_slots, double scale, int64_t window,
+                             int64_t bits);

@@ -2,7 +2,9 @@
 // scalar path for CPUs without.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -33,3 +35,42 @@ static inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 #endif
+
+// Softmax pieces, with a scalar path for CPUs without AVX2.
+// s[i] *= scale in place; returns their maximum.
+static inline float scale_max_(float* s, int64_t n, float scale) {
+  int64_t i = 0;
+  float mx = -INFINITY;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 vmx = _mm256_set1_ps(-INFINITY);
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + i), sc);
+    _mm256_storeu_ps(s + i, x);
+    vmx = _mm256_max_ps(vmx, x);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmx);
+  mx = *std::max_element(lanes, lanes + 8);
+#endif
+  for (; i < n; ++i) mx = std::max(mx, s[i] *= scale);
+  return mx;
+}
+
+// s[i] = exp(s[i] - shift) in place; returns their sum.
+static inline float exp_shifted_(float* s, int64_t n, float shift) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 sh = _mm256_set1_ps(shift);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), sh));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum(acc);
+#endif
+  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - shift));
+  return total;
+}

@@ -164,7 +164,7 @@ class PagedAttention(torch.nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         if kv_cache.lowbit is not None:
-            return kivi.attend(q, k, v, kv_cache.values, kv_cache.lowbit, meta.lowbit, self.scale, meta.sliding_window)
+            return kivi.attend(q, k, v, kv_cache.values, kv_cache.lowbit, meta, self.scale)
         ops = ops_for(q)
         self._write(k, v, kv_cache, meta.slot_mapping, ops)
         if meta.accumulate:  # a slot's new entry has received nothing yet

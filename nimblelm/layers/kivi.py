@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nimblelm.kernels import ops_for
+
 # kv_cache_dtype names the packed formats by torch's own packed dtypes; storage is uint8.
 BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
 
@@ -123,12 +125,17 @@ class LowBitPlan:
     seal_index: torch.Tensor  # their entries, block_size per block
     residual_rows: torch.Tensor  # the rows whose K/V the residual keeps: each sequence's last block's
     residual_slots: torch.Tensor
+    num_decode_segments: int  # the first segments, whose rows are the step's decode rows
+    decode_residual: torch.Tensor  # per decode row, its residual row's first slot
 
     @classmethod
-    def build(cls, spans: list[tuple[int, int, int, list[int], int]], block_size: int, device) -> LowBitPlan:
-        """spans: per sequence in row order, (first row, first entry, rows, its table, its residual row's first slot)."""
+    def build(cls, spans: list[tuple[int, int, int, list[int], int]], num_decodes: int, block_size: int,
+              device) -> LowBitPlan:
+        """spans: per sequence in row order, (first row, first entry, rows, its table, its residual row's first
+        slot); the first num_decodes rows are decode rows."""
         bs = block_size
         segments, fp, seal_blocks, seal, rows, slots = [], [], [], [], [], []
+        decode_spans = [span for span in spans if span[0] < num_decodes]
         for row, start, n, table, base in spans:
             end, own = start + n, start // bs * bs
             segments.append(Segment(row, start, end, sum(map(len, fp)),
@@ -146,7 +153,9 @@ class LowBitPlan:
             return torch.from_numpy(np.concatenate(parts or [np.zeros(0)]).astype(np.int64)).to(device)
 
         return cls(segments, tensor(fp), torch.tensor(seal_blocks, dtype=torch.long, device=device), tensor(seal),
-                   tensor(rows), tensor(slots))
+                   tensor(rows), tensor(slots), len(decode_spans),
+                   torch.tensor([base for _, _, n, _, base in decode_spans for _ in range(n)], dtype=torch.long,
+                                device=device))
 
 
 def _gather(residual: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -156,12 +165,20 @@ def _gather(residual: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> t
     return out
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV,
-           plan: LowBitPlan, scale: float, window: int | None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV, meta,
+           scale: float) -> torch.Tensor:
     """Write the step's K/V (sealing the blocks it completes, keeping each sequence's last block in the residual)
-    and attend: q [rows, heads, head_dim], k and v [rows, kv_heads, head_dim]."""
+    and attend: q [rows, heads, head_dim], k and v [rows, kv_heads, head_dim], meta the step's
+    AttentionMetadata. Decode rows go to the C++ kernel where it serves, the rest to torch's attention."""
+    plan, window = meta.lowbit, meta.sliding_window
     res_k, res_v = lowbit.residual.unbind()
-    fp_k, fp_v = _gather(res_k, k, plan.fp_index), _gather(res_v, v, plan.fp_index)  # before the residual moves on
+    segments, d, ops = plan.segments, meta.num_decodes, ops_for(q)
+    kernel = d and ops is not None and lowbit.residual.dtype == torch.float32
+    if kernel:  # the decode rows read the residual as it is after the writes below
+        segments = segments[plan.num_decode_segments :]
+    # The full-precision entries the other rows read, before the residual moves on.
+    skip = segments[0].fp_at if segments else len(plan.fp_index)
+    fp_k, fp_v = (_gather(res, new, plan.fp_index[skip:]) for res, new in ((res_k, k), (res_v, v)))
     if len(plan.seal_blocks):
         blocks, bs, bits = plan.seal_blocks, values.shape[2], lowbit.bits
         keys = _gather(res_k, k, plan.seal_index).float().unflatten(0, (-1, bs))  # [blocks, bs, kv_heads, d]
@@ -175,10 +192,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
     res_v[plan.residual_slots] = v[plan.residual_rows].to(res_v.dtype)
     bs = values.shape[2]
     out = torch.empty_like(q)
-    for seg in plan.segments:
+    if kernel:
+        ops.lowbit_decode_attention(out[:d], q[:d], values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
+                                    lowbit.residual, meta.decode_block_tables, meta.decode_context_lens,
+                                    plan.decode_residual, scale, window or 0, lowbit.bits)
+    for seg in segments:
         own = seg.start // bs * bs
         kq, vq = dequantize_blocks(values, lowbit, seg.sealed)
-        fp = slice(seg.fp_at, seg.fp_at + seg.end - own)
+        fp = slice(seg.fp_at - skip, seg.fp_at - skip + seg.end - own)
         keys, vals = torch.cat([kq, fp_k[fp].float()]), torch.cat([vq, fp_v[fp].float()])
         pos = torch.arange(seg.start, seg.end, device=q.device)[:, None]
         quantized = torch.arange(len(kq), device=q.device)[None, :]
