@@ -37,10 +37,15 @@ def test_every_setting_on_a_tiny_model(tiny_qwen, tmp_path, capsys):
     assert rows["kv-int8"]["ppl"] != fp32["ppl"]  # the int8 cache is really in the path
     assert rows["kv-int8"]["float_kv_layers"] == [] and len(rows["kv-int8"]["int8_kv_errors"]) == 2
     assert all("float_kv_layers" not in r for name, r in rows.items() if name != "kv-int8")
+    # A window of 32 tokens seals blocks 0 and 1: the low-bit caches are in the path, and hold less.
+    assert rows["kv-int4"]["ppl"] != fp32["ppl"] and rows["kv-int2"]["ppl"] != rows["kv-int4"]["ppl"]
+    kv = [rows[name]["kv_bytes_per_token"] for name in ("fp32", "kv-int8", "kv-int4", "kv-int2")]
+    assert kv == sorted(kv, reverse=True) and kv[0] == 2 * 2 * 2 * 16 * 4  # layers, K and V, KV heads, channels
     report = (tmp_path / "report.md").read_text()
     assert "KV cache int8: all 2 layers int8 (the probe's largest change: " in report
     assert "| GPTQ int4 g64 |" in report and "groups of 64 (asked 128" in report
     assert "SmoothQuant W8A8 changes perplexity by under 3%" in report
+    assert "KV cache int4 (KIVI) changes perplexity by under 1%" in report
     assert capsys.readouterr().out.startswith("# Quantization quality")
 
 

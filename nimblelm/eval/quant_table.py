@@ -167,13 +167,15 @@ def run_quant_quality(
                "other_activity": monitor.stop()}
         row["mean_decode_ts"], row["std_decode_ts"] = mean_std(speeds)
         runner = llm.llm_engine.runner
+        row["kv_bytes_per_token"] = runner.kv_bytes_per_block() / runner.block_size
         if runner.int8_kv_errors:  # an int8 cache: the layers it keeps in float, and why
             row["int8_kv_errors"] = [round(e, 4) for e in runner.int8_kv_errors]
             row["float_kv_layers"] = float_kv_layers(runner.int8_kv_errors)
         rows.append(row)
         log(f"{model} {row['label']}: perplexity {row['ppl']:.4f} ({row['delta_pct']:+.2f}%), greedy agreement "
             f"{100 * row['agreement']:.1f}% ({row['identical']}/{len(matched)} identical), "
-            f"{row['weights_nbytes'] / 2**20:.0f} MiB, {row['mean_decode_ts']:.1f} tok/s")
+            f"{row['weights_nbytes'] / 2**20:.0f} MiB, KV {row['kv_bytes_per_token'] / 1024:.1f} KiB a token, "
+            f"{row['mean_decode_ts']:.1f} tok/s")
 
     fp32 = LLM(model=model, **engine)
     group = int4_group(fp32.model_config, group_size)
@@ -255,14 +257,15 @@ def quant_quality_markdown(report: dict) -> str:
         + (f". Calibration (GPTQ, AWQ, SmoothQuant, one shared pass): {cfg['calib_samples']} ShareGPT windows of "
            f"{cfg['calib_seq_len']} tokens, seed {cfg['seed']}, {report['calibration_s']:.0f} s; GPTQ act-order "
            f"{'on' if cfg['act_order'] else 'off'}." if report.get("calibration_s") is not None else "."), "",
-        "| setting | perplexity | change | greedy agreement | identical | weights | decode tok/s b1 | quantize s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | perplexity | change | greedy agreement | identical | weights | KV a token | decode tok/s b1 "
+        "| quantize s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         q = f"{r['quantize_s']:.0f}" if r.get("quantize_s") is not None else "-"
         lines.append(f"| {r['label']} | {r['ppl']:.4f} | {r['delta_pct']:+.2f}% | {100 * r['agreement']:.1f}% | "
                      f"{r['identical']}/{n} | {r['weights_nbytes'] / 2**20:.0f} MiB | "
-                     f"{fmt_mean_std(r['mean_decode_ts'], r['std_decode_ts'])} | {q} |")
+                     f"{r['kv_bytes_per_token'] / 1024:.1f} KiB | {fmt_mean_std(r['mean_decode_ts'], r['std_decode_ts'])} | {q} |")
     for r in rows:
         if "float_kv_layers" in r:
             lines += ["", kv_layers_line(r)]
