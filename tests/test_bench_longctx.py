@@ -105,7 +105,8 @@ def test_bad_options_fail_in_one_line(tiny_qwen, capsys, extra, message):
 
 def test_every_workload_on_the_tiny_model(tiny_qwen, tmp_path):
     out = tmp_path / "report"
-    assert main(["survey", "longctx", "--model", str(tiny_qwen), *TINY, "-o", str(out)]) == 0
+    assert main(["survey", "longctx", "--model", str(tiny_qwen), *TINY, "--methods", "streaming,snapkv,full-int4",
+                 "-o", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
     assert report["kind"] == "survey-longctx" and not report["errors"] and not report["skipped"]
     assert set(report["timings"]) == {"needle", "ppl", "speed", "serve"}
@@ -113,13 +114,15 @@ def test_every_workload_on_the_tiny_model(tiny_qwen, tmp_path):
     rows = {w: [r for r in report["results"] if r["workload"] == w] for w in report["timings"]}
 
     assert [(r["engine"], r["method"], r["ratio"]) for r in rows["needle"]] == [
-        ("nimblelm", "full", 1.0), ("nimblelm", "streaming", 0.5), ("nimblelm", "snapkv", 0.5)]
+        ("nimblelm", "full", 1.0), ("nimblelm", "streaming", 0.5), ("nimblelm", "snapkv", 0.5),
+        ("nimblelm", "full-int4", 1.0)]
     assert all(r["cells"] == 2 and len(r["by_depth"]) == 2 for r in rows["needle"])
-    assert [r["compacted"] for r in rows["needle"][1:]] == [1.0, 1.0]
+    assert [r["compacted"] for r in rows["needle"][1:]] == [1.0, 1.0, 0.0]
     assert {(r["context"], r["depth"]) for r in report["records"]} == {(160, 0), (160, 100)}
 
     ppl = {(r["method"], r["budget"]): r for r in rows["ppl"]}
-    assert set(ppl) == {("full", None), *((m, b) for m in ("streaming", "snapkv") for b in (64, 128))}
+    assert set(ppl) == {("full", None), ("full-int4", None), *((m, b) for m in ("streaming", "snapkv") for b in (64, 128))}
+    assert ppl[("full-int4", None)]["ppl"] != ppl[("full", None)]["ppl"]
     assert ppl[("full", None)]["compactions"] == 0 and ppl[("streaming", 64)]["compactions"] >= 3
     # at most the budget and a chunk (8 blocks: without prefix caching a compaction is in place, no copy), against
     # the text's 19
@@ -127,7 +130,10 @@ def test_every_workload_on_the_tiny_model(tiny_qwen, tmp_path):
     assert all(r["ppl"] > 1 and r["tail_from"] == 128 for r in rows["ppl"])
 
     speed = {(r["method"], r["context"]): r for r in rows["speed"]}
-    assert set(speed) == {("full", 80), ("full", 200), ("streaming", 200), ("snapkv", 200)}  # 80: within the budget
+    # 80: within the budget; a full cache has none
+    assert set(speed) == {("full", 80), ("full", 200), ("streaming", 200), ("snapkv", 200), ("full-int4", 80),
+                          ("full-int4", 200)}
+    assert speed[("full-int4", 200)]["kv_decode_bytes"] < speed[("full", 200)]["kv_decode_bytes"] / 4
     for method in ("streaming", "snapkv"):
         ours, full = speed[(method, 200)], speed[("full", 200)]
         assert ours["compactions"] >= 1 and ours["kv_decode_bytes"] < full["kv_decode_bytes"]
@@ -135,7 +141,8 @@ def test_every_workload_on_the_tiny_model(tiny_qwen, tmp_path):
         assert ours["decode_tok_s"] > 0 and ours["prefill_vs_full"] > 0
 
     serve = {r["method"]: r for r in rows["serve"]}
-    assert set(serve) == {"full", "streaming", "snapkv"}
+    assert set(serve) == {"full", "streaming", "snapkv", "full-int4"}
+    assert serve["full-int4"]["peak_running"] == 3 and serve["full-int4"]["budget"] is None
     assert serve["full"]["requests"] == 3 and serve["full"]["peak_running"] <= 2  # memory for two whole requests
     assert serve["snapkv"]["compactions"] >= 1 and serve["full"]["vs_full"] == 1.0
 
@@ -143,7 +150,8 @@ def test_every_workload_on_the_tiny_model(tiny_qwen, tmp_path):
     for heading in ("## Needle in a haystack", "## Perplexity in the streaming setting", "## Speed and KV memory",
                     "## Serving long requests", "- took: needle"):
         assert heading in text
-    assert "| nimblelm | snapkv | 0.5 |" in text and "- kvpress: not run" in text
+    assert "| nimblelm | snapkv | 0.5 |" in text and "| nimblelm | full-int4 | all |" in text
+    assert "- kvpress: not run" in text
     for png in ("longctx_needle_nimblelm.png", "longctx_ppl.png", "longctx_speed.png"):
         assert (out / png).stat().st_size > 0
 

@@ -189,7 +189,7 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                           "medusa_tree the same heads on a token tree; lookahead needs nothing). "
                           "data: nimblelm's prompt compression methods (default selective_context,llmlingua,"
                           "longllmlingua). longctx: KV cache policies (default streaming,snapkv; any the engine "
-                          "knows)")
+                          "knows), and full-float16, full-int8, full-int4, full-int2: the full cache stored so")
     sur.add_argument("--batch-sizes", default=None,
                      help="quantization: comma list (default 1,2,4,8,16); speculative: requests at once under "
                           "load (default 1,8,32)")
@@ -912,13 +912,13 @@ def run_survey_longctx_command(args) -> dict:
     from nimblelm.bench import kvpress_peer
     from nimblelm.bench.data_tasks import needle_prompt
     from nimblelm.bench.runner import log, one_line
-    from nimblelm.bench.survey_longctx import NEEDLE_TOKENS, WORKLOADS, Grid, run_survey_longctx
+    from nimblelm.bench.survey_longctx import FULL_AT, NEEDLE_TOKENS, WORKLOADS, Grid, run_survey_longctx
     from nimblelm.engine.kv_cache.policy import METHODS, KVPolicy
 
     if args.resume:
         raise InvalidRequestError("--resume continues a survey quantization run; survey longctx always runs whole")
     workloads = _comma_list(args.workloads or ",".join(WORKLOADS), WORKLOADS, "--workloads")
-    methods = _comma_list(args.methods or "streaming,snapkv", METHODS, "--methods")
+    methods = _comma_list(args.methods or "streaming,snapkv", (*METHODS, *FULL_AT), "--methods")
     kvpress_methods = _comma_list(args.kvpress_methods or ",".join(m for m in methods if m in kvpress_peer.METHODS)
                                   or "none", kvpress_peer.METHODS, "--kvpress-methods", allow_none=True)
     ratios = _fractions(args.ratios, "--ratios")
@@ -936,7 +936,8 @@ def run_survey_longctx_command(args) -> dict:
         raise InvalidRequestError(f"--ppl-budgets must stay below --ppl-tokens ({args.ppl_tokens}): the text must "
                                   "outgrow the budget")
     sizes = {"ppl": budgets, "speed": [args.budget], "serve": [args.serve_budget]}
-    for method, workload in ((m, w) for m in methods for w in workloads):  # the engine's own checks, before loading
+    policies = [m for m in methods if m not in FULL_AT]
+    for method, workload in ((m, w) for m in policies for w in workloads):  # the engine's own checks, before loading
         for budget in sizes.get(workload, []):
             policy = KVPolicy.from_dict({"method": method, "budget": budget, "per_chunk": workload == "ppl"})
             if workload == "ppl" and policy.needs_votes and args.chunk < policy.window_size:

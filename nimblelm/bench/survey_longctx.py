@@ -14,6 +14,9 @@ beside NVIDIA's kvpress on the same float32 weights (issue 24).
 - serve: requests of one length submitted at once to an engine whose KV memory holds two full contexts: output
   tokens/s, and how many ran at once; the full cache against each method at a budget.
 
+A method may also be the full cache stored at another precision, `full-float16`, `full-int8`, `full-int4` or
+`full-int2` (kv_cache_dtype): measured once per workload, as the full cache is, beside the policies.
+
 Every engine runs without prefix caching: no request finds another's tokens cached, so each prefill is whole.
 Compaction happens once a prompt is in, so a prompt's prefill still holds its whole context (speed's peak KV);
 the KV in use while decoding is what a policy saves.
@@ -33,6 +36,7 @@ from nimblelm.bench.data_tasks import NeedlePrompt
 from nimblelm.bench.runner import one_line
 
 FULL = "full"  # the method name of the uncompressed cache
+FULL_AT = {f"{FULL}-{dtype}": dtype for dtype in ("float16", "int8", "int4", "int2")}  # the full cache, stored so
 NEEDLE_TOKENS = 8  # a four-digit number and its full stop, with room to spare
 WORKLOADS = ("needle", "ppl", "speed", "serve")
 SERVE_CONTEXTS = 2  # serve's KV memory: this many full contexts
@@ -70,8 +74,8 @@ class Engines:
         """An engine for prompts of up to max_model_len, its cache sized for max_num_seqs whole contexts."""
         from nimblelm import LLM
 
-        llm = LLM(**self.options, kv_policy=policy, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                  **options)
+        llm = LLM(**{**self.options, **options}, kv_policy=policy, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs)
         self.precision = llm.llm_engine.precision
         return llm
 
@@ -135,8 +139,18 @@ def run_requests(llm, prompts: Sequence[Sequence[int]], params) -> Run:
                engine.scheduler.num_preemptions - preempted, compactions[0])
 
 
-def _policy(method: str, **size) -> dict | None:
-    return None if method == FULL else {"method": method, **size}
+def _engine_args(method: str, **size) -> tuple[dict | None, dict]:
+    """A method's KV policy (at `size`) and engine options."""
+    if method == FULL:
+        return None, {}
+    if method in FULL_AT:
+        return None, {"kv_cache_dtype": FULL_AT[method]}
+    return {"method": method, **size}, {}
+
+
+def _sized(method: str, sizes: Sequence, whole) -> Sequence:
+    """The sizes a method runs at: every one for a policy, `whole` for a full cache."""
+    return sizes if _engine_args(method)[0] is not None else [whole]
 
 
 def _rotated(items: list, i: int) -> list:
@@ -156,7 +170,7 @@ def run_needle(engines: Engines, tokenizer, prompts: Sequence[NeedlePrompt], gri
     records, errors = [], {}
     max_len = max(len(p.token_ids) for p in prompts) + NEEDLE_TOKENS
     params = SamplingParams(temperature=0.0, max_tokens=NEEDLE_TOKENS)
-    configs = [(FULL, 1.0)] + [(m, r) for m in grid.methods for r in grid.ratios]
+    configs = [(FULL, 1.0)] + [(m, r) for m in grid.methods for r in _sized(m, grid.ratios, 1.0)]
 
     def record(engine: str, method: str, ratio: float, p: NeedlePrompt, answer: str, compacted: bool | None) -> None:
         records.append({"engine": engine, "method": method, "ratio": ratio, "context": p.context_tokens,
@@ -167,7 +181,8 @@ def run_needle(engines: Engines, tokenizer, prompts: Sequence[NeedlePrompt], gri
     for method, ratio in configs:
         llm = None
         try:
-            llm = engines.llm(_policy(method, ratio=ratio), max_len)
+            policy, options = _engine_args(method, ratio=ratio)
+            llm = engines.llm(policy, max_len, **options)
             for p in prompts:
                 run = run_requests(llm, [p.token_ids], params)
                 record("nimblelm", method, ratio, p, run.outputs[0].outputs[0].text, run.compactions > 0)
@@ -227,11 +242,11 @@ def run_ppl(engines: Engines, token_ids: Sequence[int], grid: Grid,
     rows, errors = [], {}
     ids, tail = list(token_ids), max(grid.ppl_budgets)
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
-    for method, budget in [(FULL, None)] + [(m, b) for m in grid.methods for b in grid.ppl_budgets]:
+    for method, budget in [(FULL, None)] + [(m, b) for m in grid.methods for b in _sized(m, grid.ppl_budgets, None)]:
         llm = None
         try:
-            llm = engines.llm(_policy(method, budget=budget, per_chunk=True), len(ids) + 1,
-                              max_num_batched_tokens=grid.chunk)
+            policy, options = _engine_args(method, budget=budget, per_chunk=True)
+            llm = engines.llm(policy, len(ids) + 1, max_num_batched_tokens=grid.chunk, **options)
             run = run_requests(llm, [ids], params)
             logprobs = [entry[t].logprob for t, entry in zip(ids[1:], run.outputs[0].prompt_logprobs[1:])]
             rows.append({"workload": "ppl", "method": method, "budget": budget, "tokens": len(ids),
@@ -270,13 +285,14 @@ def run_speed(engines: Engines, prompts: dict[int, list[int]], grid: Grid, warmu
     try:
         for name in [FULL, *grid.methods]:
             try:
-                llms[name] = engines.llm(_policy(name, budget=grid.budget), max_len)
+                policy, options = _engine_args(name, budget=grid.budget)
+                llms[name] = engines.llm(policy, max_len, **options)
                 _warm_up(llms[name], prompts[min(prompts)], warmup)
             except Exception as e:  # noqa: BLE001
                 errors.setdefault(f"speed {name}", one_line(e))
         for i, context in enumerate(sorted(prompts)):
             for name in _rotated(list(llms), i):
-                if name != FULL and context <= grid.budget:
+                if _engine_args(name)[0] is not None and context <= grid.budget:
                     continue
                 try:
                     run = run_requests(llms[name], [prompts[context]], params)
@@ -285,7 +301,7 @@ def run_speed(engines: Engines, prompts: dict[int, list[int]], grid: Grid, warmu
                     continue
                 m, n = run.outputs[0].metrics, len(run.outputs[0].outputs[0].token_ids)
                 rows.append({"workload": "speed", "method": name, "context": context,
-                             "budget": None if name == FULL else grid.budget,
+                             "budget": None if _engine_args(name)[0] is None else grid.budget,
                              "prefill_s": m.first_token_time - m.arrival_time,
                              "decode_tok_s": (n - 1) / (m.finished_time - m.first_token_time),
                              "kv_peak_bytes": run.peak_bytes, "kv_decode_bytes": run.decode_bytes,
@@ -329,12 +345,12 @@ def run_serve(engines: Engines, prompts: Sequence[list[int]], grid: Grid, memory
     for method in [FULL, *grid.methods]:
         llm = None
         try:
-            llm = engines.llm(_policy(method, budget=grid.serve_budget), max_len, max_num_seqs=len(prompts),
-                              kv_cache_memory_bytes=memory_bytes)
+            policy, options = _engine_args(method, budget=grid.serve_budget)
+            llm = engines.llm(policy, max_len, max_num_seqs=len(prompts), kv_cache_memory_bytes=memory_bytes, **options)
             _warm_up(llm, prompts[0], warmup)
             run = run_requests(llm, prompts, params)
             kv = llm.llm_engine.kv_cache_manager
-            rows.append({"workload": "serve", "method": method, "budget": None if method == FULL else grid.serve_budget,
+            rows.append({"workload": "serve", "method": method, "budget": None if policy is None else grid.serve_budget,
                          "requests": len(prompts), "context": len(prompts[0]), "seconds": run.seconds,
                          "output_tok_s": sum(len(o.outputs[0].token_ids) for o in run.outputs) / run.seconds,
                          "mean_ttft_s": statistics.fmean(o.metrics.first_token_time - o.metrics.arrival_time
@@ -471,8 +487,9 @@ def _needle_md(report: dict, rows: list[dict]) -> list[str]:
            + " | ".join(f"depth {d}%" for d in depths) + " | compacted | same as kvpress |",
            "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in [*contexts, *depths]) + " | ---: | ---: |"]
     for r in rows:
-        kept = "all" if r["method"] == FULL else f"{r['ratio']:g}"
-        compacted = _pct(r["compacted"]) if r["compacted"] is not None and r["method"] != FULL else "-"
+        full = _engine_args(r["method"])[0] is None
+        kept = "all" if full else f"{r['ratio']:g}"
+        compacted = _pct(r["compacted"]) if r["compacted"] is not None and not full else "-"
         out.append(f"| {r['engine']} | {r['method']} | {kept} | {_pct(r['accuracy'])} | "
                    + " | ".join(_pct(a) for a in [*r["by_context"], *r["by_depth"]])
                    + f" | {compacted} | {_pct(r['same_as_kvpress']) if r['same_as_kvpress'] is not None else '-'} |")

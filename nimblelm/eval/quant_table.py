@@ -257,8 +257,8 @@ def quant_quality_markdown(report: dict) -> str:
         + (f". Calibration (GPTQ, AWQ, SmoothQuant, one shared pass): {cfg['calib_samples']} ShareGPT windows of "
            f"{cfg['calib_seq_len']} tokens, seed {cfg['seed']}, {report['calibration_s']:.0f} s; GPTQ act-order "
            f"{'on' if cfg['act_order'] else 'off'}." if report.get("calibration_s") is not None else "."), "",
-        "| setting | perplexity | change | greedy agreement | identical | weights | KV a token | decode tok/s b1 "
-        "| quantize s |",
+        ("| setting | perplexity | change | greedy agreement | identical | weights | KV a token | decode tok/s b1 "
+         "| quantize s |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
