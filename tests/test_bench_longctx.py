@@ -156,6 +156,16 @@ def test_every_workload_on_the_tiny_model(tiny_qwen, tmp_path):
         assert (out / png).stat().st_size > 0
 
 
+def test_full_caches_alone_plot_and_report(tiny_qwen, tmp_path):
+    """Methods that are all full caches (no budgets to plot against) still give every file."""
+    assert main(["survey", "longctx", "--model", str(tiny_qwen), *TINY, "--methods", "full-int8", "--workloads",
+                 "ppl,speed", "-o", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["workload"], r["method"]) for r in report["results"]} == {
+        (w, m) for w in ("ppl", "speed") for m in ("full", "full-int8")}
+    assert (tmp_path / "longctx_ppl.png").stat().st_size > 0 and "full-int8" in (tmp_path / "report.md").read_text()
+
+
 @pytest.mark.integration
 def test_beside_kvpress_on_smollm2(tmp_path):
     """The packaged SmolLM2-135M's needle beside kvpress on its float32 weights: every row there, the full

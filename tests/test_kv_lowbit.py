@@ -1,7 +1,8 @@
 """Low-bit KV cache (kv_cache_dtype="int4" / "int2", layers/kivi.py) against an oracle: Hugging Face transformers
 with the same weights, attending in one teacher-forced pass by the rule the cache implements: each query reads
 its own KV block at full precision and earlier blocks quantized (keys per channel over a block, values per token
-over channel groups, float16 scales and minimums). Written here from the rule, not from the module."""
+over channel groups, float16 scales and minimums); with a KV policy, its cache pruned as the engine compacts
+a low-bit cache. Written here from the rule, not from the module."""
 
 import random
 
@@ -12,6 +13,7 @@ from tiny_models import make_tiny_hf_model
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from nimblelm import LLM, SamplingParams
+from nimblelm.engine.kv_cache.policy import KVPolicy
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers import kivi
 
@@ -30,17 +32,17 @@ def _fake_quantize(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
     return torch.round((x - low) * inv).clamp(0, 2**bits - 1) * scale + low
 
 
-def _oracle_logprobs(folder, ids: list[int], bits: int | None) -> torch.Tensor:
-    """log-softmax of transformers' logits at every position of ids, its attention reading the cache's rule
-    (bits None: plain attention)."""
+def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0):
+    """An attention function for transformers that reads K/V by the cache's rule in one pass; with `votes`, each
+    layer appends SnapKV's votes of the last `window` rows, per KV head, as the rows read the entries."""
 
     def attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
         n, d = k.shape[2:]
         full = n // BLOCK * BLOCK
         kq, vq = k.clone(), v.clone()
         kq[:, :, :full] = _fake_quantize(k[:, :, :full].unflatten(2, (-1, BLOCK)), 3, bits).flatten(2, 3)
-        group = 32 if d % 32 == 0 else 16
-        vq = _fake_quantize(v.unflatten(-1, (-1, group)), -1, bits).flatten(-2)
+        channels = 32 if d % 32 == 0 else 16  # a value scale's
+        vq = _fake_quantize(v.unflatten(-1, (-1, channels)), -1, bits).flatten(-2)
         pos = torch.arange(n)
         visible = pos[None, :] <= pos[:, None]
         if sliding_window is not None:
@@ -49,13 +51,88 @@ def _oracle_logprobs(folder, ids: list[int], bits: int | None) -> torch.Tensor:
         mask = torch.cat([visible & ~same, visible & same], 1)
         o = F.scaled_dot_product_attention(q, torch.cat([kq, k], 2), torch.cat([vq, v], 2), attn_mask=mask,
                                            scale=scaling, enable_gqa=True)
+        if votes is not None:
+            group = q.shape[1] // k.shape[1]
+            logits = q[0, :, -window:] @ torch.cat([kq, k], 2)[0].repeat_interleave(group, 0).transpose(1, 2) * scaling
+            weights = logits.masked_fill(~mask[-window:], float("-inf")).softmax(-1)
+            weights = weights[..., :n] + weights[..., n:]  # each row reads one copy of an entry
+            votes.append(weights.view(k.shape[1], group, window, n).mean((1, 2)))
         return o.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register("kivi_oracle", attention)
+    return attention
+
+
+def _oracle_logprobs(folder, ids: list[int], bits: int | None) -> torch.Tensor:
+    """log-softmax of transformers' logits at every position of ids, its attention reading the cache's rule
+    (bits None: plain attention)."""
+    AttentionInterface.register("kivi_oracle", _rule_attention(bits))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  attn_implementation="sdpa" if bits is None else "kivi_oracle")
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+
+def _quantize_blocks(k: torch.Tensor, v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V [kv_heads, n, d] of whole blocks as the cache stores them."""
+    channels = 32 if k.shape[-1] % 32 == 0 else 16
+    return (_fake_quantize(k.unflatten(1, (-1, BLOCK)), 2, bits).flatten(1, 2),
+            _fake_quantize(v.unflatten(-1, (-1, channels)), -1, bits).flatten(-2))
+
+
+def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, max_tokens: int) -> list[int]:
+    """Greedy tokens of transformers whose cache keeps what `policy` selects and reads by the low-bit rule.
+
+    Per layer it holds each entry's full-precision K/V and, for whole blocks, the stored ones. The prompt is one
+    pass of _rule_attention. A compaction gathers each kept entry as the cache held it (stored if its block was
+    whole, else full precision), whole new blocks stored again from those, the rest full precision. A decode
+    row reads stored entries before its own block, full-precision ones in it."""
+    votes: list[torch.Tensor] = []  # per layer, filled by the prompt's pass
+    window = min(policy.window_size, len(prompt))
+    AttentionInterface.register("kivi_policy", _rule_attention(bits, votes if policy.needs_votes else None, window))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="kivi_policy")
+    layers = model.config.num_hidden_layers
+    kv_heads = model.config.num_key_value_heads
+    depths = [i / max(1, layers - 1) for i in range(layers)]
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+    cache = out.past_key_values
+    fp = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+    stored = [_quantize_blocks(k[:, : k.shape[1] // BLOCK * BLOCK], v[:, : v.shape[1] // BLOCK * BLOCK], bits)
+              for k, v in fp]
+
+    def prune(i: int, num_new: int) -> None:
+        n = fp[i][0].shape[1]
+        keep = policy.kept_entries(len(prompt), n, num_new, True, BLOCK, depths[i])
+        if keep is None:
+            return
+        kept = policy.select(keep, n, kv_heads, votes[i] if votes else None)  # [kv_heads, keep]
+        whole = n // BLOCK * BLOCK
+        held = [torch.cat([s_, f[:, whole:]], 1) for s_, f in zip(stored[i], fp[i])]
+        gathered = [x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1])) for x in held]
+        fp[i] = tuple(gathered)
+        stored[i] = _quantize_blocks(*(x[:, : keep // BLOCK * BLOCK] for x in gathered), bits)
+
+    for i in range(layers):
+        prune(i, len(prompt))
+    model.set_attn_implementation("sdpa")
+    tokens, logits = [], out.logits[0, -1]
+    for position in range(len(prompt), len(prompt) + max_tokens):
+        tokens.append(int(logits.argmax()))
+        for i, layer in enumerate(cache.layers):  # what the new row reads: stored before its own block
+            own = fp[i][0].shape[1] // BLOCK * BLOCK
+            layer.keys, layer.values = (torch.cat([s_[:, :own], f[:, own:]], 1)[None] for s_, f in zip(stored[i], fp[i]))
+        with torch.no_grad():
+            out = model(torch.tensor([[tokens[-1]]]), cache=cache, position_ids=torch.tensor([[position]]),
+                        cache_position=torch.tensor([position]), use_cache=True)
+        for i, layer in enumerate(cache.layers):
+            fp[i] = tuple(torch.cat([f, x[0, :, -1:]], 1) for f, x in zip(fp[i], (layer.keys, layer.values)))
+            n = fp[i][0].shape[1]
+            if n % BLOCK == 0:  # its block is whole: stored
+                new = _quantize_blocks(*(f[:, n - BLOCK :] for f in fp[i]), bits)
+                stored[i] = tuple(torch.cat([s_, x], 1) for s_, x in zip(stored[i], new))
+            prune(i, 1)
+        logits = out.logits[0, -1]
+    return tokens
 
 
 def _run(llm: LLM, prompts: list[list[int]], max_tokens: int, logprobs: bool = True) -> list[tuple[list[int], list]]:
@@ -152,8 +229,26 @@ def test_residual_rows_grow_keeping_their_entries():
     assert lowbit.residual.shape[1] == 5 * BLOCK and torch.equal(lowbit.residual[:, : 2 * BLOCK], before)
 
 
+@pytest.mark.parametrize("options", [
+    {"method": "streaming", "budget": 64},
+    {"method": "snapkv", "ratio": 0.25, "window_size": 32},
+    {"method": "pyramidkv", "ratio": 0.25, "window_size": 16, "beta": 4},
+], ids=["streaming", "snapkv", "pyramidkv"])
+def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options):
+    """The kept entries are gathered as the cache held them and stored again in whole blocks; SnapKV's window
+    votes with the attention its rows give by the low-bit rule."""
+    prompt = _prompt(300)
+    ref = _oracle_with_policy(tiny_qwen, prompt, KVPolicy.from_dict(options), 4, 40)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_policy=options)
+    assert _run(llm, [prompt], 40, logprobs=False)[0][0] == ref
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4")
+    assert _run(plain, [prompt], 40, logprobs=False)[0][0] != ref, "the policy changed nothing"
+
+
 @pytest.mark.parametrize("options, message", [
-    ({"kv_policy": {"method": "streaming", "budget": 64}}, "kv_cache_dtype int4 cannot be combined with kv_policy"),
+    ({"kv_policy": {"method": "h2o", "budget": 64}}, "kv_cache_dtype int4 cannot be combined with kv_policy h2o"),
+    ({"kv_policy": {"method": "streaming", "budget": 64, "cache_positions": True}},
+     "kv_cache_dtype int4 cannot be combined with kv_policy cache_positions"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
      "kv_cache_dtype int4 cannot be combined with speculative_config"),
 ])

@@ -320,13 +320,15 @@ def _survey_longctx(plt, report: dict, out: Path) -> list[Path]:
     ppl = [r for r in rows if r["workload"] == "ppl"]
     if ppl:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for k, method in enumerate(dict.fromkeys(r["method"] for r in ppl if r["method"] != "full")):
+        policies = [m for m in dict.fromkeys(r["method"] for r in ppl if r["budget"] is not None)]
+        for k, method in enumerate(policies):
             pts = sorted((r["budget"], r["ppl_tail"]) for r in ppl if r["method"] == method)
             ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", color=f"C{k}", label=method)
-        for r in ppl:
-            if r["method"] == "full":
-                ax.axhline(r["ppl_tail"], color="black", linewidth=0.8, label="full cache")
-        ax.set_xscale("log", base=2)
+        for k, r in enumerate(r for r in ppl if r["budget"] is None):  # full caches, at each KV precision
+            ax.axhline(r["ppl_tail"], color="black", linewidth=0.8, linestyle=("-", "--", ":", "-.")[k % 4],
+                       label="full cache" if r["method"] == "full" else r["method"])
+        if policies:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("KV entries kept")
         ax.set_ylabel(f"perplexity past token {ppl[0]['tail_from']}")
         ax.grid(alpha=0.3)

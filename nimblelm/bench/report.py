@@ -224,14 +224,15 @@ def write_report(report: dict, out_dir: str | os.PathLike, plots: bool = True) -
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     j, m = d / "results.json", d / "report.md"
+    j.write_text(to_json(report) + "\n")  # first: a plot that fails must not lose the run's figures
     text = to_markdown(report)
+    m.write_text(text)
     if plots:
         from nimblelm.bench.plots import write_plots
 
         pngs = write_plots(report, d)
         if pngs:
             report.setdefault("plots", [p.name for p in pngs])
-            text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
-    j.write_text(to_json(report) + "\n")
-    m.write_text(text)
+            j.write_text(to_json(report) + "\n")
+            m.write_text(text + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
     return j, m

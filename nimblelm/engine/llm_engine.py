@@ -62,9 +62,15 @@ class LLMEngine:
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
         if kv_policy is not None and speculative is not None:
             raise InvalidRequestError("kv_policy and speculative_config cannot be combined yet")
-        if config.kv_cache_dtype in ("int4", "int2") and (kv_policy is not None or speculative is not None):
-            raise InvalidRequestError(f"kv_cache_dtype {config.kv_cache_dtype} cannot be combined with "
-                                      f"{'kv_policy' if kv_policy is not None else 'speculative_config'} yet")
+        if config.kv_cache_dtype in ("int4", "int2"):
+            # A rejected draft can reopen a sealed block; H2O sums every row's attention weights, which the
+            # low-bit decode kernel keeps none of; cache_positions rotates kept keys, which a key scale per block
+            # and channel cannot follow.
+            clash = ("speculative_config" if speculative is not None else
+                     "kv_policy h2o" if kv_policy is not None and kv_policy.method == "h2o" else
+                     "kv_policy cache_positions" if kv_policy is not None and kv_policy.cache_positions else None)
+            if clash:
+                raise InvalidRequestError(f"kv_cache_dtype {config.kv_cache_dtype} cannot be combined with {clash} yet")
         method = linear_method(config.quantization)
         resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)

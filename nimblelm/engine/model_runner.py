@@ -23,7 +23,7 @@ from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.step_capture import StepCapture
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache
-from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan
+from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan, compact
 from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.rotary import apply_rotary
 from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
@@ -354,6 +354,10 @@ class ModelRunner:
                     votes_i = None if votes is None else votes[i]
                 if kept is None or votes_i is not None:  # without votes, every layer keeps the same entries
                     kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads, votes_i).to(self.device)
+                if cache.lowbit is not None:
+                    compact(cache.values, cache.lowbit, table, num_entries, kept,
+                            torch.tensor(new_table, device=self.device), self._residual_slot(req_id, g))
+                    continue
                 src = old_slots[kept].T  # [keep, kv_heads]
                 for x in (cache.values, cache.scales):
                     if x is not None:

@@ -136,10 +136,12 @@ class LowBitPlan:
         bs = block_size
         segments, fp, seal_blocks, seal, rows, slots = [], [], [], [], [], []
         decode_spans = [span for span in spans if span[0] < num_decodes]
+        fp_at = 0
         for row, start, n, table, base in spans:
             end, own = start + n, start // bs * bs
-            segments.append(Segment(row, start, end, sum(map(len, fp)),
+            segments.append(Segment(row, start, end, fp_at,
                                     torch.tensor(table[: (end - 1) // bs], dtype=torch.long, device=device)))
+            fp_at += end - own
             # Entries own .. end: those before start are in the residual (own's block), the rest in the step.
             entries = np.arange(own, end)
             fp.append(np.where(entries < start, base + entries % bs, -1 - (row + entries - start)))
@@ -180,14 +182,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
     skip = segments[0].fp_at if segments else len(plan.fp_index)
     fp_k, fp_v = (_gather(res, new, plan.fp_index[skip:]) for res, new in ((res_k, k), (res_v, v)))
     if len(plan.seal_blocks):
-        blocks, bs, bits = plan.seal_blocks, values.shape[2], lowbit.bits
-        keys = _gather(res_k, k, plan.seal_index).float().unflatten(0, (-1, bs))  # [blocks, bs, kv_heads, d]
-        levels, lowbit.k_scale[blocks], lowbit.k_min[blocks] = quantize(keys, 1, bits)
-        values[0][blocks] = pack(levels, bits)
-        vals = _gather(res_v, v, plan.seal_index).float().unflatten(0, (-1, bs))
-        levels, lowbit.v_scale[blocks], lowbit.v_min[blocks] = quantize(
-            vals.unflatten(-1, (lowbit.v_scale.shape[-1], -1)), -1, bits)
-        values[1][blocks] = pack(levels.flatten(-2), bits)
+        _seal(values, lowbit, plan.seal_blocks, _gather(res_k, k, plan.seal_index), _gather(res_v, v, plan.seal_index))
     res_k[plan.residual_slots] = k[plan.residual_rows].to(res_k.dtype)
     res_v[plan.residual_slots] = v[plan.residual_rows].to(res_v.dtype)
     bs = values.shape[2]
@@ -196,6 +191,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
         ops.lowbit_decode_attention(out[:d], q[:d], values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
                                     lowbit.residual, meta.decode_block_tables, meta.decode_context_lens,
                                     plan.decode_residual, scale, window or 0, lowbit.bits)
+    vote_rows = meta.vote_rows or []  # per prefill chunk, the last segments
+    voting = iter([0] * (len(segments) - len(vote_rows)) + vote_rows)
     for seg in segments:
         own = seg.start // bs * bs
         kq, vq = dequantize_blocks(values, lowbit, seg.sealed)
@@ -212,4 +209,53 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
         o = F.scaled_dot_product_attention(q[rows].float().transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                            vals.transpose(0, 1)[None], attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = o[0].transpose(0, 1).to(out.dtype)
+        voters = next(voting)
+        if voters:
+            meta.votes.append(_votes(q[rows][-voters:], keys, mask[-voters:], len(kq), own, seg.end, scale))
     return out
+
+
+def _votes(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, num_quantized: int, own: int, end: int,
+           scale: float) -> torch.Tensor:
+    """SnapKV's votes of the rows q [rows, heads, d] over entries [0, end), as attention.py's _votes gives them:
+    each entry's attention weight averaged over the rows and each KV head's query heads, [kv_heads, end]. The
+    keys are the quantized entries, then the full-precision ones from `own`; the mask says which copy a row reads."""
+    rows, kv_heads = q.shape[0], keys.shape[1]
+    qg = q.float().view(rows, kv_heads, -1, q.shape[-1]).permute(1, 2, 0, 3)  # [kv, group, rows, d]
+    logits = qg @ keys.permute(1, 2, 0)[:, None] * scale  # [kv, group, rows, copies]
+    weights = logits.masked_fill_(~mask, float("-inf")).softmax(-1).sum((1, 2))  # [kv, copies]
+    votes = weights.new_zeros(kv_heads, end)
+    votes[:, :num_quantized] += weights[:, :num_quantized]
+    votes[:, own:] += weights[:, num_quantized:]
+    return votes / (rows * qg.shape[1])
+
+
+def _seal(values: torch.Tensor, lowbit: LowBitKV, blocks: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> None:
+    """Quantize whole blocks' K/V (keys, vals: [len(blocks) * block_size, kv_heads, head_dim]) into `blocks`."""
+    bs, bits = values.shape[2], lowbit.bits
+    levels, lowbit.k_scale[blocks], lowbit.k_min[blocks] = quantize(keys.float().unflatten(0, (-1, bs)), 1, bits)
+    values[0][blocks] = pack(levels, bits)
+    groups = vals.float().unflatten(0, (-1, bs)).unflatten(-1, (lowbit.v_scale.shape[-1], -1))
+    levels, lowbit.v_scale[blocks], lowbit.v_min[blocks] = quantize(groups, -1, bits)
+    values[1][blocks] = pack(levels.flatten(-2), bits)
+
+
+def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_entries: int, kept: torch.Tensor,
+            new_table: torch.Tensor, residual_slot: int) -> None:
+    """A KV policy's compaction (engine/model_runner.py): the entries `kept` [kv_heads, keep] of the num_entries
+    in `table` (its full blocks sealed, the rest in the residual from residual_slot) gathered per KV head into
+    new_table from its start. Full new blocks are sealed again, from the kept entries' values as the cache held
+    them (a second rounding for the sealed ones); the rest goes to the residual. new_table may reuse table's
+    blocks: everything is read before anything is written."""
+    bs, keep = values.shape[2], kept.shape[1]
+    sealed = num_entries // bs
+    res_k, res_v = lowbit.residual.unbind()
+    k, v = dequantize_blocks(values, lowbit, table[:sealed])
+    rest = slice(residual_slot, residual_slot + num_entries - sealed * bs)
+    heads = torch.arange(kept.shape[0], device=kept.device)
+    k, v = (torch.cat([x, res[rest].float()])[kept.T, heads] for x, res in ((k, res_k), (v, res_v)))
+    full = keep // bs
+    if full:
+        _seal(values, lowbit, new_table[:full], k[: full * bs], v[: full * bs])
+    tail = slice(residual_slot, residual_slot + keep - full * bs)
+    res_k[tail], res_v[tail] = k[full * bs :].to(res_k.dtype), v[full * bs :].to(res_v.dtype)
