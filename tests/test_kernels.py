@@ -402,7 +402,8 @@ def test_the_build_is_the_variant_the_cpu_and_the_cap_allow(ops):
     assert kernels.kernels_in_use().startswith(f"C++ kernels, {expected}")
 
 
-VARIANT_TESTS = ["test_kernels.py", "test_attention.py", "test_half_weights.py", "test_quant_methods.py", "test_kv_lowbit.py"]
+VARIANT_TESTS = ["test_kernels.py", "test_attention.py", "test_half_weights.py", "test_quant_methods.py",
+                 "test_kv_lowbit.py::test_greedy_and_prompt_logprobs_match_the_oracle"]
 
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])

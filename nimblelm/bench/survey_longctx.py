@@ -76,7 +76,8 @@ class Engines:
 
         llm = LLM(**{**self.options, **options}, kv_policy=policy, max_model_len=max_model_len,
                   max_num_seqs=max_num_seqs)
-        self.precision = llm.llm_engine.precision
+        if not options.get("kv_cache_dtype"):  # the run's own precision, not a full-<dtype> method's
+            self.precision = llm.llm_engine.precision
         return llm
 
 

@@ -159,7 +159,7 @@ class ModelRunner:
         self.tree_scratch = drafting if self.tree_branches else 0
         shape = (2, num_blocks + 1 + drafting, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         if self.kv_bits is not None:
-            self._allocate_lowbit(shape, max_num_seqs)
+            self._allocate_lowbit(shape, num_blocks, max_num_seqs)
             return
         offsets, nbytes = [], 0
         for kv_dtype in self.kv_dtypes:
@@ -197,7 +197,7 @@ class ModelRunner:
                 self.capture.warm_up(max_num_seqs * (1 + self.speculative.num_speculative_tokens))
                 self.step_cost = StepCost(self.capture.seconds_by_rows())
 
-    def _allocate_lowbit(self, shape: tuple[int, ...], max_num_seqs: int) -> None:
+    def _allocate_lowbit(self, shape: tuple[int, ...], num_blocks: int, max_num_seqs: int) -> None:
         """Packed values and LowBitKV per tensor, with a residual row per sequence and KV group for
         max_num_seqs sequences (more are added when more sequences are held at once)."""
         packed = (*shape[:-1], shape[-1] * self.kv_bits // 8)
@@ -205,7 +205,7 @@ class ModelRunner:
         tensors = [KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
                            lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rows, self.dtype, self.device))
                    for _ in self.kv_dtypes]
-        self.num_blocks = shape[1] - 1
+        self.num_blocks = num_blocks
         self.free_residual_rows = list(range(max_num_seqs - 1, -1, -1))
         self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
 
