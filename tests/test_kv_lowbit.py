@@ -20,6 +20,14 @@ from nimblelm.layers import kivi
 BLOCK = 16
 
 
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory):
+    """A tiny model with 64-channel heads, whose packed rows fill whole registers: the decode kernel widens them
+    there, where the 16-channel heads of tiny_qwen go through a float scratch."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("wide") / "qwen2", arch="qwen2", initializer_range=0.3,
+                              hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+
+
 def _prompt(n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(10, 300) for _ in range(n)]
@@ -162,15 +170,17 @@ def _check(folder, prompt: list[int], tokens: list[int], prompt_lps: list[float]
     assert diff.max() < 0.05 and diff.mean() < 0.1 * effect.mean()
 
 
+@pytest.mark.parametrize("heads", ["16-channel", "64-channel"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["decode-kernel", "torch"])
 @pytest.mark.parametrize("bits", [4, 2])
-def test_greedy_and_prompt_logprobs_match_the_oracle(tiny_qwen, bits, kernel, monkeypatch):
+def test_greedy_and_prompt_logprobs_match_the_oracle(tiny_qwen, wide_heads, bits, kernel, heads, monkeypatch):
     if not kernel:  # decode rows through torch's attention, as prefill chunks go
         monkeypatch.setattr(kivi, "ops_for", lambda x: None)
+    folder = tiny_qwen if heads == "16-channel" else wide_heads
     prompt = _prompt(150)
-    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype=f"int{bits}")
+    llm = LLM(str(folder), dtype="float32", max_model_len=512, kv_cache_dtype=f"int{bits}")
     [(tokens, lps)] = _run(llm, [prompt], 40)
-    _check(tiny_qwen, prompt, tokens, lps, bits)
+    _check(folder, prompt, tokens, lps, bits)
 
 
 def test_chunks_batches_prefix_hits_and_preemption_keep_every_output(tiny_qwen):

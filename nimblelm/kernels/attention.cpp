@@ -132,11 +132,11 @@ static inline fvec sum_lanes(const fvec* acc) {
 #endif
 }
 
-// s[g * lds + t] = q[g] . k[t * ld .. t * ld + D) for GB query heads and m keys, times row_scales[t * rs]
-// when given; D % VW == 0. Each key row is widened once for all GB heads.
-template <int GB, typename T>
-static void scores_heads(const float* q, int64_t D, const T* k, int64_t ld, int64_t m, const float* row_scales,
-                         int64_t rs, float* s, int64_t lds) {
+// s[g * lds + t] = q[g] . key t for GB query heads and m keys, times row_scales[t * rs] when given; D % VW
+// == 0. load(t, d) gives channels [d, d + VW) of key t as floats, each key row widened once for all GB heads.
+template <int GB, typename Load>
+static void scores_heads_by(const float* q, int64_t D, Load&& load, int64_t m, const float* row_scales, int64_t rs,
+                            float* s, int64_t lds) {
   alignas(64) float part[GB][VW][VW];
   for (int64_t t0 = 0; t0 < m; t0 += VW) {
     const int64_t keys = std::min<int64_t>(VW, m - t0);
@@ -144,7 +144,7 @@ static void scores_heads(const float* q, int64_t D, const T* k, int64_t ld, int6
       fvec acc[GB];
       for (int g = 0; g < GB; ++g) acc[g] = vzero();
       for (int64_t d = 0; d < D; d += VW) {
-        const fvec kv = vload_kv(k + (t0 + t) * ld + d);
+        const fvec kv = load(t0 + t, d);
         for (int g = 0; g < GB; ++g) acc[g] = vfma(vloadu(q + g * D + d), kv, acc[g]);
       }
       for (int g = 0; g < GB; ++g) vstore(part[g][t], acc[g]);
@@ -160,31 +160,42 @@ static void scores_heads(const float* q, int64_t D, const T* k, int64_t ld, int6
   }
 }
 
-// o[g * D .. g * D + NV * VW) += sum_t p[g * ldp + t] * v[t * ld .. t * ld + NV * VW) for GB query heads and
-// m keys: the outputs stay in registers over all m rows.
-template <int GB, int NV, typename T>
-static void weighted_heads(const float* p, int64_t ldp, const T* v, int64_t ld, int64_t m, int64_t D, float* o) {
+template <int GB, typename T>
+static void scores_heads(const float* q, int64_t D, const T* k, int64_t ld, int64_t m, const float* row_scales,
+                         int64_t rs, float* s, int64_t lds) {
+  scores_heads_by<GB>(q, D, [&](int64_t t, int64_t d) { return vload_kv(k + t * ld + d); }, m, row_scales, rs, s, lds);
+}
+
+// o[g * D + d0 .. + NV * VW) += sum_t p[g * ldp + t] * value t's channels [d0, d0 + NV * VW) for GB query
+// heads and m values, load(t, d) giving VW channels of value t: the outputs stay in registers over all m rows.
+template <int GB, int NV, typename Load>
+static void weighted_heads_by(const float* p, int64_t ldp, Load&& load, int64_t d0, int64_t m, int64_t D, float* o) {
   fvec acc[GB][NV];
   for (int g = 0; g < GB; ++g)
-    for (int j = 0; j < NV; ++j) acc[g][j] = vloadu(o + g * D + j * VW);
+    for (int j = 0; j < NV; ++j) acc[g][j] = vloadu(o + g * D + d0 + j * VW);
   for (int64_t t = 0; t < m; ++t) {
     fvec vv[NV];
-    for (int j = 0; j < NV; ++j) vv[j] = vload_kv(v + t * ld + j * VW);
+    for (int j = 0; j < NV; ++j) vv[j] = load(t, d0 + j * VW);
     for (int g = 0; g < GB; ++g) {
       const fvec pb = vbroadcast(p + g * ldp + t);
       for (int j = 0; j < NV; ++j) acc[g][j] = vfma(pb, vv[j], acc[g][j]);
     }
   }
   for (int g = 0; g < GB; ++g)
-    for (int j = 0; j < NV; ++j) vstoreu(o + g * D + j * VW, acc[g][j]);
+    for (int j = 0; j < NV; ++j) vstoreu(o + g * D + d0 + j * VW, acc[g][j]);
 }
 
 // All D values, four registers at a time; D % VW == 0.
+template <int GB, typename Load>
+static void weighted_heads_by(const float* p, int64_t ldp, Load&& load, int64_t m, int64_t D, float* o) {
+  int64_t d = 0;
+  for (; d + 4 * VW <= D; d += 4 * VW) weighted_heads_by<GB, 4>(p, ldp, load, d, m, D, o);
+  for (; d < D; d += VW) weighted_heads_by<GB, 1>(p, ldp, load, d, m, D, o);
+}
+
 template <int GB, typename T>
 static void weighted_heads(const float* p, int64_t ldp, const T* v, int64_t ld, int64_t m, int64_t D, float* o) {
-  int64_t d = 0;
-  for (; d + 4 * VW <= D; d += 4 * VW) weighted_heads<GB, 4>(p, ldp, v + d, ld, m, D, o + d);
-  for (; d < D; d += VW) weighted_heads<GB, 1>(p, ldp, v + d, ld, m, D, o + d);
+  weighted_heads_by<GB>(p, ldp, [&](int64_t t, int64_t d) { return vload_kv(v + t * ld + d); }, m, D, o);
 }
 #endif
 
@@ -697,15 +708,36 @@ static inline void unpack_row(const uint8_t* p, int64_t D, float* levels) {
     for (int64_t j = j0; j < n; ++j) levels[i * n + j] = float((p[j] >> (BITS * i)) & mask);
 }
 
+#ifdef HAVE_FVEC
+// Channels [d, d + VW) of a packed row as floats: byte d % n of part d / n (n = D * BITS / 8, n % VW == 0), shifted
+// and masked in registers.
+template <int BITS>
+static inline fvec vload_levels(const uint8_t* row, int64_t d, int64_t n) {
+  const __m128i shift = _mm_cvtsi32_si128(int(BITS * (d / n))), mask = _mm_set1_epi8(char((1 << BITS) - 1));
+#if defined(__AVX512F__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d % n));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srl_epi16(bytes, shift), mask)));
+#else
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d % n));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srl_epi16(bytes, shift), mask)));
+#endif
+}
+#endif
+
 template <int BITS>
 static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const uint8_t* vp, const c10::Half* ks,
                           const c10::Half* km, const c10::Half* vs, const c10::Half* vm, const float* rk,
                           const float* rv, const int64_t* bt, const int64_t* lens, const int64_t* res_at, int64_t B,
                           int64_t H, int64_t D, int64_t NB, int64_t bs, int64_t KVH, int64_t PD, int64_t groups,
                           int64_t max_blocks, int64_t res_slots, float scale, int64_t window) {
-  const int64_t G = H / KVH, GW = D / groups, ld = KVH * D;
+  const int64_t G = H / KVH, GW = D / groups, ld = KVH * D, n_bytes = D * BITS / 8;
+#ifdef HAVE_FVEC
+  // Levels widened in registers as the row kernels read them; a float scratch where rows are not whole registers.
+  const bool in_registers = D % VW == 0 && n_bytes % VW == 0;
+#endif
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s, q(G * D), qs(G * D), o(G * D), rows(bs * D);
+    std::vector<float> s, q(G * D), qs(G * D), bias(G), o(G * D), rows(bs * D), v_scales(bs * groups),
+        v_mins(bs * groups);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / KVH, h = item % KVH, n = lens[b];
       const int64_t own = (n - 1) / bs * bs, first = window > 0 ? std::max<int64_t>(0, n - window) : 0;
@@ -722,6 +754,32 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
           f(t0, blk * bs + bs - t0, id);
         }
       };
+      // qs = q * scale and bias = q . min per query head, for a block's key scales and minimums.
+      const auto scale_query = [&](const c10::Half* sc, const c10::Half* mn) {
+#ifdef HAVE_FVEC
+        if (D % VW == 0) {  // float16 widened by F16C, VW channels at a time
+          for (int64_t g = 0; g < G; ++g) {
+            fvec acc = vzero();
+            for (int64_t d = 0; d < D; d += VW) {
+              const fvec qv = vloadu(q.data() + g * D + d);
+              vstoreu(qs.data() + g * D + d, vfma(qv, vload_w(sc + d), vzero()));
+              acc = vfma(qv, vload_w(mn + d), acc);
+            }
+            alignas(64) float lanes[VW];
+            vstore(lanes, acc);
+            bias[g] = std::accumulate(lanes, lanes + VW, 0.f);
+          }
+          return;
+        }
+#endif
+        for (int64_t g = 0; g < G; ++g) {
+          bias[g] = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            qs[g * D + d] = q[g * D + d] * float(sc[d]);
+            bias[g] += q[g * D + d] * float(mn[d]);
+          }
+        }
+      };
       const int64_t r0 = std::max(own, first);  // the residual's positions: r0 .. n - 1
       const float* res_k = rk + (res_at[b] + r0 - own) * ld + h * D;
       const float* res_v = rv + (res_at[b] + r0 - own) * ld + h * D;
@@ -730,15 +788,23 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
       each_block([&](int64_t t0, int64_t m, int64_t id) {
         const c10::Half* sc = ks + (id * KVH + h) * D;
         const c10::Half* mn = km + (id * KVH + h) * D;
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t d = 0; d < D; ++d) qs[g * D + d] = q[g * D + d] * float(sc[d]);
-        for (int64_t r = 0; r < m; ++r) unpack_row<BITS>(kp + ((id * bs + (t0 + r) % bs) * KVH + h) * PD, D, rows.data() + r * D);
-        scores_run(qs.data(), G, D, rows.data(), D, m, nullptr, 0, s.data() + t0 - first, span);
-        for (int64_t g = 0; g < G; ++g) {
-          float bias = 0.f;
-          for (int64_t d = 0; d < D; ++d) bias += q[g * D + d] * float(mn[d]);
-          for (int64_t t = t0; t < t0 + m; ++t) s[g * span + t - first] += bias;
+        scale_query(sc, mn);
+        const uint8_t* keys = kp + ((id * bs + t0 % bs) * KVH + h) * PD;  // key r at keys + r * KVH * PD
+#ifdef HAVE_FVEC
+        if (in_registers) {
+          in_head_groups(G, [&](auto heads, int64_t g) {
+            scores_heads_by<heads>(qs.data() + g * D, D, [&](int64_t t, int64_t d) {
+              return vload_levels<BITS>(keys + t * KVH * PD, d, n_bytes);
+            }, m, nullptr, 0, s.data() + g * span + t0 - first, span);
+          });
+        } else
+#endif
+        {
+          for (int64_t r = 0; r < m; ++r) unpack_row<BITS>(keys + r * KVH * PD, D, rows.data() + r * D);
+          scores_run(qs.data(), G, D, rows.data(), D, m, nullptr, 0, s.data() + t0 - first, span);
         }
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t t = t0; t < t0 + m; ++t) s[g * span + t - first] += bias[g];
       });
       scores_run(q.data(), G, D, res_k, ld, n - r0, nullptr, 0, s.data() + r0 - first, span);
       std::fill(o.begin(), o.end(), 0.f);
@@ -748,14 +814,30 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
         for (int64_t t = 0; t < span; ++t) sg[t] /= sum;
       }
       each_block([&](int64_t t0, int64_t m, int64_t id) {
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t slot = id * bs + (t0 + r) % bs;
-          float* row = rows.data() + r * D;
-          unpack_row<BITS>(vp + (slot * KVH + h) * PD, D, row);
+        const int64_t slot0 = id * bs + t0 % bs;
+        const uint8_t* vals = vp + (slot0 * KVH + h) * PD;  // value r at vals + r * KVH * PD
+        for (int64_t r = 0; r < m; ++r)
           for (int64_t gi = 0; gi < groups; ++gi) {
-            const float a = float(vs[(slot * KVH + h) * groups + gi]), c = float(vm[(slot * KVH + h) * groups + gi]);
-            for (int64_t d = gi * GW; d < gi * GW + GW; ++d) row[d] = row[d] * a + c;
+            v_scales[r * groups + gi] = float(vs[((slot0 + r) * KVH + h) * groups + gi]);
+            v_mins[r * groups + gi] = float(vm[((slot0 + r) * KVH + h) * groups + gi]);
           }
+#ifdef HAVE_FVEC
+        if (in_registers) {
+          in_head_groups(G, [&](auto heads, int64_t g) {
+            weighted_heads_by<heads>(s.data() + g * span + t0 - first, span, [&](int64_t t, int64_t d) {
+              const int64_t at = t * groups + d / GW;
+              return vfma(vload_levels<BITS>(vals + t * KVH * PD, d, n_bytes), vbroadcast(&v_scales[at]),
+                          vbroadcast(&v_mins[at]));
+            }, m, D, o.data() + g * D);
+          });
+          return;
+        }
+#endif
+        for (int64_t r = 0; r < m; ++r) {
+          float* row = rows.data() + r * D;
+          unpack_row<BITS>(vals + r * KVH * PD, D, row);
+          for (int64_t gi = 0; gi < groups; ++gi)
+            for (int64_t d = gi * GW; d < gi * GW + GW; ++d) row[d] = row[d] * v_scales[r * groups + gi] + v_mins[r * groups + gi];
         }
         weighted_run(s.data() + t0 - first, span, G, rows.data(), D, m, D, o.data());
       });
