@@ -27,8 +27,8 @@ def _parse(argv: list[str]):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["latency", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype must be one of auto, float16, int8"),
-    (["throughput", "--kv-cache-dtype", "int4"], "--kv-cache-dtype must be one of auto, float16, int8"),
+    (["latency", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype must be one of auto, float16, int8, int4, int2"),
+    (["throughput", "--kv-cache-dtype", "int3"], "--kv-cache-dtype must be one of auto, float16, int8, int4, int2"),
     (["latency", "--quantization", "int3"], "unknown quantization 'int3'"),  # the engine's own message
 ])
 def test_bad_precision_options_raise_one_line(argv, message):
@@ -75,9 +75,20 @@ def test_no_gguf_type_for_an_unknown_quantization_skips_llama_cpp():
         auto_gguf_type("float32", "nf4")
 
 
-def test_llama_cpp_gets_a_q8_0_cache_for_int8_kv_and_its_f16_default_otherwise():
-    for kv, kind in (("auto", "f16"), ("float16", "f16"), ("int8", "q8_0")):
+def test_llama_cpp_gets_a_q8_0_cache_for_int8_kv_q4_0_for_int4_and_its_f16_default_otherwise():
+    for kv, kind in (("auto", "f16"), ("float16", "f16"), ("int8", "q8_0"), ("int4", "q4_0")):
         assert LlamaCppBackend(BenchContext(model="unused", kv_cache_dtype=kv)).kv_args() == ["-ctk", kind, "-ctv", kind]
+
+
+def test_llama_cpp_has_no_2_bit_kv_cache():
+    with pytest.raises(BackendUnavailable, match="llama.cpp has no 2-bit KV cache type"):
+        LlamaCppBackend(BenchContext(model="unused", kv_cache_dtype="int2")).check()
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4", "int2"])
+def test_float_peers_skip_an_integer_kv_cache(kv):
+    with pytest.raises(BackendUnavailable, match=f"no CPU KV cache matching nimblelm's {kv} one"):
+        TransformersBackend(BenchContext(model="unused", threads=1, kv_cache_dtype=kv)).check()
 
 
 def test_float_peers_run_beside_a_float16_kv_cache_with_their_own():

@@ -21,7 +21,7 @@ from nimblelm.errors import InvalidRequestError
 BACKEND_NAMES = ("nimblelm", "nimblelm-nocache", "transformers", "llama.cpp", "vllm")
 _ALIASES = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
 DTYPES = ("float32", "float16", "bfloat16")
-KV_CACHE_DTYPES = ("auto", "float16", "int8")
+KV_CACHE_DTYPES = ("auto", "float16", "int8", "int4", "int2")
 
 
 class BackendUnavailable(Exception):
@@ -62,7 +62,7 @@ def float_only(ctx: BenchContext) -> None:
     if ctx.quantization:
         raise BackendUnavailable(f"no CPU kernel matching nimblelm's {ctx.quantization} weights "
                                  "(run without --quantization to measure it)")
-    if ctx.kv_cache_dtype == "int8":
+    if ctx.kv_cache_dtype in ("int8", "int4", "int2"):
         raise BackendUnavailable(f"no CPU KV cache matching nimblelm's {ctx.kv_cache_dtype} one "
                                  "(run with --kv-cache-dtype auto to measure it)")
 

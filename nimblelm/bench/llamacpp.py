@@ -111,6 +111,8 @@ class LlamaCppBackend(Backend):
     # ------------------------------------------------------------------------------------ setup
 
     def check(self) -> None:
+        if self.ctx.kv_cache_dtype == "int2":
+            raise BackendUnavailable("llama.cpp has no 2-bit KV cache type")
         missing = [t for t in TARGETS if t != "llama-perplexity" and find_binary(t) is None]
         if missing:
             where = os.environ.get("NIMBLELM_LLAMA_CPP_BIN") or str(bin_dir())
@@ -126,9 +128,10 @@ class LlamaCppBackend(Backend):
         return auto_gguf_type(self.ctx.dtype, self.ctx.quantization)
 
     def kv_cache_type(self) -> str:
-        # nimblelm's int8 KV cache against llama.cpp's q8_0 cache (its V cache needs flash attention,
-        # which its default -fa auto turns on for the CPU); any other against llama.cpp's default, f16
-        return "q8_0" if self.ctx.kv_cache_dtype == "int8" else "f16"
+        # nimblelm's int8 KV cache against llama.cpp's q8_0 cache, its int4 (KIVI) against q4_0 (a scale per 32
+        # values of a token); a quantized V cache needs flash attention, which llama.cpp's default -fa auto turns on
+        # for the CPU. Any other against llama.cpp's default, f16.
+        return {"int8": "q8_0", "int4": "q4_0"}.get(self.ctx.kv_cache_dtype, "f16")
 
     def kv_args(self) -> list[str]:
         return ["-ctk", self.kv_cache_type(), "-ctv", self.kv_cache_type()]
