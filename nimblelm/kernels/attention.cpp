@@ -679,9 +679,10 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
 
 // Decode attention over a low-bit cache (kv_cache_dtype="int4" or "int2", layers/kivi.py). A sealed block
 // holds levels with a float16 scale and minimum per channel for keys and per token and group of channels for
-// values; a work item (one row and KV head) widens each block's rows into a float scratch and runs the
-// float row kernels above on it. The block of the row's own position is read from the float32 residual,
-// as every query reads its own block at full precision.
+// values; a work item (one row and KV head) runs the float row kernels above on each block, its levels widened
+// in registers as they are read (into a float scratch first where a row is not whole registers). The block of
+// the row's own position is read from the float32 residual, as every query reads its own block at full
+// precision.
 
 // levels[c] for the D channels of one packed row: byte j holds channels j, j + D / per, ... from its lowest
 // bits up (kivi.pack). Sixteen bytes at a time are shifted, masked and widened to floats in registers.
