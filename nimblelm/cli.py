@@ -45,6 +45,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-policy", type=_json_object, default=None,
                    help='a KV cache policy as JSON: \'{"method": "snapkv", "ratio": 0.2}\' or '
                         '\'{"method": "streaming", "budget": 1024, "num_sinks": 4}\'')
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many ranks (processes), collectives over torch.distributed")
+    g.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"), default=None,
+                   help="where the ranks run: uni (this process), mp (local processes; default for several "
+                        "ranks) or ray (Ray actors; RAY_ADDRESS names a running cluster)")
 
 
 def _json_object(text: str) -> dict:
@@ -76,6 +81,8 @@ _ENGINE_FIELDS = [
     "quantization",
     "speculative_config",
     "kv_policy",
+    "tensor_parallel_size",
+    "distributed_executor_backend",
 ]
 
 

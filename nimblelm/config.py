@@ -79,3 +79,9 @@ class EngineConfig:
     # A KV cache policy: {"method": "streaming" | "snapkv", "budget": entries or "ratio": kept fraction, ...}
     # (engine/kv_cache/policy.py); None keeps every entry.
     kv_policy: dict | None = None
+    # Tensor parallelism: the model split over this many ranks (processes with the mp or ray executor), their
+    # collectives through torch.distributed (distributed/).
+    tensor_parallel_size: int = 1
+    # Where the ranks run: "uni" (this process; one rank), "mp" (local processes) or "ray" (Ray actors, on one
+    # machine or a cluster). Default: uni for one rank, else mp.
+    distributed_executor_backend: str | None = None

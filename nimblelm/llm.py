@@ -44,7 +44,7 @@ class LLM:
 
     @property
     def weights_nbytes(self) -> int:
-        return self.llm_engine.runner.weights_nbytes
+        return sum(self.llm_engine.executor.collective_rpc("weights_nbytes"))
 
     def generate(
         self,

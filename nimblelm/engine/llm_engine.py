@@ -9,8 +9,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from nimblelm.config import EngineConfig
+from nimblelm.distributed.executor import UniExecutor, make_executor
+from nimblelm.distributed.tensor_parallel import TensorParallel
+from nimblelm.distributed.worker import RunnerSpec, Worker
 from nimblelm.engine.detokenizer import IncrementalDetokenizer
-from nimblelm.engine.kv_cache.manager import KVCacheManager
+from nimblelm.engine.kv_cache.manager import KVCacheManager, kv_groups
 from nimblelm.engine.kv_cache.policy import KVPolicy
 from nimblelm.engine.model_runner import ModelRunner
 from nimblelm.engine.scheduler import Scheduler, SchedulerConfig
@@ -21,7 +24,14 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import bf16_products_in_words, cpu_ops, widens_in_registers
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SpecDecodeStats
-from nimblelm.platform import auto_cpu_dtype, resolve_device, resolve_dtype, resolve_kv_cache_dtype, set_threads
+from nimblelm.platform import (
+    auto_cpu_dtype,
+    physical_cores,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+    set_threads,
+)
 from nimblelm.quantization import GGUF_DIRECT, formats, linear_method, refuse_requantizing
 from nimblelm.sampling_params import SamplingParams
 from nimblelm.speculative import SpeculativeConfig
@@ -55,7 +65,17 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)  # a bad name fails before the model loads
-        self.num_threads = set_threads(config.num_threads) if self.device.type == "cpu" else None
+        parallel = config.tensor_parallel_size > 1 or config.distributed_executor_backend not in (None, "uni")
+        if config.tensor_parallel_size < 1:
+            raise InvalidRequestError(f"tensor_parallel_size must be >= 1, got {config.tensor_parallel_size}")
+        if config.tensor_parallel_size > 1 and config.distributed_executor_backend == "uni":
+            raise InvalidRequestError("distributed_executor_backend='uni' runs one rank: tensor_parallel_size > 1 "
+                                      "needs 'mp' or 'ray'")
+        # With ranks in processes of their own, num_threads is each rank's (default: the cores shared out).
+        threads = config.num_threads
+        if parallel and threads is None and self.device.type == "cpu":
+            threads = max(1, physical_cores() // config.tensor_parallel_size)
+        self.num_threads = set_threads(threads) if self.device.type == "cpu" else None
         speculative = SpeculativeConfig.from_dict(config.speculative_config) if config.speculative_config else None
         if speculative is not None and speculative.method == "layer_skip" and speculative.skip_layers is None:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
@@ -114,35 +134,34 @@ class LLMEngine:
         if kv_policy is not None and kv_policy.needs_votes and config.max_num_batched_tokens < kv_policy.window_size:
             raise InvalidRequestError(f"kv_policy: {kv_policy.method}'s window of {kv_policy.window_size} tokens must "
                                       f"fit a step's max_num_batched_tokens ({config.max_num_batched_tokens})")
-        self.runner = ModelRunner(
-            loaded.config,
-            loaded.weights,
-            dtype=self.dtype,
-            device=self.device,
-            max_model_len=config.max_model_len,
-            block_size=config.block_size,
-            seed=config.seed,
-            linear_method=method,
-            kv_cache_dtype=self.kv_dtype,
-            enforce_eager=config.enforce_eager,
-            quantized=loaded.quantized,
-            speculative=speculative,
-            kv_policy=kv_policy,
-        )
-        del loaded
+        self.kv_groups = kv_groups(loaded.config.layer_windows, kv_policy is not None and kv_policy.method == "pyramidkv")
+        options = {"dtype": self.dtype, "device": self.device, "max_model_len": config.max_model_len,
+                   "block_size": config.block_size, "seed": config.seed, "linear_method": method,
+                   "kv_cache_dtype": self.kv_dtype, "enforce_eager": config.enforce_eager, "speculative": speculative,
+                   "kv_policy": kv_policy}
+        self.runner: ModelRunner | None = None  # the model, where it runs in this process (the uni executor)
+        if parallel:
+            _refuse_parallel(config, loaded.quantized)
+            TensorParallel.check(loaded.config, config.tensor_parallel_size)
+            del loaded
+            spec = RunnerSpec(config.model, config.quantization == GGUF_DIRECT, self.num_threads, options)
+            self.executor = make_executor(config.distributed_executor_backend, spec, config.tensor_parallel_size)
+        else:
+            self.runner = ModelRunner(loaded.config, loaded.weights, quantized=loaded.quantized, **options)
+            del loaded
+            self.executor = UniExecutor(Worker(self.runner))
         num_blocks = self._num_blocks(config)
-        self.runner.allocate_kv(num_blocks, config.max_num_seqs)
+        self.executor.collective_rpc("allocate_kv", num_blocks, config.max_num_seqs)
         # Cached blocks are only ever reused within this engine; the salt still names what shapes the K/V.
         salt = f"{config.model}|{self.dtype}|{self.kv_dtype}|{config.quantization}".encode()
         self.kv_cache_manager = KVCacheManager(
-            num_blocks, config.block_size, [g.window for g in self.runner.kv_groups], self._prefix_caching(kv_policy),
-            salt,
+            num_blocks, config.block_size, [g.window for g in self.kv_groups], self._prefix_caching(kv_policy), salt,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
             self.kv_cache_manager,
             kv_policy,
-            [g.layers[0] / max(1, self.model_config.num_layers - 1) for g in self.runner.kv_groups],
+            [g.layers[0] / max(1, self.model_config.num_layers - 1) for g in self.kv_groups],
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -167,14 +186,15 @@ class LLMEngine:
                 budget = 2 << 30
                 if self.device.type == "cuda":
                     budget = torch.cuda.mem_get_info(self.device)[0] // 2
-            budget -= self.runner.kv_bytes_beside_blocks(config.max_num_seqs)
-            per_block = self.runner.kv_bytes_per_block()
+            # The budget is each rank's: the rank with the most KV heads sets the count.
+            budget -= max(self.executor.collective_rpc("kv_bytes_beside_blocks", config.max_num_seqs))
+            per_block = max(self.executor.collective_rpc("kv_bytes_per_block"))
             # More than every sequence at full length could ever use is wasted memory.
-            ceiling = config.max_num_seqs * -(-config.max_model_len // bs) * len(self.runner.kv_groups)
+            ceiling = config.max_num_seqs * -(-config.max_model_len // bs) * len(self.kv_groups)
             num_blocks = min(budget // per_block, ceiling)
         # One sequence of max_model_len tokens: every group's table, a sliding one holding its window's blocks.
         full = -(-config.max_model_len // bs)
-        need = sum(full if g.window is None else min(full, -(-g.window // bs) + 1) for g in self.runner.kv_groups)
+        need = sum(full if g.window is None else min(full, -(-g.window // bs) + 1) for g in self.kv_groups)
         if num_blocks < need:
             raise InvalidRequestError(
                 f"the KV cache holds {num_blocks} blocks, fewer than the {need} that one sequence of max_model_len="
@@ -292,7 +312,7 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         self._add_grammar_bitmask(sched)
-        out = self.runner.execute(sched)
+        out = self.executor.execute(sched)
         rejected = {
             seq_id: len(sched.spec_token_ids[seq_id]) - (len(tokens) - 1)
             for seq_id, tokens in zip(out.req_ids, out.sampled_token_ids) if seq_id in sched.spec_token_ids
@@ -440,6 +460,15 @@ def _find_stop(text: str, stops: tuple[str, ...], delta_len: int) -> tuple[str |
         return None, -1
     cut, stop = min(found)
     return stop, cut
+
+
+def _refuse_parallel(config: EngineConfig, quantized: dict) -> None:
+    """What a model split over ranks cannot do yet: one clear error at start."""
+    clash = ("speculative_config" if config.speculative_config else
+             "kv_policy" if config.kv_policy else
+             "weights stored quantized (a GGUF served as stored, a quantized folder)" if quantized else None)
+    if clash:
+        raise InvalidRequestError(f"tensor parallelism cannot be combined with {clash} yet")
 
 
 def _complete(config: EngineConfig, model_max_len: int) -> EngineConfig:

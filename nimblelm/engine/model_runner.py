@@ -17,6 +17,7 @@ import torch
 
 from nimblelm import hugepages
 from nimblelm.config import ModelConfig
+from nimblelm.distributed.tensor_parallel import TensorParallel
 from nimblelm.engine.kv_cache.manager import kv_groups
 from nimblelm.engine.kv_cache.policy import KVPolicy
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
@@ -92,16 +93,18 @@ class ModelRunner:
         quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None,
         speculative: SpeculativeConfig | None = None,
         kv_policy: KVPolicy | None = None,
+        tp: TensorParallel | None = None,
     ):
         """Builds the model: the layers in `quantized` (module name -> (format name, tensors), as the loader
         gives them) adopt their tensors, the others load from `weights` and take `linear_method`. The KV
-        cache comes with allocate_kv, once the engine has sized it."""
-        self.config = config
+        cache comes with allocate_kv, once the engine has sized it. With `tp`, this runner is one rank of a
+        tensor-parallel group: `weights` are its share (TensorParallel.shard), and so are its heads and KV."""
+        self.config = config = config if tp is None else tp.local_config(config)
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
         with torch.device("meta"):
-            model = DecoderLM(config, max_positions=max_model_len)
+            model = DecoderLM(config, max_positions=max_model_len, tp=tp)
         self.model = model.materialize(device, dtype, weights, linear_method, quantized)
         self.weights_nbytes = _weights_nbytes(self.model)
         self.token_nbytes = _weights_nbytes(self.model, per_token=True)

@@ -6,11 +6,16 @@ group scales, ...) and which kernel multiplies by it, so the model code never br
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nimblelm.kernels import cpu_ops
+
+if TYPE_CHECKING:
+    from nimblelm.distributed.tensor_parallel import TensorParallel
 
 # Up to this many activation rows the C++ kernels serve a whole decode step (models/decoder.py) and
 # W8A8 weights are multiplied as they are stored rather than dequantized for torch's GEMM (int8 and
@@ -73,12 +78,16 @@ class Unquantized(LinearMethod):
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce: TensorParallel | None = None):
+        """reduce: a row-parallel layer's tensor-parallel group, which sums the ranks' partial outputs."""
         super().__init__()
+        if reduce is not None and bias:
+            raise ValueError("a row-parallel Linear would add its bias once per rank")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.method: LinearMethod = Unquantized()
+        self.reduce = reduce
 
     def prepare(self, method: LinearMethod | None = None) -> None:
         """Adopt `method` (default: unquantized) once the weights are loaded, on their device and dtype."""
@@ -92,7 +101,8 @@ class Linear(nn.Module):
         method.adopt(self, tensors, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        out = self.method.apply(self, x)
+        return out if self.reduce is None else self.reduce.all_reduce_(out)
 
 
 class RowsEmbedding(Linear):

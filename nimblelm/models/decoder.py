@@ -11,7 +11,7 @@ KV cache and the AttentionMetadata come from the model runner.
 from __future__ import annotations
 
 from functools import partial
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from nimblelm.layers.attention import AttentionMetadata, KVCache, PagedAttention
 from nimblelm.layers.linear import Linear, LinearMethod, RowsEmbedding
 from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
 from nimblelm.quantization import formats
+
+if TYPE_CHECKING:
+    from nimblelm.distributed.tensor_parallel import TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -50,14 +53,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
         # q, k and v are one matmul: one pass over the activations instead of three.
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, reduce=tp)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         if cfg.query_pre_attn_scalar is not None:
             # Gemma's scores scale by query_pre_attn_scalar^-1/2, which need not be head_dim's (Gemma 3 27B).
@@ -96,11 +99,11 @@ _ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, reduce=tp)
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.fused_silu = cfg.hidden_act == "silu"  # the kernel computes silu(gate) * up only
 
@@ -114,13 +117,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope_index: int):
+    def __init__(self, cfg: ModelConfig, rope_index: int, tp: TensorParallel | None = None):
         super().__init__()
         self.rope_index = rope_index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
         self.sandwich_norms = cfg.sandwich_norms
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -167,21 +170,25 @@ class DecoderLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TensorParallel | None = None):
+        """tp: this rank's place in a tensor-parallel group; cfg is then the rank's share of the model
+        (TensorParallel.local_config), and the token table and output layer hold the rank's vocabulary slice."""
         super().__init__()
         self.config = cfg
+        self.tp = tp
+        self.vocab = range(cfg.vocab_size) if tp is None else tp.vocab(cfg)
         # Rope variant 0 serves every layer but the sliding-window ones when they have a base of their own (1).
         ropes = [(cfg.rope_theta, cfg.rope_scaling)]
         if cfg.sliding_rope_theta is not None:
             ropes.append((cfg.sliding_rope_theta, None))
         sliding_rope = len(ropes) - 1
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, ropes)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(len(self.vocab), cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rope_index=0 if window is None else sliding_rope) for window in cfg.layer_windows
+            DecoderLayer(cfg, 0 if window is None else sliding_rope, tp) for window in cfg.layer_windows
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, len(self.vocab), bias=False)
         self._tie_weights()
 
     def _tie_weights(self) -> None:
@@ -206,7 +213,7 @@ class DecoderLM(nn.Module):
         quantized = {} if quantized is None else quantized
         if "embed_tokens" in quantized:
             with torch.device("meta"):
-                self.embed_tokens = RowsEmbedding(self.config.hidden_size, self.config.vocab_size)
+                self.embed_tokens = RowsEmbedding(self.config.hidden_size, len(self.vocab))
         # A tied table that came only as the quantized lm_head (a GGUF holds one tensor for both) is read
         # back from it; a saved folder keeps its own table in float beside its lm_head.
         table_in_head = self.config.tie_word_embeddings and "model.embed_tokens.weight" not in weights
@@ -248,7 +255,10 @@ class DecoderLM(nn.Module):
         return x + residual
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        if self.tp is None:
+            x = self.embed_tokens(input_ids)
+        else:
+            x = self.tp.embed(self.embed_tokens, input_ids, self.vocab)
         if self.config.scale_embeddings:
             # sqrt(hidden_size) rounded to the model's dtype first, as the reference does (bf16: 25.25, not 25.30).
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
@@ -260,7 +270,8 @@ class DecoderLM(nn.Module):
         return [by_window[w] for w in self.config.layer_windows]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        logits = self.lm_head(self.norm(hidden)).float()
+        return logits if self.tp is None else self.tp.gather_logits(logits, self.config.vocab_size)
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,140 @@
+"""Tensor parallelism (Megatron-style) over torch.distributed: how each rank's share of the model is cut, and
+the collectives the one model definition (models/decoder.py) calls between its layers.
+
+A rank holds some attention heads, a slice of the MLP's intermediate features and a slice of the vocabulary:
+q/k/v and gate/up are split by output features (column parallel), o_proj and down_proj by input features (row
+parallel: their partial outputs are summed across ranks), the token table and the output layer by vocabulary
+rows. Query heads go with their KV head, so grouped-query attention stays within a rank; a model with fewer KV
+heads than ranks replicates each KV head on the ranks its query heads are spread over. Splits need not be even
+(SmolLM2-135M's 3 KV heads go 1 + 2 on two ranks): the rank with more computes longer.
+
+The linear weights are cut before any linear method stores them, so int8, int4 and W8A8 quantize each rank's
+slice with its own scales; heads are cut whole, and MLP and vocabulary slices are whole multiples of QUANTUM
+features, so that no quantization group straddles two ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from nimblelm.config import ModelConfig
+from nimblelm.errors import InvalidRequestError
+
+QUANTUM = 128  # features: the widest quantization group along a weight's input (int4's)
+
+# Seconds this process has spent in the model's all-reduces (waiting for the slowest rank included).
+collective_seconds = 0.0
+
+
+@torch.library.custom_op("nimblelm::all_reduce_", mutates_args=("x",))
+def _all_reduce_(x: torch.Tensor, group: str) -> None:
+    # A registered op rather than a plain call: the decode-step traces (engine/step_capture.py) record it.
+    global collective_seconds
+    start = time.perf_counter()
+    dist.all_reduce(x, group=dist.distributed_c10d._resolve_process_group(group))
+    collective_seconds += time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """One rank's place in a tensor-parallel group, and the cut of the model it implies."""
+
+    rank: int
+    size: int
+    group: str  # the torch.distributed process group's name
+
+    @staticmethod
+    def check(cfg: ModelConfig, size: int) -> None:
+        """InvalidRequestError when the model's heads cannot be spread over `size` ranks."""
+        heads, kv = cfg.num_heads, cfg.num_kv_heads
+        if size > heads:
+            raise InvalidRequestError(f"tensor_parallel_size={size} exceeds the model's {heads} attention heads")
+        if size > kv and (size % kv or heads % size):
+            raise InvalidRequestError(
+                f"tensor_parallel_size={size} exceeds the model's {kv} KV heads: it must then be a multiple of them "
+                f"and divide its {heads} query heads"
+            )
+
+    def _kv_heads(self, cfg: ModelConfig) -> range:
+        kv, n, r = cfg.num_kv_heads, self.size, self.rank
+        if kv >= n:
+            return range(r * kv // n, (r + 1) * kv // n)
+        return range(r // (n // kv), r // (n // kv) + 1)  # replicated over n // kv ranks
+
+    def _q_heads(self, cfg: ModelConfig) -> range:
+        kv = self._kv_heads(cfg)
+        if cfg.num_kv_heads >= self.size:
+            group = cfg.num_heads // cfg.num_kv_heads
+            return range(kv.start * group, kv.stop * group)
+        per_rank = cfg.num_heads // self.size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def _features(self, total: int) -> range:
+        quantum = next(q for q in (QUANTUM, 64, 32, 16, 1) if total % q == 0 and total // q >= self.size)
+        units = total // quantum
+        return range(self.rank * units // self.size * quantum, (self.rank + 1) * units // self.size * quantum)
+
+    def vocab(self, cfg: ModelConfig) -> range:
+        """The token ids whose embedding rows and logits this rank holds."""
+        return self._features(cfg.vocab_size)
+
+    def local_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The model as this rank builds it: its own heads and MLP features (the vocabulary stays whole: the
+        logits are gathered)."""
+        return replace(cfg, num_heads=len(self._q_heads(cfg)), num_kv_heads=len(self._kv_heads(cfg)),
+                       intermediate_size=len(self._features(cfg.intermediate_size)))
+
+    def shard(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of the full model's weights (Hugging Face names), which are consumed as they are cut."""
+        d = cfg.head_dim
+        q, kv = self._q_heads(cfg), self._kv_heads(cfg)
+        mlp, vocab = self._features(cfg.intermediate_size), self.vocab(cfg)
+        rows = {  # tensor name suffix -> (dimension cut, the range kept)
+            "q_proj.weight": (0, range(q.start * d, q.stop * d)),
+            "q_proj.bias": (0, range(q.start * d, q.stop * d)),
+            "k_proj.weight": (0, range(kv.start * d, kv.stop * d)),
+            "k_proj.bias": (0, range(kv.start * d, kv.stop * d)),
+            "v_proj.weight": (0, range(kv.start * d, kv.stop * d)),
+            "v_proj.bias": (0, range(kv.start * d, kv.stop * d)),
+            "o_proj.weight": (1, range(q.start * d, q.stop * d)),
+            "gate_proj.weight": (0, mlp),
+            "up_proj.weight": (0, mlp),
+            "down_proj.weight": (1, mlp),
+            "embed_tokens.weight": (0, vocab),
+            "lm_head.weight": (0, vocab),
+        }
+        out = {}
+        for name in list(weights):
+            tensor = weights.pop(name)
+            cut = next((c for suffix, c in rows.items() if name.endswith(suffix)), None)
+            if cut is not None:
+                dim, kept = cut
+                tensor = tensor.narrow(dim, kept.start, len(kept)).contiguous()
+            out[name] = tensor
+        return out
+
+    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x across the ranks, in place."""
+        torch.ops.nimblelm.all_reduce_(x, self.group)
+        return x
+
+    def embed(self, table: torch.nn.Module, ids: torch.Tensor, vocab: range) -> torch.Tensor:
+        """The embedding rows of `ids` from a vocabulary-parallel table: each rank looks up the ids it holds,
+        zeros the others, and the ranks' rows are summed."""
+        local = ids - vocab.start
+        held = (local >= 0) & (local < len(vocab))
+        rows = table(torch.where(held, local, 0))
+        return self.all_reduce_(rows * held.unsqueeze(-1).to(rows.dtype))
+
+    def gather_logits(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Every rank's logits [rows, its vocabulary slice] joined into [rows, vocab_size] on each rank."""
+        widest = max(len(replace(self, rank=r)._features(vocab_size)) for r in range(self.size))
+        padded = torch.nn.functional.pad(logits, (0, widest - logits.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=dist.distributed_c10d._resolve_process_group(self.group))
+        sizes = [len(replace(self, rank=r)._features(vocab_size)) for r in range(self.size)]
+        return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=-1)

@@ -1,0 +1,198 @@
+"""Tensor parallelism (distributed/) against one process on the same weights.
+
+The oracle is the engine's own single-process path: a model split over ranks computes the same sums in another
+order, so in float32 greedy tokens are identical and log-probabilities agree to float rounding (TOLERANCE, relative
+past 1 nat); a
+wrong cut of heads, MLP features or vocabulary, a missing or doubled all-reduce moves them by tenths of a nat or
+more. Ranks run as local processes (mp) and as Ray actors on a local cluster of 2 CPUs.
+"""
+
+import gc
+import multiprocessing
+
+import pytest
+import torch
+from tiny_models import make_tiny_hf_model
+
+from nimblelm import LLM, InvalidRequestError, SamplingParams
+from nimblelm.config import ModelConfig
+from nimblelm.distributed.tensor_parallel import TensorParallel
+
+TOLERANCE = 1e-4
+PROMPTS = [
+    "A small language model reads a prompt",
+    "Hello world! How are",
+    "Rivers flow to the sea, mountains rise toward the sky, and forests cover the rolling hills. " * 3,
+]
+PARAMS = SamplingParams(max_tokens=20, temperature=0, logprobs=2, prompt_logprobs=1)
+
+
+def _config(heads: int, kv_heads: int, head_dim: int = 8, intermediate: int = 96, vocab: int = 80) -> ModelConfig:
+    return ModelConfig("llama", vocab, 48, intermediate, 1, heads, kv_heads, head_dim)
+
+
+def _weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    q, kv, d, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+    attn = {"q_proj.weight": (q, d), "q_proj.bias": (q,), "k_proj.weight": (kv, d), "v_proj.weight": (kv, d),
+            "o_proj.weight": (d, q)}
+    mlp = {"gate_proj.weight": (f, d), "up_proj.weight": (f, d), "down_proj.weight": (d, f)}
+    shapes = {f"model.layers.0.self_attn.{n}": s for n, s in attn.items()}
+    shapes |= {f"model.layers.0.mlp.{n}": s for n, s in mlp.items()}
+    shapes |= {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    return {name: torch.randn(shape) for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("heads,kv_heads,size", [(4, 2, 2), (9, 3, 2), (14, 2, 2), (4, 2, 4), (4, 1, 2), (8, 8, 3)])
+def test_shards_cover_the_model_once(heads, kv_heads, size):
+    """Each rank's query heads use only its own KV heads; column-parallel slices joined give the full weights,
+    row-parallel ones too, and a KV head spread over several ranks is the same on each."""
+    cfg = _config(heads, kv_heads)
+    full = _weights(cfg)
+    ranks = [TensorParallel(r, size, "unused") for r in range(size)]
+    shards = [tp.shard(cfg, dict(full)) for tp in ranks]
+    locals_ = [tp.local_config(cfg) for tp in ranks]
+    assert sum(c.num_heads for c in locals_) == heads
+    assert sum(c.intermediate_size for c in locals_) == cfg.intermediate_size
+    assert all(c.num_heads % c.num_kv_heads == 0 and c.num_heads for c in locals_)
+    for name, tensor in full.items():
+        parts = [s[name] for s in shards]
+        if any(key in name for key in ("k_proj", "v_proj")) and kv_heads < size:
+            # Replicated: rank r holds KV head r // (size // kv_heads).
+            width = cfg.head_dim
+            for r, part in enumerate(parts):
+                kv = r // (size // kv_heads)
+                assert torch.equal(part, tensor[kv * width : (kv + 1) * width])
+            continue
+        dim = 1 if "o_proj" in name or "down_proj" in name else 0
+        if name.endswith("norm.weight"):
+            assert all(torch.equal(p, tensor) for p in parts)
+        else:
+            assert torch.equal(torch.cat(parts, dim=dim), tensor), name
+    # Query head h attends with KV head h // group: on its own rank.
+    group = heads // kv_heads
+    q_at = 0
+    for r, (tp, local) in enumerate(zip(ranks, locals_)):
+        k = shards[r]["model.layers.0.self_attn.k_proj.weight"]
+        for h in range(q_at, q_at + local.num_heads):
+            kv = h // group
+            row = full["model.layers.0.self_attn.k_proj.weight"][kv * cfg.head_dim : (kv + 1) * cfg.head_dim]
+            held = [torch.equal(k[i * cfg.head_dim : (i + 1) * cfg.head_dim], row) for i in range(local.num_kv_heads)]
+            assert any(held), (r, h)
+        q_at += local.num_heads
+
+
+@pytest.mark.parametrize("heads,kv_heads,size", [(9, 3, 4), (9, 3, 10), (6, 2, 4)])
+def test_impossible_splits_are_refused(heads, kv_heads, size):
+    with pytest.raises(InvalidRequestError, match="tensor_parallel_size"):
+        TensorParallel.check(_config(heads, kv_heads), size)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {arch: make_tiny_hf_model(root / arch, arch=arch, initializer_range=0.3) for arch in ("qwen2", "llama", "gemma3")}
+
+
+def _close(a: float, b: float, tolerance: float) -> bool:
+    return abs(a - b) < tolerance * max(1.0, abs(a))  # float32 rounding grows with the magnitude
+
+
+def _assert_same(ref, out, prompt_tolerance: float = TOLERANCE) -> None:
+    for a, b in zip(ref, out):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys()
+            assert all(_close(x[token].logprob, y[token].logprob, TOLERANCE) for token in x)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            token = next(iter(x))
+            assert _close(x[token].logprob, y[token].logprob, prompt_tolerance)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,size,options", [
+    ("qwen2", 2, {}),  # q/k/v biases, an untied output layer
+    ("llama", 4, {}),  # 2 KV heads over 4 ranks: each replicated on two; tied embeddings
+    ("gemma3", 2, {}),  # one KV head, q/k norms, sliding-window layers
+    ("qwen2", 2, {"quantization": "int8"}),  # each rank quantizes its slice with its own scales
+    ("qwen2", 2, {"kv_cache_dtype": "int4"}),
+])
+def test_greedy_output_matches_one_process(tiny_models, arch, size, options):
+    options = {"dtype": "float32", "max_model_len": 256, **options}
+    ref = LLM(str(tiny_models[arch]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = LLM(str(tiny_models[arch]), tensor_parallel_size=size, **options)
+    ranks = llm.llm_engine.executor.procs
+    assert len(ranks) == size and all(p.is_alive() for p in ranks)
+    _assert_same(ref, llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+    del llm
+    gc.collect()  # a dropped engine stops its ranks
+    assert not any(p.is_alive() for p in ranks)
+
+
+@pytest.mark.slow
+def test_ranks_follow_chunks_and_preemption(tiny_models):
+    """Prefill in chunks of 8 tokens beside decodes, and a sequence preempted for want of blocks: the ranks know
+    only what the step contract tells them."""
+    options = {"dtype": "float32", "max_model_len": 128, "max_num_batched_tokens": 8, "max_num_seqs": 2,
+               "num_kv_blocks": 8}
+    params = SamplingParams(max_tokens=60, temperature=0, logprobs=2, prompt_logprobs=1, ignore_eos=True)
+    ref = LLM(str(tiny_models["llama"]), **options).generate(PROMPTS[:2], params, use_tqdm=False)
+    llm = LLM(str(tiny_models["llama"]), tensor_parallel_size=2, **options)
+    _assert_same(ref, llm.generate(PROMPTS[:2], params, use_tqdm=False))
+    assert llm.llm_engine.stats().num_preemptions > 0
+
+
+@pytest.mark.slow
+def test_int4_weights_split_over_ranks(tiny_models):
+    """int4 groups never straddle ranks: the same quantized weights, so the same greedy tokens (prompt logprobs
+    differ by the bfloat16 rounding of long prefill chunks' products, summed in another order)."""
+    options = {"dtype": "float32", "max_model_len": 256, "quantization": "int4"}
+    ref = LLM(str(tiny_models["qwen2"]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    out = LLM(str(tiny_models["qwen2"]), tensor_parallel_size=2, **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    _assert_same(ref, out, prompt_tolerance=0.1)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_executor_runs_tensor_parallel(tiny_models, local_ray):
+    options = {"dtype": "float32", "max_model_len": 256}
+    ref = LLM(str(tiny_models["qwen2"]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = LLM(str(tiny_models["qwen2"]), tensor_parallel_size=2, distributed_executor_backend="ray", **options)
+    _assert_same(ref, llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+    llm.llm_engine.executor.close()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, "runs one rank"),
+    ({"tensor_parallel_size": 0}, "must be >= 1"),
+    ({"tensor_parallel_size": 3}, "multiple of them"),  # 2 KV heads, 4 query heads
+    ({"tensor_parallel_size": 2, "distributed_executor_backend": "threads"}, "must be one of"),
+    ({"tensor_parallel_size": 2, "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
+     "speculative_config"),
+    ({"tensor_parallel_size": 2, "kv_policy": {"method": "streaming", "budget": 64}}, "kv_policy"),
+])
+def test_impossible_options_fail_at_start(tiny_models, options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        LLM(str(tiny_models["qwen2"]), dtype="float32", max_model_len=256, **options)
+    assert not multiprocessing.active_children()  # refused before any rank started
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_packaged_models_split_over_two_ranks(model):
+    """SmolLM2-135M's 9 heads and 3 KV heads go 3 + 6 and 1 + 2; gemma3-270m's one KV head is on both ranks."""
+    params = SamplingParams(max_tokens=32, temperature=0, logprobs=1)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+    ref = LLM(model, dtype="float32").generate(prompts, params, use_tqdm=False)
+    out = LLM(model, dtype="float32", tensor_parallel_size=2).generate(prompts, params, use_tqdm=False)
+    for a, b in zip(ref, out):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            token = next(iter(x))
+            assert abs(x[token].logprob - y[token].logprob) < 1e-3
