@@ -110,7 +110,7 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                                   description="Benchmark nimblelm against transformers and llama.cpp "
                                               "on the same weights, in the same run.")
     bench.set_defaults(func=run)
-    sub = bench.add_subparsers(dest="bench_command", metavar="{latency,throughput,serve,survey,roofline,setup}")
+    sub = bench.add_subparsers(dest="bench_command", metavar="{latency,throughput,serve,survey,roofline,scale,setup}")
     sub.required = True
 
     lat = sub.add_parser("latency", help="llama-bench style pp/tg tests",
@@ -270,6 +270,22 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     roof.add_argument("--sizes-mib", default="16,64,256,1024", help="bandwidth working sets in MiB (comma list)")
     roof.add_argument("--budget", type=float, default=1.0, help="seconds per matmul measurement (default 1)")
     _common(roof)
+
+    scale = sub.add_parser("scale", help="one process against tensor-parallel ranks and data-parallel replicas",
+                           description="The same workload on one process (1 thread, and --size threads), on "
+                                       "--size tensor-parallel ranks and on --size replicas of 1 thread each: "
+                                       "output tok/s of a batch, batch-1 decode tok/s, all-reduce time per step.")
+    _workload_args(scale)
+    scale.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    scale.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    scale.add_argument("--size", type=int, default=2, help="ranks (tp) and replicas (dp) (default 2)")
+    scale.add_argument("--configurations", default="single,single-all,tp,dp",
+                       help="comma list of single (1 thread), single-all (--size threads), tp, dp")
+    scale.add_argument("--alone-len", type=int, default=128, help="tokens the lone request decodes (default 128)")
+    scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument("--max-model-len", type=int, default=None)
+    scale.add_argument("--output", "-o", default=None, help="folder for results.json and report.md")
+    scale.add_argument("--format", choices=("md", "json"), default="md", help="what to print (default md)")
 
     setup = sub.add_parser("setup", help="build an optional peer (llama.cpp)",
                            description="Fetch and build a peer into the nimblelm cache.")
@@ -1027,6 +1043,34 @@ def run_roofline_command(args) -> dict:
             "machine": machine, "roofline": roof, "backends": {}}
 
 
+def run_scale_command(args) -> dict:
+    from nimblelm.bench.backends import BenchContext
+    from nimblelm.bench.datasets import BenchRequest, random_prompt
+    from nimblelm.bench.machine import machine_info
+    from nimblelm.bench.runner import log
+    from nimblelm.bench.scale import run_scale
+    from nimblelm.bench.throughput import workload_line, workload_summary
+
+    names = [c.strip() for c in args.configurations.split(",") if c.strip()]
+    unknown = set(names) - {"single", "single-all", "tp", "dp"}
+    if unknown or not names:
+        raise InvalidRequestError(f"--configurations: unknown {', '.join(sorted(unknown)) or '(none given)'}")
+    if args.size < 2:
+        raise InvalidRequestError(f"--size must be >= 2, got {args.size}")
+    if args.alone_len < 2:
+        raise InvalidRequestError(f"--alone-len must be >= 2, got {args.alone_len}")
+    ctx = BenchContext(model=args.model)
+    batch = build_workload(args, ctx)
+    alone = BenchRequest(tuple(random_prompt(32, ctx.config.vocab_size, args.seed, ctx.special_ids())), args.alone_len)
+    scale = run_scale(args.model, args.dtype, args.size, batch, alone, names, ctx.config.hidden_size,
+                      ctx.config.num_layers, log)
+    config = {"model": args.model, "dtype": args.dtype, "size": args.size, "dataset": args.dataset, "seed": args.seed,
+              "workload": workload_line({"dataset": args.dataset, "seed": args.seed}, workload_summary(batch))
+              + f"; the lone request: a 32-token prompt, {args.alone_len} tokens decoded"}
+    return {"kind": "scale", "command": _command_line(), "results": [], "config": config,
+            "machine": machine_info(1), "scale": scale, "backends": {}}
+
+
 def run(args) -> int:
     """Run the `bench` subcommand parsed by add_bench_subparser; returns the exit code.
 
@@ -1061,6 +1105,8 @@ def run(args) -> int:
         report = run_survey_command(args)
     elif cmd == "roofline":
         report = run_roofline_command(args)
+    elif cmd == "scale":
+        report = run_scale_command(args)
     else:
         raise InvalidRequestError("bench needs a subcommand: latency, throughput, serve, survey, roofline or setup")
     from nimblelm.bench.machine import load_average
@@ -1068,7 +1114,7 @@ def run(args) -> int:
     end = load_average()
     report["machine"].setdefault("load_average_at_end", [round(x, 2) for x in end] if end else None)
     _emit(report, args)
-    return 0 if report["results"] or report.get("roofline") or report.get("sot") else 1
+    return 0 if report["results"] or report.get("roofline") or report.get("sot") or report.get("scale") else 1
 
 
 def main(argv: list[str] | None = None) -> int:

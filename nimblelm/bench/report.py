@@ -172,6 +172,10 @@ def to_markdown(report: dict) -> str:
         from nimblelm.bench.serve import serve_markdown
 
         return serve_markdown(report)
+    if kind == "scale":
+        from nimblelm.bench.scale import scale_markdown
+
+        return scale_markdown(report)
     if kind == "roofline":
         from nimblelm.bench.roofline import roofline_markdown
 
