@@ -47,6 +47,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         '\'{"method": "streaming", "budget": 1024, "num_sinks": 4}\'')
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many ranks (processes), collectives over torch.distributed")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="cut the layers into this many stages, each on --tensor-parallel-size ranks")
     g.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"), default=None,
                    help="where the ranks run: uni (this process), mp (local processes; default for several "
                         "ranks) or ray (Ray actors; RAY_ADDRESS names a running cluster)")
@@ -82,6 +84,7 @@ _ENGINE_FIELDS = [
     "speculative_config",
     "kv_policy",
     "tensor_parallel_size",
+    "pipeline_parallel_size",
     "distributed_executor_backend",
 ]
 

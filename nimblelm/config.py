@@ -82,6 +82,8 @@ class EngineConfig:
     # Tensor parallelism: the model split over this many ranks (processes with the mp or ray executor), their
     # collectives through torch.distributed (distributed/).
     tensor_parallel_size: int = 1
+    # Pipeline parallelism: the layers cut into this many consecutive stages, each on tensor_parallel_size ranks.
+    pipeline_parallel_size: int = 1
     # Where the ranks run: "uni" (this process; one rank), "mp" (local processes) or "ray" (Ray actors, on one
     # machine or a cluster). Default: uni for one rank, else mp.
     distributed_executor_backend: str | None = None

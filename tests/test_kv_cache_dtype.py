@@ -236,7 +236,7 @@ def test_int8_cache_keeps_the_layers_it_would_distort_in_float(qwen_with_huge_lo
     runner = llm.llm_engine.runner
     errors = runner.int8_kv_errors
     assert errors[0] < kv_int8.MAX_ERROR < errors[1]
-    assert runner.kv_dtypes == [torch.int8, torch.float32]
+    assert list(runner.kv_dtypes.values()) == [torch.int8, torch.float32]
     assert runner.kv_caches[0].scales is not None and runner.kv_caches[0].values.dtype == torch.int8
     assert runner.kv_caches[1].scales is None and runner.kv_caches[1].values.dtype == torch.float32
     cfg = llm.model_config

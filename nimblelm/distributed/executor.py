@@ -24,12 +24,14 @@ BACKENDS = ("uni", "mp", "ray")
 
 
 class Executor:
+    output_rank = 0  # the rank whose sampled tokens are the step's: the first of the last pipeline stage
+
     def collective_rpc(self, method: str, *args) -> list:
         """Every rank's Worker.method(*args), in rank order."""
         raise NotImplementedError
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.collective_rpc("execute", sched)[0]
+        return self.collective_rpc("execute", sched)[self.output_rank]
 
     def close(self) -> None:
         """Stop the ranks (an engine that is dropped closes its executor)."""
@@ -43,13 +45,14 @@ class UniExecutor(Executor):
         return [getattr(self.worker, method)(*args)]
 
 
-def make_executor(backend: str | None, spec: RunnerSpec, size: int) -> Executor:
-    """The executor of `size` ranks by backend name (None: mp); uni is built by the engine around its own runner."""
+def make_executor(backend: str | None, spec: RunnerSpec) -> Executor:
+    """The executor of the spec's ranks by backend name (None: mp); uni is built by the engine around its own
+    runner."""
     backend = backend or "mp"
-    if backend == "mp":
-        return MultiprocExecutor(spec, size)
-    if backend == "ray":
-        return RayExecutor(spec, size)
+    if backend in ("mp", "ray"):
+        executor = (MultiprocExecutor if backend == "mp" else RayExecutor)(spec)
+        executor.output_rank = spec.world_size - spec.tensor_parallel_size
+        return executor
     raise InvalidRequestError(f"distributed_executor_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
@@ -75,10 +78,10 @@ class _Host:
         return free_port()
 
 
-def _serve(conn, spec: RunnerSpec, rank: int, size: int, init_method: str) -> None:
+def _serve(conn, spec: RunnerSpec, rank: int, init_method: str) -> None:
     """A local rank's process: start, then answer calls until told to stop (None) or the engine is gone."""
     host = _Host()
-    request = ("start", (spec, rank, size, init_method, rank, size))
+    request = ("start", (spec, rank, init_method, rank, spec.world_size))
     while request[0] is not None:
         method, args = request
         try:
@@ -95,13 +98,13 @@ def _serve(conn, spec: RunnerSpec, rank: int, size: int, init_method: str) -> No
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, spec: RunnerSpec, size: int):
+    def __init__(self, spec: RunnerSpec):
         ctx = multiprocessing.get_context("spawn")  # torch's threads do not survive a fork
         init_method = f"tcp://127.0.0.1:{free_port()}"
         self.conns, self.procs = [], []
-        for rank in range(size):
+        for rank in range(spec.world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, spec, rank, size, init_method), daemon=True,
+            proc = ctx.Process(target=_serve, args=(child, spec, rank, init_method), daemon=True,
                                name=f"nimblelm-rank{rank}")
             proc.start()
             child.close()
@@ -125,7 +128,7 @@ class MultiprocExecutor(Executor):
             try:
                 replies.append(conn.recv())
             except EOFError:
-                raise RuntimeError(f"tensor-parallel rank {rank} exited (exit code {self.procs[rank].exitcode})") from None
+                raise RuntimeError(f"rank {rank} exited (exit code {self.procs[rank].exitcode})") from None
         for ok, value in replies:
             if not ok:
                 raise value
@@ -148,7 +151,8 @@ def _stop(conns, procs) -> None:
 
 
 class RayExecutor(Executor):
-    def __init__(self, spec: RunnerSpec, size: int):
+    def __init__(self, spec: RunnerSpec):
+        size = spec.world_size
         try:
             import ray
             from ray.util.placement_group import placement_group, remove_placement_group
@@ -176,7 +180,7 @@ class RayExecutor(Executor):
         # actor only its own GPU, device 0.
         local = [0 if gpu else ips[:rank].count(ip) for rank, ip in enumerate(ips)]
         try:
-            ray.get([a.start.remote(spec, rank, size, init_method, local[rank], ips.count(ips[rank]))
+            ray.get([a.start.remote(spec, rank, init_method, local[rank], ips.count(ips[rank]))
                      for rank, a in enumerate(self.actors)])
         except BaseException:
             self.close()

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from nimblelm.distributed import tensor_parallel
+from nimblelm.distributed.pipeline import PipelineStage
 from nimblelm.distributed.tensor_parallel import TensorParallel
 from nimblelm.engine.model_runner import ModelRunner
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
@@ -31,6 +32,12 @@ class RunnerSpec:
     gguf_direct: bool
     num_threads: int  # per rank
     options: dict = field(default_factory=dict)  # ModelRunner's keyword options (dtype, device, ...)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 class Worker:
@@ -38,10 +45,10 @@ class Worker:
         self.runner = runner
 
     @classmethod
-    def start(cls, spec: RunnerSpec, rank: int, size: int, init_method: str, local_rank: int,
-              local_size: int) -> Worker:
-        """Rank `rank` of `size`: its threads pinned to its share of this machine's cores (CPU), its process
-        group joined, its share of the model loaded."""
+    def start(cls, spec: RunnerSpec, rank: int, init_method: str, local_rank: int, local_size: int) -> Worker:
+        """Rank `rank` of the spec's world: its threads pinned to its share of this machine's cores (CPU), its
+        process groups joined, its share of the model loaded. Ranks go stage by stage: rank r is tensor-parallel
+        rank r % tp of pipeline stage r // tp."""
         device = spec.options["device"]
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -50,11 +57,19 @@ class Worker:
             _pin_threads(spec.num_threads, local_rank, local_size)
         torch.set_num_threads(spec.num_threads)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
-                                world_size=size, timeout=COLLECTIVE_TIMEOUT)
+                                world_size=spec.world_size, timeout=COLLECTIVE_TIMEOUT)
+        tp_size, pp_size = spec.tensor_parallel_size, spec.pipeline_parallel_size
+        # Every rank makes every stage's group, in the same order, as torch.distributed requires.
+        groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
         loaded = load_model(spec.model, progress=False, gguf_direct=spec.gguf_direct)
-        tp = TensorParallel(rank, size, dist.group.WORLD.group_name)
-        weights = tp.shard(loaded.config, loaded.weights)
-        return cls(ModelRunner(loaded.config, weights, **{**spec.options, "device": device}, tp=tp))
+        weights, tp, stage = loaded.weights, None, None
+        if pp_size > 1:
+            stage = PipelineStage(rank // tp_size, pp_size, loaded.config.num_layers, rank - tp_size, rank + tp_size)
+            weights = stage.keep(weights)
+        if tp_size > 1:
+            tp = TensorParallel(rank % tp_size, tp_size, groups[rank // tp_size].group_name)
+            weights = tp.shard(loaded.config, weights)
+        return cls(ModelRunner(loaded.config, weights, **{**spec.options, "device": device}, tp=tp, stage=stage))
 
     def kv_bytes_per_block(self) -> int:
         return self.runner.kv_bytes_per_block()

@@ -10,6 +10,7 @@ import torch
 
 from nimblelm.config import EngineConfig
 from nimblelm.distributed.executor import UniExecutor, make_executor
+from nimblelm.distributed.pipeline import PipelineStage
 from nimblelm.distributed.tensor_parallel import TensorParallel
 from nimblelm.distributed.worker import RunnerSpec, Worker
 from nimblelm.engine.detokenizer import IncrementalDetokenizer
@@ -65,16 +66,18 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)  # a bad name fails before the model loads
-        parallel = config.tensor_parallel_size > 1 or config.distributed_executor_backend not in (None, "uni")
-        if config.tensor_parallel_size < 1:
-            raise InvalidRequestError(f"tensor_parallel_size must be >= 1, got {config.tensor_parallel_size}")
-        if config.tensor_parallel_size > 1 and config.distributed_executor_backend == "uni":
-            raise InvalidRequestError("distributed_executor_backend='uni' runs one rank: tensor_parallel_size > 1 "
-                                      "needs 'mp' or 'ray'")
+        world = config.tensor_parallel_size * config.pipeline_parallel_size
+        parallel = world > 1 or config.distributed_executor_backend not in (None, "uni")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(config, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(config, name)}")
+        if world > 1 and config.distributed_executor_backend == "uni":
+            raise InvalidRequestError("distributed_executor_backend='uni' runs one rank: tensor_parallel_size or "
+                                      "pipeline_parallel_size > 1 needs 'mp' or 'ray'")
         # With ranks in processes of their own, num_threads is each rank's (default: the cores shared out).
         threads = config.num_threads
         if parallel and threads is None and self.device.type == "cpu":
-            threads = max(1, physical_cores() // config.tensor_parallel_size)
+            threads = max(1, physical_cores() // world)
         self.num_threads = set_threads(threads) if self.device.type == "cpu" else None
         speculative = SpeculativeConfig.from_dict(config.speculative_config) if config.speculative_config else None
         if speculative is not None and speculative.method == "layer_skip" and speculative.skip_layers is None:
@@ -143,9 +146,11 @@ class LLMEngine:
         if parallel:
             _refuse_parallel(config, loaded.quantized)
             TensorParallel.check(loaded.config, config.tensor_parallel_size)
+            PipelineStage.check(loaded.config.num_layers, config.pipeline_parallel_size)
             del loaded
-            spec = RunnerSpec(config.model, config.quantization == GGUF_DIRECT, self.num_threads, options)
-            self.executor = make_executor(config.distributed_executor_backend, spec, config.tensor_parallel_size)
+            spec = RunnerSpec(config.model, config.quantization == GGUF_DIRECT, self.num_threads, options,
+                              config.tensor_parallel_size, config.pipeline_parallel_size)
+            self.executor = make_executor(config.distributed_executor_backend, spec)
         else:
             self.runner = ModelRunner(loaded.config, loaded.weights, quantized=loaded.quantized, **options)
             del loaded
@@ -466,9 +471,11 @@ def _refuse_parallel(config: EngineConfig, quantized: dict) -> None:
     """What a model split over ranks cannot do yet: one clear error at start."""
     clash = ("speculative_config" if config.speculative_config else
              "kv_policy" if config.kv_policy else
-             "weights stored quantized (a GGUF served as stored, a quantized folder)" if quantized else None)
+             "weights stored quantized (a GGUF served as stored, a quantized folder)" if quantized else
+             # An int8 cache picks its float layers by running the whole model, which no stage holds.
+             "kv_cache_dtype int8" if config.kv_cache_dtype == "int8" and config.pipeline_parallel_size > 1 else None)
     if clash:
-        raise InvalidRequestError(f"tensor parallelism cannot be combined with {clash} yet")
+        raise InvalidRequestError(f"a model split over ranks cannot be combined with {clash} yet")
 
 
 def _complete(config: EngineConfig, model_max_len: int) -> EngineConfig:

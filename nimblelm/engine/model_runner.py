@@ -17,6 +17,7 @@ import torch
 
 from nimblelm import hugepages
 from nimblelm.config import ModelConfig
+from nimblelm.distributed.pipeline import PipelineStage
 from nimblelm.distributed.tensor_parallel import TensorParallel
 from nimblelm.engine.kv_cache.manager import kv_groups
 from nimblelm.engine.kv_cache.policy import KVPolicy
@@ -94,17 +95,19 @@ class ModelRunner:
         speculative: SpeculativeConfig | None = None,
         kv_policy: KVPolicy | None = None,
         tp: TensorParallel | None = None,
+        stage: PipelineStage | None = None,
     ):
         """Builds the model: the layers in `quantized` (module name -> (format name, tensors), as the loader
         gives them) adopt their tensors, the others load from `weights` and take `linear_method`. The KV
         cache comes with allocate_kv, once the engine has sized it. With `tp`, this runner is one rank of a
-        tensor-parallel group: `weights` are its share (TensorParallel.shard), and so are its heads and KV."""
+        tensor-parallel group: `weights` are its share (TensorParallel.shard), and so are its heads and KV. With
+        `stage`, it is one stage of a pipeline: it holds the stage's layers (PipelineStage.keep) and their KV."""
         self.config = config = config if tp is None else tp.local_config(config)
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
         with torch.device("meta"):
-            model = DecoderLM(config, max_positions=max_model_len, tp=tp)
+            model = DecoderLM(config, max_positions=max_model_len, tp=tp, stage=stage)
         self.model = model.materialize(device, dtype, weights, linear_method, quantized)
         self.weights_nbytes = _weights_nbytes(self.model)
         self.token_nbytes = _weights_nbytes(self.model, per_token=True)
@@ -116,9 +119,10 @@ class ModelRunner:
             for i, layer in enumerate(group.layers):
                 self.kv_tensor_of_layer[layer] = i
                 self.group_of_layer[layer] = g
-        num_tensors = len(self.kv_groups[0].layers)
-        # Per tensor, how its K/V are stored: an int8 cache keeps the layers int8 would distort in `dtype`.
-        self.kv_dtypes = [kv_cache_dtype] * num_tensors
+        # Per tensor held (a pipeline stage holds its own layers'), how its K/V are stored: an int8 cache keeps
+        # the layers int8 would distort in `dtype`.
+        held = range(config.num_layers) if stage is None else stage.layers
+        self.kv_dtypes = {i: kv_cache_dtype for i in sorted({self.kv_tensor_of_layer[layer] for layer in held})}
         self.int8_kv_errors: list[float] = []
         if kv_cache_dtype == torch.int8:
             self.int8_kv_errors = int8_attention_errors(
@@ -127,13 +131,13 @@ class ModelRunner:
             for layer in float_kv_layers(self.int8_kv_errors):
                 self.kv_dtypes[self.kv_tensor_of_layer[layer]] = dtype
         self.num_blocks = 0
-        self.kv_caches: list[KVCache] = []  # per layer (layers of one tensor share it)
+        self.kv_caches: list[KVCache | None] = []  # per layer (layers of one tensor share it; None: not held)
         self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
         self.kv_bits = BITS.get(kv_cache_dtype)  # an int4 or int2 cache (layers/kivi.py)
         # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it.
         # H2O's attention layers add up the attention each entry receives, a pass no trace records; a low-bit
-        # cache is read by torch ops with shapes that change every step.
-        self.capturing = (not enforce_eager and self.kernels and self.kv_bits is None
+        # cache is read by torch ops with shapes that change every step; a pipeline stage sends and receives.
+        self.capturing = (not enforce_eager and self.kernels and self.kv_bits is None and stage is None
                           and not (kv_policy is not None and kv_policy.method == "h2o"))
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
@@ -165,7 +169,7 @@ class ModelRunner:
             self._allocate_lowbit(shape, num_blocks, max_num_seqs)
             return
         offsets, nbytes = [], 0
-        for kv_dtype in self.kv_dtypes:
+        for kv_dtype in self.kv_dtypes.values():
             values_at = nbytes
             nbytes = _aligned(nbytes + math.prod(shape) * kv_dtype.itemsize)
             scales_at = nbytes
@@ -176,8 +180,8 @@ class ModelRunner:
             buf = hugepages.empty(nbytes).zero_()
         else:
             buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-        tensors = []
-        for kv_dtype, (values_at, scales_at) in zip(self.kv_dtypes, offsets):
+        tensors = {}
+        for (i, kv_dtype), (values_at, scales_at) in zip(self.kv_dtypes.items(), offsets):
             values = buf[values_at:].narrow(0, 0, math.prod(shape) * kv_dtype.itemsize).view(kv_dtype).view(shape)
             scales = None
             if kv_dtype == torch.int8:
@@ -185,9 +189,9 @@ class ModelRunner:
             received = None
             if self.kv_policy is not None and self.kv_policy.method == "h2o":
                 received = torch.zeros(shape[1:-1], dtype=torch.float32, device=self.device)
-            tensors.append(KVCache(values, scales, received))
+            tensors[i] = KVCache(values, scales, received)
         self.num_blocks = num_blocks
-        self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
+        self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
         if self.speculative is not None:
             self.proposer = make_proposer(self.speculative, self, num_blocks, max_num_seqs)
         if self.capturing:
@@ -205,12 +209,12 @@ class ModelRunner:
         max_num_seqs sequences (more are added when more sequences are held at once)."""
         packed = (*shape[:-1], shape[-1] * self.kv_bits // 8)
         rows = max_num_seqs * len(self.kv_groups)
-        tensors = [KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
-                           lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rows, self.dtype, self.device))
-                   for _ in self.kv_dtypes]
+        tensors = {i: KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
+                              lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rows, self.dtype, self.device))
+                   for i in self.kv_dtypes}
         self.num_blocks = num_blocks
         self.free_residual_rows = list(range(max_num_seqs - 1, -1, -1))
-        self.kv_caches = [tensors[i] for i in self.kv_tensor_of_layer]
+        self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
 
     def kv_bytes_beside_blocks(self, max_num_seqs: int) -> int:
         """Bytes of KV memory that are not blocks: a low-bit cache's residual rows."""
@@ -225,7 +229,8 @@ class ModelRunner:
         if self.kv_bits is not None:
             return len(self.kv_dtypes) * LowBitKV.bytes_per_block(self.kv_bits, self.block_size, cfg.num_kv_heads,
                                                                   cfg.head_dim)
-        per_head = sum(cfg.head_dim * t.itemsize + (4 if t == torch.int8 else 0) for t in self.kv_dtypes)  # + scale
+        per_head = sum(cfg.head_dim * t.itemsize + (4 if t == torch.int8 else 0)  # + scale
+                       for t in self.kv_dtypes.values())
         return 2 * cfg.num_kv_heads * per_head * self.block_size
 
     @torch.inference_mode()
@@ -248,6 +253,8 @@ class ModelRunner:
         else:
             metas = [group_metas[g] for g in self.group_of_layer]
             hidden = self.model(input_ids, batch.positions, self.kv_caches, metas)
+            if hidden is None:  # a pipeline stage before the last: its output went on to the next stage
+                return ModelRunnerOutput([], [])
         for req_id, plan in sched.compactions.items():
             self._compact(req_id, sched.num_scheduled_tokens[req_id], plan, batch)
         prompt_logprobs = self._prompt_logprobs(hidden, batch.prompt_rows) if batch.prompt_rows else {}
@@ -492,7 +499,7 @@ class ModelRunner:
         if req_id not in self.residual_rows:
             if not self.free_residual_rows:  # more sequences held than max_num_seqs (preempted ones wait)
                 held = len(self.residual_rows)
-                for lowbit in {id(c.lowbit): c.lowbit for c in self.kv_caches}.values():
+                for lowbit in {id(c.lowbit): c.lowbit for c in self.kv_caches if c is not None}.values():
                     lowbit.grow(2 * held * len(self.kv_groups), self.block_size)
                 self.free_residual_rows = list(range(2 * held - 1, held - 1, -1))
             self.residual_rows[req_id] = self.free_residual_rows.pop()

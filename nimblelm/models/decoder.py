@@ -26,6 +26,7 @@ from nimblelm.layers.rotary import RotaryEmbedding, apply_rotary
 from nimblelm.quantization import formats
 
 if TYPE_CHECKING:
+    from nimblelm.distributed.pipeline import PipelineStage
     from nimblelm.distributed.tensor_parallel import TensorParallel
 
 
@@ -170,12 +171,15 @@ class DecoderLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TensorParallel | None = None):
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TensorParallel | None = None,
+                 stage: PipelineStage | None = None):
         """tp: this rank's place in a tensor-parallel group; cfg is then the rank's share of the model
-        (TensorParallel.local_config), and the token table and output layer hold the rank's vocabulary slice."""
+        (TensorParallel.local_config), and the token table and output layer hold the rank's vocabulary slice.
+        stage: this rank's pipeline stage; it holds only the stage's layers (the others are empty places)."""
         super().__init__()
         self.config = cfg
         self.tp = tp
+        self.stage = stage
         self.vocab = range(cfg.vocab_size) if tp is None else tp.vocab(cfg)
         # Rope variant 0 serves every layer but the sliding-window ones when they have a base of their own (1).
         ropes = [(cfg.rope_theta, cfg.rope_scaling)]
@@ -184,8 +188,10 @@ class DecoderLM(nn.Module):
         sliding_rope = len(ropes) - 1
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, ropes)
         self.embed_tokens = nn.Embedding(len(self.vocab), cfg.hidden_size)
+        held = range(cfg.num_layers) if stage is None else stage.layers
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, 0 if window is None else sliding_rope, tp) for window in cfg.layer_windows
+            DecoderLayer(cfg, 0 if window is None else sliding_rope, tp) if i in held else nn.Identity()
+            for i, window in enumerate(cfg.layer_windows)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, len(self.vocab), bias=False)
@@ -247,11 +253,20 @@ class DecoderLM(nn.Module):
         layers: list[int] | None = None,
     ) -> torch.Tensor:
         """metas: each layer's attention metadata (layers with the same window share one). layers: the
-        indices of the layers to run, in order (default all); the others pass the residual stream on."""
-        x, residual = self.embed(input_ids), None
+        indices of the layers to run, in order (default all, or the stage's); the others pass the residual stream
+        on. A pipeline stage before the last sends its output on and returns None."""
+        stage = self.stage
+        if stage is None or stage.first:
+            x, residual = self.embed(input_ids), None
+        else:
+            x, residual = stage.receive(len(input_ids), self.config.hidden_size, self.norm.weight.dtype,
+                                        input_ids.device)
         ropes = self.rotary(positions)
-        for i in range(len(self.layers)) if layers is None else layers:
+        for i in (range(len(self.layers)) if stage is None else stage.layers) if layers is None else layers:
             x, residual = self.layers[i](x, residual, ropes, kv_caches[i], metas[i])
+        if stage is not None and not stage.last:
+            stage.send(x, residual)
+            return None
         return x + residual
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

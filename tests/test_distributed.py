@@ -1,4 +1,5 @@
-"""Tensor parallelism (distributed/) against one process on the same weights.
+"""A model split over ranks (distributed/): tensor parallelism and pipeline stages, against one process on the
+same weights.
 
 The oracle is the engine's own single-process path: a model split over ranks computes the same sums in another
 order, so in float32 greedy tokens are identical and log-probabilities agree to float rounding (TOLERANCE, relative
@@ -129,6 +130,18 @@ def test_greedy_output_matches_one_process(tiny_models, arch, size, options):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch,tp,pp", [("llama", 1, 2), ("gemma3", 1, 3), ("qwen2", 2, 2)])
+def test_pipeline_stages_match_one_process(tiny_models, arch, tp, pp):
+    """Layers cut into stages (Gemma 3's six over three stages: its sliding and global layers on different ones),
+    alone and with each stage split over two ranks."""
+    options = {"dtype": "float32", "max_model_len": 256}
+    ref = LLM(str(tiny_models[arch]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = LLM(str(tiny_models[arch]), tensor_parallel_size=tp, pipeline_parallel_size=pp, **options)
+    assert len(llm.llm_engine.executor.procs) == tp * pp
+    _assert_same(ref, llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+
+
+@pytest.mark.slow
 def test_ranks_follow_chunks_and_preemption(tiny_models):
     """Prefill in chunks of 8 tokens beside decodes, and a sequence preempted for want of blocks: the ranks know
     only what the step contract tells them."""
@@ -160,10 +173,14 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_ray_executor_runs_tensor_parallel(tiny_models, local_ray):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_ray_executor_runs_the_ranks(tiny_models, local_ray, tp, pp):
+    """One Ray actor per rank on a local cluster of 2 CPUs: two tensor-parallel ranks, or two pipeline stages."""
     options = {"dtype": "float32", "max_model_len": 256}
     ref = LLM(str(tiny_models["qwen2"]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
-    llm = LLM(str(tiny_models["qwen2"]), tensor_parallel_size=2, distributed_executor_backend="ray", **options)
+    llm = LLM(str(tiny_models["qwen2"]), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+              distributed_executor_backend="ray", **options)
+    assert len(llm.llm_engine.executor.actors) == 2
     _assert_same(ref, llm.generate(PROMPTS, PARAMS, use_tqdm=False))
     llm.llm_engine.executor.close()
 
@@ -176,6 +193,9 @@ def test_ray_executor_runs_tensor_parallel(tiny_models, local_ray):
     ({"tensor_parallel_size": 2, "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
      "speculative_config"),
     ({"tensor_parallel_size": 2, "kv_policy": {"method": "streaming", "budget": 64}}, "kv_policy"),
+    ({"pipeline_parallel_size": 3}, "exceeds the model's 2 layers"),
+    ({"pipeline_parallel_size": 0}, "must be >= 1"),
+    ({"pipeline_parallel_size": 2, "kv_cache_dtype": "int8"}, "kv_cache_dtype int8"),
 ])
 def test_impossible_options_fail_at_start(tiny_models, options, message):
     with pytest.raises(InvalidRequestError, match=message):
@@ -184,13 +204,12 @@ def test_impossible_options_fail_at_start(tiny_models, options, message):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
-def test_packaged_models_split_over_two_ranks(model):
-    """SmolLM2-135M's 9 heads and 3 KV heads go 3 + 6 and 1 + 2; gemma3-270m's one KV head is on both ranks."""
+def test_packaged_model_split_over_two_ranks():
+    """SmolLM2-135M's 9 query heads in 3 KV groups go 3 + 6 over two ranks."""
     params = SamplingParams(max_tokens=32, temperature=0, logprobs=1)
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
-    ref = LLM(model, dtype="float32").generate(prompts, params, use_tqdm=False)
-    out = LLM(model, dtype="float32", tensor_parallel_size=2).generate(prompts, params, use_tqdm=False)
+    ref = LLM("smollm2-135m", dtype="float32").generate(prompts, params, use_tqdm=False)
+    out = LLM("smollm2-135m", dtype="float32", tensor_parallel_size=2).generate(prompts, params, use_tqdm=False)
     for a, b in zip(ref, out):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
