@@ -41,6 +41,14 @@ def add_serve_subparser(sub, engine_args, engine_fields: list[str]) -> None:
     g.add_argument("--prompt-compression-scorer", default=SCORER_MODEL,
                    help="the small model that scores prompts for requests with prompt_compression (loaded on "
                         "the first such request)")
+    g = p.add_argument_group("replicas (Ray Serve)")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine replicas behind the one endpoint, each with its own model copy and KV cache; more "
+                        "than 1 serves through Ray Serve (a local Ray cluster unless RAY_ADDRESS names one)")
+    g.add_argument("--ray-serve", action="store_true",
+                   help="serve through Ray Serve even with one replica (prefix-aware routing, Ray's metrics)")
+    g.add_argument("--min-replicas", type=int, default=None, help="Ray Serve autoscaling: at least this many")
+    g.add_argument("--max-replicas", type=int, default=None, help="Ray Serve autoscaling: at most this many")
     engine_args(p)
     _defaults_from_env(p)
     p.set_defaults(func=lambda args: serve(args, engine_fields))
@@ -93,28 +101,26 @@ def serve(args, engine_fields: list[str]) -> int:
             raise InvalidRequestError(f"{flag} must be >= 0, got {value}")
     if args.shutdown_timeout < 0:
         raise InvalidRequestError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    for flag, value in (("--data-parallel-size", args.data_parallel_size), ("--min-replicas", args.min_replicas),
+                        ("--max-replicas", args.max_replicas)):
+        if value is not None and value < 1:
+            raise InvalidRequestError(f"{flag} must be >= 1, got {value}")
     sock = _bind(args.host, args.port)  # before the heavy imports: a taken port fails at once
     host, port = sock.getsockname()[:2]
+    settings = _settings(args, host, port)
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if args.ray_serve or args.data_parallel_size > 1 or args.min_replicas or args.max_replicas:
+        sock.close()  # Ray Serve's proxy binds it
+        return _serve_on_ray(args, engine_fields, settings, url)
     try:
         import uvicorn
 
         from nimblelm.llm import LLM
-        from nimblelm.server.app import ServerSettings, build_app
+        from nimblelm.server.app import build_app
         from nimblelm.server.async_engine import EngineThread
 
         engine_thread = EngineThread()
         llm = engine_thread.call(lambda: LLM(args.model, **{k: getattr(args, k) for k in engine_fields}))
-        settings = ServerSettings(
-            model_name=args.served_model_name or args.model,
-            host=host,
-            port=port,
-            api_key=args.api_key or None,
-            max_request_bytes=args.max_request_bytes,
-            max_waiting_requests=args.max_waiting_requests,
-            shutdown_timeout=args.shutdown_timeout,
-            prompt_compression_scorer=args.prompt_compression_scorer,
-        )
-        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
         def ready() -> None:
             print(f"nimblelm serve: {settings.model_name} on {url}/v1 (ready; {llm.llm_engine.precision})", flush=True)
@@ -135,3 +141,60 @@ def serve(args, engine_fields: list[str]) -> int:
         sock.close()
     print("nimblelm serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _settings(args, host: str, port: int):
+    from nimblelm.server.app import ServerSettings
+
+    return ServerSettings(
+        model_name=args.served_model_name or args.model,
+        host=host,
+        port=port,
+        api_key=args.api_key or None,
+        max_request_bytes=args.max_request_bytes,
+        max_waiting_requests=args.max_waiting_requests,
+        shutdown_timeout=args.shutdown_timeout,
+        prompt_compression_scorer=args.prompt_compression_scorer,
+    )
+
+
+def _serve_on_ray(args, engine_fields: list[str], settings, url: str) -> int:
+    """The replicas on Ray Serve (server/ray_serve.py) until SIGTERM or SIGINT."""
+    import threading
+
+    import ray
+    from ray import serve as ray_serve
+
+    from nimblelm.platform import physical_cores
+    from nimblelm.server.ray_serve import build_app
+
+    options = {k: getattr(args, k) for k in engine_fields}
+    replicas = args.max_replicas or args.data_parallel_size
+    # One machine's cores shared out between the replicas that may run on it at once.
+    options["num_threads"] = options["num_threads"] or max(1, physical_cores() // replicas)
+    ray.init(include_dashboard=False, log_to_driver=args.log_level == "debug")
+    for sig in (signal.SIGINT, signal.SIGTERM):  # while replicas start too: the finally below stops them
+        signal.signal(sig, _interrupt)
+    try:
+        ray_serve.start(http_options={"host": settings.host, "port": settings.port})
+        autoscaling = args.min_replicas is not None or args.max_replicas is not None
+        ray_serve.run(build_app(args.model, options, settings,
+                                num_replicas=None if autoscaling else args.data_parallel_size,
+                                min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                                cpus_per_replica=options["num_threads"]),
+                      name="nimblelm", route_prefix="/")
+        print(f"nimblelm serve: {settings.model_name} on {url}/v1 (ready; Ray Serve, "
+              f"{'autoscaling ' + str(args.min_replicas or 1) + '-' + str(replicas) if autoscaling else replicas} "
+              f"replica{'s' if replicas > 1 else ''} of {options['num_threads']} threads)", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+    print("nimblelm serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
