@@ -182,14 +182,17 @@ def build_app(model: str, engine_options: dict | None = None, settings: ServerSe
         scaling = {"autoscaling_config": AutoscalingConfig(
             min_replicas=min_replicas or 1, max_replicas=max_replicas or min_replicas or 1,
             target_ongoing_requests=engine_options.get("max_num_seqs", 64))}
+    per_replica = engine_options.get("max_num_seqs", 64) + settings.max_waiting_requests
     replica = serve.deployment(
         EngineReplica, name="nimblelm-engine",
         ray_actor_options={"num_cpus": cpus_per_replica},
-        max_ongoing_requests=engine_options.get("max_num_seqs", 64) + settings.max_waiting_requests,
+        max_ongoing_requests=per_replica,
         graceful_shutdown_timeout_s=settings.shutdown_timeout,
         request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
         **scaling,
     ).bind(model, engine_options, settings)
-    # The ingress only forwards bytes: it reserves no CPU, so the replicas can take every core.
-    return serve.deployment(Ingress, name="nimblelm-ingress",
-                            ray_actor_options={"num_cpus": 0}).bind(replica)
+    # The ingress only forwards bytes: it reserves no CPU, so the replicas can take every core, and it holds as
+    # many requests as every replica may (Ray Serve's default of 5 would cap each engine's batch).
+    most = max_replicas or num_replicas or min_replicas or 1
+    return serve.deployment(Ingress, name="nimblelm-ingress", ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=most * per_replica).bind(replica)
