@@ -31,6 +31,16 @@ def tiny_server(tiny_qwen):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster of 2 CPUs for the module's tests (each module its own: a `nimblelm serve` that starts
+    Ray in another process must not find this one)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf():
     """The packaged SmolLM2-135M's float32 weights as a Hugging Face folder (for peers that load only those),

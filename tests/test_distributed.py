@@ -164,14 +164,6 @@ def test_int4_weights_split_over_ranks(tiny_models):
     _assert_same(ref, out, prompt_tolerance=0.1)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_ray_executor_runs_the_ranks(tiny_models, local_ray, tp, pp):

@@ -41,8 +41,9 @@ class RunnerSpec:
 
 
 class Worker:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, rank: int = 0):
         self.runner = runner
+        self.rank = rank
 
     @classmethod
     def start(cls, spec: RunnerSpec, rank: int, init_method: str, local_rank: int, local_size: int) -> Worker:
@@ -69,7 +70,7 @@ class Worker:
         if tp_size > 1:
             tp = TensorParallel(rank % tp_size, tp_size, groups[rank // tp_size].group_name)
             weights = tp.shard(loaded.config, weights)
-        return cls(ModelRunner(loaded.config, weights, **{**spec.options, "device": device}, tp=tp, stage=stage))
+        return cls(ModelRunner(loaded.config, weights, **{**spec.options, "device": device}, tp=tp, stage=stage), rank)
 
     def kv_bytes_per_block(self) -> int:
         return self.runner.kv_bytes_per_block()
@@ -82,6 +83,13 @@ class Worker:
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
+
+    def read_blocks(self, block_ids: list[list[int]]) -> list:
+        return self.runner.read_blocks(block_ids)
+
+    def write_blocks(self, block_ids: list[list[tuple[int, int]]], kv_by_rank: list[list]) -> None:
+        """kv_by_rank: every rank's read_blocks of the exporting engine, laid out as this one's ranks."""
+        self.runner.write_blocks(block_ids, kv_by_rank[self.rank])
 
     def weights_nbytes(self) -> int:
         return self.runner.weights_nbytes

@@ -16,6 +16,7 @@ from nimblelm.distributed.worker import RunnerSpec, Worker
 from nimblelm.engine.detokenizer import IncrementalDetokenizer
 from nimblelm.engine.kv_cache.manager import KVCacheManager, kv_groups
 from nimblelm.engine.kv_cache.policy import KVPolicy
+from nimblelm.engine.kv_cache.transfer import PrefixKV
 from nimblelm.engine.model_runner import ModelRunner
 from nimblelm.engine.scheduler import Scheduler, SchedulerConfig
 from nimblelm.engine.sequence import Request, Sequence
@@ -158,7 +159,8 @@ class LLMEngine:
         num_blocks = self._num_blocks(config)
         self.executor.collective_rpc("allocate_kv", num_blocks, config.max_num_seqs)
         # Cached blocks are only ever reused within this engine; the salt still names what shapes the K/V.
-        salt = f"{config.model}|{self.dtype}|{self.kv_dtype}|{config.quantization}".encode()
+        salt = (f"{config.model}|{self.dtype}|{self.kv_dtype}|{config.quantization}|{config.block_size}|"
+                f"{config.tensor_parallel_size}x{config.pipeline_parallel_size}").encode()
         self.kv_cache_manager = KVCacheManager(
             num_blocks, config.block_size, [g.window for g in self.kv_groups], self._prefix_caching(kv_policy), salt,
         )
@@ -283,6 +285,26 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
+
+    def export_prefix(self, prompt: Prompt) -> PrefixKV:
+        """The K/V of the prompt's full blocks that this engine holds in its prefix cache (after computing the
+        prompt), for another engine of the same model and layout to import_prefix."""
+        token_ids = self._tokenize(prompt)[1]
+        hashes, groups = self.kv_cache_manager.prefix_blocks(token_ids)
+        kv = self.executor.collective_rpc("read_blocks", [ids for _, ids in groups])
+        return PrefixKV(self.kv_cache_manager.salt, hashes, [first for first, _ in groups], kv)
+
+    def import_prefix(self, prefix: PrefixKV) -> int:
+        """File another engine's prompt blocks in this one's prefix cache, so that the prompt's request finds them;
+        returns the blocks written (0 where they are cached already or the cache has no free blocks for them)."""
+        if prefix.salt != self.kv_cache_manager.salt:
+            raise InvalidRequestError("import_prefix: the blocks come from an engine whose model, dtypes, block size "
+                                      "or parallel layout differ from this one's")
+        placed = self.kv_cache_manager.adopt_prefix(prefix.hashes, prefix.firsts)
+        if not placed or not any(placed):
+            return 0
+        self.executor.collective_rpc("write_blocks", placed, prefix.kv)
+        return sum(map(len, placed))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prompt prefix (as vLLM's): False, changing nothing, while requests run."""

@@ -23,6 +23,7 @@ from nimblelm.engine.kv_cache.manager import kv_groups
 from nimblelm.engine.kv_cache.policy import KVPolicy
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.step_capture import StepCapture
+from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan, compact
@@ -232,6 +233,38 @@ class ModelRunner:
         per_head = sum(cfg.head_dim * t.itemsize + (4 if t == torch.int8 else 0)  # + scale
                        for t in self.kv_dtypes.values())
         return 2 * cfg.num_kv_heads * per_head * self.block_size
+
+    def read_blocks(self, block_ids: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """Per layer, the K/V (and int8 scales) of its group's blocks block_ids[g], on the CPU; None for a layer
+        this runner does not hold."""
+        self._refuse_lowbit_transfer()
+        out = []
+        for cache, g in zip(self.kv_caches, self.group_of_layer):
+            if cache is None:
+                out.append(None)
+                continue
+            ids = torch.tensor(block_ids[g], dtype=torch.long, device=self.device)
+            scales = None if cache.scales is None else cache.scales[:, ids].cpu()
+            out.append((cache.values[:, ids].cpu(), scales))
+        return out
+
+    def write_blocks(self, block_ids: list[list[tuple[int, int]]],
+                     kv: list[tuple[torch.Tensor, torch.Tensor | None] | None]) -> None:
+        """Into each layer's blocks, per group (index, block id), the K/V of read_blocks' entry `index`."""
+        self._refuse_lowbit_transfer()
+        for cache, g, layer_kv in zip(self.kv_caches, self.group_of_layer, kv):
+            if cache is None or not block_ids[g]:
+                continue
+            index = torch.tensor([i for i, _ in block_ids[g]], dtype=torch.long)
+            ids = torch.tensor([b for _, b in block_ids[g]], dtype=torch.long, device=self.device)
+            values, scales = layer_kv
+            cache.values[:, ids] = values[:, index].to(self.device, cache.values.dtype)
+            if cache.scales is not None:
+                cache.scales[:, ids] = scales[:, index].to(self.device)
+
+    def _refuse_lowbit_transfer(self) -> None:
+        if self.kv_bits is not None:
+            raise InvalidRequestError("moving KV blocks between engines is not built for int4 and int2 caches yet")
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from nimblelm.engine.kv_cache.block_pool import Block, BlockPool
@@ -39,6 +39,16 @@ class KVRequest(Protocol):
     token_ids: list[int]
     num_computed_tokens: int
     block_hashes: list[bytes]  # chained hashes of its full blocks, filled by the manager
+
+
+@dataclass
+class _Probe:
+    """A prompt looked up in the prefix cache without being a sequence."""
+
+    token_ids: list[int]
+    seq_id: int = -1
+    num_computed_tokens: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -175,6 +185,36 @@ class KVCacheManager:
             for j in range(max(held.num_cached, dropped), full):
                 self.pool.cache(table[j - dropped], (g, hashes[j]))
         held.num_cached = full
+
+    # -- a prefix computed by another engine (disaggregated prefill) ------------------------------
+
+    def prefix_blocks(self, token_ids: list[int]) -> tuple[list[bytes], list[tuple[int, list[int]]]]:
+        """The cached full blocks at the start of a prompt: their hashes, and per group the first block it holds
+        (a sliding group only those a query after them sees) and the ids of its blocks from there on."""
+        probe = _Probe(list(token_ids))
+        k = self.cached_prefix(probe) // self.block_size
+        return self._hashes(probe)[:k], [(first, [b.block_id for b in blocks])
+                                         for blocks, first in self._cached_blocks(probe, k)]
+
+    def adopt_prefix(self, hashes: list[bytes], firsts: list[int]) -> list[list[tuple[int, int]]] | None:
+        """Free blocks, filed in the prefix cache under another engine's hashes (per group, its blocks from
+        firsts[g] on), for that engine's K/V to be written into before the next step. Returns per group the
+        (index among the group's blocks, block id) of each block taken: the blocks already cached here take none.
+        None, changing nothing, when the pool cannot supply them."""
+        if not self.enable_prefix_caching:
+            return None
+        wanted = [[i for i, h in enumerate(hashes[first:]) if self.pool.lookup((g, h)) is None]
+                  for g, first in enumerate(firsts)]
+        if sum(map(len, wanted)) > self.pool.num_free:
+            return None
+        placed = []
+        for g, (first, indices) in enumerate(zip(firsts, wanted)):
+            blocks = self.pool.take(len(indices))
+            for i, block in zip(indices, blocks):
+                self.pool.cache(block, (g, hashes[first + i]))
+            self.pool.release(blocks)  # free, and found by their hashes until evicted
+            placed.append([(i, b.block_id) for i, b in zip(indices, blocks)])
+        return placed
 
     # -- allocation -----------------------------------------------------------------------------
 

@@ -1,0 +1,69 @@
+"""Disaggregated prefill and decode: a prompt's KV blocks computed by one engine, imported by another, which must
+then generate exactly what an engine that computed the prompt itself generates (float32: identical greedy tokens,
+log-probabilities to float rounding) while computing only the prompt's last, partial block."""
+
+import pytest
+from tiny_models import make_tiny_hf_model
+
+from nimblelm import LLM, InvalidRequestError, SamplingParams
+
+PROMPTS = [
+    "Rivers flow to the sea, mountains rise toward the sky, and forests cover the rolling hills. " * 3,
+    "The scheduler decides which sequences run, and the model runner decides how they run on the device.",
+]
+PARAMS = SamplingParams(max_tokens=16, temperature=0, logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("disagg")
+    return {arch: str(make_tiny_hf_model(root / arch, arch=arch, initializer_range=0.3)) for arch in ("qwen2", "gemma3")}
+
+
+def _same(ref, out) -> None:
+    for a, b in zip(ref, out):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            token = next(iter(x))
+            assert abs(x[token].logprob - y[token].logprob) < 1e-4 * max(1.0, abs(x[token].logprob))
+
+
+@pytest.mark.parametrize("arch,options", [
+    ("qwen2", {}),
+    ("gemma3", {}),  # sliding-window layers: only the window's blocks travel for them
+    ("qwen2", {"kv_cache_dtype": "int8"}),  # scales travel with the values
+    ("qwen2", {"tensor_parallel_size": 2}),  # each rank's heads to the same rank of the other engine
+])
+def test_imported_prefix_decodes_as_if_computed_here(tiny, arch, options):
+    options = {"dtype": "float32", "max_model_len": 256, **options}
+    ref = LLM(tiny[arch], **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    prefill, decode = LLM(tiny[arch], **options), LLM(tiny[arch], **options)
+    prefill.generate(PROMPTS, SamplingParams(max_tokens=1), use_tqdm=False)
+    written = sum(decode.llm_engine.import_prefix(prefill.llm_engine.export_prefix(p)) for p in PROMPTS)
+    assert written > 0
+    _same(ref, decode.generate(PROMPTS, PARAMS, use_tqdm=False))
+    stats = decode.llm_engine.stats()
+    bs = decode.llm_engine.config.block_size
+    lengths = [len(decode.tokenizer.encode(p)) for p in PROMPTS]
+    assert stats.prefix_cache_hits == sum((n - 1) // bs * bs for n in lengths)  # only the last block computed
+
+
+def test_blocks_from_another_layout_are_refused(tiny):
+    prefill = LLM(tiny["qwen2"], dtype="float32", max_model_len=256)
+    prefill.generate(PROMPTS[0], SamplingParams(max_tokens=1), use_tqdm=False)
+    prefix = prefill.llm_engine.export_prefix(PROMPTS[0])
+    with pytest.raises(InvalidRequestError, match="differ"):
+        LLM(tiny["qwen2"], dtype="float32", max_model_len=256, kv_cache_dtype="float16").llm_engine.import_prefix(prefix)
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_instances_on_ray(tiny, local_ray):
+    from nimblelm.distributed.disaggregated import DisaggregatedLLM
+
+    options = {"dtype": "float32", "max_model_len": 256}
+    ref = LLM(tiny["qwen2"], **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = DisaggregatedLLM(tiny["qwen2"], **options)
+    _same(ref, llm.generate(PROMPTS, PARAMS))
+    prefill_stats, decode_stats = llm.stats()
+    assert decode_stats.prefix_cache_hits > 0 and prefill_stats.prefix_cache_hits == 0
+    llm.close()
