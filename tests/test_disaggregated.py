@@ -58,7 +58,7 @@ def test_blocks_from_another_layout_are_refused(tiny):
 
 @pytest.mark.slow
 def test_prefill_and_decode_instances_on_ray(tiny, local_ray):
-    from nimblelm.distributed.disaggregated import DisaggregatedLLM
+    from nimblelm.distributed.disaggregated import DisaggregatedLLM, colocated, serve_online
 
     options = {"dtype": "float32", "max_model_len": 256}
     ref = LLM(tiny["qwen2"], **options).generate(PROMPTS, PARAMS, use_tqdm=False)
@@ -66,4 +66,11 @@ def test_prefill_and_decode_instances_on_ray(tiny, local_ray):
     _same(ref, llm.generate(PROMPTS, PARAMS))
     prefill_stats, decode_stats = llm.stats()
     assert decode_stats.prefix_cache_hits > 0 and prefill_stats.prefix_cache_hits == 0
+    # Online: each request handed to the decode instance once prefilled, timed from its arrival.
+    online = llm.serve([(p, PARAMS, 0.05 * i) for i, p in enumerate(PROMPTS)])
+    _same(ref, online)
+    assert all(o.metrics.arrival_time < o.metrics.first_token_time < o.metrics.finished_time for o in online)
     llm.close()
+    engine = colocated(tiny["qwen2"], cpus=1, **options)
+    _same(ref, serve_online([(p, PARAMS, 0.0) for p in PROMPTS], engine))
+    local_ray.kill(engine)

@@ -49,7 +49,8 @@ def test_router_ranks_the_prefix_owner_first():
 
 @pytest.fixture(scope="module")
 def replicas(tiny_qwen):
-    server = ServerProcess(tiny_qwen, "--dtype", "float32", "--max-model-len", "128", "--data-parallel-size", "2")
+    server = ServerProcess(tiny_qwen, "--dtype", "float32", "--max-model-len", "128", "--data-parallel-size", "2",
+                           "--shutdown-timeout", "1")
     server.model_name = str(tiny_qwen)
     yield server
     assert server.stop() == 0

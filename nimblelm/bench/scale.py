@@ -165,6 +165,12 @@ def predict_tp(single_step_s: float, num_layers: int, all_reduce_s: float, size:
     return single_step_s / size + (2 * num_layers + 2) * all_reduce_s
 
 
+def all_reduce_at(two_rank_s: float, size: int) -> float:
+    """A small all-reduce's time over `size` ranks from its time over two: a ring takes 2 (size - 1) latency-bound
+    steps, two of them at two ranks."""
+    return two_rank_s * (size - 1)
+
+
 def run_scale(model: str, dtype: str, size: int, batch: list[BenchRequest], alone: BenchRequest,
               configurations: Sequence[str], hidden: int, num_layers: int, logger) -> dict:
     rows = []
@@ -176,8 +182,13 @@ def run_scale(model: str, dtype: str, size: int, batch: list[BenchRequest], alon
     model_check = None
     if "single" in by_name and "tp" in by_name:
         # A step pays the all-reduces' mean: their times have a long tail (a woken rank that waits for a tick).
-        predicted = predict_tp(by_name["single"]["alone_step_ms"] / 1000, num_layers, probe[1]["mean_s"], size)
-        model_check = {"predicted_step_ms": 1000 * predicted, "measured_step_ms": by_name["tp"]["alone_step_ms"]}
+        single, measured = by_name["single"]["alone_step_ms"] / 1000, probe[1]["mean_s"]
+        two_ranks = measured / (size - 1)  # the probe ran over `size` ranks
+        model_check = {"predicted_step_ms": 1000 * predict_tp(single, num_layers, measured, size),
+                       "measured_step_ms": by_name["tp"]["alone_step_ms"],
+                       # Machines like this one, one rank a core, each all-reduce as measured here scaled to n ranks.
+                       "predicted_tok_s": {n: 1 / predict_tp(single, num_layers, all_reduce_at(two_ranks, n), n)
+                                           for n in (2, 4, 8)}}
     return {"rows": rows, "all_reduce_s": probe, "model_check": model_check}
 
 
@@ -206,5 +217,7 @@ def scale_markdown(report: dict) -> str:
     if s.get("model_check"):
         m = s["model_check"]
         lines += ["", (f"Cost model (bench/scale.py predict_tp), batch-1 decode step at {cfg['size']} ranks: predicted "
-                  f"{m['predicted_step_ms']:.1f} ms, measured {m['measured_step_ms']:.1f} ms.")]
+                  f"{m['predicted_step_ms']:.1f} ms, measured {m['measured_step_ms']:.1f} ms. Predicted batch-1 decode "
+                  "on ranks like these (one core each, this all-reduce scaled as a ring): "
+                  + ", ".join(f"{n} ranks {t:.1f} tok/s" for n, t in m["predicted_tok_s"].items()) + ".")]
     return "\n".join(lines) + "\n"

@@ -11,67 +11,176 @@ generation therefore never shares a step with another prompt's long prefill.
 
 from __future__ import annotations
 
+import queue
+import time
 from collections.abc import Sequence
 
 from nimblelm.errors import InvalidRequestError
+from nimblelm.llm import LLM
 from nimblelm.outputs import RequestOutput
 from nimblelm.sampling_params import SamplingParams
 
 
 class _Instance:
-    """An LLM in a Ray actor."""
+    """An engine in a Ray actor. `generate`-style calls run it offline; `submit` and `collect` run it online: a
+    thread of its own steps it (the thread that built it: server/async_engine.EngineThread says why) while requests
+    come in and results go out. role "prefill" computes prompts and hands out their blocks; "decode" (and
+    "both", a colocated engine) generates."""
 
-    def __init__(self, model: str, options: dict):
-        from nimblelm.llm import LLM
+    def __init__(self, model: str, options: dict, role: str = "both"):
+        from nimblelm.server.async_engine import EngineThread
 
-        self.llm = LLM(model, **options)
+        self.role = role
+        self.thread = EngineThread()
+        self.llm = self.thread.call(lambda: LLM(model, **options))
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.online = None  # the thread's loop, from the first submit on
 
     def prefill(self, prompts: list) -> list:
         """Compute the prompts (each to its first sampled token) and return each one's prefix KV."""
-        self.llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
-        return [self.llm.llm_engine.export_prefix(p) for p in prompts]
+        def run():
+            self.llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
+            return [self.llm.llm_engine.export_prefix(p) for p in prompts]
+        return self.thread.call(run)
 
     def decode(self, prompts: list, params: list[SamplingParams], prefixes: list) -> list[RequestOutput]:
+        def run():
+            for prefix in prefixes:
+                self.llm.llm_engine.import_prefix(prefix)
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        return self.thread.call(run)
+
+    def submit(self, requests: list[tuple]) -> None:
+        """(request_id, prompt, params, arrival_time, prefix or a Ray reference to it or None) each."""
+        for request in requests:
+            self.inbox.put(request)
+        if self.online is None:
+            self.online = self.thread.submit(self._serve)
+
+    def collect(self) -> list[tuple]:
+        """What happened since the last call: ("prefilled", request_id, a Ray reference to its PrefixKV) from a
+        prefill instance, ("done", request_id, RequestOutput) from the others."""
+        if self.online is not None and self.online.done():
+            self.online.result()  # the loop died: raise its error here
+        out = []
+        while not self.events.empty():
+            out.append(self.events.get())
+        return out
+
+    def _serve(self) -> None:
+        import ray
+
         engine = self.llm.llm_engine
-        for prefix in prefixes:
-            engine.import_prefix(prefix)
-        return self.llm.generate(prompts, params, use_tqdm=False)
+        prompts = {}
+        while True:
+            requests = [] if engine.has_unfinished_requests() else [self.inbox.get()]
+            while not self.inbox.empty():
+                requests.append(self.inbox.get())
+            for request_id, prompt, params, arrival, prefix in requests:
+                if prefix is not None:
+                    engine.import_prefix(ray.get(prefix) if isinstance(prefix, ray.ObjectRef) else prefix)
+                if self.role == "prefill":
+                    prompts[request_id], params = prompt, SamplingParams(max_tokens=1)
+                engine.add_request(request_id, prompt, params, arrival_time=arrival)
+            if not engine.has_unfinished_requests():
+                continue
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                if self.role == "prefill":
+                    prefix = engine.export_prefix(prompts.pop(out.request_id))
+                    self.events.put(("prefilled", out.request_id, ray.put(prefix)))
+                else:
+                    self.events.put(("done", out.request_id, out))
 
     def stats(self):
         return self.llm.llm_engine.stats()
 
 
 class DisaggregatedLLM:
-    """`generate` as LLM's, with prompts computed on a prefill instance and generated on a decode instance."""
+    """`generate` as LLM's, with prompts computed on a prefill instance and generated on a decode instance; `serve`
+    runs requests as they arrive."""
 
     def __init__(self, model: str, prefill_options: dict | None = None, decode_options: dict | None = None,
                  cpus_per_instance: float = 1, **options):
         """options: engine options of both instances; prefill_options and decode_options add to them."""
-        try:
-            import ray
-        except ImportError:
-            raise InvalidRequestError("disaggregated prefill and decode need Ray: pip install 'nimblelm[ray]'") from None
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
-        self._ray = ray
+        ray = _ray()
         instance = ray.remote(_Instance).options(num_cpus=cpus_per_instance)
         threads = {"num_threads": max(1, int(cpus_per_instance))}
-        self.prefill = instance.remote(model, {**threads, **options, **(prefill_options or {})})
-        self.decode = instance.remote(model, {**threads, **options, **(decode_options or {})})
+        self.prefill = instance.remote(model, {**threads, **options, **(prefill_options or {})}, "prefill")
+        self.decode = instance.remote(model, {**threads, **options, **(decode_options or {})}, "decode")
 
     def generate(self, prompts: Sequence, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        prompts = list(prompts)
-        params = sampling_params or SamplingParams()
-        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        prompts, params = _with_params(prompts, sampling_params)
         # The prefill instance's result stays in the object store; the decode instance reads it from there.
         prefixes = self.prefill.prefill.remote(prompts)
-        return self._ray.get(self.decode.decode.remote(prompts, params, prefixes))
+        return _ray().get(self.decode.decode.remote(prompts, params, prefixes))
+
+    def serve(self, requests: Sequence[tuple]) -> list[RequestOutput]:
+        """(prompt, params, arrival in seconds from now) each: submitted to the prefill instance when it arrives,
+        to the decode instance once prefilled. The outputs' metrics time each request from its arrival."""
+        return serve_online(requests, self.prefill, self.decode)
 
     def stats(self):
         """(the prefill instance's EngineStats, the decode instance's)."""
-        return tuple(self._ray.get([self.prefill.stats.remote(), self.decode.stats.remote()]))
+        return tuple(_ray().get([self.prefill.stats.remote(), self.decode.stats.remote()]))
 
     def close(self) -> None:
         for actor in (self.prefill, self.decode):
-            self._ray.kill(actor)
+            _ray().kill(actor)
+
+
+def colocated(model: str, cpus: float = 2, **options):
+    """One engine in a Ray actor, the baseline `serve_online(requests, it)` measures disaggregation against."""
+    ray = _ray()
+    return ray.remote(_Instance).options(num_cpus=cpus).remote(model, {"num_threads": max(1, int(cpus)), **options})
+
+
+def serve_online(requests: Sequence[tuple], first, second=None, poll_s: float = 0.002) -> list[RequestOutput]:
+    """Run (prompt, params, arrival offset) requests as they arrive through instance actors: `first` alone (a
+    colocated engine), or `first` prefilling and `second` decoding. Outputs in the requests' order."""
+    ray = _ray()
+    order = sorted(range(len(requests)), key=lambda i: requests[i][2])
+    start = time.perf_counter()
+    arrivals = {str(i): start + requests[i][2] for i in range(len(requests))}
+    done: dict[str, RequestOutput] = {}
+    sent = 0
+    while len(done) < len(requests):
+        now = time.perf_counter()
+        due = []
+        while sent < len(order) and arrivals[str(order[sent])] <= now:
+            i = order[sent]
+            due.append((str(i), requests[i][0], requests[i][1], arrivals[str(i)], None))
+            sent += 1
+        if due:
+            first.submit.remote(due)
+        events = ray.get(first.collect.remote()) + (ray.get(second.collect.remote()) if second is not None else [])
+        handoff = []
+        for kind, request_id, payload in events:
+            if kind == "done":
+                done[request_id] = payload
+            else:
+                i = int(request_id)
+                handoff.append((request_id, requests[i][0], requests[i][1], arrivals[request_id], payload))
+        if handoff:
+            second.submit.remote(handoff)
+        time.sleep(poll_s)
+    return [done[str(i)] for i in range(len(requests))]
+
+
+def _with_params(prompts: Sequence, sampling_params) -> tuple[list, list[SamplingParams]]:
+    prompts = list(prompts)
+    params = sampling_params or SamplingParams()
+    return prompts, [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise InvalidRequestError("disaggregated prefill and decode need Ray: pip install 'nimblelm[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    return ray
