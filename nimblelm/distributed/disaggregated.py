@@ -39,17 +39,25 @@ class _Instance:
 
     def prefill(self, prompts: list) -> list:
         """Compute the prompts (each to its first sampled token) and return each one's prefix KV."""
+        self._offline()
+
         def run():
             self.llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
             return [self.llm.llm_engine.export_prefix(p) for p in prompts]
         return self.thread.call(run)
 
     def decode(self, prompts: list, params: list[SamplingParams], prefixes: list) -> list[RequestOutput]:
+        self._offline()
+
         def run():
             for prefix in prefixes:
                 self.llm.llm_engine.import_prefix(prefix)
             return self.llm.generate(prompts, params, use_tqdm=False)
         return self.thread.call(run)
+
+    def _offline(self) -> None:
+        if self.online is not None:  # the engine's thread runs the online loop from then on
+            raise InvalidRequestError("an instance that served online cannot run offline calls any more")
 
     def submit(self, requests: list[tuple]) -> None:
         """(request_id, prompt, params, arrival_time, prefix or a Ray reference to it or None) each."""

@@ -128,7 +128,7 @@ class EngineReplica:
     async def _export_metrics(self) -> None:
         from ray.serve.metrics import Gauge
 
-        engine = self.app.state.engine.engine
+        engine = self.app.state.engine  # its stats: the snapshot the engine thread takes after each step
         gauges = {name: Gauge(f"nimblelm_{name}", description=text) for name, text in (
             ("num_requests_running", "requests in the running batch"),
             ("num_requests_waiting", "requests waiting to be scheduled"),
@@ -136,7 +136,7 @@ class EngineReplica:
             ("prefix_cache_hit_rate", "prompt tokens found in the prefix cache, of those looked up"),
         )}
         while True:
-            stats = engine.stats()
+            stats = engine.stats
             gauges["num_requests_running"].set(stats.num_running)
             gauges["num_requests_waiting"].set(stats.num_waiting)
             gauges["kv_cache_usage"].set(stats.kv_usage)
