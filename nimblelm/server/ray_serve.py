@@ -97,8 +97,9 @@ class EngineReplica:
 
     async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
                      prefix: str = "") -> AsyncIterator[dict]:
-        """The app's ASGI messages for one request: the response start, then its body chunks. `prefix` is for the
-        router only."""
+        """The app's ASGI messages for one request: the response start, then its body, in as few items as it comes
+        (every item crosses processes: the chunks that are ready together go as one). `prefix` is for the router
+        only."""
         messages: asyncio.Queue = asyncio.Queue()
         received = False
 
@@ -115,13 +116,18 @@ class EngineReplica:
                  "headers": [(bytes(k), bytes(v)) for k, v in headers], "client": None, "server": None}
         call = asyncio.get_running_loop().create_task(self.app(scope, receive, messages.put))
         try:
-            while True:
-                message = await messages.get()
-                if message["type"] == "http.response.start":  # which replica answered, for clients and tests
-                    message["headers"] = [*message["headers"], (b"x-nimblelm-replica", self.replica_id.encode())]
-                yield message
-                if message["type"] == "http.response.body" and not message.get("more_body", False):
-                    break
+            start = await messages.get()
+            # Which replica answered, for clients and tests.
+            start["headers"] = [*start["headers"], (b"x-nimblelm-replica", self.replica_id.encode())]
+            yield start
+            more = True
+            while more:
+                chunks = [await messages.get()]
+                while not messages.empty():
+                    chunks.append(messages.get_nowait())
+                more = chunks[-1].get("more_body", False)
+                yield {"type": "http.response.body", "body": b"".join(c.get("body", b"") for c in chunks),
+                       "more_body": more}
         finally:
             call.cancel()  # a stream the client left: the app aborts its request
 
