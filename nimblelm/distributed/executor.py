@@ -165,7 +165,7 @@ class RayExecutor(Executor):
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": spec.num_threads}
         self.group = placement_group([bundle] * size, strategy="PACK")
         ray.get(self.group.ready(), timeout=300)
-        self._ray, self._remove_group = ray, remove_placement_group
+        self._ray = ray
         actor = ray.remote(_Host)
         self.actors = [
             actor.options(
@@ -174,6 +174,7 @@ class RayExecutor(Executor):
             ).remote()
             for rank in range(size)
         ]
+        self._finalizer = weakref.finalize(self, _kill, ray, self.actors, self.group, remove_placement_group)
         ips = ray.get([a.node_ip.remote() for a in self.actors])
         init_method = f"tcp://{ips[0]}:{ray.get(self.actors[0].free_port.remote())}"
         # Ranks on one machine share its cores: each takes the slice its index there gives. Ray shows each GPU
@@ -190,7 +191,11 @@ class RayExecutor(Executor):
         return self._ray.get([a.call.remote(method, args) for a in self.actors])
 
     def close(self) -> None:
-        for a in self.actors:
-            self._ray.kill(a)
-        self.actors = []
-        self._remove_group(self.group)
+        self._finalizer()
+
+
+def _kill(ray, actors, group, remove_placement_group) -> None:
+    """The ranks' actors, and the CPUs (or GPUs) their placement group holds."""
+    for actor in actors:
+        ray.kill(actor)
+    remove_placement_group(group)

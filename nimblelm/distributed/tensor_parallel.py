@@ -10,7 +10,8 @@ heads than ranks replicates each KV head on the ranks its query heads are spread
 
 The linear weights are cut before any linear method stores them, so int8, int4 and W8A8 quantize each rank's
 slice with its own scales; heads are cut whole, and MLP and vocabulary slices are whole multiples of QUANTUM
-features, so that no quantization group straddles two ranks.
+features (or of the widest smaller power of two the sizes allow), so that no quantization group straddles two
+ranks.
 """
 
 from __future__ import annotations
