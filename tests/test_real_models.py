@@ -30,9 +30,9 @@ def hf_model(alias):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
 
 
-def check_against_transformers(alias):
+def check_against_transformers(alias, questions=QUESTIONS):
     llm = LLM(alias, max_model_len=1024, dtype="float32")
-    prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=TOP)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     ref_model = hf_model(alias)
@@ -61,7 +61,8 @@ def test_smollm2_matches_transformers():
 
 @pytest.mark.slow
 def test_qwen_coder_05b_matches_transformers():
-    outputs = check_against_transformers("qwen2.5-coder-0.5b")
+    # Two of the questions: transformers decodes the 0.5B at about 6 tokens/s here, the longest part of the suite.
+    outputs = check_against_transformers("qwen2.5-coder-0.5b", QUESTIONS[:2])
     assert outputs[0].outputs[0].text.startswith("Paris")
 
 
