@@ -10,11 +10,14 @@ here divides the model's memory over machines, not its time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from nimblelm.errors import InvalidRequestError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,16 @@ class PipelineStage:
     def last(self) -> bool:
         return self.index == self.size - 1
 
-    def keep(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The weights this stage holds: its layers', and the embedding, final norm and output layer."""
-        held = {f"model.layers.{i}." for i in self.layers}
-        return {name: t for name, t in weights.items()
-                if not name.startswith("model.layers.") or name[: name.index(".", 13) + 1] in held}
+    def keep(self, weights: dict[str, T]) -> dict[str, T]:
+        """The weights this stage holds: its layers', and the embedding, final norm and output layer. Names are
+        Hugging Face's ("model.layers.3.mlp...") or the decoder's modules' ("layers.3.mlp...")."""
+        held = {str(i) for i in self.layers}
+
+        def holds(name: str) -> bool:
+            parts = name.removeprefix("model.").split(".")
+            return parts[0] != "layers" or parts[1] in held
+
+        return {name: t for name, t in weights.items() if holds(name)}
 
     def receive(self, num_tokens: int, hidden_size: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The previous stage's (output, residual stream) for this step's tokens."""

@@ -11,7 +11,8 @@ heads than ranks replicates each KV head on the ranks its query heads are spread
 The linear weights are cut before any linear method stores them, so int8, int4 and W8A8 quantize each rank's
 slice with its own scales; heads are cut whole, and MLP and vocabulary slices are whole multiples of QUANTUM
 features (or of the widest smaller power of two the sizes allow), so that no quantization group straddles two
-ranks.
+ranks. Layers that arrive quantized (a GGUF served as stored, a quantized folder) are cut along the same lines,
+with their scales.
 """
 
 from __future__ import annotations
@@ -89,19 +90,25 @@ class TensorParallel:
         return replace(cfg, num_heads=len(self._q_heads(cfg)), num_kv_heads=len(self._kv_heads(cfg)),
                        intermediate_size=len(self._features(cfg.intermediate_size)))
 
-    def shard(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's slices of the full model's weights (Hugging Face names), which are consumed as they are cut."""
+    def _slices(self, cfg: ModelConfig) -> tuple[range, range, range, range]:
+        """The features this rank keeps of: the query projections, the key (and value) projections, the MLP's
+        intermediate features, the vocabulary."""
         d = cfg.head_dim
         q, kv = self._q_heads(cfg), self._kv_heads(cfg)
-        mlp, vocab = self._features(cfg.intermediate_size), self.vocab(cfg)
+        return (range(q.start * d, q.stop * d), range(kv.start * d, kv.stop * d),
+                self._features(cfg.intermediate_size), self.vocab(cfg))
+
+    def shard(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of the full model's weights (Hugging Face names), which are consumed as they are cut."""
+        q, kv, mlp, vocab = self._slices(cfg)
         rows = {  # tensor name suffix -> (dimension cut, the range kept)
-            "q_proj.weight": (0, range(q.start * d, q.stop * d)),
-            "q_proj.bias": (0, range(q.start * d, q.stop * d)),
-            "k_proj.weight": (0, range(kv.start * d, kv.stop * d)),
-            "k_proj.bias": (0, range(kv.start * d, kv.stop * d)),
-            "v_proj.weight": (0, range(kv.start * d, kv.stop * d)),
-            "v_proj.bias": (0, range(kv.start * d, kv.stop * d)),
-            "o_proj.weight": (1, range(q.start * d, q.stop * d)),
+            "q_proj.weight": (0, q),
+            "q_proj.bias": (0, q),
+            "k_proj.weight": (0, kv),
+            "k_proj.bias": (0, kv),
+            "v_proj.weight": (0, kv),
+            "v_proj.bias": (0, kv),
+            "o_proj.weight": (1, q),
             "gate_proj.weight": (0, mlp),
             "up_proj.weight": (0, mlp),
             "down_proj.weight": (1, mlp),
@@ -117,6 +124,48 @@ class TensorParallel:
                 tensor = tensor.narrow(dim, kept.start, len(kept)).contiguous()
             out[name] = tensor
         return out
+
+    def _module_cuts(self, cfg: ModelConfig) -> tuple[dict[str, list[range]], dict[str, tuple[range, int]]]:
+        """How the decoder's modules are cut, by their last name: by outputs (the ranges kept, in order), and by
+        inputs (the range kept, of how many)."""
+        q, kv, mlp, vocab = self._slices(cfg)
+        queries, keys, features = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        by_outputs = {"qkv_proj": [q, _shift(kv, queries), _shift(kv, queries + keys)],
+                      "gate_up_proj": [mlp, _shift(mlp, features)], "lm_head": [vocab], "embed_tokens": [vocab]}
+        return by_outputs, {"o_proj": (q, queries), "down_proj": (mlp, features)}
+
+    def shard_quantized(
+        self, cfg: ModelConfig, quantized: dict[str, tuple[str, dict[str, torch.Tensor]]]
+    ) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+        """This rank's slices of the layers that arrive quantized (the loader's module name -> (format, tensors):
+        fused q/k/v and gate/up, a GGUF's token table), consumed as they are cut. Every tensor of a format is
+        [outputs, ...], and its second dimension, where it has one, runs along the inputs at a fixed number of
+        entries per input (int4 bytes: 1/2, scales: 1/group), so a cut by inputs takes the same share of each."""
+        by_outputs, by_inputs = self._module_cuts(cfg)
+        out = {}
+        for module in list(quantized):
+            fmt, tensors = quantized.pop(module)
+            kind = module.rsplit(".", 1)[-1]
+            if kind in by_outputs:
+                index = torch.cat([torch.arange(r.start, r.stop) for r in by_outputs[kind]])
+                tensors = {name: t.index_select(0, index) for name, t in tensors.items()}
+            elif kind in by_inputs:
+                tensors = {name: t[:, _input_columns(t.shape[1], *by_inputs[kind], module, fmt)].contiguous()
+                           if t.dim() == 2 else t for name, t in tensors.items()}
+            out[module] = (fmt, tensors)
+        return out
+
+    @staticmethod
+    def check_quantized(cfg: ModelConfig, size: int, quantized: dict[str, tuple[str, dict[str, torch.Tensor]]]) -> None:
+        """InvalidRequestError when some rank's cut of the layers that arrive quantized would split one of their
+        quantization groups (shard_quantized's cut, on shapes alone)."""
+        for rank in range(size):
+            _, by_inputs = TensorParallel(rank, size, "")._module_cuts(cfg)
+            for module, (fmt, tensors) in quantized.items():
+                kind = module.rsplit(".", 1)[-1]
+                for t in tensors.values() if kind in by_inputs else ():
+                    if t.dim() == 2:
+                        _input_columns(t.shape[1], *by_inputs[kind], module, fmt)
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x across the ranks, in place."""
@@ -139,3 +188,18 @@ class TensorParallel:
         dist.all_gather(parts, padded, group=dist.distributed_c10d._resolve_process_group(self.group))
         sizes = [len(replace(self, rank=r)._features(vocab_size)) for r in range(self.size)]
         return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=-1)
+
+
+def _shift(features: range, by: int) -> range:
+    return range(features.start + by, features.stop + by)
+
+
+def _input_columns(entries: int, kept: range, total: int, module: str, fmt: str) -> slice:
+    """The columns of a quantized tensor [outputs, entries] that hold inputs `kept` of `total`."""
+    for edge in (kept.start, kept.stop):
+        if edge * entries % total:
+            raise InvalidRequestError(
+                f"{module} ({fmt}) cannot be split at input {edge} of {total}: one of its quantization groups would "
+                "straddle two ranks; use fewer ranks"
+            )
+    return slice(kept.start * entries // total, kept.stop * entries // total)

@@ -18,6 +18,7 @@ from nimblelm.distributed.pipeline import PipelineStage
 from nimblelm.distributed.tensor_parallel import TensorParallel
 from nimblelm.engine.model_runner import ModelRunner
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
+from nimblelm.kernels import cpu_ops
 from nimblelm.models.loader import load_model
 
 # A rank that waits this long on another in a collective gives up: a peer has died or hangs.
@@ -34,6 +35,9 @@ class RunnerSpec:
     options: dict = field(default_factory=dict)  # ModelRunner's keyword options (dtype, device, ...)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # The engine's bfloat16 products (kernels.choose_bf16_products, by a timing probe), which every rank takes
+    # (none, on a CPU without that kind): ranks probing on their own could round prefill activations otherwise.
+    bf16_products: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -57,20 +61,23 @@ class Worker:
         else:
             _pin_threads(spec.num_threads, local_rank, local_size)
         torch.set_num_threads(spec.num_threads)
+        if spec.bf16_products is not None and (ops := cpu_ops()) is not None:
+            ops.set_bf16_products(spec.bf16_products)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
                                 world_size=spec.world_size, timeout=COLLECTIVE_TIMEOUT)
         tp_size, pp_size = spec.tensor_parallel_size, spec.pipeline_parallel_size
         # Every rank makes every stage's group, in the same order, as torch.distributed requires.
         groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
         loaded = load_model(spec.model, progress=False, gguf_direct=spec.gguf_direct)
-        weights, tp, stage = loaded.weights, None, None
+        weights, quantized, tp, stage = loaded.weights, loaded.quantized, None, None
         if pp_size > 1:
             stage = PipelineStage(rank // tp_size, pp_size, loaded.config.num_layers, rank - tp_size, rank + tp_size)
-            weights = stage.keep(weights)
+            weights, quantized = stage.keep(weights), stage.keep(quantized)
         if tp_size > 1:
             tp = TensorParallel(rank % tp_size, tp_size, groups[rank // tp_size].group_name)
-            weights = tp.shard(loaded.config, weights)
-        return cls(ModelRunner(loaded.config, weights, **{**spec.options, "device": device}, tp=tp, stage=stage), rank)
+            weights, quantized = tp.shard(loaded.config, weights), tp.shard_quantized(loaded.config, quantized)
+        options = {**spec.options, "device": device}
+        return cls(ModelRunner(loaded.config, weights, quantized=quantized, **options, tp=tp, stage=stage), rank)
 
     def kv_bytes_per_block(self) -> int:
         return self.runner.kv_bytes_per_block()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nimblelm.config import EngineConfig
+from nimblelm.config import EngineConfig, ModelConfig
 from nimblelm.distributed.executor import UniExecutor, make_executor
 from nimblelm.distributed.pipeline import PipelineStage
 from nimblelm.distributed.tensor_parallel import TensorParallel
@@ -145,12 +145,14 @@ class LLMEngine:
                    "kv_policy": kv_policy}
         self.runner: ModelRunner | None = None  # the model, where it runs in this process (the uni executor)
         if parallel:
-            _refuse_parallel(config, loaded.quantized)
+            _refuse_parallel(config, loaded.config, speculative, kv_policy)
             TensorParallel.check(loaded.config, config.tensor_parallel_size)
+            TensorParallel.check_quantized(loaded.config, config.tensor_parallel_size, loaded.quantized)
             PipelineStage.check(loaded.config.num_layers, config.pipeline_parallel_size)
             del loaded
             spec = RunnerSpec(config.model, config.quantization == GGUF_DIRECT, self.num_threads, options,
-                              config.tensor_parallel_size, config.pipeline_parallel_size)
+                              config.tensor_parallel_size, config.pipeline_parallel_size,
+                              cpu_ops().bf16_products() if kernels else None)
             self.executor = make_executor(config.distributed_executor_backend, spec)
         else:
             self.runner = ModelRunner(loaded.config, loaded.weights, quantized=loaded.quantized, **options)
@@ -489,13 +491,20 @@ def _find_stop(text: str, stops: tuple[str, ...], delta_len: int) -> tuple[str |
     return stop, cut
 
 
-def _refuse_parallel(config: EngineConfig, quantized: dict) -> None:
+def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: SpeculativeConfig | None,
+                     kv_policy: KVPolicy | None) -> None:
     """What a model split over ranks cannot do yet: one clear error at start."""
-    clash = ("speculative_config" if config.speculative_config else
-             "kv_policy" if config.kv_policy else
-             "weights stored quantized (a GGUF served as stored, a quantized folder)" if quantized else
-             # An int8 cache picks its float layers by running the whole model, which no stage holds.
-             "kv_cache_dtype int8" if config.kv_cache_dtype == "int8" and config.pipeline_parallel_size > 1 else None)
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    clash = None
+    if speculative is not None and speculative.method in ("layer_skip", "medusa", "eagle"):
+        clash = f"speculative method {speculative.method!r} (it drafts from the target's layers, held by no one rank)"
+    elif kv_policy is not None and pp > 1:
+        clash = "kv_policy over pipeline stages"
+    elif kv_policy is not None and tp > cfg.num_kv_heads:
+        # A replica's query heads would vote alone for entries that all of its KV head's queries choose together.
+        clash = f"kv_policy with {tp} ranks sharing the model's {cfg.num_kv_heads} KV heads"
+    elif config.kv_cache_dtype == "int8" and pp > 1:
+        clash = "kv_cache_dtype int8"  # it picks its float layers by running the whole model, which no stage holds
     if clash:
         raise InvalidRequestError(f"a model split over ranks cannot be combined with {clash} yet")
 

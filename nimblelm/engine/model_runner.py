@@ -146,6 +146,9 @@ class ModelRunner:
         self.speculative = speculative
         self.kv_policy = kv_policy
         self.proposer = None  # made with the KV cache (a draft model sizes its own after the target's)
+        # Of a model split over ranks, the rank whose output the engine reads drafts; the others verify what the
+        # step contract sends them.
+        self.proposes = speculative is not None and (tp is None or tp.rank == 0) and (stage is None or stage.last)
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
         self.seqs: dict[int, _SeqState] = {}
@@ -193,15 +196,15 @@ class ModelRunner:
             tensors[i] = KVCache(values, scales, received)
         self.num_blocks = num_blocks
         self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
-        if self.speculative is not None:
+        if self.proposes:
             self.proposer = make_proposer(self.speculative, self, num_blocks, max_num_seqs)
         if self.capturing:
             windows = [group.window for group in self.kv_groups]
             self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
                                        self.block_size)
-            if self.proposer is None:
+            if self.speculative is None:
                 self.capture.warm_up(max_num_seqs)
-            else:  # a sequence verifying k drafts takes k + 1 rows
+            else:  # a sequence verifying k drafts takes k + 1 rows (alike on every rank: warming up runs collectives)
                 self.capture.warm_up(max_num_seqs * (1 + self.speculative.num_speculative_tokens))
                 self.step_cost = StepCost(self.capture.seconds_by_rows())
 
