@@ -2,10 +2,17 @@
 then generate exactly what an engine that computed the prompt itself generates (float32: identical greedy tokens,
 log-probabilities to float rounding) while computing only the prompt's last, partial block."""
 
+import concurrent.futures
+import json
+import re
+
+import httpx2 as httpx
 import pytest
+from server_process import ServerProcess
 from tiny_models import make_tiny_hf_model
 
 from nimblelm import LLM, InvalidRequestError, SamplingParams
+from nimblelm.cli import main
 
 PROMPTS = [
     "Rivers flow to the sea, mountains rise toward the sky, and forests cover the rolling hills. " * 3,
@@ -74,3 +81,47 @@ def test_prefill_and_decode_instances_on_ray(tiny, local_ray):
     engine = colocated(tiny["qwen2"], cpus=1, **options)
     _same(ref, serve_online([(p, PARAMS, 0.0) for p in PROMPTS], engine))
     local_ray.kill(engine)
+
+
+@pytest.mark.slow
+def test_a_server_with_a_prefill_instance(tiny):
+    """`nimblelm serve --disaggregated-prefill`: every prompt computed on the prefill instance first, its blocks
+    imported by the server's engine (prefix-cache hits), which answers, streams and refuses as one engine does."""
+    model = tiny["qwen2"]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    ref = LLM(model, dtype="float32", max_model_len=256).generate(PROMPTS, params, use_tqdm=False)
+    server = ServerProcess(model, "--dtype", "float32", "--max-model-len", "256", "--disaggregated-prefill",
+                           "--prefill-threads", "1", "--threads", "1", "--shutdown-timeout", "1")
+
+    def complete(prompt, **extra) -> httpx.Response:
+        body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, **extra}
+        return httpx.post(server.base_url + "/completions", json=body, timeout=120)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # at once: the prefill instance batches them
+            answers = list(pool.map(complete, PROMPTS + PROMPTS))
+        assert [a.json()["choices"][0]["text"] for a in answers] == [r.outputs[0].text for r in ref] * 2
+        with httpx.stream("POST", server.base_url + "/completions", timeout=120, json={
+                "model": model, "prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0, "stream": True}) as stream:
+            chunks = [line for line in stream.iter_lines() if line.startswith("data: {")]
+        assert len(chunks) > 2
+        assert "".join(json.loads(c[6:])["choices"][0]["text"] for c in chunks) == ref[1].outputs[0].text
+        too_long = complete("word " * 300)
+        assert too_long.status_code == 400 and "maximum context length" in too_long.json()["error"]["message"]
+        metrics = httpx.get(server.url + "/metrics").text
+        hits = float(re.search(r"^nimblelm_prefix_cache_hits_total\S* (\S+)$", metrics, re.MULTILINE).group(1))
+        bs = 16  # the default block size: of each prompt, all but its last partial block came from the prefill instance
+        lengths = [len(r.prompt_token_ids) for r in ref]
+        assert hits >= 2 * sum((n - 1) // bs * bs for n in lengths)
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prefill-threads", "1"], "with --disaggregated-prefill"),
+    (["--disaggregated-prefill", "--data-parallel-size", "2"], "cannot be combined with replicas"),
+])
+def test_impossible_serve_options_are_one_line(tiny, args, message, capsys):
+    assert main(["serve", "--model", tiny["qwen2"], *args]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]

@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+from hf_reference import model_from_gguf
 from tiny_models import assert_first_tokens_close, make_tiny_gguf, make_tiny_hf_model
 from transformers import AutoModelForCausalLM
 
@@ -264,7 +265,7 @@ def test_gemma3_270m_matches_transformers():
 
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
     outputs = llm.generate(ids, params, use_tqdm=False)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model = model_from_gguf(path)
     for prompt_ids, out in zip(ids, outputs):
         tokens = out.outputs[0].token_ids
         with torch.no_grad():

@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from hf_reference import model_and_tokenizer_from_gguf
 from safetensors.torch import load_file, save_file
 from tiny_models import (
     CHATML_TEMPLATE,
@@ -377,8 +378,6 @@ def test_alias_loads_from_the_registry(llama_pair, cache, monkeypatch):
 @pytest.mark.integration
 def test_smollm2_matches_transformers():
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
-    from transformers import AutoModelForCausalLM
-
     model = load_model("smollm2-135m", progress=False)
     config = model.config
     assert (config.architecture, config.num_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
@@ -387,13 +386,12 @@ def test_smollm2_matches_transformers():
     assert config.eos_token_ids[0] == 2  # <|im_end|>
 
     source = model.source
-    reference = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    reference, tokenizer = model_and_tokenizer_from_gguf(source)
     state = reference.state_dict()
     assert set(model.weights) == set(state) - {"lm_head.weight"}
     for name, weight in model.weights.items():
         assert torch.equal(weight, state[name]), name
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt

@@ -8,7 +8,7 @@ short answer, 48 tokens for the open questions.
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from hf_reference import model_from_gguf
 
 from nimblelm import LLM, SamplingParams
 from nimblelm.models.registry import resolve
@@ -26,8 +26,7 @@ TOP = 20
 
 
 def hf_model(alias):
-    path = resolve(alias)
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+    return model_from_gguf(resolve(alias))
 
 
 def check_against_transformers(alias, questions=QUESTIONS):

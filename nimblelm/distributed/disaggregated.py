@@ -12,13 +12,18 @@ generation therefore never shares a step with another prompt's long prefill.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 
+from nimblelm.engine.kv_cache.transfer import PrefixKV
 from nimblelm.errors import InvalidRequestError
 from nimblelm.llm import LLM
 from nimblelm.outputs import RequestOutput
 from nimblelm.sampling_params import SamplingParams
+
+PREFILL_CALLS = 4096  # prefill_one calls a prefill instance holds at once (a server's requests in flight)
 
 
 class _Instance:
@@ -36,6 +41,8 @@ class _Instance:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.online = None  # the thread's loop, from the first submit on
+        self.waiters: dict[str, Future] = {}  # prefill_one's callers, by request id
+        self.lock = threading.Lock()  # prefill_one runs on several of the actor's threads at once
 
     def prefill(self, prompts: list) -> list:
         """Compute the prompts (each to its first sampled token) and return each one's prefix KV."""
@@ -63,12 +70,22 @@ class _Instance:
         """(request_id, prompt, params, arrival_time, prefix or a Ray reference to it or None) each."""
         for request in requests:
             self.inbox.put(request)
-        if self.online is None:
-            self.online = self.thread.submit(self._serve)
+        with self.lock:
+            if self.online is None:
+                self.online = self.thread.submit(self._serve)
+
+    def prefill_one(self, request_id: str, prompt, arrival: float) -> PrefixKV:
+        """Online, on a prefill instance: compute the prompt beside whatever else is in flight and return its prefix
+        KV (through the object store, as the call's result). A server's engine calls it once per request: the
+        actor's max_concurrency lets the calls wait together while one loop batches their prompts."""
+        done: Future = Future()
+        self.waiters[request_id] = done
+        self.submit([(request_id, prompt, None, arrival, None)])
+        return done.result()
 
     def collect(self) -> list[tuple]:
         """What happened since the last call: ("prefilled", request_id, a Ray reference to its PrefixKV) from a
-        prefill instance, ("done", request_id, RequestOutput) from the others."""
+        prefill instance, ("done", request_id, RequestOutput) from the others, ("failed", request_id, the error)."""
         if self.online is not None and self.online.done():
             self.online.result()  # the loop died: raise its error here
         out = []
@@ -90,7 +107,11 @@ class _Instance:
                     engine.import_prefix(ray.get(prefix) if isinstance(prefix, ray.ObjectRef) else prefix)
                 if self.role == "prefill":
                     prompts[request_id], params = prompt, SamplingParams(max_tokens=1)
-                engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                try:
+                    engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                except InvalidRequestError as e:  # this request's alone: the others go on
+                    prompts.pop(request_id, None)
+                    self._finish(request_id, ("failed", request_id, e))
             if not engine.has_unfinished_requests():
                 continue
             for out in engine.step():
@@ -98,9 +119,22 @@ class _Instance:
                     continue
                 if self.role == "prefill":
                     prefix = engine.export_prefix(prompts.pop(out.request_id))
-                    self.events.put(("prefilled", out.request_id, ray.put(prefix)))
+                    self._finish(out.request_id, ("prefilled", out.request_id, prefix))
                 else:
-                    self.events.put(("done", out.request_id, out))
+                    self._finish(out.request_id, ("done", out.request_id, out))
+
+    def _finish(self, request_id: str, event: tuple) -> None:
+        """Hand a request's end to its prefill_one caller, or else to collect (blocks through the object store)."""
+        import ray
+
+        waiter = self.waiters.pop(request_id, None)
+        kind, _, payload = event
+        if waiter is not None and kind == "failed":
+            waiter.set_exception(payload)
+        elif waiter is not None:
+            waiter.set_result(payload)
+        else:
+            self.events.put((kind, request_id, ray.put(payload) if kind == "prefilled" else payload))
 
     def stats(self):
         return self.llm.llm_engine.stats()
@@ -140,6 +174,15 @@ class DisaggregatedLLM:
             _ray().kill(actor)
 
 
+def prefill_instance(model: str, options: dict, cpus: float = 1):
+    """A prefill instance in a Ray actor, for a server whose own engine decodes (`nimblelm serve
+    --disaggregated-prefill`; server/async_engine.AsyncEngine's prefill): the server calls its prefill_one once per
+    request, and up to PREFILL_CALLS calls wait at once while its engine batches their prompts."""
+    ray = _ray()
+    return ray.remote(_Instance).options(num_cpus=cpus, max_concurrency=PREFILL_CALLS).remote(
+        model, {**options, "num_threads": max(1, int(cpus))}, "prefill")
+
+
 def colocated(model: str, cpus: float = 2, **options):
     """One engine in a Ray actor, the baseline `serve_online(requests, it)` measures disaggregation against."""
     ray = _ray()
@@ -167,6 +210,8 @@ def serve_online(requests: Sequence[tuple], first, second=None, poll_s: float = 
         events = ray.get(first.collect.remote()) + (ray.get(second.collect.remote()) if second is not None else [])
         handoff = []
         for kind, request_id, payload in events:
+            if kind == "failed":
+                raise payload
             if kind == "done":
                 done[request_id] = payload
             else:

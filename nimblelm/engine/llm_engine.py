@@ -219,8 +219,7 @@ class LLMEngine:
     ) -> None:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._tokenize(prompt)
-        self._check_prompt(token_ids, params)
+        text, token_ids = self.check_request(prompt, params)
         grammar = self.structured_output.compile(params.structured_output) if params.structured_output else None
         metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.perf_counter())
         request = Request(request_id, text, token_ids, params, metrics)
@@ -259,6 +258,12 @@ class LLMEngine:
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
         raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def check_request(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """The prompt's (text, token ids), or InvalidRequestError where add_request would refuse it."""
+        text, token_ids = self._tokenize(prompt)
+        self._check_prompt(token_ids, params)
+        return text, token_ids
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:

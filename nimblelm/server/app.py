@@ -58,10 +58,11 @@ class ServerSettings:
 
 
 def build_app(engine: LLMEngine, settings: ServerSettings, on_ready: Callable[[], None] | None = None,
-              engine_thread: EngineThread | None = None) -> FastAPI:
-    """`engine_thread`: the thread that built `engine` (its loop then runs there too)."""
+              engine_thread: EngineThread | None = None, prefill=None) -> FastAPI:
+    """`engine_thread`: the thread that built `engine` (its loop then runs there too). `prefill`: a prefill
+    instance that computes every prompt before `engine` generates from it (AsyncEngine)."""
     metrics = ServerMetrics(settings.model_name)
-    async_engine = AsyncEngine(engine, metrics, settings.max_waiting_requests, engine_thread)
+    async_engine = AsyncEngine(engine, metrics, settings.max_waiting_requests, engine_thread, prefill)
     serving = OpenAIServing(async_engine, settings.model_name, settings.prompt_compression_scorer)
     created = int(time.time())
 

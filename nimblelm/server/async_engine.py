@@ -124,9 +124,14 @@ class _Timing:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_waiting_requests: int,
-                 thread: EngineThread | None = None):
-        """`thread`: the EngineThread that built `engine`, so that the loop runs where the model was loaded."""
+                 thread: EngineThread | None = None, prefill=None):
+        """`thread`: the EngineThread that built `engine`, so that the loop runs where the model was loaded.
+        `prefill`: a prefill instance (distributed/disaggregated.prefill_instance) that computes each prompt
+        first; its KV blocks are then imported, and `engine` computes only the prompt's last partial block before
+        it generates."""
         self.engine = engine
+        self.prefill = prefill
+        self._prefilling: dict[str, tuple] = {}  # engine-thread side: (prompt, params, arrival) while prefilled
         self.metrics = metrics
         # Requests beyond what runs at once wait in the scheduler; past this many in flight, refuse.
         self.max_in_flight = engine.config.max_num_seqs + max_waiting_requests
@@ -219,13 +224,33 @@ class AsyncEngine:
         if command[0] == "add":
             _, request_id, prompt, params, arrival = command
             try:
-                self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                if self.prefill is None:
+                    self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+                else:
+                    self.engine.check_request(prompt, params)
             except Exception as e:  # noqa: BLE001 - the handler validated already; whatever is left goes back to it
                 self._send([(request_id, e)])
                 return
             self._timings[request_id] = _Timing(arrival)
+            if self.prefill is not None:
+                self._prefilling[request_id] = (prompt, params, arrival)
+                done = self.prefill.prefill_one.remote(request_id, prompt, arrival).future()
+                done.add_done_callback(lambda blocks: self._inbox.put(("prefilled", request_id, blocks)))
+        elif command[0] == "prefilled":
+            _, request_id, blocks = command
+            pending = self._prefilling.pop(request_id, None)
+            if pending is None:  # aborted while its prompt was computed
+                return
+            prompt, params, arrival = pending
+            try:
+                self.engine.import_prefix(blocks.result())
+                self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
+            except Exception as e:  # noqa: BLE001 - the prefill instance failed it, or died: this request's end
+                self._timings.pop(request_id, None)
+                self._send([(request_id, e)])
         elif command[0] == "abort":
             request_id = command[1]
+            self._prefilling.pop(request_id, None)
             request = self.engine.requests.get(request_id)
             if request is not None:
                 self.metrics.finished("abort", sum(not s.is_finished for s in request.seqs))

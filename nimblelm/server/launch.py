@@ -49,6 +49,13 @@ def add_serve_subparser(sub, engine_args, engine_fields: list[str]) -> None:
                    help="serve through Ray Serve even with one replica (prefix-aware routing, Ray's metrics)")
     g.add_argument("--min-replicas", type=int, default=None, help="Ray Serve autoscaling: at least this many")
     g.add_argument("--max-replicas", type=int, default=None, help="Ray Serve autoscaling: at most this many")
+    g = p.add_argument_group("disaggregated prefill (Ray)")
+    g.add_argument("--disaggregated-prefill", action="store_true",
+                   help="compute prompts on a prefill instance of their own (a Ray actor; a local Ray cluster unless "
+                        "RAY_ADDRESS names one); the server's engine imports their KV blocks and generates")
+    g.add_argument("--prefill-threads", type=int, default=None,
+                   help="the prefill instance's threads (default: half the physical cores; the server's engine "
+                        "takes the rest unless --threads says otherwise)")
     engine_args(p)
     _defaults_from_env(p)
     p.set_defaults(func=lambda args: serve(args, engine_fields))
@@ -105,13 +112,19 @@ def serve(args, engine_fields: list[str]) -> int:
                         ("--max-replicas", args.max_replicas)):
         if value is not None and value < 1:
             raise InvalidRequestError(f"{flag} must be >= 1, got {value}")
+    replicas = args.ray_serve or args.data_parallel_size > 1 or args.min_replicas or args.max_replicas
+    if args.disaggregated_prefill and replicas:
+        raise InvalidRequestError("--disaggregated-prefill serves one engine: it cannot be combined with replicas")
+    if args.prefill_threads is not None and (args.prefill_threads < 1 or not args.disaggregated_prefill):
+        raise InvalidRequestError("--prefill-threads must be >= 1, with --disaggregated-prefill")
     sock = _bind(args.host, args.port)  # before the heavy imports: a taken port fails at once
     host, port = sock.getsockname()[:2]
     settings = _settings(args, host, port)
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    if args.ray_serve or args.data_parallel_size > 1 or args.min_replicas or args.max_replicas:
+    if replicas:
         sock.close()  # Ray Serve's proxy binds it
         return _serve_on_ray(args, engine_fields, settings, url)
+    prefill = None
     try:
         import uvicorn
 
@@ -119,13 +132,24 @@ def serve(args, engine_fields: list[str]) -> int:
         from nimblelm.server.app import build_app
         from nimblelm.server.async_engine import EngineThread
 
+        options = {k: getattr(args, k) for k in engine_fields}
+        where = ""
+        if args.disaggregated_prefill:
+            prefill, threads = _prefill_instance(args.model, options, args.prefill_threads)
+            options["num_threads"] = options["num_threads"] or threads
+            where = f"; prefill on a Ray actor of {args.prefill_threads or threads} threads"
         engine_thread = EngineThread()
-        llm = engine_thread.call(lambda: LLM(args.model, **{k: getattr(args, k) for k in engine_fields}))
+        llm = engine_thread.call(lambda: LLM(args.model, **options))
+        if prefill is not None:
+            import ray
+
+            ray.get(prefill.stats.remote())  # its engine loaded as well: ready for the first request
 
         def ready() -> None:
-            print(f"nimblelm serve: {settings.model_name} on {url}/v1 (ready; {llm.llm_engine.precision})", flush=True)
+            print(f"nimblelm serve: {settings.model_name} on {url}/v1 (ready; {llm.llm_engine.precision}{where})",
+                  flush=True)
 
-        app = build_app(llm.llm_engine, settings, on_ready=ready, engine_thread=engine_thread)
+        app = build_app(llm.llm_engine, settings, on_ready=ready, engine_thread=engine_thread, prefill=prefill)
         config = uvicorn.Config(
             app,
             log_level=args.log_level,
@@ -139,8 +163,23 @@ def serve(args, engine_fields: list[str]) -> int:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        if prefill is not None:
+            import ray
+
+            ray.shutdown()
     print("nimblelm serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _prefill_instance(model: str, options: dict, threads: int | None):
+    """The prefill instance's actor (started now, loading while the server's engine does), and the threads left
+    to the server's engine."""
+    from nimblelm.distributed.disaggregated import prefill_instance
+    from nimblelm.platform import physical_cores
+
+    cores = physical_cores()
+    threads = threads or max(1, cores // 2)
+    return prefill_instance(model, options, cpus=threads), max(1, cores - threads)
 
 
 def _settings(args, host: str, port: int):
