@@ -135,9 +135,9 @@ def serve(args, engine_fields: list[str]) -> int:
         options = {k: getattr(args, k) for k in engine_fields}
         where = ""
         if args.disaggregated_prefill:
-            prefill, threads = _prefill_instance(args.model, options, args.prefill_threads)
-            options["num_threads"] = options["num_threads"] or threads
-            where = f"; prefill on a Ray actor of {args.prefill_threads or threads} threads"
+            prefill, threads, rest = _prefill_instance(args.model, options, args.prefill_threads)
+            options["num_threads"] = options["num_threads"] or rest
+            where = f"; prompts prefilled by a Ray actor of {threads} thread{'s' if threads > 1 else ''}"
         engine_thread = EngineThread()
         llm = engine_thread.call(lambda: LLM(args.model, **options))
         if prefill is not None:
@@ -172,14 +172,14 @@ def serve(args, engine_fields: list[str]) -> int:
 
 
 def _prefill_instance(model: str, options: dict, threads: int | None):
-    """The prefill instance's actor (started now, loading while the server's engine does), and the threads left
-    to the server's engine."""
+    """The prefill instance's actor (started now, loading while the server's engine does), its threads, and the
+    threads left to the server's engine."""
     from nimblelm.distributed.disaggregated import prefill_instance
     from nimblelm.platform import physical_cores
 
     cores = physical_cores()
     threads = threads or max(1, cores // 2)
-    return prefill_instance(model, options, cpus=threads), max(1, cores - threads)
+    return prefill_instance(model, options, cpus=threads), threads, max(1, cores - threads)
 
 
 def _settings(args, host: str, port: int):
