@@ -254,13 +254,13 @@ def test_spec_train_eagle_refuses_bad_options_in_one_line(args, message, tiny_qw
 
 @pytest.mark.integration
 def test_real_model_greedy_output_is_identical_with_eagle_drafts(tmp_path):
-    """SmolLM2 (its Q4_1 weights, the C++ kernels) with a draft layer trained for 2 epochs on its answers to 16
+    """SmolLM2 (its Q4_1 weights, the C++ kernels) with a draft layer trained for 2 epochs on its answers to 8
     ShareGPT questions: the same tokens as plain decoding at batch 1, with drafts kept."""
     from nimblelm import corpora
     from nimblelm.bench import datasets
 
     path = tmp_path / "smollm2.eagle.safetensors"
-    assert main(["spec", "train", "--method", "eagle", "--model", "smollm2-135m", "--prompts", "16",
+    assert main(["spec", "train", "--method", "eagle", "--model", "smollm2-135m", "--prompts", "8",
                  "--max-new-tokens", "64", "--epochs", "2", "--threads", "1", "--output", str(path)]) == 0
     plain = LLM("smollm2-135m", dtype="float32", max_model_len=1024)
     spec = LLM("smollm2-135m", dtype="float32", max_model_len=1024, speculative_config={
