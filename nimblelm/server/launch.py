@@ -224,7 +224,8 @@ def _serve_on_ray(args, engine_fields: list[str], settings, url: str) -> int:
                       name="nimblelm", route_prefix="/")
         print(f"nimblelm serve: {settings.model_name} on {url}/v1 (ready; Ray Serve, "
               f"{'autoscaling ' + str(args.min_replicas or 1) + '-' + str(replicas) if autoscaling else replicas} "
-              f"replica{'s' if replicas > 1 else ''} of {options['num_threads']} threads)", flush=True)
+              f"replica{'s' if replicas > 1 else ''} of {options['num_threads']} "
+              f"thread{'s' if options['num_threads'] > 1 else ''})", flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
