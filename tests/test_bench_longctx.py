@@ -10,7 +10,7 @@ import pytest
 
 from nimblelm.bench import data_tasks
 from nimblelm.bench.cli import main
-from nimblelm.bench.survey_longctx import needle_summary
+from nimblelm.bench.survey_longctx import Engines, needle_summary, run_requests
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +96,27 @@ TINY = ["--threads", "1", "--no-measure", "--no-progress", "--kvpress-methods", 
     (["--ppl-budgets", "32"], "budget must be an integer of at least window_size (64)"),
     (["--context-tokens", "600"], "go beyond"),
     (["--workloads", "speed", "--speed-contexts", "4096"], "--speed-contexts: none fits"),
+    (["--speed-batch", "0"], "--speed-batch must be >= 1"),
 ])
 def test_bad_options_fail_in_one_line(tiny_qwen, capsys, extra, message):
     assert main(["survey", "longctx", "--model", str(tiny_qwen), *TINY, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("step_tokens, steady_steps", [(2048, 5), (128, 3)])
+def test_decode_counts_the_steps_the_whole_batch_decodes_in(tiny_qwen, step_tokens, steady_steps):
+    """Three prompts of 100 tokens, 6 tokens each. In one step all three are in: 5 steps of 3 tokens. At 128
+    tokens a step they are in at steps 1 to 3 (100 + 28, 72 + 55, 45), the first having its third token when the
+    last has its first: 3 steps of 3."""
+    from nimblelm import SamplingParams
+
+    llm = Engines(str(tiny_qwen), "float32", 1, None, "auto").llm(None, 128, max_num_seqs=3,
+                                                                  max_num_batched_tokens=step_tokens)
+    prompts = [[5 + k + i % 50 for i in range(100)] for k in range(3)]
+    run = run_requests(llm, prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in run.outputs] == [6, 6, 6]
+    assert run.decode_tokens == 3 * steady_steps and 0 < run.decode_seconds < run.seconds
 
 
 def test_every_workload_on_the_tiny_model(tiny_qwen, tmp_path):
@@ -157,12 +173,13 @@ def test_every_workload_on_the_tiny_model(tiny_qwen, tmp_path):
 
 
 def test_full_caches_alone_plot_and_report(tiny_qwen, tmp_path):
-    """Methods that are all full caches (no budgets to plot against) still give every file."""
+    """Methods that are all full caches (no budgets to plot against) still give every file; speed at batch 2."""
     assert main(["survey", "longctx", "--model", str(tiny_qwen), *TINY, "--methods", "full-int8", "--workloads",
-                 "ppl,speed", "-o", str(tmp_path)]) == 0
+                 "ppl,speed", "--speed-batch", "2", "-o", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert {(r["workload"], r["method"]) for r in report["results"]} == {
         (w, m) for w in ("ppl", "speed") for m in ("full", "full-int8")}
+    assert all(r["batch"] == 2 and r["decode_tok_s"] > 0 for r in report["results"] if r["workload"] == "speed")
     assert (tmp_path / "longctx_ppl.png").stat().st_size > 0 and "full-int8" in (tmp_path / "report.md").read_text()
 
 

@@ -243,6 +243,8 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
                      help="longctx speed: context lengths, those beyond the model's limit dropped (default "
                           "1024,2048,4096,8192: the issue's 16384 left out to fit 45 minutes)")
     sur.add_argument("--budget", type=int, default=2048, help="longctx speed: KV entries kept (default 2048)")
+    sur.add_argument("--speed-batch", type=int, default=1,
+                     help="longctx speed: requests of each context submitted at once, distinct texts (default 1)")
     sur.add_argument("--serve-context", type=int, default=2048,
                      help="longctx serve: tokens of each of --num-prompts requests (default 8) sent at once "
                           "(default 2048, the issue's 4096 halved to fit 45 minutes)")
@@ -946,8 +948,8 @@ def run_survey_longctx_command(args) -> dict:
     budgets = sorted(set(parse_int_list(args.ppl_budgets, "--ppl-budgets")))
     if min(contexts + speed_contexts + [args.ppl_tokens, args.serve_context]) < 64:
         raise InvalidRequestError("--context-tokens, --speed-contexts, --ppl-tokens and --serve-context must be >= 64")
-    if args.chunk < 1 or args.gen_len < 2 or args.num_prompts < 1:
-        raise InvalidRequestError("--chunk and --num-prompts must be >= 1, --gen-len >= 2")
+    if min(args.chunk, args.num_prompts, args.speed_batch) < 1 or args.gen_len < 2:
+        raise InvalidRequestError("--chunk, --num-prompts and --speed-batch must be >= 1, --gen-len >= 2")
     if budgets[-1] >= args.ppl_tokens:
         raise InvalidRequestError(f"--ppl-budgets must stay below --ppl-tokens ({args.ppl_tokens}): the text must "
                                   "outgrow the budget")
@@ -972,7 +974,7 @@ def run_survey_longctx_command(args) -> dict:
     grid = Grid(methods=tuple(methods), kvpress_methods=tuple(kvpress_methods), ratios=tuple(ratios),
                 contexts=tuple(contexts), depths=tuple(depths), ppl_tokens=args.ppl_tokens,
                 ppl_budgets=tuple(budgets), chunk=args.chunk, speed_contexts=tuple(speed_contexts),
-                budget=args.budget, serve_requests=args.num_prompts, serve_context=args.serve_context,
+                budget=args.budget, speed_batch=args.speed_batch, serve_requests=args.num_prompts, serve_context=args.serve_context,
                 serve_budget=args.serve_budget, gen_len=args.gen_len)
     skipped, kvpress = {}, None
     if "needle" in workloads and args.kvpress_methods != "none":
@@ -994,7 +996,8 @@ def run_survey_longctx_command(args) -> dict:
               "kvpress_version": pins.get("kvpress"), "kvpress_transformers": pins.get("transformers"),
               "ratios": ratios, "context_tokens": contexts, "depths": depths, "ppl_tokens": args.ppl_tokens,
               "ppl_budgets": budgets, "chunk": args.chunk, "speed_contexts": speed_contexts,
-              "speed_contexts_dropped": dropped, "budget": args.budget, "serve_requests": args.num_prompts,
+              "speed_contexts_dropped": dropped, "budget": args.budget, "speed_batch": args.speed_batch,
+              "serve_requests": args.num_prompts,
               "serve_context": args.serve_context, "serve_budget": args.serve_budget, "gen_len": args.gen_len,
               "warmup": args.warmup, "threads": ctx.threads, "seed": args.seed, **_precision_config(args)}
     return {"kind": "survey-longctx", "command": _command_line(), "config": config, "machine": machine,

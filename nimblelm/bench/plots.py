@@ -344,8 +344,10 @@ def _survey_longctx(plt, report: dict, out: Path) -> list[Path]:
             pts = sorted((r["context"], r) for r in speed if r["method"] == method)
             for ax, key, scale in ((axes[0], "prefill_s", 1), (axes[1], "decode_tok_s", 1),
                                    (axes[2], "kv_decode_bytes", 2**-20)):
-                ax.plot([c for c, _ in pts], [r[key] * scale for _, r in pts], marker="o", color=f"C{k}", label=method)
-        for ax, label in zip(axes, ("prefill seconds", "decode tokens/s (batch 1)", "KV MiB while decoding")):
+                ax.plot([c for c, _ in pts], [r[key] * scale if r[key] is not None else float("nan") for _, r in pts],
+                        marker="o", color=f"C{k}", label=method)
+        batch = cfg.get("speed_batch", 1)
+        for ax, label in zip(axes, ("prefill seconds", f"decode tokens/s (batch {batch})", "KV MiB while decoding")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context tokens")
             ax.set_ylabel(label)

@@ -8,9 +8,10 @@ beside NVIDIA's kvpress on the same float32 weights (issue 24).
 - ppl: the perplexity of a text much longer than the budget, prompt_logprobs of one request whose prompt goes
   in chunks, each compacted to the budget before the next (per_chunk): every chunk attends only to what the
   policy kept, the streaming setting. nimblelm only: kvpress compresses a prompt once, after its prefill.
-- speed: prefill seconds, decode tokens/s and the KV memory in use, batch 1, full cache against each method at
-  a fixed budget of entries, per context length. The engines are loaded together and take each context in
-  turn, the order rotating, so that the machine's drift over minutes lands on every engine alike.
+- speed: prefill seconds, decode tokens/s and the KV memory in use, full cache against each method at a fixed
+  budget of entries, per context length, speed_batch requests (distinct texts) at once. The engines are loaded
+  together and take each context in turn, the order rotating, so that the machine's drift over minutes lands on
+  every engine alike.
 - serve: requests of one length submitted at once to an engine whose KV memory holds two full contexts: output
   tokens/s, and how many ran at once; the full cache against each method at a budget.
 
@@ -56,6 +57,7 @@ class Grid:
     chunk: int  # ppl: prompt tokens per step
     speed_contexts: tuple[int, ...]
     budget: int  # speed: entries kept
+    speed_batch: int  # speed: requests of each context at once
     serve_requests: int
     serve_context: int
     serve_budget: int
@@ -92,6 +94,12 @@ class Run:
     peak_running: int
     preemptions: int
     compactions: int  # a policy whose compactions were all skipped keeps every entry
+    decode_tokens: int  # generated in the steps every request ran in, each past its first token
+    decode_seconds: float  # those steps' time
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else None
 
 
 _request_ids = itertools.count()
@@ -107,6 +115,7 @@ def run_requests(llm, prompts: Sequence[Sequence[int]], params) -> Run:
     kv, per_block = engine.kv_cache_manager, engine.runner.kv_bytes_per_block()
     pool, ids = kv.pool, [f"longctx-{next(_request_ids)}" for _ in prompts]
     preempted, finished, peak, decode, running, compactions = engine.scheduler.num_preemptions, {}, [0], 0, 0, [0]
+    generated, decode_tokens, decode_seconds = dict.fromkeys(ids, 0), 0, 0.0
     take, finish_compaction = pool.take, kv.finish_compaction
 
     def counted_take(n: int):
@@ -125,7 +134,15 @@ def run_requests(llm, prompts: Sequence[Sequence[int]], params) -> Run:
             engine.add_request(request_id, {"prompt_token_ids": list(prompt)}, params)
         while engine.has_unfinished_requests():
             decoding = all(r.metrics.first_token_time is not None for r in engine.requests.values())
-            for out in engine.step():
+            steady = decoding and len(engine.requests) == len(ids)  # the whole batch decodes this step
+            step_start = time.perf_counter()
+            outs = engine.step()
+            if steady:
+                decode_seconds += time.perf_counter() - step_start
+            for out in outs:
+                if steady:
+                    decode_tokens += len(out.outputs[0].token_ids) - generated[out.request_id]
+                generated[out.request_id] = len(out.outputs[0].token_ids)
                 if out.finished:
                     finished[out.request_id] = out
             running = max(running, engine.stats().num_running)
@@ -137,7 +154,7 @@ def run_requests(llm, prompts: Sequence[Sequence[int]], params) -> Run:
         for request_id in ids:  # whatever an error left behind must not stay in the engine
             engine.abort_request(request_id)
     return Run([finished[i] for i in ids], seconds, peak[0] * per_block, decode * per_block, running,
-               engine.scheduler.num_preemptions - preempted, compactions[0])
+               engine.scheduler.num_preemptions - preempted, compactions[0], decode_tokens, decode_seconds)
 
 
 def _engine_args(method: str, **size) -> tuple[dict | None, dict]:
@@ -267,27 +284,30 @@ def run_ppl(engines: Engines, token_ids: Sequence[int], grid: Grid,
 # --------------------------------------------------------------------------------------------------- speed
 
 
-def _warm_up(llm, prompt: Sequence[int], warmup: int) -> None:
+def _warm_up(llm, prompts: Sequence[Sequence[int]], warmup: int) -> None:
+    """Short heads of the prompts run together: the batch's first decode steps are not the measured ones."""
     from nimblelm import SamplingParams
 
     for _ in range(warmup):
-        run_requests(llm, [prompt[:256]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        run_requests(llm, [p[:256] for p in prompts], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
 
 
-def run_speed(engines: Engines, prompts: dict[int, list[int]], grid: Grid, warmup: int = 1,
+def run_speed(engines: Engines, prompts: dict[int, list[list[int]]], grid: Grid, warmup: int = 1,
               logger: Callable[[str], None] = lambda m: None) -> dict:
-    """Per context length (prompts: the ids of each), one request generating gen_len tokens on each engine.
-    A method at a context within its budget would keep everything (the full cache's run again): not run."""
+    """Per context length (prompts: the speed_batch prompts of each), the prompts submitted at once, gen_len
+    tokens generated each, on each engine. Decode: tokens/s over the steps the whole batch decodes in (none if
+    the first request finished before the last one's first token). A method at a context within its budget
+    would keep everything (the full cache's run again): not run."""
     from nimblelm import SamplingParams
 
-    max_len = max(len(p) for p in prompts.values()) + grid.gen_len
+    max_len = max(len(p) for batch in prompts.values() for p in batch) + grid.gen_len
     params = SamplingParams(temperature=0.0, max_tokens=grid.gen_len, ignore_eos=True)
     rows, errors, llms = [], {}, {}
     try:
         for name in [FULL, *grid.methods]:
             try:
                 policy, options = _engine_args(name, budget=grid.budget)
-                llms[name] = engines.llm(policy, max_len, **options)
+                llms[name] = engines.llm(policy, max_len, max_num_seqs=grid.speed_batch, **options)
                 _warm_up(llms[name], prompts[min(prompts)], warmup)
             except Exception as e:  # noqa: BLE001
                 errors.setdefault(f"speed {name}", one_line(e))
@@ -296,15 +316,15 @@ def run_speed(engines: Engines, prompts: dict[int, list[int]], grid: Grid, warmu
                 if _engine_args(name)[0] is not None and context <= grid.budget:
                     continue
                 try:
-                    run = run_requests(llms[name], [prompts[context]], params)
+                    run = run_requests(llms[name], prompts[context], params)
                 except Exception as e:  # noqa: BLE001
                     errors.setdefault(f"speed {name}", one_line(e))
                     continue
-                m, n = run.outputs[0].metrics, len(run.outputs[0].outputs[0].token_ids)
-                rows.append({"workload": "speed", "method": name, "context": context,
+                metrics = [o.metrics for o in run.outputs]
+                rows.append({"workload": "speed", "method": name, "context": context, "batch": len(metrics),
                              "budget": None if _engine_args(name)[0] is None else grid.budget,
-                             "prefill_s": m.first_token_time - m.arrival_time,
-                             "decode_tok_s": (n - 1) / (m.finished_time - m.first_token_time),
+                             "prefill_s": max(m.first_token_time for m in metrics) - min(m.arrival_time for m in metrics),
+                             "decode_tok_s": run.decode_tok_s,
                              "kv_peak_bytes": run.peak_bytes, "kv_decode_bytes": run.decode_bytes,
                              "compactions": run.compactions})
             logger(f"speed: {context} tokens done")
@@ -315,7 +335,8 @@ def run_speed(engines: Engines, prompts: dict[int, list[int]], grid: Grid, warmu
     for r in rows:
         base = full.get(r["context"])
         r["prefill_vs_full"] = r["prefill_s"] / base["prefill_s"] if base else None
-        r["decode_vs_full"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
+        decoded = base and base["decode_tok_s"] and r["decode_tok_s"]
+        r["decode_vs_full"] = r["decode_tok_s"] / base["decode_tok_s"] if decoded else None
     return {"rows": rows, "errors": errors}
 
 
@@ -348,7 +369,7 @@ def run_serve(engines: Engines, prompts: Sequence[list[int]], grid: Grid, memory
         try:
             policy, options = _engine_args(method, budget=grid.serve_budget)
             llm = engines.llm(policy, max_len, max_num_seqs=len(prompts), kv_cache_memory_bytes=memory_bytes, **options)
-            _warm_up(llm, prompts[0], warmup)
+            _warm_up(llm, prompts[:1], warmup)
             run = run_requests(llm, prompts, params)
             kv = llm.llm_engine.kv_cache_manager
             rows.append({"workload": "serve", "method": method, "budget": None if policy is None else grid.serve_budget,
@@ -419,7 +440,8 @@ def run_survey_longctx(ctx, grid: Grid, workloads: Sequence[str], *, kvpress=Non
         elif workload == "ppl":
             part = run_ppl(engines, ppl_prompt(tok, grid.ppl_tokens), grid, logger)
         elif workload == "speed":
-            prompts = {c: haystack_prompt(tok, c, seed + c) for c in grid.speed_contexts}
+            prompts = {c: [haystack_prompt(tok, c, seed + c + 7919 * k) for k in range(grid.speed_batch)]
+                       for c in grid.speed_contexts}
             part = run_speed(engines, prompts, grid, warmup, logger)
         else:
             prompts = [haystack_prompt(tok, grid.serve_context, seed + 7919 * (k + 1))
@@ -517,20 +539,25 @@ def _ppl_md(report: dict, rows: list[dict]) -> list[str]:
 def _speed_md(report: dict, rows: list[dict]) -> list[str]:
     cfg = report["config"]
     out = ["## Speed and KV memory", "",
-           (f"Batch 1, {cfg['gen_len']} tokens generated (EOS ignored), each method keeping {cfg['budget']} entries; "
-            "a method at a context within its budget would keep everything and is not run. Prefill: seconds to "
-            "the first token (the policy's scoring included). Decode: tokens/s after the first. KV decoding: the "
-            "most KV memory in use while decoding; KV peak: the most at all, the whole prompt being in before it "
-            "is compacted. The engines take each context in turn, the order rotating.")]
+           (f"{_batch_words(cfg.get('speed_batch', 1))}, {cfg['gen_len']} tokens generated each (EOS ignored), each "
+            f"method keeping {cfg['budget']} entries a request; a method at a context within its budget would keep "
+            "everything and is not run. Prefill: seconds until every request had its first token (the policy's "
+            "scoring included). Decode: tokens/s over the steps the whole batch decoded in. KV decoding: the most "
+            "KV memory in use while decoding; KV peak: the most at all, the whole prompt being in before it is "
+            "compacted. The engines take each context in turn, the order rotating.")]
     if cfg.get("speed_contexts_dropped"):
         out.append(f"Contexts beyond the model's limit, dropped: {', '.join(map(str, cfg['speed_contexts_dropped']))}.")
     out += ["", ("| context | method | prefill s | prefill vs full | decode tok/s | decode vs full | KV decoding MiB | "
                  "KV peak MiB |"), "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: r["context"]):
         out.append(f"| {r['context']} | {r['method']} | {r['prefill_s']:.2f} | {_num(r['prefill_vs_full'], 2, '×')} | "
-                   f"{r['decode_tok_s']:.2f} | {_num(r['decode_vs_full'], 2, '×')} | {_mib(r['kv_decode_bytes'])} | "
+                   f"{_num(r['decode_tok_s'])} | {_num(r['decode_vs_full'], 2, '×')} | {_mib(r['kv_decode_bytes'])} | "
                    f"{_mib(r['kv_peak_bytes'])} |")
     return out
+
+
+def _batch_words(batch: int) -> str:
+    return "Batch 1" if batch == 1 else f"{batch} requests of each context at once (distinct texts)"
 
 
 def _serve_md(report: dict, rows: list[dict]) -> list[str]:
