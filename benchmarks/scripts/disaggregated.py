@@ -77,8 +77,8 @@ def main() -> int:
                           f"{output_tokens} output tokens, Poisson arrivals at {args.rate} req/s",
               "results": results}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"- workload: {report['workload']}; {args.cpus} CPUs: colocated 1 engine × {args.cpus} threads, "
-             f"disaggregated 2 engines × {args.cpus // 2}", "",
+    lines = [(f"- workload: {report['workload']}; {args.cpus} CPUs: colocated 1 engine × {args.cpus} threads, "
+              f"disaggregated 2 engines × {args.cpus // 2}"), "",
              "| configuration | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | output tok/s | req/s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
