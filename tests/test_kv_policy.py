@@ -226,10 +226,84 @@ def test_a_window_wider_than_a_step_is_refused(tiny_qwen):
         LLM(str(tiny_qwen), kv_policy={"method": "snapkv", "ratio": 0.2}, max_num_batched_tokens=32, max_num_seqs=8)
 
 
-def test_policy_and_speculative_decoding_are_refused_together(tiny_qwen):
-    with pytest.raises(InvalidRequestError, match="cannot be combined"):
-        LLM(str(tiny_qwen), kv_policy={"method": "streaming", "budget": 64},
-            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+class _Answers:
+    """A chain proposer that knows the answers: every draft is kept, so steps would run past the token whose step
+    compacts (streaming's every block while decoding) unless the scheduler stops the drafts before it."""
+
+    observes = False
+    pass_seconds = 0.0
+
+    def __init__(self, prompts: list[list[int]], answers: list[list[int]], k: int):
+        self.answers, self.k = {tuple(p): a for p, a in zip(prompts, answers)}, k
+
+    def propose_all(self, requests):
+        out = {}
+        for req_id, (tokens, prompt_len, room) in requests.items():
+            drafts = self.answers[tuple(tokens[:prompt_len])][len(tokens) - prompt_len :][: min(self.k, room)]
+            if drafts:
+                out[req_id] = drafts
+        return out
+
+    def forget(self, req_ids) -> None:
+        pass
+
+
+SPECULATIVE = [{"method": "ngram", "num_speculative_tokens": 3},
+               {"method": "draft_model", "num_speculative_tokens": 3},  # the target itself, on a full cache
+               {"method": "layer_skip", "num_speculative_tokens": 3, "skip_layers": [1]}]
+
+
+@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv", "pyramidkv"])
+@pytest.mark.parametrize("speculative", [None, *SPECULATIVE], ids=["answers", "ngram", "draft_model", "layer_skip"])
+def test_speculative_decoding_keeps_the_policys_output(tiny_qwen, options, speculative):
+    """Drafts verified on a compacted cache give the policy's token-at-a-time output; a step that compacts
+    verifies none, so every row attends to the cache the plain run holds at that token. With drafts that are
+    the answers (every one kept), a multi-token step reaches each of streaming's decode compactions."""
+    prompts, max_tokens = [_prompt(300, seed=1), _prompt(150, seed=2)], 60
+    alone = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options), prompts, max_tokens)
+    config = speculative or SPECULATIVE[0]
+    if config["method"] == "draft_model":
+        config = {**config, "model": str(tiny_qwen)}
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options, speculative_config=config)
+    runner = llm.llm_engine.runner
+    runner.step_cost = None  # every draft verified, whatever a step costs
+    if speculative is None:
+        runner.proposer = _Answers(prompts, alone, 3)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == alone
+    spec = [o.metrics.spec for o in outs]
+    assert sum(s.num_draft_tokens for s in spec) > 0  # ngram's drafts are all rejected here: rolled back
+    if speculative is None:
+        assert sum(s.num_accepted_tokens for s in spec) > 40
+    manager = llm.llm_engine.kv_cache_manager
+    assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_token_trees_keep_the_policys_output(tiny_qwen, tmp_path):
+    """Medusa's token trees, drafted by an oracle of the policy's own answers so that branches off the chain are
+    kept too (copied into the sequence's slots of a compacted table)."""
+    from test_speculative_medusa import _write
+    from test_speculative_tree import _Oracle
+
+    from nimblelm.models.loader import load_model
+
+    options, prompts = POLICIES[0], [_prompt(200, seed=3), _prompt(120, seed=4)]
+    alone = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options), prompts, 60)
+    heads = _write(tmp_path / "zero.medusa.safetensors", 3, load_model(str(tiny_qwen)).weights["model.norm.weight"])
+    tree = [[0], [0, 0], [0, 0, 0], [1], [1, 0], [1, 0, 0], [2]]
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options, speculative_config={
+        "method": "medusa", "num_speculative_tokens": 3, "model": str(heads), "speculative_token_tree": tree})
+    runner = llm.llm_engine.runner
+    runner.proposer = _Oracle({tuple(p): a for p, a in zip(prompts, alone)}, runner.config.vocab_size)
+    runner.step_cost = None
+    assert _generate(llm, prompts, 60) == alone
+    assert runner.proposer.steps > 20
+
+
+def test_h2o_and_speculative_decoding_are_refused_together(tiny_qwen):
+    with pytest.raises(InvalidRequestError, match="kv_policy h2o and speculative_config cannot be combined yet"):
+        LLM(str(tiny_qwen), kv_policy=POLICIES[5], speculative_config={"method": "ngram", "num_speculative_tokens": 2})
 
 
 @pytest.mark.integration

@@ -134,6 +134,16 @@ def test_greedy_output_is_identical_with_eagle_trees(tiny_qwen, trained, plain):
     assert any(leaves_taken)
 
 
+def test_greedy_output_is_a_kv_policys_own_with_eagle_drafts(tiny_qwen, trained):
+    """The draft layer keeps its K/V of every position while streaming compacts the target's cache every block
+    past its budget: the drafts follow the whole context, the output the policy's."""
+    policy = {"method": "streaming", "budget": 32}
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    alone = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, kv_policy=policy)
+    out = _same(alone, _spec(tiny_qwen, trained, 3, kv_policy=policy), params)
+    assert sum(o.metrics.spec.num_accepted_tokens for o in out) > 0
+
+
 def test_greedy_output_survives_preemption(tiny_qwen, trained):
     params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
     # Few blocks: sequences are preempted and recomputed while they hold drafts (and draft K/V).

@@ -84,8 +84,9 @@ class LLMEngine:
         if speculative is not None and speculative.method == "layer_skip" and speculative.skip_layers is None:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
-        if kv_policy is not None and speculative is not None:
-            raise InvalidRequestError("kv_policy and speculative_config cannot be combined yet")
+        if kv_policy is not None and kv_policy.method == "h2o" and speculative is not None:
+            # Its votes would count the attention that rejected drafts' rows gave.
+            raise InvalidRequestError("kv_policy h2o and speculative_config cannot be combined yet")
         if config.kv_cache_dtype in ("int4", "int2"):
             # A rejected draft can reopen a sealed block; H2O sums every row's attention weights, which the
             # low-bit decode kernel keeps none of; cache_positions rotates kept keys, which a key scale per block

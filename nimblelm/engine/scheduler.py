@@ -9,7 +9,8 @@ is preempted: its blocks are freed and it goes back to the front of the waiting 
 
 With a KV policy (kv_cache/policy.py), a step that leaves a sequence over its budget also compacts it:
 the step carries the blocks its kept entries move to (fresh ones, or its own first ones), and the rest are
-freed after it. A preempted sequence is recomputed whole and compacted again. SnapKV votes with the attention
+freed after it; a step that compacts a sequence verifies no drafts of it (its drafts stop before that token).
+A preempted sequence is recomputed whole and compacted again. SnapKV votes with the attention
 of the prompt's last window_size tokens, so a prompt's last chunk holds at least those; and since a prompt
 holds all its blocks until its compaction, a new one starts only when all of it fits.
 
@@ -67,7 +68,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            drafts = seq.spec_token_ids
+            drafts = self._drafts(seq)
             n = self._chunk(seq, seq.num_tokens - seq.num_computed_tokens + len(drafts), budget)
             if not n:
                 i += 1
@@ -158,6 +159,25 @@ class Scheduler:
         if policy is not None and policy.needs_votes and n < remaining < n + policy.window_size:
             n = max(0, remaining - policy.window_size)
         return n
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        """The drafts seq may verify this step. With a KV policy, none at or past the token whose one-token step
+        would compact seq: that step runs without drafts, so that every row attends to the cache a token-at-a-time
+        run holds, and the greedy output is the same."""
+        drafts = seq.spec_token_ids
+        if self.kv_policy is None or not drafts:
+            return drafts
+        for j in range(len(drafts) + 1):
+            if self._compacts_after(seq, seq.num_tokens + j):
+                return drafts[: max(0, j - 1)]
+        return drafts
+
+    def _compacts_after(self, seq: Sequence, end: int) -> bool:
+        """Whether a one-token step that leaves seq's first `end` tokens computed would compact it."""
+        return any(window is None and self.kv_policy.kept_entries(
+                       seq.num_prompt_tokens, self.kv.num_entries(seq, g, end), 1, True, self.kv.block_size,
+                       self.group_depths[g]) is not None
+                   for g, window in enumerate(self.kv.windows))
 
     def _compact(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         """Plan seq's compaction after this step, where its policy asks for one and blocks allow."""
