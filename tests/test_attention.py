@@ -68,6 +68,33 @@ def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("dim", [16, 64, 72])
+def test_paged_decode_received_adds_each_rows_softmax_weights_at_its_keys_slots(dim, kv):
+    """H2O's pass: per row and KV head, the softmax weights over the row's keys summed over the head's query
+    heads, added to what every slot had received (a slot no row reads keeps its own)."""
+    ops = cpu_ops()
+    q, k_cache, _, tables, lens = random_paged_cache(dim, dim)
+    blocks, block_size, kv_heads, _ = k_cache.shape
+    received = torch.rand(blocks, block_size, kv_heads)
+    expected = received.clone()
+    scales = None
+    if kv == "int8":
+        k_cache, scales = quantize_kv(k_cache)
+        keys = dequantize_kv(k_cache, scales, torch.float32)
+    else:
+        k_cache = k_cache.to(getattr(torch, kv))
+        keys = k_cache.float()
+    group = q.shape[1] // kv_heads
+    for b, n in enumerate(lens.tolist()):
+        slots = (tables[b][:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+        k = keys.flatten(0, 1)[slots]  # [n, kv_heads, dim]
+        logits = torch.einsum("hgd,nhd->hgn", q[b].view(kv_heads, group, dim), k) * dim**-0.5
+        expected.view(-1, kv_heads)[slots] += logits.softmax(-1).sum(1).T
+    ops.paged_decode_received_(received, q, k_cache, scales, tables, lens, dim**-0.5)
+    assert torch.allclose(received, expected, atol=1e-5)
+
+
 def shared_prefix_cache(seed, dim, block_size, heads=9, kv_heads=3):
     """Nineteen sequences: eleven behind one 600-token prefix (as many rows share a system prompt), three
     behind a 300-token one, five alone; contexts from one token past the prefix to several chunks past it,

@@ -135,16 +135,17 @@ class ModelRunner:
         self.kv_caches: list[KVCache | None] = []  # per layer (layers of one tensor share it; None: not held)
         self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
         self.kv_bits = BITS.get(kv_cache_dtype)  # an int4 or int2 cache (layers/kivi.py)
-        # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it.
-        # H2O's attention layers add up the attention each entry receives, a pass no trace records; a low-bit
-        # cache is read by torch ops with shapes that change every step; a pipeline stage sends and receives.
-        self.capturing = (not enforce_eager and self.kernels and self.kv_bits is None and stage is None
-                          and not (kv_policy is not None and kv_policy.method == "h2o"))
+        # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it. A
+        # low-bit cache is read by torch ops with shapes that change every step; a pipeline stage sends and
+        # receives.
+        self.capturing = not enforce_eager and self.kernels and self.kv_bits is None and stage is None
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
         self.max_model_len = max_model_len
         self.speculative = speculative
         self.kv_policy = kv_policy
+        # H2O: the full-attention layers add up the attention each entry receives, in every step.
+        self._accumulates = kv_policy is not None and kv_policy.method == "h2o"
         self.proposer = None  # made with the KV cache (a draft model sizes its own after the target's)
         # Of a model split over ranks, the rank whose output the engine reads drafts; the others verify what the
         # step contract sends them.
@@ -201,7 +202,7 @@ class ModelRunner:
         if self.capturing:
             windows = [group.window for group in self.kv_groups]
             self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
-                                       self.block_size)
+                                       self.block_size, accumulates=self._accumulates)
             if self.speculative is None:
                 self.capture.warm_up(max_num_seqs)
             else:  # a sequence verifying k drafts takes k + 1 rows (alike on every rank: warming up runs collectives)
@@ -644,7 +645,7 @@ class ModelRunner:
                 extra_write_slots=extra[:, 1] if trees else None,
                 vote_rows=vote_rows if voting and window is None else None,
                 votes=[] if voting and window is None else None,
-                accumulate=window is None and self.kv_policy is not None and self.kv_policy.method == "h2o",
+                accumulate=window is None and self._accumulates,
                 lowbit=LowBitPlan.build(lowbit_spans[g], num_rows, bs, device) if self.kv_bits is not None else None,
             )
 

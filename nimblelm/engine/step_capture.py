@@ -42,12 +42,14 @@ class StepCapture:
     """The decode-step traces of one model over one KV cache, one per bucket of row counts."""
 
     def __init__(self, model: DecoderLM, kv_caches: list[KVCache], windows: list[int | None],
-                 group_of_layer: list[int], scratch_block: int, block_size: int):
+                 group_of_layer: list[int], scratch_block: int, block_size: int, accumulates: bool = False):
         """windows: each KV group's sliding window; group_of_layer: each layer's KV group; scratch_block: a
-        block of the cache no sequence uses, for padding rows."""
+        block of the cache no sequence uses, for padding rows; accumulates: H2O's, the full-attention layers
+        add up the attention their entries receive (a kernel the trace records like the others)."""
         self.model = model
         self.kv_caches = kv_caches
         self.windows = windows
+        self.accumulates = accumulates
         self.group_of_layer = group_of_layer
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
@@ -113,7 +115,7 @@ class StepCapture:
 
     def _step(self, input_ids, positions, slot_mappings, block_tables, context_lens) -> torch.Tensor:
         group_metas = [
-            AttentionMetadata.decodes(slots, tables, lens, window)
+            AttentionMetadata.decodes(slots, tables, lens, window, accumulate=self.accumulates and window is None)
             for slots, tables, lens, window in zip(slot_mappings, block_tables, context_lens, self.windows)
         ]
         metas = [group_metas[g] for g in self.group_of_layer]

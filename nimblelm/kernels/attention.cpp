@@ -582,6 +582,71 @@ void paged_decode_attention_int8(at::Tensor out, at::Tensor q, at::Tensor k_cach
                            block_tables, context_lens, scale, window);
 }
 
+// H2O's scores (kv_policy h2o): each decode row's attention weights over its sequence's cached keys, summed over
+// each KV head's query heads, added to received [blocks, block_size, kv_heads] at the keys' slots. A second
+// pass over the keys beside paged_decode_attention, whose split-K chunks keep no weights. The rows are distinct
+// sequences (H2O runs without prefix caching and drafts), so no two (row, KV head) items add to one entry;
+// rows padded onto one scratch block (a replayed step's) may, and what lands there is never read.
+// k_scales: an int8 cache's [blocks, block_size, kv_heads], else null.
+template <typename T>
+static void decode_received(at::Tensor received, at::Tensor q, at::Tensor k_cache, const float* k_scales,
+                            at::Tensor block_tables, at::Tensor context_lens, double scale) {
+  q = q.contiguous();
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3, "paged_decode_received_: q");
+  TORCH_CHECK(received.scalar_type() == at::kFloat && received.is_contiguous() && k_cache.is_contiguous() &&
+              received.numel() * k_cache.size(3) == k_cache.numel(),
+              "paged_decode_received_: float32 received [blocks, block_size, kv_heads]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "paged_decode_received_: int64 tables");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH, row = KVH * D;
+  const int64_t max_blocks = block_tables.size(1);
+  auto tables = block_tables.contiguous(), lens_t = context_lens.contiguous();
+  const int64_t* bt = tables.data_ptr<int64_t>();
+  const int64_t* lens = lens_t.data_ptr<int64_t>();
+  const float* qp = q.data_ptr<float>();
+  const T* kp = k_cache.data_ptr<T>();
+  float* rp = received.data_ptr<float>();
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s, got;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KVH, h = i % KVH, n = lens[b];
+      const int64_t* table = bt + b * max_blocks;
+      const auto slot_of = [&](int64_t t) { return table[t / bs] * bs + t % bs; };
+      s.resize(G * n);
+      for (int64_t t = 0, m; t < n; t += m) {
+        m = std::min(n - t, bs - t % bs);
+        const int64_t slot = slot_of(t);
+        scores_run(qp + (b * H + h * G) * D, G, D, kp + slot * row + h * D, row, m,
+                   k_scales ? k_scales + slot * KVH + h : nullptr, KVH, s.data() + t, n);
+      }
+      got.assign(n, 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = s.data() + g * n;
+        const float inv = 1.f / exp_shifted_(sg, n, scale_max_(sg, n, float(scale)));
+        for (int64_t t = 0; t < n; ++t) got[t] += sg[t] * inv;
+      }
+      for (int64_t t = 0; t < n; ++t) rp[slot_of(t) * KVH + h] += got[t];
+    }
+  });
+}
+
+void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cache, std::optional<at::Tensor> k_scales,
+                            at::Tensor block_tables, at::Tensor context_lens, double scale) {
+  const auto type = k_cache.scalar_type();
+  if (type == at::kChar) {
+    TORCH_CHECK(k_scales && k_scales->scalar_type() == at::kFloat && k_scales->is_contiguous() &&
+                k_scales->numel() == received.numel(),
+                "paged_decode_received_: an int8 cache's float32 scales [blocks, block_size, kv_heads]");
+    decode_received<int8_t>(received, q, k_cache, k_scales->data_ptr<float>(), block_tables, context_lens, scale);
+  } else if (type == at::kFloat) {
+    decode_received<float>(received, q, k_cache, nullptr, block_tables, context_lens, scale);
+  } else {
+    TORCH_CHECK(type == at::kHalf, "paged_decode_received_: float32, float16 or int8 cache");
+    decode_received<at::Half>(received, q, k_cache, nullptr, block_tables, context_lens, scale);
+  }
+}
+
 // Prefill attention: T queries (rows of q [T, H, D]) at positions C - T .. C - 1 against C keys and values
 // (k, v [C, KVH, D]), causal, and within `window` positions when window > 0. Rows may be strided (views
 // of the fused qkv output); each row's heads are contiguous.

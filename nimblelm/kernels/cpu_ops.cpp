@@ -5,8 +5,8 @@
 //   bf16_gemm.cpp     its bfloat16 path for several rows: AMX tiles or AVX-512 BF16 dot products
 //   quant_gemm.cpp    int8_linear, w8a8_linear, int4_linear, int8_dequantize, int4_dequantize,
 //                     int8_dequant_linear, int4_dequant_linear, int8_bf16_panels, int4_bf16_panels
-//   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), prefill_attention,
-//                     lowbit_decode_attention (an int4 or int2 cache)
+//   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), paged_decode_received_ (H2O),
+//                     prefill_attention, lowbit_decode_attention (an int4 or int2 cache)
 //   elementwise.cpp   rms_norm, add_rms_norm_, rope_, silu_mul, greedy_tokens
 //   ops.h             their declarations; simd.h, panel_tile.h: helpers shared between the files
 // The schemas mark the tensors an op writes (Tensor(a!)), so that a trace keeps those calls in order.
@@ -67,6 +67,12 @@ TORCH_LIBRARY(nimblelm, m) {
         "Tensor context_lens, float scale, int window) -> ()");
   m.def("paged_decode_attention_int8(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, "
         "Tensor v_scales, Tensor block_tables, Tensor context_lens, float scale, int window) -> ()");
+  // H2O: each decode row's attention weights, summed over each KV head's query heads, added at its keys' slots.
+  // Nothing in a step reads what it writes, so with received marked (a!) a trace's dead-code pass drops it and
+  // the zeroing of the new entries before it; conservative aliasing (which takes no marks) keeps both.
+  m.def(torch::schema("paged_decode_received_(Tensor received, Tensor q, Tensor k_cache, Tensor? k_scales, "
+                      "Tensor block_tables, Tensor context_lens, float scale) -> ()",
+                      c10::AliasAnalysisKind::CONSERVATIVE));
   // causal (and sliding-window) attention of a prompt chunk
   m.def("prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, float scale, int window) -> ()");
   // decode rows over an int4 or int2 cache: sealed blocks as stored, each row's own block from the residual
@@ -96,6 +102,7 @@ TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("write_kv_cache_int8_", &write_kv_cache_int8_);
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("paged_decode_attention_int8", &paged_decode_attention_int8);
+  m.impl("paged_decode_received_", &paged_decode_received_);
   m.impl("prefill_attention", &prefill_attention);
   m.impl("lowbit_decode_attention", &lowbit_decode_attention);
 }

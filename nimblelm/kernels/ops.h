@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 // gemm.cpp: the float32 linear over weights packed in panels.
@@ -57,6 +58,8 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at
 void paged_decode_attention_int8(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                                  at::Tensor k_scales, at::Tensor v_scales, at::Tensor block_tables,
                                  at::Tensor context_lens, double scale, int64_t window);
+void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cache, std::optional<at::Tensor> k_scales,
+                            at::Tensor block_tables, at::Tensor context_lens, double scale);
 void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale,
                        int64_t window);
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,

@@ -63,12 +63,14 @@ class AttentionMetadata:
 
     @classmethod
     def decodes(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                sliding_window: int | None, decode_mask: torch.Tensor | None = None) -> AttentionMetadata:
+                sliding_window: int | None, decode_mask: torch.Tensor | None = None,
+                accumulate: bool = False) -> AttentionMetadata:
         """A step of decode rows only."""
         return cls(
             slot_mapping=slot_mapping, num_decodes=len(slot_mapping), decode_block_tables=block_tables,
             decode_context_lens=context_lens, decode_mask=decode_mask, prefill_query_lens=[],
             prefill_context_lens=[], prefill_block_tables=[], prefill_masks=[], sliding_window=sliding_window,
+            accumulate=accumulate,
         )
 
     @classmethod
@@ -179,7 +181,11 @@ class PagedAttention(torch.nn.Module):
         elif d:
             self._decode(q[:d], kv_cache, meta, ops, out[:d])
         if d and meta.accumulate:
-            self._receive_decodes(q[:d], kv_cache, meta)
+            if ops is not None:
+                ops.paged_decode_received_(kv_cache.received, q[:d], kv_cache.k, kv_cache.k_scales,
+                                           meta.decode_block_tables, meta.decode_context_lens, self.scale)
+            else:
+                self._receive_decodes(q[:d], kv_cache, meta)
         start = d
         chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks,
                      meta.vote_rows or [0] * len(meta.prefill_query_lens))
@@ -230,7 +236,8 @@ class PagedAttention(torch.nn.Module):
         kv_cache.received.view(-1, self.num_kv_heads).index_add_(0, slots, got.T)
 
     def _receive_decodes(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> None:
-        """Add what each decode row gives the entries it attends to (H2O): a second pass over their keys."""
+        """Add what each decode row gives the entries it attends to (H2O): a second pass over their keys (torch's
+        ops; the kernels' paged_decode_received_ reads the pages in place)."""
         tables, lens = meta.decode_block_tables, meta.decode_context_lens
         rows, n, bs = q.shape[0], int(lens.max()), kv_cache.values.shape[2]
         slots = (tables[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)[:, :n]  # [rows, n]
