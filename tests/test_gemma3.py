@@ -16,10 +16,11 @@ import shutil
 import pytest
 import torch
 from hf_reference import model_from_gguf
-from tiny_models import assert_first_tokens_close, make_tiny_gguf, make_tiny_hf_model
+from tiny_models import TINY_GEMMA3, assert_first_tokens_close, make_tiny_gguf, make_tiny_hf_model
 from transformers import AutoModelForCausalLM
 
 from nimblelm import LLM, InvalidRequestError, SamplingParams
+from nimblelm.bench.backends import hf_model_from
 from nimblelm.chat import run_chat
 from nimblelm.kernels import cpu_ops
 from nimblelm.models import gguf_file, registry
@@ -167,6 +168,22 @@ def test_rope_scaling_applies_to_the_global_layers_only(tmp_path):
     config = llm.model_config
     assert config.rope_scaling == {"rope_type": "linear", "factor": 8.0} and config.sliding_rope_theta == 100.0
     check_against_reference(llm, folder, PROMPTS[:1])
+
+
+@pytest.mark.parametrize("rope", [None, {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}])
+def test_the_transformers_model_built_from_the_engine_weights(tiny_gemma, tmp_path, rope):
+    """hf_model_from (the transformers and kvpress peers' model) is the folder's model: window, layer types, both
+    rope bases, the rope scaling of the global layers and the attention scalar map back, and the logits agree."""
+    folder = tiny_gemma if rope is None else make_tiny_hf_model(tmp_path / "hf", "gemma3", initializer_range=0.05,
+                                                                 query_pre_attn_scalar=24, rope_parameters=rope)
+    loaded = load_model(str(folder))
+    ids = torch.tensor([loaded.tokenizer.encode(PROMPTS[3])])
+    with torch.no_grad():
+        ours = hf_model_from(loaded.config, loaded.weights)(ids).logits
+        reference = hf_model(folder)(ids).logits
+    assert ids.shape[1] > 3 * TINY_GEMMA3["sliding_window"]
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
 def test_transformers_4_config_keys(tiny_gemma, tmp_path):

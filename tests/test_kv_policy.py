@@ -331,6 +331,37 @@ def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, method, monkey
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("method", ["snapkv", "streaming"])
+def test_gemma3_global_layers_keep_what_kvpress_keeps(smollm2_hf, method, monkeypatch):
+    """Gemma 3 270M (float32, exported to transformers as the bench does): the policy compacts its 3 global
+    layers of 18, and kvpress's press, skipping the sliding layers as kvpress does for Gemma 3's multimodal
+    model, keeps the very same positions there and every position elsewhere; the greedy tokens match."""
+    from nimblelm.bench.backends import BenchContext
+    from nimblelm.bench.vllm_peer import ensure_hf_folder
+
+    ctx = BenchContext(model="gemma3-270m")
+    folder = ensure_hf_folder(ctx)
+    text = ctx.tokenizer.decode(smollm2_hf[1])  # the counting text, in Gemma's tokens
+    prompt = ctx.tokenizer.encode(text, add_special_tokens=False)[:320]
+    chosen = []
+    select = KVPolicy.select
+    monkeypatch.setattr(KVPolicy, "select", lambda self, *a: chosen.append(select(self, *a)) or chosen[-1])
+    llm = LLM("gemma3-270m", dtype="float32", max_model_len=1024, kv_policy={"method": method, "ratio": 0.25})
+    ours = _generate(llm, [prompt], 24)[0]
+    kept = kvpress_peer.kept_positions(folder, prompt, method, 0.25)
+    globals_ = [i for i, window in enumerate(llm.model_config.layer_windows) if window is None]
+    assert len(kept) == 18 and globals_ == [5, 11, 17]
+    for layer, theirs in enumerate(kept):
+        if layer not in globals_:
+            assert theirs.tolist() == [list(range(320))], f"layer {layer}"
+            continue
+        ours_kept = chosen[globals_.index(layer) if method == "snapkv" else 0]  # streaming: one choice for all
+        assert theirs.shape == (1, 80) and torch.equal(ours_kept, theirs), f"layer {layer}"
+    theirs = kvpress_peer.generate(folder, [prompt], method, 0.25, 16)[0]["token_ids"]
+    assert len(theirs) >= 8 and ours[: len(theirs)] == theirs
+
+
+@pytest.mark.integration
 def test_pyramidkv_keeps_what_kvpress_keeps_in_every_layer(smollm2_hf, monkeypatch):
     """PyramidKV on SmolLM2-135M: each layer's budget (140 entries in the first layer down to 20 in the last, with
     window_size 16 and beta 4 on 320 tokens at ratio 0.25) and its choice per KV head are kvpress's. Ours keeps up

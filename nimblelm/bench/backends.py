@@ -353,42 +353,31 @@ class NimbleLMBackend(Backend):
 
 
 def hf_model_from(cfg, weights: dict, dtype: str = "float32"):
-    """A transformers causal LM holding exactly `weights` (HF-named tensors), in eval mode."""
+    """A transformers causal LM holding exactly `weights` (HF-named tensors, shared where the dtype is theirs),
+    in eval mode, built by transformers' own loading so that every buffer outside the weights is its own."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils import logging
 
     from nimblelm.models.hf_config import hf_config_from
 
     hf_cfg = hf_config_from(cfg, dtype)
-    torch_dtype = getattr(torch, dtype)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype, attn_implementation="sdpa")
-    state = {k: v.to(torch_dtype) for k, v in weights.items()}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
+    state = {k: v for k, v in weights.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_cfg)].from_pretrained(
+            None, config=hf_cfg, state_dict=state, dtype=getattr(torch, dtype), attn_implementation="sdpa",
+            output_loading_info=True)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+    missing = [k for k in info["missing_keys"] if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or info["unexpected_keys"] or info["mismatched_keys"]:
         raise RuntimeError(f"weights do not match the transformers model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    # Buffers outside the state dict (the rotary inv_freq) were created on meta: rebuild those modules.
-    for name, module in list(model.named_modules()):
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        try:
-            fresh = type(module)(module.config)
-        except (TypeError, ValueError, AttributeError, KeyError) as e:
-            raise RuntimeError(f"cannot initialise the buffers of {name}: {e}") from None
-        setattr(parent, child, fresh)
-    for n, b in model.named_buffers():
-        if b.is_meta:
-            raise RuntimeError(f"transformers buffer {n} left uninitialised")
-    model.eval()
-    return model
+                           f"unexpected {sorted(info['unexpected_keys'])[:3]}, "
+                           f"mismatched {sorted(info['mismatched_keys'])[:3]}")
+    return model.eval()
 
 
 class _StepClock:

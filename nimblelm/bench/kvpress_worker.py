@@ -65,6 +65,11 @@ def make_press(kvpress, method: str, keep_ratio: float, params: dict):
         raise ValueError(f"unknown method {method!r} (snapkv, pyramidkv, streaming)")
     if params:
         raise ValueError(f"unknown {method} parameters: {sorted(params)}")
+    # kvpress leaves Gemma 3's sliding-window layers uncompressed for Gemma3ForConditionalGeneration only; for
+    # the text model (Gemma3ForCausalLM) too here, as nimblelm's policies do.
+    hook = press.forward_hook
+    press.forward_hook = lambda module, args, kwargs, output: (
+        output if getattr(module, "is_sliding", False) else hook(module, args, kwargs, output))
     return press
 
 
