@@ -158,3 +158,41 @@ def test_prefill_attention_kernel_matches_sdpa(t, c, heads, kv_heads, dim, windo
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     ops.prefill_attention(out, q, k, v, dim**-0.5, window)
     torch.testing.assert_close(out, prefill_reference(q, k, v, window), rtol=1e-4, atol=1e-5)
+
+
+def lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, window):
+    """Both copies as keys, each query reading the full-precision one in its own block and the other before it."""
+    t, c = q.shape[0], k.shape[0]
+    q_pos = torch.arange(c - t, c)[:, None]
+    quantized, full = torch.arange(c)[None], torch.arange(c - len(k_full), c)[None]
+    own = q_pos // block_size * block_size
+    mask = torch.cat([quantized < own, (full >= own) & (full <= q_pos)], 1)
+    if window:
+        mask &= torch.cat([quantized, full], 1) > q_pos - window
+    keys, values = torch.cat([k, k_full]), torch.cat([v, v_full])
+    o = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, keys, values)), attn_mask=mask,
+                                       enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize(("t", "c", "heads", "kv_heads", "dim", "block_size", "window"), [
+    (1, 33, 2, 1, 16, 16, 0), (40, 40, 4, 2, 16, 16, 0), (37, 100, 6, 2, 32, 16, 0), (100, 300, 4, 1, 64, 8, 0),
+    (64, 200, 4, 4, 16, 16, 50), (130, 130, 4, 2, 64, 32, 20), (60, 90, 9, 3, 64, 16, 5),
+])
+def test_lowbit_prefill_attention_reads_each_querys_own_block_at_full_precision(t, c, heads, kv_heads, dim,
+                                                                                block_size, window):
+    # Chunks that start mid-block (the full-precision entries start at the first query's block), whole prompts,
+    # windows narrower than a block and wider; the two copies of each entry differ entirely, so a query that
+    # read the wrong one would show.
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    torch.manual_seed(t * c + dim)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
+    q = qkv[:, : heads * dim].view(t, heads, dim)
+    k, v = torch.randn(c, kv_heads, dim), torch.randn(c, kv_heads, dim)
+    first = (c - t) // block_size * block_size
+    k_full, v_full = torch.randn(c - first, kv_heads, dim), torch.randn(c - first, kv_heads, dim)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    ops.lowbit_prefill_attention(out, q, k, v, k_full, v_full, dim**-0.5, window, block_size)
+    torch.testing.assert_close(out, lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, window),
+                               rtol=1e-4, atol=1e-5)

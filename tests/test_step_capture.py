@@ -20,6 +20,7 @@ from nimblelm.engine.step import NewRequest, RunningRequest, SchedulerOutput
 from nimblelm.engine.step_capture import BUCKETS, StepCapture
 from nimblelm.kernels import cpu_ops
 from nimblelm.layers.attention import AttentionMetadata, KVCache
+from nimblelm.layers.kivi import LowBitKV, LowBitPlan
 from nimblelm.layers.linear import Linear, LinearMethod
 from nimblelm.models import loader
 from nimblelm.models.decoder import DecoderLM
@@ -156,6 +157,67 @@ def test_replay_matches_the_python_layers(name, batch):
 @pytest.mark.parametrize(("name", "batch"), [("odd-fp32", 3), ("smollm2-int8", 17)])
 def test_replay_matches_the_python_layers_with_each_cache_and_a_window(name, batch, kv_dtype, window):
     assert_replay_matches_the_layers(name, batch, kv_dtype, window)
+
+
+def lowbit_decode_step(cfg: ModelConfig, batch: int, bits: int, seed: int):
+    """As decode_step, over an int4 or int2 cache (random levels, scales and residuals) with one row per sequence,
+    as a low-bit cache steps; sequence r's residual rows are row r + 1's (row 0 is the padding rows')."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, 151, (batch,), generator=g)
+    lens[0] = BLOCK_SIZE  # a row that completes its block: the step seals it
+    max_blocks = -(-int(lens.max()) // BLOCK_SIZE)
+    tables = torch.randperm(NUM_BLOCKS, generator=g)[: batch * max_blocks].view(batch, max_blocks)
+    last = lens - 1
+    slots = tables[torch.arange(batch), last // BLOCK_SIZE] * BLOCK_SIZE + last % BLOCK_SIZE
+    groups = kv_groups(cfg.layer_windows)
+    shape = (2, NUM_BLOCKS + 1, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim * bits // 8)
+    caches = []
+    for _ in range(cfg.num_layers):
+        lowbit = LowBitKV.empty(bits, NUM_BLOCKS + 1, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim,
+                                (batch + 1) * len(groups), torch.float32, "cpu")
+        for t in (lowbit.k_scale, lowbit.v_scale):
+            t.copy_(torch.rand(t.shape, generator=g) * 0.1)
+        for t in (lowbit.k_min, lowbit.v_min, lowbit.residual):
+            t.copy_(torch.randn(t.shape, generator=g))
+        caches.append(KVCache(torch.randint(0, 256, shape, dtype=torch.uint8, generator=g), lowbit=lowbit))
+    group_metas = [
+        AttentionMetadata.decodes(slots, tables, lens, group.window, lowbit=LowBitPlan.decodes(
+            ((torch.arange(batch) + 1) * len(groups) + i) * BLOCK_SIZE))
+        for i, group in enumerate(groups)
+    ]
+    group_of_layer = [next(i for i, group in enumerate(groups) if layer in group.layers) for layer in range(cfg.num_layers)]
+    return torch.randint(0, cfg.vocab_size, (batch,), generator=g), last, caches, group_metas, group_of_layer
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize(("name", "batch"), [("smollm2-fp32", 1), ("smollm2-int8", 17), ("gemma3-fp32", 5)])
+def test_replay_over_a_low_bit_cache_matches_the_python_layers(name, batch, bits):
+    """Bit for bit, padding rows included, and every tensor of the cache written alike: the residuals, and the
+    levels, scales and minimums of the block the first row seals."""
+    decoder = model(name)
+    ids, positions, caches, group_metas, group_of_layer = lowbit_decode_step(decoder.config, batch, bits, seed=batch)
+
+    def copy(cache):
+        lowbit = cache.lowbit
+        return KVCache(cache.values.clone(), lowbit=LowBitKV(bits, *(t.clone() for t in (
+            lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min, lowbit.residual))))
+
+    before, fresh = [copy(c) for c in caches], [copy(c) for c in caches]
+    capture = StepCapture(decoder, caches, [m.sliding_window for m in group_metas], group_of_layer, NUM_BLOCKS,
+                          BLOCK_SIZE)
+    bucket = next(b for b in BUCKETS if b >= batch)
+    padded_ids, padded_positions, *padded = capture._padded(ids, positions, group_metas, bucket)
+    padded_metas = [AttentionMetadata.decodes(slots, tables, lens, m.sliding_window, lowbit=LowBitPlan.decodes(res))
+                    for slots, tables, lens, res, m in zip(*padded, group_metas)]
+    with torch.inference_mode():
+        replayed = capture(ids, positions, group_metas)
+        reference = decoder(padded_ids, padded_positions, fresh, [padded_metas[g] for g in group_of_layer])
+    assert list(capture.traces) == [bucket]
+    assert replayed.abs().max() > 0 and torch.equal(replayed, reference[:batch])
+    for written, expected, old in zip(caches, fresh, before):
+        assert torch.equal(written.values, expected.values) and not torch.equal(written.values, old.values)
+        for tensor in ("k_scale", "k_min", "v_scale", "v_min", "residual"):
+            assert torch.equal(getattr(written.lowbit, tensor), getattr(expected.lowbit, tensor)), tensor
 
 
 def test_a_trace_serves_other_block_tables_and_context_lengths():

@@ -135,10 +135,10 @@ class ModelRunner:
         self.kv_caches: list[KVCache | None] = []  # per layer (layers of one tensor share it; None: not held)
         self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
         self.kv_bits = BITS.get(kv_cache_dtype)  # an int4 or int2 cache (layers/kivi.py)
-        # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it. A
-        # low-bit cache is read by torch ops with shapes that change every step; a pipeline stage sends and
-        # receives.
-        self.capturing = not enforce_eager and self.kernels and self.kv_bits is None and stage is None
+        # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it (a low-bit
+        # cache's read a float32 residual); a pipeline stage sends and receives.
+        self.capturing = (not enforce_eager and self.kernels and stage is None
+                          and (self.kv_bits is None or dtype == torch.float32))
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
         self.max_model_len = max_model_len
@@ -172,7 +172,22 @@ class ModelRunner:
         shape = (2, num_blocks + 1 + drafting, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         if self.kv_bits is not None:
             self._allocate_lowbit(shape, num_blocks, max_num_seqs)
-            return
+        else:
+            self._allocate_blocks(shape, num_blocks)
+        if self.proposes:
+            self.proposer = make_proposer(self.speculative, self, num_blocks, max_num_seqs)
+        if self.capturing:
+            windows = [group.window for group in self.kv_groups]
+            self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
+                                       self.block_size, accumulates=self._accumulates)
+            if self.speculative is None:
+                self.capture.warm_up(max_num_seqs)
+            else:  # a sequence verifying k drafts takes k + 1 rows (alike on every rank: warming up runs collectives)
+                self.capture.warm_up(max_num_seqs * (1 + self.speculative.num_speculative_tokens))
+                self.step_cost = StepCost(self.capture.seconds_by_rows())
+
+    def _allocate_blocks(self, shape: tuple[int, ...], num_blocks: int) -> None:
+        """One buffer for every KV tensor's blocks (and an int8 cache's scales)."""
         offsets, nbytes = [], 0
         for kv_dtype in self.kv_dtypes.values():
             values_at = nbytes
@@ -197,28 +212,18 @@ class ModelRunner:
             tensors[i] = KVCache(values, scales, received)
         self.num_blocks = num_blocks
         self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
-        if self.proposes:
-            self.proposer = make_proposer(self.speculative, self, num_blocks, max_num_seqs)
-        if self.capturing:
-            windows = [group.window for group in self.kv_groups]
-            self.capture = StepCapture(self.model, self.kv_caches, windows, self.group_of_layer, num_blocks,
-                                       self.block_size, accumulates=self._accumulates)
-            if self.speculative is None:
-                self.capture.warm_up(max_num_seqs)
-            else:  # a sequence verifying k drafts takes k + 1 rows (alike on every rank: warming up runs collectives)
-                self.capture.warm_up(max_num_seqs * (1 + self.speculative.num_speculative_tokens))
-                self.step_cost = StepCost(self.capture.seconds_by_rows())
 
     def _allocate_lowbit(self, shape: tuple[int, ...], num_blocks: int, max_num_seqs: int) -> None:
         """Packed values and LowBitKV per tensor, with a residual row per sequence and KV group for
-        max_num_seqs sequences (more are added when more sequences are held at once)."""
+        max_num_seqs sequences (more are added when more sequences are held at once), after the rows of
+        sequence row 0, which replayed steps' padding rows write (step_capture.py)."""
         packed = (*shape[:-1], shape[-1] * self.kv_bits // 8)
-        rows = max_num_seqs * len(self.kv_groups)
+        rows = (max_num_seqs + 1) * len(self.kv_groups)
         tensors = {i: KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
                               lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rows, self.dtype, self.device))
                    for i in self.kv_dtypes}
         self.num_blocks = num_blocks
-        self.free_residual_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.free_residual_rows = list(range(max_num_seqs, 0, -1))
         self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
 
     def kv_bytes_beside_blocks(self, max_num_seqs: int) -> int:
@@ -227,7 +232,7 @@ class ModelRunner:
             return 0
         cfg = self.config
         row = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        return max_num_seqs * len(self.kv_groups) * len(self.kv_dtypes) * row
+        return (max_num_seqs + 1) * len(self.kv_groups) * len(self.kv_dtypes) * row
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.config
@@ -535,10 +540,12 @@ class ModelRunner:
         """The first residual slot of the sequence's row in the KV group, the row taken if it has none."""
         if req_id not in self.residual_rows:
             if not self.free_residual_rows:  # more sequences held than max_num_seqs (preempted ones wait)
-                held = len(self.residual_rows)
+                rows = len(self.residual_rows) + 1  # and the padding rows'
                 for lowbit in {id(c.lowbit): c.lowbit for c in self.kv_caches if c is not None}.values():
-                    lowbit.grow(2 * held * len(self.kv_groups), self.block_size)
-                self.free_residual_rows = list(range(2 * held - 1, held - 1, -1))
+                    lowbit.grow(2 * rows * len(self.kv_groups), self.block_size)
+                self.free_residual_rows = list(range(2 * rows - 1, rows - 1, -1))
+                if self.capture is not None:  # its traces hold the residuals just replaced
+                    self.capture.traces.clear()
             self.residual_rows[req_id] = self.free_residual_rows.pop()
         return (self.residual_rows[req_id] * len(self.kv_groups) + group) * self.block_size
 

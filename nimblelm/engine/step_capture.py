@@ -10,9 +10,10 @@ so there is no second copy of the layer to keep in step with the first.
 A trace fixes the number of rows and every Python decision made from it (which kernel a linear method
 picks for that many rows), and holds the weights and the KV cache tensors by reference. Each replay takes
 the step's token ids, positions and, per KV group, its slot mapping, block tables (of any width) and
-context lengths. Decode rows only: prefill chunks attend with shapes that change every step. Traces are
-made for a few row counts (BUCKETS), when the engine starts: a step's rows are padded up to the next
-one with rows that write and read only a scratch block of the cache, and their outputs are dropped.
+context lengths (and a low-bit cache's residual rows, layers/kivi.py). Decode rows only: prefill chunks
+attend with shapes that change every step. Traces are made for a few row counts (BUCKETS), when the engine
+starts: a step's rows are padded up to the next one with rows that write and read only a scratch block of
+the cache (and residual row 0 of a low-bit one), and their outputs are dropped.
 
 TorchScript is deprecated in favour of torch.compile and torch.export, which need a compiler and minutes
 of compile time per shape on the CPU; a trace costs one eager step and no compiler, and its replay ran a
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.layers.attention import AttentionMetadata, KVCache
+from nimblelm.layers.kivi import LowBitPlan
 from nimblelm.layers.linear import SKINNY_MAX_ROWS
 from nimblelm.models.decoder import DecoderLM
 
@@ -53,6 +55,7 @@ class StepCapture:
         self.group_of_layer = group_of_layer
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
+        self.lowbit = any(c is not None and c.lowbit is not None for c in kv_caches)
         self.traces: dict[int, torch.jit.ScriptFunction] = {}
 
     @staticmethod
@@ -62,24 +65,27 @@ class StepCapture:
         return (num_rows <= BUCKETS[-1] and group_metas[0].num_decodes == num_rows
                 and group_metas[0].extra_write_rows is None)
 
+    def _padding(self, bucket: int):
+        """The inputs of a step of padding rows alone."""
+        ids = torch.zeros(0, dtype=torch.long, device=self.kv_caches[0].values.device)
+        empty = AttentionMetadata.decodes(ids, ids.view(0, 1), ids, None,
+                                          lowbit=LowBitPlan.decodes(ids) if self.lowbit else None)
+        return self._padded(ids, ids, [empty] * len(self.windows), bucket)
+
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> None:
         """Trace every bucket up to the one that holds max_rows (the others are traced when first needed)."""
-        ids = torch.zeros(0, dtype=torch.long, device=self.kv_caches[0].values.device)
-        empty = AttentionMetadata.decodes(ids, ids.view(0, 1), ids, None)
         for bucket in BUCKETS[: BUCKETS.index(_bucket(min(max_rows, BUCKETS[-1]))) + 1]:
             if bucket not in self.traces:
-                self.traces[bucket] = self._trace(self._padded(ids, ids, [empty] * len(self.windows), bucket))
+                self.traces[bucket] = self._trace(self._padding(bucket))
 
     @torch.inference_mode()
     def seconds_by_rows(self) -> dict[int, float]:
         """Each traced bucket's replay time (the better of two), on padding rows that attend to one slot:
         what a step's weights and per-row work cost, with little attention."""
-        ids = torch.zeros(0, dtype=torch.long, device=self.kv_caches[0].values.device)
-        empty = AttentionMetadata.decodes(ids, ids.view(0, 1), ids, None)
         seconds = {}
         for bucket, trace in sorted(self.traces.items()):
-            inputs = _flat(self._padded(ids, ids, [empty] * len(self.windows), bucket))
+            inputs = _flat(self._padding(bucket))
             times = []
             with torch.jit.optimized_execution(False):
                 for _ in range(2):
@@ -111,12 +117,17 @@ class StepCapture:
         slots = [F.pad(m.slot_mapping, (0, pad), value=self.scratch_slot) for m in group_metas]
         tables = [F.pad(m.decode_block_tables, (0, 0, 0, pad), value=self.scratch_block) for m in group_metas]
         lens = [F.pad(m.decode_context_lens, (0, pad), value=1) for m in group_metas]
-        return F.pad(input_ids, (0, pad)), F.pad(positions, (0, pad)), slots, tables, lens
+        padded = F.pad(input_ids, (0, pad)), F.pad(positions, (0, pad)), slots, tables, lens
+        if not self.lowbit:
+            return padded
+        return *padded, [F.pad(m.lowbit.decode_residual, (0, pad), value=0) for m in group_metas]
 
-    def _step(self, input_ids, positions, slot_mappings, block_tables, context_lens) -> torch.Tensor:
+    def _step(self, input_ids, positions, slot_mappings, block_tables, context_lens, residuals=None) -> torch.Tensor:
         group_metas = [
-            AttentionMetadata.decodes(slots, tables, lens, window, accumulate=self.accumulates and window is None)
-            for slots, tables, lens, window in zip(slot_mappings, block_tables, context_lens, self.windows)
+            AttentionMetadata.decodes(slots, tables, lens, window, accumulate=self.accumulates and window is None,
+                                      lowbit=LowBitPlan.decodes(residuals[g]) if residuals is not None else None)
+            for g, (slots, tables, lens, window) in enumerate(zip(slot_mappings, block_tables, context_lens,
+                                                                  self.windows))
         ]
         metas = [group_metas[g] for g in self.group_of_layer]
         return self.model(input_ids, positions, self.kv_caches, metas)

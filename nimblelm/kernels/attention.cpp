@@ -656,10 +656,21 @@ void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cach
 // ([C, 16] each, so O = P V is the tile with the keys as depth). A work item is QB consecutive queries of
 // one query head: their scores over every key they may see, a softmax per row, then P V. Torch's CPU
 // flash attention took 3.5-4.0 ms per SmolLM2 layer on 512 tokens (2 threads, 2026-11-29).
+//
+// A low-bit cache (layers/kivi.py) gives each key two copies: k, v hold the quantized one (as read back) and
+// kf, vf the full-precision one of the entries from the first query's block on; a query reads the entries of
+// its own block of `bs` at full precision and the earlier ones quantized. Those few scores per row are
+// recomputed from kf, and their weights are taken out of P V and applied to vf instead.
 constexpr int64_t QB = 48;  // queries per work item
 
-void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale,
-                       int64_t window) {
+struct OwnBlocks {  // the full-precision copies of a low-bit cache's entries fp_start .. C - 1
+  const float* k;
+  const float* v;
+  int64_t sk, sv, fp_start, bs;
+};
+
+static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale,
+                    int64_t window, const OwnBlocks* own) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3, "prefill_attention: [rows, heads, dim]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat, "prefill_attention: float32 only");
@@ -689,11 +700,12 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
       }
     }
   });
-  const int64_t blocks = (T + QB - 1) / QB, offset = C - T;
+  const int64_t blocks = (T + QB - 1) / QB, offset = C - T, bs = own ? own->bs : 1;
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scores(QB * CP);
     std::vector<float> inv_sum(QB);
+    std::vector<float> own_weights(own ? QB * bs : 0);  // per row, the weights of its own block's entries
     for (int64_t item; (item = next_item.fetch_add(1)) < blocks * H;) {
       // Last blocks first: they see the most keys, so the shorter items fill in at the end.
       const int64_t blk = blocks - 1 - item / H, h = item % H, kvh = h / G;
@@ -717,10 +729,24 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
         const int64_t pos = offset + t0 + i;
         const int64_t first = (window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0) - lo, end = pos + 1 - lo;
         float* s = scores.data() + i * ld;
+        const int64_t mine = own ? std::max(pos / bs * bs - lo, first) : end;  // its own block's first entry
+        if (own)
+          for (int64_t j = mine; j < end; ++j) {
+            const float* kr = own->k + (j + lo - own->fp_start) * own->sk + kvh * D;
+            const float* qr = q0 + i * sq;
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+            s[j] = dot;
+          }
         std::fill(s, s + first, 0.f);
         const float mx = scale_max_(s + first, end - first, float(scale));
         inv_sum[i] = 1.f / exp_shifted_(s + first, end - first, mx);
         std::fill(s + end, s + n, 0.f);
+        if (own) {
+          std::fill(own_weights.begin() + i * bs, own_weights.begin() + (i + 1) * bs, 0.f);
+          std::copy(s + mine, s + end, own_weights.begin() + i * bs);
+          std::fill(s + mine, s + end, 0.f);
+        }
       }
       const float* vb = vpan.data() + (kvh * E * CP + lo) * NR;
       float* o0 = op + t0 * so + h * D;
@@ -736,10 +762,37 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
       }
       for (int64_t i = 0; i < rows; ++i) {
         float* o = o0 + i * so;
+        if (own) {
+          const int64_t pos = offset + t0 + i, first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+          const int64_t mine = std::max(pos / bs * bs, first);
+          for (int64_t j = mine; j <= pos; ++j) {
+            const float w = own_weights[i * bs + j - mine];
+            const float* vr = own->v + (j - own->fp_start) * own->sv + kvh * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
+          }
+        }
         for (int64_t d = 0; d < D; ++d) o[d] *= inv_sum[i];
       }
     }
   });
+}
+
+void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window) {
+  prefill(out, q, k, v, scale, window, nullptr);
+}
+
+void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor k_full,
+                              at::Tensor v_full, double scale, int64_t window, int64_t block_size) {
+  const int64_t C = k.size(0), F = k_full.size(0), fp_start = C - F, T = q.size(0);
+  TORCH_CHECK(k_full.dim() == 3 && k_full.sizes() == v_full.sizes() && k.dim() == 3 &&
+                  k_full.size(1) == k.size(1) && k_full.size(2) == k.size(2) && block_size > 0 &&
+                  k_full.scalar_type() == at::kFloat && v_full.scalar_type() == at::kFloat &&
+                  k_full.stride(2) == 1 && v_full.stride(2) == 1 && k_full.stride(1) == k.size(2) &&
+                  v_full.stride(1) == k.size(2) && T <= C && fp_start <= (C - T) / block_size * block_size,
+              "lowbit_prefill_attention: the full-precision entries must start at or before the first query's block");
+  const OwnBlocks own{k_full.data_ptr<float>(), v_full.data_ptr<float>(), k_full.stride(0), v_full.stride(0),
+                      fp_start, block_size};
+  prefill(out, q, k, v, scale, window, &own);
 }
 
 // Decode attention over a low-bit cache (kv_cache_dtype="int4" or "int2", layers/kivi.py). A sealed block
@@ -939,4 +992,84 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
       k_min.data_ptr<c10::Half>(), v_scale.data_ptr<c10::Half>(), v_min.data_ptr<c10::Half>(), rk,
       rk + res_slots * KVH * D, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), res.data_ptr<int64_t>(), B, H, D,
       NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, float(scale), window);
+}
+
+// Writes each decode row's K/V (k, v [B, KVH, D]) at its position in its sequence's residual row, and seals the
+// block a row completes: its keys quantized per channel over the block's tokens, its values per token over
+// groups of channels, as kivi.quantize rounds them (float16 scale and minimum, levels rounded half to even),
+// then packed (kivi.pack). Each row is one sequence's: rows write disjoint residual rows and blocks.
+static void quantize_levels(const float* x, int64_t stride, int64_t count, int64_t maxq, c10::Half* scale,
+                            c10::Half* low, uint8_t* levels, int64_t level_stride) {
+  float lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < count; ++i) {
+    lo = std::min(lo, x[i * stride]);
+    hi = std::max(hi, x[i * stride]);
+  }
+  *scale = c10::Half((hi - lo) / float(maxq));
+  *low = c10::Half(lo);
+  const float step = float(*scale), base = float(*low), inv = step > 0.f ? 1.f / step : 0.f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float level = std::nearbyint((x[i * stride] - base) * inv);
+    levels[i * level_stride] = uint8_t(std::clamp(level, 0.f, float(maxq)));
+  }
+}
+
+void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_min, at::Tensor v_scale,
+                          at::Tensor v_min, at::Tensor residual, at::Tensor k, at::Tensor v, at::Tensor block_tables,
+                          at::Tensor context_lens, at::Tensor residual_slots, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 2, "lowbit_decode_write_: 4 or 2 bits");
+  TORCH_CHECK(values.scalar_type() == at::kByte && values.is_contiguous() && values.dim() == 5,
+              "lowbit_decode_write_: packed uint8 values [2, blocks, block_size, kv_heads, packed]");
+  for (const auto& t : {k_scale, k_min, v_scale, v_min})
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous(), "lowbit_decode_write_: float16 scales");
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous(), "lowbit_decode_write_: float32 residual");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+              residual_slots.scalar_type() == at::kLong, "lowbit_decode_write_: int64 tables");
+  const int64_t B = k.size(0), NB = values.size(1), bs = values.size(2), KVH = values.size(3), PD = values.size(4);
+  const int64_t D = residual.size(3), R = residual.size(1), groups = v_scale.size(3), GW = D / groups;
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == KVH &&
+                t->size(2) == D && t->stride(2) == 1 && t->stride(1) == D, "lowbit_decode_write_: k, v [rows, kv_heads, head_dim]");
+  TORCH_CHECK(PD * 8 == D * bits && context_lens.size(0) == B && residual_slots.size(0) == B,
+              "lowbit_decode_write_: shapes do not match");
+  const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
+  const int64_t* bt = tables.data_ptr<int64_t>();
+  const int64_t *np = lens.data_ptr<int64_t>(), *rp = res.data_ptr<int64_t>(), max_blocks = tables.size(1);
+  const int64_t per = 8 / bits, maxq = (1 << bits) - 1, ld = KVH * D;
+  uint8_t* packed = values.data_ptr<uint8_t>();
+  float* rk = residual.data_ptr<float>();
+  float* rv = rk + R * ld;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> levels(bs * ld);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = np[b], pos = n - 1, base = rp[b];
+      TORCH_CHECK(n >= 1 && base >= 0 && base + bs <= R && pos / bs < max_blocks, "lowbit_decode_write_: slot out of range");
+      std::copy_n(k.data_ptr<float>() + b * k.stride(0), ld, rk + (base + pos % bs) * ld);
+      std::copy_n(v.data_ptr<float>() + b * v.stride(0), ld, rv + (base + pos % bs) * ld);
+      if (n % bs) continue;
+      const int64_t id = bt[b * max_blocks + pos / bs];
+      TORCH_CHECK(id >= 0 && id < NB, "lowbit_decode_write_: block out of range");
+      const auto pack = [&](uint8_t* dst) {  // levels [bs, KVH, D] into rows of PD bytes
+        for (int64_t r = 0; r < bs * KVH; ++r)
+          for (int64_t j = 0; j < PD; ++j) {
+            uint8_t byte = 0;
+            for (int64_t t = 0; t < per; ++t) byte |= levels[r * D + t * PD + j] << (bits * t);
+            dst[r * PD + j] = byte;
+          }
+      };
+      // Keys: per KV head and channel, over the block's tokens.
+      for (int64_t c = 0; c < ld; ++c)
+        quantize_levels(rk + base * ld + c, ld, bs, maxq, k_scale.data_ptr<c10::Half>() + id * ld + c,
+                        k_min.data_ptr<c10::Half>() + id * ld + c, levels.data() + c, ld);
+      pack(packed + id * bs * KVH * PD);
+      // Values: per token, KV head and group of GW channels.
+      for (int64_t r = 0; r < bs * KVH; ++r)
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t at = (id * bs * KVH + r) * groups + g;
+          quantize_levels(rv + base * ld + r * D + g * GW, 1, GW, maxq, v_scale.data_ptr<c10::Half>() + at,
+                          v_min.data_ptr<c10::Half>() + at, levels.data() + r * D + g * GW, 1);
+        }
+      pack(packed + (NB + id) * bs * KVH * PD);
+    }
+  });
 }

@@ -75,10 +75,18 @@ TORCH_LIBRARY(nimblelm, m) {
                       c10::AliasAnalysisKind::CONSERVATIVE));
   // causal (and sliding-window) attention of a prompt chunk
   m.def("prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, float scale, int window) -> ()");
+  // a prompt chunk over an int4 or int2 cache: k, v as stored (dequantized), the entries from the first
+  // query's block on also at full precision (k_full, v_full), which each query reads for its own block
+  m.def("lowbit_prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor k_full, Tensor v_full, "
+        "float scale, int window, int block_size) -> ()");
   // decode rows over an int4 or int2 cache: sealed blocks as stored, each row's own block from the residual
   m.def("lowbit_decode_attention(Tensor(a!) out, Tensor q, Tensor values, Tensor k_scale, Tensor k_min, "
         "Tensor v_scale, Tensor v_min, Tensor residual, Tensor block_tables, Tensor context_lens, "
         "Tensor residual_slots, float scale, int window, int bits) -> ()");
+  // decode rows' K/V into their residual rows, sealing (quantizing) the blocks they complete
+  m.def("lowbit_decode_write_(Tensor(a!) values, Tensor(b!) k_scale, Tensor(c!) k_min, Tensor(d!) v_scale, "
+        "Tensor(e!) v_min, Tensor(f!) residual, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, "
+        "Tensor residual_slots, int bits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
@@ -104,5 +112,7 @@ TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("paged_decode_attention_int8", &paged_decode_attention_int8);
   m.impl("paged_decode_received_", &paged_decode_received_);
   m.impl("prefill_attention", &prefill_attention);
+  m.impl("lowbit_prefill_attention", &lowbit_prefill_attention);
   m.impl("lowbit_decode_attention", &lowbit_decode_attention);
+  m.impl("lowbit_decode_write_", &lowbit_decode_write_);
 }

@@ -64,13 +64,13 @@ class AttentionMetadata:
     @classmethod
     def decodes(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                 sliding_window: int | None, decode_mask: torch.Tensor | None = None,
-                accumulate: bool = False) -> AttentionMetadata:
+                accumulate: bool = False, lowbit: kivi.LowBitPlan | None = None) -> AttentionMetadata:
         """A step of decode rows only."""
         return cls(
             slot_mapping=slot_mapping, num_decodes=len(slot_mapping), decode_block_tables=block_tables,
             decode_context_lens=context_lens, decode_mask=decode_mask, prefill_query_lens=[],
             prefill_context_lens=[], prefill_block_tables=[], prefill_masks=[], sliding_window=sliding_window,
-            accumulate=accumulate,
+            accumulate=accumulate, lowbit=lowbit,
         )
 
     @classmethod

@@ -121,6 +121,7 @@ class LowBitPlan:
 
     segments: list[Segment]
     fp_index: torch.Tensor  # per segment, its entries from its first row's block to its end
+    # The writes of the rows after the decode rows (those write themselves, one per sequence: write_decodes):
     seal_blocks: torch.Tensor  # the blocks this step completes
     seal_index: torch.Tensor  # their entries, block_size per block
     residual_rows: torch.Tensor  # the rows whose K/V the residual keeps: each sequence's last block's
@@ -145,6 +146,8 @@ class LowBitPlan:
             # Entries own .. end: those before start are in the residual (own's block), the rest in the step.
             entries = np.arange(own, end)
             fp.append(np.where(entries < start, base + entries % bs, -1 - (row + entries - start)))
+            if row < num_decodes:  # a decode row writes itself (write_decodes)
+                continue
             seal_blocks.extend(table[own // bs : end // bs])  # its blocks that are full once the step is done
             seal.append(fp[-1][: end // bs * bs - own])
             last = max(start, (end - 1) // bs * bs)
@@ -159,6 +162,12 @@ class LowBitPlan:
                    torch.tensor([base for _, _, n, _, base in decode_spans for _ in range(n)], dtype=torch.long,
                                 device=device))
 
+    @classmethod
+    def decodes(cls, decode_residual: torch.Tensor) -> LowBitPlan:
+        """A step of decode rows alone on the kernels, which need nothing else: a replayed step's."""
+        empty = decode_residual[:0]
+        return cls([], empty, empty, empty, empty, empty, 0, decode_residual)
+
 
 def _gather(residual: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = residual[index.clamp(min=0)]
@@ -171,48 +180,84 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
            scale: float) -> torch.Tensor:
     """Write the step's K/V (sealing the blocks it completes, keeping each sequence's last block in the residual)
     and attend: q [rows, heads, head_dim], k and v [rows, kv_heads, head_dim], meta the step's
-    AttentionMetadata. Decode rows go to the C++ kernel where it serves, the rest to torch's attention."""
-    plan, window = meta.lowbit, meta.sliding_window
+    AttentionMetadata. Where the C++ kernels serve, decode rows read the cache as stored and prompt chunks a
+    dequantized copy; torch's attention reads both copies through a mask otherwise."""
+    plan, window, d = meta.lowbit, meta.sliding_window, meta.num_decodes
+    ops = ops_for(q) if lowbit.residual.dtype == torch.float32 else None  # the kernels read a float32 residual
+    if ops is None and d and not plan.num_decode_segments:
+        raise RuntimeError("a plan of decode rows alone (LowBitPlan.decodes) needs the C++ kernels")
+    if d:
+        write_decodes(k[:d], v[:d], values, lowbit, meta, ops)
+    out = torch.empty_like(q)
+    if d and ops is not None:
+        ops.lowbit_decode_attention(out[:d], q[:d], values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
+                                    lowbit.residual, meta.decode_block_tables, meta.decode_context_lens,
+                                    plan.decode_residual, scale, window or 0, lowbit.bits)
+    segments = plan.segments[plan.num_decode_segments :] if ops is not None else plan.segments
+    if not segments:
+        return out
     res_k, res_v = lowbit.residual.unbind()
-    segments, d, ops = plan.segments, meta.num_decodes, ops_for(q)
-    kernel = d and ops is not None and lowbit.residual.dtype == torch.float32
-    if kernel:  # the decode rows read the residual as it is after the writes below
-        segments = segments[plan.num_decode_segments :]
-    # The full-precision entries the other rows read, before the residual moves on.
-    skip = segments[0].fp_at if segments else len(plan.fp_index)
+    # The full-precision entries the rows read, before the residual moves on.
+    skip = segments[0].fp_at
     fp_k, fp_v = (_gather(res, new, plan.fp_index[skip:]) for res, new in ((res_k, k), (res_v, v)))
     if len(plan.seal_blocks):
         _seal(values, lowbit, plan.seal_blocks, _gather(res_k, k, plan.seal_index), _gather(res_v, v, plan.seal_index))
     res_k[plan.residual_slots] = k[plan.residual_rows].to(res_k.dtype)
     res_v[plan.residual_slots] = v[plan.residual_rows].to(res_v.dtype)
     bs = values.shape[2]
-    out = torch.empty_like(q)
-    if kernel:
-        ops.lowbit_decode_attention(out[:d], q[:d], values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
-                                    lowbit.residual, meta.decode_block_tables, meta.decode_context_lens,
-                                    plan.decode_residual, scale, window or 0, lowbit.bits)
     vote_rows = meta.vote_rows or []  # per prefill chunk, the last segments
     voting = iter([0] * (len(segments) - len(vote_rows)) + vote_rows)
+    fused = ops is not None and q.shape[-1] % 16 == 0
     for seg in segments:
         own = seg.start // bs * bs
         kq, vq = dequantize_blocks(values, lowbit, seg.sealed)
         fp = slice(seg.fp_at - skip, seg.fp_at - skip + seg.end - own)
-        keys, vals = torch.cat([kq, fp_k[fp].float()]), torch.cat([vq, fp_v[fp].float()])
-        pos = torch.arange(seg.start, seg.end, device=q.device)[:, None]
+        fk, fv = fp_k[fp].float(), fp_v[fp].float()  # entries own .. end
+        rows = slice(seg.row, seg.row + seg.end - seg.start)
+        voters = next(voting)
+        if fused:  # every entry's quantized copy (its full one where none is sealed yet), and the full ones
+            n = len(kq)
+            ops.lowbit_prefill_attention(out[rows], q[rows], torch.cat([kq, fk[n - own :]]),
+                                         torch.cat([vq, fv[n - own :]]), fk, fv, scale, window or 0, bs)
+            if not voters:
+                continue
+        # Both copies as keys, a mask choosing each query's: for torch's attention, or the voting rows alone.
+        keys, vals = torch.cat([kq, fk]), torch.cat([vq, fv])
+        pos = torch.arange(seg.end - voters if fused else seg.start, seg.end, device=q.device)[:, None]
         quantized = torch.arange(len(kq), device=q.device)[None, :]
         full = torch.arange(own, seg.end, device=q.device)[None, :]
         first = pos // bs * bs  # of each query's own block
         mask = torch.cat([quantized < first, (full >= first) & (full <= pos)], 1)
         if window is not None:
             mask &= torch.cat([quantized, full], 1) > pos - window
-        rows = slice(seg.row, seg.row + seg.end - seg.start)
-        o = F.scaled_dot_product_attention(q[rows].float().transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                                           vals.transpose(0, 1)[None], attn_mask=mask, scale=scale, enable_gqa=True)
-        out[rows] = o[0].transpose(0, 1).to(out.dtype)
-        voters = next(voting)
+        if not fused:
+            o = F.scaled_dot_product_attention(q[rows].float().transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                               vals.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+            out[rows] = o[0].transpose(0, 1).to(out.dtype)
         if voters:
             meta.votes.append(_votes(q[rows][-voters:], keys, mask[-voters:], len(kq), own, seg.end, scale))
     return out
+
+
+def write_decodes(k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV, meta, ops) -> None:
+    """The decode rows' K/V (one row per sequence) into their sequences' residual rows, sealing the blocks they
+    complete: by the C++ kernel where `ops` serve, else by torch."""
+    plan = meta.lowbit
+    if ops is not None:
+        ops.lowbit_decode_write_(values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min, lowbit.residual,
+                                 k, v, meta.decode_block_tables, meta.decode_context_lens, plan.decode_residual,
+                                 lowbit.bits)
+        return
+    bs = values.shape[2]
+    pos = meta.decode_context_lens - 1
+    res_k, res_v = lowbit.residual.unbind()
+    res_k[plan.decode_residual + pos % bs] = k.to(res_k.dtype)
+    res_v[plan.decode_residual + pos % bs] = v.to(res_v.dtype)
+    done = ((pos + 1) % bs == 0).nonzero()[:, 0]
+    if len(done):
+        index = (plan.decode_residual[done, None] + torch.arange(bs, device=k.device)).flatten()
+        _seal(values, lowbit, meta.decode_block_tables[done, pos[done] // bs], res_k[index], res_v[index])
 
 
 def _votes(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, num_quantized: int, own: int, end: int,
