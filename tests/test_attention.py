@@ -160,6 +160,28 @@ def test_prefill_attention_kernel_matches_sdpa(t, c, heads, kv_heads, dim, windo
     torch.testing.assert_close(out, prefill_reference(q, k, v, window), rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize(("t", "c", "heads", "kv_heads", "dim"), [
+    (1, 1, 2, 1, 16), (37, 37, 9, 3, 64), (50, 130, 9, 3, 64), (100, 300, 4, 4, 32), (200, 200, 6, 2, 64),
+])
+def test_prefill_attention_adds_each_rows_weights_to_what_its_keys_received(t, c, heads, kv_heads, dim):
+    """H2O's sums: every row's softmax weights over its keys, summed over the rows and each KV head's query heads,
+    added to what `received` held."""
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    torch.manual_seed(t * c + dim)
+    q, k, v = torch.randn(t, heads, dim), torch.randn(c, kv_heads, dim), torch.randn(c, kv_heads, dim)
+    before = torch.rand(kv_heads, c)
+    received = before.clone()
+    out = torch.empty_like(q)
+    ops.prefill_attention(out, q, k, v, dim**-0.5, 0, received)
+    torch.testing.assert_close(out, prefill_reference(q, k, v, 0), rtol=1e-4, atol=1e-5)
+    q_pos, k_pos = torch.arange(c - t, c)[:, None], torch.arange(c)[None]
+    logits = torch.einsum("thd,chd->htc", q, k.repeat_interleave(heads // kv_heads, 1)) * dim**-0.5
+    weights = logits.masked_fill(k_pos > q_pos, float("-inf")).softmax(-1)  # [heads, t, c]
+    expected = before + weights.view(kv_heads, -1, t, c).sum((1, 2))
+    torch.testing.assert_close(received, expected, rtol=1e-4, atol=1e-5)
+
 def lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, window):
     """Both copies as keys, each query reading the full-precision one in its own block and the other before it."""
     t, c = q.shape[0], k.shape[0]

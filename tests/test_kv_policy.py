@@ -123,6 +123,23 @@ def test_greedy_matches_transformers_with_the_same_cache(tiny_qwen, options):
     assert full != [ref], "the policy changed nothing: the test cannot tell a kept entry from a dropped one"
 
 
+def test_h2o_without_the_kernels_matches_transformers(tiny_qwen, monkeypatch):
+    """torch's second pass over the keys for H2O's sums (prefill and decode), where the kernels add them up as
+    they attend."""
+    from nimblelm.kernels import cpu_ops
+
+    monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
+    cpu_ops.cache_clear()
+    try:
+        prompt = _prompt(300)
+        llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=POLICIES[5])
+        assert not llm.llm_engine.runner.kernels
+        assert _generate(llm, [prompt], 40) == [_hf_reference(tiny_qwen, prompt, KVPolicy.from_dict(POLICIES[5]), 40)]
+    finally:
+        monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
+        cpu_ops.cache_clear()
+
+
 def test_streaming_with_cache_positions_generates_past_max_model_len(tiny_qwen):
     """StreamingLLM's positions: a token's place in the cache. 200 prompt tokens and 300 more run in a 256-position
     model, as the reference does with keys rotated back where they move."""

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <numeric>
 #include <type_traits>
 #include <cmath>
@@ -657,6 +658,9 @@ void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cach
 // one query head: their scores over every key they may see, a softmax per row, then P V. Torch's CPU
 // flash attention took 3.5-4.0 ms per SmolLM2 layer on 512 tokens (2 threads, 2026-11-29).
 //
+// With `received` ([KVH, C], H2O's), each query's softmax weights are added there, summed over each KV head's
+// query heads: per thread, then once into it.
+//
 // A low-bit cache (layers/kivi.py) gives each key two copies: k, v hold the quantized one (as read back) and
 // kf, vf the full-precision one of the entries from the first query's block on; a query reads the entries of
 // its own block of `bs` at full precision and the earlier ones quantized. Those few scores per row are
@@ -670,7 +674,7 @@ struct OwnBlocks {  // the full-precision copies of a low-bit cache's entries fp
 };
 
 static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale,
-                    int64_t window, const OwnBlocks* own) {
+                    int64_t window, const OwnBlocks* own, float* received) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3, "prefill_attention: [rows, heads, dim]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat, "prefill_attention: float32 only");
@@ -702,10 +706,12 @@ static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, do
   });
   const int64_t blocks = (T + QB - 1) / QB, offset = C - T, bs = own ? own->bs : 1;
   std::atomic<int64_t> next_item{0};
+  std::mutex adding;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scores(QB * CP);
     std::vector<float> inv_sum(QB);
     std::vector<float> own_weights(own ? QB * bs : 0);  // per row, the weights of its own block's entries
+    std::vector<float> got(received ? KVH * C : 0, 0.f);
     for (int64_t item; (item = next_item.fetch_add(1)) < blocks * H;) {
       // Last blocks first: they see the most keys, so the shorter items fill in at the end.
       const int64_t blk = blocks - 1 - item / H, h = item % H, kvh = h / G;
@@ -742,6 +748,8 @@ static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, do
         const float mx = scale_max_(s + first, end - first, float(scale));
         inv_sum[i] = 1.f / exp_shifted_(s + first, end - first, mx);
         std::fill(s + end, s + n, 0.f);
+        if (received)
+          for (int64_t j = first; j < end; ++j) got[kvh * C + lo + j] += s[j] * inv_sum[i];
         if (own) {
           std::fill(own_weights.begin() + i * bs, own_weights.begin() + (i + 1) * bs, 0.f);
           std::copy(s + mine, s + end, own_weights.begin() + i * bs);
@@ -774,11 +782,20 @@ static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, do
         for (int64_t d = 0; d < D; ++d) o[d] *= inv_sum[i];
       }
     }
+    if (received) {
+      const std::lock_guard<std::mutex> lock(adding);
+      for (int64_t i = 0; i < KVH * C; ++i) received[i] += got[i];
+    }
   });
 }
 
-void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window) {
-  prefill(out, q, k, v, scale, window, nullptr);
+void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window,
+                       std::optional<at::Tensor> received) {
+  if (received)
+    TORCH_CHECK(received->scalar_type() == at::kFloat && received->is_contiguous() && received->dim() == 2 &&
+                    received->size(0) == k.size(1) && received->size(1) == k.size(0),
+                "prefill_attention: received must be float32 [kv_heads, keys]");
+  prefill(out, q, k, v, scale, window, nullptr, received ? received->data_ptr<float>() : nullptr);
 }
 
 void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor k_full,
@@ -792,7 +809,7 @@ void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Te
               "lowbit_prefill_attention: the full-precision entries must start at or before the first query's block");
   const OwnBlocks own{k_full.data_ptr<float>(), v_full.data_ptr<float>(), k_full.stride(0), v_full.stride(0),
                       fp_start, block_size};
-  prefill(out, q, k, v, scale, window, &own);
+  prefill(out, q, k, v, scale, window, &own, nullptr);
 }
 
 // Decode attention over a low-bit cache (kv_cache_dtype="int4" or "int2", layers/kivi.py). A sealed block

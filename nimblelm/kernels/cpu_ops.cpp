@@ -73,8 +73,10 @@ TORCH_LIBRARY(nimblelm, m) {
   m.def(torch::schema("paged_decode_received_(Tensor received, Tensor q, Tensor k_cache, Tensor? k_scales, "
                       "Tensor block_tables, Tensor context_lens, float scale) -> ()",
                       c10::AliasAnalysisKind::CONSERVATIVE));
-  // causal (and sliding-window) attention of a prompt chunk
-  m.def("prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, float scale, int window) -> ()");
+  // causal (and sliding-window) attention of a prompt chunk; with received [kv_heads, keys] (H2O's), each row's
+  // weights are added there, summed over each KV head's query heads
+  m.def("prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, float scale, int window, "
+        "Tensor(b!)? received=None) -> ()");
   // a prompt chunk over an int4 or int2 cache: k, v as stored (dequantized), the entries from the first
   // query's block on also at full precision (k_full, v_full), which each query reads for its own block
   m.def("lowbit_prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor k_full, Tensor v_full, "

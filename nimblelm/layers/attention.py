@@ -198,8 +198,12 @@ class PagedAttention(torch.nn.Module):
                 # query then sees the same rounded K/V however the prompt was chunked, as the decodes will.
                 k_ctx = _pages(kv_cache, 0, blocks, q.dtype).flatten(0, 1)[:ctx]
                 v_ctx = _pages(kv_cache, 1, blocks, q.dtype).flatten(0, 1)[:ctx]
+            received = None  # H2O's: what the chunk's rows give each entry, [kv_heads, ctx]
             if ops is not None and self.head_dim % 16 == 0:
-                ops.prefill_attention(out[start:end], q[start:end], k_ctx, v_ctx, self.scale, meta.sliding_window or 0)
+                if meta.accumulate:
+                    received = torch.zeros(self.num_kv_heads, ctx, device=q.device)
+                ops.prefill_attention(out[start:end], q[start:end], k_ctx, v_ctx, self.scale, meta.sliding_window or 0,
+                                      received)
             else:
                 qt, kt, vt = (x.transpose(0, 1)[None] for x in (q[start:end], k_ctx, v_ctx))
                 o = F.scaled_dot_product_attention(
@@ -209,7 +213,11 @@ class PagedAttention(torch.nn.Module):
             if voters:
                 meta.votes.append(self._votes(q[end - voters : end], k_ctx))
             if meta.accumulate:
-                self._receive_chunk(q[start:end], k_ctx, kv_cache, blocks)
+                if received is None:
+                    received = self._received(q[start:end], k_ctx)
+                bs = kv_cache.values.shape[2]
+                slots = (blocks[:, None] * bs + torch.arange(bs, device=q.device)).flatten()[:ctx]
+                kv_cache.received.view(-1, self.num_kv_heads).index_add_(0, slots, received.T)
             start = end
         return out
 
@@ -222,18 +230,17 @@ class PagedAttention(torch.nn.Module):
         logits.masked_fill_(torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
         return logits.softmax(-1).sum(1)
 
-    def _receive_chunk(self, q: torch.Tensor, k_ctx: torch.Tensor, kv_cache: KVCache, blocks: torch.Tensor) -> None:
-        """Add what a prefill chunk's rows give each entry of its context (H2O), RECEIVE_ROWS rows at a time to
-        bound the weights held at once: a second pass over the keys, which the fused prefill keeps none of."""
+    def _received(self, q: torch.Tensor, k_ctx: torch.Tensor) -> torch.Tensor:
+        """What a prefill chunk's rows give each entry of its context (H2O), [kv_heads, ctx], RECEIVE_ROWS rows at
+        a time to bound the weights held at once: a second pass over the keys (the prefill kernel adds them up
+        as it attends)."""
         ctx, rows = k_ctx.shape[0], q.shape[0]
         got = torch.zeros(self.num_kv_heads, ctx, device=q.device)
         for r in range(0, rows, RECEIVE_ROWS):
             part = q[r : r + RECEIVE_ROWS]
             got += self._weights(part, k_ctx, torch.arange(ctx - rows + r, ctx - rows + r + len(part),
                                                            device=q.device)).sum(1)
-        bs = kv_cache.values.shape[2]
-        slots = (blocks[:, None] * bs + torch.arange(bs, device=q.device)).flatten()[:ctx]
-        kv_cache.received.view(-1, self.num_kv_heads).index_add_(0, slots, got.T)
+        return got
 
     def _receive_decodes(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> None:
         """Add what each decode row gives the entries it attends to (H2O): a second pass over their keys (torch's
