@@ -131,6 +131,16 @@ def test_paged_decode_kernel_over_shared_prefixes_matches_sdpa(kv, dim, block_si
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, 0), atol=1e-5)
 
 
+def prefill_inputs(t, c, heads, kv_heads, dim):
+    """The kernels, and t queries over c keys and values; q's rows are strided, as views of the fused qkv."""
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    torch.manual_seed(t * c + dim)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
+    q = qkv[:, : heads * dim].view(t, heads, dim)
+    return ops, q, torch.randn(c, kv_heads, dim), torch.randn(c, kv_heads, dim)
+
+
 def prefill_reference(q, k, v, window):
     t, c = q.shape[0], k.shape[0]
     q_pos, k_pos = torch.arange(c - t, c)[:, None], torch.arange(c)[None]
@@ -149,16 +159,10 @@ def test_prefill_attention_kernel_matches_sdpa(t, c, heads, kv_heads, dim, windo
     # Whole prompts and later chunks of one (c > t: the queries are the last t positions), GQA and plain
     # multi-head, head sizes of one to eight 16-wide panels, query blocks of one row and several 48-row
     # blocks, windows inside a block and across blocks. q's rows are strided, as views of the fused qkv.
-    ops = cpu_ops()
-    assert ops is not None, "the C++ kernels did not build"
-    torch.manual_seed(t * c + dim)
-    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
-    q = qkv[:, : heads * dim].view(t, heads, dim)
-    k, v = torch.randn(c, kv_heads, dim), torch.randn(c, kv_heads, dim)
+    ops, q, k, v = prefill_inputs(t, c, heads, kv_heads, dim)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     ops.prefill_attention(out, q, k, v, dim**-0.5, window)
     torch.testing.assert_close(out, prefill_reference(q, k, v, window), rtol=1e-4, atol=1e-5)
-
 
 
 @pytest.mark.parametrize(("t", "c", "heads", "kv_heads", "dim"), [
@@ -167,13 +171,10 @@ def test_prefill_attention_kernel_matches_sdpa(t, c, heads, kv_heads, dim, windo
 def test_prefill_attention_adds_each_rows_weights_to_what_its_keys_received(t, c, heads, kv_heads, dim):
     """H2O's sums: every row's softmax weights over its keys, summed over the rows and each KV head's query heads,
     added to what `received` held."""
-    ops = cpu_ops()
-    assert ops is not None, "the C++ kernels did not build"
-    torch.manual_seed(t * c + dim)
-    q, k, v = torch.randn(t, heads, dim), torch.randn(c, kv_heads, dim), torch.randn(c, kv_heads, dim)
+    ops, q, k, v = prefill_inputs(t, c, heads, kv_heads, dim)
     before = torch.rand(kv_heads, c)
     received = before.clone()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     ops.prefill_attention(out, q, k, v, dim**-0.5, 0, received)
     torch.testing.assert_close(out, prefill_reference(q, k, v, 0), rtol=1e-4, atol=1e-5)
     q_pos, k_pos = torch.arange(c - t, c)[:, None], torch.arange(c)[None]
@@ -206,12 +207,7 @@ def test_lowbit_prefill_attention_reads_each_querys_own_block_at_full_precision(
     # Chunks that start mid-block (the full-precision entries start at the first query's block), whole prompts,
     # windows narrower than a block and wider; the two copies of each entry differ entirely, so a query that
     # read the wrong one would show.
-    ops = cpu_ops()
-    assert ops is not None, "the C++ kernels did not build"
-    torch.manual_seed(t * c + dim)
-    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
-    q = qkv[:, : heads * dim].view(t, heads, dim)
-    k, v = torch.randn(c, kv_heads, dim), torch.randn(c, kv_heads, dim)
+    ops, q, k, v = prefill_inputs(t, c, heads, kv_heads, dim)
     first = (c - t) // block_size * block_size
     k_full, v_full = torch.randn(c - first, kv_heads, dim), torch.randn(c - first, kv_heads, dim)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

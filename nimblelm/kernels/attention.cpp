@@ -983,20 +983,29 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
   });
 }
 
+// The tensors of a low-bit cache and a step's tables, as layers/kivi.py holds them.
+static void check_lowbit_cache(const char* op, const at::Tensor& values, const at::Tensor& k_scale,
+                               const at::Tensor& k_min, const at::Tensor& v_scale, const at::Tensor& v_min,
+                               const at::Tensor& residual, const at::Tensor& block_tables,
+                               const at::Tensor& context_lens, const at::Tensor& residual_slots, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 2, op, ": 4 or 2 bits");
+  TORCH_CHECK(values.scalar_type() == at::kByte && values.is_contiguous() && values.dim() == 5,
+              op, ": packed uint8 values [2, blocks, block_size, kv_heads, packed]");
+  for (const auto* t : {&k_scale, &k_min, &v_scale, &v_min})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), op, ": float16 scales");
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous(), op, ": float32 residual");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+              residual_slots.scalar_type() == at::kLong, op, ": int64 tables");
+}
+
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
                              at::Tensor v_scale, at::Tensor v_min, at::Tensor residual, at::Tensor block_tables,
                              at::Tensor context_lens, at::Tensor residual_slots, double scale, int64_t window,
                              int64_t bits) {
   q = q.contiguous();
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && out.is_contiguous(), "lowbit_decode_attention: q, out");
-  TORCH_CHECK(bits == 4 || bits == 2, "lowbit_decode_attention: 4 or 2 bits");
-  TORCH_CHECK(values.scalar_type() == at::kByte && values.is_contiguous() && values.dim() == 5,
-              "lowbit_decode_attention: packed uint8 values [2, blocks, block_size, kv_heads, packed]");
-  for (const auto& t : {k_scale, k_min, v_scale, v_min})
-    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous(), "lowbit_decode_attention: float16 scales");
-  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous(), "lowbit_decode_attention: float32 residual");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
-              residual_slots.scalar_type() == at::kLong, "lowbit_decode_attention: int64 tables");
+  check_lowbit_cache("lowbit_decode_attention", values, k_scale, k_min, v_scale, v_min, residual, block_tables,
+                     context_lens, residual_slots, bits);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = values.size(1), bs = values.size(2), KVH = values.size(3), PD = values.size(4);
   TORCH_CHECK(PD * 8 == D * bits && k_scale.size(2) == D && H % KVH == 0, "lowbit_decode_attention: head_dim");
@@ -1034,19 +1043,14 @@ static void quantize_levels(const float* x, int64_t stride, int64_t count, int64
 void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_min, at::Tensor v_scale,
                           at::Tensor v_min, at::Tensor residual, at::Tensor k, at::Tensor v, at::Tensor block_tables,
                           at::Tensor context_lens, at::Tensor residual_slots, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 2, "lowbit_decode_write_: 4 or 2 bits");
-  TORCH_CHECK(values.scalar_type() == at::kByte && values.is_contiguous() && values.dim() == 5,
-              "lowbit_decode_write_: packed uint8 values [2, blocks, block_size, kv_heads, packed]");
-  for (const auto& t : {k_scale, k_min, v_scale, v_min})
-    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous(), "lowbit_decode_write_: float16 scales");
-  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous(), "lowbit_decode_write_: float32 residual");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
-              residual_slots.scalar_type() == at::kLong, "lowbit_decode_write_: int64 tables");
+  check_lowbit_cache("lowbit_decode_write_", values, k_scale, k_min, v_scale, v_min, residual, block_tables,
+                     context_lens, residual_slots, bits);
   const int64_t B = k.size(0), NB = values.size(1), bs = values.size(2), KVH = values.size(3), PD = values.size(4);
   const int64_t D = residual.size(3), R = residual.size(1), groups = v_scale.size(3), GW = D / groups;
   for (const auto* t : {&k, &v})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == KVH &&
-                t->size(2) == D && t->stride(2) == 1 && t->stride(1) == D, "lowbit_decode_write_: k, v [rows, kv_heads, head_dim]");
+                t->size(2) == D && t->stride(2) == 1 && t->stride(1) == D,
+                "lowbit_decode_write_: k, v [rows, kv_heads, head_dim]");
   TORCH_CHECK(PD * 8 == D * bits && context_lens.size(0) == B && residual_slots.size(0) == B,
               "lowbit_decode_write_: shapes do not match");
   const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
@@ -1060,7 +1064,8 @@ void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_mi
     std::vector<uint8_t> levels(bs * ld);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = np[b], pos = n - 1, base = rp[b];
-      TORCH_CHECK(n >= 1 && base >= 0 && base + bs <= R && pos / bs < max_blocks, "lowbit_decode_write_: slot out of range");
+      TORCH_CHECK(n >= 1 && base >= 0 && base + bs <= R && pos / bs < max_blocks,
+                  "lowbit_decode_write_: slot out of range");
       std::copy_n(k.data_ptr<float>() + b * k.stride(0), ld, rk + (base + pos % bs) * ld);
       std::copy_n(v.data_ptr<float>() + b * v.stride(0), ld, rv + (base + pos % bs) * ld);
       if (n % bs) continue;
