@@ -306,3 +306,34 @@ def test_what_a_low_bit_cache_cannot_do_yet_is_refused(tiny_qwen, options, messa
     with pytest.raises(InvalidRequestError, match=message):
         LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int4", **options)
 
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_tokens_after_the_prompt_computed_at_once_equal_their_prefill(tiny_qwen, enforce_eager):
+    """Several tokens of a sequence past its prompt in one step (a recomputation can send them) run as a prompt
+    chunk over a low-bit cache, never as decode rows, which write and seal one entry per sequence: across a block's
+    end, the last token's log-probabilities equal those of the same tokens computed as one prompt."""
+    from nimblelm.engine.step import NewRequest, RunningRequest, SchedulerOutput
+
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=128, max_num_seqs=1, kv_cache_dtype="int4",
+              enforce_eager=enforce_eager)
+    runner = llm.llm_engine.runner
+    prompt, after = _prompt(27), _prompt(12, seed=1)  # positions 27-38 end block 1 and start block 2
+    params = SamplingParams(temperature=0, logprobs=5)
+    blocks = -(-(len(prompt) + len(after)) // runner.block_size)
+    runner.execute(SchedulerOutput(
+        new_requests=[NewRequest(0, prompt, [], params, None, [list(range(1, blocks + 1))], [0], 0)],
+        num_scheduled_tokens={0: len(prompt)},
+    ))
+    at_once = runner.execute(SchedulerOutput(
+        running_requests=[RunningRequest(0, after, [[]], [0], len(prompt))], num_scheduled_tokens={0: len(after)},
+    ))
+    whole = prompt + after
+    reference = runner.execute(SchedulerOutput(
+        new_requests=[NewRequest(1, whole, [], params, None, [list(range(blocks + 1, 2 * blocks + 1))], [0], 0)],
+        num_scheduled_tokens={1: len(whole)},
+        finished_req_ids=[0],
+    ))
+    (lp, rank, ids, lps), (ref_lp, ref_rank, ref_ids, ref_lps) = at_once.logprobs[0][0], reference.logprobs[0][0]
+    assert ids == ref_ids and rank == ref_rank
+    assert abs(lp - ref_lp) < 1e-4 and max(abs(a - b) for a, b in zip(lps, ref_lps)) < 1e-4
