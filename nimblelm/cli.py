@@ -193,7 +193,8 @@ def cmd_compress_prompt(args) -> int:
         text = args.prompt
     config = _prompt_compression({
         "method": args.method, "rate": args.rate, "target_tokens": args.target_tokens, "keep": args.keep or [],
-        "question": args.question, "unit": args.unit, "segment_tokens": args.segment_tokens, "scorer": args.scorer})
+        "question": args.question, "unit": args.unit, "segment_tokens": args.segment_tokens,
+        "coarse_factor": args.coarse_factor, "dynamic_ratio": args.dynamic_ratio, "scorer": args.scorer})
     scorer = Scorer(config.scorer or SCORER_MODEL, max_model_len=args.scorer_window, num_threads=args.num_threads)
     out = compress(text, config, scorer)
     print(out.text)
@@ -329,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default=None, help="longllmlingua: what the prompt should answer")
     p.add_argument("--unit", default="word", choices=UNITS, help="selective_context: what is dropped whole")
     p.add_argument("--segment-tokens", type=int, default=100, help="llmlingua: tokens per iterative segment")
+    p.add_argument("--coarse-factor", type=float, default=1.0,
+                   help="llmlingua: whole paragraphs kept up to this many times the budget (>= 1)")
+    p.add_argument("--dynamic-ratio", type=float, default=None,
+                   help="llmlingua: kept shares of the paragraphs by rank, the mean +- this (default: longllmlingua "
+                        "0.3, llmlingua 0)")
     p.add_argument("--scorer", default=None, help=f"the scoring model (default: {SCORER_MODEL})")
     p.add_argument("--scorer-window", type=int, default=None, help="the scorer's max_model_len (default: its context)")
     p.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")

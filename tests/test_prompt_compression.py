@@ -79,12 +79,29 @@ def reference_selective_context(text, rate, oracle):
     return "".join(owned[i] for i in sorted(keep))
 
 
-def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_factor=2.0):
+def reference_shares(sizes, room, spread):
+    """The paragraphs' kept shares, best ranked first: linear from mean + spread to mean - spread, each in
+    [0, 1], keeping `room` tokens; found by halving the interval of the mean."""
+    if not spread or len(sizes) < 2:
+        return [1.0] * len(sizes)
+    deltas = [spread - 2 * spread * j / (len(sizes) - 1) for j in range(len(sizes))]
+    low, high = -1.0, 2.0
+    for _ in range(50):
+        mean = (low + high) / 2
+        if sum(n * min(1.0, max(0.0, mean + d)) for n, d in zip(sizes, deltas)) < room:
+            low = mean
+        else:
+            high = mean
+    return [min(1.0, max(0.0, high + d)) for d in deltas]
+
+
+def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_factor=1.0, spread=None):
     ids, starts = oracle.tokenize(text)
     owned = _owned(text, starts)
     budget = math.ceil(rate * len(ids))
-    # coarse: paragraphs (ending after blank lines) by their perplexity (or the question's surprisal given
-    # them), kept up to 2x budget
+    spread = (0.3 if question else 0.0) if spread is None else spread
+    # coarse: paragraphs (ending after blank lines) by their perplexity (or the question's, with LongLLMLingua's
+    # restrictive statement, surprisal given them), kept up to coarse_factor x budget
     breaks = [m.end() for m in re.finditer(r"\n\s*\n", text)]
     paragraphs = [[]]
     for i in range(len(ids)):
@@ -92,26 +109,32 @@ def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_facto
         if i and any(starts[i - 1] < b <= start for b in breaks):
             paragraphs.append([])
         paragraphs[-1].append(i)
-    order = list(range(len(ids)))
-    if len(ids) > coarse_factor * budget:
+    order, groups = list(range(len(ids))), [list(range(len(ids)))]
+    if len(ids) > coarse_factor * budget or spread:
         if question:
-            q = oracle.tokenize(question)[0]
+            q = oracle.tokenize(question + " We can get the answer to this question in the given documents.")[0]
             rank = [sum(oracle.surprisal([ids[i] for i in p], q)) / len(q) for p in paragraphs]
         else:
             rank = []
             for p in paragraphs:
                 r = oracle.surprisal([], [ids[i] for i in p])
                 rank.append(-sum(r[1:]) / max(1, len(r) - 1))
-        kept, total = [], 0
-        for j in sorted(range(len(paragraphs)), key=lambda j: (rank[j], j)):
-            if total + len(paragraphs[j]) <= coarse_factor * budget or total < budget:
-                kept += paragraphs[j]
-                total += len(paragraphs[j])
-        order = sorted(kept)
+        ranked = sorted(range(len(paragraphs)), key=lambda j: (rank[j], j))
+        groups = [paragraphs[j] for j in ranked]
+        if len(ids) > coarse_factor * budget:
+            groups, total = [], 0
+            for j in ranked:
+                if total + len(paragraphs[j]) <= coarse_factor * budget or total < budget:
+                    groups.append(paragraphs[j])
+                    total += len(paragraphs[j])
+            order = sorted(i for g in groups for i in g)
     if budget >= len(order):
         return "".join(owned[i] for i in order)
+    share = {}
+    for g, s in zip(groups, reference_shares([len(g) for g in groups], budget, spread)):
+        share.update(dict.fromkeys(g, s))
     q = oracle.tokenize(question)[0] if question else []
-    out, seen = [], 0
+    out, seen, total = [], 0.0, sum(share.values())
     for a in range(0, len(order), segment):
         seg = order[a:a + segment]
         context = [ids[i] for i in out]
@@ -119,9 +142,14 @@ def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_facto
         if q:
             asked = oracle.surprisal(q + context, [ids[i] for i in seg])
             plain = [x - y if math.isfinite(x) else math.inf for x, y in zip(plain, asked)]
-        seen += len(seg)
-        k = round(budget * seen / len(order)) - len(out)
-        best = sorted(range(len(seg)), key=lambda j: (-plain[j], j))[:max(0, k)]
+        seen += sum(share[i] for i in seg)
+        k = round(budget * seen / total) - len(out)
+        # tokens of one share compete by score; the shares take turns, the r-th best of n at share s at (r + 1/2) / ns
+        turn = {}
+        for s in {share[i] for i in seg}:
+            members = sorted((j for j in range(len(seg)) if share[seg[j]] == s), key=lambda j: (-plain[j], j))
+            turn.update({j: (r + 0.5) / (len(members) * s) if s else math.inf for r, j in enumerate(members)})
+        best = sorted(range(len(seg)), key=lambda j: (turn[j], j))[:max(0, k)]
         out += [seg[j] for j in sorted(best)]
     return "".join(owned[i] for i in out)
 
@@ -133,19 +161,59 @@ def test_selective_context_matches_the_reference(scorer, oracle, rate):
     assert got.compressed_tokens <= math.ceil(rate * got.original_tokens)
 
 
-@pytest.mark.parametrize("rate, segment", [(0.5, 16), (0.3, 7), (0.2, 100)])
-def test_llmlingua_matches_the_reference(scorer, oracle, rate, segment):
-    got = compress(PROMPT, PromptCompression(method="llmlingua", rate=rate, segment_tokens=segment), scorer)
-    assert got.text == reference_llmlingua(PROMPT, rate, oracle, segment)
+@pytest.mark.parametrize("rate, segment, coarse", [(0.5, 16, 1.0), (0.3, 7, 2.0), (0.2, 100, 1.0), (0.5, 9, 2.0)])
+def test_llmlingua_matches_the_reference(scorer, oracle, rate, segment, coarse):
+    config = PromptCompression(method="llmlingua", rate=rate, segment_tokens=segment, coarse_factor=coarse)
+    got = compress(PROMPT, config, scorer)
+    assert got.text == reference_llmlingua(PROMPT, rate, oracle, segment, coarse_factor=coarse)
     assert got.compressed_tokens == math.ceil(rate * got.original_tokens) or rate == 0.2
 
 
-@pytest.mark.parametrize("rate", [0.5, 0.25])
-def test_longllmlingua_matches_the_reference(scorer, oracle, rate):
+@pytest.mark.parametrize("rate, coarse, spread", [(0.5, 1.0, None), (0.25, 1.0, None), (0.5, 2.0, None),
+                                                  (0.3, 2.0, 0.0), (0.4, 2.0, 1.0)])
+def test_longllmlingua_matches_the_reference(scorer, oracle, rate, coarse, spread):
     question = "who kept the weather log?"
-    config = PromptCompression(method="longllmlingua", rate=rate, segment_tokens=12, question=question)
+    config = PromptCompression(method="longllmlingua", rate=rate, segment_tokens=12, question=question,
+                               coarse_factor=coarse, dynamic_ratio=spread)
     got = compress(PROMPT, config, scorer)
-    assert got.text == reference_llmlingua(PROMPT, rate, oracle, 12, question=question)
+    assert got.text == reference_llmlingua(PROMPT, rate, oracle, 12, question=question, coarse_factor=coarse,
+                                           spread=spread)
+    assert got.compressed_tokens == math.ceil(rate * got.original_tokens)
+
+
+@pytest.mark.parametrize("sizes, room, spread", [([10, 10, 10], 15, 0.3), ([4, 50, 7, 20], 30, 0.3),
+                                                 ([5, 5], 9, 0.5), ([8, 3, 30], 12, 1.0), ([6, 6], 6, 0.0)])
+def test_kept_shares_fall_with_rank_and_keep_the_room(sizes, room, spread):
+    from nimblelm.prompting.compression import _shares
+
+    groups, start = [], 0
+    for n in sizes:
+        groups.append(list(range(start, start + n)))
+        start += n
+    share = _shares(groups, room, spread)
+    per_group = [share[g[0]] for g in groups]
+    assert all(share[i] == s for g, s in zip(groups, per_group) for i in g)
+    assert all(0 <= s <= 1 for s in per_group) and per_group == sorted(per_group, reverse=True)
+    assert sum(share.values()) == pytest.approx(room if spread else start, abs=1e-6)
+    unclamped = [s for s in per_group if 0 < s < 1]
+    if spread and len(unclamped) > 1:  # linear in rank where no bound is hit: the first mean + spread
+        step = 2 * spread / (len(groups) - 1)
+        assert all(a - b == pytest.approx(step) for a, b in itertools.pairwise(per_group) if 0 < b and a < 1)
+
+
+def test_a_segments_tokens_are_kept_by_their_shares_then_their_scores():
+    """A segment keeping 5 of 3 tokens at share 1 and 10 at share 0.2 keeps 3 and 2 (their shares' 3 and 2), each
+    class its best scored; a class at share 0 only once the others are spent."""
+    from nimblelm.prompting.compression import _top, _turns
+
+    scores = [float(x) for x in (5, 1, 3, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 4, 2)]
+    shares = [1.0] * 3 + [0.2] * 10 + [0.0] * 2
+    free = list(range(15))
+    assert _top(_turns(free, scores, shares), 5) == [0, 1, 2, 3, 4]
+    assert _top(_turns(free, scores, shares), 4) == [0, 2, 3, 4]
+    assert _top(_turns(free, scores, shares), 14) == [*range(13), 13]
+    one = _turns(free[3:13], scores, shares[3:13])  # one share: the best scores
+    assert _top(one, 3) == [3, 4, 5]
 
 
 def test_the_coarse_stage_keeps_whole_paragraphs(scorer):
@@ -154,7 +222,7 @@ def test_the_coarse_stage_keeps_whole_paragraphs(scorer):
 
     ids, starts = scorer.tokenize(PROMPT)
     p = _Prompt(PROMPT, ids, starts, ())
-    kept = set(_coarse(p, PromptCompression(rate=0.2), scorer, budget=math.ceil(0.2 * len(p))))
+    kept = set(_coarse(p, PromptCompression(rate=0.2, coarse_factor=2.0), scorer, budget=math.ceil(0.2 * len(p)))[0])
     paragraphs = {}
     for i in range(len(p)):
         paragraphs.setdefault(p.paragraph[i], set()).add(i)
@@ -189,7 +257,7 @@ def test_rate_one_gives_the_prompt_back_and_kept_spans_survive(scorer, method):
 
 
 def test_target_tokens_and_an_empty_prompt(scorer):
-    # 2 x 10 tokens hold no paragraph: the first ranked one stays, and token pruning cuts it to 10
+    # 10 tokens hold no paragraph: the first ranked one stays, and token pruning cuts it to 10
     got = compress(PROMPT, PromptCompression(method="llmlingua", rate=None, target_tokens=10), scorer)
     assert got.compressed_tokens == 10 and got.text.strip()
     empty = compress("", PromptCompression(), scorer)
@@ -202,10 +270,11 @@ def test_target_tokens_and_an_empty_prompt(scorer):
     ({"rate": 1.5}, "rate must be in (0, 1]"),
     ({"target_tokens": 0}, "target_tokens must be >= 1"),
     ({"unit": "phrase"}, "unit 'phrase' is not one of token, word, sentence"),
+    ({"dynamic_ratio": 1.5}, "dynamic_ratio must be in [0, 1], got 1.5"),
     ({"method": "longllmlingua"}, "needs the question"),
 ])
 def test_impossible_options_are_one_clear_error(options, message):
-    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
         PromptCompression(**options)
 
 

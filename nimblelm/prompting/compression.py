@@ -9,12 +9,14 @@ compressed prompt is the kept tokens' characters in order, so kept spans come ba
   (tokens, words or sentences) scored by the sum over their tokens, the least informative dropped first.
 - `llmlingua` (Jiang et al., 2023): a budget controller first drops whole paragraphs (the prompt's parts
   between blank lines: demonstrations, documents), the lowest-perplexity ones, down to `coarse_factor` times
-  the budget (while the kept ones hold fewer tokens than the budget, the next ranked stays whatever its length); then iterative token-level compression
-  walks the rest in segments, each scored given the compressed text before it, keeping the most
-  surprising tokens of each segment in proportion.
+  the budget (while the kept ones hold fewer tokens than the budget, the next ranked stays whatever its
+  length); then iterative token-level compression walks the rest in segments, each scored given the
+  compressed text before it, keeping the most surprising tokens of each segment in proportion.
 - `longllmlingua` (Jiang et al., 2024): question-aware. Paragraphs ranked by how likely they make the
-  question (its mean surprisal given the paragraph), then tokens by contrastive surprisal: how much less
-  surprising the question makes them.
+  question and the paper's restrictive statement after it (their mean surprisal given the paragraph), each
+  kept paragraph given a share of its tokens to keep that falls linearly with its rank (`dynamic_ratio`
+  above the mean for the first, as far below for the last), then tokens by contrastive surprisal: how much
+  less surprising the question makes them.
 
 Parts of the prompt the user names in `keep` are never dropped; they count against the budget.
 """
@@ -44,7 +46,12 @@ class PromptCompression:
     question: str | None = None  # longllmlingua: what the prompt should answer (ranks, is not added)
     unit: str = "word"  # selective_context: what is dropped whole
     segment_tokens: int = 100  # llmlingua, longllmlingua: tokens per iterative segment
-    coarse_factor: float = 2.0  # llmlingua, longllmlingua: paragraphs kept up to this many times the budget
+    # llmlingua, longllmlingua: paragraphs kept up to this many times the budget (the llmlingua package keeps
+    # documents to its budget and 100 tokens)
+    coarse_factor: float = 1.0
+    # The kept paragraphs' shares of tokens kept, from the first ranked to the last: the mean plus this, down to
+    # the mean minus this. None: LongLLMLingua's 0.3 for longllmlingua, 0 (one share) for llmlingua.
+    dynamic_ratio: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -58,6 +65,8 @@ class PromptCompression:
             raise InvalidRequestError(f"prompt compression unit {self.unit!r} is not one of {', '.join(UNITS)}")
         if self.segment_tokens < 1 or self.coarse_factor < 1:
             raise InvalidRequestError("prompt compression segment_tokens must be >= 1 and coarse_factor >= 1")
+        if self.dynamic_ratio is not None and not 0 <= self.dynamic_ratio <= 1:
+            raise InvalidRequestError(f"prompt compression dynamic_ratio must be in [0, 1], got {self.dynamic_ratio}")
         if self.method == "longllmlingua" and not (self.question or "").strip():
             raise InvalidRequestError("prompt compression method longllmlingua needs the question")
         object.__setattr__(self, "keep", tuple(k for k in (self.keep or ()) if k))
@@ -144,44 +153,104 @@ def _surprisal_windows(ids: list[int], scorer) -> list[float]:
     return [x for row in scorer.surprisals(requests) for x in row]
 
 
-def _coarse(p: _Prompt, config: PromptCompression, scorer, budget: int) -> list[int]:
-    """The tokens of the paragraphs kept by rank (forced tokens always), up to coarse_factor x budget."""
-    paragraphs: dict[int, list[int]] = {}
-    for i in range(len(p)):
-        if not p.forced[i]:
-            paragraphs.setdefault(p.paragraph[i], []).append(i)
-    forced = [i for i in range(len(p)) if p.forced[i]]
-    limit = config.coarse_factor * budget - len(forced)
-    if len(paragraphs) < 2 or len(p) - len(forced) <= limit:
-        return list(range(len(p)))
-    items = list(paragraphs.values())
+# LongLLMLingua ranks a document by the question followed by this sentence: "restrictive", the paper says.
+RESTRICTIVE = " We can get the answer to this question in the given documents."
+
+
+def _ranked(p: _Prompt, config: PromptCompression, scorer, items: list[list[int]]) -> list[int]:
+    """The paragraphs `items` (their tokens) best first."""
     if config.method == "longllmlingua":  # the question's mean surprisal given the paragraph: lower ranks first
-        q = scorer.tokenize(config.question)[0]
+        q = scorer.tokenize(config.question + RESTRICTIVE)[0]
         rows = scorer.surprisals([([p.ids[i] for i in item][-(scorer.window - len(q)):], q) for item in items])
         rank = [sum(r) / len(r) for r in rows]
     else:  # the paragraph's own perplexity: higher ranks first
         rows = scorer.surprisals([((), [p.ids[i] for i in item][:scorer.window]) for item in items])
         rank = [-sum(x for x in r if math.isfinite(x)) / max(1, len(r) - 1) for r in rows]
-    kept, total, room = set(forced), 0, max(1, budget - len(forced))
-    for j in sorted(range(len(items)), key=lambda j: (rank[j], j)):
+    return sorted(range(len(items)), key=lambda j: (rank[j], j))
+
+
+def _spread(config: PromptCompression) -> float:
+    if config.dynamic_ratio is not None:
+        return config.dynamic_ratio
+    return 0.3 if config.method == "longllmlingua" else 0.0
+
+
+def _coarse(p: _Prompt, config: PromptCompression, scorer, budget: int) -> tuple[list[int], list[list[int]]]:
+    """The tokens of the paragraphs kept by rank (forced tokens always), up to coarse_factor x budget; and the
+    kept paragraphs' tokens that are not forced, best ranked first (one group where nothing was ranked)."""
+    paragraphs: dict[int, list[int]] = {}
+    for i in range(len(p)):
+        if not p.forced[i]:
+            paragraphs.setdefault(p.paragraph[i], []).append(i)
+    items = list(paragraphs.values())
+    forced = [i for i in range(len(p)) if p.forced[i]]
+    limit = config.coarse_factor * budget - len(forced)
+    fits = len(p) - len(forced) <= limit
+    if len(items) < 2 or (fits and not _spread(config)):
+        return list(range(len(p))), [[i for item in items for i in item]]
+    ranked = _ranked(p, config, scorer, items)
+    if fits:
+        return list(range(len(p))), [items[j] for j in ranked]
+    kept, groups, total, room = set(forced), [], 0, max(1, budget - len(forced))
+    for j in ranked:
         # Short of the budget, the next ranked always (token pruning cuts it down): else a short first paragraph
         # and long others would leave fewer tokens than the budget.
         if total + len(items[j]) <= limit or total < room:
             kept.update(items[j])
+            groups.append(items[j])
             total += len(items[j])
-    return sorted(kept)
+    return sorted(kept), groups
 
 
-def _iterative(p: _Prompt, config: PromptCompression, scorer, order: list[int], budget: int) -> list[int]:
+def _shares(groups: list[list[int]], room: int, spread: float) -> dict[int, float]:
+    """Each token's share of its group kept: the groups' shares fall linearly from the mean plus `spread` (the
+    first group) to the mean minus it (the last), each within [0, 1], the mean such that they keep `room`."""
+    n = len(groups)
+    if not spread or n < 2:
+        return {i: 1.0 for g in groups for i in g}
+    deltas = [spread * (1 - 2 * j / (n - 1)) for j in range(n)]
+
+    def kept(mean: float) -> float:
+        return sum(len(g) * min(1.0, max(0.0, mean + d)) for g, d in zip(groups, deltas))
+
+    low, high = -1.0, 2.0  # keeps nothing, and every token
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if kept(mid) < room else (low, mid)
+    return {i: min(1.0, max(0.0, high + d)) for g, d in zip(groups, deltas) for i in g}
+
+
+def _turns(free: list[int], scores: list[float], shares: list[float]) -> dict[int, float]:
+    """A priority for each free position of a segment, the highest kept first: tokens of one share compete by
+    score, and the shares' classes take turns in proportion to the tokens each should keep (Webster's
+    apportionment: the j-th best of a class of n tokens at share s comes at (j + 1/2) / (n s))."""
+    classes: dict[float, list[int]] = {}
+    for j, s in zip(free, shares):
+        classes.setdefault(s, []).append(j)
+    order = {}
+    for s, members in classes.items():
+        for rank, j in enumerate(sorted(members, key=lambda j: (-scores[j], j))):
+            order[j] = -(rank + 0.5) / (len(members) * s) if s > 0 else -math.inf
+    return order
+
+
+def _iterative(p: _Prompt, config: PromptCompression, scorer, order: list[int], groups: list[list[int]],
+               budget: int) -> list[int]:
     """Token-level compression in segments of `order`: each segment scored given the compressed tokens
-    before it, its most informative tokens kept so that the kept share tracks budget / len(order)."""
-    free = sum(not p.forced[i] for i in order)
+    before it, its most informative tokens kept so that the kept share tracks the budget, each token (of
+    `groups`, those not forced) weighed by its group's share (_shares)."""
+    free = sum(len(g) for g in groups)
     room = budget - (len(order) - free)  # what the tokens not forced may keep
     if room >= free:
         return order
+    if room <= 0:
+        return [i for i in order if p.forced[i]]
+    share = _shares(groups, room, _spread(config))
+    total = sum(share.values())
     q = scorer.tokenize(config.question)[0] if config.method == "longllmlingua" else []
     out: list[int] = []
-    seen_free = kept_free = 0
+    seen = 0.0
+    kept_free = 0
     for a in range(0, len(order), config.segment_tokens):
         segment = order[a:a + config.segment_tokens]
         tokens = [p.ids[i] for i in segment]
@@ -193,9 +262,9 @@ def _iterative(p: _Prompt, config: PromptCompression, scorer, order: list[int], 
         else:
             scores = scorer.surprisals([(context, tokens)])[0]
         free_here = [j for j, i in enumerate(segment) if not p.forced[i]]
-        seen_free += len(free_here)
-        k = round(room * seen_free / free) - kept_free
-        chosen = set(_top({j: scores[j] for j in free_here}, k))
+        seen += sum(share[segment[j]] for j in free_here)
+        k = round(room * seen / total) - kept_free
+        chosen = set(_top(_turns(free_here, scores, [share[segment[j]] for j in free_here]), k))
         kept_free += len(chosen)
         out += [i for j, i in enumerate(segment) if p.forced[i] or j in chosen]
     return out
@@ -214,5 +283,5 @@ def compress(prompt: str, config: PromptCompression, scorer) -> CompressedPrompt
     if config.method == "selective_context":
         kept = _selective_context(p, config, scorer)
     else:
-        kept = _iterative(p, config, scorer, _coarse(p, config, scorer, budget), budget)
+        kept = _iterative(p, config, scorer, *_coarse(p, config, scorer, budget), budget)
     return CompressedPrompt(p.joined(kept), len(p), len(kept), time.perf_counter() - start)

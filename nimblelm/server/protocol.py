@@ -62,6 +62,8 @@ class PromptCompressionOptions(_Request):
     question: str | None = None
     unit: str = "word"
     segment_tokens: Int = 100
+    coarse_factor: float = 1.0
+    dynamic_ratio: float | None = None
 
     def config(self, scorer: str) -> PromptCompression:
         return PromptCompression(**{**self.model_dump(), "keep": tuple(self.keep)}, scorer=scorer)
