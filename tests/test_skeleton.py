@@ -100,7 +100,7 @@ def test_routed_questions_are_answered_point_by_point_in_order(llm, monkeypatch)
                         output_organization="skeleton")
     assert [o.skeleton.routed for o in outs] == [True, False, True]
     for out in (outs[0], outs[2]):
-        assert out.outputs[0].text.startswith("1. Keep a schedule") and "\n2. Dim the lights" in out.outputs[0].text
+        assert out.outputs[0].text.startswith("1. **Keep a schedule**:") and "\n2. **Dim the lights**:" in out.outputs[0].text
         assert out.skeleton.points == ["Keep a schedule", "Dim the lights"]
         assert out.skeleton.skeleton_seconds > 0 and out.skeleton.expansion_seconds > 0
 
@@ -124,12 +124,13 @@ def test_smollm2_answers_a_list_question_point_by_point():
     out = llm.generate([LIST_QUESTION], params, use_tqdm=False, output_organization="skeleton")[0]
     points = out.skeleton.points
     assert out.skeleton.routed and 2 <= len(points) <= skeleton.MAX_POINTS
-    starts = [out.outputs[0].text.index(f"{i}. {p}") for i, p in enumerate(points, start=1)]
+    starts = [out.outputs[0].text.index(skeleton.point_head(points, i)) for i in range(1, len(points) + 1)]
     assert starts == sorted(starts) and starts[0] == 0
     # Points stop decoding where their own part ends: the answer of expansions decoded to max_tokens, then cut.
     whole = llm.generate([skeleton.point_prompt(llm.tokenizer, LIST_QUESTION, points, i)
                           for i in range(1, len(points) + 1)], params, use_tqdm=False)
     assert out.outputs[0].text == "\n".join(skeleton.point_line(points, i, o) for i, o in enumerate(whole, start=1))
+    assert all(skeleton.own_part(o.outputs[0].text, i) for i, o in enumerate(whole, 1))  # every point expanded
     assert any("\n\n" in o.outputs[0].text or f"\n{i + 1}." in o.outputs[0].text for i, o in enumerate(whole, 1))
 
 

@@ -110,13 +110,20 @@ def skeleton_prompt(tokenizer, question: str, system: str | None = None) -> dict
         f"sentences.\n\nQuestion: {question}"), "1.", system)
 
 
+def point_head(points: Sequence[str], i: int) -> str:
+    """Point i's line as its writer's reply begins it and the answer shows it: the point as a bold heading and a
+    colon, which asks for what follows. Begun as the bare point, a point the skeleton wrote as a whole sentence
+    reads as finished: Qwen2.5-Coder-1.5B ended its reply there, expanding none of a skeleton's points."""
+    return f"{i}. **{points[i - 1].rstrip('.:')}**:"
+
+
 def point_prompt(tokenizer, question: str, points: Sequence[str], i: int, system: str | None = None) -> dict:
     """The prompt that expands point i (from 1); every point's starts with the same question and skeleton."""
     skeleton = "\n".join(f"{j}. {p}" for j, p in enumerate(points, start=1))
     return _chat(tokenizer, (
         f"Here is a question and the skeleton of its answer.\n\nQuestion: {question}\n\nSkeleton:\n{skeleton}\n\n"
         f"Write point {i} only, in one or two short sentences, and do not go on to the other points."),
-        f"{i}. {points[i - 1]}", system)
+        point_head(points, i), system)
 
 
 def router_prompt(tokenizer, question: str) -> dict:
@@ -142,7 +149,7 @@ def point_params(params: SamplingParams, i: int) -> SamplingParams:
 
 def point_line(points: Sequence[str], i: int, output: RequestOutput) -> str:
     """Point i's line of the answer: the point and its expansion."""
-    return f"{i}. {points[i - 1]}{own_part(output.outputs[0].text, i)}"
+    return point_head(points, i) + own_part(output.outputs[0].text, i)
 
 
 def check(params: SamplingParams, router: str) -> None:
