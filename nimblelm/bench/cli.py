@@ -20,6 +20,8 @@ SPEC_WORKLOADS = ("humaneval", "chat", "mt", "edit")  # survey speculative
 DATA_WORKLOADS = ("qa", "needle", "sharegpt", "sot")  # survey data
 # Flags whose meaning and default differ between survey experiments: argparse leaves them None, run() fills in.
 SURVEY_DEFAULTS = {"model": DEFAULT_MODEL, "gen_len": 128, "ratios": "2,3,5,10", "context_tokens": "1000,2000"}
+# data: --gen-len bounds the Skeleton-of-Thought answers, whose plain decoding must run to its end to compare
+DATA_DEFAULTS = {**SURVEY_DEFAULTS, "gen_len": 1024}
 # survey longctx: shrunk from issue 24's grid so that the whole default run on qwen2.5-coder-0.5b fits 45 minutes
 # on 2 cores (an estimate from timed pieces: kvpress's slower prefill is most of it)
 LONGCTX_DEFAULTS = {"model": "qwen2.5-coder-0.5b", "gen_len": 64, "ratios": "0.1,0.5", "context_tokens": "1024,4096",
@@ -173,7 +175,8 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     sur.add_argument("--prompt-len", type=int, default=1024, help="(a) prompt tokens (default 1024)")
     sur.add_argument("--gen-len", type=int, default=None,
                      help="(a) generated tokens; speculative: each request's max_tokens (default 128); longctx: "
-                          "tokens each speed and serve request generates (default 64)")
+                          "tokens each speed and serve request generates (default 64); data: each SoT answer's "
+                          "max_tokens (default 1024)")
     sur.add_argument("-r", "--repeat", type=int, default=3, help="(a) timed repetitions (default 3)")
     sur.add_argument("--tpot-slo", type=float, default=0.2,
                      help="(b) p99 TPOT bound in seconds for the sustained rate (default 0.2)")
@@ -1081,7 +1084,8 @@ def run(args) -> int:
     """
     cmd = getattr(args, "bench_command", None)
     if cmd == "survey":
-        for key, value in (LONGCTX_DEFAULTS if args.experiment == "longctx" else SURVEY_DEFAULTS).items():
+        defaults = {"longctx": LONGCTX_DEFAULTS, "data": DATA_DEFAULTS}.get(args.experiment, SURVEY_DEFAULTS)
+        for key, value in defaults.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
     if cmd == "setup":
