@@ -309,6 +309,8 @@ def test_compress_prompt_prints_the_prompt_and_its_statistics(tiny_llama, tmp_pa
     (["--file", "/no/such/file"], "cannot read --file /no/such/file"),
     ([], "give the prompt or --file PATH"),
     (["--method", "longllmlingua", "x"], "needs the question"),
+    (["--dynamic-ratio", "-0.1", "x"], "dynamic_ratio must be in [0, 1]"),
+    (["--coarse-factor", "0.5", "x"], "coarse_factor >= 1"),
 ])
 def test_compress_prompt_errors_are_one_line(argv, message, capsys):
     from nimblelm.cli import main
@@ -360,6 +362,7 @@ def test_the_server_compresses_prompts_asked_to_and_says_so_in_usage(tiny_server
     ({"prompt": "x y z", "prompt_compression": {"rate": 3}}, "rate must be in (0, 1]"),
     ({"prompt": [1, 2, 3], "prompt_compression": {}}, "needs text prompts"),
     ({"prompt": "x y z", "prompt_compression": {"method": "longllmlingua"}}, "needs the question"),
+    ({"prompt": "x y z", "prompt_compression": {"dynamic_ratio": 2}}, "dynamic_ratio must be in [0, 1]"),
 ])
 def test_the_servers_prompt_compression_errors_are_clear_400s(tiny_server, body, message):
     import httpx2 as httpx

@@ -227,11 +227,11 @@ def _turns(free: list[int], scores: list[float], shares: list[float]) -> dict[in
     classes: dict[float, list[int]] = {}
     for j, s in zip(free, shares):
         classes.setdefault(s, []).append(j)
-    order = {}
+    priority = {}
     for s, members in classes.items():
         for rank, j in enumerate(sorted(members, key=lambda j: (-scores[j], j))):
-            order[j] = -(rank + 0.5) / (len(members) * s) if s > 0 else -math.inf
-    return order
+            priority[j] = -(rank + 0.5) / (len(members) * s) if s > 0 else -math.inf
+    return priority
 
 
 def _iterative(p: _Prompt, config: PromptCompression, scorer, order: list[int], groups: list[list[int]],
