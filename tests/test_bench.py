@@ -483,7 +483,7 @@ def test_bench_commands_on_the_packaged_model(tmp_path, capsys):
 
     threads = str(torch.get_num_threads())
     rc = main(["latency", "-p", "16", "-n", "8", "-r", "1", "--backends", "nimblelm,transformers,llama.cpp",
-               "-t", threads, "--no-progress", "--output", str(tmp_path / "lat")])
+               "-t", threads, "--no-progress", "--no-measure", "--output", str(tmp_path / "lat")])
     assert rc == 0
     data = json.loads((tmp_path / "lat" / "results.json").read_text())
     assert {r["backend"] for r in data["results"]} >= {"nimblelm", "transformers"}
@@ -492,7 +492,7 @@ def test_bench_commands_on_the_packaged_model(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("## nimblelm bench latency")
 
     rc = main(["throughput", "--dataset", "random", "--num-prompts", "4", "--input-len", "16", "--output-len", "8",
-               "--backends", "nimblelm,transformers", "-t", threads, "--no-progress", "--format", "json"])
+               "--backends", "nimblelm,transformers", "-t", threads, "--no-progress", "--no-measure", "--format", "json"])
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert [r["backend"] for r in data["results"]] == ["nimblelm", "transformers"]
