@@ -251,42 +251,30 @@ def test_int4_linear_matches_the_dequantized_matmul(ops, rows, n, k, group, bias
         assert tiles.tile(plain) is plain
 
 
-@pytest.mark.parametrize(("n", "k"), [(5, 64), (40, 96), (140, 1056)])
-def test_bf16_panels_are_the_dequantized_weights_packed_in_bfloat16(ops, n, k):
-    # In rows and in row tiles, int8 with groups of 16 and 32, int4 with and without minimums: the panels
-    # pack_panels makes of the dequantized weights rounded to bfloat16, bit for bit.
-    torch.manual_seed(n + k)
-
-    def check(got, w):
-        assert torch.equal(got, ops.pack_panels(w.bfloat16()))
-
-    for group in (16, 32):
-        q, scales = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // group) * 0.1
-        for t in ({"qweight": q, "scales": scales}, tiles.tile({"qweight": q, "scales": scales})):
-            check(ops.int8_bf16_panels(t["qweight"], t["scales"], k, group),
-                  ops.int8_dequantize(t["qweight"], t["scales"], k, group))
-    q = _pack_int4_reference(torch.randint(0, 16, (n, k)))
-    scales, mins = torch.rand(n, k // 32) * 0.1, torch.randn(n, k // 32) * 0.2
-    for m in (mins, None):
-        for t in ({"qweight": q, "scales": scales, "mins": m}, tiles.tile({"qweight": q, "scales": scales, "mins": m})):
-            check(ops.int4_bf16_panels(t["qweight"], t["scales"], t["mins"], k, 32),
-                  ops.int4_dequantize(t["qweight"], t["scales"], t["mins"], k, 32))
-
-
 @pytest.mark.parametrize("rows", [1, 13, 33, 100, 600])
 @pytest.mark.parametrize(("n", "k"), [(5, 64), (40, 96), (140, 1056)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_dequant_linears_multiply_the_dequantized_weights_in_float(ops, rows, n, k, bias):
+def test_dequant_linears_multiply_the_dequantized_weights(ops, bf16_products, rows, n, k, bias):
     # Row counts within one panel, across panels and past the 512-row pass (600: two passes); output sizes
     # that leave a partial row block (40 and 140 in row tiles too); K within one 256-channel slice and over
-    # four (1056). In rows and in row tiles, int8 with groups of 16 and 32, int4 with and without minimums:
-    # float32 arithmetic on the values the dequantize kernels give, so the oracle is F.linear on those, to
-    # float rounding.
+    # four (1056). In rows and in row tiles, int8 with groups of 16 and 32, int4 with and without minimums.
+    # Without bfloat16 products: float32 arithmetic on the values the dequantize kernels give, so the oracle
+    # is F.linear on those, to float rounding. Where the products serve the rows (dot, amx), the weights are
+    # made into bfloat16 panels a slice of 512 channels at a time: the oracle is packed_linear on those
+    # values rounded to bfloat16 and packed whole, bit for bit within one slice (the same sums in the same
+    # order), to float rounding over several.
     torch.manual_seed(rows + n + k)
     x, b = torch.randn(rows, k), torch.randn(n) if bias else None
+    products = 0 < bf16_products <= rows
 
     def check(got, w):
-        want = F.linear(x, w, b)
+        if products:
+            want = ops.packed_linear(x, ops.pack_panels(w.bfloat16()), n, b)
+            if k <= 512:
+                assert torch.equal(got, want)
+            assert not torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        else:
+            want = F.linear(x, w, b)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
     for group in (16, 32):

@@ -68,9 +68,9 @@ def test_int8_layers_take_the_kernel_then_the_sliced_float_gemm_up_to_their_row_
     # The integer kernel rounds activations to int8 (under 1% off the float GEMM); the sliced GEMM multiplies
     # the same dequantized values in float32, in another order, up to 128 rows (512 for large layers: this
     # one counts as large when `large`); beyond, torch's GEMM on the layer dequantized whole gives the
-    # reference's bits. With bfloat16 products (bf16_products: dot or amx), prefills from 128 rows
-    # (BF16_PANELS_MIN_ROWS) take them on bfloat16 panels instead, weights and activations rounded to
-    # bfloat16. The ops the layer calls are recorded.
+    # reference's bits. With bfloat16 products (bf16_products: dot or amx) the sliced GEMM takes every row
+    # count past the integer kernel's on bfloat16 panels, weights and activations rounded to bfloat16. The ops
+    # the layer calls are recorded.
     if large:
         monkeypatch.setattr(int8, "SLICED_MIN_WEIGHTS", 0)
     called = record_ops(int8)
@@ -82,22 +82,33 @@ def test_int8_layers_take_the_kernel_then_the_sliced_float_gemm_up_to_their_row_
     layer.prepare(Int8WeightOnly(group_size=32))
     ref = F.linear(x, dequantize_int8(*layer.method.stored(layer).values()))  # the float path, exactly
     y = layer(x)
-    panels = bool(bf16_products) and rows >= int8.BF16_PANELS_MIN_ROWS and rows > LIMITS_8[0]
-    sliced = not panels and LIMITS_8[0] < rows <= (LIMITS_8[2] if large else LIMITS_8[1])
-    assert ("int8_bf16_panels" in called) == panels
-    assert ("int8_dequant_linear" in called) == sliced and ("int8_linear" in called) == (rows <= LIMITS_8[0])
-    if rows > LIMITS_8[0] and not sliced and not panels:
+    integer = rows <= LIMITS_8[0]
+    bf16 = not integer and 0 < bf16_products <= rows
+    sliced = not integer and (bf16 or rows <= (LIMITS_8[2] if large else LIMITS_8[1]))
+    assert ("int8_dequant_linear" in called) == sliced and ("int8_linear" in called) == integer
+    if not integer and not sliced:
         assert torch.equal(y, ref)
-    if not panels:
-        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5) == (rows > LIMITS_8[0])
+    if bf16:  # the activations rounded to bfloat16 as well as the weights
+        rounded = F.linear(x.bfloat16().double(), dequantize_int8(*layer.method.stored(layer).values()).bfloat16().double())
+        assert torch.allclose(y.double(), rounded, rtol=1e-5, atol=1e-5) and not torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5) == (not integer)
     assert (y - ref).norm() < 0.01 * ref.norm()
 
 
-def test_bf16_panels_start_above_the_decode_step_traces():
-    # A trace cannot record the query of which bfloat16 products are on (an op that returns an int).
+def test_bfloat16_products_are_asked_for_only_above_the_decode_step_traces(monkeypatch):
+    # A trace cannot record the query of which bfloat16 products are on (an op that returns an int): the
+    # dequantizing linear asks only past the rows it takes anyway.
     from nimblelm.engine.step_capture import BUCKETS
 
-    assert int8.BF16_PANELS_MIN_ROWS > BUCKETS[-1]
+    class Ops:
+        def bf16_product_rows(self):
+            raise AssertionError("asked")
+
+    layer = Linear(64, 40, bias=False)
+    assert int8.SLICED_SMALL_MAX_ROWS >= BUCKETS[-1]
+    for rows in BUCKETS:
+        assert int8.takes_dequant_linear(Ops(), layer, rows)
 
 
 def test_int8_engine_is_smaller_and_close_to_fp32(tiny_qwen):

@@ -1,11 +1,11 @@
 """The weight-only int8 and int4 linears by activation rows per call: the integer kernels on the weights as
-stored (int8_linear, int4_linear) and the float GEMMs that dequantize them a slice at a time
-(int8_dequant_linear, int4_dequant_linear; "sliced"), on a model's four layer shapes (qkv, o, gate_up, down), one set per
+stored (int8_linear, int4_linear) and the GEMMs that dequantize them a slice at a time (int8_dequant_linear,
+int4_dequant_linear; "sliced": on the CPU's bfloat16 products where they serve, else float32 FMAs), on a model's four layer shapes (qkv, o, gate_up, down), one set per
 decoder layer of the model so that the weights stream from memory as in a step; best of 5 passes. Prints ms
 per decoder layer, the weight bytes read per second and GFLOP/s.
 
 Usage: python benchmarks/scripts/quant_linear.py [--model qwen2.5-coder-1.5b|smollm2-135m] [--threads 2]
-       [--rows 1,2,3,4,6,8,16,32,40]
+       [--rows 1,2,3,4,6,8,16,32,40] [--bf16-products off|dot|amx]
 """
 
 import argparse
@@ -43,13 +43,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,2,3,4,6,8,16,32,40")
     p.add_argument("--kinds", default="int8,int4", help="comma list of int8, int4 (integer kernels), "
-                   "int8 sliced, int4 sliced (float GEMM, a slice dequantized at a time), int8 panels, int4 panels "
-                   "(dequantized into bfloat16 panels for the CPU's bfloat16 products)")
+                   "int8 sliced, int4 sliced (a slice dequantized at a time)")
+    p.add_argument("--bf16-products", choices=["off", "dot", "amx"],
+                   help="the bfloat16 products the sliced kernels use (default: those chosen at start)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ops = cpu_ops()
+    if args.bf16_products:
+        ops.set_bf16_products(args.bf16_products)
     layer_count, shapes = MODELS[args.model]
-    print(f"{args.model}, {cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; {kernels_in_use()}")
+    print(f"{args.model}, {cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; "
+          f"{kernels_in_use()}; bfloat16 products: {ops.bf16_products()}")
     layers = {
         "int8": [[int8_layer(n, k) for n, k in shapes] for _ in range(layer_count)],
         "int4": [[int4_layer(n, k) for n, k in shapes] for _ in range(layer_count)],
@@ -59,10 +63,6 @@ def main() -> None:
         "int8 sliced": lambda x, t: ops.int8_dequant_linear(x, t["qweight"], t["scales"], None, GROUP),
         "int4": lambda x, t: ops.int4_linear(x, t["qweight"], t["scales"], t["mins"], None, GROUP),
         "int4 sliced": lambda x, t: ops.int4_dequant_linear(x, t["qweight"], t["scales"], t["mins"], None, GROUP),
-        "int8 panels": lambda x, t: ops.packed_linear(
-            x, ops.int8_bf16_panels(t["qweight"], t["scales"], x.shape[1], GROUP), t["n"], None),
-        "int4 panels": lambda x, t: ops.packed_linear(
-            x, ops.int4_bf16_panels(t["qweight"], t["scales"], t["mins"], x.shape[1], GROUP), t["n"], None),
     }
     weights = sum(n * k for n, k in shapes)
     print("| kernel | rows | ms a layer | weight GB/s | GFLOP/s |")

@@ -16,6 +16,18 @@
 #include <vector>
 
 #include "ops.h"
+#include "panel_tile.h"
+
+// Which products serve, and from how many rows. Tiles from 8 rows (half a tile) beat the panel kernel's
+// float32 FMAs on SmolLM2's layers: 337 against 258 GFLOP/s at 8 rows, 668 against 297 at 16, 1549
+// against 354 at 512 (1536 x 576, 2 threads, Xeon with AMX, benchmarks/scripts/half_linear.py,
+// 2026-12-04); at 1-4 rows every path streams the weights at the same speed from memory. Dot products take
+// the same 8 rows, untimed where they could win (AMD Zen 4): on that Xeon they reach 201-225 GFLOP/s, under
+// the panel kernel, which is why kernels/__init__.py switches them on only where a start-up probe finds
+// them faster.
+enum Products { OFF, DOT, AMX };
+constexpr int64_t MIN_ROWS[] = {0, 8, 8};
+static std::atomic<int> products{OFF};
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -135,16 +147,80 @@ static void amx_tiles(const float* x, const at::BFloat16* panels, float* y, int6
 }
 #endif
 
-// Which products serve, and from how many rows. Tiles from 8 rows (half a tile) beat the panel kernel's
-// float32 FMAs on SmolLM2's layers: 337 against 258 GFLOP/s at 8 rows, 668 against 297 at 16, 1549
-// against 354 at 512 (1536 x 576, 2 threads, Xeon with AMX, benchmarks/scripts/half_linear.py,
-// 2026-12-04); at 1-4 rows every path streams the weights at the same speed from memory. Dot products take
-// the same 8 rows, untimed where they could win (AMD Zen 4): on that Xeon they reach 201-225 GFLOP/s, under
-// the panel kernel, which is why kernels/__init__.py switches them on only where a start-up probe finds
-// them faster.
-enum Products { OFF, DOT, AMX };
-constexpr int64_t MIN_ROWS[] = {0, 8, 8};
-static std::atomic<int> products{OFF};
+#if defined(__AVX512BF16__)
+// filled_panels_linear: k-values per slice. Each slice of the rounded activations (up to FILLED_M rows, 512 KiB)
+// stays in L2 while a thread's panels are made and multiplied against it, and two panels' slice (32 KiB) in L1.
+constexpr int64_t FILLED_KC = 512;
+constexpr int64_t FILLED_M = 512;  // rows of one pass; more rows take several, each making the panels again
+
+static void filled_pass(const float* x, int64_t M, int64_t K, int64_t N, const PanelFill& fill, float* y) {
+  const int64_t Mp = (M + 15) / 16 * 16, P = (N + NR - 1) / NR;
+  std::vector<at::BFloat16> xb(Mp * K);
+  at::parallel_for(0, Mp / 16, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      round_rows(x + b * 16 * K, std::clamp<int64_t>(M - b * 16, 0, 16), K, xb.data() + b * 16 * K, 16, K);
+  });
+  const bool amx = products == AMX;
+  // Each thread owns a run of panel pairs: every weight is made into a panel once a pass.
+  at::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
+    thread_local std::vector<at::BFloat16> panels;
+    panels.resize(2 * FILLED_KC * NR);
+    at::BFloat16* b = panels.data();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) configure_tiles();
+    alignas(64) float c[32 * 32];
+#endif
+    for (int64_t k0 = 0; k0 < K; k0 += FILLED_KC) {
+      const int64_t kc = std::min(FILLED_KC, K - k0);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t p = 2 * q, cols = std::min<int64_t>(32, N - p * NR);
+        fill(p, k0, kc, b);
+        if (cols > NR) fill(p + 1, k0, kc, b + kc * NR);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (amx) {
+          for (int64_t m = 0; m < Mp; m += 32) {
+            const at::BFloat16* a = xb.data() + m * K + k0;
+            const bool two_rows = m + 16 < Mp, two_panels = cols > NR;
+            if (two_rows && two_panels) tile_block<true, true>(a, K, b, kc * NR, kc, c, nullptr);
+            else if (two_rows) tile_block<true, false>(a, K, b, kc * NR, kc, c, nullptr);
+            else if (two_panels) tile_block<false, true>(a, K, b, kc * NR, kc, c, nullptr);
+            else tile_block<false, false>(a, K, b, kc * NR, kc, c, nullptr);
+            const __mmask16 lo = __mmask16((1u << std::min<int64_t>(cols, 16)) - 1);
+            const __mmask16 hi = __mmask16((1u << std::max<int64_t>(cols - 16, 0)) - 1);
+            for (int64_t r = m; r < std::min(M, m + 32); ++r) {
+              float* yr = y + r * N + p * NR;
+              const float* cr = c + (r - m) * 32;
+              __m512 v0 = _mm512_loadu_ps(cr), v1 = _mm512_loadu_ps(cr + 16);
+              if (k0 > 0) {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(lo, yr));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(hi, yr + 16));
+              }
+              _mm512_mask_storeu_ps(yr, lo, v0);
+              _mm512_mask_storeu_ps(yr + 16, hi, v1);
+            }
+          }
+          continue;
+        }
+#endif
+        const int32_t* pairs = reinterpret_cast<const int32_t*>(xb.data());
+        for (int64_t m = 0; m < M; m += MR) {
+          const int64_t rows = std::min(MR, M - m);
+          if (cols > NR)
+            dot_rows<2>(rows, pairs + m * (K / 2) + k0 / 2, K / 2, b, kc * NR, kc / 2, y + m * N + p * NR, N, k0 > 0,
+                        cols, nullptr);
+          else
+            dot_rows<1>(rows, pairs + m * (K / 2) + k0 / 2, K / 2, b, kc * NR, kc / 2, y + m * N + p * NR, N, k0 > 0,
+                        cols, nullptr);
+        }
+      }
+    }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) _tile_release();
+#endif
+  });
+}
+#endif
+
 
 static bool offered(Products kind) {
   switch (kind) {
@@ -174,6 +250,16 @@ bool amx_linear(const float* x, const at::BFloat16* panels, float* y, int64_t M,
   if (products == AMX && M >= MIN_ROWS[AMX]) return amx_tiles(x, panels, y, M, K, Kp, N), true;
 #endif
   return false;
+}
+
+bool filled_panels_linear(const float* x, int64_t M, int64_t K, int64_t N, const PanelFill& fill, float* y) {
+#if defined(__AVX512BF16__)
+  if (products == OFF || M < MIN_ROWS[products] || K % 32) return false;
+  for (int64_t m0 = 0; m0 < M; m0 += FILLED_M) filled_pass(x + m0 * K, std::min(FILLED_M, M - m0), K, N, fill, y + m0 * N);
+  return true;
+#else
+  return false;
+#endif
 }
 
 const int32_t* dot_pairs(const float* x, int64_t M, int64_t K, int64_t Kp) {

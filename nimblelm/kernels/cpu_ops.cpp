@@ -4,7 +4,7 @@
 //   gemm.cpp          packed_linear, the float32 linear over weights packed in panels (pack_panels)
 //   bf16_gemm.cpp     its bfloat16 path for several rows: AMX tiles or AVX-512 BF16 dot products
 //   quant_gemm.cpp    int8_linear, w8a8_linear, int4_linear, int8_dequantize, int4_dequantize,
-//                     int8_dequant_linear, int4_dequant_linear, int8_bf16_panels, int4_bf16_panels
+//                     int8_dequant_linear, int4_dequant_linear
 //   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), paged_decode_received_ (H2O),
 //                     prefill_attention, lowbit_decode_attention (an int4 or int2 cache)
 //   elementwise.cpp   rms_norm, add_rms_norm_, rope_, silu_mul, greedy_tokens
@@ -48,12 +48,10 @@ TORCH_LIBRARY(nimblelm, m) {
   // x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group
   m.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor? bias, int group) -> Tensor");
   m.def("int4_dequantize(Tensor q, Tensor scales, Tensor? mins, int K, int group) -> Tensor");
-  // prefill: x @ dequantize(...).T (+ bias) in float32, the weights dequantized a slice at a time
+  // prefill: x @ dequantize(...).T (+ bias), the weights dequantized a slice at a time: into bfloat16 panels
+  // for the bfloat16 products where they serve (bf16_products), for float32 FMAs elsewhere
   m.def("int8_dequant_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias, int group) -> Tensor");
   m.def("int4_dequant_linear(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor? bias, int group) -> Tensor");
-  // prefill with bfloat16 products: the weights dequantized into bfloat16 panels for packed_linear
-  m.def("int8_bf16_panels(Tensor q, Tensor scales, int K, int group) -> Tensor");
-  m.def("int4_bf16_panels(Tensor q, Tensor scales, Tensor? mins, int K, int group) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor w, float eps) -> ()");  // residual += x; x = norm
   m.def("silu_mul(Tensor gate_up) -> Tensor");  // silu(gate) * up of [gate | up]
@@ -101,8 +99,6 @@ TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("int4_dequantize", &int4_dequantize);
   m.impl("int8_dequant_linear", &int8_dequant_linear);
   m.impl("int4_dequant_linear", &int4_dequant_linear);
-  m.impl("int8_bf16_panels", &int8_bf16_panels);
-  m.impl("int4_bf16_panels", &int4_bf16_panels);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("silu_mul", &silu_mul);

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -17,6 +18,11 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor panels, int64_t N, c10::option
 // where they do not serve M rows.
 bool amx_linear(const float* x, const at::BFloat16* panels, float* y, int64_t M, int64_t K, int64_t Kp, int64_t N);
 const int32_t* dot_pairs(const float* x, int64_t M, int64_t K, int64_t Kp);
+// filled_panels_linear: y = x @ w.T for x [M, K] (K a multiple of 32) on the same products, w's bfloat16
+// panels made as it goes by fill(p, k0, kc, out): panel p's k-values k0 .. k0 + kc (a multiple of 32) in the
+// pair layout, [kc / 2, 16, 2], zero past N; false (nothing done) where the products do not serve M rows.
+using PanelFill = std::function<void(int64_t p, int64_t k0, int64_t kc, at::BFloat16* out)>;
+bool filled_panels_linear(const float* x, int64_t M, int64_t K, int64_t N, const PanelFill& fill, float* y);
 // Which bfloat16 products serve from now on: "amx" (tiles), "dot" (AVX-512 BF16) or "off" (the panel
 // kernel); a kind the CPU, the build or the OS lacks turns them off. Returns the fewest rows they take, 0
 // for off.
@@ -38,8 +44,6 @@ at::Tensor int8_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c1
                                int64_t group);
 at::Tensor int4_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
                                c10::optional<at::Tensor> bias, int64_t group);
-at::Tensor int8_bf16_panels(at::Tensor q, at::Tensor scales, int64_t K, int64_t group);
-at::Tensor int4_bf16_panels(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K, int64_t group);
 
 // elementwise.cpp: norms, rotary embedding, the MLP's activation, greedy tokens.
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);

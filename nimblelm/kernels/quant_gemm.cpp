@@ -427,9 +427,12 @@ static void int8_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t kc, fl
   const int64_t b = n / 4 * 4, r = n % 4, step = std::min(w.group, QBLOCK);  // values sharing a scale and a unit
   const auto* q = reinterpret_cast<const int8_t*>(w.q) + b * w.K + r * w.t.q_row;
   const float* s = w.scales + b * w.groups + r * w.t.s_row;
+  // The group by counting, not dividing: a division by the runtime group size took as long as the rest.
+  int64_t g = k0 / w.group, left = w.group - k0 % w.group;
   for (int64_t k = k0; k < k0 + kc; k += step) {
     const int8_t* src = q + k / QBLOCK * w.t.q_unit + k % QBLOCK;
-    const float scale = s[k / w.group * w.t.s_group];
+    const float scale = s[g * w.t.s_group];
+    if ((left -= step) == 0) ++g, left = w.group;
     float* o = out + k - k0;
     int64_t i = 0;
 #if defined(__AVX512F__)
@@ -573,8 +576,10 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
 static void int4_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t kc, float* out) {
   const int64_t b = n / 4 * 4, r = n % 4;
   const uint8_t* q = w.q + b * w.K / 2 + r * w.t.q_row;
+  int64_t group = k0 / w.group, left = w.group - k0 % w.group;  // counted, as in int8_row
   for (int64_t k = k0; k < k0 + kc; k += QBLOCK) {
-    const int64_t byte = k / 2, g = b * w.groups + r * w.t.s_row + k / w.group * w.t.s_group;
+    const int64_t byte = k / 2, g = b * w.groups + r * w.t.s_row + group * w.t.s_group;
+    if ((left -= QBLOCK) == 0) ++group, left = w.group;
     const uint8_t* src = q + byte / QBLOCK * w.t.q_unit + byte % QBLOCK;
     const float scale = w.scales[g], minimum = w.mins ? w.mins[g] : -8.f * scale;
     float* o = out + k - k0;
@@ -675,14 +680,102 @@ static void dequant_pass(const float* xp, int64_t M, int64_t N, const float* bia
   });
 }
 
-template <typename Row>
-static at::Tensor dequant_matmul(at::Tensor x, int64_t N, const float* bias, const QuantWeight& w, Row row) {
+#if defined(__AVX512BF16__)
+// r[i] lane j <- r[j] lane i: a 16 x 16 transpose of 32-bit values in four rounds of 16 shuffles.
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // lane L: rows i, i + 1 interleaved, columns 4L, 4L + 1 | 4L + 2, 4L + 3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c] lane L: rows i .. i + 3 of column 4L + c
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // gather lane L of r[c], r[4 + c], r[8 + c], r[12 + c] into column 4L + c
+    const __m512i e0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), e1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i f0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), f1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_i32x4(e0, f0, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(e0, f0, 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(e1, f1, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(e1, f1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// A PanelFill for filled_panels_linear: weight rows 16p .. 16p + 15, k-values k0 .. k0 + kc, dequantized as
+// int8_row / int4_row do (INT4 picks which), rounded to bfloat16 (to nearest even, as
+// pack_panels(dequantize().bfloat16()) holds them) and laid out in pairs: each row's 32 values of a step are
+// 16 pairs in one register, and 16 rows' registers transposed are the step's 16 pair rows of the panel.
+// Multiply and add round separately, as in int4_row (fp-contract off above).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <bool INT4>
+static void fill_panel(const QuantWeight& w, int64_t N, int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
+  const uint8_t* q[NR];
+  const float* s[NR];
+  for (int64_t j = 0; j < NR; ++j) {
+    const int64_t n = std::min(p * NR + j, N - 1), b = n / 4 * 4, r = n % 4;
+    q[j] = w.q + b * (INT4 ? w.K / 2 : w.K) + r * w.t.q_row;
+    s[j] = w.scales + b * w.groups + r * w.t.s_row;
+  }
+  const int64_t rows = std::min(NR, N - p * NR);
+  for (int64_t k = k0; k < k0 + kc; k += QBLOCK) {
+    __m512i v[16];
+    const int64_t g_lo = k / w.group, g_hi = (k + 16) / w.group;  // int8's groups of 16: two a step
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t off = s[j] - w.scales;
+      __m512 lo, hi;
+      if constexpr (INT4) {
+        const int64_t byte = k / 2;
+        const __m512i bytes = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[j] + byte / QBLOCK * w.t.q_unit + byte % QBLOCK)));
+        const float scale = s[j][g_lo * w.t.s_group];
+        const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(w.mins ? w.mins[off + g_lo * w.t.s_group] : -8.f * scale);
+        lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), sv), mv);
+        hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), sv), mv);
+      } else {
+        const auto* src = reinterpret_cast<const __m128i*>(q[j] + k / QBLOCK * w.t.q_unit);
+        lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src))),
+                           _mm512_set1_ps(s[j][g_lo * w.t.s_group]));
+        hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src + 1))),
+                           _mm512_set1_ps(s[j][g_hi * w.t.s_group]));
+      }
+      v[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    }
+    for (int64_t j = rows; j < NR; ++j) v[j] = _mm512_setzero_si512();
+    transpose16(v);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + ((k - k0) / 2 + i) * 2 * NR, v[i]);
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// Where the CPU's bfloat16 products serve (AMX tiles, AVX-512 BF16 dot products: ops.h, bf16_products), the
+// weights are dequantized into bfloat16 panels a slice at a time for them (filled_panels_linear); elsewhere
+// the float32 tile multiplies them (dequant_pass).
+template <bool INT4>
+static at::Tensor dequant_matmul(at::Tensor x, int64_t N, const float* bias, const QuantWeight& w) {
   x = x.contiguous();
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == w.K, "dequant linear: float32 x [M, K]");
   const int64_t M = x.size(0);
   auto y = at::empty({M, N}, x.options());
+#if defined(__AVX512BF16__)
+  const PanelFill fill = [&](int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
+    fill_panel<INT4>(w, N, p, k0, kc, out);
+  };
+  float* yp = y.data_ptr<float>();
+  if (filled_panels_linear(x.data_ptr<float>(), M, w.K, N, fill, yp)) {
+    if (bias)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) yp[m * N + n] += bias[n];
+    return y;
+  }
+#endif
   for (int64_t m0 = 0; m0 < M; m0 += DEQUANT_M)
-    dequant_pass(x.data_ptr<float>() + m0 * w.K, std::min(DEQUANT_M, M - m0), N, bias, w, row,
+    dequant_pass(x.data_ptr<float>() + m0 * w.K, std::min(DEQUANT_M, M - m0), N, bias, w, INT4 ? int4_row : int8_row,
                  y.data_ptr<float>() + m0 * N);
   return y;
 }
@@ -691,48 +784,12 @@ at::Tensor int8_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c1
                                int64_t group) {
   const QuantWeight w = int8_weight(q, scales, x.size(-1), group, "int8_dequant_linear");
   const int64_t N = q.size(0) * q.size(1) / w.K;
-  return dequant_matmul(x, N, bias_ptr(bias, N, "int8_dequant_linear"), w, int8_row);
+  return dequant_matmul<false>(x, N, bias_ptr(bias, N, "int8_dequant_linear"), w);
 }
 
 at::Tensor int4_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
                                c10::optional<at::Tensor> bias, int64_t group) {
   const QuantWeight w = int4_weight(q, scales, mins, x.size(-1), group, "int4_dequant_linear");
   const int64_t N = q.size(0) * q.size(1) * 2 / w.K;
-  return dequant_matmul(x, N, bias_ptr(bias, N, "int4_dequant_linear"), w, int4_row);
-}
-
-
-// Prefill where the CPU multiplies bfloat16 fast (AMX tiles, AVX-512 BF16 dot products): the weight
-// dequantized straight into bfloat16 panels, as pack_panels lays them out ([ceil(N / 16), K, 16], k-values
-// interleaved in pairs; K is a multiple of 32, so no padding), for packed_linear. Each value is rounded
-// once more, from the float32 that int8_row / int4_row give to bfloat16 (8 bits of mantissa).
-template <typename Row>
-static at::Tensor bf16_panels(const QuantWeight& w, int64_t N, Row row) {
-  const int64_t K = w.K, P = (N + NR - 1) / NR;
-  auto out = at::zeros({P, K, NR}, at::TensorOptions().dtype(at::kBFloat16));
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> values(K);
-    for (int64_t p = p0; p < p1; ++p) {
-      at::BFloat16* panel = op + p * K * NR;
-      for (int64_t j = 0; j < std::min(NR, N - p * NR); ++j) {
-        row(w, p * NR + j, 0, K, values.data());
-        for (int64_t k = 0; k < K; k += 2) {
-          panel[k * NR + 2 * j] = at::BFloat16(values[k]);
-          panel[k * NR + 2 * j + 1] = at::BFloat16(values[k + 1]);
-        }
-      }
-    }
-  });
-  return out;
-}
-
-at::Tensor int8_bf16_panels(at::Tensor q, at::Tensor scales, int64_t K, int64_t group) {
-  const QuantWeight w = int8_weight(q, scales, K, group, "int8_bf16_panels");
-  return bf16_panels(w, q.size(0) * q.size(1) / K, int8_row);
-}
-
-at::Tensor int4_bf16_panels(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K, int64_t group) {
-  const QuantWeight w = int4_weight(q, scales, mins, K, group, "int4_bf16_panels");
-  return bf16_panels(w, q.size(0) * q.size(1) * 2 / K, int4_row);
+  return dequant_matmul<true>(x, N, bias_ptr(bias, N, "int4_dequant_linear"), w);
 }

@@ -26,7 +26,7 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.linear import Linear, LinearMethod
 from nimblelm.quantization import tiles
-from nimblelm.quantization.int8 import integer_kernel_max_rows, takes_bf16_panels, takes_sliced_gemm
+from nimblelm.quantization.int8 import integer_kernel_max_rows, takes_dequant_linear
 
 BLOCK = 32
 GROUP_SIZES = (32, 64, 128)
@@ -99,10 +99,9 @@ class Int4WeightOnly(LinearMethod):
 
     Up to integer_kernel_max_rows activation rows the C++ kernel multiplies the packed values as stored, with
     activations rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1 product); larger batches run a
-    float GEMM that dequantizes the weights a slice at a time (int4_dequant_linear) up to the rows
-    takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's GEMM. Where
-    the CPU multiplies bfloat16 fast (AMX, AVX-512 BF16), prefills of 128 rows and more past the integer
-    kernel's rows dequantize into bfloat16 panels for those products instead (int8.takes_bf16_panels).
+    GEMM that dequantizes the weights a slice at a time (int4_dequant_linear), on bfloat16 panels where the
+    CPU multiplies bfloat16 fast, as int8's does (int8.takes_dequant_linear); beyond, and on other devices,
+    the layer is dequantized for torch's GEMM.
     """
 
     name = "int4"
@@ -143,10 +142,7 @@ class Int4WeightOnly(LinearMethod):
         ops = ops_for(x)
         if ops is not None and x.shape[0] <= integer_kernel_max_rows("int4"):
             return ops.int4_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
-        if ops is not None and takes_bf16_panels(ops, x.shape[0]):
-            panels = ops.int4_bf16_panels(layer.qweight, layer.scales, layer.mins, layer.in_features, self.group_size)
-            return ops.packed_linear(x, panels, layer.out_features, layer.bias)
-        if ops is not None and takes_sliced_gemm(layer, x.shape[0]):
+        if ops is not None and takes_dequant_linear(ops, layer, x.shape[0]):
             return ops.int4_dequant_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
         if ops is not None:
             w = ops.int4_dequantize(layer.qweight, layer.scales, layer.mins, layer.in_features, self.group_size)

@@ -41,21 +41,6 @@ SLICED_SMALL_MAX_ROWS = 128  # for layers under SLICED_MIN_WEIGHTS
 SLICED_MIN_WEIGHTS = 2_000_000
 
 
-# Above the rows of any decode-step trace (step_capture.BUCKETS): a trace cannot record the products query.
-BF16_PANELS_MIN_ROWS = 128
-
-
-def takes_bf16_panels(ops, rows: int) -> bool:
-    """Whether a quantized prefill of `rows` rows runs on bfloat16 panels (ops.int8_bf16_panels,
-    int4_bf16_panels) with the CPU's bfloat16 products: from BF16_PANELS_MIN_ROWS rows, where it has fast
-    ones. Against the float32 paths, medians of 7 alternated passes over SmolLM2's and Qwen2.5-Coder-1.5B's
-    layer shapes (EPYC Zen 4, AVX-512 BF16 dot products, 2 threads, 2026-12-04): int8 0.81x / 0.59x at 48
-    rows, 1.57x / 0.96x at 128, 1.91x / 1.79x at 512; int4 1.34x / 1.11x at 48, 1.63x / 1.43x at 128,
-    1.89x / 1.76x at 512. Dequantized weights and activations are rounded to bfloat16 (a layer's output
-    moves by about 2e-3 of its norm; SmolLM2's pydoc perplexity by +0.012% in int4, -0.026% in int8)."""
-    return rows >= BF16_PANELS_MIN_ROWS and bool(ops.bf16_product_rows())
-
-
 # Activation rows up to which the integer kernels (int8_linear, int4_linear) are faster than the sliced float
 # GEMM, by CPU kind: it turns on how fast each multiplies, which differs by kind, not by features alone.
 # Qwen2.5-Coder-1.5B's four layer shapes (benchmarks/scripts/quant_linear.py), 2 threads, ms:
@@ -68,21 +53,32 @@ def takes_bf16_panels(ops, rows: int) -> bool:
 #   62.5, 93.3; int4 40.3 at 128, 87.5 at 256, 189.7 at 512 against 61.2, 92.1, 167.1.
 INTEGER_MAX_ROWS = {"int8": 24, "int4": 40}
 INTEGER_MAX_ROWS_AMD_AVX512 = {"int8": 128, "int4": 256}
+# - Xeon with AMX, against the dequantizing linear on AMX tiles (2026-12-06, benchmarks/README.md "Quantized
+#   prefill on bfloat16 products"): int8 4.66 at 8 rows, 6.73 at 12 against 4.86, 5.02; int4 3.13 at 8,
+#   4.77 at 12, 6.35 at 16 against 4.36, 4.89, 5.01.
+INTEGER_MAX_ROWS_AMX = {"int8": 8, "int4": 12}
 
 
 def integer_kernel_max_rows(fmt: str) -> int:
     """The most activation rows `fmt` ("int8", "int4") multiplies on its integer kernel here. From
     /proc/cpuinfo and the kernels' variant cap, not from the ops: a decode-step trace calls it."""
     cpu = first_cpu()
-    if (cpu.get("vendor_id") == "AuthenticAMD" and "avx512f" in cpu.get("flags", "").split()
-            and kernel_isa_cap() in ("native", "avx512")):
+    flags, native = cpu.get("flags", "").split(), kernel_isa_cap() == "native"
+    if "amx_bf16" in flags and native:
+        return INTEGER_MAX_ROWS_AMX[fmt]
+    if cpu.get("vendor_id") == "AuthenticAMD" and "avx512f" in flags and kernel_isa_cap() in ("native", "avx512"):
         return INTEGER_MAX_ROWS_AMD_AVX512[fmt]
     return INTEGER_MAX_ROWS[fmt]
 
 
-def takes_sliced_gemm(layer: Linear, rows: int) -> bool:
+def takes_dequant_linear(ops, layer: Linear, rows: int) -> bool:
+    """Whether `rows` rows past the integer kernel's take the dequantizing linear (ops.int8_dequant_linear,
+    int4_dequant_linear) rather than torch's GEMM on the layer dequantized whole: up to the rows the float32
+    slices are faster (SLICED_*), and at any rows where the CPU's bfloat16 products serve, for which it makes
+    bfloat16 panels a slice at a time. The products are asked only past SLICED_SMALL_MAX_ROWS, above the rows
+    of any decode-step trace, which cannot record the query."""
     large = layer.in_features * layer.out_features >= SLICED_MIN_WEIGHTS
-    return rows <= (SLICED_MAX_ROWS if large else SLICED_SMALL_MAX_ROWS)
+    return rows <= (SLICED_MAX_ROWS if large else SLICED_SMALL_MAX_ROWS) or 0 < ops.bf16_product_rows() <= rows
 
 
 class Int8WeightOnly(LinearMethod):
@@ -90,11 +86,10 @@ class Int8WeightOnly(LinearMethod):
 
     Up to integer_kernel_max_rows activation rows, the C++ kernel multiplies int8 weights by activations it
     quantizes per block of 32 values (llama.cpp's Q8_0 dot product); larger batches (batched decode,
-    prefills) run a float GEMM that dequantizes the weights a slice at a time (int8_dequant_linear) up to
-    the rows takes_sliced_gemm allows; beyond, and on other devices, the layer is dequantized for torch's
-    GEMM. The float paths keep activations unquantized. Where the CPU multiplies bfloat16 fast (AMX, AVX-512
-    BF16), prefills of 128 rows and more past the integer kernel's rows dequantize into bfloat16 panels for
-    those products instead.
+    prefills) run a GEMM that dequantizes the weights a slice at a time (int8_dequant_linear): into bfloat16
+    panels where the CPU multiplies bfloat16 fast (AMX, AVX-512 BF16; activations rounded to bfloat16),
+    else in float32 up to the rows takes_dequant_linear allows; beyond, and on other devices, the layer is
+    dequantized for torch's GEMM.
     """
 
     name = "int8"
@@ -134,10 +129,7 @@ class Int8WeightOnly(LinearMethod):
         if ops is not None and self._kernel_group():
             if x.shape[0] <= integer_kernel_max_rows("int8"):
                 return ops.int8_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
-            if takes_bf16_panels(ops, x.shape[0]):
-                panels = ops.int8_bf16_panels(layer.qweight, layer.scales, layer.in_features, self.group_size)
-                return ops.packed_linear(x, panels, layer.out_features, layer.bias)
-            if takes_sliced_gemm(layer, x.shape[0]):
+            if takes_dequant_linear(ops, layer, x.shape[0]):
                 return ops.int8_dequant_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
             w = ops.int8_dequantize(layer.qweight, layer.scales, layer.in_features, self.group_size)
             return F.linear(x, w, layer.bias)
