@@ -160,7 +160,7 @@ static void filled_pass(const float* x, int64_t M, int64_t K, int64_t N, const P
     for (int64_t b = b0; b < b1; ++b)
       round_rows(x + b * 16 * K, std::clamp<int64_t>(M - b * 16, 0, 16), K, xb.data() + b * 16 * K, 16, K);
   });
-  const bool amx = products == AMX;
+  [[maybe_unused]] const bool amx = products == AMX;
   // Each thread owns a run of panel pairs: every weight is made into a panel once a pass.
   at::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
     thread_local std::vector<at::BFloat16> panels;

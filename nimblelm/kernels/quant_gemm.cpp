@@ -427,12 +427,9 @@ static void int8_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t kc, fl
   const int64_t b = n / 4 * 4, r = n % 4, step = std::min(w.group, QBLOCK);  // values sharing a scale and a unit
   const auto* q = reinterpret_cast<const int8_t*>(w.q) + b * w.K + r * w.t.q_row;
   const float* s = w.scales + b * w.groups + r * w.t.s_row;
-  // The group by counting, not dividing: a division by the runtime group size took as long as the rest.
-  int64_t g = k0 / w.group, left = w.group - k0 % w.group;
   for (int64_t k = k0; k < k0 + kc; k += step) {
     const int8_t* src = q + k / QBLOCK * w.t.q_unit + k % QBLOCK;
-    const float scale = s[g * w.t.s_group];
-    if ((left -= step) == 0) ++g, left = w.group;
+    const float scale = s[k / w.group * w.t.s_group];
     float* o = out + k - k0;
     int64_t i = 0;
 #if defined(__AVX512F__)
@@ -576,10 +573,8 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
 static void int4_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t kc, float* out) {
   const int64_t b = n / 4 * 4, r = n % 4;
   const uint8_t* q = w.q + b * w.K / 2 + r * w.t.q_row;
-  int64_t group = k0 / w.group, left = w.group - k0 % w.group;  // counted, as in int8_row
   for (int64_t k = k0; k < k0 + kc; k += QBLOCK) {
-    const int64_t byte = k / 2, g = b * w.groups + r * w.t.s_row + group * w.t.s_group;
-    if ((left -= QBLOCK) == 0) ++group, left = w.group;
+    const int64_t byte = k / 2, g = b * w.groups + r * w.t.s_row + k / w.group * w.t.s_group;
     const uint8_t* src = q + byte / QBLOCK * w.t.q_unit + byte % QBLOCK;
     const float scale = w.scales[g], minimum = w.mins ? w.mins[g] : -8.f * scale;
     float* o = out + k - k0;
@@ -709,7 +704,7 @@ static inline void transpose16(__m512i r[16]) {
 // int8_row / int4_row do (INT4 picks which), rounded to bfloat16 (to nearest even, as
 // pack_panels(dequantize().bfloat16()) holds them) and laid out in pairs: each row's 32 values of a step are
 // 16 pairs in one register, and 16 rows' registers transposed are the step's 16 pair rows of the panel.
-// Multiply and add round separately, as in int4_row (fp-contract off above).
+// Multiply and add round separately, as in int4_row (fp-contract off).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 template <bool INT4>
