@@ -62,11 +62,14 @@ def auto_cpu_dtype(stored: torch.dtype, simd: bool) -> torch.dtype:
 
 
 # int4 and int2 are stored packed in bytes; torch's packed quantized dtypes name them (layers/kivi.py).
-KV_CACHE_DTYPES = {"float16": torch.float16, "int8": torch.int8, "int4": torch.quint4x2, "int2": torch.quint2x4}
+KV_CACHE_DTYPES = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "int4": torch.quint4x2,
+    "int2": torch.quint2x4,
+}
 
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """How K/V are stored: auto = as the model computes them (dtype); float16 = rounded to float16 (half the
+    """How K/V are stored: auto = as the model computes them (dtype); float16 or bfloat16 = rounded to it (half the
     bytes of float32 for the decode attention to read); int8 = int8 with float32 scales; int4 and int2 = KIVI's
     keys per channel and values per token, the block being filled at full precision (layers/kivi.py)."""
     if name == "auto":

@@ -44,7 +44,7 @@ def int8_decode(ops, q, k_cache, v_cache, tables, lens, window):
     return out, dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32)
 
 
-@pytest.mark.parametrize("kv", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("window", [0, 5, 300])
 @pytest.mark.parametrize("dim", [16, 64, 72, 128])
 @pytest.mark.parametrize("only_longest", [False, True])
@@ -68,7 +68,7 @@ def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
 
 
-@pytest.mark.parametrize("kv", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("dim", [16, 64, 72])
 def test_paged_decode_received_adds_each_rows_softmax_weights_at_its_keys_slots(dim, kv):
     """H2O's pass: per row and KV head, the softmax weights over the row's keys summed over the head's query
@@ -95,6 +95,28 @@ def test_paged_decode_received_adds_each_rows_softmax_weights_at_its_keys_slots(
     assert torch.allclose(received, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(("dim", "block_size", "heads"), [(64, 16, 6), (32, 16, 8), (128, 16, 32), (64, 8, 6),
+                                                    (72, 16, 6), (64, 16, 34)])
+@pytest.mark.parametrize("window", [0, 5])
+def test_a_bfloat16_cache_decodes_on_each_product_path(bf16_products, dim, block_size, heads, window):
+    """A bfloat16 cache is widened to float, as float16's, except on AMX tiles, which score 16-key blocks of
+    head sizes that are multiples of 32, for at most 16 query heads a KV head, from the query (softmax scale
+    folded in) rounded to bfloat16: the oracle is SDPA over the widened cache with that query. Windows start
+    pages inside a block."""
+    ops = cpu_ops()
+    q, k_cache, v_cache, tables, lens = random_paged_cache(dim + block_size, dim, block_size=block_size, heads=heads)
+    k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
+    out = torch.empty_like(q)
+    ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
+    tiles = ops.bf16_products() == "amx" and block_size == 16 and dim % 32 == 0 and heads // 2 <= 16
+    scale = dim**-0.5
+    seen = (q * scale).bfloat16().float() / scale if tiles else q
+    k_cache, v_cache = k_cache.float(), v_cache.float()
+    assert torch.allclose(out, reference(seen, k_cache, v_cache, tables, lens, window), atol=1e-5)
+    if tiles:  # the rounded query shows: the tiles did score
+        assert not torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
+
+
 def shared_prefix_cache(seed, dim, block_size, heads=9, kv_heads=3):
     """Nineteen sequences: eleven behind one 600-token prefix (as many rows share a system prompt), three
     behind a 300-token one, five alone; contexts from one token past the prefix to several chunks past it,
@@ -115,19 +137,25 @@ def shared_prefix_cache(seed, dim, block_size, heads=9, kv_heads=3):
     return torch.randn(len(lens), heads, dim), k_cache, v_cache, tables, torch.tensor(lens)
 
 
-@pytest.mark.parametrize("kv", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize(("dim", "block_size"), [(64, 16), (32, 4), (128, 8), (64, 12)])
 def test_paged_decode_kernel_over_shared_prefixes_matches_sdpa(kv, dim, block_size):
-    """Rows whose tables share blocks attend to them together (one small GEMM per shared chunk)."""
+    """Rows whose tables share blocks attend to them together (one small GEMM per shared chunk). A bfloat16
+    cache on the float path: its tile scores round the query (above)."""
     ops = cpu_ops()
     q, k_cache, v_cache, tables, lens = shared_prefix_cache(dim + block_size, dim, block_size)
-    if kv == "int8":
-        out, k_cache, v_cache = int8_decode(ops, q, k_cache, v_cache, tables, lens, 0)
-    else:
-        k_cache, v_cache = k_cache.to(getattr(torch, kv)), v_cache.to(getattr(torch, kv))
-        out = torch.empty_like(q)
-        ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, 0)
-        k_cache, v_cache = k_cache.float(), v_cache.float()
+    before = ops.bf16_products()
+    ops.set_bf16_products("off")
+    try:
+        if kv == "int8":
+            out, k_cache, v_cache = int8_decode(ops, q, k_cache, v_cache, tables, lens, 0)
+        else:
+            k_cache, v_cache = k_cache.to(getattr(torch, kv)), v_cache.to(getattr(torch, kv))
+            out = torch.empty_like(q)
+            ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, 0)
+            k_cache, v_cache = k_cache.float(), v_cache.float()
+    finally:
+        ops.set_bf16_products(before)
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, 0), atol=1e-5)
 
 

@@ -39,7 +39,9 @@ def test_every_setting_on_a_tiny_model(tiny_qwen, tmp_path, capsys):
     assert all("float_kv_layers" not in r for name, r in rows.items() if name != "kv-int8")
     # A window of 32 tokens seals blocks 0 and 1: the low-bit caches are in the path, and hold less.
     assert rows["kv-int4"]["ppl"] != fp32["ppl"] and rows["kv-int2"]["ppl"] != rows["kv-int4"]["ppl"]
-    kv = [rows[name]["kv_bytes_per_token"] for name in ("fp32", "kv-int8", "kv-int4", "kv-int2")]
+    assert rows["kv-fp16"]["ppl"] != rows["kv-bf16"]["ppl"] != fp32["ppl"]
+    assert rows["kv-fp16"]["kv_bytes_per_token"] == rows["kv-bf16"]["kv_bytes_per_token"]
+    kv = [rows[name]["kv_bytes_per_token"] for name in ("fp32", "kv-fp16", "kv-int8", "kv-int4", "kv-int2")]
     assert kv == sorted(kv, reverse=True) and kv[0] == 2 * 2 * 2 * 16 * 4  # layers, K and V, KV heads, channels
     report = (tmp_path / "report.md").read_text()
     assert "KV cache int8: all 2 layers int8 (the probe's largest change: " in report

@@ -1,5 +1,6 @@
-"""The decode attention kernels by KV cache dtype: paged_decode_attention (float32, float16), its int8 variant and
-lowbit_decode_attention (int4, int2; layers/kivi.py), on a model's head shapes, `--rows` sequences of `--context`
+"""The decode attention kernels by KV cache dtype: paged_decode_attention (float32, float16, bfloat16: its scores on
+AMX tiles where bf16_products is "amx"), its int8 variant and lowbit_decode_attention (int4, int2; layers/kivi.py),
+on a model's head shapes, `--rows` sequences of `--context`
 positions each, one cache per decoder layer of the model so that the caches stream from memory as in a step;
 best of 5 passes. Prints ms per decoder layer and the cache bytes read per second.
 
@@ -21,7 +22,7 @@ MODELS = {  # decoder layers, query heads, KV heads, head_dim
     "qwen2.5-coder-0.5b": (24, 14, 2, 64),
 }
 BLOCK = 16
-DTYPES = ("float32", "float16", "int8", "int4", "int2")
+DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "int2")
 
 
 def layer_call(dtype: str, rows: int, context: int, heads: int, kv_heads: int, head_dim: int):
@@ -34,7 +35,7 @@ def layer_call(dtype: str, rows: int, context: int, heads: int, kv_heads: int, h
     q, scale = torch.randn(rows, heads, head_dim), head_dim**-0.5
     out = torch.empty_like(q)
     shape = (num_blocks, BLOCK, kv_heads, head_dim)
-    if dtype in ("float32", "float16"):
+    if dtype in ("float32", "float16", "bfloat16"):
         k, v = torch.randn(shape).to(getattr(torch, dtype)), torch.randn(shape).to(getattr(torch, dtype))
         return (lambda: ops.paged_decode_attention(out, q, k, v, tables, lens, scale, 0)), 2 * k.nbytes
     if dtype == "int8":

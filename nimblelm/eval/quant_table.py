@@ -44,6 +44,8 @@ SETTINGS = {s.name: s for s in (
     Setting("gptq-int4", "GPTQ int4 g{g}", method="gptq", bits=4),
     Setting("awq-int4", "AWQ int4 g{g}", method="awq", bits=4),
     Setting("smoothquant", "SmoothQuant W8A8", method="smoothquant", bits=8),
+    Setting("kv-fp16", "KV cache float16", {"kv_cache_dtype": "float16"}),
+    Setting("kv-bf16", "KV cache bfloat16", {"kv_cache_dtype": "bfloat16"}),
     Setting("kv-int8", "KV cache int8", {"kv_cache_dtype": "int8"}),
     Setting("kv-int4", "KV cache int4 (KIVI)", {"kv_cache_dtype": "int4"}),
     Setting("kv-int2", "KV cache int2 (KIVI)", {"kv_cache_dtype": "int2"}),

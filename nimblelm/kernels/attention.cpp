@@ -12,6 +12,7 @@
 #include "ops.h"
 #include "panel_tile.h"
 #include "simd.h"
+#include "tiles.h"
 
 // k and v of the new tokens are views into the fused qkv rows: each token's heads are contiguous, tokens strided.
 static void check_new_kv(const char* name, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
@@ -23,7 +24,7 @@ static void check_new_kv(const char* name, const at::Tensor& k, const at::Tensor
 }
 
 // k_cache[slot] = k and v_cache[slot] = v for each new token: one call instead of two index_copy_. A
-// float16 cache (kv_cache_dtype="float16") stores the rows rounded to nearest even, as torch's .half() does.
+// float16 or bfloat16 cache (kv_cache_dtype) stores the rows rounded to nearest even, as torch's .to() does.
 template <typename T>
 static void write_rows(T* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
@@ -33,8 +34,9 @@ void write_kv_cache_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::T
                      at::Tensor slots) {
   check_new_kv("write_kv_cache_", k, v, slots);
   const auto type = k_cache.scalar_type();
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && (type == at::kFloat || type == at::kHalf) &&
-              v_cache.scalar_type() == type, "write_kv_cache_: cache layout");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              (type == at::kFloat || type == at::kHalf || type == at::kBFloat16) && v_cache.scalar_type() == type,
+              "write_kv_cache_: cache layout");
   const int64_t row = k.size(1) * k.size(2), num_slots = k_cache.numel() / row;
   const auto slots_c = slots.contiguous();
   const int64_t* sp = slots_c.data_ptr<int64_t>();
@@ -46,9 +48,12 @@ void write_kv_cache_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k, at::T
     if (type == at::kFloat) {
       write_rows(k_cache.data_ptr<float>() + sp[t] * row, kp + t * ks, row);
       write_rows(v_cache.data_ptr<float>() + sp[t] * row, vp + t * vs, row);
-    } else {
+    } else if (type == at::kHalf) {
       write_rows(k_cache.data_ptr<at::Half>() + sp[t] * row, kp + t * ks, row);
       write_rows(v_cache.data_ptr<at::Half>() + sp[t] * row, vp + t * vs, row);
+    } else {
+      write_rows(k_cache.data_ptr<at::BFloat16>() + sp[t] * row, kp + t * ks, row);
+      write_rows(v_cache.data_ptr<at::BFloat16>() + sp[t] * row, vp + t * vs, row);
     }
   }
 }
@@ -93,12 +98,21 @@ void write_kv_cache_int8_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor k_s
   }
 }
 
-// Cached K/V rows are float32, float16 (kv_cache_dtype="float16"), or int8 (kv_cache_dtype="int8") with a
-// float32 scale per row. float16 and int8 rows are widened to float in registers: the kernel reads a half
-// or a quarter of the bytes and computes in float.
+// Cached K/V rows are float32, float16 or bfloat16 (kv_cache_dtype), or int8 (kv_cache_dtype="int8") with a
+// float32 scale per row. 16-bit and int8 rows are widened to float in registers: the kernel reads a half
+// or a quarter of the bytes and computes in float (a bfloat16's bits are the top half of its float).
 #ifdef HAVE_FVEC
 static inline fvec vload_kv(const float* p) { return vloadu(p); }
 static inline fvec vload_kv(const c10::Half* p) { return vload_w(p); }
+static inline fvec vload_kv(const c10::BFloat16* p) {
+#if defined(__AVX512F__)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#else
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#endif
+}
 static inline fvec vload_kv(const int8_t* p) {
 #if defined(__AVX512F__)
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -248,6 +262,51 @@ static void weighted_run(const float* p, int64_t ldp, int64_t G, const T* v, int
       for (int64_t d = 0; d < D; ++d) o[g * D + d] += p[g * ldp + t] * float(v[t * ld + d]);
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// A bfloat16 cache's scores on AMX tiles (where bf16_products is "amx"): 16 keys x 32 channels of one KV head
+// as the cache stores them (A) times the group's query heads in channel pairs (B) is 16 keys x G scores,
+// with none of the lane sums the float path needs. The query is rounded to bfloat16, as vLLM's bfloat16
+// attention rounds it; the sums stay float32. 32 sequences of 512 positions, 30 layers' caches in turn (Xeon
+// with AMX, 2 threads, 2026-12-06, benchmarks/scripts/decode_attention.py): SmolLM2's heads 0.85-0.89 ms a
+// layer against 0.95-1.02 for float16, Qwen2.5-Coder-0.5B's 0.64-0.72 against 1.00. The weighted values stay
+// on the float path: VDPBF16PS on value pairs interleaved channel by channel measured no faster there.
+static inline uint16_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+
+// One KV head's G query heads (scale folded in), [G, D] floats -> [D / 2, G] pairs of bfloat16: tile B.
+static void query_pairs(const float* q, int64_t G, int64_t D, uint32_t* pairs) {
+  for (int64_t r = 0; r < D / 2; ++r)
+    for (int64_t g = 0; g < G; ++g)
+      pairs[r * G + g] = bf16_bits(q[g * D + 2 * r]) | uint32_t(bf16_bits(q[g * D + 2 * r + 1])) << 16;
+}
+
+// Tile 0: 16 keys x 32 channels (A), 1: 16 channel pairs x G query heads (B), 2: 16 x G scores (C).
+static void configure_score_tiles(int64_t G) {
+  TileConfig config;
+  config.rows[0] = config.rows[1] = config.rows[2] = 16;
+  config.colsb[0] = 64;
+  config.colsb[1] = config.colsb[2] = uint16_t(G * 4);
+  _tile_loadconfig(&config);
+}
+
+// s[g * lds + i] = q_g . key off + i for the m keys of a page that starts off keys into its 16-key block
+// (block: the block's first key of this KV head, ld values apart). The whole block is multiplied, as loaded:
+// rows outside the page are never read back.
+static void tile_scores(const c10::BFloat16* block, int64_t ld, int64_t off, int64_t m, const uint32_t* pairs,
+                        int64_t G, int64_t D, float* s, int64_t lds) {
+  alignas(64) float c[16 * 16];
+  _tile_zero(2);
+  for (int64_t d = 0; d < D; d += 32) {
+    _tile_loadd(0, block + d, ld * 2);
+    _tile_loadd(1, pairs + d / 2 * G, G * 4);
+    _tile_dpbf16ps(2, 0, 1);
+  }
+  _tile_stored(2, c, G * 4);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < m; ++i) s[g * lds + i] = c[(off + i) * G + g];
+}
+#define HAVE_TILE_SCORES 1
+#endif
+
 // count values from p on their way to L2 (every CPU kind: the compiler's builtin, not an intrinsic). Into L1
 // (locality 3) they pushed out the page being computed: 30 layers' float16 caches among SmolLM2-sized int4
 // linears, 2 threads, EPYC Zen 4 (2026-12-05), 32 sequences of 150 positions took 7.5 ms against 13.2, one
@@ -264,10 +323,12 @@ static inline void prefetch(const T* p, int64_t count) {
 // then V, each row widened once for the G query heads that read it, and the next page is prefetched.
 // 32 sequences of 60-180 positions (SmolLM2's heads, float16 cache, 30 layers' caches in turn, 2 threads,
 // Xeon, 2026-12-04): 190 us a layer against 265 scoring one query head per row load without prefetch.
+// tiles: a bfloat16 cache of 16-key blocks, scored on AMX tiles (tile_scores; pairs: scratch for its query).
 template <typename T>
 static void row_item(const float* q, const T* kp, const T* vp, const float* k_scales, const float* v_scales,
                      const int64_t* table, int64_t bs, int64_t KVH, int64_t G, int64_t D, int64_t begin, int64_t n,
-                     std::vector<float>& s, float* m_out, float* l_out, float* o_out) {
+                     bool tiles, std::vector<float>& s, std::vector<uint32_t>& pairs, float* m_out, float* l_out,
+                     float* o_out) {
   const int64_t H = KVH * G, row = KVH * D;
   s.resize(H * n);
   // f(first key, its slot, keys) for the item's keys on each page in turn; with a cache, the next page's
@@ -283,11 +344,26 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
       f(t, table[pos / bs] * bs + pos % bs, m);
     }
   };
-  each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
-    for (int64_t h = 0; h < KVH; ++h)
-      scores_run(q + h * G * D, G, D, kp + slot * row + h * D, row, m, k_scales ? k_scales + slot * KVH + h : nullptr,
-                 KVH, s.data() + h * G * n + t, n);
-  });
+#ifdef HAVE_TILE_SCORES
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (tiles) {
+      pairs.resize(KVH * D / 2 * G);
+      for (int64_t h = 0; h < KVH; ++h) query_pairs(q + h * G * D, G, D, pairs.data() + h * D / 2 * G);
+      each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
+        for (int64_t h = 0; h < KVH; ++h)
+          tile_scores(kp + (slot - slot % 16) * row + h * D, row, slot % 16, m, pairs.data() + h * D / 2 * G, G, D,
+                      s.data() + h * G * n + t, n);
+      });
+    }
+  }
+#endif
+  if (!tiles) {
+    each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
+      for (int64_t h = 0; h < KVH; ++h)
+        scores_run(q + h * G * D, G, D, kp + slot * row + h * D, row, m,
+                   k_scales ? k_scales + slot * KVH + h : nullptr, KVH, s.data() + h * G * n + t, n);
+    });
+  }
   for (int64_t h = 0; h < H; ++h) {
     float* sh = s.data() + h * n;
     m_out[h] = scale_max_(sh, n, 1.f);
@@ -483,9 +559,20 @@ static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
   std::vector<float> part_max(slots * KVH * G, -INFINITY), part_sum(slots * KVH * G, 0.f);
   std::vector<float> part_out(slots * KVH * G * D, 0.f);
 
+  // A bfloat16 cache's scores on AMX tiles: whole 16-key blocks, at most 16 query heads a KV head.
+  bool tiles = false;
+#ifdef HAVE_TILE_SCORES
+  tiles = std::is_same_v<T, c10::BFloat16> && D % 32 == 0 && bs == 16 && G <= 16 && bf16_products() == "amx";
+#endif
+
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> scores, scaled_q(H * D), k_row_scales, v_row_scales;
+#ifdef HAVE_TILE_SCORES
+    if (tiles) configure_score_tiles(G);
+#endif
+    std::vector<float> scores;
+    std::vector<uint32_t> pairs;
+    std::vector<float> scaled_q(H * D), k_row_scales, v_row_scales;
     std::vector<const T*> k_rows, v_rows;
     SharedScratch shared;
     std::vector<const float*> queries;
@@ -497,8 +584,8 @@ static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
         const float* qb = qp + b * H * D;
         for (int64_t i = 0; i < H * D; ++i) scaled_q[i] = qb[i] * float(scale);
         const int64_t slot = item.first * H;
-        row_item(scaled_q.data(), kp, vp, k_scales, v_scales, bt + b * max_blocks, bs, KVH, G, D, begin, n, scores,
-                 part_max.data() + slot, part_sum.data() + slot, part_out.data() + slot * D);
+        row_item(scaled_q.data(), kp, vp, k_scales, v_scales, bt + b * max_blocks, bs, KVH, G, D, begin, n, tiles,
+                 scores, pairs, part_max.data() + slot, part_sum.data() + slot, part_out.data() + slot * D);
         continue;
       }
       k_rows.resize(n);
@@ -535,6 +622,9 @@ static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
                      l_out.data(), o_out.data());
       }
     }
+#ifdef HAVE_TILE_SCORES
+    if (tiles) _tile_release();
+#endif
   });
 
   std::vector<std::vector<int64_t>> slots_of(B);
@@ -562,12 +652,15 @@ static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
 void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                             at::Tensor block_tables, at::Tensor context_lens, double scale, int64_t window) {
   const auto type = k_cache.scalar_type();
-  TORCH_CHECK((type == at::kFloat || type == at::kHalf) && v_cache.scalar_type() == type,
-              "paged_decode_attention: float32 or float16 cache");
+  TORCH_CHECK((type == at::kFloat || type == at::kHalf || type == at::kBFloat16) && v_cache.scalar_type() == type,
+              "paged_decode_attention: float32, float16 or bfloat16 cache");
   if (type == at::kFloat)
     decode_attention<float>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale, window);
-  else
+  else if (type == at::kHalf)
     decode_attention<at::Half>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale, window);
+  else
+    decode_attention<at::BFloat16>(out, q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, scale,
+                                   window);
 }
 
 void paged_decode_attention_int8(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
@@ -642,8 +735,10 @@ void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cach
     decode_received<int8_t>(received, q, k_cache, k_scales->data_ptr<float>(), block_tables, context_lens, scale);
   } else if (type == at::kFloat) {
     decode_received<float>(received, q, k_cache, nullptr, block_tables, context_lens, scale);
+  } else if (type == at::kBFloat16) {
+    decode_received<at::BFloat16>(received, q, k_cache, nullptr, block_tables, context_lens, scale);
   } else {
-    TORCH_CHECK(type == at::kHalf, "paged_decode_received_: float32, float16 or int8 cache");
+    TORCH_CHECK(type == at::kHalf, "paged_decode_received_: float32, float16, bfloat16 or int8 cache");
     decode_received<at::Half>(received, q, k_cache, nullptr, block_tables, context_lens, scale);
   }
 }

@@ -17,6 +17,7 @@
 
 #include "ops.h"
 #include "panel_tile.h"
+#include "tiles.h"
 
 // Which products serve, and from how many rows. Tiles from 8 rows (half a tile) beat the panel kernel's
 // float32 FMAs on SmolLM2's layers: 337 against 258 GFLOP/s at 8 rows, 668 against 297 at 16, 1549
@@ -69,12 +70,6 @@ static bool amx_permitted() {
   static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   return ok;
 }
-
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Tiles 0-3: float32 accumulators (rows 0-15 and 16-31, by panels p and p + 1); 4-5: activations; 6-7: panels.
 static void configure_tiles() {

@@ -4,7 +4,7 @@ A step's tokens arrive flat: first the decode sequences (one query token each), 
 chunks, each a run of consecutive query tokens. Decodes are attended in one batched call over their
 gathered pages; each prefill chunk gets its own causal call, since chunks differ in length.
 
-A layer's cache holds K/V in the model's dtype, in float16 (kv_cache_dtype="float16"), or as int8 with one
+A layer's cache holds K/V in the model's dtype, in float16 or bfloat16 (kv_cache_dtype), or as int8 with one
 float32 scale per token and KV head (kv_cache_dtype="int8"): new K/V are rounded as they are written,
 decodes read the stored values in the C++ kernel, and prefill chunks attend to their pages widened back
 to the model's dtype. An int8 cache may keep some layers in the model's dtype (quantization/kv_int8.py);
