@@ -33,9 +33,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default="auto",
-                   help="auto (the model's dtype), float16 or bfloat16 (2x float32's blocks; a bfloat16 cache's "
-                        "decode scores on AMX tiles where the CPU has them), int8 (per-token, per-head "
-                        "scales; ~3.8x float32's blocks), int4 or int2 (KIVI: keys per channel, values per token)")
+                   help="auto (the model's dtype: a bfloat16 model's cache is bfloat16), float32, float16 or bfloat16 (2x "
+                        "float32's blocks; a bfloat16 cache's decode scores on AMX tiles where the CPU has them), "
+                        "int8 (per-token, per-head scales; ~3.8x float32's blocks), int4 or int2 (KIVI: keys per "
+                        "channel, values per token)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
     g.add_argument("--quantization", default=None,

@@ -63,13 +63,14 @@ def auto_cpu_dtype(stored: torch.dtype, simd: bool) -> torch.dtype:
 
 # int4 and int2 are stored packed in bytes; torch's packed quantized dtypes name them (layers/kivi.py).
 KV_CACHE_DTYPES = {
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "int4": torch.quint4x2,
-    "int2": torch.quint2x4,
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+    "int4": torch.quint4x2, "int2": torch.quint2x4,
 }
 
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """How K/V are stored: auto = as the model computes them (dtype); float16 or bfloat16 = rounded to it (half the
+    """How K/V are stored: auto = in the model's dtype (a 16-bit one also where the CPU kernels compute in float32,
+    as vLLM's auto keeps a bfloat16 model's cache in bfloat16); float32; float16 or bfloat16 = rounded to it (half the
     bytes of float32 for the decode attention to read); int8 = int8 with float32 scales; int4 and int2 = KIVI's
     keys per channel and values per token, the block being filled at full precision (layers/kivi.py)."""
     if name == "auto":

@@ -27,8 +27,8 @@ def _parse(argv: list[str]):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["latency", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype must be one of auto, float16, int8, int4, int2"),
-    (["throughput", "--kv-cache-dtype", "int3"], "--kv-cache-dtype must be one of auto, float16, int8, int4, int2"),
+    (["latency", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype must be one of auto, float32, float16, bfloat16, int8, int4, int2"),
+    (["throughput", "--kv-cache-dtype", "int3"], "--kv-cache-dtype must be one of auto, float32, float16, bfloat16, int8, int4, int2"),
     (["latency", "--quantization", "int3"], "unknown quantization 'int3'"),  # the engine's own message
 ])
 def test_bad_precision_options_raise_one_line(argv, message):

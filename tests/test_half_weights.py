@@ -81,17 +81,18 @@ def rounded_qwen(request, tiny_qwen, tmp_path_factory):
 
 def test_16_bit_dtypes_on_the_cpu_kernels_store_weights_in_16_bits_and_compute_in_float32(rounded_qwen,
                                                                                           bf16_products):
-    """With bfloat16 products off: float32 arithmetic throughout (test_bf16_product_steps_... for them)."""
+    """With bfloat16 products off: float32 arithmetic throughout, the KV cache in the 16-bit type (auto, as vLLM's)
+    (test_bf16_product_steps_... for the products). The oracle: float32 weights over the same cache."""
     dtype, folder = rounded_qwen
     if bf16_products:
         pytest.skip("bfloat16 products round activations: test_bf16_product_steps_multiply_bfloat16_activations")
     llm = LLM(str(folder), dtype=dtype, max_model_len=128)
     engine = llm.llm_engine
-    assert engine.dtype == torch.float32 and engine.kv_dtype == torch.float32
+    assert engine.dtype == torch.float32 and engine.kv_dtype == getattr(torch, dtype)
     layers = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
     assert layers and all(isinstance(m.method, HalfWeights) for m in layers)
     assert {m.panels.dtype for m in layers} == {getattr(torch, dtype)}
-    reference = LLM(str(folder), dtype="float32", max_model_len=128)
+    reference = LLM(str(folder), dtype="float32", max_model_len=128, kv_cache_dtype=dtype)
     outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     for out, ref in zip(outs, reference.generate(PROMPTS, PARAMS, use_tqdm=False)):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
@@ -106,16 +107,18 @@ def test_bf16_product_steps_multiply_bfloat16_activations(rounded_qwen, bf16_pro
     prompts) multiply bfloat16 weights by activations rounded to bfloat16, and nothing else changes.
     Oracle: the same engine with the products off, rounding the activations of those steps before its
     float32 panel kernel (the products of two bfloat16 values are exact in float32; the sums differ in
-    order alone)."""
+    order alone). Both keep a float32 cache: a bfloat16 one would turn those last-bit differences into whole
+    bfloat16 steps where a value lies near a rounding boundary."""
     dtype, folder = rounded_qwen
     if dtype != "bfloat16" or not bf16_products:
         pytest.skip("bfloat16 products serve bfloat16 weights, where the machine has them")
-    outs = LLM(str(folder), dtype=dtype, max_model_len=128).generate(PROMPTS, PARAMS, use_tqdm=False)
+    options = {"dtype": dtype, "max_model_len": 128, "kv_cache_dtype": "float32"}
+    outs = LLM(str(folder), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
     cpu_ops().set_bf16_products("off")
     apply = HalfWeights.apply
     monkeypatch.setattr(HalfWeights, "apply", lambda self, layer, x: apply(
         self, layer, x.bfloat16().float() if len(x) >= bf16_products else x))
-    reference = LLM(str(folder), dtype=dtype, max_model_len=128).generate(PROMPTS, PARAMS, use_tqdm=False)
+    reference = LLM(str(folder), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
     for out, ref in zip(outs, reference):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         for top, ref_top in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
@@ -125,13 +128,15 @@ def test_bf16_product_steps_multiply_bfloat16_activations(rounded_qwen, bf16_pro
 
 
 def test_a_16_bit_dtype_with_quantized_weights_runs_the_float32_kernels(tiny_qwen):
-    """Quantized layers keep their format: the 16-bit dtype only sets the compute to float32, so the run is
-    the float32 one's, kernels and all, rather than torch's slow 16-bit path."""
+    """Quantized layers keep their format: the 16-bit dtype only sets the compute to float32 (and the cache
+    to bfloat16), so the run is the float32 one's over that cache, kernels and all, rather than torch's slow
+    16-bit path."""
     if cpu_ops() is None:
         pytest.skip("the C++ kernels did not build here")
     llm = LLM(str(tiny_qwen), dtype="bfloat16", quantization="int8", max_model_len=128)
     assert llm.llm_engine.dtype == torch.float32 and llm.llm_engine.runner.capture is not None
-    reference = LLM(str(tiny_qwen), dtype="float32", quantization="int8", max_model_len=128)
+    assert llm.llm_engine.kv_dtype == torch.bfloat16
+    reference = LLM(str(tiny_qwen), dtype="float32", quantization="int8", max_model_len=128, kv_cache_dtype="bfloat16")
     outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     for out, ref in zip(outs, reference.generate(PROMPTS, PARAMS, use_tqdm=False)):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids

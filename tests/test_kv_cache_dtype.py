@@ -210,12 +210,12 @@ def test_rounded_kv_holds_more_blocks_in_the_same_memory(tiny_qwen):
 
 
 def test_bad_kv_cache_dtype_is_one_clear_error(tiny_qwen):
-    with pytest.raises(InvalidRequestError, match="unknown kv_cache_dtype 'fp8': use auto, float16, bfloat16, int8, int4, int2"):
+    with pytest.raises(InvalidRequestError, match="unknown kv_cache_dtype 'fp8': use auto, float32, float16, bfloat16, int8, int4, int2"):
         LLM(str(tiny_qwen), dtype="float32", kv_cache_dtype="fp8")
     result = subprocess.run([sys.executable, "-m", "nimblelm", "generate", "--model", str(tiny_qwen),
                              "--kv-cache-dtype", "int3", "hi"], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: unknown kv_cache_dtype 'int3': use auto, float16, bfloat16, int8, int4, int2"]
+    assert result.stderr.strip().splitlines() == ["error: unknown kv_cache_dtype 'int3': use auto, float32, float16, bfloat16, int8, int4, int2"]
 
 
 def test_eval_ppl_scores_through_the_int8_cache(tiny_llama, capsys):

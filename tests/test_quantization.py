@@ -114,8 +114,8 @@ def test_bfloat16_products_are_asked_for_only_above_the_decode_step_traces(monke
 def test_int8_engine_is_smaller_and_close_to_fp32(tiny_qwen):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = ["Hello world", "The quick brown fox", "1 2 3 4"]
-    fp32 = LLM(str(tiny_qwen), max_model_len=128)
-    int8 = LLM(str(tiny_qwen), max_model_len=128, quantization="int8")
+    fp32 = LLM(str(tiny_qwen), dtype="float32", max_model_len=128)
+    int8 = LLM(str(tiny_qwen), dtype="float32", max_model_len=128, quantization="int8")
     assert int8.weights_nbytes < 0.75 * fp32.weights_nbytes
     ref = fp32.generate(prompts, params, use_tqdm=False)
     out = int8.generate(prompts, params, use_tqdm=False)

@@ -21,7 +21,7 @@ from nimblelm.errors import InvalidRequestError
 BACKEND_NAMES = ("nimblelm", "nimblelm-nocache", "transformers", "llama.cpp", "vllm")
 _ALIASES = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
 DTYPES = ("float32", "float16", "bfloat16")
-KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "int4", "int2")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8", "int4", "int2")
 
 
 class BackendUnavailable(Exception):

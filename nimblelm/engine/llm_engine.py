@@ -113,14 +113,15 @@ class LLMEngine:
                         f"({kinds}) sharing no integer format")
             warnings.warn(f"nimblelm: {fallback}", stacklevel=3)
             weights += f" ({fallback})"
+        kv_auto = self.dtype  # vLLM's auto: K/V in the model's dtype
         if self.dtype in HALF_WEIGHTS and kernels:
             # The CPU kernels compute in float32: a 16-bit dtype here means 16-bit storage for the linear
-            # weights that stay in float (widened in registers: half of float32's bytes per decode step),
-            # with float32 activations and KV cache; quantized layers keep their own format.
+            # weights that stay in float (widened in registers: half of float32's bytes per decode step) and
+            # for the KV cache (auto), with float32 activations; quantized layers keep their own format.
             if config.quantization in (None, "none", GGUF_DIRECT):
                 method = formats.linear_method(HALF_WEIGHTS[self.dtype])
             self.dtype = torch.float32
-        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, kv_auto)
         # What the engine chose, in words, for the server's start line (dtype="auto" decides it here).
         compute = f"{_name(self.dtype)} compute"
         if getattr(method, "name", None) == "bf16" and bf16_products_in_words():
