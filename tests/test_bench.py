@@ -472,6 +472,7 @@ def test_latency_and_throughput_smoke_on_a_tiny_model(tiny_ctx, tmp_path, monkey
                                                              "warmup": 1, "dataset": "random", "seed": 0},
            "machine": machine.machine_info(tiny_ctx.threads), **thr}
     assert "| nimblelm | 4 | 4 |" in report.to_markdown(rep)
+    assert thr["backends"]["nimblelm"]["info"]["kv_cache_type"] == tiny_ctx.dtype  # what auto became
 
 
 # ------------------------------------------------------------------------------ the real packaged model

@@ -256,9 +256,14 @@ class NimbleLMBackend(Backend):
                        enable_prefix_caching=self.prefix_caching)
 
     def info(self) -> dict:
-        return {"weights": nimblelm_weights(self.ctx), "quantization": self.ctx.quantization or "none",
+        info = {"weights": nimblelm_weights(self.ctx), "quantization": self.ctx.quantization or "none",
                 "kv_cache_dtype": self.ctx.kv_cache_dtype, "prefix_caching": self.prefix_caching,
                 "weights_nbytes": self.weights_nbytes(), "token_nbytes": self.token_nbytes()}
+        if self.llm is not None:  # what auto became
+            from nimblelm.platform import KV_CACHE_DTYPES
+
+            info["kv_cache_type"] = {v: k for k, v in KV_CACHE_DTYPES.items()}[self.llm.llm_engine.kv_dtype]
+        return info
 
     def _cache_counters(self) -> tuple[int, int]:
         stats = self.llm.llm_engine.stats()

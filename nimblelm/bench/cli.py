@@ -64,8 +64,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         ".gguf's own (the name goes to LLM(quantization=...)); peers without matching integer "
                         "kernels are skipped")
     p.add_argument("--kv-cache-dtype", default="auto",
-                   help="nimblelm's KV cache: auto (the model's dtype, default), float16 or int8; llama.cpp gets q8_0 "
-                        "K/V for int8, its default f16 otherwise")
+                   help="nimblelm's KV cache: auto (the model's dtype, default; bfloat16 for --dtype bfloat16), "
+                        "float32, float16, bfloat16, int8, int4 or int2; llama.cpp gets q8_0 K/V for int8, its "
+                        "default f16 otherwise")
     p.add_argument("--llamacpp-gguf", default="auto", choices=("auto", "f32", "f16", "q8_0", "q4_0", "q4_1", "source"),
                    help="GGUF given to llama.cpp, written from the same weights: auto = nimblelm's precision "
                         "(int8 -> q8_0, int4 -> q4_0, none -> f32 for float32, f16 otherwise); "
