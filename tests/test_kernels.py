@@ -54,11 +54,12 @@ def test_packed_linear_matches_f_linear(ops, rows, n, k, bias, weights):
         ops.set_bf16_products(products)
 
 
-@pytest.mark.parametrize("rows", [3, 4, 7, 8, 12, 13, 15, 16, 17, 33, 150])
+@pytest.mark.parametrize("rows", [3, 4, 7, 8, 12, 13, 15, 16, 17, 33, 150, 300])
 @pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200), (40, 2100)])
 def test_bf16_products_multiply_bfloat16_activations_by_the_weights(ops, bf16_products, rows, n, k):
     # Row counts around the fewest the products take (4 dot products, 8 tiles), the 12-row dot tile and
-    # one and two 16-row AMX tiles with their tails, and the shapes above: partial panels, an odd panel
+    # one and two 16-row AMX tiles with their tails, two AMX row blocks (300 > 256) whose second ends in a
+    # 16-row tile, and the shapes above: partial panels, an odd panel
     # count (one panel left over from the pairs), K not a multiple of the tile's 32 or of a pair. The
     # products round the activations to bfloat16 first; the products of two bfloat16 values are exact in
     # float32, so the oracle is F.linear on the rounded activations.
