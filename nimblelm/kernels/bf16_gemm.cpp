@@ -124,8 +124,8 @@ constexpr int64_t AMX_ROW_BLOCK = 256;
 static void amx_tiles(const float* x, const at::BFloat16* panels, float* y, int64_t M, int64_t K, int64_t Kp,
                       int64_t N) {
   const int64_t Mp = (M + 15) / 16 * 16, P = (N + 15) / 16;
-  // Each thread owns a run of panel pairs and runs every row block against it: the weights stream once (from
-  // memory once, then from L2 and L3 for each further AMX_ROW_BLOCK rows).
+  // Each thread owns a run of panel pairs and runs every row block against it: the weights stream once per
+  // AMX_ROW_BLOCK rows (a layer larger than L3 from memory each time, which 256 rows of tile products outlast).
   at::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
     const at::BFloat16* xb = rounded(x, M, K, Mp, Kp);
     configure_tiles();
