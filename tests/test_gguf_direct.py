@@ -157,6 +157,8 @@ def test_direct_layers_hold_exactly_the_dequantized_weights(mixed_gguf):
             kinds[name] = module.method.name
             if module.method.name == "none":
                 continue
+            # Q8_0, Q5_0, Q4_0 and Q4_1 scale blocks by float16 values: the layer keeps them so (2 bytes a group)
+            assert module.scales.dtype == torch.float16, name
             t = module.method.stored(module)
             w = dequantize_int8(t["qweight"], t["scales"]) if module.method.name == "int8" else dequantize_int4(**t)
             reference = fp32.get_submodule(name) if name != "embed_tokens" else None

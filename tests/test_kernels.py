@@ -291,6 +291,46 @@ def test_dequant_linears_multiply_the_dequantized_weights(ops, bf16_products, ro
                   ops.int4_dequantize(t["qweight"], t["scales"], t["mins"], k, 32))
 
 
+@pytest.mark.parametrize("rows", [1, 5, 33, 200])
+@pytest.mark.parametrize(("n", "k"), [(12, 128), (13, 96)])
+def test_float16_scales_give_the_bits_of_the_same_values_in_float32(ops, bf16_products, rows, n, k):
+    # Layers keep their scales (and int4 minimums) in float16 where those are float16 values; every kernel
+    # widens them exactly, so its output is the float32 scales' to the bit: the integer kernels, the
+    # dequantizing linear (bfloat16 panels past bf16_products' rows) and the dequantize ops, in rows and tiles,
+    # int8 groups of 16 / 32, int4 with and without minimums, K with pairs of blocks (128) and without (96).
+    torch.manual_seed(rows + n + k)
+    x = torch.randn(rows, k)
+
+    def half_values(shape):
+        return (torch.randn(shape) * 0.05).half().float()
+
+    def same_bits(run, plain):
+        wide = tiles.tile(plain)  # the plain tensors where the shape does not tile
+        half = {key: t if key == "qweight" or t is None else t.half() for key, t in wide.items()}
+        assert torch.equal(run(**half), run(**wide))
+
+    for group in (16, 32):
+        plain = {"qweight": torch.randint(-127, 128, (n, k), dtype=torch.int8), "scales": half_values((n, k // group))}
+        same_bits(lambda qweight, scales, g=group: ops.int8_linear(x, qweight, scales, None, g), plain)
+        same_bits(lambda qweight, scales, g=group: ops.int8_dequant_linear(x, qweight, scales, None, g), plain)
+        same_bits(lambda qweight, scales, g=group: ops.int8_dequantize(qweight, scales, k, g), plain)
+    for mins in (half_values((n, k // 32)), None):
+        plain = {"qweight": _pack_int4_reference(torch.randint(0, 16, (n, k))), "scales": half_values((n, k // 32)),
+                 "mins": mins}
+        same_bits(lambda qweight, scales, mins: ops.int4_linear(x, qweight, scales, mins, None, 32), plain)
+        same_bits(lambda qweight, scales, mins: ops.int4_dequant_linear(x, qweight, scales, mins, None, 32), plain)
+        same_bits(lambda qweight, scales, mins: ops.int4_dequantize(qweight, scales, mins, k, 32), plain)
+
+
+def test_scales_of_another_type_are_refused(ops):
+    q, x = _pack_int4_reference(torch.randint(0, 16, (8, 64))), torch.randn(2, 64)
+    scales = torch.rand(8, 2)
+    with pytest.raises(RuntimeError, match="both of one type"):
+        ops.int4_linear(x, q, scales.half(), scales, None, 32)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        ops.int8_linear(x, torch.zeros(8, 64, dtype=torch.int8), scales.bfloat16(), None, 32)
+
+
 @pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 16), (12, 96, 32), (40, 128, 64), (6, 64, 32)])
 def test_int8_linear_in_row_tiles_gives_the_sums_of_rows(ops, n, k, group):
     torch.manual_seed(n * k)

@@ -77,6 +77,53 @@ def test_int4_rejects_bad_group_sizes():
         quantize_int4(torch.randn(4, 96), 64)
 
 
+@pytest.mark.parametrize(("method", "half"), [(Int8WeightOnly(group_size=32), True), (Int8WeightOnly(group_size=16), True),
+                                            (Int4WeightOnly(group_size=32), True),
+                                            (Int4WeightOnly(group_size=64, symmetric=False), False)],
+                         ids=["int8-g32", "int8-g16", "int4-symmetric", "int4-zero-point"])
+def test_rtn_layers_keep_float16_scales_where_they_are_float16_values(method, half):
+    # RTN rounds scales to float16 before it rounds the weights (as llama.cpp's Q8_0 and Q4_0): the layer keeps
+    # them in 2 bytes. A zero point's minimum (-scale * zero) is not a float16 value: those layers keep float32.
+    # Either way stored() gives float32 (saved folders), the values the layer multiplies by.
+    torch.manual_seed(4)
+    w = torch.randn(12, 128) * torch.logspace(-4, 1, 12)[:, None]  # scales from float16's subnormals up
+    layer = linear_of(w, method)
+    kept = [t for t in (layer.scales, getattr(layer, "mins", None)) if t is not None]
+    assert all(t.dtype == (torch.float16 if half else torch.float32) for t in kept)
+    stored = layer.method.stored(layer)
+    assert all(t.dtype == torch.float32 for key, t in stored.items() if key != "qweight")
+    assert torch.equal(tiles.untile(layer, "scales").float(), stored["scales"])
+    deq = (dequantize_int8 if method.name == "int8" else dequantize_int4)(*stored.values())
+    step = stored["scales"].abs().repeat_interleave(method.group_size, dim=1)
+    assert ((deq - w).abs() <= step * (1.0 if method.name == "int4" else 0.5) + 1e-7).all()
+
+
+def test_scale_storage_keeps_float32_unless_every_value_is_a_float16_one():
+    halves = torch.tensor([[0.5, 2**-20, -3.25]])
+    assert int8.scale_storage(halves)[0].dtype == torch.float16
+    # GGUF's K-quants: a float16 super-block scale times a 6-bit sub-scale has up to 17 significant bits.
+    products = torch.tensor([[float(torch.tensor(0.1).half()) * 63, 0.5]])
+    scales, mins = int8.scale_storage(products, halves[:, :2])
+    assert scales.dtype == mins.dtype == torch.float32 and torch.equal(scales, products)
+    # A scale past float16's range stays float32 rather than overflow.
+    assert torch.equal(int8.half_rounded(torch.tensor([1e5, 0.1])), torch.tensor([1e5, 0.1]))
+    # Rounded away from zero: no weight falls off the grid.
+    scales = torch.tensor([0.1, -0.1, 1e-6, -1e-6, 0.0, 0.5])
+    rounded = int8.half_rounded(scales)
+    assert torch.equal(rounded.half().float(), rounded) and (rounded.abs() >= scales.abs()).all()
+    assert ((rounded - scales).abs() <= scales.abs() * 2**-10 + 2**-24).all() and rounded[-1] == 0.5
+
+
+def test_a_group_of_zeros_quantizes_to_zeros():
+    w = torch.zeros(4, 64)
+    w[:, 32:] = torch.randn(4, 32)
+    for symmetric in (True, False):
+        q, scales, mins = quantize_int4(w, 32, symmetric)
+        assert torch.equal(dequantize_int4(pack_int4(q), scales, mins)[:, :32], w[:, :32])
+    q, scales = quantize_int8(w, 32)
+    assert torch.equal(dequantize_int8(q, scales)[:, :32], w[:, :32])
+
+
 LIMITS_4 = (int8.integer_kernel_max_rows("int4"), int8.SLICED_SMALL_MAX_ROWS, int8.SLICED_MAX_ROWS)
 
 

@@ -7,6 +7,10 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "ops.h"
 #include "panel_tile.h"
 #include "simd.h"
@@ -18,7 +22,7 @@ static const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N, c
   return bias->data_ptr<float>();
 }
 
-// int8_linear: y = x @ (q * scales).T (+ bias) for int8 weights q [N, K] with one float32 scale per
+// int8_linear: y = x @ (q * scales).T (+ bias) for int8 weights q [N, K] with one scale per
 // group of `group` input channels (scales [N, K / group], group 16 or a multiple of 32). Each activation row
 // is quantized on the fly to int8 per block of 32 values (one float32 scale per block, as llama.cpp's
 // Q8_0 x Q8_0 dot product does), so the inner loop is integer multiply-adds on 32 values per
@@ -34,7 +38,7 @@ constexpr int64_t QBLOCK = 32;
 // timed alternately, 2026-11-29) int4 took 34.3 ms tiled against 43.5 in rows, int8 65.0 against 75.6.
 struct RowTile {
   int64_t q_row, q_unit;   // bytes from one row's unit to the next row's, and to the row's next unit
-  int64_t s_row, s_group;  // scales (and mins): floats to the next row's value, and to the next group's
+  int64_t s_row, s_group;  // scales (and mins): values to the next row's value, and to the next group's
 };
 
 // The layout of q [?, ?] against the row bytes B and groups G of the weight it holds; checks its shapes.
@@ -48,6 +52,27 @@ static RowTile row_tile(const at::Tensor& q, const at::Tensor& scales, int64_t r
                   scales.size(1) == 4 * groups,
               op, ": a tiled weight is [N / 4, 4 * row bytes] (row bytes a multiple of 32), its scales [N / 4, 4 * K / group]");
   return {QBLOCK, 4 * QBLOCK, 1, 4};
+}
+
+// Weight scales (and int4 minimums) come as float32 or float16: float16 where each of a layer's values is
+// one (quantization/int8.py, scale_storage), so a group costs 2 bytes, as in llama.cpp's Q8_0 and Q4_0
+// blocks. The kernels take either as S and widen each value where they read it.
+static inline float widen(float v) { return v; }
+static inline float widen(at::Half v) {
+#if defined(__F16C__)
+  return _cvtsh_ss(v.x);
+#else
+  return static_cast<float>(v);
+#endif
+}
+
+// f(S()) for the type S the scales are stored in; an int4 layer's minimums are of the same type.
+template <typename F>
+static at::Tensor with_scales(const at::Tensor& scales, const c10::optional<at::Tensor>& mins, const char* op, F&& f) {
+  const auto type = scales.scalar_type();
+  TORCH_CHECK((type == at::kFloat || type == at::kHalf) && (!mins || mins->scalar_type() == type), op,
+              ": scales (and mins) must be float32 or float16, both of one type");
+  return type == at::kHalf ? f(at::Half()) : f(0.f);
 }
 
 // One int8 scale per `span` values (QBLOCK, or the whole row for W8A8's per-token activations), written
@@ -97,9 +122,9 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 // ds block scales apart). out[m][r] is activation row m's sum for weight row r. The products take unsigned
 // x signed bytes, so each weight's sign moves onto the activation it multiplies. TILED makes the tile's
 // strides constants, which the loop's address arithmetic then folds.
-template <bool TILED, int R>
+template <bool TILED, int R, typename S>
 static inline void int8_dot4_(const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
-                              const float* s, int64_t K, int64_t group, const RowTile& layout, float (*out)[4]) {
+                              const S* s, int64_t K, int64_t group, const RowTile& layout, float (*out)[4]) {
   const RowTile t = TILED ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
   __m256 acc[4][R];
   for (int r = 0; r < 4; ++r)
@@ -108,11 +133,12 @@ static inline void int8_dot4_(const int8_t* xq, const float* xd, int64_t xs, int
   for (int64_t j = 0; j < K / span; ++j) {  // spans outside, blocks inside: no division in the loop
     __m256 sv[4];
     for (int r = 0; r < 4; ++r) {
-      const float* sr = s + r * t.s_row;
+      const S* sr = s + r * t.s_row;
       // Groups of 16 (Q6_K's scales): the products' lanes 0-3 sum bytes 0-15 and lanes 4-7 bytes 16-31,
       // so one vector of two scales, each in four lanes, scales both halves at once.
-      sv[r] = group == 16 ? _mm256_set_m128(_mm_set1_ps(sr[(2 * j + 1) * t.s_group]), _mm_set1_ps(sr[2 * j * t.s_group]))
-                          : _mm256_set1_ps(sr[j * t.s_group]);
+      sv[r] = group == 16 ? _mm256_set_m128(_mm_set1_ps(widen(sr[(2 * j + 1) * t.s_group])),
+                                            _mm_set1_ps(widen(sr[2 * j * t.s_group])))
+                          : _mm256_set1_ps(widen(sr[j * t.s_group]));
     }
     for (int64_t k = j * span; k < (j + 1) * span; k += QBLOCK) {
       for (int r = 0; r < 4; ++r) {
@@ -133,13 +159,13 @@ static inline void int8_dot4_(const int8_t* xq, const float* xd, int64_t xs, int
 }
 
 // R (at most XROWS) activation rows against four weight rows: the template instance for R and the layout.
-template <int R = XROWS>
+template <int R = XROWS, typename S>
 static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
-                             const float* s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
+                             const S* s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
   if constexpr (R > 1) {
     if (rows < R) return int8_dot4<R - 1>(rows, xq, xd, xs, ds, q, s, K, group, t, out);
   }
-  (t.q_row == QBLOCK ? int8_dot4_<true, R> : int8_dot4_<false, R>)(xq, xd, xs, ds, q, s, K, group, t, out);
+  (t.q_row == QBLOCK ? int8_dot4_<true, R, S> : int8_dot4_<false, R, S>)(xq, xd, xs, ds, q, s, K, group, t, out);
 }
 
 // Blocks 2i and 2i + 1 of a row are 32 consecutive bytes: their low nibbles are the first halves of the
@@ -177,9 +203,9 @@ static void pair_x(const int8_t* xq, const float* xd, int64_t K, float min_in_sc
 // second halves), so two dot products leave block 2i's sum in lanes 0-3 and 2i+1's in lanes 4-7, and one
 // conversion, multiply and multiply-add scale both: about two thirds of the instructions per weight and
 // activation row.
-template <bool TILED, int R>
+template <bool TILED, int R, typename S>
 static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
-                                    const float* s, int64_t K, int64_t group, const RowTile& layout,
+                                    const S* s, int64_t K, int64_t group, const RowTile& layout,
                                     float (*out)[4]) {
   const RowTile t = TILED ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
   __m256 acc[4][R];
@@ -196,8 +222,8 @@ static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t 
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t.q_unit));
       const __m256i a = _mm256_permute2x128_si256(w0, w1, 0x20), b = _mm256_permute2x128_si256(w0, w1, 0x31);
       const __m256i a_abs = _mm256_sign_epi8(a, a), b_abs = _mm256_sign_epi8(b, b);
-      const float* sr = s + r * t.s_row;
-      const __m256 sv = _mm256_set_m128(_mm_set1_ps(sr[g2 * t.s_group]), _mm_set1_ps(sr[g * t.s_group]));
+      const S* sr = s + r * t.s_row;
+      const __m256 sv = _mm256_set_m128(_mm_set1_ps(widen(sr[g2 * t.s_group])), _mm_set1_ps(widen(sr[g * t.s_group])));
       for (int m = 0; m < R; ++m) {
         const int8_t* x = xp + m * xs + i * QPAIR;
         const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
@@ -213,14 +239,15 @@ static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t 
     for (int r = 0; r < 4; ++r) out[m][r] = hsum(acc[r][m]);
 }
 
-template <int R = XROWS>
+template <int R = XROWS, typename S>
 static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv, int64_t xs, int64_t vs,
-                                   const int8_t* q, const float* s, int64_t K, int64_t group, const RowTile& t,
+                                   const int8_t* q, const S* s, int64_t K, int64_t group, const RowTile& t,
                                    float (*out)[4]) {
   if constexpr (R > 1) {
     if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xs, vs, q, s, K, group, t, out);
   }
-  (t.q_row == QBLOCK ? int8_dot4_pairs_<true, R> : int8_dot4_pairs_<false, R>)(xp, dxv, xs, vs, q, s, K, group, t, out);
+  (t.q_row == QBLOCK ? int8_dot4_pairs_<true, R, S>
+                     : int8_dot4_pairs_<false, R, S>)(xp, dxv, xs, vs, q, s, K, group, t, out);
 }
 
 // Sums of a pair of blocks against pair_x's layout, the weights' nibbles unpacked (lo, hi): lanes 0-3 add up
@@ -236,9 +263,16 @@ static inline __m256 int4_pair_sums(__m256i lo, __m256i hi, __m256i xlo, __m256i
 }
 
 // Row r's values (of scales or mins v, laid out as t says) of groups g and g2, in the low and high four lanes.
-static inline __m256 group_pair(const float* v, int r, int64_t g, int64_t g2, const RowTile& t) {
-  const float* vr = v + r * t.s_row;
-  return _mm256_set_m128(_mm_broadcast_ss(vr + g2 * t.s_group), _mm_broadcast_ss(vr + g * t.s_group));
+template <typename S>
+static inline __m256 group_pair(const S* v, int r, int64_t g, int64_t g2, const RowTile& t) {
+  const S* vr = v + r * t.s_row;
+  return _mm256_set_m128(_mm_set1_ps(widen(vr[g2 * t.s_group])), _mm_set1_ps(widen(vr[g * t.s_group])));
+}
+
+// Eight consecutive scales (or minimums) as floats.
+static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 widen8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // Four weight rows (K a multiple of 64) against R activation rows from pair_x (x rows xs bytes apart,
@@ -247,9 +281,9 @@ static inline __m256 group_pair(const float* v, int r, int64_t g, int64_t g2, co
 // scale (q . x - 8 sum(x)), one multiply-add fewer, and pair_x stored -8 sum(x) in xbv. out[m][r] is
 // activation row m's sum for weight row r. The variants are templates so that the loop holds no branch
 // and few enough vectors to stay in registers.
-template <bool MINS, bool PACKED8, int R>
+template <bool MINS, bool PACKED8, int R, typename S>
 static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const float* xbv, int64_t xs, int64_t vs,
-                                    const uint8_t* q, const float* s, const float* mins, int64_t K, int64_t group,
+                                    const uint8_t* q, const S* s, const S* mins, int64_t K, int64_t group,
                                     const RowTile& t, float (*out)[4]) {
   __m256 acc[4][R];
   for (int r = 0; r < 4; ++r)
@@ -258,8 +292,8 @@ static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const fl
   for (int64_t i = 0; i < K / QPAIR; ++i) {
     const int64_t g = group == QBLOCK ? 2 * i : i / pairs_per_group, g2 = group == QBLOCK ? g + 1 : g;
     // PACKED8 (tiles, groups of 32): the pair's scales of the four rows are 8 floats in a row.
-    const __m256 s8 = PACKED8 ? _mm256_loadu_ps(s + 8 * i) : _mm256_setzero_ps();
-    const __m256 m8 = PACKED8 && MINS ? _mm256_loadu_ps(mins + 8 * i) : _mm256_setzero_ps();
+    const __m256 s8 = PACKED8 ? widen8(s + 8 * i) : _mm256_setzero_ps();
+    const __m256 m8 = PACKED8 && MINS ? widen8(mins + 8 * i) : _mm256_setzero_ps();
     if (t.q_row == QBLOCK) {  // a tile: the four rows' pair is two cache lines
       _mm_prefetch(reinterpret_cast<const char*>(q + ahead + i * t.q_unit), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(q + ahead + i * t.q_unit + 64), _MM_HINT_T0);
@@ -298,21 +332,22 @@ static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const fl
 }
 
 // R (at most XROWS) activation rows against four weight rows: the template instance for R and the layout.
-template <int R = XROWS>
+template <int R = XROWS, typename S>
 static inline void int4_dot4_pairs(int rows, const int8_t* xp, const float* dxv, const float* xbv, int64_t xs,
-                                   int64_t vs, const uint8_t* q, const float* s, const float* mins, int64_t K,
+                                   int64_t vs, const uint8_t* q, const S* s, const S* mins, int64_t K,
                                    int64_t group, const RowTile& t, float (*out)[4]) {
   if constexpr (R > 1) {
     if (rows < R) return int4_dot4_pairs<R - 1>(rows, xp, dxv, xbv, xs, vs, q, s, mins, K, group, t, out);
   }
   const bool packed8 = t.s_row == 1 && group == QBLOCK;
-  auto f = mins ? (packed8 ? int4_dot4_pairs_<true, true, R> : int4_dot4_pairs_<true, false, R>)
-                : (packed8 ? int4_dot4_pairs_<false, true, R> : int4_dot4_pairs_<false, false, R>);
+  auto f = mins ? (packed8 ? int4_dot4_pairs_<true, true, R, S> : int4_dot4_pairs_<true, false, R, S>)
+                : (packed8 ? int4_dot4_pairs_<false, true, R, S> : int4_dot4_pairs_<false, false, R, S>);
   f(xp, dxv, xbv, xs, vs, q, s, mins, K, group, t, out);
 }
 #else
+template <typename S>
 static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
-                             const float* s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
+                             const S* s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
   const int64_t step = std::min(group, QBLOCK);  // one scale per step of values (group 16: half a block)
   for (int m = 0; m < rows; ++m) {
     for (int r = 0; r < 4; ++r) {
@@ -321,7 +356,7 @@ static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_
         const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit + k % QBLOCK;
         int32_t dot = 0;
         for (int64_t i = 0; i < step; ++i) dot += int32_t(xq[m * xs + k + i]) * int32_t(w[i]);
-        total += float(dot) * xd[m * ds + k / QBLOCK] * s[r * t.s_row + k / group * t.s_group];
+        total += float(dot) * xd[m * ds + k / QBLOCK] * widen(s[r * t.s_row + k / group * t.s_group]);
       }
       out[m][r] = total;
     }
@@ -334,8 +369,7 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
                               c10::optional<at::Tensor> bias, int64_t group, bool per_token) {
   x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int8_linear: x, q and scales must be matrices");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
-              "int8_linear: float32 x, int8 q and float32 scales only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar, "int8_linear: float32 x and int8 q only");
   TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "int8_linear: contiguous inputs only");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
@@ -346,7 +380,6 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* bp = bias_ptr(bias, N, "int8_linear");
   std::vector<int8_t> xq(M * K);
@@ -363,42 +396,45 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
     pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, 0.f, xpairs.data() + m * K, dxv.data() + m * vs, nullptr);
 #endif
   // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
-    float out[XROWS][4];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * 4;
-      for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
-        const int64_t xrows = std::min<int64_t>(XROWS, M - m0);
-        const int8_t* xr = xq.data() + m0 * K;
-        const float* dr = xd.data() + m0 * K / QBLOCK;
-        if (n + 4 <= N) {
-#if defined(__AVX2__) && defined(__FMA__)
-          if (pairs)
-            int8_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs, K, vs, qp + n * K,
-                            sp + n * groups, K, group, t, out);
-          else
-#endif
-            int8_dot4(int(xrows), xr, dr, K, K / QBLOCK, qp + n * K, sp + n * groups, K, group, t, out);
-          for (int64_t m = 0; m < xrows; ++m)
-            for (int r = 0; r < 4; ++r) yp[(m0 + m) * N + n + r] = out[m][r] + (bp ? bp[n + r] : 0.f);
-          continue;
-        }
-        for (int64_t m = 0; m < xrows; ++m) {
-          for (int64_t r = n; r < N; ++r) {  // the last rows of a layout in rows, fewer than four: scalar
-            float total = 0.f;
-            const int64_t step = std::min(group, QBLOCK);
-            for (int64_t k = 0; k < K; k += step) {
-              int32_t dot = 0;
-              for (int64_t i = k; i < k + step; ++i) dot += int32_t(xr[m * K + i]) * int32_t(qp[r * K + i]);
-              total += float(dot) * dr[m * K / QBLOCK + k / QBLOCK] * sp[r * groups + k / group];
+  return with_scales(scales, c10::nullopt, "int8_linear", [&](auto type) {
+    const auto* sp = scales.data_ptr<decltype(type)>();
+    at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+      float out[XROWS][4];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b * 4;
+        for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+          const int64_t xrows = std::min<int64_t>(XROWS, M - m0);
+          const int8_t* xr = xq.data() + m0 * K;
+          const float* dr = xd.data() + m0 * K / QBLOCK;
+          if (n + 4 <= N) {
+  #if defined(__AVX2__) && defined(__FMA__)
+            if (pairs)
+              int8_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs, K, vs, qp + n * K,
+                              sp + n * groups, K, group, t, out);
+            else
+  #endif
+              int8_dot4(int(xrows), xr, dr, K, K / QBLOCK, qp + n * K, sp + n * groups, K, group, t, out);
+            for (int64_t m = 0; m < xrows; ++m)
+              for (int r = 0; r < 4; ++r) yp[(m0 + m) * N + n + r] = out[m][r] + (bp ? bp[n + r] : 0.f);
+            continue;
+          }
+          for (int64_t m = 0; m < xrows; ++m) {
+            for (int64_t r = n; r < N; ++r) {  // the last rows of a layout in rows, fewer than four: scalar
+              float total = 0.f;
+              const int64_t step = std::min(group, QBLOCK);
+              for (int64_t k = 0; k < K; k += step) {
+                int32_t dot = 0;
+                for (int64_t i = k; i < k + step; ++i) dot += int32_t(xr[m * K + i]) * int32_t(qp[r * K + i]);
+                total += float(dot) * dr[m * K / QBLOCK + k / QBLOCK] * widen(sp[r * groups + k / group]);
+              }
+              yp[(m0 + m) * N + r] = total + (bp ? bp[r] : 0.f);
             }
-            yp[(m0 + m) * N + r] = total + (bp ? bp[r] : 0.f);
           }
         }
       }
-    }
+    });
+    return y;
   });
-  return y;
 }
 
 at::Tensor int8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
@@ -415,21 +451,23 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
 
 // The weights of int8_linear (int8_row) and int4_linear (int4_row) as float32: row n's values k0 .. k0 + kc
 // (multiples of 32), for a float GEMM where many activation rows share each weight (prefills).
+template <typename S>
 struct QuantWeight {
-  const uint8_t* q;       // the bytes of either format, in rows or tiles of four (t)
-  const float* scales;
-  const float* mins;      // int4: nullptr when symmetric (min = -8 * scale)
+  const uint8_t* q;  // the bytes of either format, in rows or tiles of four (t)
+  const S* scales;
+  const S* mins;     // int4: nullptr when symmetric (min = -8 * scale)
   RowTile t;
   int64_t K, groups, group;
 };
 
-static void int8_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t kc, float* out) {
+template <typename S>
+static void int8_row(const QuantWeight<S>& w, int64_t n, int64_t k0, int64_t kc, float* out) {
   const int64_t b = n / 4 * 4, r = n % 4, step = std::min(w.group, QBLOCK);  // values sharing a scale and a unit
   const auto* q = reinterpret_cast<const int8_t*>(w.q) + b * w.K + r * w.t.q_row;
-  const float* s = w.scales + b * w.groups + r * w.t.s_row;
+  const S* s = w.scales + b * w.groups + r * w.t.s_row;
   for (int64_t k = k0; k < k0 + kc; k += step) {
     const int8_t* src = q + k / QBLOCK * w.t.q_unit + k % QBLOCK;
-    const float scale = s[k / w.group * w.t.s_group];
+    const float scale = widen(s[k / w.group * w.t.s_group]);
     float* o = out + k - k0;
     int64_t i = 0;
 #if defined(__AVX512F__)
@@ -447,25 +485,29 @@ static void int8_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t kc, fl
   }
 }
 
-static QuantWeight int8_weight(const at::Tensor& q, const at::Tensor& scales, int64_t K, int64_t group, const char* op) {
-  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat &&
-                  q.is_contiguous() && scales.is_contiguous(), op, ": contiguous int8 q and float32 scales");
+template <typename S>
+static QuantWeight<S> int8_weight(const at::Tensor& q, const at::Tensor& scales, int64_t K, int64_t group,
+                                  const char* op) {
+  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() &&
+                  scales.is_contiguous(), op, ": contiguous int8 q and scales");
   TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
               op, ": group must be 16 or a multiple of 32 dividing K");
-  return {reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), scales.data_ptr<float>(), nullptr,
+  return {reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), scales.data_ptr<S>(), nullptr,
           row_tile(q, scales, K, K / group, op), K, K / group, group};
 }
 
 // As float32 w [N, K] (W8A8's weight with group = K): one pass instead of torch's untile, widen and scale.
 at::Tensor int8_dequantize(at::Tensor q, at::Tensor scales, int64_t K, int64_t group) {
-  const QuantWeight qw = int8_weight(q, scales, K, group, "int8_dequantize");
-  const int64_t N = q.size(0) * q.size(1) / K;
-  auto w = at::empty({N, K}, scales.options());
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) int8_row(qw, n, 0, K, wp + n * K);
+  return with_scales(scales, c10::nullopt, "int8_dequantize", [&](auto type) {
+    const auto qw = int8_weight<decltype(type)>(q, scales, K, group, "int8_dequantize");
+    const int64_t N = q.size(0) * q.size(1) / K;
+    auto w = at::empty({N, K}, scales.options().dtype(at::kFloat));
+    float* wp = w.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) int8_row(qw, n, 0, K, wp + n * K);
+    });
+    return w;
   });
-  return w;
 }
 
 // int4_linear: y = x @ w.T (+ bias) for 4-bit weights w[n, k] = scales[n, g] * q[n, k] + mins[n, g] (mins
@@ -485,14 +527,15 @@ static inline int32_t int4_block_dot(const int8_t* xq, const uint8_t* packed) {
 
 // Row r of a tile (q, s, mins as t lays them out) against one quantized activation row, minimums
 // included (symmetric: -8 * scale).
-static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* q, const float* s, const float* mins,
+template <typename S>
+static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* q, const S* s, const S* mins,
                               int64_t K, int64_t group, const RowTile& t, int r) {
   float total = 0.f;
   for (int64_t k = 0; k < K; k += QBLOCK) {
     const int64_t byte = k / 2, g = k / group;
     const uint8_t* w = q + r * t.q_row + byte / QBLOCK * t.q_unit + byte % QBLOCK;
-    const float scale = s[r * t.s_row + g * t.s_group];
-    const float minimum = mins ? mins[r * t.s_row + g * t.s_group] : -8.f * scale;
+    const float scale = widen(s[r * t.s_row + g * t.s_group]);
+    const float minimum = mins ? widen(mins[r * t.s_row + g * t.s_group]) : -8.f * scale;
     int32_t xsum = 0;
     for (int64_t i = k; i < k + QBLOCK; ++i) xsum += xq[i];
     total += (float(int4_block_dot(xq + k, w)) * scale + float(xsum) * minimum) * xd[k / QBLOCK];
@@ -504,8 +547,7 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
                        c10::optional<at::Tensor> bias, int64_t group) {
   x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int4_linear: x, q and scales must be matrices");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
-                  (!mins || mins->scalar_type() == at::kFloat), "int4_linear: float32 x, uint8 q, float32 scales and mins only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kByte, "int4_linear: float32 x and uint8 q only");
   TORCH_CHECK(q.is_contiguous() && scales.is_contiguous() && (!mins || mins->is_contiguous()),
               "int4_linear: contiguous inputs only");
   const int64_t M = x.size(0), K = x.size(1);
@@ -517,10 +559,6 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  // Without mins the weights are symmetric, every min -8 * scale, and a decode step reads a sixth fewer
-  // bytes (groups of 32).
-  const float* mp = mins ? mins->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const float* bp = bias_ptr(bias, N, "int4_linear");
   std::vector<int8_t> xq(M * K);
@@ -532,37 +570,44 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
   std::vector<float> dxv(pairs ? M * K / QPAIR * 8 : 0), xbv(dxv.size());
   const int64_t vs = K / QPAIR * 8;
   for (int64_t m = 0; pairs && m < M; ++m)
-    pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, mp ? 1.f : -8.f, xpairs.data() + m * K,
+    pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, mins ? 1.f : -8.f, xpairs.data() + m * K,
            dxv.data() + m * vs, xbv.data() + m * vs);
 #endif
   // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
-    float out[XROWS][4];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * 4, rows = std::min<int64_t>(4, N - n);
-      const uint8_t* qt = qp + n * K / 2;
-      const float* st = sp + n * groups;
-      const float* mt = mp ? mp + n * groups : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
-        const int64_t xrows = std::min<int64_t>(XROWS, M - m0);
-#if defined(__AVX2__) && defined(__FMA__)
-        if (pairs && rows == 4) {
-          int4_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs, xbv.data() + m0 * vs, K, vs, qt,
-                          st, mt, K, group, t, out);
-        } else
-#endif
-        {
+  return with_scales(scales, mins, "int4_linear", [&](auto type) {
+    using S = decltype(type);
+    const S* sp = scales.data_ptr<S>();
+    // Without mins the weights are symmetric, every min -8 * scale, and a decode step reads a sixth fewer
+    // bytes (groups of 32).
+    const S* mp = mins ? mins->data_ptr<S>() : nullptr;
+    at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+      float out[XROWS][4];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b * 4, rows = std::min<int64_t>(4, N - n);
+        const uint8_t* qt = qp + n * K / 2;
+        const S* st = sp + n * groups;
+        const S* mt = mp ? mp + n * groups : nullptr;
+        for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+          const int64_t xrows = std::min<int64_t>(XROWS, M - m0);
+  #if defined(__AVX2__) && defined(__FMA__)
+          if (pairs && rows == 4) {
+            int4_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs, xbv.data() + m0 * vs, K, vs, qt,
+                            st, mt, K, group, t, out);
+          } else
+  #endif
+          {
+            for (int64_t m = 0; m < xrows; ++m)
+              for (int64_t r = 0; r < rows; ++r)
+                out[m][r] = int4_dot1(xq.data() + (m0 + m) * K, xd.data() + (m0 + m) * K / QBLOCK, qt, st, mt, K, group,
+                                      t, int(r));
+          }
           for (int64_t m = 0; m < xrows; ++m)
-            for (int64_t r = 0; r < rows; ++r)
-              out[m][r] = int4_dot1(xq.data() + (m0 + m) * K, xd.data() + (m0 + m) * K / QBLOCK, qt, st, mt, K, group,
-                                    t, int(r));
+            for (int64_t r = 0; r < rows; ++r) yp[(m0 + m) * N + n + r] = out[m][r] + (bp ? bp[n + r] : 0.f);
         }
-        for (int64_t m = 0; m < xrows; ++m)
-          for (int64_t r = 0; r < rows; ++r) yp[(m0 + m) * N + n + r] = out[m][r] + (bp ? bp[n + r] : 0.f);
       }
-    }
+    });
+    return y;
   });
-  return y;
 }
 
 // int4_linear's weight as float32: one pass over the packed bytes instead of torch's unpack, widen, scale
@@ -570,13 +615,14 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
 // multiply-add).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-static void int4_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t kc, float* out) {
+template <typename S>
+static void int4_row(const QuantWeight<S>& w, int64_t n, int64_t k0, int64_t kc, float* out) {
   const int64_t b = n / 4 * 4, r = n % 4;
   const uint8_t* q = w.q + b * w.K / 2 + r * w.t.q_row;
   for (int64_t k = k0; k < k0 + kc; k += QBLOCK) {
     const int64_t byte = k / 2, g = b * w.groups + r * w.t.s_row + k / w.group * w.t.s_group;
     const uint8_t* src = q + byte / QBLOCK * w.t.q_unit + byte % QBLOCK;
-    const float scale = w.scales[g], minimum = w.mins ? w.mins[g] : -8.f * scale;
+    const float scale = widen(w.scales[g]), minimum = w.mins ? widen(w.mins[g]) : -8.f * scale;
     float* o = out + k - k0;
 #if defined(__AVX512F__)
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
@@ -594,27 +640,29 @@ static void int4_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t kc, fl
 }
 #pragma GCC pop_options
 
-static QuantWeight int4_weight(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
-                               int64_t K, int64_t group, const char* op) {
-  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat &&
-                  (!mins || (mins->scalar_type() == at::kFloat && mins->sizes() == scales.sizes())) &&
-                  q.is_contiguous() && scales.is_contiguous() && (!mins || mins->is_contiguous()),
-              op, ": contiguous uint8 q, float32 scales and mins shaped as scales");
+template <typename S>
+static QuantWeight<S> int4_weight(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                                  int64_t K, int64_t group, const char* op) {
+  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() &&
+                  scales.is_contiguous() && (!mins || (mins->sizes() == scales.sizes() && mins->is_contiguous())),
+              op, ": contiguous uint8 q, scales and mins shaped as scales");
   TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0, op, ": group must be a multiple of 32 dividing K");
-  return {q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins ? mins->data_ptr<float>() : nullptr,
+  return {q.data_ptr<uint8_t>(), scales.data_ptr<S>(), mins ? mins->data_ptr<S>() : nullptr,
           row_tile(q, scales, K / 2, K / group, op), K, K / group, group};
 }
 
 at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K,
                            int64_t group) {
-  const QuantWeight qw = int4_weight(q, scales, mins, K, group, "int4_dequantize");
-  const int64_t N = q.size(0) * q.size(1) * 2 / K;
-  auto w = at::empty({N, K}, scales.options());
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) int4_row(qw, n, 0, K, wp + n * K);
+  return with_scales(scales, mins, "int4_dequantize", [&](auto type) {
+    const auto qw = int4_weight<decltype(type)>(q, scales, mins, K, group, "int4_dequantize");
+    const int64_t N = q.size(0) * q.size(1) * 2 / K;
+    auto w = at::empty({N, K}, scales.options().dtype(at::kFloat));
+    float* wp = w.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) int4_row(qw, n, 0, K, wp + n * K);
+    });
+    return w;
   });
-  return w;
 }
 
 // Prefill against int8 or int4 weights: y = x @ w.T (+ bias) in float32 on the values int8_dequantize /
@@ -635,8 +683,8 @@ constexpr int64_t DEQUANT_NB = 32;   // MR-row blocks a chunk holds: 384 rows' t
 // dequantized again (2048 rows, int8, above: 717.7 ms in four passes, 674.6 dequantized for torch's GEMM).
 constexpr int64_t DEQUANT_M = 512;
 
-template <typename Row>
-static void dequant_pass(const float* xp, int64_t M, int64_t N, const float* bias, const QuantWeight& w, Row row,
+template <typename S, typename Row>
+static void dequant_pass(const float* xp, int64_t M, int64_t N, const float* bias, const QuantWeight<S>& w, Row row,
                          float* yp) {
   const int64_t K = w.K, P = (M + NR - 1) / NR, Mp = P * NR;
   std::vector<float> panels(P * K * NR, 0.f);
@@ -707,10 +755,10 @@ static inline void transpose16(__m512i r[16]) {
 // Multiply and add round separately, as in int4_row (fp-contract off).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-template <bool INT4>
-static void fill_panel(const QuantWeight& w, int64_t N, int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
+template <bool INT4, typename S>
+static void fill_panel(const QuantWeight<S>& w, int64_t N, int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
   const uint8_t* q[NR];
-  const float* s[NR];
+  const S* s[NR];
   for (int64_t j = 0; j < NR; ++j) {
     const int64_t n = std::min(p * NR + j, N - 1), b = n / 4 * 4, r = n % 4;
     q[j] = w.q + b * (INT4 ? w.K / 2 : w.K) + r * w.t.q_row;
@@ -727,16 +775,17 @@ static void fill_panel(const QuantWeight& w, int64_t N, int64_t p, int64_t k0, i
         const int64_t byte = k / 2;
         const __m512i bytes = _mm512_cvtepu8_epi32(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(q[j] + byte / QBLOCK * w.t.q_unit + byte % QBLOCK)));
-        const float scale = s[j][g_lo * w.t.s_group];
-        const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(w.mins ? w.mins[off + g_lo * w.t.s_group] : -8.f * scale);
+        const float scale = widen(s[j][g_lo * w.t.s_group]);
+        const __m512 sv = _mm512_set1_ps(scale),
+                     mv = _mm512_set1_ps(w.mins ? widen(w.mins[off + g_lo * w.t.s_group]) : -8.f * scale);
         lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), sv), mv);
         hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), sv), mv);
       } else {
         const auto* src = reinterpret_cast<const __m128i*>(q[j] + k / QBLOCK * w.t.q_unit);
         lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src))),
-                           _mm512_set1_ps(s[j][g_lo * w.t.s_group]));
+                           _mm512_set1_ps(widen(s[j][g_lo * w.t.s_group])));
         hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src + 1))),
-                           _mm512_set1_ps(s[j][g_hi * w.t.s_group]));
+                           _mm512_set1_ps(widen(s[j][g_hi * w.t.s_group])));
       }
       v[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
     }
@@ -751,15 +800,15 @@ static void fill_panel(const QuantWeight& w, int64_t N, int64_t p, int64_t k0, i
 // Where the CPU's bfloat16 products serve (AMX tiles, AVX-512 BF16 dot products: ops.h, bf16_products), the
 // weights are dequantized into bfloat16 panels a slice at a time for them (filled_panels_linear); elsewhere
 // the float32 tile multiplies them (dequant_pass).
-template <bool INT4>
-static at::Tensor dequant_matmul(at::Tensor x, int64_t N, const float* bias, const QuantWeight& w) {
+template <bool INT4, typename S>
+static at::Tensor dequant_matmul(at::Tensor x, int64_t N, const float* bias, const QuantWeight<S>& w) {
   x = x.contiguous();
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == w.K, "dequant linear: float32 x [M, K]");
   const int64_t M = x.size(0);
   auto y = at::empty({M, N}, x.options());
 #if defined(__AVX512BF16__)
   const PanelFill fill = [&](int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
-    fill_panel<INT4>(w, N, p, k0, kc, out);
+    fill_panel<INT4, S>(w, N, p, k0, kc, out);
   };
   float* yp = y.data_ptr<float>();
   if (filled_panels_linear(x.data_ptr<float>(), M, w.K, N, fill, yp)) {
@@ -770,21 +819,25 @@ static at::Tensor dequant_matmul(at::Tensor x, int64_t N, const float* bias, con
   }
 #endif
   for (int64_t m0 = 0; m0 < M; m0 += DEQUANT_M)
-    dequant_pass(x.data_ptr<float>() + m0 * w.K, std::min(DEQUANT_M, M - m0), N, bias, w, INT4 ? int4_row : int8_row,
-                 y.data_ptr<float>() + m0 * N);
+    dequant_pass(x.data_ptr<float>() + m0 * w.K, std::min(DEQUANT_M, M - m0), N, bias, w,
+                 INT4 ? int4_row<S> : int8_row<S>, y.data_ptr<float>() + m0 * N);
   return y;
 }
 
 at::Tensor int8_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
                                int64_t group) {
-  const QuantWeight w = int8_weight(q, scales, x.size(-1), group, "int8_dequant_linear");
-  const int64_t N = q.size(0) * q.size(1) / w.K;
-  return dequant_matmul<false>(x, N, bias_ptr(bias, N, "int8_dequant_linear"), w);
+  return with_scales(scales, c10::nullopt, "int8_dequant_linear", [&](auto type) {
+    const auto w = int8_weight<decltype(type)>(q, scales, x.size(-1), group, "int8_dequant_linear");
+    const int64_t N = q.size(0) * q.size(1) / w.K;
+    return dequant_matmul<false>(x, N, bias_ptr(bias, N, "int8_dequant_linear"), w);
+  });
 }
 
 at::Tensor int4_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
                                c10::optional<at::Tensor> bias, int64_t group) {
-  const QuantWeight w = int4_weight(q, scales, mins, x.size(-1), group, "int4_dequant_linear");
-  const int64_t N = q.size(0) * q.size(1) * 2 / w.K;
-  return dequant_matmul<true>(x, N, bias_ptr(bias, N, "int4_dequant_linear"), w);
+  return with_scales(scales, mins, "int4_dequant_linear", [&](auto type) {
+    const auto w = int4_weight<decltype(type)>(q, scales, mins, x.size(-1), group, "int4_dequant_linear");
+    const int64_t N = q.size(0) * q.size(1) * 2 / w.K;
+    return dequant_matmul<true>(x, N, bias_ptr(bias, N, "int4_dequant_linear"), w);
+  });
 }

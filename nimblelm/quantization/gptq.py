@@ -16,6 +16,7 @@ import torch
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.quantization.int4 import int4_params, pack_int4, quantize_to_grid
+from nimblelm.quantization.int8 import int8_scales
 
 BLOCK = 128  # a multiple of every group size, so a group never straddles two blocks
 _TINY = torch.finfo(torch.float32).tiny
@@ -25,14 +26,14 @@ def _grid(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tenso
     """(scale, min) per row over the last dimension, for the target format."""
     if bits == 4:
         return int4_params(groups, symmetric)
-    scale = (groups.abs().amax(-1) / 127).clamp_min(_TINY)
+    scale = int8_scales(groups)
     return scale, torch.zeros_like(scale)
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:
         return quantize_to_grid(w, scale, minimum)
-    return torch.round(w / scale).clamp(-127, 127)
+    return torch.round(w / scale.clamp_min(_TINY)).clamp(-127, 127)
 
 
 @torch.no_grad()

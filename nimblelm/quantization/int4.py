@@ -7,14 +7,16 @@ it in row tiles, tiles.py):
   16 consecutive bytes; byte i (0..15) of a block holds q[i] in its low nibble and q[i + 16] in its
   high nibble (llama.cpp's Q4_0 nibble order). q is unsigned, 0..15.
 - `scales`, `mins`: float32 [N, K / group], one pair per group of `group` inputs (32, 64 or 128, a
-  multiple of the block, dividing K).
+  multiple of the block, dividing K); in memory float16 where that holds them exactly (int8.scale_storage:
+  symmetric RTN and GPTQ, GGUF's Q4_0 and Q4_1), as llama.cpp's blocks store them.
 - The weight is w[n, k] = scales[n, k // group] * q[n, k] + mins[n, k // group].
 
 Symmetric quantization has mins = -8 * scales (q - 8 is the signed value, as in Q4_0); asymmetric
 quantization with an integer zero point (AWQ) has mins = -scales * zero. A layer whose mins are all
 -8 * scales keeps none in memory (its `mins` is None): the kernel and dequantize_int4 derive them (to
 float rounding), and a decode step reads a sixth fewer bytes at groups of 32 (SmolLM2's and
-Qwen2.5-Coder-1.5B's int4 layers at batch 1: 9% and 14% faster). Saved folders always hold mins.
+Qwen2.5-Coder-1.5B's int4 layers at batch 1: 9% and 14% faster). Saved folders always hold mins, in
+float32.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.linear import Linear, LinearMethod
 from nimblelm.quantization import tiles
-from nimblelm.quantization.int8 import integer_kernel_max_rows, takes_dequant_linear
+from nimblelm.quantization.int8 import half_rounded, integer_kernel_max_rows, scale_storage, takes_dequant_linear
 
 BLOCK = 32
 GROUP_SIZES = (32, 64, 128)
@@ -43,10 +45,10 @@ def int4_params(groups: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, to
     """(scale, min) of each group for the RTN grid over the last dimension of `groups`."""
     tiny = torch.finfo(torch.float32).tiny
     if symmetric:
-        # As Q4_0: the value of largest magnitude maps exactly onto -8, so all 16 levels are in use.
+        # As Q4_0: the value of largest magnitude maps onto -8 (to the scale's float16 rounding), so all 16
+        # levels are in use.
         extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        scale = extreme / -8
-        scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
+        scale = half_rounded(extreme / -8)
         return scale, -8 * scale
     # The range always holds 0, and the zero point is an integer, so that 0 and the min are on the grid.
     lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
@@ -56,8 +58,9 @@ def int4_params(groups: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, to
 
 
 def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    """q = round((w - min) / scale) in 0..15, as float (shapes broadcast)."""
-    return torch.round((w - minimum) / scale).clamp(0, 15)
+    """q = round((w - min) / scale) in 0..15, as float (shapes broadcast). A zero scale (a group of zeros)
+    maps every weight onto its minimum."""
+    return torch.round((w - minimum) / torch.where(scale == 0, torch.inf, scale)).clamp(0, 15)
 
 
 def quantize_int4(
@@ -122,7 +125,7 @@ class Int4WeightOnly(LinearMethod):
         groups = (n, k // self.group_size)
         if q.dtype != torch.uint8 or tuple(q.shape) != (n, k // 2) or scales.shape != groups or mins.shape != groups:
             raise ValueError(f"int4 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
-        scales, mins = scales.to(torch.float32), mins.to(torch.float32)
+        scales, mins = scale_storage(scales, mins)
         stored = tiles.tile({"qweight": q, "scales": scales, "mins": None if torch.equal(mins, -8 * scales) else mins})
         for key, t in stored.items():
             layer.register_buffer(key, t)
@@ -130,7 +133,8 @@ class Int4WeightOnly(LinearMethod):
 
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
         q, scales, mins = (tiles.untile(layer, key) for key in ("qweight", "scales", "mins"))
-        return {"qweight": q, "scales": scales, "mins": -8 * scales if mins is None else mins}
+        mins = -8 * scales if mins is None else mins
+        return {"qweight": q, "scales": scales.float(), "mins": mins.float()}
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

@@ -1,6 +1,6 @@
 """int8 weights with one scale per group of input channels (round-to-nearest, symmetric): qweight int8
-[N, K] and scales float32 [N, K / group], w = scales * q per group; layers keep them in row tiles
-(tiles.py)."""
+[N, K] and scales [N, K / group], w = scales * q per group; layers keep them in row tiles (tiles.py), the
+scales in float16 where that holds them exactly (scale_storage)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,39 @@ from nimblelm.platform import first_cpu
 from nimblelm.quantization import tiles
 
 
+def half_rounded(scales: torch.Tensor) -> torch.Tensor:
+    """Scales as float16 values (kept in float32), as llama.cpp's Q8_0 and Q4_0 store theirs, unless one
+    overflows float16. Rounded away from zero, so that the group's largest weight stays on the grid (within
+    level 127 of int8, -8 of int4); quantizers round before they place the weights, so the grid is the one
+    stored. Below float16's normal range (max|w| under 0.0078 for int8, 0.0005 for int4) a scale keeps fewer
+    bits: its step is then a few percent coarser, on weights that small."""
+    rounded = scales.half()
+    short = rounded.float().abs() < scales.abs()
+    rounded = torch.where(short, (rounded.view(torch.int16) + 1).view(torch.float16), rounded)  # next one out
+    return rounded.float() if torch.isfinite(rounded).all() else scales
+
+
+def scale_storage(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A layer's scales (and minimums) as it keeps them: float16 where each value is one, which a decode step
+    then reads in half the bytes (the quantizers here and GGUF's Q8_0, Q5_0, Q4_0 and Q4_1 give such);
+    else float32 (GGUF's K-quants, whose products of two scales are exact in float32 only)."""
+    values = tuple(v.float() for v in values)
+    exact = all(torch.equal(v.half().float(), v) for v in values)
+    return tuple(v.half() if exact else v for v in values)
+
+
+def int8_scales(groups: torch.Tensor) -> torch.Tensor:
+    """The RTN scale max|w| / 127 of each group over the last dimension."""
+    return half_rounded(groups.abs().amax(-1) / 127)
+
+
 def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RTN: q = round(w / s) in [-127, 127] with s = max|w| / 127 per group; returns (q [N, K], s [N, K / g])."""
     n, k = weight.shape
     if k % group_size:
         raise InvalidRequestError(f"group size {group_size} does not divide the input dimension {k}")
     groups = weight.float().reshape(n, k // group_size, group_size)
-    scales = groups.abs().amax(-1) / 127
+    scales = int8_scales(groups)
     q = torch.round(groups / scales.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp(-127, 127)
     return q.to(torch.int8).reshape(n, k), scales
 
@@ -108,12 +134,13 @@ class Int8WeightOnly(LinearMethod):
         groups = (layer.out_features, layer.in_features // self.group_size)
         if q.dtype != torch.int8 or tuple(q.shape) != (layer.out_features, layer.in_features) or scales.shape != groups:
             raise ValueError(f"int8 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
-        for key, t in tiles.tile({"qweight": q, "scales": scales.to(torch.float32)}).items():
+        (scales,) = scale_storage(scales)
+        for key, t in tiles.tile({"qweight": q, "scales": scales}).items():
             layer.register_buffer(key, t)
         layer.compute_dtype = dtype
 
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
-        return {key: tiles.untile(layer, key) for key in ("qweight", "scales")}
+        return {"qweight": tiles.untile(layer, "qweight"), "scales": tiles.untile(layer, "scales").float()}
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
