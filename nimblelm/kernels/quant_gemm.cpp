@@ -198,12 +198,37 @@ static void pair_x(const int8_t* xq, const float* xd, int64_t K, float min_in_sc
   }
 }
 
+// The scales (or minimums) of a pair of blocks, for the pair kernels below. Row r's values (v laid out as t
+// says) of groups g and g2, in the low and high four lanes:
+template <typename S>
+static inline __m256 group_pair(const S* v, int r, int64_t g, int64_t g2, const RowTile& t) {
+  const S* vr = v + r * t.s_row;
+  return _mm256_set_m128(_mm_set1_ps(widen(vr[g2 * t.s_group])), _mm_set1_ps(widen(vr[g * t.s_group])));
+}
+
+// In tiles with groups of 32 (PACKED8) a pair's values of the four rows are 8 in a row: one load widens them
+// (widen8), and row r's are picked out of each 128-bit half by an in-lane permute with an immediate (row_of<r>,
+// no index vectors held in registers). each_row runs f with the row as a constant, std::integral_constant.
+static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 widen8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int r>
+static inline __m256 row_of(__m256 v8) { return _mm256_permute_ps(v8, r * 0x55); }
+
+template <typename F>
+static inline void each_row(F&& f) {
+  f(std::integral_constant<int, 0>{}), f(std::integral_constant<int, 1>{}), f(std::integral_constant<int, 2>{}),
+      f(std::integral_constant<int, 3>{});
+}
+
 // int8_dot4_ over pairs of blocks (groups of 32 or more, K a multiple of 64), activations in pair_x's
 // layout: each weight row's two blocks are rearranged in registers to match (first halves of both, then
 // second halves), so two dot products leave block 2i's sum in lanes 0-3 and 2i+1's in lanes 4-7, and one
 // conversion, multiply and multiply-add scale both: about two thirds of the instructions per weight and
 // activation row.
-template <bool TILED, int R, typename S>
+template <bool TILED, bool PACKED8, int R, typename S>
 static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
                                     const S* s, int64_t K, int64_t group, const RowTile& layout,
                                     float (*out)[4]) {
@@ -214,7 +239,9 @@ static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t 
   const int64_t ahead = PREFETCH_ROWS * K;
   for (int64_t i = 0; i < K / QPAIR; ++i) {
     const int64_t g = 2 * i * QBLOCK / group, g2 = (2 * i + 1) * QBLOCK / group;
-    for (int r = 0; r < 4; ++r) {
+    const __m256 s8 = PACKED8 ? widen8(s + 8 * i) : _mm256_setzero_ps();
+    each_row([&](auto rc) {
+      constexpr int r = decltype(rc)::value;
       const int8_t* w = q + r * t.q_row + 2 * i * t.q_unit;
       _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(w + t.q_unit + ahead), _MM_HINT_T0);
@@ -222,8 +249,7 @@ static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t 
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t.q_unit));
       const __m256i a = _mm256_permute2x128_si256(w0, w1, 0x20), b = _mm256_permute2x128_si256(w0, w1, 0x31);
       const __m256i a_abs = _mm256_sign_epi8(a, a), b_abs = _mm256_sign_epi8(b, b);
-      const S* sr = s + r * t.s_row;
-      const __m256 sv = _mm256_set_m128(_mm_set1_ps(widen(sr[g2 * t.s_group])), _mm_set1_ps(widen(sr[g * t.s_group])));
+      const __m256 sv = PACKED8 ? row_of<r>(s8) : group_pair(s, r, g, g2, t);
       for (int m = 0; m < R; ++m) {
         const int8_t* x = xp + m * xs + i * QPAIR;
         const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
@@ -233,7 +259,7 @@ static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t 
         const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_loadu_ps(dxv + m * vs + 8 * i));
         acc[r][m] = _mm256_fmadd_ps(scaled, sv, acc[r][m]);
       }
-    }
+    });
   }
   for (int m = 0; m < R; ++m)
     for (int r = 0; r < 4; ++r) out[m][r] = hsum(acc[r][m]);
@@ -246,8 +272,9 @@ static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv,
   if constexpr (R > 1) {
     if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xs, vs, q, s, K, group, t, out);
   }
-  (t.q_row == QBLOCK ? int8_dot4_pairs_<true, R, S>
-                     : int8_dot4_pairs_<false, R, S>)(xp, dxv, xs, vs, q, s, K, group, t, out);
+  (t.q_row != QBLOCK ? int8_dot4_pairs_<false, false, R, S>
+   : group == QBLOCK ? int8_dot4_pairs_<true, true, R, S>
+                     : int8_dot4_pairs_<true, false, R, S>)(xp, dxv, xs, vs, q, s, K, group, t, out);
 }
 
 // Sums of a pair of blocks against pair_x's layout, the weights' nibbles unpacked (lo, hi): lanes 0-3 add up
@@ -262,19 +289,6 @@ static inline __m256 int4_pair_sums(__m256i lo, __m256i hi, __m256i xlo, __m256i
 #endif
 }
 
-// Row r's values (of scales or mins v, laid out as t says) of groups g and g2, in the low and high four lanes.
-template <typename S>
-static inline __m256 group_pair(const S* v, int r, int64_t g, int64_t g2, const RowTile& t) {
-  const S* vr = v + r * t.s_row;
-  return _mm256_set_m128(_mm_set1_ps(widen(vr[g2 * t.s_group])), _mm_set1_ps(widen(vr[g * t.s_group])));
-}
-
-// Eight consecutive scales (or minimums) as floats.
-static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 widen8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 // Four weight rows (K a multiple of 64) against R activation rows from pair_x (x rows xs bytes apart,
 // their dxv and xbv vs floats apart), the minimums included: sum_k x[k] * (scale q[k] + min) =
 // scale (q . x) + min sum(x) per group; without stored minimums (symmetric, min = -8 scale) that is
@@ -284,14 +298,15 @@ static inline __m256 widen8(const at::Half* p) {
 template <bool MINS, bool PACKED8, int R, typename S>
 static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const float* xbv, int64_t xs, int64_t vs,
                                     const uint8_t* q, const S* s, const S* mins, int64_t K, int64_t group,
-                                    const RowTile& t, float (*out)[4]) {
+                                    const RowTile& layout, float (*out)[4]) {
+  // PACKED8 implies tiles (K a multiple of 64 has more than one group a row): their strides as constants.
+  const RowTile t = PACKED8 ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
   __m256 acc[4][R];
   for (int r = 0; r < 4; ++r)
     for (int m = 0; m < R; ++m) acc[r][m] = _mm256_setzero_ps();
   const int64_t ahead = PREFETCH_ROWS * K / 2, pairs_per_group = std::max<int64_t>(group / QPAIR, 1);
   for (int64_t i = 0; i < K / QPAIR; ++i) {
     const int64_t g = group == QBLOCK ? 2 * i : i / pairs_per_group, g2 = group == QBLOCK ? g + 1 : g;
-    // PACKED8 (tiles, groups of 32): the pair's scales of the four rows are 8 floats in a row.
     const __m256 s8 = PACKED8 ? widen8(s + 8 * i) : _mm256_setzero_ps();
     const __m256 m8 = PACKED8 && MINS ? widen8(mins + 8 * i) : _mm256_setzero_ps();
     if (t.q_row == QBLOCK) {  // a tile: the four rows' pair is two cache lines
@@ -300,17 +315,10 @@ static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const fl
     } else {
       for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + r * t.q_row + i * t.q_unit + ahead), _MM_HINT_T0);
     }
-    // Row r's scale of each block in its four lanes: s8's 128-bit halves hold the two blocks' scales of the
-    // four rows, so an in-lane permute by an immediate picks them (no index vectors held in registers).
-    const auto row_of = [](__m256 v8, auto r) { return _mm256_permute_ps(v8, decltype(r)::value * 0x55); };
-    const auto each_row = [](auto&& f) {
-      f(std::integral_constant<int, 0>{}), f(std::integral_constant<int, 1>{}), f(std::integral_constant<int, 2>{}),
-          f(std::integral_constant<int, 3>{});
-    };
     each_row([&](auto rc) {
       constexpr int r = decltype(rc)::value;
-      const __m256 sv = PACKED8 ? row_of(s8, rc) : group_pair(s, r, g, g2, t);
-      const __m256 mv = !MINS ? sv : PACKED8 ? row_of(m8, rc) : group_pair(mins, r, g, g2, t);
+      const __m256 sv = PACKED8 ? row_of<r>(s8) : group_pair(s, r, g, g2, t);
+      const __m256 mv = !MINS ? sv : PACKED8 ? row_of<r>(m8) : group_pair(mins, r, g, g2, t);
       const __m256i nibble = _mm256_set1_epi8(15);
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * t.q_row + i * t.q_unit));
       const __m256i lo = _mm256_and_si256(bytes, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
