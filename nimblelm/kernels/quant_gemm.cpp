@@ -585,7 +585,7 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
   return with_scales(scales, mins, "int4_linear", [&](auto type) {
     using S = decltype(type);
     const S* sp = scales.data_ptr<S>();
-    // Without mins the weights are symmetric, every min -8 * scale, and a decode step reads a sixth fewer
+    // Without mins the weights are symmetric, every min -8 * scale, and a decode step reads a tenth fewer
     // bytes (groups of 32).
     const S* mp = mins ? mins->data_ptr<S>() : nullptr;
     at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
