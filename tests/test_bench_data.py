@@ -173,10 +173,62 @@ def test_sot_summary_counts_routed_questions_only():
     # Two decisive verdicts, both with SoT's answer shown first: one picks it, one picks plain's; neither
     # question's two orders agree.
     assert s["first_picked"] == 0.5 and s["agreed"] == {"sot": 0, "plain": 0, "tie": 0, "split": 2}
+    assert s["preference"] is None and s["balanced_sot_or_tie"] is None  # results from before the balanced judge
+    rows = [q(True, 1.0, 1.0, ["sot", "plain"]) | {"preference": p} for p in (0.8, 0.52, 0.3, None)]
+    judged = summarize_sot({"questions": rows, "load": {"plain": {"seconds": 1.0}, "sot": {"seconds": 1.0}}})
+    assert judged["preference"] == pytest.approx(0.54) and judged["balanced"] == {"sot": 1, "plain": 1, "tie": 1}
+    assert judged["balanced_sot_or_tie"] == pytest.approx(2 / 3)
     biased = summarize_sot({"questions": [q(True, 1.0, 1.0, ["sot", "plain"]), q(True, 1.0, 1.0, ["plain", "plain"])],
                             "load": {"plain": {"seconds": 1.0}, "sot": {"seconds": 1.0}}})
     assert biased["first_picked"] == 0.75 and biased["agreed"] == {"sot": 0, "plain": 1, "tie": 0, "split": 1}
     assert s["load_speedup"] == 1.5 and s["words_plain"] == 4 and s["words_sot"] == 2
+
+
+def _fake_judge(first_token_probs):
+    """A judge whose reply to the two orders (SoT's answer shown first, then plain's) starts with "A" and has
+    P(A), P(B) = first_token_probs[order] at its first token."""
+    import math
+    from types import SimpleNamespace
+
+    from nimblelm.outputs import Logprob
+
+    class Tokenizer:
+        chat_template = "plain"
+
+        def encode(self, text, add_special_tokens=False):
+            return {"A": [65], "B": [66]}.get(text) or [ord(c) for c in text[:50]]
+
+        def apply_chat_template(self, messages, **kw):
+            return messages[0]["content"]
+
+    def generate(prompts, params, use_tqdm=False):
+        assert len(prompts) == 2 and params.logprobs >= 2
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="A", logprobs=[
+            {65: Logprob(math.log(pa), 1), 66: Logprob(math.log(pb), 2)}])]) for pa, pb in first_token_probs]
+
+    return SimpleNamespace(tokenizer=Tokenizer(), generate=generate)
+
+
+@pytest.mark.parametrize(("probs", "expected", "verdict"), [
+    ([(0.9, 0.1), (0.9, 0.1)], 0.5, "tie"),  # it names whatever is shown first: the bias cancels
+    ([(0.8, 0.2), (0.3, 0.7)], 0.75, "sot"),  # SoT's answer likelier in both orders
+    ([(0.45, 0.45), (0.6, 0.2)], 0.375, "plain"),
+])
+def test_the_judges_preference_is_balanced_over_both_orders(probs, expected, verdict):
+    from nimblelm.bench import survey_sot
+
+    row = {"question": "q?", "sot_text": "1. a", "plain_text": "a"}
+    verdicts, preference = survey_sot._judge(_fake_judge(probs), row)
+    assert verdicts == ["sot", "plain"] and preference == pytest.approx(expected)
+    assert survey_sot.balanced(preference) == verdict
+
+
+def test_a_judge_naming_neither_label_has_no_preference():
+    from nimblelm.bench.survey_sot import first_choice_share
+    from nimblelm.outputs import Logprob
+
+    assert first_choice_share({7: Logprob(-0.1, 1)}, 65, 66) is None
+    assert first_choice_share({65: Logprob(-0.1, 1)}, 65, 66) == 1.0
 
 
 @pytest.mark.parametrize(("verdicts", "expected"), [(["sot", "sot"], "sot"), (["plain", "plain"], "plain"),
@@ -200,6 +252,7 @@ def test_a_sot_run_on_a_tiny_model(tiny_qwen, tmp_path):
     for r in rows:
         assert r["plain_s"] > 0 and r["sot_s"] > 0 and r["plain_text"]
         assert len(r["verdicts"]) == (2 if r["routed"] else 0)
+        assert (r["preference"] is None or 0 <= r["preference"] <= 1) and (r["routed"] or r["preference"] is None)
         if not r["routed"]:  # the fallback is plain decoding of the same prompt: the same greedy answer
             assert r["sot_text"] == r["plain_text"]
     assert report["sot"]["load"]["sot"]["output_tokens"] > 0
