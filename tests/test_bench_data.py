@@ -218,7 +218,7 @@ def test_the_judges_preference_is_balanced_over_both_orders(probs, expected, ver
     from nimblelm.bench import survey_sot
 
     row = {"question": "q?", "sot_text": "1. a", "plain_text": "a"}
-    verdicts, preference = survey_sot._judge(_fake_judge(probs), row)
+    verdicts, preference = survey_sot.judge_answers(_fake_judge(probs), row)
     assert verdicts == ["sot", "plain"] and preference == pytest.approx(expected)
     assert survey_sot.balanced(preference) == verdict
 

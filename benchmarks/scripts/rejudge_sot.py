@@ -29,7 +29,7 @@ def main() -> None:
     judge = LLM(judge_name, dtype=cfg.get("dtype") or "auto", num_threads=args.threads,
                 max_model_len=args.max_model_len)
     for row in report["sot"]["questions"]:
-        row["verdicts"], row["preference"] = survey_sot._judge(judge, row) if row["routed"] else ([], None)
+        row["verdicts"], row["preference"] = survey_sot.judge_answers(judge, row) if row["routed"] else ([], None)
     report["rejudged"] = {"from": str(args.results), "judge": judge_name, "precision": judge.llm_engine.precision,
                           "machine": f"{cpu_model()} ({' '.join(cpu_features())}), {args.threads} threads"}
     args.output.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def run_survey_sot(llm, judge, questions: Sequence[tuple[str, str]], *, max_toke
         load[mode] = {"seconds": time.perf_counter() - start,
                       "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
     for r in rows:
-        r["verdicts"], r["preference"] = _judge(judge, r) if r["routed"] else ([], None)
+        r["verdicts"], r["preference"] = judge_answers(judge, r) if r["routed"] else ([], None)
     return {"questions": rows, "load": load, "router": router, "max_tokens": max_tokens}
 
 
@@ -93,7 +93,7 @@ def first_choice_share(top: dict, a: int, b: int) -> float | None:
     return pa / (pa + pb) if pa + pb > 0 else None
 
 
-def _judge(judge, row: dict) -> tuple[list[str], float | None]:
+def judge_answers(judge, row: dict) -> tuple[list[str], float | None]:
     """The judge's verdicts with SoT's answer first, then second, as 'sot', 'plain', 'tie' or 'unclear'; and
     its position-balanced preference for SoT's answer (0..1; None where a label is not one token or the judge
     named neither)."""
