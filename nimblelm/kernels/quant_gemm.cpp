@@ -5,6 +5,7 @@
 #include <ATen/ops/zeros.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__F16C__)
@@ -339,6 +340,74 @@ static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const fl
     for (int r = 0; r < 4; ++r) out[m][r] = hsum(acc[r][m]);
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+// int4_dot4_pairs_ on tiles in 512-bit registers: a pair's 128 bytes hold the tile's four rows in turn, so one
+// register takes two rows (h = 0: rows 0 and 1, h = 1: rows 2 and 3) against the pair's activations in both
+// halves; about half the instructions per weight, where SmolLM2's batch-1 decode (its int4 weights in L3) is
+// bound by them. Each row's lanes compute what the 256-bit kernel's do, and its half is summed by the same
+// hsum: the same bits.
+template <typename S>
+static inline __m512 widen_scales(const S* p, int count) {  // the first `count` (4 or 8) values; the rest unused
+  __m256 v;
+  if constexpr (std::is_same_v<S, float>) {
+    v = count == 8 ? _mm256_loadu_ps(p) : _mm256_castps128_ps256(_mm_loadu_ps(p));
+  } else {
+    v = count == 8 ? widen8(p)
+                   : _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  return _mm512_castps256_ps512(v);
+}
+
+template <bool MINS, bool PACKED8, int R, typename S>
+static inline void int4_dot4_pairs_512(const int8_t* xp, const float* dxv, const float* xbv, int64_t xs, int64_t vs,
+                                       const uint8_t* q, const S* s, const S* mins, int64_t K, int64_t group,
+                                       float (*out)[4]) {
+  // The lanes' scales: PACKED8 widens a pair's 8 (groups 2i and 2i + 1 of rows 0-3: 4 g + r), else the four
+  // rows' one group (4 values).
+  const __m512i lanes[2] = {PACKED8 ? _mm512_set_epi32(5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4, 0, 0, 0, 0)
+                                    : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                            PACKED8 ? _mm512_set_epi32(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2)
+                                    : _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)};
+  __m512 acc[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(15);
+  const int64_t ahead = PREFETCH_ROWS * K / 2, pairs_per_group = std::max<int64_t>(group / QPAIR, 1);
+  for (int64_t i = 0; i < K / QPAIR; ++i) {
+    const uint8_t* w = q + i * 4 * QBLOCK;
+    _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + ahead + 64), _MM_HINT_T0);
+    const int64_t first = PACKED8 ? 8 * i : 4 * (i / pairs_per_group);
+    const __m512 s16 = widen_scales(s + first, PACKED8 ? 8 : 4);
+    const __m512 m16 = MINS ? widen_scales(mins + first, PACKED8 ? 8 : 4) : s16;
+    for (int h = 0; h < 2; ++h) {
+      const __m512i bytes = _mm512_loadu_si512(w + 64 * h);
+      const __m512i lo = _mm512_and_si512(bytes, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+      const __m512 sv = _mm512_permutexvar_ps(lanes[h], s16), mv = MINS ? _mm512_permutexvar_ps(lanes[h], m16) : sv;
+      for (int m = 0; m < R; ++m) {
+        const int8_t* x = xp + m * xs + i * QPAIR;
+        const __m512i xlo = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+        const __m512i xhi = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
+        const __m512 sums = _mm512_cvtepi32_ps(dot);
+        const __m512 dx = _mm512_broadcast_f32x8(_mm256_loadu_ps(dxv + m * vs + 8 * i));
+        const __m512 xb = _mm512_broadcast_f32x8(_mm256_loadu_ps(xbv + m * vs + 8 * i));
+        if constexpr (MINS) {
+          acc[h][m] = _mm512_fmadd_ps(mv, xb, _mm512_fmadd_ps(sums, _mm512_mul_ps(dx, sv), acc[h][m]));
+        } else {
+          acc[h][m] = _mm512_fmadd_ps(_mm512_fmadd_ps(sums, dx, xb), sv, acc[h][m]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int h = 0; h < 2; ++h) {
+      out[m][2 * h] = hsum(_mm512_castps512_ps256(acc[h][m]));
+      out[m][2 * h + 1] = hsum(_mm512_extractf32x8_ps(acc[h][m], 1));
+    }
+}
+#endif
+
 // R (at most XROWS) activation rows against four weight rows: the template instance for R and the layout.
 template <int R = XROWS, typename S>
 static inline void int4_dot4_pairs(int rows, const int8_t* xp, const float* dxv, const float* xbv, int64_t xs,
@@ -348,6 +417,13 @@ static inline void int4_dot4_pairs(int rows, const int8_t* xp, const float* dxv,
     if (rows < R) return int4_dot4_pairs<R - 1>(rows, xp, dxv, xbv, xs, vs, q, s, mins, K, group, t, out);
   }
   const bool packed8 = t.s_row == 1 && group == QBLOCK;
+#if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+  if (t.q_unit == 4 * QBLOCK) {  // tiles
+    auto f = mins ? (packed8 ? int4_dot4_pairs_512<true, true, R, S> : int4_dot4_pairs_512<true, false, R, S>)
+                  : (packed8 ? int4_dot4_pairs_512<false, true, R, S> : int4_dot4_pairs_512<false, false, R, S>);
+    return f(xp, dxv, xbv, xs, vs, q, s, mins, K, group, out);
+  }
+#endif
   auto f = mins ? (packed8 ? int4_dot4_pairs_<true, true, R, S> : int4_dot4_pairs_<true, false, R, S>)
                 : (packed8 ? int4_dot4_pairs_<false, true, R, S> : int4_dot4_pairs_<false, false, R, S>);
   f(xp, dxv, xbv, xs, vs, q, s, mins, K, group, t, out);
