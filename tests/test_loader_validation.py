@@ -13,7 +13,12 @@ from tiny_models import make_tiny_gguf, make_tiny_hf_model
 from nimblelm.errors import ModelFormatError, UnsupportedModelError
 from nimblelm.models.loader import load_model
 
-DROP = object()  # a config key to remove
+class _Drop:
+    def __repr__(self) -> str:  # a stable test id, the same in every process (pytest-xdist's workers)
+        return "DROP"
+
+
+DROP = _Drop()  # a config key to remove
 
 
 @pytest.fixture(autouse=True)
