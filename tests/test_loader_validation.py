@@ -13,6 +13,7 @@ from tiny_models import make_tiny_gguf, make_tiny_hf_model
 from nimblelm.errors import ModelFormatError, UnsupportedModelError
 from nimblelm.models.loader import load_model
 
+
 class _Drop:
     def __repr__(self) -> str:  # a stable test id, the same in every process (pytest-xdist's workers)
         return "DROP"
