@@ -331,11 +331,14 @@ def test_scales_of_another_type_are_refused(ops):
         ops.int8_linear(x, torch.zeros(8, 64, dtype=torch.int8), scales.bfloat16(), None, 32)
 
 
-@pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 16), (12, 96, 32), (40, 128, 64), (6, 64, 32)])
+# Pairs of blocks in tiles (AVX-512: the 512-bit kernel, rows: the 256-bit one) with groups of 32, 64 and 96 (a
+# pair across two groups); 5 activation rows: a call of four and one of one.
+@pytest.mark.parametrize(("n", "k", "group"), [(8, 64, 16), (12, 96, 32), (40, 128, 64), (6, 64, 32), (16, 128, 32),
+                                            (8, 192, 96)])
 def test_int8_linear_in_row_tiles_gives_the_sums_of_rows(ops, n, k, group):
     torch.manual_seed(n * k)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    scales, x, b = torch.rand(n, k // group) * 0.1, torch.randn(3, k), torch.randn(n)
+    scales, x, b = torch.rand(n, k // group) * 0.1, torch.randn(5, k), torch.randn(n)
     plain = ops.int8_linear(x, q, scales, b, group)
     t = tiles.tile({"qweight": q, "scales": scales})
     assert tiles.tileable(q) == (n % 4 == 0) and t["qweight"].shape == ((n // 4, 4 * k) if n % 4 == 0 else (n, k))

@@ -214,6 +214,10 @@ static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 widen8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+static inline __m128 widen4(const float* p) { return _mm_loadu_ps(p); }
+static inline __m128 widen4(const at::Half* p) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
 
 template <int r>
 static inline __m256 row_of(__m256 v8) { return _mm256_permute_ps(v8, r * 0x55); }
@@ -266,6 +270,60 @@ static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t 
     for (int r = 0; r < 4; ++r) out[m][r] = hsum(acc[r][m]);
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+// Lanes 0-3 of row 2h's value of a pair's first group, 4-7 of its second, 8-15 the same for row 2h + 1, from the
+// tile's 8 values of the pair (4 g + r for groups g and g2 of rows r = 0-3, as widen8 gives them in tiles).
+static inline __m512i pair_lanes(int h) {
+  return h == 0 ? _mm512_set_epi32(5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4, 0, 0, 0, 0)
+                : _mm512_set_epi32(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2);
+}
+
+// int8_dot4_pairs_ on tiles in 512-bit registers, as int4's below: one register holds two weight rows of a pair
+// (h = 0: rows 0 and 1, h = 1: rows 2 and 3), each row's two blocks rearranged by a two-source permute into the
+// 256-bit kernel's order (first halves of both blocks, then second halves), against the pair's activations in
+// both halves. AVX-512 has no byte sign instruction: the activations are negated under a mask of the weights'
+// signs, which gives the same products. Each row's lanes compute what the 256-bit kernel's do: the same bits.
+template <bool PACKED8, int R, typename S>
+static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
+                                       const S* s, int64_t K, int64_t group, float (*out)[4]) {
+  const __m512i lanes[2] = {pair_lanes(0), pair_lanes(1)};
+  const __m512i first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 acc[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
+  const int64_t ahead = PREFETCH_ROWS * K;
+  for (int64_t i = 0; i < K / QPAIR; ++i) {
+    const int8_t* w = q + 2 * i * 4 * QBLOCK;  // block 2i of the tile's four rows; block 2i + 1 follows
+    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(w + ahead + 64 * line), _MM_HINT_T0);
+    const int64_t g = 2 * i * QBLOCK / group, g2 = (2 * i + 1) * QBLOCK / group;
+    const __m512 s16 = _mm512_castps256_ps512(PACKED8 ? widen8(s + 8 * i)
+                                                      : _mm256_set_m128(widen4(s + 4 * g2), widen4(s + 4 * g)));
+    for (int h = 0; h < 2; ++h) {
+      const __m512i w0 = _mm512_loadu_si512(w + 64 * h), w1 = _mm512_loadu_si512(w + 4 * QBLOCK + 64 * h);
+      const __m512i a = _mm512_permutex2var_epi64(w0, first, w1), b = _mm512_permutex2var_epi64(w0, second, w1);
+      const __m512i a_abs = _mm512_abs_epi8(a), b_abs = _mm512_abs_epi8(b);
+      const __mmask64 a_neg = _mm512_movepi8_mask(a), b_neg = _mm512_movepi8_mask(b);
+      const __m512 sv = _mm512_permutexvar_ps(lanes[h], s16);
+      for (int m = 0; m < R; ++m) {
+        const int8_t* x = xp + m * xs + i * QPAIR;
+        const __m512i xa = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+        const __m512i xb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, a_abs, _mm512_mask_sub_epi8(xa, a_neg, zero, xa)),
+                                                b_abs, _mm512_mask_sub_epi8(xb, b_neg, zero, xb));
+        const __m512 dx = _mm512_broadcast_f32x8(_mm256_loadu_ps(dxv + m * vs + 8 * i));
+        acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dx), sv, acc[h][m]);
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int h = 0; h < 2; ++h) {
+      out[m][2 * h] = hsum(_mm512_castps512_ps256(acc[h][m]));
+      out[m][2 * h + 1] = hsum(_mm512_extractf32x8_ps(acc[h][m], 1));
+    }
+}
+#endif
+
 template <int R = XROWS, typename S>
 static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv, int64_t xs, int64_t vs,
                                    const int8_t* q, const S* s, int64_t K, int64_t group, const RowTile& t,
@@ -273,6 +331,11 @@ static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv,
   if constexpr (R > 1) {
     if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xs, vs, q, s, K, group, t, out);
   }
+#if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+  if (t.q_unit == 4 * QBLOCK)  // tiles
+    return (group == QBLOCK ? int8_dot4_pairs_512<true, R, S> : int8_dot4_pairs_512<false, R, S>)(xp, dxv, xs, vs, q,
+                                                                                                  s, K, group, out);
+#endif
   (t.q_row != QBLOCK ? int8_dot4_pairs_<false, false, R, S>
    : group == QBLOCK ? int8_dot4_pairs_<true, true, R, S>
                      : int8_dot4_pairs_<true, false, R, S>)(xp, dxv, xs, vs, q, s, K, group, t, out);
@@ -346,28 +409,11 @@ static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const fl
 // halves; about half the instructions per weight, where SmolLM2's batch-1 decode (its int4 weights in L3) is
 // bound by them. Each row's lanes compute what the 256-bit kernel's do, and its half is summed by the same
 // hsum: the same bits.
-template <typename S>
-static inline __m512 widen_scales(const S* p, int count) {  // the first `count` (4 or 8) values; the rest unused
-  __m256 v;
-  if constexpr (std::is_same_v<S, float>) {
-    v = count == 8 ? _mm256_loadu_ps(p) : _mm256_castps128_ps256(_mm_loadu_ps(p));
-  } else {
-    v = count == 8 ? widen8(p)
-                   : _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  return _mm512_castps256_ps512(v);
-}
-
 template <bool MINS, bool PACKED8, int R, typename S>
 static inline void int4_dot4_pairs_512(const int8_t* xp, const float* dxv, const float* xbv, int64_t xs, int64_t vs,
                                        const uint8_t* q, const S* s, const S* mins, int64_t K, int64_t group,
                                        float (*out)[4]) {
-  // The lanes' scales: PACKED8 widens a pair's 8 (groups 2i and 2i + 1 of rows 0-3: 4 g + r), else the four
-  // rows' one group (4 values).
-  const __m512i lanes[2] = {PACKED8 ? _mm512_set_epi32(5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4, 0, 0, 0, 0)
-                                    : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                            PACKED8 ? _mm512_set_epi32(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2)
-                                    : _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)};
+  const __m512i lanes[2] = {pair_lanes(0), pair_lanes(1)};
   __m512 acc[2][R];
   for (int h = 0; h < 2; ++h)
     for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
@@ -377,9 +423,12 @@ static inline void int4_dot4_pairs_512(const int8_t* xp, const float* dxv, const
     const uint8_t* w = q + i * 4 * QBLOCK;
     _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + ahead + 64), _MM_HINT_T0);
-    const int64_t first = PACKED8 ? 8 * i : 4 * (i / pairs_per_group);
-    const __m512 s16 = widen_scales(s + first, PACKED8 ? 8 : 4);
-    const __m512 m16 = MINS ? widen_scales(mins + first, PACKED8 ? 8 : 4) : s16;
+    // Without PACKED8 (groups of 64 or more) both blocks of the pair are in group g: its four values twice.
+    const int64_t g = i / pairs_per_group;
+    const auto values = [&](const S* v) {
+      return _mm512_castps256_ps512(PACKED8 ? widen8(v + 8 * i) : _mm256_set_m128(widen4(v + 4 * g), widen4(v + 4 * g)));
+    };
+    const __m512 s16 = values(s), m16 = MINS ? values(mins) : s16;
     for (int h = 0; h < 2; ++h) {
       const __m512i bytes = _mm512_loadu_si512(w + 64 * h);
       const __m512i lo = _mm512_and_si512(bytes, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
