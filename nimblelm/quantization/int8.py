@@ -81,8 +81,12 @@ INTEGER_MAX_ROWS = {"int8": 24, "int4": 40}
 INTEGER_MAX_ROWS_AMD_AVX512 = {"int8": 128, "int4": 256}
 # - Xeon with AMX, against the dequantizing linear on AMX tiles (2026-12-06, benchmarks/README.md "Quantized
 #   prefill on bfloat16 products"): int8 4.66 at 8 rows, 6.73 at 12 against 4.86, 5.02; int4 3.13 at 8,
-#   4.77 at 12, 6.35 at 16 against 4.36, 4.89, 5.01.
-INTEGER_MAX_ROWS_AMX = {"int8": 8, "int4": 12}
+#   4.77 at 12, 6.35 at 16 against 4.36, 4.89, 5.01. With the 512-bit integer kernels (`11cc022`, two runs):
+#   int8 4.93-5.07 at 8 rows, 5.92-7.16 at 12, 9.25-9.96 at 16 against 5.83-6.14, 5.95-6.61, 5.97-8.26; int4
+#   3.58-3.76 at 12, 4.54-4.93 at 16, 6.74-7.03 at 24 against 6.08-6.28, 5.96-6.06, 6.57-10.50. SmolLM2's
+#   shapes: int8 0.47-0.68 at 12, 0.60-0.86 at 16 against 0.60-0.81, 0.57-0.79; int4 0.57-0.58 at 20,
+#   0.67-0.70 at 24 against 0.63-0.65, 0.63-0.65.
+INTEGER_MAX_ROWS_AMX = {"int8": 12, "int4": 20}
 
 
 def integer_kernel_max_rows(fmt: str) -> int:
