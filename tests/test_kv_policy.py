@@ -338,12 +338,11 @@ def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, method, monkey
     monkeypatch.setattr(KVPolicy, "select", lambda self, *a: chosen.append(select(self, *a)) or chosen[-1])
     llm = LLM(str(folder), dtype="float32", max_model_len=1024, kv_policy={"method": method, "ratio": 0.25})
     ours = _generate(llm, [prompt], 24)[0]
-    kept = kvpress_peer.kept_positions(folder, prompt, method, 0.25)
+    kept, theirs = kvpress_peer.kept_and_generated(folder, prompt, method, 0.25, 16)
     assert len(kept) == 30 and len(chosen) == (30 if method == "snapkv" else 2)  # streaming: one choice for all
-    for layer, theirs in enumerate(kept):
-        assert theirs.shape == (3, 80)
-        assert torch.equal(chosen[layer if method == "snapkv" else 0], theirs), f"layer {layer}"
-    theirs = kvpress_peer.generate(folder, [prompt], method, 0.25, 16)[0]["token_ids"]
+    for layer, kept_here in enumerate(kept):
+        assert kept_here.shape == (3, 80)
+        assert torch.equal(chosen[layer if method == "snapkv" else 0], kept_here), f"layer {layer}"
     assert len(theirs) >= 8 and ours[: len(theirs)] == theirs
 
 
@@ -365,16 +364,15 @@ def test_gemma3_global_layers_keep_what_kvpress_keeps(method, monkeypatch):
     monkeypatch.setattr(KVPolicy, "select", lambda self, *a: chosen.append(select(self, *a)) or chosen[-1])
     llm = LLM("gemma3-270m", dtype="float32", max_model_len=1024, kv_policy={"method": method, "ratio": 0.25})
     ours = _generate(llm, [prompt], 24)[0]
-    kept = kvpress_peer.kept_positions(folder, prompt, method, 0.25)
+    kept, theirs = kvpress_peer.kept_and_generated(folder, prompt, method, 0.25, 16)
     globals_ = [i for i, window in enumerate(llm.model_config.layer_windows) if window is None]
     assert len(kept) == 18 and globals_ == [5, 11, 17]
-    for layer, theirs in enumerate(kept):
+    for layer, kept_here in enumerate(kept):
         if layer not in globals_:
-            assert theirs.tolist() == [list(range(320))], f"layer {layer}"
+            assert kept_here.tolist() == [list(range(320))], f"layer {layer}"
             continue
         ours_kept = chosen[globals_.index(layer) if method == "snapkv" else 0]  # streaming: one choice for all
-        assert theirs.shape == (1, 80) and torch.equal(ours_kept, theirs), f"layer {layer}"
-    theirs = kvpress_peer.generate(folder, [prompt], method, 0.25, 16)[0]["token_ids"]
+        assert kept_here.shape == (1, 80) and torch.equal(ours_kept, kept_here), f"layer {layer}"
     assert len(theirs) >= 8 and ours[: len(theirs)] == theirs
 
 

@@ -96,12 +96,28 @@ def kept_positions(model_dir, token_ids: list[int], method: str, keep_ratio: flo
     """Per decoder layer, a LongTensor [num_kv_heads, n_kept] of the prompt positions that kvpress's press kept
     for each KV head in one prefill of token_ids, ascending. method: "snapkv" (params window_size=64,
     kernel_size=5), "pyramidkv" (those and beta=20) or "streaming" (num_sinks=4); compression_ratio = 1 - keep_ratio, as kvpress counts it."""
-    import torch
+    return _kept(_ask(_kept_request("kept", model_dir, token_ids, method, keep_ratio, params)))
 
+
+def kept_and_generated(model_dir, token_ids: list[int], method: str, keep_ratio: float, max_new_tokens: int,
+                       **params) -> tuple[list[torch.Tensor], list[int]]:
+    """kept_positions, and the greedy token ids generate gives token_ids with the same press, from one worker
+    (one model load instead of two)."""
+    answer = _ask(_kept_request("both", model_dir, token_ids, method, keep_ratio, params)
+                  | {"max_new_tokens": max_new_tokens})
+    return _kept(answer), answer["outputs"][0]["token_ids"]
+
+
+def _kept_request(op: str, model_dir, token_ids: list[int], method: str, keep_ratio: float, params: dict) -> dict:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} ({', '.join(METHODS)})")
-    answer = _ask({"op": "kept", "model": str(Path(model_dir).resolve()), "token_ids": [int(t) for t in token_ids],
-                   "method": method, "keep_ratio": keep_ratio, "params": params})
+    return {"op": op, "model": str(Path(model_dir).resolve()), "token_ids": [int(t) for t in token_ids],
+            "method": method, "keep_ratio": keep_ratio, "params": params}
+
+
+def _kept(answer: dict) -> list[torch.Tensor]:
+    import torch
+
     return [torch.tensor(layer, dtype=torch.long) for layer in answer["kept"]]
 
 

@@ -6,6 +6,7 @@ stdin: one JSON request; stdout: the answer, one JSON line prefixed with '@@' (l
   {"op": "generate", "model", "prompts", "method" (null: no press), "keep_ratio", "max_new_tokens", "params",
    "threads" (null: torch's default)}
       -> {"outputs": [{"token_ids", "prefill_s", "decode_s"}, ...]}
+  {"op": "both", ...}: "kept"'s request and answer, and "generate"'s answer for its token_ids alone (one model load)
 The model loads in float32 with sdpa attention, so SnapKV computes its window's attention itself, kvpress's
 path when a layer returns no attention weights. Imports only torch, transformers, kvpress and the standard library.
 """
@@ -145,12 +146,14 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
     method, keep_ratio, params = req.get("method"), req.get("keep_ratio", 1.0), req.get("params", {})
     press = None if method is None else make_press(kvpress, method, keep_ratio, params)
-    if req["op"] == "kept":
-        answer = {"kept": kept(model, press, req["token_ids"])}
-    elif req["op"] == "generate":
-        answer = {"outputs": generate(model, press, req["prompts"], req["max_new_tokens"])}
-    else:
+    if req["op"] not in ("kept", "generate", "both"):
         raise ValueError(f"unknown op {req['op']!r}")
+    answer = {}
+    if req["op"] in ("kept", "both"):
+        answer["kept"] = kept(model, press, req["token_ids"])
+    if req["op"] in ("generate", "both"):
+        prompts = req["prompts"] if req["op"] == "generate" else [req["token_ids"]]
+        answer["outputs"] = generate(model, press, prompts, req["max_new_tokens"])
     print("@@" + json.dumps(answer), flush=True)
     return 0
 
