@@ -15,7 +15,7 @@ from nimblelm.models.loader import load_model
 
 
 class _Drop:
-    def __repr__(self) -> str:  # a stable test id, the same in every process (pytest-xdist's workers)
+    def __repr__(self) -> str:  # a stable test id (object() would put its address in it)
         return "DROP"
 
 

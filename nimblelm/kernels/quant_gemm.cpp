@@ -5,7 +5,6 @@
 #include <ATen/ops/zeros.h>
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #if defined(__F16C__)
