@@ -196,7 +196,8 @@ def cmd_compress_prompt(args) -> int:
     config = _prompt_compression({
         "method": args.method, "rate": args.rate, "target_tokens": args.target_tokens, "keep": args.keep or [],
         "question": args.question, "unit": args.unit, "segment_tokens": args.segment_tokens,
-        "coarse_factor": args.coarse_factor, "dynamic_ratio": args.dynamic_ratio, "scorer": args.scorer})
+        "coarse_factor": args.coarse_factor, "dynamic_ratio": args.dynamic_ratio, "reorder": args.reorder,
+        "scorer": args.scorer})
     scorer = Scorer(config.scorer or SCORER_MODEL, max_model_len=args.scorer_window, num_threads=args.num_threads)
     out = compress(text, config, scorer)
     print(out.text)
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, temperature=0.0, max_tokens=128)
     p.set_defaults(func=cmd_generate)
 
-    from nimblelm.prompting.compression import METHODS, UNITS
+    from nimblelm.prompting.compression import METHODS, REORDERS, UNITS
     from nimblelm.prompting.scorer import SCORER_MODEL
 
     p = sub.add_parser("compress-prompt", help="compress a prompt with a small scorer LM; print it and its statistics")
@@ -337,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-ratio", type=float, default=None,
                    help="llmlingua: kept shares of the paragraphs by rank, the mean +- this (default: longllmlingua "
                         "0.3, llmlingua 0)")
+    p.add_argument("--reorder", default=None, choices=REORDERS,
+                   help="llmlingua: the kept paragraphs in the prompt's order or best ranked first (default: "
+                        "longllmlingua sort, llmlingua original)")
     p.add_argument("--scorer", default=None, help=f"the scoring model (default: {SCORER_MODEL})")
     p.add_argument("--scorer-window", type=int, default=None, help="the scorer's max_model_len (default: its context)")
     p.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")

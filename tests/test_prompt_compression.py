@@ -95,11 +95,13 @@ def reference_shares(sizes, room, spread):
     return [min(1.0, max(0.0, high + d)) for d in deltas]
 
 
-def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_factor=1.0, spread=None):
+def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_factor=1.0, spread=None, reorder=None):
+    """The compressed text, and the blank lines added between paragraphs that reordering brought together."""
     ids, starts = oracle.tokenize(text)
     owned = _owned(text, starts)
     budget = math.ceil(rate * len(ids))
     spread = (0.3 if question else 0.0) if spread is None else spread
+    sort = (reorder or ("sort" if question else "original")) == "sort"
     # coarse: paragraphs (ending after blank lines) by their perplexity (or the question's, with LongLLMLingua's
     # restrictive statement, surprisal given them), kept up to coarse_factor x budget
     breaks = [m.end() for m in re.finditer(r"\n\s*\n", text)]
@@ -110,7 +112,7 @@ def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_facto
             paragraphs.append([])
         paragraphs[-1].append(i)
     order, groups = list(range(len(ids))), [list(range(len(ids)))]
-    if len(ids) > coarse_factor * budget or spread:
+    if len(ids) > coarse_factor * budget or spread or sort:
         if question:
             q = oracle.tokenize(question + " We can get the answer to this question in the given documents.")[0]
             rank = [sum(oracle.surprisal([ids[i] for i in p], q)) / len(q) for p in paragraphs]
@@ -128,8 +130,10 @@ def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_facto
                     groups.append(paragraphs[j])
                     total += len(paragraphs[j])
             order = sorted(i for g in groups for i in g)
+        if sort:  # the kept paragraphs best ranked first
+            order = [i for g in groups for i in g]
     if budget >= len(order):
-        return "".join(owned[i] for i in order)
+        return _joined(order, owned, paragraphs)
     share = {}
     for g, s in zip(groups, reference_shares([len(g) for g in groups], budget, spread)):
         share.update(dict.fromkeys(g, s))
@@ -151,7 +155,22 @@ def reference_llmlingua(text, rate, oracle, segment, question=None, coarse_facto
             turn.update({j: (r + 0.5) / (len(members) * s) if s else math.inf for r, j in enumerate(members)})
         best = sorted(range(len(seg)), key=lambda j: (turn[j], j))[:max(0, k)]
         out += [seg[j] for j in sorted(best)]
-    return "".join(owned[i] for i in out)
+    return _joined(out, owned, paragraphs)
+
+
+def _joined(order, owned, paragraphs):
+    """The tokens' text; out of the prompt's order, each paragraph's kept text is followed by a blank line where
+    it lacks one and another comes after it."""
+    if order == sorted(order):
+        return "".join(owned[i] for i in order), 0
+    of = {i: k for k, p in enumerate(paragraphs) for i in p}
+    pieces = ["".join(owned[i] for i in g) for _, g in itertools.groupby(order, key=of.get)]
+    text, added = pieces[0], 0
+    for piece in pieces[1:]:
+        if not re.search(r"\n\s*\n\s*$", text):
+            text, added = text + "\n\n", added + 1
+        text += piece
+    return text, added
 
 
 @pytest.mark.parametrize("rate", [0.3, 0.5, 0.8])
@@ -165,20 +184,46 @@ def test_selective_context_matches_the_reference(scorer, oracle, rate):
 def test_llmlingua_matches_the_reference(scorer, oracle, rate, segment, coarse):
     config = PromptCompression(method="llmlingua", rate=rate, segment_tokens=segment, coarse_factor=coarse)
     got = compress(PROMPT, config, scorer)
-    assert got.text == reference_llmlingua(PROMPT, rate, oracle, segment, coarse_factor=coarse)
+    assert (got.text, 0) == reference_llmlingua(PROMPT, rate, oracle, segment, coarse_factor=coarse)
     assert got.compressed_tokens == math.ceil(rate * got.original_tokens) or rate == 0.2
 
 
-@pytest.mark.parametrize("rate, coarse, spread", [(0.5, 1.0, None), (0.25, 1.0, None), (0.5, 2.0, None),
-                                                  (0.3, 2.0, 0.0), (0.4, 2.0, 1.0)])
-def test_longllmlingua_matches_the_reference(scorer, oracle, rate, coarse, spread):
+@pytest.mark.parametrize("rate, coarse, spread, reorder", [
+    (0.5, 1.0, None, None), (0.25, 1.0, None, None), (0.5, 2.0, None, None), (0.3, 2.0, 0.0, None),
+    (0.4, 2.0, 1.0, None), (0.5, 1.0, None, "original"), (0.3, 2.0, 0.0, "original"), (1.0, 1.0, 0.0, None)])
+def test_longllmlingua_matches_the_reference(scorer, oracle, rate, coarse, spread, reorder):
     question = "who kept the weather log?"
     config = PromptCompression(method="longllmlingua", rate=rate, segment_tokens=12, question=question,
-                               coarse_factor=coarse, dynamic_ratio=spread)
+                               coarse_factor=coarse, dynamic_ratio=spread, reorder=reorder)
     got = compress(PROMPT, config, scorer)
-    assert got.text == reference_llmlingua(PROMPT, rate, oracle, 12, question=question, coarse_factor=coarse,
-                                           spread=spread)
-    assert got.compressed_tokens == math.ceil(rate * got.original_tokens)
+    text, added = reference_llmlingua(PROMPT, rate, oracle, 12, question=question, coarse_factor=coarse,
+                                      spread=spread, reorder=reorder)
+    assert got.text == text
+    assert got.compressed_tokens == math.ceil(rate * got.original_tokens) + added * len(scorer.tokenize("\n\n")[0])
+
+
+@pytest.mark.parametrize("rate, coarse", [(0.5, 1.0), (0.3, 2.0), (1.0, 1.0)])
+def test_llmlingua_sorted_matches_the_reference(scorer, oracle, rate, coarse):
+    config = PromptCompression(method="llmlingua", rate=rate, segment_tokens=9, coarse_factor=coarse, reorder="sort")
+    got = compress(PROMPT, config, scorer)
+    text, added = reference_llmlingua(PROMPT, rate, oracle, 9, coarse_factor=coarse, reorder="sort")
+    assert got.text == text
+    assert got.compressed_tokens == math.ceil(rate * got.original_tokens) + added * len(scorer.tokenize("\n\n")[0])
+
+
+def test_sorting_moves_whole_paragraphs_and_leaves_kept_ones_in_place(scorer):
+    """At rate 1 nothing is pruned: the text is the documents in rank order, each intact, with the instruction
+    and question (kept verbatim, their own paragraphs) where they were."""
+    instruction, question = "Answer from the documents below.", "Question: who kept the weather log?"
+    prompt = "\n\n".join([instruction, *PARAGRAPHS, question])
+    config = PromptCompression(method="longllmlingua", rate=1.0, question="who kept the weather log?",
+                               keep=(instruction, question))
+    got = compress(prompt, config, scorer)
+    parts = got.text.split("\n\n")
+    assert parts[0] == instruction and parts[-1] == question
+    assert sorted(parts[1:-1]) == sorted(PARAGRAPHS) and parts[1:-1] != PARAGRAPHS  # the tiny model ranks 1, 4, 2, 3
+    plain = compress(prompt, PromptCompression(**{**config.__dict__, "reorder": "original"}), scorer)
+    assert plain.text == prompt
 
 
 @pytest.mark.parametrize("sizes, room, spread", [([10, 10, 10], 15, 0.3), ([4, 50, 7, 20], 30, 0.3),
@@ -243,12 +288,12 @@ def test_the_coarse_stage_keeps_at_least_the_budget(scorer):
 
 @pytest.mark.parametrize("method", ["selective_context", "llmlingua", "longllmlingua"])
 def test_rate_one_gives_the_prompt_back_and_kept_spans_survive(scorer, method):
-    question = "who kept the weather log?"
-    whole = compress(PROMPT, PromptCompression(method=method, rate=1.0, question=question), scorer)
+    question = "who kept the weather log?"  # in the prompt's order (longllmlingua would sort its paragraphs)
+    whole = compress(PROMPT, PromptCompression(method=method, rate=1.0, question=question, reorder="original"), scorer)
     assert whole.text == PROMPT and whole.ratio == 1.0
     keep = ("Question: who kept the weather log?", "in 1881")
     got = compress(PROMPT, PromptCompression(method=method, rate=0.3, keep=keep, question=question,
-                                             segment_tokens=10), scorer)
+                                             segment_tokens=10, reorder="original"), scorer)
     assert all(k in got.text for k in keep)
     assert got.compressed_tokens < whole.compressed_tokens
     # what is kept is the prompt's own text: a subsequence of its characters
@@ -272,6 +317,8 @@ def test_target_tokens_and_an_empty_prompt(scorer):
     ({"unit": "phrase"}, "unit 'phrase' is not one of token, word, sentence"),
     ({"dynamic_ratio": 1.5}, "dynamic_ratio must be in [0, 1], got 1.5"),
     ({"method": "longllmlingua"}, "needs the question"),
+    ({"reorder": "reverse"}, "reorder 'reverse' is not one of original, sort"),
+    ({"method": "selective_context", "reorder": "sort"}, "needs a method that ranks paragraphs"),
 ])
 def test_impossible_options_are_one_clear_error(options, message):
     with pytest.raises(InvalidRequestError, match=re.escape(message)):
@@ -311,6 +358,7 @@ def test_compress_prompt_prints_the_prompt_and_its_statistics(tiny_llama, tmp_pa
     (["--method", "longllmlingua", "x"], "needs the question"),
     (["--dynamic-ratio", "-0.1", "x"], "dynamic_ratio must be in [0, 1]"),
     (["--coarse-factor", "0.5", "x"], "coarse_factor >= 1"),
+    (["--method", "selective_context", "--reorder", "sort", "x"], "needs a method that ranks paragraphs"),
 ])
 def test_compress_prompt_errors_are_one_line(argv, message, capsys):
     from nimblelm.cli import main
@@ -363,6 +411,7 @@ def test_the_server_compresses_prompts_asked_to_and_says_so_in_usage(tiny_server
     ({"prompt": [1, 2, 3], "prompt_compression": {}}, "needs text prompts"),
     ({"prompt": "x y z", "prompt_compression": {"method": "longllmlingua"}}, "needs the question"),
     ({"prompt": "x y z", "prompt_compression": {"dynamic_ratio": 2}}, "dynamic_ratio must be in [0, 1]"),
+    ({"prompt": "x y z", "prompt_compression": {"reorder": "reverse"}}, "reorder 'reverse' is not one of"),
 ])
 def test_the_servers_prompt_compression_errors_are_clear_400s(tiny_server, body, message):
     import httpx2 as httpx

@@ -225,6 +225,9 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     sur.add_argument("--lingua-methods", default="llmlingua,longllmlingua",
                      help="data: the llmlingua package's methods run beside (default llmlingua,longllmlingua; "
                           "none to skip the peer)")
+    sur.add_argument("--reorder", default=None, choices=("original", "sort"),
+                     help="data: the order of the paragraphs nimblelm's llmlingua and longllmlingua keep (default: "
+                          "each method's own, longllmlingua sort, llmlingua original)")
     sur.add_argument("--scorer", default=None,
                      help="data: the small LM every compressor scores with (default: the smallest packaged model)")
     sur.add_argument("--context-tokens", default=None,
@@ -903,7 +906,7 @@ def run_survey_data_command(args) -> dict:
                 skipped["llmlingua"] = str(e)
                 lingua_methods = []
         out = run_survey_data(answerer, scorer, lingua, tasks, methods=methods, lingua_methods=lingua_methods,
-                              ratios=ratios, logger=log, progress=not args.no_progress)
+                              ratios=ratios, reorder=args.reorder, logger=log, progress=not args.no_progress)
     sot = None
     if "sot" in workloads:
         judge = answerer if judge_name == args.model else LLM(model=judge_name, num_threads=ctx.threads,
@@ -912,7 +915,8 @@ def run_survey_data_command(args) -> dict:
                              logger=log)
     config = {"experiment": args.experiment, "model": args.model, "dtype": args.dtype, "scorer": scorer_name,
               "scorer_precision": scorer.llm.llm_engine.precision if compressing else None,
-              "judge": judge_name if sot else None, "methods": methods, "lingua_methods": lingua_methods,
+              "judge": judge_name if sot else None, "methods": methods, "reorder": args.reorder,
+              "lingua_methods": lingua_methods,
               "ratios": ratios, "workloads": workloads, "num_prompts": n, "context_tokens": lengths,
               "gen_len": args.gen_len, "threads": ctx.threads, "seed": args.seed,
               "llmlingua_version": lingua.version if lingua else None, **_precision_config(args)}

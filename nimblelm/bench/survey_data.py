@@ -74,8 +74,9 @@ def break_even(records: Sequence[dict], baseline: dict[tuple, dict]) -> dict:
 class _Runs:
     """Compressors and the answering model, measured one call at a time."""
 
-    def __init__(self, answerer, scorer, lingua, methods: Sequence[str], lingua_methods: Sequence[str]):
-        self.answerer, self.scorer, self.lingua = answerer, scorer, lingua
+    def __init__(self, answerer, scorer, lingua, methods: Sequence[str], lingua_methods: Sequence[str],
+                 reorder: str | None):
+        self.answerer, self.scorer, self.lingua, self.reorder = answerer, scorer, lingua, reorder
         self.compressors = [("nimblelm", m) for m in methods] + [("llmlingua", m) for m in lingua_methods]
 
     def context_tokens(self, text: str) -> int:
@@ -89,7 +90,8 @@ class _Runs:
 
         self.scorer.llm.reset_prefix_cache()
         config = PromptCompression(method=method, rate=None, target_tokens=budget,
-                                   question=task.rank_question if method == "longllmlingua" else None)
+                                   question=task.rank_question if method == "longllmlingua" else None,
+                                   reorder=None if method == "selective_context" else self.reorder)
         out = compress(task.context, config, self.scorer)
         return out.text, out.seconds
 
@@ -115,12 +117,12 @@ def _rotated(items: list, i: int) -> list:
 
 
 def run_survey_data(answerer, scorer, lingua, tasks: Sequence[DataTask], *, methods: Sequence[str],
-                    lingua_methods: Sequence[str], ratios: Sequence[float],
+                    lingua_methods: Sequence[str], ratios: Sequence[float], reorder: str | None = None,
                     logger: Callable[[str], None] = lambda m: None, progress: bool = False) -> dict:
     """Every task compressed by every method at every ratio, then answered; see the module docstring."""
     from tqdm import tqdm
 
-    runs = _Runs(answerer, scorer, lingua, methods, lingua_methods)
+    runs = _Runs(answerer, scorer, lingua, methods, lingua_methods, reorder)
     baseline: dict[tuple, dict] = {}
     records: list[dict] = []
     errors: dict[str, str] = {}
@@ -274,7 +276,10 @@ def _compression_markdown(report: dict) -> list[str]:
     out = [(f"- prompt compression: scorer {cfg['scorer']} (nimblelm's engine{precision}; llmlingua "
             f"{cfg.get('llmlingua_version') or '-'} on transformers, the same weights in float32); qa and needle "
             f"contexts of {', '.join(map(str, cfg['context_tokens']))} answerer tokens in turn; the answerer's "
-            "prefix cache emptied before each prompt")]
+            "prefix cache emptied before each prompt; nimblelm's paragraphs in "
+            + {None: "each method's own order (longllmlingua sorted by rank, llmlingua the prompt's)",
+               "sort": "rank order", "original": "the prompt's order"}[cfg.get("reorder")]
+            + " (llmlingua's LongLLMLingua: sort)")]
     for name, reason in (report.get("errors") or {}).items():
         out.append(f"- {name}: failed ({reason})")
     for name, reason in (report.get("skipped") or {}).items():

@@ -18,6 +18,10 @@ compressed prompt is the kept tokens' characters in order, so kept spans come ba
   above the mean for the first, as far below for the last), then tokens by contrastive surprisal: how much
   less surprising the question makes them.
 
+Both rank the paragraphs, and `reorder="sort"` (LongLLMLingua's document reordering, its default there) puts the
+kept ones in rank order, best first, where the lost-in-the-middle effect hurts least; paragraphs that hold nothing
+but kept-verbatim text stay in place, and a blank line separates paragraphs that reordering brought together.
+
 Parts of the prompt the user names in `keep` are never dropped; they count against the budget.
 """
 
@@ -34,6 +38,8 @@ from nimblelm.errors import InvalidRequestError
 
 METHODS = ("selective_context", "llmlingua", "longllmlingua")
 UNITS = ("token", "word", "sentence")
+REORDERS = ("original", "sort")
+SEPARATOR = "\n\n"  # between paragraphs that reordering brings together
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ class PromptCompression:
     # The kept paragraphs' shares of tokens kept, from the first ranked to the last: the mean plus this, down to
     # the mean minus this. None: LongLLMLingua's 0.3 for longllmlingua, 0 (one share) for llmlingua.
     dynamic_ratio: float | None = None
+    # llmlingua, longllmlingua: the kept paragraphs in the prompt's order ("original") or in rank order ("sort").
+    # None: "sort" for longllmlingua, "original" for llmlingua.
+    reorder: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,6 +76,11 @@ class PromptCompression:
             raise InvalidRequestError("prompt compression segment_tokens must be >= 1 and coarse_factor >= 1")
         if self.dynamic_ratio is not None and not 0 <= self.dynamic_ratio <= 1:
             raise InvalidRequestError(f"prompt compression dynamic_ratio must be in [0, 1], got {self.dynamic_ratio}")
+        if self.reorder is not None and self.reorder not in REORDERS:
+            raise InvalidRequestError(f"prompt compression reorder {self.reorder!r} is not one of {', '.join(REORDERS)}")
+        if self.reorder == "sort" and self.method == "selective_context":
+            raise InvalidRequestError("prompt compression reorder='sort' needs a method that ranks paragraphs "
+                                      "(llmlingua, longllmlingua)")
         if self.method == "longllmlingua" and not (self.question or "").strip():
             raise InvalidRequestError("prompt compression method longllmlingua needs the question")
         object.__setattr__(self, "keep", tuple(k for k in (self.keep or ()) if k))
@@ -100,6 +114,9 @@ class _Prompt:
         # A paragraph ends after each run of blank lines; a token belongs to the one its first character is in.
         breaks = [m.end() for m in re.finditer(r"\n\s*\n", text)]
         self.paragraph = [sum(b <= a for b in breaks) for a, _ in self.spans]
+        # A paragraph of kept text and white space is kept whole: the blank line after a kept instruction stays.
+        loose = {k for i, k in enumerate(self.paragraph) if not self.forced[i] and not self.owned(i).isspace()}
+        self.forced = [f or k not in loose for f, k in zip(self.forced, self.paragraph)]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,8 +125,18 @@ class _Prompt:
         a, b = self.spans[i]
         return self.text[a:b]
 
-    def joined(self, kept: Sequence[int]) -> str:
-        return "".join(self.owned(i) for i in sorted(kept))
+    def joined(self, order: Sequence[int]) -> tuple[str, int]:
+        """The characters of the tokens in `order`, and how many SEPARATORs were added: where `order` is not the
+        prompt's own, one between two paragraphs where the first does not end in a blank line."""
+        separate = list(order) != sorted(order)
+        parts, added = [], 0
+        for prev, i in itertools.pairwise([None, *order]):
+            if (separate and prev is not None and self.paragraph[i] != self.paragraph[prev]
+                    and not re.search(r"\n\s*\n\s*$", "".join(parts[-4:]))):
+                parts.append(SEPARATOR)
+                added += 1
+            parts.append(self.owned(i))
+        return "".join(parts), added
 
 
 def _budget(config: PromptCompression, n: int) -> int:
@@ -175,31 +202,42 @@ def _spread(config: PromptCompression) -> float:
     return 0.3 if config.method == "longllmlingua" else 0.0
 
 
+def _reorder(config: PromptCompression) -> str:
+    if config.reorder is not None:
+        return config.reorder
+    return "sort" if config.method == "longllmlingua" else "original"
+
+
 def _coarse(p: _Prompt, config: PromptCompression, scorer, budget: int) -> tuple[list[int], list[list[int]]]:
-    """The tokens of the paragraphs kept by rank (forced tokens always), up to coarse_factor x budget; and the
-    kept paragraphs' tokens that are not forced, best ranked first (one group where nothing was ranked)."""
+    """The tokens of the paragraphs kept by rank (forced tokens always), up to coarse_factor x budget, in the
+    order they will stand; and the kept paragraphs' tokens that are not forced, best ranked first (one group
+    where nothing was ranked)."""
     paragraphs: dict[int, list[int]] = {}
     for i in range(len(p)):
         if not p.forced[i]:
             paragraphs.setdefault(p.paragraph[i], []).append(i)
-    items = list(paragraphs.values())
+    ids, items = list(paragraphs), list(paragraphs.values())
     forced = [i for i in range(len(p)) if p.forced[i]]
     limit = config.coarse_factor * budget - len(forced)
     fits = len(p) - len(forced) <= limit
-    if len(items) < 2 or (fits and not _spread(config)):
+    sort = _reorder(config) == "sort"
+    if len(items) < 2 or (fits and not _spread(config) and not sort):
         return list(range(len(p))), [[i for item in items for i in item]]
     ranked = _ranked(p, config, scorer, items)
-    if fits:
-        return list(range(len(p))), [items[j] for j in ranked]
-    kept, groups, total, room = set(forced), [], 0, max(1, budget - len(forced))
-    for j in ranked:
-        # Short of the budget, the next ranked always (token pruning cuts it down): else a short first paragraph
-        # and long others would leave fewer tokens than the budget.
-        if total + len(items[j]) <= limit or total < room:
-            kept.update(items[j])
-            groups.append(items[j])
-            total += len(items[j])
-    return sorted(kept), groups
+    chosen, kept = ranked, range(len(p))
+    if not fits:
+        chosen, total, room = [], 0, max(1, budget - len(forced))
+        for j in ranked:
+            # Short of the budget, the next ranked always (token pruning cuts it down): else a short first
+            # paragraph and long others would leave fewer tokens than the budget.
+            if total + len(items[j]) <= limit or total < room:
+                chosen.append(j)
+                total += len(items[j])
+        kept = {*forced, *(i for j in chosen for i in items[j])}
+    # Sorted, the chosen paragraphs take the places the chosen paragraphs held, best ranked first.
+    place = dict(zip((ids[j] for j in chosen), sorted(ids[j] for j in chosen))) if sort else {}
+    order = sorted(kept, key=lambda i: (place.get(p.paragraph[i], p.paragraph[i]), i))
+    return order, [items[j] for j in chosen]
 
 
 def _shares(groups: list[list[int]], room: int, spread: float) -> dict[int, float]:
@@ -284,4 +322,7 @@ def compress(prompt: str, config: PromptCompression, scorer) -> CompressedPrompt
         kept = _selective_context(p, config, scorer)
     else:
         kept = _iterative(p, config, scorer, *_coarse(p, config, scorer, budget), budget)
-    return CompressedPrompt(p.joined(kept), len(p), len(kept), time.perf_counter() - start)
+    text, separators = p.joined(kept)
+    if separators:
+        separators *= len(scorer.tokenize(SEPARATOR)[0])
+    return CompressedPrompt(text, len(p), len(kept) + separators, time.perf_counter() - start)

@@ -64,6 +64,7 @@ class PromptCompressionOptions(_Request):
     segment_tokens: Int = 100
     coarse_factor: float = 1.0
     dynamic_ratio: float | None = None
+    reorder: str | None = None
 
     def config(self, scorer: str) -> PromptCompression:
         return PromptCompression(**{**self.model_dump(), "keep": tuple(self.keep)}, scorer=scorer)
