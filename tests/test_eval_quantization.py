@@ -43,6 +43,10 @@ def test_every_setting_on_a_tiny_model(tiny_qwen, tmp_path, capsys):
     assert rows["kv-fp16"]["kv_bytes_per_token"] == rows["kv-bf16"]["kv_bytes_per_token"]
     kv = [rows[name]["kv_bytes_per_token"] for name in ("fp32", "kv-fp16", "kv-int8", "kv-int4", "kv-int2")]
     assert kv == sorted(kv, reverse=True) and kv[0] == 2 * 2 * 2 * 16 * 4  # layers, K and V, KV heads, channels
+    # Longer blocks share a key scale and minimum among more tokens.
+    assert rows["kv-int4-b32"]["kv_bytes_per_token"] < rows["kv-int4"]["kv_bytes_per_token"]
+    kv = [rows[name]["kv_bytes_per_token"] for name in ("kv-int2", "kv-int2-b32", "kv-int2-b64")]
+    assert kv == sorted(kv, reverse=True) and len(set(kv)) == 3
     report = (tmp_path / "report.md").read_text()
     assert "KV cache int8: all 2 layers int8 (the probe's largest change: " in report
     assert "| GPTQ int4 g64 |" in report and "groups of 64 (asked 128" in report

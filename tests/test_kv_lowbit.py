@@ -40,22 +40,22 @@ def _fake_quantize(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
     return torch.round((x - low) * inv).clamp(0, 2**bits - 1) * scale + low
 
 
-def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0):
+def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0, block: int = BLOCK):
     """An attention function for transformers that reads K/V by the cache's rule in one pass; with `votes`, each
     layer appends SnapKV's votes of the last `window` rows, per KV head, as the rows read the entries."""
 
     def attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
         n, d = k.shape[2:]
-        full = n // BLOCK * BLOCK
+        full = n // block * block
         kq, vq = k.clone(), v.clone()
-        kq[:, :, :full] = _fake_quantize(k[:, :, :full].unflatten(2, (-1, BLOCK)), 3, bits).flatten(2, 3)
+        kq[:, :, :full] = _fake_quantize(k[:, :, :full].unflatten(2, (-1, block)), 3, bits).flatten(2, 3)
         channels = 32 if d % 32 == 0 else 16  # a value scale's
         vq = _fake_quantize(v.unflatten(-1, (-1, channels)), -1, bits).flatten(-2)
         pos = torch.arange(n)
         visible = pos[None, :] <= pos[:, None]
         if sliding_window is not None:
             visible &= pos[None, :] > pos[:, None] - sliding_window
-        same = (pos[None, :] // BLOCK) == (pos[:, None] // BLOCK)
+        same = (pos[None, :] // block) == (pos[:, None] // block)
         mask = torch.cat([visible & ~same, visible & same], 1)
         o = F.scaled_dot_product_attention(q, torch.cat([kq, k], 2), torch.cat([vq, v], 2), attn_mask=mask,
                                            scale=scaling, enable_gqa=True)
@@ -70,10 +70,10 @@ def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0
     return attention
 
 
-def _oracle_logprobs(folder, ids: list[int], bits: int | None) -> torch.Tensor:
+def _oracle_logprobs(folder, ids: list[int], bits: int | None, block: int = BLOCK) -> torch.Tensor:
     """log-softmax of transformers' logits at every position of ids, its attention reading the cache's rule
-    (bits None: plain attention)."""
-    AttentionInterface.register("kivi_oracle", _rule_attention(bits))
+    with KV blocks of `block` tokens (bits None: plain attention)."""
+    AttentionInterface.register("kivi_oracle", _rule_attention(bits, block=block))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  attn_implementation="sdpa" if bits is None else "kivi_oracle")
     with torch.no_grad():
@@ -153,9 +153,10 @@ def _run(llm: LLM, prompts: list[list[int]], max_tokens: int, logprobs: bool = T
              [next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]] if logprobs else None) for o in outs]
 
 
-def _check(folder, prompt: list[int], tokens: list[int], prompt_lps: list[float] | None, bits: int) -> None:
+def _check(folder, prompt: list[int], tokens: list[int], prompt_lps: list[float] | None, bits: int,
+           block: int = BLOCK) -> None:
     """Each greedy token is the oracle's choice, and the prompt's logprobs are the oracle's."""
-    ref = _oracle_logprobs(folder, prompt + tokens[:-1], bits)
+    ref = _oracle_logprobs(folder, prompt + tokens[:-1], bits, block)
     assert ref[len(prompt) - 1 :].argmax(-1).tolist() == tokens
     if prompt_lps is None:
         return
@@ -184,6 +185,17 @@ def test_greedy_and_prompt_logprobs_match_the_oracle(tiny_qwen, wide_heads, bits
     [(tokens, lps)] = _run(llm, [prompt], 40)
     _check(folder, prompt, tokens, lps, bits)
     assert replays == ([1] * 39 if kernel else [])
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_blocks_of_32_tokens_are_the_key_groups_and_the_residual(wide_heads, bits, replays):
+    """--block-size sets KIVI's key group and full-precision residual: 32 tokens here, against an oracle of
+    32-token blocks (one of 16 fails it)."""
+    prompt = _prompt(150)
+    llm = LLM(str(wide_heads), dtype="float32", max_model_len=512, kv_cache_dtype=f"int{bits}", block_size=32)
+    [(tokens, lps)] = _run(llm, [prompt], 40)
+    _check(wide_heads, prompt, tokens, lps, bits, block=32)
+    assert replays == [1] * 39
 
 
 def test_chunks_batches_prefix_hits_and_preemption_keep_every_output(tiny_qwen):

@@ -49,6 +49,10 @@ SETTINGS = {s.name: s for s in (
     Setting("kv-int8", "KV cache int8", {"kv_cache_dtype": "int8"}),
     Setting("kv-int4", "KV cache int4 (KIVI)", {"kv_cache_dtype": "int4"}),
     Setting("kv-int2", "KV cache int2 (KIVI)", {"kv_cache_dtype": "int2"}),
+    # KIVI's key groups and residual of 32 tokens and more: fewer scale bytes, more tokens at full precision
+    Setting("kv-int4-b32", "KV cache int4 (KIVI), 32-token blocks", {"kv_cache_dtype": "int4", "block_size": 32}),
+    Setting("kv-int2-b32", "KV cache int2 (KIVI), 32-token blocks", {"kv_cache_dtype": "int2", "block_size": 32}),
+    Setting("kv-int2-b64", "KV cache int2 (KIVI), 64-token blocks", {"kv_cache_dtype": "int2", "block_size": 64}),
     # 16-bit storage of the float weights, float32 compute (the CPU kernels' meaning of these dtypes)
     Setting("bf16", "bfloat16 weights", {"dtype": "bfloat16"}),
     Setting("fp16", "float16 weights", {"dtype": "float16"}),
