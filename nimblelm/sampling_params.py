@@ -10,20 +10,31 @@ from nimblelm.errors import InvalidRequestError
 
 @dataclass(frozen=True)
 class StructuredOutputParams:
-    """Constrain the output to JSON: any JSON object (`json_object=True`) or one valid against `json_schema`.
+    """Constrain the output (vLLM's structured outputs): to JSON, any object (`json_object=True`) or one valid
+    against `json_schema`; to the whole text a `regex` matches; or to one of the strings in `choice`.
 
-    The engine compiles it into a grammar when the request is added (an invalid schema is an
+    The engine compiles it into a grammar when the request is added (an invalid schema or regex is an
     InvalidRequestError then) and masks, at every step, the tokens that would leave the grammar.
     """
 
     json_schema: dict[str, Any] | bool | None = None
     json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if (self.json_schema is not None) == bool(self.json_object):
-            raise InvalidRequestError("structured output needs exactly one of json_schema or json_object=True")
+        given = [self.json_schema is not None, bool(self.json_object), self.regex is not None, self.choice is not None]
+        if sum(given) != 1:
+            raise InvalidRequestError("structured output needs exactly one of json_schema, json_object=True, regex "
+                                      "or choice")
         if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool)):
             raise InvalidRequestError("json_schema must be a JSON schema object")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise InvalidRequestError("regex must be a string")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice) or not self.choice:
+                raise InvalidRequestError("choice must be a non-empty list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
 
 
 @dataclass

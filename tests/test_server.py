@@ -6,6 +6,7 @@ chunks and logprobs must have OpenAI's shapes and exact values.
 
 import asyncio
 import json
+import re
 
 import httpx2 as httpx
 import jsonschema
@@ -244,6 +245,17 @@ def test_json_schema_output_validates(client, model):
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}},
     )
     jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in streamed)), SCHEMA)
+
+
+def test_structured_outputs_regex_and_choice(client, model):
+    """vLLM's `structured_outputs` field, as its users pass it through the openai client."""
+    regex = r"[0-9]{3}-[a-z]{2,4}"
+    got = client.completions.create(model=model, prompt="Hi", n=3, temperature=1.0, seed=2, max_tokens=20,
+                                    extra_body={"structured_outputs": {"regex": regex}})
+    assert all(re.fullmatch(regex, c.text) for c in got.choices)
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, temperature=1.0, seed=2, max_tokens=20,
+                                          extra_body={"structured_outputs": {"choice": ["red", "green"]}})
+    assert chat.choices[0].message.content in ("red", "green")
 
 
 def test_async_client_concurrent_requests(tiny_server, model, tiny_llm):

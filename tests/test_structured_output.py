@@ -1,6 +1,7 @@
 """Structured output in the engine: grammar masks in the sampler keep every sequence inside its JSON schema."""
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -58,6 +59,24 @@ def test_invalid_schemas_are_refused_before_anything_runs(tiny_llm):
         StructuredOutputParams()
     with pytest.raises(InvalidRequestError, match="exactly one"):
         StructuredOutputParams(json_schema={"type": "object"}, json_object=True)
+    with pytest.raises(InvalidRequestError, match="invalid regex"):
+        tiny_llm.generate("Hi", SamplingParams(structured_output=StructuredOutputParams(regex="(a|b")))
+    with pytest.raises(InvalidRequestError, match="non-empty list of strings"):
+        StructuredOutputParams(choice=[])
+    assert not tiny_llm.llm_engine.has_unfinished_requests()
+
+
+def test_regex_and_choice_bound_the_whole_text(tiny_llm):
+    """Sampled freely, the tiny random model matches neither; every sample does under the grammar."""
+    regex = r"(Mon|Tue)day: [0-9]{1,2} (cats|dogs)( and [a-z]{2,8})?\."
+    choice = ["yes", "no", "not sure (ask again)"]
+    for spec, fits in ((StructuredOutputParams(regex=regex), lambda t: re.fullmatch(regex, t)),
+                       (StructuredOutputParams(choice=choice), lambda t: t in choice)):
+        params = SamplingParams(n=6, temperature=1.0, seed=5, max_tokens=40, structured_output=spec)
+        for completion in tiny_llm.generate(["Hello world", "def add(a, b):"], params, use_tqdm=False)[0].outputs:
+            assert fits(completion.text) and completion.finish_reason == "stop"
+    free = tiny_llm.generate("Hello world", SamplingParams(n=6, temperature=1.0, seed=5, max_tokens=40), use_tqdm=False)
+    assert not any(re.fullmatch(regex, c.text) or c.text in choice for c in free[0].outputs)
 
 
 class _Allow:

@@ -9,6 +9,7 @@ average, far below the cost of a decode step. Masks come as bitmasks, 32 tokens 
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -33,15 +34,22 @@ class StructuredOutputBackend:
         self.vocab_size = vocab_size
 
     def compile(self, spec: StructuredOutputParams) -> str:
-        """The grammar for `spec`; raises InvalidRequestError with the reason when the schema is invalid."""
-        schema = {"type": "object"} if spec.json_object else spec.json_schema
+        """The grammar for `spec`; raises InvalidRequestError with the reason when the schema or regex is
+        invalid."""
+        what = "JSON schema" if spec.regex is None and spec.choice is None else "regex"
         try:
-            grammar = self._ll.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
+            if spec.regex is not None:
+                grammar = self._ll.LLMatcher.grammar_from_regex(spec.regex)
+            elif spec.choice is not None:
+                grammar = self._ll.LLMatcher.grammar_from_regex("|".join(f"({re.escape(c)})" for c in spec.choice))
+            else:
+                schema = {"type": "object"} if spec.json_object else spec.json_schema
+                grammar = self._ll.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
         except (ValueError, TypeError) as e:
-            raise InvalidRequestError(f"invalid JSON schema: {e}") from None
+            raise InvalidRequestError(f"invalid {what}: {e}") from None
         error = self._ll.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
-            raise InvalidRequestError(f"invalid JSON schema: {error}")
+            raise InvalidRequestError(f"invalid {what}: {error}")
         return grammar
 
     def matcher(self, grammar: str) -> GrammarMatcher:

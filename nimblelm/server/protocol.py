@@ -51,6 +51,16 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputsOptions(_Request):
+    """vLLM's request field `structured_outputs` (extra_body with the openai client): one of a JSON schema, any
+    JSON object, a regex the whole text matches, or a choice of strings."""
+
+    json_: dict[str, Any] | bool | None = Field(None, alias="json")
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+
+
 class PromptCompressionOptions(_Request):
     """nimblelm's request field `prompt_compression` (extra_body with the openai client): the prompt's text
     compressed by the server's scorer model before it is served (nimblelm.prompting.PromptCompression)."""
@@ -87,6 +97,7 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     # nimblelm's sampling fields beyond OpenAI's, named as vLLM names them.
+    structured_outputs: StructuredOutputsOptions | None = None
     top_k: Int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
@@ -123,7 +134,12 @@ class _SamplingRequest(_Request):
         )
 
     def _structured_output(self) -> StructuredOutputParams | None:
-        fmt = self.response_format
+        fmt, so = self.response_format, self.structured_outputs
+        if so is not None:
+            if fmt is not None and fmt.type != "text":
+                raise InvalidRequestError("give response_format or structured_outputs, not both")
+            return StructuredOutputParams(json_schema=so.json_, json_object=so.json_object, regex=so.regex,
+                                          choice=so.choice)
         if fmt is None or fmt.type == "text":
             return None
         if fmt.type == "json_object":

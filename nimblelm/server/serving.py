@@ -104,10 +104,13 @@ class OpenAIServing:
             return
         if self.structured is None:
             raise APIError(400, self.structured_error or "structured output is not available", param="response_format")
+        spec = params.structured_output
         try:
-            self.structured.compile(params.structured_output)
+            self.structured.compile(spec)
         except InvalidRequestError as e:
-            raise APIError(400, str(e), param="response_format", code="invalid_json_schema") from None
+            if spec.regex is None and spec.choice is None:
+                raise APIError(400, str(e), param="response_format", code="invalid_json_schema") from None
+            raise APIError(400, str(e), param="structured_outputs", code="invalid_regex") from None
 
     def _add(self, request_id: str, prompts: list[dict], params: list[SamplingParams]) -> list[RequestStream]:
         """One request per prompt, with its params."""
