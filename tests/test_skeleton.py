@@ -1,6 +1,8 @@
 """Skeleton-of-Thought (nimblelm/prompting/skeleton.py): parsing, routing, the batched expansion against each
 point expanded alone, the assembly order, the fallback to plain decoding, errors; and SmolLM2 end to end."""
 
+import re
+
 import pytest
 
 from nimblelm import LLM, InvalidRequestError, SamplingParams
@@ -74,6 +76,38 @@ def test_an_expansion_stops_where_its_point_ends_and_keeps_the_callers_stops():
     params = SamplingParams(temperature=0, max_tokens=64, stop="THE END")
     assert skeleton.point_params(params, 2).stop_strings == ("THE END", "\n\n", "\n3.")
     assert skeleton.point_params(params, 2).max_tokens == 64
+
+
+@pytest.mark.parametrize("text, fits", [
+    (" Keep a schedule\n2. Dim the lights\n3. Skip late coffee", True),
+    (" Keep a schedule\n2. Dim the lights\n3. Skip late coffee\n", True),
+    (" Keep a schedule\n2. Dim the lights", False),  # fewer than 3 points
+    (" Keep a regular sleep schedule every day\n2. b\n3. c", False),  # over 5 words
+    (" a\n3. b\n2. c", False),  # out of turn
+    (" a\n2. b\n3. c\n\nThat is all.", False),
+    (" " + "x" * 25 + "\n2. b\n3. c", False),  # a word over 24 characters
+    ("".join(f" p{i}\n{i + 1}." for i in range(1, 10)) + " p10", True),
+    ("".join(f" p{i}\n{i + 1}." for i in range(1, 11)) + " p11", False),  # over 10 points
+])
+def test_the_skeleton_regex(text, fits):
+    assert bool(re.fullmatch(skeleton.SKELETON_REGEX, text)) == fits
+
+
+def test_the_skeleton_is_held_to_its_grammar(llm, monkeypatch):
+    """Sampled freely, the tiny random model writes no numbered list; under the skeleton's grammar (its words cut
+    to 3 characters: the tiny model writes a character a token) every sample is one."""
+    regex = skeleton.skeleton_regex(max_chars=3)
+    prompt = skeleton.skeleton_prompt(llm.tokenizer, LIST_QUESTION)
+    free = llm.generate(prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=skeleton.SKELETON_MAX_TOKENS),
+                        use_tqdm=False)[0]
+    assert not any(len(skeleton.parse_points("1." + c.text)) >= 3 for c in free.outputs)
+    monkeypatch.setattr(skeleton, "SKELETON_REGEX", regex)
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=4)
+    for question in (LIST_QUESTION, "How can I learn to cook?", "What are the benefits of tea?"):
+        out = skeleton.generate(llm, [question], params, router="always")[0]
+        points = out.skeleton.points
+        assert out.skeleton.routed and 3 <= len(points) <= skeleton.MAX_POINTS
+        assert all(1 <= len(p.split()) <= 5 and max(map(len, p.split())) <= 3 for p in points)
 
 
 def test_a_question_the_router_refuses_is_plain_decoding(llm):
@@ -159,6 +193,19 @@ def _client(server):
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
+def _stage_tokens(llm, question: str, params: SamplingParams) -> int:
+    """The tokens every stage of the question's plan generates (router "always")."""
+    plan, total = skeleton.plan(llm.tokenizer, question, params, "always"), 0
+    stage = next(plan)
+    while True:
+        outs = llm.generate(stage.prompts, stage.params, use_tqdm=False)
+        total += sum(len(o.outputs[0].token_ids) for o in outs)
+        try:
+            stage = plan.send(outs)
+        except StopIteration:
+            return total
+
+
 def test_the_server_answers_as_the_offline_api_streamed_or_not(sot_server, llm):
     client = _client(sot_server)
     model = client.models.list().data[0].id
@@ -168,7 +215,7 @@ def test_the_server_answers_as_the_offline_api_streamed_or_not(sot_server, llm):
     expected = skeleton.generate(llm, [LIST_QUESTION], SamplingParams(temperature=0, max_tokens=8), "always")[0]
     assert got.choices[0].message.content == expected.outputs[0].text
     assert got.choices[0].finish_reason == expected.outputs[0].finish_reason
-    assert got.usage.completion_tokens >= len(expected.outputs[0].token_ids) > 0
+    assert got.usage.completion_tokens == _stage_tokens(llm, LIST_QUESTION, SamplingParams(temperature=0, max_tokens=8))
     chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
                                                  extra_body=extra, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.outputs[0].text
