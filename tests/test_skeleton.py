@@ -1,8 +1,6 @@
 """Skeleton-of-Thought (nimblelm/prompting/skeleton.py): parsing, routing, the batched expansion against each
 point expanded alone, the assembly order, the fallback to plain decoding, errors; and SmolLM2 end to end."""
 
-import re
-
 import pytest
 
 from nimblelm import LLM, InvalidRequestError, SamplingParams
@@ -76,38 +74,6 @@ def test_an_expansion_stops_where_its_point_ends_and_keeps_the_callers_stops():
     params = SamplingParams(temperature=0, max_tokens=64, stop="THE END")
     assert skeleton.point_params(params, 2).stop_strings == ("THE END", "\n\n", "\n3.")
     assert skeleton.point_params(params, 2).max_tokens == 64
-
-
-@pytest.mark.parametrize("text, fits", [
-    (" Keep a schedule\n2. Dim the lights\n3. Skip late coffee", True),
-    (" Keep a schedule\n2. Dim the lights\n3. Skip late coffee\n", True),
-    (" Keep a schedule\n2. Dim the lights", False),  # fewer than 3 points
-    (" Keep a regular sleep schedule every day\n2. b\n3. c", False),  # over 5 words
-    (" a\n3. b\n2. c", False),  # out of turn
-    (" a\n2. b\n3. c\n\nThat is all.", False),
-    (" " + "x" * 25 + "\n2. b\n3. c", False),  # a word over 24 characters
-    ("".join(f" p{i}\n{i + 1}." for i in range(1, 10)) + " p10", True),
-    ("".join(f" p{i}\n{i + 1}." for i in range(1, 11)) + " p11", False),  # over 10 points
-])
-def test_the_skeleton_regex(text, fits):
-    assert bool(re.fullmatch(skeleton.SKELETON_REGEX, text)) == fits
-
-
-def test_the_skeleton_is_held_to_its_grammar(llm, monkeypatch):
-    """Sampled freely, the tiny random model writes no numbered list; under the skeleton's grammar (its words cut
-    to 3 characters: the tiny model writes a character a token) every sample is one."""
-    regex = skeleton.skeleton_regex(max_chars=3)
-    prompt = skeleton.skeleton_prompt(llm.tokenizer, LIST_QUESTION)
-    free = llm.generate(prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=skeleton.SKELETON_MAX_TOKENS),
-                        use_tqdm=False)[0]
-    assert not any(len(skeleton.parse_points("1." + c.text)) >= 3 for c in free.outputs)
-    monkeypatch.setattr(skeleton, "SKELETON_REGEX", regex)
-    params = SamplingParams(temperature=1.0, seed=7, max_tokens=4)
-    for question in (LIST_QUESTION, "How can I learn to cook?", "What are the benefits of tea?"):
-        out = skeleton.generate(llm, [question], params, router="always")[0]
-        points = out.skeleton.points
-        assert out.skeleton.routed and 3 <= len(points) <= skeleton.MAX_POINTS
-        assert all(1 <= len(p.split()) <= 5 and max(map(len, p.split())) <= 3 for p in points)
 
 
 def test_a_question_the_router_refuses_is_plain_decoding(llm):

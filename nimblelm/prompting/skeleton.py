@@ -5,10 +5,7 @@ The expansion prompts of one question all start with the question and its skelet
 engine's prefix cache computes that start once for all points. A router decides which questions suit an
 answer in independent points (lists of tips, reasons, aspects); the others, and any whose skeleton has
 fewer than two points, are answered by plain decoding. The prompts are this project's own wording of the
-paper's: an organizer that writes only the skeleton, and a writer that continues one point only. The
-skeleton is held to what its prompt asks by a grammar (SKELETON_REGEX): 3 to 10 points numbered in turn, each
-of at most 5 words. Asked alone, Qwen2.5-Coder-1.5B wrote its points as whole sentences, and its skeleton
-took 9-19 s of a SoT answer's 22-38 s (benchmarks/README.md, "Survey data").
+paper's: an organizer that writes only the skeleton, and a writer that continues one point only.
 """
 
 from __future__ import annotations
@@ -20,26 +17,11 @@ from dataclasses import dataclass, field, replace
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.outputs import CompletionOutput, RequestOutput
-from nimblelm.sampling_params import SamplingParams, StructuredOutputParams
+from nimblelm.sampling_params import SamplingParams
 
 ROUTERS = ("rule", "model", "always")
 SKELETON_MAX_TOKENS = 160
 MAX_POINTS = 10
-
-
-def skeleton_regex(min_points: int = 3, max_points: int = MAX_POINTS, max_words: int = 5, max_chars: int = 24) -> str:
-    """The skeleton after its reply's "1.": points numbered 1, 2, 3, ... up to max_points, each a phrase of
-    1 to max_words words of up to max_chars characters (a word without end is no phrase); it may end after
-    min_points."""
-    word = rf"\S{{1,{max_chars}}}"
-    line = rf" {word}( {word}){{0,{max_words - 1}}}"
-    rest = ""
-    for k in range(max_points, 1, -1):
-        rest = rf"(\n{k}\.{line}{rest})" + ("" if k <= min_points else "?")
-    return line + rest + r"\n?"
-
-
-SKELETON_REGEX = skeleton_regex()
 
 _POINT = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*?)\s*$")
 # Questions that ask for several things side by side: the rule router's cue words.
@@ -191,8 +173,7 @@ def plan(tokenizer, question: str, params: SamplingParams, router: str = "rule",
         routed = outs[0].outputs[0].text.strip().lower().startswith("yes")
     points: list[str] = []
     if routed:
-        sketch = replace(params, max_tokens=SKELETON_MAX_TOKENS, stop=None,
-                         structured_output=StructuredOutputParams(regex=SKELETON_REGEX))
+        sketch = replace(params, max_tokens=SKELETON_MAX_TOKENS, stop=None)
         outs = yield Stage("skeleton", [skeleton_prompt(tokenizer, question, system)], [sketch])
         outputs += outs
         points = parse_points("1." + outs[0].outputs[0].text)
