@@ -55,10 +55,11 @@ def test_packed_linear_matches_f_linear(ops, rows, n, k, bias, weights):
 
 
 @pytest.mark.parametrize("rows", [3, 4, 7, 8, 12, 13, 15, 16, 17, 33, 150, 300])
-@pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200), (40, 2100)])
+@pytest.mark.parametrize(("n", "k"), [(8, 16), (13, 37), (70, 64), (129, 200), (40, 2100), (48, 96)])
 def test_bf16_products_multiply_bfloat16_activations_by_the_weights(ops, bf16_products, rows, n, k):
     # Row counts around the fewest the products take (4 dot products, 8 tiles), the 12-row dot tile and
-    # one and two 16-row AMX tiles with their tails, two AMX row blocks (300 > 256) whose second ends in a
+    # one and two 16-row AMX tiles with their tails, two AMX row blocks (300 > 256, a prompt's rows: tiled
+    # activations, and streamed outputs where N is whole panels, as 48) whose second ends in a
     # 16-row tile, and the shapes above: partial panels, an odd panel
     # count (one panel left over from the pairs), K not a multiple of the tile's 32 or of a pair. The
     # products round the activations to bfloat16 first; the products of two bfloat16 values are exact in
@@ -71,6 +72,19 @@ def test_bf16_products_multiply_bfloat16_activations_by_the_weights(ops, bf16_pr
     assert torch.allclose(got, expected, atol=1e-3, rtol=1e-4)
     if rounding:  # and rounding the activations is what the products do: float32 ones differ by far more
         assert not torch.allclose(got, F.linear(x, w.float(), b), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "k"), [(48, 96), (70, 64)])
+def test_bf16_products_give_a_row_the_same_bits_in_any_batch(ops, bf16_products, n, k):
+    # A prompt's rows (from 256) take another layout of the rounded activations than a decode step's: the same
+    # products in the same order, so a row's outputs must not depend on the rows beside it.
+    if not bf16_products:
+        pytest.skip("no bfloat16 products on this machine")
+    torch.manual_seed(n)
+    x, panels = torch.randn(300, k), ops.pack_panels(torch.randn(n, k).bfloat16())
+    batched = ops.packed_linear(x, panels, n, None)
+    for rows in (bf16_products, 33, 255):
+        assert torch.equal(ops.packed_linear(x[:rows], panels, n, None), batched[:rows])
 
 
 def test_write_kv_cache_matches_index_copy(ops):

@@ -33,15 +33,17 @@ static std::atomic<int> products{OFF};
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 
-// x [M, K] float32 -> [Mp, Kp] bfloat16 (round to nearest even), zero padded to whole tiles.
-static void round_rows(const float* x, int64_t M, int64_t K, at::BFloat16* xb, int64_t Mp, int64_t Kp) {
-  for (int64_t m = 0; m < Mp; ++m) {
-    __m512i* out = reinterpret_cast<__m512i*>(xb + m * Kp);
-    for (int64_t k = 0; k < Kp; k += 32, ++out) {
+// x [M, K] float32 -> [Mp, Kp] bfloat16 (round to nearest even), zero padded to whole tiles; rows [m0, m1). Tiled,
+// the rows are laid out as whole AMX A tiles instead, 1 KiB each: [Mp / 16][Kp / 32][16 rows][32 k-values].
+static void round_rows(const float* x, int64_t M, int64_t K, at::BFloat16* xb, int64_t m0, int64_t m1, int64_t Kp,
+                       bool tiled = false) {
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t k = 0; k < Kp; k += 32) {
       const int64_t lo = m < M ? std::clamp<int64_t>(K - k, 0, 16) : 0;
       const int64_t hi = m < M ? std::clamp<int64_t>(K - k - 16, 0, 16) : 0;
       const __m512 a = _mm512_maskz_loadu_ps(__mmask16((1u << lo) - 1), x + m * K + k);
       const __m512 b = _mm512_maskz_loadu_ps(__mmask16((1u << hi) - 1), x + m * K + k + 16);
+      at::BFloat16* out = tiled ? xb + ((m / 16 * Kp + k) * 16 + m % 16 * 32) : xb + m * Kp + k;
       _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(b, a));
     }
   }
@@ -53,7 +55,7 @@ static void round_rows(const float* x, int64_t M, int64_t K, at::BFloat16* xb, i
 static const at::BFloat16* rounded(const float* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp) {
   thread_local std::vector<at::BFloat16> xb;
   xb.resize(Mp * Kp);
-  round_rows(x, M, K, xb.data(), Mp, Kp);
+  round_rows(x, M, K, xb.data(), 0, Mp, Kp);
   return xb.data();
 }
 
@@ -78,12 +80,21 @@ static void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
-// c[32][32] = 16 or 32 rows of a (lda values apart) times one or two panels (ldb values apart), kp deep.
+// Where an A tile (16 rows x 32 k-values) lies: the tile of k-values k at p + k * k_step, its rows stride bytes
+// apart, and the next 16 rows' tile next16 values on.
+struct ATiles {
+  const at::BFloat16* p;
+  int64_t k_step, stride, next16;
+  static ATiles rows(const at::BFloat16* p, int64_t ld) { return {p, 1, ld * 2, 16 * ld}; }
+  static ATiles tiles(const at::BFloat16* p, int64_t Kp) { return {p, 16, 64, 16 * Kp}; }
+};
+
+// c[32][32] = 16 or 32 rows of a times one or two panels (ldb values apart), kp deep.
 // prefetch: two panels further on, to L2 while these are multiplied (weights streaming from DRAM, 200
 // SmolLM2-shaped layers, 32 rows, 2 threads, Xeon, 2026-12-04: 24.2 GB/s against 22.0 without; the
 // next pair of panels instead: 23.0, four pairs on: 22.6).
 template <bool TWO_ROWS, bool TWO_PANELS>
-static void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b, int64_t ldb, int64_t kp, float* c,
+static void tile_block(const ATiles& a, const at::BFloat16* b, int64_t ldb, int64_t kp, float* c,
                        const at::BFloat16* prefetch) {
   _tile_zero(0);
   if constexpr (TWO_PANELS) _tile_zero(1);
@@ -96,7 +107,7 @@ static void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b
         _mm_prefetch(reinterpret_cast<const char*>(prefetch + ldb + k * 16 + i), _MM_HINT_T1);
       }
     }
-    _tile_loadd(4, a + k, lda * 2);
+    _tile_loadd(4, a.p + k * a.k_step, a.stride);
     _tile_loadd(6, b + k * 16, 64);
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (TWO_PANELS) {
@@ -104,7 +115,7 @@ static void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b
       _tile_dpbf16ps(1, 4, 7);
     }
     if constexpr (TWO_ROWS) {
-      _tile_loadd(5, a + 16 * lda + k, lda * 2);
+      _tile_loadd(5, a.p + a.next16 + k * a.k_step, a.stride);
       _tile_dpbf16ps(2, 5, 6);
       if constexpr (TWO_PANELS) _tile_dpbf16ps(3, 5, 7);
     }
@@ -121,32 +132,64 @@ static void tile_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b
 // against 1190-1378; no change up to 512).
 constexpr int64_t AMX_ROW_BLOCK = 256;
 
+// From this many rows (a prompt's), the activations are rounded once, by all threads, into whole A tiles (1 KiB
+// each, contiguous), and the outputs bypass the caches (streaming stores): writing them was about half of a
+// call, each row block's outputs being 128-byte pieces of rows far apart, every line fetched before it was
+// written. Against every thread rounding all rows and plain stores, alternated in one process (Xeon with AMX, 2
+// threads, 2026-12-06; 30 layers of each of SmolLM2's shapes): 256 rows 1038-1237 -> 1208-1720 GFLOP/s, 2048
+// rows 664-1239 -> 1308-1839; Qwen2.5-Coder-1.5B's at 512 rows 537-1578 -> 1046-2276; a prefill step of 16 x
+// 128 tokens on SmolLM2 in bfloat16 925-961 -> 654-680 ms. Under 256 rows (decode steps) every thread rounds all
+// rows for itself, as `rounded` says why, and the outputs stay in cache for the next op.
+constexpr int64_t AMX_PROMPT_ROWS = 256;
+
 static void amx_tiles(const float* x, const at::BFloat16* panels, float* y, int64_t M, int64_t K, int64_t Kp,
                       int64_t N) {
   const int64_t Mp = (M + 15) / 16 * 16, P = (N + 15) / 16;
+  const bool prompt = M >= AMX_PROMPT_ROWS;
+  const bool stream = prompt && N % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+  thread_local std::vector<at::BFloat16> tiled;  // the calling thread's: the threads below see their own
+  if (prompt) tiled.resize(Mp * Kp);
+  at::BFloat16* xt = tiled.data();
+  if (prompt) {
+    at::parallel_for(0, Mp / 16, 1, [&](int64_t b0, int64_t b1) {
+      round_rows(x, M, K, xt, 16 * b0, 16 * b1, Kp, true);
+    });
+  }
   // Each thread owns a run of panel pairs and runs every row block against it: the weights stream once per
   // AMX_ROW_BLOCK rows (a layer larger than L3 from memory each time, which 256 rows of tile products outlast).
   at::parallel_for(0, (P + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
-    const at::BFloat16* xb = rounded(x, M, K, Mp, Kp);
+    const at::BFloat16* xb = prompt ? nullptr : rounded(x, M, K, Mp, Kp);
     configure_tiles();
-    alignas(64) float c[32 * 32];
+    alignas(64) static thread_local float c[AMX_ROW_BLOCK * 32];
     for (int64_t m0 = 0; m0 < Mp; m0 += AMX_ROW_BLOCK) {
+      const int64_t m1 = std::min(Mp, m0 + AMX_ROW_BLOCK);
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t p = 2 * q, cols = std::min<int64_t>(32, N - p * 16);
         const at::BFloat16* b = panels + p * Kp * 16;
-        for (int64_t m = m0; m < std::min(Mp, m0 + AMX_ROW_BLOCK); m += 32) {
-          const at::BFloat16* a = xb + m * Kp;
+        for (int64_t m = m0; m < m1; m += 32) {
+          const ATiles a = prompt ? ATiles::tiles(xt + m * Kp, Kp) : ATiles::rows(xb + m * Kp, Kp);
           const bool two_rows = m + 16 < Mp, two_panels = cols > 16;
           const at::BFloat16* next = m == m0 && q + 2 < q1 ? b + 4 * Kp * 16 : nullptr;
-          if (two_rows && two_panels) tile_block<true, true>(a, Kp, b, Kp * 16, Kp, c, next);
-          else if (two_rows) tile_block<true, false>(a, Kp, b, Kp * 16, Kp, c, next);
-          else if (two_panels) tile_block<false, true>(a, Kp, b, Kp * 16, Kp, c, next);
-          else tile_block<false, false>(a, Kp, b, Kp * 16, Kp, c, next);
-          for (int64_t r = m; r < std::min(M, m + 32); ++r) std::copy_n(c + (r - m) * 32, cols, y + r * N + p * 16);
+          float* cm = c + (m - m0) * 32;
+          if (two_rows && two_panels) tile_block<true, true>(a, b, Kp * 16, Kp, cm, next);
+          else if (two_rows) tile_block<true, false>(a, b, Kp * 16, Kp, cm, next);
+          else if (two_panels) tile_block<false, true>(a, b, Kp * 16, Kp, cm, next);
+          else tile_block<false, false>(a, b, Kp * 16, Kp, cm, next);
+        }
+        for (int64_t r = m0; r < std::min(M, m1); ++r) {
+          const float* cr = c + (r - m0) * 32;
+          float* yr = y + r * N + p * 16;
+          if (!stream) {
+            std::copy_n(cr, cols, yr);
+            continue;
+          }
+          _mm512_stream_ps(yr, _mm512_load_ps(cr));
+          if (cols > 16) _mm512_stream_ps(yr + 16, _mm512_load_ps(cr + 16));
         }
       }
     }
     _tile_release();
+    if (stream) _mm_sfence();  // the streamed outputs are in memory before another thread reads them
   });
 }
 #endif
@@ -162,7 +205,7 @@ static void filled_pass(const float* x, int64_t M, int64_t K, int64_t N, const P
   std::vector<at::BFloat16> xb(Mp * K);
   at::parallel_for(0, Mp / 16, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      round_rows(x + b * 16 * K, std::clamp<int64_t>(M - b * 16, 0, 16), K, xb.data() + b * 16 * K, 16, K);
+      round_rows(x + b * 16 * K, std::clamp<int64_t>(M - b * 16, 0, 16), K, xb.data() + b * 16 * K, 0, 16, K);
   });
   [[maybe_unused]] const bool amx = products == AMX;
   // Each thread owns a run of panel pairs: every weight is made into a panel once a pass.
@@ -185,10 +228,10 @@ static void filled_pass(const float* x, int64_t M, int64_t K, int64_t N, const P
           for (int64_t m = 0; m < Mp; m += 32) {
             const at::BFloat16* a = xb.data() + m * K + k0;
             const bool two_rows = m + 16 < Mp, two_panels = cols > NR;
-            if (two_rows && two_panels) tile_block<true, true>(a, K, b, kc * NR, kc, c, nullptr);
-            else if (two_rows) tile_block<true, false>(a, K, b, kc * NR, kc, c, nullptr);
-            else if (two_panels) tile_block<false, true>(a, K, b, kc * NR, kc, c, nullptr);
-            else tile_block<false, false>(a, K, b, kc * NR, kc, c, nullptr);
+            if (two_rows && two_panels) tile_block<true, true>(ATiles::rows(a, K), b, kc * NR, kc, c, nullptr);
+            else if (two_rows) tile_block<true, false>(ATiles::rows(a, K), b, kc * NR, kc, c, nullptr);
+            else if (two_panels) tile_block<false, true>(ATiles::rows(a, K), b, kc * NR, kc, c, nullptr);
+            else tile_block<false, false>(ATiles::rows(a, K), b, kc * NR, kc, c, nullptr);
             const __mmask16 lo = __mmask16((1u << std::min<int64_t>(cols, 16)) - 1);
             const __mmask16 hi = __mmask16((1u << std::max<int64_t>(cols - 16, 0)) - 1);
             for (int64_t r = m; r < std::min(M, m + 32); ++r) {
