@@ -211,6 +211,45 @@ def test_prefill_attention_adds_each_rows_weights_to_what_its_keys_received(t, c
     expected = before + weights.view(kv_heads, -1, t, c).sum((1, 2))
     torch.testing.assert_close(received, expected, rtol=1e-4, atol=1e-5)
 
+@pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window"), [(9, 3, 64, 0), (4, 4, 16, 0), (6, 2, 32, 7)])
+def test_paged_prefill_attention_attends_every_chunk_from_its_pages(kv, heads, kv_heads, dim, window):
+    # A step's prompt chunks in one call: whole prompts (c == t) and later chunks (c > t), of one row and of
+    # several 48-row blocks, on scattered pages of 4 entries, the rows one after another in q. The oracle is
+    # each chunk alone in SDPA over its pages as the cache holds them, widened to float32 (int8 times its scales).
+    torch.manual_seed(dim + window)
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    chunks = [(5, 5), (1, 9), (60, 60), (30, 130), (1, 1), (100, 101)]  # (t, c)
+    block_size, num_blocks = 4, 200
+    k_cache, v_cache = torch.randn(2, num_blocks, block_size, kv_heads, dim)
+    scales = None
+    if kv == "int8":
+        (k_cache, k_scales), (v_cache, v_scales) = quantize_kv(k_cache), quantize_kv(v_cache)
+        scales = (k_scales, v_scales)
+        k_seen, v_seen = dequantize_kv(k_cache, k_scales, torch.float32), dequantize_kv(v_cache, v_scales, torch.float32)
+    else:
+        k_cache, v_cache = k_cache.to(getattr(torch, kv)), v_cache.to(getattr(torch, kv))
+        k_seen, v_seen = k_cache.float(), v_cache.float()
+    free = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(chunks), 40, dtype=torch.long)
+    for i, (_, c) in enumerate(chunks):
+        for j in range(-(-c // block_size)):
+            tables[i, j] = free.pop()
+    rows = sum(t for t, _ in chunks)
+    q = torch.randn(rows, heads + 2 * kv_heads, dim)[:, :heads]  # strided rows, as views of the fused qkv
+    out = torch.empty(rows, heads, dim)
+    ops.paged_prefill_attention(out, q, k_cache, v_cache, *(scales or (None, None)), tables,
+                                torch.tensor([t for t, _ in chunks]), torch.tensor([c for _, c in chunks]), dim**-0.5,
+                                window)
+    start = 0
+    for i, (t, c) in enumerate(chunks):
+        k, v = (x[tables[i]].flatten(0, 1)[:c] for x in (k_seen, v_seen))
+        expected = prefill_reference(q[start : start + t], k, v, window)
+        torch.testing.assert_close(out[start : start + t], expected, rtol=1e-4, atol=1e-5)
+        start += t
+
+
 def lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, window):
     """Both copies as keys, each query reading the full-precision one in its own block and the other before it."""
     t, c = q.shape[0], k.shape[0]

@@ -768,54 +768,98 @@ struct OwnBlocks {  // the full-precision copies of a low-bit cache's entries fp
   int64_t sk, sv, fp_start, bs;
 };
 
-static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale,
-                    int64_t window, const OwnBlocks* own, float* received) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3, "prefill_attention: [rows, heads, dim]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
-                  out.scalar_type() == at::kFloat, "prefill_attention: float32 only");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), C = k.size(0), KVH = k.size(1);
-  TORCH_CHECK(v.sizes() == k.sizes() && k.size(2) == D && out.sizes() == q.sizes() && H % KVH == 0 && T <= C &&
-                  D % NR == 0, "prefill_attention: shapes do not match");
-  for (const auto* t : {&q, &k, &v, &out})
+// Where prefill's keys and values come from: rows of float32 tensors (a chunk's own K/V, slot = position), or
+// the paged cache as stored (float32, float16, bfloat16, or int8 with its scales [slots, kv_heads]) through each
+// sequence's block table; rows are widened to float32 as they are packed.
+template <typename T>
+struct KVSource {
+  const T* k;
+  const T* v;
+  int64_t sk, sv;  // values from one slot's row to the next
+  const float* k_scales;
+  const float* v_scales;
+  int64_t bs;  // block size: slots of a sequence's table
+};
+
+struct PrefillSeq {
+  int64_t q_row, T, C;   // its queries are rows q_row .. q_row + T - 1 of q, at positions C - T .. C - 1
+  const int64_t* table;  // its blocks; null: key c is slot c
+};
+
+template <typename T>
+static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>& seqs, const KVSource<T>& src,
+                    int64_t KVH, double scale, int64_t window, const OwnBlocks* own, float* received) {
+  TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+                  out.sizes() == q.sizes(), "prefill_attention: float32 q and out [rows, heads, dim]");
+  const int64_t H = q.size(1), D = q.size(2);
+  TORCH_CHECK(H % KVH == 0 && D % NR == 0, "prefill_attention: shapes do not match");
+  for (const auto* t : {&q, &out})
     TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == D, "prefill_attention: each row's heads must be contiguous");
-  const int64_t G = H / KVH, KP = (C + NR - 1) / NR, CP = KP * NR, E = D / NR;
-  const int64_t sq = q.stride(0), sk = k.stride(0), sv = v.stride(0), so = out.stride(0);
+  TORCH_CHECK((!own && !received) || seqs.size() == 1, "prefill_attention: one sequence with received or own");
+  const int64_t S = seqs.size(), G = H / KVH, E = D / NR, sq = q.stride(0), so = out.stride(0);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // Per sequence: its panels' first (KVH x panels) pack item, and where its packed K and V begin.
   // kpan[kvh][panel][d][16]: keys 16 panel .. 16 panel + 15; vpan[kvh][e][c][16]: channels 16 e .. 16 e + 15.
-  std::vector<float> kpan(KVH * CP * D, 0.f), vpan(KVH * E * CP * NR, 0.f);
-  at::parallel_for(0, KVH * KP, 1, [&](int64_t i0, int64_t i1) {
+  std::vector<int64_t> first_item(S + 1, 0), first_value(S + 1, 0);
+  for (int64_t i = 0; i < S; ++i) {
+    TORCH_CHECK(0 <= seqs[i].T && seqs[i].T <= seqs[i].C, "prefill_attention: a sequence's rows exceed its keys");
+    const int64_t KP = (seqs[i].C + NR - 1) / NR;
+    first_item[i + 1] = first_item[i] + KVH * KP;
+    first_value[i + 1] = first_value[i] + KVH * KP * NR * D;
+  }
+  std::vector<float> kpan(first_value[S], 0.f), vpan(first_value[S], 0.f);
+  at::parallel_for(0, first_item[S], 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t h = i / KP, pnl = i % KP;
-      for (int64_t c = pnl * NR; c < std::min(C, (pnl + 1) * NR); ++c) {
-        const float* kr = kp + c * sk + h * D;
-        const float* vr = vp + c * sv + h * D;
-        float* kd = kpan.data() + (h * KP + pnl) * D * NR + c % NR;
-        for (int64_t d = 0; d < D; ++d) kd[d * NR] = kr[d];
-        for (int64_t e = 0; e < E; ++e)
-          std::copy(vr + e * NR, vr + (e + 1) * NR, vpan.data() + ((h * E + e) * CP + c) * NR);
+      const int64_t sqn = std::upper_bound(first_item.begin(), first_item.end(), i) - first_item.begin() - 1;
+      const PrefillSeq& sn = seqs[sqn];
+      const int64_t KP = (sn.C + NR - 1) / NR, CP = KP * NR, h = (i - first_item[sqn]) / KP, pnl = (i - first_item[sqn]) % KP;
+      float* kseq = kpan.data() + first_value[sqn];
+      float* vseq = vpan.data() + first_value[sqn];
+      for (int64_t c = pnl * NR; c < std::min(sn.C, (pnl + 1) * NR); ++c) {
+        const int64_t slot = sn.table ? sn.table[c / src.bs] * src.bs + c % src.bs : c;
+        const T* kr = src.k + slot * src.sk + h * D;
+        const T* vr = src.v + slot * src.sv + h * D;
+        const float ks = src.k_scales ? src.k_scales[slot * KVH + h] : 1.f;
+        const float vs = src.v_scales ? src.v_scales[slot * KVH + h] : 1.f;
+        float* kd = kseq + (h * KP + pnl) * D * NR + c % NR;
+        for (int64_t d = 0; d < D; ++d) kd[d * NR] = float(kr[d]) * ks;
+        for (int64_t e = 0; e < E; ++e) {
+          float* vd = vseq + ((h * E + e) * CP + c) * NR;
+          for (int64_t j = 0; j < NR; ++j) vd[j] = float(vr[e * NR + j]) * vs;
+        }
       }
     }
   });
-  const int64_t blocks = (T + QB - 1) / QB, offset = C - T, bs = own ? own->bs : 1;
+  // Work items: QB consecutive queries of one sequence and one query head, those that see the most keys first
+  // (the shorter ones fill in at the end).
+  struct Block {
+    int64_t seq, t0, keys;
+  };
+  std::vector<Block> order;
+  for (int64_t i = 0; i < S; ++i)
+    for (int64_t t0 = 0; t0 < seqs[i].T; t0 += QB)
+      order.push_back({i, t0, seqs[i].C - seqs[i].T + std::min(seqs[i].T, t0 + QB)});
+  std::stable_sort(order.begin(), order.end(), [](const Block& a, const Block& b) { return a.keys > b.keys; });
+  const int64_t bs = own ? own->bs : 1, items = int64_t(order.size()) * H, C0 = seqs[0].C;
   std::atomic<int64_t> next_item{0};
   std::mutex adding;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(QB * CP);
+    std::vector<float> scores;
     std::vector<float> inv_sum(QB);
     std::vector<float> own_weights(own ? QB * bs : 0);  // per row, the weights of its own block's entries
-    std::vector<float> got(received ? KVH * C : 0, 0.f);
-    for (int64_t item; (item = next_item.fetch_add(1)) < blocks * H;) {
-      // Last blocks first: they see the most keys, so the shorter items fill in at the end.
-      const int64_t blk = blocks - 1 - item / H, h = item % H, kvh = h / G;
-      const int64_t t0 = blk * QB, rows = std::min(QB, T - t0);
+    std::vector<float> got(received ? KVH * C0 : 0, 0.f);
+    for (int64_t item; (item = next_item.fetch_add(1)) < items;) {
+      const Block& blk = order[item / H];
+      const PrefillSeq& sn = seqs[blk.seq];
+      const int64_t h = item % H, kvh = h / G, C = sn.C, KP = (C + NR - 1) / NR, CP = KP * NR;
+      const int64_t t0 = blk.t0, rows = std::min(QB, sn.T - t0), offset = C - sn.T;
       const int64_t last = offset + t0 + rows - 1;  // the last query's position: keys up to it
       const int64_t lo = window > 0 ? std::max<int64_t>(0, offset + t0 - window + 1) / NR * NR : 0;
       const int64_t hi = (last + 1 + NR - 1) / NR * NR, n = hi - lo, ld = n;
-      const float* q0 = qp + t0 * sq + h * D;
-      const float* kb = kpan.data() + (kvh * KP + lo / NR) * D * NR;
+      scores.resize(QB * ld);
+      const float* q0 = qp + (sn.q_row + t0) * sq + h * D;
+      const float* kb = kpan.data() + first_value[blk.seq] + (kvh * KP + lo / NR) * D * NR;
       for (int64_t m = 0; m < rows; m += MR) {
         const int64_t r = std::min(MR, rows - m);
         int64_t pnl = 0;
@@ -851,8 +895,8 @@ static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, do
           std::fill(s + mine, s + end, 0.f);
         }
       }
-      const float* vb = vpan.data() + (kvh * E * CP + lo) * NR;
-      float* o0 = op + t0 * so + h * D;
+      const float* vb = vpan.data() + first_value[blk.seq] + (kvh * E * CP + lo) * NR;
+      float* o0 = op + (sn.q_row + t0) * so + h * D;
       for (int64_t m = 0; m < rows; m += MR) {
         const int64_t r = std::min(MR, rows - m);
         int64_t e = 0;
@@ -879,9 +923,21 @@ static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, do
     }
     if (received) {
       const std::lock_guard<std::mutex> lock(adding);
-      for (int64_t i = 0; i < KVH * C; ++i) received[i] += got[i];
+      for (int64_t i = 0; i < KVH * C0; ++i) received[i] += got[i];
     }
   });
+}
+
+// One chunk whose keys and values are float32 tensors k, v [C, KVH, D] (rows may be strided).
+static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window,
+                    const OwnBlocks* own, float* received) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat && q.dim() == 3 && k.size(2) == q.size(2) && q.size(0) <= k.size(0),
+              "prefill_attention: shapes do not match");
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == k.size(2), "prefill_attention: each row's heads must be contiguous");
+  const KVSource<float> src{k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), v.stride(0), nullptr, nullptr, 1};
+  prefill(out, q, {{0, q.size(0), k.size(0), nullptr}}, src, k.size(1), scale, window, own, received);
 }
 
 void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window,
@@ -905,6 +961,53 @@ void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Te
   const OwnBlocks own{k_full.data_ptr<float>(), v_full.data_ptr<float>(), k_full.stride(0), v_full.stride(0),
                       fp_start, block_size};
   prefill(out, q, k, v, scale, window, &own, nullptr);
+}
+
+// Every prompt chunk of a step at once, straight from the paged cache: chunk i's query_lens[i] rows (in order
+// after the previous chunks' rows of q) at positions context_lens[i] - query_lens[i] .. context_lens[i] - 1,
+// its keys through block_tables[i]. One call a layer instead of one a chunk, with no gathered copy of the pages.
+void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                             std::optional<at::Tensor> k_scales, std::optional<at::Tensor> v_scales,
+                             at::Tensor block_tables, at::Tensor query_lens, at::Tensor context_lens, double scale,
+                             int64_t window) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  k_cache.size(3) == q.size(2),
+              "paged_prefill_attention: K and V caches [blocks, block_size, kv_heads, dim] alike");
+  auto tables = block_tables.contiguous(), qlens = query_lens.contiguous(), clens = context_lens.contiguous();
+  TORCH_CHECK(tables.scalar_type() == at::kLong && qlens.scalar_type() == at::kLong &&
+                  clens.scalar_type() == at::kLong && tables.dim() == 2 && qlens.numel() == tables.size(0) &&
+                  clens.numel() == tables.size(0), "paged_prefill_attention: int64 tables and lengths");
+  const int64_t S = tables.size(0), bs = k_cache.size(1), KVH = k_cache.size(2), D = k_cache.size(3);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  std::vector<PrefillSeq> seqs;
+  int64_t row = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t rows = qlens.data_ptr<int64_t>()[i], C = clens.data_ptr<int64_t>()[i];
+    TORCH_CHECK(C <= tables.size(1) * bs, "paged_prefill_attention: a context exceeds its table");
+    seqs.push_back({row, rows, C, tp + i * tables.size(1)});
+    row += rows;
+  }
+  TORCH_CHECK(row == q.size(0), "paged_prefill_attention: the chunks' rows are not q's");
+  const auto type = k_cache.scalar_type();
+  const auto run = [&](auto* k, auto* v, const float* ks, const float* vs) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(k)>>;
+    prefill<T>(out, q, seqs, KVSource<T>{k, v, KVH * D, KVH * D, ks, vs, bs}, KVH, scale, window, nullptr, nullptr);
+  };
+  if (type == at::kChar) {
+    TORCH_CHECK(k_scales && v_scales && k_scales->scalar_type() == at::kFloat && v_scales->scalar_type() == at::kFloat &&
+                    k_scales->is_contiguous() && v_scales->is_contiguous() &&
+                    k_scales->numel() * D == k_cache.numel() && v_scales->numel() * D == v_cache.numel(),
+                "paged_prefill_attention: an int8 cache's float32 scales [blocks, block_size, kv_heads]");
+    run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), k_scales->data_ptr<float>(), v_scales->data_ptr<float>());
+  } else if (type == at::kFloat) {
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr);
+  } else if (type == at::kHalf) {
+    run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), nullptr, nullptr);
+  } else {
+    TORCH_CHECK(type == at::kBFloat16, "paged_prefill_attention: float32, float16, bfloat16 or int8 cache");
+    run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), nullptr, nullptr);
+  }
 }
 
 // Decode attention over a low-bit cache (kv_cache_dtype="int4" or "int2", layers/kivi.py). A sealed block

@@ -6,7 +6,7 @@
 //   quant_gemm.cpp    int8_linear, w8a8_linear, int4_linear, int8_dequantize, int4_dequantize,
 //                     int8_dequant_linear, int4_dequant_linear
 //   attention.cpp     write_kv_cache_(int8_), paged_decode_attention(_int8), paged_decode_received_ (H2O),
-//                     prefill_attention, lowbit_decode_attention (an int4 or int2 cache)
+//                     prefill_attention, paged_prefill_attention, lowbit_decode_attention (an int4 or int2 cache)
 //   elementwise.cpp   rms_norm, add_rms_norm_, rope_, silu_mul, greedy_tokens
 //   ops.h             their declarations; simd.h, panel_tile.h: helpers shared between the files
 // The schemas mark the tensors an op writes (Tensor(a!)), so that a trace keeps those calls in order.
@@ -75,6 +75,9 @@ TORCH_LIBRARY(nimblelm, m) {
   // weights are added there, summed over each KV head's query heads
   m.def("prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, float scale, int window, "
         "Tensor(b!)? received=None) -> ()");
+  // every prompt chunk of a step, straight from the paged cache (any stored type but int4/int2)
+  m.def("paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scales, "
+        "Tensor? v_scales, Tensor block_tables, Tensor query_lens, Tensor context_lens, float scale, int window) -> ()");
   // a prompt chunk over an int4 or int2 cache: k, v as stored (dequantized), the entries from the first
   // query's block on also at full precision (k_full, v_full), which each query reads for its own block
   m.def("lowbit_prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor k_full, Tensor v_full, "
@@ -110,6 +113,7 @@ TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {
   m.impl("paged_decode_attention_int8", &paged_decode_attention_int8);
   m.impl("paged_decode_received_", &paged_decode_received_);
   m.impl("prefill_attention", &prefill_attention);
+  m.impl("paged_prefill_attention", &paged_prefill_attention);
   m.impl("lowbit_prefill_attention", &lowbit_prefill_attention);
   m.impl("lowbit_decode_attention", &lowbit_decode_attention);
   m.impl("lowbit_decode_write_", &lowbit_decode_write_);

@@ -66,6 +66,10 @@ void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cach
                             at::Tensor block_tables, at::Tensor context_lens, double scale);
 void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window,
                        std::optional<at::Tensor> received);
+void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                             std::optional<at::Tensor> k_scales, std::optional<at::Tensor> v_scales,
+                             at::Tensor block_tables, at::Tensor query_lens, at::Tensor context_lens, double scale,
+                             int64_t window);
 void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor k_full,
                               at::Tensor v_full, double scale, int64_t window, int64_t block_size);
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,

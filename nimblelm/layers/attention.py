@@ -1,8 +1,10 @@
 """Paged attention on torch's fused SDPA: writes new K/V into cache pages and attends over them.
 
 A step's tokens arrive flat: first the decode sequences (one query token each), then the prefill
-chunks, each a run of consecutive query tokens. Decodes are attended in one batched call over their
-gathered pages; each prefill chunk gets its own causal call, since chunks differ in length.
+chunks, each a run of consecutive query tokens. On the C++ kernels, the decodes are one call over their pages
+and the prefill chunks another (paged_prefill_attention), both reading the cache as stored; on torch's, decodes
+are one call over their gathered pages and each prefill chunk its own causal call, as do the chunks whose rows
+also vote (SnapKV) or add up their weights (H2O) on the kernels.
 
 A layer's cache holds K/V in the model's dtype, in float16 or bfloat16 (kv_cache_dtype), or as int8 with one
 float32 scale per token and KV head (kv_cache_dtype="int8"): new K/V are rounded as they are written,
@@ -51,6 +53,16 @@ class AttentionMetadata:
     accumulate: bool = False
     # An int4 or int2 cache: what the step writes, seals and reads (layers/kivi.py); None otherwise.
     lowbit: kivi.LowBitPlan | None = None
+    _prefill_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def prefill_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prefill chunks as paged_prefill_attention takes them, made once a step for every layer: their
+        block tables padded into one [chunks, max_blocks] tensor, their query and context lengths."""
+        if self._prefill_batch is None:
+            tables = torch.nn.utils.rnn.pad_sequence(self.prefill_block_tables, batch_first=True)
+            self._prefill_batch = tables, *(torch.tensor(lens, dtype=torch.long, device=tables.device)
+                                            for lens in (self.prefill_query_lens, self.prefill_context_lens))
+        return self._prefill_batch
 
     @staticmethod
     def decode_mask_for(context_lens: torch.Tensor, max_context: int, sliding_window: int | None) -> torch.Tensor:
@@ -186,6 +198,11 @@ class PagedAttention(torch.nn.Module):
                                            meta.decode_block_tables, meta.decode_context_lens, self.scale)
             else:
                 self._receive_decodes(q[:d], kv_cache, meta)
+        if d < len(q) and ops is not None and self.head_dim % 16 == 0 and not meta.accumulate and not any(
+                meta.vote_rows or ()):
+            ops.paged_prefill_attention(out[d:], q[d:], kv_cache.k, kv_cache.v, kv_cache.k_scales, kv_cache.v_scales,
+                                        *meta.prefill_batch(), self.scale, meta.sliding_window or 0)
+            return out
         start = d
         chunks = zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables, meta.prefill_masks,
                      meta.vote_rows or [0] * len(meta.prefill_query_lens))
