@@ -813,7 +813,8 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t sqn = std::upper_bound(first_item.begin(), first_item.end(), i) - first_item.begin() - 1;
       const PrefillSeq& sn = seqs[sqn];
-      const int64_t KP = (sn.C + NR - 1) / NR, CP = KP * NR, h = (i - first_item[sqn]) / KP, pnl = (i - first_item[sqn]) % KP;
+      const int64_t KP = (sn.C + NR - 1) / NR, CP = KP * NR;
+      const int64_t h = (i - first_item[sqn]) / KP, pnl = (i - first_item[sqn]) % KP;
       float* kseq = kpan.data() + first_value[sqn];
       float* vseq = vpan.data() + first_value[sqn];
       for (int64_t c = pnl * NR; c < std::min(sn.C, (pnl + 1) * NR); ++c) {
@@ -841,7 +842,7 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
     for (int64_t t0 = 0; t0 < seqs[i].T; t0 += QB)
       order.push_back({i, t0, seqs[i].C - seqs[i].T + std::min(seqs[i].T, t0 + QB)});
   std::stable_sort(order.begin(), order.end(), [](const Block& a, const Block& b) { return a.keys > b.keys; });
-  const int64_t bs = own ? own->bs : 1, items = int64_t(order.size()) * H, C0 = seqs[0].C;
+  const int64_t bs = own ? own->bs : 1, items = int64_t(order.size()) * H, C0 = received ? seqs[0].C : 0;
   std::atomic<int64_t> next_item{0};
   std::mutex adding;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
@@ -935,7 +936,8 @@ static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, do
                   v.scalar_type() == at::kFloat && q.dim() == 3 && k.size(2) == q.size(2) && q.size(0) <= k.size(0),
               "prefill_attention: shapes do not match");
   for (const auto* t : {&k, &v})
-    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == k.size(2), "prefill_attention: each row's heads must be contiguous");
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == k.size(2),
+                "prefill_attention: each row's heads must be contiguous");
   const KVSource<float> src{k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), v.stride(0), nullptr, nullptr, 1};
   prefill(out, q, {{0, q.size(0), k.size(0), nullptr}}, src, k.size(1), scale, window, own, received);
 }
@@ -995,11 +997,12 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
     prefill<T>(out, q, seqs, KVSource<T>{k, v, KVH * D, KVH * D, ks, vs, bs}, KVH, scale, window, nullptr, nullptr);
   };
   if (type == at::kChar) {
-    TORCH_CHECK(k_scales && v_scales && k_scales->scalar_type() == at::kFloat && v_scales->scalar_type() == at::kFloat &&
-                    k_scales->is_contiguous() && v_scales->is_contiguous() &&
+    TORCH_CHECK(k_scales && v_scales && k_scales->scalar_type() == at::kFloat &&
+                    v_scales->scalar_type() == at::kFloat && k_scales->is_contiguous() && v_scales->is_contiguous() &&
                     k_scales->numel() * D == k_cache.numel() && v_scales->numel() * D == v_cache.numel(),
                 "paged_prefill_attention: an int8 cache's float32 scales [blocks, block_size, kv_heads]");
-    run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), k_scales->data_ptr<float>(), v_scales->data_ptr<float>());
+    run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), k_scales->data_ptr<float>(),
+        v_scales->data_ptr<float>());
   } else if (type == at::kFloat) {
     run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr);
   } else if (type == at::kHalf) {

@@ -77,7 +77,8 @@ TORCH_LIBRARY(nimblelm, m) {
         "Tensor(b!)? received=None) -> ()");
   // every prompt chunk of a step, straight from the paged cache (any stored type but int4/int2)
   m.def("paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scales, "
-        "Tensor? v_scales, Tensor block_tables, Tensor query_lens, Tensor context_lens, float scale, int window) -> ()");
+        "Tensor? v_scales, Tensor block_tables, Tensor query_lens, Tensor context_lens, float scale, "
+        "int window) -> ()");
   // a prompt chunk over an int4 or int2 cache: k, v as stored (dequantized), the entries from the first
   // query's block on also at full precision (k_full, v_full), which each query reads for its own block
   m.def("lowbit_prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor k_full, Tensor v_full, "

@@ -1,10 +1,10 @@
 """Paged attention on torch's fused SDPA: writes new K/V into cache pages and attends over them.
 
 A step's tokens arrive flat: first the decode sequences (one query token each), then the prefill
-chunks, each a run of consecutive query tokens. On the C++ kernels, the decodes are one call over their pages
-and the prefill chunks another (paged_prefill_attention), both reading the cache as stored; on torch's, decodes
-are one call over their gathered pages and each prefill chunk its own causal call, as do the chunks whose rows
-also vote (SnapKV) or add up their weights (H2O) on the kernels.
+chunks, each a run of consecutive query tokens. On the C++ kernels the decodes are one call over their pages
+and the prefill chunks another (paged_prefill_attention), both reading the cache as stored; chunks whose rows
+also vote (SnapKV) or add up their weights (H2O) keep a call each. On torch's, the decodes are one call over
+their gathered pages and each prefill chunk its own causal call.
 
 A layer's cache holds K/V in the model's dtype, in float16 or bfloat16 (kv_cache_dtype), or as int8 with one
 float32 scale per token and KV head (kv_cache_dtype="int8"): new K/V are rounded as they are written,
