@@ -37,6 +37,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "float32's blocks; a bfloat16 cache's decode scores on AMX tiles where the CPU has them), "
                         "int8 (per-token, per-head scales; ~3.8x float32's blocks), int4 or int2 (KIVI: keys per "
                         "channel, values per token)")
+    g.add_argument("--kv-residual-length", type=int, default=None,
+                   help="int4 and int2 caches: the recent tokens each query reads at full precision (KIVI's "
+                        "residual), whole blocks; default 128")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", dest="num_threads", type=int, default=None, help="default: physical cores")
     g.add_argument("--quantization", default=None,
@@ -80,6 +83,7 @@ _ENGINE_FIELDS = [
     "block_size",
     "kv_cache_memory_bytes",
     "kv_cache_dtype",
+    "kv_residual_length",
     "seed",
     "num_threads",
     "quantization",

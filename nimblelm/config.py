@@ -68,6 +68,9 @@ class EngineConfig:
     # auto: the model's dtype; int8: int8 K/V with a float32 scale per token and KV head, except in the
     # layers int8 would distort (quantization/kv_int8.py); int4, int2: KIVI's (layers/kivi.py)
     kv_cache_dtype: str = "auto"
+    # int4, int2: the recent entries each query reads at full precision (KIVI's residual length), whole blocks
+    # of the query's own and those before it; default 128 tokens (KIVI's), at least one block
+    kv_residual_length: int | None = None
     seed: int = 0
     num_threads: int | None = None  # CPU threads; default: the physical cores
     # "int8", "int4", "w8a8": linear weights quantized at load (RTN, see quantization); "gguf": a .gguf

@@ -250,13 +250,14 @@ def test_paged_prefill_attention_attends_every_chunk_from_its_pages(kv, heads, k
         start += t
 
 
-def lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, window):
-    """Both copies as keys, each query reading the full-precision one in its own block and the other before it."""
+def lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, residual_blocks, window):
+    """Both copies as keys, each query reading the full-precision one in its residual (its own block and the
+    residual_blocks - 1 before it) and the other before that."""
     t, c = q.shape[0], k.shape[0]
     q_pos = torch.arange(c - t, c)[:, None]
     quantized, full = torch.arange(c)[None], torch.arange(c - len(k_full), c)[None]
-    own = q_pos // block_size * block_size
-    mask = torch.cat([quantized < own, (full >= own) & (full <= q_pos)], 1)
+    first = (q_pos // block_size - residual_blocks + 1).clamp(min=0) * block_size
+    mask = torch.cat([quantized < first, (full >= first) & (full <= q_pos)], 1)
     if window:
         mask &= torch.cat([quantized, full], 1) > q_pos - window
     keys, values = torch.cat([k, k_full]), torch.cat([v, v_full])
@@ -265,19 +266,23 @@ def lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, window):
     return o[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize(("t", "c", "heads", "kv_heads", "dim", "block_size", "window"), [
-    (1, 33, 2, 1, 16, 16, 0), (40, 40, 4, 2, 16, 16, 0), (37, 100, 6, 2, 32, 16, 0), (100, 300, 4, 1, 64, 8, 0),
-    (64, 200, 4, 4, 16, 16, 50), (130, 130, 4, 2, 64, 32, 20), (60, 90, 9, 3, 64, 16, 5),
+@pytest.mark.parametrize(("t", "c", "heads", "kv_heads", "dim", "block_size", "residual_blocks", "window"), [
+    (1, 33, 2, 1, 16, 16, 1, 0), (40, 40, 4, 2, 16, 16, 1, 0), (37, 100, 6, 2, 32, 16, 1, 0),
+    (100, 300, 4, 1, 64, 8, 1, 0), (64, 200, 4, 4, 16, 16, 1, 50), (130, 130, 4, 2, 64, 32, 1, 20),
+    (60, 90, 9, 3, 64, 16, 1, 5), (1, 90, 2, 1, 16, 16, 3, 0), (37, 100, 6, 2, 32, 16, 3, 0),
+    (100, 300, 4, 1, 64, 8, 8, 0), (64, 200, 4, 4, 16, 16, 4, 50), (60, 90, 9, 3, 64, 16, 2, 5),
+    (20, 40, 4, 2, 16, 16, 8, 0),
 ])
-def test_lowbit_prefill_attention_reads_each_querys_own_block_at_full_precision(t, c, heads, kv_heads, dim,
-                                                                                block_size, window):
-    # Chunks that start mid-block (the full-precision entries start at the first query's block), whole prompts,
-    # windows narrower than a block and wider; the two copies of each entry differ entirely, so a query that
-    # read the wrong one would show.
+def test_lowbit_prefill_attention_reads_each_querys_residual_at_full_precision(t, c, heads, kv_heads, dim,
+                                                                               block_size, residual_blocks, window):
+    # Chunks that start mid-block (the full-precision entries start at the first query's residual), whole
+    # prompts, residuals of one block and of several (longer than the context, too), windows narrower than a block
+    # and wider; the two copies of each entry differ entirely, so a query that read the wrong one would show.
     ops, q, k, v = prefill_inputs(t, c, heads, kv_heads, dim)
-    first = (c - t) // block_size * block_size
+    first = max(0, ((c - t) // block_size - residual_blocks + 1) * block_size)
     k_full, v_full = torch.randn(c - first, kv_heads, dim), torch.randn(c - first, kv_heads, dim)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    ops.lowbit_prefill_attention(out, q, k, v, k_full, v_full, dim**-0.5, window, block_size)
-    torch.testing.assert_close(out, lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, window),
-                               rtol=1e-4, atol=1e-5)
+    ops.lowbit_prefill_attention(out, q, k, v, k_full, v_full, dim**-0.5, window, block_size,
+                                 residual_blocks * block_size)
+    expected = lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, residual_blocks, window)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

@@ -79,7 +79,7 @@ def test_the_needle_summary_compares_with_kvpress_cell_by_cell():
 
 TINY = ["--threads", "1", "--no-measure", "--no-progress", "--kvpress-methods", "none", "--context-tokens", "160",
         "--depths", "0,100", "--ratios", "0.5", "--ppl-tokens", "300", "--ppl-budgets", "64,128", "--chunk", "64",
-        "--speed-contexts", "80,200", "--budget", "80", "--num-prompts", "3", "--serve-context", "150",
+        "--speed-contexts", "80,200", "--budget", "80", "--num-prompts", "3", "--serve-context", "400",
         "--serve-budget", "64", "--gen-len", "6"]
 
 

@@ -1,8 +1,9 @@
 """Low-bit KV cache (kv_cache_dtype="int4" / "int2", layers/kivi.py) against an oracle: Hugging Face transformers
 with the same weights, attending in one teacher-forced pass by the rule the cache implements: each query reads
-its own KV block at full precision and earlier blocks quantized (keys per channel over a block, values per token
-over channel groups, float16 scales and minimums); with a KV policy, its cache pruned as the engine compacts
-a low-bit cache. Written here from the rule, not from the module."""
+its residual (its own KV block and the blocks before it, kv_residual_length tokens) at full precision and earlier
+blocks quantized (keys per channel over a block, values per token over channel groups, float16 scales and
+minimums); with a KV policy, its cache pruned as the engine compacts a low-bit cache. Written here from the rule,
+not from the module."""
 
 import random
 
@@ -18,6 +19,7 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.layers import kivi
 
 BLOCK = 16
+RESIDUAL = 3 * BLOCK  # the tests' kv_residual_length: a ring of three blocks
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,11 @@ def _fake_quantize(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
     return torch.round((x - low) * inv).clamp(0, 2**bits - 1) * scale + low
 
 
-def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0, block: int = BLOCK):
+def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0, block: int = BLOCK,
+                    residual: int = RESIDUAL, cached: int = 0):
     """An attention function for transformers that reads K/V by the cache's rule in one pass; with `votes`, each
-    layer appends SnapKV's votes of the last `window` rows, per KV head, as the rows read the entries."""
+    layer appends SnapKV's votes of the last `window` rows, per KV head, as the rows read the entries. The first
+    `cached` entries (a prefix cache hit) are read as stored."""
 
     def attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
         n, d = k.shape[2:]
@@ -55,8 +59,9 @@ def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0
         visible = pos[None, :] <= pos[:, None]
         if sliding_window is not None:
             visible &= pos[None, :] > pos[:, None] - sliding_window
-        same = (pos[None, :] // block) == (pos[:, None] // block)
-        mask = torch.cat([visible & ~same, visible & same], 1)
+        recent = pos[None, :] // block > pos[:, None] // block - residual // block  # in the query's residual
+        recent &= (pos[None, :] >= cached) | (pos[:, None] < cached)  # the hit's own queries ran before it
+        mask = torch.cat([visible & ~recent, visible & recent], 1)
         o = F.scaled_dot_product_attention(q, torch.cat([kq, k], 2), torch.cat([vq, v], 2), attn_mask=mask,
                                            scale=scaling, enable_gqa=True)
         if votes is not None:
@@ -70,10 +75,12 @@ def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0
     return attention
 
 
-def _oracle_logprobs(folder, ids: list[int], bits: int | None, block: int = BLOCK) -> torch.Tensor:
+def _oracle_logprobs(folder, ids: list[int], bits: int | None, block: int = BLOCK, residual: int = RESIDUAL,
+                     cached: int = 0) -> torch.Tensor:
     """log-softmax of transformers' logits at every position of ids, its attention reading the cache's rule
-    with KV blocks of `block` tokens (bits None: plain attention)."""
-    AttentionInterface.register("kivi_oracle", _rule_attention(bits, block=block))
+    with KV blocks of `block` tokens, residuals of `residual` and the first `cached` entries as stored (bits
+    None: plain attention)."""
+    AttentionInterface.register("kivi_oracle", _rule_attention(bits, block=block, residual=residual, cached=cached))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  attn_implementation="sdpa" if bits is None else "kivi_oracle")
     with torch.no_grad():
@@ -87,13 +94,18 @@ def _quantize_blocks(k: torch.Tensor, v: torch.Tensor, bits: int) -> tuple[torch
             _fake_quantize(v.unflatten(-1, (-1, channels)), -1, bits).flatten(-2))
 
 
+def _residual_start(position: int) -> int:
+    """The first entry a query at `position` reads at full precision."""
+    return max(0, position // BLOCK * BLOCK + BLOCK - RESIDUAL)
+
+
 def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, max_tokens: int) -> list[int]:
     """Greedy tokens of transformers whose cache keeps what `policy` selects and reads by the low-bit rule.
 
     Per layer it holds each entry's full-precision K/V and, for whole blocks, the stored ones. The prompt is one
-    pass of _rule_attention. A compaction gathers each kept entry as the cache held it (stored if its block was
-    whole, else full precision), whole new blocks stored again from those, the rest full precision. A decode
-    row reads stored entries before its own block, full-precision ones in it."""
+    pass of _rule_attention. A compaction gathers each kept entry as the next query would read it (full precision
+    in that query's residual, else stored), whole new blocks stored again from those. A decode row reads stored
+    entries before its residual, full-precision ones in it."""
     votes: list[torch.Tensor] = []  # per layer, filled by the prompt's pass
     window = min(policy.window_size, len(prompt))
     AttentionInterface.register("kivi_policy", _rule_attention(bits, votes if policy.needs_votes else None, window))
@@ -114,8 +126,8 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
         if keep is None:
             return
         kept = policy.select(keep, n, kv_heads, votes[i] if votes else None)  # [kv_heads, keep]
-        whole = n // BLOCK * BLOCK
-        held = [torch.cat([s_, f[:, whole:]], 1) for s_, f in zip(stored[i], fp[i])]
+        first = _residual_start(n)  # of the next query's residual
+        held = [torch.cat([s_[:, :first], f[:, first:]], 1) for s_, f in zip(stored[i], fp[i])]
         gathered = [x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1])) for x in held]
         fp[i] = tuple(gathered)
         stored[i] = _quantize_blocks(*(x[:, : keep // BLOCK * BLOCK] for x in gathered), bits)
@@ -126,9 +138,10 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
     tokens, logits = [], out.logits[0, -1]
     for position in range(len(prompt), len(prompt) + max_tokens):
         tokens.append(int(logits.argmax()))
-        for i, layer in enumerate(cache.layers):  # what the new row reads: stored before its own block
-            own = fp[i][0].shape[1] // BLOCK * BLOCK
-            layer.keys, layer.values = (torch.cat([s_[:, :own], f[:, own:]], 1)[None] for s_, f in zip(stored[i], fp[i]))
+        for i, layer in enumerate(cache.layers):  # what the new row reads: stored before its residual
+            first = _residual_start(fp[i][0].shape[1])
+            layer.keys, layer.values = (torch.cat([s_[:, :first], f[:, first:]], 1)[None]
+                                        for s_, f in zip(stored[i], fp[i]))
         with torch.no_grad():
             out = model(torch.tensor([[tokens[-1]]]), cache=cache, position_ids=torch.tensor([[position]]),
                         cache_position=torch.tensor([position]), use_cache=True)
@@ -154,9 +167,9 @@ def _run(llm: LLM, prompts: list[list[int]], max_tokens: int, logprobs: bool = T
 
 
 def _check(folder, prompt: list[int], tokens: list[int], prompt_lps: list[float] | None, bits: int,
-           block: int = BLOCK) -> None:
+           block: int = BLOCK, residual: int = RESIDUAL, cached: int = 0, min_effect: float = 0.1) -> None:
     """Each greedy token is the oracle's choice, and the prompt's logprobs are the oracle's."""
-    ref = _oracle_logprobs(folder, prompt + tokens[:-1], bits, block)
+    ref = _oracle_logprobs(folder, prompt + tokens[:-1], bits, block, residual, cached)
     assert ref[len(prompt) - 1 :].argmax(-1).tolist() == tokens
     if prompt_lps is None:
         return
@@ -167,7 +180,7 @@ def _check(folder, prompt: list[int], tokens: list[int], prompt_lps: list[float]
     diff = (torch.tensor(prompt_lps) - expected).abs()
     plain = _oracle_logprobs(folder, prompt, None)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
     effect = (expected - plain).abs()
-    assert effect.max() > 0.1, "quantization changed nothing: the test cannot tell the rule"
+    assert effect.max() > min_effect, "quantization changed nothing: the test cannot tell the rule"
     assert diff.max() < 0.05 and diff.mean() < 0.1 * effect.mean()
 
 
@@ -181,58 +194,81 @@ def test_greedy_and_prompt_logprobs_match_the_oracle(tiny_qwen, wide_heads, bits
         monkeypatch.setattr(kivi, "ops_for", lambda x: None)
     folder = tiny_qwen if heads == "16-channel" else wide_heads
     prompt = _prompt(150)
-    llm = LLM(str(folder), dtype="float32", max_model_len=512, kv_cache_dtype=f"int{bits}", enforce_eager=not kernel)
+    llm = LLM(str(folder), dtype="float32", max_model_len=512, kv_cache_dtype=f"int{bits}", enforce_eager=not kernel,
+              kv_residual_length=RESIDUAL)
     [(tokens, lps)] = _run(llm, [prompt], 40)
     _check(folder, prompt, tokens, lps, bits)
     assert replays == ([1] * 39 if kernel else [])
 
 
 @pytest.mark.parametrize("bits", [4, 2])
-def test_blocks_of_32_tokens_are_the_key_groups_and_the_residual(wide_heads, bits, replays):
-    """--block-size sets KIVI's key group and full-precision residual: 32 tokens here, against an oracle of
-    32-token blocks (one of 16 fails it)."""
-    prompt = _prompt(150)
+def test_blocks_of_32_tokens_are_the_key_groups_and_the_default_residual_four_of_them(wide_heads, bits, replays):
+    """--block-size sets KIVI's key group: 32 tokens here, the default residual of 128 tokens four blocks, against
+    an oracle of 32-token blocks (one of 16 fails it, or one residual of 48)."""
+    prompt = _prompt(300)
     llm = LLM(str(wide_heads), dtype="float32", max_model_len=512, kv_cache_dtype=f"int{bits}", block_size=32)
     [(tokens, lps)] = _run(llm, [prompt], 40)
-    _check(wide_heads, prompt, tokens, lps, bits, block=32)
+    _check(wide_heads, prompt, tokens, lps, bits, block=32, residual=128)
     assert replays == [1] * 39
 
 
-def test_chunks_batches_prefix_hits_and_preemption_keep_every_output(tiny_qwen):
-    """The rule depends on positions only: prompts split into chunks that end mid-block, batched with others,
-    found in the prefix cache, or preempted and recomputed, give the oracle's output."""
-    prompts = [_prompt(n, seed) for seed, n in enumerate([150, 150, 37, 90, 120])]
-    prompts[1] = prompts[0][:100] + prompts[1][100:]  # shares six full blocks with the first
+def test_chunks_batches_and_preemption_keep_every_output(tiny_qwen):
+    """The rule depends on positions only: prompts split into chunks that end mid-block, batched with others, or
+    preempted and recomputed, give the oracle's output."""
+    prompts = [_prompt(n, seed) for seed, n in enumerate([150, 70, 90, 120])]
     chunked = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int4", max_num_seqs=4,
-                  max_num_batched_tokens=40, num_kv_blocks=20)
-    # The second finds the first's blocks in the prefix cache.
-    results = _run(chunked, prompts[:1], 60, logprobs=False) + _run(chunked, prompts[1:2], 60, logprobs=False)
-    results += _run(chunked, prompts[2:], 60)
-    assert chunked.llm_engine.scheduler.kv.num_hit_tokens == 96
+                  max_num_batched_tokens=40, num_kv_blocks=20, kv_residual_length=RESIDUAL,
+                  enable_prefix_caching=False)
+    results = _run(chunked, prompts, 60)
     assert chunked.llm_engine.scheduler.num_preemptions > 0
     for prompt, (tokens, lps) in zip(prompts, results):
         _check(tiny_qwen, prompt, tokens, lps, 4)
 
 
-def test_gemma3_sliding_layers_read_their_window_of_quantized_blocks(tmp_path_factory):
+def test_a_prefix_hit_is_read_as_stored(tiny_qwen):
+    """The prefix cache keeps sealed blocks only: after a hit, every query reads the hit's entries as stored, those
+    in its residual too (an oracle that reads them at full precision fails it)."""
+    first = _prompt(150)
+    second = first[:100] + _prompt(50, seed=1)  # shares six full blocks with the first
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int4", kv_residual_length=RESIDUAL,
+              max_num_batched_tokens=40, max_num_seqs=4)
+    _run(llm, [first], 1, logprobs=False)
+    [(tokens, _)] = _run(llm, [second], 60, logprobs=False)
+    assert llm.llm_engine.scheduler.kv.num_hit_tokens == 96
+    _check(tiny_qwen, second, tokens, None, 4, cached=96)
+    uncached = _oracle_logprobs(tiny_qwen, second + tokens[:-1], 4)[len(second) - 1 :].argmax(-1).tolist()
+    assert uncached != tokens, "the hit read as stored changed nothing: the test cannot tell"
+
+
+@pytest.mark.parametrize("residual", [BLOCK, RESIDUAL])
+def test_gemma3_sliding_layers_read_their_window_of_quantized_blocks(tmp_path_factory, residual):
+    """Its sliding layers' window (8 tokens) reaches into quantized blocks with a residual of one block; with
+    three, only the global layers read quantized blocks (their effect is small in this model), and the sliding
+    layers' rings must follow tables that drop a block at a time (the rule of a residual of four blocks is off by
+    hundreds of times the difference allowed)."""
     folder = make_tiny_hf_model(tmp_path_factory.mktemp("gemma3") / "hf", "gemma3", initializer_range=0.05)
     prompt = _prompt(200)
     llm = LLM(str(folder), dtype="float32", max_model_len=512, kv_cache_dtype="int4", max_num_seqs=8,
-              max_num_batched_tokens=48)
+              max_num_batched_tokens=48, kv_residual_length=residual)
     [(tokens, lps)] = _run(llm, [prompt], 30)
-    _check(folder, prompt, tokens, lps, 4)
+    _check(folder, prompt, tokens, lps, 4, residual=residual, min_effect=0.1 if residual == BLOCK else 0.005)
 
 
 def test_the_same_memory_holds_several_times_the_blocks(tiny_qwen):
-    blocks = {kv: LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype=kv, max_num_seqs=32,
-                      kv_cache_memory_bytes=1 << 20).llm_engine.scheduler.kv.num_blocks for kv in ("auto", "int4", "int2")}
+    def blocks(budget: int, **options) -> int:
+        return LLM(str(tiny_qwen), dtype="float32", max_model_len=512, max_num_seqs=32, kv_cache_memory_bytes=budget,
+                   **options).llm_engine.scheduler.kv.num_blocks
+
     # A block of the tiny model's 2 layers (2 KV heads of 16 channels, 16 tokens): float32 2 * 2 * 2 * 16 * 16 * 4
     # bytes. int4 per layer: K and V packed, 256 bytes each, a float16 scale and minimum per channel for K
     # (2 * 16 * 4 bytes) and per token and 16 channels for V (16 * 2 * 4): 768. int2: 128 + 128 + 128 + 128. The
-    # residual rows, one float32 block per sequence and one that replayed steps' padding rows write (33 * 8192
-    # bytes), come off the budget first.
-    left = (1 << 20) - 33 * 8192
-    assert blocks == {"auto": (1 << 20) // 8192, "int4": left // 1536, "int2": left // 1024}
+    # residual rings, float32 K and V of 2 layers (512 bytes an entry) per sequence and a ring that replayed
+    # steps' padding rows write, come off the budget first: 33 rings of one block here.
+    left = (1 << 20) - 33 * 16 * 512
+    assert {kv: blocks(1 << 20, kv_cache_dtype=kv, **({} if kv == "auto" else {"kv_residual_length": BLOCK}))
+            for kv in ("auto", "int4", "int2")} == {"auto": (1 << 20) // 8192, "int4": left // 1536, "int2": left // 1024}
+    # The default residual, 128 tokens, takes eight times their memory.
+    assert blocks(3 << 20, kv_cache_dtype="int4") == ((3 << 20) - 33 * 128 * 512) // 1536
 
 
 def test_pack_and_quantize_round_trip():
@@ -260,21 +296,22 @@ def test_the_decode_write_kernel_seals_as_torch_does(bits, head_dim):
     assert ops is not None, "the C++ kernels did not build"
     torch.manual_seed(bits * head_dim)
     rows, kv_heads, num_blocks = 5, 2, 12
-    lowbit = kivi.LowBitKV.empty(bits, num_blocks, BLOCK, kv_heads, head_dim, rows=rows, dtype=torch.float32,
-                                 device="cpu")
+    length = 3 * BLOCK
+    lowbit = kivi.LowBitKV.empty(bits, num_blocks, BLOCK, kv_heads, head_dim, rings=rows, residual_length=length,
+                                 dtype=torch.float32, device="cpu")
     lowbit.residual.normal_()
     lowbit.residual[..., : head_dim // 2] *= 20  # channels of very different ranges
     values = torch.randint(0, 256, (2, num_blocks, BLOCK, kv_heads, head_dim * bits // 8), dtype=torch.uint8)
     k, v = torch.randn(rows, kv_heads, head_dim), torch.randn(rows, kv_heads, head_dim)
     tables = torch.randperm(num_blocks)[: rows * 2].view(rows, 2)
     lens = torch.tensor([16, 32, 7, 17, 1])  # the first two complete a block
-    plan = kivi.LowBitPlan.decodes(torch.arange(rows) * BLOCK)
+    plan = kivi.LowBitPlan.decodes(torch.arange(rows) * length + torch.tensor([0, 1, 2, 2, 1]) * BLOCK)  # phases
     meta = AttentionMetadata.decodes(torch.zeros(rows, dtype=torch.long), tables, lens, None)
     meta.lowbit = plan
     states = []
     for use in (ops, None):
         state = kivi.LowBitKV(bits, *(t.clone() for t in (lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
-                                                          lowbit.residual)))
+                                                          lowbit.residual)), length)
         packed = values.clone()
         kivi.write_decodes(k, v, packed, state, meta, use)
         states.append((packed, state.k_scale, state.k_min, state.v_scale, state.v_min, state.residual))
@@ -283,12 +320,13 @@ def test_the_decode_write_kernel_seals_as_torch_does(bits, head_dim):
     assert not torch.equal(states[0][0], values), "nothing was sealed"
 
 
-def test_residual_rows_grow_keeping_their_entries():
-    lowbit = kivi.LowBitKV.empty(4, 8, BLOCK, 2, 16, rows=2, dtype=torch.float32, device="cpu")
+def test_residual_rings_grow_keeping_their_entries():
+    lowbit = kivi.LowBitKV.empty(4, 8, BLOCK, 2, 16, rings=2, residual_length=2 * BLOCK, dtype=torch.float32,
+                                 device="cpu")
     lowbit.residual.normal_()
     before = lowbit.residual.clone()
-    lowbit.grow(5, BLOCK)
-    assert lowbit.residual.shape[1] == 5 * BLOCK and torch.equal(lowbit.residual[:, : 2 * BLOCK], before)
+    lowbit.grow(5)
+    assert lowbit.residual.shape[1] == 10 * BLOCK and torch.equal(lowbit.residual[:, : 4 * BLOCK], before)
 
 
 @pytest.mark.parametrize("options", [
@@ -301,9 +339,10 @@ def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options)
     votes with the attention its rows give by the low-bit rule."""
     prompt = _prompt(300)
     ref = _oracle_with_policy(tiny_qwen, prompt, KVPolicy.from_dict(options), 4, 40)
-    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_policy=options)
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_policy=options,
+              kv_residual_length=RESIDUAL)
     assert _run(llm, [prompt], 40, logprobs=False)[0][0] == ref
-    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4")
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_residual_length=RESIDUAL)
     assert _run(plain, [prompt], 40, logprobs=False)[0][0] != ref, "the policy changed nothing"
 
 
@@ -313,10 +352,15 @@ def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options)
      "kv_cache_dtype int4 cannot be combined with kv_policy cache_positions"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
      "kv_cache_dtype int4 cannot be combined with speculative_config"),
+    ({"kv_residual_length": 40}, "kv_residual_length must be whole blocks of 16 tokens, got 40"),
+    ({"kv_residual_length": 0}, "kv_residual_length must be whole blocks of 16 tokens, got 0"),
+    ({"kv_cache_dtype": "int8", "kv_residual_length": 32}, "kv_residual_length applies to int4 and int2 KV caches"),
+    ({"kv_cache_memory_bytes": 1 << 20}, r"residual rings \(4259840 bytes: kv_residual_length=128 tokens for each of "
+                                         r"max_num_seqs=64 sequences\) take all of kv_cache_memory_bytes=1048576"),
 ])
 def test_what_a_low_bit_cache_cannot_do_yet_is_refused(tiny_qwen, options, message):
     with pytest.raises(InvalidRequestError, match=message):
-        LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int4", **options)
+        LLM(str(tiny_qwen), dtype="float32", max_model_len=256, **{"kv_cache_dtype": "int4", **options})
 
 
 

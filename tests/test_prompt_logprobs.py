@@ -40,6 +40,22 @@ def test_prompt_logprobs_match_transformers(tiny_qwen, reference, options):
         assert [len(c.token_ids) for c in out.outputs] == [8, 8]
 
 
+def test_prompts_preempted_mid_way_score_every_token(tiny_qwen):
+    """A prompt preempted after some of its chunks is computed again in chunks that end elsewhere: every token
+    after the first still has its logprob, as one uninterrupted pass gives it."""
+    prompts = [[10 + (7 * i + 13 * j) % 300 for j in range(n)] for i, n in enumerate([150, 70, 90, 120])]
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, prompt_logprobs=0)
+    crowded = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=40,
+                  num_kv_blocks=20)
+    outs = crowded.generate(prompts, params, use_tqdm=False)
+    assert crowded.llm_engine.scheduler.num_preemptions > 0
+    alone = LLM(str(tiny_qwen), dtype="float32", max_model_len=256)
+    for ids, out, ref in zip(prompts, outs, alone.generate(prompts, params, use_tqdm=False)):
+        assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+        for i, (entry, expected) in enumerate(zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:]), start=1):
+            assert entry[ids[i]].logprob == pytest.approx(expected[ids[i]].logprob, abs=1e-4)
+
+
 def test_max_tokens_zero_returns_the_prompt_only(tiny_llm):
     ids = tiny_llm.tokenizer.encode(TEXTS[0])
     out = tiny_llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=False)[0]

@@ -68,6 +68,7 @@ MODELS = {
 }
 PROMPT = "A small language model reads a prompt, predicts the next token, and repeats until it is done."
 BLOCK_SIZE, NUM_BLOCKS = 4, 1280  # room for 33 sequences of 150 positions
+RESIDUAL = 3  # blocks of a low-bit cache's residual ring
 
 
 @functools.cache
@@ -161,7 +162,8 @@ def test_replay_matches_the_python_layers_with_each_cache_and_a_window(name, bat
 
 def lowbit_decode_step(cfg: ModelConfig, batch: int, bits: int, seed: int):
     """As decode_step, over an int4 or int2 cache (random levels, scales and residuals) with one row per sequence,
-    as a low-bit cache steps; sequence r's residual rows are row r + 1's (row 0 is the padding rows')."""
+    as a low-bit cache steps; sequence r's residual rings are row r + 1's (row 0 is the padding rows'), of
+    RESIDUAL blocks, each at a phase of its own (a table that dropped blocks from its front)."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(1, 151, (batch,), generator=g)
     lens[0] = BLOCK_SIZE  # a row that completes its block: the step seals it
@@ -171,10 +173,11 @@ def lowbit_decode_step(cfg: ModelConfig, batch: int, bits: int, seed: int):
     slots = tables[torch.arange(batch), last // BLOCK_SIZE] * BLOCK_SIZE + last % BLOCK_SIZE
     groups = kv_groups(cfg.layer_windows)
     shape = (2, NUM_BLOCKS + 1, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim * bits // 8)
+    phases = torch.randint(0, RESIDUAL, (batch,), generator=g)
     caches = []
     for _ in range(cfg.num_layers):
         lowbit = LowBitKV.empty(bits, NUM_BLOCKS + 1, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim,
-                                (batch + 1) * len(groups), torch.float32, "cpu")
+                                (batch + 1) * len(groups), RESIDUAL * BLOCK_SIZE, torch.float32, "cpu")
         for t in (lowbit.k_scale, lowbit.v_scale):
             t.copy_(torch.rand(t.shape, generator=g) * 0.1)
         for t in (lowbit.k_min, lowbit.v_min, lowbit.residual):
@@ -182,7 +185,7 @@ def lowbit_decode_step(cfg: ModelConfig, batch: int, bits: int, seed: int):
         caches.append(KVCache(torch.randint(0, 256, shape, dtype=torch.uint8, generator=g), lowbit=lowbit))
     group_metas = [
         AttentionMetadata.decodes(slots, tables, lens, group.window, lowbit=LowBitPlan.decodes(
-            ((torch.arange(batch) + 1) * len(groups) + i) * BLOCK_SIZE))
+            ((torch.arange(batch) + 1) * len(groups) + i) * RESIDUAL * BLOCK_SIZE + phases * BLOCK_SIZE))
         for i, group in enumerate(groups)
     ]
     group_of_layer = [next(i for i, group in enumerate(groups) if layer in group.layers) for layer in range(cfg.num_layers)]
@@ -200,7 +203,7 @@ def test_replay_over_a_low_bit_cache_matches_the_python_layers(name, batch, bits
     def copy(cache):
         lowbit = cache.lowbit
         return KVCache(cache.values.clone(), lowbit=LowBitKV(bits, *(t.clone() for t in (
-            lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min, lowbit.residual))))
+            lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min, lowbit.residual)), lowbit.residual_length))
 
     before, fresh = [copy(c) for c in caches], [copy(c) for c in caches]
     capture = StepCapture(decoder, caches, [m.sliding_window for m in group_metas], group_of_layer, NUM_BLOCKS,

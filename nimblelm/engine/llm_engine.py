@@ -24,6 +24,7 @@ from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.structured import StructuredOutputBackend, grammar_bitmask
 from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import bf16_products_in_words, cpu_ops, widens_in_registers
+from nimblelm.layers.kivi import RESIDUAL_LENGTH
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SpecDecodeStats
 from nimblelm.platform import (
@@ -144,7 +145,7 @@ class LLMEngine:
         options = {"dtype": self.dtype, "device": self.device, "max_model_len": config.max_model_len,
                    "block_size": config.block_size, "seed": config.seed, "linear_method": method,
                    "kv_cache_dtype": self.kv_dtype, "enforce_eager": config.enforce_eager, "speculative": speculative,
-                   "kv_policy": kv_policy}
+                   "kv_policy": kv_policy, "kv_residual_length": config.kv_residual_length}
         self.runner: ModelRunner | None = None  # the model, where it runs in this process (the uni executor)
         if parallel:
             _refuse_parallel(config, loaded.config, speculative, kv_policy)
@@ -198,7 +199,14 @@ class LLMEngine:
                 if self.device.type == "cuda":
                     budget = torch.cuda.mem_get_info(self.device)[0] // 2
             # The budget is each rank's: the rank with the most KV heads sets the count.
-            budget -= max(self.executor.collective_rpc("kv_bytes_beside_blocks", config.max_num_seqs))
+            beside = max(self.executor.collective_rpc("kv_bytes_beside_blocks", config.max_num_seqs))
+            if beside >= budget:
+                raise InvalidRequestError(
+                    f"the low-bit KV cache's residual rings ({beside} bytes: kv_residual_length="
+                    f"{config.kv_residual_length} tokens for each of max_num_seqs={config.max_num_seqs} sequences) take "
+                    f"all of kv_cache_memory_bytes={budget}: give it more, or lower max_num_seqs or kv_residual_length"
+                )
+            budget -= beside
             per_block = max(self.executor.collective_rpc("kv_bytes_per_block"))
             # More than every sequence at full length could ever use is wasted memory.
             ceiling = config.max_num_seqs * -(-config.max_model_len // bs) * len(self.kv_groups)
@@ -376,16 +384,16 @@ class LLMEngine:
             seq = self.scheduler.seqs[seq_id]
             request = self.requests[seq.request_id]
             start = seq.num_computed_tokens - sched.num_scheduled_tokens[seq_id]  # the step's first position
-            # Every sequence of the request computes the prompt, a preempted one again: only entries that
-            # continue the request's list are new. Tokens before a prefix-cache hit (prompt_logprobs_start)
-            # were scored by no one: None.
+            # Every sequence of the request computes the prompt, a preempted one again (in chunks that need not
+            # end where the first run's did): only entries past the request's list are new. Tokens before a
+            # prefix-cache hit (prompt_logprobs_start) were scored by no one: None.
             if start + 1 > len(request.prompt_logprobs):
                 request.prompt_logprobs += [None] * (start + 1 - len(request.prompt_logprobs))
-            if start + 1 == len(request.prompt_logprobs):
-                request.prompt_logprobs += [
-                    self._logprob_entry(t, e, request.params.prompt_logprobs)
-                    for t, e in zip(seq.token_ids[start + 1 :], entries)
-                ]
+            known = len(request.prompt_logprobs) - (start + 1)
+            request.prompt_logprobs += [
+                self._logprob_entry(t, e, request.params.prompt_logprobs)
+                for t, e in zip(seq.token_ids[start + 1 + known :], entries[known:])
+            ]
         touched: dict[str, Request] = {}
         for row, (seq_id, tokens) in enumerate(zip(out.req_ids, out.sampled_token_ids)):
             seq = self.scheduler.seqs[seq_id]
@@ -532,7 +540,15 @@ def _complete(config: EngineConfig, model_max_len: int) -> EngineConfig:
         raise InvalidRequestError("max_num_batched_tokens must be at least max_num_seqs")
     if not config.enable_chunked_prefill and budget < max_len:
         raise InvalidRequestError("without chunked prefill, max_num_batched_tokens must be at least max_model_len")
-    return replace(config, max_model_len=max_len, max_num_batched_tokens=budget)
+    residual = config.kv_residual_length
+    if config.kv_cache_dtype not in ("int4", "int2"):
+        if residual is not None:
+            raise InvalidRequestError("kv_residual_length applies to int4 and int2 KV caches only")
+    elif residual is None:
+        residual = max(config.block_size, RESIDUAL_LENGTH // config.block_size * config.block_size)
+    elif residual < 1 or residual % config.block_size:
+        raise InvalidRequestError(f"kv_residual_length must be whole blocks of {config.block_size} tokens, got {residual}")
+    return replace(config, max_model_len=max_len, max_num_batched_tokens=budget, kv_residual_length=residual)
 
 
 def _name(dtype: torch.dtype) -> str:

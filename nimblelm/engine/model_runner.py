@@ -26,7 +26,7 @@ from nimblelm.engine.step_capture import StepCapture
 from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache
-from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan, compact
+from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan, compact, fill_ring
 from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.rotary import apply_rotary
 from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
@@ -95,6 +95,7 @@ class ModelRunner:
         quantized: dict[str, tuple[str, dict[str, torch.Tensor]]] | None = None,
         speculative: SpeculativeConfig | None = None,
         kv_policy: KVPolicy | None = None,
+        kv_residual_length: int | None = None,
         tp: TensorParallel | None = None,
         stage: PipelineStage | None = None,
     ):
@@ -135,6 +136,7 @@ class ModelRunner:
         self.kv_caches: list[KVCache | None] = []  # per layer (layers of one tensor share it; None: not held)
         self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
         self.kv_bits = BITS.get(kv_cache_dtype)  # an int4 or int2 cache (layers/kivi.py)
+        self.residual_length = kv_residual_length  # its entries per residual ring
         # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it (a low-bit
         # cache's read a float32 residual); a pipeline stage sends and receives.
         self.capturing = (not enforce_eager and self.kernels and stage is None
@@ -153,7 +155,8 @@ class ModelRunner:
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
         self.seqs: dict[int, _SeqState] = {}
-        # A low-bit cache's residual rows (the block each sequence is filling, at full precision), by sequence.
+        # A low-bit cache's residual rings (each sequence's last entries, at full precision): their rows, by
+        # sequence, each row a ring per KV group.
         self.residual_rows: dict[int, int] = {}
         self.free_residual_rows: list[int] = []
         self.generators: dict[int, torch.Generator] = {}
@@ -214,24 +217,25 @@ class ModelRunner:
         self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
 
     def _allocate_lowbit(self, shape: tuple[int, ...], num_blocks: int, max_num_seqs: int) -> None:
-        """Packed values and LowBitKV per tensor, with a residual row per sequence and KV group for
-        max_num_seqs sequences (more are added when more sequences are held at once), after the rows of
-        sequence row 0, which replayed steps' padding rows write (step_capture.py)."""
+        """Packed values and LowBitKV per tensor, with a residual ring per sequence and KV group for
+        max_num_seqs sequences (more are added when more sequences are held at once), after the rings of
+        row 0, which replayed steps' padding rows write (step_capture.py)."""
         packed = (*shape[:-1], shape[-1] * self.kv_bits // 8)
-        rows = (max_num_seqs + 1) * len(self.kv_groups)
+        rings = (max_num_seqs + 1) * len(self.kv_groups)
         tensors = {i: KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
-                              lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rows, self.dtype, self.device))
+                              lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rings, self.residual_length,
+                                                    self.dtype, self.device))
                    for i in self.kv_dtypes}
         self.num_blocks = num_blocks
         self.free_residual_rows = list(range(max_num_seqs, 0, -1))
         self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
 
     def kv_bytes_beside_blocks(self, max_num_seqs: int) -> int:
-        """Bytes of KV memory that are not blocks: a low-bit cache's residual rows."""
+        """Bytes of KV memory that are not blocks: a low-bit cache's residual rings."""
         if self.kv_bits is None:
             return 0
         cfg = self.config
-        row = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        row = 2 * self.residual_length * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
         return (max_num_seqs + 1) * len(self.kv_groups) * len(self.kv_dtypes) * row
 
     def kv_bytes_per_block(self) -> int:
@@ -408,7 +412,8 @@ class ModelRunner:
                     kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads, votes_i).to(self.device)
                 if cache.lowbit is not None:
                     compact(cache.values, cache.lowbit, table, num_entries, kept,
-                            torch.tensor(new_table, device=self.device), self._residual_slot(req_id, g))
+                            torch.tensor(new_table, device=self.device), self._residual_slot(req_id, g),
+                            self._residual_slot(req_id, g, dropped * bs))
                     continue
                 src = old_slots[kept].T  # [keep, kv_heads]
                 for x in (cache.values, cache.scales):
@@ -517,6 +522,8 @@ class ModelRunner:
                 [list(ids) for ids in new.block_ids], [d * self.block_size for d in new.num_dropped_blocks],
                 new.num_computed_tokens,
             )
+            if self.kv_bits is not None and new.num_computed_tokens:
+                self._fill_rings(new.req_id)
             if new.seed is not None and new.req_id not in self.generators:  # a resumed sequence's RNG goes on
                 g = torch.Generator(device=self.device)
                 g.manual_seed(new.seed)
@@ -532,22 +539,37 @@ class ModelRunner:
                 state.kv_offsets[g] = offset
             state.num_computed_tokens = running.num_computed_tokens
 
+    def _fill_rings(self, req_id: int) -> None:
+        """A sequence that starts after a prefix cache hit reads the hit's entries as stored (kivi.fill_ring)."""
+        state = self.seqs[req_id]
+        for g, (table, offset) in enumerate(zip(state.block_ids, state.kv_offsets)):
+            at = self._residual_slot(req_id, g)
+            blocks = torch.tensor(table, device=self.device)
+            for layer in self.kv_groups[g].layers:
+                cache = self.kv_caches[layer]
+                if cache is not None:
+                    fill_ring(cache.values, cache.lowbit, blocks, state.num_computed_tokens - offset, at)
+
     def _release_residual(self, req_id: int) -> None:
         if req_id in self.residual_rows:
             self.free_residual_rows.append(self.residual_rows.pop(req_id))
 
-    def _residual_slot(self, req_id: int, group: int) -> int:
-        """The first residual slot of the sequence's row in the KV group, the row taken if it has none."""
+    def _residual_slot(self, req_id: int, group: int, offset: int | None = None) -> int:
+        """The sequence's residual slot in the KV group (kivi.ring_slots), for its table's offset (default: the
+        one it has now); its row of rings is taken if it has none."""
+        if offset is None:
+            offset = self.seqs[req_id].kv_offsets[group]
         if req_id not in self.residual_rows:
             if not self.free_residual_rows:  # more sequences held than max_num_seqs (preempted ones wait)
                 rows = len(self.residual_rows) + 1  # and the padding rows'
                 for lowbit in {id(c.lowbit): c.lowbit for c in self.kv_caches if c is not None}.values():
-                    lowbit.grow(2 * rows * len(self.kv_groups), self.block_size)
+                    lowbit.grow(2 * rows * len(self.kv_groups))
                 self.free_residual_rows = list(range(2 * rows - 1, rows - 1, -1))
                 if self.capture is not None:  # its traces hold the residuals just replaced
                     self.capture.traces.clear()
             self.residual_rows[req_id] = self.free_residual_rows.pop()
-        return (self.residual_rows[req_id] * len(self.kv_groups) + group) * self.block_size
+        length = self.residual_length
+        return (self.residual_rows[req_id] * len(self.kv_groups) + group) * length + offset % length
 
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
         # Decode rows go first, in one batched attention call: a sequence's single new token, or the few
@@ -556,7 +578,7 @@ class ModelRunner:
         scheduled = [(self.seqs[i], n, i) for i, n in sched.num_scheduled_tokens.items()]
         # A sequence whose compaction votes is a prefill chunk: its last rows' attention weights are taken there.
         voting = set(sched.compactions) if self.kv_policy is not None and self.kv_policy.needs_votes else set()
-        # A low-bit cache's decode rows are one per sequence (each reads its block from the residual, and writes
+        # A low-bit cache's decode rows are one per sequence (each reads its residual from its ring, and writes
         # and seals its own entry): several tokens past a prompt (a recomputation's) are a prompt chunk there.
         max_query = 1 if self.kv_bits is not None else MAX_DECODE_QUERY
         decodes = [x for x in scheduled if _is_decode(*x[:2], max_query) and x[2] not in voting]
@@ -656,7 +678,8 @@ class ModelRunner:
                 vote_rows=vote_rows if voting and window is None else None,
                 votes=[] if voting and window is None else None,
                 accumulate=window is None and self._accumulates,
-                lowbit=LowBitPlan.build(lowbit_spans[g], num_rows, bs, device) if self.kv_bits is not None else None,
+                lowbit=(LowBitPlan.build(lowbit_spans[g], num_rows, bs, self.residual_length, device)
+                        if self.kv_bits is not None else None),
             )
 
         vote_rows = [min(self.kv_policy.window_size, n) if req_id in voting else 0 for _, n, req_id in prefills]

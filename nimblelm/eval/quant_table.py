@@ -49,10 +49,12 @@ SETTINGS = {s.name: s for s in (
     Setting("kv-int8", "KV cache int8", {"kv_cache_dtype": "int8"}),
     Setting("kv-int4", "KV cache int4 (KIVI)", {"kv_cache_dtype": "int4"}),
     Setting("kv-int2", "KV cache int2 (KIVI)", {"kv_cache_dtype": "int2"}),
-    # KIVI's key groups and residual of 32 tokens and more: fewer scale bytes, more tokens at full precision
+    # KIVI's key groups of 32 tokens: fewer scale bytes, wider ranges
     Setting("kv-int4-b32", "KV cache int4 (KIVI), 32-token blocks", {"kv_cache_dtype": "int4", "block_size": 32}),
     Setting("kv-int2-b32", "KV cache int2 (KIVI), 32-token blocks", {"kv_cache_dtype": "int2", "block_size": 32}),
-    Setting("kv-int2-b64", "KV cache int2 (KIVI), 64-token blocks", {"kv_cache_dtype": "int2", "block_size": 64}),
+    # A residual of one 16-token block (the query's own) instead of 128 tokens
+    Setting("kv-int4-r16", "KV cache int4 (KIVI), 16-token residual", {"kv_cache_dtype": "int4", "kv_residual_length": 16}),
+    Setting("kv-int2-r16", "KV cache int2 (KIVI), 16-token residual", {"kv_cache_dtype": "int2", "kv_residual_length": 16}),
     # 16-bit storage of the float weights, float32 compute (the CPU kernels' meaning of these dtypes)
     Setting("bf16", "bfloat16 weights", {"dtype": "bfloat16"}),
     Setting("fp16", "float16 weights", {"dtype": "float16"}),

@@ -757,15 +757,17 @@ void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cach
 // query heads: per thread, then once into it.
 //
 // A low-bit cache (layers/kivi.py) gives each key two copies: k, v hold the quantized one (as read back) and
-// kf, vf the full-precision one of the entries from the first query's block on; a query reads the entries of
-// its own block of `bs` at full precision and the earlier ones quantized. Those few scores per row are
-// recomputed from kf, and their weights are taken out of P V and applied to vf instead.
+// kf, vf the full-precision one of the entries from the first query's residual on; a query reads its residual
+// (its own block of `bs` and the blocks before it, `span` entries in all) at full precision and the earlier
+// entries quantized. Those few scores per row are recomputed from kf, and their weights are taken out of P V
+// and applied to vf instead.
 constexpr int64_t QB = 48;  // queries per work item
 
 struct OwnBlocks {  // the full-precision copies of a low-bit cache's entries fp_start .. C - 1
   const float* k;
   const float* v;
-  int64_t sk, sv, fp_start, bs;
+  int64_t sk, sv, fp_start, bs, span;
+  int64_t first_full(int64_t pos) const { return std::max<int64_t>(0, pos / bs * bs + bs - span); }
 };
 
 // Where prefill's keys and values come from: rows of float32 tensors (a chunk's own K/V, slot = position), or
@@ -842,13 +844,13 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
     for (int64_t t0 = 0; t0 < seqs[i].T; t0 += QB)
       order.push_back({i, t0, seqs[i].C - seqs[i].T + std::min(seqs[i].T, t0 + QB)});
   std::stable_sort(order.begin(), order.end(), [](const Block& a, const Block& b) { return a.keys > b.keys; });
-  const int64_t bs = own ? own->bs : 1, items = int64_t(order.size()) * H, C0 = received ? seqs[0].C : 0;
+  const int64_t span = own ? own->span : 1, items = int64_t(order.size()) * H, C0 = received ? seqs[0].C : 0;
   std::atomic<int64_t> next_item{0};
   std::mutex adding;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scores;
     std::vector<float> inv_sum(QB);
-    std::vector<float> own_weights(own ? QB * bs : 0);  // per row, the weights of its own block's entries
+    std::vector<float> own_weights(own ? QB * own->span : 0);  // per row, the weights of its residual's entries
     std::vector<float> got(received ? KVH * C0 : 0, 0.f);
     for (int64_t item; (item = next_item.fetch_add(1)) < items;) {
       const Block& blk = order[item / H];
@@ -875,7 +877,7 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
         const int64_t pos = offset + t0 + i;
         const int64_t first = (window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0) - lo, end = pos + 1 - lo;
         float* s = scores.data() + i * ld;
-        const int64_t mine = own ? std::max(pos / bs * bs - lo, first) : end;  // its own block's first entry
+        const int64_t mine = own ? std::max(own->first_full(pos) - lo, first) : end;  // its residual's first entry
         if (own)
           for (int64_t j = mine; j < end; ++j) {
             const float* kr = own->k + (j + lo - own->fp_start) * own->sk + kvh * D;
@@ -891,8 +893,8 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
         if (received)
           for (int64_t j = first; j < end; ++j) got[kvh * C + lo + j] += s[j] * inv_sum[i];
         if (own) {
-          std::fill(own_weights.begin() + i * bs, own_weights.begin() + (i + 1) * bs, 0.f);
-          std::copy(s + mine, s + end, own_weights.begin() + i * bs);
+          std::fill(own_weights.begin() + i * span, own_weights.begin() + (i + 1) * span, 0.f);
+          std::copy(s + mine, s + end, own_weights.begin() + i * span);
           std::fill(s + mine, s + end, 0.f);
         }
       }
@@ -912,9 +914,9 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
         float* o = o0 + i * so;
         if (own) {
           const int64_t pos = offset + t0 + i, first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-          const int64_t mine = std::max(pos / bs * bs, first);
+          const int64_t mine = std::max(own->first_full(pos), first);
           for (int64_t j = mine; j <= pos; ++j) {
-            const float w = own_weights[i * bs + j - mine];
+            const float w = own_weights[i * span + j - mine];
             const float* vr = own->v + (j - own->fp_start) * own->sv + kvh * D;
             for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
           }
@@ -952,16 +954,20 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
 }
 
 void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor k_full,
-                              at::Tensor v_full, double scale, int64_t window, int64_t block_size) {
+                              at::Tensor v_full, double scale, int64_t window, int64_t block_size,
+                              int64_t residual_length) {
   const int64_t C = k.size(0), F = k_full.size(0), fp_start = C - F, T = q.size(0);
+  TORCH_CHECK(block_size > 0 && residual_length > 0 && residual_length % block_size == 0,
+              "lowbit_prefill_attention: the residual is whole blocks");
+  const OwnBlocks own{k_full.data_ptr<float>(), v_full.data_ptr<float>(), k_full.stride(0), v_full.stride(0),
+                      fp_start, block_size, residual_length};
   TORCH_CHECK(k_full.dim() == 3 && k_full.sizes() == v_full.sizes() && k.dim() == 3 &&
-                  k_full.size(1) == k.size(1) && k_full.size(2) == k.size(2) && block_size > 0 &&
+                  k_full.size(1) == k.size(1) && k_full.size(2) == k.size(2) &&
                   k_full.scalar_type() == at::kFloat && v_full.scalar_type() == at::kFloat &&
                   k_full.stride(2) == 1 && v_full.stride(2) == 1 && k_full.stride(1) == k.size(2) &&
-                  v_full.stride(1) == k.size(2) && T <= C && fp_start <= (C - T) / block_size * block_size,
-              "lowbit_prefill_attention: the full-precision entries must start at or before the first query's block");
-  const OwnBlocks own{k_full.data_ptr<float>(), v_full.data_ptr<float>(), k_full.stride(0), v_full.stride(0),
-                      fp_start, block_size};
+                  v_full.stride(1) == k.size(2) && T <= C && fp_start <= own.first_full(C - T),
+              "lowbit_prefill_attention: the full-precision entries must start at or before the first query's "
+              "residual");
   prefill(out, q, k, v, scale, window, &own, nullptr);
 }
 
@@ -1016,9 +1022,14 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
 // Decode attention over a low-bit cache (kv_cache_dtype="int4" or "int2", layers/kivi.py). A sealed block
 // holds levels with a float16 scale and minimum per channel for keys and per token and group of channels for
 // values; a work item (one row and KV head) runs the float row kernels above on each block, its levels widened
-// in registers as they are read (into a float scratch first where a row is not whole registers). The block of
-// the row's own position is read from the float32 residual, as every query reads its own block at full
-// precision.
+// in registers as they are read (into a float scratch first where a row is not whole registers). The row's
+// residual, its own block and the blocks before it up to residual_length entries, is read from the float32
+// residual ring, as every query reads its residual at full precision.
+
+// A sequence's residual ring holds its last L entries (whole blocks) at slots L * i .. L * i + L - 1 of the
+// residual, position p at slot p mod L. `at`, the sequence's residual slot, is its ring's first slot plus its
+// table's offset mod L (the entries its table dropped from its front): entry e is at ring_slot(at, e, L).
+static inline int64_t ring_slot(int64_t at, int64_t e, int64_t L) { return at - at % L + (at % L + e) % L; }
 
 // levels[c] for the D channels of one packed row: byte j holds channels j, j + D / per, ... from its lowest
 // bits up (kivi.pack). Sixteen bytes at a time are shifted, masked and widened to floats in registers.
@@ -1066,7 +1077,7 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
                           const c10::Half* km, const c10::Half* vs, const c10::Half* vm, const float* rk,
                           const float* rv, const int64_t* bt, const int64_t* lens, const int64_t* res_at, int64_t B,
                           int64_t H, int64_t D, int64_t NB, int64_t bs, int64_t KVH, int64_t PD, int64_t groups,
-                          int64_t max_blocks, int64_t res_slots, float scale, int64_t window) {
+                          int64_t max_blocks, int64_t res_slots, int64_t L, float scale, int64_t window) {
   const int64_t G = H / KVH, GW = D / groups, ld = KVH * D, n_bytes = D * BITS / 8;
 #ifdef HAVE_FVEC
   // Levels widened in registers as the row kernels read them; a float scratch where rows are not whole registers.
@@ -1077,15 +1088,15 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
         v_mins(bs * groups);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / KVH, h = item % KVH, n = lens[b];
-      const int64_t own = (n - 1) / bs * bs, first = window > 0 ? std::max<int64_t>(0, n - window) : 0;
-      const int64_t span = n - first;
-      TORCH_CHECK(n >= 1 && res_at[b] >= 0 && res_at[b] + bs <= res_slots && (n - 1) / bs < max_blocks,
-                  "lowbit_decode_attention: slot out of range");
+      const int64_t full = std::max<int64_t>(0, (n - 1) / bs * bs + bs - L);  // the first entry of its residual
+      const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0, span = n - first;
+      TORCH_CHECK(n >= 1 && res_at[b] >= 0 && res_at[b] % bs == 0 && res_at[b] - res_at[b] % L + L <= res_slots &&
+                      (n - 1) / bs < max_blocks, "lowbit_decode_attention: slot out of range");
       for (int64_t i = 0; i < G * D; ++i) q[i] = qp[(b * H + h * G) * D + i] * scale;
       s.resize(G * span);
       // f(first position, their count, block id) for the sealed blocks in the window, in order.
       const auto each_block = [&](auto&& f) {
-        for (int64_t blk = first / bs; blk < own / bs; ++blk) {
+        for (int64_t blk = first / bs; blk < full / bs; ++blk) {
           const int64_t id = bt[b * max_blocks + blk], t0 = std::max(blk * bs, first);
           TORCH_CHECK(id >= 0 && id < NB, "lowbit_decode_attention: block out of range");
           f(t0, blk * bs + bs - t0, id);
@@ -1117,9 +1128,11 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
           }
         }
       };
-      const int64_t r0 = std::max(own, first);  // the residual's positions: r0 .. n - 1
-      const float* res_k = rk + (res_at[b] + r0 - own) * ld + h * D;
-      const float* res_v = rv + (res_at[b] + r0 - own) * ld + h * D;
+      // f(first entry, their count, its ring slot) for the residual's entries in the window, a block at a time.
+      const auto each_residual_block = [&](auto&& f) {
+        for (int64_t t0 = std::max(full, first); t0 < n; t0 = t0 / bs * bs + bs)
+          f(t0, std::min(t0 / bs * bs + bs, n) - t0, ring_slot(res_at[b], t0, L));
+      };
       // q . (l * scale + min) = (q * scale) . l + q . min: the block's scales go into the query once, and its
       // keys are the levels as they unpack.
       each_block([&](int64_t t0, int64_t m, int64_t id) {
@@ -1143,7 +1156,9 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
         for (int64_t g = 0; g < G; ++g)
           for (int64_t t = t0; t < t0 + m; ++t) s[g * span + t - first] += bias[g];
       });
-      scores_run(q.data(), G, D, res_k, ld, n - r0, nullptr, 0, s.data() + r0 - first, span);
+      each_residual_block([&](int64_t t0, int64_t m, int64_t slot) {
+        scores_run(q.data(), G, D, rk + slot * ld + h * D, ld, m, nullptr, 0, s.data() + t0 - first, span);
+      });
       std::fill(o.begin(), o.end(), 0.f);
       for (int64_t g = 0; g < G; ++g) {
         float* sg = s.data() + g * span;
@@ -1178,7 +1193,9 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
         }
         weighted_run(s.data() + t0 - first, span, G, rows.data(), D, m, D, o.data());
       });
-      weighted_run(s.data() + r0 - first, span, G, res_v, ld, n - r0, D, o.data());
+      each_residual_block([&](int64_t t0, int64_t m, int64_t slot) {
+        weighted_run(s.data() + t0 - first, span, G, rv + slot * ld + h * D, ld, m, D, o.data());
+      });
       std::copy(o.begin(), o.end(), op + (b * H + h * G) * D);
     }
   });
@@ -1202,7 +1219,7 @@ static void check_lowbit_cache(const char* op, const at::Tensor& values, const a
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
                              at::Tensor v_scale, at::Tensor v_min, at::Tensor residual, at::Tensor block_tables,
                              at::Tensor context_lens, at::Tensor residual_slots, double scale, int64_t window,
-                             int64_t bits) {
+                             int64_t bits, int64_t residual_length) {
   q = q.contiguous();
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && out.is_contiguous(), "lowbit_decode_attention: q, out");
   check_lowbit_cache("lowbit_decode_attention", values, k_scale, k_min, v_scale, v_min, residual, block_tables,
@@ -1210,6 +1227,8 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = values.size(1), bs = values.size(2), KVH = values.size(3), PD = values.size(4);
   TORCH_CHECK(PD * 8 == D * bits && k_scale.size(2) == D && H % KVH == 0, "lowbit_decode_attention: head_dim");
+  TORCH_CHECK(residual_length > 0 && residual_length % bs == 0,
+              "lowbit_decode_attention: the residual is whole blocks");
   const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
   const uint8_t* kp = values.data_ptr<uint8_t>();
   const float* rk = residual.data_ptr<float>();
@@ -1218,10 +1237,10 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
   run(out.data_ptr<float>(), q.data_ptr<float>(), kp, kp + NB * bs * KVH * PD, k_scale.data_ptr<c10::Half>(),
       k_min.data_ptr<c10::Half>(), v_scale.data_ptr<c10::Half>(), v_min.data_ptr<c10::Half>(), rk,
       rk + res_slots * KVH * D, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), res.data_ptr<int64_t>(), B, H, D,
-      NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, float(scale), window);
+      NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, residual_length, float(scale), window);
 }
 
-// Writes each decode row's K/V (k, v [B, KVH, D]) at its position in its sequence's residual row, and seals the
+// Writes each decode row's K/V (k, v [B, KVH, D]) at its position in its sequence's residual ring, and seals the
 // block a row completes: its keys quantized per channel over the block's tokens, its values per token over
 // groups of channels, as kivi.quantize rounds them (float16 scale and minimum, levels rounded half to even),
 // then packed (kivi.pack). Each row is one sequence's: rows write disjoint residual rows and blocks.
@@ -1243,7 +1262,7 @@ static void quantize_levels(const float* x, int64_t stride, int64_t count, int64
 
 void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_min, at::Tensor v_scale,
                           at::Tensor v_min, at::Tensor residual, at::Tensor k, at::Tensor v, at::Tensor block_tables,
-                          at::Tensor context_lens, at::Tensor residual_slots, int64_t bits) {
+                          at::Tensor context_lens, at::Tensor residual_slots, int64_t bits, int64_t residual_length) {
   check_lowbit_cache("lowbit_decode_write_", values, k_scale, k_min, v_scale, v_min, residual, block_tables,
                      context_lens, residual_slots, bits);
   const int64_t B = k.size(0), NB = values.size(1), bs = values.size(2), KVH = values.size(3), PD = values.size(4);
@@ -1254,6 +1273,8 @@ void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_mi
                 "lowbit_decode_write_: k, v [rows, kv_heads, head_dim]");
   TORCH_CHECK(PD * 8 == D * bits && context_lens.size(0) == B && residual_slots.size(0) == B,
               "lowbit_decode_write_: shapes do not match");
+  const int64_t L = residual_length;
+  TORCH_CHECK(L > 0 && L % bs == 0, "lowbit_decode_write_: the residual is whole blocks");
   const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
   const int64_t* bt = tables.data_ptr<int64_t>();
   const int64_t *np = lens.data_ptr<int64_t>(), *rp = res.data_ptr<int64_t>(), max_blocks = tables.size(1);
@@ -1264,12 +1285,13 @@ void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_mi
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> levels(bs * ld);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = np[b], pos = n - 1, base = rp[b];
-      TORCH_CHECK(n >= 1 && base >= 0 && base + bs <= R && pos / bs < max_blocks,
+      const int64_t n = np[b], pos = n - 1, at = rp[b];
+      TORCH_CHECK(n >= 1 && at >= 0 && at % bs == 0 && at - at % L + L <= R && pos / bs < max_blocks,
                   "lowbit_decode_write_: slot out of range");
-      std::copy_n(k.data_ptr<float>() + b * k.stride(0), ld, rk + (base + pos % bs) * ld);
-      std::copy_n(v.data_ptr<float>() + b * v.stride(0), ld, rv + (base + pos % bs) * ld);
+      std::copy_n(k.data_ptr<float>() + b * k.stride(0), ld, rk + ring_slot(at, pos, L) * ld);
+      std::copy_n(v.data_ptr<float>() + b * v.stride(0), ld, rv + ring_slot(at, pos, L) * ld);
       if (n % bs) continue;
+      const int64_t base = ring_slot(at, pos / bs * bs, L);  // the block's first slot: its entries follow
       const int64_t id = bt[b * max_blocks + pos / bs];
       TORCH_CHECK(id >= 0 && id < NB, "lowbit_decode_write_: block out of range");
       const auto pack = [&](uint8_t* dst) {  // levels [bs, KVH, D] into rows of PD bytes

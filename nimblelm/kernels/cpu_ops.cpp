@@ -80,17 +80,18 @@ TORCH_LIBRARY(nimblelm, m) {
         "Tensor? v_scales, Tensor block_tables, Tensor query_lens, Tensor context_lens, float scale, "
         "int window) -> ()");
   // a prompt chunk over an int4 or int2 cache: k, v as stored (dequantized), the entries from the first
-  // query's block on also at full precision (k_full, v_full), which each query reads for its own block
+  // query's residual on also at full precision (k_full, v_full): each query reads its last residual_length
+  // entries, whole blocks, that way
   m.def("lowbit_prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor k_full, Tensor v_full, "
-        "float scale, int window, int block_size) -> ()");
-  // decode rows over an int4 or int2 cache: sealed blocks as stored, each row's own block from the residual
+        "float scale, int window, int block_size, int residual_length) -> ()");
+  // decode rows over an int4 or int2 cache: sealed blocks as stored, each row's last blocks from its residual ring
   m.def("lowbit_decode_attention(Tensor(a!) out, Tensor q, Tensor values, Tensor k_scale, Tensor k_min, "
         "Tensor v_scale, Tensor v_min, Tensor residual, Tensor block_tables, Tensor context_lens, "
-        "Tensor residual_slots, float scale, int window, int bits) -> ()");
-  // decode rows' K/V into their residual rows, sealing (quantizing) the blocks they complete
+        "Tensor residual_slots, float scale, int window, int bits, int residual_length) -> ()");
+  // decode rows' K/V into their residual rings, sealing (quantizing) the blocks they complete
   m.def("lowbit_decode_write_(Tensor(a!) values, Tensor(b!) k_scale, Tensor(c!) k_min, Tensor(d!) v_scale, "
         "Tensor(e!) v_min, Tensor(f!) residual, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, "
-        "Tensor residual_slots, int bits) -> ()");
+        "Tensor residual_slots, int bits, int residual_length) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {

@@ -2,14 +2,17 @@
 
 Keys have outlier channels, so keys are quantized per channel over a group of tokens (one scale and minimum
 per channel), values per token over groups of VALUE_GROUP channels; scales and minimums are float16. A KV
-block is the keys' token group: its keys can be quantized only once all of its tokens are known, so the block
-a sequence is filling lives in a full-precision residual (one row of block_size entries per sequence and KV
-group) and is sealed, quantized into its place in the pool, in the step that writes its last token. Sealed
-blocks never change, so the prefix cache shares them as it shares any full block.
+block is the keys' token group: its keys can be quantized only once all of its tokens are known, so a block is
+sealed, quantized into its place in the pool, in the step that writes its last token. Sealed blocks never
+change, so the prefix cache shares them as it shares any full block.
 
-What a query reads: the entries of its own block at full precision (from the residual, or from the step at
-hand), those of earlier blocks quantized. The rule depends on positions only, so chunking, batching and a
-prefix cache hit give every query the same keys, and a reference can apply it in one pass (tests).
+What a query reads: its residual at full precision, the entries of its own block and of the blocks before it
+up to residual_length entries (KIVI's residual: the recent tokens, whose errors cost the most), and the earlier
+entries quantized. A sequence's residual ring (per KV group) keeps its last residual_length entries at full
+precision, position p at slot p mod residual_length of its ring. The rule depends on positions only, so
+chunking and batching give every query the same keys, and a reference can apply it in one pass (tests). The
+prefix cache keeps sealed blocks only: a sequence that starts after a hit (or resumes after preemption through
+one) reads the hit's entries as stored, its residual's too (fill_ring).
 
 Packing: a byte holds 8 // bits values, of channels c, c + n, c + 2n, ... (n = head_dim * bits / 8), the first
 in its lowest bits.
@@ -28,6 +31,7 @@ from nimblelm.kernels import ops_for
 
 # kv_cache_dtype names the packed formats by torch's own packed dtypes; storage is uint8.
 BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
+RESIDUAL_LENGTH = 128  # KIVI's residual, kv_residual_length's default
 
 
 def value_group(head_dim: int) -> int:
@@ -37,7 +41,7 @@ def value_group(head_dim: int) -> int:
 
 @dataclass
 class LowBitKV:
-    """A KV tensor's quantization parameters and residual, beside its packed values (KVCache.values, uint8
+    """A KV tensor's quantization parameters and residual rings, beside its packed values (KVCache.values, uint8
     [2, num_blocks, block_size, kv_heads, head_dim * bits / 8])."""
 
     bits: int
@@ -45,28 +49,37 @@ class LowBitKV:
     k_min: torch.Tensor
     v_scale: torch.Tensor  # float16 [num_blocks, block_size, kv_heads, head_dim / value_group]
     v_min: torch.Tensor
-    residual: torch.Tensor  # [2, rows * block_size, kv_heads, head_dim] in the model's dtype: K then V
+    residual: torch.Tensor  # [2, rings * residual_length, kv_heads, head_dim] in the model's dtype: K then V
+    residual_length: int  # entries a ring holds: whole blocks
 
     @classmethod
-    def empty(cls, bits: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, rows: int,
-              dtype: torch.dtype, device) -> LowBitKV:
+    def empty(cls, bits: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, rings: int,
+              residual_length: int, dtype: torch.dtype, device) -> LowBitKV:
         half = {"dtype": torch.float16, "device": device}
         k_shape = (num_blocks, kv_heads, head_dim)
         v_shape = (num_blocks, block_size, kv_heads, head_dim // value_group(head_dim))
         return cls(bits, torch.zeros(k_shape, **half), torch.zeros(k_shape, **half), torch.zeros(v_shape, **half),
                    torch.zeros(v_shape, **half),
-                   torch.zeros((2, rows * block_size, kv_heads, head_dim), dtype=dtype, device=device))
+                   torch.zeros((2, rings * residual_length, kv_heads, head_dim), dtype=dtype, device=device),
+                   residual_length)
 
     @staticmethod
     def bytes_per_block(bits: int, block_size: int, kv_heads: int, head_dim: int) -> int:
         packed = block_size * kv_heads * head_dim * bits // 8
         return 2 * packed + 2 * 2 * kv_heads * head_dim + 2 * 2 * block_size * kv_heads * (head_dim // value_group(head_dim))
 
-    def grow(self, rows: int, block_size: int) -> None:
-        """Room for `rows` residual rows in all (rows already there keep their entries)."""
-        more = rows * block_size - self.residual.shape[1]
+    def grow(self, rings: int) -> None:
+        """Room for `rings` residual rings in all (rings already there keep their entries)."""
+        more = rings * self.residual_length - self.residual.shape[1]
         if more > 0:
             self.residual = torch.cat([self.residual, self.residual.new_zeros(2, more, *self.residual.shape[2:])], 1)
+
+
+def ring_slots(at, entries, length: int):
+    """The residual slots of a sequence's entries (ints, numpy or torch alike): `at` is its ring's first slot
+    plus its table's offset (the entries it dropped from its front) mod `length`, so that position p is at slot
+    p mod length of the ring, whatever the table dropped."""
+    return at - at % length + (at % length + entries) % length
 
 
 def pack(levels: torch.Tensor, bits: int) -> torch.Tensor:
@@ -110,7 +123,8 @@ class Segment:
     row: int
     start: int
     end: int
-    fp_at: int  # where its entries from its first row's block on begin in LowBitPlan.fp_index
+    full: int  # the first entry of its first row's residual
+    fp_at: int  # where its entries from `full` on begin in LowBitPlan.fp_index
     sealed: torch.Tensor  # the blocks of its table before its last row's block: what it reads quantized
 
 
@@ -120,39 +134,40 @@ class LowBitPlan:
     residual slot (>= 0) or -1 - a row of the step."""
 
     segments: list[Segment]
-    fp_index: torch.Tensor  # per segment, its entries from its first row's block to its end
+    fp_index: torch.Tensor  # per segment, its entries from its first row's residual to its end
     # The writes of the rows after the decode rows (those write themselves, one per sequence: write_decodes):
     seal_blocks: torch.Tensor  # the blocks this step completes
     seal_index: torch.Tensor  # their entries, block_size per block
-    residual_rows: torch.Tensor  # the rows whose K/V the residual keeps: each sequence's last block's
+    residual_rows: torch.Tensor  # the rows whose K/V the rings keep: each sequence's last residual_length entries'
     residual_slots: torch.Tensor
     num_decode_segments: int  # the first segments, whose rows are the step's decode rows
-    decode_residual: torch.Tensor  # per decode row, its residual row's first slot
+    decode_residual: torch.Tensor  # per decode row, its residual slot (ring_slots)
 
     @classmethod
     def build(cls, spans: list[tuple[int, int, int, list[int], int]], num_decodes: int, block_size: int,
-              device) -> LowBitPlan:
-        """spans: per sequence in row order, (first row, first entry, rows, its table, its residual row's first
-        slot); the first num_decodes rows are decode rows."""
-        bs = block_size
+              residual_length: int, device) -> LowBitPlan:
+        """spans: per sequence in row order, (first row, first entry, rows, its table, its residual slot); the
+        first num_decodes rows are decode rows."""
+        bs, length = block_size, residual_length
         segments, fp, seal_blocks, seal, rows, slots = [], [], [], [], [], []
         decode_spans = [span for span in spans if span[0] < num_decodes]
         fp_at = 0
-        for row, start, n, table, base in spans:
+        for row, start, n, table, at in spans:
             end, own = start + n, start // bs * bs
-            segments.append(Segment(row, start, end, fp_at,
+            full = max(0, own + bs - length)
+            segments.append(Segment(row, start, end, full, fp_at,
                                     torch.tensor(table[: (end - 1) // bs], dtype=torch.long, device=device)))
-            fp_at += end - own
-            # Entries own .. end: those before start are in the residual (own's block), the rest in the step.
-            entries = np.arange(own, end)
-            fp.append(np.where(entries < start, base + entries % bs, -1 - (row + entries - start)))
+            fp_at += end - full
+            # Entries full .. end: those before start are in the ring, the rest in the step.
+            entries = np.arange(full, end)
+            fp.append(np.where(entries < start, ring_slots(at, entries, length), -1 - (row + entries - start)))
             if row < num_decodes:  # a decode row writes itself (write_decodes)
                 continue
             seal_blocks.extend(table[own // bs : end // bs])  # its blocks that are full once the step is done
-            seal.append(fp[-1][: end // bs * bs - own])
-            last = max(start, (end - 1) // bs * bs)
-            rows.append(np.arange(row + last - start, row + n))
-            slots.append(base + np.arange(last, end) % bs)
+            seal.append(fp[-1][own - full : end // bs * bs - full])
+            kept = max(start, (end - 1) // bs * bs + bs - length)  # what the ring holds of the step's entries
+            rows.append(np.arange(row + kept - start, row + n))
+            slots.append(ring_slots(at, np.arange(kept, end), length))
 
         def tensor(parts: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.concatenate(parts or [np.zeros(0)]).astype(np.int64)).to(device)
@@ -178,11 +193,11 @@ def _gather(residual: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> t
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV, meta,
            scale: float) -> torch.Tensor:
-    """Write the step's K/V (sealing the blocks it completes, keeping each sequence's last block in the residual)
+    """Write the step's K/V (sealing the blocks it completes, keeping each sequence's last entries in its ring)
     and attend: q [rows, heads, head_dim], k and v [rows, kv_heads, head_dim], meta the step's
     AttentionMetadata. Where the C++ kernels serve, decode rows read the cache as stored and prompt chunks a
     dequantized copy; torch's attention reads both copies through a mask otherwise."""
-    plan, window, d = meta.lowbit, meta.sliding_window, meta.num_decodes
+    plan, window, d, length = meta.lowbit, meta.sliding_window, meta.num_decodes, lowbit.residual_length
     ops = ops_for(q) if lowbit.residual.dtype == torch.float32 else None  # the kernels read a float32 residual
     if ops is None and d and not plan.num_decode_segments:
         raise RuntimeError("a plan of decode rows alone (LowBitPlan.decodes) needs the C++ kernels")
@@ -192,12 +207,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
     if d and ops is not None:
         ops.lowbit_decode_attention(out[:d], q[:d], values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
                                     lowbit.residual, meta.decode_block_tables, meta.decode_context_lens,
-                                    plan.decode_residual, scale, window or 0, lowbit.bits)
+                                    plan.decode_residual, scale, window or 0, lowbit.bits, length)
     segments = plan.segments[plan.num_decode_segments :] if ops is not None else plan.segments
     if not segments:
         return out
     res_k, res_v = lowbit.residual.unbind()
-    # The full-precision entries the rows read, before the residual moves on.
+    # The full-precision entries the rows read, before the rings move on.
     skip = segments[0].fp_at
     fp_k, fp_v = (_gather(res, new, plan.fp_index[skip:]) for res, new in ((res_k, k), (res_v, v)))
     if len(plan.seal_blocks):
@@ -209,24 +224,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
     voting = iter([0] * (len(segments) - len(vote_rows)) + vote_rows)
     fused = ops is not None and q.shape[-1] % 16 == 0
     for seg in segments:
-        own = seg.start // bs * bs
         kq, vq = dequantize_blocks(values, lowbit, seg.sealed)
-        fp = slice(seg.fp_at - skip, seg.fp_at - skip + seg.end - own)
-        fk, fv = fp_k[fp].float(), fp_v[fp].float()  # entries own .. end
+        fp = slice(seg.fp_at - skip, seg.fp_at - skip + seg.end - seg.full)
+        fk, fv = fp_k[fp].float(), fp_v[fp].float()  # entries seg.full .. end
         rows = slice(seg.row, seg.row + seg.end - seg.start)
         voters = next(voting)
         if fused:  # every entry's quantized copy (its full one where none is sealed yet), and the full ones
             n = len(kq)
-            ops.lowbit_prefill_attention(out[rows], q[rows], torch.cat([kq, fk[n - own :]]),
-                                         torch.cat([vq, fv[n - own :]]), fk, fv, scale, window or 0, bs)
+            ops.lowbit_prefill_attention(out[rows], q[rows], torch.cat([kq, fk[n - seg.full :]]),
+                                         torch.cat([vq, fv[n - seg.full :]]), fk, fv, scale, window or 0, bs, length)
             if not voters:
                 continue
         # Both copies as keys, a mask choosing each query's: for torch's attention, or the voting rows alone.
         keys, vals = torch.cat([kq, fk]), torch.cat([vq, fv])
         pos = torch.arange(seg.end - voters if fused else seg.start, seg.end, device=q.device)[:, None]
         quantized = torch.arange(len(kq), device=q.device)[None, :]
-        full = torch.arange(own, seg.end, device=q.device)[None, :]
-        first = pos // bs * bs  # of each query's own block
+        full = torch.arange(seg.full, seg.end, device=q.device)[None, :]
+        first = (pos // bs * bs + bs - length).clamp(min=0)  # of each query's residual
         mask = torch.cat([quantized < first, (full >= first) & (full <= pos)], 1)
         if window is not None:
             mask &= torch.cat([quantized, full], 1) > pos - window
@@ -236,42 +250,43 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
                                                enable_gqa=True)
             out[rows] = o[0].transpose(0, 1).to(out.dtype)
         if voters:
-            meta.votes.append(_votes(q[rows][-voters:], keys, mask[-voters:], len(kq), own, seg.end, scale))
+            meta.votes.append(_votes(q[rows][-voters:], keys, mask[-voters:], len(kq), seg.full, seg.end, scale))
     return out
 
 
 def write_decodes(k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV, meta, ops) -> None:
-    """The decode rows' K/V (one row per sequence) into their sequences' residual rows, sealing the blocks they
+    """The decode rows' K/V (one row per sequence) into their sequences' residual rings, sealing the blocks they
     complete: by the C++ kernel where `ops` serve, else by torch."""
-    plan = meta.lowbit
+    plan, length = meta.lowbit, lowbit.residual_length
     if ops is not None:
         ops.lowbit_decode_write_(values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min, lowbit.residual,
                                  k, v, meta.decode_block_tables, meta.decode_context_lens, plan.decode_residual,
-                                 lowbit.bits)
+                                 lowbit.bits, length)
         return
     bs = values.shape[2]
     pos = meta.decode_context_lens - 1
     res_k, res_v = lowbit.residual.unbind()
-    res_k[plan.decode_residual + pos % bs] = k.to(res_k.dtype)
-    res_v[plan.decode_residual + pos % bs] = v.to(res_v.dtype)
+    res_k[ring_slots(plan.decode_residual, pos, length)] = k.to(res_k.dtype)
+    res_v[ring_slots(plan.decode_residual, pos, length)] = v.to(res_v.dtype)
     done = ((pos + 1) % bs == 0).nonzero()[:, 0]
     if len(done):
-        index = (plan.decode_residual[done, None] + torch.arange(bs, device=k.device)).flatten()
+        first = ring_slots(plan.decode_residual[done], pos[done] // bs * bs, length)  # a block is whole in its ring
+        index = (first[:, None] + torch.arange(bs, device=k.device)).flatten()
         _seal(values, lowbit, meta.decode_block_tables[done, pos[done] // bs], res_k[index], res_v[index])
 
 
-def _votes(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, num_quantized: int, own: int, end: int,
+def _votes(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, num_quantized: int, full: int, end: int,
            scale: float) -> torch.Tensor:
     """SnapKV's votes of the rows q [rows, heads, d] over entries [0, end), as attention.py's _votes gives them:
     each entry's attention weight averaged over the rows and each KV head's query heads, [kv_heads, end]. The
-    keys are the quantized entries, then the full-precision ones from `own`; the mask says which copy a row reads."""
+    keys are the quantized entries, then the full-precision ones from `full`; the mask says which copy a row reads."""
     rows, kv_heads = q.shape[0], keys.shape[1]
     qg = q.float().view(rows, kv_heads, -1, q.shape[-1]).permute(1, 2, 0, 3)  # [kv, group, rows, d]
     logits = qg @ keys.permute(1, 2, 0)[:, None] * scale  # [kv, group, rows, copies]
     weights = logits.masked_fill_(~mask, float("-inf")).softmax(-1).sum((1, 2))  # [kv, copies]
     votes = weights.new_zeros(kv_heads, end)
     votes[:, :num_quantized] += weights[:, :num_quantized]
-    votes[:, own:] += weights[:, num_quantized:]
+    votes[:, full:] += weights[:, num_quantized:]
     return votes / (rows * qg.shape[1])
 
 
@@ -285,22 +300,35 @@ def _seal(values: torch.Tensor, lowbit: LowBitKV, blocks: torch.Tensor, keys: to
     values[1][blocks] = pack(levels.flatten(-2), bits)
 
 
-def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_entries: int, kept: torch.Tensor,
-            new_table: torch.Tensor, residual_slot: int) -> None:
-    """A KV policy's compaction (engine/model_runner.py): the entries `kept` [kv_heads, keep] of the num_entries
-    in `table` (its full blocks sealed, the rest in the residual from residual_slot) gathered per KV head into
-    new_table from its start. Full new blocks are sealed again, from the kept entries' values as the cache held
-    them (a second rounding for the sealed ones); the rest goes to the residual. new_table may reuse table's
-    blocks: everything is read before anything is written."""
-    bs, keep = values.shape[2], kept.shape[1]
-    sealed = num_entries // bs
+def fill_ring(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_entries: int, at: int) -> None:
+    """The ring of a sequence that starts after num_entries entries it did not compute (a prefix cache hit, whole
+    sealed blocks of `table`): those of its first query's residual, as stored."""
+    bs, length = values.shape[2], lowbit.residual_length
+    full = max(0, num_entries + bs - length)
+    k, v = dequantize_blocks(values, lowbit, table[full // bs : num_entries // bs])
+    ring = ring_slots(at, torch.arange(full, num_entries, device=table.device), length)
     res_k, res_v = lowbit.residual.unbind()
-    k, v = dequantize_blocks(values, lowbit, table[:sealed])
-    rest = slice(residual_slot, residual_slot + num_entries - sealed * bs)
+    res_k[ring], res_v[ring] = k.to(res_k.dtype), v.to(res_v.dtype)
+
+
+def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_entries: int, kept: torch.Tensor,
+            new_table: torch.Tensor, at: int, new_at: int) -> None:
+    """A KV policy's compaction (engine/model_runner.py): the entries `kept` [kv_heads, keep] of the num_entries
+    in `table` (their ring at residual slot `at`) gathered per KV head into new_table from its start. Each is
+    taken as the next query would read it: full precision from the ring where it is in that query's residual,
+    else as sealed. Full new blocks are sealed again from those (a second rounding for the sealed ones), and the
+    new residual's entries go to the ring, at slot new_at (the new table's offset). new_table may reuse table's
+    blocks: everything is read before anything is written."""
+    bs, keep, length = values.shape[2], kept.shape[1], lowbit.residual_length
+    full = max(0, num_entries // bs * bs + bs - length)
+    res_k, res_v = lowbit.residual.unbind()
+    k, v = dequantize_blocks(values, lowbit, table[: full // bs])
+    ring = ring_slots(at, torch.arange(full, num_entries, device=kept.device), length)
     heads = torch.arange(kept.shape[0], device=kept.device)
-    k, v = (torch.cat([x, res[rest].float()])[kept.T, heads] for x, res in ((k, res_k), (v, res_v)))
-    full = keep // bs
-    if full:
-        _seal(values, lowbit, new_table[:full], k[: full * bs], v[: full * bs])
-    tail = slice(residual_slot, residual_slot + keep - full * bs)
-    res_k[tail], res_v[tail] = k[full * bs :].to(res_k.dtype), v[full * bs :].to(res_v.dtype)
+    k, v = (torch.cat([x, res[ring].float()])[kept.T, heads] for x, res in ((k, res_k), (v, res_v)))
+    sealed = keep // bs
+    if sealed:
+        _seal(values, lowbit, new_table[:sealed], k[: sealed * bs], v[: sealed * bs])
+    new_full = max(0, sealed * bs + bs - length)
+    ring = ring_slots(new_at, torch.arange(new_full, keep, device=kept.device), length)
+    res_k[ring], res_v[ring] = k[new_full:].to(res_k.dtype), v[new_full:].to(res_v.dtype)
