@@ -850,7 +850,7 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scores;
     std::vector<float> inv_sum(QB);
-    std::vector<float> own_weights(own ? QB * own->span : 0);  // per row, the weights of its residual's entries
+    std::vector<float> own_weights(own ? QB * span : 0);  // per row, the weights of its residual's entries
     std::vector<float> got(received ? KVH * C0 : 0, 0.f);
     for (int64_t item; (item = next_item.fetch_add(1)) < items;) {
       const Block& blk = order[item / H];
@@ -1243,7 +1243,7 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
 // Writes each decode row's K/V (k, v [B, KVH, D]) at its position in its sequence's residual ring, and seals the
 // block a row completes: its keys quantized per channel over the block's tokens, its values per token over
 // groups of channels, as kivi.quantize rounds them (float16 scale and minimum, levels rounded half to even),
-// then packed (kivi.pack). Each row is one sequence's: rows write disjoint residual rows and blocks.
+// then packed (kivi.pack). Each row is one sequence's: rows write disjoint residual rings and blocks.
 static void quantize_levels(const float* x, int64_t stride, int64_t count, int64_t maxq, c10::Half* scale,
                             c10::Half* low, uint8_t* levels, int64_t level_stride) {
   float lo = x[0], hi = x[0];
