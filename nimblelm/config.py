@@ -69,7 +69,7 @@ class EngineConfig:
     # layers int8 would distort (quantization/kv_int8.py); int4, int2: KIVI's (layers/kivi.py)
     kv_cache_dtype: str = "auto"
     # int4, int2: the recent entries each query reads at full precision (KIVI's residual length), whole blocks
-    # of the query's own and those before it; default 128 tokens (KIVI's), at least one block
+    # of the query's own and those before it; default 128 tokens (KIVI's), or max_model_len where that is shorter
     kv_residual_length: int | None = None
     seed: int = 0
     num_threads: int | None = None  # CPU threads; default: the physical cores

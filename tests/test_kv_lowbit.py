@@ -271,6 +271,12 @@ def test_the_same_memory_holds_several_times_the_blocks(tiny_qwen):
     assert blocks(3 << 20, kv_cache_dtype="int4") == ((3 << 20) - 33 * 128 * 512) // 1536
 
 
+def test_the_default_residual_is_no_longer_than_a_sequence(tiny_qwen):
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=40, kv_cache_dtype="int2")
+    assert llm.llm_engine.config.kv_residual_length == 48  # 40 tokens in whole blocks, not 128
+    assert llm.llm_engine.runner.kv_caches[0].lowbit.residual_length == 48
+
+
 def test_pack_and_quantize_round_trip():
     torch.manual_seed(0)
     for bits in (4, 2):

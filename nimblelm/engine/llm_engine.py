@@ -544,8 +544,9 @@ def _complete(config: EngineConfig, model_max_len: int) -> EngineConfig:
     if config.kv_cache_dtype not in ("int4", "int2"):
         if residual is not None:
             raise InvalidRequestError("kv_residual_length applies to int4 and int2 KV caches only")
-    elif residual is None:
-        residual = max(config.block_size, RESIDUAL_LENGTH // config.block_size * config.block_size)
+    elif residual is None:  # KIVI's, in whole blocks; no longer than a sequence can be
+        bs = config.block_size
+        residual = max(bs, min(RESIDUAL_LENGTH // bs * bs, -(-max_len // bs) * bs))
     elif residual < 1 or residual % config.block_size:
         raise InvalidRequestError(f"kv_residual_length must be whole blocks of {config.block_size} tokens, got {residual}")
     return replace(config, max_model_len=max_len, max_num_batched_tokens=budget, kv_residual_length=residual)
