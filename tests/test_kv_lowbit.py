@@ -361,8 +361,8 @@ def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options)
     ({"kv_residual_length": 40}, "kv_residual_length must be whole blocks of 16 tokens, got 40"),
     ({"kv_residual_length": 0}, "kv_residual_length must be whole blocks of 16 tokens, got 0"),
     ({"kv_cache_dtype": "int8", "kv_residual_length": 32}, "kv_residual_length applies to int4 and int2 KV caches"),
-    ({"kv_cache_memory_bytes": 1 << 20}, r"residual rings \(4259840 bytes: kv_residual_length=128 tokens for each of "
-                                         r"max_num_seqs=64 sequences\) take all of kv_cache_memory_bytes=1048576"),
+    ({"kv_cache_memory_bytes": 1 << 20}, (r"residual rings \(4259840 bytes: kv_residual_length=128 tokens for each "
+                                          r"of max_num_seqs=64 sequences\) take all of kv_cache_memory_bytes=1048576")),
 ])
 def test_what_a_low_bit_cache_cannot_do_yet_is_refused(tiny_qwen, options, message):
     with pytest.raises(InvalidRequestError, match=message):
