@@ -68,8 +68,9 @@ class EngineConfig:
     # auto: the model's dtype; int8: int8 K/V with a float32 scale per token and KV head, except in the
     # layers int8 would distort (quantization/kv_int8.py); int4, int2: KIVI's (layers/kivi.py)
     kv_cache_dtype: str = "auto"
-    # int4, int2: the recent entries each query reads at full precision (KIVI's residual length), whole blocks
-    # of the query's own and those before it; default 128 tokens (KIVI's), or max_model_len where that is shorter
+    # int4, int2: the recent entries each query reads at full precision (KIVI's residual length; in the model's
+    # dtype, as an auto cache holds K/V), whole blocks of the query's own and those before it; default 128 tokens
+    # (KIVI's), or max_model_len where that is shorter
     kv_residual_length: int | None = None
     seed: int = 0
     num_threads: int | None = None  # CPU threads; default: the physical cores

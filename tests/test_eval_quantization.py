@@ -41,6 +41,8 @@ def test_every_setting_on_a_tiny_model(tiny_qwen, tmp_path, capsys):
     # the default residual, 128 tokens, holds the whole window at full precision.
     assert rows["kv-int4-r16"]["ppl"] != fp32["ppl"] and rows["kv-int2-r16"]["ppl"] != rows["kv-int4-r16"]["ppl"]
     assert rows["kv-int4"]["ppl"] == pytest.approx(fp32["ppl"], rel=1e-5) != rows["kv-int4-r16"]["ppl"]
+    # bfloat16 weights' residual is bfloat16, as their auto cache is: the window reads the very same K/V.
+    assert rows["bf16-kv-int4"]["ppl"] == pytest.approx(rows["bf16"]["ppl"], rel=1e-5) != rows["kv-int4"]["ppl"]
     assert rows["kv-fp16"]["ppl"] != rows["kv-bf16"]["ppl"] != fp32["ppl"]
     assert rows["kv-fp16"]["kv_bytes_per_token"] == rows["kv-bf16"]["kv_bytes_per_token"]
     kv = [rows[name]["kv_bytes_per_token"] for name in ("fp32", "kv-fp16", "kv-int8", "kv-int4", "kv-int2")]

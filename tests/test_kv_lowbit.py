@@ -6,10 +6,12 @@ minimums); with a KV policy, its cache pruned as the engine compacts a low-bit c
 not from the module."""
 
 import random
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_hf_model
 from transformers import AttentionInterface, AutoModelForCausalLM
 
@@ -43,12 +45,14 @@ def _fake_quantize(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
 
 
 def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0, block: int = BLOCK,
-                    residual: int = RESIDUAL, cached: int = 0):
+                    residual: int = RESIDUAL, cached: int = 0, ring: torch.dtype = torch.float32):
     """An attention function for transformers that reads K/V by the cache's rule in one pass; with `votes`, each
     layer appends SnapKV's votes of the last `window` rows, per KV head, as the rows read the entries. The first
-    `cached` entries (a prefix cache hit) are read as stored."""
+    `cached` entries (a prefix cache hit) are read as stored. Every entry passes through a residual ring of dtype
+    `ring`: both its copies are of its K/V rounded to it."""
 
     def attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+        k, v = k.to(ring).float(), v.to(ring).float()
         n, d = k.shape[2:]
         full = n // block * block
         kq, vq = k.clone(), v.clone()
@@ -76,11 +80,12 @@ def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0
 
 
 def _oracle_logprobs(folder, ids: list[int], bits: int | None, block: int = BLOCK, residual: int = RESIDUAL,
-                     cached: int = 0) -> torch.Tensor:
+                     cached: int = 0, ring: torch.dtype = torch.float32) -> torch.Tensor:
     """log-softmax of transformers' logits at every position of ids, its attention reading the cache's rule
-    with KV blocks of `block` tokens, residuals of `residual` and the first `cached` entries as stored (bits
-    None: plain attention)."""
-    AttentionInterface.register("kivi_oracle", _rule_attention(bits, block=block, residual=residual, cached=cached))
+    with KV blocks of `block` tokens, residuals of `residual` in `ring`'s precision and the first `cached` entries
+    as stored (bits None: plain attention)."""
+    AttentionInterface.register("kivi_oracle", _rule_attention(bits, block=block, residual=residual, cached=cached,
+                                                               ring=ring))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  attn_implementation="sdpa" if bits is None else "kivi_oracle")
     with torch.no_grad():
@@ -167,9 +172,10 @@ def _run(llm: LLM, prompts: list[list[int]], max_tokens: int, logprobs: bool = T
 
 
 def _check(folder, prompt: list[int], tokens: list[int], prompt_lps: list[float] | None, bits: int,
-           block: int = BLOCK, residual: int = RESIDUAL, cached: int = 0, min_effect: float = 0.1) -> None:
+           block: int = BLOCK, residual: int = RESIDUAL, cached: int = 0, min_effect: float = 0.1,
+           ring: torch.dtype = torch.float32) -> None:
     """Each greedy token is the oracle's choice, and the prompt's logprobs are the oracle's."""
-    ref = _oracle_logprobs(folder, prompt + tokens[:-1], bits, block, residual, cached)
+    ref = _oracle_logprobs(folder, prompt + tokens[:-1], bits, block, residual, cached, ring)
     assert ref[len(prompt) - 1 :].argmax(-1).tolist() == tokens
     if prompt_lps is None:
         return
@@ -198,6 +204,36 @@ def test_greedy_and_prompt_logprobs_match_the_oracle(tiny_qwen, wide_heads, bits
               kv_residual_length=RESIDUAL)
     [(tokens, lps)] = _run(llm, [prompt], 40)
     _check(folder, prompt, tokens, lps, bits)
+    assert replays == ([1] * 39 if kernel else [])
+
+
+@pytest.fixture(scope="module")
+def wide_heads_bf16(wide_heads, tmp_path_factory):
+    """wide_heads with its weights rounded to bfloat16 (stored as float32): dtype="bfloat16" then multiplies by the
+    very weights transformers does in float32."""
+    folder = tmp_path_factory.mktemp("wide_bf16") / "qwen2"
+    shutil.copytree(wide_heads, folder)
+    path = folder / "model.safetensors"
+    save_file({name: t.bfloat16().float() for name, t in load_file(path).items()}, path)
+    return folder
+
+
+@pytest.mark.parametrize("bf16_products", ["off"], indirect=True)
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_a_bfloat16_model_keeps_its_residual_in_bfloat16(wide_heads_bf16, bits, kernel, bf16_products, monkeypatch,
+                                                        replays):
+    """The ring holds K/V in the model's dtype, as an auto cache would: against an oracle that rounds every entry to
+    bfloat16 before either copy is made (one that keeps them in float32 is off by more than the test allows)."""
+    if not kernel:
+        monkeypatch.setattr(kivi, "ops_for", lambda x: None)
+    prompt = _prompt(150)
+    llm = LLM(str(wide_heads_bf16), dtype="bfloat16", max_model_len=512, kv_cache_dtype=f"int{bits}",
+              enforce_eager=not kernel, kv_residual_length=RESIDUAL)
+    assert llm.llm_engine.runner.kv_caches[0].lowbit.residual.dtype == torch.bfloat16
+    assert f"int{bits} (residual in bfloat16) KV cache" in llm.llm_engine.precision
+    [(tokens, lps)] = _run(llm, [prompt], 40)
+    _check(wide_heads_bf16, prompt, tokens, lps, bits, ring=torch.bfloat16)
     assert replays == ([1] * 39 if kernel else [])
 
 
@@ -255,8 +291,8 @@ def test_gemma3_sliding_layers_read_their_window_of_quantized_blocks(tmp_path_fa
 
 
 def test_the_same_memory_holds_several_times_the_blocks(tiny_qwen):
-    def blocks(budget: int, **options) -> int:
-        return LLM(str(tiny_qwen), dtype="float32", max_model_len=512, max_num_seqs=32, kv_cache_memory_bytes=budget,
+    def blocks(budget: int, dtype: str = "float32", **options) -> int:
+        return LLM(str(tiny_qwen), dtype=dtype, max_model_len=512, max_num_seqs=32, kv_cache_memory_bytes=budget,
                    **options).llm_engine.scheduler.kv.num_blocks
 
     # A block of the tiny model's 2 layers (2 KV heads of 16 channels, 16 tokens): float32 2 * 2 * 2 * 16 * 16 * 4
@@ -267,8 +303,9 @@ def test_the_same_memory_holds_several_times_the_blocks(tiny_qwen):
     left = (1 << 20) - 33 * 16 * 512
     assert {kv: blocks(1 << 20, kv_cache_dtype=kv, **({} if kv == "auto" else {"kv_residual_length": BLOCK}))
             for kv in ("auto", "int4", "int2")} == {"auto": (1 << 20) // 8192, "int4": left // 1536, "int2": left // 1024}
-    # The default residual, 128 tokens, takes eight times their memory.
+    # The default residual, 128 tokens, takes eight times their memory; a bfloat16 model's rings half of it.
     assert blocks(3 << 20, kv_cache_dtype="int4") == ((3 << 20) - 33 * 128 * 512) // 1536
+    assert blocks(2 << 20, "bfloat16", kv_cache_dtype="int4") == ((2 << 20) - 33 * 128 * 256) // 1536
 
 
 def test_the_default_residual_is_no_longer_than_a_sequence(tiny_qwen):
@@ -290,9 +327,10 @@ def test_pack_and_quantize_round_trip():
         assert ((back - x).abs() <= scale.float() / 2 + 1e-2 * x.abs().amax(0)).all()
 
 
+@pytest.mark.parametrize("ring", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("head_dim", [16, 64])
-def test_the_decode_write_kernel_seals_as_torch_does(bits, head_dim):
+def test_the_decode_write_kernel_seals_as_torch_does(bits, head_dim, ring):
     """The C++ decode write, which replayed steps use, against the torch path on the same state: every residual
     entry, packed byte, scale and minimum equal, for rows that complete their block and rows that do not."""
     from nimblelm.kernels import cpu_ops
@@ -304,7 +342,7 @@ def test_the_decode_write_kernel_seals_as_torch_does(bits, head_dim):
     rows, kv_heads, num_blocks = 5, 2, 12
     length = 3 * BLOCK
     lowbit = kivi.LowBitKV.empty(bits, num_blocks, BLOCK, kv_heads, head_dim, rings=rows, residual_length=length,
-                                 dtype=torch.float32, device="cpu")
+                                 dtype=ring, device="cpu")
     lowbit.residual.normal_()
     lowbit.residual[..., : head_dim // 2] *= 20  # channels of very different ranges
     values = torch.randint(0, 256, (2, num_blocks, BLOCK, kv_heads, head_dim * bits // 8), dtype=torch.uint8)

@@ -4,11 +4,12 @@ on a model's head shapes, `--rows` sequences of `--context`
 positions each, one cache per decoder layer of the model so that the caches stream from memory as in a step;
 best of 5 passes. Prints ms per decoder layer and the cache bytes read per second.
 
-The low-bit caches read each sequence's last --residual-length positions (default 128) from its float32 residual
-ring; their bytes read per second count the packed blocks alone.
+The low-bit caches read each sequence's last --residual-length positions (default 128) from its residual ring, in
+--residual-dtype (the model's dtype: float32, or bfloat16 for dtype="auto" on AVX2 and AVX-512 CPUs); their bytes
+read per second count the packed blocks alone.
 
 Usage: python benchmarks/scripts/decode_attention.py [--model smollm2-135m|qwen2.5-coder-0.5b] [--threads 2]
-       [--rows 1,8,32] [--context 512] [--residual-length 128]
+       [--rows 1,8,32] [--context 512] [--residual-length 128] [--residual-dtype float32|bfloat16|float16]
 """
 
 import argparse
@@ -28,7 +29,8 @@ BLOCK = 16
 DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "int2")
 
 
-def layer_call(dtype: str, rows: int, context: int, heads: int, kv_heads: int, head_dim: int, length: int):
+def layer_call(dtype: str, rows: int, context: int, heads: int, kv_heads: int, head_dim: int, length: int,
+               ring: torch.dtype):
     """A closure running one layer's decode attention over a fresh random cache, and the cache's bytes."""
     ops = cpu_ops()
     per_row = -(-context // BLOCK)
@@ -47,7 +49,7 @@ def layer_call(dtype: str, rows: int, context: int, heads: int, kv_heads: int, h
         return (lambda: ops.paged_decode_attention_int8(out, q, k, v, ks, vs, tables, lens, scale, 0)), 2 * (
             k.nbytes + ks.nbytes)
     bits = int(dtype.removeprefix("int"))
-    lowbit = kivi.LowBitKV.empty(bits, num_blocks, BLOCK, kv_heads, head_dim, rows, length, torch.float32, "cpu")
+    lowbit = kivi.LowBitKV.empty(bits, num_blocks, BLOCK, kv_heads, head_dim, rows, length, ring, "cpu")
     for t in (lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min):
         t.copy_(torch.rand(t.shape) / 10)
     lowbit.residual.normal_()
@@ -69,19 +71,20 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8,32")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--residual-length", type=int, default=kivi.RESIDUAL_LENGTH)
+    parser.add_argument("--residual-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layers, heads, kv_heads, head_dim = MODELS[args.model]
     print(f"{cpu_model()} ({' '.join(cpu_features())}), {args.threads} threads; {kernels_in_use()}")
     print(f"{args.model}: {layers} layers, {heads} query heads, {kv_heads} KV heads of {head_dim}; "
-          f"{args.context} positions a sequence, low-bit residuals of {args.residual_length}")
+          f"{args.context} positions a sequence, low-bit residuals of {args.residual_length} in {args.residual_dtype}")
     print("| rows | " + " | ".join(f"{d} ms" for d in DTYPES) + " | " + " | ".join(f"{d} GB/s" for d in DTYPES) + " |")
     print("| ---: |" + " ---: |" * 2 * len(DTYPES))
     for rows in (int(r) for r in args.rows.split(",")):
         ms, rates = [], []
         for dtype in DTYPES:
-            calls = [layer_call(dtype, rows, args.context, heads, kv_heads, head_dim, args.residual_length)
-                     for _ in range(layers)]
+            calls = [layer_call(dtype, rows, args.context, heads, kv_heads, head_dim, args.residual_length,
+                                getattr(torch, args.residual_dtype)) for _ in range(layers)]
             best = float("inf")
             for _ in range(5):
                 start = time.perf_counter()

@@ -24,7 +24,7 @@ from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.structured import StructuredOutputBackend, grammar_bitmask
 from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import bf16_products_in_words, cpu_ops, widens_in_registers
-from nimblelm.layers.kivi import RESIDUAL_LENGTH
+from nimblelm.layers.kivi import BITS, RESIDUAL_LENGTH
 from nimblelm.models.loader import load_model
 from nimblelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SpecDecodeStats
 from nimblelm.platform import (
@@ -127,7 +127,10 @@ class LLMEngine:
         compute = f"{_name(self.dtype)} compute"
         if getattr(method, "name", None) == "bf16" and bf16_products_in_words():
             compute += f" (bfloat16 linears {bf16_products_in_words()})"
-        self.precision = f"{weights}, {compute}, {_name(self.kv_dtype)} KV cache"
+        kv = _name(self.kv_dtype)
+        if self.kv_dtype in BITS:
+            kv += f" (residual in {_name(kv_auto)})"
+        self.precision = f"{weights}, {compute}, {kv} KV cache"
         if kv_policy is not None and all(w is not None for w in loaded.config.layer_windows):
             raise InvalidRequestError("kv_policy: every layer of this model attends within a sliding window already")
         if kv_policy is not None and kv_policy.cache_positions:
@@ -145,7 +148,8 @@ class LLMEngine:
         options = {"dtype": self.dtype, "device": self.device, "max_model_len": config.max_model_len,
                    "block_size": config.block_size, "seed": config.seed, "linear_method": method,
                    "kv_cache_dtype": self.kv_dtype, "enforce_eager": config.enforce_eager, "speculative": speculative,
-                   "kv_policy": kv_policy, "kv_residual_length": config.kv_residual_length}
+                   "kv_policy": kv_policy, "kv_residual_length": config.kv_residual_length,
+                   "kv_residual_dtype": kv_auto}
         self.runner: ModelRunner | None = None  # the model, where it runs in this process (the uni executor)
         if parallel:
             _refuse_parallel(config, loaded.config, speculative, kv_policy)

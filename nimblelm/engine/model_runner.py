@@ -96,6 +96,7 @@ class ModelRunner:
         speculative: SpeculativeConfig | None = None,
         kv_policy: KVPolicy | None = None,
         kv_residual_length: int | None = None,
+        kv_residual_dtype: torch.dtype | None = None,
         tp: TensorParallel | None = None,
         stage: PipelineStage | None = None,
     ):
@@ -137,10 +138,10 @@ class ModelRunner:
         self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
         self.kv_bits = BITS.get(kv_cache_dtype)  # an int4 or int2 cache (layers/kivi.py)
         self.residual_length = kv_residual_length  # its entries per residual ring
-        # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it (a low-bit
-        # cache's read a float32 residual); a pipeline stage sends and receives.
-        self.capturing = (not enforce_eager and self.kernels and stage is None
-                          and (self.kv_bits is None or dtype == torch.float32))
+        self.residual_dtype = kv_residual_dtype or dtype  # and their dtype
+        # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it; a pipeline
+        # stage sends and receives.
+        self.capturing = not enforce_eager and self.kernels and stage is None
         self.capture: StepCapture | None = None
         self.sampler = Sampler()
         self.max_model_len = max_model_len
@@ -224,7 +225,7 @@ class ModelRunner:
         rings = (max_num_seqs + 1) * len(self.kv_groups)
         tensors = {i: KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
                               lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rings, self.residual_length,
-                                                    self.dtype, self.device))
+                                                    self.residual_dtype, self.device))
                    for i in self.kv_dtypes}
         self.num_blocks = num_blocks
         self.free_residual_rows = list(range(max_num_seqs, 0, -1))
@@ -235,7 +236,7 @@ class ModelRunner:
         if self.kv_bits is None:
             return 0
         cfg = self.config
-        row = 2 * self.residual_length * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        row = 2 * self.residual_length * cfg.num_kv_heads * cfg.head_dim * self.residual_dtype.itemsize
         return (max_num_seqs + 1) * len(self.kv_groups) * len(self.kv_dtypes) * row
 
     def kv_bytes_per_block(self) -> int:

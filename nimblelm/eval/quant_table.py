@@ -58,6 +58,9 @@ SETTINGS = {s.name: s for s in (
     # 16-bit storage of the float weights, float32 compute (the CPU kernels' meaning of these dtypes)
     Setting("bf16", "bfloat16 weights", {"dtype": "bfloat16"}),
     Setting("fp16", "float16 weights", {"dtype": "float16"}),
+    # dtype="auto"'s bfloat16 on AVX2 and AVX-512 CPUs: a low-bit cache keeps its residual in bfloat16 too
+    Setting("bf16-kv-int4", "bfloat16 weights, KV cache int4 (KIVI)", {"dtype": "bfloat16", "kv_cache_dtype": "int4"}),
+    Setting("bf16-kv-int2", "bfloat16 weights, KV cache int2 (KIVI)", {"dtype": "bfloat16", "kv_cache_dtype": "int2"}),
 )}
 # The issue's bounds: (setting, setting it must beat) and (setting, largest perplexity change in %).
 BEATS = (("gptq-int4", "rtn-int4"), ("awq-int4", "rtn-int4"))

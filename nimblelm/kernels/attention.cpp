@@ -1023,8 +1023,9 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
 // holds levels with a float16 scale and minimum per channel for keys and per token and group of channels for
 // values; a work item (one row and KV head) runs the float row kernels above on each block, its levels widened
 // in registers as they are read (into a float scratch first where a row is not whole registers). The row's
-// residual, its own block and the blocks before it up to residual_length entries, is read from the float32
-// residual ring, as every query reads its residual at full precision.
+// residual, its own block and the blocks before it up to residual_length entries, is read from the residual
+// ring, as every query reads its residual at the precision the ring holds (the model's dtype: float32, float16 or
+// bfloat16).
 
 // A sequence's residual ring holds its last L entries (whole blocks) at slots L * i .. L * i + L - 1 of the
 // residual, position p at slot p mod L. `at`, the sequence's residual slot, is its ring's first slot plus its
@@ -1072,10 +1073,10 @@ static inline fvec vload_levels(const uint8_t* row, int64_t d, int64_t n) {
 }
 #endif
 
-template <int BITS>
+template <int BITS, typename R>
 static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const uint8_t* vp, const c10::Half* ks,
-                          const c10::Half* km, const c10::Half* vs, const c10::Half* vm, const float* rk,
-                          const float* rv, const int64_t* bt, const int64_t* lens, const int64_t* res_at, int64_t B,
+                          const c10::Half* km, const c10::Half* vs, const c10::Half* vm, const R* rk,
+                          const R* rv, const int64_t* bt, const int64_t* lens, const int64_t* res_at, int64_t B,
                           int64_t H, int64_t D, int64_t NB, int64_t bs, int64_t KVH, int64_t PD, int64_t groups,
                           int64_t max_blocks, int64_t res_slots, int64_t L, float scale, int64_t window) {
   const int64_t G = H / KVH, GW = D / groups, ld = KVH * D, n_bytes = D * BITS / 8;
@@ -1211,9 +1212,21 @@ static void check_lowbit_cache(const char* op, const at::Tensor& values, const a
               op, ": packed uint8 values [2, blocks, block_size, kv_heads, packed]");
   for (const auto* t : {&k_scale, &k_min, &v_scale, &v_min})
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), op, ": float16 scales");
-  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous(), op, ": float32 residual");
+  const auto ring = residual.scalar_type();
+  TORCH_CHECK((ring == at::kFloat || ring == at::kHalf || ring == at::kBFloat16) && residual.is_contiguous(), op,
+              ": float32, float16 or bfloat16 residual");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
               residual_slots.scalar_type() == at::kLong, op, ": int64 tables");
+}
+
+// f(the residual's data) as float*, at::Half* or at::BFloat16*, by its dtype (check_lowbit_cache checked it).
+template <typename F>
+static void with_ring_type(const at::Tensor& residual, F&& f) {
+  switch (residual.scalar_type()) {
+    case at::kFloat: return f(residual.data_ptr<float>());
+    case at::kHalf: return f(residual.data_ptr<at::Half>());
+    default: return f(residual.data_ptr<at::BFloat16>());
+  }
 }
 
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
@@ -1231,31 +1244,35 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
               "lowbit_decode_attention: the residual is whole blocks");
   const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
   const uint8_t* kp = values.data_ptr<uint8_t>();
-  const float* rk = residual.data_ptr<float>();
   const int64_t res_slots = residual.size(1);
-  const auto run = bits == 4 ? lowbit_decode<4> : lowbit_decode<2>;
-  run(out.data_ptr<float>(), q.data_ptr<float>(), kp, kp + NB * bs * KVH * PD, k_scale.data_ptr<c10::Half>(),
-      k_min.data_ptr<c10::Half>(), v_scale.data_ptr<c10::Half>(), v_min.data_ptr<c10::Half>(), rk,
-      rk + res_slots * KVH * D, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), res.data_ptr<int64_t>(), B, H, D,
-      NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, residual_length, float(scale), window);
+  with_ring_type(residual, [&](auto* rk) {
+    const auto run = bits == 4 ? lowbit_decode<4, std::remove_pointer_t<decltype(rk)>>
+                               : lowbit_decode<2, std::remove_pointer_t<decltype(rk)>>;
+    run(out.data_ptr<float>(), q.data_ptr<float>(), kp, kp + NB * bs * KVH * PD, k_scale.data_ptr<c10::Half>(),
+        k_min.data_ptr<c10::Half>(), v_scale.data_ptr<c10::Half>(), v_min.data_ptr<c10::Half>(), rk,
+        rk + res_slots * KVH * D, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), res.data_ptr<int64_t>(), B,
+        H, D, NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, residual_length, float(scale), window);
+  });
 }
 
-// Writes each decode row's K/V (k, v [B, KVH, D]) at its position in its sequence's residual ring, and seals the
-// block a row completes: its keys quantized per channel over the block's tokens, its values per token over
-// groups of channels, as kivi.quantize rounds them (float16 scale and minimum, levels rounded half to even),
-// then packed (kivi.pack). Each row is one sequence's: rows write disjoint residual rings and blocks.
-static void quantize_levels(const float* x, int64_t stride, int64_t count, int64_t maxq, c10::Half* scale,
+// Writes each decode row's K/V (k, v [B, KVH, D]) at its position in its sequence's residual ring (rounded to
+// nearest even in a 16-bit ring, as torch's .to() rounds), and seals the block a row completes from the ring's
+// entries: its keys quantized per channel over the block's tokens, its values per token over groups of channels,
+// as kivi.quantize rounds them (float16 scale and minimum, levels rounded half to even), then packed (kivi.pack).
+// Each row is one sequence's: rows write disjoint residual rings and blocks.
+template <typename R>
+static void quantize_levels(const R* x, int64_t stride, int64_t count, int64_t maxq, c10::Half* scale,
                             c10::Half* low, uint8_t* levels, int64_t level_stride) {
-  float lo = x[0], hi = x[0];
+  float lo = float(x[0]), hi = float(x[0]);
   for (int64_t i = 1; i < count; ++i) {
-    lo = std::min(lo, x[i * stride]);
-    hi = std::max(hi, x[i * stride]);
+    lo = std::min(lo, float(x[i * stride]));
+    hi = std::max(hi, float(x[i * stride]));
   }
   *scale = c10::Half((hi - lo) / float(maxq));
   *low = c10::Half(lo);
   const float step = float(*scale), base = float(*low), inv = step > 0.f ? 1.f / step : 0.f;
   for (int64_t i = 0; i < count; ++i) {
-    const float level = std::nearbyint((x[i * stride] - base) * inv);
+    const float level = std::nearbyint((float(x[i * stride]) - base) * inv);
     levels[i * level_stride] = uint8_t(std::clamp(level, 0.f, float(maxq)));
   }
 }
@@ -1280,41 +1297,42 @@ void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_mi
   const int64_t *np = lens.data_ptr<int64_t>(), *rp = res.data_ptr<int64_t>(), max_blocks = tables.size(1);
   const int64_t per = 8 / bits, maxq = (1 << bits) - 1, ld = KVH * D;
   uint8_t* packed = values.data_ptr<uint8_t>();
-  float* rk = residual.data_ptr<float>();
-  float* rv = rk + R * ld;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint8_t> levels(bs * ld);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = np[b], pos = n - 1, at = rp[b];
-      TORCH_CHECK(n >= 1 && at >= 0 && at % bs == 0 && at - at % L + L <= R && pos / bs < max_blocks,
-                  "lowbit_decode_write_: slot out of range");
-      std::copy_n(k.data_ptr<float>() + b * k.stride(0), ld, rk + ring_slot(at, pos, L) * ld);
-      std::copy_n(v.data_ptr<float>() + b * v.stride(0), ld, rv + ring_slot(at, pos, L) * ld);
-      if (n % bs) continue;
-      const int64_t base = ring_slot(at, pos / bs * bs, L);  // the block's first slot: its entries follow
-      const int64_t id = bt[b * max_blocks + pos / bs];
-      TORCH_CHECK(id >= 0 && id < NB, "lowbit_decode_write_: block out of range");
-      const auto pack = [&](uint8_t* dst) {  // levels [bs, KVH, D] into rows of PD bytes
+  with_ring_type(residual, [&](auto* rk) {
+    auto* rv = rk + R * ld;
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<uint8_t> levels(bs * ld);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = np[b], pos = n - 1, at = rp[b];
+        TORCH_CHECK(n >= 1 && at >= 0 && at % bs == 0 && at - at % L + L <= R && pos / bs < max_blocks,
+                    "lowbit_decode_write_: slot out of range");
+        write_rows(rk + ring_slot(at, pos, L) * ld, k.data_ptr<float>() + b * k.stride(0), ld);
+        write_rows(rv + ring_slot(at, pos, L) * ld, v.data_ptr<float>() + b * v.stride(0), ld);
+        if (n % bs) continue;
+        const int64_t base = ring_slot(at, pos / bs * bs, L);  // the block's first slot: its entries follow
+        const int64_t id = bt[b * max_blocks + pos / bs];
+        TORCH_CHECK(id >= 0 && id < NB, "lowbit_decode_write_: block out of range");
+        const auto pack = [&](uint8_t* dst) {  // levels [bs, KVH, D] into rows of PD bytes
+          for (int64_t r = 0; r < bs * KVH; ++r)
+            for (int64_t j = 0; j < PD; ++j) {
+              uint8_t byte = 0;
+              for (int64_t t = 0; t < per; ++t) byte |= levels[r * D + t * PD + j] << (bits * t);
+              dst[r * PD + j] = byte;
+            }
+        };
+        // Keys: per KV head and channel, over the block's tokens.
+        for (int64_t c = 0; c < ld; ++c)
+          quantize_levels(rk + base * ld + c, ld, bs, maxq, k_scale.data_ptr<c10::Half>() + id * ld + c,
+                          k_min.data_ptr<c10::Half>() + id * ld + c, levels.data() + c, ld);
+        pack(packed + id * bs * KVH * PD);
+        // Values: per token, KV head and group of GW channels.
         for (int64_t r = 0; r < bs * KVH; ++r)
-          for (int64_t j = 0; j < PD; ++j) {
-            uint8_t byte = 0;
-            for (int64_t t = 0; t < per; ++t) byte |= levels[r * D + t * PD + j] << (bits * t);
-            dst[r * PD + j] = byte;
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t at = (id * bs * KVH + r) * groups + g;
+            quantize_levels(rv + base * ld + r * D + g * GW, 1, GW, maxq, v_scale.data_ptr<c10::Half>() + at,
+                            v_min.data_ptr<c10::Half>() + at, levels.data() + r * D + g * GW, 1);
           }
-      };
-      // Keys: per KV head and channel, over the block's tokens.
-      for (int64_t c = 0; c < ld; ++c)
-        quantize_levels(rk + base * ld + c, ld, bs, maxq, k_scale.data_ptr<c10::Half>() + id * ld + c,
-                        k_min.data_ptr<c10::Half>() + id * ld + c, levels.data() + c, ld);
-      pack(packed + id * bs * KVH * PD);
-      // Values: per token, KV head and group of GW channels.
-      for (int64_t r = 0; r < bs * KVH; ++r)
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t at = (id * bs * KVH + r) * groups + g;
-          quantize_levels(rv + base * ld + r * D + g * GW, 1, GW, maxq, v_scale.data_ptr<c10::Half>() + at,
-                          v_min.data_ptr<c10::Half>() + at, levels.data() + r * D + g * GW, 1);
-        }
-      pack(packed + (NB + id) * bs * KVH * PD);
-    }
+        pack(packed + (NB + id) * bs * KVH * PD);
+      }
+    });
   });
 }

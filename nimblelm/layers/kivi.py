@@ -9,7 +9,9 @@ change, so the prefix cache shares them as it shares any full block.
 What a query reads: its residual at full precision, the entries of its own block and of the blocks before it
 up to residual_length entries (KIVI's residual: the recent tokens, whose errors cost the most), and the earlier
 entries quantized. A sequence's residual ring (per KV group) keeps its last residual_length entries at full
-precision, position p at slot p mod residual_length of its ring. The rule depends on positions only, so
+precision, position p at slot p mod residual_length of its ring. Full precision is the model's dtype, as an auto
+cache would hold K/V: a bfloat16 model's rings are bfloat16 (half the bytes of float32's) though the CPU kernels
+compute in float32; entries are rounded to it as they are written, and blocks are sealed from the rounded ones. The rule depends on positions only, so
 chunking and batching give every query the same keys, and a reference can apply it in one pass (tests). The
 prefix cache keeps sealed blocks only: a sequence that starts after a hit (or resumes after preemption through
 one) reads the hit's entries as stored, its residual's too (fill_ring).
@@ -198,7 +200,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
     AttentionMetadata. Where the C++ kernels serve, decode rows read the cache as stored and prompt chunks a
     dequantized copy; torch's attention reads both copies through a mask otherwise."""
     plan, window, d, length = meta.lowbit, meta.sliding_window, meta.num_decodes, lowbit.residual_length
-    ops = ops_for(q) if lowbit.residual.dtype == torch.float32 else None  # the kernels read a float32 residual
+    ops = ops_for(q)
     if ops is None and d and not plan.num_decode_segments:
         raise RuntimeError("a plan of decode rows alone (LowBitPlan.decodes) needs the C++ kernels")
     if d:
