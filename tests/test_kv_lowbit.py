@@ -355,7 +355,7 @@ def test_the_decode_write_kernel_seals_as_torch_does(bits, head_dim, ring):
     states = []
     for use in (ops, None):
         state = kivi.LowBitKV(bits, *(t.clone() for t in (lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
-                                                          lowbit.residual)), length)
+                                                          lowbit.residual)), length, length)
         packed = values.clone()
         kivi.write_decodes(k, v, packed, state, meta, use)
         states.append((packed, state.k_scale, state.k_min, state.v_scale, state.v_min, state.residual))
@@ -390,12 +390,37 @@ def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options)
     assert _run(plain, [prompt], 40, logprobs=False)[0][0] != ref, "the policy changed nothing"
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "torch"])
+def test_drafts_rejected_across_a_block_fall_back_to_the_entries_the_ring_kept(tiny_qwen, kernel, monkeypatch):
+    """Speculative decoding over an int2 cache: a step writes a token and its drafts (a prompt chunk here) before
+    they are verified, sealing the blocks they complete. Drafted by the target's own weights over a float32 cache,
+    some drafts are kept and some rejected where int2 moves the argmax, and every token is the oracle's, in a batch.
+    A ring of the residual alone (no room for the drafts) fails it: a rejection then falls back to entries the
+    drafts' rows overwrote."""
+    if not kernel:
+        monkeypatch.setattr(kivi, "ops_for", lambda x: None)
+    prompts = [_prompt(n, seed) for seed, n in enumerate([40, 75, 90])]
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int2", kv_residual_length=BLOCK,
+              enforce_eager=not kernel,
+              speculative_config={"method": "draft_model", "model": str(tiny_qwen), "num_speculative_tokens": 5})
+    runner = llm.llm_engine.runner
+    runner.step_cost = None  # every draft verified
+    assert runner.ring_length == 2 * BLOCK  # room for the four rows past a token and its first draft
+    results = _run(llm, prompts, 60, logprobs=False)
+    stats = llm.llm_engine.stats().spec
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    for prompt, (tokens, _) in zip(prompts, results):
+        _check(tiny_qwen, prompt, tokens, None, 2, residual=BLOCK)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"kv_policy": {"method": "h2o", "budget": 64}}, "kv_cache_dtype int4 cannot be combined with kv_policy h2o"),
     ({"kv_policy": {"method": "streaming", "budget": 64, "cache_positions": True}},
      "kv_cache_dtype int4 cannot be combined with kv_policy cache_positions"),
-    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
-     "kv_cache_dtype int4 cannot be combined with speculative_config"),
+    ({"speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2, "skip_layers": [1]}},
+     "kv_cache_dtype int4 cannot be combined with speculative_config method layer_skip"),
+    ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}},
+     "kv_cache_dtype int4 cannot be combined with speculative_config token trees"),
     ({"kv_residual_length": 40}, "kv_residual_length must be whole blocks of 16 tokens, got 40"),
     ({"kv_residual_length": 0}, "kv_residual_length must be whole blocks of 16 tokens, got 0"),
     ({"kv_cache_dtype": "int8", "kv_residual_length": 32}, "kv_residual_length applies to int4 and int2 KV caches"),

@@ -203,7 +203,7 @@ def test_replay_over_a_low_bit_cache_matches_the_python_layers(name, batch, bits
     def copy(cache):
         lowbit = cache.lowbit
         return KVCache(cache.values.clone(), lowbit=LowBitKV(bits, *(t.clone() for t in (
-            lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min, lowbit.residual)), lowbit.residual_length))
+            lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min, lowbit.residual)), lowbit.residual_length, lowbit.ring_length))
 
     before, fresh = [copy(c) for c in caches], [copy(c) for c in caches]
     capture = StepCapture(decoder, caches, [m.sliding_window for m in group_metas], group_of_layer, NUM_BLOCKS,

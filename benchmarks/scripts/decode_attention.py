@@ -59,7 +59,7 @@ def layer_call(dtype: str, rows: int, context: int, heads: int, kv_heads: int, h
 
     def call():
         ops.lowbit_decode_attention(out, q, values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
-                                    lowbit.residual, tables, lens, residual_slots, scale, 0, bits, length)
+                                    lowbit.residual, tables, lens, residual_slots, scale, 0, bits, length, length)
 
     return call, nbytes
 

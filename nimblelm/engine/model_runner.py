@@ -137,8 +137,12 @@ class ModelRunner:
         self.kv_caches: list[KVCache | None] = []  # per layer (layers of one tensor share it; None: not held)
         self.kernels = ops_for(torch.empty(0, dtype=dtype, device=device)) is not None
         self.kv_bits = BITS.get(kv_cache_dtype)  # an int4 or int2 cache (layers/kivi.py)
-        self.residual_length = kv_residual_length  # its entries per residual ring
+        self.residual_length = kv_residual_length  # the entries a query reads at full precision
         self.residual_dtype = kv_residual_dtype or dtype  # and their dtype
+        # A residual ring's entries: a speculative step writes its rows before its drafts are verified, and room
+        # for all but one of them past the residual keeps every entry a rejection falls back to (layers/kivi.py).
+        spare = 0 if speculative is None else max(0, speculative.num_speculative_tokens - 1)
+        self.ring_length = None if kv_residual_length is None else kv_residual_length + -(-spare // block_size) * block_size
         # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it; a pipeline
         # stage sends and receives.
         self.capturing = not enforce_eager and self.kernels and stage is None
@@ -225,7 +229,7 @@ class ModelRunner:
         rings = (max_num_seqs + 1) * len(self.kv_groups)
         tensors = {i: KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
                               lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rings, self.residual_length,
-                                                    self.residual_dtype, self.device))
+                                                    self.residual_dtype, self.device, self.ring_length))
                    for i in self.kv_dtypes}
         self.num_blocks = num_blocks
         self.free_residual_rows = list(range(max_num_seqs, 0, -1))
@@ -236,7 +240,7 @@ class ModelRunner:
         if self.kv_bits is None:
             return 0
         cfg = self.config
-        row = 2 * self.residual_length * cfg.num_kv_heads * cfg.head_dim * self.residual_dtype.itemsize
+        row = 2 * self.ring_length * cfg.num_kv_heads * cfg.head_dim * self.residual_dtype.itemsize
         return (max_num_seqs + 1) * len(self.kv_groups) * len(self.kv_dtypes) * row
 
     def kv_bytes_per_block(self) -> int:
@@ -569,7 +573,7 @@ class ModelRunner:
                 if self.capture is not None:  # its traces hold the residuals just replaced
                     self.capture.traces.clear()
             self.residual_rows[req_id] = self.free_residual_rows.pop()
-        length = self.residual_length
+        length = self.ring_length
         return (self.residual_rows[req_id] * len(self.kv_groups) + group) * length + offset % length
 
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
@@ -580,7 +584,8 @@ class ModelRunner:
         # A sequence whose compaction votes is a prefill chunk: its last rows' attention weights are taken there.
         voting = set(sched.compactions) if self.kv_policy is not None and self.kv_policy.needs_votes else set()
         # A low-bit cache's decode rows are one per sequence (each reads its residual from its ring, and writes
-        # and seals its own entry): several tokens past a prompt (a recomputation's) are a prompt chunk there.
+        # and seals its own entry): several tokens past a prompt (a recomputation's, or a token and its drafts)
+        # are a prompt chunk there.
         max_query = 1 if self.kv_bits is not None else MAX_DECODE_QUERY
         decodes = [x for x in scheduled if _is_decode(*x[:2], max_query) and x[2] not in voting]
         prefills = [x for x in scheduled if not _is_decode(*x[:2], max_query) or x[2] in voting]
@@ -622,7 +627,8 @@ class ModelRunner:
             if self.kv_bits is not None:
                 for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                     lowbit_spans[g].append((len(tokens), start - offset, n, table, self._residual_slot(req_id, g)))
-            tokens.extend(seq.token_ids[start : start + n])
+            drafts = sched.spec_token_ids.get(req_id, [])
+            tokens.extend(seq.token_ids[start : start + n - len(drafts)] + drafts)
             positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 entries = np.arange(start - offset, start + n - offset)
@@ -679,7 +685,7 @@ class ModelRunner:
                 vote_rows=vote_rows if voting and window is None else None,
                 votes=[] if voting and window is None else None,
                 accumulate=window is None and self._accumulates,
-                lowbit=(LowBitPlan.build(lowbit_spans[g], num_rows, bs, self.residual_length, device)
+                lowbit=(LowBitPlan.build(lowbit_spans[g], num_rows, bs, self.residual_length, self.ring_length, device)
                         if self.kv_bits is not None else None),
             )
 

@@ -1027,10 +1027,11 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
 // ring, as every query reads its residual at the precision the ring holds (the model's dtype: float32, float16 or
 // bfloat16).
 
-// A sequence's residual ring holds its last L entries (whole blocks) at slots L * i .. L * i + L - 1 of the
-// residual, position p at slot p mod L. `at`, the sequence's residual slot, is its ring's first slot plus its
-// table's offset mod L (the entries its table dropped from its front): entry e is at ring_slot(at, e, L).
-static inline int64_t ring_slot(int64_t at, int64_t e, int64_t L) { return at - at % L + (at % L + e) % L; }
+// A sequence's residual ring holds its last RL entries (whole blocks; RL >= L, the residual, with room past it for
+// the rows of a speculative step whose drafts may be rejected) at slots RL * i .. RL * i + RL - 1 of the residual,
+// position p at slot p mod RL. `at`, the sequence's residual slot, is its ring's first slot plus its table's offset
+// mod RL (the entries its table dropped from its front): entry e is at ring_slot(at, e, RL).
+static inline int64_t ring_slot(int64_t at, int64_t e, int64_t RL) { return at - at % RL + (at % RL + e) % RL; }
 
 // levels[c] for the D channels of one packed row: byte j holds channels j, j + D / per, ... from its lowest
 // bits up (kivi.pack). Sixteen bytes at a time are shifted, masked and widened to floats in registers.
@@ -1078,7 +1079,8 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
                           const c10::Half* km, const c10::Half* vs, const c10::Half* vm, const R* rk,
                           const R* rv, const int64_t* bt, const int64_t* lens, const int64_t* res_at, int64_t B,
                           int64_t H, int64_t D, int64_t NB, int64_t bs, int64_t KVH, int64_t PD, int64_t groups,
-                          int64_t max_blocks, int64_t res_slots, int64_t L, float scale, int64_t window) {
+                          int64_t max_blocks, int64_t res_slots, int64_t L, int64_t RL, float scale,
+                          int64_t window) {
   const int64_t G = H / KVH, GW = D / groups, ld = KVH * D, n_bytes = D * BITS / 8;
 #ifdef HAVE_FVEC
   // Levels widened in registers as the row kernels read them; a float scratch where rows are not whole registers.
@@ -1091,7 +1093,7 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
       const int64_t b = item / KVH, h = item % KVH, n = lens[b];
       const int64_t full = std::max<int64_t>(0, (n - 1) / bs * bs + bs - L);  // the first entry of its residual
       const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0, span = n - first;
-      TORCH_CHECK(n >= 1 && res_at[b] >= 0 && res_at[b] % bs == 0 && res_at[b] - res_at[b] % L + L <= res_slots &&
+      TORCH_CHECK(n >= 1 && res_at[b] >= 0 && res_at[b] % bs == 0 && res_at[b] - res_at[b] % RL + RL <= res_slots &&
                       (n - 1) / bs < max_blocks, "lowbit_decode_attention: slot out of range");
       for (int64_t i = 0; i < G * D; ++i) q[i] = qp[(b * H + h * G) * D + i] * scale;
       s.resize(G * span);
@@ -1132,7 +1134,7 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
       // f(first entry, their count, its ring slot) for the residual's entries in the window, a block at a time.
       const auto each_residual_block = [&](auto&& f) {
         for (int64_t t0 = std::max(full, first); t0 < n; t0 = t0 / bs * bs + bs)
-          f(t0, std::min(t0 / bs * bs + bs, n) - t0, ring_slot(res_at[b], t0, L));
+          f(t0, std::min(t0 / bs * bs + bs, n) - t0, ring_slot(res_at[b], t0, RL));
       };
       // q . (l * scale + min) = (q * scale) . l + q . min: the block's scales go into the query once, and its
       // keys are the levels as they unpack.
@@ -1232,7 +1234,7 @@ static void with_ring_type(const at::Tensor& residual, F&& f) {
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
                              at::Tensor v_scale, at::Tensor v_min, at::Tensor residual, at::Tensor block_tables,
                              at::Tensor context_lens, at::Tensor residual_slots, double scale, int64_t window,
-                             int64_t bits, int64_t residual_length) {
+                             int64_t bits, int64_t residual_length, int64_t ring_length) {
   q = q.contiguous();
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && out.is_contiguous(), "lowbit_decode_attention: q, out");
   check_lowbit_cache("lowbit_decode_attention", values, k_scale, k_min, v_scale, v_min, residual, block_tables,
@@ -1240,8 +1242,8 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = values.size(1), bs = values.size(2), KVH = values.size(3), PD = values.size(4);
   TORCH_CHECK(PD * 8 == D * bits && k_scale.size(2) == D && H % KVH == 0, "lowbit_decode_attention: head_dim");
-  TORCH_CHECK(residual_length > 0 && residual_length % bs == 0,
-              "lowbit_decode_attention: the residual is whole blocks");
+  TORCH_CHECK(residual_length > 0 && residual_length % bs == 0 && ring_length >= residual_length &&
+                  ring_length % bs == 0, "lowbit_decode_attention: the residual and its ring are whole blocks");
   const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
   const uint8_t* kp = values.data_ptr<uint8_t>();
   const int64_t res_slots = residual.size(1);
@@ -1251,7 +1253,8 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
     run(out.data_ptr<float>(), q.data_ptr<float>(), kp, kp + NB * bs * KVH * PD, k_scale.data_ptr<c10::Half>(),
         k_min.data_ptr<c10::Half>(), v_scale.data_ptr<c10::Half>(), v_min.data_ptr<c10::Half>(), rk,
         rk + res_slots * KVH * D, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), res.data_ptr<int64_t>(), B,
-        H, D, NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, residual_length, float(scale), window);
+        H, D, NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, residual_length, ring_length, float(scale),
+        window);
   });
 }
 
@@ -1279,7 +1282,7 @@ static void quantize_levels(const R* x, int64_t stride, int64_t count, int64_t m
 
 void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_min, at::Tensor v_scale,
                           at::Tensor v_min, at::Tensor residual, at::Tensor k, at::Tensor v, at::Tensor block_tables,
-                          at::Tensor context_lens, at::Tensor residual_slots, int64_t bits, int64_t residual_length) {
+                          at::Tensor context_lens, at::Tensor residual_slots, int64_t bits, int64_t ring_length) {
   check_lowbit_cache("lowbit_decode_write_", values, k_scale, k_min, v_scale, v_min, residual, block_tables,
                      context_lens, residual_slots, bits);
   const int64_t B = k.size(0), NB = values.size(1), bs = values.size(2), KVH = values.size(3), PD = values.size(4);
@@ -1290,8 +1293,8 @@ void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_mi
                 "lowbit_decode_write_: k, v [rows, kv_heads, head_dim]");
   TORCH_CHECK(PD * 8 == D * bits && context_lens.size(0) == B && residual_slots.size(0) == B,
               "lowbit_decode_write_: shapes do not match");
-  const int64_t L = residual_length;
-  TORCH_CHECK(L > 0 && L % bs == 0, "lowbit_decode_write_: the residual is whole blocks");
+  const int64_t RL = ring_length;
+  TORCH_CHECK(RL > 0 && RL % bs == 0, "lowbit_decode_write_: the ring is whole blocks");
   const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
   const int64_t* bt = tables.data_ptr<int64_t>();
   const int64_t *np = lens.data_ptr<int64_t>(), *rp = res.data_ptr<int64_t>(), max_blocks = tables.size(1);
@@ -1303,12 +1306,12 @@ void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_mi
       std::vector<uint8_t> levels(bs * ld);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = np[b], pos = n - 1, at = rp[b];
-        TORCH_CHECK(n >= 1 && at >= 0 && at % bs == 0 && at - at % L + L <= R && pos / bs < max_blocks,
+        TORCH_CHECK(n >= 1 && at >= 0 && at % bs == 0 && at - at % RL + RL <= R && pos / bs < max_blocks,
                     "lowbit_decode_write_: slot out of range");
-        write_rows(rk + ring_slot(at, pos, L) * ld, k.data_ptr<float>() + b * k.stride(0), ld);
-        write_rows(rv + ring_slot(at, pos, L) * ld, v.data_ptr<float>() + b * v.stride(0), ld);
+        write_rows(rk + ring_slot(at, pos, RL) * ld, k.data_ptr<float>() + b * k.stride(0), ld);
+        write_rows(rv + ring_slot(at, pos, RL) * ld, v.data_ptr<float>() + b * v.stride(0), ld);
         if (n % bs) continue;
-        const int64_t base = ring_slot(at, pos / bs * bs, L);  // the block's first slot: its entries follow
+        const int64_t base = ring_slot(at, pos / bs * bs, RL);  // the block's first slot: its entries follow
         const int64_t id = bt[b * max_blocks + pos / bs];
         TORCH_CHECK(id >= 0 && id < NB, "lowbit_decode_write_: block out of range");
         const auto pack = [&](uint8_t* dst) {  // levels [bs, KVH, D] into rows of PD bytes

@@ -87,11 +87,11 @@ TORCH_LIBRARY(nimblelm, m) {
   // decode rows over an int4 or int2 cache: sealed blocks as stored, each row's last blocks from its residual ring
   m.def("lowbit_decode_attention(Tensor(a!) out, Tensor q, Tensor values, Tensor k_scale, Tensor k_min, "
         "Tensor v_scale, Tensor v_min, Tensor residual, Tensor block_tables, Tensor context_lens, "
-        "Tensor residual_slots, float scale, int window, int bits, int residual_length) -> ()");
+        "Tensor residual_slots, float scale, int window, int bits, int residual_length, int ring_length) -> ()");
   // decode rows' K/V into their residual rings, sealing (quantizing) the blocks they complete
   m.def("lowbit_decode_write_(Tensor(a!) values, Tensor(b!) k_scale, Tensor(c!) k_min, Tensor(d!) v_scale, "
         "Tensor(e!) v_min, Tensor(f!) residual, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, "
-        "Tensor residual_slots, int bits, int residual_length) -> ()");
+        "Tensor residual_slots, int bits, int ring_length) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nimblelm, CPU, m) {

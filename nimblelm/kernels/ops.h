@@ -76,7 +76,7 @@ void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Te
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
                              at::Tensor v_scale, at::Tensor v_min, at::Tensor residual, at::Tensor block_tables,
                              at::Tensor context_lens, at::Tensor residual_slots, double scale, int64_t window,
-                             int64_t bits, int64_t residual_length);
+                             int64_t bits, int64_t residual_length, int64_t ring_length);
 void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_min, at::Tensor v_scale,
                           at::Tensor v_min, at::Tensor residual, at::Tensor k, at::Tensor v, at::Tensor block_tables,
-                          at::Tensor context_lens, at::Tensor residual_slots, int64_t bits, int64_t residual_length);
+                          at::Tensor context_lens, at::Tensor residual_slots, int64_t bits, int64_t ring_length);

@@ -8,8 +8,11 @@ change, so the prefix cache shares them as it shares any full block.
 
 What a query reads: its residual at full precision, the entries of its own block and of the blocks before it
 up to residual_length entries (KIVI's residual: the recent tokens, whose errors cost the most), and the earlier
-entries quantized. A sequence's residual ring (per KV group) keeps its last residual_length entries at full
-precision, position p at slot p mod residual_length of its ring. Full precision is the model's dtype, as an auto
+entries quantized. A sequence's residual ring (per KV group) keeps its last ring_length entries at full
+precision, position p at slot p mod ring_length of its ring: the residual, and with speculative decoding room for
+the rows of a step whose drafts may be rejected, so that none of them overwrites an entry the sequence still
+reads after a rejection (a block sealed with rejected entries is in the next query's residual, and sealed again
+once it is complete). Full precision is the model's dtype, as an auto
 cache would hold K/V: a bfloat16 model's rings are bfloat16 (half the bytes of float32's) though the CPU kernels
 compute in float32; entries are rounded to it as they are written, and blocks are sealed from the rounded ones. The rule depends on positions only, so
 chunking and batching give every query the same keys, and a reference can apply it in one pass (tests). The
@@ -51,19 +54,21 @@ class LowBitKV:
     k_min: torch.Tensor
     v_scale: torch.Tensor  # float16 [num_blocks, block_size, kv_heads, head_dim / value_group]
     v_min: torch.Tensor
-    residual: torch.Tensor  # [2, rings * residual_length, kv_heads, head_dim] in the model's dtype: K then V
-    residual_length: int  # entries a ring holds: whole blocks
+    residual: torch.Tensor  # [2, rings * ring_length, kv_heads, head_dim] in the model's dtype: K then V
+    residual_length: int  # entries a query reads at full precision: whole blocks
+    ring_length: int  # entries a ring holds: the residual and the spare room of speculative steps, whole blocks
 
     @classmethod
     def empty(cls, bits: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, rings: int,
-              residual_length: int, dtype: torch.dtype, device) -> LowBitKV:
+              residual_length: int, dtype: torch.dtype, device, ring_length: int | None = None) -> LowBitKV:
         half = {"dtype": torch.float16, "device": device}
         k_shape = (num_blocks, kv_heads, head_dim)
         v_shape = (num_blocks, block_size, kv_heads, head_dim // value_group(head_dim))
         return cls(bits, torch.zeros(k_shape, **half), torch.zeros(k_shape, **half), torch.zeros(v_shape, **half),
                    torch.zeros(v_shape, **half),
-                   torch.zeros((2, rings * residual_length, kv_heads, head_dim), dtype=dtype, device=device),
-                   residual_length)
+                   torch.zeros((2, rings * (ring_length or residual_length), kv_heads, head_dim), dtype=dtype,
+                               device=device),
+                   residual_length, ring_length or residual_length)
 
     @staticmethod
     def bytes_per_block(bits: int, block_size: int, kv_heads: int, head_dim: int) -> int:
@@ -72,7 +77,7 @@ class LowBitKV:
 
     def grow(self, rings: int) -> None:
         """Room for `rings` residual rings in all (rings already there keep their entries)."""
-        more = rings * self.residual_length - self.residual.shape[1]
+        more = rings * self.ring_length - self.residual.shape[1]
         if more > 0:
             self.residual = torch.cat([self.residual, self.residual.new_zeros(2, more, *self.residual.shape[2:])], 1)
 
@@ -147,10 +152,10 @@ class LowBitPlan:
 
     @classmethod
     def build(cls, spans: list[tuple[int, int, int, list[int], int]], num_decodes: int, block_size: int,
-              residual_length: int, device) -> LowBitPlan:
+              residual_length: int, ring_length: int, device) -> LowBitPlan:
         """spans: per sequence in row order, (first row, first entry, rows, its table, its residual slot); the
         first num_decodes rows are decode rows."""
-        bs, length = block_size, residual_length
+        bs, length, ring = block_size, residual_length, ring_length
         segments, fp, seal_blocks, seal, rows, slots = [], [], [], [], [], []
         decode_spans = [span for span in spans if span[0] < num_decodes]
         fp_at = 0
@@ -162,14 +167,14 @@ class LowBitPlan:
             fp_at += end - full
             # Entries full .. end: those before start are in the ring, the rest in the step.
             entries = np.arange(full, end)
-            fp.append(np.where(entries < start, ring_slots(at, entries, length), -1 - (row + entries - start)))
+            fp.append(np.where(entries < start, ring_slots(at, entries, ring), -1 - (row + entries - start)))
             if row < num_decodes:  # a decode row writes itself (write_decodes)
                 continue
             seal_blocks.extend(table[own // bs : end // bs])  # its blocks that are full once the step is done
             seal.append(fp[-1][own - full : end // bs * bs - full])
-            kept = max(start, (end - 1) // bs * bs + bs - length)  # what the ring holds of the step's entries
+            kept = max(start, end - ring)  # what the ring holds of the step's entries: all a later query may read
             rows.append(np.arange(row + kept - start, row + n))
-            slots.append(ring_slots(at, np.arange(kept, end), length))
+            slots.append(ring_slots(at, np.arange(kept, end), ring))
 
         def tensor(parts: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.concatenate(parts or [np.zeros(0)]).astype(np.int64)).to(device)
@@ -209,7 +214,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
     if d and ops is not None:
         ops.lowbit_decode_attention(out[:d], q[:d], values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
                                     lowbit.residual, meta.decode_block_tables, meta.decode_context_lens,
-                                    plan.decode_residual, scale, window or 0, lowbit.bits, length)
+                                    plan.decode_residual, scale, window or 0, lowbit.bits, length, lowbit.ring_length)
     segments = plan.segments[plan.num_decode_segments :] if ops is not None else plan.segments
     if not segments:
         return out
@@ -259,20 +264,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
 def write_decodes(k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV, meta, ops) -> None:
     """The decode rows' K/V (one row per sequence) into their sequences' residual rings, sealing the blocks they
     complete: by the C++ kernel where `ops` serve, else by torch."""
-    plan, length = meta.lowbit, lowbit.residual_length
+    plan, ring = meta.lowbit, lowbit.ring_length
     if ops is not None:
         ops.lowbit_decode_write_(values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min, lowbit.residual,
                                  k, v, meta.decode_block_tables, meta.decode_context_lens, plan.decode_residual,
-                                 lowbit.bits, length)
+                                 lowbit.bits, ring)
         return
     bs = values.shape[2]
     pos = meta.decode_context_lens - 1
     res_k, res_v = lowbit.residual.unbind()
-    res_k[ring_slots(plan.decode_residual, pos, length)] = k.to(res_k.dtype)
-    res_v[ring_slots(plan.decode_residual, pos, length)] = v.to(res_v.dtype)
+    res_k[ring_slots(plan.decode_residual, pos, ring)] = k.to(res_k.dtype)
+    res_v[ring_slots(plan.decode_residual, pos, ring)] = v.to(res_v.dtype)
     done = ((pos + 1) % bs == 0).nonzero()[:, 0]
     if len(done):
-        first = ring_slots(plan.decode_residual[done], pos[done] // bs * bs, length)  # a block is whole in its ring
+        first = ring_slots(plan.decode_residual[done], pos[done] // bs * bs, ring)  # a block is whole in its ring
         index = (first[:, None] + torch.arange(bs, device=k.device)).flatten()
         _seal(values, lowbit, meta.decode_block_tables[done, pos[done] // bs], res_k[index], res_v[index])
 
@@ -308,9 +313,9 @@ def fill_ring(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_e
     bs, length = values.shape[2], lowbit.residual_length
     full = max(0, num_entries + bs - length)
     k, v = dequantize_blocks(values, lowbit, table[full // bs : num_entries // bs])
-    ring = ring_slots(at, torch.arange(full, num_entries, device=table.device), length)
+    slots = ring_slots(at, torch.arange(full, num_entries, device=table.device), lowbit.ring_length)
     res_k, res_v = lowbit.residual.unbind()
-    res_k[ring], res_v[ring] = k.to(res_k.dtype), v.to(res_v.dtype)
+    res_k[slots], res_v[slots] = k.to(res_k.dtype), v.to(res_v.dtype)
 
 
 def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_entries: int, kept: torch.Tensor,
@@ -325,12 +330,12 @@ def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_ent
     full = max(0, num_entries // bs * bs + bs - length)
     res_k, res_v = lowbit.residual.unbind()
     k, v = dequantize_blocks(values, lowbit, table[: full // bs])
-    ring = ring_slots(at, torch.arange(full, num_entries, device=kept.device), length)
+    slots = ring_slots(at, torch.arange(full, num_entries, device=kept.device), lowbit.ring_length)
     heads = torch.arange(kept.shape[0], device=kept.device)
-    k, v = (torch.cat([x, res[ring].float()])[kept.T, heads] for x, res in ((k, res_k), (v, res_v)))
+    k, v = (torch.cat([x, res[slots].float()])[kept.T, heads] for x, res in ((k, res_k), (v, res_v)))
     sealed = keep // bs
     if sealed:
         _seal(values, lowbit, new_table[:sealed], k[: sealed * bs], v[: sealed * bs])
     new_full = max(0, sealed * bs + bs - length)
-    ring = ring_slots(new_at, torch.arange(new_full, keep, device=kept.device), length)
-    res_k[ring], res_v[ring] = k[new_full:].to(res_k.dtype), v[new_full:].to(res_v.dtype)
+    slots = ring_slots(new_at, torch.arange(new_full, keep, device=kept.device), lowbit.ring_length)
+    res_k[slots], res_v[slots] = k[new_full:].to(res_k.dtype), v[new_full:].to(res_v.dtype)
