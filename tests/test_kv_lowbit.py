@@ -45,11 +45,13 @@ def _fake_quantize(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
 
 
 def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0, block: int = BLOCK,
-                    residual: int = RESIDUAL, cached: int = 0, ring: torch.dtype = torch.float32):
+                    residual: int = RESIDUAL, cached: int = 0, ring: torch.dtype = torch.float32,
+                    received: list | None = None):
     """An attention function for transformers that reads K/V by the cache's rule in one pass; with `votes`, each
-    layer appends SnapKV's votes of the last `window` rows, per KV head, as the rows read the entries. The first
-    `cached` entries (a prefix cache hit) are read as stored. Every entry passes through a residual ring of dtype
-    `ring`: both its copies are of its K/V rounded to it."""
+    layer appends SnapKV's votes of the last `window` rows, per KV head, as the rows read the entries; with
+    `received`, H2O's sums: every row's weights per entry, summed over the rows and each KV head's query heads. The
+    first `cached` entries (a prefix cache hit) are read as stored. Every entry passes through a residual ring of
+    dtype `ring`: both its copies are of its K/V rounded to it."""
 
     def attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
         k, v = k.to(ring).float(), v.to(ring).float()
@@ -68,12 +70,15 @@ def _rule_attention(bits: int | None, votes: list | None = None, window: int = 0
         mask = torch.cat([visible & ~recent, visible & recent], 1)
         o = F.scaled_dot_product_attention(q, torch.cat([kq, k], 2), torch.cat([vq, v], 2), attn_mask=mask,
                                            scale=scaling, enable_gqa=True)
-        if votes is not None:
-            group = q.shape[1] // k.shape[1]
-            logits = q[0, :, -window:] @ torch.cat([kq, k], 2)[0].repeat_interleave(group, 0).transpose(1, 2) * scaling
-            weights = logits.masked_fill(~mask[-window:], float("-inf")).softmax(-1)
+        group = q.shape[1] // k.shape[1]
+        if votes is not None or received is not None:
+            logits = q[0] @ torch.cat([kq, k], 2)[0].repeat_interleave(group, 0).transpose(1, 2) * scaling
+            weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)
             weights = weights[..., :n] + weights[..., n:]  # each row reads one copy of an entry
-            votes.append(weights.view(k.shape[1], group, window, n).mean((1, 2)))
+        if votes is not None:
+            votes.append(weights[:, -window:].reshape(k.shape[1], group, window, n).mean((1, 2)))
+        if received is not None:
+            received.append(weights.view(k.shape[1], group, -1, n).sum((1, 2)))
         return o.transpose(1, 2).contiguous(), None
 
     return attention
@@ -110,10 +115,12 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
     Per layer it holds each entry's full-precision K/V and, for whole blocks, the stored ones. The prompt is one
     pass of _rule_attention. A compaction gathers each kept entry as the next query would read it (full precision
     in that query's residual, else stored), whole new blocks stored again from those. A decode row reads stored
-    entries before its residual, full-precision ones in it."""
+    entries before its residual, full-precision ones in it. H2O's sums add up every row's weights."""
     votes: list[torch.Tensor] = []  # per layer, filled by the prompt's pass
+    received: list[torch.Tensor] | None = [] if policy.method == "h2o" else None  # per layer, H2O's
     window = min(policy.window_size, len(prompt))
-    AttentionInterface.register("kivi_policy", _rule_attention(bits, votes if policy.needs_votes else None, window))
+    AttentionInterface.register("kivi_policy", _rule_attention(bits, votes if policy.needs_votes else None, window,
+                                                               received=received))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="kivi_policy")
     layers = model.config.num_hidden_layers
     kv_heads = model.config.num_key_value_heads
@@ -130,16 +137,27 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
         keep = policy.kept_entries(len(prompt), n, num_new, True, BLOCK, depths[i])
         if keep is None:
             return
-        kept = policy.select(keep, n, kv_heads, votes[i] if votes else None)  # [kv_heads, keep]
+        kept = policy.select(keep, n, kv_heads, received[i] if received else votes[i] if votes else None)
+        if received:
+            received[i] = received[i].gather(1, kept)
         first = _residual_start(n)  # of the next query's residual
         held = [torch.cat([s_[:, :first], f[:, first:]], 1) for s_, f in zip(stored[i], fp[i])]
         gathered = [x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1])) for x in held]
         fp[i] = tuple(gathered)
         stored[i] = _quantize_blocks(*(x[:, : keep // BLOCK * BLOCK] for x in gathered), bits)
 
+    step: list[torch.Tensor] = []  # a decode row's weights, per layer
+
+    def decode_attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        group = q.shape[1] // k.shape[1]
+        weights = (q[0] @ k[0].repeat_interleave(group, 0).transpose(1, 2) * scaling).softmax(-1)  # [heads, 1, n]
+        step.append(weights.view(k.shape[1], group, -1).sum(1))
+        return (weights @ v[0].repeat_interleave(group, 0))[None].transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("kivi_decode", decode_attention)
     for i in range(layers):
         prune(i, len(prompt))
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation("kivi_decode")
     tokens, logits = [], out.logits[0, -1]
     for position in range(len(prompt), len(prompt) + max_tokens):
         tokens.append(int(logits.argmax()))
@@ -147,11 +165,14 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
             first = _residual_start(fp[i][0].shape[1])
             layer.keys, layer.values = (torch.cat([s_[:, :first], f[:, first:]], 1)[None]
                                         for s_, f in zip(stored[i], fp[i]))
+        step.clear()
         with torch.no_grad():
             out = model(torch.tensor([[tokens[-1]]]), cache=cache, position_ids=torch.tensor([[position]]),
                         cache_position=torch.tensor([position]), use_cache=True)
         for i, layer in enumerate(cache.layers):
             fp[i] = tuple(torch.cat([f, x[0, :, -1:]], 1) for f, x in zip(fp[i], (layer.keys, layer.values)))
+            if received is not None:
+                received[i] = torch.cat([received[i], received[i].new_zeros(kv_heads, 1)], 1) + step[i]
             n = fp[i][0].shape[1]
             if n % BLOCK == 0:  # its block is whole: stored
                 new = _quantize_blocks(*(f[:, n - BLOCK :] for f in fp[i]), bits)
@@ -377,16 +398,22 @@ def test_residual_rings_grow_keeping_their_entries():
     {"method": "streaming", "budget": 64},
     {"method": "snapkv", "ratio": 0.25, "window_size": 32},
     {"method": "pyramidkv", "ratio": 0.25, "window_size": 16, "beta": 4},
-], ids=["streaming", "snapkv", "pyramidkv"])
-def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options):
+    {"method": "h2o", "budget": 64, "window_size": 32},
+], ids=["streaming", "snapkv", "pyramidkv", "h2o"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "torch"])
+def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options, kernel, monkeypatch):
     """The kept entries are gathered as the cache held them and stored again in whole blocks; SnapKV's window
-    votes with the attention its rows give by the low-bit rule."""
+    votes with the attention its rows give by the low-bit rule, and H2O's sums add up every row's (the kernels'
+    decode steps replayed from traces)."""
+    if not kernel:
+        monkeypatch.setattr(kivi, "ops_for", lambda x: None)
     prompt = _prompt(300)
     ref = _oracle_with_policy(tiny_qwen, prompt, KVPolicy.from_dict(options), 4, 40)
     llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_policy=options,
-              kv_residual_length=RESIDUAL)
+              kv_residual_length=RESIDUAL, enforce_eager=not kernel)
     assert _run(llm, [prompt], 40, logprobs=False)[0][0] == ref
-    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_residual_length=RESIDUAL)
+    plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_residual_length=RESIDUAL,
+                enforce_eager=not kernel)
     assert _run(plain, [prompt], 40, logprobs=False)[0][0] != ref, "the policy changed nothing"
 
 
@@ -414,7 +441,6 @@ def test_drafts_rejected_across_a_block_fall_back_to_the_entries_the_ring_kept(t
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"kv_policy": {"method": "h2o", "budget": 64}}, "kv_cache_dtype int4 cannot be combined with kv_policy h2o"),
     ({"kv_policy": {"method": "streaming", "budget": 64, "cache_positions": True}},
      "kv_cache_dtype int4 cannot be combined with kv_policy cache_positions"),
     ({"speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2, "skip_layers": [1]}},

@@ -90,13 +90,11 @@ class LLMEngine:
             raise InvalidRequestError("kv_policy h2o and speculative_config cannot be combined yet")
         if config.kv_cache_dtype in ("int4", "int2"):
             # Drafts that write the target's cache (layer_skip's) or verify as trees (on scratch blocks) would reach
-            # past the rows a residual ring keeps room for; H2O sums every row's attention weights, which the
-            # low-bit decode kernel keeps none of; cache_positions rotates kept keys, which a key scale per block
-            # and channel cannot follow.
+            # past the rows a residual ring keeps room for; cache_positions rotates kept keys, which a key scale per
+            # block and channel cannot follow.
             clash = ("speculative_config method layer_skip" if speculative is not None and
                      speculative.method == "layer_skip" else
                      "speculative_config token trees" if speculative is not None and speculative.proposes_trees else
-                     "kv_policy h2o" if kv_policy is not None and kv_policy.method == "h2o" else
                      "kv_policy cache_positions" if kv_policy is not None and kv_policy.cache_positions else None)
             if clash:
                 raise InvalidRequestError(f"kv_cache_dtype {config.kv_cache_dtype} cannot be combined with {clash} yet")

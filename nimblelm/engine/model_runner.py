@@ -228,6 +228,8 @@ class ModelRunner:
         packed = (*shape[:-1], shape[-1] * self.kv_bits // 8)
         rings = (max_num_seqs + 1) * len(self.kv_groups)
         tensors = {i: KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
+                              received=(torch.zeros(shape[1:-1], dtype=torch.float32, device=self.device)
+                                        if self._accumulates else None),
                               lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rings, self.residual_length,
                                                     self.residual_dtype, self.device, self.ring_length))
                    for i in self.kv_dtypes}
@@ -415,19 +417,19 @@ class ModelRunner:
                     votes_i = None if votes is None else votes[i]
                 if kept is None or votes_i is not None:  # without votes, every layer keeps the same entries
                     kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads, votes_i).to(self.device)
+                src = old_slots[kept].T  # [keep, kv_heads]
+                if cache.received is not None:
+                    received = cache.received.flatten(0, 1)
+                    received[new_slots] = received[src, heads]
                 if cache.lowbit is not None:
                     compact(cache.values, cache.lowbit, table, num_entries, kept,
                             torch.tensor(new_table, device=self.device), self._residual_slot(req_id, g),
                             self._residual_slot(req_id, g, dropped * bs))
                     continue
-                src = old_slots[kept].T  # [keep, kv_heads]
                 for x in (cache.values, cache.scales):
                     if x is not None:
                         flat = x.flatten(1, 2)  # [2, slots, kv_heads, ...]
                         flat[:, new_slots] = flat[:, src, heads]
-                if cache.received is not None:
-                    received = cache.received.flatten(0, 1)
-                    received[new_slots] = received[src, heads]
                 if self.kv_policy.cache_positions:
                     self._rotate_back(cache, new_slots[self.kv_policy.num_sinks :], num_entries - keep)
             state.block_ids[g] = list(new_table)

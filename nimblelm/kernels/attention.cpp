@@ -944,18 +944,23 @@ static void prefill(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, do
   prefill(out, q, {{0, q.size(0), k.size(0), nullptr}}, src, k.size(1), scale, window, own, received);
 }
 
-void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window,
-                       std::optional<at::Tensor> received) {
+// H2O's sums of a chunk's weights, received [kv_heads, keys] for keys k [keys, kv_heads, dim].
+static void check_received(const char* op, const std::optional<at::Tensor>& received, const at::Tensor& k) {
   if (received)
     TORCH_CHECK(received->scalar_type() == at::kFloat && received->is_contiguous() && received->dim() == 2 &&
                     received->size(0) == k.size(1) && received->size(1) == k.size(0),
-                "prefill_attention: received must be float32 [kv_heads, keys]");
+                op, ": received must be float32 [kv_heads, keys]");
+}
+
+void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window,
+                       std::optional<at::Tensor> received) {
+  check_received("prefill_attention", received, k);
   prefill(out, q, k, v, scale, window, nullptr, received ? received->data_ptr<float>() : nullptr);
 }
 
 void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor k_full,
                               at::Tensor v_full, double scale, int64_t window, int64_t block_size,
-                              int64_t residual_length) {
+                              int64_t residual_length, std::optional<at::Tensor> received) {
   const int64_t C = k.size(0), F = k_full.size(0), fp_start = C - F, T = q.size(0);
   TORCH_CHECK(block_size > 0 && residual_length > 0 && residual_length % block_size == 0,
               "lowbit_prefill_attention: the residual is whole blocks");
@@ -968,7 +973,8 @@ void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Te
                   v_full.stride(1) == k.size(2) && T <= C && fp_start <= own.first_full(C - T),
               "lowbit_prefill_attention: the full-precision entries must start at or before the first query's "
               "residual");
-  prefill(out, q, k, v, scale, window, &own, nullptr);
+  check_received("lowbit_prefill_attention", received, k);
+  prefill(out, q, k, v, scale, window, &own, received ? received->data_ptr<float>() : nullptr);
 }
 
 // Every prompt chunk of a step at once, straight from the paged cache: chunk i's query_lens[i] rows (in order
@@ -1080,7 +1086,7 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
                           const R* rv, const int64_t* bt, const int64_t* lens, const int64_t* res_at, int64_t B,
                           int64_t H, int64_t D, int64_t NB, int64_t bs, int64_t KVH, int64_t PD, int64_t groups,
                           int64_t max_blocks, int64_t res_slots, int64_t L, int64_t RL, float scale,
-                          int64_t window) {
+                          int64_t window, float* received) {
   const int64_t G = H / KVH, GW = D / groups, ld = KVH * D, n_bytes = D * BITS / 8;
 #ifdef HAVE_FVEC
   // Levels widened in registers as the row kernels read them; a float scratch where rows are not whole registers.
@@ -1168,6 +1174,15 @@ static void lowbit_decode(float* op, const float* qp, const uint8_t* kp, const u
         const float sum = exp_shifted_(sg, span, scale_max_(sg, span, 1.f));
         for (int64_t t = 0; t < span; ++t) sg[t] /= sum;
       }
+      // H2O's: each entry's weight summed over the query heads, added at its slot (paged_decode_received_'s); the
+      // row's own entry has received nothing before.
+      if (received)
+        for (int64_t t = first; t < n; ++t) {
+          float w = 0.f;
+          for (int64_t g = 0; g < G; ++g) w += s[g * span + t - first];
+          float& got = received[(bt[b * max_blocks + t / bs] * bs + t % bs) * KVH + h];
+          got = t == n - 1 ? w : got + w;
+        }
       each_block([&](int64_t t0, int64_t m, int64_t id) {
         const int64_t slot0 = id * bs + t0 % bs;
         const uint8_t* vals = vp + (slot0 * KVH + h) * PD;  // value r at vals + r * KVH * PD
@@ -1234,7 +1249,8 @@ static void with_ring_type(const at::Tensor& residual, F&& f) {
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
                              at::Tensor v_scale, at::Tensor v_min, at::Tensor residual, at::Tensor block_tables,
                              at::Tensor context_lens, at::Tensor residual_slots, double scale, int64_t window,
-                             int64_t bits, int64_t residual_length, int64_t ring_length) {
+                             int64_t bits, int64_t residual_length, int64_t ring_length,
+                             std::optional<at::Tensor> received) {
   q = q.contiguous();
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && out.is_contiguous(), "lowbit_decode_attention: q, out");
   check_lowbit_cache("lowbit_decode_attention", values, k_scale, k_min, v_scale, v_min, residual, block_tables,
@@ -1244,6 +1260,9 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
   TORCH_CHECK(PD * 8 == D * bits && k_scale.size(2) == D && H % KVH == 0, "lowbit_decode_attention: head_dim");
   TORCH_CHECK(residual_length > 0 && residual_length % bs == 0 && ring_length >= residual_length &&
                   ring_length % bs == 0, "lowbit_decode_attention: the residual and its ring are whole blocks");
+  TORCH_CHECK(!received || (received->scalar_type() == at::kFloat && received->is_contiguous() &&
+                            received->numel() == NB * bs * KVH),
+              "lowbit_decode_attention: received must be float32 [blocks, block_size, kv_heads]");
   const auto tables = block_tables.contiguous(), lens = context_lens.contiguous(), res = residual_slots.contiguous();
   const uint8_t* kp = values.data_ptr<uint8_t>();
   const int64_t res_slots = residual.size(1);
@@ -1254,7 +1273,7 @@ void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at
         k_min.data_ptr<c10::Half>(), v_scale.data_ptr<c10::Half>(), v_min.data_ptr<c10::Half>(), rk,
         rk + res_slots * KVH * D, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), res.data_ptr<int64_t>(), B,
         H, D, NB, bs, KVH, PD, v_scale.size(3), tables.size(1), res_slots, residual_length, ring_length, float(scale),
-        window);
+        window, received ? received->data_ptr<float>() : nullptr);
   });
 }
 

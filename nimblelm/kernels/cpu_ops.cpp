@@ -83,11 +83,12 @@ TORCH_LIBRARY(nimblelm, m) {
   // query's residual on also at full precision (k_full, v_full): each query reads its last residual_length
   // entries, whole blocks, that way
   m.def("lowbit_prefill_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor k_full, Tensor v_full, "
-        "float scale, int window, int block_size, int residual_length) -> ()");
+        "float scale, int window, int block_size, int residual_length, Tensor(b!)? received=None) -> ()");
   // decode rows over an int4 or int2 cache: sealed blocks as stored, each row's last blocks from its residual ring
   m.def("lowbit_decode_attention(Tensor(a!) out, Tensor q, Tensor values, Tensor k_scale, Tensor k_min, "
         "Tensor v_scale, Tensor v_min, Tensor residual, Tensor block_tables, Tensor context_lens, "
-        "Tensor residual_slots, float scale, int window, int bits, int residual_length, int ring_length) -> ()");
+        "Tensor residual_slots, float scale, int window, int bits, int residual_length, int ring_length, "
+        "Tensor(b!)? received=None) -> ()");
   // decode rows' K/V into their residual rings, sealing (quantizing) the blocks they complete
   m.def("lowbit_decode_write_(Tensor(a!) values, Tensor(b!) k_scale, Tensor(c!) k_min, Tensor(d!) v_scale, "
         "Tensor(e!) v_min, Tensor(f!) residual, Tensor k, Tensor v, Tensor block_tables, Tensor context_lens, "

@@ -72,11 +72,12 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
                              int64_t window);
 void lowbit_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor k_full,
                               at::Tensor v_full, double scale, int64_t window, int64_t block_size,
-                              int64_t residual_length);
+                              int64_t residual_length, std::optional<at::Tensor> received);
 void lowbit_decode_attention(at::Tensor out, at::Tensor q, at::Tensor values, at::Tensor k_scale, at::Tensor k_min,
                              at::Tensor v_scale, at::Tensor v_min, at::Tensor residual, at::Tensor block_tables,
                              at::Tensor context_lens, at::Tensor residual_slots, double scale, int64_t window,
-                             int64_t bits, int64_t residual_length, int64_t ring_length);
+                             int64_t bits, int64_t residual_length, int64_t ring_length,
+                             std::optional<at::Tensor> received);
 void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_min, at::Tensor v_scale,
                           at::Tensor v_min, at::Tensor residual, at::Tensor k, at::Tensor v, at::Tensor block_tables,
                           at::Tensor context_lens, at::Tensor residual_slots, int64_t bits, int64_t ring_length);

@@ -178,7 +178,8 @@ class PagedAttention(torch.nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         if kv_cache.lowbit is not None:
-            return kivi.attend(q, k, v, kv_cache.values, kv_cache.lowbit, meta, self.scale)
+            return kivi.attend(q, k, v, kv_cache.values, kv_cache.lowbit, meta, self.scale,
+                               kv_cache.received if meta.accumulate else None)
         ops = ops_for(q)
         self._write(k, v, kv_cache, meta.slot_mapping, ops)
         if meta.accumulate:  # a slot's new entry has received nothing yet

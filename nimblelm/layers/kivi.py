@@ -132,7 +132,8 @@ class Segment:
     end: int
     full: int  # the first entry of its first row's residual
     fp_at: int  # where its entries from `full` on begin in LowBitPlan.fp_index
-    sealed: torch.Tensor  # the blocks of its table before its last row's block: what it reads quantized
+    blocks: torch.Tensor  # the blocks of its table up to its last row's
+    sealed: torch.Tensor  # those before its last row's block: what it reads quantized
 
 
 @dataclass
@@ -162,8 +163,8 @@ class LowBitPlan:
         for row, start, n, table, at in spans:
             end, own = start + n, start // bs * bs
             full = max(0, own + bs - length)
-            segments.append(Segment(row, start, end, full, fp_at,
-                                    torch.tensor(table[: (end - 1) // bs], dtype=torch.long, device=device)))
+            blocks = torch.tensor(table[: (end - 1) // bs + 1], dtype=torch.long, device=device)
+            segments.append(Segment(row, start, end, full, fp_at, blocks, blocks[:-1]))
             fp_at += end - full
             # Entries full .. end: those before start are in the ring, the rest in the step.
             entries = np.arange(full, end)
@@ -199,22 +200,27 @@ def _gather(residual: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> t
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV, meta,
-           scale: float) -> torch.Tensor:
+           scale: float, received: torch.Tensor | None = None) -> torch.Tensor:
     """Write the step's K/V (sealing the blocks it completes, keeping each sequence's last entries in its ring)
     and attend: q [rows, heads, head_dim], k and v [rows, kv_heads, head_dim], meta the step's
     AttentionMetadata. Where the C++ kernels serve, decode rows read the cache as stored and prompt chunks a
-    dequantized copy; torch's attention reads both copies through a mask otherwise."""
+    dequantized copy; torch's attention reads both copies through a mask otherwise. With `received` (H2O's,
+    [num_blocks, block_size, kv_heads]), every row's attention weights are added at its entries' slots."""
     plan, window, d, length = meta.lowbit, meta.sliding_window, meta.num_decodes, lowbit.residual_length
     ops = ops_for(q)
     if ops is None and d and not plan.num_decode_segments:
         raise RuntimeError("a plan of decode rows alone (LowBitPlan.decodes) needs the C++ kernels")
+    kv_heads = k.shape[1]
+    if received is not None:  # a new entry has received nothing yet (the decode kernel sets its rows' own)
+        received.view(-1, kv_heads)[meta.slot_mapping[d:] if ops is not None else meta.slot_mapping] = 0
     if d:
         write_decodes(k[:d], v[:d], values, lowbit, meta, ops)
     out = torch.empty_like(q)
     if d and ops is not None:
         ops.lowbit_decode_attention(out[:d], q[:d], values, lowbit.k_scale, lowbit.k_min, lowbit.v_scale, lowbit.v_min,
                                     lowbit.residual, meta.decode_block_tables, meta.decode_context_lens,
-                                    plan.decode_residual, scale, window or 0, lowbit.bits, length, lowbit.ring_length)
+                                    plan.decode_residual, scale, window or 0, lowbit.bits, length, lowbit.ring_length,
+                                    received)
     segments = plan.segments[plan.num_decode_segments :] if ops is not None else plan.segments
     if not segments:
         return out
@@ -236,28 +242,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
         fk, fv = fp_k[fp].float(), fp_v[fp].float()  # entries seg.full .. end
         rows = slice(seg.row, seg.row + seg.end - seg.start)
         voters = next(voting)
+        got = None  # what the rows give each entry, H2O's
         if fused:  # every entry's quantized copy (its full one where none is sealed yet), and the full ones
             n = len(kq)
+            got = None if received is None else torch.zeros(kv_heads, seg.end, device=q.device)
             ops.lowbit_prefill_attention(out[rows], q[rows], torch.cat([kq, fk[n - seg.full :]]),
-                                         torch.cat([vq, fv[n - seg.full :]]), fk, fv, scale, window or 0, bs, length)
-            if not voters:
-                continue
-        # Both copies as keys, a mask choosing each query's: for torch's attention, or the voting rows alone.
-        keys, vals = torch.cat([kq, fk]), torch.cat([vq, fv])
-        pos = torch.arange(seg.end - voters if fused else seg.start, seg.end, device=q.device)[:, None]
-        quantized = torch.arange(len(kq), device=q.device)[None, :]
-        full = torch.arange(seg.full, seg.end, device=q.device)[None, :]
-        first = (pos // bs * bs + bs - length).clamp(min=0)  # of each query's residual
-        mask = torch.cat([quantized < first, (full >= first) & (full <= pos)], 1)
-        if window is not None:
-            mask &= torch.cat([quantized, full], 1) > pos - window
-        if not fused:
-            o = F.scaled_dot_product_attention(q[rows].float().transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                                               vals.transpose(0, 1)[None], attn_mask=mask, scale=scale,
-                                               enable_gqa=True)
-            out[rows] = o[0].transpose(0, 1).to(out.dtype)
-        if voters:
-            meta.votes.append(_votes(q[rows][-voters:], keys, mask[-voters:], len(kq), seg.full, seg.end, scale))
+                                         torch.cat([vq, fv[n - seg.full :]]), fk, fv, scale, window or 0, bs, length,
+                                         got)
+        if not fused or voters:
+            # Both copies as keys, a mask choosing each query's: for torch's attention, or the voting rows alone.
+            keys, vals = torch.cat([kq, fk]), torch.cat([vq, fv])
+            pos = torch.arange(seg.end - voters if fused else seg.start, seg.end, device=q.device)[:, None]
+            quantized = torch.arange(len(kq), device=q.device)[None, :]
+            full = torch.arange(seg.full, seg.end, device=q.device)[None, :]
+            first = (pos // bs * bs + bs - length).clamp(min=0)  # of each query's residual
+            mask = torch.cat([quantized < first, (full >= first) & (full <= pos)], 1)
+            if window is not None:
+                mask &= torch.cat([quantized, full], 1) > pos - window
+            if not fused:
+                o = F.scaled_dot_product_attention(q[rows].float().transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                                   vals.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                                   enable_gqa=True)
+                out[rows] = o[0].transpose(0, 1).to(out.dtype)
+                if received is not None:
+                    got = _weights(q[rows], keys, mask, len(kq), seg.full, seg.end, scale)
+            if voters:  # SnapKV's: the window's weights averaged over its rows and each KV head's query heads
+                weights = _weights(q[rows][-voters:], keys, mask[-voters:], len(kq), seg.full, seg.end, scale)
+                meta.votes.append(weights / (voters * (q.shape[1] // kv_heads)))
+        if got is not None:
+            slots = (seg.blocks[:, None] * bs + torch.arange(bs, device=q.device)).flatten()[: seg.end]
+            received.view(-1, kv_heads).index_add_(0, slots, got.T)
     return out
 
 
@@ -282,19 +296,19 @@ def write_decodes(k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit
         _seal(values, lowbit, meta.decode_block_tables[done, pos[done] // bs], res_k[index], res_v[index])
 
 
-def _votes(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, num_quantized: int, full: int, end: int,
-           scale: float) -> torch.Tensor:
-    """SnapKV's votes of the rows q [rows, heads, d] over entries [0, end), as attention.py's _votes gives them:
-    each entry's attention weight averaged over the rows and each KV head's query heads, [kv_heads, end]. The
-    keys are the quantized entries, then the full-precision ones from `full`; the mask says which copy a row reads."""
+def _weights(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, num_quantized: int, full: int, end: int,
+             scale: float) -> torch.Tensor:
+    """The attention weights of the rows q [rows, heads, d] over entries [0, end), summed over the rows and each KV
+    head's query heads, [kv_heads, end]. The keys are the quantized entries, then the full-precision ones from
+    `full`; the mask says which copy a row reads."""
     rows, kv_heads = q.shape[0], keys.shape[1]
     qg = q.float().view(rows, kv_heads, -1, q.shape[-1]).permute(1, 2, 0, 3)  # [kv, group, rows, d]
     logits = qg @ keys.permute(1, 2, 0)[:, None] * scale  # [kv, group, rows, copies]
     weights = logits.masked_fill_(~mask, float("-inf")).softmax(-1).sum((1, 2))  # [kv, copies]
-    votes = weights.new_zeros(kv_heads, end)
-    votes[:, :num_quantized] += weights[:, :num_quantized]
-    votes[:, full:] += weights[:, num_quantized:]
-    return votes / (rows * qg.shape[1])
+    out = weights.new_zeros(kv_heads, end)
+    out[:, :num_quantized] += weights[:, :num_quantized]
+    out[:, full:] += weights[:, num_quantized:]
+    return out
 
 
 def _seal(values: torch.Tensor, lowbit: LowBitKV, blocks: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> None:
