@@ -40,14 +40,22 @@ def _same(ref, out) -> None:
     ("gemma3", {}),  # sliding-window layers: only the window's blocks travel for them
     ("qwen2", {"kv_cache_dtype": "int8"}),  # scales travel with the values
     ("qwen2", {"tensor_parallel_size": 2}),  # each rank's heads to the same rank of the other engine
+    ("qwen2", {"kv_cache_dtype": "int4", "kv_residual_length": 32}),  # packed levels, their scales and minimums
 ])
 def test_imported_prefix_decodes_as_if_computed_here(tiny, arch, options):
+    """A low-bit cache reads a prefix cache hit as stored (layers/kivi.py), where a prompt computed whole reads its
+    residual at full precision: its reference is the exporting engine's own run through its cached blocks."""
     options = {"dtype": "float32", "max_model_len": 256, **options}
-    ref = LLM(tiny[arch], **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    lowbit = options.get("kv_cache_dtype") == "int4"
+    ref = None if lowbit else LLM(tiny[arch], **options).generate(PROMPTS, PARAMS, use_tqdm=False)
     prefill, decode = LLM(tiny[arch], **options), LLM(tiny[arch], **options)
     prefill.generate(PROMPTS, SamplingParams(max_tokens=1), use_tqdm=False)
     written = sum(decode.llm_engine.import_prefix(prefill.llm_engine.export_prefix(p)) for p in PROMPTS)
     assert written > 0
+    if lowbit:
+        ref = prefill.generate(PROMPTS, PARAMS, use_tqdm=False)
+        with pytest.raises(AssertionError):  # the hit read as stored moves the log-probabilities: the test can tell
+            _same(ref, LLM(tiny[arch], **options).generate(PROMPTS, PARAMS, use_tqdm=False))
     _same(ref, decode.generate(PROMPTS, PARAMS, use_tqdm=False))
     stats = decode.llm_engine.stats()
     bs = decode.llm_engine.config.block_size
@@ -55,12 +63,14 @@ def test_imported_prefix_decodes_as_if_computed_here(tiny, arch, options):
     assert stats.prefix_cache_hits == sum((n - 1) // bs * bs for n in lengths)  # only the last block computed
 
 
-def test_blocks_from_another_layout_are_refused(tiny):
+@pytest.mark.parametrize("other", [{"kv_cache_dtype": "float16"}, {"dtype": "bfloat16", "kv_cache_dtype": "float32"}],
+                         ids=["cache dtype", "weights dtype"])
+def test_blocks_from_another_layout_are_refused(tiny, other):
     prefill = LLM(tiny["qwen2"], dtype="float32", max_model_len=256)
     prefill.generate(PROMPTS[0], SamplingParams(max_tokens=1), use_tqdm=False)
     prefix = prefill.llm_engine.export_prefix(PROMPTS[0])
     with pytest.raises(InvalidRequestError, match="differ"):
-        LLM(tiny["qwen2"], dtype="float32", max_model_len=256, kv_cache_dtype="float16").llm_engine.import_prefix(prefix)
+        LLM(tiny["qwen2"], **{"dtype": "float32", "max_model_len": 256, **other}).llm_engine.import_prefix(prefix)
 
 
 @pytest.mark.slow

@@ -168,8 +168,9 @@ class LLMEngine:
             self.executor = UniExecutor(Worker(self.runner))
         num_blocks = self._num_blocks(config)
         self.executor.collective_rpc("allocate_kv", num_blocks, config.max_num_seqs)
-        # Cached blocks are only ever reused within this engine; the salt still names what shapes the K/V.
-        salt = (f"{config.model}|{self.dtype}|{self.kv_dtype}|{config.quantization}|{config.block_size}|"
+        # The salt names what shapes the K/V (the weights' dtype too: the CPU kernels compute in float32 for
+        # either), so that import_prefix refuses another engine's blocks where they would differ.
+        salt = (f"{config.model}|{kv_auto}|{self.dtype}|{self.kv_dtype}|{config.quantization}|{config.block_size}|"
                 f"{config.tensor_parallel_size}x{config.pipeline_parallel_size}").encode()
         self.kv_cache_manager = KVCacheManager(
             num_blocks, config.block_size, [g.window for g in self.kv_groups], self._prefix_caching(kv_policy), salt,

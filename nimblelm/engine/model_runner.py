@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ from nimblelm.engine.kv_cache.manager import kv_groups
 from nimblelm.engine.kv_cache.policy import KVPolicy
 from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.step_capture import StepCapture
-from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan, compact, fill_ring
@@ -141,8 +141,8 @@ class ModelRunner:
         self.residual_dtype = kv_residual_dtype or dtype  # and their dtype
         # A residual ring's entries: a speculative step writes its rows before its drafts are verified, and room
         # for all but one of them past the residual keeps every entry a rejection falls back to (layers/kivi.py).
-        spare = 0 if speculative is None else max(0, speculative.num_speculative_tokens - 1)
-        self.ring_length = None if kv_residual_length is None else kv_residual_length + -(-spare // block_size) * block_size
+        spare = 0 if speculative is None else -(-max(0, speculative.num_speculative_tokens - 1) // block_size)
+        self.ring_length = None if kv_residual_length is None else kv_residual_length + spare * block_size
         # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it; a pipeline
         # stage sends and receives.
         self.capturing = not enforce_eager and self.kernels and stage is None
@@ -254,24 +254,25 @@ class ModelRunner:
                        for t in self.kv_dtypes.values())
         return 2 * cfg.num_kv_heads * per_head * self.block_size
 
-    def read_blocks(self, block_ids: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
-        """Per layer, the K/V (and int8 scales) of its group's blocks block_ids[g], on the CPU; None for a layer
-        this runner does not hold."""
-        self._refuse_lowbit_transfer()
+    def read_blocks(self, block_ids: list[list[int]]) -> list[tuple[torch.Tensor, Any] | None]:
+        """Per layer, the K/V of its group's blocks block_ids[g] on the CPU, with their int8 scales, or a low-bit
+        cache's packed levels with their (K scale, K minimum, V scale, V minimum) (sealed blocks: what a prefix
+        cache hit reads, layers/kivi.py); None for a layer this runner does not hold."""
         out = []
         for cache, g in zip(self.kv_caches, self.group_of_layer):
             if cache is None:
                 out.append(None)
                 continue
             ids = torch.tensor(block_ids[g], dtype=torch.long, device=self.device)
-            scales = None if cache.scales is None else cache.scales[:, ids].cpu()
+            if cache.lowbit is not None:
+                scales = tuple(x[ids].cpu() for x in cache.lowbit.block_params)
+            else:
+                scales = None if cache.scales is None else cache.scales[:, ids].cpu()
             out.append((cache.values[:, ids].cpu(), scales))
         return out
 
-    def write_blocks(self, block_ids: list[list[tuple[int, int]]],
-                     kv: list[tuple[torch.Tensor, torch.Tensor | None] | None]) -> None:
+    def write_blocks(self, block_ids: list[list[tuple[int, int]]], kv: list[tuple[torch.Tensor, Any] | None]) -> None:
         """Into each layer's blocks, per group (index, block id), the K/V of read_blocks' entry `index`."""
-        self._refuse_lowbit_transfer()
         for cache, g, layer_kv in zip(self.kv_caches, self.group_of_layer, kv):
             if cache is None or not block_ids[g]:
                 continue
@@ -279,12 +280,11 @@ class ModelRunner:
             ids = torch.tensor([b for _, b in block_ids[g]], dtype=torch.long, device=self.device)
             values, scales = layer_kv
             cache.values[:, ids] = values[:, index].to(self.device, cache.values.dtype)
-            if cache.scales is not None:
+            if cache.lowbit is not None:
+                for x, got in zip(cache.lowbit.block_params, scales):
+                    x[ids] = got[index].to(self.device)
+            elif cache.scales is not None:
                 cache.scales[:, ids] = scales[:, index].to(self.device)
-
-    def _refuse_lowbit_transfer(self) -> None:
-        if self.kv_bits is not None:
-            raise InvalidRequestError("moving KV blocks between engines is not built for int4 and int2 caches yet")
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -3,21 +3,24 @@
 Keys have outlier channels, so keys are quantized per channel over a group of tokens (one scale and minimum
 per channel), values per token over groups of VALUE_GROUP channels; scales and minimums are float16. A KV
 block is the keys' token group: its keys can be quantized only once all of its tokens are known, so a block is
-sealed, quantized into its place in the pool, in the step that writes its last token. Sealed blocks never
-change, so the prefix cache shares them as it shares any full block.
+sealed, quantized into its place in the pool, in the step that writes its last token. A sealed block never
+changes once its tokens are final (rejected drafts may have sealed it, below), so the prefix cache shares it as it
+shares any full block.
 
 What a query reads: its residual at full precision, the entries of its own block and of the blocks before it
 up to residual_length entries (KIVI's residual: the recent tokens, whose errors cost the most), and the earlier
-entries quantized. A sequence's residual ring (per KV group) keeps its last ring_length entries at full
-precision, position p at slot p mod ring_length of its ring: the residual, and with speculative decoding room for
-the rows of a step whose drafts may be rejected, so that none of them overwrites an entry the sequence still
-reads after a rejection (a block sealed with rejected entries is in the next query's residual, and sealed again
-once it is complete). Full precision is the model's dtype, as an auto
-cache would hold K/V: a bfloat16 model's rings are bfloat16 (half the bytes of float32's) though the CPU kernels
-compute in float32; entries are rounded to it as they are written, and blocks are sealed from the rounded ones. The rule depends on positions only, so
-chunking and batching give every query the same keys, and a reference can apply it in one pass (tests). The
-prefix cache keeps sealed blocks only: a sequence that starts after a hit (or resumes after preemption through
-one) reads the hit's entries as stored, its residual's too (fill_ring).
+entries quantized. The rule depends on positions only, so chunking and batching give every query the same keys,
+and a reference can apply it in one pass (tests). The prefix cache keeps sealed blocks only: a sequence that
+starts after a hit (or resumes after preemption through one) reads the hit's entries as stored, its residual's
+too (fill_ring).
+
+A sequence's residual ring (per KV group) keeps its last ring_length entries, position p at slot p mod
+ring_length of its ring: the residual, and with speculative decoding room for the rows of a step whose drafts may
+be rejected, so that none of them overwrites an entry the sequence still reads after a rejection (a block sealed
+with rejected entries is in the next query's residual, and is sealed again once complete). Full precision is the
+model's dtype, as an auto cache would hold K/V: a bfloat16 model's rings are bfloat16 (half the bytes of
+float32's) though the CPU kernels compute in float32; entries are rounded to it as they are written, and blocks
+are sealed from the rounded ones.
 
 Packing: a byte holds 8 // bits values, of channels c, c + n, c + 2n, ... (n = head_dim * bits / 8), the first
 in its lowest bits.
@@ -69,6 +72,11 @@ class LowBitKV:
                    torch.zeros((2, rings * (ring_length or residual_length), kv_heads, head_dim), dtype=dtype,
                                device=device),
                    residual_length, ring_length or residual_length)
+
+    @property
+    def block_params(self) -> tuple[torch.Tensor, ...]:
+        """The K scales, K minimums, V scales and V minimums, each indexed by block first."""
+        return self.k_scale, self.k_min, self.v_scale, self.v_min
 
     @staticmethod
     def bytes_per_block(bits: int, block_size: int, kv_heads: int, head_dim: int) -> int:
