@@ -21,14 +21,14 @@ from nimblelm.models import gguf_file
 from nimblelm.models.loader import load_model
 from nimblelm.quantization.gguf_direct import blocks_to_q4_k, convert, fuse, q4_k_to_blocks
 from nimblelm.quantization.int4 import dequantize_int4, unpack_int4
-from nimblelm.quantization.int8 import dequantize_int8, quantize_int8
+from nimblelm.quantization.int8 import dequantize_int8, plain_scales, quantize_int8
 
 Q = gguf.GGMLQuantizationType
 ROWS = 48  # rows of each real tensor checked: enough blocks, a fraction of a second
 
 
 def dequantized(c) -> torch.Tensor:
-    t = c.tensors
+    t = plain_scales(c.tensors)
     return dequantize_int8(t["qweight"], t["scales"]) if c.kind == "int8" else dequantize_int4(
         t["qweight"], t["scales"], t["mins"])
 

@@ -336,6 +336,41 @@ def test_float16_scales_give_the_bits_of_the_same_values_in_float32(ops, bf16_pr
         same_bits(lambda qweight, scales, mins: ops.int4_dequantize(qweight, scales, mins, k, 32), plain)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 33, 200])
+@pytest.mark.parametrize(("n", "k"), [(12, 512), (13, 256)])
+def test_k_quant_scales_give_the_bits_of_their_products_in_float32(ops, bf16_products, rows, n, k):
+    # GGUF's K-quants keep int8 sub-scales and a float16 factor per 256 weights (Q6_K: int8 groups of 16, Q4_K: int4
+    # groups of 32 with minimums); the kernels multiply the two where they read them, exactly, so every kernel's
+    # output is the float32 products' to the bit, in rows (13 rows do not tile) and tiles, on the same ops as above.
+    from nimblelm.quantization.int8 import plain_scales
+
+    torch.manual_seed(rows + n + k)
+    x = torch.randn(rows, k)
+
+    def two_level(group):
+        return torch.randint(-64, 64, (n, k // group), dtype=torch.int8), (torch.randn(n, k // 256) * 1e-3).half()
+
+    def same_bits(run, factored):
+        tiled = tiles.tile(factored)
+        assert torch.equal(run(**tiled), run(**tiles.tile(plain_scales(factored)))), run
+
+    scales, factors = two_level(16)
+    q6 = {"qweight": torch.randint(-32, 32, (n, k), dtype=torch.int8), "scales": scales, "scale_factors": factors}
+    same_bits(lambda qweight, scales, scale_factors=None: ops.int8_linear(x, qweight, scales, None, 16, scale_factors), q6)
+    same_bits(lambda qweight, scales, scale_factors=None: ops.int8_dequant_linear(x, qweight, scales, None, 16,
+                                                                                  scale_factors), q6)
+    same_bits(lambda qweight, scales, scale_factors=None: ops.int8_dequantize(qweight, scales, k, 16, scale_factors), q6)
+    (scales, scale_factors), (mins, min_factors) = two_level(32), two_level(32)
+    q4 = {"qweight": _pack_int4_reference(torch.randint(0, 16, (n, k))), "scales": scales.abs(), "mins": mins,
+          "scale_factors": scale_factors, "min_factors": min_factors}
+    same_bits(lambda qweight, scales, mins, scale_factors=None, min_factors=None: ops.int4_linear(
+        x, qweight, scales, mins, None, 32, scale_factors, min_factors), q4)
+    same_bits(lambda qweight, scales, mins, scale_factors=None, min_factors=None: ops.int4_dequant_linear(
+        x, qweight, scales, mins, None, 32, scale_factors, min_factors), q4)
+    same_bits(lambda qweight, scales, mins, scale_factors=None, min_factors=None: ops.int4_dequantize(
+        qweight, scales, mins, k, 32, scale_factors, min_factors), q4)
+
+
 def test_scales_of_another_type_are_refused(ops):
     q, x = _pack_int4_reference(torch.randint(0, 16, (8, 64))), torch.randn(2, 64)
     scales = torch.rand(8, 2)
@@ -343,6 +378,13 @@ def test_scales_of_another_type_are_refused(ops):
         ops.int4_linear(x, q, scales.half(), scales, None, 32)
     with pytest.raises(RuntimeError, match="float32 or float16"):
         ops.int8_linear(x, torch.zeros(8, 64, dtype=torch.int8), scales.bfloat16(), None, 32)
+    q8, x8 = torch.zeros(8, 512, dtype=torch.int8), torch.randn(2, 512)
+    with pytest.raises(RuntimeError, match="need their float16 factors"):
+        ops.int8_linear(x8, q8, torch.ones(8, 16, dtype=torch.int8), None, 32)
+    with pytest.raises(RuntimeError, match="factors go with int8 scales only"):
+        ops.int8_linear(x8, q8, torch.ones(8, 16), None, 32, torch.ones(8, 2).half())
+    with pytest.raises(RuntimeError, match="power of two"):  # 16 groups a row, a factor each
+        ops.int8_linear(x8, q8, torch.ones(8, 16, dtype=torch.int8), None, 32, torch.ones(8, 16).half())
 
 
 # Pairs of blocks in tiles (AVX-512: the 512-bit kernel, rows: the 256-bit one) with groups of 32, 64 and 96 (a

@@ -40,18 +40,24 @@ TORCH_LIBRARY(nimblelm, m) {
   m.def("bf16_products() -> str", &bf16_products);  // the kind serving
   m.def("bf16_product_rows() -> int", &bf16_product_rows);  // the fewest rows it takes, 0 for off
   m.def("simd() -> str", &simd);  // the vector instructions this build's kernels use, in words
-  // x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group
-  m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias, int group) -> Tensor");
+  // x @ dequantize(q, scales).T (+ bias): int8 weights, one scale per group (K-quants: int8 scales times the
+  // float16 factors of their super-blocks)
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias, int group, "
+        "Tensor? scale_factors=None) -> Tensor");
   // x @ (q * scales).T (+ bias) with x rounded to int8 per row: W8A8
   m.def("w8a8_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor");
-  m.def("int8_dequantize(Tensor q, Tensor scales, int K, int group) -> Tensor");  // as float32 [N, K]
+  m.def("int8_dequantize(Tensor q, Tensor scales, int K, int group, Tensor? scale_factors=None) -> Tensor");  // [N, K]
   // x @ (scales * q + mins).T (+ bias): 4-bit weights, scale and min per group
-  m.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor? bias, int group) -> Tensor");
-  m.def("int4_dequantize(Tensor q, Tensor scales, Tensor? mins, int K, int group) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor? bias, int group, "
+        "Tensor? scale_factors=None, Tensor? min_factors=None) -> Tensor");
+  m.def("int4_dequantize(Tensor q, Tensor scales, Tensor? mins, int K, int group, Tensor? scale_factors=None, "
+        "Tensor? min_factors=None) -> Tensor");
   // prefill: x @ dequantize(...).T (+ bias), the weights dequantized a slice at a time: into bfloat16 panels
   // for the bfloat16 products where they serve (bf16_products), for float32 FMAs elsewhere
-  m.def("int8_dequant_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias, int group) -> Tensor");
-  m.def("int4_dequant_linear(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor? bias, int group) -> Tensor");
+  m.def("int8_dequant_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias, int group, "
+        "Tensor? scale_factors=None) -> Tensor");
+  m.def("int4_dequant_linear(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor? bias, int group, "
+        "Tensor? scale_factors=None, Tensor? min_factors=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor w, float eps) -> ()");  // residual += x; x = norm
   m.def("silu_mul(Tensor gate_up) -> Tensor");  // silu(gate) * up of [gate | up]

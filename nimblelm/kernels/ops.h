@@ -32,18 +32,21 @@ int64_t bf16_product_rows();
 
 // quant_gemm.cpp: the int8, W8A8 and int4 linears, and their weights dequantized.
 at::Tensor int8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
-                       int64_t group);
+                       int64_t group, c10::optional<at::Tensor> scale_factors);
 at::Tensor w8a8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias);
-at::Tensor int8_dequantize(at::Tensor q, at::Tensor scales, int64_t K, int64_t group);
+at::Tensor int8_dequantize(at::Tensor q, at::Tensor scales, int64_t K, int64_t group,
+                           c10::optional<at::Tensor> scale_factors);
 at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
-                       c10::optional<at::Tensor> bias, int64_t group);
-at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K,
-                           int64_t group);
+                       c10::optional<at::Tensor> bias, int64_t group, c10::optional<at::Tensor> scale_factors,
+                       c10::optional<at::Tensor> min_factors);
+at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K, int64_t group,
+                           c10::optional<at::Tensor> scale_factors, c10::optional<at::Tensor> min_factors);
 // Prefill: x @ w.T (+ bias) in float32 on the dequantized values, a slice at a time.
 at::Tensor int8_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
-                               int64_t group);
+                               int64_t group, c10::optional<at::Tensor> scale_factors);
 at::Tensor int4_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
-                               c10::optional<at::Tensor> bias, int64_t group);
+                               c10::optional<at::Tensor> bias, int64_t group, c10::optional<at::Tensor> scale_factors,
+                               c10::optional<at::Tensor> min_factors);
 
 // elementwise.cpp: norms, rotary embedding, the MLP's activation, greedy tokens.
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);

@@ -56,7 +56,8 @@ static RowTile row_tile(const at::Tensor& q, const at::Tensor& scales, int64_t r
 
 // Weight scales (and int4 minimums) come as float32 or float16: float16 where each of a layer's values is
 // one (quantization/int8.py, scale_storage), so a group costs 2 bytes, as in llama.cpp's Q8_0 and Q4_0
-// blocks. The kernels take either as S and widen each value where they read it.
+// blocks; or in GGUF's K-quants' two levels (KScales). The kernels take them as P, a pointer or a view indexed
+// like one, and widen each value where they read it.
 static inline float widen(float v) { return v; }
 static inline float widen(at::Half v) {
 #if defined(__F16C__)
@@ -66,13 +67,64 @@ static inline float widen(at::Half v) {
 #endif
 }
 
-// f(S()) for the type S the scales are stored in; an int4 layer's minimums are of the same type.
+// The scales of GGUF's K-quants as stored: group g's scale is an int8 sub-scale times a float16 factor shared by
+// 2^shift consecutive groups (a super-block of 256 weights: Q4_K's 8 groups of 32, Q6_K's 16 of 16). The product
+// has at most 18 significant bits, so it is exact in float32: the kernels read the values the float32 scales of the
+// same weights hold, in 1 + 2 / 2^shift bytes a group instead of 4. A view indexed as a pointer into scales [N, G]
+// (factors [N, G >> shift]) or into their row tiles (factor a of row r of a tile at 4 a + r).
+struct KScales {
+  const int8_t* sub = nullptr;
+  const at::Half* factor = nullptr;
+  int64_t at = 0;  // the index this view starts at
+  int shift = 0;
+  bool tiled = false;
+  KScales() = default;
+  KScales(const int8_t* sub, const at::Half* factor, int shift, bool tiled)
+      : sub(sub), factor(factor), shift(shift), tiled(tiled) {}
+  explicit operator bool() const { return sub != nullptr; }
+  KScales operator+(int64_t n) const {
+    KScales v = *this;
+    v.at += n;
+    return v;
+  }
+  int64_t operator-(const KScales& o) const { return at - o.at; }
+  int64_t factor_index(int64_t j) const { return tiled ? (j >> (shift + 2) << 2) | (j & 3) : j >> shift; }
+  float operator[](int64_t n) const { return float(sub[at + n]) * widen(factor[factor_index(at + n)]); }
+};
+
+// f(scales, mins) as the kernels index them (mins null when not given), for scales of `groups` groups a row:
+// float32 or float16 pointers, or int8 sub-scales with their float16 factors (scale_factors, min_factors) as
+// KScales. An int4 layer's minimums are of the scales' type.
 template <typename F>
-static at::Tensor with_scales(const at::Tensor& scales, const c10::optional<at::Tensor>& mins, const char* op, F&& f) {
+static at::Tensor with_scales(const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                              const c10::optional<at::Tensor>& scale_factors,
+                              const c10::optional<at::Tensor>& min_factors, int64_t groups, const char* op, F&& f) {
   const auto type = scales.scalar_type();
-  TORCH_CHECK((type == at::kFloat || type == at::kHalf) && (!mins || mins->scalar_type() == type), op,
-              ": scales (and mins) must be float32 or float16, both of one type");
-  return type == at::kHalf ? f(at::Half()) : f(0.f);
+  TORCH_CHECK((type == at::kFloat || type == at::kHalf || type == at::kChar) && (!mins || mins->scalar_type() == type),
+              op, ": scales (and mins) must be float32 or float16, or int8 with float16 factors, both of one type");
+  if (type != at::kChar) {
+    TORCH_CHECK(!scale_factors && !min_factors, op, ": factors go with int8 scales only");
+    if (type == at::kHalf)
+      return f(static_cast<const at::Half*>(scales.data_ptr<at::Half>()),
+               mins ? static_cast<const at::Half*>(mins->data_ptr<at::Half>()) : nullptr);
+    return f(static_cast<const float*>(scales.data_ptr<float>()),
+             mins ? static_cast<const float*>(mins->data_ptr<float>()) : nullptr);
+  }
+  TORCH_CHECK(scale_factors && !mins == !min_factors, op, ": int8 scales (and mins) need their float16 factors");
+  const auto factors_of = [&](const at::Tensor& values, const at::Tensor& factors) {
+    TORCH_CHECK(factors.scalar_type() == at::kHalf && factors.dim() == 2 && factors.is_contiguous() &&
+                    factors.size(0) == values.size(0) && factors.size(1) > 0 && values.size(1) % factors.size(1) == 0,
+                op, ": factors must be contiguous float16 [rows, a fraction of the scales' columns]");
+    return values.size(1) / factors.size(1);
+  };
+  const int64_t per = factors_of(scales, *scale_factors);
+  TORCH_CHECK(per >= 2 && (per & (per - 1)) == 0 && groups % per == 0 &&
+                  (!mins || factors_of(*mins, *min_factors) == per),
+              op, ": a factor must cover a power of two (at least 2) of a row's groups, for scales and mins alike");
+  const int shift = __builtin_ctzll(per);
+  const bool tiled = scales.size(1) != groups;
+  const KScales s(scales.data_ptr<int8_t>(), scale_factors->data_ptr<at::Half>(), shift, tiled);
+  return f(s, mins ? KScales(mins->data_ptr<int8_t>(), min_factors->data_ptr<at::Half>(), shift, tiled) : KScales());
 }
 
 // One int8 scale per `span` values (QBLOCK, or the whole row for W8A8's per-token activations), written
@@ -122,9 +174,9 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 // ds block scales apart). out[m][r] is activation row m's sum for weight row r. The products take unsigned
 // x signed bytes, so each weight's sign moves onto the activation it multiplies. TILED makes the tile's
 // strides constants, which the loop's address arithmetic then folds.
-template <bool TILED, int R, typename S>
+template <bool TILED, int R, typename P>
 static inline void int8_dot4_(const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
-                              const S* s, int64_t K, int64_t group, const RowTile& layout, float (*out)[4]) {
+                              P s, int64_t K, int64_t group, const RowTile& layout, float (*out)[4]) {
   const RowTile t = TILED ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
   __m256 acc[4][R];
   for (int r = 0; r < 4; ++r)
@@ -133,7 +185,7 @@ static inline void int8_dot4_(const int8_t* xq, const float* xd, int64_t xs, int
   for (int64_t j = 0; j < K / span; ++j) {  // spans outside, blocks inside: no division in the loop
     __m256 sv[4];
     for (int r = 0; r < 4; ++r) {
-      const S* sr = s + r * t.s_row;
+      P sr = s + r * t.s_row;
       // Groups of 16 (Q6_K's scales): the products' lanes 0-3 sum bytes 0-15 and lanes 4-7 bytes 16-31,
       // so one vector of two scales, each in four lanes, scales both halves at once.
       sv[r] = group == 16 ? _mm256_set_m128(_mm_set1_ps(widen(sr[(2 * j + 1) * t.s_group])),
@@ -159,13 +211,13 @@ static inline void int8_dot4_(const int8_t* xq, const float* xd, int64_t xs, int
 }
 
 // R (at most XROWS) activation rows against four weight rows: the template instance for R and the layout.
-template <int R = XROWS, typename S>
+template <int R = XROWS, typename P>
 static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
-                             const S* s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
+                             P s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
   if constexpr (R > 1) {
     if (rows < R) return int8_dot4<R - 1>(rows, xq, xd, xs, ds, q, s, K, group, t, out);
   }
-  (t.q_row == QBLOCK ? int8_dot4_<true, R, S> : int8_dot4_<false, R, S>)(xq, xd, xs, ds, q, s, K, group, t, out);
+  (t.q_row == QBLOCK ? int8_dot4_<true, R, P> : int8_dot4_<false, R, P>)(xq, xd, xs, ds, q, s, K, group, t, out);
 }
 
 // Blocks 2i and 2i + 1 of a row are 32 consecutive bytes: their low nibbles are the first halves of the
@@ -200,9 +252,9 @@ static void pair_x(const int8_t* xq, const float* xd, int64_t K, float min_in_sc
 
 // The scales (or minimums) of a pair of blocks, for the pair kernels below. Row r's values (v laid out as t
 // says) of groups g and g2, in the low and high four lanes:
-template <typename S>
-static inline __m256 group_pair(const S* v, int r, int64_t g, int64_t g2, const RowTile& t) {
-  const S* vr = v + r * t.s_row;
+template <typename P>
+static inline __m256 group_pair(P v, int r, int64_t g, int64_t g2, const RowTile& t) {
+  P vr = v + r * t.s_row;
   return _mm256_set_m128(_mm_set1_ps(widen(vr[g2 * t.s_group])), _mm_set1_ps(widen(vr[g * t.s_group])));
 }
 
@@ -216,6 +268,14 @@ static inline __m256 widen8(const at::Half* p) {
 static inline __m128 widen4(const float* p) { return _mm_loadu_ps(p); }
 static inline __m128 widen4(const at::Half* p) {
   return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+// K-quant scales: in tiles, a pair's 8 values share their four rows' factors (a factor covers at least 2 groups).
+static inline __m128 widen4(const KScales& p) { return _mm_set_ps(p[3], p[2], p[1], p[0]); }
+static inline __m256 widen8(const KScales& p) {
+  const __m128i sub8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.sub + p.at));
+  const __m256 sub = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sub8));
+  const __m128 factors = widen4(p.factor + p.factor_index(p.at));
+  return _mm256_mul_ps(sub, _mm256_set_m128(factors, factors));
 }
 
 template <int r>
@@ -232,9 +292,9 @@ static inline void each_row(F&& f) {
 // second halves), so two dot products leave block 2i's sum in lanes 0-3 and 2i+1's in lanes 4-7, and one
 // conversion, multiply and multiply-add scale both: about two thirds of the instructions per weight and
 // activation row.
-template <bool TILED, bool PACKED8, int R, typename S>
+template <bool TILED, bool PACKED8, int R, typename P>
 static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
-                                    const S* s, int64_t K, int64_t group, const RowTile& layout,
+                                    P s, int64_t K, int64_t group, const RowTile& layout,
                                     float (*out)[4]) {
   const RowTile t = TILED ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
   __m256 acc[4][R];
@@ -282,9 +342,9 @@ static inline __m512i pair_lanes(int h) {
 // 256-bit kernel's order (first halves of both blocks, then second halves), against the pair's activations in
 // both halves. AVX-512 has no byte sign instruction: the activations are negated under a mask of the weights'
 // signs, which gives the same products. Each row's lanes compute what the 256-bit kernel's do: the same bits.
-template <bool PACKED8, int R, typename S>
+template <bool PACKED8, int R, typename P>
 static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
-                                       const S* s, int64_t K, int64_t group, float (*out)[4]) {
+                                       P s, int64_t K, int64_t group, float (*out)[4]) {
   const __m512i lanes[2] = {pair_lanes(0), pair_lanes(1)};
   const __m512i first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
   const __m512i zero = _mm512_setzero_si512();
@@ -323,21 +383,21 @@ static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64
 }
 #endif
 
-template <int R = XROWS, typename S>
+template <int R = XROWS, typename P>
 static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv, int64_t xs, int64_t vs,
-                                   const int8_t* q, const S* s, int64_t K, int64_t group, const RowTile& t,
+                                   const int8_t* q, P s, int64_t K, int64_t group, const RowTile& t,
                                    float (*out)[4]) {
   if constexpr (R > 1) {
     if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xs, vs, q, s, K, group, t, out);
   }
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
   if (t.q_unit == 4 * QBLOCK)  // tiles
-    return (group == QBLOCK ? int8_dot4_pairs_512<true, R, S> : int8_dot4_pairs_512<false, R, S>)(xp, dxv, xs, vs, q,
+    return (group == QBLOCK ? int8_dot4_pairs_512<true, R, P> : int8_dot4_pairs_512<false, R, P>)(xp, dxv, xs, vs, q,
                                                                                                   s, K, group, out);
 #endif
-  (t.q_row != QBLOCK ? int8_dot4_pairs_<false, false, R, S>
-   : group == QBLOCK ? int8_dot4_pairs_<true, true, R, S>
-                     : int8_dot4_pairs_<true, false, R, S>)(xp, dxv, xs, vs, q, s, K, group, t, out);
+  (t.q_row != QBLOCK ? int8_dot4_pairs_<false, false, R, P>
+   : group == QBLOCK ? int8_dot4_pairs_<true, true, R, P>
+                     : int8_dot4_pairs_<true, false, R, P>)(xp, dxv, xs, vs, q, s, K, group, t, out);
 }
 
 // Sums of a pair of blocks against pair_x's layout, the weights' nibbles unpacked (lo, hi): lanes 0-3 add up
@@ -358,9 +418,9 @@ static inline __m256 int4_pair_sums(__m256i lo, __m256i hi, __m256i xlo, __m256i
 // scale (q . x - 8 sum(x)), one multiply-add fewer, and pair_x stored -8 sum(x) in xbv. out[m][r] is
 // activation row m's sum for weight row r. The variants are templates so that the loop holds no branch
 // and few enough vectors to stay in registers.
-template <bool MINS, bool PACKED8, int R, typename S>
+template <bool MINS, bool PACKED8, int R, typename P>
 static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const float* xbv, int64_t xs, int64_t vs,
-                                    const uint8_t* q, const S* s, const S* mins, int64_t K, int64_t group,
+                                    const uint8_t* q, P s, P mins, int64_t K, int64_t group,
                                     const RowTile& layout, float (*out)[4]) {
   // PACKED8 implies tiles (K a multiple of 64 has more than one group a row): their strides as constants.
   const RowTile t = PACKED8 ? RowTile{QBLOCK, 4 * QBLOCK, 1, 4} : layout;
@@ -408,9 +468,9 @@ static inline void int4_dot4_pairs_(const int8_t* xp, const float* dxv, const fl
 // halves; about half the instructions per weight, where SmolLM2's batch-1 decode (its int4 weights in L3) is
 // bound by them. Each row's lanes compute what the 256-bit kernel's do, and its half is summed by the same
 // hsum: the same bits.
-template <bool MINS, bool PACKED8, int R, typename S>
+template <bool MINS, bool PACKED8, int R, typename P>
 static inline void int4_dot4_pairs_512(const int8_t* xp, const float* dxv, const float* xbv, int64_t xs, int64_t vs,
-                                       const uint8_t* q, const S* s, const S* mins, int64_t K, int64_t group,
+                                       const uint8_t* q, P s, P mins, int64_t K, int64_t group,
                                        float (*out)[4]) {
   const __m512i lanes[2] = {pair_lanes(0), pair_lanes(1)};
   __m512 acc[2][R];
@@ -424,7 +484,7 @@ static inline void int4_dot4_pairs_512(const int8_t* xp, const float* dxv, const
     _mm_prefetch(reinterpret_cast<const char*>(w + ahead + 64), _MM_HINT_T0);
     // Without PACKED8 (groups of 64 or more) both blocks of the pair are in group g: its four values twice.
     const int64_t g = i / pairs_per_group;
-    const auto values = [&](const S* v) {
+    const auto values = [&](P v) {
       return _mm512_castps256_ps512(PACKED8 ? widen8(v + 8 * i) : _mm256_set_m128(widen4(v + 4 * g), widen4(v + 4 * g)));
     };
     const __m512 s16 = values(s), m16 = MINS ? values(mins) : s16;
@@ -457,9 +517,9 @@ static inline void int4_dot4_pairs_512(const int8_t* xp, const float* dxv, const
 #endif
 
 // R (at most XROWS) activation rows against four weight rows: the template instance for R and the layout.
-template <int R = XROWS, typename S>
+template <int R = XROWS, typename P>
 static inline void int4_dot4_pairs(int rows, const int8_t* xp, const float* dxv, const float* xbv, int64_t xs,
-                                   int64_t vs, const uint8_t* q, const S* s, const S* mins, int64_t K,
+                                   int64_t vs, const uint8_t* q, P s, P mins, int64_t K,
                                    int64_t group, const RowTile& t, float (*out)[4]) {
   if constexpr (R > 1) {
     if (rows < R) return int4_dot4_pairs<R - 1>(rows, xp, dxv, xbv, xs, vs, q, s, mins, K, group, t, out);
@@ -467,19 +527,19 @@ static inline void int4_dot4_pairs(int rows, const int8_t* xp, const float* dxv,
   const bool packed8 = t.s_row == 1 && group == QBLOCK;
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
   if (t.q_unit == 4 * QBLOCK) {  // tiles
-    auto f = mins ? (packed8 ? int4_dot4_pairs_512<true, true, R, S> : int4_dot4_pairs_512<true, false, R, S>)
-                  : (packed8 ? int4_dot4_pairs_512<false, true, R, S> : int4_dot4_pairs_512<false, false, R, S>);
+    auto f = mins ? (packed8 ? int4_dot4_pairs_512<true, true, R, P> : int4_dot4_pairs_512<true, false, R, P>)
+                  : (packed8 ? int4_dot4_pairs_512<false, true, R, P> : int4_dot4_pairs_512<false, false, R, P>);
     return f(xp, dxv, xbv, xs, vs, q, s, mins, K, group, out);
   }
 #endif
-  auto f = mins ? (packed8 ? int4_dot4_pairs_<true, true, R, S> : int4_dot4_pairs_<true, false, R, S>)
-                : (packed8 ? int4_dot4_pairs_<false, true, R, S> : int4_dot4_pairs_<false, false, R, S>);
+  auto f = mins ? (packed8 ? int4_dot4_pairs_<true, true, R, P> : int4_dot4_pairs_<true, false, R, P>)
+                : (packed8 ? int4_dot4_pairs_<false, true, R, P> : int4_dot4_pairs_<false, false, R, P>);
   f(xp, dxv, xbv, xs, vs, q, s, mins, K, group, t, out);
 }
 #else
-template <typename S>
+template <typename P>
 static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_t xs, int64_t ds, const int8_t* q,
-                             const S* s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
+                             P s, int64_t K, int64_t group, const RowTile& t, float (*out)[4]) {
   const int64_t step = std::min(group, QBLOCK);  // one scale per step of values (group 16: half a block)
   for (int m = 0; m < rows; ++m) {
     for (int r = 0; r < 4; ++r) {
@@ -488,7 +548,8 @@ static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_
         const int8_t* w = q + r * t.q_row + k / QBLOCK * t.q_unit + k % QBLOCK;
         int32_t dot = 0;
         for (int64_t i = 0; i < step; ++i) dot += int32_t(xq[m * xs + k + i]) * int32_t(w[i]);
-        total += float(dot) * xd[m * ds + k / QBLOCK] * widen(s[r * t.s_row + k / group * t.s_group]);
+        // One explicit multiply-add: left to contraction, the float32 and float16 instances rounded differently.
+        total = std::fma(float(dot) * xd[m * ds + k / QBLOCK], widen(s[r * t.s_row + k / group * t.s_group]), total);
       }
       out[m][r] = total;
     }
@@ -497,8 +558,8 @@ static inline void int8_dot4(int rows, const int8_t* xq, const float* xd, int64_
 #endif
 
 // per_token: each activation row gets one int8 scale (W8A8) instead of one per block of 32.
-static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
-                              c10::optional<at::Tensor> bias, int64_t group, bool per_token) {
+static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
+                              int64_t group, bool per_token, const c10::optional<at::Tensor>& scale_factors) {
   x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int8_linear: x, q and scales must be matrices");
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar, "int8_linear: float32 x and int8 q only");
@@ -528,8 +589,7 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
     pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, 0.f, xpairs.data() + m * K, dxv.data() + m * vs, nullptr);
 #endif
   // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
-  return with_scales(scales, c10::nullopt, "int8_linear", [&](auto type) {
-    const auto* sp = scales.data_ptr<decltype(type)>();
+  return with_scales(scales, c10::nullopt, scale_factors, c10::nullopt, groups, "int8_linear", [&](auto sp, auto) {
     at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
       float out[XROWS][4];
       for (int64_t b = b0; b < b1; ++b) {
@@ -557,7 +617,9 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
               for (int64_t k = 0; k < K; k += step) {
                 int32_t dot = 0;
                 for (int64_t i = k; i < k + step; ++i) dot += int32_t(xr[m * K + i]) * int32_t(qp[r * K + i]);
-                total += float(dot) * dr[m * K / QBLOCK + k / QBLOCK] * widen(sp[r * groups + k / group]);
+                // One explicit multiply-add: left to contraction, the scale types' instances rounded differently.
+                const float scaled = float(dot) * dr[m * K / QBLOCK + k / QBLOCK];
+                total = std::fma(scaled, widen(sp[r * groups + k / group]), total);
               }
               yp[(m0 + m) * N + r] = total + (bp ? bp[r] : 0.f);
             }
@@ -570,33 +632,33 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales,
 }
 
 at::Tensor int8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
-                       int64_t group) {
-  return int8_matmul(x, q, scales, bias, group, false);
+                       int64_t group, c10::optional<at::Tensor> scale_factors) {
+  return int8_matmul(x, q, scales, bias, group, false, scale_factors);
 }
 
 // w8a8_linear: W8A8 as SmoothQuant defines it: int8 weights with one scale per output channel
 // (scales [N, 1]) times activations rounded to int8 with one scale per token (row). The integer dot
 // products are exact; only their scaled sum over blocks of 32 is float.
 at::Tensor w8a8_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias) {
-  return int8_matmul(x, q, scales, bias, x.size(1), true);
+  return int8_matmul(x, q, scales, bias, x.size(1), true, c10::nullopt);
 }
 
 // The weights of int8_linear (int8_row) and int4_linear (int4_row) as float32: row n's values k0 .. k0 + kc
 // (multiples of 32), for a float GEMM where many activation rows share each weight (prefills).
-template <typename S>
+template <typename P>
 struct QuantWeight {
   const uint8_t* q;  // the bytes of either format, in rows or tiles of four (t)
-  const S* scales;
-  const S* mins;     // int4: nullptr when symmetric (min = -8 * scale)
+  P scales;
+  P mins;  // int4: null when symmetric (min = -8 * scale)
   RowTile t;
   int64_t K, groups, group;
 };
 
-template <typename S>
-static void int8_row(const QuantWeight<S>& w, int64_t n, int64_t k0, int64_t kc, float* out) {
+template <typename P>
+static void int8_row(const QuantWeight<P>& w, int64_t n, int64_t k0, int64_t kc, float* out) {
   const int64_t b = n / 4 * 4, r = n % 4, step = std::min(w.group, QBLOCK);  // values sharing a scale and a unit
   const auto* q = reinterpret_cast<const int8_t*>(w.q) + b * w.K + r * w.t.q_row;
-  const S* s = w.scales + b * w.groups + r * w.t.s_row;
+  P s = w.scales + b * w.groups + r * w.t.s_row;
   for (int64_t k = k0; k < k0 + kc; k += step) {
     const int8_t* src = q + k / QBLOCK * w.t.q_unit + k % QBLOCK;
     const float scale = widen(s[k / w.group * w.t.s_group]);
@@ -617,21 +679,26 @@ static void int8_row(const QuantWeight<S>& w, int64_t n, int64_t k0, int64_t kc,
   }
 }
 
-template <typename S>
-static QuantWeight<S> int8_weight(const at::Tensor& q, const at::Tensor& scales, int64_t K, int64_t group,
-                                  const char* op) {
+// f(the QuantWeight of int8 q [N, K] and its scales, in rows or tiles).
+template <typename F>
+static at::Tensor with_int8_weight(const at::Tensor& q, const at::Tensor& scales,
+                                   const c10::optional<at::Tensor>& scale_factors, int64_t K, int64_t group,
+                                   const char* op, F&& f) {
   TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() &&
                   scales.is_contiguous(), op, ": contiguous int8 q and scales");
   TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
               op, ": group must be 16 or a multiple of 32 dividing K");
-  return {reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), scales.data_ptr<S>(), nullptr,
-          row_tile(q, scales, K, K / group, op), K, K / group, group};
+  const RowTile t = row_tile(q, scales, K, K / group, op);
+  return with_scales(scales, c10::nullopt, scale_factors, c10::nullopt, K / group, op, [&](auto sp, auto) {
+    return f(QuantWeight<decltype(sp)>{reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), sp, {}, t, K, K / group,
+                                        group});
+  });
 }
 
 // As float32 w [N, K] (W8A8's weight with group = K): one pass instead of torch's untile, widen and scale.
-at::Tensor int8_dequantize(at::Tensor q, at::Tensor scales, int64_t K, int64_t group) {
-  return with_scales(scales, c10::nullopt, "int8_dequantize", [&](auto type) {
-    const auto qw = int8_weight<decltype(type)>(q, scales, K, group, "int8_dequantize");
+at::Tensor int8_dequantize(at::Tensor q, at::Tensor scales, int64_t K, int64_t group,
+                           c10::optional<at::Tensor> scale_factors) {
+  return with_int8_weight(q, scales, scale_factors, K, group, "int8_dequantize", [&](const auto& qw) {
     const int64_t N = q.size(0) * q.size(1) / K;
     auto w = at::empty({N, K}, scales.options().dtype(at::kFloat));
     float* wp = w.data_ptr<float>();
@@ -659,8 +726,8 @@ static inline int32_t int4_block_dot(const int8_t* xq, const uint8_t* packed) {
 
 // Row r of a tile (q, s, mins as t lays them out) against one quantized activation row, minimums
 // included (symmetric: -8 * scale).
-template <typename S>
-static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* q, const S* s, const S* mins,
+template <typename P>
+static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* q, P s, P mins,
                               int64_t K, int64_t group, const RowTile& t, int r) {
   float total = 0.f;
   for (int64_t k = 0; k < K; k += QBLOCK) {
@@ -676,7 +743,8 @@ static inline float int4_dot1(const int8_t* xq, const float* xd, const uint8_t* 
 }
 
 at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
-                       c10::optional<at::Tensor> bias, int64_t group) {
+                       c10::optional<at::Tensor> bias, int64_t group, c10::optional<at::Tensor> scale_factors,
+                       c10::optional<at::Tensor> min_factors) {
   x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int4_linear: x, q and scales must be matrices");
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kByte, "int4_linear: float32 x and uint8 q only");
@@ -706,19 +774,17 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
            dxv.data() + m * vs, xbv.data() + m * vs);
 #endif
   // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
-  return with_scales(scales, mins, "int4_linear", [&](auto type) {
-    using S = decltype(type);
-    const S* sp = scales.data_ptr<S>();
-    // Without mins the weights are symmetric, every min -8 * scale, and a decode step reads a tenth fewer
-    // bytes (groups of 32).
-    const S* mp = mins ? mins->data_ptr<S>() : nullptr;
+  // Without mins the weights are symmetric, every min -8 * scale, and a decode step reads a tenth fewer bytes
+  // (groups of 32).
+  return with_scales(scales, mins, scale_factors, min_factors, groups, "int4_linear", [&](auto sp, auto mp) {
+    using P = decltype(sp);
     at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
       float out[XROWS][4];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b * 4, rows = std::min<int64_t>(4, N - n);
         const uint8_t* qt = qp + n * K / 2;
-        const S* st = sp + n * groups;
-        const S* mt = mp ? mp + n * groups : nullptr;
+        P st = sp + n * groups;
+        P mt = mp ? mp + n * groups : P{};
         for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
           const int64_t xrows = std::min<int64_t>(XROWS, M - m0);
   #if defined(__AVX2__) && defined(__FMA__)
@@ -747,8 +813,8 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optio
 // multiply-add).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-template <typename S>
-static void int4_row(const QuantWeight<S>& w, int64_t n, int64_t k0, int64_t kc, float* out) {
+template <typename P>
+static void int4_row(const QuantWeight<P>& w, int64_t n, int64_t k0, int64_t kc, float* out) {
   const int64_t b = n / 4 * 4, r = n % 4;
   const uint8_t* q = w.q + b * w.K / 2 + r * w.t.q_row;
   for (int64_t k = k0; k < k0 + kc; k += QBLOCK) {
@@ -772,21 +838,26 @@ static void int4_row(const QuantWeight<S>& w, int64_t n, int64_t k0, int64_t kc,
 }
 #pragma GCC pop_options
 
-template <typename S>
-static QuantWeight<S> int4_weight(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
-                                  int64_t K, int64_t group, const char* op) {
+// f(the QuantWeight of int4 q [N, K / 2], its scales and mins, in rows or tiles).
+template <typename F>
+static at::Tensor with_int4_weight(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                                   const c10::optional<at::Tensor>& scale_factors,
+                                   const c10::optional<at::Tensor>& min_factors, int64_t K, int64_t group,
+                                   const char* op, F&& f) {
   TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() &&
                   scales.is_contiguous() && (!mins || (mins->sizes() == scales.sizes() && mins->is_contiguous())),
               op, ": contiguous uint8 q, scales and mins shaped as scales");
   TORCH_CHECK(group > 0 && group % QBLOCK == 0 && K % group == 0, op, ": group must be a multiple of 32 dividing K");
-  return {q.data_ptr<uint8_t>(), scales.data_ptr<S>(), mins ? mins->data_ptr<S>() : nullptr,
-          row_tile(q, scales, K / 2, K / group, op), K, K / group, group};
+  const RowTile t = row_tile(q, scales, K / 2, K / group, op);
+  return with_scales(scales, mins, scale_factors, min_factors, K / group, op, [&](auto sp, auto mp) {
+    return f(QuantWeight<decltype(sp)>{q.data_ptr<uint8_t>(), sp, mp, t, K, K / group, group});
+  });
 }
 
-at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K,
-                           int64_t group) {
-  return with_scales(scales, mins, "int4_dequantize", [&](auto type) {
-    const auto qw = int4_weight<decltype(type)>(q, scales, mins, K, group, "int4_dequantize");
+at::Tensor int4_dequantize(at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins, int64_t K, int64_t group,
+                           c10::optional<at::Tensor> scale_factors, c10::optional<at::Tensor> min_factors) {
+  const char* op = "int4_dequantize";
+  return with_int4_weight(q, scales, mins, scale_factors, min_factors, K, group, op, [&](const auto& qw) {
     const int64_t N = q.size(0) * q.size(1) * 2 / K;
     auto w = at::empty({N, K}, scales.options().dtype(at::kFloat));
     float* wp = w.data_ptr<float>();
@@ -815,8 +886,8 @@ constexpr int64_t DEQUANT_NB = 32;   // MR-row blocks a chunk holds: 384 rows' t
 // dequantized again (2048 rows, int8, above: 717.7 ms in four passes, 674.6 dequantized for torch's GEMM).
 constexpr int64_t DEQUANT_M = 512;
 
-template <typename S, typename Row>
-static void dequant_pass(const float* xp, int64_t M, int64_t N, const float* bias, const QuantWeight<S>& w, Row row,
+template <typename Weight, typename Row>
+static void dequant_pass(const float* xp, int64_t M, int64_t N, const float* bias, const Weight& w, Row row,
                          float* yp) {
   const int64_t K = w.K, P = (M + NR - 1) / NR, Mp = P * NR;
   std::vector<float> panels(P * K * NR, 0.f);
@@ -887,10 +958,10 @@ static inline void transpose16(__m512i r[16]) {
 // Multiply and add round separately, as in int4_row (fp-contract off).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-template <bool INT4, typename S>
-static void fill_panel(const QuantWeight<S>& w, int64_t N, int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
+template <bool INT4, typename P>
+static void fill_panel(const QuantWeight<P>& w, int64_t N, int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
   const uint8_t* q[NR];
-  const S* s[NR];
+  P s[NR];
   for (int64_t j = 0; j < NR; ++j) {
     const int64_t n = std::min(p * NR + j, N - 1), b = n / 4 * 4, r = n % 4;
     q[j] = w.q + b * (INT4 ? w.K / 2 : w.K) + r * w.t.q_row;
@@ -932,15 +1003,15 @@ static void fill_panel(const QuantWeight<S>& w, int64_t N, int64_t p, int64_t k0
 // Where the CPU's bfloat16 products serve (AMX tiles, AVX-512 BF16 dot products: ops.h, bf16_products), the
 // weights are dequantized into bfloat16 panels a slice at a time for them (filled_panels_linear); elsewhere
 // the float32 tile multiplies them (dequant_pass).
-template <bool INT4, typename S>
-static at::Tensor dequant_matmul(at::Tensor x, int64_t N, const float* bias, const QuantWeight<S>& w) {
+template <bool INT4, typename P>
+static at::Tensor dequant_matmul(at::Tensor x, int64_t N, const float* bias, const QuantWeight<P>& w) {
   x = x.contiguous();
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == w.K, "dequant linear: float32 x [M, K]");
   const int64_t M = x.size(0);
   auto y = at::empty({M, N}, x.options());
 #if defined(__AVX512BF16__)
   const PanelFill fill = [&](int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
-    fill_panel<INT4, S>(w, N, p, k0, kc, out);
+    fill_panel<INT4, P>(w, N, p, k0, kc, out);
   };
   float* yp = y.data_ptr<float>();
   if (filled_panels_linear(x.data_ptr<float>(), M, w.K, N, fill, yp)) {
@@ -952,24 +1023,25 @@ static at::Tensor dequant_matmul(at::Tensor x, int64_t N, const float* bias, con
 #endif
   for (int64_t m0 = 0; m0 < M; m0 += DEQUANT_M)
     dequant_pass(x.data_ptr<float>() + m0 * w.K, std::min(DEQUANT_M, M - m0), N, bias, w,
-                 INT4 ? int4_row<S> : int8_row<S>, y.data_ptr<float>() + m0 * N);
+                 INT4 ? int4_row<P> : int8_row<P>, y.data_ptr<float>() + m0 * N);
   return y;
 }
 
 at::Tensor int8_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> bias,
-                               int64_t group) {
-  return with_scales(scales, c10::nullopt, "int8_dequant_linear", [&](auto type) {
-    const auto w = int8_weight<decltype(type)>(q, scales, x.size(-1), group, "int8_dequant_linear");
+                               int64_t group, c10::optional<at::Tensor> scale_factors) {
+  const char* op = "int8_dequant_linear";
+  return with_int8_weight(q, scales, scale_factors, x.size(-1), group, op, [&](const auto& w) {
     const int64_t N = q.size(0) * q.size(1) / w.K;
-    return dequant_matmul<false>(x, N, bias_ptr(bias, N, "int8_dequant_linear"), w);
+    return dequant_matmul<false>(x, N, bias_ptr(bias, N, op), w);
   });
 }
 
 at::Tensor int4_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c10::optional<at::Tensor> mins,
-                               c10::optional<at::Tensor> bias, int64_t group) {
-  return with_scales(scales, mins, "int4_dequant_linear", [&](auto type) {
-    const auto w = int4_weight<decltype(type)>(q, scales, mins, x.size(-1), group, "int4_dequant_linear");
+                               c10::optional<at::Tensor> bias, int64_t group, c10::optional<at::Tensor> scale_factors,
+                               c10::optional<at::Tensor> min_factors) {
+  const char* op = "int4_dequant_linear";
+  return with_int4_weight(q, scales, mins, scale_factors, min_factors, x.size(-1), group, op, [&](const auto& w) {
     const int64_t N = q.size(0) * q.size(1) * 2 / w.K;
-    return dequant_matmul<true>(x, N, bias_ptr(bias, N, "int4_dequant_linear"), w);
+    return dequant_matmul<true>(x, N, bias_ptr(bias, N, op), w);
   });
 }

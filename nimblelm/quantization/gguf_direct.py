@@ -7,17 +7,21 @@ straight from the file's bytes into that format, never passing through fp32:
 | --- | --- | --- | --- |
 | Q8_0 | int8, group 32 | q | d |
 | Q5_0 | int8, group 32 | q - 16 | d |
-| Q6_K | int8, group 16 | q - 32 | d * sc (per 16) |
+| Q6_K | int8, group 16 | q - 32 | sc, times the factor d (per 16, 256) |
 | Q4_0 | int4, group 32 | q | d, -8 d |
 | Q4_1 | int4, group 32 | q | d, m |
-| Q4_K | int4, group 32 | q (nibbles reordered) | d * sc_j, -dmin * m_j (per 32) |
+| Q4_K | int4, group 32 | q (nibbles reordered) | sc_j, m_j, times the factors d, -dmin (per 32, 256) |
 
-Dequantizing what is stored gives exactly (bit for bit) what `gguf.quants.dequantize` gives: every
-product of an fp16 scale by the small integers above is exact in float32, so only the final add of
-Q4_1/Q4_K rounds, and it rounds the same way in both.
+The K-quants keep their scales in two levels, as stored: an int8 sub-scale per group and a float16 factor per
+super-block of 256 weights (`scale_factors`, and `min_factors` for Q4_K's minimums), which the kernels multiply
+where they read them; a group's scale costs 1 byte and 2/8 or 2/16 of a factor instead of 4 bytes of float32.
+Dequantizing what is stored gives exactly (bit for bit) what `gguf.quants.dequantize` gives: every product of
+an fp16 scale by the small integers above is exact in float32, so only the final add of Q4_1/Q4_K rounds, and
+it rounds the same way in both.
 
 A fused layer (q/k/v, gate/up) is fused in one format when its parts share one: int8 parts with
-different groups take the finest group (the coarser scales repeated, exact). Otherwise, and for
+different groups take the finest group (the coarser scales repeated, exact; K-quant parts among them have
+their factors multiplied in first). Otherwise, and for
 types without an exact mapping (F32, F16, ...), the layer's parts are dequantized to fp32 and the
 layer takes the unquantized path.
 """
@@ -33,6 +37,7 @@ import torch
 from nimblelm.config import ModelConfig
 from nimblelm.errors import ModelFormatError, UnsupportedModelError
 from nimblelm.quantization.formats import format_name
+from nimblelm.quantization.int8 import plain_scales
 
 Q = gguf.GGMLQuantizationType
 QK_K = 256
@@ -44,7 +49,8 @@ _PACKED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj":
 
 @dataclass
 class Converted:
-    """One tensor in a nimblelm format: 'int8' (qweight, scales) or 'int4' (qweight, scales, mins)."""
+    """One tensor in a nimblelm format: 'int8' (qweight, scales) or 'int4' (qweight, scales, mins), K-quants with
+    their factors (scale_factors, min_factors)."""
 
     kind: str
     group: int
@@ -55,19 +61,28 @@ def _f16(blocks: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(blocks).view(np.float16).astype(np.float32)
 
 
-def _int8(q: np.ndarray, scales: np.ndarray, n: int, group: int) -> Converted:
-    return Converted("int8", group, {
-        "qweight": torch.from_numpy(np.ascontiguousarray(q, dtype=np.int8).reshape(n, -1)),
-        "scales": torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(n, -1)),
-    })
+def _rows(values: np.ndarray, dtype, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=dtype).reshape(n, -1))
 
 
-def _int4(packed: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int) -> Converted:
-    return Converted("int4", 32, {
-        "qweight": torch.from_numpy(np.ascontiguousarray(packed, dtype=np.uint8).reshape(n, -1)),
-        "scales": torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(n, -1)),
-        "mins": torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(n, -1)),
-    })
+def _int8(q: np.ndarray, scales: np.ndarray, n: int, group: int, factors: np.ndarray | None = None) -> Converted:
+    tensors = {"qweight": _rows(q, np.int8, n)}
+    if factors is None:
+        tensors["scales"] = _rows(scales, np.float32, n)
+    else:
+        tensors |= {"scales": _rows(scales, np.int8, n), "scale_factors": _rows(factors, np.float16, n)}
+    return Converted("int8", group, tensors)
+
+
+def _int4(packed: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int,
+          factors: tuple[np.ndarray, np.ndarray] | None = None) -> Converted:
+    tensors = {"qweight": _rows(packed, np.uint8, n)}
+    if factors is None:
+        tensors |= {"scales": _rows(scales, np.float32, n), "mins": _rows(mins, np.float32, n)}
+    else:
+        tensors |= {"scales": _rows(scales, np.int8, n), "mins": _rows(mins, np.int8, n),
+                    "scale_factors": _rows(factors[0], np.float16, n), "min_factors": _rows(factors[1], np.float16, n)}
+    return Converted("int4", 32, tensors)
 
 
 def _q8_0(b: np.ndarray, n: int) -> Converted:
@@ -89,8 +104,7 @@ def _q6_k(b: np.ndarray, n: int) -> Converted:
     low = (ql.reshape(nb, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
     high = (qh.reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
     q = (low.reshape(nb, 256) | (high.reshape(nb, 256) << 4)).astype(np.int8) - np.int8(32)
-    scales = d * np.ascontiguousarray(sc).view(np.int8).astype(np.float32)  # [nb, 16], exact
-    return _int8(q, scales, n, 16)
+    return _int8(q, np.ascontiguousarray(sc).view(np.int8), n, 16, factors=d)
 
 
 def _q4_0(b: np.ndarray, n: int) -> Converted:
@@ -134,8 +148,8 @@ def blocks_to_q4_k(packed: np.ndarray) -> np.ndarray:
 
 def _q4_k(b: np.ndarray, n: int) -> Converted:
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    sc, mn = q4_k_scale_min(b[:, 4:16])
-    return _int4(q4_k_to_blocks(b[:, 16:]), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), n)
+    sc, mn = q4_k_scale_min(b[:, 4:16])  # 6-bit: int8 holds them
+    return _int4(q4_k_to_blocks(b[:, 16:]), sc, mn, n, factors=(d, -dmin))
 
 
 CONVERTERS = {Q.Q8_0: _q8_0, Q.Q5_0: _q5_0, Q.Q6_K: _q6_k, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q4_K: _q4_k}
@@ -159,6 +173,8 @@ def fuse(parts: list[Converted]) -> Converted | None:
     group = min(c.group for c in parts)
     if any(c.group % group for c in parts):
         return None
+    if len({(c.group, tuple(c.tensors)) for c in parts}) > 1:  # factored parts with others: multiply them in
+        parts = [Converted(c.kind, c.group, plain_scales(c.tensors)) for c in parts]
     tensors = {}
     for key in parts[0].tensors:
         pieces = [c.tensors[key] for c in parts]

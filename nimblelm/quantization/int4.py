@@ -9,6 +9,8 @@ it in row tiles, tiles.py):
 - `scales`, `mins`: float32 [N, K / group], one pair per group of `group` inputs (32, 64 or 128, a
   multiple of the block, dividing K); in memory float16 where that holds them exactly (int8.scale_storage:
   symmetric RTN and GPTQ, GGUF's Q4_0 and Q4_1), as llama.cpp's blocks store them.
+- GGUF's Q4_K keeps its scales and minimums in two levels instead: int8 values per group times the float16
+  factor of their super-block of 256 weights (`scale_factors`, `min_factors`; int8.with_factors).
 - The weight is w[n, k] = scales[n, k // group] * q[n, k] + mins[n, k // group].
 
 Symmetric quantization has mins = -8 * scales (q - 8 is the signed value, as in Q4_0); asymmetric
@@ -28,7 +30,14 @@ from nimblelm.errors import InvalidRequestError
 from nimblelm.kernels import ops_for
 from nimblelm.layers.linear import Linear, LinearMethod
 from nimblelm.quantization import tiles
-from nimblelm.quantization.int8 import half_rounded, integer_kernel_max_rows, scale_storage, takes_dequant_linear
+from nimblelm.quantization.int8 import (
+    check_factors,
+    half_rounded,
+    integer_kernel_max_rows,
+    layer_scales,
+    scale_storage,
+    takes_dequant_linear,
+)
 
 BLOCK = 32
 GROUP_SIZES = (32, 64, 128)
@@ -125,32 +134,41 @@ class Int4WeightOnly(LinearMethod):
         groups = (n, k // self.group_size)
         if q.dtype != torch.uint8 or tuple(q.shape) != (n, k // 2) or scales.shape != groups or mins.shape != groups:
             raise ValueError(f"int4 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
-        scales, mins = scale_storage(scales, mins)
-        stored = tiles.tile({"qweight": q, "scales": scales, "mins": None if torch.equal(mins, -8 * scales) else mins})
+        factors = {key: tensors.get(key) for key in ("scale_factors", "min_factors")}
+        check_factors(layer, scales, factors["scale_factors"])
+        check_factors(layer, mins, factors["min_factors"])
+        if (factors["scale_factors"] is None) != (factors["min_factors"] is None):
+            raise ValueError("int4 scales and minimums take factors both or neither")
+        if factors["scale_factors"] is None:
+            scales, mins = scale_storage(scales, mins)
+            mins = None if torch.equal(mins, -8 * scales) else mins
+        stored = tiles.tile({"qweight": q, "scales": scales, "mins": mins, **factors})
         for key, t in stored.items():
             layer.register_buffer(key, t)
         layer.compute_dtype = dtype
 
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
-        q, scales, mins = (tiles.untile(layer, key) for key in ("qweight", "scales", "mins"))
+        q, scales, mins = tiles.untile(layer, "qweight"), layer_scales(layer, "scales"), layer_scales(layer, "mins")
         mins = -8 * scales if mins is None else mins
         return {"qweight": q, "scales": scales.float(), "mins": mins.float()}
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        q, scales, mins = (tiles.untile(layer, key, flat) for key in ("qweight", "scales", "mins"))
+        q, scales, mins = tiles.untile(layer, "qweight", flat), *(layer_scales(layer, k, flat) for k in ("scales", "mins"))
         w = dequantize_int4(q, scales, mins).to(layer.compute_dtype)
         return w.reshape(*ids.shape, layer.in_features)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
+        weight = (layer.qweight, layer.scales, layer.mins)
+        factors = (layer.scale_factors, layer.min_factors)
         if ops is not None and x.shape[0] <= integer_kernel_max_rows("int4"):
-            return ops.int4_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
+            return ops.int4_linear(x, *weight, layer.bias, self.group_size, *factors)
         if ops is not None and takes_dequant_linear(ops, layer, x.shape[0]):
-            return ops.int4_dequant_linear(x, layer.qweight, layer.scales, layer.mins, layer.bias, self.group_size)
+            return ops.int4_dequant_linear(x, *weight, layer.bias, self.group_size, *factors)
         if ops is not None:
-            w = ops.int4_dequantize(layer.qweight, layer.scales, layer.mins, layer.in_features, self.group_size)
+            w = ops.int4_dequantize(*weight, layer.in_features, self.group_size, *factors)
             return F.linear(x, w, layer.bias)
-        q, scales, mins = (tiles.untile(layer, key) for key in ("qweight", "scales", "mins"))
+        q, scales, mins = tiles.untile(layer, "qweight"), layer_scales(layer, "scales"), layer_scales(layer, "mins")
         return F.linear(x, dequantize_int4(q, scales, mins).to(layer.compute_dtype), layer.bias)
 

@@ -1,6 +1,7 @@
 """int8 weights with one scale per group of input channels (round-to-nearest, symmetric): qweight int8
 [N, K] and scales [N, K / group], w = scales * q per group; layers keep them in row tiles (tiles.py), the
-scales in float16 where that holds them exactly (scale_storage)."""
+scales in float16 where that holds them exactly (scale_storage), GGUF's Q6_K in its two levels (int8 scales
+and `scale_factors`, with_factors)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,44 @@ def scale_storage(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     values = tuple(v.float() for v in values)
     exact = all(torch.equal(v.half().float(), v) for v in values)
     return tuple(v.half() if exact else v for v in values)
+
+
+# The float16 factors of a format's int8 scales and minimums (GGUF's K-quants, gguf_direct.py), by what they scale.
+FACTORS = {"scales": "scale_factors", "mins": "min_factors"}
+
+
+def with_factors(values: torch.Tensor | None, factors: torch.Tensor | None) -> torch.Tensor | None:
+    """Scales (or minimums) as float32 [N, G]: int8 sub-scales times the float16 factor that each run of
+    G / F groups shares (factors [N, F]; exact in float32); values without factors as they are."""
+    if factors is None:
+        return values
+    return values.float() * factors.float().repeat_interleave(values.shape[1] // factors.shape[1], dim=1)
+
+
+def plain_scales(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A format's tensors with any factors multiplied into the scales and minimums they scale."""
+    out = {key: t for key, t in tensors.items() if key not in FACTORS.values()}
+    for key, factors in FACTORS.items():
+        if key in out:
+            out[key] = with_factors(out[key], tensors.get(factors))
+    return out
+
+
+def layer_scales(layer: Linear, key: str, ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A layer's scales or minimums (`key`) in the plain layout, rows `ids` or all, their factors multiplied in."""
+    return with_factors(tiles.untile(layer, key, ids), tiles.untile(layer, FACTORS[key], ids))
+
+
+def check_factors(layer: Linear, values: torch.Tensor, factors: torch.Tensor | None) -> None:
+    """ValueError unless factors (where given) are float16 [N, a power of two dividing the groups] of int8 values."""
+    if factors is None:
+        return
+    n, groups = values.shape
+    per = groups // max(factors.shape[1], 1) if factors.dim() == 2 else 0
+    if (values.dtype != torch.int8 or factors.dtype != torch.float16 or factors.shape[0] != n or per < 2
+            or per & (per - 1) or groups % factors.shape[1]):
+        raise ValueError(f"factors {tuple(factors.shape)} {factors.dtype} do not fit scales {tuple(values.shape)} "
+                         f"{values.dtype} of {layer.out_features} x {layer.in_features}")
 
 
 def int8_scales(groups: torch.Tensor) -> torch.Tensor:
@@ -134,21 +173,23 @@ class Int8WeightOnly(LinearMethod):
         self.adopt(layer, {"qweight": q, "scales": scales}, dtype)
 
     def adopt(self, layer: Linear, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        q, scales = tensors["qweight"], tensors["scales"]
+        q, scales, factors = tensors["qweight"], tensors["scales"], tensors.get("scale_factors")
         groups = (layer.out_features, layer.in_features // self.group_size)
         if q.dtype != torch.int8 or tuple(q.shape) != (layer.out_features, layer.in_features) or scales.shape != groups:
             raise ValueError(f"int8 tensors {tuple(q.shape)} {tuple(scales.shape)} do not fit the layer")
-        (scales,) = scale_storage(scales)
-        for key, t in tiles.tile({"qweight": q, "scales": scales}).items():
+        check_factors(layer, scales, factors)
+        if factors is None:
+            (scales,) = scale_storage(scales)
+        for key, t in tiles.tile({"qweight": q, "scales": scales, "scale_factors": factors}).items():
             layer.register_buffer(key, t)
         layer.compute_dtype = dtype
 
     def stored(self, layer: Linear) -> dict[str, torch.Tensor]:
-        return {"qweight": tiles.untile(layer, "qweight"), "scales": tiles.untile(layer, "scales").float()}
+        return {"qweight": tiles.untile(layer, "qweight"), "scales": layer_scales(layer, "scales").float()}
 
     def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        w = dequantize_int8(tiles.untile(layer, "qweight", flat), tiles.untile(layer, "scales", flat))
+        w = dequantize_int8(tiles.untile(layer, "qweight", flat), layer_scales(layer, "scales", flat))
         return w.to(layer.compute_dtype).reshape(*ids.shape, layer.in_features)
 
     def _kernel_group(self) -> bool:
@@ -158,12 +199,12 @@ class Int8WeightOnly(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         ops = ops_for(x)
         if ops is not None and self._kernel_group():
+            q, scales, factors, group = layer.qweight, layer.scales, layer.scale_factors, self.group_size
             if x.shape[0] <= integer_kernel_max_rows("int8"):
-                return ops.int8_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
+                return ops.int8_linear(x, q, scales, layer.bias, group, factors)
             if takes_dequant_linear(ops, layer, x.shape[0]):
-                return ops.int8_dequant_linear(x, layer.qweight, layer.scales, layer.bias, self.group_size)
-            w = ops.int8_dequantize(layer.qweight, layer.scales, layer.in_features, self.group_size)
-            return F.linear(x, w, layer.bias)
-        w = dequantize_int8(*(tiles.untile(layer, key) for key in ("qweight", "scales")))
+                return ops.int8_dequant_linear(x, q, scales, layer.bias, group, factors)
+            return F.linear(x, ops.int8_dequantize(q, scales, layer.in_features, group, factors), layer.bias)
+        w = dequantize_int8(tiles.untile(layer, "qweight"), layer_scales(layer, "scales"))
         return F.linear(x, w.to(layer.compute_dtype), layer.bias)
 

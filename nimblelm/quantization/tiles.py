@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 ROWS = 4
-UNITS = {"qweight": 32, "scales": 1, "mins": 1}  # elements per interleaved unit, per tensor
+# elements per interleaved unit, per tensor (the factors of GGUF's K-quant scales: int8.FACTORS)
+UNITS = {"qweight": 32, "scales": 1, "mins": 1, "scale_factors": 1, "min_factors": 1}
 
 
 def tileable(qweight: torch.Tensor) -> bool:
