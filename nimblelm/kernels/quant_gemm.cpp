@@ -170,6 +170,25 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
+// Eight scales in a row as float32 (widen8), or four (widen4).
+static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 widen8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+static inline __m128 widen4(const float* p) { return _mm_loadu_ps(p); }
+static inline __m128 widen4(const at::Half* p) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+// K-quant scales. widen8 reads tiles only: 8 values from a multiple of 8 are two groups of the tile's four rows,
+// which share the rows' four factors (a factor covers at least 2 groups).
+static inline __m128 widen4(const KScales& p) { return _mm_set_ps(p[3], p[2], p[1], p[0]); }
+static inline __m256 widen8(const KScales& p) {
+  const __m128i sub8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.sub + p.at));
+  const __m256 sub = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sub8));
+  const __m128 factors = widen4(p.factor + (p.at >> (p.shift + 2) << 2));
+  return _mm256_mul_ps(sub, _mm256_set_m128(factors, factors));
+}
+
 // Four weight rows (from q and s, laid out as t says) against R quantized activation rows (xs values and
 // ds block scales apart). out[m][r] is activation row m's sum for weight row r. The products take unsigned
 // x signed bytes, so each weight's sign moves onto the activation it multiplies. TILED makes the tile's
@@ -184,13 +203,17 @@ static inline void int8_dot4_(const int8_t* xq, const float* xd, int64_t xs, int
   const int64_t ahead = PREFETCH_ROWS * K, span = std::max(group, QBLOCK);
   for (int64_t j = 0; j < K / span; ++j) {  // spans outside, blocks inside: no division in the loop
     __m256 sv[4];
+    // Groups of 16 (Q6_K's scales): the products' lanes 0-3 sum bytes 0-15 and lanes 4-7 bytes 16-31, so one
+    // vector of two scales, each in four lanes, scales both halves at once. In tiles the span's 8 scales of the
+    // four rows are 8 in a row: one load, and each row's two picked out by a permute.
+    const __m256 s8 = TILED && group == 16 ? widen8(s + 8 * j) : _mm256_setzero_ps();
     for (int r = 0; r < 4; ++r) {
       P sr = s + r * t.s_row;
-      // Groups of 16 (Q6_K's scales): the products' lanes 0-3 sum bytes 0-15 and lanes 4-7 bytes 16-31,
-      // so one vector of two scales, each in four lanes, scales both halves at once.
-      sv[r] = group == 16 ? _mm256_set_m128(_mm_set1_ps(widen(sr[(2 * j + 1) * t.s_group])),
-                                            _mm_set1_ps(widen(sr[2 * j * t.s_group])))
-                          : _mm256_set1_ps(widen(sr[j * t.s_group]));
+      const __m256i row = _mm256_setr_epi32(r, r, r, r, r + 4, r + 4, r + 4, r + 4);
+      sv[r] = TILED && group == 16 ? _mm256_permutevar8x32_ps(s8, row)
+              : group == 16        ? _mm256_set_m128(_mm_set1_ps(widen(sr[(2 * j + 1) * t.s_group])),
+                                                     _mm_set1_ps(widen(sr[2 * j * t.s_group])))
+                                   : _mm256_set1_ps(widen(sr[j * t.s_group]));
     }
     for (int64_t k = j * span; k < (j + 1) * span; k += QBLOCK) {
       for (int r = 0; r < 4; ++r) {
@@ -261,23 +284,6 @@ static inline __m256 group_pair(P v, int r, int64_t g, int64_t g2, const RowTile
 // In tiles with groups of 32 (PACKED8) a pair's values of the four rows are 8 in a row: one load widens them
 // (widen8), and row r's are picked out of each 128-bit half by an in-lane permute with an immediate (row_of<r>,
 // no index vectors held in registers). each_row runs f with the row as a constant, std::integral_constant.
-static inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 widen8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-static inline __m128 widen4(const float* p) { return _mm_loadu_ps(p); }
-static inline __m128 widen4(const at::Half* p) {
-  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-}
-// K-quant scales: in tiles, a pair's 8 values share their four rows' factors (a factor covers at least 2 groups).
-static inline __m128 widen4(const KScales& p) { return _mm_set_ps(p[3], p[2], p[1], p[0]); }
-static inline __m256 widen8(const KScales& p) {
-  const __m128i sub8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.sub + p.at));
-  const __m256 sub = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sub8));
-  const __m128 factors = widen4(p.factor + p.factor_index(p.at));
-  return _mm256_mul_ps(sub, _mm256_set_m128(factors, factors));
-}
-
 template <int r>
 static inline __m256 row_of(__m256 v8) { return _mm256_permute_ps(v8, r * 0x55); }
 
