@@ -20,6 +20,7 @@ from nimblelm import LLM, InvalidRequestError, SamplingParams
 from nimblelm.config import ModelConfig
 from nimblelm.distributed.tensor_parallel import TensorParallel
 from nimblelm.models.loader import load_model
+from nimblelm.quantization import stacked
 from nimblelm.quantization.int4 import dequantize_int4
 from nimblelm.quantization.int8 import dequantize_int8
 from nimblelm.quantization.quantize import quantize_model
@@ -220,7 +221,7 @@ def stored_quantized(tiny_models, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:3 linear layers dequantized")
+@pytest.mark.filterwarnings("ignore:2 linear layers dequantized")
 @pytest.mark.parametrize("source,tp,pp", [("gguf", 2, 1), ("folder", 2, 2)])
 def test_weights_stored_quantized_split_over_ranks(stored_quantized, source, tp, pp):
     """A GGUF served as stored and a quantized folder: each rank takes its rows or columns of the stored values and
@@ -238,11 +239,13 @@ def test_weights_stored_quantized_split_over_ranks(stored_quantized, source, tp,
 
 def test_each_rank_holds_its_slice_of_the_stored_weights(stored_quantized):
     """Dequantized, every rank's cut of the stored tensors (int8 and int4, with and without minimums, fused q/k/v and
-    gate/up, the Q8_0 token table) is exactly what shard() cuts from the dequantized whole under Hugging Face names."""
+    gate/up, a q/k/v stacked from int8 and int4 parts, the Q8_0 token table) is exactly what shard() cuts from the
+    dequantized whole under Hugging Face names."""
     loaded = load_model(str(stored_quantized["gguf"]), progress=False, gguf_direct=True)
     cfg = loaded.config
-    assert {fmt for fmt, _ in loaded.quantized.values()} == {"int8-g32", "int4-g32"}
     q, kv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    assert {fmt for fmt, _ in loaded.quantized.values()} == {"int8-g32", "int4-g32",
+                                                             f"stack:int8-g32x{q + kv}+int4-g32x{kv}"}
     parts = {"qkv_proj": {"q_proj": q, "k_proj": kv, "v_proj": kv}, "gate_up_proj": {"gate_proj": f, "up_proj": f}}
     for rank in range(2):
         tp = TensorParallel(rank, 2, "")
@@ -256,6 +259,9 @@ def test_each_rank_holds_its_slice_of_the_stored_weights(stored_quantized):
 
 
 def _dequantized(fmt: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if stacked.is_stacked(fmt):
+        return torch.cat([_dequantized(part, stacked.part_tensors(tensors, index))
+                          for index, (part, _) in enumerate(stacked.parts_of(fmt))])
     if fmt.startswith("int8"):
         return dequantize_int8(tensors["qweight"], tensors["scales"])
     return dequantize_int4(tensors["qweight"], tensors["scales"], tensors["mins"])

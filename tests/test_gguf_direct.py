@@ -19,6 +19,7 @@ from nimblelm.kernels import cpu_ops
 from nimblelm.layers.linear import Linear, RowsEmbedding
 from nimblelm.models import gguf_file
 from nimblelm.models.loader import load_model
+from nimblelm.quantization import stacked
 from nimblelm.quantization.gguf_direct import blocks_to_q4_k, convert, fuse, q4_k_to_blocks
 from nimblelm.quantization.int4 import dequantize_int4, unpack_int4
 from nimblelm.quantization.int8 import dequantize_int8, plain_scales, quantize_int8
@@ -129,7 +130,7 @@ def mixed_types(name: str) -> str:
     if name.startswith("blk.0."):
         return {"attn_q": "Q8_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "ffn_gate": "Q4_0", "ffn_up": "Q4_1"}.get(
             name.split(".")[2], "Q4_0")
-    if name.startswith("blk.1."):  # q/k int8, v int4: qkv falls back; gate F16: gate_up falls back
+    if name.startswith("blk.1."):  # q/k int8, v int4: qkv is stacked; gate F16: gate_up falls back
         return {"attn_v": "Q4_0", "ffn_gate": "F16", "attn_output": "F32"}.get(name.split(".")[2], "Q8_0")
     return "Q8_0" if name.startswith("token_embd") else "Q4_1"
 
@@ -143,24 +144,29 @@ def mixed_gguf(request, tmp_path_factory):
 
 def test_direct_layers_hold_exactly_the_dequantized_weights(mixed_gguf):
     direct = load_model(str(mixed_gguf), progress=False, gguf_direct=True)
-    assert set(direct.fallbacks) == {"layers.1.self_attn.qkv_proj", "layers.1.mlp.gate_up_proj",
-                                     "layers.1.self_attn.o_proj"}
+    assert set(direct.fallbacks) == {"layers.1.mlp.gate_up_proj", "layers.1.self_attn.o_proj"}
     fp32 = LLM(str(mixed_gguf), dtype="float32", max_model_len=64).llm_engine.runner.model
-    said = r"3 linear layers dequantized to float, their fused GGUF parts \(.*Q8_0 \+ Q8_0 \+ Q4_0"
+    said = r"2 linear layers dequantized to float, their fused GGUF parts \(F16 \+ Q8_0, F32\)"
     with pytest.warns(UserWarning, match=said):
         engine = LLM(str(mixed_gguf), dtype="float32", max_model_len=64, quantization="gguf").llm_engine
-    assert "3 linear layers dequantized" in engine.precision  # and the server's ready line says it
+    assert "2 linear layers dequantized" in engine.precision  # and the server's ready line says it
     model = engine.runner.model
+
+    def dequantized_layer(module):
+        if module.method.name == "stacked":
+            return torch.cat([dequantized_layer(part) for part in module.parts])
+        # Q8_0, Q5_0, Q4_0 and Q4_1 scale blocks by float16 values: the layer keeps them so (2 bytes a group)
+        assert module.scales.dtype == torch.float16
+        t = module.method.stored(module)
+        return dequantize_int8(t["qweight"], t["scales"]) if module.method.name == "int8" else dequantize_int4(**t)
+
     kinds = {}
     for name, module in model.named_modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and ".parts." not in name:
             kinds[name] = module.method.name
             if module.method.name == "none":
                 continue
-            # Q8_0, Q5_0, Q4_0 and Q4_1 scale blocks by float16 values: the layer keeps them so (2 bytes a group)
-            assert module.scales.dtype == torch.float16, name
-            t = module.method.stored(module)
-            w = dequantize_int8(t["qweight"], t["scales"]) if module.method.name == "int8" else dequantize_int4(**t)
+            w = dequantized_layer(module)
             reference = fp32.get_submodule(name) if name != "embed_tokens" else None
             if reference is None:
                 assert torch.equal(w, fp32.embed_tokens.weight)
@@ -168,7 +174,8 @@ def test_direct_layers_hold_exactly_the_dequantized_weights(mixed_gguf):
                 ids = torch.arange(reference.out_features)
                 assert torch.equal(w, reference.method.rows(reference, ids)), name
     assert kinds["layers.0.self_attn.qkv_proj"] == "int8" and kinds["layers.0.mlp.gate_up_proj"] == "int4"
-    assert kinds["layers.1.self_attn.qkv_proj"] == "none" and kinds["layers.1.mlp.down_proj"] == "int8"
+    assert kinds["layers.1.self_attn.qkv_proj"] == "stacked" and kinds["layers.1.mlp.down_proj"] == "int8"
+    assert [part.method.name for part in model.get_submodule("layers.1.self_attn.qkv_proj").parts] == ["int8", "int4"]
     # No fp32 weight anywhere for the direct layers, and the embedding is read back from int8 storage.
     assert all(m.weight is None for m in model.modules() if isinstance(m, Linear) and m.method.name != "none")
     ids = torch.tensor([3, 7, 100])
@@ -186,7 +193,7 @@ def test_direct_model_generates_close_to_the_fp32_model(mixed_gguf):
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
     prompts = ["Hello world", "The quick brown fox", "1 2 3 4"]
     fp32 = LLM(str(mixed_gguf), dtype="float32", max_model_len=128).generate(prompts, params, use_tqdm=False)
-    with pytest.warns(UserWarning, match="3 linear layers dequantized to float"):
+    with pytest.warns(UserWarning, match="2 linear layers dequantized to float"):
         direct = LLM(str(mixed_gguf), dtype="float32", max_model_len=128, quantization="gguf")
     assert_first_tokens_close(fp32, direct.generate(prompts, params, use_tqdm=False))
 
@@ -257,8 +264,13 @@ def test_smollm2_direct_greedy_tokens_match_the_dequantized_reference():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_qwen_15b_falls_back_only_where_q4_k_meets_q6_k():
+def test_qwen_15b_serves_every_linear_layer_as_stored():
+    """Qwen2.5-Coder-1.5B's Q4_K_M file: no layer falls back to float. The 14 q/k/v whose v is Q6_K beside Q4_K q and
+    k are stacked, and the K-quants keep their two-level scales (int8 values, a float16 factor per 256 weights)."""
     loaded = load_model("qwen2.5-coder-1.5b", progress=False, gguf_direct=True)
-    assert set(loaded.fallbacks.values()) == {("Q4_K", "Q4_K", "Q6_K")}
-    assert len(loaded.fallbacks) == 14
-    assert all(name.endswith("qkv_proj") for name in loaded.fallbacks)
+    assert not loaded.fallbacks
+    stacks = {name: fmt for name, (fmt, _) in loaded.quantized.items() if stacked.is_stacked(fmt)}
+    assert len(stacks) == 14 and all(name.endswith("qkv_proj") for name in stacks)
+    assert set(stacks.values()) == {"stack:int4-g32x1792+int8-g16x256"}
+    fmt, head = loaded.quantized["lm_head"]  # Q6_K
+    assert fmt == "int8-g16" and head["scales"].dtype == torch.int8 and head["scale_factors"].shape == (151936, 6)

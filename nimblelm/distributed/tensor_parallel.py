@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from nimblelm.config import ModelConfig
 from nimblelm.errors import InvalidRequestError
+from nimblelm.quantization import stacked
 
 QUANTUM = 128  # features: the widest quantization group along a weight's input (int4's)
 
@@ -148,7 +149,10 @@ class TensorParallel:
             kind = module.rsplit(".", 1)[-1]
             if kind in by_outputs:
                 index = torch.cat([torch.arange(r.start, r.stop) for r in by_outputs[kind]])
-                tensors = {name: t.index_select(0, index) for name, t in tensors.items()}
+                if stacked.is_stacked(fmt):
+                    fmt, tensors = stacked.select_rows(fmt, tensors, index)
+                else:
+                    tensors = {name: t.index_select(0, index) for name, t in tensors.items()}
             elif kind in by_inputs:
                 tensors = {name: t[:, _input_columns(t.shape[1], *by_inputs[kind], module, fmt)].contiguous()
                            if t.dim() == 2 else t for name, t in tensors.items()}

@@ -232,7 +232,7 @@ class DecoderLM(nn.Module):
         self.rotary.reset_buffers()
         self.load_weights(weights)
         self.to(dtype)
-        for name, module in self.named_modules():
+        for name, module in list(self.named_modules()):  # stacked layers add their parts, adopted already
             if isinstance(module, Linear):
                 if name in quantized:
                     fmt, tensors = quantized.pop(name)

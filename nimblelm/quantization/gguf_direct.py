@@ -21,9 +21,9 @@ it rounds the same way in both.
 
 A fused layer (q/k/v, gate/up) is fused in one format when its parts share one: int8 parts with
 different groups take the finest group (the coarser scales repeated, exact; K-quant parts among them have
-their factors multiplied in first). Otherwise, and for
-types without an exact mapping (F32, F16, ...), the layer's parts are dequantized to fp32 and the
-layer takes the unquantized path.
+their factors multiplied in first). Parts of both families (int8 and int4) are stacked: consecutive parts
+that fuse are one part, each part keeps its format (stacked.py). A layer with a part of a type without an
+exact mapping (F32, F16, ...) has its parts dequantized to fp32 and takes the unquantized path.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 
 from nimblelm.config import ModelConfig
 from nimblelm.errors import ModelFormatError, UnsupportedModelError
+from nimblelm.quantization import stacked
 from nimblelm.quantization.formats import format_name
 from nimblelm.quantization.int8 import plain_scales
 
@@ -184,6 +185,20 @@ def fuse(parts: list[Converted]) -> Converted | None:
     return Converted(parts[0].kind, group, tensors)
 
 
+def stack(parts: list[Converted]) -> tuple[str, dict[str, torch.Tensor]]:
+    """Parts that share no format as a stacked layer (format name, tensors): runs of consecutive parts that fuse
+    are one part."""
+    runs = [parts[0]]
+    for c in parts[1:]:
+        merged = fuse([runs[-1], c])
+        if merged is None:
+            runs.append(c)
+        else:
+            runs[-1] = merged
+    name = stacked.stack_name([(format_name(c.kind, c.group), c.tensors["qweight"].shape[0]) for c in runs])
+    return name, {f"{index}.{key}": t for index, c in enumerate(runs) for key, t in c.tensors.items()}
+
+
 def module_of(hf: str, config: ModelConfig) -> tuple[str, int, int] | None:
     """(decoder module, part index, number of parts) of a Hugging Face weight name that a linear layer
     holds (the token embedding counts as one: the lm_head it is tied to, or a table of rows)."""
@@ -246,13 +261,14 @@ def split_direct(model_file, config: ModelConfig, expected: dict[str, tuple[int,
                 heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
                 c.tensors = {k: unpermute_qk(t, heads).contiguous() for k, t in c.tensors.items()}
             converted.append(c)
-        fused = fuse(converted) if len(converted) == len(ordered) else None
-        if fused is None:
+        if len(converted) < len(ordered):
             fallbacks[module] = tuple(tensor.qtype.name for _, tensor in ordered)
             for name, tensor in ordered:
                 weights[name] = fp32(tensor, name)
-        else:
+        elif (fused := fuse(converted)) is not None:
             quantized[module] = (format_name(fused.kind, fused.group), fused.tensors)
+        else:
+            quantized[module] = stack(converted)
         for _, tensor in ordered:
             release_pages(tensor)
     return weights, quantized, fallbacks
