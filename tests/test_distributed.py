@@ -178,12 +178,15 @@ def test_ranks_follow_chunks_and_preemption(tiny_models):
 @pytest.mark.slow
 def test_int4_weights_split_over_ranks(tiny_models):
     """Each rank quantizes its slice with its own scales, and int4 groups never straddle ranks: the same quantized
-    weights, so the same greedy tokens (prompt logprobs differ by the bfloat16 rounding of long prefill chunks'
-    products, summed in another order)."""
+    weights, summed in another order. Where a prefill runs on the bfloat16 products that order moves the rounding of
+    their products; where it runs on the integer kernels (AMD with AVX-512 keeps them to 256 rows), it turns into an
+    int8 step of an activation now and then, which the cache carries into every later token: the third prompt's
+    generated log-probabilities moved by 0.014 on Zen 4. As for a GGUF below: within 0.05 (a wrong cut or scale
+    moves them by whole nats), the greedy tokens the same up to a near-tie."""
     options = {**OPTIONS, "quantization": "int4"}
     ref = LLM(str(tiny_models["qwen2"]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
     out = LLM(str(tiny_models["qwen2"]), tensor_parallel_size=2, **options).generate(PROMPTS, PARAMS, use_tqdm=False)
-    _assert_same(ref, out, prompt_tolerance=0.1)
+    _assert_follows(ref, out)
 
 
 @pytest.mark.slow
