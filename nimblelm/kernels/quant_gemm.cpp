@@ -316,7 +316,12 @@ static inline void each_row(F&& f) {
 // second halves), so two dot products leave block 2i's sum in lanes 0-3 and 2i+1's in lanes 4-7, and one
 // conversion, multiply and multiply-add scale both: about two thirds of the instructions per weight and
 // activation row.
-template <bool TILED, bool PACKED8, int R, typename P>
+//
+// HALVES: groups of 16 (GGUF's Q6_K), a scale per half block. The halves' sums stay apart (a: first halves,
+// groups 4i and 4i + 2 of the pair; b: second halves, 4i + 1 and 4i + 3) and each is scaled by its own vector:
+// one conversion, multiply and multiply-add more a pair than a scale per block, but half the instructions per
+// weight of int8_dot4_'s block at a time.
+template <bool TILED, bool PACKED8, bool HALVES, int R, typename P>
 static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
                                     P s, int64_t K, int64_t group, const RowTile& layout,
                                     float (*out)[4]) {
@@ -328,6 +333,9 @@ static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t 
   for (int64_t i = 0; i < K / QPAIR; ++i) {
     const int64_t g = 2 * i * QBLOCK / group, g2 = (2 * i + 1) * QBLOCK / group;
     const __m256 s8 = PACKED8 ? widen8(s + 8 * i) : _mm256_setzero_ps();
+    // HALVES in tiles: the pair's 16 scales are groups 4i .. 4i + 3 of the four rows; lo: 4i and 4i + 2, hi: the others
+    const __m256 lo8 = HALVES && TILED ? widen8(s + 16 * i) : _mm256_setzero_ps();
+    const __m256 hi8 = HALVES && TILED ? widen8(s + 16 * i + 8) : _mm256_setzero_ps();
     each_row([&](auto rc) {
       constexpr int r = decltype(rc)::value;
       const int8_t* w = q + r * t.q_row + 2 * i * t.q_unit;
@@ -337,6 +345,23 @@ static inline void int8_dot4_pairs_(const int8_t* xp, const float* dxv, int64_t 
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t.q_unit));
       const __m256i a = _mm256_permute2x128_si256(w0, w1, 0x20), b = _mm256_permute2x128_si256(w0, w1, 0x31);
       const __m256i a_abs = _mm256_sign_epi8(a, a), b_abs = _mm256_sign_epi8(b, b);
+      if constexpr (HALVES) {
+        const __m256 sa = TILED ? row_of<r>(_mm256_permute2f128_ps(lo8, hi8, 0x20))
+                                : group_pair(s, r, 4 * i, 4 * i + 2, t);
+        const __m256 sb = TILED ? row_of<r>(_mm256_permute2f128_ps(lo8, hi8, 0x31))
+                                : group_pair(s, r, 4 * i + 1, 4 * i + 3, t);
+        for (int m = 0; m < R; ++m) {
+          const int8_t* x = xp + m * xs + i * QPAIR;
+          const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+          const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+          const __m256 dx = _mm256_loadu_ps(dxv + m * vs + 8 * i);
+          const __m256i da = dot_u8s8(_mm256_setzero_si256(), a_abs, _mm256_sign_epi8(xa, a));
+          const __m256i db = dot_u8s8(_mm256_setzero_si256(), b_abs, _mm256_sign_epi8(xb, b));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(da), dx), sa, acc[r][m]);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(db), dx), sb, acc[r][m]);
+        }
+        return;
+      }
       const __m256 sv = PACKED8 ? row_of<r>(s8) : group_pair(s, r, g, g2, t);
       for (int m = 0; m < R; ++m) {
         const int8_t* x = xp + m * xs + i * QPAIR;
@@ -366,10 +391,19 @@ static inline __m512i pair_lanes(int h) {
 // 256-bit kernel's order (first halves of both blocks, then second halves), against the pair's activations in
 // both halves. AVX-512 has no byte sign instruction: the activations are negated under a mask of the weights'
 // signs, which gives the same products. Each row's lanes compute what the 256-bit kernel's do: the same bits.
-template <bool PACKED8, int R, typename P>
+// HALVES (groups of 16): as int8_dot4_pairs_'s, the halves' sums apart, the pair's 16 scales (4 g + r for its
+// groups g = 0-3 of rows r) picked for rows 2h and 2h + 1: first halves' groups 0 and 2, second halves' 1 and 3.
+static inline __m512i half_lanes(int h, int second) {
+  const int a = 2 * h + 4 * second;
+  return _mm512_set_epi32(a + 9, a + 9, a + 9, a + 9, a + 1, a + 1, a + 1, a + 1,  // row 2h + 1
+                          a + 8, a + 8, a + 8, a + 8, a, a, a, a);                 // row 2h
+}
+
+template <bool PACKED8, bool HALVES, int R, typename P>
 static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
                                        P s, int64_t K, int64_t group, float (*out)[4]) {
   const __m512i lanes[2] = {pair_lanes(0), pair_lanes(1)};
+  const __m512i halves[2][2] = {{half_lanes(0, 0), half_lanes(0, 1)}, {half_lanes(1, 0), half_lanes(1, 1)}};
   const __m512i first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
   const __m512i zero = _mm512_setzero_si512();
   __m512 acc[2][R];
@@ -380,13 +414,29 @@ static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64
     const int8_t* w = q + 2 * i * 4 * QBLOCK;  // block 2i of the tile's four rows; block 2i + 1 follows
     for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(w + ahead + 64 * line), _MM_HINT_T0);
     const int64_t g = 2 * i * QBLOCK / group, g2 = (2 * i + 1) * QBLOCK / group;
-    const __m512 s16 = _mm512_castps256_ps512(PACKED8 ? widen8(s + 8 * i)
-                                                      : _mm256_set_m128(widen4(s + 4 * g2), widen4(s + 4 * g)));
+    const __m512 s16 =
+        HALVES ? _mm512_insertf32x8(_mm512_castps256_ps512(widen8(s + 16 * i)), widen8(s + 16 * i + 8), 1)
+               : _mm512_castps256_ps512(PACKED8 ? widen8(s + 8 * i)
+                                                : _mm256_set_m128(widen4(s + 4 * g2), widen4(s + 4 * g)));
     for (int h = 0; h < 2; ++h) {
       const __m512i w0 = _mm512_loadu_si512(w + 64 * h), w1 = _mm512_loadu_si512(w + 4 * QBLOCK + 64 * h);
       const __m512i a = _mm512_permutex2var_epi64(w0, first, w1), b = _mm512_permutex2var_epi64(w0, second, w1);
       const __m512i a_abs = _mm512_abs_epi8(a), b_abs = _mm512_abs_epi8(b);
       const __mmask64 a_neg = _mm512_movepi8_mask(a), b_neg = _mm512_movepi8_mask(b);
+      if constexpr (HALVES) {
+        const __m512 sa = _mm512_permutexvar_ps(halves[h][0], s16), sb = _mm512_permutexvar_ps(halves[h][1], s16);
+        for (int m = 0; m < R; ++m) {
+          const int8_t* x = xp + m * xs + i * QPAIR;
+          const __m512i xa = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+          const __m512i xb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+          const __m512 dx = _mm512_broadcast_f32x8(_mm256_loadu_ps(dxv + m * vs + 8 * i));
+          const __m512i da = _mm512_dpbusd_epi32(zero, a_abs, _mm512_mask_sub_epi8(xa, a_neg, zero, xa));
+          const __m512i db = _mm512_dpbusd_epi32(zero, b_abs, _mm512_mask_sub_epi8(xb, b_neg, zero, xb));
+          acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(da), dx), sa, acc[h][m]);
+          acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(db), dx), sb, acc[h][m]);
+        }
+        continue;
+      }
       const __m512 sv = _mm512_permutexvar_ps(lanes[h], s16);
       for (int m = 0; m < R; ++m) {
         const int8_t* x = xp + m * xs + i * QPAIR;
@@ -414,14 +464,19 @@ static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv,
   if constexpr (R > 1) {
     if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xs, vs, q, s, K, group, t, out);
   }
+  const bool tiles = t.q_unit == 4 * QBLOCK;
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
-  if (t.q_unit == 4 * QBLOCK)  // tiles
-    return (group == QBLOCK ? int8_dot4_pairs_512<true, R, P> : int8_dot4_pairs_512<false, R, P>)(xp, dxv, xs, vs, q,
-                                                                                                  s, K, group, out);
+  if (tiles)
+    return (group == 16       ? int8_dot4_pairs_512<false, true, R, P>
+            : group == QBLOCK ? int8_dot4_pairs_512<true, false, R, P>
+                              : int8_dot4_pairs_512<false, false, R, P>)(xp, dxv, xs, vs, q, s, K, group, out);
 #endif
-  (t.q_row != QBLOCK ? int8_dot4_pairs_<false, false, R, P>
-   : group == QBLOCK ? int8_dot4_pairs_<true, true, R, P>
-                     : int8_dot4_pairs_<true, false, R, P>)(xp, dxv, xs, vs, q, s, K, group, t, out);
+  if (group == 16)
+    return (tiles ? int8_dot4_pairs_<true, false, true, R, P> : int8_dot4_pairs_<false, false, true, R, P>)(
+        xp, dxv, xs, vs, q, s, K, group, t, out);
+  (!tiles            ? int8_dot4_pairs_<false, false, false, R, P>
+   : group == QBLOCK ? int8_dot4_pairs_<true, true, false, R, P>
+                     : int8_dot4_pairs_<true, false, false, R, P>)(xp, dxv, xs, vs, q, s, K, group, t, out);
 }
 
 // Sums of a pair of blocks against pair_x's layout, the weights' nibbles unpacked (lo, hi): lanes 0-3 add up
@@ -604,8 +659,8 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales, c10
   for (int64_t m = 0; m < M; ++m)
     quantize_row_q8(xp + m * K, K, xq.data() + m * K, xd.data() + m * K / QBLOCK, per_token ? K : QBLOCK);
 #if defined(__AVX2__) && defined(__FMA__)
-  // Pairs of blocks share a conversion and the scales' arithmetic, where no scale covers half a block.
-  const bool pairs = group != 16 && K % QPAIR == 0;
+  // Pairs of blocks share a conversion and the scales' arithmetic (groups of 16: a conversion for each half).
+  const bool pairs = K % QPAIR == 0;
   const int64_t vs = K / QPAIR * 8;
   std::vector<int8_t> xpairs(pairs ? M * K : 0);
   std::vector<float> dxv(pairs ? M * vs : 0);
