@@ -19,7 +19,7 @@ from nimblelm.kernels import cpu_ops
 from nimblelm.layers.linear import Linear, RowsEmbedding
 from nimblelm.models import gguf_file
 from nimblelm.models.loader import load_model
-from nimblelm.quantization import stacked
+from nimblelm.quantization import formats, stacked, tiles
 from nimblelm.quantization.gguf_direct import blocks_to_q4_k, convert, fuse, q4_k_to_blocks
 from nimblelm.quantization.int4 import dequantize_int4, unpack_int4
 from nimblelm.quantization.int8 import dequantize_int8, plain_scales, quantize_int8
@@ -266,7 +266,8 @@ def test_smollm2_direct_greedy_tokens_match_the_dequantized_reference():
 @pytest.mark.slow
 def test_qwen_15b_serves_every_linear_layer_as_stored():
     """Qwen2.5-Coder-1.5B's Q4_K_M file: no layer falls back to float. The 14 q/k/v whose v is Q6_K beside Q4_K q and
-    k are stacked, and the K-quants keep their two-level scales (int8 values, a float16 factor per 256 weights)."""
+    k are stacked, the K-quants keep their two-level scales (int8 values, a float16 factor per 256 weights) and Q6_K
+    layers their 6 bits a value."""
     loaded = load_model("qwen2.5-coder-1.5b", progress=False, gguf_direct=True)
     assert not loaded.fallbacks
     stacks = {name: fmt for name, (fmt, _) in loaded.quantized.items() if stacked.is_stacked(fmt)}
@@ -274,3 +275,7 @@ def test_qwen_15b_serves_every_linear_layer_as_stored():
     assert set(stacks.values()) == {"stack:int4-g32x1792+int8-g16x256"}
     fmt, head = loaded.quantized["lm_head"]  # Q6_K
     assert fmt == "int8-g16" and head["scales"].dtype == torch.int8 and head["scale_factors"].shape == (151936, 6)
+    with torch.device("meta"):
+        layer = Linear(1536, 151936)
+    layer.adopt(formats.linear_method(fmt), head, torch.float32)
+    assert tiles.is_six_bit(layer) and layer.qweight.numel() == 151936 * 1536 * 3 // 4  # held in Q6_K's 6 bits

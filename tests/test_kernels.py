@@ -371,6 +371,43 @@ def test_k_quant_scales_give_the_bits_of_their_products_in_float32(ops, bf16_pro
         qweight, scales, mins, k, 32, scale_factors, min_factors), q4)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 33, 200])
+@pytest.mark.parametrize(("n", "k", "group"), [(12, 512, 16), (8, 192, 32), (16, 256, 64)])
+def test_six_bit_tiles_give_the_bits_of_their_int8_tiles(ops, bf16_products, rows, n, k, group):
+    # Tiles of int8 values in [-32, 31] (GGUF's Q6_K) are kept in 6 bits a value; every kernel reads the values
+    # of the 8-bit tiles (the 512-bit pair kernels unsigned, with the activations' sums subtracted; the others
+    # expanded), so its output is the 8-bit tiles' to the bit, with K-quant scales (groups of 16) and float16 ones.
+    torch.manual_seed(rows + n + k)
+    x = torch.randn(rows, k)
+    q = torch.randint(-32, 32, (n, k), dtype=torch.int8)
+    q[0, :4] = torch.tensor([-32, 31, 0, -1])
+    if group == 16:
+        scales = {"scales": torch.randint(-64, 64, (n, k // 16), dtype=torch.int8),
+                  "scale_factors": (torch.randn(n, k // 256) * 1e-3).half()}
+    else:
+        scales = {"scales": (torch.rand(n, k // group) * 0.05).half(), "scale_factors": None}
+    eight = tiles.tile({"qweight": q, **scales})
+    six = tiles.six_bit(eight["qweight"])
+    assert six.dtype == torch.uint8 and six.shape == (n // 4, 3 * k)
+    assert torch.equal(tiles.eight_bit(six), eight["qweight"])
+    s, f = eight["scales"], eight["scale_factors"]
+
+    def outputs(w):
+        return (ops.int8_linear(x, w, s, None, group, f), ops.int8_dequant_linear(x, w, s, None, group, f),
+                ops.int8_dequantize(w, s, k, group, f))
+
+    assert all(torch.equal(a, b) for a, b in zip(outputs(six), outputs(eight["qweight"])))
+
+
+def test_six_bit_tiles_take_only_values_that_fit():
+    q = torch.randint(-32, 32, (4, 256), dtype=torch.int8)
+    assert tiles.six_bit(q) is not None
+    for outside in (32, -33):
+        q[3, 100] = outside
+        assert tiles.six_bit(q) is None
+    assert tiles.six_bit(torch.zeros(4, 128, dtype=torch.int8)) is None  # K = 32: no whole chunk of 256 bytes
+
+
 def test_scales_of_another_type_are_refused(ops):
     q, x = _pack_int4_reference(torch.randint(0, 16, (8, 64))), torch.randn(2, 64)
     scales = torch.rand(8, 2)

@@ -176,6 +176,30 @@ def test_int4_dequantize_kernel_gives_the_reference_bits(symmetric, group, n):
     assert torch.equal(got, ref)
 
 
+def test_int8_layers_hold_values_that_fit_six_bits_in_six_bits():
+    # GGUF's Q6_K values (-32 to 31) in a layer that tiles take six bits a value; rows, the stored tensors and every
+    # number of activation rows (integer kernel, dequantizing linear) give what the 8-bit layer gives.
+    torch.manual_seed(0)
+    q, scales = torch.randint(-32, 32, (12, 256), dtype=torch.int8), torch.rand(12, 16) * 0.01
+    six, eight = Linear(256, 12), Linear(256, 12)
+    six.adopt(Int8WeightOnly(16), {"qweight": q, "scales": scales}, torch.float32)
+    eight.adopt(Int8WeightOnly(16), {"qweight": q, "scales": scales}, torch.float32)
+    eight.qweight = tiles.eight_bit(eight.qweight)
+    assert tiles.is_six_bit(six) and six.qweight.shape == (3, 768) and not tiles.is_six_bit(eight)
+    assert torch.equal(six.method.stored(six)["qweight"], q)
+    ids = torch.tensor([[11, 0], [6, 6]])
+    assert torch.equal(six.method.rows(six, ids), eight.method.rows(eight, ids))
+    traced = torch.jit.trace(lambda i: six.method.rows(six, i), (ids,))  # as decode-step traces read a token table
+    assert torch.equal(traced(ids.flip(0)), eight.method.rows(eight, ids.flip(0)))
+    for rows in (1, 7, 300):
+        x = torch.randn(rows, 256)
+        assert torch.equal(six(x), eight(x))
+    q[5, 7] = 32  # one value past six bits: the layer keeps int8
+    wide = Linear(256, 12)
+    wide.adopt(Int8WeightOnly(16), {"qweight": q, "scales": scales}, torch.float32)
+    assert wide.qweight.dtype == torch.int8 and torch.equal(wide.method.stored(wide)["qweight"], q)
+
+
 @pytest.mark.parametrize("method", [Int8WeightOnly(group_size=16), Int8WeightOnly(group_size=32),
                                     Int8WeightOnly(group_size=64), W8A8()], ids=["int8-g16", "int8-g32", "int8-g64", "w8a8"])
 @pytest.mark.parametrize("n", [12, 3])  # 12 rows are kept in row tiles, 3 in rows

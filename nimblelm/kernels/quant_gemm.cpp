@@ -42,16 +42,79 @@ struct RowTile {
 };
 
 // The layout of q [?, ?] against the row bytes B and groups G of the weight it holds; checks its shapes.
+// six: q holds six-bit tiles (below), which come in tiles only.
 static RowTile row_tile(const at::Tensor& q, const at::Tensor& scales, int64_t row_bytes, int64_t groups,
-                        const char* op) {
-  if (q.size(1) == row_bytes) {
+                        const char* op, bool six = false) {
+  if (!six && q.size(1) == row_bytes) {
     TORCH_CHECK(scales.size(0) == q.size(0) && scales.size(1) == groups, op, ": scales must be [N, K / group]");
     return {row_bytes, QBLOCK, groups, 1};
   }
-  TORCH_CHECK(q.size(1) == 4 * row_bytes && row_bytes % QBLOCK == 0 && scales.size(0) == q.size(0) &&
+  TORCH_CHECK(q.size(1) == (six ? 3 : 4) * row_bytes && row_bytes % QBLOCK == 0 && scales.size(0) == q.size(0) &&
                   scales.size(1) == 4 * groups,
               op, ": a tiled weight is [N / 4, 4 * row bytes] (row bytes a multiple of 32), its scales [N / 4, 4 * K / group]");
   return {QBLOCK, 4 * QBLOCK, 1, 4};
+}
+
+// Six-bit tiles: int8 weights whose values all lie in [-32, 31] (GGUF's Q6_K) are held in 6 bits a value
+// (quantization/int8.py), a quarter fewer bytes for a decode step to read: q uint8 [N / 4, 3 K] holds the 8-bit
+// tiles [N / 4, 4 K]. Each 256 bytes of an 8-bit tile (units 2i and 2i + 1 of its four rows) are a chunk of 192:
+// with u = q + 32 (0-63), byte p's low four bits are in byte p % 128 (the low nibble for p < 128, the high one
+// past it) and its high two in byte 128 + p % 64, at bit 2 (p / 64). A kernel expands a tile where it reads it.
+constexpr int64_t SIX_CHUNK = 192;
+
+// Whether q holds six-bit tiles of an int8 weight of K input channels (else int8 values); checks their shape.
+static bool six_bit(const at::Tensor& q, int64_t K, const char* op) {
+  if (q.scalar_type() != at::kByte) return false;
+  TORCH_CHECK(q.dim() == 2 && q.size(1) == 3 * K && K % (2 * QBLOCK) == 0, op,
+              ": 6-bit tiles are uint8 [N / 4, 3 K], K a multiple of 64");
+  return true;
+}
+
+// Unit 2i + a of row r of an 8-bit tile (its bytes p = 128 a + 32 r + j), from chunk i of the six-bit tile.
+static inline void six_bit_unit(const uint8_t* chunk, int a, int r, int8_t* out) {
+  const int field = 2 * a + r / 2;
+  for (int j = 0; j < QBLOCK; ++j) {
+    const int low = (chunk[32 * r + j] >> (4 * a)) & 15, high = (chunk[128 + 32 * (r & 1) + j] >> (2 * field)) & 3;
+    out[j] = int8_t((low | high << 4) - 32);
+  }
+}
+
+// The 8-bit tile (4 K bytes) of a six-bit one (3 K bytes), prefetching `ahead` bytes past each chunk read.
+static void expand_six_bit(const uint8_t* src, int64_t K, int64_t ahead, int8_t* dst) {
+  for (int64_t i = 0; i < K / (2 * QBLOCK); ++i) {
+    const uint8_t* c = src + i * SIX_CHUNK;
+    int8_t* d = dst + 8 * QBLOCK * i;
+    for (int line = 0; line < 3; ++line) __builtin_prefetch(c + ahead + 64 * line);
+#if defined(__AVX512BW__)
+    const __m512i lo0 = _mm512_loadu_si512(c), lo1 = _mm512_loadu_si512(c + 64), hi = _mm512_loadu_si512(c + 128);
+    const __m512i m15 = _mm512_set1_epi8(15), m48 = _mm512_set1_epi8(0x30), k32 = _mm512_set1_epi8(32);
+    const auto put = [&](int at, __m512i low, __m512i high) {
+      const __m512i u = _mm512_or_si512(_mm512_and_si512(low, m15), _mm512_and_si512(high, m48));
+      _mm512_storeu_si512(d + at, _mm512_sub_epi8(u, k32));
+    };
+    put(0, lo0, _mm512_slli_epi16(hi, 4));
+    put(64, lo1, _mm512_slli_epi16(hi, 2));
+    put(128, _mm512_srli_epi16(lo0, 4), hi);
+    put(192, _mm512_srli_epi16(lo1, 4), _mm512_srli_epi16(hi, 2));
+#elif defined(__AVX2__)
+    const __m256i m15 = _mm256_set1_epi8(15), m48 = _mm256_set1_epi8(0x30), k32 = _mm256_set1_epi8(32);
+    for (int e = 0; e < 2; ++e) {
+      const auto* v = reinterpret_cast<const __m256i*>(c + 32 * e);
+      const __m256i lo0 = _mm256_loadu_si256(v), lo1 = _mm256_loadu_si256(v + 2), hi = _mm256_loadu_si256(v + 4);
+      const auto put = [&](int at, __m256i low, __m256i high) {
+        const __m256i u = _mm256_or_si256(_mm256_and_si256(low, m15), _mm256_and_si256(high, m48));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + at + 32 * e), _mm256_sub_epi8(u, k32));
+      };
+      put(0, lo0, _mm256_slli_epi16(hi, 4));
+      put(64, lo1, _mm256_slli_epi16(hi, 2));
+      put(128, _mm256_srli_epi16(lo0, 4), hi);
+      put(192, _mm256_srli_epi16(lo1, 4), _mm256_srli_epi16(hi, 2));
+    }
+#else
+    for (int a = 0; a < 2; ++a)
+      for (int r = 0; r < 4; ++r) six_bit_unit(c, a, r, d + 128 * a + 32 * r);
+#endif
+  }
 }
 
 // Weight scales (and int4 minimums) come as float32 or float16: float16 where each of a layer's values is
@@ -166,6 +229,20 @@ constexpr int XROWS = 4;
 constexpr int XROWS = 2;
 #else
 constexpr int XROWS = 1;
+#endif
+
+// For six-bit tiles' unsigned values (int8_dot4_pairs_512): -32 times the sum of each four of n quantized
+// activations in pair_x's layout, one int32 a lane of the kernel's products.
+static void six_bit_corrections(const int8_t* xp, int64_t n, int32_t* xc) {
+  for (int64_t j = 0; j < n / 4; ++j)
+    xc[j] = -32 * (int32_t(xp[4 * j]) + xp[4 * j + 1] + xp[4 * j + 2] + xp[4 * j + 3]);
+}
+
+// Whether int8 tiles in pairs of blocks run on 512-bit registers (int8_dot4_pairs).
+#if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+constexpr bool PAIRS_512 = true;
+#else
+constexpr bool PAIRS_512 = false;
 #endif
 
 // Rows ahead to prefetch: without it the int8 rows streamed at ~4 GB/s, a third of what fp32 rows
@@ -399,9 +476,30 @@ static inline __m512i half_lanes(int h, int second) {
                           a + 8, a + 8, a + 8, a + 8, a, a, a, a);                 // row 2h
 }
 
-template <bool PACKED8, bool HALVES, int R, typename P>
-static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64_t xs, int64_t vs, const int8_t* q,
-                                       P s, int64_t K, int64_t group, float (*out)[4]) {
+// Rows 2h and 2h + 1 of units 2i (w0) and 2i + 1 (w1) of a tile: 64 bytes each from the 8-bit tile, or from the
+// six-bit tile's chunk i (SIX) as unsigned u = q + 32: the nibbles of lo h, the high bits of field h (w0), 2 + h (w1).
+template <bool SIX>
+static inline void pair_rows_512(const int8_t* q, int64_t i, int h, __m512i& w0, __m512i& w1) {
+  if constexpr (!SIX) {
+    const int8_t* w = q + 2 * i * 4 * QBLOCK;
+    w0 = _mm512_loadu_si512(w + 64 * h), w1 = _mm512_loadu_si512(w + 4 * QBLOCK + 64 * h);
+    return;
+  }
+  const int8_t* c = q + i * SIX_CHUNK;
+  const __m512i lo = _mm512_loadu_si512(c + 64 * h), hi = _mm512_loadu_si512(c + 128);
+  const __m512i m15 = _mm512_set1_epi8(15), m48 = _mm512_set1_epi8(0x30);
+  const __m512i high0 = h == 0 ? _mm512_slli_epi16(hi, 4) : _mm512_slli_epi16(hi, 2);
+  const __m512i high1 = h == 0 ? hi : _mm512_srli_epi16(hi, 2);
+  w0 = _mm512_ternarylogic_epi32(_mm512_and_si512(lo, m15), high0, m48, 0xF8);  // low | (high & 0x30)
+  w1 = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m15), high1, m48, 0xF8);
+}
+
+// SIX: the weights come as six-bit tiles, their values unsigned (u = q + 32): the products take them as they are,
+// and each lane's sum starts from -32 times the sum of its four activations (xc, six_bit_corrections), which gives
+// the integer sums of q itself: the same bits as the 8-bit tile, without the sign's three instructions a vector.
+template <bool PACKED8, bool HALVES, bool SIX, int R, typename P>
+static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, const int32_t* xc, int64_t xs, int64_t vs,
+                                       const int8_t* q, P s, int64_t K, int64_t group, float (*out)[4]) {
   const __m512i lanes[2] = {pair_lanes(0), pair_lanes(1)};
   const __m512i halves[2][2] = {{half_lanes(0, 0), half_lanes(0, 1)}, {half_lanes(1, 0), half_lanes(1, 1)}};
   const __m512i first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
@@ -411,27 +509,42 @@ static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64
     for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
   const int64_t ahead = PREFETCH_ROWS * K;
   for (int64_t i = 0; i < K / QPAIR; ++i) {
-    const int8_t* w = q + 2 * i * 4 * QBLOCK;  // block 2i of the tile's four rows; block 2i + 1 follows
-    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(w + ahead + 64 * line), _MM_HINT_T0);
+    const int8_t* w = q + i * (SIX ? SIX_CHUNK : 8 * QBLOCK);  // units 2i and 2i + 1 of the tile's four rows
+    for (int line = 0; line < (SIX ? 3 : 4); ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (SIX ? 3 * ahead / 4 : ahead) + 64 * line), _MM_HINT_T0);
     const int64_t g = 2 * i * QBLOCK / group, g2 = (2 * i + 1) * QBLOCK / group;
     const __m512 s16 =
         HALVES ? _mm512_insertf32x8(_mm512_castps256_ps512(widen8(s + 16 * i)), widen8(s + 16 * i + 8), 1)
                : _mm512_castps256_ps512(PACKED8 ? widen8(s + 8 * i)
                                                 : _mm256_set_m128(widen4(s + 4 * g2), widen4(s + 4 * g)));
     for (int h = 0; h < 2; ++h) {
-      const __m512i w0 = _mm512_loadu_si512(w + 64 * h), w1 = _mm512_loadu_si512(w + 4 * QBLOCK + 64 * h);
+      __m512i w0, w1;
+      pair_rows_512<SIX>(q, i, h, w0, w1);
       const __m512i a = _mm512_permutex2var_epi64(w0, first, w1), b = _mm512_permutex2var_epi64(w0, second, w1);
-      const __m512i a_abs = _mm512_abs_epi8(a), b_abs = _mm512_abs_epi8(b);
-      const __mmask64 a_neg = _mm512_movepi8_mask(a), b_neg = _mm512_movepi8_mask(b);
+      const __m512i a_u = SIX ? a : _mm512_abs_epi8(a), b_u = SIX ? b : _mm512_abs_epi8(b);
+      const __mmask64 a_neg = SIX ? 0 : _mm512_movepi8_mask(a), b_neg = SIX ? 0 : _mm512_movepi8_mask(b);
+      // Activation row m's integer sums of the pair's first halves (da) and second halves (db).
+      const auto dots = [&](int m, __m512i& da, __m512i& db) {
+        const int8_t* x = xp + m * xs + i * QPAIR;
+        const __m512i xa = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+        const __m512i xb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+        if constexpr (SIX) {
+          const int32_t* c = xc + m * (K / 4) + 16 * i;
+          da = _mm512_dpbusd_epi32(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c))),
+                                   a_u, xa);
+          db = _mm512_dpbusd_epi32(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8))),
+                                   b_u, xb);
+        } else {
+          da = _mm512_dpbusd_epi32(zero, a_u, _mm512_mask_sub_epi8(xa, a_neg, zero, xa));
+          db = _mm512_dpbusd_epi32(zero, b_u, _mm512_mask_sub_epi8(xb, b_neg, zero, xb));
+        }
+      };
       if constexpr (HALVES) {
         const __m512 sa = _mm512_permutexvar_ps(halves[h][0], s16), sb = _mm512_permutexvar_ps(halves[h][1], s16);
         for (int m = 0; m < R; ++m) {
-          const int8_t* x = xp + m * xs + i * QPAIR;
-          const __m512i xa = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-          const __m512i xb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
+          __m512i da, db;
+          dots(m, da, db);
           const __m512 dx = _mm512_broadcast_f32x8(_mm256_loadu_ps(dxv + m * vs + 8 * i));
-          const __m512i da = _mm512_dpbusd_epi32(zero, a_abs, _mm512_mask_sub_epi8(xa, a_neg, zero, xa));
-          const __m512i db = _mm512_dpbusd_epi32(zero, b_abs, _mm512_mask_sub_epi8(xb, b_neg, zero, xb));
           acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(da), dx), sa, acc[h][m]);
           acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(db), dx), sb, acc[h][m]);
         }
@@ -439,13 +552,10 @@ static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64
       }
       const __m512 sv = _mm512_permutexvar_ps(lanes[h], s16);
       for (int m = 0; m < R; ++m) {
-        const int8_t* x = xp + m * xs + i * QPAIR;
-        const __m512i xa = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-        const __m512i xb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, a_abs, _mm512_mask_sub_epi8(xa, a_neg, zero, xa)),
-                                                b_abs, _mm512_mask_sub_epi8(xb, b_neg, zero, xb));
+        __m512i da, db;
+        dots(m, da, db);
         const __m512 dx = _mm512_broadcast_f32x8(_mm256_loadu_ps(dxv + m * vs + 8 * i));
-        acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dx), sv, acc[h][m]);
+        acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(da, db)), dx), sv, acc[h][m]);
       }
     }
   }
@@ -457,19 +567,24 @@ static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, int64
 }
 #endif
 
+// xc: six_bit_corrections where q is a six-bit tile (512-bit kernels only), else null.
 template <int R = XROWS, typename P>
-static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv, int64_t xs, int64_t vs,
-                                   const int8_t* q, P s, int64_t K, int64_t group, const RowTile& t,
+static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv, const int32_t* xc, int64_t xs,
+                                   int64_t vs, const int8_t* q, P s, int64_t K, int64_t group, const RowTile& t,
                                    float (*out)[4]) {
   if constexpr (R > 1) {
-    if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xs, vs, q, s, K, group, t, out);
+    if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xc, xs, vs, q, s, K, group, t, out);
   }
   const bool tiles = t.q_unit == 4 * QBLOCK;
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+  const auto kernel = [&](auto six) {
+    constexpr bool SIX = decltype(six)::value;
+    return group == 16       ? int8_dot4_pairs_512<false, true, SIX, R, P>
+           : group == QBLOCK ? int8_dot4_pairs_512<true, false, SIX, R, P>
+                             : int8_dot4_pairs_512<false, false, SIX, R, P>;
+  };
   if (tiles)
-    return (group == 16       ? int8_dot4_pairs_512<false, true, R, P>
-            : group == QBLOCK ? int8_dot4_pairs_512<true, false, R, P>
-                              : int8_dot4_pairs_512<false, false, R, P>)(xp, dxv, xs, vs, q, s, K, group, out);
+    return (xc ? kernel(std::true_type{}) : kernel(std::false_type{}))(xp, dxv, xc, xs, vs, q, s, K, group, out);
 #endif
   if (group == 16)
     return (tiles ? int8_dot4_pairs_<true, false, true, R, P> : int8_dot4_pairs_<false, false, true, R, P>)(
@@ -641,17 +756,19 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales, c10
                               int64_t group, bool per_token, const c10::optional<at::Tensor>& scale_factors) {
   x = x.contiguous();  // here rather than in the caller: in a replayed step, one op less per linear
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int8_linear: x, q and scales must be matrices");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar, "int8_linear: float32 x and int8 q only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (q.scalar_type() == at::kChar || q.scalar_type() == at::kByte),
+              "int8_linear: float32 x and int8 q (or its six-bit tiles) only");
   TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "int8_linear: contiguous inputs only");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
               "int8_linear: group must be 16 or a multiple of 32 dividing K");
   const int64_t groups = K / group;
-  const RowTile t = row_tile(q, scales, K, groups, "int8_linear");
-  const int64_t N = q.size(0) * q.size(1) / K;
+  const bool six = six_bit(q, K, "int8_linear");
+  const RowTile t = row_tile(q, scales, K, groups, "int8_linear", six);
+  const int64_t N = six ? 4 * q.size(0) : q.size(0) * q.size(1) / K;
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
+  const auto* qp = static_cast<const int8_t*>(q.data_ptr());
   float* yp = y.data_ptr<float>();
   const float* bp = bias_ptr(bias, N, "int8_linear");
   std::vector<int8_t> xq(M * K);
@@ -666,6 +783,8 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales, c10
   std::vector<float> dxv(pairs ? M * vs : 0);
   for (int64_t m = 0; pairs && m < M; ++m)
     pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, 0.f, xpairs.data() + m * K, dxv.data() + m * vs, nullptr);
+  std::vector<int32_t> xc(six && PAIRS_512 ? M * K / 4 : 0);
+  if (!xc.empty()) six_bit_corrections(xpairs.data(), M * K, xc.data());
 #endif
   // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
   return with_scales(scales, c10::nullopt, scale_factors, c10::nullopt, groups, "int8_linear", [&](auto sp, auto) {
@@ -673,8 +792,14 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales, c10
     at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
       float out[XROWS][4];
       std::vector<float> buffer;
+      std::vector<int8_t> expanded(six && !PAIRS_512 ? 4 * K : 0);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = b * 4;
+        const int8_t* qt = six ? qp + b * 3 * K : qp + n * K;
+        if (six && !PAIRS_512) {  // the 512-bit pair kernels expand six-bit tiles in registers
+          expand_six_bit(reinterpret_cast<const uint8_t*>(qt), K, 3 * PREFETCH_ROWS * K / 4, expanded.data());
+          qt = expanded.data();
+        }
         with_tile_scales(sp + n * groups, P{}, 4 * groups, n + 4 <= N && M > XROWS, buffer, [&](auto st, auto) {
         for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
           const int64_t xrows = std::min<int64_t>(XROWS, M - m0);
@@ -683,11 +808,11 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales, c10
           if (n + 4 <= N) {
   #if defined(__AVX2__) && defined(__FMA__)
             if (pairs)
-              int8_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs, K, vs, qp + n * K, st, K,
-                              group, t, out);
+              int8_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs,
+                              xc.empty() ? nullptr : xc.data() + m0 * K / 4, K, vs, qt, st, K, group, t, out);
             else
   #endif
-              int8_dot4(int(xrows), xr, dr, K, K / QBLOCK, qp + n * K, st, K, group, t, out);
+              int8_dot4(int(xrows), xr, dr, K, K / QBLOCK, qt, st, K, group, t, out);
             for (int64_t m = 0; m < xrows; ++m)
               for (int r = 0; r < 4; ++r) yp[(m0 + m) * N + n + r] = out[m][r] + (bp ? bp[n + r] : 0.f);
             continue;
@@ -735,15 +860,25 @@ struct QuantWeight {
   P mins;  // int4: null when symmetric (min = -8 * scale)
   RowTile t;
   int64_t K, groups, group;
+  bool six = false;  // int8 in six-bit tiles
 };
+
+// The 32 int8 values of unit u of weight row n (int8, either layout), expanded into `buffer` from six-bit tiles.
+template <typename P>
+static inline const int8_t* int8_unit(const QuantWeight<P>& w, int64_t n, int64_t u, int8_t* buffer) {
+  const int64_t b = n / 4, r = n % 4;
+  if (!w.six) return reinterpret_cast<const int8_t*>(w.q) + 4 * b * w.K + r * w.t.q_row + u * w.t.q_unit;
+  six_bit_unit(w.q + b * 3 * w.K + u / 2 * SIX_CHUNK, int(u % 2), int(r), buffer);
+  return buffer;
+}
 
 template <typename P>
 static void int8_row(const QuantWeight<P>& w, int64_t n, int64_t k0, int64_t kc, float* out) {
   const int64_t b = n / 4 * 4, r = n % 4, step = std::min(w.group, QBLOCK);  // values sharing a scale and a unit
-  const auto* q = reinterpret_cast<const int8_t*>(w.q) + b * w.K + r * w.t.q_row;
   P s = w.scales + b * w.groups + r * w.t.s_row;
+  int8_t buffer[QBLOCK];
   for (int64_t k = k0; k < k0 + kc; k += step) {
-    const int8_t* src = q + k / QBLOCK * w.t.q_unit + k % QBLOCK;
+    const int8_t* src = int8_unit(w, n, k / QBLOCK, buffer) + k % QBLOCK;
     const float scale = widen(s[k / w.group * w.t.s_group]);
     float* o = out + k - k0;
     int64_t i = 0;
@@ -767,14 +902,15 @@ template <typename F>
 static at::Tensor with_int8_weight(const at::Tensor& q, const at::Tensor& scales,
                                    const c10::optional<at::Tensor>& scale_factors, int64_t K, int64_t group,
                                    const char* op, F&& f) {
-  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() &&
-                  scales.is_contiguous(), op, ": contiguous int8 q and scales");
+  TORCH_CHECK(q.dim() == 2 && scales.dim() == 2 && (q.scalar_type() == at::kChar || q.scalar_type() == at::kByte) &&
+                  q.is_contiguous() && scales.is_contiguous(),
+              op, ": contiguous int8 q (or its six-bit tiles) and scales");
   TORCH_CHECK((group == 16 || (group > 0 && group % QBLOCK == 0)) && K % QBLOCK == 0 && K % group == 0,
               op, ": group must be 16 or a multiple of 32 dividing K");
-  const RowTile t = row_tile(q, scales, K, K / group, op);
+  const bool six = six_bit(q, K, op);
+  const RowTile t = row_tile(q, scales, K, K / group, op, six);
   return with_scales(scales, c10::nullopt, scale_factors, c10::nullopt, K / group, op, [&](auto sp, auto) {
-    return f(QuantWeight<decltype(sp)>{reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), sp, {}, t, K, K / group,
-                                        group});
+    return f(QuantWeight<decltype(sp)>{static_cast<const uint8_t*>(q.data_ptr()), sp, {}, t, K, K / group, group, six});
   });
 }
 
@@ -782,7 +918,7 @@ static at::Tensor with_int8_weight(const at::Tensor& q, const at::Tensor& scales
 at::Tensor int8_dequantize(at::Tensor q, at::Tensor scales, int64_t K, int64_t group,
                            c10::optional<at::Tensor> scale_factors) {
   return with_int8_weight(q, scales, scale_factors, K, group, "int8_dequantize", [&](const auto& qw) {
-    const int64_t N = q.size(0) * q.size(1) / K;
+    const int64_t N = qw.six ? 4 * q.size(0) : q.size(0) * q.size(1) / K;
     auto w = at::empty({N, K}, scales.options().dtype(at::kFloat));
     float* wp = w.data_ptr<float>();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -1045,11 +1181,11 @@ static inline void transpose16(__m512i r[16]) {
 #pragma GCC optimize("fp-contract=off")
 template <bool INT4, typename P>
 static void fill_panel(const QuantWeight<P>& w, int64_t N, int64_t p, int64_t k0, int64_t kc, at::BFloat16* out) {
-  const uint8_t* q[NR];
+  const uint8_t* q[NR];  // int4's rows (int8 reads its units through int8_unit)
   P s[NR];
   for (int64_t j = 0; j < NR; ++j) {
     const int64_t n = std::min(p * NR + j, N - 1), b = n / 4 * 4, r = n % 4;
-    q[j] = w.q + b * (INT4 ? w.K / 2 : w.K) + r * w.t.q_row;
+    q[j] = w.q + b * w.K / 2 + r * w.t.q_row;
     s[j] = w.scales + b * w.groups + r * w.t.s_row;
   }
   const int64_t rows = std::min(NR, N - p * NR);
@@ -1069,7 +1205,8 @@ static void fill_panel(const QuantWeight<P>& w, int64_t N, int64_t p, int64_t k0
         lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), sv), mv);
         hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), sv), mv);
       } else {
-        const auto* src = reinterpret_cast<const __m128i*>(q[j] + k / QBLOCK * w.t.q_unit);
+        int8_t buffer[QBLOCK];
+        const auto* src = reinterpret_cast<const __m128i*>(int8_unit(w, p * NR + j, k / QBLOCK, buffer));
         lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src))),
                            _mm512_set1_ps(widen(s[j][g_lo * w.t.s_group])));
         hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src + 1))),
@@ -1116,7 +1253,7 @@ at::Tensor int8_dequant_linear(at::Tensor x, at::Tensor q, at::Tensor scales, c1
                                int64_t group, c10::optional<at::Tensor> scale_factors) {
   const char* op = "int8_dequant_linear";
   return with_int8_weight(q, scales, scale_factors, x.size(-1), group, op, [&](const auto& w) {
-    const int64_t N = q.size(0) * q.size(1) / w.K;
+    const int64_t N = w.six ? 4 * q.size(0) : q.size(0) * q.size(1) / w.K;
     return dequant_matmul<false>(x, N, bias_ptr(bias, N, op), w);
   });
 }

@@ -1,7 +1,7 @@
 """int8 weights with one scale per group of input channels (round-to-nearest, symmetric): qweight int8
-[N, K] and scales [N, K / group], w = scales * q per group; layers keep them in row tiles (tiles.py), the
-scales in float16 where that holds them exactly (scale_storage), GGUF's Q6_K in its two levels (int8 scales
-and `scale_factors`, with_factors)."""
+[N, K] and scales [N, K / group], w = scales * q per group; layers keep them in row tiles (tiles.py), in six bits
+a value where every value fits (GGUF's Q6_K), the scales in float16 where that holds them exactly
+(scale_storage), GGUF's Q6_K's in their two levels (int8 scales and `scale_factors`, with_factors)."""
 
 from __future__ import annotations
 
@@ -180,7 +180,11 @@ class Int8WeightOnly(LinearMethod):
         check_factors(layer, scales, factors)
         if factors is None:
             (scales,) = scale_storage(scales)
-        for key, t in tiles.tile({"qweight": q, "scales": scales, "scale_factors": factors}).items():
+        stored = tiles.tile({"qweight": q, "scales": scales, "scale_factors": factors})
+        if tiles.tileable(q) and self._kernel_group():  # tiled: six bits a value where the values fit
+            six = tiles.six_bit(stored["qweight"])
+            stored["qweight"] = stored["qweight"] if six is None else six
+        for key, t in stored.items():
             layer.register_buffer(key, t)
         layer.compute_dtype = dtype
 
