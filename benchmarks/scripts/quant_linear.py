@@ -32,6 +32,15 @@ def int8_layer(n: int, k: int) -> dict:
     return tiles.tile({"qweight": q, "scales": scales}) | {"n": n}
 
 
+def q6_k_layer(n: int, k: int, six_bit: bool) -> dict:
+    """GGUF's Q6_K as nimblelm holds it: int8 values in [-32, 31], groups of 16 with int8 scales and a float16 factor
+    per 256 weights; in six-bit tiles, or (six_bit False) the same values in 8-bit tiles."""
+    q = torch.randint(-32, 32, (n, k), dtype=torch.int8)
+    scales = torch.randint(-127, 128, (n, k // 16), dtype=torch.int8)
+    t = tiles.tile({"qweight": q, "scales": scales, "scale_factors": (torch.rand(n, k // 256) * 1e-3).half()})
+    return t | {"qweight": tiles.six_bit(t["qweight"]) if six_bit else t["qweight"], "n": n}
+
+
 def int4_layer(n: int, k: int) -> dict:
     q, scales, _ = quantize_int4(torch.randn(n, k), GROUP, True)
     return tiles.tile({"qweight": pack_int4(q), "scales": scales, "mins": None}) | {"n": n}
@@ -43,7 +52,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,2,3,4,6,8,16,32,40")
     p.add_argument("--kinds", default="int8,int4", help="comma list of int8, int4 (integer kernels), "
-                   "int8 sliced, int4 sliced (a slice dequantized at a time)")
+                   "int8 sliced, int4 sliced (a slice dequantized at a time), q6_k (GGUF's Q6_K held in six bits), "
+                   "q6_k8 (the same values in 8 bits), q6_k sliced")
     p.add_argument("--bf16-products", choices=["off", "dot", "amx"],
                    help="the bfloat16 products the sliced kernels use (default: those chosen at start)")
     args = p.parse_args()
@@ -54,11 +64,16 @@ def main() -> None:
     layer_count, shapes = MODELS[args.model]
     print(f"{args.model}, {cpu_model()} ({' '.join(cpu_features())}), {torch.get_num_threads()} threads; "
           f"{kernels_in_use()}; bfloat16 products: {ops.bf16_products()}")
-    layers = {
-        "int8": [[int8_layer(n, k) for n, k in shapes] for _ in range(layer_count)],
-        "int4": [[int4_layer(n, k) for n, k in shapes] for _ in range(layer_count)],
-    }
+    makers = {"int8": int8_layer, "int4": int4_layer, "q6_k": lambda n, k: q6_k_layer(n, k, True),
+              "q6_k8": lambda n, k: q6_k_layer(n, k, False)}
+    kinds = args.kinds.split(",")
+    layers = {fmt: [[make(n, k) for n, k in shapes] for _ in range(layer_count)]
+              for fmt, make in makers.items() if any(kind.split()[0] == fmt for kind in kinds)}
+    q6_k = lambda x, t: ops.int8_linear(x, t["qweight"], t["scales"], None, 16, t["scale_factors"])
     calls = {
+        "q6_k": q6_k,
+        "q6_k8": q6_k,
+        "q6_k sliced": lambda x, t: ops.int8_dequant_linear(x, t["qweight"], t["scales"], None, 16, t["scale_factors"]),
         "int8": lambda x, t: ops.int8_linear(x, t["qweight"], t["scales"], None, GROUP),
         "int8 sliced": lambda x, t: ops.int8_dequant_linear(x, t["qweight"], t["scales"], None, GROUP),
         "int4": lambda x, t: ops.int4_linear(x, t["qweight"], t["scales"], t["mins"], None, GROUP),
@@ -67,7 +82,7 @@ def main() -> None:
     weights = sum(n * k for n, k in shapes)
     print("| kernel | rows | ms a layer | weight GB/s | GFLOP/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for kind in args.kinds.split(","):
+    for kind in kinds:
         call = calls[kind]
         fmt = kind.split()[0]
         stack = layers[fmt]
