@@ -231,13 +231,6 @@ constexpr int XROWS = 2;
 constexpr int XROWS = 1;
 #endif
 
-// For six-bit tiles' unsigned values (int8_dot4_pairs_512): -32 times the sum of each four of n quantized
-// activations in pair_x's layout, one int32 a lane of the kernel's products.
-static void six_bit_corrections(const int8_t* xp, int64_t n, int32_t* xc) {
-  for (int64_t j = 0; j < n / 4; ++j)
-    xc[j] = -32 * (int32_t(xp[4 * j]) + xp[4 * j + 1] + xp[4 * j + 2] + xp[4 * j + 3]);
-}
-
 // Whether int8 tiles in pairs of blocks run on 512-bit registers (int8_dot4_pairs).
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
 constexpr bool PAIRS_512 = true;
@@ -368,6 +361,24 @@ static void pair_x(const int8_t* xq, const float* xd, int64_t K, float min_in_sc
   }
 }
 
+// What the 512-bit pair kernels (int8_dot4_pairs_512) start their sums from: -offset (128 for 8-bit tiles, 32 for
+// six-bit ones) times the sum of each four activations of a row in pair_x's layout, a lane of the products; with
+// groups of 16 (halves) for each half of a pair apart (16 a pair), else both halves' lanes added (8 a pair).
+static void unsigned_corrections(const int8_t* xp, int64_t M, int64_t K, int32_t offset, bool halves, int32_t* xc) {
+  const auto four = [&](const int8_t* x) { return -offset * (int32_t(x[0]) + x[1] + x[2] + x[3]); };
+  for (int64_t p = 0; p < M * K / QPAIR; ++p) {
+    const int8_t* x = xp + p * QPAIR;
+    for (int l = 0; l < 8; ++l) {
+      if (halves) {
+        xc[16 * p + l] = four(x + 4 * l);
+        xc[16 * p + 8 + l] = four(x + 32 + 4 * l);
+      } else {
+        xc[8 * p + l] = four(x + 4 * l) + four(x + 32 + 4 * l);
+      }
+    }
+  }
+}
+
 // The scales (or minimums) of a pair of blocks, for the pair kernels below. Row r's values (v laid out as t
 // says) of groups g and g2, in the low and high four lanes:
 template <typename P>
@@ -463,26 +474,23 @@ static inline __m512i pair_lanes(int h) {
                 : _mm512_set_epi32(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2);
 }
 
-// int8_dot4_pairs_ on tiles in 512-bit registers, as int4's below: one register holds two weight rows of a pair
-// (h = 0: rows 0 and 1, h = 1: rows 2 and 3), each row's two blocks rearranged by a two-source permute into the
-// 256-bit kernel's order (first halves of both blocks, then second halves), against the pair's activations in
-// both halves. AVX-512 has no byte sign instruction: the activations are negated under a mask of the weights'
-// signs, which gives the same products. Each row's lanes compute what the 256-bit kernel's do: the same bits.
-// HALVES (groups of 16): as int8_dot4_pairs_'s, the halves' sums apart, the pair's 16 scales (4 g + r for its
-// groups g = 0-3 of rows r) picked for rows 2h and 2h + 1: first halves' groups 0 and 2, second halves' 1 and 3.
+// The lanes of the scales of the halves (groups of 16, int8_dot4_pairs_512's HALVES) of rows 2h and 2h + 1.
 static inline __m512i half_lanes(int h, int second) {
   const int a = 2 * h + 4 * second;
   return _mm512_set_epi32(a + 9, a + 9, a + 9, a + 9, a + 1, a + 1, a + 1, a + 1,  // row 2h + 1
                           a + 8, a + 8, a + 8, a + 8, a, a, a, a);                 // row 2h
 }
 
-// Rows 2h and 2h + 1 of units 2i (w0) and 2i + 1 (w1) of a tile: 64 bytes each from the 8-bit tile, or from the
-// six-bit tile's chunk i (SIX) as unsigned u = q + 32: the nibbles of lo h, the high bits of field h (w0), 2 + h (w1).
+// Rows 2h and 2h + 1 of units 2i (w0) and 2i + 1 (w1) of a tile, unsigned (int8_dot4_pairs_512): 64 bytes each of
+// the 8-bit tile with the sign bit flipped (u = q + 128), or from the six-bit tile's chunk i (SIX, u = q + 32): the
+// nibbles of lo h, the high bits of field h (w0) and 2 + h (w1).
 template <bool SIX>
 static inline void pair_rows_512(const int8_t* q, int64_t i, int h, __m512i& w0, __m512i& w1) {
   if constexpr (!SIX) {
     const int8_t* w = q + 2 * i * 4 * QBLOCK;
-    w0 = _mm512_loadu_si512(w + 64 * h), w1 = _mm512_loadu_si512(w + 4 * QBLOCK + 64 * h);
+    const __m512i sign = _mm512_set1_epi8(-128);
+    w0 = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * h), sign);
+    w1 = _mm512_xor_si512(_mm512_loadu_si512(w + 4 * QBLOCK + 64 * h), sign);
     return;
   }
   const int8_t* c = q + i * SIX_CHUNK;
@@ -494,16 +502,23 @@ static inline void pair_rows_512(const int8_t* q, int64_t i, int h, __m512i& w0,
   w1 = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m15), high1, m48, 0xF8);
 }
 
-// SIX: the weights come as six-bit tiles, their values unsigned (u = q + 32): the products take them as they are,
-// and each lane's sum starts from -32 times the sum of its four activations (xc, six_bit_corrections), which gives
-// the integer sums of q itself: the same bits as the 8-bit tile, without the sign's three instructions a vector.
+// int8_dot4_pairs_ on tiles in 512-bit registers, as int4's below: one register holds two weight rows of a pair
+// (h = 0: rows 0 and 1, h = 1: rows 2 and 3), each row's two blocks rearranged by a two-source permute into the
+// 256-bit kernel's order (first halves of both blocks, then second halves), against the pair's activations in
+// both halves. The VNNI products take the weights unsigned (pair_rows_512: u = q + 128, six-bit tiles u = q + 32)
+// and each lane's sum starts from -128 (-32) times the sum of its four activations (xc, unsigned_corrections):
+// the integer sums of q itself, without moving the weights' signs onto the activations (AVX-512 has no byte sign
+// instruction: that took an absolute value and a mask a vector, and a masked negation a vector and activation row).
+// Each row's lanes compute what the 256-bit kernel's do: the same bits.
+// HALVES (groups of 16): as int8_dot4_pairs_'s, the halves' sums apart, the pair's 16 scales (4 g + r for its
+// groups g = 0-3 of rows r) picked for rows 2h and 2h + 1: first halves' groups 0 and 2, second halves' 1 and 3.
 template <bool PACKED8, bool HALVES, bool SIX, int R, typename P>
 static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, const int32_t* xc, int64_t xs, int64_t vs,
                                        const int8_t* q, P s, int64_t K, int64_t group, float (*out)[4]) {
   const __m512i lanes[2] = {pair_lanes(0), pair_lanes(1)};
   const __m512i halves[2][2] = {{half_lanes(0, 0), half_lanes(0, 1)}, {half_lanes(1, 0), half_lanes(1, 1)}};
   const __m512i first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
-  const __m512i zero = _mm512_setzero_si512();
+  const int64_t cs = HALVES ? K / 4 : K / 8;  // corrections a row (unsigned_corrections)
   __m512 acc[2][R];
   for (int h = 0; h < 2; ++h)
     for (int m = 0; m < R; ++m) acc[h][m] = _mm512_setzero_ps();
@@ -521,29 +536,16 @@ static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, const
       __m512i w0, w1;
       pair_rows_512<SIX>(q, i, h, w0, w1);
       const __m512i a = _mm512_permutex2var_epi64(w0, first, w1), b = _mm512_permutex2var_epi64(w0, second, w1);
-      const __m512i a_u = SIX ? a : _mm512_abs_epi8(a), b_u = SIX ? b : _mm512_abs_epi8(b);
-      const __mmask64 a_neg = SIX ? 0 : _mm512_movepi8_mask(a), b_neg = SIX ? 0 : _mm512_movepi8_mask(b);
-      // Activation row m's integer sums of the pair's first halves (da) and second halves (db).
-      const auto dots = [&](int m, __m512i& da, __m512i& db) {
-        const int8_t* x = xp + m * xs + i * QPAIR;
-        const __m512i xa = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-        const __m512i xb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)));
-        if constexpr (SIX) {
-          const int32_t* c = xc + m * (K / 4) + 16 * i;
-          da = _mm512_dpbusd_epi32(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c))),
-                                   a_u, xa);
-          db = _mm512_dpbusd_epi32(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8))),
-                                   b_u, xb);
-        } else {
-          da = _mm512_dpbusd_epi32(zero, a_u, _mm512_mask_sub_epi8(xa, a_neg, zero, xa));
-          db = _mm512_dpbusd_epi32(zero, b_u, _mm512_mask_sub_epi8(xb, b_neg, zero, xb));
-        }
+      const auto broadcast = [](const void* p) {
+        return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
       };
-      if constexpr (HALVES) {
+      if constexpr (HALVES) {  // the first halves' sums (da) and the second halves' (db) apart
         const __m512 sa = _mm512_permutexvar_ps(halves[h][0], s16), sb = _mm512_permutexvar_ps(halves[h][1], s16);
         for (int m = 0; m < R; ++m) {
-          __m512i da, db;
-          dots(m, da, db);
+          const int8_t* x = xp + m * xs + i * QPAIR;
+          const int32_t* c = xc + m * cs + 16 * i;
+          const __m512i da = _mm512_dpbusd_epi32(broadcast(c), a, broadcast(x));
+          const __m512i db = _mm512_dpbusd_epi32(broadcast(c + 8), b, broadcast(x + 32));
           const __m512 dx = _mm512_broadcast_f32x8(_mm256_loadu_ps(dxv + m * vs + 8 * i));
           acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(da), dx), sa, acc[h][m]);
           acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(db), dx), sb, acc[h][m]);
@@ -552,10 +554,11 @@ static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, const
       }
       const __m512 sv = _mm512_permutexvar_ps(lanes[h], s16);
       for (int m = 0; m < R; ++m) {
-        __m512i da, db;
-        dots(m, da, db);
+        const int8_t* x = xp + m * xs + i * QPAIR;
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(broadcast(xc + m * cs + 8 * i), a, broadcast(x)),
+                                                b, broadcast(x + 32));
         const __m512 dx = _mm512_broadcast_f32x8(_mm256_loadu_ps(dxv + m * vs + 8 * i));
-        acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(da, db)), dx), sv, acc[h][m]);
+        acc[h][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dx), sv, acc[h][m]);
       }
     }
   }
@@ -567,13 +570,14 @@ static inline void int8_dot4_pairs_512(const int8_t* xp, const float* dxv, const
 }
 #endif
 
-// xc: six_bit_corrections where q is a six-bit tile (512-bit kernels only), else null.
+// xc: the rows' unsigned_corrections where the 512-bit kernels take the tiles (null elsewhere); six: q is a six-bit
+// tile (those kernels only: the others take tiles expanded).
 template <int R = XROWS, typename P>
 static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv, const int32_t* xc, int64_t xs,
                                    int64_t vs, const int8_t* q, P s, int64_t K, int64_t group, const RowTile& t,
-                                   float (*out)[4]) {
+                                   bool six, float (*out)[4]) {
   if constexpr (R > 1) {
-    if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xc, xs, vs, q, s, K, group, t, out);
+    if (rows < R) return int8_dot4_pairs<R - 1>(rows, xp, dxv, xc, xs, vs, q, s, K, group, t, six, out);
   }
   const bool tiles = t.q_unit == 4 * QBLOCK;
 #if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
@@ -584,7 +588,7 @@ static inline void int8_dot4_pairs(int rows, const int8_t* xp, const float* dxv,
                              : int8_dot4_pairs_512<false, false, SIX, R, P>;
   };
   if (tiles)
-    return (xc ? kernel(std::true_type{}) : kernel(std::false_type{}))(xp, dxv, xc, xs, vs, q, s, K, group, out);
+    return (six ? kernel(std::true_type{}) : kernel(std::false_type{}))(xp, dxv, xc, xs, vs, q, s, K, group, out);
 #endif
   if (group == 16)
     return (tiles ? int8_dot4_pairs_<true, false, true, R, P> : int8_dot4_pairs_<false, false, true, R, P>)(
@@ -783,8 +787,9 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales, c10
   std::vector<float> dxv(pairs ? M * vs : 0);
   for (int64_t m = 0; pairs && m < M; ++m)
     pair_x(xq.data() + m * K, xd.data() + m * K / QBLOCK, K, 0.f, xpairs.data() + m * K, dxv.data() + m * vs, nullptr);
-  std::vector<int32_t> xc(six && PAIRS_512 ? M * K / 4 : 0);
-  if (!xc.empty()) six_bit_corrections(xpairs.data(), M * K, xc.data());
+  const bool tiled = t.q_unit == 4 * QBLOCK;
+  std::vector<int32_t> xc(PAIRS_512 && pairs && tiled ? M * K / (group == 16 ? 4 : 8) : 0);
+  if (!xc.empty()) unsigned_corrections(xpairs.data(), M, K, six ? 32 : 128, group == 16, xc.data());
 #endif
   // Tiles of four weight rows; each tile stays in L1 across the activation rows, XROWS of them at a time.
   return with_scales(scales, c10::nullopt, scale_factors, c10::nullopt, groups, "int8_linear", [&](auto sp, auto) {
@@ -809,7 +814,8 @@ static at::Tensor int8_matmul(at::Tensor x, at::Tensor q, at::Tensor scales, c10
   #if defined(__AVX2__) && defined(__FMA__)
             if (pairs)
               int8_dot4_pairs(int(xrows), xpairs.data() + m0 * K, dxv.data() + m0 * vs,
-                              xc.empty() ? nullptr : xc.data() + m0 * K / 4, K, vs, qt, st, K, group, t, out);
+                              xc.empty() ? nullptr : xc.data() + m0 * xc.size() / M, K, vs, qt, st, K, group, t,
+                              six && PAIRS_512, out);
             else
   #endif
               int8_dot4(int(xrows), xr, dr, K, K / QBLOCK, qt, st, K, group, t, out);

@@ -115,9 +115,13 @@ SLICED_MIN_WEIGHTS = 2_000_000
 # - AMD with AVX-512 (EPYC Zen 4, 2026-12-05, `80480f9`): int8 16.9 at 32 rows, 26.2 at 48, 34.5 at 64
 #   against 20.6, 28.6, 35.6 sliced; int4 10.6, 15.0, 22.6 against 21.3, 29.2, 35.7. Against the bfloat16
 #   panels of prefills (`4bdb24e`, int8 in pairs of blocks): int8 54.2 at 128 rows, 110.9 at 256 against
-#   62.5, 93.3; int4 40.3 at 128, 87.5 at 256, 189.7 at 512 against 61.2, 92.1, 167.1.
+#   62.5, 93.3; int4 40.3 at 128, 87.5 at 256, 189.7 at 512 against 61.2, 92.1, 167.1. Measured again on the
+#   same kind (2026-12-07, the 512-bit int8 kernel taking the weights unsigned), the sliced int8 layers on
+#   AVX-512 BF16 dot products are faster from 48 rows: int8 11.04-11.12 at 32, 16.39 at 48, 21.41-21.74 at 64,
+#   42.45-42.55 at 128 against 10.98-11.27, 14.78-14.80, 18.46-18.68, 34.41 sliced (SmolLM2's shapes: 1.01 at
+#   32, 1.47 at 48 against 0.94, 1.21); int4 9.55 at 32, 36.66 at 128, 73.10 at 256 against 21.41, 65.15, 124.49.
 INTEGER_MAX_ROWS = {"int8": 24, "int4": 40}
-INTEGER_MAX_ROWS_AMD_AVX512 = {"int8": 128, "int4": 256}
+INTEGER_MAX_ROWS_AMD_AVX512 = {"int8": 32, "int4": 256}
 # - Xeon with AMX, against the dequantizing linear on AMX tiles (2026-12-06, benchmarks/README.md "Quantized
 #   prefill on bfloat16 products"): int8 4.66 at 8 rows, 6.73 at 12 against 4.86, 5.02; int4 3.13 at 8,
 #   4.77 at 12, 6.35 at 16 against 4.36, 4.89, 5.01. With the 512-bit integer kernels (`11cc022`, two runs):
