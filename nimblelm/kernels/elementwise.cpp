@@ -12,9 +12,29 @@ static void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2, name, ": contiguous 2-d float32 only");
 }
 
-static void normalize_row(const float* in, float* out, const float* w, int64_t d, float eps) {
+// The sum of x's squares in double, in four vector accumulators where AVX2 is there: a sequential sum makes
+// each addition wait for the one before (a 32-row SmolLM2 step's 59 norms took 0.8 ms so). Each square is exact
+// in double; only the order of the additions differs, far below the float32 result's rounding.
+static double sum_squares(const float* x, int64_t d) {
   double ss = 0.0;
-  for (int64_t i = 0; i < d; ++i) ss += double(in[i]) * in[i];
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  for (; i + 16 <= d; i += 16)
+    for (int j = 0; j < 4; ++j) {
+      const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4 * j));
+      acc[j] = _mm256_fmadd_pd(v, v, acc[j]);
+    }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3])));
+  ss = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+  for (; i < d; ++i) ss += double(x[i]) * x[i];
+  return ss;
+}
+
+static void normalize_row(const float* in, float* out, const float* w, int64_t d, float eps) {
+  const double ss = sum_squares(in, d);
   const float scale = 1.0f / std::sqrt(float(ss / d) + eps);
   for (int64_t i = 0; i < d; ++i) out[i] = in[i] * scale * w[i];
 }
