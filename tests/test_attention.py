@@ -53,18 +53,24 @@ def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
     # chunk (split and merged softmax), shorter than one chunk, of one token; one long sequence alone, which
     # the kernel cuts into shorter chunks to give every thread work; windows inside one chunk and across
     # chunks. The float16 and int8 kernels' oracle is SDPA over the cache they read, widened to float32.
+    # A bfloat16 cache on the float path here; its bfloat16 products are tested below.
     ops = cpu_ops()
     assert ops is not None, "the C++ kernels did not build"
     q, k_cache, v_cache, tables, lens = random_paged_cache(dim + window, dim)
     if only_longest:
         q, tables, lens = q[3:], tables[3:], lens[3:]
-    if kv == "int8":
-        out, k_cache, v_cache = int8_decode(ops, q, k_cache, v_cache, tables, lens, window)
-    else:
-        k_cache, v_cache = k_cache.to(getattr(torch, kv)), v_cache.to(getattr(torch, kv))
-        out = torch.empty_like(q)
-        ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
-        k_cache, v_cache = k_cache.float(), v_cache.float()
+    before = ops.bf16_products()
+    ops.set_bf16_products("off")
+    try:
+        if kv == "int8":
+            out, k_cache, v_cache = int8_decode(ops, q, k_cache, v_cache, tables, lens, window)
+        else:
+            k_cache, v_cache = k_cache.to(getattr(torch, kv)), v_cache.to(getattr(torch, kv))
+            out = torch.empty_like(q)
+            ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
+            k_cache, v_cache = k_cache.float(), v_cache.float()
+    finally:
+        ops.set_bf16_products(before)
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
 
 
@@ -96,24 +102,29 @@ def test_paged_decode_received_adds_each_rows_softmax_weights_at_its_keys_slots(
 
 
 @pytest.mark.parametrize(("dim", "block_size", "heads"), [(64, 16, 6), (32, 16, 8), (128, 16, 32), (64, 8, 6),
-                                                    (72, 16, 6), (64, 16, 34)])
+                                                    (72, 16, 6), (64, 16, 34), (64, 4, 14)])
 @pytest.mark.parametrize("window", [0, 5])
 def test_a_bfloat16_cache_decodes_on_each_product_path(bf16_products, dim, block_size, heads, window):
-    """A bfloat16 cache is widened to float, as float16's, except on AMX tiles, which score 16-key blocks of
-    head sizes that are multiples of 32, for at most 16 query heads a KV head, from the query (softmax scale
-    folded in) rounded to bfloat16: the oracle is SDPA over the widened cache with that query. Windows start
-    pages inside a block."""
+    """A bfloat16 cache is widened to float, as float16's, except where bfloat16 products are on and the head size
+    is a multiple of 32: AMX tiles score 16-key blocks (at most 16 query heads a KV head) and dot products score
+    any page, both from the query (softmax scale folded in) rounded to bfloat16, the oracle's query here. Dot
+    products also weigh the values by the softmax weights rounded to bfloat16: each weight moves by at most 2^-9
+    of itself, so each output by at most 2^-9 of the largest value it averages. Windows start pages inside a block,
+    and pages of odd lengths pair their last value with nothing."""
     ops = cpu_ops()
     q, k_cache, v_cache, tables, lens = random_paged_cache(dim + block_size, dim, block_size=block_size, heads=heads)
     k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
     out = torch.empty_like(q)
     ops.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, dim**-0.5, window)
-    tiles = ops.bf16_products() == "amx" and block_size == 16 and dim % 32 == 0 and heads // 2 <= 16
+    products = ops.bf16_products() if dim % 32 == 0 else "off"
+    tiles = products == "amx" and block_size == 16 and heads // 2 <= 16
+    rounded = tiles or products == "dot"
     scale = dim**-0.5
-    seen = (q * scale).bfloat16().float() / scale if tiles else q
+    seen = (q * scale).bfloat16().float() / scale if rounded else q
     k_cache, v_cache = k_cache.float(), v_cache.float()
-    assert torch.allclose(out, reference(seen, k_cache, v_cache, tables, lens, window), atol=1e-5)
-    if tiles:  # the rounded query shows: the tiles did score
+    atol = 2**-9 * v_cache.abs().max().item() + 1e-5 if products == "dot" else 1e-5
+    assert torch.allclose(out, reference(seen, k_cache, v_cache, tables, lens, window), atol=atol)
+    if rounded:  # the rounding shows: the products did multiply
         assert not torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
 
 

@@ -7,6 +7,7 @@
 #include <numeric>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "ops.h"
@@ -307,6 +308,97 @@ static void tile_scores(const c10::BFloat16* block, int64_t ld, int64_t off, int
 #define HAVE_TILE_SCORES 1
 #endif
 
+#if defined(__AVX512BF16__)
+// A bfloat16 cache by AVX-512 BF16 dot products (where bf16_products is "dot": AMD Zen 4), for head sizes that are
+// whole 32-channel vectors: K and V multiplied as stored, with no widening, two products a lane. The query is
+// rounded to bfloat16 (as on AMX tiles) and so are the softmax weights (as a bfloat16 model's attention rounds
+// them before they meet V; the sums stay float32): each weight moves by at most 2^-9 of itself. Widening each row
+// took a shift or conversion per 16 values and a float32 FMA per value and query head; on Zen 4, where a
+// 512-bit FMA takes both FMA pipes, that bound the kernel. 30 layers' caches in turn, SmolLM2's heads, 2 threads,
+// EPYC Zen 4, best of four alternated runs (2026-12-07), with the chunking and scratch changes of the same
+// commit: 32 sequences of 192 positions 238 us a layer against 354 before, of 1000 positions 779 against 1237
+// (31 GB/s of K/V: the memory's rate); one sequence of 192 positions 7.2 us against 12.4.
+//
+// s[t] = q . key t for m <= 16 keys (ld values apart); each key's lanes are summed with the others' (sum_lanes).
+template <bool WHOLE>
+static void dot_score_keys(const c10::BFloat16* q, int64_t D, const c10::BFloat16* k, int64_t ld, int64_t keys,
+                           float* s) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d);
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) {
+      if (WHOLE || t < keys) acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_loadu_si512(k + t * ld + d), qv);
+    }
+  }
+  _mm512_mask_storeu_ps(s, __mmask16((1u << keys) - 1), sum_lanes(acc));
+}
+
+// s[g * lds + t] = q_g . key t for G query heads (q: [G, D] bfloat16) and m keys, ld values apart.
+static void dot_scores(const c10::BFloat16* q, int64_t G, int64_t D, const c10::BFloat16* k, int64_t ld, int64_t m,
+                       float* s, int64_t lds) {
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t t0 = 0; t0 < m; t0 += 16) {
+      if (m - t0 >= 16) dot_score_keys<true>(q + g * D, D, k + t0 * ld, ld, 16, s + g * lds + t0);
+      else dot_score_keys<false>(q + g * D, D, k + t0 * ld, ld, m - t0, s + g * lds + t0);
+    }
+  }
+}
+
+// o[g * D + ...] += sum_t p[g * ldp + t] * value t for G query heads and m values (ld values apart), the weights
+// rounded to bfloat16: two value rows interleaved channel by channel (16-bit unpacks) times a broadcast pair of
+// weights, each product a pair. Each 32 channels of o come out in the interleave's order, [0-3, 8-11, 16-19, 24-27,
+// 4-7, 12-15, 20-23, 28-31] (pair_order_ puts them back). An odd last value pairs with a zero row; p[t + 1] must then
+// be finite.
+template <int GB>
+static void dot_weighted(const c10::BFloat16* p, int64_t ldp, const c10::BFloat16* v, int64_t ld, int64_t m, int64_t D,
+                         float* o) {
+  for (int64_t c = 0; c < D; c += 32) {
+    __m512 lo[GB], hi[GB];
+#pragma GCC unroll 4
+    for (int g = 0; g < GB; ++g) lo[g] = _mm512_loadu_ps(o + g * D + c), hi[g] = _mm512_loadu_ps(o + g * D + c + 16);
+    for (int64_t t = 0; t < m; t += 2) {
+      const __m512i a = _mm512_loadu_si512(v + t * ld + c);
+      const __m512i b = t + 1 < m ? _mm512_loadu_si512(v + (t + 1) * ld + c) : _mm512_setzero_si512();
+      const __m512bh x = (__m512bh)_mm512_unpacklo_epi16(a, b), y = (__m512bh)_mm512_unpackhi_epi16(a, b);
+#pragma GCC unroll 4
+      for (int g = 0; g < GB; ++g) {
+        int32_t pair;
+        std::memcpy(&pair, p + g * ldp + t, sizeof pair);
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(pair);
+        lo[g] = _mm512_dpbf16_ps(lo[g], x, w);
+        hi[g] = _mm512_dpbf16_ps(hi[g], y, w);
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GB; ++g) _mm512_storeu_ps(o + g * D + c, lo[g]), _mm512_storeu_ps(o + g * D + c + 16, hi[g]);
+  }
+}
+
+// dot_weighted's outputs, D channels, back in channel order.
+static void pair_order_(float* o, int64_t D) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t c = 0; c < D; c += 32) {
+    const __m512 lo = _mm512_loadu_ps(o + c), hi = _mm512_loadu_ps(o + c + 16);
+    _mm512_storeu_ps(o + c, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(o + c + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+}
+
+// x [n] -> bfloat16 (round to nearest even), then a zero.
+static void round_weights(const float* x, int64_t n, c10::BFloat16* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  for (; i < n; ++i) out[i] = c10::BFloat16(x[i]);
+  out[n] = c10::BFloat16(0.f);
+}
+#define HAVE_DOT_ATTENTION 1
+#endif
+
 // count values from p on their way to L2 (every CPU kind: the compiler's builtin, not an intrinsic). Into L1
 // (locality 3) they pushed out the page being computed: 30 layers' float16 caches among SmolLM2-sized int4
 // linears, 2 threads, EPYC Zen 4 (2026-12-05), 32 sequences of 150 positions took 7.5 ms against 13.2, one
@@ -323,12 +415,16 @@ static inline void prefetch(const T* p, int64_t count) {
 // then V, each row widened once for the G query heads that read it, and the next page is prefetched.
 // 32 sequences of 60-180 positions (SmolLM2's heads, float16 cache, 30 layers' caches in turn, 2 threads,
 // Xeon, 2026-12-04): 190 us a layer against 265 scoring one query head per row load without prefetch.
-// tiles: a bfloat16 cache of 16-key blocks, scored on AMX tiles (tile_scores; pairs: scratch for its query).
+// products: how a bfloat16 cache is multiplied: its keys scored on AMX tiles (16-key blocks, tile_scores), or K and
+// V by dot products (dot_scores, dot_weighted), each from the query rounded (pairs: scratch for it; weights: for
+// the softmax weights rounded); WIDENED, as every other cache is.
+enum class Bf16Cache { WIDENED, TILES, DOT };
+
 template <typename T>
 static void row_item(const float* q, const T* kp, const T* vp, const float* k_scales, const float* v_scales,
                      const int64_t* table, int64_t bs, int64_t KVH, int64_t G, int64_t D, int64_t begin, int64_t n,
-                     bool tiles, std::vector<float>& s, std::vector<uint32_t>& pairs, float* m_out, float* l_out,
-                     float* o_out) {
+                     Bf16Cache products, std::vector<float>& s, std::vector<uint32_t>& pairs,
+                     std::vector<c10::BFloat16>& weights, float* m_out, float* l_out, float* o_out) {
   const int64_t H = KVH * G, row = KVH * D;
   s.resize(H * n);
   // f(first key, its slot, keys) for the item's keys on each page in turn; with a cache, the next page's
@@ -346,7 +442,7 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
   };
 #ifdef HAVE_TILE_SCORES
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (tiles) {
+    if (products == Bf16Cache::TILES) {
       pairs.resize(KVH * D / 2 * G);
       for (int64_t h = 0; h < KVH; ++h) query_pairs(q + h * G * D, G, D, pairs.data() + h * D / 2 * G);
       each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
@@ -357,7 +453,21 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
     }
   }
 #endif
-  if (!tiles) {
+#ifdef HAVE_DOT_ATTENTION
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (products == Bf16Cache::DOT) {
+      pairs.resize(H * D / 2);
+      auto* qb = reinterpret_cast<c10::BFloat16*>(pairs.data());
+      for (int64_t i = 0; i < H * D; i += 32)
+        _mm512_storeu_si512(qb + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + i + 16), _mm512_loadu_ps(q + i)));
+      each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
+        for (int64_t h = 0; h < KVH; ++h)
+          dot_scores(qb + h * G * D, G, D, kp + slot * row + h * D, row, m, s.data() + h * G * n + t, n);
+      });
+    }
+  }
+#endif
+  if (products == Bf16Cache::WIDENED) {
     each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
       for (int64_t h = 0; h < KVH; ++h)
         scores_run(q + h * G * D, G, D, kp + slot * row + h * D, row, m,
@@ -376,6 +486,25 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
     });
   }
   std::fill(o_out, o_out + H * D, 0.f);
+#ifdef HAVE_DOT_ATTENTION
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (products == Bf16Cache::DOT) {
+      const int64_t ldp = n + 1;
+      weights.resize(H * ldp);
+      for (int64_t h = 0; h < H; ++h) round_weights(s.data() + h * n, n, weights.data() + h * ldp);
+      each_page(vp, [&](int64_t t, int64_t slot, int64_t m) {
+        for (int64_t h = 0; h < KVH; ++h) {
+          in_head_groups(G, [&](auto heads, int64_t g) {
+            dot_weighted<heads>(weights.data() + (h * G + g) * ldp + t, ldp, vp + slot * row + h * D, row, m, D,
+                                o_out + (h * G + g) * D);
+          });
+        }
+      });
+      for (int64_t h = 0; h < H; ++h) pair_order_(o_out + h * D, D);
+      return;
+    }
+  }
+#endif
   each_page(vp, [&](int64_t t, int64_t slot, int64_t m) {
     for (int64_t h = 0; h < KVH; ++h)
       weighted_run(s.data() + h * G * n + t, n, G, vp + slot * row + h * D, row, m, D, o_out + h * G * D);
@@ -487,8 +616,11 @@ static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
   auto first_pos = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, lens[b] - window) : int64_t(0); };
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b] - first_pos(b));
-  // Enough chunks that a small batch still gives every thread work, none longer than ATTN_CHUNK.
-  const int64_t per_seq = (4 * at::get_num_threads() + B - 1) / B;
+  // Chunks of a sequence: none longer than ATTN_CHUNK, and for a batch smaller than the threads a whole number
+  // of even shares each (a sequence alone: one chunk a thread, not four of unequal length each costing an item's
+  // setup and a partial to merge; one sequence of 192 positions 9.6 us a layer against 12.3 on a float16 cache).
+  const int64_t share = (at::get_num_threads() + B - 1) / B;
+  const int64_t per_seq = share * ((longest + share * ATTN_CHUNK - 1) / (share * ATTN_CHUNK));
   int64_t chunk_len = std::clamp<int64_t>((longest + per_seq - 1) / per_seq, 32, ATTN_CHUNK);
   // Rows can share a chunk's blocks when chunks start on block boundaries.
   const bool can_share = window == 0 && B > 1 && D % NR == 0;
@@ -559,24 +691,34 @@ static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
   std::vector<float> part_max(slots * KVH * G, -INFINITY), part_sum(slots * KVH * G, 0.f);
   std::vector<float> part_out(slots * KVH * G * D, 0.f);
 
-  // A bfloat16 cache's scores on AMX tiles: whole 16-key blocks, at most 16 query heads a KV head.
-  bool tiles = false;
+  // A bfloat16 cache on the products the linear layers multiply bfloat16 by: AMX tiles score whole 16-key blocks,
+  // at most 16 query heads a KV head; dot products score and weigh any page.
+  Bf16Cache products = Bf16Cache::WIDENED;
+  if (std::is_same_v<T, c10::BFloat16> && D % 32 == 0) {
+    const std::string linear = bf16_products();
 #ifdef HAVE_TILE_SCORES
-  tiles = std::is_same_v<T, c10::BFloat16> && D % 32 == 0 && bs == 16 && G <= 16 && bf16_products() == "amx";
+    if (linear == "amx" && bs == 16 && G <= 16) products = Bf16Cache::TILES;
 #endif
+#ifdef HAVE_DOT_ATTENTION
+    if (linear == "dot") products = Bf16Cache::DOT;
+#endif
+  }
+  const bool tiles = products == Bf16Cache::TILES;
 
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
 #ifdef HAVE_TILE_SCORES
     if (tiles) configure_score_tiles(G);
 #endif
-    std::vector<float> scores;
-    std::vector<uint32_t> pairs;
-    std::vector<float> scaled_q(H * D), k_row_scales, v_row_scales;
-    std::vector<const T*> k_rows, v_rows;
-    SharedScratch shared;
-    std::vector<const float*> queries;
-    std::vector<float*> m_out, l_out, o_out;
+    // Each thread's working memory, kept between calls (a decode step makes one a layer).
+    static thread_local std::vector<float> scores, scaled_q, k_row_scales, v_row_scales;
+    static thread_local std::vector<uint32_t> pairs;
+    static thread_local std::vector<c10::BFloat16> weights;
+    static thread_local std::vector<const T*> k_rows, v_rows;
+    static thread_local SharedScratch shared;
+    static thread_local std::vector<const float*> queries;
+    static thread_local std::vector<float*> m_out, l_out, o_out;
+    scaled_q.resize(H * D);
     for (int64_t next; (next = next_item.fetch_add(1)) < int64_t(items.size());) {
       const Item& item = items[next];
       const int64_t b = order[item.first], begin = item.begin, n = item.n;
@@ -584,8 +726,8 @@ static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
         const float* qb = qp + b * H * D;
         for (int64_t i = 0; i < H * D; ++i) scaled_q[i] = qb[i] * float(scale);
         const int64_t slot = item.first * H;
-        row_item(scaled_q.data(), kp, vp, k_scales, v_scales, bt + b * max_blocks, bs, KVH, G, D, begin, n, tiles,
-                 scores, pairs, part_max.data() + slot, part_sum.data() + slot, part_out.data() + slot * D);
+        row_item(scaled_q.data(), kp, vp, k_scales, v_scales, bt + b * max_blocks, bs, KVH, G, D, begin, n, products,
+                 scores, pairs, weights, part_max.data() + slot, part_sum.data() + slot, part_out.data() + slot * D);
         continue;
       }
       k_rows.resize(n);
@@ -629,7 +771,8 @@ static void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, a
 
   std::vector<std::vector<int64_t>> slots_of(B);
   for (int64_t i = 0; i < slots; ++i) slots_of[order[i]].push_back(i);
-  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+  // Serial for a few rows: merging them costs less than waking a thread.
+  at::parallel_for(0, B * KVH, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KVH, kvh = i % KVH;
       for (int64_t g = 0; g < G; ++g) {
