@@ -152,8 +152,9 @@ def test_rounded_kv_kernels_match_the_torch_reference_path(tiny_qwen, tiny_qwen_
     # Both paths round alike (bit for bit, above), but their K/V come from different kernels a rounding
     # error apart, which can put a value on either side of a rounding boundary: one int8 step, ~1% of the
     # head's largest value. Such flips moved logprobs by up to 0.01 here (fp32 KV: 2e-5). bfloat16-tiles: a
-    # model whose heads of 32 take the bfloat16 cache's tile scores where the CPU has AMX (the query rounded
-    # to bfloat16 there, not in torch's path).
+    # model whose heads of 32 take the bfloat16 cache's tile scores where the CPU has AMX, or its dot products
+    # where it has AVX-512 BF16 and the linears use them (the query rounded to bfloat16 there, and with dot
+    # products the softmax weights too; not in torch's path).
     model = tiny_qwen_head32 if kv == "bfloat16-tiles" else tiny_qwen
     kv = kv.removesuffix("-tiles")
     fast = LLM(str(model), dtype="float32", max_model_len=256, kv_cache_dtype=kv).generate(PROMPTS[:4], GREEDY, use_tqdm=False)
@@ -166,7 +167,7 @@ def test_rounded_kv_kernels_match_the_torch_reference_path(tiny_qwen, tiny_qwen_
     finally:
         monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
         cpu_ops.cache_clear()
-    # The tiles' query keeps 8 significant bits: on this random model's large scores that moved logprobs by
+    # The rounded query keeps 8 significant bits: on this random model's large scores that moved logprobs by
     # up to 0.071 against the float path over the same cache, and tipped a near tie (0.008 apart) one way.
     tiles = model is tiny_qwen_head32
     _assert_same_greedy_outputs(fast, reference_outputs, 0.1 if tiles else 0.05, near_ties=tiles)
