@@ -409,17 +409,18 @@ static inline void prefetch(const T* p, int64_t count) {
   for (int64_t i = 0; i < count * int64_t(sizeof(T)); i += 64) __builtin_prefetch(c + i, 0, 2);
 }
 
+// How a bfloat16 cache is multiplied: its keys scored on AMX tiles (16-key blocks, tile_scores), or K and V by dot
+// products (dot_scores, dot_weighted); WIDENED, as every other cache is.
+enum class Bf16Cache { WIDENED, TILES, DOT };
+
 // One sequence's positions [begin, begin + n) against all its query heads (q: [H, D], the softmax scale
 // folded in): each query head's score maximum, sum of exps and exp-weighted value rows. Positions are
 // taken a page at a time, where the rows of all KV heads lie together: K is read once, in address order,
-// then V, each row widened once for the G query heads that read it, and the next page is prefetched.
-// 32 sequences of 60-180 positions (SmolLM2's heads, float16 cache, 30 layers' caches in turn, 2 threads,
-// Xeon, 2026-12-04): 190 us a layer against 265 scoring one query head per row load without prefetch.
-// products: how a bfloat16 cache is multiplied: its keys scored on AMX tiles (16-key blocks, tile_scores), or K and
-// V by dot products (dot_scores, dot_weighted), each from the query rounded (pairs: scratch for it; weights: for
-// the softmax weights rounded); WIDENED, as every other cache is.
-enum class Bf16Cache { WIDENED, TILES, DOT };
-
+// then V, each row widened (or, by bfloat16 products, multiplied as stored) once for the G query heads that
+// read it, and the next page is prefetched. 32 sequences of 60-180 positions (SmolLM2's heads, float16 cache,
+// 30 layers' caches in turn, 2 threads, Xeon, 2026-12-04): 190 us a layer against 265 scoring one query head per
+// row load without prefetch. pairs: scratch for the rounded query of the products; weights: for the rounded
+// softmax weights of dot products.
 template <typename T>
 static void row_item(const float* q, const T* kp, const T* vp, const float* k_scales, const float* v_scales,
                      const int64_t* table, int64_t bs, int64_t KVH, int64_t G, int64_t D, int64_t begin, int64_t n,
