@@ -428,17 +428,22 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
                      std::vector<c10::BFloat16>& weights, float* m_out, float* l_out, float* o_out) {
   const int64_t H = KVH * G, row = KVH * D;
   s.resize(H * n);
-  // f(first key, its slot, keys) for the item's keys on each page in turn; with a cache, the next page's
-  // rows of it are prefetched first, to arrive while this page is computed.
+  // f(first key, its slot, keys, KV head) for the item's keys on each page in turn, head by head; with a
+  // cache, the next page's rows of it are prefetched, a KV head's share of their bytes before each head is
+  // computed. One burst of a whole page (96 lines for SmolLM2's heads) stalled on the misses in flight, a fifth
+  // of the kernel's time in the prefetches themselves: 32 sequences of 330 positions (30 layers' caches in turn,
+  // 2 threads, EPYC Zen 4, 2026-12-07) took 0.43 ms a layer against 0.455 for bfloat16 caches, 0.45 against 0.59
+  // for float16, 0.96 against 1.19 for float32; one sequence the same.
   const auto each_page = [&](const T* cache, auto&& f) {
     for (int64_t t = 0, m; t < n; t += m) {
-      const int64_t pos = begin + t;
+      const int64_t pos = begin + t, slot = table[pos / bs] * bs + pos % bs;
       m = std::min(n - t, bs - pos % bs);
-      if (cache && t + m < n) {
-        const int64_t next = pos + m;
-        prefetch(cache + (table[next / bs] * bs + next % bs) * row, std::min(n - t - m, bs) * row);
+      const int64_t ahead = cache && t + m < n ? std::min(n - t - m, bs) * row : 0;
+      const T* next = ahead ? cache + (table[(pos + m) / bs] * bs + (pos + m) % bs) * row : nullptr;
+      for (int64_t h = 0; h < KVH; ++h) {
+        if (next) prefetch(next + ahead * h / KVH, ahead * (h + 1) / KVH - ahead * h / KVH);
+        f(t, slot, m, h);
       }
-      f(t, table[pos / bs] * bs + pos % bs, m);
     }
   };
 #ifdef HAVE_TILE_SCORES
@@ -446,10 +451,9 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
     if (products == Bf16Cache::TILES) {
       pairs.resize(KVH * D / 2 * G);
       for (int64_t h = 0; h < KVH; ++h) query_pairs(q + h * G * D, G, D, pairs.data() + h * D / 2 * G);
-      each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
-        for (int64_t h = 0; h < KVH; ++h)
-          tile_scores(kp + (slot - slot % 16) * row + h * D, row, slot % 16, m, pairs.data() + h * D / 2 * G, G, D,
-                      s.data() + h * G * n + t, n);
+      each_page(kp, [&](int64_t t, int64_t slot, int64_t m, int64_t h) {
+        tile_scores(kp + (slot - slot % 16) * row + h * D, row, slot % 16, m, pairs.data() + h * D / 2 * G, G, D,
+                    s.data() + h * G * n + t, n);
       });
     }
   }
@@ -461,18 +465,16 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
       auto* qb = reinterpret_cast<c10::BFloat16*>(pairs.data());
       for (int64_t i = 0; i < H * D; i += 32)
         _mm512_storeu_si512(qb + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + i + 16), _mm512_loadu_ps(q + i)));
-      each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
-        for (int64_t h = 0; h < KVH; ++h)
-          dot_scores(qb + h * G * D, G, D, kp + slot * row + h * D, row, m, s.data() + h * G * n + t, n);
+      each_page(kp, [&](int64_t t, int64_t slot, int64_t m, int64_t h) {
+        dot_scores(qb + h * G * D, G, D, kp + slot * row + h * D, row, m, s.data() + h * G * n + t, n);
       });
     }
   }
 #endif
   if (products == Bf16Cache::WIDENED) {
-    each_page(kp, [&](int64_t t, int64_t slot, int64_t m) {
-      for (int64_t h = 0; h < KVH; ++h)
-        scores_run(q + h * G * D, G, D, kp + slot * row + h * D, row, m,
-                   k_scales ? k_scales + slot * KVH + h : nullptr, KVH, s.data() + h * G * n + t, n);
+    each_page(kp, [&](int64_t t, int64_t slot, int64_t m, int64_t h) {
+      scores_run(q + h * G * D, G, D, kp + slot * row + h * D, row, m, k_scales ? k_scales + slot * KVH + h : nullptr,
+                 KVH, s.data() + h * G * n + t, n);
     });
   }
   for (int64_t h = 0; h < H; ++h) {
@@ -481,9 +483,9 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
     l_out[h] = exp_shifted_(sh, n, m_out[h]);
   }
   if (v_scales) {  // after the sums: the softmax weights stay unscaled, the value rows get scale_v
-    each_page(nullptr, [&](int64_t t, int64_t slot, int64_t m) {
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = 0; i < m; ++i) s[h * n + t + i] *= v_scales[(slot + i) * KVH + h / G];
+    each_page(nullptr, [&](int64_t t, int64_t slot, int64_t m, int64_t h) {
+      for (int64_t g = h * G; g < (h + 1) * G; ++g)
+        for (int64_t i = 0; i < m; ++i) s[g * n + t + i] *= v_scales[(slot + i) * KVH + h];
     });
   }
   std::fill(o_out, o_out + H * D, 0.f);
@@ -493,22 +495,19 @@ static void row_item(const float* q, const T* kp, const T* vp, const float* k_sc
       const int64_t ldp = n + 1;
       weights.resize(H * ldp);
       for (int64_t h = 0; h < H; ++h) round_weights(s.data() + h * n, n, weights.data() + h * ldp);
-      each_page(vp, [&](int64_t t, int64_t slot, int64_t m) {
-        for (int64_t h = 0; h < KVH; ++h) {
-          in_head_groups(G, [&](auto heads, int64_t g) {
-            dot_weighted<heads>(weights.data() + (h * G + g) * ldp + t, ldp, vp + slot * row + h * D, row, m, D,
-                                o_out + (h * G + g) * D);
-          });
-        }
+      each_page(vp, [&](int64_t t, int64_t slot, int64_t m, int64_t h) {
+        in_head_groups(G, [&](auto heads, int64_t g) {
+          dot_weighted<heads>(weights.data() + (h * G + g) * ldp + t, ldp, vp + slot * row + h * D, row, m, D,
+                              o_out + (h * G + g) * D);
+        });
       });
       for (int64_t h = 0; h < H; ++h) pair_order_(o_out + h * D, D);
       return;
     }
   }
 #endif
-  each_page(vp, [&](int64_t t, int64_t slot, int64_t m) {
-    for (int64_t h = 0; h < KVH; ++h)
-      weighted_run(s.data() + h * G * n + t, n, G, vp + slot * row + h * D, row, m, D, o_out + h * G * D);
+  each_page(vp, [&](int64_t t, int64_t slot, int64_t m, int64_t h) {
+    weighted_run(s.data() + h * G * n + t, n, G, vp + slot * row + h * D, row, m, D, o_out + h * G * D);
   });
 }
 
