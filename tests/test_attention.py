@@ -222,15 +222,12 @@ def test_prefill_attention_adds_each_rows_weights_to_what_its_keys_received(t, c
     expected = before + weights.view(kv_heads, -1, t, c).sum((1, 2))
     torch.testing.assert_close(received, expected, rtol=1e-4, atol=1e-5)
 
-@pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", "int8"])
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window"), [(9, 3, 64, 0), (4, 4, 16, 0), (6, 2, 32, 7)])
-def test_paged_prefill_attention_attends_every_chunk_from_its_pages(kv, heads, kv_heads, dim, window):
-    # A step's prompt chunks in one call: whole prompts (c == t) and later chunks (c > t), of one row and of
-    # several 48-row blocks, on scattered pages of 4 entries, the rows one after another in q. The oracle is
-    # each chunk alone in SDPA over its pages as the cache holds them, widened to float32 (int8 times its scales).
+def paged_prefill(ops, kv, heads, kv_heads, dim, window):
+    """A step's prompt chunks in one call: whole prompts (c == t) and later chunks (c > t), of one row and of
+    several 48-row blocks, on scattered pages of 4 entries, the rows one after another in q. Returns the kernel's
+    output and each chunk's queries, keys and values as the cache holds them, widened to float32 (int8 times its
+    scales)."""
     torch.manual_seed(dim + window)
-    ops = cpu_ops()
-    assert ops is not None, "the C++ kernels did not build"
     chunks = [(5, 5), (1, 9), (60, 60), (30, 130), (1, 1), (100, 101)]  # (t, c)
     block_size, num_blocks = 4, 200
     k_cache, v_cache = torch.randn(2, num_blocks, block_size, kv_heads, dim)
@@ -253,12 +250,54 @@ def test_paged_prefill_attention_attends_every_chunk_from_its_pages(kv, heads, k
     ops.paged_prefill_attention(out, q, k_cache, v_cache, *(scales or (None, None)), tables,
                                 torch.tensor([t for t, _ in chunks]), torch.tensor([c for _, c in chunks]), dim**-0.5,
                                 window)
-    start = 0
+    start, seen = 0, []
     for i, (t, c) in enumerate(chunks):
-        k, v = (x[tables[i]].flatten(0, 1)[:c] for x in (k_seen, v_seen))
-        expected = prefill_reference(q[start : start + t], k, v, window)
-        torch.testing.assert_close(out[start : start + t], expected, rtol=1e-4, atol=1e-5)
+        seen.append((q[start : start + t], *(x[tables[i]].flatten(0, 1)[:c] for x in (k_seen, v_seen))))
         start += t
+    return out, seen
+
+
+@pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window"), [(9, 3, 64, 0), (4, 4, 16, 0), (6, 2, 32, 7)])
+def test_paged_prefill_attention_attends_every_chunk_from_its_pages(kv, heads, kv_heads, dim, window):
+    # The oracle is each chunk alone in SDPA over its pages as the cache holds them. A bfloat16 cache on the float
+    # path here; its bfloat16 products are tested below.
+    ops = cpu_ops()
+    assert ops is not None, "the C++ kernels did not build"
+    before = ops.bf16_products()
+    ops.set_bf16_products("off")
+    try:
+        out, seen = paged_prefill(ops, kv, heads, kv_heads, dim, window)
+    finally:
+        ops.set_bf16_products(before)
+    start = 0
+    for q, k, v in seen:
+        torch.testing.assert_close(out[start : start + len(q)], prefill_reference(q, k, v, window), rtol=1e-4, atol=1e-5)
+        start += len(q)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window"), [(9, 3, 64, 0), (6, 2, 32, 7), (4, 1, 128, 50),
+                                                                  (4, 2, 48, 0)])
+def test_a_bfloat16_cache_prefills_on_each_product_path(bf16_products, heads, kv_heads, dim, window):
+    """Where the linears take AVX-512 BF16 dot products and the head size is a multiple of 32, a bfloat16 cache's
+    keys and values are multiplied as stored, by the queries rounded to bfloat16 (the oracle's queries here) and
+    by the softmax weights rounded to bfloat16, each of which moves by at most 2^-9 of itself: each output by at
+    most 2^-9 of the largest value it averages. Elsewhere (AMX tiles, the panel kernel, other head sizes) the
+    cache is widened to float32."""
+    ops = cpu_ops()
+    out, seen = paged_prefill(ops, "bfloat16", heads, kv_heads, dim, window)
+    dot = ops.bf16_products() == "dot" and dim % 32 == 0
+    start = 0
+    for q, k, v in seen:
+        got = out[start : start + len(q)]
+        if dot:
+            atol = 2**-9 * v.abs().max().item() + 1e-5
+            torch.testing.assert_close(got, prefill_reference(q.bfloat16().float(), k, v, window), rtol=0, atol=atol)
+            if len(q) > 1:  # the rounding shows: the products did multiply
+                assert not torch.allclose(got, prefill_reference(q, k, v, window), atol=1e-5)
+        else:
+            torch.testing.assert_close(got, prefill_reference(q, k, v, window), rtol=1e-4, atol=1e-5)
+        start += len(q)
 
 
 def lowbit_prefill_reference(q, k, v, k_full, v_full, block_size, residual_blocks, window):

@@ -396,6 +396,14 @@ static void round_weights(const float* x, int64_t n, c10::BFloat16* out) {
   for (; i < n; ++i) out[i] = c10::BFloat16(x[i]);
   out[n] = c10::BFloat16(0.f);
 }
+
+// rows x n floats (ld apart, n a multiple of 16) -> bfloat16 rounded to nearest even, n apart: dot_rows' activations.
+static void round_rows(const float* x, int64_t rows, int64_t n, int64_t ld, c10::BFloat16* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * n + i),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * ld + i)));
+}
 #define HAVE_DOT_ATTENTION 1
 #endif
 
@@ -953,19 +961,38 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
     first_item[i + 1] = first_item[i] + KVH * KP;
     first_value[i + 1] = first_value[i] + KVH * KP * NR * D;
   }
-  std::vector<float> kpan(first_value[S], 0.f), vpan(first_value[S], 0.f);
+  // A bfloat16 cache where the linears take dot products: K and V packed as stored, in the pair layout of bfloat16
+  // panels ([D / 2][16 keys][2 channels] and [C / 2][16 channels][2 keys]), multiplied by dot_rows against the
+  // queries and the softmax weights rounded to bfloat16, as decode's dot products round them.
+  bool dot = false;
+#ifdef HAVE_DOT_ATTENTION
+  if constexpr (std::is_same_v<T, c10::BFloat16>) dot = !own && D % 32 == 0 && bf16_products() == "dot";
+#endif
+  std::vector<float> kpan(dot ? 0 : first_value[S], 0.f), vpan(dot ? 0 : first_value[S], 0.f);
+  std::vector<c10::BFloat16> kpairs(dot ? first_value[S] : 0, 0.f), vpairs(dot ? first_value[S] : 0, 0.f);
   at::parallel_for(0, first_item[S], 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t sqn = std::upper_bound(first_item.begin(), first_item.end(), i) - first_item.begin() - 1;
       const PrefillSeq& sn = seqs[sqn];
       const int64_t KP = (sn.C + NR - 1) / NR, CP = KP * NR;
       const int64_t h = (i - first_item[sqn]) / KP, pnl = (i - first_item[sqn]) % KP;
-      float* kseq = kpan.data() + first_value[sqn];
-      float* vseq = vpan.data() + first_value[sqn];
+      float* kseq = dot ? nullptr : kpan.data() + first_value[sqn];
+      float* vseq = dot ? nullptr : vpan.data() + first_value[sqn];
       for (int64_t c = pnl * NR; c < std::min(sn.C, (pnl + 1) * NR); ++c) {
         const int64_t slot = sn.table ? sn.table[c / src.bs] * src.bs + c % src.bs : c;
         const T* kr = src.k + slot * src.sk + h * D;
         const T* vr = src.v + slot * src.sv + h * D;
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (dot) {
+            c10::BFloat16* kd = kpairs.data() + first_value[sqn] + (h * KP + pnl) * D * NR + 2 * (c % NR);
+            for (int64_t d = 0; d < D; ++d) kd[d / 2 * 2 * NR + d % 2] = kr[d];
+            for (int64_t e = 0; e < E; ++e) {
+              c10::BFloat16* vd = vpairs.data() + first_value[sqn] + ((h * E + e) * CP + c / 2 * 2) * NR + c % 2;
+              for (int64_t j = 0; j < NR; ++j) vd[2 * j] = vr[e * NR + j];
+            }
+            continue;
+          }
+        }
         const float ks = src.k_scales ? src.k_scales[slot * KVH + h] : 1.f;
         const float vs = src.v_scales ? src.v_scales[slot * KVH + h] : 1.f;
         float* kd = kseq + (h * KP + pnl) * D * NR + c % NR;
@@ -992,6 +1019,7 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
   std::mutex adding;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> scores;
+    std::vector<c10::BFloat16> rounded;  // dot products': the item's queries, then its softmax weights
     std::vector<float> inv_sum(QB);
     std::vector<float> own_weights(own ? QB * span : 0);  // per row, the weights of its residual's entries
     std::vector<float> got(received ? KVH * C0 : 0, 0.f);
@@ -1005,8 +1033,26 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
       const int64_t hi = (last + 1 + NR - 1) / NR * NR, n = hi - lo, ld = n;
       scores.resize(QB * ld);
       const float* q0 = qp + (sn.q_row + t0) * sq + h * D;
-      const float* kb = kpan.data() + first_value[blk.seq] + (kvh * KP + lo / NR) * D * NR;
-      for (int64_t m = 0; m < rows; m += MR) {
+      const int64_t kb_at = first_value[blk.seq] + (kvh * KP + lo / NR) * D * NR;
+      const float* kb = dot ? nullptr : kpan.data() + kb_at;
+#ifdef HAVE_DOT_ATTENTION
+      if (dot) {
+        rounded.resize(std::max(rows * D, rows * n));
+        round_rows(q0, rows, D, sq, rounded.data());
+        const auto* a = reinterpret_cast<const int32_t*>(rounded.data());
+        for (int64_t m = 0; m < rows; m += MR) {
+          const int64_t r = std::min(MR, rows - m);
+          int64_t pnl = 0;
+          for (; pnl + TILE_PANELS <= n / NR; pnl += TILE_PANELS)
+            dot_rows<TILE_PANELS>(r, a + m * D / 2, D / 2, kpairs.data() + kb_at + pnl * D * NR, D * NR, D / 2,
+                                  scores.data() + m * ld + pnl * NR, ld, false, TILE_PANELS * NR, nullptr);
+          for (; pnl < n / NR; ++pnl)
+            dot_rows<1>(r, a + m * D / 2, D / 2, kpairs.data() + kb_at + pnl * D * NR, D * NR, D / 2,
+                        scores.data() + m * ld + pnl * NR, ld, false, NR, nullptr);
+        }
+      }
+#endif
+      for (int64_t m = 0; !dot && m < rows; m += MR) {
         const int64_t r = std::min(MR, rows - m);
         int64_t pnl = 0;
         for (; pnl + TILE_PANELS <= n / NR; pnl += TILE_PANELS)
@@ -1041,9 +1087,26 @@ static void prefill(at::Tensor out, at::Tensor q, const std::vector<PrefillSeq>&
           std::fill(s + mine, s + end, 0.f);
         }
       }
-      const float* vb = vpan.data() + first_value[blk.seq] + (kvh * E * CP + lo) * NR;
+      const int64_t vb_at = first_value[blk.seq] + (kvh * E * CP + lo) * NR;
+      const float* vb = dot ? nullptr : vpan.data() + vb_at;
       float* o0 = op + (sn.q_row + t0) * so + h * D;
-      for (int64_t m = 0; m < rows; m += MR) {
+#ifdef HAVE_DOT_ATTENTION
+      if (dot) {
+        round_rows(scores.data(), rows, n, ld, rounded.data());
+        const auto* a = reinterpret_cast<const int32_t*>(rounded.data());
+        for (int64_t m = 0; m < rows; m += MR) {
+          const int64_t r = std::min(MR, rows - m);
+          int64_t e = 0;
+          for (; e + TILE_PANELS <= E; e += TILE_PANELS)
+            dot_rows<TILE_PANELS>(r, a + m * n / 2, n / 2, vpairs.data() + vb_at + e * CP * NR, CP * NR, n / 2,
+                                  o0 + m * so + e * NR, so, false, TILE_PANELS * NR, nullptr);
+          for (; e < E; ++e)
+            dot_rows<1>(r, a + m * n / 2, n / 2, vpairs.data() + vb_at + e * CP * NR, CP * NR, n / 2,
+                        o0 + m * so + e * NR, so, false, NR, nullptr);
+        }
+      }
+#endif
+      for (int64_t m = 0; !dot && m < rows; m += MR) {
         const int64_t r = std::min(MR, rows - m);
         int64_t e = 0;
         for (; e + TILE_PANELS <= E; e += TILE_PANELS)
