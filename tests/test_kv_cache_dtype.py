@@ -168,9 +168,10 @@ def test_rounded_kv_kernels_match_the_torch_reference_path(tiny_qwen, tiny_qwen_
         monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
         cpu_ops.cache_clear()
     # The rounded query keeps 8 significant bits: on this random model's large scores that moved logprobs by
-    # up to 0.071 against the float path over the same cache, and tipped a near tie (0.008 apart) one way.
+    # up to 0.071 against the float path over the same cache, and tipped a near tie (0.008 apart) one way; with
+    # dot products, which round the prefill's queries and weights as well, by up to 0.102 (EPYC Zen 4).
     tiles = model is tiny_qwen_head32
-    _assert_same_greedy_outputs(fast, reference_outputs, 0.1 if tiles else 0.05, near_ties=tiles)
+    _assert_same_greedy_outputs(fast, reference_outputs, 0.15 if tiles else 0.05, near_ties=tiles)
 
 
 @pytest.mark.parametrize(("kv", "quantization"), [("int8", None), ("int8", "int8"), ("float16", None),
