@@ -113,8 +113,9 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
     """Greedy tokens of transformers whose cache keeps what `policy` selects and reads by the low-bit rule.
 
     Per layer it holds each entry's full-precision K/V and, for whole blocks, the stored ones. The prompt is one
-    pass of _rule_attention. A compaction gathers each kept entry as the next query would read it (full precision
-    in that query's residual, else stored), whole new blocks stored again from those. A decode row reads stored
+    pass of _rule_attention. A compaction keeps what the policy selects for a low-bit cache (key groups made by an
+    earlier compaction whole) and gathers each kept entry as the next query would read it (full precision in that
+    query's residual, else stored), whole new blocks stored again from those. A decode row reads stored
     entries before its residual, full-precision ones in it. H2O's sums add up every row's weights."""
     votes: list[torch.Tensor] = []  # per layer, filled by the prompt's pass
     received: list[torch.Tensor] | None = [] if policy.method == "h2o" else None  # per layer, H2O's
@@ -132,19 +133,28 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
     stored = [_quantize_blocks(k[:, : k.shape[1] // BLOCK * BLOCK], v[:, : v.shape[1] // BLOCK * BLOCK], bits)
               for k, v in fp]
 
+    compacted = [False] * layers
+
     def prune(i: int, num_new: int) -> None:
         n = fp[i][0].shape[1]
         keep = policy.kept_entries(len(prompt), n, num_new, True, BLOCK, depths[i])
         if keep is None:
             return
-        kept = policy.select(keep, n, kv_heads, received[i] if received else votes[i] if votes else None)
+        first = _residual_start(n)  # of the next query's residual
+        kept = policy.select(keep, n, kv_heads, received[i] if received else votes[i] if votes else None, BLOCK,
+                             first if compacted[i] else 0)
+        compacted[i] = True
         if received:
             received[i] = received[i].gather(1, kept)
-        first = _residual_start(n)  # of the next query's residual
         held = [torch.cat([s_[:, :first], f[:, first:]], 1) for s_, f in zip(stored[i], fp[i])]
         gathered = [x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1])) for x in held]
         fp[i] = tuple(gathered)
-        stored[i] = _quantize_blocks(*(x[:, : keep // BLOCK * BLOCK] for x in gathered), bits)
+        whole = [x[:, : keep // BLOCK * BLOCK] for x in gathered]
+        # A head's new block of one stored block's entries keeps them as stored.
+        runs = kept[:, : keep // BLOCK * BLOCK].view(kv_heads, -1, BLOCK)
+        same = (runs[..., 0] % BLOCK == 0) & (runs[..., -1] - runs[..., 0] == BLOCK - 1) & (runs[..., -1] < first)
+        same = same.repeat_interleave(BLOCK, -1)[..., None]
+        stored[i] = tuple(torch.where(same, x, q) for x, q in zip(whole, _quantize_blocks(*whole, bits)))
 
     step: list[torch.Tensor] = []  # a decode row's weights, per layer
 
@@ -415,6 +425,61 @@ def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options,
     plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_residual_length=RESIDUAL,
                 enforce_eager=not kernel)
     assert _run(plain, [prompt], 40, logprobs=False)[0][0] != ref, "the policy changed nothing"
+
+
+def test_a_block_kept_whole_moves_as_stored():
+    """Sealed again from its own levels, a block need not get them back (a channel whose float16 minimum left
+    its top level unused gets a narrower scale), so a compaction moves a head's block kept whole as stored."""
+    bits, heads, d = 2, 2, 32
+    lowbit = kivi.LowBitKV.empty(bits, 4, BLOCK, heads, d, 1, BLOCK, torch.float32, "cpu")
+    values = torch.zeros(2, 4, BLOCK, heads, d * bits // 8, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    keys = 4.45 + 0.002 * torch.randn(3 * BLOCK, heads, d, generator=g)  # a large offset, a small spread
+    kivi._seal(values, lowbit, torch.tensor([0, 1, 2]), keys, torch.randn(3 * BLOCK, heads, d, generator=g))
+    before = [x[1].clone() for x in (values[0], values[1], *lowbit.block_params)]
+    kept = torch.stack([torch.arange(16, 32), torch.arange(8, 24)])  # head 0 keeps block 1 whole
+    kivi.compact(values, lowbit, torch.tensor([0, 1, 2]), 3 * BLOCK, kept, torch.tensor([3]), 0, 0)
+    after = [x[3] for x in (values[0], values[1], *lowbit.block_params)]
+    for x, y in zip(before, after):
+        head = (slice(None), 0) if x.dim() == 3 else 0  # [block_size, heads, ...] or [heads, ...]
+        assert torch.equal(x[head], y[head])
+    resealed = kivi.quantize(*kivi.dequantize_blocks(values, lowbit, torch.tensor([1]))[:1], 0, bits)
+    assert not (torch.equal(resealed[1], before[2]) and torch.equal(resealed[2], before[3])), \
+        "sealing again changed nothing: the test cannot tell"
+
+
+def _partial_groups(kept: torch.Tensor, before: int) -> int:
+    """How many key groups of entries [0, before) a head's kept entries hold part of."""
+    counts = torch.bincount(kept[kept < before] // BLOCK, minlength=before // BLOCK)
+    return int(((counts > 0) & (counts < BLOCK)).sum())
+
+
+@pytest.mark.parametrize("method", ["streaming", "snapkv", "h2o"])
+def test_a_low_bit_cache_regroups_no_entry_twice(method):
+    """On a low-bit cache every method keeps the first key group whole, and the entries an earlier compaction
+    grouped a whole group at a time, the best groups by their scores; the window still stays. Token by token,
+    the same scores split groups."""
+    policy = KVPolicy(method=method, budget=100, window_size=32)
+    n, keep, grouped = 230, 102, 128
+    votes = torch.rand(3, n, generator=torch.Generator().manual_seed(0))
+    votes[1, 64:80] += 1  # a group head 1 attends to most
+    kept = policy.select(keep, n, 3, votes, BLOCK, grouped)
+    assert kept.shape == (3, keep)
+    for h in range(3):
+        assert torch.equal(kept[h], kept[h].unique())  # ascending, no entry twice
+        assert set(range(BLOCK)) <= set(kept[h].tolist())
+        assert _partial_groups(kept[h], grouped) == 0
+        if method != "streaming":
+            assert set(range(n - 32, n)) <= set(kept[h].tolist())
+    if method != "streaming":
+        assert set(range(64, 80)) <= set(kept[1].tolist())
+        plain = policy.select(keep, n, 3, votes)
+        assert plain.shape == (3, keep) and max(_partial_groups(plain[h], grouped) for h in range(3)) > 0
+    # Before any compaction grouped them, entries are kept token by token, but for the first group.
+    first = policy.select(keep, n, 3, votes, BLOCK)
+    assert all(set(range(BLOCK)) <= set(first[h].tolist()) for h in range(3))
+    if method != "streaming":
+        assert max(_partial_groups(first[h], grouped) for h in range(3)) > 0
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "torch"])

@@ -408,6 +408,10 @@ class ModelRunner:
             # Layer by layer, each layer's votes of every voting chunk in turn.
             votes = meta.votes[batch.voters.index(req_id) :: len(batch.voters)] if meta.votes else None
             heads = torch.arange(self.config.num_kv_heads, device=self.device)
+            # A low-bit cache's key groups (layers/kivi.py): those a compaction made (the table dropped blocks
+            # from its front) are kept or dropped whole.
+            groups = (1, 0) if self.kv_bits is None else (
+                bs, max(0, num_entries // bs * bs + bs - self.residual_length) if state.kv_offsets[g] else 0)
             kept = None
             for i, layer in enumerate(self.kv_groups[g].layers):
                 cache = self.kv_caches[layer]
@@ -416,7 +420,8 @@ class ModelRunner:
                 else:
                     votes_i = None if votes is None else votes[i]
                 if kept is None or votes_i is not None:  # without votes, every layer keeps the same entries
-                    kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads, votes_i).to(self.device)
+                    kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads, votes_i,
+                                                 *groups).to(self.device)
                 src = old_slots[kept].T  # [keep, kv_heads]
                 if cache.received is not None:
                     received = cache.received.flatten(0, 1)

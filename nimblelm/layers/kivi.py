@@ -340,14 +340,22 @@ def fill_ring(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_e
     res_k[slots], res_v[slots] = k.to(res_k.dtype), v.to(res_v.dtype)
 
 
+def _block_head(x: torch.Tensor, blocks: torch.Tensor, heads: torch.Tensor) -> tuple:
+    """The index of (block, KV head) pairs in a tensor of packed levels or parameters: [blocks, heads, ...] for
+    the keys' parameters, [blocks, block_size, heads, ...] for the rest."""
+    return (blocks, heads) if x.dim() == 3 else (blocks, slice(None), heads)
+
+
 def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_entries: int, kept: torch.Tensor,
             new_table: torch.Tensor, at: int, new_at: int) -> None:
     """A KV policy's compaction (engine/model_runner.py): the entries `kept` [kv_heads, keep] of the num_entries
     in `table` (their ring at residual slot `at`) gathered per KV head into new_table from its start. Each is
     taken as the next query would read it: full precision from the ring where it is in that query's residual,
-    else as sealed. Full new blocks are sealed again from those (a second rounding for the sealed ones), and the
-    new residual's entries go to the ring, at slot new_at (the new table's offset). new_table may reuse table's
-    blocks: everything is read before anything is written."""
+    else as sealed. Full new blocks are sealed again from those (a second rounding for the sealed ones), but for
+    a KV head whose new block holds one sealed block's entries, which it takes as stored: sealing those again
+    need not give the same levels (a minimum rounded to float16 can leave the top level unused, and the second
+    scale is then narrower). The new residual's entries go to the ring, at slot new_at (the new table's offset).
+    new_table may reuse table's blocks: everything is read before anything is written."""
     bs, keep, length = values.shape[2], kept.shape[1], lowbit.residual_length
     full = max(0, num_entries // bs * bs + bs - length)
     res_k, res_v = lowbit.residual.unbind()
@@ -357,7 +365,17 @@ def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_ent
     k, v = (torch.cat([x, res[slots].float()])[kept.T, heads] for x, res in ((k, res_k), (v, res_v)))
     sealed = keep // bs
     if sealed:
+        # Per (KV head, new block): its entries are one sealed block's, in order (kept is ascending).
+        groups = kept[:, : sealed * bs].view(-1, sealed, bs)
+        first = groups[..., 0]
+        whole = (first % bs == 0) & (groups[..., -1] - first == bs - 1) & (first + bs <= full)
+        head, block = whole.nonzero(as_tuple=True)
+        src, dst = table[first[head, block] // bs], new_table[block]
+        parts = (values[0], values[1], *lowbit.block_params)
+        stored = [x[_block_head(x, src, head)] for x in parts]
         _seal(values, lowbit, new_table[:sealed], k[: sealed * bs], v[: sealed * bs])
+        for x, got in zip(parts, stored):
+            x[_block_head(x, dst, head)] = got
     new_full = max(0, sealed * bs + bs - length)
     slots = ring_slots(new_at, torch.arange(new_full, keep, device=kept.device), lowbit.ring_length)
     res_k[slots], res_v[slots] = k[new_full:].to(res_k.dtype), v[new_full:].to(res_v.dtype)

@@ -25,6 +25,12 @@ The kept count is rounded up (by less than a block) so that the sequence's later
 manager expects them: entry p - d * block_size after d blocks dropped from the table's front, the
 arrangement sliding windows use. Keys carry their rotary positions from when they were written, so kept
 entries keep their original positions (as kvpress does), except with streaming's cache_positions.
+
+A low-bit cache quantizes keys per block of tokens (layers/kivi.py), so a compaction that regroups kept entries
+quantizes them again, and an entry kept through many compactions (an attention sink, a heavy hitter) would
+drift further each time. There every method keeps the first block (the sinks' own) whole, and once a
+compaction has grouped a sequence's entries, the later ones keep or drop its quantized entries a whole block at
+a time; a block kept whole moves as stored. An entry is then rounded at most twice: sealed, then regrouped once.
 """
 
 from __future__ import annotations
@@ -135,20 +141,51 @@ class KVPolicy:
         keep = budget + (num_entries - budget) % block_size
         return keep if num_entries - keep >= block_size else None
 
-    def select(self, keep: int, num_entries: int, num_kv_heads: int, votes=None):
+    def select(self, keep: int, num_entries: int, num_kv_heads: int, votes=None, key_group: int = 1,
+               grouped: int = 0):
         """Per KV head, the `keep` entries (of num_entries) that stay, ascending: a LongTensor [kv_heads, keep].
         votes: [kv_heads, num_entries], each entry's attention from snapkv's window averaged over its rows and
-        the head's query heads, or h2o's attention received."""
+        the head's query heads, or h2o's attention received.
+
+        A low-bit cache's: key_group, the tokens it quantizes keys over (its block), and grouped, its entries
+        before this that an earlier compaction left in key groups. Every method keeps the first group (the
+        attention sinks' own) whole, and the grouped entries a whole group at a time (by the sum of its scores),
+        so that no entry is regrouped, so quantized, more than once (the module's docstring)."""
         import torch  # here only: the scheduler, which uses the rest of the policy, is torch-free
         import torch.nn.functional as F
 
         if self.method == "streaming":
-            sinks = min(self.num_sinks, keep)
+            whole = -(-self.num_sinks // key_group) * key_group
+            sinks = whole if whole < keep else min(self.num_sinks, keep)
             kept = torch.cat([torch.arange(sinks), torch.arange(num_entries - (keep - sinks), num_entries)])
             return kept.expand(num_kv_heads, keep)
         w = min(self.window_size, num_entries)
         pooled = votes[:, : num_entries - w].float()
         if self.method != "h2o":
             pooled = F.avg_pool1d(pooled, self.kernel_size, stride=1, padding=self.kernel_size // 2)
-        scores = F.pad(pooled, (0, w), value=pooled.max().item() + 1 if pooled.numel() else 1.0)
-        return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+        top = pooled.max().item() + 1 if pooled.numel() else 1.0
+        scores = F.pad(pooled, (0, w), value=top)
+        if key_group > 1 and keep > key_group + w:
+            scores[:, :key_group] = top
+        kept = scores.topk(keep, dim=-1).indices
+        grouped = min(grouped, num_entries - w) // key_group * key_group
+        if grouped:
+            kept = self._whole_groups(scores, kept, keep, key_group, grouped)
+        return kept.sort(dim=-1).values
+
+    @staticmethod
+    def _whole_groups(scores, kept, keep: int, group: int, grouped: int):
+        """kept, with its entries before `grouped` taken a whole key group at a time: as many groups as it held
+        whole entries' worth there (at least what the entries after leave to them), the best by their scores'
+        sums, and the rest of the budget from the entries after by their scores."""
+        import torch
+
+        heads, n = scores.shape
+        room = n - grouped
+        groups = torch.clamp((kept < grouped).sum(-1) // group, min=-(-(keep - room) // group))
+        sums = scores[:, :grouped].view(heads, -1, group).sum(-1)
+        rank = sums.argsort(dim=-1, descending=True).argsort(dim=-1)
+        mask = (rank < groups[:, None]).repeat_interleave(group, dim=-1)
+        rank = scores[:, grouped:].argsort(dim=-1, descending=True).argsort(dim=-1)
+        mask = torch.cat([mask, rank < (keep - groups * group)[:, None]], -1)
+        return mask.nonzero()[:, 1].view(heads, keep)
