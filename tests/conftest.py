@@ -25,7 +25,7 @@ def tiny_server(tiny_qwen):
     """`nimblelm serve` on the tiny model, in its own process on a free loopback port."""
     from server_process import ServerProcess
 
-    server = ServerProcess(tiny_qwen, "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "16",
+    server = ServerProcess(tiny_qwen, "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
                            "--prompt-compression-scorer", str(tiny_qwen))
     yield server
     server.stop()

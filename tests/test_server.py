@@ -182,7 +182,7 @@ def test_tokenizer_routes_use_the_served_tokenizer(tiny_server, tiny_llm):
     assert ids["tokens"] == tokenizer.encode(PROMPTS[1], add_special_tokens=False) and ids["count"] == len(ids["tokens"])
     assert tiny_server.post("/detokenize", json={"tokens": ids["tokens"]}).json() == {"prompt": PROMPTS[1]}
     info = tiny_server.get("/tokenizer_info").json()
-    assert info["eos_token"] == tokenizer.eos_token and info["model_max_length"] == 128
+    assert info["eos_token"] == tokenizer.eos_token and info["model_max_length"] == 512
     bad = tiny_server.post("/detokenize", json={"tokens": [10**9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
@@ -290,7 +290,7 @@ def test_async_client_concurrent_requests(tiny_server, model, tiny_llm):
 def test_props_and_metrics(tiny_server, model):
     props = tiny_server.get("/props").json()
     assert props["model"] == model
-    assert props["engine"]["max_model_len"] == 128 and props["engine"]["max_num_seqs"] == 16
+    assert props["engine"]["max_model_len"] == 512 and props["engine"]["max_num_seqs"] == 16
     assert props["server"]["host"] == "127.0.0.1" and props["server"]["api_key_required"] is False
     assert props["structured_output"] == {"backend": "llguidance", "available": True}
     metrics = tiny_server.wait_idle()

@@ -23,6 +23,7 @@ SCHEMA = {
     "required": ["word", "n"],
     "additionalProperties": False,
 }
+CANCELLED_TOKENS = 480  # the tiny server's context (512) less the prompts'
 BAD = [
     {"messages": []},
     {"messages": [{"role": "wizard", "content": "hi"}]},
@@ -52,13 +53,15 @@ async def stream_lines(http, route, body, keep=None):
 
 def test_cancel_and_disconnect_burst_frees_every_block(tiny_server):
     before = tiny_server.wait_idle()
-    long = {"max_tokens": 100, "ignore_eos": True, "stream": True}
+    # Requests whose clients hang up ask for the whole context: run to their end they would take about a second,
+    # ten times the moment their clients go, so a loaded machine's pauses cannot let them finish first.
+    long = {"max_tokens": CANCELLED_TOKENS, "ignore_eos": True, "stream": True}
 
     async def main():
         async with httpx.AsyncClient(base_url=tiny_server.base_url, timeout=60) as http:
             # Two non-streaming clients that give up once their requests run: the disconnect must abort them.
             gone = [asyncio.create_task(http.post("/completions", json={
-                "prompt": f"Story {i}", "max_tokens": 120, "ignore_eos": True})) for i in range(2)]
+                "prompt": f"Story {i}", "max_tokens": CANCELLED_TOKENS, "ignore_eos": True})) for i in range(2)]
             while tiny_server.metrics()["nimblelm_requests_running"] < 2:
                 await asyncio.sleep(0.005)
             for task in gone:
@@ -126,7 +129,7 @@ def test_soak_mixed_traffic_loses_nothing_and_leaks_nothing(tiny_server):
                     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 16
                     outcomes.append(("ok", 1))
                 elif kind == 2:
-                    await stream_lines(http, "/chat/completions", {"messages": CHAT, "max_tokens": 100,
+                    await stream_lines(http, "/chat/completions", {"messages": CHAT, "max_tokens": CANCELLED_TOKENS,
                                                                    "ignore_eos": True, "stream": True}, keep=2)
                     outcomes.append(("cancelled", 1))
                 elif kind == 3:
