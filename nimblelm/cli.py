@@ -45,9 +45,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None,
                    help="int8, int4 or w8a8: quantize the linear weights at load (RTN; a folder written by "
                         "`nimblelm quantize` needs no flag); gguf: a .gguf file's quantized weights as stored")
-    g.add_argument("--speculative-config", type=_json_object, default=None,
+    g.add_argument("--speculative-config", type=json_object, default=None,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
-    g.add_argument("--kv-policy", type=_json_object, default=None,
+    g.add_argument("--kv-policy", type=json_object, default=None,
                    help='a KV cache policy as JSON: \'{"method": "snapkv", "ratio": 0.2}\' or '
                         '\'{"method": "streaming", "budget": 1024, "num_sinks": 4}\'')
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -59,7 +59,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "ranks) or ray (Ray actors; RAY_ADDRESS names a running cluster)")
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     import json
 
     try:
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for questions the router finds suited; the others are answered as usual)")
     p.add_argument("--sot-router", default="rule", choices=["rule", "model", "always"],
                    help="which questions --sot answers point by point: by cue words, by asking the model, or all")
-    p.add_argument("--prompt-compression", type=_json_object, default=None,
+    p.add_argument("--prompt-compression", type=json_object, default=None,
                    help='compress the prompt first, as JSON, e.g. \'{"method": "llmlingua", "rate": 0.5}\' '
                         "(fields of nimblelm.prompting.PromptCompression)")
     _engine_args(p)

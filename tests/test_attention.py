@@ -74,16 +74,20 @@ def test_paged_decode_kernel_matches_sdpa(window, dim, kv, only_longest):
     assert torch.allclose(out, reference(q, k_cache, v_cache, tables, lens, window), atol=1e-5)
 
 
+@pytest.mark.parametrize("ranked", [False, True], ids=["region0", "ranked"])
 @pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("dim", [16, 64, 72])
-def test_paged_decode_received_adds_each_rows_softmax_weights_at_its_keys_slots(dim, kv):
+def test_paged_decode_received_adds_each_rows_softmax_weights_at_its_keys_slots(dim, kv, ranked):
     """H2O's pass: per row and KV head, the softmax weights over the row's keys summed over the head's query
-    heads, added to what every slot had received (a slot no row reads keeps its own)."""
+    heads, added to what every slot had received (a slot no row reads keeps its own); ranked, into the region
+    of the row's draft rank."""
     ops = cpu_ops()
     q, k_cache, _, tables, lens = random_paged_cache(dim, dim)
     blocks, block_size, kv_heads, _ = k_cache.shape
-    received = torch.rand(blocks, block_size, kv_heads)
-    expected = received.clone()
+    regions = torch.rand(3, blocks, block_size, kv_heads)
+    ranks = torch.randint(0, 3, (len(lens),)) if ranked else torch.zeros(len(lens), dtype=torch.long)
+    received = regions if ranked else regions[0]
+    expected = regions.clone()
     scales = None
     if kv == "int8":
         k_cache, scales = quantize_kv(k_cache)
@@ -96,9 +100,9 @@ def test_paged_decode_received_adds_each_rows_softmax_weights_at_its_keys_slots(
         slots = (tables[b][:, None] * block_size + torch.arange(block_size)).flatten()[:n]
         k = keys.flatten(0, 1)[slots]  # [n, kv_heads, dim]
         logits = torch.einsum("hgd,nhd->hgn", q[b].view(kv_heads, group, dim), k) * dim**-0.5
-        expected.view(-1, kv_heads)[slots] += logits.softmax(-1).sum(1).T
-    ops.paged_decode_received_(received, q, k_cache, scales, tables, lens, dim**-0.5)
-    assert torch.allclose(received, expected, atol=1e-5)
+        expected[ranks[b]].view(-1, kv_heads)[slots] += logits.softmax(-1).sum(1).T
+    ops.paged_decode_received_(received, q, k_cache, scales, tables, lens, dim**-0.5, ranks if ranked else None)
+    assert torch.allclose(regions, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(("dim", "block_size", "heads"), [(64, 16, 6), (32, 16, 8), (128, 16, 32), (64, 8, 6),

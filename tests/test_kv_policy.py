@@ -270,12 +270,14 @@ SPECULATIVE = [{"method": "ngram", "num_speculative_tokens": 3},
                {"method": "layer_skip", "num_speculative_tokens": 3, "skip_layers": [1]}]
 
 
-@pytest.mark.parametrize("options", POLICIES[::2], ids=["streaming", "snapkv", "pyramidkv"])
+@pytest.mark.parametrize("options", [*POLICIES[::2], POLICIES[5]], ids=["streaming", "snapkv", "pyramidkv", "h2o"])
 @pytest.mark.parametrize("speculative", [None, *SPECULATIVE], ids=["answers", "ngram", "draft_model", "layer_skip"])
 def test_speculative_decoding_keeps_the_policys_output(tiny_qwen, options, speculative):
     """Drafts verified on a compacted cache give the policy's token-at-a-time output; a step that compacts
     verifies none, so every row attends to the cache the plain run holds at that token. With drafts that are
-    the answers (every one kept), a multi-token step reaches each of streaming's decode compactions."""
+    the answers (every one kept), a multi-token step reaches each of streaming's decode compactions. H2O's
+    scores count the attention of the kept drafts' rows only (ngram's are all rejected here, layer_skip's
+    some)."""
     prompts, max_tokens = [_prompt(300, seed=1), _prompt(150, seed=2)], 60
     alone = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options), prompts, max_tokens)
     config = speculative or SPECULATIVE[0]
@@ -318,9 +320,36 @@ def test_token_trees_keep_the_policys_output(tiny_qwen, tmp_path):
     assert runner.proposer.steps > 20
 
 
-def test_h2o_and_speculative_decoding_are_refused_together(tiny_qwen):
-    with pytest.raises(InvalidRequestError, match="kv_policy h2o and speculative_config cannot be combined yet"):
-        LLM(str(tiny_qwen), kv_policy=POLICIES[5], speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+def test_h2o_with_drafts_without_the_kernels_keeps_the_policys_output(tiny_qwen, monkeypatch):
+    """torch's pass over the decode rows' keys adds each draft's rows into its own region, as the kernel does."""
+    from nimblelm.kernels import cpu_ops
+
+    monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
+    cpu_ops.cache_clear()
+    try:
+        prompts = [_prompt(300, seed=1)]
+        alone = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=POLICIES[5]), prompts, 40)
+        llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=POLICIES[5],
+                  speculative_config=SPECULATIVE[2])
+        assert not llm.llm_engine.runner.kernels
+        llm.llm_engine.runner.step_cost = None
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        out = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)[0]
+        assert [list(out.outputs[0].token_ids)] == alone
+        assert 0 < out.metrics.spec.num_accepted_tokens < out.metrics.spec.num_draft_tokens  # some kept, some not
+    finally:
+        monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS")
+        cpu_ops.cache_clear()
+
+
+@pytest.mark.parametrize(("options", "clash"), [
+    ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}}, "token trees"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}, "kv_cache_dtype": "int4"},
+     "kv_cache_dtype int4"),
+])
+def test_h2o_with_token_trees_or_a_low_bit_cache_is_refused(tiny_qwen, options, clash):
+    with pytest.raises(InvalidRequestError, match=f"kv_policy h2o and speculative_config cannot be combined with {clash}"):
+        LLM(str(tiny_qwen), kv_policy=POLICIES[5], **options)
 
 
 @pytest.mark.integration

@@ -109,6 +109,8 @@ def _workload_args(p: argparse.ArgumentParser, default_dataset: str = "sharegpt"
 
 def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     """Add `bench` (with latency, throughput, setup) to an argparse subparsers object."""
+    from nimblelm.cli import json_object
+
     bench = subparsers.add_parser("bench", help="benchmark nimblelm against its peers",
                                   description="Benchmark nimblelm against transformers and llama.cpp "
                                               "on the same weights, in the same run.")
@@ -237,6 +239,9 @@ def add_bench_subparser(subparsers) -> argparse.ArgumentParser:
     sur.add_argument("--depths", default="0,50,100",
                      help="longctx: needle depths, percent of the context before the fact (default 0,50,100, the "
                           "issue's 0,25,50,75,100 shrunk to fit 45 minutes)")
+    sur.add_argument("--kv-policy", type=json_object, default=None,
+                     help="speculative: a KV cache policy as JSON (as `generate --kv-policy`) for every nimblelm engine, "
+                          "plain decoding's too; the peers, which have none, are skipped")
     sur.add_argument("--kvpress-methods", default=None,
                      help="longctx: kvpress's presses beside nimblelm's on needle (default: those of --methods "
                           "kvpress has; none skips the peer, its full cache too)")
@@ -770,6 +775,11 @@ def run_survey_speculative_command(args) -> dict:
     if any(math.isinf(r) for r in rates):
         raise InvalidRequestError("--request-rates: give finite rates (--batch-sizes sends requests at once)")
     methods = _spec_methods(args)
+    kv_policy = args.kv_policy
+    if kv_policy is not None:
+        from nimblelm.engine.kv_cache.policy import KVPolicy
+
+        KVPolicy.from_dict(kv_policy)  # the engine's own checks, before anything loads
     ctx, backends, _, machine = _prepare(args)
     limit = min(2048, ctx.config.max_position_embeddings)
     tok, seed, gen = ctx.tokenizer, args.seed, args.gen_len
@@ -818,14 +828,14 @@ def run_survey_speculative_command(args) -> dict:
             tried = [p["skip_layers"] for p in layer_search["path"][1:2]]
             methods["layer_skip"]["skip_layers"] = layer_search["skip_layers"] or tried[0]
         out = run_survey_speculative(ctx, methods, draft=draft, workloads=chosen, load_sets=load_sets,
-                                     rate_sets=rate_sets, backends=backends, logger=log)
+                                     rate_sets=rate_sets, backends=backends, logger=log, kv_policy=kv_policy)
     if datastore is not None:  # the file was the run's own (tens of MB): the report says what it held
         methods["suffix"]["datastore"] = "built in the run from " + (args.dataset_path or "ShareGPT")
     config = {"experiment": args.experiment, "model": args.model, "dtype": args.dtype, "backends": backends,
               "methods": methods, "draft_model": args.draft_model, "draft_quantization": args.draft_quantization,
               "num_speculative_tokens": args.num_speculative_tokens, "workloads": workloads, "num_prompts": n,
               "gen_len": gen, "batch_sizes": batch_sizes, "request_rates": rates, "threads": ctx.threads, "seed": seed,
-              **_precision_config(args)}
+              "kv_policy": kv_policy, **_precision_config(args)}
     return {"kind": "survey-speculative", "command": _command_line(), "config": config, "machine": machine,
             "datastore": datastore, "layer_search": layer_search, **out}
 

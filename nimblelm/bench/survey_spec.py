@@ -25,6 +25,7 @@ The report puts the survey's own numbers (7B-33B models on a GPU) beside ours, l
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -88,13 +89,13 @@ class _Engine:
     Poisson arrivals, each measured alone; and the engine's measured costs."""
 
     def __init__(self, ctx: BenchContext, config: dict | None, max_num_seqs: int, warm: BenchRequest,
-                 warm_batch: int):
+                 warm_batch: int, kv_policy: dict | None = None):
         from nimblelm import LLM, SamplingParams
 
         self.config = config
         self.llm = LLM(model=ctx.model, dtype=ctx.dtype, max_model_len=ctx.max_model_len, max_num_seqs=max_num_seqs,
                        num_threads=ctx.threads, quantization=ctx.quantization, kv_cache_dtype=ctx.kv_cache_dtype,
-                       speculative_config=config)
+                       speculative_config=config, kv_policy=kv_policy)
         self.runner = self.llm.llm_engine.runner
         self.clock = _DraftClock(self.runner.proposer) if self.runner.proposer is not None else None
         self.seed = ctx.seed
@@ -343,9 +344,10 @@ def _run_row(run: dict, base: dict, reference: dict) -> dict:
 def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft: BenchContext | None,
                            workloads: dict[str, list[BenchRequest]], load_sets: dict[int, list[BenchRequest]],
                            rate_sets: dict[float, list[BenchRequest]], backends: Sequence[str],
-                           logger: Callable[[str], None]) -> dict:
+                           logger: Callable[[str], None], kv_policy: dict | None = None) -> dict:
     """Every method of every backend; methods: nimblelm's speculative_config per method name. nimblelm's
-    plain engine stays up and runs beside each method's, in turn, request by request."""
+    plain engine stays up and runs beside each method's, in turn, request by request. kv_policy: every nimblelm
+    engine's, plain decoding's too (the peers, which have none, are skipped)."""
     k = max((c["num_speculative_tokens"] for c in methods.values()), default=4)
     lookup_max = next((c.get("prompt_lookup_max", 3) for c in methods.values() if c["method"] == "ngram"), 3)
     max_num_seqs = max([1, *load_sets])
@@ -357,7 +359,7 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
     statuses: dict[str, dict] = {}
     measured: dict[str, dict] = {}  # method -> _beside's runs of it and of plain decoding
     monitor = CpuMonitor()
-    plain = _Engine(ctx, None, max_num_seqs, warm, warm_batch)
+    plain = _Engine(ctx, None, max_num_seqs, warm, warm_batch, kv_policy)
     statuses["nimblelm plain"] = {"status": "ok", "speculative_config": None, "max_num_seqs": max_num_seqs,
                                   **plain.costs()}
     try:
@@ -366,7 +368,7 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
                    f"at batch 1, then batch sizes {', '.join(map(str, load_sets)) or 'none'}, then request rates "
                    f"{', '.join(map(str, rate_sets)) or 'none'}")
             try:
-                engine = _Engine(ctx, config, max_num_seqs, warm, warm_batch)
+                engine = _Engine(ctx, config, max_num_seqs, warm, warm_batch, kv_policy)
                 # The plain engine ran these prompts beside the methods before: from its prefix cache they
                 # would skip their prefill, which the method's engine pays.
                 plain.llm.reset_prefix_cache()
@@ -405,6 +407,9 @@ def run_survey_speculative(ctx: BenchContext, methods: dict[str, dict], *, draft
              "llama.cpp": lambda: _llamacpp(ctx, draft, k, workloads, warm)}
     for name in backends:
         if name == "nimblelm":
+            continue
+        if kv_policy is not None:
+            statuses[name] = {"status": "skipped", "reason": f"it runs no KV policy like {kv_policy['method']}"}
             continue
         if name not in peers:
             statuses[name] = {"status": "skipped", "reason": "vLLM's CPU backend does not run speculative decoding"
@@ -480,7 +485,9 @@ def survey_spec_markdown(report: dict) -> str:
            (f"- target {cfg['model']} ({cfg.get('quantization') or cfg['dtype']}), drafter {cfg.get('draft_model') or '-'}"
            f"{' (' + cfg['draft_quantization'] + ')' if cfg.get('draft_quantization') else ''}, "
            f"{cfg['num_speculative_tokens']} draft tokens at most; greedy; each request up to {cfg['gen_len']} "
-           f"tokens or its end of sequence; {cfg['num_prompts']} requests per workload; {cfg['threads']} threads"), ""]
+           f"tokens or its end of sequence; {cfg['num_prompts']} requests per workload; {cfg['threads']} threads"
+           + (f"; every nimblelm engine with kv_policy {json.dumps(cfg['kv_policy'])}" if cfg.get("kv_policy") else "")),
+           ""]
     for name, s in report["backends"].items():
         if s.get("status") != "ok":
             out.append(f"- {name}: {s.get('status')} ({s.get('reason')})")

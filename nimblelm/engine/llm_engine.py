@@ -86,8 +86,12 @@ class LLMEngine:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
         if kv_policy is not None and kv_policy.method == "h2o" and speculative is not None:
-            # Its votes would count the attention that rejected drafts' rows gave.
-            raise InvalidRequestError("kv_policy h2o and speculative_config cannot be combined yet")
+            # Only kept drafts' attention counts: chains of drafts verify as decode rows, each adding up apart
+            # (model_runner.py); a tree's branches, or a low-bit cache's verification (a prompt chunk), would not.
+            clash = ("token trees" if speculative.proposes_trees else
+                     f"kv_cache_dtype {config.kv_cache_dtype}" if config.kv_cache_dtype in ("int4", "int2") else None)
+            if clash:
+                raise InvalidRequestError(f"kv_policy h2o and speculative_config cannot be combined with {clash} yet")
         if config.kv_cache_dtype in ("int4", "int2"):
             # Drafts that write the target's cache (layer_skip's) or verify as trees (on scratch blocks) would reach
             # past the rows a residual ring keeps room for; cache_positions rotates kept keys, which a key scale per

@@ -153,6 +153,9 @@ class ModelRunner:
         self.kv_policy = kv_policy
         # H2O: the full-attention layers add up the attention each entry receives, in every step.
         self._accumulates = kv_policy is not None and kv_policy.method == "h2o"
+        # With drafts, only what the rows of the tokens kept give counts: each draft's rows add into a region of
+        # their own (KVCache.received_regions), per KV group one buffer for all its layers, folded once verified.
+        self.received_regions: list[torch.Tensor] = []
         self.proposer = None  # made with the KV cache (a draft model sizes its own after the target's)
         # Of a model split over ranks, the rank whose output the engine reads drafts; the others verify what the
         # step contract sends them.
@@ -204,6 +207,7 @@ class ModelRunner:
             if kv_dtype == torch.int8:
                 nbytes = _aligned(nbytes + math.prod(shape[:-1]) * 4)
             offsets.append((values_at, scales_at))
+        received = self._allocate_received(shape[1:-1])
         if self.device.type == "cpu":
             buf = hugepages.empty(nbytes).zero_()
         else:
@@ -214,12 +218,24 @@ class ModelRunner:
             scales = None
             if kv_dtype == torch.int8:
                 scales = buf[scales_at:].narrow(0, 0, math.prod(shape[:-1]) * 4).view(torch.float32).view(shape[:-1])
-            received = None
-            if self.kv_policy is not None and self.kv_policy.method == "h2o":
-                received = torch.zeros(shape[1:-1], dtype=torch.float32, device=self.device)
-            tensors[i] = KVCache(values, scales, received)
+            tensors[i] = KVCache(values, scales, *received.get(i, (None, None)))
         self.num_blocks = num_blocks
         self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
+
+    def _allocate_received(self, entries: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """H2O's received per KV tensor, and with speculative decoding its regions (KVCache): [entries] float32."""
+        if not self._accumulates:
+            return {}
+        regions = 1 + (self.speculative.max_draft_nodes if self.speculative is not None else 0)
+        out = {}
+        for group in self.kv_groups:
+            tensors = sorted({self.kv_tensor_of_layer[layer] for layer in group.layers} & set(self.kv_dtypes))
+            buf = torch.zeros((len(tensors), regions, *entries), dtype=torch.float32, device=self.device)
+            if regions > 1:
+                self.received_regions.append(buf)
+            for j, i in enumerate(tensors):
+                out[i] = buf[j, 0], buf[j] if regions > 1 else None
+        return out
 
     def _allocate_lowbit(self, shape: tuple[int, ...], num_blocks: int, max_num_seqs: int) -> None:
         """Packed values and LowBitKV per tensor, with a residual ring per sequence and KV group for
@@ -336,6 +352,8 @@ class ModelRunner:
             paths, outputs = verified.paths, verified.outputs
             for req_id, layout in batch.trees.items():
                 self._keep_branch(layout, paths[sample_ids.index(req_id)])
+            if self.received_regions:
+                self._fold_received(batch, sched, sample_ids, tokens)
         else:
             sampled = self.sampler(logits, sampling)
             tokens = [[t] for t in sampled.token_ids]
@@ -371,6 +389,26 @@ class ModelRunner:
             else:  # a prompt chunk that samples nothing
                 seen[req_id] = Seen(start, hidden[row : row + n], state.token_ids[start + 1 : start + 1 + n])
         return seen
+
+    def _fold_received(self, batch: _Batch, sched: SchedulerOutput, sample_ids: list[int],
+                       tokens: list[list[int]]) -> None:
+        """H2O: add what the rows of the drafts kept gave their entries (regions 1 to kept) to what the entries
+        have received (region 0), as if those tokens had been decoded one at a time; clear every draft region."""
+        bs = self.block_size
+        for req_id, new in zip(sample_ids, tokens):
+            if not sched.spec_token_ids.get(req_id):
+                continue
+            state, (_, start, n) = self.seqs[req_id], batch.spans[req_id]
+            kept = len(new) - 1  # the drafts kept; the last token is the target's own
+            for g, buf in enumerate(self.received_regions):
+                if self.kv_groups[g].window is not None:  # sliding layers add up nothing
+                    continue
+                entries = torch.arange(start + n - state.kv_offsets[g], device=self.device)
+                slots = torch.tensor(state.block_ids[g], device=self.device)[entries // bs] * bs + entries % bs
+                flat = buf.flatten(2, 3)  # [tensors, regions, slots, kv_heads]
+                if kept:
+                    flat[:, 0, slots] += flat[:, 1 : 1 + kept, slots].sum(1)
+                flat[:, 1:, slots] = 0
 
     def _keep_branch(self, layout: _TreeLayout, path: list[int]) -> None:
         """A tree's kept nodes into the sequence's own slots, when they leave the primary chain (whose nodes are
@@ -607,6 +645,7 @@ class ModelRunner:
         extra_writes: list[list[tuple[int, int]]] = [[] for _ in range(num_groups)]  # (row, slot), for trees
         trees: dict[int, _TreeLayout] = {}
         lowbit_spans: list[list[tuple]] = [[] for _ in range(num_groups)]  # per group: LowBitPlan.build's spans
+        draft_ranks: list[int] = []  # per decode row, H2O's (AttentionMetadata.draft_ranks)
         scratch = iter(range(self.num_blocks + 1, self.num_blocks + 1 + self.tree_scratch))
         for seq, n, req_id in decodes:
             start = seq.num_computed_tokens
@@ -620,6 +659,7 @@ class ModelRunner:
                                                    extra_writes)
                 continue
             positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
+            draft_ranks.extend([0] * (n - len(drafts)) + list(range(1, len(drafts) + 1)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 if self.kv_bits is not None:
                     lowbit_spans[g].append((row0, start - offset, n, table, self._residual_slot(req_id, g)))
@@ -692,11 +732,13 @@ class ModelRunner:
                 vote_rows=vote_rows if voting and window is None else None,
                 votes=[] if voting and window is None else None,
                 accumulate=window is None and self._accumulates,
+                draft_ranks=ranks if self.received_regions else None,
                 lowbit=(LowBitPlan.build(lowbit_spans[g], num_rows, bs, self.residual_length, self.ring_length, device)
                         if self.kv_bits is not None else None),
             )
 
         vote_rows = [min(self.kv_policy.window_size, n) if req_id in voting else 0 for _, n, req_id in prefills]
+        ranks = torch.tensor(draft_ranks, dtype=torch.long, device=device)
 
         return _Batch(
             torch.tensor(tokens, dtype=torch.long, device=device),

@@ -10,7 +10,8 @@ so there is no second copy of the layer to keep in step with the first.
 A trace fixes the number of rows and every Python decision made from it (which kernel a linear method
 picks for that many rows), and holds the weights and the KV cache tensors by reference. Each replay takes
 the step's token ids, positions and, per KV group, its slot mapping, block tables (of any width) and
-context lengths (and a low-bit cache's residual rows, layers/kivi.py). Decode rows only: prefill chunks
+context lengths (and a low-bit cache's residual rows, layers/kivi.py, or H2O's draft ranks beside speculative
+decoding, layers/attention.py). Decode rows only: prefill chunks
 attend with shapes that change every step. Traces are made for a few row counts (BUCKETS), when the engine
 starts: a step's rows are padded up to the next one with rows that write and read only a scratch block of
 the cache (and residual row 0 of a low-bit one), and their outputs are dropped.
@@ -56,6 +57,7 @@ class StepCapture:
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
         self.lowbit = any(c is not None and c.lowbit is not None for c in kv_caches)
+        self.ranked = any(c is not None and c.received_regions is not None for c in kv_caches)
         self.traces: dict[int, torch.jit.ScriptFunction] = {}
 
     @staticmethod
@@ -69,7 +71,8 @@ class StepCapture:
         """The inputs of a step of padding rows alone."""
         ids = torch.zeros(0, dtype=torch.long, device=self.kv_caches[0].values.device)
         empty = AttentionMetadata.decodes(ids, ids.view(0, 1), ids, None,
-                                          lowbit=LowBitPlan.decodes(ids) if self.lowbit else None)
+                                          lowbit=LowBitPlan.decodes(ids) if self.lowbit else None,
+                                          draft_ranks=ids if self.ranked else None)
         return self._padded(ids, ids, [empty] * len(self.windows), bucket)
 
     @torch.inference_mode()
@@ -118,14 +121,18 @@ class StepCapture:
         tables = [F.pad(m.decode_block_tables, (0, 0, 0, pad), value=self.scratch_block) for m in group_metas]
         lens = [F.pad(m.decode_context_lens, (0, pad), value=1) for m in group_metas]
         padded = F.pad(input_ids, (0, pad)), F.pad(positions, (0, pad)), slots, tables, lens
-        if not self.lowbit:
-            return padded
-        return *padded, [F.pad(m.lowbit.decode_residual, (0, pad), value=0) for m in group_metas]
+        if self.lowbit:
+            return *padded, [F.pad(m.lowbit.decode_residual, (0, pad), value=0) for m in group_metas]
+        if self.ranked:
+            return *padded, [F.pad(m.draft_ranks, (0, pad), value=0) for m in group_metas]
+        return padded
 
-    def _step(self, input_ids, positions, slot_mappings, block_tables, context_lens, residuals=None) -> torch.Tensor:
+    def _step(self, input_ids, positions, slot_mappings, block_tables, context_lens, extra=None) -> torch.Tensor:
+        """extra: per group, a low-bit cache's residual rows, or H2O's draft ranks."""
         group_metas = [
             AttentionMetadata.decodes(slots, tables, lens, window, accumulate=self.accumulates and window is None,
-                                      lowbit=LowBitPlan.decodes(residuals[g]) if residuals is not None else None)
+                                      lowbit=LowBitPlan.decodes(extra[g]) if self.lowbit else None,
+                                      draft_ranks=extra[g] if self.ranked else None)
             for g, (slots, tables, lens, window) in enumerate(zip(slot_mappings, block_tables, context_lens,
                                                                   self.windows))
         ]

@@ -828,34 +828,44 @@ void paged_decode_attention_int8(at::Tensor out, at::Tensor q, at::Tensor k_cach
 }
 
 // H2O's scores (kv_policy h2o): each decode row's attention weights over its sequence's cached keys, summed over
-// each KV head's query heads, added to received [blocks, block_size, kv_heads] at the keys' slots. A second
-// pass over the keys beside paged_decode_attention, whose split-K chunks keep no weights. The rows are distinct
-// sequences (H2O runs without prefix caching and drafts), so no two (row, KV head) items add to one entry;
-// rows padded onto one scratch block (a replayed step's) may, and what lands there is never read.
-// k_scales: an int8 cache's [blocks, block_size, kv_heads], else null.
+// each KV head's query heads, added to received [regions, blocks, block_size, kv_heads] at the keys' slots of
+// the row's region (draft_ranks [rows], else region 0). A second pass over the keys beside
+// paged_decode_attention, whose split-K chunks keep no weights. No two (row, KV head) items add to one entry:
+// rows of one sequence (a token and the drafts after it) add into regions of their own, which the model runner
+// folds into region 0 once it knows the drafts kept; rows padded onto one scratch block (a replayed step's) may,
+// and what lands there is never read. k_scales: an int8 cache's [blocks, block_size, kv_heads], else null.
 template <typename T>
 static void decode_received(at::Tensor received, at::Tensor q, at::Tensor k_cache, const float* k_scales,
-                            at::Tensor block_tables, at::Tensor context_lens, double scale) {
+                            at::Tensor block_tables, at::Tensor context_lens, double scale,
+                            const std::optional<at::Tensor>& draft_ranks) {
   q = q.contiguous();
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3, "paged_decode_received_: q");
+  const int64_t entries = k_cache.numel() / k_cache.size(3);  // slots x KV heads: one region
   TORCH_CHECK(received.scalar_type() == at::kFloat && received.is_contiguous() && k_cache.is_contiguous() &&
-              received.numel() * k_cache.size(3) == k_cache.numel(),
-              "paged_decode_received_: float32 received [blocks, block_size, kv_heads]");
+              received.numel() % entries == 0,
+              "paged_decode_received_: float32 received [regions, blocks, block_size, kv_heads]");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "paged_decode_received_: int64 tables");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(!draft_ranks || (draft_ranks->scalar_type() == at::kLong && draft_ranks->numel() == B),
+              "paged_decode_received_: int64 draft_ranks, one per row");
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH, row = KVH * D;
-  const int64_t max_blocks = block_tables.size(1);
+  const int64_t max_blocks = block_tables.size(1), regions = received.numel() / entries;
   auto tables = block_tables.contiguous(), lens_t = context_lens.contiguous();
+  at::Tensor ranks_t = draft_ranks ? draft_ranks->contiguous() : at::Tensor();
   const int64_t* bt = tables.data_ptr<int64_t>();
   const int64_t* lens = lens_t.data_ptr<int64_t>();
+  const int64_t* ranks = draft_ranks ? ranks_t.data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; ranks && b < B; ++b)
+    TORCH_CHECK(ranks[b] >= 0 && ranks[b] < regions, "paged_decode_received_: a draft rank past the regions");
   const float* qp = q.data_ptr<float>();
   const T* kp = k_cache.data_ptr<T>();
-  float* rp = received.data_ptr<float>();
+  float* const received_p = received.data_ptr<float>();
   at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s, got;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KVH, h = i % KVH, n = lens[b];
+      float* rp = received_p + (ranks ? ranks[b] : 0) * entries;
       const int64_t* table = bt + b * max_blocks;
       const auto slot_of = [&](int64_t t) { return table[t / bs] * bs + t % bs; };
       s.resize(G * n);
@@ -877,20 +887,22 @@ static void decode_received(at::Tensor received, at::Tensor q, at::Tensor k_cach
 }
 
 void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cache, std::optional<at::Tensor> k_scales,
-                            at::Tensor block_tables, at::Tensor context_lens, double scale) {
+                            at::Tensor block_tables, at::Tensor context_lens, double scale,
+                            std::optional<at::Tensor> draft_ranks) {
   const auto type = k_cache.scalar_type();
   if (type == at::kChar) {
     TORCH_CHECK(k_scales && k_scales->scalar_type() == at::kFloat && k_scales->is_contiguous() &&
-                k_scales->numel() == received.numel(),
+                k_scales->numel() * k_cache.size(3) == k_cache.numel(),
                 "paged_decode_received_: an int8 cache's float32 scales [blocks, block_size, kv_heads]");
-    decode_received<int8_t>(received, q, k_cache, k_scales->data_ptr<float>(), block_tables, context_lens, scale);
+    decode_received<int8_t>(received, q, k_cache, k_scales->data_ptr<float>(), block_tables, context_lens, scale,
+                            draft_ranks);
   } else if (type == at::kFloat) {
-    decode_received<float>(received, q, k_cache, nullptr, block_tables, context_lens, scale);
+    decode_received<float>(received, q, k_cache, nullptr, block_tables, context_lens, scale, draft_ranks);
   } else if (type == at::kBFloat16) {
-    decode_received<at::BFloat16>(received, q, k_cache, nullptr, block_tables, context_lens, scale);
+    decode_received<at::BFloat16>(received, q, k_cache, nullptr, block_tables, context_lens, scale, draft_ranks);
   } else {
     TORCH_CHECK(type == at::kHalf, "paged_decode_received_: float32, float16, bfloat16 or int8 cache");
-    decode_received<at::Half>(received, q, k_cache, nullptr, block_tables, context_lens, scale);
+    decode_received<at::Half>(received, q, k_cache, nullptr, block_tables, context_lens, scale, draft_ranks);
   }
 }
 

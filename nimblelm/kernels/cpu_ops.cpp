@@ -71,11 +71,12 @@ TORCH_LIBRARY(nimblelm, m) {
         "Tensor context_lens, float scale, int window) -> ()");
   m.def("paged_decode_attention_int8(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, "
         "Tensor v_scales, Tensor block_tables, Tensor context_lens, float scale, int window) -> ()");
-  // H2O: each decode row's attention weights, summed over each KV head's query heads, added at its keys' slots.
+  // H2O: each decode row's attention weights, summed over each KV head's query heads, added at its keys' slots
+  // (of its draft rank's region).
   // Nothing in a step reads what it writes, so with received marked (a!) a trace's dead-code pass drops it and
   // the zeroing of the new entries before it; conservative aliasing (which takes no marks) keeps both.
   m.def(torch::schema("paged_decode_received_(Tensor received, Tensor q, Tensor k_cache, Tensor? k_scales, "
-                      "Tensor block_tables, Tensor context_lens, float scale) -> ()",
+                      "Tensor block_tables, Tensor context_lens, float scale, Tensor? draft_ranks=None) -> ()",
                       c10::AliasAnalysisKind::CONSERVATIVE));
   // causal (and sliding-window) attention of a prompt chunk; with received [kv_heads, keys] (H2O's), each row's
   // weights are added there, summed over each KV head's query heads

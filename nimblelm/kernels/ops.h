@@ -66,7 +66,8 @@ void paged_decode_attention_int8(at::Tensor out, at::Tensor q, at::Tensor k_cach
                                  at::Tensor k_scales, at::Tensor v_scales, at::Tensor block_tables,
                                  at::Tensor context_lens, double scale, int64_t window);
 void paged_decode_received_(at::Tensor received, at::Tensor q, at::Tensor k_cache, std::optional<at::Tensor> k_scales,
-                            at::Tensor block_tables, at::Tensor context_lens, double scale);
+                            at::Tensor block_tables, at::Tensor context_lens, double scale,
+                            std::optional<at::Tensor> draft_ranks);
 void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t window,
                        std::optional<at::Tensor> received);
 void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,

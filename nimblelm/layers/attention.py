@@ -51,6 +51,9 @@ class AttentionMetadata:
     # H2O: every row's attention weights are added to the attention its entries have received
     # (KVCache.received), summed over each KV head's query heads.
     accumulate: bool = False
+    # H2O with speculative decoding: each decode row's place after its sequence's last token (0: a token, j: its
+    # j-th draft), the region of KVCache.received_regions it adds into until verification keeps or drops it.
+    draft_ranks: torch.Tensor | None = None
     # An int4 or int2 cache: what the step writes, seals and reads (layers/kivi.py); None otherwise.
     lowbit: kivi.LowBitPlan | None = None
     _prefill_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
@@ -76,13 +79,14 @@ class AttentionMetadata:
     @classmethod
     def decodes(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                 sliding_window: int | None, decode_mask: torch.Tensor | None = None,
-                accumulate: bool = False, lowbit: kivi.LowBitPlan | None = None) -> AttentionMetadata:
+                accumulate: bool = False, lowbit: kivi.LowBitPlan | None = None,
+                draft_ranks: torch.Tensor | None = None) -> AttentionMetadata:
         """A step of decode rows only."""
         return cls(
             slot_mapping=slot_mapping, num_decodes=len(slot_mapping), decode_block_tables=block_tables,
             decode_context_lens=context_lens, decode_mask=decode_mask, prefill_query_lens=[],
             prefill_context_lens=[], prefill_block_tables=[], prefill_masks=[], sliding_window=sliding_window,
-            accumulate=accumulate, lowbit=lowbit,
+            accumulate=accumulate, lowbit=lowbit, draft_ranks=draft_ranks,
         )
 
     @classmethod
@@ -122,6 +126,9 @@ class KVCache:
     # H2O: per slot and KV head, the attention weight its entry has received from every query so far, float32
     # [num_blocks, block_size, kv_heads]; None for other policies.
     received: torch.Tensor | None = None
+    # H2O with speculative decoding: [1 + drafts, num_blocks, block_size, kv_heads], received as its region 0 and
+    # in region j what a step's j-th draft rows gave, until the model runner folds in those of kept drafts.
+    received_regions: torch.Tensor | None = None
     # An int4 or int2 cache's scales and residual (values are then packed uint8); None otherwise.
     lowbit: kivi.LowBitKV | None = None
     # K's and V's halves of them, as views made once (in a replayed step, a view made per layer is an op).
@@ -182,8 +189,11 @@ class PagedAttention(torch.nn.Module):
                                kv_cache.received if meta.accumulate else None)
         ops = ops_for(q)
         self._write(k, v, kv_cache, meta.slot_mapping, ops)
+        # H2O's, with draft ranks all its regions: region 0 comes first, so a slot indexes it in either. The zeroing
+        # and the decode kernel take the same tensor: a trace drops writes to a tensor no op of it reads.
+        received = kv_cache.received if meta.draft_ranks is None else kv_cache.received_regions
         if meta.accumulate:  # a slot's new entry has received nothing yet
-            kv_cache.received.view(-1, self.num_kv_heads)[meta.slot_mapping] = 0
+            received.view(-1, self.num_kv_heads)[meta.slot_mapping] = 0
         if meta.extra_write_rows is not None:
             rows = meta.extra_write_rows
             self._write(k[rows], v[rows], kv_cache, meta.extra_write_slots, ops)
@@ -195,8 +205,8 @@ class PagedAttention(torch.nn.Module):
             self._decode(q[:d], kv_cache, meta, ops, out[:d])
         if d and meta.accumulate:
             if ops is not None:
-                ops.paged_decode_received_(kv_cache.received, q[:d], kv_cache.k, kv_cache.k_scales,
-                                           meta.decode_block_tables, meta.decode_context_lens, self.scale)
+                ops.paged_decode_received_(received, q[:d], kv_cache.k, kv_cache.k_scales, meta.decode_block_tables,
+                                           meta.decode_context_lens, self.scale, meta.draft_ranks)
             else:
                 self._receive_decodes(q[:d], kv_cache, meta)
         if d < len(q) and ops is not None and self.head_dim % 16 == 0 and not meta.accumulate and not any(
@@ -273,7 +283,11 @@ class PagedAttention(torch.nn.Module):
         logits = torch.einsum("rhgd,rnhd->rhgn", qg, keys.float()) * self.scale
         padding = torch.arange(n, device=q.device)[None, :] >= lens[:, None]  # [rows, n]
         got = logits.masked_fill_(padding[:, None, None], float("-inf")).softmax(-1).sum(2)  # [rows, kv_heads, n]
-        kv_cache.received.view(-1, self.num_kv_heads).index_add_(0, slots[~padding], got.transpose(1, 2)[~padding])
+        received = kv_cache.received.view(-1, self.num_kv_heads)
+        if meta.draft_ranks is not None:  # each row into its rank's region
+            slots = slots + meta.draft_ranks[:, None] * len(received)
+            received = kv_cache.received_regions.view(-1, self.num_kv_heads)
+        received.index_add_(0, slots[~padding], got.transpose(1, 2)[~padding])
 
     def _votes(self, q: torch.Tensor, k_ctx: torch.Tensor) -> torch.Tensor:
         """The attention weights of the last rows of a chunk (q) over its context, averaged over the rows and
