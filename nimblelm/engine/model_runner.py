@@ -223,7 +223,8 @@ class ModelRunner:
         self.kv_caches = [tensors.get(i) for i in self.kv_tensor_of_layer]
 
     def _allocate_received(self, entries: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-        """H2O's received per KV tensor, and with speculative decoding its regions (KVCache): [entries] float32."""
+        """Per KV tensor, H2O's received and, with speculative decoding, its received_regions (KVCache), over
+        `entries` (blocks, block_size, kv_heads); a KV group's tensors in one buffer, which one fold updates."""
         if not self._accumulates:
             return {}
         regions = 1 + (self.speculative.max_draft_nodes if self.speculative is not None else 0)
@@ -732,13 +733,13 @@ class ModelRunner:
                 vote_rows=vote_rows if voting and window is None else None,
                 votes=[] if voting and window is None else None,
                 accumulate=window is None and self._accumulates,
-                draft_ranks=ranks if self.received_regions else None,
+                draft_ranks=ranks,
                 lowbit=(LowBitPlan.build(lowbit_spans[g], num_rows, bs, self.residual_length, self.ring_length, device)
                         if self.kv_bits is not None else None),
             )
 
         vote_rows = [min(self.kv_policy.window_size, n) if req_id in voting else 0 for _, n, req_id in prefills]
-        ranks = torch.tensor(draft_ranks, dtype=torch.long, device=device)
+        ranks = torch.tensor(draft_ranks, dtype=torch.long, device=device) if self.received_regions else None
 
         return _Batch(
             torch.tensor(tokens, dtype=torch.long, device=device),
