@@ -213,6 +213,19 @@ def test_kv_policy_over_ranks(tiny_models):
         PROMPTS, PARAMS, use_tqdm=False))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", [{"method": "snapkv", "budget": 32, "window_size": 8},
+                                    {"method": "pyramidkv", "budget": 32, "window_size": 8},
+                                    {"method": "h2o", "budget": 32, "window_size": 8}], ids=lambda p: p["method"])
+def test_kv_policy_over_pipeline_stages(tiny_models, policy):
+    """Each stage compacts its own layers in the step that plans it: SnapKV and PyramidKV from its layers' votes,
+    H2O from the attention its layers' entries received; the same output as one process."""
+    options = {**OPTIONS, "kv_policy": policy}
+    ref = LLM(str(tiny_models["qwen2"]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    _assert_same(ref, LLM(str(tiny_models["qwen2"]), pipeline_parallel_size=2, **options).generate(
+        PROMPTS, PARAMS, use_tqdm=False))
+
+
 @pytest.fixture(scope="module")
 def stored_quantized(tiny_models, tmp_path_factory):
     """The tiny qwen2 as a GGUF of mixed types (int8 and int4 families, a Q8_0 token table, layers that fall back
@@ -300,7 +313,8 @@ def test_ray_executor_runs_the_ranks(tiny_models, local_ray, tp, pp):
     ({"tensor_parallel_size": 2, "speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2,
                                                          "skip_layers": [1]}}, "speculative method 'layer_skip'"),
     ({"tensor_parallel_size": 4, "kv_policy": {"method": "streaming", "budget": 64}}, "sharing the model's 2 KV"),
-    ({"pipeline_parallel_size": 2, "kv_policy": {"method": "streaming", "budget": 64}}, "over pipeline stages"),
+    ({"pipeline_parallel_size": 2, "kv_policy": {"method": "h2o", "budget": 64},
+      "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "kv_policy h2o and speculative_config"),
     ({"pipeline_parallel_size": 3}, "exceeds the model's 2 layers"),
     ({"pipeline_parallel_size": 0}, "must be >= 1"),
     ({"pipeline_parallel_size": 2, "kv_cache_dtype": "int8"}, "kv_cache_dtype int8"),

@@ -103,6 +103,38 @@ def _generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def _record_scores(monkeypatch) -> dict:
+    """Filled as engines run: every compaction's scores (H2O's), layer by layer, by the sequence's prompt length and
+    the tokens computed then."""
+    from nimblelm.engine.model_runner import ModelRunner
+
+    scores, at = {}, []
+    compact, select = ModelRunner._compact, KVPolicy.select
+
+    def recording_compact(self, req_id, n, plan, batch):
+        state = self.seqs[req_id]
+        at[:] = [(state.num_prompt_tokens, state.num_computed_tokens + n)]
+        return compact(self, req_id, n, plan, batch)
+
+    def recording_select(self, keep, n, heads, votes, *args):
+        if votes is not None:
+            scores.setdefault(at[0], []).append(votes.clone())
+        return select(self, keep, n, heads, votes, *args)
+
+    monkeypatch.setattr(ModelRunner, "_compact", recording_compact)
+    monkeypatch.setattr(KVPolicy, "select", recording_select)
+    return scores
+
+
+def _assert_same_scores(alone: dict, drafted: dict) -> None:
+    """The scores a run with drafts compacted by are the token-at-a-time run's, up to the order of float sums."""
+    assert alone and alone.keys() == drafted.keys()
+    for key, layers in alone.items():
+        assert len(layers) == len(drafted[key])
+        for a, b in zip(layers, drafted[key]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 POLICIES = [
     {"method": "streaming", "budget": 64},
     {"method": "streaming", "ratio": 0.3, "num_sinks": 8},
@@ -177,6 +209,24 @@ def test_gemma3_compacts_its_global_layers_only(tmp_path_factory, options):
     llm = LLM(str(folder), dtype="float32", max_model_len=512, kv_policy=options)
     assert _generate(llm, [prompt], 30) == [ref]
     assert _generate(LLM(str(folder), dtype="float32", max_model_len=512), [prompt], 30) != [ref]
+
+
+def test_gemma3_h2o_with_drafts_keeps_the_policys_output(tmp_path_factory, monkeypatch):
+    """H2O's scores on Gemma 3, whose KV groups (five sliding, one global) share their KV tensors: drafts from the
+    model itself on a full cache, some kept, score the global layer's entries as a token-at-a-time run does."""
+    folder = str(make_tiny_hf_model(tmp_path_factory.mktemp("gemma3") / "hf", "gemma3", initializer_range=0.05))
+    prompts = [_prompt(300, seed=1), _prompt(150, seed=2)]
+    scores = _record_scores(monkeypatch)
+    alone = _generate(LLM(folder, dtype="float32", max_model_len=512, kv_policy=POLICIES[5]), prompts, 40)
+    scores_alone = dict(scores)
+    scores.clear()
+    llm = LLM(folder, dtype="float32", max_model_len=512, kv_policy=POLICIES[5],
+              speculative_config={"method": "draft_model", "num_speculative_tokens": 3, "model": folder})
+    llm.llm_engine.runner.step_cost = None
+    assert _generate(llm, prompts, 40) == alone
+    _assert_same_scores(scores_alone, scores)
+    spec = llm.llm_engine.stats().spec
+    assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens
 
 
 @pytest.mark.parametrize("options", POLICIES[::2] + POLICIES[5:], ids=["streaming", "snapkv", "pyramidkv", "h2o"])
@@ -272,14 +322,17 @@ SPECULATIVE = [{"method": "ngram", "num_speculative_tokens": 3},
 
 @pytest.mark.parametrize("options", [*POLICIES[::2], POLICIES[5]], ids=["streaming", "snapkv", "pyramidkv", "h2o"])
 @pytest.mark.parametrize("speculative", [None, *SPECULATIVE], ids=["answers", "ngram", "draft_model", "layer_skip"])
-def test_speculative_decoding_keeps_the_policys_output(tiny_qwen, options, speculative):
+def test_speculative_decoding_keeps_the_policys_output(tiny_qwen, options, speculative, monkeypatch):
     """Drafts verified on a compacted cache give the policy's token-at-a-time output; a step that compacts
     verifies none, so every row attends to the cache the plain run holds at that token. With drafts that are
     the answers (every one kept), a multi-token step reaches each of streaming's decode compactions. H2O's
     scores count the attention of the kept drafts' rows only (ngram's are all rejected here, layer_skip's
     some)."""
     prompts, max_tokens = [_prompt(300, seed=1), _prompt(150, seed=2)], 60
+    scores = _record_scores(monkeypatch)
     alone = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options), prompts, max_tokens)
+    scores_alone = dict(scores)
+    scores.clear()
     config = speculative or SPECULATIVE[0]
     if config["method"] == "draft_model":
         config = {**config, "model": str(tiny_qwen)}
@@ -291,6 +344,8 @@ def test_speculative_decoding_keeps_the_policys_output(tiny_qwen, options, specu
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outs] == alone
+    if options["method"] == "h2o":
+        _assert_same_scores(scores_alone, scores)
     spec = [o.metrics.spec for o in outs]
     assert sum(s.num_draft_tokens for s in spec) > 0  # ngram's drafts are all rejected here: rolled back
     if speculative is None:
@@ -299,16 +354,21 @@ def test_speculative_decoding_keeps_the_policys_output(tiny_qwen, options, specu
     assert manager.num_free_blocks == manager.num_blocks
 
 
-def test_token_trees_keep_the_policys_output(tiny_qwen, tmp_path):
+@pytest.mark.parametrize("options", [POLICIES[0], POLICIES[5]], ids=["streaming", "h2o"])
+def test_token_trees_keep_the_policys_output(tiny_qwen, tmp_path, options, monkeypatch):
     """Medusa's token trees, drafted by an oracle of the policy's own answers so that branches off the chain are
-    kept too (copied into the sequence's slots of a compacted table)."""
+    kept too (copied into the sequence's slots of a compacted table); H2O's scores count the kept path's rows,
+    whose weights a node off the chain left in its branch's scratch blocks."""
     from test_speculative_medusa import _write
     from test_speculative_tree import _Oracle
 
     from nimblelm.models.loader import load_model
 
-    options, prompts = POLICIES[0], [_prompt(200, seed=3), _prompt(120, seed=4)]
+    prompts = [_prompt(200, seed=3), _prompt(120, seed=4)]
+    scores = _record_scores(monkeypatch)
     alone = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options), prompts, 60)
+    scores_alone = dict(scores)
+    scores.clear()
     heads = _write(tmp_path / "zero.medusa.safetensors", 3, load_model(str(tiny_qwen)).weights["model.norm.weight"])
     tree = [[0], [0, 0], [0, 0, 0], [1], [1, 0], [1, 0, 0], [2]]
     llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options, speculative_config={
@@ -317,6 +377,8 @@ def test_token_trees_keep_the_policys_output(tiny_qwen, tmp_path):
     runner.proposer = _Oracle({tuple(p): a for p, a in zip(prompts, alone)}, runner.config.vocab_size)
     runner.step_cost = None
     assert _generate(llm, prompts, 60) == alone
+    if options["method"] == "h2o":
+        _assert_same_scores(scores_alone, scores)
     assert runner.proposer.steps > 20
 
 
@@ -342,14 +404,11 @@ def test_h2o_with_drafts_without_the_kernels_keeps_the_policys_output(tiny_qwen,
         cpu_ops.cache_clear()
 
 
-@pytest.mark.parametrize(("options", "clash"), [
-    ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}}, "token trees"),
-    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}, "kv_cache_dtype": "int4"},
-     "kv_cache_dtype int4"),
-])
-def test_h2o_with_token_trees_or_a_low_bit_cache_is_refused(tiny_qwen, options, clash):
-    with pytest.raises(InvalidRequestError, match=f"kv_policy h2o and speculative_config cannot be combined with {clash}"):
-        LLM(str(tiny_qwen), kv_policy=POLICIES[5], **options)
+def test_h2o_with_drafts_over_a_low_bit_cache_is_refused(tiny_qwen):
+    with pytest.raises(InvalidRequestError, match="kv_policy h2o and speculative_config cannot be combined with "
+                                                  "kv_cache_dtype int4"):
+        LLM(str(tiny_qwen), kv_policy=POLICIES[5], kv_cache_dtype="int4",
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
 
 
 @pytest.mark.integration

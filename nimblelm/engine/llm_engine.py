@@ -86,10 +86,9 @@ class LLMEngine:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
         if kv_policy is not None and kv_policy.method == "h2o" and speculative is not None:
-            # Only kept drafts' attention counts: chains of drafts verify as decode rows, each adding up apart
-            # (model_runner.py); a tree's branches, or a low-bit cache's verification (a prompt chunk), would not.
-            clash = ("token trees" if speculative.proposes_trees else
-                     f"kv_cache_dtype {config.kv_cache_dtype}" if config.kv_cache_dtype in ("int4", "int2") else None)
+            # Only kept drafts' attention counts: drafts verify as decode rows, each adding up apart
+            # (model_runner.py); a low-bit cache's verification (a prompt chunk) adds up its rows together.
+            clash = f"kv_cache_dtype {config.kv_cache_dtype}" if config.kv_cache_dtype in ("int4", "int2") else None
             if clash:
                 raise InvalidRequestError(f"kv_policy h2o and speculative_config cannot be combined with {clash} yet")
         if config.kv_cache_dtype in ("int4", "int2"):
@@ -523,8 +522,9 @@ def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: Specul
     clash = None
     if speculative is not None and speculative.method in ("layer_skip", "medusa", "eagle"):
         clash = f"speculative method {speculative.method!r} (it drafts from the target's layers, held by no one rank)"
-    elif kv_policy is not None and pp > 1:
-        clash = "kv_policy over pipeline stages"
+    elif kv_policy is not None and kv_policy.method == "h2o" and speculative is not None and pp > 1:
+        # A stage before the last never learns in the step which drafts were kept, so it cannot fold their scores.
+        clash = "kv_policy h2o and speculative_config"
     elif kv_policy is not None and tp > cfg.num_kv_heads:
         # A replica's query heads would vote alone for entries that all of its KV head's queries choose together.
         clash = f"kv_policy with {tp} ranks sharing the model's {cfg.num_kv_heads} KV heads"

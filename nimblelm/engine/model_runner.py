@@ -61,6 +61,7 @@ class _TreeLayout:
     # per KV group: the sequence's table, its offset, and each branch's table
     tables: list[tuple[list[int], int, list[list[int]]]] = field(default_factory=list)
     copies: list[tuple[int, int, int]] = field(default_factory=list)  # (group, block, scratch block) before the step
+    homes: list[int | None] = field(default_factory=list)  # per node, the branch whose table its row reads (None: the chain)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class ModelRunner:
                 self.group_of_layer[layer] = g
         # Per tensor held (a pipeline stage holds its own layers'), how its K/V are stored: an int8 cache keeps
         # the layers int8 would distort in `dtype`.
-        held = range(config.num_layers) if stage is None else stage.layers
+        self.held_layers = held = range(config.num_layers) if stage is None else stage.layers
         self.kv_dtypes = {i: kv_cache_dtype for i in sorted({self.kv_tensor_of_layer[layer] for layer in held})}
         self.int8_kv_errors: list[float] = []
         if kv_cache_dtype == torch.int8:
@@ -154,8 +155,8 @@ class ModelRunner:
         # H2O: the full-attention layers add up the attention each entry receives, in every step.
         self._accumulates = kv_policy is not None and kv_policy.method == "h2o"
         # With drafts, only what the rows of the tokens kept give counts: each draft's rows add into a region of
-        # their own (KVCache.received_regions), per KV group one buffer for all its layers, folded once verified.
-        self.received_regions: list[torch.Tensor] = []
+        # their own (KVCache.received_regions; one buffer for every KV tensor), folded once verified.
+        self.received_regions: torch.Tensor | None = None
         self.proposer = None  # made with the KV cache (a draft model sizes its own after the target's)
         # Of a model split over ranks, the rank whose output the engine reads drafts; the others verify what the
         # step contract sends them.
@@ -224,19 +225,14 @@ class ModelRunner:
 
     def _allocate_received(self, entries: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """Per KV tensor, H2O's received and, with speculative decoding, its received_regions (KVCache), over
-        `entries` (blocks, block_size, kv_heads); a KV group's tensors in one buffer, which one fold updates."""
+        `entries` (blocks, block_size, kv_heads): views of one buffer, which one fold per KV group updates."""
         if not self._accumulates:
             return {}
         regions = 1 + (self.speculative.max_draft_nodes if self.speculative is not None else 0)
-        out = {}
-        for group in self.kv_groups:
-            tensors = sorted({self.kv_tensor_of_layer[layer] for layer in group.layers} & set(self.kv_dtypes))
-            buf = torch.zeros((len(tensors), regions, *entries), dtype=torch.float32, device=self.device)
-            if regions > 1:
-                self.received_regions.append(buf)
-            for j, i in enumerate(tensors):
-                out[i] = buf[j, 0], buf[j] if regions > 1 else None
-        return out
+        buf = torch.zeros((len(self.kv_dtypes), regions, *entries), dtype=torch.float32, device=self.device)
+        if regions > 1:
+            self.received_regions = buf
+        return {i: (buf[j, 0], buf[j] if regions > 1 else None) for j, i in enumerate(self.kv_dtypes)}
 
     def _allocate_lowbit(self, shape: tuple[int, ...], num_blocks: int, max_num_seqs: int) -> None:
         """Packed values and LowBitKV per tensor, with a residual ring per sequence and KV group for
@@ -323,10 +319,10 @@ class ModelRunner:
         else:
             metas = [group_metas[g] for g in self.group_of_layer]
             hidden = self.model(input_ids, batch.positions, self.kv_caches, metas)
-            if hidden is None:  # a pipeline stage before the last: its output went on to the next stage
-                return ModelRunnerOutput([], [])
-        for req_id, plan in sched.compactions.items():
+        for req_id, plan in sched.compactions.items():  # every pipeline stage compacts its own layers
             self._compact(req_id, sched.num_scheduled_tokens[req_id], plan, batch)
+        if hidden is None:  # a pipeline stage before the last: its output went on to the next stage
+            return ModelRunnerOutput([], [])
         prompt_logprobs = self._prompt_logprobs(hidden, batch.prompt_rows) if batch.prompt_rows else {}
         if not sample_ids:
             if self.proposer is not None and self.proposer.observes:
@@ -353,8 +349,8 @@ class ModelRunner:
             paths, outputs = verified.paths, verified.outputs
             for req_id, layout in batch.trees.items():
                 self._keep_branch(layout, paths[sample_ids.index(req_id)])
-            if self.received_regions:
-                self._fold_received(batch, sched, sample_ids, tokens)
+            if self.received_regions is not None:
+                self._fold_received(batch, sched, sample_ids, tokens, paths)
         else:
             sampled = self.sampler(logits, sampling)
             tokens = [[t] for t in sampled.token_ids]
@@ -392,24 +388,38 @@ class ModelRunner:
         return seen
 
     def _fold_received(self, batch: _Batch, sched: SchedulerOutput, sample_ids: list[int],
-                       tokens: list[list[int]]) -> None:
-        """H2O: add what the rows of the drafts kept gave their entries (regions 1 to kept) to what the entries
-        have received (region 0), as if those tokens had been decoded one at a time; clear every draft region."""
+                       tokens: list[list[int]], paths: list[list[int] | None]) -> None:
+        """H2O: add what the rows of the drafts kept gave their entries (node i's region, i + 1) to what the
+        entries have received (region 0), as if those tokens had been decoded one at a time, each entry at its
+        slot in the sequence's own table (a tree's node off the chain read its branch's); clear every draft
+        region."""
         bs = self.block_size
-        for req_id, new in zip(sample_ids, tokens):
+
+        def slots(blocks: list[int], count: int) -> torch.Tensor:  # of entries 0 .. count - 1 in a table
+            entries = torch.arange(count, device=self.device)
+            return torch.tensor(blocks, device=self.device)[entries // bs] * bs + entries % bs
+
+        for req_id, new, path in zip(sample_ids, tokens, paths):
             if not sched.spec_token_ids.get(req_id):
                 continue
             state, (_, start, n) = self.seqs[req_id], batch.spans[req_id]
-            kept = len(new) - 1  # the drafts kept; the last token is the target's own
-            for g, buf in enumerate(self.received_regions):
-                if self.kv_groups[g].window is not None:  # sliding layers add up nothing
+            layout = batch.trees.get(req_id)
+            kept = path if layout is not None else range(len(new) - 1)  # the last token is the target's own
+            depths = layout.tree.depths() if layout is not None else range(1, n)
+            base = n - len(sched.spec_token_ids[req_id])
+            flat = self.received_regions.flatten(2, 3)  # [tensors, regions, slots, kv_heads]
+            for g, group in enumerate(self.kv_groups):
+                if group.window is not None:  # sliding layers add up nothing
                     continue
-                entries = torch.arange(start + n - state.kv_offsets[g], device=self.device)
-                slots = torch.tensor(state.block_ids[g], device=self.device)[entries // bs] * bs + entries % bs
-                flat = buf.flatten(2, 3)  # [tensors, regions, slots, kv_heads]
-                if kept:
-                    flat[:, 0, slots] += flat[:, 1 : 1 + kept, slots].sum(1)
-                flat[:, 1:, slots] = 0
+                table, offset = state.block_ids[g], state.kv_offsets[g]
+                for node in kept:
+                    count = start + base + depths[node] - offset  # the entries the node's row read
+                    home = layout.homes[node] if layout is not None else None
+                    src = slots(table if home is None else layout.tables[g][2][home], count)
+                    flat[:, 0, slots(table, count)] += flat[:, 1 + node, src]
+                flat[:, 1:, slots(table, start + n - offset)] = 0
+        if batch.trees:  # the branches' scratch blocks, once every sequence has folded what its rows left there
+            self.received_regions[:, 1:, self.num_blocks + 1 :] = 0
 
     def _keep_branch(self, layout: _TreeLayout, path: list[int]) -> None:
         """A tree's kept nodes into the sequence's own slots, when they leave the primary chain (whose nodes are
@@ -444,15 +454,16 @@ class ModelRunner:
             old_slots = (table[entries[:num_entries] // bs] * bs + entries[:num_entries] % bs)
             new_slots = torch.tensor(new_table, device=self.device)[entries[:keep] // bs] * bs + entries[:keep] % bs
             meta = batch.group_metas[g]
-            # Layer by layer, each layer's votes of every voting chunk in turn.
+            # Layer by layer (those this pipeline stage holds), each layer's votes of every voting chunk in turn.
             votes = meta.votes[batch.voters.index(req_id) :: len(batch.voters)] if meta.votes else None
+            layers = [layer for layer in self.kv_groups[g].layers if layer in self.held_layers]
             heads = torch.arange(self.config.num_kv_heads, device=self.device)
             # A low-bit cache's key groups (layers/kivi.py): those a compaction made (the table dropped blocks
             # from its front) are kept or dropped whole.
             groups = (1, 0) if self.kv_bits is None else (
                 bs, max(0, num_entries // bs * bs + bs - self.residual_length) if state.kv_offsets[g] else 0)
             kept = None
-            for i, layer in enumerate(self.kv_groups[g].layers):
+            for i, layer in enumerate(layers):
                 cache = self.kv_caches[layer]
                 if cache.received is not None:
                     votes_i = cache.received.flatten(0, 1)[old_slots].T
@@ -653,6 +664,7 @@ class ModelRunner:
             drafts = sched.spec_token_ids.get(req_id, [])
             row0 = len(tokens)
             tokens.extend(seq.token_ids[start : start + n - len(drafts)] + drafts)
+            draft_ranks.extend([0] * (n - len(drafts)) + list(range(1, len(drafts) + 1)))  # node i's: i + 1
             parents = sched.spec_parents.get(req_id)
             if parents is not None:
                 trees[req_id] = self._lay_out_tree(seq, start, n - len(drafts), DraftTree(drafts, parents), row0,
@@ -660,7 +672,6 @@ class ModelRunner:
                                                    extra_writes)
                 continue
             positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
-            draft_ranks.extend([0] * (n - len(drafts)) + list(range(1, len(drafts) + 1)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 if self.kv_bits is not None:
                     lowbit_spans[g].append((row0, start - offset, n, table, self._residual_slot(req_id, g)))
@@ -739,7 +750,7 @@ class ModelRunner:
             )
 
         vote_rows = [min(self.kv_policy.window_size, n) if req_id in voting else 0 for _, n, req_id in prefills]
-        ranks = torch.tensor(draft_ranks, dtype=torch.long, device=device) if self.received_regions else None
+        ranks = torch.tensor(draft_ranks, dtype=torch.long, device=device) if self.received_regions is not None else None
 
         return _Batch(
             torch.tensor(tokens, dtype=torch.long, device=device),
@@ -772,7 +783,8 @@ class ModelRunner:
                 holders[node].append(b)
         row_positions = list(range(start, start + base)) + [start + base - 1 + d for d in tree.depths()]
         positions.extend(row_positions)
-        layout = _TreeLayout(tree, start, base)
+        layout = _TreeLayout(tree, start, base, homes=[holders[node][0] if node >= chain else None
+                                                       for node in range(len(tree.tokens))])
         for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
             first = (start - offset) // bs  # the block of the step's first position
             tables = []
