@@ -10,9 +10,11 @@ more. Ranks run as local processes (mp) and as Ray actors on a local cluster of 
 
 import gc
 import multiprocessing
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_gguf_direct import mixed_types
 from tiny_models import make_tiny_gguf, make_tiny_hf_model
 
@@ -23,6 +25,7 @@ from nimblelm.models.loader import load_model
 from nimblelm.quantization import stacked
 from nimblelm.quantization.int4 import dequantize_int4
 from nimblelm.quantization.int8 import dequantize_int8
+from nimblelm.quantization.kv_int8 import float_kv_layers
 from nimblelm.quantization.quantize import quantize_model
 
 TOLERANCE = 1e-4
@@ -226,6 +229,32 @@ def test_kv_policy_over_pipeline_stages(tiny_models, policy):
         PROMPTS, PARAMS, use_tqdm=False))
 
 
+@pytest.mark.slow
+def test_int8_kv_over_pipeline_stages(tiny_models, tmp_path):
+    """Every stage runs the int8 cache's start-up probe at once, over its own layers, the prompt's hidden states
+    passed on as a step's: the stage holding the layer whose keys are sharp (its q and k scaled 30x) keeps that
+    layer's K/V in float as one process does, and the output is one process's."""
+    folder = tmp_path / "sharp"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    weights = load_file(folder / "model.safetensors")
+    for name in ("q_proj", "k_proj"):
+        weights[f"model.layers.1.self_attn.{name}.weight"] *= 30
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    options = {**OPTIONS, "kv_cache_dtype": "int8"}
+    one = LLM(str(folder), **options)
+    errors = one.llm_engine.runner.int8_kv_errors
+    assert float_kv_layers(errors) == [1], errors  # the layer this test is about, and only it
+    ref = one.generate(PROMPTS, PARAMS, use_tqdm=False)
+    del one
+    llm = LLM(str(folder), pipeline_parallel_size=2, **options)
+    _assert_same(ref, llm.generate(PROMPTS, PARAMS, use_tqdm=False))
+    # A block of the stage holding layer 1 stores float K/V, the other's int8 with a scale per entry and head.
+    cfg = llm.model_config
+    entries = 2 * llm.llm_engine.config.block_size * cfg.num_kv_heads
+    assert llm.llm_engine.executor.collective_rpc("kv_bytes_per_block") == [entries * (cfg.head_dim + 4),
+                                                                            entries * cfg.head_dim * 4]
+
+
 @pytest.fixture(scope="module")
 def stored_quantized(tiny_models, tmp_path_factory):
     """The tiny qwen2 as a GGUF of mixed types (int8 and int4 families, a Q8_0 token table, layers that fall back
@@ -317,7 +346,6 @@ def test_ray_executor_runs_the_ranks(tiny_models, local_ray, tp, pp):
       "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "kv_policy h2o and speculative_config"),
     ({"pipeline_parallel_size": 3}, "exceeds the model's 2 layers"),
     ({"pipeline_parallel_size": 0}, "must be >= 1"),
-    ({"pipeline_parallel_size": 2, "kv_cache_dtype": "int8"}, "kv_cache_dtype int8"),
 ])
 def test_impossible_options_fail_at_start(tiny_models, options, message):
     with pytest.raises(InvalidRequestError, match=message):

@@ -528,8 +528,6 @@ def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: Specul
     elif kv_policy is not None and tp > cfg.num_kv_heads:
         # A replica's query heads would vote alone for entries that all of its KV head's queries choose together.
         clash = f"kv_policy with {tp} ranks sharing the model's {cfg.num_kv_heads} KV heads"
-    elif config.kv_cache_dtype == "int8" and pp > 1:
-        clash = "kv_cache_dtype int8"  # it picks its float layers by running the whole model, which no stage holds
     if clash:
         raise InvalidRequestError(f"a model split over ranks cannot be combined with {clash} yet")
 

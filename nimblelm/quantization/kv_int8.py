@@ -28,20 +28,23 @@ SEED = 0
 def int8_attention_errors(
     model, *, max_len: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[float]:
-    """Per layer: ||attn(q, int8 K, int8 V) - attn(q, K, V)|| / ||attn(q, K, V)|| on the probe prompt."""
+    """Per layer: ||attn(q, int8 K, int8 V) - attn(q, K, V)|| / ||attn(q, K, V)|| on the probe prompt; 0 for the
+    layers a pipeline stage does not hold. Every stage runs the probe at once: their forwards pass the prompt's
+    hidden states on as a step's do."""
     cfg = model.config
+    held = range(cfg.num_layers) if model.stage is None else model.stage.layers
     n = min(PROBE_TOKENS, max_len)
     g = torch.Generator().manual_seed(SEED)
     ids = torch.randint(cfg.vocab_size, (n,), generator=g).to(device)
     blocks = -(-n // block_size)
     caches = [KVCache(torch.zeros(2, blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device))
-              for _ in model.layers]
+              if i in held else None for i in range(cfg.num_layers)]
     metas = model.whole_prompt_metadata(n, block_size, device)
-    errors: list[float] = []
+    errors = [0.0] * cfg.num_layers
 
-    def measure(module, args, _out) -> None:
+    def measure(layer: int, module, args) -> None:
         q, k, v = (x.transpose(0, 1)[None].float() for x in args[:3])
-        mask = metas[len(errors)].prefill_masks[0]
+        mask = metas[layer].prefill_masks[0]
 
         def attend(k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -49,9 +52,10 @@ def int8_attention_errors(
 
         exact = attend(k, v)
         rounded = attend(*(dequantize_kv(*quantize_kv(x), torch.float32) for x in (k, v)))
-        errors.append(((rounded - exact).norm() / exact.norm()).item())
+        errors[layer] = ((rounded - exact).norm() / exact.norm()).item()
 
-    hooks = [layer.self_attn.attn.register_forward_hook(measure) for layer in model.layers]
+    hooks = [model.layers[i].self_attn.attn.register_forward_hook(
+        lambda module, args, _out, i=i: measure(i, module, args)) for i in held]
     try:
         with torch.inference_mode():
             model(ids, torch.arange(n, device=device), caches, metas)
