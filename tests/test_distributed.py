@@ -207,6 +207,24 @@ def test_speculative_decoding_over_ranks(tiny_models, tp, pp):
 
 
 @pytest.mark.slow
+def test_token_trees_over_pipeline_stages(tmp_path):
+    """Lookahead's token trees over 2 stages: a stage before the last never sees which branch the last kept, and
+    copies it into the sequence's slots when the next step names it. Eager steps, so that no step costs prune the
+    trees: one process keeps a branch off the primary chain 12 times in 105 trees here, and a first stage that
+    does not copy them gives other tokens."""
+    model = str(make_tiny_hf_model(tmp_path / "qwen2", arch="qwen2", initializer_range=0.02))
+    prompts = [*PROMPTS, "one two one two one two one two"]
+    params = SamplingParams(max_tokens=150, temperature=0, logprobs=1, prompt_logprobs=1, ignore_eos=True)
+    options = {**OPTIONS, "max_model_len": 512}
+    ref = LLM(model, **options).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model, pipeline_parallel_size=2, enforce_eager=True,
+              speculative_config={"method": "lookahead", "num_speculative_tokens": 2}, **options)
+    _assert_same(ref, llm.generate(prompts, params, use_tqdm=False))
+    spec = llm.llm_engine.stats().spec
+    assert spec.num_accepted_tokens > 0.3 * spec.num_draft_tokens
+
+
+@pytest.mark.slow
 def test_kv_policy_over_ranks(tiny_models):
     """SnapKV on two ranks, each choosing for its own KV head from its own query heads' votes: the same entries
     kept as in one process, and the same output."""
@@ -341,6 +359,10 @@ def test_ray_executor_runs_the_ranks(tiny_models, local_ray, tp, pp):
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "threads"}, "must be one of"),
     ({"tensor_parallel_size": 2, "speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2,
                                                          "skip_layers": [1]}}, "speculative method 'layer_skip'"),
+    ({"pipeline_parallel_size": 2, "speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2,
+                                                           "skip_layers": [1]}}, "speculative method 'layer_skip'"),
+    ({"tensor_parallel_size": 2, "speculative_config": {"method": "medusa", "num_speculative_tokens": 2}},
+     "speculative method 'medusa' over tensor-parallel ranks"),
     ({"tensor_parallel_size": 4, "kv_policy": {"method": "streaming", "budget": 64}}, "sharing the model's 2 KV"),
     ({"pipeline_parallel_size": 2, "kv_policy": {"method": "h2o", "budget": 64},
       "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "kv_policy h2o and speculative_config"),

@@ -186,6 +186,7 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._kept_tree_paths: dict[int, list[int]] = {}  # of the last step run, for the next (SchedulerOutput)
         self._structured: StructuredOutputBackend | None = None  # built by the first structured request
         self.spec_stats = SpecDecodeStats() if speculative is not None else None  # since the engine started
 
@@ -365,7 +366,9 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         self._add_grammar_bitmask(sched)
+        sched.kept_tree_paths, self._kept_tree_paths = self._kept_tree_paths, {}
         out = self.executor.execute(sched)
+        self._kept_tree_paths = out.tree_paths
         rejected = {
             seq_id: len(sched.spec_token_ids[seq_id]) - (len(tokens) - 1)
             for seq_id, tokens in zip(out.req_ids, out.sampled_token_ids) if seq_id in sched.spec_token_ids
@@ -520,8 +523,12 @@ def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: Specul
     """What a model split over ranks cannot do yet: one clear error at start."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     clash = None
-    if speculative is not None and speculative.method in ("layer_skip", "medusa", "eagle"):
-        clash = f"speculative method {speculative.method!r} (it drafts from the target's layers, held by no one rank)"
+    if speculative is not None and speculative.method == "layer_skip":
+        clash = "speculative method 'layer_skip' (it drafts with the target's layers, held by no one rank)"
+    elif speculative is not None and speculative.method in ("medusa", "eagle") and tp > 1:
+        # The last stage holds the hidden states they draft from, and the output layer (EAGLE the token table too)
+        # whole unless ranks split it.
+        clash = f"speculative method {speculative.method!r} over tensor-parallel ranks (they split the output layer)"
     elif kv_policy is not None and kv_policy.method == "h2o" and speculative is not None and pp > 1:
         # A stage before the last never learns in the step which drafts were kept, so it cannot fold their scores.
         clash = "kv_policy h2o and speculative_config"

@@ -164,6 +164,9 @@ class ModelRunner:
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
         self.seqs: dict[int, _SeqState] = {}
+        # A pipeline stage before the last: the token trees of the step it ran last, whose kept branches the next
+        # step names (SchedulerOutput.kept_tree_paths).
+        self.unverified_trees: dict[int, _TreeLayout] = {}
         # A low-bit cache's residual rings (each sequence's last entries, at full precision): their rows, by
         # sequence, each row a ring per KV group.
         self.residual_rows: dict[int, int] = {}
@@ -322,6 +325,7 @@ class ModelRunner:
         for req_id, plan in sched.compactions.items():  # every pipeline stage compacts its own layers
             self._compact(req_id, sched.num_scheduled_tokens[req_id], plan, batch)
         if hidden is None:  # a pipeline stage before the last: its output went on to the next stage
+            self.unverified_trees = batch.trees
             return ModelRunnerOutput([], [])
         prompt_logprobs = self._prompt_logprobs(hidden, batch.prompt_rows) if batch.prompt_rows else {}
         if not sample_ids:
@@ -367,6 +371,7 @@ class ModelRunner:
             sample_ids, tokens, logprobs, prompt_logprobs,
             {req_id: list(d.tokens) if isinstance(d, DraftTree) else d for req_id, d in proposals.items()},
             {req_id: d.parents for req_id, d in proposals.items() if isinstance(d, DraftTree)},
+            {req_id: paths[sample_ids.index(req_id)] for req_id in batch.trees},
         )
 
     def _seen(self, batch: _Batch, hidden: torch.Tensor, sampled: dict[int, tuple]) -> dict[int, Seen]:
@@ -502,6 +507,8 @@ class ModelRunner:
             if g != group:
                 continue
             cache = self.kv_caches[layer]
+            if cache is None:  # a layer of another pipeline stage
+                continue
             values = cache.values if whole_blocks else cache.values.flatten(1, 2)
             values[:, dst] = values[:, src]
             if cache.scales is not None:
@@ -571,6 +578,10 @@ class ModelRunner:
         return out
 
     def _update(self, sched: SchedulerOutput) -> None:
+        for req_id, path in sched.kept_tree_paths.items():  # with the tables the trees were laid out in
+            if req_id in self.unverified_trees:
+                self._keep_branch(self.unverified_trees[req_id], path)
+        self.unverified_trees = {}
         for req_id in sched.finished_req_ids:
             self.seqs.pop(req_id, None)
             self.generators.pop(req_id, None)

@@ -65,6 +65,10 @@ class SchedulerOutput:
     # the blocks of its new table, which the kept entries are gathered into, and the blocks then dropped from
     # the table's front; the entries kept are those past the dropped blocks' tokens.
     compactions: dict[int, list[tuple[list[int], int] | None]] = field(default_factory=dict)
+    # Pipeline stages: per sequence that verified a token tree in the step run before, the nodes it kept
+    # (ModelRunnerOutput.tree_paths). A stage before the last never sees the verification: it copies the kept
+    # branch's K/V into the sequence's slots by these before the step runs, as the last stage did after it.
+    kept_tree_paths: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -89,3 +93,4 @@ class ModelRunnerOutput:
     # Speculative decoding: per sampled sequence that may go on, the drafts proposed to follow its new tokens.
     draft_token_ids: dict[int, list[int]] = field(default_factory=dict)
     draft_parents: dict[int, list[int]] = field(default_factory=dict)  # of the drafts that are a tree
+    tree_paths: dict[int, list[int]] = field(default_factory=dict)  # per sequence that verified a tree, the nodes kept
