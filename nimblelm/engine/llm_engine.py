@@ -186,7 +186,7 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
-        self._kept_tree_paths: dict[int, list[int]] = {}  # of the last step run, for the next (SchedulerOutput)
+        self._kept_drafts: dict[int, list[int]] = {}  # of the last step run, for the next (SchedulerOutput)
         self._structured: StructuredOutputBackend | None = None  # built by the first structured request
         self.spec_stats = SpecDecodeStats() if speculative is not None else None  # since the engine started
 
@@ -366,9 +366,9 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         self._add_grammar_bitmask(sched)
-        sched.kept_tree_paths, self._kept_tree_paths = self._kept_tree_paths, {}
+        sched.kept_drafts, self._kept_drafts = self._kept_drafts, {}
         out = self.executor.execute(sched)
-        self._kept_tree_paths = out.tree_paths
+        self._kept_drafts = out.kept_drafts
         rejected = {
             seq_id: len(sched.spec_token_ids[seq_id]) - (len(tokens) - 1)
             for seq_id, tokens in zip(out.req_ids, out.sampled_token_ids) if seq_id in sched.spec_token_ids
@@ -521,7 +521,7 @@ def _find_stop(text: str, stops: tuple[str, ...], delta_len: int) -> tuple[str |
 def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: SpeculativeConfig | None,
                      kv_policy: KVPolicy | None) -> None:
     """What a model split over ranks cannot do yet: one clear error at start."""
-    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    tp = config.tensor_parallel_size
     clash = None
     if speculative is not None and speculative.method == "layer_skip":
         clash = "speculative method 'layer_skip' (it drafts with the target's layers, held by no one rank)"
@@ -529,9 +529,6 @@ def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: Specul
         # The last stage holds the hidden states they draft from, and the output layer (EAGLE the token table too)
         # whole unless ranks split it.
         clash = f"speculative method {speculative.method!r} over tensor-parallel ranks (they split the output layer)"
-    elif kv_policy is not None and kv_policy.method == "h2o" and speculative is not None and pp > 1:
-        # A stage before the last never learns in the step which drafts were kept, so it cannot fold their scores.
-        clash = "kv_policy h2o and speculative_config"
     elif kv_policy is not None and tp > cfg.num_kv_heads:
         # A replica's query heads would vote alone for entries that all of its KV head's queries choose together.
         clash = f"kv_policy with {tp} ranks sharing the model's {cfg.num_kv_heads} KV heads"

@@ -164,9 +164,9 @@ class ModelRunner:
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
         self.seqs: dict[int, _SeqState] = {}
-        # A pipeline stage before the last: the token trees of the step it ran last, whose kept branches the next
-        # step names (SchedulerOutput.kept_tree_paths).
-        self.unverified_trees: dict[int, _TreeLayout] = {}
+        # A pipeline stage before the last: the step it ran last, when that verified drafts, whose kept nodes the
+        # next step names (SchedulerOutput.kept_drafts).
+        self.unverified: tuple[_Batch, SchedulerOutput] | None = None
         # A low-bit cache's residual rings (each sequence's last entries, at full precision): their rows, by
         # sequence, each row a ring per KV group.
         self.residual_rows: dict[int, int] = {}
@@ -325,7 +325,7 @@ class ModelRunner:
         for req_id, plan in sched.compactions.items():  # every pipeline stage compacts its own layers
             self._compact(req_id, sched.num_scheduled_tokens[req_id], plan, batch)
         if hidden is None:  # a pipeline stage before the last: its output went on to the next stage
-            self.unverified_trees = batch.trees
+            self.unverified = (batch, sched) if sched.spec_token_ids else None
             return ModelRunnerOutput([], [])
         prompt_logprobs = self._prompt_logprobs(hidden, batch.prompt_rows) if batch.prompt_rows else {}
         if not sample_ids:
@@ -351,15 +351,15 @@ class ModelRunner:
             verified = verify(self.sampler, logits, sampling, trees)
             tokens, logprobs = verified.token_ids, verified.logprobs
             paths, outputs = verified.paths, verified.outputs
-            for req_id, layout in batch.trees.items():
-                self._keep_branch(layout, paths[sample_ids.index(req_id)])
-            if self.received_regions is not None:
-                self._fold_received(batch, sched, sample_ids, tokens, paths)
+            kept = {req_id: path if req_id in batch.trees else list(range(len(new) - 1))
+                    for req_id, new, path in zip(sample_ids, tokens, paths) if sched.spec_token_ids.get(req_id)}
+            self._keep_drafts(batch, sched, kept)
         else:
             sampled = self.sampler(logits, sampling)
             tokens = [[t] for t in sampled.token_ids]
             logprobs = None if sampled.logprobs is None else [[entry] for entry in sampled.logprobs]
             paths = outputs = [None] * len(sample_ids)
+            kept = {}
         proposals = {}
         if self.proposer is not None:
             if traced is not None:
@@ -371,7 +371,7 @@ class ModelRunner:
             sample_ids, tokens, logprobs, prompt_logprobs,
             {req_id: list(d.tokens) if isinstance(d, DraftTree) else d for req_id, d in proposals.items()},
             {req_id: d.parents for req_id, d in proposals.items() if isinstance(d, DraftTree)},
-            {req_id: paths[sample_ids.index(req_id)] for req_id in batch.trees},
+            kept,
         )
 
     def _seen(self, batch: _Batch, hidden: torch.Tensor, sampled: dict[int, tuple]) -> dict[int, Seen]:
@@ -392,8 +392,15 @@ class ModelRunner:
                 seen[req_id] = Seen(start, hidden[row : row + n], state.token_ids[start + 1 : start + 1 + n])
         return seen
 
-    def _fold_received(self, batch: _Batch, sched: SchedulerOutput, sample_ids: list[int],
-                       tokens: list[list[int]], paths: list[list[int] | None]) -> None:
+    def _keep_drafts(self, batch: _Batch, sched: SchedulerOutput, kept: dict[int, list[int]]) -> None:
+        """The step's drafts verified, `kept` the nodes each sequence kept: its token tree's kept branch into its
+        own slots, and H2O's scores of the kept rows folded in."""
+        for req_id, layout in batch.trees.items():
+            self._keep_branch(layout, kept[req_id])
+        if self.received_regions is not None:
+            self._fold_received(batch, sched, kept)
+
+    def _fold_received(self, batch: _Batch, sched: SchedulerOutput, kept: dict[int, list[int]]) -> None:
         """H2O: add what the rows of the drafts kept gave their entries (node i's region, i + 1) to what the
         entries have received (region 0), as if those tokens had been decoded one at a time, each entry at its
         slot in the sequence's own table (a tree's node off the chain read its branch's); clear every draft
@@ -404,12 +411,9 @@ class ModelRunner:
             entries = torch.arange(count, device=self.device)
             return torch.tensor(blocks, device=self.device)[entries // bs] * bs + entries % bs
 
-        for req_id, new, path in zip(sample_ids, tokens, paths):
-            if not sched.spec_token_ids.get(req_id):
-                continue
+        for req_id, nodes in kept.items():
             state, (_, start, n) = self.seqs[req_id], batch.spans[req_id]
             layout = batch.trees.get(req_id)
-            kept = path if layout is not None else range(len(new) - 1)  # the last token is the target's own
             depths = layout.tree.depths() if layout is not None else range(1, n)
             base = n - len(sched.spec_token_ids[req_id])
             flat = self.received_regions.flatten(2, 3)  # [tensors, regions, slots, kv_heads]
@@ -417,7 +421,7 @@ class ModelRunner:
                 if group.window is not None:  # sliding layers add up nothing
                     continue
                 table, offset = state.block_ids[g], state.kv_offsets[g]
-                for node in kept:
+                for node in nodes:
                     count = start + base + depths[node] - offset  # the entries the node's row read
                     home = layout.homes[node] if layout is not None else None
                     src = slots(table if home is None else layout.tables[g][2][home], count)
@@ -578,10 +582,9 @@ class ModelRunner:
         return out
 
     def _update(self, sched: SchedulerOutput) -> None:
-        for req_id, path in sched.kept_tree_paths.items():  # with the tables the trees were laid out in
-            if req_id in self.unverified_trees:
-                self._keep_branch(self.unverified_trees[req_id], path)
-        self.unverified_trees = {}
+        if self.unverified is not None:  # with the tables of the step that laid out the drafts
+            self._keep_drafts(*self.unverified, sched.kept_drafts)
+            self.unverified = None
         for req_id in sched.finished_req_ids:
             self.seqs.pop(req_id, None)
             self.generators.pop(req_id, None)

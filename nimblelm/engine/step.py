@@ -65,10 +65,11 @@ class SchedulerOutput:
     # the blocks of its new table, which the kept entries are gathered into, and the blocks then dropped from
     # the table's front; the entries kept are those past the dropped blocks' tokens.
     compactions: dict[int, list[tuple[list[int], int] | None]] = field(default_factory=dict)
-    # Pipeline stages: per sequence that verified a token tree in the step run before, the nodes it kept
-    # (ModelRunnerOutput.tree_paths). A stage before the last never sees the verification: it copies the kept
-    # branch's K/V into the sequence's slots by these before the step runs, as the last stage did after it.
-    kept_tree_paths: dict[int, list[int]] = field(default_factory=dict)
+    # Pipeline stages: per sequence that verified drafts in the step run before, the draft nodes it kept
+    # (ModelRunnerOutput.kept_drafts). A stage before the last never sees the verification: before this step runs
+    # it does what the last stage did after that one (a token tree's kept branch copied into the sequence's slots,
+    # H2O's scores of the kept rows folded in).
+    kept_drafts: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -93,4 +94,5 @@ class ModelRunnerOutput:
     # Speculative decoding: per sampled sequence that may go on, the drafts proposed to follow its new tokens.
     draft_token_ids: dict[int, list[int]] = field(default_factory=dict)
     draft_parents: dict[int, list[int]] = field(default_factory=dict)  # of the drafts that are a tree
-    tree_paths: dict[int, list[int]] = field(default_factory=dict)  # per sequence that verified a tree, the nodes kept
+    # Per sequence that verified drafts, the nodes kept: a chain's first ones, a tree's path from its root.
+    kept_drafts: dict[int, list[int]] = field(default_factory=dict)
