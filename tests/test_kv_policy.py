@@ -404,11 +404,38 @@ def test_h2o_with_drafts_without_the_kernels_keeps_the_policys_output(tiny_qwen,
         cpu_ops.cache_clear()
 
 
-def test_h2o_with_drafts_over_a_low_bit_cache_is_refused(tiny_qwen):
-    with pytest.raises(InvalidRequestError, match="kv_policy h2o and speculative_config cannot be combined with "
-                                                  "kv_cache_dtype int4"):
-        LLM(str(tiny_qwen), kv_policy=POLICIES[5], kv_cache_dtype="int4",
-            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+@pytest.mark.parametrize("kv_cache_dtype", ["int4", "int2"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_h2o_with_drafts_over_a_low_bit_cache(tiny_qwen, kv_cache_dtype, kernels, monkeypatch):
+    """A low-bit cache verifies drafts as a prompt chunk's last rows: each adds into its draft's region (where the
+    fused kernel would sum the chunk's rows into one), and the kept ones are folded in as on a float cache. The
+    draft model is the target on a full cache (most drafts kept, not all on a low-bit one): plain H2O decoding's
+    output, and every compaction's scores."""
+    from nimblelm.kernels import cpu_ops
+
+    if not kernels:
+        monkeypatch.setenv("NIMBLELM_DISABLE_KERNELS", "1")
+        cpu_ops.cache_clear()
+    try:
+        prompts, options = [_prompt(200, seed=1), _prompt(120, seed=2)], {
+            "dtype": "float32", "max_model_len": 512, "kv_policy": POLICIES[5], "kv_cache_dtype": kv_cache_dtype}
+        scores = _record_scores(monkeypatch)
+        alone = _generate(LLM(str(tiny_qwen), **options), prompts, 50)
+        scores_alone = dict(scores)
+        scores.clear()
+        llm = LLM(str(tiny_qwen), **options, speculative_config={
+            "method": "draft_model", "model": str(tiny_qwen), "num_speculative_tokens": 3})
+        assert llm.llm_engine.runner.kernels == kernels
+        llm.llm_engine.runner.step_cost = None
+        params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == alone
+        _assert_same_scores(scores_alone, scores)
+        spec = [o.metrics.spec for o in outs]
+        assert 0 < sum(s.num_accepted_tokens for s in spec) < sum(s.num_draft_tokens for s in spec)
+    finally:
+        monkeypatch.delenv("NIMBLELM_DISABLE_KERNELS", raising=False)
+        cpu_ops.cache_clear()
 
 
 @pytest.mark.integration

@@ -85,12 +85,6 @@ class LLMEngine:
         if speculative is not None and speculative.method == "layer_skip" and speculative.skip_layers is None:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
-        if kv_policy is not None and kv_policy.method == "h2o" and speculative is not None:
-            # Only kept drafts' attention counts: drafts verify as decode rows, each adding up apart
-            # (model_runner.py); a low-bit cache's verification (a prompt chunk) adds up its rows together.
-            clash = f"kv_cache_dtype {config.kv_cache_dtype}" if config.kv_cache_dtype in ("int4", "int2") else None
-            if clash:
-                raise InvalidRequestError(f"kv_policy h2o and speculative_config cannot be combined with {clash} yet")
         if config.kv_cache_dtype in ("int4", "int2"):
             # Drafts that write the target's cache (layer_skip's) or verify as trees (on scratch blocks) would reach
             # past the rows a residual ring keeps room for; cache_positions rotates kept keys, which a key scale per

@@ -243,9 +243,9 @@ class ModelRunner:
         row 0, which replayed steps' padding rows write (step_capture.py)."""
         packed = (*shape[:-1], shape[-1] * self.kv_bits // 8)
         rings = (max_num_seqs + 1) * len(self.kv_groups)
-        tensors = {i: KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device),
-                              received=(torch.zeros(shape[1:-1], dtype=torch.float32, device=self.device)
-                                        if self._accumulates else None),
+        received = self._allocate_received(shape[1:-1])
+        tensors = {i: KVCache(torch.zeros(packed, dtype=torch.uint8, device=self.device), None,
+                              *received.get(i, (None, None)),
                               lowbit=LowBitKV.empty(self.kv_bits, shape[1], *shape[2:], rings, self.residual_length,
                                                     self.residual_dtype, self.device, self.ring_length))
                    for i in self.kv_dtypes}
@@ -671,7 +671,7 @@ class ModelRunner:
         extra_writes: list[list[tuple[int, int]]] = [[] for _ in range(num_groups)]  # (row, slot), for trees
         trees: dict[int, _TreeLayout] = {}
         lowbit_spans: list[list[tuple]] = [[] for _ in range(num_groups)]  # per group: LowBitPlan.build's spans
-        draft_ranks: list[int] = []  # per decode row, H2O's (AttentionMetadata.draft_ranks)
+        draft_ranks: list[int] = []  # per row, H2O's (AttentionMetadata.draft_ranks)
         scratch = iter(range(self.num_blocks + 1, self.num_blocks + 1 + self.tree_scratch))
         for seq, n, req_id in decodes:
             start = seq.num_computed_tokens
@@ -702,6 +702,7 @@ class ModelRunner:
                     lowbit_spans[g].append((len(tokens), start - offset, n, table, self._residual_slot(req_id, g)))
             drafts = sched.spec_token_ids.get(req_id, [])
             tokens.extend(seq.token_ids[start : start + n - len(drafts)] + drafts)
+            draft_ranks.extend([0] * (n - len(drafts)) + list(range(1, len(drafts) + 1)))
             positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 entries = np.arange(start - offset, start + n - offset)

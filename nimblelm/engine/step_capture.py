@@ -57,7 +57,8 @@ class StepCapture:
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
         self.lowbit = any(c is not None and c.lowbit is not None for c in kv_caches)
-        self.ranked = any(c is not None and c.received_regions is not None for c in kv_caches)
+        # H2O's draft ranks; a low-bit cache's decode rows are never drafts (those verify as prompt chunks).
+        self.ranked = not self.lowbit and any(c is not None and c.received_regions is not None for c in kv_caches)
         self.traces: dict[int, torch.jit.ScriptFunction] = {}
 
     @staticmethod

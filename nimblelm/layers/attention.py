@@ -51,8 +51,9 @@ class AttentionMetadata:
     # H2O: every row's attention weights are added to the attention its entries have received
     # (KVCache.received), summed over each KV head's query heads.
     accumulate: bool = False
-    # H2O with speculative decoding: each decode row's place after its sequence's last token (0: a token, j: its
-    # j-th draft), the region of KVCache.received_regions it adds into until verification keeps or drops it.
+    # H2O with speculative decoding: each row's place after its sequence's last token (0: a token, j: its j-th
+    # draft), the region of KVCache.received_regions it adds into until verification keeps or drops it. Drafts
+    # are decode rows, but in a low-bit cache, where they are a prompt chunk's last rows.
     draft_ranks: torch.Tensor | None = None
     # An int4 or int2 cache: what the step writes, seals and reads (layers/kivi.py); None otherwise.
     lowbit: kivi.LowBitPlan | None = None
@@ -186,7 +187,8 @@ class PagedAttention(torch.nn.Module):
     ) -> torch.Tensor:
         if kv_cache.lowbit is not None:
             return kivi.attend(q, k, v, kv_cache.values, kv_cache.lowbit, meta, self.scale,
-                               kv_cache.received if meta.accumulate else None)
+                               kv_cache.received if meta.accumulate else None,
+                               kv_cache.received_regions if meta.accumulate and meta.draft_ranks is not None else None)
         ops = ops_for(q)
         self._write(k, v, kv_cache, meta.slot_mapping, ops)
         # H2O's, with draft ranks all its regions: region 0 comes first, so a slot indexes it in either. The zeroing
@@ -206,7 +208,8 @@ class PagedAttention(torch.nn.Module):
         if d and meta.accumulate:
             if ops is not None:
                 ops.paged_decode_received_(received, q[:d], kv_cache.k, kv_cache.k_scales, meta.decode_block_tables,
-                                           meta.decode_context_lens, self.scale, meta.draft_ranks)
+                                           meta.decode_context_lens, self.scale,
+                                           None if meta.draft_ranks is None else meta.draft_ranks[:d])
             else:
                 self._receive_decodes(q[:d], kv_cache, meta)
         if d < len(q) and ops is not None and self.head_dim % 16 == 0 and not meta.accumulate and not any(
@@ -285,7 +288,7 @@ class PagedAttention(torch.nn.Module):
         got = logits.masked_fill_(padding[:, None, None], float("-inf")).softmax(-1).sum(2)  # [rows, kv_heads, n]
         received = kv_cache.received.view(-1, self.num_kv_heads)
         if meta.draft_ranks is not None:  # each row into its rank's region
-            slots = slots + meta.draft_ranks[:, None] * len(received)
+            slots = slots + meta.draft_ranks[:rows, None] * len(received)
             received = kv_cache.received_regions.view(-1, self.num_kv_heads)
         received.index_add_(0, slots[~padding], got.transpose(1, 2)[~padding])
 

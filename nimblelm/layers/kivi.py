@@ -208,12 +208,14 @@ def _gather(residual: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> t
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV, meta,
-           scale: float, received: torch.Tensor | None = None) -> torch.Tensor:
+           scale: float, received: torch.Tensor | None = None, regions: torch.Tensor | None = None) -> torch.Tensor:
     """Write the step's K/V (sealing the blocks it completes, keeping each sequence's last entries in its ring)
     and attend: q [rows, heads, head_dim], k and v [rows, kv_heads, head_dim], meta the step's
     AttentionMetadata. Where the C++ kernels serve, decode rows read the cache as stored and prompt chunks a
     dequantized copy; torch's attention reads both copies through a mask otherwise. With `received` (H2O's,
-    [num_blocks, block_size, kv_heads]), every row's attention weights are added at its entries' slots."""
+    [num_blocks, block_size, kv_heads]), every row's attention weights are added at its entries' slots; with
+    `regions` (its regions, beside speculative decoding), a chunk's draft rows add into their ranks' regions
+    (meta.draft_ranks)."""
     plan, window, d, length = meta.lowbit, meta.sliding_window, meta.num_decodes, lowbit.residual_length
     ops = ops_for(q)
     if ops is None and d and not plan.num_decode_segments:
@@ -250,17 +252,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
         fk, fv = fp_k[fp].float(), fp_v[fp].float()  # entries seg.full .. end
         rows = slice(seg.row, seg.row + seg.end - seg.start)
         voters = next(voting)
+        slots = (seg.blocks[:, None] * bs + torch.arange(bs, device=q.device)).flatten()[: seg.end]
+        # Drafts verified in the chunk: each row's weights go to its rank's region, which the fused kernel's sum
+        # over the rows cannot do.
+        ranks = meta.draft_ranks[rows] if regions is not None else None
+        ranked = ranks is not None and bool(ranks.any())
         got = None  # what the rows give each entry, H2O's
         if fused:  # every entry's quantized copy (its full one where none is sealed yet), and the full ones
             n = len(kq)
-            got = None if received is None else torch.zeros(kv_heads, seg.end, device=q.device)
+            got = None if received is None or ranked else torch.zeros(kv_heads, seg.end, device=q.device)
             ops.lowbit_prefill_attention(out[rows], q[rows], torch.cat([kq, fk[n - seg.full :]]),
                                          torch.cat([vq, fv[n - seg.full :]]), fk, fv, scale, window or 0, bs, length,
                                          got)
-        if not fused or voters:
-            # Both copies as keys, a mask choosing each query's: for torch's attention, or the voting rows alone.
+        if not fused or voters or ranked:
+            # Both copies as keys, a mask choosing each query's: for torch's attention, the ranked rows, or the
+            # voting rows alone.
             keys, vals = torch.cat([kq, fk]), torch.cat([vq, fv])
-            pos = torch.arange(seg.end - voters if fused else seg.start, seg.end, device=q.device)[:, None]
+            pos = torch.arange(seg.end - voters if fused and not ranked else seg.start, seg.end, device=q.device)[:, None]
             quantized = torch.arange(len(kq), device=q.device)[None, :]
             full = torch.arange(seg.full, seg.end, device=q.device)[None, :]
             first = (pos // bs * bs + bs - length).clamp(min=0)  # of each query's residual
@@ -272,13 +280,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
                                                    vals.transpose(0, 1)[None], attn_mask=mask, scale=scale,
                                                    enable_gqa=True)
                 out[rows] = o[0].transpose(0, 1).to(out.dtype)
-                if received is not None:
+                if received is not None and not ranked:
                     got = _weights(q[rows], keys, mask, len(kq), seg.full, seg.end, scale)
+            if ranked:
+                for rank in ranks.unique().tolist():
+                    mine = ranks == rank
+                    weights = _weights(q[rows][mine], keys, mask[mine], len(kq), seg.full, seg.end, scale)
+                    regions[rank].view(-1, kv_heads).index_add_(0, slots, weights.T)
             if voters:  # SnapKV's: the window's weights averaged over its rows and each KV head's query heads
                 weights = _weights(q[rows][-voters:], keys, mask[-voters:], len(kq), seg.full, seg.end, scale)
                 meta.votes.append(weights / (voters * (q.shape[1] // kv_heads)))
         if got is not None:
-            slots = (seg.blocks[:, None] * bs + torch.arange(bs, device=q.device)).flatten()[: seg.end]
             received.view(-1, kv_heads).index_add_(0, slots, got.T)
     return out
 
