@@ -404,8 +404,7 @@ def test_h2o_with_drafts_without_the_kernels_keeps_the_policys_output(tiny_qwen,
         cpu_ops.cache_clear()
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int4", "int2"])
-@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("kv_cache_dtype,kernels", [("int4", True), ("int2", False)], ids=["int4-kernels", "int2-torch"])
 def test_h2o_with_drafts_over_a_low_bit_cache(tiny_qwen, kv_cache_dtype, kernels, monkeypatch):
     """A low-bit cache verifies drafts as a prompt chunk's last rows: each adds into its draft's region (where the
     fused kernel would sum the chunk's rows into one), and the kept ones are folded in as on a float cache. The
