@@ -203,6 +203,24 @@ def test_greedy_output_is_identical_with_medusa_drafts_in_a_batch(heads, tiny_qw
         assert stats.num_draft_tokens > 0 and len(stats.accepted_per_position) <= k
 
 
+@pytest.mark.slow
+def test_medusa_trees_over_pipeline_stages(tiny_qwen, trained, plain):
+    """The last of 2 stages drafts from its hidden states and output layer (every stage holds it): the drafts one
+    process makes, and its output."""
+    config = {"method": "medusa", "num_speculative_tokens": 3, "model": str(trained),
+              "speculative_token_tree": [[0], [0, 0], [0, 0, 0], [1], [1, 0], [2]]}
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = plain.generate(PROMPTS, params, use_tqdm=False)
+    stats = []
+    for pp in (1, 2):  # eager: no step costs to prune the trees
+        spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, pipeline_parallel_size=pp,
+                   enforce_eager=True, speculative_config=config)
+        out = spec.generate(PROMPTS, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref]
+        stats.append(spec.llm_engine.stats().spec)
+    assert stats[0] == stats[1] and stats[0].num_draft_tokens > 0
+
+
 def test_sampling_with_medusa_drafts_runs_and_is_reproducible(tiny_qwen, trained):
     spec = _spec(tiny_qwen, trained, 3)
     params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=30, seed=7, ignore_eos=True)
