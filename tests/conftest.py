@@ -55,6 +55,23 @@ def smollm2_hf():
     return ensure_hf_folder(ctx), ids
 
 
+@pytest.fixture(scope="session")
+def kvpress_on_smollm2(smollm2_hf):
+    """The kvpress presses that test_kvpress_peer.py and test_kv_policy.py compare with, on the packaged
+    SmolLM2-135M, from one worker (one model load): by name, (positions kept per layer, 16 greedy tokens)."""
+    from nimblelm.bench import kvpress_peer
+
+    folder, ids = smollm2_hf
+    presses = {
+        "streaming-300": (ids[:300], "streaming", 0.25, {}),
+        "snapkv-300": (ids[:300], "snapkv", 0.25, {"window_size": 64, "kernel_size": 5}),
+        "snapkv": (ids[:320], "snapkv", 0.25, {}),
+        "streaming": (ids[:320], "streaming", 0.25, {}),
+        "pyramidkv": (ids[:320], "pyramidkv", 0.25, {"window_size": 16, "kernel_size": 5, "beta": 4}),
+    }
+    return dict(zip(presses, kvpress_peer.kept_each(folder, list(presses.values()), 16)))
+
+
 @pytest.fixture
 def replays(monkeypatch):
     """The row counts of the decode steps replayed from traces (engine/step_capture.py), as they happen."""

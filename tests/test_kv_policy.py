@@ -439,7 +439,7 @@ def test_h2o_with_drafts_over_a_low_bit_cache(tiny_qwen, kv_cache_dtype, kernels
 
 @pytest.mark.integration
 @pytest.mark.parametrize("method", ["snapkv", "streaming"])
-def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, method, monkeypatch):
+def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, kvpress_on_smollm2, method, monkeypatch):
     """On the packaged SmolLM2-135M (float32), every layer and KV head keeps the very positions kvpress's press
     keeps, and the greedy tokens match kvpress's up to its end of sequence. 320 tokens at ratio 0.25 keep 80,
     which leaves the next position on a block boundary: no entries beyond kvpress's count. kvpress compresses
@@ -452,7 +452,7 @@ def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, method, monkey
     monkeypatch.setattr(KVPolicy, "select", lambda self, *a: chosen.append(select(self, *a)) or chosen[-1])
     llm = LLM(str(folder), dtype="float32", max_model_len=1024, kv_policy={"method": method, "ratio": 0.25})
     ours = _generate(llm, [prompt], 24)[0]
-    kept, theirs = kvpress_peer.kept_and_generated(folder, prompt, method, 0.25, 16)
+    kept, theirs = kvpress_on_smollm2[method]  # the same prompt, ratio and press
     assert len(kept) == 30 and len(chosen) == (30 if method == "snapkv" else 2)  # streaming: one choice for all
     for layer, kept_here in enumerate(kept):
         assert kept_here.shape == (3, 80)
@@ -460,25 +460,34 @@ def test_kept_entries_and_greedy_output_match_kvpress(smollm2_hf, method, monkey
     assert len(theirs) >= 8 and ours[: len(theirs)] == theirs
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("method", ["snapkv", "streaming"])
-def test_gemma3_global_layers_keep_what_kvpress_keeps(method, monkeypatch):
-    """Gemma 3 270M (float32, exported to transformers as the bench does): the policy compacts its 3 global
-    layers of 18, and kvpress's press, skipping the sliding layers as kvpress does for Gemma 3's multimodal
-    model, keeps the very same positions there and every position elsewhere; the greedy tokens match."""
+@pytest.fixture(scope="module")
+def kvpress_on_gemma3():
+    """A 320-token prompt in Gemma 3 270M's tokens, and kvpress's SnapKV and StreamingLLM at ratio 0.25 on the
+    model exported to transformers as the bench does, from one worker: by method, (kept, 16 greedy tokens)."""
     from nimblelm.bench.backends import BenchContext
     from nimblelm.bench.vllm_peer import ensure_hf_folder
 
     ctx = BenchContext(model="gemma3-270m")
-    folder = ensure_hf_folder(ctx)
     text = " ".join(f"Crate {i} holds {i * 7 % 13} red and {i * 5 % 11} blue marbles." for i in range(100))
     prompt = ctx.tokenizer.encode(text, add_special_tokens=False)[:320]
+    methods = ["snapkv", "streaming"]
+    answers = kvpress_peer.kept_each(ensure_hf_folder(ctx), [(prompt, m, 0.25, {}) for m in methods], 16)
+    return prompt, dict(zip(methods, answers))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["snapkv", "streaming"])
+def test_gemma3_global_layers_keep_what_kvpress_keeps(kvpress_on_gemma3, method, monkeypatch):
+    """Gemma 3 270M (float32): the policy compacts its 3 global layers of 18, and kvpress's press, skipping the
+    sliding layers as kvpress does for Gemma 3's multimodal model, keeps the very same positions there and every
+    position elsewhere; the greedy tokens match."""
+    prompt, answers = kvpress_on_gemma3
     chosen = []
     select = KVPolicy.select
     monkeypatch.setattr(KVPolicy, "select", lambda self, *a: chosen.append(select(self, *a)) or chosen[-1])
     llm = LLM("gemma3-270m", dtype="float32", max_model_len=1024, kv_policy={"method": method, "ratio": 0.25})
     ours = _generate(llm, [prompt], 24)[0]
-    kept, theirs = kvpress_peer.kept_and_generated(folder, prompt, method, 0.25, 16)
+    kept, theirs = answers[method]
     globals_ = [i for i, window in enumerate(llm.model_config.layer_windows) if window is None]
     assert len(kept) == 18 and globals_ == [5, 11, 17]
     for layer, kept_here in enumerate(kept):
@@ -491,7 +500,7 @@ def test_gemma3_global_layers_keep_what_kvpress_keeps(method, monkeypatch):
 
 
 @pytest.mark.integration
-def test_pyramidkv_keeps_what_kvpress_keeps_in_every_layer(smollm2_hf, monkeypatch):
+def test_pyramidkv_keeps_what_kvpress_keeps_in_every_layer(smollm2_hf, kvpress_on_smollm2, monkeypatch):
     """PyramidKV on SmolLM2-135M: each layer's budget (140 entries in the first layer down to 20 in the last, with
     window_size 16 and beta 4 on 320 tokens at ratio 0.25) and its choice per KV head are kvpress's. Ours keeps up
     to block_size - 1 entries more, the next best by the same scores, so that its next position starts a block."""
@@ -503,7 +512,7 @@ def test_pyramidkv_keeps_what_kvpress_keeps_in_every_layer(smollm2_hf, monkeypat
     llm = LLM(str(folder), dtype="float32", max_model_len=1024, kv_policy={"method": "pyramidkv", "ratio": 0.25,
                                                                              **params})
     _generate(llm, [prompt], 1)
-    kept = kvpress_peer.kept_positions(folder, prompt, "pyramidkv", 0.25, **params)
+    kept = kvpress_on_smollm2["pyramidkv"][0]  # the same prompt, ratio and params
     assert len(chosen) == len(kept) == 30
     assert kept[0].shape[1] == 140 and kept[-1].shape[1] == 20
     for layer, (ours, theirs) in enumerate(zip(chosen, kept)):

@@ -41,9 +41,8 @@ def test_env_is_created_once():
 
 
 @pytest.mark.integration
-def test_streaming_keeps_the_sinks_and_the_recent_tokens(smollm2):
-    folder, ids = smollm2
-    kept = kvpress_peer.kept_positions(folder, ids, "streaming", KEEP)
+def test_streaming_keeps_the_sinks_and_the_recent_tokens(kvpress_on_smollm2):
+    kept = kvpress_on_smollm2["streaming-300"][0]
     want = list(range(4)) + list(range(PROMPT_LEN - (N_KEPT - 4), PROMPT_LEN))
     assert len(kept) == 30  # SmolLM2-135M's layers
     for layer in kept:
@@ -52,9 +51,8 @@ def test_streaming_keeps_the_sinks_and_the_recent_tokens(smollm2):
 
 
 @pytest.mark.integration
-def test_snapkv_keeps_its_window_and_chooses_per_head(smollm2):
-    folder, ids = smollm2
-    kept = kvpress_peer.kept_positions(folder, ids, "snapkv", KEEP, window_size=64, kernel_size=5)
+def test_snapkv_keeps_its_window_and_chooses_per_head(kvpress_on_smollm2):
+    kept = kvpress_on_smollm2["snapkv-300"][0]
     assert len(kept) == 30
     window = torch.arange(PROMPT_LEN - 64, PROMPT_LEN)
     for layer in kept:

@@ -79,9 +79,9 @@ def ensure_env() -> Path:
     return python
 
 
-def _ask(request: dict) -> dict:
-    """One worker process for one request; -I keeps its folder (nimblelm/bench, with a datasets.py) and
-    PYTHONPATH off its path."""
+def _ask(request: dict | list[dict]) -> dict | list[dict]:
+    """One worker process for a request, or for a list of them on one model (their answers, in order); -I keeps
+    its folder (nimblelm/bench, with a datasets.py) and PYTHONPATH off its path."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run([str(ensure_env()), "-I", str(WORKER)], check=False, input=json.dumps(request),
                           capture_output=True, text=True, env=env)
@@ -92,20 +92,18 @@ def _ask(request: dict) -> dict:
     raise RuntimeError(f"kvpress worker failed (status {proc.returncode}): {lines[-1] if lines else 'no output'}")
 
 
-def kept_positions(model_dir, token_ids: list[int], method: str, keep_ratio: float, **params) -> list[torch.Tensor]:
-    """Per decoder layer, a LongTensor [num_kv_heads, n_kept] of the prompt positions that kvpress's press kept
-    for each KV head in one prefill of token_ids, ascending. method: "snapkv" (params window_size=64,
-    kernel_size=5), "pyramidkv" (those and beta=20) or "streaming" (num_sinks=4); compression_ratio = 1 - keep_ratio, as kvpress counts it."""
-    return _kept(_ask(_kept_request("kept", model_dir, token_ids, method, keep_ratio, params)))
-
-
-def kept_and_generated(model_dir, token_ids: list[int], method: str, keep_ratio: float, max_new_tokens: int,
-                       **params) -> tuple[list[torch.Tensor], list[int]]:
-    """kept_positions, and the greedy token ids generate gives token_ids with the same press, from one worker
-    (one model load instead of two)."""
-    answer = _ask(_kept_request("both", model_dir, token_ids, method, keep_ratio, params)
-                  | {"max_new_tokens": max_new_tokens})
-    return _kept(answer), answer["outputs"][0]["token_ids"]
+def kept_each(model_dir, presses: list[tuple[list[int], str, float, dict]],
+              max_new_tokens: int = 0) -> list[tuple[list[torch.Tensor], list[int]]]:
+    """Per press (token_ids, method, keep_ratio, params): per decoder layer, a LongTensor [num_kv_heads, n_kept] of
+    the prompt positions kvpress's press kept for each KV head in one prefill of token_ids, ascending; and the
+    greedy token ids generate gives token_ids with the same press (max_new_tokens of them, or fewer at the end of
+    sequence; none for 0). One worker loads the model once for them all. method: "snapkv" (params window_size=64,
+    kernel_size=5), "pyramidkv" (those and beta=20) or "streaming" (num_sinks=4); compression_ratio =
+    1 - keep_ratio, as kvpress counts it."""
+    op = "both" if max_new_tokens else "kept"
+    answers = _ask([_kept_request(op, model_dir, token_ids, method, keep_ratio, params)
+                    | {"max_new_tokens": max_new_tokens} for token_ids, method, keep_ratio, params in presses])
+    return [(_kept(a), a["outputs"][0]["token_ids"] if max_new_tokens else []) for a in answers]
 
 
 def _kept_request(op: str, model_dir, token_ids: list[int], method: str, keep_ratio: float, params: dict) -> dict:

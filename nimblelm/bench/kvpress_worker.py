@@ -1,6 +1,7 @@
 """Runs in the kvpress peer's env (kvpress_peer.ensure_env), never imported by nimblelm: one request, one answer.
 
-stdin: one JSON request; stdout: the answer, one JSON line prefixed with '@@' (library output may come first).
+stdin: one JSON request, or a list of them on the same model (loaded once); stdout: the answer (a list for a
+list), one JSON line prefixed with '@@' (library output may come first).
   {"op": "kept", "model", "token_ids", "method", "keep_ratio", "params"}
       -> {"kept": per layer, per KV head, the prompt positions kvpress kept, ascending}
   {"op": "generate", "model", "prompts", "method" (null: no press), "keep_ratio", "max_new_tokens", "params",
@@ -133,28 +134,36 @@ def generate(model, press, prompts: list[list[int]], max_new_tokens: int) -> lis
     return outputs
 
 
+def answer(model, kvpress, req: dict) -> dict:
+    method, keep_ratio, params = req.get("method"), req.get("keep_ratio", 1.0), req.get("params", {})
+    press = None if method is None else make_press(kvpress, method, keep_ratio, params)
+    if req["op"] not in ("kept", "generate", "both"):
+        raise ValueError(f"unknown op {req['op']!r}")
+    out = {}
+    if req["op"] in ("kept", "both"):
+        out["kept"] = kept(model, press, req["token_ids"])
+    if req["op"] in ("generate", "both"):
+        prompts = req["prompts"] if req["op"] == "generate" else [req["token_ids"]]
+        out["outputs"] = generate(model, press, prompts, req["max_new_tokens"])
+    return out
+
+
 def main() -> int:
+    """One request, or a list of them on the same model (loaded once): their answers, in order."""
     req = json.load(sys.stdin)
-    if req.get("threads"):
-        torch.set_num_threads(req["threads"])
+    reqs = req if isinstance(req, list) else [req]
+    if reqs[0].get("threads"):
+        torch.set_num_threads(reqs[0]["threads"])
     kvpress = import_kvpress()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
 
-    model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
-    method, keep_ratio, params = req.get("method"), req.get("keep_ratio", 1.0), req.get("params", {})
-    press = None if method is None else make_press(kvpress, method, keep_ratio, params)
-    if req["op"] not in ("kept", "generate", "both"):
-        raise ValueError(f"unknown op {req['op']!r}")
-    answer = {}
-    if req["op"] in ("kept", "both"):
-        answer["kept"] = kept(model, press, req["token_ids"])
-    if req["op"] in ("generate", "both"):
-        prompts = req["prompts"] if req["op"] == "generate" else [req["token_ids"]]
-        answer["outputs"] = generate(model, press, prompts, req["max_new_tokens"])
-    print("@@" + json.dumps(answer), flush=True)
+    model = AutoModelForCausalLM.from_pretrained(reqs[0]["model"], dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    answers = [answer(model, kvpress, r) for r in reqs]
+    print("@@" + json.dumps(answers if isinstance(req, list) else answers[0]), flush=True)
     return 0
 
 
