@@ -386,8 +386,6 @@ def test_ray_executor_runs_the_ranks(tiny_models, local_ray, tp, pp):
                                                          "skip_layers": [1]}}, "speculative method 'layer_skip'"),
     ({"pipeline_parallel_size": 2, "speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2,
                                                            "skip_layers": [1]}}, "speculative method 'layer_skip'"),
-    ({"tensor_parallel_size": 2, "speculative_config": {"method": "medusa", "num_speculative_tokens": 2}},
-     "speculative method 'medusa' over tensor-parallel ranks"),
     ({"tensor_parallel_size": 4, "kv_policy": {"method": "streaming", "budget": 64}}, "sharing the model's 2 KV"),
     ({"pipeline_parallel_size": 3}, "exceeds the model's 2 layers"),
     ({"pipeline_parallel_size": 0}, "must be >= 1"),

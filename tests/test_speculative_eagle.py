@@ -90,18 +90,19 @@ def test_greedy_output_is_identical_with_eagle_drafts_in_a_batch(options, tiny_q
 
 
 @pytest.mark.slow
-def test_eagle_trees_over_pipeline_stages(tiny_qwen, trained, plain):
+def test_eagle_trees_over_ranks(tiny_qwen, trained, plain):
     """The last of 2 stages drafts from its hidden states, token table and output layer (every stage holds the
-    last two): the drafts one process makes, and its output."""
+    last two); over 2 tensor-parallel ranks both run the whole draft layer, their token table and output rows
+    split: the drafts one process makes, and its output."""
     config = {"method": "eagle", "num_speculative_tokens": 3, "model": str(trained),
               "speculative_token_tree": [[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 1]]}
     stats = []
-    for pp in (1, 2):  # eager: no step costs to prune the trees
-        spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, pipeline_parallel_size=pp,
-                   enforce_eager=True, speculative_config=config)
+    for tp, pp in ((1, 1), (1, 2), (2, 1)):  # eager: no step costs to prune the trees
+        spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, tensor_parallel_size=tp,
+                   pipeline_parallel_size=pp, enforce_eager=True, speculative_config=config)
         _same(plain, spec, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
         stats.append(spec.llm_engine.stats().spec)
-    assert stats[0] == stats[1] and stats[0].num_draft_tokens > 0
+    assert stats[0] == stats[1] == stats[2] and stats[0].num_draft_tokens > 0
 
 
 def test_greedy_output_is_identical_with_eagle_trees(tiny_qwen, trained, plain):

@@ -204,21 +204,30 @@ def test_greedy_output_is_identical_with_medusa_drafts_in_a_batch(heads, tiny_qw
 
 
 @pytest.mark.slow
-def test_medusa_trees_over_pipeline_stages(tiny_qwen, trained, plain):
-    """The last of 2 stages drafts from its hidden states and output layer (every stage holds it): the drafts one
-    process makes, and its output."""
-    config = {"method": "medusa", "num_speculative_tokens": 3, "model": str(trained),
+@pytest.mark.parametrize("heads", ["trained", "whole vocabulary", "vocabulary out of order"])
+def test_medusa_trees_over_ranks(heads, tiny_qwen, tiny_norm, trained, plain, tmp_path):
+    """The last of 2 stages drafts from its hidden states and output layer (every stage holds it); over 2
+    tensor-parallel ranks each holds its vocabulary slice's output rows (of the whole vocabulary, or of a draft
+    vocabulary however its file lists it), and both draft, their logits gathered: the drafts one process makes,
+    and its output. Zero heads guess the target's own next token, so that many drafts are kept."""
+    path = trained
+    if heads != "trained":
+        order = torch.randperm(384, generator=torch.Generator().manual_seed(0))[:192]
+        path = _write(tmp_path / "zero.medusa.safetensors", 3, tiny_norm,
+                      vocab_ids=None if heads == "whole vocabulary" else order)
+    config = {"method": "medusa", "num_speculative_tokens": 3, "model": str(path),
               "speculative_token_tree": [[0], [0, 0], [0, 0, 0], [1], [1, 0], [2]]}
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = plain.generate(PROMPTS, params, use_tqdm=False)
     stats = []
-    for pp in (1, 2):  # eager: no step costs to prune the trees
-        spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, pipeline_parallel_size=pp,
-                   enforce_eager=True, speculative_config=config)
+    splits = ((1, 1), (1, 2), (2, 1)) if heads == "trained" else ((1, 1), (2, 1))
+    for tp, pp in splits:  # eager: no step costs to prune the trees
+        spec = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, max_num_seqs=8, tensor_parallel_size=tp,
+                   pipeline_parallel_size=pp, enforce_eager=True, speculative_config=config)
         out = spec.generate(PROMPTS, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref]
         stats.append(spec.llm_engine.stats().spec)
-    assert stats[0] == stats[1] and stats[0].num_draft_tokens > 0
+    assert all(s == stats[0] for s in stats) and stats[0].num_accepted_tokens > 0
 
 
 def test_sampling_with_medusa_drafts_runs_and_is_reproducible(tiny_qwen, trained):

@@ -85,6 +85,10 @@ class TensorParallel:
         """The token ids whose embedding rows and logits this rank holds."""
         return self._features(cfg.vocab_size)
 
+    def vocab_slices(self, vocab_size: int) -> list[range]:
+        """Every rank's slice of the vocabulary, in rank order."""
+        return [replace(self, rank=r)._features(vocab_size) for r in range(self.size)]
+
     def local_config(self, cfg: ModelConfig) -> ModelConfig:
         """The model as this rank builds it: its own heads and MLP features (the vocabulary stays whole: the
         logits are gathered)."""
@@ -186,13 +190,24 @@ class TensorParallel:
 
     def gather_logits(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Every rank's logits [rows, its vocabulary slice] joined into [rows, vocab_size] on each rank."""
-        widest = max(len(replace(self, rank=r)._features(vocab_size)) for r in range(self.size))
-        padded = torch.nn.functional.pad(logits, (0, widest - logits.shape[-1]))
+        return self.gather_columns(logits, [len(v) for v in self.vocab_slices(vocab_size)])
+
+    def gather_columns(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every rank's x [rows, sizes[rank]] joined, in rank order, into [rows, sum(sizes)] on each rank."""
+        padded = torch.nn.functional.pad(x, (0, max(sizes) - x.shape[-1]))
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=dist.distributed_c10d._resolve_process_group(self.group))
-        sizes = [len(replace(self, rank=r)._features(vocab_size)) for r in range(self.size)]
+        dist.all_gather(parts, padded, group=self._group())
         return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=-1)
 
+    def broadcast(self, obj):
+        """Rank 0's obj (any picklable value), on every rank."""
+        group = self._group()
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        return box[0]
+
+    def _group(self) -> dist.ProcessGroup:
+        return dist.distributed_c10d._resolve_process_group(self.group)
 
 def _shift(features: range, by: int) -> range:
     return range(features.start + by, features.stop + by)

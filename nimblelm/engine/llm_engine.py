@@ -519,10 +519,6 @@ def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: Specul
     clash = None
     if speculative is not None and speculative.method == "layer_skip":
         clash = "speculative method 'layer_skip' (it drafts with the target's layers, held by no one rank)"
-    elif speculative is not None and speculative.method in ("medusa", "eagle") and tp > 1:
-        # The last stage holds the hidden states they draft from, and the output layer (EAGLE the token table too)
-        # whole unless ranks split it.
-        clash = f"speculative method {speculative.method!r} over tensor-parallel ranks (they split the output layer)"
     elif kv_policy is not None and tp > cfg.num_kv_heads:
         # A replica's query heads would vote alone for entries that all of its KV head's queries choose together.
         clash = f"kv_policy with {tp} ranks sharing the model's {cfg.num_kv_heads} KV heads"

@@ -33,7 +33,14 @@ from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
 from nimblelm.models.decoder import DecoderLM
 from nimblelm.quantization.kv_int8 import float_kv_layers, int8_attention_errors
 from nimblelm.sampling_params import SamplingParams
-from nimblelm.speculative import SpeculativeConfig, make_proposer, scratch_blocks, speculates, tree_branches
+from nimblelm.speculative import (
+    SPLIT_DRAFTERS,
+    SpeculativeConfig,
+    make_proposer,
+    scratch_blocks,
+    speculates,
+    tree_branches,
+)
 from nimblelm.speculative.budget import Acceptance, PassTime, StepCost, draft_budget
 from nimblelm.speculative.seen import Seen
 from nimblelm.speculative.tree import DraftTree, as_tree, blocks_per_branch
@@ -106,7 +113,9 @@ class ModelRunner:
         cache comes with allocate_kv, once the engine has sized it. With `tp`, this runner is one rank of a
         tensor-parallel group: `weights` are its share (TensorParallel.shard), and so are its heads and KV. With
         `stage`, it is one stage of a pipeline: it holds the stage's layers (PipelineStage.keep) and their KV."""
+        self.full_config = config  # the whole model's: what a drafter holding whole layers of it builds (EAGLE's)
         self.config = config = config if tp is None else tp.local_config(config)
+        self.tp = tp
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
@@ -159,8 +168,11 @@ class ModelRunner:
         self.received_regions: torch.Tensor | None = None
         self.proposer = None  # made with the KV cache (a draft model sizes its own after the target's)
         # Of a model split over ranks, the rank whose output the engine reads drafts; the others verify what the
-        # step contract sends them.
-        self.proposes = speculative is not None and (tp is None or tp.rank == 0) and (stage is None or stage.last)
+        # step contract sends them. Drafters that read the output layer, which tensor-parallel ranks split, run on
+        # every rank of the last stage, in step (speculative.SPLIT_DRAFTERS).
+        last_stage = speculative is not None and (stage is None or stage.last)
+        self.proposes = last_stage and (tp is None or tp.rank == 0)
+        self.split_drafter = last_stage and tp is not None and speculative.method in SPLIT_DRAFTERS
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
         self.seqs: dict[int, _SeqState] = {}
@@ -189,7 +201,7 @@ class ModelRunner:
             self._allocate_lowbit(shape, num_blocks, max_num_seqs)
         else:
             self._allocate_blocks(shape, num_blocks)
-        if self.proposes:
+        if self.proposes or self.split_drafter:
             self.proposer = make_proposer(self.speculative, self, num_blocks, max_num_seqs)
         if self.capturing:
             windows = [group.window for group in self.kv_groups]
@@ -551,10 +563,14 @@ class ModelRunner:
             rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in timed}
             room = seeded | (draft_budget(timed, rates, len(sample_ids) + sum(seeded.values()), self.step_cost,
                                           self.proposer.pass_seconds, self.step_overhead.seconds) if timed else {})
+        if self.split_drafter:  # every rank's drafter drafts for what the output rank's budget chose
+            room = self.tp.broadcast(room)
         new_tokens = dict(zip(sample_ids, tokens))
         requests = {req_id: (self.seqs[req_id].token_ids + new_tokens[req_id], self.seqs[req_id].num_prompt_tokens, n)
                     for req_id, n in room.items()}
         proposals = self.proposer.propose_all(requests)
+        if not self.proposes:
+            return {}
         branches = 0
         for req_id, drafts in proposals.items():
             if isinstance(drafts, DraftTree):

@@ -23,6 +23,11 @@ from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.suffix import SuffixProposer
 from nimblelm.speculative.tree import MAX_BRANCHES, DraftTree, blocks_per_branch
 
+# Drafters that read the target's output layer (EAGLE its token table too), which tensor-parallel ranks split by
+# vocabulary: every rank of the last stage runs one, its logits gathered (medusa.DraftOutput), on the sequences
+# and room the output rank chose.
+SPLIT_DRAFTERS = ("medusa", "eagle")
+
 
 def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_seqs: int) -> Proposer:
     """The proposer of config.method for the target's model runner, whose KV cache holds num_blocks blocks
@@ -83,4 +88,4 @@ def speculates(params: SamplingParams) -> bool:
     return not params.has_penalties
 
 
-__all__ = ["DraftTree", "SpeculativeConfig", "make_proposer", "scratch_blocks", "speculates", "tree_branches"]
+__all__ = ["SPLIT_DRAFTERS", "DraftTree", "SpeculativeConfig", "make_proposer", "scratch_blocks", "speculates", "tree_branches"]

@@ -40,7 +40,7 @@ from nimblelm.layers.attention import AttentionMetadata, KVCache
 from nimblelm.layers.linear import Linear
 from nimblelm.models.decoder import DecoderLayer
 from nimblelm.speculative.budget import PassTime
-from nimblelm.speculative.medusa import HeadsKind, _primary_first, open_for_target, output_rows, rms_norm
+from nimblelm.speculative.medusa import DraftOutput, HeadsKind, _primary_first, open_for_target, rms_norm
 from nimblelm.speculative.seen import Seen
 from nimblelm.speculative.tree import DraftTree
 
@@ -109,7 +109,7 @@ class EagleProposer:
 
     def __init__(self, path: str | None, num_speculative_tokens: int, runner,
                  token_tree: list[list[int]] | None = None):
-        model, cfg = runner.model, runner.config
+        model, cfg = runner.model, runner.full_config  # the draft layer whole on every rank
         tensors, self.meta = open_for_target(path, cfg, model.norm.weight, EAGLE)
         self.k = num_speculative_tokens
         self.tree = None if token_tree is None else _primary_first([tuple(p) for p in token_tree])
@@ -128,15 +128,7 @@ class EagleProposer:
         self.rotary = model.rotary
         self.norm_weight = model.norm.weight.detach().float()
         self.eps = cfg.rms_norm_eps
-        vocab_ids = tensors.get("vocab_ids")
-        if vocab_ids is None:  # the target's own output layer, in its own storage format
-            self.vocab_ids, self.output, self.dtype = None, model.lm_head, runner.dtype
-        else:  # its draft-vocabulary rows as a float32 layer of their own, as Medusa's
-            self.vocab_ids, self.dtype = vocab_ids.to(device), torch.float32
-            self.output = Linear(cfg.hidden_size, len(vocab_ids))
-            self.output.weight = nn.Parameter(output_rows(model.lm_head, self.vocab_ids, runner.dtype),
-                                              requires_grad=False)
-            self.output.prepare()
+        self.output = DraftOutput(model, tensors.get("vocab_ids"), runner.dtype)
         self.cfg, self.bs = cfg, runner.block_size
         self.kernels = ops_for(torch.empty(0, device=device)) is not None
         self.kv = new_kv(FIRST_BLOCKS, self.bs, cfg, torch.float32, device)
@@ -246,11 +238,9 @@ class EagleProposer:
 
     def _draft(self, features: torch.Tensor) -> list[list[int]]:
         """Per row of draft features [rows, H], the self.ranks best tokens, best first."""
-        logits = self.output(features.to(self.dtype))
+        logits = self.output(features)
         best = logits.argmax(-1, keepdim=True) if self.ranks == 1 else logits.topk(self.ranks, dim=-1).indices
-        if self.vocab_ids is not None:
-            best = self.vocab_ids[best]
-        return best.tolist()
+        return self.output.token_ids(best).tolist()
 
     @torch.inference_mode()
     def propose_all(self, requests: dict[int, tuple[list[int], int, int]]) -> dict[int, list[int] | DraftTree]:

@@ -86,6 +86,40 @@ def output_rows(lm_head: Linear, vocab_ids: torch.Tensor, dtype: torch.dtype) ->
     return weight[:, vocab_ids].T.contiguous()
 
 
+class DraftOutput:
+    """The output layer drafts are read from: the target's own, in its own storage format, or its rows of a cut
+    draft vocabulary as a float32 layer of their own. Over tensor-parallel ranks each rank holds the rows of its
+    vocabulary slice, and the logits are gathered (so every rank of the output stage drafts, in step)."""
+
+    def __init__(self, model, vocab_ids: torch.Tensor | None, dtype: torch.dtype):
+        self.tp = model.tp
+        slices = [model.vocab] if self.tp is None else self.tp.vocab_slices(model.config.vocab_size)
+        if vocab_ids is None:
+            self.ids, self.layer, self.dtype = None, model.lm_head, dtype
+            self.sizes = [len(v) for v in slices]
+            return
+        # Sorted, so that each rank's rows are one run of them and the gathered logits come in this order.
+        self.ids = vocab_ids.to(model.norm.weight.device).sort().values
+        self.sizes = [int(((self.ids >= v.start) & (self.ids < v.stop)).sum()) for v in slices]
+        held = model.vocab
+        local = self.ids[(self.ids >= held.start) & (self.ids < held.stop)] - held.start
+        self.dtype, self.layer = torch.float32, None
+        if len(local):  # a rank may hold none of a small draft vocabulary
+            self.layer = Linear(model.config.hidden_size, len(local))
+            self.layer.weight = torch.nn.Parameter(output_rows(model.lm_head, local, dtype), requires_grad=False)
+            self.layer.prepare()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, draft vocabulary] of x [rows, hidden]."""
+        x = x.to(self.dtype)
+        logits = self.layer(x) if self.layer is not None else x.new_zeros(len(x), 0)
+        return logits if self.tp is None else self.tp.gather_columns(logits, self.sizes)
+
+    def token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """The tokens at indices of the logits' last dimension."""
+        return index if self.ids is None else self.ids[index]
+
+
 def read(path: str | os.PathLike, kind: HeadsKind = MEDUSA) -> tuple[dict[str, torch.Tensor], dict]:
     """A heads file's tensors and metadata; one clear error for a missing or foreign file."""
     path = Path(path).expanduser()
@@ -172,15 +206,7 @@ class MedusaProposer:
         self.bias = tensors["resblock.bias"][: self.k].float().to(device)
         self.norm_weight = model.norm.weight.detach().float()
         self.eps = runner.config.rms_norm_eps
-        vocab_ids = tensors.get("vocab_ids")
-        if vocab_ids is None:  # the target's own output layer, in its own storage format
-            self.vocab_ids, self.output, self.dtype = None, model.lm_head, runner.dtype
-        else:  # its draft-vocabulary rows as a float32 layer of their own, on the same kernels
-            self.vocab_ids, self.dtype = vocab_ids.to(device), torch.float32
-            self.output = Linear(runner.config.hidden_size, len(vocab_ids))
-            self.output.weight = torch.nn.Parameter(output_rows(model.lm_head, self.vocab_ids, runner.dtype),
-                                                    requires_grad=False)
-            self.output.prepare()
+        self.output = DraftOutput(model, tensors.get("vocab_ids"), runner.dtype)
         self.hidden: dict[int, torch.Tensor] = {}  # per sequence, the hidden state of its last kept row
 
     def observe(self, seen: dict[int, Seen]) -> None:
@@ -198,17 +224,12 @@ class MedusaProposer:
         hidden = torch.stack([self.hidden[req_id] for req_id in requests]).float()
         blocks = residual_blocks(hidden, self.weight[:k], self.bias[:k])
         normed = rms_norm(blocks, self.norm_weight, self.eps).reshape(-1, hidden.shape[1])
-        logits = self.output(normed.to(self.dtype)).view(k, len(rooms), -1)
+        logits = self.output(normed).view(k, len(rooms), -1)
         if self.tree is None:
-            best = logits.argmax(-1)
-            if self.vocab_ids is not None:
-                best = self.vocab_ids[best]
+            best = self.output.token_ids(logits.argmax(-1))
             return {req_id: row[:room] for req_id, row, room in zip(requests, best.T.tolist(), rooms) if room > 0}
         ranks = 1 + max(r for path in self.tree for r in path)
-        top = logits.topk(ranks, dim=-1).indices  # [depth, sequences, ranks]
-        if self.vocab_ids is not None:
-            top = self.vocab_ids[top]
-        top = top.tolist()
+        top = self.output.token_ids(logits.topk(ranks, dim=-1).indices).tolist()  # [depth, sequences, ranks]
         out = {}
         for i, req_id in enumerate(requests):
             index = {(): -1}
