@@ -382,10 +382,8 @@ def test_ray_executor_runs_the_ranks(tiny_models, local_ray, tp, pp):
     ({"tensor_parallel_size": 0}, "must be >= 1"),
     ({"tensor_parallel_size": 3}, "multiple of them"),  # 2 KV heads, 4 query heads
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "threads"}, "must be one of"),
-    ({"tensor_parallel_size": 2, "speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2,
-                                                         "skip_layers": [1]}}, "speculative method 'layer_skip'"),
     ({"pipeline_parallel_size": 2, "speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2,
-                                                           "skip_layers": [1]}}, "speculative method 'layer_skip'"),
+                                                           "skip_layers": [1]}}, "'layer_skip' over pipeline stages"),
     ({"tensor_parallel_size": 4, "kv_policy": {"method": "streaming", "budget": 64}}, "sharing the model's 2 KV"),
     ({"pipeline_parallel_size": 3}, "exceeds the model's 2 layers"),
     ({"pipeline_parallel_size": 0}, "must be >= 1"),

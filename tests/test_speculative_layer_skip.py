@@ -56,6 +56,27 @@ def test_skipping_layers_that_add_nothing_keeps_every_draft(hollow_qwen, block_s
     assert stats.num_draft_tokens > 50 and stats.acceptance_rate == 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["hollow", "tiny"])
+def test_layer_skip_over_tensor_parallel_ranks(model, hollow_qwen, tiny_qwen):
+    """Both ranks draft with their slices of the kept layers (the layers' all-reduces, the logits gathered), each
+    into its own KV heads' scratch blocks, drafts crossing blocks of 4: one process's drafts and output. Eager
+    steps: no step costs to weigh the drafts by."""
+    path, skip = (hollow_qwen, [1, 2]) if model == "hollow" else (tiny_qwen, [1])
+    ref = LLM(str(path), dtype="float32", max_model_len=256).generate(PROMPTS, GREEDY, use_tqdm=False)
+    stats = []
+    for tp in (1, 2):
+        spec = LLM(str(path), dtype="float32", max_model_len=256, max_num_seqs=8, block_size=4, enforce_eager=True,
+                   tensor_parallel_size=tp, speculative_config={"method": "layer_skip", "num_speculative_tokens": 3,
+                                                                "skip_layers": skip})
+        out = spec.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref]
+        stats.append(spec.llm_engine.stats().spec)
+    assert stats[0] == stats[1] and stats[0].num_accepted_tokens > 0
+    if model == "hollow":
+        assert stats[0].acceptance_rate == 1.0
+
+
 def test_greedy_output_is_identical_and_sampling_runs_with_real_skipping(tiny_qwen):
     plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=256)
     spec = _layer_skip(tiny_qwen, [1], block_size=4)

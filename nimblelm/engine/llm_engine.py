@@ -517,8 +517,8 @@ def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: Specul
     """What a model split over ranks cannot do yet: one clear error at start."""
     tp = config.tensor_parallel_size
     clash = None
-    if speculative is not None and speculative.method == "layer_skip":
-        clash = "speculative method 'layer_skip' (it drafts with the target's layers, held by no one rank)"
+    if speculative is not None and speculative.method == "layer_skip" and config.pipeline_parallel_size > 1:
+        clash = "speculative method 'layer_skip' over pipeline stages (it drafts with layers that no one stage holds)"
     elif kv_policy is not None and tp > cfg.num_kv_heads:
         # A replica's query heads would vote alone for entries that all of its KV head's queries choose together.
         clash = f"kv_policy with {tp} ranks sharing the model's {cfg.num_kv_heads} KV heads"

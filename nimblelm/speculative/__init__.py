@@ -23,10 +23,10 @@ from nimblelm.speculative.ngram import NgramProposer
 from nimblelm.speculative.suffix import SuffixProposer
 from nimblelm.speculative.tree import MAX_BRANCHES, DraftTree, blocks_per_branch
 
-# Drafters that read the target's output layer (EAGLE its token table too), which tensor-parallel ranks split by
-# vocabulary: every rank of the last stage runs one, its logits gathered (medusa.DraftOutput), on the sequences
-# and room the output rank chose.
-SPLIT_DRAFTERS = ("medusa", "eagle")
+# Drafters that read layers tensor-parallel ranks split: the target's output layer (EAGLE its token table too),
+# cut by vocabulary (medusa.DraftOutput gathers the logits), or its own decoder layers (layer_skip's, their
+# all-reduces). Every rank of the last stage runs one, in step, on the sequences and room the output rank chose.
+SPLIT_DRAFTERS = ("medusa", "eagle", "layer_skip")
 
 
 def make_proposer(config: SpeculativeConfig, runner, num_blocks: int, max_num_seqs: int) -> Proposer:
