@@ -17,6 +17,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 
 from nimblelm import LLM, SamplingParams
 from nimblelm.engine.kv_cache.policy import KVPolicy
+from nimblelm.engine.model_runner import ModelRunner
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers import kivi
 
@@ -505,13 +506,42 @@ def test_drafts_rejected_across_a_block_fall_back_to_the_entries_the_ring_kept(t
         _check(tiny_qwen, prompt, tokens, None, 2, residual=BLOCK)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "torch"])
+def test_token_trees_keep_the_branch_they_verify(tiny_qwen, kernel, monkeypatch):
+    """Lookahead's token trees over an int2 cache: a tree's rows are a prompt chunk at consecutive entries, each
+    attending to the entries before the step and its own branch at the positions they stand for. Where the target
+    keeps a branch off the primary chain, its K/V move into the entries they stand for in the ring, and a block
+    they complete is sealed again. Every token is the oracle's; a branch off the chain is kept at least once here (3
+    times), and without the move, the second sealing or the branch mask some prompt's tokens differ."""
+    if not kernel:
+        monkeypatch.setattr(kivi, "ops_for", lambda x: None)
+    off_chain = []
+    keep = ModelRunner._keep_lowbit_branch
+
+    def counted(self, req_id, layout, path):
+        off_chain.append(bool(path) and path[-1] >= layout.tree.chain_length())
+        keep(self, req_id, layout, path)
+
+    monkeypatch.setattr(ModelRunner, "_keep_lowbit_branch", counted)
+    prompts = [_prompt(n, seed) for seed, n in enumerate([40, 75, 90])] + [[11, 12, 13, 14] * 8]
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int2", kv_residual_length=2 * BLOCK,
+              enforce_eager=not kernel, speculative_config={"method": "lookahead", "num_speculative_tokens": 3})
+    llm.llm_engine.runner.step_cost = None  # every tree verified whole
+    results = _run(llm, prompts, 100, logprobs=False)
+    assert any(off_chain)
+    for prompt, (tokens, _) in zip(prompts, results):
+        _check(tiny_qwen, prompt, tokens, None, 2, residual=2 * BLOCK)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"kv_policy": {"method": "streaming", "budget": 64, "cache_positions": True}},
      "kv_cache_dtype int4 cannot be combined with kv_policy cache_positions"),
     ({"speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2, "skip_layers": [1]}},
      "kv_cache_dtype int4 cannot be combined with speculative_config method layer_skip"),
-    ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}},
-     "kv_cache_dtype int4 cannot be combined with speculative_config token trees"),
+    ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}, "kv_policy": {"method": "h2o",
+      "budget": 64}}, "kv_cache_dtype int4 cannot be combined with speculative_config token trees with kv_policy h2o"),
+    ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}, "kv_residual_length": 16},
+     r"token trees over an int4 KV cache need kv_residual_length >= block_size \+ num_speculative_tokens \(18\), got 16"),
     ({"kv_residual_length": 40}, "kv_residual_length must be whole blocks of 16 tokens, got 40"),
     ({"kv_residual_length": 0}, "kv_residual_length must be whole blocks of 16 tokens, got 0"),
     ({"kv_cache_dtype": "int8", "kv_residual_length": 32}, "kv_residual_length applies to int4 and int2 KV caches"),

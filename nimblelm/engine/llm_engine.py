@@ -86,12 +86,14 @@ class LLMEngine:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
         if config.kv_cache_dtype in ("int4", "int2"):
-            # Drafts that write the target's cache (layer_skip's) or verify as trees (on scratch blocks) would reach
-            # past the rows a residual ring keeps room for; cache_positions rotates kept keys, which a key scale per
-            # block and channel cannot follow.
+            # Drafts that write the target's cache (layer_skip's) would reach past the rows a residual ring keeps
+            # room for; H2O's scores of a token tree's rows, which sit at other entries than they stand for there,
+            # are not folded; cache_positions rotates kept keys, which a key scale per block and channel cannot follow.
+            trees = speculative is not None and speculative.proposes_trees
             clash = ("speculative_config method layer_skip" if speculative is not None and
                      speculative.method == "layer_skip" else
-                     "speculative_config token trees" if speculative is not None and speculative.proposes_trees else
+                     "speculative_config token trees with kv_policy h2o" if trees and kv_policy is not None and
+                     kv_policy.method == "h2o" else
                      "kv_policy cache_positions" if kv_policy is not None and kv_policy.cache_positions else None)
             if clash:
                 raise InvalidRequestError(f"kv_cache_dtype {config.kv_cache_dtype} cannot be combined with {clash} yet")
@@ -139,6 +141,14 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.config = config = _complete(config, loaded.config.max_position_embeddings)
+        if config.kv_residual_length is not None and speculative is not None and speculative.proposes_trees:
+            # A tree's rows stand for entries up to num_speculative_tokens past the step's first: with this residual
+            # every row reads all of the step's entries at full precision, so none reads another branch's sealed.
+            need = config.block_size + speculative.num_speculative_tokens
+            if config.kv_residual_length < need:
+                raise InvalidRequestError(f"token trees over an {config.kv_cache_dtype} KV cache need kv_residual_length "
+                                          f">= block_size + num_speculative_tokens ({need}), got "
+                                          f"{config.kv_residual_length}")
         if kv_policy is not None and kv_policy.needs_votes and config.max_num_batched_tokens < kv_policy.window_size:
             raise InvalidRequestError(f"kv_policy: {kv_policy.method}'s window of {kv_policy.window_size} tokens must "
                                       f"fit a step's max_num_batched_tokens ({config.max_num_batched_tokens})")

@@ -26,7 +26,7 @@ from nimblelm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nimblelm.engine.step_capture import StepCapture
 from nimblelm.kernels import ops_for
 from nimblelm.layers.attention import AttentionMetadata, KVCache
-from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan, compact, fill_ring
+from nimblelm.layers.kivi import BITS, LowBitKV, LowBitPlan, compact, fill_ring, keep_branch
 from nimblelm.layers.linear import LinearMethod
 from nimblelm.layers.rotary import apply_rotary
 from nimblelm.layers.sampler import Sampler, SamplingBatch, token_logprobs
@@ -69,6 +69,24 @@ class _TreeLayout:
     tables: list[tuple[list[int], int, list[list[int]]]] = field(default_factory=list)
     copies: list[tuple[int, int, int]] = field(default_factory=list)  # (group, block, scratch block) before the step
     homes: list[int | None] = field(default_factory=list)  # per node, the branch whose table its row reads (None: the chain)
+
+    # Over a low-bit cache the rows are a prompt chunk at consecutive positions (layers/kivi.py: Segment).
+
+    def stands_for(self) -> np.ndarray:
+        """Each row's position in the text: the tokens', then each node's by its depth."""
+        start, base = self.start, self.base
+        return np.array(list(range(start, start + base)) + [start + base - 1 + d for d in self.tree.depths()])
+
+    def visible(self, device) -> torch.Tensor:
+        """[rows, rows]: the rows each row attends to, the tokens before the nodes and its own branch."""
+        base, n = self.base, self.base + len(self.tree)
+        seen = torch.ones(n, n, dtype=torch.bool).tril()
+        for node, parent in enumerate(self.tree.parents):
+            seen[base + node, base:] = False
+            seen[base + node, base + node] = True
+            if parent >= 0:
+                seen[base + node] |= seen[base + parent]
+        return seen.to(device)
 
 
 @dataclass
@@ -151,7 +169,7 @@ class ModelRunner:
         self.residual_dtype = kv_residual_dtype or dtype  # and their dtype
         # A residual ring's entries: a speculative step writes its rows before its drafts are verified, and room
         # for all but one of them past the residual keeps every entry a rejection falls back to (layers/kivi.py).
-        spare = 0 if speculative is None else -(-max(0, speculative.num_speculative_tokens - 1) // block_size)
+        spare = 0 if speculative is None else -(-max(0, speculative.max_draft_nodes - 1) // block_size)
         self.ring_length = None if kv_residual_length is None else kv_residual_length + spare * block_size
         # Decode steps replayed from traces of the model (step_capture.py) where its kernels serve it; a pipeline
         # stage sends and receives.
@@ -408,7 +426,10 @@ class ModelRunner:
         """The step's drafts verified, `kept` the nodes each sequence kept: its token tree's kept branch into its
         own slots, and H2O's scores of the kept rows folded in."""
         for req_id, layout in batch.trees.items():
-            self._keep_branch(layout, kept[req_id])
+            if self.kv_bits is None:
+                self._keep_branch(layout, kept[req_id])
+            else:
+                self._keep_lowbit_branch(req_id, layout, kept[req_id])
         if self.received_regions is not None:
             self._fold_received(batch, sched, kept)
 
@@ -454,6 +475,22 @@ class ModelRunner:
             src = [tables[branch][e // bs] * bs + e % bs for e in entries]
             dst = [table[e // bs] * bs + e % bs for e in entries]
             self._copy_kv(g, src, dst)
+
+    def _keep_lowbit_branch(self, req_id: int, layout: _TreeLayout, path: list[int]) -> None:
+        """Over a low-bit cache, a tree's kept nodes off the primary chain into the entries they stand for, in the
+        sequence's rings (kivi.keep_branch)."""
+        if not path or path[-1] < layout.tree.chain_length():
+            return
+        state = self.seqs[req_id]
+        for g, (table, offset) in enumerate(zip(state.block_ids, state.kv_offsets)):
+            first = layout.start + layout.base - offset
+            src = torch.tensor([first + node for node in path], device=self.device)
+            dst = torch.arange(first, first + len(path), device=self.device)
+            at = self._residual_slot(req_id, g)
+            for layer in self.kv_groups[g].layers:
+                cache = self.kv_caches[layer]
+                if cache is not None:
+                    keep_branch(cache.values, cache.lowbit, at, src, dst, table)
 
     def _shift(self, seq: _SeqState) -> int:
         """How far seq's rotary positions lag its positions in the text: with cache positions, the tokens its
@@ -704,7 +741,7 @@ class ModelRunner:
             positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 if self.kv_bits is not None:
-                    lowbit_spans[g].append((row0, start - offset, n, table, self._residual_slot(req_id, g)))
+                    lowbit_spans[g].append((row0, start - offset, n, table, self._residual_slot(req_id, g), None))
                 for i in range(start - offset, start + n - offset):  # each row's KV entry
                     slots[g].append(table[i // bs] * bs + i % bs)
                     decode_contexts[g].append(i + 1)  # each row sees up to itself
@@ -713,13 +750,23 @@ class ModelRunner:
         prefill_contexts: list[list[int]] = [[] for _ in range(num_groups)]
         for seq, n, req_id in prefills:
             start = seq.num_computed_tokens
-            if self.kv_bits is not None:
-                for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
-                    lowbit_spans[g].append((len(tokens), start - offset, n, table, self._residual_slot(req_id, g)))
             drafts = sched.spec_token_ids.get(req_id, [])
+            parents = sched.spec_parents.get(req_id)
+            # A token tree over a low-bit cache: its rows at consecutive entries, each attending along its branch.
+            layout = None
+            if parents is not None and self.kv_bits is not None:
+                layout = _TreeLayout(DraftTree(drafts, parents), start, n - len(drafts))
+            stands_for = np.arange(start, start + n) if layout is None else layout.stands_for()
+            if layout is not None:
+                trees[req_id] = layout
+            if self.kv_bits is not None:
+                tree = None if layout is None else layout.visible(self.device)
+                for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
+                    rows = None if tree is None else (torch.from_numpy(stands_for - offset).to(self.device), tree)
+                    lowbit_spans[g].append((len(tokens), start - offset, n, table, self._residual_slot(req_id, g), rows))
             tokens.extend(seq.token_ids[start : start + n - len(drafts)] + drafts)
             draft_ranks.extend([0] * (n - len(drafts)) + list(range(1, len(drafts) + 1)))
-            positions.extend(range(start - self._shift(seq), start + n - self._shift(seq)))
+            positions.extend((stands_for - self._shift(seq)).tolist())
             for g, (table, offset) in enumerate(zip(seq.block_ids, seq.kv_offsets)):
                 entries = np.arange(start - offset, start + n - offset)
                 slots[g].extend((np.asarray(table)[entries // bs] * bs + entries % bs).tolist())

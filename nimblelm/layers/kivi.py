@@ -142,6 +142,10 @@ class Segment:
     fp_at: int  # where its entries from `full` on begin in LowBitPlan.fp_index
     blocks: torch.Tensor  # the blocks of its table up to its last row's
     sealed: torch.Tensor  # those before its last row's block: what it reads quantized
+    # A token tree's rows (speculative decoding) sit at consecutive entries but stand for entries along their
+    # branches: per row, the entry it stands for, and [rows, rows] which of the segment's rows it attends to.
+    stands_for: torch.Tensor | None = None
+    visible: torch.Tensor | None = None
 
 
 @dataclass
@@ -160,19 +164,19 @@ class LowBitPlan:
     decode_residual: torch.Tensor  # per decode row, its residual slot (ring_slots)
 
     @classmethod
-    def build(cls, spans: list[tuple[int, int, int, list[int], int]], num_decodes: int, block_size: int,
-              residual_length: int, ring_length: int, device) -> LowBitPlan:
-        """spans: per sequence in row order, (first row, first entry, rows, its table, its residual slot); the
-        first num_decodes rows are decode rows."""
+    def build(cls, spans: list[tuple], num_decodes: int, block_size: int, residual_length: int, ring_length: int,
+              device) -> LowBitPlan:
+        """spans: per sequence in row order, (first row, first entry, rows, its table, its residual slot, and for a
+        token tree (Segment.stands_for, Segment.visible), else None); the first num_decodes rows are decode rows."""
         bs, length, ring = block_size, residual_length, ring_length
         segments, fp, seal_blocks, seal, rows, slots = [], [], [], [], [], []
         decode_spans = [span for span in spans if span[0] < num_decodes]
         fp_at = 0
-        for row, start, n, table, at in spans:
+        for row, start, n, table, at, tree in spans:
             end, own = start + n, start // bs * bs
             full = max(0, own + bs - length)
             blocks = torch.tensor(table[: (end - 1) // bs + 1], dtype=torch.long, device=device)
-            segments.append(Segment(row, start, end, full, fp_at, blocks, blocks[:-1]))
+            segments.append(Segment(row, start, end, full, fp_at, blocks, blocks[:-1], *(tree or ())))
             fp_at += end - full
             # Entries full .. end: those before start are in the ring, the rest in the step.
             entries = np.arange(full, end)
@@ -190,7 +194,7 @@ class LowBitPlan:
 
         return cls(segments, tensor(fp), torch.tensor(seal_blocks, dtype=torch.long, device=device), tensor(seal),
                    tensor(rows), tensor(slots), len(decode_spans),
-                   torch.tensor([base for _, _, n, _, base in decode_spans for _ in range(n)], dtype=torch.long,
+                   torch.tensor([base for _, _, n, _, base, _ in decode_spans for _ in range(n)], dtype=torch.long,
                                 device=device))
 
     @classmethod
@@ -257,25 +261,33 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
         # over the rows cannot do.
         ranks = meta.draft_ranks[rows] if regions is not None else None
         ranked = ranks is not None and bool(ranks.any())
+        tree = seg.visible is not None
         got = None  # what the rows give each entry, H2O's
-        if fused:  # every entry's quantized copy (its full one where none is sealed yet), and the full ones
+        if fused and not tree:  # every entry's quantized copy (its full one where none is sealed yet), and the full ones
             n = len(kq)
             got = None if received is None or ranked else torch.zeros(kv_heads, seg.end, device=q.device)
             ops.lowbit_prefill_attention(out[rows], q[rows], torch.cat([kq, fk[n - seg.full :]]),
                                          torch.cat([vq, fv[n - seg.full :]]), fk, fv, scale, window or 0, bs, length,
                                          got)
-        if not fused or voters or ranked:
+        if not fused or voters or ranked or tree:
             # Both copies as keys, a mask choosing each query's: for torch's attention, the ranked rows, or the
             # voting rows alone.
             keys, vals = torch.cat([kq, fk]), torch.cat([vq, fv])
-            pos = torch.arange(seg.end - voters if fused and not ranked else seg.start, seg.end, device=q.device)[:, None]
             quantized = torch.arange(len(kq), device=q.device)[None, :]
             full = torch.arange(seg.full, seg.end, device=q.device)[None, :]
+            if tree:  # each row reads the entries before the step and, of the step's rows, its branch's
+                history = full[:, : seg.start - seg.full]
+                pos = seg.stands_for[:, None]
+                at = torch.cat([history, seg.stands_for[None]], 1)  # the entries the full copies stand for
+                seen = torch.cat([(history >= 0).expand(len(pos), -1), seg.visible], 1)
+            else:
+                pos = torch.arange(seg.end - voters if fused and not ranked else seg.start, seg.end, device=q.device)[:, None]
+                at, seen = full, full <= pos
             first = (pos // bs * bs + bs - length).clamp(min=0)  # of each query's residual
-            mask = torch.cat([quantized < first, (full >= first) & (full <= pos)], 1)
+            mask = torch.cat([quantized < first, (full >= first) & seen], 1)
             if window is not None:
-                mask &= torch.cat([quantized, full], 1) > pos - window
-            if not fused:
+                mask &= torch.cat([quantized, at], 1) > pos - window
+            if not fused or tree:
                 o = F.scaled_dot_product_attention(q[rows].float().transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                                    vals.transpose(0, 1)[None], attn_mask=mask, scale=scale,
                                                    enable_gqa=True)
@@ -314,6 +326,20 @@ def write_decodes(k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit
         first = ring_slots(plan.decode_residual[done], pos[done] // bs * bs, ring)  # a block is whole in its ring
         index = (first[:, None] + torch.arange(bs, device=k.device)).flatten()
         _seal(values, lowbit, meta.decode_block_tables[done, pos[done] // bs], res_k[index], res_v[index])
+
+
+def keep_branch(values: torch.Tensor, lowbit: LowBitKV, at: int, src: torch.Tensor, dst: torch.Tensor,
+                table: list[int]) -> None:
+    """A token tree's kept nodes, computed at the consecutive entries src, moved to the entries dst they stand for
+    in a sequence's ring (residual slot `at`, ring_slots); the blocks of `table` that dst completes, sealed in the
+    step with the rows that were there, sealed again from the ring."""
+    res, ring, bs = lowbit.residual, lowbit.ring_length, values.shape[2]
+    res[:, ring_slots(at, dst, ring)] = res[:, ring_slots(at, src, ring)]
+    whole = range(int(dst[0]) // bs, (int(dst[-1]) + 1) // bs)
+    if len(whole):
+        slots = ring_slots(at, torch.arange(whole.start * bs, whole.stop * bs, device=dst.device), ring)
+        blocks = torch.tensor([table[b] for b in whole], dtype=torch.long, device=dst.device)
+        _seal(values, lowbit, blocks, res[0][slots], res[1][slots])
 
 
 def _weights(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, num_quantized: int, full: int, end: int,
