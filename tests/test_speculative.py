@@ -149,6 +149,21 @@ def test_a_steps_overhead_outside_its_trace_makes_rows_cheaper_in_proportion():
     assert draft_budget({0: 1}, {0: 0.2}, 1, steep, overhead=0.020) == {0: 1}
 
 
+def test_draft_budget_weighs_what_verifying_at_all_costs():
+    """A step that verifies drafts over a low-bit KV cache runs eagerly: its extra seconds, paid once whatever the
+    rows, turn drafts down unless they bring enough tokens to cover it."""
+    gentle = StepCost({r: 1.0 + 0.1 * r for r in range(1, 65)})
+    room, rates = {0: 4}, {0: 0.9}
+    assert draft_budget(room, rates, 1, gentle, verify_extra=0.0) == draft_budget(room, rates, 1, gentle) == {0: 4}
+    assert draft_budget(room, rates, 1, gentle, verify_extra=0.5) == {0: 4}  # 4.1 tokens in 2.0 s against 1 in 1.1
+    assert draft_budget(room, rates, 1, gentle, verify_extra=5.0) == {}  # 4.1 tokens in 6.5 s
+    assert draft_budget(room, {0: 0.3}, 1, gentle, verify_extra=0.5) == {}  # 1.4 tokens in 1.7 s at best
+    # with drafting passes, both: each depth pays its passes and the one extra
+    flat = StepCost({1: 1.0, 64: 1.0})
+    assert draft_budget(room, {0: 0.8}, 1, flat, draft_pass=0.3, verify_extra=0.2) == {0: 3}
+    assert draft_budget(room, {0: 0.8}, 1, flat, draft_pass=0.3, verify_extra=2.0) == {}
+
+
 def test_draft_budget_weighs_a_drafting_pass_against_what_it_serves():
     """A proposer's pass (a draft model's step) is paid once per draft position, for the whole batch: each
     depth is drafted only while its pass pays for the tokens it adds."""

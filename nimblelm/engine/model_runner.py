@@ -193,6 +193,9 @@ class ModelRunner:
         self.split_drafter = last_stage and tp is not None and speculative.method in SPLIT_DRAFTERS
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
+        # Over a low-bit cache a step that verifies drafts runs eagerly (its rows are a prompt chunk): what it
+        # takes beyond the trace of as many rows.
+        self.verify_extra = PassTime()
         self.seqs: dict[int, _SeqState] = {}
         # A pipeline stage before the last: the step it ran last, when that verified drafts, whose kept nodes the
         # next step names (SchedulerOutput.kept_drafts).
@@ -345,13 +348,16 @@ class ModelRunner:
                 self._copy_kv(g, [src], [dst], whole_blocks=True)
         input_ids, group_metas, sample_ids = batch.input_ids, batch.group_metas, batch.sample_ids
         traced = None
+        before = time.perf_counter()
         if self.capture is not None and self.capture.applies(len(input_ids), group_metas):
-            before = time.perf_counter()
             hidden = self.capture(input_ids, batch.positions, group_metas)
             traced = time.perf_counter() - before
         else:
             metas = [group_metas[g] for g in self.group_of_layer]
             hidden = self.model(input_ids, batch.positions, self.kv_caches, metas)
+            if self.kv_bits is not None and self.step_cost is not None and sched.spec_token_ids and all(
+                    self.seqs[i].num_computed_tokens >= self.seqs[i].num_prompt_tokens for i in sched.num_scheduled_tokens):
+                self.verify_extra.add(max(0.0, time.perf_counter() - before - self.step_cost(len(input_ids))))
         for req_id, plan in sched.compactions.items():  # every pipeline stage compacts its own layers
             self._compact(req_id, sched.num_scheduled_tokens[req_id], plan, batch)
         if hidden is None:  # a pipeline stage before the last: its output went on to the next stage
@@ -599,7 +605,8 @@ class ModelRunner:
             timed = {r: n for r, n in room.items() if r not in seeded}
             rates = {req_id: self.seqs[req_id].acceptance.rate for req_id in timed}
             room = seeded | (draft_budget(timed, rates, len(sample_ids) + sum(seeded.values()), self.step_cost,
-                                          self.proposer.pass_seconds, self.step_overhead.seconds) if timed else {})
+                                          self.proposer.pass_seconds, self.step_overhead.seconds,
+                                          self.verify_extra.seconds) if timed else {})
         if self.split_drafter:  # every rank's drafter drafts for what the output rank's budget chose
             room = self.tp.broadcast(room)
         new_tokens = dict(zip(sample_ids, tokens))

@@ -76,23 +76,27 @@ def _rising(rows: list[int], seconds: list[float]) -> list[float]:
 
 
 def draft_budget(room: dict[int, int], rates: dict[int, float], base_rows: int, cost: StepCost,
-                 draft_pass: float = 0.0, overhead: float = 0.0) -> dict[int, int]:
+                 draft_pass: float = 0.0, overhead: float = 0.0, verify_extra: float = 0.0) -> dict[int, int]:
     """How many drafts each sequence (room: at most how many it may take) verifies in a step of base_rows
     rows before them: the ones worth their rows; sequences worth none are left out.
 
     draft_pass: seconds a proposer that drafts one position per pass (a draft model, the target's own
     layers) spends on each pass, whatever the sequences in it: drafting to depth d costs d passes. Each
     depth cap is tried, and the one with the most tokens per second of drafting and verifying wins.
-    overhead: seconds of every step beyond cost(rows), whatever its rows."""
-    if draft_pass <= 0:
+    overhead: seconds of every step beyond cost(rows), whatever its rows. verify_extra: seconds a step that
+    verifies drafts spends beyond cost(rows) + overhead, whatever its rows (over a low-bit KV cache such a step
+    runs eagerly, not from its trace)."""
+    if draft_pass <= 0 and verify_extra <= 0:
         return _rows_that_pay(room, rates, base_rows, cost, overhead)
     best, best_rate = {}, base_rows / (cost(base_rows) + overhead)
-    for depth in range(1, max(room.values(), default=0) + 1):
+    depths = range(1, max(room.values(), default=0) + 1) if draft_pass > 0 else [max(room.values(), default=0)]
+    for depth in depths:
         capped = {s: min(n, depth) for s, n in room.items()}
-        keep = _rows_that_pay(capped, rates, base_rows, cost, overhead + depth * draft_pass)
+        keep = _rows_that_pay(capped, rates, base_rows, cost, overhead + verify_extra + depth * draft_pass)
         if keep:
             tokens = base_rows + sum(rates[s] ** j for s, n in keep.items() for j in range(1, n + 1))
-            rate = tokens / (cost(base_rows + sum(keep.values())) + overhead + max(keep.values()) * draft_pass)
+            seconds = cost(base_rows + sum(keep.values())) + overhead + verify_extra + max(keep.values()) * draft_pass
+            rate = tokens / seconds
             if rate > best_rate:
                 best, best_rate = keep, rate
     return best
