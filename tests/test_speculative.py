@@ -99,6 +99,17 @@ def test_acceptance_counts_trials_up_to_the_first_rejection():
     assert a.rate == pytest.approx((0.8 * 4 + 1 + 1) / (0.8 * 4 + 2 + 2))
 
 
+def test_a_sequence_that_stopped_drafting_drifts_back_to_the_prior():
+    a = Acceptance()
+    a.update(num_drafts=4, num_kept=0)
+    a.update(num_drafts=4, num_kept=0)
+    low = a.rate
+    assert low < 0.3
+    for _ in range(10):  # steps without drafts
+        a.idle()
+    assert low < a.rate < 0.5 and a.rate == pytest.approx(1 / (2 + 1.8 * 0.8**10))  # tried: 0.8 + 1, faded
+
+
 def test_step_cost_is_the_bucket_that_holds_the_rows_and_extrapolates_past_the_last():
     cost = StepCost({1: 10.0, 2: 11.0, 4: 12.0, 8: 16.0})
     assert [cost(r) for r in (1, 2, 3, 4, 5, 8)] == [10.0, 11.0, 12.0, 12.0, 16.0, 16.0]

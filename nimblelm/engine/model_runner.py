@@ -586,6 +586,8 @@ class ModelRunner:
             state = self.seqs[req_id]
             if verified:
                 state.acceptance.update(max(verified.depths()), len(new) - 1)
+            else:
+                state.acceptance.idle()
             if not speculates(state.params):
                 continue
             num_tokens = len(state.token_ids) + len(new)

@@ -31,6 +31,13 @@ class Acceptance:
         self.kept = self.DECAY * self.kept + num_kept
         self.tried = self.DECAY * self.tried + num_kept + (num_kept < num_drafts)
 
+    def idle(self) -> None:
+        """A step that verified none of its drafts: the record fades toward the prior as it would with trials, so
+        a sequence the budget stopped drafting is tried again now and then (with a cost that any verifying step
+        pays, a few early rejections would otherwise stop it for good)."""
+        self.kept *= self.DECAY
+        self.tried *= self.DECAY
+
     @property
     def rate(self) -> float:
         return (self.kept + self.PRIOR_KEPT) / (self.tried + self.PRIOR_TRIED)
