@@ -39,7 +39,8 @@ def _layer_skip(model, skip_layers=None, k=3, **engine):
     config = {"method": "layer_skip", "num_speculative_tokens": k}
     if skip_layers is not None:
         config["skip_layers"] = skip_layers
-    llm = LLM(str(model), dtype="float32", max_model_len=256, max_num_seqs=8, speculative_config=config, **engine)
+    llm = LLM(str(model), **{"dtype": "float32", "max_model_len": 256, "max_num_seqs": 8, **engine},
+              speculative_config=config)
     llm.llm_engine.runner.step_cost = None  # every draft verified, whatever a step costs
     return llm
 
@@ -75,6 +76,27 @@ def test_layer_skip_over_tensor_parallel_ranks(model, hollow_qwen, tiny_qwen):
     assert stats[0] == stats[1] and stats[0].num_accepted_tokens > 0
     if model == "hollow":
         assert stats[0].acceptance_rate == 1.0
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["replayed", "eager"])
+@pytest.mark.parametrize("model", ["hollow", "tiny"])
+def test_layer_skip_over_a_low_bit_cache(model, eager, hollow_qwen, tiny_qwen):
+    """Over an int2 cache of one-block residuals, each draft row writes the sequence's residual ring (where the
+    verifying row writes the same entry again) and seals the blocks it completes into the scratch blocks: plain
+    low-bit decoding's tokens (tests/test_kv_lowbit.py checks those against the rule's oracle), every draft kept
+    where the skipped layers add nothing. Rows that wrote another sequence's ring fail it."""
+    path, skip = (hollow_qwen, [1, 2]) if model == "hollow" else (tiny_qwen, [1])
+    prompts = [[(7 * i + 13 * n) % 290 + 10 for i in range(n)] for n in (40, 75, 90)]
+    options = {"dtype": "float32", "max_model_len": 256, "kv_cache_dtype": "int2", "kv_residual_length": 16,
+               "enforce_eager": eager}
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    ref = LLM(str(path), **options).generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    spec = _layer_skip(path, skip, **options)
+    out = spec.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref]
+    stats = spec.llm_engine.stats().spec
+    assert stats.num_draft_tokens > 100
+    assert stats.acceptance_rate == 1.0 if model == "hollow" else stats.acceptance_rate < 1.0
 
 
 def test_greedy_output_is_identical_and_sampling_runs_with_real_skipping(tiny_qwen):

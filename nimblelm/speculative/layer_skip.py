@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from nimblelm.errors import InvalidRequestError
 from nimblelm.layers.attention import AttentionMetadata
+from nimblelm.layers.kivi import LowBitPlan
 from nimblelm.speculative.budget import PassTime
 
 # Sequences drafted in one pass; the scratch blocks reserved hold this many sequences' drafts at once.
@@ -103,7 +104,13 @@ class LayerSkipProposer:
                 contexts = torch.tensor([e + 1 for e in entries], device=device)
                 window = runner.kv_groups[g].window
                 mask = None if runner.kernels else AttentionMetadata.decode_mask_for(contexts, width * bs, window)
-                group_metas.append(AttentionMetadata.decodes(slots, block_tables, contexts, window, mask))
+                lowbit = None
+                if runner.kv_bits is not None:  # each row writes the sequence's ring, as the verifying row will
+                    spans = [(i, e, 1, t, runner._residual_slot(items[n][0], g), None)
+                             for i, (n, e, t) in enumerate(zip(rows, entries, row_tables))]
+                    lowbit = LowBitPlan.build(spans, len(rows), bs, runner.residual_length, runner.ring_length, device)
+                group_metas.append(AttentionMetadata.decodes(slots, block_tables, contexts, window, mask,
+                                                             lowbit=lowbit))
             ids = torch.tensor([last[items[n][0]] for n in rows], device=device)
             metas = [group_metas[g] for g in runner.group_of_layer]
             t0 = time.perf_counter()
