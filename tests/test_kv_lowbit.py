@@ -536,8 +536,6 @@ def test_token_trees_keep_the_branch_they_verify(tiny_qwen, kernel, monkeypatch)
 @pytest.mark.parametrize("options, message", [
     ({"kv_policy": {"method": "streaming", "budget": 64, "cache_positions": True}},
      "kv_cache_dtype int4 cannot be combined with kv_policy cache_positions"),
-    ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}, "kv_policy": {"method": "h2o",
-      "budget": 64}}, "kv_cache_dtype int4 cannot be combined with speculative_config token trees with kv_policy h2o"),
     ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}, "kv_residual_length": 16},
      r"token trees over an int4 KV cache need kv_residual_length >= block_size \+ num_speculative_tokens \(18\), got 16"),
     ({"kv_residual_length": 40}, "kv_residual_length must be whole blocks of 16 tokens, got 40"),

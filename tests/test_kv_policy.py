@@ -354,24 +354,27 @@ def test_speculative_decoding_keeps_the_policys_output(tiny_qwen, options, specu
     assert manager.num_free_blocks == manager.num_blocks
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int4"])
 @pytest.mark.parametrize("options", [POLICIES[0], POLICIES[5]], ids=["streaming", "h2o"])
-def test_token_trees_keep_the_policys_output(tiny_qwen, tmp_path, options, monkeypatch):
+def test_token_trees_keep_the_policys_output(tiny_qwen, tmp_path, options, kv_cache_dtype, monkeypatch):
     """Medusa's token trees, drafted by an oracle of the policy's own answers so that branches off the chain are
     kept too (copied into the sequence's slots of a compacted table); H2O's scores count the kept path's rows,
-    whose weights a node off the chain left in its branch's scratch blocks."""
+    whose weights a node off the chain left in its branch's scratch blocks (over an int4 cache: at the consecutive
+    entries its branch's rows took)."""
     from test_speculative_medusa import _write
     from test_speculative_tree import _Oracle
 
     from nimblelm.models.loader import load_model
 
     prompts = [_prompt(200, seed=3), _prompt(120, seed=4)]
+    base = {"dtype": "float32", "max_model_len": 512, "kv_policy": options, "kv_cache_dtype": kv_cache_dtype}
     scores = _record_scores(monkeypatch)
-    alone = _generate(LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options), prompts, 60)
+    alone = _generate(LLM(str(tiny_qwen), **base), prompts, 60)
     scores_alone = dict(scores)
     scores.clear()
     heads = _write(tmp_path / "zero.medusa.safetensors", 3, load_model(str(tiny_qwen)).weights["model.norm.weight"])
     tree = [[0], [0, 0], [0, 0, 0], [1], [1, 0], [1, 0, 0], [2]]
-    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_policy=options, speculative_config={
+    llm = LLM(str(tiny_qwen), **base, speculative_config={
         "method": "medusa", "num_speculative_tokens": 3, "model": str(heads), "speculative_token_tree": tree})
     runner = llm.llm_engine.runner
     runner.proposer = _Oracle({tuple(p): a for p, a in zip(prompts, alone)}, runner.config.vocab_size)
@@ -404,12 +407,14 @@ def test_h2o_with_drafts_without_the_kernels_keeps_the_policys_output(tiny_qwen,
         cpu_ops.cache_clear()
 
 
+@pytest.mark.parametrize("method", ["draft_model", "lookahead"])
 @pytest.mark.parametrize("kv_cache_dtype,kernels", [("int4", True), ("int2", False)], ids=["int4-kernels", "int2-torch"])
-def test_h2o_with_drafts_over_a_low_bit_cache(tiny_qwen, kv_cache_dtype, kernels, monkeypatch):
+def test_h2o_with_drafts_over_a_low_bit_cache(tiny_qwen, kv_cache_dtype, kernels, method, monkeypatch):
     """A low-bit cache verifies drafts as a prompt chunk's last rows: each adds into its draft's region (where the
     fused kernel would sum the chunk's rows into one), and the kept ones are folded in as on a float cache. The
-    draft model is the target on a full cache (most drafts kept, not all on a low-bit one): plain H2O decoding's
-    output, and every compaction's scores."""
+    draft model is the target on a full cache (most drafts kept, not all on a low-bit one); lookahead's token trees
+    sit at consecutive entries there (test_token_trees_keep_the_policys_output keeps branches off their chains):
+    plain H2O decoding's output, and every compaction's scores."""
     from nimblelm.kernels import cpu_ops
 
     if not kernels:
@@ -422,8 +427,10 @@ def test_h2o_with_drafts_over_a_low_bit_cache(tiny_qwen, kv_cache_dtype, kernels
         alone = _generate(LLM(str(tiny_qwen), **options), prompts, 50)
         scores_alone = dict(scores)
         scores.clear()
-        llm = LLM(str(tiny_qwen), **options, speculative_config={
-            "method": "draft_model", "model": str(tiny_qwen), "num_speculative_tokens": 3})
+        speculative = {"method": method, "num_speculative_tokens": 3}
+        if method == "draft_model":
+            speculative["model"] = str(tiny_qwen)
+        llm = LLM(str(tiny_qwen), **options, speculative_config=speculative)
         assert llm.llm_engine.runner.kernels == kernels
         llm.llm_engine.runner.step_cost = None
         params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)

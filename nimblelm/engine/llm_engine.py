@@ -86,12 +86,8 @@ class LLMEngine:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
         if config.kv_cache_dtype in ("int4", "int2"):
-            # H2O's scores of a token tree's rows, which sit at other entries than they stand for there, are not
-            # folded; cache_positions rotates kept keys, which a key scale per block and channel cannot follow.
-            trees = speculative is not None and speculative.proposes_trees
-            clash = ("speculative_config token trees with kv_policy h2o" if trees and kv_policy is not None and
-                     kv_policy.method == "h2o" else
-                     "kv_policy cache_positions" if kv_policy is not None and kv_policy.cache_positions else None)
+            # cache_positions rotates kept keys, which a key scale per block and channel cannot follow.
+            clash = "kv_policy cache_positions" if kv_policy is not None and kv_policy.cache_positions else None
             if clash:
                 raise InvalidRequestError(f"kv_cache_dtype {config.kv_cache_dtype} cannot be combined with {clash} yet")
         method = linear_method(config.quantization)

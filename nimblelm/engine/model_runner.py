@@ -462,8 +462,14 @@ class ModelRunner:
                 table, offset = state.block_ids[g], state.kv_offsets[g]
                 for node in nodes:
                     count = start + base + depths[node] - offset  # the entries the node's row read
-                    home = layout.homes[node] if layout is not None else None
-                    src = slots(table if home is None else layout.tables[g][2][home], count)
+                    if layout is not None and self.kv_bits is not None:
+                        # Over a low-bit cache its branch's rows are at consecutive entries after the tokens'.
+                        first = start + base - offset
+                        step = slots(table, start + n - offset)
+                        src = torch.cat([step[:first], step[[first + m for m in layout.tree.path(node)]]])
+                    else:
+                        home = layout.homes[node] if layout is not None else None
+                        src = slots(table if home is None else layout.tables[g][2][home], count)
                     flat[:, 0, slots(table, count)] += flat[:, 1 + node, src]
                 flat[:, 1:, slots(table, start + n - offset)] = 0
         if batch.trees:  # the branches' scratch blocks, once every sequence has folded what its rows left there

@@ -84,6 +84,13 @@ class DraftTree:
             depth.append(1 if p < 0 else depth[p] + 1)
         return depth
 
+    def path(self, node: int) -> list[int]:
+        """The nodes from the root's child down to node."""
+        out = [node]
+        while self.parents[out[-1]] >= 0:
+            out.append(self.parents[out[-1]])
+        return out[::-1]
+
     def children(self) -> list[list[int]]:
         """Per node and then for the sequence's last token (index -1 of the list), its children in order."""
         out: list[list[int]] = [[] for _ in range(len(self.parents) + 1)]
@@ -96,14 +103,7 @@ class DraftTree:
         blocks of their own, each with the ancestors it reads."""
         n = self.chain_length()
         children = self.children()
-        leaves = [i for i in range(n, len(self.parents)) if not children[i]]
-        paths = []
-        for leaf in leaves:
-            path = [leaf]
-            while self.parents[path[-1]] >= 0:
-                path.append(self.parents[path[-1]])
-            paths.append(path[::-1])
-        return paths
+        return [self.path(leaf) for leaf in range(n, len(self.parents)) if not children[leaf]]
 
 
 def as_tree(drafts: list[int] | DraftTree) -> DraftTree:
