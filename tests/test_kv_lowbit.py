@@ -550,11 +550,45 @@ def test_what_a_low_bit_cache_cannot_do_yet_is_refused(tiny_qwen, options, messa
 
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_the_write_kernel_seals_a_block_from_the_rows_of_its_step(bits):
+    """A sequence's rows of one step (its token and drafts) across a block's end, beside another sequence's row:
+    the C++ write puts every row's entry in its ring before sealing, as torch's does: the same levels, scales and
+    ring, bit for bit."""
+    from nimblelm.kernels import cpu_ops
+    from nimblelm.layers.attention import AttentionMetadata
+
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("the C++ kernels are not built here")
+    torch.manual_seed(0)
+    kv_heads, dim = 2, 16
+    cache = kivi.LowBitKV.empty(bits, 6, BLOCK, kv_heads, dim, 3, BLOCK, torch.float32, "cpu", ring_length=2 * BLOCK)
+    values = torch.zeros(2, 6, BLOCK, kv_heads, dim * bits // 8, dtype=torch.uint8)
+    cache.residual.normal_()
+    rows = [(0, entry) for entry in range(10, 19)] + [(1, 31)]  # (sequence, entry): 15 ends block 0, 31 block 1
+    tables = torch.tensor([[1, 2], [3, 4]])[[seq for seq, _ in rows]]
+    lens = torch.tensor([entry + 1 for _, entry in rows])
+    ring = torch.tensor([seq * 2 * BLOCK for seq, _ in rows])
+    k, v = torch.randn(len(rows), kv_heads, dim), torch.randn(len(rows), kv_heads, dim)
+    meta = AttentionMetadata.decodes(torch.zeros(len(rows), dtype=torch.long), tables, lens, None,
+                                     lowbit=kivi.LowBitPlan.decodes(ring))
+    copies = [(values.clone(), kivi.LowBitKV(bits, *(t.clone() for t in cache.block_params), cache.residual.clone(),
+                                              BLOCK, 2 * BLOCK)) for _ in range(2)]
+    for (vals, lowbit), kernel in zip(copies, (ops, None)):
+        kivi.write_decodes(k, v, vals, lowbit, meta, kernel)
+    (a, x), (b, y) = copies
+    assert torch.equal(a, b) and a[:, [1, 4]].any()
+    for s, t in zip((*x.block_params, x.residual), (*y.block_params, y.residual)):
+        assert torch.equal(s, t)
+
+
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_tokens_after_the_prompt_computed_at_once_equal_their_prefill(tiny_qwen, enforce_eager):
-    """Several tokens of a sequence past its prompt in one step (a recomputation can send them) run as a prompt
-    chunk over a low-bit cache, never as decode rows, which write and seal one entry per sequence: across a block's
-    end, the last token's log-probabilities equal those of the same tokens computed as one prompt."""
+    """Several tokens of a sequence past its prompt in one step (a recomputation can send them, or a token and its
+    drafts) run as decode rows over a low-bit cache, replayed or eager: every row's entry goes into the ring before
+    the blocks they complete are sealed. Across a block's end, the last token's log-probabilities equal those of
+    the same tokens computed as one prompt."""
     from nimblelm.engine.step import NewRequest, RunningRequest, SchedulerOutput
 
     llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=128, max_num_seqs=1, kv_cache_dtype="int4",

@@ -722,12 +722,13 @@ class ModelRunner:
         scheduled = [(self.seqs[i], n, i) for i, n in sched.num_scheduled_tokens.items()]
         # A sequence whose compaction votes is a prefill chunk: its last rows' attention weights are taken there.
         voting = set(sched.compactions) if self.kv_policy is not None and self.kv_policy.needs_votes else set()
-        # A low-bit cache's decode rows are one per sequence (each reads its residual from its ring, and writes
-        # and seals its own entry): several tokens past a prompt (a recomputation's, or a token and its drafts)
-        # are a prompt chunk there.
-        max_query = 1 if self.kv_bits is not None else MAX_DECODE_QUERY
-        decodes = [x for x in scheduled if _is_decode(*x[:2], max_query) and x[2] not in voting]
-        prefills = [x for x in scheduled if not _is_decode(*x[:2], max_query) or x[2] in voting]
+        chunked = set(voting)
+        if self.kv_bits is not None:
+            # Over a low-bit cache a token tree's rows attend along their branches, and H2O weighs drafts' rows by
+            # rank, in a prompt chunk only (layers/kivi.py): the decode kernels read and seal the cache by position.
+            chunked |= set(sched.spec_token_ids if self.received_regions is not None else sched.spec_parents)
+        decodes = [x for x in scheduled if _is_decode(*x[:2]) and x[2] not in chunked]
+        prefills = [x for x in scheduled if not _is_decode(*x[:2]) or x[2] in chunked]
         bs = self.block_size
         num_groups = len(self.kv_groups)
 
@@ -907,8 +908,8 @@ class ModelRunner:
 MAX_DECODE_QUERY = 16
 
 
-def _is_decode(seq: _SeqState, num_tokens: int, max_query: int) -> bool:
-    return num_tokens == 1 or (num_tokens <= max_query and seq.num_computed_tokens >= seq.num_prompt_tokens)
+def _is_decode(seq: _SeqState, num_tokens: int) -> bool:
+    return num_tokens == 1 or (num_tokens <= MAX_DECODE_QUERY and seq.num_computed_tokens >= seq.num_prompt_tokens)
 
 
 def _bitmask_rows(sched: SchedulerOutput, row_ids: list[int]) -> torch.Tensor | None:

@@ -1539,14 +1539,21 @@ void lowbit_decode_write_(at::Tensor values, at::Tensor k_scale, at::Tensor k_mi
   uint8_t* packed = values.data_ptr<uint8_t>();
   with_ring_type(residual, [&](auto* rk) {
     auto* rv = rk + R * ld;
+    // Every row's entry into its ring first, then the blocks they complete: a sequence's rows of a step (a
+    // token and its drafts) seal a block from entries its other rows wrote.
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<uint8_t> levels(bs * ld);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n = np[b], pos = n - 1, at = rp[b];
         TORCH_CHECK(n >= 1 && at >= 0 && at % bs == 0 && at - at % RL + RL <= R && pos / bs < max_blocks,
                     "lowbit_decode_write_: slot out of range");
         write_rows(rk + ring_slot(at, pos, RL) * ld, k.data_ptr<float>() + b * k.stride(0), ld);
         write_rows(rv + ring_slot(at, pos, RL) * ld, v.data_ptr<float>() + b * v.stride(0), ld);
+      }
+    });
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<uint8_t> levels(bs * ld);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = np[b], pos = n - 1, at = rp[b];
         if (n % bs) continue;
         const int64_t base = ring_slot(at, pos / bs * bs, RL);  // the block's first slot: its entries follow
         const int64_t id = bt[b * max_blocks + pos / bs];

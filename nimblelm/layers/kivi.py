@@ -155,7 +155,7 @@ class LowBitPlan:
 
     segments: list[Segment]
     fp_index: torch.Tensor  # per segment, its entries from its first row's residual to its end
-    # The writes of the rows after the decode rows (those write themselves, one per sequence: write_decodes):
+    # The writes of the rows after the decode rows (those write themselves: write_decodes):
     seal_blocks: torch.Tensor  # the blocks this step completes
     seal_index: torch.Tensor  # their entries, block_size per block
     residual_rows: torch.Tensor  # the rows whose K/V the rings keep: each sequence's last residual_length entries'
@@ -308,7 +308,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tens
 
 
 def write_decodes(k: torch.Tensor, v: torch.Tensor, values: torch.Tensor, lowbit: LowBitKV, meta, ops) -> None:
-    """The decode rows' K/V (one row per sequence) into their sequences' residual rings, sealing the blocks they
+    """The decode rows' K/V (a sequence's token and its drafts, or one) into their residual rings, then the blocks they
     complete: by the C++ kernel where `ops` serve, else by torch."""
     plan, ring = meta.lowbit, lowbit.ring_length
     if ops is not None:
