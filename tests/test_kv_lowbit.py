@@ -149,11 +149,18 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
             received[i] = received[i].gather(1, kept)
         held = [torch.cat([s_[:, :first], f[:, first:]], 1) for s_, f in zip(stored[i], fp[i])]
         gathered = [x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1])) for x in held]
+        if policy.cache_positions:  # the moved keys rotated back by the distance they moved, then stored again
+            cos, sin = model.model.rotary_emb(gathered[0], torch.tensor([[n - keep]]))
+            moved = gathered[0][:, policy.num_sinks :]
+            half = moved.shape[-1] // 2
+            gathered[0][:, policy.num_sinks :] = moved * cos[0] - torch.cat([-moved[..., half:], moved[..., :half]],
+                                                                             -1) * sin[0]
         fp[i] = tuple(gathered)
         whole = [x[:, : keep // BLOCK * BLOCK] for x in gathered]
-        # A head's new block of one stored block's entries keeps them as stored.
+        # A head's new block of one stored block's entries keeps them as stored (unless its keys were rotated).
         runs = kept[:, : keep // BLOCK * BLOCK].view(kv_heads, -1, BLOCK)
         same = (runs[..., 0] % BLOCK == 0) & (runs[..., -1] - runs[..., 0] == BLOCK - 1) & (runs[..., -1] < first)
+        same &= not policy.cache_positions
         same = same.repeat_interleave(BLOCK, -1)[..., None]
         stored[i] = tuple(torch.where(same, x, q) for x, q in zip(whole, _quantize_blocks(*whole, bits)))
 
@@ -177,6 +184,8 @@ def _oracle_with_policy(folder, prompt: list[int], policy: KVPolicy, bits: int, 
             layer.keys, layer.values = (torch.cat([s_[:, :first], f[:, first:]], 1)[None]
                                         for s_, f in zip(stored[i], fp[i]))
         step.clear()
+        if policy.cache_positions:  # its place in the cache
+            position = fp[0][0].shape[1]
         with torch.no_grad():
             out = model(torch.tensor([[tokens[-1]]]), cache=cache, position_ids=torch.tensor([[position]]),
                         cache_position=torch.tensor([position]), use_cache=True)
@@ -410,7 +419,8 @@ def test_residual_rings_grow_keeping_their_entries():
     {"method": "snapkv", "ratio": 0.25, "window_size": 32},
     {"method": "pyramidkv", "ratio": 0.25, "window_size": 16, "beta": 4},
     {"method": "h2o", "budget": 64, "window_size": 32},
-], ids=["streaming", "snapkv", "pyramidkv", "h2o"])
+    {"method": "streaming", "budget": 64, "cache_positions": True},
+], ids=["streaming", "snapkv", "pyramidkv", "h2o", "streaming-cache_positions"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "torch"])
 def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options, kernel, monkeypatch):
     """The kept entries are gathered as the cache held them and stored again in whole blocks; SnapKV's window
@@ -426,6 +436,15 @@ def test_policies_compact_a_low_bit_cache_as_the_oracle_does(tiny_qwen, options,
     plain = LLM(str(tiny_qwen), dtype="float32", max_model_len=512, kv_cache_dtype="int4", kv_residual_length=RESIDUAL,
                 enforce_eager=not kernel)
     assert _run(plain, [prompt], 40, logprobs=False)[0][0] != ref, "the policy changed nothing"
+
+
+def test_streaming_with_cache_positions_generates_past_max_model_len_over_a_low_bit_cache(tiny_qwen):
+    """The oracle above checks the rotated keys; here 200 prompt tokens and 300 more run in a 256-position model."""
+    llm = LLM(str(tiny_qwen), dtype="float32", max_model_len=256, kv_cache_dtype="int4", kv_residual_length=RESIDUAL,
+              kv_policy={"method": "streaming", "budget": 64, "cache_positions": True})
+    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": _prompt(200)}], params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 300
 
 
 def test_a_block_kept_whole_moves_as_stored():
@@ -534,8 +553,6 @@ def test_token_trees_keep_the_branch_they_verify(tiny_qwen, kernel, monkeypatch)
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"kv_policy": {"method": "streaming", "budget": 64, "cache_positions": True}},
-     "kv_cache_dtype int4 cannot be combined with kv_policy cache_positions"),
     ({"speculative_config": {"method": "lookahead", "num_speculative_tokens": 2}, "kv_residual_length": 16},
      r"token trees over an int4 KV cache need kv_residual_length >= block_size \+ num_speculative_tokens \(18\), got 16"),
     ({"kv_residual_length": 40}, "kv_residual_length must be whole blocks of 16 tokens, got 40"),

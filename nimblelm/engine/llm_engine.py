@@ -85,11 +85,6 @@ class LLMEngine:
         if speculative is not None and speculative.method == "layer_skip" and speculative.skip_layers is None:
             speculative = replace(speculative, skip_layers=saved_skip_layers(config.model))
         kv_policy = KVPolicy.from_dict(config.kv_policy) if config.kv_policy is not None else None
-        if config.kv_cache_dtype in ("int4", "int2"):
-            # cache_positions rotates kept keys, which a key scale per block and channel cannot follow.
-            clash = "kv_policy cache_positions" if kv_policy is not None and kv_policy.cache_positions else None
-            if clash:
-                raise InvalidRequestError(f"kv_cache_dtype {config.kv_cache_dtype} cannot be combined with {clash} yet")
         method = linear_method(config.quantization)
         resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         loaded = load_model(config.model, progress=progress, gguf_direct=config.quantization == GGUF_DIRECT)

@@ -547,9 +547,14 @@ class ModelRunner:
                     received = cache.received.flatten(0, 1)
                     received[new_slots] = received[src, heads]
                 if cache.lowbit is not None:
+                    rotate = None
+                    if self.kv_policy.cache_positions:
+                        distance = num_entries - keep
+                        rotate = (self.model.rotary.cos[0][distance], self.model.rotary.sin[0][distance],
+                                  self.kv_policy.num_sinks)
                     compact(cache.values, cache.lowbit, table, num_entries, kept,
                             torch.tensor(new_table, device=self.device), self._residual_slot(req_id, g),
-                            self._residual_slot(req_id, g, dropped * bs))
+                            self._residual_slot(req_id, g, dropped * bs), rotate)
                     continue
                 for x in (cache.values, cache.scales):
                     if x is not None:

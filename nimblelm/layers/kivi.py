@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nimblelm.kernels import ops_for
+from nimblelm.layers.rotary import apply_rotary
 
 # kv_cache_dtype names the packed formats by torch's own packed dtypes; storage is uint8.
 BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
@@ -385,7 +386,7 @@ def _block_head(x: torch.Tensor, blocks: torch.Tensor, heads: torch.Tensor) -> t
 
 
 def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_entries: int, kept: torch.Tensor,
-            new_table: torch.Tensor, at: int, new_at: int) -> None:
+            new_table: torch.Tensor, at: int, new_at: int, rotate_back: tuple | None = None) -> None:
     """A KV policy's compaction (engine/model_runner.py): the entries `kept` [kv_heads, keep] of the num_entries
     in `table` (their ring at residual slot `at`) gathered per KV head into new_table from its start. Each is
     taken as the next query would read it: full precision from the ring where it is in that query's residual,
@@ -393,7 +394,9 @@ def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_ent
     a KV head whose new block holds one sealed block's entries, which it takes as stored: sealing those again
     need not give the same levels (a minimum rounded to float16 can leave the top level unused, and the second
     scale is then narrower). The new residual's entries go to the ring, at slot new_at (the new table's offset).
-    new_table may reuse table's blocks: everything is read before anything is written."""
+    new_table may reuse table's blocks: everything is read before anything is written. rotate_back: (cos, sin,
+    first), streaming's cache positions: the kept keys from the first-th on are rotated back by the angles of the
+    distance they moved before they are stored (so no block is taken as stored)."""
     bs, keep, length = values.shape[2], kept.shape[1], lowbit.residual_length
     full = max(0, num_entries // bs * bs + bs - length)
     res_k, res_v = lowbit.residual.unbind()
@@ -401,8 +404,13 @@ def compact(values: torch.Tensor, lowbit: LowBitKV, table: torch.Tensor, num_ent
     slots = ring_slots(at, torch.arange(full, num_entries, device=kept.device), lowbit.ring_length)
     heads = torch.arange(kept.shape[0], device=kept.device)
     k, v = (torch.cat([x, res[slots].float()])[kept.T, heads] for x, res in ((k, res_k), (v, res_v)))
+    if rotate_back is not None:
+        cos, sin, first = rotate_back
+        k[first:] = apply_rotary(k[first:], cos, -sin)
     sealed = keep // bs
-    if sealed:
+    if sealed and rotate_back is not None:
+        _seal(values, lowbit, new_table[:sealed], k[: sealed * bs], v[: sealed * bs])
+    elif sealed:
         # Per (KV head, new block): its entries are one sealed block's, in order (kept is ascending).
         groups = kept[:, : sealed * bs].view(-1, sealed, bs)
         first = groups[..., 0]
