@@ -231,12 +231,18 @@ def test_token_trees_over_pipeline_stages(repetitive_qwen):
 
 
 @pytest.mark.slow
-def test_kv_policy_over_ranks(tiny_models):
-    """SnapKV on two ranks, each choosing for its own KV head from its own query heads' votes: the same entries
-    kept as in one process, and the same output."""
-    options = {**OPTIONS, "kv_policy": {"method": "snapkv", "budget": 32, "window_size": 8}}
-    ref = LLM(str(tiny_models["qwen2"]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
-    _assert_same(ref, LLM(str(tiny_models["qwen2"]), tensor_parallel_size=2, **options).generate(
+@pytest.mark.parametrize("arch,size,policy", [
+    ("qwen2", 2, {"method": "snapkv", "budget": 32, "window_size": 8}),
+    ("llama", 4, {"method": "snapkv", "budget": 32, "window_size": 8}),
+    ("llama", 4, {"method": "h2o", "budget": 32, "window_size": 8}),
+], ids=["snapkv-2", "snapkv-4", "h2o-4"])
+def test_kv_policy_over_ranks(tiny_models, arch, size, policy):
+    """Each rank chooses the entries its own KV heads keep. Where ranks replicate a KV head (2 KV heads over 4
+    ranks), its query heads are spread over them: SnapKV's votes are averaged and H2O's sums added across those
+    ranks first. The same entries kept as in one process, and the same output."""
+    options = {**OPTIONS, "kv_policy": policy}
+    ref = LLM(str(tiny_models[arch]), **options).generate(PROMPTS, PARAMS, use_tqdm=False)
+    _assert_same(ref, LLM(str(tiny_models[arch]), tensor_parallel_size=size, **options).generate(
         PROMPTS, PARAMS, use_tqdm=False))
 
 
@@ -384,7 +390,6 @@ def test_ray_executor_runs_the_ranks(tiny_models, local_ray, tp, pp):
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "threads"}, "must be one of"),
     ({"pipeline_parallel_size": 2, "speculative_config": {"method": "layer_skip", "num_speculative_tokens": 2,
                                                            "skip_layers": [1]}}, "'layer_skip' over pipeline stages"),
-    ({"tensor_parallel_size": 4, "kv_policy": {"method": "streaming", "budget": 64}}, "sharing the model's 2 KV"),
     ({"pipeline_parallel_size": 3}, "exceeds the model's 2 layers"),
     ({"pipeline_parallel_size": 0}, "must be >= 1"),
 ])

@@ -192,6 +192,17 @@ class TensorParallel:
         """Every rank's logits [rows, its vocabulary slice] joined into [rows, vocab_size] on each rank."""
         return self.gather_columns(logits, [len(v) for v in self.vocab_slices(vocab_size)])
 
+    def share_kv_head_scores(self, cfg: ModelConfig, scores: torch.Tensor) -> torch.Tensor:
+        """A KV policy's scores [this rank's KV heads, entries] from its own query heads, made those of all the query
+        heads of each KV head: where ranks replicate a KV head, its ranks' scores are summed (the policies rank
+        entries by them, so SnapKV's means over query heads choose as their sums do); `cfg` is the whole model's."""
+        if cfg.num_kv_heads >= self.size:
+            return scores
+        heads = self._kv_heads(cfg)
+        every = scores.new_zeros(cfg.num_kv_heads, scores.shape[1])
+        every[heads.start : heads.stop] = scores
+        return self.all_reduce_(every)[heads.start : heads.stop]
+
     def gather_columns(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Every rank's x [rows, sizes[rank]] joined, in rank order, into [rows, sum(sizes)] on each rank."""
         padded = torch.nn.functional.pad(x, (0, max(sizes) - x.shape[-1]))

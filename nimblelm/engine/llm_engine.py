@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nimblelm.config import EngineConfig, ModelConfig
+from nimblelm.config import EngineConfig
 from nimblelm.distributed.executor import UniExecutor, make_executor
 from nimblelm.distributed.pipeline import PipelineStage
 from nimblelm.distributed.tensor_parallel import TensorParallel
@@ -148,7 +148,7 @@ class LLMEngine:
                    "kv_residual_dtype": kv_auto}
         self.runner: ModelRunner | None = None  # the model, where it runs in this process (the uni executor)
         if parallel:
-            _refuse_parallel(config, loaded.config, speculative, kv_policy)
+            _refuse_parallel(config, speculative)
             TensorParallel.check(loaded.config, config.tensor_parallel_size)
             TensorParallel.check_quantized(loaded.config, config.tensor_parallel_size, loaded.quantized)
             PipelineStage.check(loaded.config.num_layers, config.pipeline_parallel_size)
@@ -510,18 +510,11 @@ def _find_stop(text: str, stops: tuple[str, ...], delta_len: int) -> tuple[str |
     return stop, cut
 
 
-def _refuse_parallel(config: EngineConfig, cfg: ModelConfig, speculative: SpeculativeConfig | None,
-                     kv_policy: KVPolicy | None) -> None:
+def _refuse_parallel(config: EngineConfig, speculative: SpeculativeConfig | None) -> None:
     """What a model split over ranks cannot do yet: one clear error at start."""
-    tp = config.tensor_parallel_size
-    clash = None
     if speculative is not None and speculative.method == "layer_skip" and config.pipeline_parallel_size > 1:
-        clash = "speculative method 'layer_skip' over pipeline stages (it drafts with layers that no one stage holds)"
-    elif kv_policy is not None and tp > cfg.num_kv_heads:
-        # A replica's query heads would vote alone for entries that all of its KV head's queries choose together.
-        clash = f"kv_policy with {tp} ranks sharing the model's {cfg.num_kv_heads} KV heads"
-    if clash:
-        raise InvalidRequestError(f"a model split over ranks cannot be combined with {clash} yet")
+        raise InvalidRequestError("a model split over ranks cannot be combined with speculative method 'layer_skip' "
+                                  "over pipeline stages (it drafts with layers that no one stage holds) yet")
 
 
 def _complete(config: EngineConfig, model_max_len: int) -> EngineConfig:

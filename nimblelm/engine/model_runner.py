@@ -539,6 +539,8 @@ class ModelRunner:
                     votes_i = cache.received.flatten(0, 1)[old_slots].T
                 else:
                     votes_i = None if votes is None else votes[i]
+                if votes_i is not None and self.tp is not None:  # a KV head's query heads may be on other ranks
+                    votes_i = self.tp.share_kv_head_scores(self.full_config, votes_i)
                 if kept is None or votes_i is not None:  # without votes, every layer keeps the same entries
                     kept = self.kv_policy.select(keep, num_entries, self.config.num_kv_heads, votes_i,
                                                  *groups).to(self.device)
