@@ -188,13 +188,13 @@ class ModelRunner:
         # Of a model split over ranks, the rank whose output the engine reads drafts; the others verify what the
         # step contract sends them. Drafters that read the output layer, which tensor-parallel ranks split, run on
         # every rank of the last stage, in step (speculative.SPLIT_DRAFTERS).
-        last_stage = speculative is not None and (stage is None or stage.last)
-        self.proposes = last_stage and (tp is None or tp.rank == 0)
-        self.split_drafter = last_stage and tp is not None and speculative.method in SPLIT_DRAFTERS
+        drafting_stage = speculative is not None and (stage is None or stage.last)
+        self.proposes = drafting_stage and (tp is None or tp.rank == 0)
+        self.split_drafter = drafting_stage and tp is not None and speculative.method in SPLIT_DRAFTERS
         self.step_cost: StepCost | None = None  # of decode steps by rows, measured when they are replayed
         self.step_overhead = PassTime()  # seconds of a timed step outside its trace: LM head, sampling, verifying
-        # Over a low-bit cache a step that verifies drafts runs eagerly (its rows are a prompt chunk): what it
-        # takes beyond the trace of as many rows.
+        # Over a low-bit cache a step that verifies a token tree, or drafts under H2O, runs eagerly (those rows are a
+        # prompt chunk there): what it takes beyond the trace of as many rows.
         self.verify_extra = PassTime()
         self.seqs: dict[int, _SeqState] = {}
         # A pipeline stage before the last: the step it ran last, when that verified drafts, whose kept nodes the
