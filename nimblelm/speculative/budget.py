@@ -91,8 +91,8 @@ def draft_budget(room: dict[int, int], rates: dict[int, float], base_rows: int, 
     layers) spends on each pass, whatever the sequences in it: drafting to depth d costs d passes. Each
     depth cap is tried, and the one with the most tokens per second of drafting and verifying wins.
     overhead: seconds of every step beyond cost(rows), whatever its rows. verify_extra: seconds a step that
-    verifies drafts spends beyond cost(rows) + overhead, whatever its rows (over a low-bit KV cache such a step
-    runs eagerly, not from its trace)."""
+    verifies drafts spends beyond cost(rows) + overhead, whatever its rows (over a low-bit KV cache a step that
+    verifies a token tree, or drafts under H2O, runs eagerly, not from its trace)."""
     if draft_pass <= 0 and verify_extra <= 0:
         return _rows_that_pay(room, rates, base_rows, cost, overhead)
     best, best_rate = {}, base_rows / (cost(base_rows) + overhead)
