@@ -283,14 +283,14 @@ def test_paged_prefill_attention_attends_every_chunk_from_its_pages(kv, heads, k
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "window"), [(9, 3, 64, 0), (6, 2, 32, 7), (4, 1, 128, 50),
                                                                   (4, 2, 48, 0)])
 def test_a_bfloat16_cache_prefills_on_each_product_path(bf16_products, heads, kv_heads, dim, window):
-    """Where the linears take AVX-512 BF16 dot products and the head size is a multiple of 32, a bfloat16 cache's
-    keys and values are multiplied as stored, by the queries rounded to bfloat16 (the oracle's queries here) and
-    by the softmax weights rounded to bfloat16, each of which moves by at most 2^-9 of itself: each output by at
-    most 2^-9 of the largest value it averages. Elsewhere (AMX tiles, the panel kernel, other head sizes) the
-    cache is widened to float32."""
+    """Where the linears take bfloat16 products (AVX-512 BF16 dot products or AMX tiles) and the head size is a
+    multiple of 32, a bfloat16 cache's keys and values are multiplied as stored, by the queries rounded to bfloat16
+    (the oracle's queries here) and by the softmax weights rounded to bfloat16, each of which moves by at most 2^-9
+    of itself: each output by at most 2^-9 of the largest value it averages. Elsewhere (the panel kernel, other
+    head sizes) the cache is widened to float32."""
     ops = cpu_ops()
     out, seen = paged_prefill(ops, "bfloat16", heads, kv_heads, dim, window)
-    dot = ops.bf16_products() == "dot" and dim % 32 == 0
+    dot = ops.bf16_products() in ("dot", "amx") and dim % 32 == 0
     start = 0
     for q, k, v in seen:
         got = out[start : start + len(q)]
