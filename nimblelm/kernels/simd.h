@@ -1,5 +1,5 @@
-// SIMD helpers shared by the kernel files. Each is for AVX2 with FMA; the kernels that use them keep a
-// scalar path for CPUs without.
+// SIMD helpers shared by the kernel files. Each is for AVX2 with FMA (exp16 and the softmax's 16-float loop for
+// AVX-512); the kernels that use them keep a scalar path for CPUs without.
 #pragma once
 
 #include <algorithm>
@@ -36,6 +36,29 @@ static inline __m256 exp8(__m256 x) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// exp8's steps on 16 floats: the same value in every lane, twice the lanes an instruction. In the softmax of
+// prefill attention (SmolLM2's heads, one prompt of 2048 tokens, bfloat16 cache on AMX tiles, Xeon with AMX, 2
+// threads, prefill_attention.py) 8.6-9.2 ms a layer against 9.7-10.1 with exp8. silu_mul, bound by memory,
+// measured no faster with it.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
 // Softmax pieces, with a scalar path for CPUs without AVX2.
 // s[i] *= scale in place; returns their maximum.
 static inline float scale_max_(float* s, int64_t n, float scale) {
@@ -61,6 +84,15 @@ static inline float scale_max_(float* s, int64_t n, float scale) {
 static inline float exp_shifted_(float* s, int64_t n, float shift) {
   int64_t i = 0;
   float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc16 = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(shift)));
+    _mm512_storeu_ps(s + i, e);
+    acc16 = _mm512_add_ps(acc16, e);
+  }
+  total = _mm512_reduce_add_ps(acc16);
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
   const __m256 sh = _mm256_set1_ps(shift);
@@ -69,7 +101,7 @@ static inline float exp_shifted_(float* s, int64_t n, float shift) {
     _mm256_storeu_ps(s + i, e);
     acc = _mm256_add_ps(acc, e);
   }
-  total = hsum(acc);
+  total += hsum(acc);
 #endif
   for (; i < n; ++i) total += (s[i] = std::exp(s[i] - shift));
   return total;
